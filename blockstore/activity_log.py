@@ -1,0 +1,106 @@
+"""The activity log: a persistent, bounded set of "hot" extents (after DRBD's AL).
+
+Before a write may touch an extent that is not hot, the extent is added here and the
+log is made durable.  After an unclean stop, every extent in the log may hold data that
+the peers have not seen (or peers may hold records this node lost), so all of them are
+treated as out of sync.  The set is bounded (``slots``); to make room, the least recently
+activated extent is evicted, and the caller's ``before_evict`` makes everything written
+to it durable first — so an extent that is not hot never differs from the peers.
+
+On disk: two fixed-size slots written alternately (pwrite + fdatasync); each holds a
+transaction number, the extent list and a CRC32C.  Reading picks the valid slot with the
+highest transaction number, so a torn slot write leaves the previous state.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from crc32c import crc32c
+
+from .errors import FormatError
+
+AL_MAGIC = b"NBDGWAL1"
+_HDR = struct.Struct("<8sQII")  # magic, txn, count, crc
+DEFAULT_EXTENT_SHIFT = 22  # 4 MiB extents
+
+
+class ActivityLog:
+    """Persistent LRU set of hot extent numbers."""
+
+    def __init__(self, path: str, slots: int, before_evict: Callable[[], None]) -> None:
+        if slots < 1:
+            raise ValueError("activity log needs at least one slot")
+        self.path = path
+        self.slots = slots
+        self.slot_bytes = _HDR.size + 8 * slots
+        self.before_evict = before_evict
+        self.hot: OrderedDict[int, None] = OrderedDict()
+        self.txn = 0
+        exists = os.path.exists(path)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if exists and os.fstat(self.fd).st_size > 0:
+            self._load()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _load(self) -> None:
+        best: tuple[int, list[int]] | None = None
+        size = os.fstat(self.fd).st_size
+        slot_bytes = size // 2
+        for slot in range(2):
+            buf = os.pread(self.fd, slot_bytes, slot * slot_bytes)
+            if len(buf) < _HDR.size:
+                continue
+            magic, txn, count, crc = _HDR.unpack_from(buf)
+            body_len = 8 * count
+            if magic != AL_MAGIC or _HDR.size + body_len > len(buf):
+                continue
+            body = buf[_HDR.size:_HDR.size + body_len]
+            if crc32c(buf[:_HDR.size - 4] + body) != crc:
+                continue
+            if best is None or txn > best[0]:
+                best = (txn, list(struct.unpack(f"<{count}Q", body)))
+        if best is None:
+            raise FormatError(f"activity log {self.path}: no valid slot")
+        self.txn = best[0]
+        for ext in best[1][-self.slots:]:
+            self.hot[ext] = None
+
+    def _persist(self) -> None:
+        self.txn += 1
+        exts = list(self.hot)
+        body = struct.pack(f"<{len(exts)}Q", *exts)
+        head = _HDR.pack(AL_MAGIC, self.txn, len(exts), 0)[: _HDR.size - 4]
+        buf = head + struct.pack("<I", crc32c(head + body)) + body
+        buf += bytes(self.slot_bytes - len(buf))
+        os.pwrite(self.fd, buf, (self.txn % 2) * self.slot_bytes)
+        os.fdatasync(self.fd)
+
+    def activate(self, extents: Iterable[int]) -> None:
+        """Make ``extents`` hot, durably, before the caller writes to them."""
+        new = [e for e in extents if e not in self.hot]
+        if not new:
+            return
+        overflow = len(self.hot) + len(new) - self.slots
+        if overflow > 0:
+            self.before_evict()
+            for _ in range(min(overflow, len(self.hot))):
+                self.hot.popitem(last=False)
+        for e in new[-self.slots:]:
+            self.hot[e] = None
+        self._persist()
+
+    def clear(self) -> None:
+        """Forget every hot extent (after a clean stop, or once peers are in sync)."""
+        self.hot.clear()
+        self._persist()
+
+    def extents(self) -> list[int]:
+        return sorted(self.hot)

@@ -1,0 +1,44 @@
+"""The blockstore exception hierarchy: one base class, one subclass per failure kind."""
+
+from __future__ import annotations
+
+
+class BlockstoreError(Exception):
+    """Base class of every error raised by blockstore."""
+
+
+class InvalidArgument(BlockstoreError):
+    """Local misuse: a bad name, size or range given by the caller."""
+
+
+class VolumeNotFound(BlockstoreError):
+    """No volume of that name exists in the data directory."""
+
+
+class VolumeExists(BlockstoreError):
+    """`create` was asked for a name that is already taken."""
+
+
+class VolumeInUse(BlockstoreError):
+    """Another process holds the volume's lock (it is being served)."""
+
+
+class FormatError(BlockstoreError):
+    """An on-disk file has the wrong magic, an unknown version, or a bad checksum."""
+
+
+class JournalCorrupt(FormatError):
+    """A journal record in the middle of the journal fails its checks.
+
+    Nothing after it may be replayed; the operator decides (``nbdgw volume repair``).
+    """
+
+    def __init__(self, segment: str, offset: int, reason: str) -> None:
+        self.segment = segment
+        self.offset = offset
+        self.reason = reason
+        super().__init__(
+            f"journal corrupt in segment {segment} at offset {offset}: {reason}; "
+            "refusing to serve this volume (inspect it, then run "
+            "'nbdgw volume repair' to cut the journal there)"
+        )

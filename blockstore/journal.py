@@ -1,0 +1,315 @@
+"""The write journal: numbered records in append-only segment files.
+
+Segment files are named ``seg-<first seq, 16 hex digits>.jnl`` and start with a segment
+header (magic, version, journal id, first seq).  Records carry consecutive sequence
+numbers across segments.  The active (last) segment is appended to; when it would pass
+``segment_bytes`` it is sealed and a new one begins.  Sealed segments stay until
+released (once every peer has them, or past the retention cap).
+
+Opening checks the active segment record by record.  A bad record at the end with no
+valid record after it is a torn tail (an interrupted append): it is cut.  A bad record
+with a valid one after it, a bad record in a sealed segment, or a gap in the sequence is
+corruption: ``JournalCorrupt`` names the segment and offset, and nothing past it is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from crc32c import crc32c
+
+from .errors import FormatError, JournalCorrupt
+from .meta import fsync_dir
+from .record import (
+    REC_HEADER_SIZE,
+    REC_MAGIC,
+    SEG_HEADER_SIZE,
+    Op,
+    RecordHeader,
+    check_payload,
+    decode_header,
+    decode_segment_header,
+    encode_segment_header,
+)
+
+_SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
+_PREFIX = struct.Struct("<II")
+_TAIL = struct.Struct("<QBBHIQIII")
+_MAGIC_BYTES = struct.pack("<I", REC_MAGIC)
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+def segment_name(first_seq: int) -> str:
+    return f"seg-{first_seq:016x}.jnl"
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: Path
+    first_seq: int
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What opening the journal found."""
+
+    first_seq: int  # oldest retained record (== next_seq when empty)
+    last_seq: int  # newest record, or first_seq - 1 when empty
+    torn_bytes: int  # bytes cut from the tail
+
+
+class Journal:
+    """Append-only record log of one volume (or, later, one consistency group)."""
+
+    def __init__(self, directory: Path, journal_id: bytes, volume: int = 0,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 on_rotate: Callable[[], None] | None = None) -> None:
+        self.dir = directory
+        self.journal_id = journal_id
+        self.volume = volume
+        self.segment_bytes = segment_bytes
+        self.on_rotate = on_rotate
+        self.fd = -1
+        self.pos = 0
+        self.next_seq = 1
+        self.segments: list[Segment] = []
+
+    # -- opening ---------------------------------------------------------------
+
+    @staticmethod
+    def create(directory: Path, journal_id: bytes) -> None:
+        directory.mkdir(parents=True, exist_ok=False)
+        Journal(directory, journal_id)._new_segment(1)
+
+    def _list(self) -> list[Segment]:
+        segs = []
+        for name in os.listdir(self.dir):
+            m = _SEG_RE.match(name)
+            if m:
+                segs.append(Segment(self.dir / name, int(m.group(1), 16)))
+        segs.sort(key=lambda s: s.first_seq)
+        return segs
+
+    def open(self) -> ScanResult:
+        """Find the segments, check the active one, cut a torn tail; open for append."""
+        self.segments = self._list()
+        if not self.segments:
+            raise FormatError(f"journal {self.dir}: no segment files")
+        for prev, seg in zip(self.segments, self.segments[1:], strict=False):
+            if seg.first_seq <= prev.first_seq:
+                raise JournalCorrupt(seg.path.name, 0, "segment sequence out of order")
+        for seg in self.segments[:-1]:
+            self._check_segment_header(seg)
+        active = self.segments[-1]
+        last_seq, end, torn = self._scan_active(active)
+        self.fd = os.open(active.path, os.O_RDWR)
+        if torn:
+            os.ftruncate(self.fd, end)
+            os.fsync(self.fd)
+        self.pos = end
+        self.next_seq = last_seq + 1
+        return ScanResult(self.segments[0].first_seq, last_seq, torn)
+
+    def _check_segment_header(self, seg: Segment) -> None:
+        with open(seg.path, "rb") as f:
+            buf = f.read(SEG_HEADER_SIZE)
+        try:
+            hdr = decode_segment_header(buf)
+        except FormatError as e:
+            raise JournalCorrupt(seg.path.name, 0, str(e)) from None
+        if hdr.journal_id != self.journal_id:
+            raise JournalCorrupt(seg.path.name, 0, "segment belongs to another journal")
+        if hdr.first_seq != seg.first_seq:
+            raise JournalCorrupt(seg.path.name, 0, "segment header and file name disagree")
+
+    def _scan_active(self, seg: Segment) -> tuple[int, int, int]:
+        """Return (last seq, end of valid data, torn bytes) of the active segment."""
+        self._check_segment_header(seg)
+        size = seg.path.stat().st_size
+        fd = os.open(seg.path, os.O_RDONLY)
+        try:
+            pos = SEG_HEADER_SIZE
+            seq = seg.first_seq - 1
+            while pos < size:
+                try:
+                    hdr, _ = self._read_record(fd, pos, seq + 1)
+                except FormatError as e:
+                    if self._valid_record_after(fd, pos, size, seq):
+                        raise JournalCorrupt(seg.path.name, pos, str(e)) from None
+                    return seq, pos, size - pos
+                seq = hdr.seq
+                pos += REC_HEADER_SIZE + hdr.payload_len
+            return seq, pos, 0
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read_record(fd: int, pos: int, want_seq: int | None) -> tuple[RecordHeader, bytes]:
+        hdr = decode_header(os.pread(fd, REC_HEADER_SIZE, pos))
+        if want_seq is not None and hdr.seq != want_seq:
+            raise FormatError(f"record seq {hdr.seq} where {want_seq} was expected")
+        payload = os.pread(fd, hdr.payload_len, pos + REC_HEADER_SIZE) if hdr.payload_len else b""
+        check_payload(hdr, payload)
+        return hdr, payload
+
+    @staticmethod
+    def _valid_record_after(fd: int, pos: int, size: int, seq: int) -> bool:
+        """Is there a well-formed record later than ``seq`` anywhere after ``pos``?"""
+        tail = os.pread(fd, size - pos, pos)
+        i = tail.find(_MAGIC_BYTES, 1)
+        while i >= 0:
+            try:
+                hdr = decode_header(tail[i:i + REC_HEADER_SIZE])
+            except FormatError:
+                pass
+            else:
+                if hdr.seq > seq:
+                    return True
+            i = tail.find(_MAGIC_BYTES, i + 1)
+        return False
+
+    # -- appending -------------------------------------------------------------
+
+    def _new_segment(self, first_seq: int) -> None:
+        path = self.dir / segment_name(first_seq)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, encode_segment_header(self.journal_id, first_seq, time.time_ns()))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(self.dir)
+        self.segments.append(Segment(path, first_seq))
+
+    def _rotate(self) -> None:
+        if self.on_rotate is not None:
+            self.on_rotate()
+        os.fdatasync(self.fd)
+        os.close(self.fd)
+        self._new_segment(self.next_seq)
+        self.fd = os.open(self.segments[-1].path, os.O_RDWR)
+        self.pos = SEG_HEADER_SIZE
+
+    def append(self, op: int, flags: int, offset: int, length: int,
+               payload: bytes | memoryview = b"") -> int:
+        """Append one record; return its sequence number.  On error nothing is kept."""
+        plen = len(payload)
+        if self.pos + REC_HEADER_SIZE + plen > self.segment_bytes and self.pos > SEG_HEADER_SIZE:
+            self._rotate()
+        seq = self.next_seq
+        tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen,
+                          crc32c(payload) if plen else 0)
+        bufs = [_PREFIX.pack(REC_MAGIC, crc32c(tail)), tail]
+        if plen:
+            bufs.append(payload)
+        want = REC_HEADER_SIZE + plen
+        try:
+            n = os.pwritev(self.fd, bufs, self.pos)
+            if n != want:
+                # A partial append (disk full part way): let the kernel say why.
+                rest = b"".join(bytes(b) for b in bufs)[n:]
+                os.pwrite(self.fd, rest, self.pos + n)
+                raise OSError(28, "No space left on device (short journal append)")
+        except OSError:
+            self._cut(self.pos)
+            raise
+        self.pos += want
+        self.next_seq = seq + 1
+        return seq
+
+    def _cut(self, pos: int) -> None:
+        """Drop everything from ``pos`` on in the active segment (undo a failed append)."""
+        try:
+            os.ftruncate(self.fd, pos)
+        except OSError:
+            # Truncating only frees space; if even that fails the bytes past pos are
+            # a torn tail that the next open cuts.  Appends continue from pos either way.
+            pass
+        self.pos = pos
+
+    def undo_last(self, seq: int, start: int) -> None:
+        """Remove the record ``seq`` just appended at ``start`` (its store write failed)."""
+        if seq != self.next_seq - 1:
+            raise FormatError(f"undo of record {seq} which is not the last")
+        self._cut(start)
+        self.next_seq = seq
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- reading and releasing -------------------------------------------------
+
+    def records(self, from_seq: int) -> Iterator[tuple[RecordHeader, bytes]]:
+        """Yield every record with seq >= from_seq, in order, checking each one."""
+        segs = self.segments or self._list()
+        for i, seg in enumerate(segs):
+            nxt = segs[i + 1].first_seq if i + 1 < len(segs) else None
+            if nxt is not None and nxt <= from_seq:
+                continue
+            self._check_segment_header(seg)
+            fd = os.open(seg.path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                pos = SEG_HEADER_SIZE
+                seq = seg.first_seq
+                while pos < size and (nxt is None or seq < nxt):
+                    if seg is segs[-1] and self.fd >= 0 and pos >= self.pos:
+                        break
+                    try:
+                        hdr, payload = self._read_record(fd, pos, seq)
+                    except FormatError as e:
+                        raise JournalCorrupt(seg.path.name, pos, str(e)) from None
+                    if hdr.seq >= from_seq:
+                        yield hdr, payload
+                    pos += REC_HEADER_SIZE + hdr.payload_len
+                    seq += 1
+                if nxt is not None and seq != nxt:
+                    raise JournalCorrupt(seg.path.name, pos,
+                                         f"segment ends at seq {seq - 1}, next begins at {nxt}")
+            finally:
+                os.close(fd)
+
+    def retained_bytes(self) -> int:
+        return sum(s.path.stat().st_size for s in self.segments[:-1]) + self.pos
+
+    def release_through(self, seq: int) -> int:
+        """Delete sealed segments whose records all have seq <= ``seq``; return bytes freed."""
+        freed = 0
+        while len(self.segments) > 1 and self.segments[1].first_seq - 1 <= seq:
+            seg = self.segments.pop(0)
+            freed += seg.path.stat().st_size
+            seg.path.unlink()
+        if freed:
+            fsync_dir(self.dir)
+        return freed
+
+    def trim_to(self, max_bytes: int, keep_from_seq: int) -> int:
+        """Release the oldest sealed segments until at most ``max_bytes`` are retained,
+        never releasing a record at or after ``keep_from_seq`` (needed for redo)."""
+        freed = 0
+        while len(self.segments) > 1 and self.retained_bytes() > max_bytes:
+            if self.segments[1].first_seq - 1 >= keep_from_seq:
+                break
+            freed += self.release_through(self.segments[1].first_seq - 1)
+        return freed
+
+
+def is_data_op(op: Op) -> bool:
+    return op in (Op.WRITE, Op.TRIM, Op.ZERO)

@@ -1,0 +1,129 @@
+"""The volume store: a sparse file (or block device) read and written at offsets.
+
+Every method either does the whole operation or raises OSError: a short write or read
+is turned into an error, never returned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from .record import Flag, Op
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_ZEROS = bytes(1 << 20)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with flags (os.posix_fallocate cannot punch holes)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class Store:
+    """A fixed-size byte range on a file descriptor."""
+
+    def __init__(self, path: str, size: int, readonly: bool = False) -> None:
+        self.path = path
+        self.size = size
+        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        actual = os.fstat(self.fd).st_size
+        if actual != size:
+            os.close(self.fd)
+            raise OSError(errno.EIO, f"store {path} is {actual} bytes, metadata says {size}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        n = os.preadv(self.fd, [buf], offset)
+        if n != len(buf):
+            # Only a store truncated behind our back gets here.
+            raise OSError(errno.EIO, f"short read from store at {offset}: {n} of {len(buf)}")
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        n = os.pwrite(self.fd, data, offset)
+        if n != len(data):
+            # A short write to a regular file means the disk filled up part way; retry
+            # the rest once so that the kernel reports the errno (ENOSPC, EIO).
+            rest = memoryview(data)[n:]
+            m = os.pwrite(self.fd, rest, offset + n)
+            if m != len(rest):
+                raise OSError(errno.ENOSPC, f"short write to store at {offset}")
+
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeros."""
+        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def zero(self, offset: int, length: int, may_trim: bool) -> None:
+        """Make a range read back as zeros, deallocating it when allowed."""
+        if may_trim:
+            try:
+                self.punch(offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZEROS), end - offset)
+            self.pwrite(memoryview(_ZEROS)[:n], offset)
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def apply(self, op: Op, flags: Flag, offset: int, length: int,
+              payload: bytes | memoryview) -> None:
+        """Apply one journal record's effect (redo on recovery, and on replicas)."""
+        if op is Op.WRITE:
+            self.pwrite(payload, offset)
+        elif op is Op.TRIM:
+            self.punch(offset, length)
+        elif op is Op.ZERO:
+            self.zero(offset, length, bool(flags & Flag.MAY_TRIM))
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
+        """Allocated (True) and hole (False) runs covering [offset, offset+count)."""
+        end = min(offset + count, self.size)
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = end  # no data after pos
+            data = min(data, end)
+            if data > pos:
+                out.append((pos, data - pos, False))
+                pos = data
+                if pos >= end:
+                    break
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            out.append((pos, hole - pos, True))
+            pos = hole
+        return out

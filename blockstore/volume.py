@@ -1,0 +1,478 @@
+"""A volume: store + journal + activity log + metadata, with crash recovery.
+
+Layout under ``<data_dir>/volumes/<name>/``::
+
+    volume.json   identity and geometry (name, size, uuid, extent size)
+    state.json    clean flag, checkpoint sequence (the redo start point)
+    store         the data (sparse file)
+    journal/      record segments (see journal.py)
+    al            activity log of hot extents (see activity_log.py)
+    resync.json   extents that must be resent to every peer (after an unclean stop)
+    lock          flock()ed by the one process that has the volume open
+
+Write path (contract 1): activate the extent in the activity log if it is cold, append
+the record to the journal, then write the store.  FLUSH and FUA make the journal durable
+(fdatasync); the store is made durable at checkpoints (segment rotation, clean close),
+because an unclean open replays the journal from the last checkpoint (redo).  A kill -9
+therefore loses nothing that a write call returned; a power loss loses nothing that was
+flushed; and whatever the store may hold beyond the journal lies in the hot extents,
+which recovery records in resync.json for the peers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
+from .errors import (
+    FormatError,
+    InvalidArgument,
+    VolumeExists,
+    VolumeInUse,
+    VolumeNotFound,
+)
+from .journal import DEFAULT_SEGMENT_BYTES, Journal
+from .meta import fsync_dir, read_json, write_json
+from .record import Flag, Op
+from .store import Store
+
+VOLUME_VERSION = 1
+STATE_VERSION = 1
+RESYNC_VERSION = 1
+SIZE_ALIGN = 4096
+MAX_SIZE = 1 << 50  # 1 PiB
+DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
+DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a safe volume name, else raise InvalidArgument."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid volume name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '10G', '512MiB', '4096' (binary units) into bytes, a multiple of 4096."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m:
+            raise InvalidArgument(
+                f"invalid size {text!r}: expected a number with an optional unit K, M, G, T or P"
+            )
+        size = int(m.group(1)) << _UNITS[m.group(2).lower()]
+    if size <= 0:
+        raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
+    if size % SIZE_ALIGN:
+        raise InvalidArgument(f"invalid size {text!r}: must be a multiple of {SIZE_ALIGN} bytes")
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"invalid size {text!r}: larger than 1 PiB")
+    return size
+
+
+def volumes_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "volumes"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What volume.json says, plus the path."""
+
+    name: str
+    size: int
+    uuid: str
+    volume_id: int
+    extent_shift: int
+    created: float
+    path: Path
+
+    @classmethod
+    def load(cls, path: Path) -> VolumeInfo:
+        meta = read_json(path / "volume.json", "volume", VOLUME_VERSION)
+        return cls(meta["name"], meta["size"], meta["uuid"], meta["volume_id"],
+                   meta["extent_shift"], meta["created"], path)
+
+
+def create_volume(data_dir: Path, name: str, size: int) -> VolumeInfo:
+    """Create an empty volume: sparse store, empty journal, metadata.  Crash-safe:
+    the volume is built in a hidden directory and renamed into place last."""
+    validate_name(name)
+    vdir = volumes_dir(data_dir)
+    vdir.mkdir(parents=True, exist_ok=True)
+    final = vdir / name
+    if final.exists():
+        raise VolumeExists(f"volume {name} already exists in {data_dir}")
+    tmp = vdir / f".creating-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    uid = uuid.uuid4()
+    meta = {"kind": "volume", "version": VOLUME_VERSION, "name": name, "size": size,
+            "uuid": str(uid), "volume_id": int.from_bytes(uid.bytes[:4], "little"),
+            "extent_shift": DEFAULT_EXTENT_SHIFT, "created": time.time()}
+    fd = os.open(tmp / "store", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    Journal.create(tmp / "journal", uid.bytes)
+    write_json(tmp / "volume.json", meta)
+    write_json(tmp / "state.json", {"kind": "state", "version": STATE_VERSION, "clean": True,
+                                    "checkpoint_seq": 0, "last_seq": 0})
+    (tmp / "lock").touch()
+    fsync_dir(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise VolumeExists(f"volume {name} already exists in {data_dir}") from None
+        raise
+    fsync_dir(vdir)
+    return VolumeInfo.load(final)
+
+
+def list_volumes(data_dir: Path) -> list[VolumeInfo]:
+    vdir = volumes_dir(data_dir)
+    if not vdir.is_dir():
+        return []
+    return [VolumeInfo.load(p) for p in sorted(vdir.iterdir())
+            if p.is_dir() and not p.name.startswith(".")]
+
+
+def find_volume(data_dir: Path, name: str) -> VolumeInfo:
+    validate_name(name)
+    path = volumes_dir(data_dir) / name
+    if not (path / "volume.json").exists():
+        raise VolumeNotFound(f"no volume named {name} in {data_dir}")
+    return VolumeInfo.load(path)
+
+
+class VolumeLock:
+    """Exclusive flock on the volume's lock file, recording the holder's pid."""
+
+    def __init__(self, info: VolumeInfo) -> None:
+        self.path = info.path / "lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise VolumeInUse(f"volume {info.name} is in use (held by pid {holder})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def delete_volume(data_dir: Path, name: str) -> None:
+    info = find_volume(data_dir, name)
+    lock = VolumeLock(info)  # raises VolumeInUse while served
+    try:
+        doomed = info.path.with_name(f".deleting-{name}-{os.getpid()}")
+        os.rename(info.path, doomed)
+        fsync_dir(info.path.parent)
+    finally:
+        lock.release()
+    shutil.rmtree(doomed)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What opening the volume had to do."""
+
+    unclean: bool
+    torn_bytes: int
+    replayed: int
+    hot_extents: int
+    last_seq: int
+
+
+class Volume:
+    """An open volume.  Single-threaded: the caller serialises requests."""
+
+    def __init__(self, info: VolumeInfo, *, readonly: bool = False,
+                 al_slots: int = DEFAULT_AL_SLOTS,
+                 journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.info = info
+        self.name = info.name
+        self.size = info.size
+        self.shift = info.extent_shift
+        self.readonly = readonly
+        self.journal_max_bytes = journal_max_bytes
+        self.lock = VolumeLock(info)
+        self.store: Store | None = None
+        self.journal: Journal | None = None
+        self.al: ActivityLog | None = None
+        try:
+            self._open(al_slots, segment_bytes)
+        except BaseException:
+            self._close_files()
+            self.lock.release()
+            raise
+
+    @classmethod
+    def open(cls, data_dir: Path, name: str, **kw: Any) -> Volume:
+        return cls(find_volume(data_dir, name), **kw)
+
+    # -- open and recovery -----------------------------------------------------
+
+    def _state_path(self) -> Path:
+        return self.info.path / "state.json"
+
+    def _open(self, al_slots: int, segment_bytes: int) -> None:
+        p = self.info.path
+        state = read_json(self._state_path(), "state", STATE_VERSION)
+        self.checkpoint_seq = int(state["checkpoint_seq"])
+        self.store = Store(str(p / "store"), self.size, readonly=self.readonly)
+        self.journal = Journal(p / "journal", uuid.UUID(self.info.uuid).bytes,
+                               self.info.volume_id, segment_bytes, on_rotate=self._on_rotate)
+        scan = self.journal.open()
+        if self.readonly:
+            # Read-only opens (checksums, exports of a stopped volume) change nothing.
+            self.recovery = RecoveryReport(not state["clean"], 0, 0, 0, scan.last_seq)
+            return
+        self.al = ActivityLog(str(p / "al"), al_slots, before_evict=self._make_durable)
+        if state["clean"]:
+            if scan.last_seq != state["last_seq"] or scan.torn_bytes:
+                raise FormatError(
+                    f"volume {self.name}: closed cleanly at seq {state['last_seq']} but the "
+                    f"journal ends at seq {scan.last_seq}"
+                    + (f" after cutting {scan.torn_bytes} torn bytes" if scan.torn_bytes else "")
+                )
+            self.recovery = RecoveryReport(False, 0, 0, 0, scan.last_seq)
+        else:
+            self.recovery = self._recover(scan.torn_bytes)
+        self._write_state(clean=False)
+
+    def _recover(self, torn: int) -> RecoveryReport:
+        """Redo from the checkpoint; record hot extents for resync to peers."""
+        assert self.journal is not None and self.store is not None and self.al is not None
+        replayed = 0
+        for hdr, payload in self.journal.records(self.checkpoint_seq + 1):
+            self.store.apply(hdr.op, hdr.flags, hdr.offset, hdr.length, payload)
+            replayed += 1
+        hot = self.al.extents()
+        self.add_resync(hot, reason="unclean shutdown")
+        self.store.sync()
+        self.mark({"event": "recovered", "hot_extents": hot, "extent_shift": self.shift,
+                   "torn_bytes": torn, "replayed": replayed})
+        self.journal.sync()
+        self.checkpoint()
+        return RecoveryReport(True, torn, replayed, len(hot), self.journal.last_seq)
+
+    def _write_state(self, clean: bool) -> None:
+        assert self.journal is not None
+        write_json(self._state_path(), {
+            "kind": "state", "version": STATE_VERSION, "clean": clean,
+            "checkpoint_seq": self.checkpoint_seq, "last_seq": self.journal.last_seq,
+        })
+
+    # -- resync bookkeeping ----------------------------------------------------
+
+    def resync_path(self) -> Path:
+        return self.info.path / "resync.json"
+
+    def pending_resync(self) -> dict[str, Any]:
+        path = self.resync_path()
+        if not path.exists():
+            return {"kind": "resync", "version": RESYNC_VERSION, "extent_shift": self.shift,
+                    "extents": [], "full": False, "reasons": []}
+        return read_json(path, "resync", RESYNC_VERSION)
+
+    def add_resync(self, extents: list[int], reason: str, full: bool = False) -> None:
+        """Persistently add extents that every peer must receive again."""
+        if not extents and not full:
+            return
+        cur = self.pending_resync()
+        cur["extents"] = sorted(set(cur["extents"]) | set(extents))
+        cur["full"] = cur["full"] or full
+        cur["reasons"] = [*cur["reasons"], {"reason": reason, "at": time.time()}][-20:]
+        write_json(self.resync_path(), cur)
+
+    # -- the data path ---------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL if offset >= self.size else errno.ENOSPC,
+                          f"request [{offset}, +{length}) outside volume of {self.size} bytes")
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise OSError(errno.EROFS, f"volume {self.name} is open read-only")
+
+    def _activate(self, offset: int, length: int) -> None:
+        assert self.al is not None
+        hot = self.al.hot
+        e0 = offset >> self.shift
+        e1 = (offset + length - 1) >> self.shift if length else e0
+        if e0 == e1 and e0 in hot:
+            hot.move_to_end(e0)
+        else:
+            self.al.activate(range(e0, e1 + 1))
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        self._check_range(offset, len(buf))
+        assert self.store is not None
+        self.store.pread_into(buf, offset)
+
+    def write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> int:
+        """Journal then store one write; return its sequence number."""
+        length = len(buf)
+        self._check_writable()
+        self._check_range(offset, length)
+        self._activate(offset, length)
+        journal = self.journal
+        assert journal is not None and self.store is not None
+        start = journal.pos
+        seq = journal.append(Op.WRITE, Flag.FUA if fua else 0, offset, length, buf)
+        try:
+            self.store.pwrite(buf, offset)
+        except OSError:
+            journal.undo_last(seq, start)
+            raise
+        if fua:
+            journal.sync()
+        return seq
+
+    def _range_op(self, op: Op, flags: int, offset: int, length: int) -> int:
+        self._check_writable()
+        self._check_range(offset, length)
+        self._activate(offset, length)
+        journal = self.journal
+        assert journal is not None and self.store is not None
+        start = journal.pos
+        seq = journal.append(op, flags, offset, length)
+        try:
+            self.store.apply(op, Flag(flags), offset, length, b"")
+        except OSError:
+            journal.undo_last(seq, start)
+            raise
+        if flags & Flag.FUA:
+            journal.sync()
+        return seq
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> int:
+        return self._range_op(Op.TRIM, Flag.FUA if fua else 0, offset, length)
+
+    def zero(self, offset: int, length: int, may_trim: bool = False, fua: bool = False) -> int:
+        flags = (Flag.FUA if fua else 0) | (Flag.MAY_TRIM if may_trim else 0)
+        return self._range_op(Op.ZERO, flags, offset, length)
+
+    def flush(self) -> None:
+        """Make every completed write durable (the journal is the durable copy)."""
+        if self.journal is not None and not self.readonly:
+            self.journal.sync()
+
+    def mark(self, body: dict[str, Any]) -> int:
+        """Append a control record (msgpack body) to the journal."""
+        assert self.journal is not None
+        return self.journal.append(Op.MARK, 0, 0, 0, msgpack.packb(body))
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
+        assert self.store is not None
+        return self.store.extents(offset, count)
+
+    # -- checkpoints and close -------------------------------------------------
+
+    def _make_durable(self) -> None:
+        """Store and journal durable up to now (before an AL eviction)."""
+        assert self.store is not None and self.journal is not None
+        self.journal.sync()
+        self.store.sync()
+
+    def _on_rotate(self) -> None:
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Store durable through the last record: redo may start after it."""
+        assert self.store is not None and self.journal is not None
+        self._make_durable()
+        self.checkpoint_seq = self.journal.last_seq
+        self._write_state(clean=False)
+        self.journal.trim_to(self.journal_max_bytes, self.checkpoint_seq + 1)
+
+    @property
+    def last_seq(self) -> int:
+        assert self.journal is not None
+        return self.journal.last_seq
+
+    def _close_files(self) -> None:
+        for part in (self.al, self.journal, self.store):
+            if part is not None:
+                part.close()
+
+    def close(self) -> None:
+        """Clean close: everything durable, activity log empty, state clean."""
+        if self.lock.fd < 0:
+            return
+        try:
+            if not self.readonly and self.journal is not None and self.al is not None:
+                self._make_durable()
+                self.checkpoint_seq = self.journal.last_seq
+                self.al.clear()
+                self._write_state(clean=True)
+        finally:
+            self._close_files()
+            self.lock.release()
+
+    def checksum(self) -> str:
+        """SHA-256 of the volume's contents (holes hashed as zeros, never read)."""
+        assert self.store is not None
+        return checksum_fd(self.store.fd, self.size, self.store.extents(0, self.size))
+
+
+def checksum_fd(fd: int, size: int, extents: list[tuple[int, int, bool]]) -> str:
+    h = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    chunk = 1 << 20
+    for off, length, allocated in extents:
+        end = off + length
+        pos = off
+        while pos < end:
+            n = min(chunk, end - pos)
+            if allocated:
+                data = os.pread(fd, n, pos)
+                if len(data) != n:
+                    raise OSError(errno.EIO, f"short read at {pos}")
+                h.update(data)
+            else:
+                h.update(zeros[:n] if n < chunk else zeros)
+            pos += n
+    return h.hexdigest()
+
+
+def checksum_path(path: Path, size: int) -> str:
+    """Checksum a store without opening the volume (used while it is being served)."""
+    st = Store(str(path), size, readonly=True)
+    try:
+        return checksum_fd(st.fd, size, st.extents(0, size))
+    finally:
+        st.close()

@@ -1,0 +1,133 @@
+"""The objects behind the nbdkit callbacks: one Server per nbdkit process.
+
+Built in ``config_complete`` from the plugin parameters.  Every volume is opened once
+and shared by all connections, so a FLUSH on any connection makes the writes of every
+connection durable (which is what makes multi-conn safe to advertise).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.volume import (
+    DEFAULT_AL_SLOTS,
+    DEFAULT_JOURNAL_MAX_BYTES,
+    Volume,
+    list_volumes,
+    parse_size,
+    validate_name,
+)
+
+log = structlog.get_logger(component="nbd_plugin")
+
+
+class PluginError(Exception):
+    """Bad plugin parameters, or no volume could be opened."""
+
+
+@dataclass
+class Params:
+    """The plugin's key=value parameters, as nbdkit passes them to ``config``."""
+
+    data_dir: Path | None = None
+    volumes: list[str] = field(default_factory=list)
+    readonly: set[str] = field(default_factory=set)
+    al_slots: int = DEFAULT_AL_SLOTS
+    journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES
+    all_readonly: bool = False
+
+    KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "all_readonly")
+
+    def set(self, key: str, value: str) -> None:
+        try:
+            if key == "data_dir":
+                self.data_dir = Path(value)
+            elif key == "volume":
+                self.volumes.append(validate_name(value))
+            elif key == "readonly":
+                self.readonly.add(validate_name(value))
+            elif key == "al_slots":
+                self.al_slots = int(value)
+                if self.al_slots < 1:
+                    raise PluginError("expected integer >= 1 for al_slots")
+            elif key == "journal_max_bytes":
+                self.journal_max_bytes = parse_size(value)
+            elif key == "all_readonly":
+                self.all_readonly = value.lower() in ("1", "true", "yes", "on")
+            else:
+                raise PluginError(
+                    f"unknown parameter {key!r} (known: {', '.join(self.KEYS)})"
+                )
+        except (ValueError, InvalidArgument) as e:
+            raise PluginError(f"bad value for {key}: {e}") from None
+
+
+class Handle:
+    """One client connection: the shared volume plus this connection's read-only bit."""
+
+    __slots__ = ("readonly", "vol")
+
+    def __init__(self, vol: Volume, readonly: bool) -> None:
+        self.vol = vol
+        self.readonly = readonly
+
+
+class Server:
+    """Opens (and recovers) every configured volume; hands out connection handles."""
+
+    def __init__(self, params: Params) -> None:
+        if params.data_dir is None:
+            raise PluginError("missing required parameter data_dir")
+        self.params = params
+        self.volumes: dict[str, Volume] = {}
+        self.failed: dict[str, str] = {}
+        names = params.volumes or [v.name for v in list_volumes(params.data_dir)]
+        for name in names:
+            ro = params.all_readonly or name in params.readonly
+            try:
+                vol = Volume.open(params.data_dir, name, readonly=ro,
+                                  al_slots=params.al_slots,
+                                  journal_max_bytes=params.journal_max_bytes)
+            except (BlockstoreError, OSError) as e:
+                self.failed[name] = str(e)
+                log.error("volume_not_served", volume=name, error=str(e))
+                print(f"nbdgw: volume {name} not served: {e}", file=sys.stderr, flush=True)
+                continue
+            r = vol.recovery
+            if r.unclean:
+                log.warning("volume_recovered", volume=name, replayed=r.replayed,
+                            torn_bytes=r.torn_bytes, hot_extents=r.hot_extents,
+                            last_seq=r.last_seq)
+            self.volumes[name] = vol
+        if not self.volumes:
+            detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
+            raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
+
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [(n, f"nbdgw volume {n} ({v.size} bytes)") for n, v in self.volumes.items()]
+
+    def default_export(self) -> str:
+        # The empty export name means the first volume, so that `nbdinfo nbd://host`
+        # works on a single-volume node.
+        return next(iter(self.volumes))
+
+    def open(self, name: str, readonly: bool) -> Handle:
+        vol = self.volumes.get(name or self.default_export())
+        if vol is None:
+            if name in self.failed:
+                raise FileNotFoundError(f"volume {name} is not served: {self.failed[name]}")
+            raise FileNotFoundError(f"no export named {name!r}")
+        return Handle(vol, readonly or vol.readonly)
+
+    def close(self) -> None:
+        for name, vol in self.volumes.items():
+            try:
+                vol.close()
+            except (BlockstoreError, OSError) as e:
+                log.error("volume_close_failed", volume=name, error=str(e))
+        self.volumes.clear()
