@@ -1,0 +1,292 @@
+"""The `nbdgw` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from blockstore.errors import BlockstoreError
+from blockstore.volume import (
+    Volume,
+    VolumeLock,
+    checksum_path,
+    create_volume,
+    delete_volume,
+    find_volume,
+    list_volumes,
+    parse_size,
+)
+from blockstore.errors import VolumeInUse
+
+from . import logs
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    NbdConfig,
+    NodeConfig,
+    TlsConfig,
+    TlsMode,
+    check_tls,
+    default_config,
+    load_config,
+    parse_cidr,
+    parse_listen,
+)
+from .errors import GatewayError
+from .serve import NbdServer, precheck_volumes, uri
+
+log = structlog.get_logger(component="cli")
+
+
+class Ctx:
+    def __init__(self, config_path: Path | None) -> None:
+        self.config_path = config_path
+        self._cfg: NodeConfig | None = None
+
+    def config(self) -> NodeConfig:
+        if self._cfg is None:
+            if self.config_path is not None:
+                self._cfg = load_config(self.config_path)
+            elif DEFAULT_CONFIG_PATH.exists():
+                self._cfg = load_config(DEFAULT_CONFIG_PATH)
+            else:
+                self._cfg = default_config()
+        return self._cfg
+
+    def data_dir(self, override: Path | None) -> Path:
+        return override if override is not None else self.config().data_dir
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    click.echo(f"nbdgw: error: {msg}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Turns nbdgw's own errors into one clear line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (GatewayError, BlockstoreError) as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        return None
+
+
+data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                            help="Data directory (default: node.data_dir from the config).")
+
+
+@click.group(cls=Group)
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help=f"Node config file (default: {DEFAULT_CONFIG_PATH} if it exists).")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, log_format: str) -> None:
+    """nbdgw: journaled, replicated block volumes over NBD and iSCSI."""
+    logs.configure(log_format)
+    ctx.obj = Ctx(config_path)
+
+
+@cli.group(cls=Group)
+def volume() -> None:
+    """Create, list, delete, checksum and repair volumes."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", default=None, help="Size, e.g. 10G, 512M (default: from the config).")
+@data_dir_opt
+@click.pass_obj
+def volume_create(obj: Ctx, name: str, size: str | None, data_dir: Path | None) -> None:
+    """Create an empty (sparse) volume."""
+    if size is None:
+        declared = obj.config().volume(name)
+        if declared is None:
+            _fail(f"--size is required (volume {name} is not declared in the config)")
+            return
+        nbytes = declared.size
+    else:
+        nbytes = parse_size(size)
+    info = create_volume(obj.data_dir(data_dir), name, nbytes)
+    click.echo(f"created volume {info.name}: {info.size} bytes in {info.path}")
+
+
+@volume.command("list")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def volume_list(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """List volumes with their size and whether they are in use."""
+    rows = []
+    for info in list_volumes(obj.data_dir(data_dir)):
+        try:
+            VolumeLock(info).release()
+            in_use = False
+        except VolumeInUse:
+            in_use = True
+        rows.append({"name": info.name, "size": info.size, "uuid": info.uuid,
+                     "in_use": in_use})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no volumes")
+        return
+    click.echo(f"{'NAME':<24} {'SIZE':>16}  STATE")
+    for r in rows:
+        click.echo(f"{r['name']:<24} {r['size']:>16}  {'in use' if r['in_use'] else 'idle'}")
+
+
+@volume.command("delete")
+@click.argument("name")
+@data_dir_opt
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
+    """Delete a volume and its journal (refused while it is being served)."""
+    dd = obj.data_dir(data_dir)
+    find_volume(dd, name)
+    if not yes and not click.confirm(f"delete volume {name} and all its data?"):
+        _fail("not confirmed")
+    delete_volume(dd, name)
+    click.echo(f"deleted volume {name}")
+
+
+@volume.command("checksum")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+def volume_checksum(obj: Ctx, name: str, data_dir: Path | None) -> None:
+    """Print the SHA-256 of the volume's contents."""
+    dd = obj.data_dir(data_dir)
+    info = find_volume(dd, name)
+    try:
+        vol = Volume(info)  # takes the lock, and recovers after an unclean stop
+    except VolumeInUse:
+        click.echo(f"nbdgw: warning: volume {name} is being served; the checksum is of "
+                   "its contents at this moment", err=True)
+        click.echo(f"{checksum_path(info.path / 'store', info.size)}  {name}")
+        return
+    try:
+        digest = vol.checksum()
+    finally:
+        vol.close()
+    click.echo(f"{digest}  {name}")
+
+
+@volume.command("repair")
+@click.argument("name")
+@data_dir_opt
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def volume_repair(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
+    """Cut a corrupt journal at the bad record (an explicit operator decision)."""
+    from blockstore.repair import repair_journal
+
+    dd = obj.data_dir(data_dir)
+    info = find_volume(dd, name)
+    if not yes and not click.confirm(
+        f"cut the journal of {name} at its first bad record? Records after it are moved "
+        "aside and the volume is marked for a full resync to its peers"
+    ):
+        _fail("not confirmed")
+    report = repair_journal(info)
+    click.echo(report)
+
+
+@cli.command()
+@data_dir_opt
+@click.option("--listen", "listen", multiple=True,
+              help="unix:PATH or tcp:HOST:PORT (repeatable; replaces nbd.listen).")
+@click.option("--volume", "volumes", multiple=True, help="Serve only these volumes.")
+@click.option("--read-only", is_flag=True, help="Serve every volume read-only.")
+@click.option("--allow", multiple=True, help="Client address or CIDR allowed (repeatable).")
+@click.option("--tls", "tls_mode", type=click.Choice(["off", "on", "require"]), default=None)
+@click.option("--tls-psk", type=click.Path(path_type=Path), default=None,
+              help="PSK file (nbdkit --tls-psk format: 'user:hexkey' lines).")
+@click.option("--tls-certificates", type=click.Path(path_type=Path), default=None,
+              help="Directory with ca-cert.pem, server-cert.pem, server-key.pem.")
+@click.pass_obj
+def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tuple[str, ...],
+          read_only: bool, allow: tuple[str, ...], tls_mode: str | None,
+          tls_psk: Path | None, tls_certificates: Path | None) -> None:
+    """Serve the volumes over NBD in the foreground until SIGTERM or SIGINT."""
+    cfg = obj.config()
+    nbd_cfg = cfg.nbd
+    if listen:
+        nbd_cfg = NbdConfig(tuple(parse_listen(x, "--listen") for x in listen),
+                            nbd_cfg.tls, nbd_cfg.allow)
+    if allow:
+        nbd_cfg = NbdConfig(nbd_cfg.listen, nbd_cfg.tls,
+                            tuple(parse_cidr(a, "--allow") for a in allow))
+    if tls_mode or tls_psk or tls_certificates:
+        t = nbd_cfg.tls
+        mode = TlsMode(tls_mode) if tls_mode else (
+            t.mode if t.mode is not TlsMode.OFF else TlsMode.REQUIRE)
+        psk = tls_psk or (None if tls_certificates else t.psk_file)
+        certs = tls_certificates or (None if tls_psk else t.certificates_dir)
+        nbd_cfg = NbdConfig(nbd_cfg.listen, check_tls(TlsConfig(mode, psk, certs,
+                                                                 t.verify_peer)),
+                            nbd_cfg.allow)
+    cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
+
+    pre = precheck_volumes(cfg, list(volumes) or None)
+    for name, err in pre.failed.items():
+        click.echo(f"nbdgw: error: volume {name} not served: {err}", err=True)
+    if not pre.served:
+        _fail("no volume to serve" + ("" if pre.failed else
+                                      f" in {cfg.data_dir} (create one with "
+                                      "'nbdgw volume create NAME --size SIZE')"))
+    server = NbdServer(cfg, pre.served, all_readonly=read_only)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    server.wait_ready()
+    tls_on = cfg.nbd.tls.mode is not TlsMode.OFF
+    for a in server.addresses:
+        click.echo(f"nbdgw: listening on {a}")
+    for name in pre.served:
+        click.echo(f"nbdgw: export {name}: {uri(server.addresses[0], name, tls_on)}")
+    sys.stdout.flush()
+    assert server.proc is not None
+    while not stop.is_set() and server.proc.poll() is None:
+        stop.wait(0.2)
+    if stop.is_set():
+        click.echo("nbdgw: stopping (volumes are closed cleanly)")
+    rc = server.stop()
+    if not stop.is_set():
+        _fail(f"nbdkit exited unexpectedly with status {rc}")
+
+
+@cli.group(cls=Group)
+def config() -> None:
+    """Check the node config."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.pass_obj
+def config_check(obj: Ctx, path: Path | None) -> None:
+    """Validate a config file and print what it means."""
+    cfg = load_config(path) if path else obj.config()
+    click.echo(f"config ok: node {cfg.name}, data_dir {cfg.data_dir}, "
+               f"{len(cfg.volumes)} volume(s), listen "
+               + ", ".join(str(x) for x in cfg.nbd.listen))
+
+
+def main() -> None:
+    cli(prog_name="nbdgw")

@@ -1,0 +1,321 @@
+"""The node config: one YAML file per node, validated into frozen dataclasses.
+
+Every key has a type, a range and a default.  Messages name the key by its dotted path
+and say what was expected, word for word as tests/unit/test_config.py checks them::
+
+    expected integer >= 1 for activity_log.extents
+    unknown key 'colour' in nbd (known: allow, listen, tls)
+
+`examples/nbdgw.yaml` documents every key.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blockstore.errors import InvalidArgument
+from blockstore.volume import parse_size, validate_name
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+DEFAULT_CONFIG_PATH = Path("/etc/nbdgw/nbdgw.yaml")
+DEFAULT_DATA_DIR = Path("/var/lib/nbdgw")
+DEFAULT_LISTEN = "tcp:0.0.0.0:10809"
+
+
+class TlsMode(enum.Enum):
+    OFF = "off"
+    ON = "on"  # TLS offered, plaintext still allowed
+    REQUIRE = "require"  # plaintext clients refused
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One NBD listen address: ``tcp:HOST:PORT`` or ``unix:PATH``."""
+
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_listen(text: str, where: str = "listen") -> Listen:
+    if not isinstance(text, str):
+        raise ConfigError(f"expected string 'tcp:HOST:PORT' or 'unix:PATH' for {where}")
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise ConfigError(f"expected an absolute socket path after 'unix:' for {where}")
+        return Listen("unix", path=path)
+    if text.startswith("tcp:"):
+        rest = text[4:]
+        host, sep, port_s = rest.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+            raise ConfigError(f"expected 'tcp:HOST:PORT' with PORT 0-65535 for {where}, got {text!r}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"expected an IP address as HOST in {text!r} for {where}") from None
+        return Listen("tcp", host=host, port=int(port_s))
+    raise ConfigError(f"expected 'tcp:HOST:PORT' or 'unix:PATH' for {where}, got {text!r}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    mode: TlsMode = TlsMode.OFF
+    psk_file: Path | None = None
+    certificates_dir: Path | None = None
+    verify_peer: bool = False
+
+
+@dataclass(frozen=True)
+class NbdConfig:
+    listen: tuple[Listen, ...] = (parse_listen(DEFAULT_LISTEN),)
+    tls: TlsConfig = TlsConfig()
+    allow: tuple[str, ...] = ()  # client allow-list (CIDRs); empty = anyone
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    max_bytes: int = 1 << 30
+    segment_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    size: int
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = os.uname().nodename
+    data_dir: Path = DEFAULT_DATA_DIR
+    nbd: NbdConfig = NbdConfig()
+    journal: JournalConfig = JournalConfig()
+    al_extents: int = 1024
+    volumes: tuple[VolumeConfig, ...] = ()
+    source: Path | None = None
+
+    def volume(self, name: str) -> VolumeConfig | None:
+        return next((v for v in self.volumes if v.name == name), None)
+
+    def with_overrides(self, **kw: Any) -> NodeConfig:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+class _Section:
+    """Reads one mapping, remembering which keys were used so leftovers are reported."""
+
+    def __init__(self, raw: Any, path: str, known: tuple[str, ...]) -> None:
+        where = path or "the config file"
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping for {where}")
+        for key in raw:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown key {key!r} in {where} (known: {', '.join(sorted(known))})"
+                )
+        self.raw = raw
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def get(self, name: str) -> Any:
+        return self.raw.get(name)
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        v = self.raw.get(name, default)
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+        if ok and maximum is not None and v > maximum:
+            ok = False
+        if not ok:
+            rng = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"expected integer {rng} for {self.key(name)}")
+        return int(v)
+
+    def size(self, name: str, default: int) -> int:
+        v = self.raw.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise ConfigError(f"expected a size such as 10G for {self.key(name)}")
+        try:
+            return parse_size(v)
+        except InvalidArgument as e:
+            raise ConfigError(f"{e} for {self.key(name)}") from None
+
+    def string(self, name: str, default: str | None) -> str | None:
+        v = self.raw.get(name, default)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise ConfigError(f"expected a non-empty string for {self.key(name)}")
+        return v
+
+    def boolean(self, name: str, default: bool) -> bool:
+        v = self.raw.get(name, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"expected true or false for {self.key(name)}")
+        return v
+
+    def path_(self, name: str, default: Path | None) -> Path | None:
+        v = self.raw.get(name)
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v.startswith("/"):
+            raise ConfigError(f"expected an absolute path for {self.key(name)}")
+        return Path(v)
+
+    def enum(self, name: str, cls: type[enum.Enum], default: enum.Enum) -> Any:
+        v = self.raw.get(name, default.value)
+        if v is False:  # YAML 1.1 reads a bare `off` as false
+            v = "off"
+        if v is True:
+            v = "on"
+        try:
+            return cls(v)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ConfigError(f"expected one of {choices} for {self.key(name)}") from None
+
+    def listing(self, name: str) -> list[Any]:
+        v = self.raw.get(name, [])
+        if not isinstance(v, list):
+            raise ConfigError(f"expected a list for {self.key(name)}")
+        return v
+
+
+def _tls(raw: Any) -> TlsConfig:
+    s = _Section(raw, "nbd.tls", ("mode", "psk_file", "certificates_dir", "verify_peer"))
+    tls = TlsConfig(
+        mode=s.enum("mode", TlsMode, TlsMode.OFF),
+        psk_file=s.path_("psk_file", None),
+        certificates_dir=s.path_("certificates_dir", None),
+        verify_peer=s.boolean("verify_peer", False),
+    )
+    return check_tls(tls)
+
+
+def check_tls(tls: TlsConfig) -> TlsConfig:
+    if tls.mode is not TlsMode.OFF:
+        if (tls.psk_file is None) == (tls.certificates_dir is None):
+            raise ConfigError(
+                "nbd.tls.mode is on or require: set exactly one of nbd.tls.psk_file "
+                "and nbd.tls.certificates_dir"
+            )
+        if tls.verify_peer and tls.certificates_dir is None:
+            raise ConfigError("nbd.tls.verify_peer needs nbd.tls.certificates_dir")
+    return tls
+
+
+def parse_cidr(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"expected an address or CIDR string in {where}")
+    try:
+        return str(ipaddress.ip_network(v, strict=False))
+    except ValueError:
+        raise ConfigError(f"expected an address or CIDR in {where}, got {v!r}") from None
+
+
+def _nbd(raw: Any) -> NbdConfig:
+    s = _Section(raw, "nbd", ("listen", "tls", "allow"))
+    listen = tuple(parse_listen(x, f"nbd.listen[{i}]") for i, x in enumerate(s.listing("listen")))
+    if not s.has("listen"):
+        listen = NbdConfig().listen
+    if not listen:
+        raise ConfigError("expected at least one address in nbd.listen")
+    allow = tuple(parse_cidr(x, f"nbd.allow[{i}]") for i, x in enumerate(s.listing("allow")))
+    return NbdConfig(listen=listen, tls=_tls(s.get("tls")), allow=allow)
+
+
+def _volumes(items: list[Any]) -> tuple[VolumeConfig, ...]:
+    out: list[VolumeConfig] = []
+    for i, raw in enumerate(items):
+        s = _Section(raw, f"volumes[{i}]", ("name", "size", "read_only"))
+        name = s.string("name", None)
+        if name is None:
+            raise ConfigError(f"missing key 'name' in volumes[{i}]")
+        try:
+            validate_name(name)
+        except InvalidArgument as e:
+            raise ConfigError(f"{e} in volumes[{i}].name") from None
+        if not s.has("size"):
+            raise ConfigError(f"missing key 'size' in volumes[{i}]")
+        if any(v.name == name for v in out):
+            raise ConfigError(f"volume {name} is listed twice in volumes")
+        out.append(VolumeConfig(name, s.size("size", 0), s.boolean("read_only", False)))
+    return tuple(out)
+
+
+TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes")
+
+
+def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
+    """Validate a loaded YAML document into a NodeConfig; raise ConfigError."""
+    top = _Section(raw, "", TOP_KEYS)
+    version = top.get("version")
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"expected version: {CONFIG_VERSION} at the top of the config")
+    node = _Section(top.get("node"), "node", ("name", "data_dir"))
+    j = _Section(top.get("journal"), "journal", ("max_bytes", "segment_bytes"))
+    al = _Section(top.get("activity_log"), "activity_log", ("extents",))
+    journal = JournalConfig(
+        max_bytes=j.size("max_bytes", JournalConfig.max_bytes),
+        segment_bytes=j.size("segment_bytes", JournalConfig.segment_bytes),
+    )
+    if journal.segment_bytes < 1 << 20:
+        raise ConfigError("expected at least 1M for journal.segment_bytes")
+    if journal.max_bytes < journal.segment_bytes:
+        raise ConfigError("journal.max_bytes must be at least journal.segment_bytes")
+    name = node.string("name", None) or NodeConfig.name
+    return NodeConfig(
+        name=name,
+        data_dir=node.path_("data_dir", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR,
+        nbd=_nbd(top.get("nbd")),
+        journal=journal,
+        al_extents=al.integer("extents", 1024, 1, 65536),
+        volumes=_volumes(top.listing("volumes")),
+        source=source,
+    )
+
+
+def load_config(path: Path) -> NodeConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    try:
+        return parse_config(raw, path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def default_config() -> NodeConfig:
+    return NodeConfig(nbd=NbdConfig(), volumes=(), source=None)
+
+

@@ -1,0 +1,22 @@
+"""The one way nbdgw runs external commands: argv lists, never shell strings."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+from .errors import CommandError
+
+
+def run(argv: Sequence[str], *, timeout: float = 60, input_: bytes | None = None) -> str:
+    """Run ``argv``; return its stdout; raise CommandError on a non-zero exit."""
+    try:
+        p = subprocess.run(list(argv), input=input_, capture_output=True, timeout=timeout,
+                           check=False)
+    except FileNotFoundError:
+        raise CommandError(argv, 127, f"{argv[0]}: command not found") from None
+    except subprocess.TimeoutExpired:
+        raise CommandError(argv, -1, f"timed out after {timeout} s") from None
+    if p.returncode != 0:
+        raise CommandError(argv, p.returncode, p.stderr.decode(errors="replace"))
+    return p.stdout.decode(errors="replace")

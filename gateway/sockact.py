@@ -1,0 +1,30 @@
+"""Exec a program with inherited listening sockets in systemd socket-activation form.
+
+``python -m gateway.sockact FD[,FD...] PROGRAM ARG...`` moves the given descriptors to
+3, 4, ..., sets LISTEN_FDS and LISTEN_PID (the pid stays the same across exec), and
+execs PROGRAM.  This lets `nbdgw serve` bind every listen address itself (port 0 works,
+several addresses work) and hand them all to one nbdkit process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.exit("usage: python -m gateway.sockact FD[,FD...] PROGRAM ARG...")
+    fds = [int(x) for x in argv[0].split(",") if x]
+    high = [os.dup(fd) for fd in fds]  # out of the way of 3.. first
+    for fd in fds:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i, inheritable=True)
+        os.close(fd)
+    env = dict(os.environ, LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()))
+    os.execvpe(argv[1], argv[1:], env)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
