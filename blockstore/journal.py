@@ -26,6 +26,7 @@ from crc32c import crc32c
 
 from .errors import FormatError, JournalCorrupt
 from .meta import fsync_dir
+from .store import FALLOC_FL_KEEP_SIZE, fallocate
 from .record import (
     REC_HEADER_SIZE,
     REC_MAGIC,
@@ -79,6 +80,9 @@ class Journal:
         self.pos = 0
         self.next_seq = 1
         self.segments: list[Segment] = []
+        # Sealed segments not yet fdatasync'ed: the next sync() (FLUSH/FUA) does them,
+        # so a rotation never stalls the request that triggered it.
+        self._unsynced: list[int] = []
 
     # -- opening ---------------------------------------------------------------
 
@@ -112,6 +116,7 @@ class Journal:
         if torn:
             os.ftruncate(self.fd, end)
             os.fsync(self.fd)
+        self._preallocate()
         self.pos = end
         self.next_seq = last_seq + 1
         return ScanResult(self.segments[0].first_seq, last_seq, torn)
@@ -189,13 +194,22 @@ class Journal:
         fsync_dir(self.dir)
         self.segments.append(Segment(path, first_seq))
 
+    def _preallocate(self) -> None:
+        """Reserve the active segment's blocks (file size unchanged): an append that
+        extends a file into unallocated blocks costs several times a plain write, and a
+        reserved journal keeps accepting records when the disk fills up."""
+        try:
+            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, 0, self.segment_bytes)
+        except OSError:
+            pass  # best effort: without it appends allocate as they go
+
     def _rotate(self) -> None:
         if self.on_rotate is not None:
             self.on_rotate()
-        os.fdatasync(self.fd)
-        os.close(self.fd)
+        self._unsynced.append(self.fd)
         self._new_segment(self.next_seq)
         self.fd = os.open(self.segments[-1].path, os.O_RDWR)
+        self._preallocate()
         self.pos = SEG_HEADER_SIZE
 
     def append(self, op: int, flags: int, offset: int, length: int,
@@ -243,6 +257,12 @@ class Journal:
         self.next_seq = seq
 
     def sync(self) -> None:
+        """Make every appended record durable (sealed segments first)."""
+        while self._unsynced:
+            fd = self._unsynced[0]
+            os.fdatasync(fd)
+            os.close(fd)
+            self._unsynced.pop(0)
         os.fdatasync(self.fd)
 
     @property
@@ -250,6 +270,9 @@ class Journal:
         return self.next_seq - 1
 
     def close(self) -> None:
+        for fd in self._unsynced:
+            os.close(fd)
+        self._unsynced.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

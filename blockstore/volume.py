@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -214,6 +215,59 @@ class RecoveryReport:
     last_seq: int
 
 
+class Checkpointer:
+    """Makes the store durable in the background and then advances the redo point.
+
+    Requested at each journal segment rotation.  The store's fdatasync after a segment of
+    random writes can take a large fraction of a second; done inline it would stall every
+    client that long.  Only this thread writes state.json while the volume is open; the
+    request path never waits for it.
+    """
+
+    def __init__(self, vol: Volume) -> None:
+        self.vol = vol
+        self.cv = threading.Condition()
+        self.want: int | None = None
+        self.done_seq = vol.checkpoint_seq
+        self.stopping = False
+        self.error: OSError | None = None
+        self.thread: threading.Thread | None = None
+
+    def request(self, seq: int) -> None:
+        with self.cv:
+            self.want = seq
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="nbdgw-checkpoint",
+                                               daemon=True)
+                self.thread.start()
+            self.cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while self.want is None and not self.stopping:
+                    self.cv.wait()
+                if self.want is None:
+                    return
+                seq, self.want = self.want, None
+            try:
+                self.vol.checkpoint_through(seq)
+            except OSError as e:
+                # The redo point stays where it was: recovery replays more, loses nothing.
+                self.error = e
+            with self.cv:
+                self.done_seq = max(self.done_seq, seq)
+                self.cv.notify_all()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
 class Volume:
     """An open volume.  Single-threaded: the caller serialises requests."""
 
@@ -231,6 +285,8 @@ class Volume:
         self.store: Store | None = None
         self.journal: Journal | None = None
         self.al: ActivityLog | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.state_lock = threading.Lock()
         try:
             self._open(al_slots, segment_bytes)
         except BaseException:
@@ -271,6 +327,7 @@ class Volume:
         else:
             self.recovery = self._recover(scan.torn_bytes)
         self._write_state(clean=False)
+        self.checkpointer = Checkpointer(self)
 
     def _recover(self, torn: int) -> RecoveryReport:
         """Redo from the checkpoint; record hot extents for resync to peers."""
@@ -290,10 +347,11 @@ class Volume:
 
     def _write_state(self, clean: bool) -> None:
         assert self.journal is not None
-        write_json(self._state_path(), {
-            "kind": "state", "version": STATE_VERSION, "clean": clean,
-            "checkpoint_seq": self.checkpoint_seq, "last_seq": self.journal.last_seq,
-        })
+        with self.state_lock:
+            write_json(self._state_path(), {
+                "kind": "state", "version": STATE_VERSION, "clean": clean,
+                "checkpoint_seq": self.checkpoint_seq, "last_seq": self.journal.last_seq,
+            })
 
     # -- resync bookkeeping ----------------------------------------------------
 
@@ -409,7 +467,21 @@ class Volume:
         self.store.sync()
 
     def _on_rotate(self) -> None:
-        self.checkpoint()
+        """Journal segment full: checkpoint in the background, release old segments."""
+        assert self.journal is not None
+        if self.checkpointer is None:
+            self.checkpoint()
+            return
+        self.checkpointer.request(self.journal.last_seq)
+        self.journal.trim_to(self.journal_max_bytes, self.checkpoint_seq + 1)
+
+    def checkpoint_through(self, seq: int) -> None:
+        """Every record up to ``seq`` is in the store; make the store durable and move
+        the redo point there (runs on the checkpoint thread)."""
+        assert self.store is not None
+        self.store.sync()
+        self.checkpoint_seq = max(self.checkpoint_seq, seq)
+        self._write_state(clean=False)
 
     def checkpoint(self) -> None:
         """Store durable through the last record: redo may start after it."""
@@ -434,6 +506,8 @@ class Volume:
         if self.lock.fd < 0:
             return
         try:
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
             if not self.readonly and self.journal is not None and self.al is not None:
                 self._make_durable()
                 self.checkpoint_seq = self.journal.last_seq
