@@ -14,6 +14,7 @@ corruption: ``JournalCorrupt`` names the segment and offset, and nothing past it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -26,7 +27,6 @@ from crc32c import crc32c
 
 from .errors import FormatError, JournalCorrupt
 from .meta import fsync_dir
-from .store import FALLOC_FL_KEEP_SIZE, fallocate
 from .record import (
     REC_HEADER_SIZE,
     REC_MAGIC,
@@ -38,6 +38,7 @@ from .record import (
     decode_segment_header,
     encode_segment_header,
 )
+from .store import FALLOC_FL_KEEP_SIZE, fallocate
 
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 _PREFIX = struct.Struct("<II")
@@ -198,10 +199,9 @@ class Journal:
         """Reserve the active segment's blocks (file size unchanged): an append that
         extends a file into unallocated blocks costs several times a plain write, and a
         reserved journal keeps accepting records when the disk fills up."""
-        try:
+        # Best effort: without it appends allocate blocks as they go.
+        with contextlib.suppress(OSError):
             fallocate(self.fd, FALLOC_FL_KEEP_SIZE, 0, self.segment_bytes)
-        except OSError:
-            pass  # best effort: without it appends allocate as they go
 
     def _rotate(self) -> None:
         if self.on_rotate is not None:
@@ -221,7 +221,7 @@ class Journal:
         seq = self.next_seq
         tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen,
                           crc32c(payload) if plen else 0)
-        bufs = [_PREFIX.pack(REC_MAGIC, crc32c(tail)), tail]
+        bufs: list[bytes | memoryview] = [_PREFIX.pack(REC_MAGIC, crc32c(tail)), tail]
         if plen:
             bufs.append(payload)
         want = REC_HEADER_SIZE + plen
@@ -241,12 +241,10 @@ class Journal:
 
     def _cut(self, pos: int) -> None:
         """Drop everything from ``pos`` on in the active segment (undo a failed append)."""
-        try:
+        # Truncating only frees space; if even that fails the bytes past pos are a torn
+        # tail that the next open cuts.  Appends continue from pos either way.
+        with contextlib.suppress(OSError):
             os.ftruncate(self.fd, pos)
-        except OSError:
-            # Truncating only frees space; if even that fails the bytes past pos are
-            # a torn tail that the next open cuts.  Appends continue from pos either way.
-            pass
         self.pos = pos
 
     def undo_last(self, seq: int, start: int) -> None:

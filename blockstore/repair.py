@@ -16,17 +16,17 @@ from .errors import FormatError, JournalCorrupt
 from .journal import Journal
 from .meta import fsync_dir, read_json, write_json
 from .record import REC_HEADER_SIZE, SEG_HEADER_SIZE
-from .volume import RESYNC_VERSION, STATE_VERSION, VolumeInfo, VolumeLock
+from .volume import STATE_VERSION, VolumeInfo, VolumeLock, add_resync
 
 
 def _first_bad(journal: Journal) -> tuple[int, int, int]:
     """(segment index, byte offset, last good seq) of the first bad record, or -1 index."""
-    segs = journal._list()  # noqa: SLF001 - repair is the journal's own maintenance tool
+    segs = journal._list()
     journal.segments = segs
     last = segs[0].first_seq - 1
     for i, seg in enumerate(segs):
         try:
-            journal._check_segment_header(seg)  # noqa: SLF001
+            journal._check_segment_header(seg)
         except JournalCorrupt:
             return i, 0, last
         fd = os.open(seg.path, os.O_RDONLY)
@@ -35,7 +35,7 @@ def _first_bad(journal: Journal) -> tuple[int, int, int]:
             pos = SEG_HEADER_SIZE
             while pos < size:
                 try:
-                    hdr, _ = journal._read_record(fd, pos, last + 1)  # noqa: SLF001
+                    hdr, _ = journal._read_record(fd, pos, last + 1)
                 except FormatError:
                     return i, pos, last
                 last = hdr.seq
@@ -76,7 +76,7 @@ def repair_journal(info: VolumeInfo) -> str:
             moved.append(seg.path.name)
         if not (offset > 0 or idx > 0):
             # The very first segment was unreadable: start an empty one after last_good.
-            Journal(jdir, uuid.UUID(info.uuid).bytes)._new_segment(last_good + 1)  # noqa: SLF001
+            Journal(jdir, uuid.UUID(info.uuid).bytes)._new_segment(last_good + 1)
         fsync_dir(jdir)
         state_path = info.path / "state.json"
         state = read_json(state_path, "state", STATE_VERSION)
@@ -84,14 +84,7 @@ def repair_journal(info: VolumeInfo) -> str:
         state["checkpoint_seq"] = min(int(state["checkpoint_seq"]), last_good)
         state["last_seq"] = last_good
         write_json(state_path, state)
-        rpath = info.path / "resync.json"
-        resync = (read_json(rpath, "resync", RESYNC_VERSION) if rpath.exists() else
-                  {"kind": "resync", "version": RESYNC_VERSION,
-                   "extent_shift": info.extent_shift, "extents": [], "reasons": []})
-        resync["full"] = True
-        resync["reasons"] = [*resync["reasons"],
-                             {"reason": f"journal repaired at seq {last_good}", "at": time.time()}]
-        write_json(rpath, resync)
+        add_resync(info, [], f"journal repaired at seq {last_good}", full=True)
         return (f"journal of {info.name} cut after seq {last_good}; moved to {qdir}: "
                 + ", ".join(moved) + "; volume marked for a full resync to its peers")
     finally:

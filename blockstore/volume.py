@@ -204,6 +204,26 @@ def delete_volume(data_dir: Path, name: str) -> None:
     shutil.rmtree(doomed)
 
 
+def read_resync(info: VolumeInfo) -> dict[str, Any]:
+    """The extents every peer must be sent again (resync.json), empty if none."""
+    path = info.path / "resync.json"
+    if not path.exists():
+        return {"kind": "resync", "version": RESYNC_VERSION, "extent_shift": info.extent_shift,
+                "extents": [], "full": False, "reasons": []}
+    return read_json(path, "resync", RESYNC_VERSION)
+
+
+def add_resync(info: VolumeInfo, extents: list[int], reason: str, full: bool = False) -> None:
+    """Persistently add extents (or the whole volume) to resync.json, with the reason."""
+    if not extents and not full:
+        return
+    cur = read_resync(info)
+    cur["extents"] = sorted(set(cur["extents"]) | set(extents))
+    cur["full"] = bool(cur["full"]) or full
+    cur["reasons"] = [*cur["reasons"], {"reason": reason, "at": time.time()}][-20:]
+    write_json(info.path / "resync.json", cur)
+
+
 @dataclass(frozen=True)
 class RecoveryReport:
     """What opening the volume had to do."""
@@ -359,21 +379,11 @@ class Volume:
         return self.info.path / "resync.json"
 
     def pending_resync(self) -> dict[str, Any]:
-        path = self.resync_path()
-        if not path.exists():
-            return {"kind": "resync", "version": RESYNC_VERSION, "extent_shift": self.shift,
-                    "extents": [], "full": False, "reasons": []}
-        return read_json(path, "resync", RESYNC_VERSION)
+        return read_resync(self.info)
 
     def add_resync(self, extents: list[int], reason: str, full: bool = False) -> None:
         """Persistently add extents that every peer must receive again."""
-        if not extents and not full:
-            return
-        cur = self.pending_resync()
-        cur["extents"] = sorted(set(cur["extents"]) | set(extents))
-        cur["full"] = cur["full"] or full
-        cur["reasons"] = [*cur["reasons"], {"reason": reason, "at": time.time()}][-20:]
-        write_json(self.resync_path(), cur)
+        add_resync(self.info, extents, reason, full)
 
     # -- the data path ---------------------------------------------------------
 

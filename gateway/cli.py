@@ -12,7 +12,7 @@ from typing import Any
 import click
 import structlog
 
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, VolumeInUse
 from blockstore.volume import (
     Volume,
     VolumeLock,
@@ -23,7 +23,6 @@ from blockstore.volume import (
     list_volumes,
     parse_size,
 )
-from blockstore.errors import VolumeInUse
 
 from . import logs
 from .config import (

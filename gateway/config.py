@@ -66,7 +66,9 @@ def parse_listen(text: str, where: str = "listen") -> Listen:
         host, sep, port_s = rest.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-            raise ConfigError(f"expected 'tcp:HOST:PORT' with PORT 0-65535 for {where}, got {text!r}")
+            raise ConfigError(
+                f"expected 'tcp:HOST:PORT' with PORT 0-65535 for {where}, got {text!r}"
+            )
         try:
             ipaddress.ip_address(host)
         except ValueError:

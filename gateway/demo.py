@@ -9,6 +9,7 @@ Run ``python -m gateway.demo --keep`` to leave it serving until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import signal
@@ -59,7 +60,7 @@ def nbdkit_pid(serve_pid: int) -> int:
     sys.exit("demo failed: no nbdkit process")
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915 - a narrated script, one step after another
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--keep", action="store_true", help="keep serving until Ctrl-C")
     ap.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any)")
@@ -124,10 +125,8 @@ def main() -> None:
             say("Serving until Ctrl-C. Connect with:")
             print(f"   nbdinfo nbd://{tcp.split(':', 1)[1]}/demo")
             print(f"   qemu-img info nbd://{tcp.split(':', 1)[1]}/demo")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 proc.wait()
-            except KeyboardInterrupt:
-                pass
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         say("Stopped cleanly; volume checksum (what operators compare across replicas)")
@@ -140,7 +139,7 @@ def main() -> None:
         say("To serve your own volume:")
         print("   .venv/bin/nbdgw volume create v1 --size 10G --data-dir /srv/nbdgw")
         print("   .venv/bin/nbdgw serve --data-dir /srv/nbdgw --listen tcp:0.0.0.0:10809")
-        print("   qemu-img info nbd://SERVER:10809/v1      # or nbdinfo, nbdfuse, fio --ioengine=nbd")
+        print("   qemu-img info nbd://SERVER:10809/v1   # or nbdinfo, nbdfuse, fio --ioengine=nbd")
         print("\ndemo complete: data intact")
 
 

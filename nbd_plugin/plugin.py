@@ -37,7 +37,7 @@ def config_complete():
         _server = Server(_params)
     except PluginError:
         raise
-    except Exception as e:  # noqa: BLE001 - nbdkit shows the message and exits
+    except Exception as e:
         raise PluginError(f"cannot start: {e}") from e
 
 
@@ -60,7 +60,7 @@ def default_export(readonly, is_tls):
     return _server.default_export()
 
 
-def open(readonly):  # noqa: A001 - the callback's literal name
+def open(readonly):
     try:
         return _server.open(nbdkit.export_name(), readonly)
     except OSError as e:
