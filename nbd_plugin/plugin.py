@@ -11,6 +11,7 @@ for _d in filter(None, os.environ.get("NBDGW_SITE", "").split(os.pathsep)):
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
+from gateway import logs  # noqa: E402
 from nbd_plugin.server import Params, PluginError, Server  # noqa: E402
 
 API_VERSION = 2
@@ -33,6 +34,8 @@ def config(key, value):
 
 def config_complete():
     global _server
+    # Logs go to stderr as JSON lines: with `nbdkit -s` stdout carries the NBD protocol.
+    logs.configure("json")
     try:
         _server = Server(_params)
     except PluginError:
