@@ -224,6 +224,26 @@ def add_resync(info: VolumeInfo, extents: list[int], reason: str, full: bool = F
     write_json(info.path / "resync.json", cur)
 
 
+def volume_status(info: VolumeInfo) -> dict[str, Any]:
+    """What an operator wants to see of a volume without opening it."""
+    state = read_json(info.path / "state.json", "state", STATE_VERSION)
+    jdir = info.path / "journal"
+    segs = [p for p in jdir.iterdir() if p.name.endswith(".jnl")]
+    resync = read_resync(info)
+    try:
+        VolumeLock(info).release()
+        in_use = False
+    except VolumeInUse:
+        in_use = True
+    return {
+        "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use,
+        "clean": bool(state["clean"]), "last_seq": int(state["last_seq"]),
+        "journal_bytes": sum(p.stat().st_size for p in segs), "journal_segments": len(segs),
+        "resync_extents": len(resync["extents"]), "resync_full": bool(resync["full"]),
+        "allocated_bytes": (info.path / "store").stat().st_blocks * 512,
+    }
+
+
 @dataclass(frozen=True)
 class RecoveryReport:
     """What opening the volume had to do."""

@@ -15,13 +15,13 @@ import structlog
 from blockstore.errors import BlockstoreError, VolumeInUse
 from blockstore.volume import (
     Volume,
-    VolumeLock,
     checksum_path,
     create_volume,
     delete_volume,
     find_volume,
     list_volumes,
     parse_size,
+    volume_status,
 )
 
 from . import logs
@@ -124,25 +124,33 @@ def volume_create(obj: Ctx, name: str, size: str | None, data_dir: Path | None) 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def volume_list(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
-    """List volumes with their size and whether they are in use."""
-    rows = []
-    for info in list_volumes(obj.data_dir(data_dir)):
-        try:
-            VolumeLock(info).release()
-            in_use = False
-        except VolumeInUse:
-            in_use = True
-        rows.append({"name": info.name, "size": info.size, "uuid": info.uuid,
-                     "in_use": in_use})
+    """List volumes: size, allocation, journal, and whether each is in use."""
+    rows = [volume_status(info) for info in list_volumes(obj.data_dir(data_dir))]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo("no volumes")
         return
-    click.echo(f"{'NAME':<24} {'SIZE':>16}  STATE")
+    click.echo(f"{'NAME':<24} {'SIZE':>10} {'ALLOCATED':>10} {'JOURNAL':>10} "
+               f"{'LAST SEQ':>10}  STATE")
     for r in rows:
-        click.echo(f"{r['name']:<24} {r['size']:>16}  {'in use' if r['in_use'] else 'idle'}")
+        state = "in use" if r["in_use"] else ("idle" if r["clean"] else "idle, unclean")
+        if r["resync_full"] or r["resync_extents"]:
+            state += (", full resync pending" if r["resync_full"]
+                      else f", {r['resync_extents']} extents to resync")
+        click.echo(f"{r['name']:<24} {_human(r['size']):>10} {_human(r['allocated_bytes']):>10} "
+                   f"{_human(r['journal_bytes']):>10} {r['last_seq']:>10}  {state}")
+
+
+def _human(n: int) -> str:
+    """Binary units, as the size options take them (1.5G, 512M)."""
+    value = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 @volume.command("delete")
