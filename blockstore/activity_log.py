@@ -18,10 +18,12 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from crc32c import crc32c
 
 from .errors import FormatError
+from .meta import fsync_dir
 
 AL_MAGIC = b"NBDGWAL1"
 _HDR = struct.Struct("<8sQII")  # magic, txn, count, crc
@@ -36,7 +38,6 @@ class ActivityLog:
             raise ValueError("activity log needs at least one slot")
         self.path = path
         self.slots = slots
-        self.slot_bytes = _HDR.size + 8 * slots
         self.before_evict = before_evict
         self.hot: OrderedDict[int, None] = OrderedDict()
         self.txn = 0
@@ -44,6 +45,12 @@ class ActivityLog:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if exists and os.fstat(self.fd).st_size > 0:
             self._load()
+        # Every loaded extent stays hot (a smaller log after a crash must still resync
+        # them all); the next activation evicts down to `slots`.
+        self.slot_bytes = _HDR.size + 8 * max(slots, len(self.hot))
+        size = os.fstat(self.fd).st_size
+        if size and size != 2 * self.slot_bytes:
+            self._regeometry()  # the slot count changed since the file was written
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -70,8 +77,25 @@ class ActivityLog:
         if best is None:
             raise FormatError(f"activity log {self.path}: no valid slot")
         self.txn = best[0]
-        for ext in best[1][-self.slots:]:
+        for ext in best[1]:
             self.hot[ext] = None
+
+    def _regeometry(self) -> None:
+        """Rewrite the file with two slots of the current size, atomically (a new file
+        renamed over the old), so that a crash meanwhile keeps the old hot set."""
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        old, self.fd = self.fd, fd
+        try:
+            self._persist()
+            self._persist()
+        except BaseException:
+            self.fd = old
+            os.close(fd)
+            raise
+        os.close(old)
+        os.replace(tmp, self.path)
+        fsync_dir(Path(self.path).parent)
 
     def _persist(self) -> None:
         self.txn += 1
@@ -95,9 +119,15 @@ class ActivityLog:
             self.before_evict()
             for _ in range(min(max(overflow, self.slots // 8), len(self.hot))):
                 self.hot.popitem(last=False)
-        for e in new[-self.slots:]:
+        for e in new:
             self.hot[e] = None
-        self._persist()
+        need = _HDR.size + 8 * len(self.hot)
+        if need > self.slot_bytes:
+            # One request spanning more extents than the log holds: grow the slots.
+            self.slot_bytes = need
+            self._regeometry()
+        else:
+            self._persist()
 
     def clear(self) -> None:
         """Forget every hot extent (after a clean stop, or once peers are in sync)."""

@@ -146,7 +146,14 @@ class Journal:
                 try:
                     hdr, _ = self._read_record(fd, pos, seq + 1)
                 except FormatError as e:
-                    if self._valid_record_after(fd, pos, size, seq):
+                    # Search for later records past this one's payload when its header
+                    # is sound: the payload may hold journal bytes of its own (a guest
+                    # storing journals on the volume), which are not records here.
+                    after = pos + 1
+                    with contextlib.suppress(FormatError):
+                        after = pos + REC_HEADER_SIZE + decode_header(
+                            os.pread(fd, REC_HEADER_SIZE, pos)).payload_len
+                    if self._valid_record_after(fd, after, size, seq):
                         raise JournalCorrupt(seg.path.name, pos, str(e)) from None
                     return seq, pos, size - pos
                 seq = hdr.seq
@@ -166,12 +173,16 @@ class Journal:
 
     @staticmethod
     def _valid_record_after(fd: int, pos: int, size: int, seq: int) -> bool:
-        """Is there a well-formed record later than ``seq`` anywhere after ``pos``?"""
+        """Is there a whole, checksum-valid record later than ``seq`` at or after ``pos``?"""
+        if pos >= size:
+            return False
         tail = os.pread(fd, size - pos, pos)
-        i = tail.find(_MAGIC_BYTES, 1)
+        i = tail.find(_MAGIC_BYTES)
         while i >= 0:
             try:
                 hdr = decode_header(tail[i:i + REC_HEADER_SIZE])
+                start = i + REC_HEADER_SIZE
+                check_payload(hdr, tail[start:start + hdr.payload_len])
             except FormatError:
                 pass
             else:

@@ -10,17 +10,23 @@ Layout under ``<data_dir>/volumes/<name>/``::
     resync.json   extents that must be resent to every peer (after an unclean stop)
     lock          flock()ed by the one process that has the volume open
 
-Write path (contract 1): activate the extent in the activity log if it is cold, append
-the record to the journal, then write the store.  FLUSH and FUA make the journal durable
+Write path (contract 1): activate the extent in the activity log if it is cold, write
+the store, then append the record to the journal.  (Store first: a store write that fails,
+say ENOSPC, leaves nothing in the journal, so a journal tailer never ships a change that
+did not happen; a journal append that fails after the store took the change marks its
+extents for resync.)  FLUSH and FUA make the journal durable
 (fdatasync); the store is made durable at checkpoints (segment rotation, clean close),
 because an unclean open replays the journal from the last checkpoint (redo).  A kill -9
 therefore loses nothing that a write call returned; a power loss loses nothing that was
 flushed; and whatever the store may hold beyond the journal lies in the hot extents,
-which recovery records in resync.json for the peers.
+which recovery records in resync.json for the peers.  (Redo may roll such an extent back
+to its last journaled content; only writes never acknowledged, or never flushed before a
+power loss, are affected, as NBD allows.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -64,7 +70,7 @@ _UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe volume name, else raise InvalidArgument."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidArgument(
             f"invalid volume name {name!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -327,6 +333,7 @@ class Volume:
         self.al: ActivityLog | None = None
         self.checkpointer: Checkpointer | None = None
         self.state_lock = threading.Lock()
+        self.diverged: set[int] = set()  # extents changed but not journaled (see write)
         try:
             self._open(al_slots, segment_bytes)
         except BaseException:
@@ -432,40 +439,47 @@ class Volume:
         self.store.pread_into(buf, offset)
 
     def write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> int:
-        """Journal then store one write; return its sequence number."""
+        """Store then journal one write; return its sequence number."""
         length = len(buf)
         self._check_writable()
         self._check_range(offset, length)
         self._activate(offset, length)
-        journal = self.journal
-        assert journal is not None and self.store is not None
-        start = journal.pos
-        seq = journal.append(Op.WRITE, Flag.FUA if fua else 0, offset, length, buf)
+        assert self.journal is not None and self.store is not None
+        self.store.pwrite(buf, offset)  # fails first (ENOSPC): nothing journaled
         try:
-            self.store.pwrite(buf, offset)
-        except OSError:
-            journal.undo_last(seq, start)
+            seq = self.journal.append(Op.WRITE, Flag.FUA if fua else 0, offset, length, buf)
+        except OSError as e:
+            self._unjournaled(offset, length, e)
             raise
         if fua:
-            journal.sync()
+            self.journal.sync()
         return seq
 
     def _range_op(self, op: Op, flags: int, offset: int, length: int) -> int:
         self._check_writable()
         self._check_range(offset, length)
         self._activate(offset, length)
-        journal = self.journal
-        assert journal is not None and self.store is not None
-        start = journal.pos
-        seq = journal.append(op, flags, offset, length)
+        assert self.journal is not None and self.store is not None
+        self.store.apply(op, Flag(flags), offset, length, b"")
         try:
-            self.store.apply(op, Flag(flags), offset, length, b"")
-        except OSError:
-            journal.undo_last(seq, start)
+            seq = self.journal.append(op, flags, offset, length)
+        except OSError as e:
+            self._unjournaled(offset, length, e)
             raise
         if flags & Flag.FUA:
-            journal.sync()
+            self.journal.sync()
         return seq
+
+    def _unjournaled(self, offset: int, length: int, err: OSError) -> None:
+        """The store took a change the journal could not record (the client gets the
+        error): the peers must be sent those extents again.  Remembered in memory at
+        once and persisted when possible; close() refuses to call the volume clean
+        while any is unpersisted, so a crash still resyncs them (they are hot)."""
+        e0, e1 = offset >> self.shift, (offset + length - 1) >> self.shift
+        self.diverged.update(range(e0, e1 + 1))
+        with contextlib.suppress(OSError):
+            self.add_resync(sorted(self.diverged), f"journal append failed: {err.strerror}")
+            self.diverged.clear()
 
     def trim(self, offset: int, length: int, fua: bool = False) -> int:
         return self._range_op(Op.TRIM, Flag.FUA if fua else 0, offset, length)
@@ -539,6 +553,9 @@ class Volume:
             if self.checkpointer is not None:
                 self.checkpointer.stop()
             if not self.readonly and self.journal is not None and self.al is not None:
+                if self.diverged:  # raises if still unpersistable: stays unclean
+                    self.add_resync(sorted(self.diverged), "journal append failed")
+                    self.diverged.clear()
                 self._make_durable()
                 self.checkpoint_seq = self.journal.last_seq
                 self.al.clear()
