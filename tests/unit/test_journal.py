@@ -463,8 +463,6 @@ def test_short_append_is_an_error_and_cut(jdir: Path, monkeypatch: pytest.Monkey
     j.close()
 
 
-@pytest.mark.xfail(strict=False, reason="journal._valid_record_after searches inside the torn "
-                   "record's own payload and takes embedded journal bytes for a later record")
 def test_torn_write_whose_data_contains_a_journal_record_is_still_a_torn_tail(
         jdir: Path) -> None:
     """Volume data may itself contain journal bytes (a backup of a segment, a nested
