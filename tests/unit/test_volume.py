@@ -630,3 +630,45 @@ def test_crash_then_smaller_activity_log_still_resyncs_every_hot_extent(
     resync = json.loads((v1 / "resync.json").read_text())
     vol2.close()
     assert resync["extents"] == [0, 1, 2, 3]
+
+
+def test_journal_stays_bounded_and_redo_still_works(dd: Path, v1: Path) -> None:
+    """journal_max_bytes bounds the retained segments (contract 4), yet never releases a
+    record that redo after a crash still needs."""
+    seg = 64 * 1024
+    vol = Volume.open(dd, "v1", segment_bytes=seg, journal_max_bytes=2 * seg)
+    expect = {}
+    for i in range(60):  # ~1 MiB of records through 64 KiB segments
+        off = (i % 16) * 64 * 1024
+        expect[off] = pattern(300 + i, 16 * 1024)
+        vol.write(expect[off], off)
+    crash(vol)
+    jfiles = [p for p in (v1 / "journal").iterdir() if p.name.endswith(".jnl")]
+    # The bound may be passed by the active segment and one awaiting its checkpoint.
+    assert sum(p.stat().st_size for p in jfiles) <= 4 * seg
+    vol2 = Volume.open(dd, "v1", segment_bytes=seg, journal_max_bytes=2 * seg)
+    assert vol2.recovery.unclean is True
+    for off, d in expect.items():
+        assert read(vol2, off, len(d)) == d
+    vol2.close()
+
+
+@pytest.mark.xfail(strict=False, reason="Volume._recover calls journal.records(checkpoint_seq "
+                   "+ 1) without checking that the journal still begins at or before that seq: "
+                   "a lost oldest segment silently skips redo records")
+def test_redo_refuses_when_the_journal_no_longer_reaches_the_checkpoint(
+        dd: Path, v1: Path) -> None:
+    seg = 64 * 1024
+    vol = Volume.open(dd, "v1", segment_bytes=seg)
+    for i in range(8):  # 16 KiB records: segments of 3
+        vol.write(pattern(400 + i, 16 * 1024), i * 16 * 1024)
+    crash(vol)
+    segs = sorted(p for p in (v1 / "journal").iterdir() if p.name.endswith(".jnl"))
+    assert len(segs) >= 2
+    # The redo point says "from seq 1", but the oldest segment (seqs 1-3) is gone.
+    st = state(v1)
+    st["checkpoint_seq"] = 0
+    (v1 / "state.json").write_text(json.dumps(st))
+    segs[0].unlink()
+    with pytest.raises(FormatError, match=r"seq 1\b"):
+        Volume.open(dd, "v1", segment_bytes=seg)
