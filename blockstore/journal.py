@@ -101,8 +101,9 @@ class Journal:
         segs.sort(key=lambda s: s.first_seq)
         return segs
 
-    def open(self) -> ScanResult:
-        """Find the segments, check the active one, cut a torn tail; open for append."""
+    def open(self, cut_torn: bool = True) -> ScanResult:
+        """Find the segments, check the active one, cut a torn tail (unless told not
+        to: then it is reported in torn_bytes and left); open for append."""
         self.segments = self._list()
         if not self.segments:
             raise FormatError(f"journal {self.dir}: no segment files")
@@ -114,7 +115,7 @@ class Journal:
         active = self.segments[-1]
         last_seq, end, torn = self._scan_active(active)
         self.fd = os.open(active.path, os.O_RDWR)
-        if torn:
+        if torn and cut_torn:
             os.ftruncate(self.fd, end)
             os.fsync(self.fd)
         self._preallocate()

@@ -357,7 +357,9 @@ class Volume:
         self.store = Store(str(p / "store"), self.size, readonly=self.readonly)
         self.journal = Journal(p / "journal", uuid.UUID(self.info.uuid).bytes,
                                self.info.volume_id, segment_bytes, on_rotate=self._on_rotate)
-        scan = self.journal.open()
+        # A torn tail is expected only after an unclean stop; after a clean one it is
+        # evidence of tampering or disk trouble, left in place for the operator.
+        scan = self.journal.open(cut_torn=not state["clean"] and not self.readonly)
         if self.readonly:
             # Read-only opens (checksums, exports of a stopped volume) change nothing.
             self.recovery = RecoveryReport(not state["clean"], 0, 0, 0, scan.last_seq)
@@ -380,6 +382,11 @@ class Volume:
         """Redo from the checkpoint; record hot extents for resync to peers."""
         assert self.journal is not None and self.store is not None and self.al is not None
         replayed = 0
+        first = self.journal.segments[0].first_seq
+        if self.checkpoint_seq + 1 < first:
+            raise FormatError(
+                f"volume {self.name}: redo must start at seq {self.checkpoint_seq + 1} "
+                f"but the journal begins at seq {first}")
         for hdr, payload in self.journal.records(self.checkpoint_seq + 1):
             self.store.apply(hdr.op, hdr.flags, hdr.offset, hdr.length, payload)
             replayed += 1

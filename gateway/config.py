@@ -275,7 +275,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     """Validate a loaded YAML document into a NodeConfig; raise ConfigError."""
     top = _Section(raw, "", TOP_KEYS)
     version = top.get("version")
-    if version != CONFIG_VERSION:
+    if type(version) is not int or version != CONFIG_VERSION:
         raise ConfigError(f"expected version: {CONFIG_VERSION} at the top of the config")
     node = _Section(top.get("node"), "node", ("name", "data_dir"))
     j = _Section(top.get("journal"), "journal", ("max_bytes", "segment_bytes"))

@@ -653,9 +653,6 @@ def test_journal_stays_bounded_and_redo_still_works(dd: Path, v1: Path) -> None:
     vol2.close()
 
 
-@pytest.mark.xfail(strict=False, reason="Volume._recover calls journal.records(checkpoint_seq "
-                   "+ 1) without checking that the journal still begins at or before that seq: "
-                   "a lost oldest segment silently skips redo records")
 def test_redo_refuses_when_the_journal_no_longer_reaches_the_checkpoint(
         dd: Path, v1: Path) -> None:
     seg = 64 * 1024
