@@ -42,3 +42,18 @@ class JournalCorrupt(FormatError):
             "refusing to serve this volume (inspect it, then run "
             "'nbdgw volume repair' to cut the journal there)"
         )
+
+
+class JournalGap(BlockstoreError):
+    """The records a reader asked for were released from the journal already.
+
+    A peer that falls this far behind is resynced from a dirty-extent map instead.
+    """
+
+    def __init__(self, wanted: int, first_retained: int) -> None:
+        self.wanted = wanted
+        self.first_retained = first_retained
+        super().__init__(
+            f"journal records from seq {wanted} were released "
+            f"(oldest retained is seq {first_retained})"
+        )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .errors import FormatError, JournalCorrupt
+from .errors import FormatError, JournalCorrupt, JournalGap
 from .meta import fsync_dir
 from .record import (
     REC_HEADER_SIZE,
@@ -259,13 +259,6 @@ class Journal:
             os.ftruncate(self.fd, pos)
         self.pos = pos
 
-    def undo_last(self, seq: int, start: int) -> None:
-        """Remove the record ``seq`` just appended at ``start`` (its store write failed)."""
-        if seq != self.next_seq - 1:
-            raise FormatError(f"undo of record {seq} which is not the last")
-        self._cut(start)
-        self.next_seq = seq
-
     def sync(self) -> None:
         """Make every appended record durable (sealed segments first)."""
         while self._unsynced:
@@ -346,3 +339,117 @@ class Journal:
 
 def is_data_op(op: Op) -> bool:
     return op in (Op.WRITE, Op.TRIM, Op.ZERO)
+
+
+class JournalTail:
+    """Follows a journal that another process is appending to (the replication view).
+
+    ``read(from_seq)`` returns the complete records from ``from_seq`` on, as many as fit
+    in ``max_bytes``, and an empty list when nothing new is there yet.  A record that is
+    incomplete at the end of the active segment is "not yet written"; if it stays bad
+    while a valid record follows it, or a sealed segment holds a bad record, that is
+    corruption (JournalCorrupt).  Asking for records already released raises JournalGap.
+    Keeps a cursor, so following the journal costs one read per record.
+    """
+
+    STUCK_SECONDS = 2.0
+
+    def __init__(self, directory: Path, journal_id: bytes) -> None:
+        self.dir = directory
+        self.journal_id = journal_id
+        self._reader = Journal(directory, journal_id)
+        self._seg: Segment | None = None
+        self._fd = -1
+        self._pos = 0
+        self._next = -1
+        self._stuck_at: tuple[int, int] | None = None
+        self._stuck_since = 0.0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _segments(self) -> list[Segment]:
+        return self._reader._list()
+
+    def _open_segment(self, seg: Segment) -> None:
+        self._reader._check_segment_header(seg)
+        self.close()
+        self._fd = os.open(seg.path, os.O_RDONLY)
+        self._seg = seg
+        self._pos = SEG_HEADER_SIZE
+        self._next = seg.first_seq
+
+    def _seek(self, seq: int) -> None:
+        segs = self._segments()
+        if not segs:
+            raise FormatError(f"journal {self.dir}: no segment files")
+        if seq < segs[0].first_seq:
+            raise JournalGap(seq, segs[0].first_seq)
+        seg = [s for s in segs if s.first_seq <= seq][-1]
+        self._open_segment(seg)
+        while self._next < seq:
+            if self._read_one(sealed=seg is not segs[-1]) is None:
+                raise ValueError(f"seq {seq} is beyond the end of journal {self.dir}")
+
+    def _read_one(self, sealed: bool) -> tuple[RecordHeader, bytes] | None:
+        assert self._seg is not None
+        try:
+            hdr, payload = Journal._read_record(self._fd, self._pos, self._next)
+        except FormatError as e:
+            size = os.fstat(self._fd).st_size
+            if self._pos >= size:
+                return None  # clean end of what is written so far
+            if sealed:
+                raise JournalCorrupt(self._seg.path.name, self._pos, str(e)) from None
+            self._check_stuck(size, e)
+            return None
+        self._stuck_at = None
+        self._pos += REC_HEADER_SIZE + hdr.payload_len
+        self._next += 1
+        return hdr, payload
+
+    def _check_stuck(self, size: int, err: FormatError) -> None:
+        """A bad record at the tail is normal for a moment (an append in progress);
+        if it stays bad while a valid record lies after it, it is corruption."""
+        assert self._seg is not None
+        where = (self._seg.first_seq, self._pos)
+        now = time.monotonic()
+        if self._stuck_at != where:
+            self._stuck_at, self._stuck_since = where, now
+            return
+        if now - self._stuck_since >= self.STUCK_SECONDS and Journal._valid_record_after(
+                self._fd, self._pos + 1, size, self._next - 1):
+            raise JournalCorrupt(self._seg.path.name, self._pos, str(err))
+
+    def _from_later_segment(self) -> tuple[RecordHeader, bytes] | None:
+        """At the end of the current segment: the next record, if a later segment
+        exists (the writer creates it only after the last record here was written)."""
+        assert self._seg is not None
+        later = [s for s in self._segments() if s.first_seq > self._seg.first_seq]
+        if not later:
+            return None
+        rec = self._read_one(sealed=True)  # completed while we looked: still this segment
+        if rec is not None:
+            return rec
+        nxt = later[0]
+        if nxt.first_seq != self._next:
+            raise JournalCorrupt(nxt.path.name, 0,
+                                 f"segment begins at seq {nxt.first_seq}, expected {self._next}")
+        self._open_segment(nxt)
+        return self._read_one(sealed=len(later) > 1)
+
+    def read(self, from_seq: int, max_bytes: int = 8 << 20) -> list[tuple[RecordHeader, bytes]]:
+        """Complete records from ``from_seq`` on (at least one if any is there)."""
+        if self._fd < 0 or from_seq != self._next:
+            self._seek(from_seq)
+        out: list[tuple[RecordHeader, bytes]] = []
+        total = 0
+        while total < max_bytes:
+            rec = self._read_one(sealed=False) or self._from_later_segment()
+            if rec is None:
+                break
+            out.append(rec)
+            total += REC_HEADER_SIZE + rec[0].payload_len
+        return out

@@ -396,34 +396,7 @@ def test_trim_to_respects_max_bytes(jdir: Path) -> None:
     j.close()
 
 
-# -- undo and failed appends ---------------------------------------------------------
-
-def test_undo_last_after_failed_store_write(jdir: Path) -> None:
-    j = open_journal(jdir)
-    fill(j, 2)
-    start = j.pos
-    seq = j.append(Op.WRITE, 0, 0, PLEN, b"x" * PLEN)
-    assert seq == 3
-    j.undo_last(seq, start)  # the store write failed: the record must vanish
-    assert (j.pos, j.next_seq) == (start, 3)
-    assert (jdir / segment_name(1)).stat().st_size == start
-    assert j.append(Op.WRITE, 0, 0, PLEN, b"y" * PLEN) == 3
-    assert [d[:1] for _, d in j.records(3)] == [b"y"]
-    j.close()
-    j2 = open_journal(jdir)
-    assert j2.last_seq == 3
-    j2.close()
-
-
-def test_undo_of_a_record_that_is_not_the_last(jdir: Path) -> None:
-    j = open_journal(jdir)
-    fill(j, 2)
-    with pytest.raises(FormatError) as ei:
-        j.undo_last(1, SEG_HEADER_SIZE)
-    assert str(ei.value) == "undo of record 1 which is not the last"
-    assert j.last_seq == 2
-    j.close()
-
+# -- failed appends ---------------------------------------------------------
 
 def test_failed_append_keeps_nothing(jdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     j = open_journal(jdir)
