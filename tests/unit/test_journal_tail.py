@@ -147,8 +147,8 @@ def test_bad_record_that_stays_bad_with_valid_ones_after_is_corruption(tmp_path:
         f.write(b"\x00\x01")
     t = JournalTail(j.dir, JID)
     t.STUCK_SECONDS = 0.0
+    # The first sight of a bad tail record may be an append in progress: no error yet.
     assert seqs(t.read(1)) == [1, 2]
-    assert t.read(3) == [], "first sight of a bad tail record: maybe an append in progress"
     with pytest.raises(JournalCorrupt) as ei:
         t.read(3)
     assert (ei.value.segment, ei.value.offset) == (segment_name(1), off)
