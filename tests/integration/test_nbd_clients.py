@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import nbd
@@ -56,6 +57,11 @@ def recovery(s: Served) -> dict:
     found = [e for e in events if e.get("event") == "volume_recovered"]
     assert len(found) == 1, f"expected one volume_recovered event in:\n{s.stderr()}"
     return found[0]
+
+
+def s_log(s: Served) -> str:
+    """Everything serve wrote to stderr (readable after stop, which closes the log)."""
+    return Path(s.log.name).read_text()
 
 
 def random_ops(rng: random.Random, count: int, size: int) -> list[tuple[int, int]]:
@@ -428,3 +434,30 @@ def test_fio_nbd_engine_verify(data_dir: Path, volume: str, serve) -> None:
     assert s.stop() == 0
     # fio's data really is in the volume: not all zeros any more.
     assert checksum(data_dir, volume) != hashlib.sha256(bytes(VOL_SIZE)).hexdigest()
+
+
+def test_stop_with_idle_client_closes_volume_cleanly(data_dir: Path, volume: str,
+                                                     serve) -> None:
+    """SIGTERM to serve while a client stays connected (a VM, nbdfuse) must still close
+    the volume cleanly and promptly: no SIGKILL of nbdkit, no recovery on the next open."""
+    s: Served = serve()
+    h = s.connect(volume)
+    h.pwrite(b"\x77" * 4096, 0)
+    h.flush()
+    t0 = time.monotonic()
+    rc = s.stop()
+    elapsed = time.monotonic() - t0
+    with pytest.raises(nbd.Error):  # the client was disconnected, not left hanging
+        h.pread(4096, 0)
+    del h
+    assert "nbdkit_kill" not in s_log(s), "serve had to SIGKILL nbdkit"
+    assert rc == 0
+    assert elapsed < 10, f"stop took {elapsed:.1f} s with a client connected"
+
+    s2: Served = serve()
+    assert "volume_recovered" not in s2.stderr(), "the volume was not closed cleanly"
+    h = s2.connect(volume)
+    assert h.pread(4096, 0) == b"\x77" * 4096
+    h.shutdown()
+    del h
+    assert s2.stop() == 0
