@@ -408,7 +408,7 @@ def fio(uri: str, *args: str) -> dict:
     """Run one fio job through its nbd engine; return the job's JSON result."""
     argv = ["fio", "--name=nbdgw", "--ioengine=nbd", f"--uri={uri}", "--size=32M",
             "--bs=4k", "--iodepth=16", "--runtime=30", "--verify=crc32c",
-            "--do_verify=1", "--verify_fatal=1", "--randseed=1234",
+            "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--randseed=1234",
             "--output-format=json", *args]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
     assert p.returncode == 0, f"fio failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr}"
