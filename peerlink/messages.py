@@ -1,0 +1,419 @@
+"""Peerlink messages: a closed set of frozen dataclasses, msgpack-encoded (pure).
+
+A message body is a msgpack array ``[type, field, field, ...]`` with the fields in the
+order of the dataclass.  ``decode()`` checks every field's type and range and raises
+``PeerProtocolError`` naming the field (``Batch.records[3].data: ...``); an unknown type,
+a wrong field count or a stray value is the peer's fault, never silently dropped.
+
+Versioning: ``Hello`` and ``Refuse`` keep their v1 layout in every protocol version, and
+``Hello`` may only grow by appending fields (a decoder ignores fields past the ones it
+knows), so any two versions can read each other's Hello and refuse cleanly with both
+version numbers.  Every other message is exact and may change with ``PROTO_VERSION``.
+See PROTOCOL.md for the handshake.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, NamedTuple, Self, TypeAlias
+
+import msgpack
+
+from blockstore.record import Op
+
+from .auth import NONCE_SIZE, PROOF_SIZE
+from .errors import PeerProtocolError
+
+PROTO_VERSION: Final = 1
+ROLES: Final = ("primary", "secondary", "dr")
+MAX_NAME: Final = 255
+MIN_EXTENT_SHIFT: Final = 12
+MAX_EXTENT_SHIFT: Final = 40
+_U8: Final = 0xFF
+_U32: Final = 0xFFFF_FFFF
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class Generation(NamedTuple):
+    """One entry of a generation history: a random 64-bit id and the seq it began at."""
+
+    gen_id: int
+    start_seq: int
+
+
+class Record(NamedTuple):
+    """One operation in a batch: a (possibly coalesced) journal record."""
+
+    op: Op
+    flags: int  # blockstore.record.Flag bits (MAY_TRIM matters for ZERO)
+    offset: int
+    length: int
+    data: bytes  # WRITE: ``length`` bytes; MARK: the msgpack mark body; else b""
+
+
+# -- field checks: value and field path in, checked value out ------------------------------
+
+def _show(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 40 else f"a {len(v)}-character string"
+    if isinstance(v, bytes):
+        return f"{len(v)} bytes"
+    return type(v).__name__
+
+
+def _bad(field: str, what: str, v: Any) -> PeerProtocolError:
+    return PeerProtocolError(f"{field}: expected {what}, got {_show(v)}")
+
+
+def _uint(v: Any, field: str, top: int = _U64, low: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= top:
+        what = {_U64: "unsigned 64-bit integer", _U32: "unsigned 32-bit integer",
+                _U8: "unsigned 8-bit integer"}.get(top)
+        if what is None:
+            what = f"integer between {low} and {top}"
+        elif low:
+            what = f"{what} >= {low}"
+        raise _bad(field, what, v)
+    return v
+
+
+def _name(v: Any, field: str) -> str:
+    if not isinstance(v, str) or not 1 <= len(v) <= MAX_NAME:
+        raise _bad(field, f"non-empty string of at most {MAX_NAME} characters", v)
+    return v
+
+
+def _str(v: Any, field: str) -> str:
+    if not isinstance(v, str):
+        raise _bad(field, "string", v)
+    return v
+
+
+def _bytes(v: Any, field: str, sizes: tuple[int, ...] = ()) -> bytes:
+    if not isinstance(v, bytes) or (sizes and len(v) not in sizes):
+        what = " or ".join(f"{n} bytes" for n in sizes) if sizes else "bytes"
+        raise _bad(field, what, v)
+    return v
+
+
+def _list(v: Any, field: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise _bad(field, "array", v)
+    return v
+
+
+def _arity(cls: type, f: list[Any], at_least: bool = False) -> None:
+    n = len(fields(cls))
+    if len(f) < n or (len(f) > n and not at_least):
+        raise PeerProtocolError(f"{cls.__name__}: expected {n} fields, got {len(f)}")
+
+
+# -- messages -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    TYPE: ClassVar[int]
+
+    def encode(self) -> bytes:
+        """The message body (frame it with ``frames.encode_frame``)."""
+        out: bytes = msgpack.packb(
+            [self.TYPE, *(getattr(self, f.name) for f in fields(self))], use_bin_type=True)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(_Message):
+    """First message of each side: who I am, what volume, where I stand, my nonce."""
+
+    TYPE: ClassVar[int] = 1
+    proto_version: int
+    node: str
+    volume: str
+    volume_uuid: str
+    volume_size: int
+    role: str  # one of ROLES: this node's role for this volume
+    generations: tuple[Generation, ...]  # oldest first
+    last_applied_seq: int  # sender: newest journal seq; receiver: newest durable batch seq
+    auth_nonce: bytes
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f, at_least=True)  # later versions append fields
+        vuuid = _str(f[3], "Hello.volume_uuid")
+        try:
+            canonical = str(uuid.UUID(vuuid)) == vuuid
+        except ValueError:
+            canonical = False
+        if not canonical:
+            raise _bad("Hello.volume_uuid", "canonical UUID string", vuuid)
+        role = _str(f[5], "Hello.role")
+        if role not in ROLES:
+            raise _bad("Hello.role", " or ".join(ROLES), role)
+        gens: list[Generation] = []
+        for i, g in enumerate(_list(f[6], "Hello.generations")):
+            at = f"Hello.generations[{i}]"
+            pair = _list(g, at)
+            if len(pair) != 2:
+                raise PeerProtocolError(
+                    f"{at}: expected [gen_id, start_seq], got {len(pair)} items")
+            gen = Generation(_uint(pair[0], f"{at}.gen_id"), _uint(pair[1], f"{at}.start_seq"))
+            if gens and gen.start_seq < gens[-1].start_seq:
+                raise PeerProtocolError(
+                    f"{at}.start_seq: {gen.start_seq} is below the previous generation's "
+                    f"start {gens[-1].start_seq} (history must be oldest first)")
+            gens.append(gen)
+        return cls(
+            _uint(f[0], "Hello.proto_version", _U32), _name(f[1], "Hello.node"),
+            _name(f[2], "Hello.volume"), vuuid, _uint(f[4], "Hello.volume_size"), role,
+            tuple(gens), _uint(f[7], "Hello.last_applied_seq"),
+            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HelloOk(_Message):
+    """Accept the peer's Hello: where streaming resumes, and this side's auth proof."""
+
+    TYPE: ClassVar[int] = 2
+    node: str
+    resume_from_seq: int  # first seq of the first Batch (the sender decides, receiver echoes)
+    auth_proof: bytes  # PROOF_SIZE bytes, or empty when no shared secret is configured
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_name(f[0], "HelloOk.node"), _uint(f[1], "HelloOk.resume_from_seq", low=1),
+                   _bytes(f[2], "HelloOk.auth_proof", (0, PROOF_SIZE)))
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse(_Message):
+    """The sender of this will not go on, and says why; the connection then closes."""
+
+    TYPE: ClassVar[int] = 3
+    reason: str
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f, at_least=True)  # layout fixed across versions, like Hello
+        return cls(_str(f[0], "Refuse.reason"))
+
+
+@dataclass(frozen=True, slots=True)
+class Batch(_Message):
+    """Journal records ``first_seq..last_seq`` (coalesced), applied as one unit."""
+
+    TYPE: ClassVar[int] = 4
+    volume: str
+    first_seq: int
+    last_seq: int
+    records: tuple[Record, ...]
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        first = _uint(f[1], "Batch.first_seq", low=1)
+        last = _uint(f[2], "Batch.last_seq", low=1)
+        if last < first:
+            raise PeerProtocolError(f"Batch.last_seq: {last} is below first_seq {first}")
+        return cls(_name(f[0], "Batch.volume"), first, last,
+                   tuple(_record(r, i) for i, r in enumerate(_list(f[3], "Batch.records"))))
+
+
+def _record(r: Any, i: int) -> Record:
+    at = f"Batch.records[{i}]"
+    items = _list(r, at)
+    if len(items) != 5:
+        raise PeerProtocolError(
+            f"{at}: expected [op, flags, offset, length, data], got {len(items)} items")
+    code = _uint(items[0], f"{at}.op", _U8)
+    try:
+        op = Op(code)
+    except ValueError:
+        raise _bad(f"{at}.op", "WRITE, TRIM, ZERO or MARK", code) from None
+    flags = _uint(items[1], f"{at}.flags", _U8)
+    offset = _uint(items[2], f"{at}.offset")
+    length = _uint(items[3], f"{at}.length", _U32)
+    data = _bytes(items[4], f"{at}.data")
+    if op is Op.WRITE and len(data) != length:
+        raise PeerProtocolError(f"{at}.data: WRITE of length {length} carries {len(data)} bytes")
+    if op in (Op.TRIM, Op.ZERO) and data:
+        raise PeerProtocolError(f"{at}.data: {op.name} carries {len(data)} bytes")
+    if op is Op.MARK and (offset or length):
+        raise PeerProtocolError(f"{at}: MARK with offset {offset} and length {length}")
+    return Record(op, flags, offset, length, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(_Message):
+    """The receiver has every batch through ``durable_seq`` committed durably."""
+
+    TYPE: ClassVar[int] = 5
+    volume: str
+    durable_seq: int
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_name(f[0], "Ack.volume"), _uint(f[1], "Ack.durable_seq"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(_Message):
+    """Liveness and round-trip time; ``t`` is the sender's monotonic clock in ns."""
+
+    TYPE: ClassVar[int] = 6
+    t: int
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_uint(f[0], "Ping.t"))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Message):
+    """Answer to Ping, echoing its ``t``."""
+
+    TYPE: ClassVar[int] = 7
+    t: int
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_uint(f[0], "Pong.t"))
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncExtents(_Message):
+    """These extents will be sent whole (ExtentData); the replica is Inconsistent until
+    the matching ResyncDone's seq is applied."""
+
+    TYPE: ClassVar[int] = 8
+    volume: str
+    extent_shift: int
+    extents: tuple[int, ...]  # extent indexes, strictly ascending
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        shift = _uint(f[1], "ResyncExtents.extent_shift", MAX_EXTENT_SHIFT, MIN_EXTENT_SHIFT)
+        extents: list[int] = []
+        for i, v in enumerate(_list(f[2], "ResyncExtents.extents")):
+            e = _uint(v, f"ResyncExtents.extents[{i}]")
+            if extents and e <= extents[-1]:
+                raise PeerProtocolError(
+                    f"ResyncExtents.extents[{i}]: {e} does not follow {extents[-1]} "
+                    "(extents must be strictly ascending)")
+            extents.append(e)
+        return cls(_name(f[0], "ResyncExtents.volume"), shift, tuple(extents))
+
+
+@dataclass(frozen=True, slots=True)
+class ExtentData(_Message):
+    """Current contents of ``offset..offset+length`` during a resync.  Empty ``data``
+    means the range reads as zeros (the receiver punches a hole: sparseness survives)."""
+
+    TYPE: ClassVar[int] = 9
+    volume: str
+    offset: int
+    length: int
+    data: bytes
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        length = _uint(f[2], "ExtentData.length", _U32, 1)
+        data = _bytes(f[3], "ExtentData.data")
+        if data and len(data) != length:
+            raise PeerProtocolError(
+                f"ExtentData.data: {len(data)} bytes for length {length} (empty means zeros)")
+        return cls(_name(f[0], "ExtentData.volume"), _uint(f[1], "ExtentData.offset"),
+                   length, data)
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncDone(_Message):
+    """Every announced extent was sent; the replica becomes Consistent once it has
+    applied batches through ``seq`` (the journal position when the last extent was read)."""
+
+    TYPE: ClassVar[int] = 10
+    volume: str
+    seq: int
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_name(f[0], "ResyncDone.volume"), _uint(f[1], "ResyncDone.seq"))
+
+
+Message: TypeAlias = (Hello | HelloOk | Refuse | Batch | Ack | Ping | Pong | ResyncExtents
+                      | ExtentData | ResyncDone)
+_BY_TYPE: Final[dict[int, type[Message]]] = {
+    c.TYPE: c for c in (Hello, HelloOk, Refuse, Batch, Ack, Ping, Pong, ResyncExtents,
+                        ExtentData, ResyncDone)
+}
+
+
+def decode(body: bytes) -> Message:
+    """Decode and check one message body; raise PeerProtocolError naming what is wrong."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise PeerProtocolError(f"message body is not valid msgpack ({e})") from None
+    if not isinstance(obj, list) or not obj:
+        raise _bad("message", "non-empty array", obj)
+    code = _uint(obj[0], "message type", _U8)
+    cls = _BY_TYPE.get(code)
+    if cls is None:
+        raise PeerProtocolError(f"unknown message type {code}")
+    return cls._decode(obj[1:])
+
+
+# -- handshake decisions ----------------------------------------------------------------------
+
+def check_hello(local: Hello, remote: Hello) -> Refuse | None:
+    """Return the Refuse to send when ``remote``'s Hello does not fit ``local``'s, else None.
+
+    Checks identity only (version, names, volume uuid and size, two primaries).  Which
+    side is the sync source, and from where, is decided from the generation histories
+    (contract 5) by the caller once this passes.
+    """
+    v = local.volume
+    if remote.proto_version != local.proto_version:
+        return Refuse(
+            f"protocol version mismatch: peer {remote.node!r} speaks version "
+            f"{remote.proto_version}, this node ({local.node!r}) speaks version "
+            f"{local.proto_version}")
+    if remote.node == local.node:
+        return Refuse(f"peer uses this node's own name {local.node!r} (a loop, or a copied "
+                      "config)")
+    if remote.volume_uuid != local.volume_uuid:
+        return Refuse(
+            f"volume {v!r}: uuid mismatch (this node {local.volume_uuid}, peer "
+            f"{remote.node!r} {remote.volume_uuid}): a different volume")
+    if remote.volume_size != local.volume_size:
+        return Refuse(
+            f"volume {v!r}: size mismatch (this node {local.volume_size} bytes, peer "
+            f"{remote.node!r} {remote.volume_size} bytes)")
+    if remote.role == local.role == "primary":
+        return Refuse(
+            f"volume {v!r}: both {local.node!r} and {remote.node!r} are primary (split "
+            "brain); refusing to replicate either way")
+    return None
+
+
+def check_resume(applied_seq: int, resume_from_seq: int) -> Refuse | None:
+    """Receiver side: refuse a resume point that would re-apply committed batches.
+
+    A resume point past ``applied_seq + 1`` is legal only after a resync (the sender no
+    longer holds the journal in between); the receiver is Inconsistent until then.
+    """
+    if resume_from_seq <= applied_seq:
+        return Refuse(
+            f"resume from seq {resume_from_seq} would re-apply records this replica "
+            f"already has (applied through seq {applied_seq})")
+    return None
