@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ipaddress
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -60,7 +63,64 @@ def precheck_volumes(cfg: NodeConfig, names: list[str] | None) -> PrecheckResult
     return PrecheckResult(served, failed)
 
 
-def bind(listen: Listen) -> socket.socket:
+# Classic BPF (linux/filter.h) for the client allow-list.  Debian's nbdkit 1.32 ip
+# filter is built without inet_pton and rejects every address rule, so the kernel
+# filters instead: a socket filter on a TCP listener drops SYNs from other sources.
+_SKF_NET_OFF = -0x100000
+_BPF_LD_W_ABS, _BPF_LD_B_ABS, _BPF_ALU_AND_K, _BPF_ALU_RSH_K = 0x20, 0x30, 0x54, 0x74
+_BPF_JEQ_K, _BPF_RET_K = 0x15, 0x06
+_SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h; the socket module lacks it
+
+
+def _ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+
+def allow_filter(cidrs: tuple[str, ...]) -> list[bytes]:
+    """A cBPF program that accepts packets whose IPv4/IPv6 source is in ``cidrs``.
+
+    Built as (code, k, jt-label, jf-label) with labels resolved at the end; each network
+    is one block that jumps to ACCEPT on a match and falls through to the next block.
+    """
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    ACCEPT, DROP = "accept", "drop"
+    prog: list[tuple[int, int, str | None, str | None]] = []
+    labels: dict[str, int] = {}
+    prog += [(_BPF_LD_B_ABS, _SKF_NET_OFF, None, None), (_BPF_ALU_RSH_K, 4, None, None),
+             (_BPF_JEQ_K, 4, None, "v6")]
+    for version, label in ((4, "v4"), (6, "v6")):
+        labels[label] = len(prog)
+        for i, n in enumerate(x for x in nets if x.version == version):
+            nxt = f"{label}-{i + 1}"
+            src, width = (12, 1) if version == 4 else (8, 4)
+            words = struct.unpack(f"!{width}I", n.network_address.packed)
+            masks = struct.unpack(f"!{width}I", n.netmask.packed)
+            for w in range(width):
+                prog += [(_BPF_LD_W_ABS, _SKF_NET_OFF + src + 4 * w, None, None),
+                         (_BPF_ALU_AND_K, masks[w], None, None),
+                         (_BPF_JEQ_K, words[w], ACCEPT if w == width - 1 else None, nxt)]
+            labels[nxt] = len(prog)
+        prog.append((_BPF_RET_K, 0, None, None))  # no network matched
+    labels[DROP] = len(prog) - 1
+    labels[ACCEPT] = len(prog)
+    prog.append((_BPF_RET_K, 0xFFFFFFFF, None, None))
+    out = []
+    for pc, (code, k, jt, jf) in enumerate(prog):
+        rel = [labels[x] - pc - 1 if x else 0 for x in (jt, jf)]
+        if any(not 0 <= r <= 255 for r in rel):
+            raise GatewayError(f"allow-list too long for one filter ({len(nets)} entries)")
+        out.append(_ins(code, k, *rel))
+    return out
+
+
+def attach_allow_filter(s: socket.socket, cidrs: tuple[str, ...]) -> None:
+    prog = b"".join(allow_filter(cidrs))
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
+    s.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def bind(listen: Listen, allow: tuple[str, ...] = ()) -> socket.socket:
     if listen.kind == "unix":
         path = Path(listen.path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +134,8 @@ def bind(listen: Listen) -> socket.socket:
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((listen.host, listen.port))
+        if allow:
+            attach_allow_filter(s, allow)
     s.listen(128)
     return s
 
@@ -104,17 +166,40 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
             argv.append(f"--tls-certificates={tls.certificates_dir}")
         if tls.verify_peer:
             argv.append("--tls-verify-peer")
-    if cfg.nbd.allow:
-        argv.append("--filter=ip")
     if all_readonly:
         argv.append("-r")
     argv += ["python", str(PLUGIN_PATH), f"data_dir={cfg.data_dir}",
              f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}"]
     argv += [f"volume={v}" for v in volumes]
     argv += [f"readonly={v.name}" for v in cfg.volumes if v.read_only]
-    if cfg.nbd.allow:
-        argv += [f"allow={','.join(cfg.nbd.allow)}", "deny=all"]
     return argv
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_pidfd_getfd = 438
+
+
+def disconnect_clients(pid: int) -> int:
+    """shutdown(2) every connected socket of process ``pid`` (our nbdkit child)."""
+    count = 0
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue
+            fd = _libc.syscall(_SYS_pidfd_getfd, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            with socket.socket(fileno=fd) as s:
+                if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    s.shutdown(socket.SHUT_RDWR)
+                    count += 1
+    finally:
+        os.close(pidfd)
+    return count
 
 
 class NbdServer:
@@ -128,7 +213,7 @@ class NbdServer:
         self.addresses: list[Listen] = []
 
     def start(self) -> None:
-        socks = [bind(x) for x in self.cfg.nbd.listen]
+        socks = [bind(x, self.cfg.nbd.allow) for x in self.cfg.nbd.listen]
         self.addresses = [bound_address(x, s) for x, s in zip(self.cfg.nbd.listen, socks,
                                                                strict=True)]
         fds = [s.fileno() for s in socks]
@@ -149,7 +234,14 @@ class NbdServer:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                # nbdkit answers requests with ESHUTDOWN after SIGTERM but only exits
+                # (and runs the plugin's cleanup) once every client has disconnected.
+                try:
+                    self.proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    n = disconnect_clients(self.proc.pid)
+                    log.warning("nbdkit_clients_disconnected", clients=n)
+                    self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.error("nbdkit_kill", reason=f"no exit {timeout} s after SIGTERM")
                 self.proc.kill()
@@ -160,29 +252,36 @@ class NbdServer:
         return self.proc.returncode
 
     def wait_ready(self, timeout: float = 15) -> None:
-        """Return once nbdkit answers on its first address (or raise if it died)."""
+        """Return once nbdkit answers (or raise if it died).
+
+        Probes a unix address if there is one (the allow-list filters TCP only);
+        without one, or when TLS is required (no client key here), it can only check
+        that nbdkit stays up: the sockets are bound already, so clients queue meanwhile.
+        """
         deadline = time.monotonic() + timeout
         import nbd  # python3-libnbd, through --system-site-packages
 
+        unix = [a for a in self.addresses if a.kind == "unix"]
+        tcp = [a for a in self.addresses if a.kind == "tcp"]
+        can_probe = self.cfg.nbd.tls.mode is not TlsMode.REQUIRE and (
+            unix or not self.cfg.nbd.allow)
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise GatewayError(f"nbdkit exited with status {self.proc.returncode}")
+            if not can_probe:
+                time.sleep(0.3)
+                if self.proc is not None and self.proc.poll() is None:
+                    return
+                continue
             h = nbd.NBD()
             try:
                 h.set_opt_mode(True)
-                a = self.addresses[0]
-                if self.cfg.nbd.tls.mode is TlsMode.REQUIRE or self.cfg.nbd.allow:
-                    # Cannot probe without the client's key or address; the sockets are
-                    # bound already, so clients queue until nbdkit accepts them.
-                    time.sleep(0.3)
-                    if self.proc is not None and self.proc.poll() is not None:
-                        continue
-                    return
-                if a.kind == "unix":
-                    h.connect_unix(a.path)
+                if unix:
+                    h.connect_unix(unix[0].path)
                 else:
-                    h.connect_tcp(a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1",
-                                  str(a.port))
+                    a = tcp[0]
+                    host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+                    h.connect_tcp(host, str(a.port))
                 h.opt_abort()
                 return
             except nbd.Error:
