@@ -363,7 +363,8 @@ def decode(body: bytes) -> Message:
     try:
         obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise PeerProtocolError(f"message body is not valid msgpack ({e})") from None
+        detail = str(e) or type(e).__name__
+        raise PeerProtocolError(f"message body is not valid msgpack ({detail})") from None
     if not isinstance(obj, list) or not obj:
         raise _bad("message", "non-empty array", obj)
     code = _uint(obj[0], "message type", _U8)
