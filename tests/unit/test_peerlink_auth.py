@@ -5,6 +5,8 @@ from the pure pieces (frames, messages, checks, proofs) without a socket.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from peerlink.auth import (
@@ -73,7 +75,7 @@ def test_reflected_proof_fails() -> None:
 def test_tampered_transcript_fails(field: str) -> None:
     """A proof is bound to every transcript field: another nonce (a replay on a new
     connection), node name or version makes it fail."""
-    other = {"proto_version": 2, "sender": "dc9", "receiver": "dr1",
+    other: dict[str, Any] = {"proto_version": 2, "sender": "dc9", "receiver": "dr1",
              "sender_nonce": b"S" * NONCE_SIZE, "receiver_nonce": b"R" * NONCE_SIZE}
     tampered = T._replace(**{field: other[field]})
     p = proof(SECRET, Prover.SENDER, tampered)

@@ -285,7 +285,10 @@ def test_batches_from_a_real_journal_across_segments(tmp_path: Path) -> None:
     assert len(built) >= 3
     buf = bytearray(b"\xee" * VOL)
     for batch, _ in built:
-        apply_batch_to(buf, decode(batch.encode()))  # through the wire codec
+        got = decode(batch.encode())  # through the wire codec
+        assert got == batch
+        assert isinstance(got, Batch)
+        apply_batch_to(buf, got)
         assert buf == replay(records, batch.last_seq)
     assert built[-1][0].last_seq == 200
 

@@ -4,6 +4,7 @@ every refusal with its exact message (a peer's fault must say precisely what was
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import time
@@ -489,11 +490,9 @@ def test_batch_refusals() -> None:
 
 
 def replica(**kw: Any) -> Hello:
-    base = dict(proto_version=PROTO_VERSION, node="dc2", volume="v1", volume_uuid=UUID,
-                volume_size=64 << 20, role="secondary", generations=(Generation(7, 1),),
-                last_applied_seq=100, auth_nonce=bytes(range(32)))
-    base.update(kw)
-    return Hello(**base)
+    base = Hello(PROTO_VERSION, "dc2", "v1", UUID, 64 << 20, "secondary", (Generation(7, 1),),
+                 100, bytes(range(32)))
+    return dataclasses.replace(base, **kw)
 
 
 def test_check_hello_accepts_a_matching_peer() -> None:
