@@ -312,6 +312,34 @@ class Journal:
             finally:
                 os.close(fd)
 
+    def truncate_after(self, seq: int) -> int:
+        """Drop every record after ``seq`` (a replica's uncommitted tail); return the
+        number of records dropped.  Only while opened, before any append."""
+        if seq >= self.last_seq:
+            return 0
+        dropped = self.last_seq - seq
+        keep = [s for s in self.segments if s.first_seq <= seq + 1]
+        for seg in self.segments[len(keep):]:
+            seg.path.unlink()
+        seg = keep[-1]
+        fd = os.open(seg.path, os.O_RDWR)
+        pos, cur = SEG_HEADER_SIZE, seg.first_seq
+        while cur <= seq:
+            hdr, _ = self._read_record(fd, pos, cur)
+            pos += REC_HEADER_SIZE + hdr.payload_len
+            cur += 1
+        os.ftruncate(fd, pos)
+        os.fsync(fd)
+        for old in self._unsynced:
+            os.close(old)
+        self._unsynced.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.pos, self.next_seq, self.segments = fd, pos, seq + 1, keep
+        self._preallocate()
+        fsync_dir(self.dir)
+        return dropped
+
     def retained_bytes(self) -> int:
         return sum(s.path.stat().st_size for s in self.segments[:-1]) + self.pos
 

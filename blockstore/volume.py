@@ -52,7 +52,7 @@ from .errors import (
 )
 from .journal import DEFAULT_SEGMENT_BYTES, Journal
 from .meta import fsync_dir, read_json, write_json
-from .record import Flag, Op
+from .record import Flag, Op, RecordHeader
 from .store import Store
 
 VOLUME_VERSION = 1
@@ -62,6 +62,7 @@ SIZE_ALIGN = 4096
 MAX_SIZE = 1 << 50  # 1 PiB
 DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
 DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
+COMMIT_EVENT = "peerlink-commit"  # MARK body event closing a replicated batch
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -121,9 +122,10 @@ class VolumeInfo:
                    meta["extent_shift"], meta["created"], path)
 
 
-def create_volume(data_dir: Path, name: str, size: int) -> VolumeInfo:
+def create_volume(data_dir: Path, name: str, size: int, replica: bool = False) -> VolumeInfo:
     """Create an empty volume: sparse store, empty journal, metadata.  Crash-safe:
-    the volume is built in a hidden directory and renamed into place last."""
+    the volume is built in a hidden directory and renamed into place last.  A replica
+    starts Inconsistent: it cannot be served or promoted until its initial sync ends."""
     validate_name(name)
     vdir = volumes_dir(data_dir)
     vdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +148,8 @@ def create_volume(data_dir: Path, name: str, size: int) -> VolumeInfo:
     Journal.create(tmp / "journal", uid.bytes)
     write_json(tmp / "volume.json", meta)
     write_json(tmp / "state.json", {"kind": "state", "version": STATE_VERSION, "clean": True,
-                                    "checkpoint_seq": 0, "last_seq": 0})
+                                    "checkpoint_seq": 0, "last_seq": 0, "replica": replica,
+                                    "inconsistent": replica, "upstream_seq": 0})
     (tmp / "lock").touch()
     fsync_dir(tmp)
     try:
@@ -354,6 +357,10 @@ class Volume:
         p = self.info.path
         state = read_json(self._state_path(), "state", STATE_VERSION)
         self.checkpoint_seq = int(state["checkpoint_seq"])
+        # Replica keys (absent in files written before replication existed).
+        self.replica = bool(state.get("replica", False))
+        self.inconsistent = bool(state.get("inconsistent", False))
+        self.upstream_seq = int(state.get("upstream_seq", 0))
         self.store = Store(str(p / "store"), self.size, readonly=self.readonly)
         self.journal = Journal(p / "journal", uuid.UUID(self.info.uuid).bytes,
                                self.info.volume_id, segment_bytes, on_rotate=self._on_rotate)
@@ -379,7 +386,10 @@ class Volume:
         self.checkpointer = Checkpointer(self)
 
     def _recover(self, torn: int) -> RecoveryReport:
-        """Redo from the checkpoint; record hot extents for resync to peers."""
+        """Redo from the checkpoint; record hot extents for resync to peers.
+
+        A replica redoes only through its last commit MARK: records after it are a batch
+        torn before its commit, never applied to the store, and are cut."""
         assert self.journal is not None and self.store is not None and self.al is not None
         replayed = 0
         first = self.journal.segments[0].first_seq
@@ -387,9 +397,26 @@ class Volume:
             raise FormatError(
                 f"volume {self.name}: redo must start at seq {self.checkpoint_seq + 1} "
                 f"but the journal begins at seq {first}")
+        pending: list[tuple[RecordHeader, bytes]] = []
+        committed_seq = self.checkpoint_seq
         for hdr, payload in self.journal.records(self.checkpoint_seq + 1):
-            self.store.apply(hdr.op, hdr.flags, hdr.offset, hdr.length, payload)
-            replayed += 1
+            if self.replica:
+                pending.append((hdr, payload))
+                if hdr.op is not Op.MARK:
+                    continue
+                body = msgpack.unpackb(payload)
+                if body.get("event") != COMMIT_EVENT:
+                    continue
+                self.upstream_seq = int(body["last_seq"])
+                committed_seq = hdr.seq
+                batch, pending = pending, []
+            else:
+                batch = [(hdr, payload)]
+            for h, p in batch:
+                self.store.apply(h.op, h.flags, h.offset, h.length, p)
+                replayed += 1
+        if self.replica:
+            torn += self.journal.truncate_after(committed_seq)
         hot = self.al.extents()
         self.add_resync(hot, reason="unclean shutdown")
         self.store.sync()
@@ -405,6 +432,8 @@ class Volume:
             write_json(self._state_path(), {
                 "kind": "state", "version": STATE_VERSION, "clean": clean,
                 "checkpoint_seq": self.checkpoint_seq, "last_seq": self.journal.last_seq,
+                "replica": self.replica, "inconsistent": self.inconsistent,
+                "upstream_seq": self.upstream_seq,
             })
 
     # -- resync bookkeeping ----------------------------------------------------
@@ -452,7 +481,11 @@ class Volume:
         self._check_range(offset, length)
         self._activate(offset, length)
         assert self.journal is not None and self.store is not None
-        self.store.pwrite(buf, offset)  # fails first (ENOSPC): nothing journaled
+        try:
+            self.store.pwrite(buf, offset)  # fails first (ENOSPC): nothing journaled
+        except OSError as e:
+            self._unjournaled(offset, length, e)  # a short write may have changed part
+            raise
         try:
             seq = self.journal.append(Op.WRITE, Flag.FUA if fua else 0, offset, length, buf)
         except OSError as e:
@@ -467,7 +500,11 @@ class Volume:
         self._check_range(offset, length)
         self._activate(offset, length)
         assert self.journal is not None and self.store is not None
-        self.store.apply(op, Flag(flags), offset, length, b"")
+        try:
+            self.store.apply(op, Flag(flags), offset, length, b"")
+        except OSError as e:
+            self._unjournaled(offset, length, e)  # a partial punch or zero changed part
+            raise
         try:
             seq = self.journal.append(op, flags, offset, length)
         except OSError as e:
@@ -478,8 +515,9 @@ class Volume:
         return seq
 
     def _unjournaled(self, offset: int, length: int, err: OSError) -> None:
-        """The store took a change the journal could not record (the client gets the
-        error): the peers must be sent those extents again.  Remembered in memory at
+        """The store may hold a change the journal does not (a failed or short store
+        write, or a journal append that failed after it; the client gets the error):
+        the peers must be sent those extents again.  Remembered in memory at
         once and persisted when possible; close() refuses to call the volume clean
         while any is unpersisted, so a crash still resyncs them (they are hot)."""
         e0, e1 = offset >> self.shift, (offset + length - 1) >> self.shift
@@ -487,6 +525,42 @@ class Volume:
         with contextlib.suppress(OSError):
             self.add_resync(sorted(self.diverged), f"journal append failed: {err.strerror}")
             self.diverged.clear()
+
+    def apply_batch(self, first_seq: int, last_seq: int,
+                    records: list[tuple[int, int, int, int, bytes]],
+                    meta: dict[str, Any] | None = None) -> int:
+        """Replica: apply one upstream batch atomically; return the durable upstream seq.
+
+        The batch's records go to this replica's own journal, then a commit MARK, then
+        one fdatasync: from there the batch is committed (redo finishes it after any
+        crash) and may be acknowledged.  Only then is the store written.  Records are
+        (op, flags, offset, length, data); MARK records are journaled, not applied.
+        """
+        if not self.replica:
+            raise InvalidArgument(f"volume {self.name} is not a replica")
+        if first_seq != self.upstream_seq + 1 or last_seq < first_seq:
+            raise InvalidArgument(
+                f"volume {self.name}: batch {first_seq}..{last_seq} does not follow "
+                f"applied seq {self.upstream_seq}")
+        assert self.journal is not None and self.store is not None
+        for op, _flags, offset, length, _data in records:
+            if op != Op.MARK:
+                self._check_range(offset, length)
+                self._activate(offset, length)
+        for op, flags, offset, length, data in records:
+            self.journal.append(op, flags, offset, length, data)
+        self.mark({**(meta or {}), "event": COMMIT_EVENT, "first_seq": first_seq,
+                   "last_seq": last_seq})
+        self.journal.sync()
+        self.upstream_seq = last_seq
+        for op, flags, offset, length, data in records:
+            self.store.apply(Op(op), Flag(flags), offset, length, data)
+        return last_seq
+
+    def set_consistent(self, consistent: bool) -> None:
+        """Replica: mark the end (or a restart) of an initial sync, durably."""
+        self.inconsistent = not consistent
+        self._write_state(clean=False)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> int:
         return self._range_op(Op.TRIM, Flag.FUA if fua else 0, offset, length)
@@ -565,8 +639,10 @@ class Volume:
                     self.diverged.clear()
                 self._make_durable()
                 self.checkpoint_seq = self.journal.last_seq
-                self.al.clear()
+                # State first: if writing it fails (a full disk) the activity log still
+                # names the hot extents for the unclean open that follows.
                 self._write_state(clean=True)
+                self.al.clear()
         finally:
             self._close_files()
             self.lock.release()

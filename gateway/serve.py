@@ -169,7 +169,8 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
     if all_readonly:
         argv.append("-r")
     argv += ["python", str(PLUGIN_PATH), f"data_dir={cfg.data_dir}",
-             f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}"]
+             f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}",
+             f"segment_bytes={cfg.journal.segment_bytes}"]
     argv += [f"volume={v}" for v in volumes]
     argv += [f"readonly={v.name}" for v in cfg.volumes if v.read_only]
     return argv

@@ -17,6 +17,7 @@ from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.volume import (
     DEFAULT_AL_SLOTS,
     DEFAULT_JOURNAL_MAX_BYTES,
+    DEFAULT_SEGMENT_BYTES,
     Volume,
     list_volumes,
     parse_size,
@@ -39,9 +40,11 @@ class Params:
     readonly: set[str] = field(default_factory=set)
     al_slots: int = DEFAULT_AL_SLOTS
     journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
     all_readonly: bool = False
 
-    KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "all_readonly")
+    KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
+            "all_readonly")
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -57,6 +60,8 @@ class Params:
                     raise PluginError("expected integer >= 1 for al_slots")
             elif key == "journal_max_bytes":
                 self.journal_max_bytes = parse_size(value)
+            elif key == "segment_bytes":
+                self.segment_bytes = parse_size(value)
             elif key == "all_readonly":
                 self.all_readonly = value.lower() in ("1", "true", "yes", "on")
             else:
@@ -92,7 +97,8 @@ class Server:
             try:
                 vol = Volume.open(params.data_dir, name, readonly=ro,
                                   al_slots=params.al_slots,
-                                  journal_max_bytes=params.journal_max_bytes)
+                                  journal_max_bytes=params.journal_max_bytes,
+                                  segment_bytes=params.segment_bytes)
             except (BlockstoreError, OSError) as e:
                 self.failed[name] = str(e)
                 log.error("volume_not_served", volume=name, error=str(e))

@@ -93,11 +93,8 @@ def refused(p: subprocess.CompletedProcess[str], message: str) -> None:
 @pytest.mark.root
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fs_size", [
-    "24m",
-    # Volume.write/_range_op mark a range for resync only when the journal append fails,
-    # not when the store write itself fails after a short write changed part of it.
-    pytest.param("23m", marks=pytest.mark.xfail(
-        strict=True, reason="a store write that fails part way is not marked for resync")),
+    "24m",  # the journal append is what fails
+    "23m",  # the store write fails part way (a short write changed part of the range)
 ])
 def test_full_disk_is_enospc_and_the_journal_stays_valid(data_dir, serve, fs_size):
     """A 64 MiB volume on a ~24 MiB file system: 1 MiB writes until the client gets ENOSPC.

@@ -38,13 +38,6 @@ from blockstore.record import (
 )
 from tests.conftest import Served, run_nbdgw
 
-# `nbdgw serve` passes journal.max_bytes to the nbdkit plugin but not journal.segment_bytes,
-# so served volumes always use 64 MiB segments (gateway/serve.py nbdkit_argv, and
-# nbd_plugin/server.py Params has no such key).  The tests below that need small segments
-# fail until it does; strict, so that the fix turns them into errors until the mark goes.
-SEGMENT_BYTES_NOT_PASSED = pytest.mark.xfail(
-    strict=True, reason="nbdgw serve does not pass journal.segment_bytes to the plugin")
-
 MiB = 1 << 20
 VOL_SIZE = 64 * MiB
 EXTENT_SHIFT = 22
@@ -429,7 +422,6 @@ def test_corrupt_record_in_the_middle_is_refused_until_repair(data_dir, volume, 
     assert read_state(data_dir)["clean"] is True
 
 
-@SEGMENT_BYTES_NOT_PASSED
 @pytest.mark.timeout(90)
 def test_corrupt_record_in_sealed_segment_found_by_redo(data_dir, volume, serve, tmp_path):
     """With 1 MiB segments, a bad record in a sealed segment is refused when redo reads it.
@@ -481,7 +473,6 @@ def test_corrupt_record_in_sealed_segment_found_by_redo(data_dir, volume, serve,
     assert read_resync(data_dir)["full"] is True
 
 
-@SEGMENT_BYTES_NOT_PASSED
 @pytest.mark.timeout(90)
 def test_journal_retention_cap(data_dir, volume, serve, tmp_path):
     """segment_bytes 1M, max_bytes 4M: 20 MiB of writes never keep more than 4 MiB plus

@@ -145,7 +145,8 @@ def test_create_lays_out_the_volume(dd: Path) -> None:
     assert st.st_blocks == 0, "the store starts sparse"
     assert os.listdir(vdir / "journal") == ["seg-0000000000000001.jnl"]
     assert state(vdir) == {"kind": "state", "version": 1, "clean": True,
-                           "checkpoint_seq": 0, "last_seq": 0}
+                           "checkpoint_seq": 0, "last_seq": 0, "replica": False,
+                           "inconsistent": False, "upstream_seq": 0}
     meta = json.loads((vdir / "volume.json").read_text())
     assert (meta["kind"], meta["version"], meta["uuid"]) == ("volume", 1, info.uuid)
     assert [p.name for p in (dd / "volumes").iterdir()] == ["v1"], "no leftover temp dir"
@@ -282,7 +283,8 @@ def test_close_is_clean_and_reopen_sees_the_data(dd: Path, v1: Path) -> None:
     vol.close()
     vol.close()  # a second close is harmless
     assert state(v1) == {"kind": "state", "version": 1, "clean": True,
-                         "checkpoint_seq": 2, "last_seq": 2}
+                         "checkpoint_seq": 2, "last_seq": 2, "replica": False,
+                         "inconsistent": False, "upstream_seq": 0}
     assert (v1 / "lock").read_text() == ""
     al = ActivityLog(str(v1 / "al"), 8, lambda: None)
     assert al.extents() == [], "a clean close empties the activity log"
