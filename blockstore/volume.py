@@ -337,6 +337,7 @@ class Volume:
         self.checkpointer: Checkpointer | None = None
         self.state_lock = threading.Lock()
         self.diverged: set[int] = set()  # extents changed but not journaled (see write)
+        self.applied_seq = 0  # replica: local seq of the last commit applied to the store
         try:
             self._open(al_slots, segment_bytes)
         except BaseException:
@@ -382,6 +383,7 @@ class Volume:
             self.recovery = RecoveryReport(False, 0, 0, 0, scan.last_seq)
         else:
             self.recovery = self._recover(scan.torn_bytes)
+        self.applied_seq = self.journal.last_seq  # nothing uncommitted survives opening
         self._write_state(clean=False)
         self.checkpointer = Checkpointer(self)
 
@@ -423,6 +425,7 @@ class Volume:
         self.mark({"event": "recovered", "hot_extents": hot, "extent_shift": self.shift,
                    "torn_bytes": torn, "replayed": replayed})
         self.journal.sync()
+        self.applied_seq = self.journal.last_seq  # all that is left is in the store
         self.checkpoint()
         return RecoveryReport(True, torn, replayed, len(hot), self.journal.last_seq)
 
@@ -547,14 +550,22 @@ class Volume:
             if op != Op.MARK:
                 self._check_range(offset, length)
                 self._activate(offset, length)
-        for op, flags, offset, length, data in records:
-            self.journal.append(op, flags, offset, length, data)
-        self.mark({**(meta or {}), "event": COMMIT_EVENT, "first_seq": first_seq,
-                   "last_seq": last_seq})
-        self.journal.sync()
+        before = self.journal.last_seq
+        try:
+            for op, flags, offset, length, data in records:
+                self.journal.append(op, flags, offset, length, data)
+            commit = self.mark({**(meta or {}), "event": COMMIT_EVENT,
+                                "first_seq": first_seq, "last_seq": last_seq})
+            self.journal.sync()
+        except OSError:
+            # Not committed: take the partial batch back out, so that the next commit
+            # cannot cover it.  (A crash here has the same effect through recovery.)
+            self.journal.truncate_after(before)
+            raise
         self.upstream_seq = last_seq
         for op, flags, offset, length, data in records:
             self.store.apply(Op(op), Flag(flags), offset, length, data)
+        self.applied_seq = commit
         return last_seq
 
     def set_consistent(self, consistent: bool) -> None:
@@ -591,13 +602,19 @@ class Volume:
         self.journal.sync()
         self.store.sync()
 
+    def _applied(self) -> int:
+        """Last local journal seq whose effect is in the store: every record on a
+        primary; on a replica, the last commit MARK of a batch applied to the store."""
+        assert self.journal is not None
+        return self.applied_seq if self.replica else self.journal.last_seq
+
     def _on_rotate(self) -> None:
         """Journal segment full: checkpoint in the background, release old segments."""
         assert self.journal is not None
         if self.checkpointer is None:
             self.checkpoint()
             return
-        self.checkpointer.request(self.journal.last_seq)
+        self.checkpointer.request(self._applied())
         self.journal.trim_to(self.journal_max_bytes, self.checkpoint_seq + 1)
 
     def checkpoint_through(self, seq: int) -> None:
@@ -609,10 +626,10 @@ class Volume:
         self._write_state(clean=False)
 
     def checkpoint(self) -> None:
-        """Store durable through the last record: redo may start after it."""
+        """Store durable through the last applied record: redo may start after it."""
         assert self.store is not None and self.journal is not None
         self._make_durable()
-        self.checkpoint_seq = self.journal.last_seq
+        self.checkpoint_seq = self._applied()
         self._write_state(clean=False)
         self.journal.trim_to(self.journal_max_bytes, self.checkpoint_seq + 1)
 
@@ -638,7 +655,7 @@ class Volume:
                     self.add_resync(sorted(self.diverged), "journal append failed")
                     self.diverged.clear()
                 self._make_durable()
-                self.checkpoint_seq = self.journal.last_seq
+                self.checkpoint_seq = self._applied()
                 # State first: if writing it fails (a full disk) the activity log still
                 # names the hot extents for the unclean open that follows.
                 self._write_state(clean=True)
