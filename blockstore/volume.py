@@ -233,6 +233,11 @@ def add_resync(info: VolumeInfo, extents: list[int], reason: str, full: bool = F
     write_json(info.path / "resync.json", cur)
 
 
+def is_replica(info: VolumeInfo) -> bool:
+    """Is this volume a replica (written only by peerlink, never served read-write)?"""
+    return bool(read_json(info.path / "state.json", "state", STATE_VERSION).get("replica"))
+
+
 def volume_status(info: VolumeInfo) -> dict[str, Any]:
     """What an operator wants to see of a volume without opening it."""
     state = read_json(info.path / "state.json", "state", STATE_VERSION)
@@ -247,6 +252,9 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
     return {
         "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use,
         "clean": bool(state["clean"]), "last_seq": int(state["last_seq"]),
+        "role": "replica" if state.get("replica") else "primary",
+        "inconsistent": bool(state.get("inconsistent", False)),
+        "upstream_seq": int(state.get("upstream_seq", 0)),
         "journal_bytes": sum(p.stat().st_size for p in segs), "journal_segments": len(segs),
         "resync_extents": len(resync["extents"]), "resync_full": bool(resync["full"]),
         "allocated_bytes": (info.path / "store").stat().st_blocks * 512,

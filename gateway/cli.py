@@ -103,9 +103,12 @@ def volume() -> None:
 @volume.command("create")
 @click.argument("name")
 @click.option("--size", default=None, help="Size, e.g. 10G, 512M (default: from the config).")
+@click.option("--replica", is_flag=True,
+              help="Create a replica (Inconsistent until its initial sync; not servable).")
 @data_dir_opt
 @click.pass_obj
-def volume_create(obj: Ctx, name: str, size: str | None, data_dir: Path | None) -> None:
+def volume_create(obj: Ctx, name: str, size: str | None, replica: bool,
+                  data_dir: Path | None) -> None:
     """Create an empty (sparse) volume."""
     if size is None:
         declared = obj.config().volume(name)
@@ -115,8 +118,9 @@ def volume_create(obj: Ctx, name: str, size: str | None, data_dir: Path | None) 
         nbytes = declared.size
     else:
         nbytes = parse_size(size)
-    info = create_volume(obj.data_dir(data_dir), name, nbytes)
-    click.echo(f"created volume {info.name}: {info.size} bytes in {info.path}")
+    info = create_volume(obj.data_dir(data_dir), name, nbytes, replica=replica)
+    click.echo(f"created {'replica ' if replica else ''}volume {info.name}: "
+               f"{info.size} bytes in {info.path}")
 
 
 @volume.command("list")
@@ -136,6 +140,9 @@ def volume_list(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
                f"{'LAST SEQ':>10}  STATE")
     for r in rows:
         state = "in use" if r["in_use"] else ("idle" if r["clean"] else "idle, unclean")
+        if r["role"] == "replica":
+            state = f"replica ({'inconsistent' if r['inconsistent'] else 'consistent'}, " \
+                    f"upstream seq {r['upstream_seq']}), {state}"
         if r["resync_full"] or r["resync_extents"]:
             state += (", full resync pending" if r["resync_full"]
                       else f", {r['resync_extents']} extents to resync")

@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 
 from blockstore.errors import BlockstoreError
-from blockstore.volume import Volume, list_volumes
+from blockstore.volume import Volume, is_replica, list_volumes
 from nbd_plugin import PLUGIN_PATH
 
 from .config import Listen, NodeConfig, TlsMode
@@ -43,7 +43,8 @@ class PrecheckResult:
 def precheck_volumes(cfg: NodeConfig, names: list[str] | None) -> PrecheckResult:
     """Open (and so recover) each volume before nbdkit starts, to report errors clearly."""
     if names is None:
-        names = [v.name for v in cfg.volumes] or [v.name for v in list_volumes(cfg.data_dir)]
+        names = [v.name for v in cfg.volumes] or [
+            v.name for v in list_volumes(cfg.data_dir) if not is_replica(v)]
     served, failed = [], {}
     for name in names:
         ro = bool((v := cfg.volume(name)) and v.read_only)
@@ -53,6 +54,10 @@ def precheck_volumes(cfg: NodeConfig, names: list[str] | None) -> PrecheckResult
                               segment_bytes=cfg.journal.segment_bytes)
         except (BlockstoreError, OSError) as e:
             failed[name] = str(e)
+            continue
+        if vol.replica:
+            vol.close()
+            failed[name] = ("it is a replica: written by peerlink, not served until promoted")
             continue
         if vol.recovery.unclean and not ro:
             r = vol.recovery

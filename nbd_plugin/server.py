@@ -19,6 +19,7 @@ from blockstore.volume import (
     DEFAULT_JOURNAL_MAX_BYTES,
     DEFAULT_SEGMENT_BYTES,
     Volume,
+    is_replica,
     list_volumes,
     parse_size,
     validate_name,
@@ -91,7 +92,9 @@ class Server:
         self.params = params
         self.volumes: dict[str, Volume] = {}
         self.failed: dict[str, str] = {}
-        names = params.volumes or [v.name for v in list_volumes(params.data_dir)]
+        # Replicas are written by peerlink only; serving them needs a promotion first.
+        names = params.volumes or [v.name for v in list_volumes(params.data_dir)
+                                   if not is_replica(v)]
         for name in names:
             ro = params.all_readonly or name in params.readonly
             try:
@@ -99,6 +102,10 @@ class Server:
                                   al_slots=params.al_slots,
                                   journal_max_bytes=params.journal_max_bytes,
                                   segment_bytes=params.segment_bytes)
+                if vol.replica:
+                    vol.close()
+                    raise InvalidArgument(f"volume {name} is a replica: it is written by "
+                                          "peerlink and cannot be served until promoted")
             except (BlockstoreError, OSError) as e:
                 self.failed[name] = str(e)
                 log.error("volume_not_served", volume=name, error=str(e))
