@@ -1,0 +1,350 @@
+"""The receiving end of peerlink: owns a replica volume and applies batches to it.
+
+One ``Receiver`` per replica volume.  It listens; a sender connects and the handshake of
+PROTOCOL.md runs (Hello both ways, ``check_hello``, HelloOk with HMAC proofs when a shared
+secret is configured; this side proves itself only after the sender did).  Then each
+``Batch`` is checked (``check_batch``: the next seq exactly, inside the volume) and handed
+to one applier task, which runs ``Volume.apply_batch`` on a single worker thread (it ends
+in an fdatasync) strictly in order and then acknowledges the durable seq.
+
+Invariants:
+- One volume, one applier thread: batches are applied in stream order, never two at once.
+- At most one session streams at a time.  A newly authenticated connection takes over:
+  the old one is dropped and its in-flight apply finishes before the new one's resume
+  point is checked against the volume (``check_resume``), so nothing is applied twice.
+- A bad frame, a bad message or a batch out of sequence drops the connection; batches
+  received but not yet applied are discarded (the sender resends them from the resume
+  point), the one being applied completes (it was whole and checked).
+- A failed apply (a full or failing disk) is fatal: the receiver stops without closing
+  the volume cleanly, so the next open redoes the journal through the last commit.
+
+A new replica carries its own uuid (``nbdgw volume create --replica``).  The first sender
+that authenticates while the replica is still empty binds it to the upstream volume's
+uuid (``peerlink-upstream.json`` next to volume.json); from then on any other uuid is
+refused as "a different volume".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from blockstore.meta import read_json, write_json
+from blockstore.volume import Volume
+
+from .auth import Prover, Transcript, make_nonce, proof, verify
+from .batch import check_batch, payload_bytes
+from .errors import PeerAuthError, PeerlinkError, PeerProtocolError, PeerRefused
+from .link import Link, LinkClosed, Refused, format_addr, session_ended
+from .messages import (
+    PROTO_VERSION,
+    Ack,
+    Batch,
+    Generation,
+    Hello,
+    HelloOk,
+    Message,
+    Pong,
+    Refuse,
+    check_hello,
+    check_resume,
+)
+
+log = structlog.get_logger(component="peerlink")
+
+UPSTREAM_FILE: Final = "peerlink-upstream.json"
+UPSTREAM_KIND: Final = "peerlink-upstream"
+UPSTREAM_VERSION: Final = 1
+APPLY_QUEUE_BYTES: Final = 64 << 20  # received batches waiting for the applier
+
+
+class ReceiverError(PeerlinkError):
+    """Local trouble on the receiving node (not a replica, apply failed)."""
+
+
+def generation_of(volume_uuid: str) -> Generation:
+    """The one generation a volume has until promotion exists (contract 5, next layer)."""
+    return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1)
+
+
+def expect(msg: Message, cls: type[Any], where: str) -> None:
+    """Raise PeerRefused for a Refuse, PeerProtocolError for anything but ``cls``."""
+    if isinstance(msg, Refuse):
+        raise PeerRefused(msg.reason)
+    if not isinstance(msg, cls):
+        raise PeerProtocolError(
+            f"expected {cls.__name__} {where}, got {type(msg).__name__}")
+
+
+@dataclass
+class _Session:
+    """One accepted connection that passed the handshake and streams batches."""
+
+    link: Link
+    node: str
+    expect_seq: int
+    queue: asyncio.Queue[Batch | None] = field(default_factory=asyncio.Queue)
+    queued_bytes: int = 0
+    space: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    applied_batches: int = 0
+    applied_bytes: int = 0
+
+
+class Receiver:
+    """Listen for a sender and apply its batches to the replica volume ``name``."""
+
+    def __init__(self, data_dir: Path, name: str, *, node: str, role: str = "secondary",
+                 secret: bytes | None = None, timeout: float = 15.0) -> None:
+        if role not in ("secondary", "dr"):
+            raise ValueError(f"receiver role must be secondary or dr, got {role!r}")
+        self.data_dir = Path(data_dir)
+        self.name = name
+        self.node = node
+        self.role = role
+        self.secret = secret
+        self.timeout = timeout
+        self.vol = Volume.open(self.data_dir, name)  # takes the volume's lock
+        if not self.vol.replica:
+            self.vol.close()
+            raise ReceiverError(
+                f"volume {name} is not a replica (create it with 'nbdgw volume create "
+                f"{name} --replica')")
+        self.upstream_path = self.vol.info.path / UPSTREAM_FILE
+        self.upstream: dict[str, Any] | None = (
+            read_json(self.upstream_path, UPSTREAM_KIND, UPSTREAM_VERSION)
+            if self.upstream_path.exists() else None)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerlink-apply")
+        self.server: asyncio.AbstractServer | None = None
+        self.active: _Session | None = None
+        self.takeover = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.links: set[Link] = set()
+        self.fatal: BaseException | None = None
+        self.failed = asyncio.Event()  # set on a fatal error: the process should stop
+        self.log = log.bind(volume=name, side="receiver", node=node)
+        r = self.vol.recovery
+        self.log.info("volume_opened", upstream_seq=self.vol.upstream_seq,
+                      inconsistent=self.vol.inconsistent, unclean=r.unclean,
+                      replayed=r.replayed, torn_bytes=r.torn_bytes,
+                      bound_to=self.upstream["upstream_uuid"] if self.upstream else None)
+
+    # -- listening and shutdown --------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port (0 = any free port); return the address bound."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._accept, host, port)
+        sock = self.server.sockets[0].getsockname()
+        self.log.info("listening", address=format_addr(sock[0], sock[1]))
+        return str(sock[0]), int(sock[1])
+
+    def _accept(self) -> Link:
+        link = Link()
+        self.links.add(link)
+        task = asyncio.get_running_loop().create_task(self._connection(link))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return link
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, let the in-flight apply finish, and
+        close the volume cleanly (unless an apply failed: then recovery must redo)."""
+        if self.server is not None:
+            self.server.close()
+        for link in list(self.links):
+            link.abort(LinkClosed("receiver stopping"))
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+        if self.fatal is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.vol.close)
+            self.log.info("volume_closed", upstream_seq=self.vol.upstream_seq)
+        else:
+            self.log.error("volume_left_unclean", reason=str(self.fatal))
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def _connection(self, link: Link) -> None:
+        try:
+            await link.connected
+        except LinkClosed:
+            self.links.discard(link)
+            return
+        clog = self.log.bind(peer_addr=link.peername)
+        clog.info("peer_connected")
+        try:
+            await self._handshake_and_stream(link, clog)
+        except ReceiverError as e:
+            clog.error("receiver_failed", reason=str(e))
+        except PeerlinkError as e:
+            if not session_ended(clog, e):
+                raise
+        finally:
+            link.abort(LinkClosed("session ended"))
+            self.links.discard(link)
+
+    def _refuse(self, link: Link, reason: str) -> Refused:
+        with contextlib.suppress(LinkClosed):
+            link.send(Refuse(reason))
+        link.close()
+        return Refused(reason)
+
+    def _upstream_uuid(self, offered: str) -> str:
+        """The uuid this replica answers to: its binding, or (while still empty and
+        unbound) the one the sender offers, else its own."""
+        if self.upstream is not None:
+            return str(self.upstream["upstream_uuid"])
+        if self._fresh():
+            return offered
+        return self.vol.info.uuid
+
+    def _fresh(self) -> bool:
+        """Never received anything: the store is the volume's initial (zero) state."""
+        return self.vol.upstream_seq == 0 and self.upstream is None
+
+    async def _handshake_and_stream(self, link: Link, clog: Any) -> None:
+        t = self.timeout
+        theirs = await link.recv_within(t, "Hello")
+        expect(theirs, Hello, "to open the connection")
+        assert isinstance(theirs, Hello)
+        clog = clog.bind(peer=theirs.node)
+        vuuid = self._upstream_uuid(theirs.volume_uuid)
+        mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
+                     (generation_of(vuuid),), self.vol.upstream_seq, make_nonce())
+        refusal = check_hello(mine, theirs)
+        if refusal is not None:
+            raise self._refuse(link, refusal.reason)
+        link.send(mine)
+        ok = await link.recv_within(t, "HelloOk")
+        expect(ok, HelloOk, "after Hello")
+        assert isinstance(ok, HelloOk)
+        if ok.node != theirs.node:
+            raise PeerProtocolError(
+                f"HelloOk.node: {ok.node!r} is not the node that said Hello ({theirs.node!r})")
+        tr = Transcript(PROTO_VERSION, theirs.node, self.node, theirs.auth_nonce,
+                        mine.auth_nonce)
+        if self.secret is not None:
+            try:
+                verify(self.secret, Prover.SENDER, tr, ok.auth_proof)
+            except PeerAuthError as e:
+                raise self._refuse(link, str(e)) from None
+        elif ok.auth_proof:
+            raise self._refuse(link, "peer authentication failed: the peer sent a proof but "
+                                     f"node {self.node!r} has no shared secret configured")
+        async with self.takeover:
+            await self._retire_active(f"replaced by a new connection from {theirs.node!r}")
+            refusal = check_resume(self.vol.upstream_seq, ok.resume_from_seq)
+            if refusal is None and ok.resume_from_seq != self.vol.upstream_seq + 1:
+                refusal = Refuse(
+                    f"resume from seq {ok.resume_from_seq} leaves a gap after seq "
+                    f"{self.vol.upstream_seq} (a resync is needed; not supported by this "
+                    "receiver yet)")
+            if refusal is not None:
+                raise self._refuse(link, refusal.reason)
+            await self._bind(theirs, vuuid, clog)
+            link.send(HelloOk(self.node, ok.resume_from_seq,
+                              proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
+            session = _Session(link, theirs.node, ok.resume_from_seq)
+            self.active = session
+        clog.info("streaming", resume_from=ok.resume_from_seq,
+                  sender_last_seq=theirs.last_applied_seq,
+                  lag_records=max(0, theirs.last_applied_seq - self.vol.upstream_seq))
+        try:
+            await self._stream(session, clog)
+        finally:
+            clog.info("session_ended", applied_batches=session.applied_batches,
+                      applied_bytes=session.applied_bytes, upstream_seq=self.vol.upstream_seq)
+
+    async def _bind(self, theirs: Hello, vuuid: str, clog: Any) -> None:
+        """Bind a fresh replica to the upstream volume; an empty replica is the
+        upstream's state at seq 0, so it is Consistent from here on."""
+        loop = asyncio.get_running_loop()
+        if self.upstream is None:
+            rec = {"kind": UPSTREAM_KIND, "version": UPSTREAM_VERSION, "upstream_uuid": vuuid,
+                   "upstream_node": theirs.node, "bound_at": time.time()}
+            await loop.run_in_executor(self.executor, write_json, self.upstream_path, rec)
+            self.upstream = rec
+            clog.info("replica_bound", upstream_uuid=vuuid, upstream_node=theirs.node)
+        if self.vol.inconsistent and self.vol.upstream_seq == 0:
+            await loop.run_in_executor(self.executor, self.vol.set_consistent, True)
+            clog.info("replica_consistent", reason="empty replica streams from seq 1")
+
+    async def _retire_active(self, why: str) -> None:
+        old = self.active
+        if old is not None:
+            old.link.abort(LinkClosed(why))
+            await old.finished.wait()
+            self.active = None
+
+    async def _stream(self, s: _Session, clog: Any) -> None:
+        """Read batches and queue them for the applier until the link fails."""
+        applier = asyncio.get_running_loop().create_task(self._applier(s, clog))
+        watchdog = asyncio.get_running_loop().create_task(s.link.watchdog(self.timeout))
+        try:
+            while True:
+                msg = await s.link.recv()
+                if isinstance(msg, Batch):
+                    check_batch(msg, volume=self.name, volume_size=self.vol.size,
+                                expect_first_seq=s.expect_seq)
+                    s.expect_seq = msg.last_seq + 1
+                    n = payload_bytes(msg.records)
+                    while s.queued_bytes > APPLY_QUEUE_BYTES and not applier.done():
+                        s.space.clear()
+                        await s.space.wait()
+                    if applier.done():
+                        break
+                    s.queued_bytes += n
+                    s.queue.put_nowait(msg)
+                elif isinstance(msg, Pong):
+                    continue
+                else:
+                    expect(msg, Batch, "while streaming")
+        finally:
+            while not s.queue.empty():  # received, not applied: the sender resends them
+                s.queue.get_nowait()
+            s.queue.put_nowait(None)
+            s.space.set()
+            await asyncio.wait([applier])  # never cancelled: the in-flight apply completes
+            watchdog.cancel()
+            s.finished.set()
+            if applier.done() and not applier.cancelled() and applier.exception() is not None:
+                raise applier.exception()  # type: ignore[misc]
+
+    def _apply(self, batch: Batch, source: str) -> int:
+        gen = generation_of(str(self.upstream["upstream_uuid"]) if self.upstream
+                            else self.vol.info.uuid)
+        return self.vol.apply_batch(batch.first_seq, batch.last_seq, list(batch.records),
+                                    {"source": source, "gen": gen.gen_id})
+
+    async def _applier(self, s: _Session, clog: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await s.queue.get()
+            if batch is None:
+                return
+            n = payload_bytes(batch.records)
+            try:
+                durable = await loop.run_in_executor(self.executor, self._apply, batch, s.node)
+            except Exception as e:
+                self.fatal = e
+                self.failed.set()
+                clog.error("apply_failed", first_seq=batch.first_seq, last_seq=batch.last_seq,
+                           error=str(e))
+                s.link.abort(LinkClosed("apply failed on the receiver"))
+                raise ReceiverError(f"apply of batch {batch.first_seq}-{batch.last_seq} "
+                                    f"failed: {e}") from e
+            s.queued_bytes -= n
+            s.space.set()
+            s.applied_batches += 1
+            s.applied_bytes += n
+            with contextlib.suppress(LinkClosed):
+                s.link.send(Ack(self.name, durable))

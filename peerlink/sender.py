@@ -1,0 +1,422 @@
+"""The sending end of peerlink: tails a volume's journal and ships it to one peer.
+
+The sender never opens the volume (nbdkit holds its lock); it reads the journal files
+with ``JournalTail`` as nbdkit appends to them.  Per connection:
+
+1. Handshake (PROTOCOL.md).  The receiver's Hello says what it has committed
+   (``last_applied_seq``); streaming resumes at the next seq, which the receiver checks.
+2. A producer on one worker thread reads records from the resume seq on, feeds them to a
+   ``BatchBuilder`` (coalescing, bounded in bytes and records), and closes a batch when it
+   is full, when the journal has nothing new (the writer paused), or when the batch is
+   ``linger`` old.  It encodes and compresses the frame (zstd, skipped for a while after
+   a frame that did not pay) off the event loop.
+3. The pump sends frames while fewer than ``window_bytes`` / ``window_batches`` are
+   unacknowledged, awaiting the transport's drain (backpressure), and polls the journal
+   every few ms when idle.  Acks move the window; the acked seq is persisted in
+   ``volumes/<V>/peers/<peer>.json`` (for journal release and status), at most every
+   ``PERSIST_INTERVAL``.
+4. Any link error ends the connection; the sender reconnects with bounded exponential
+   backoff and resumes from the receiver's word, so nothing is skipped or sent twice
+   into the replica (the receiver refuses a batch out of sequence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from blockstore.errors import BlockstoreError, FormatError
+from blockstore.journal import JournalTail
+from blockstore.meta import read_json, write_json
+from blockstore.record import REC_HEADER_SIZE, SEG_HEADER_SIZE, RecordHeader, decode_header
+from blockstore.volume import find_volume
+
+from .auth import Prover, Transcript, make_nonce, proof, verify
+from .batch import BatchBuilder, payload_bytes
+from .errors import PeerlinkError, PeerProtocolError
+from .frames import encode_frame
+from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
+from .messages import PROTO_VERSION, Ack, Hello, HelloOk, Ping, Pong, Refuse, check_hello
+from .receiver import expect, generation_of
+
+log = structlog.get_logger(component="peerlink")
+
+PEER_KIND: Final = "peer"
+PEER_VERSION: Final = 1
+PERSIST_INTERVAL: Final = 0.05
+_SEG_RE: Final = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
+COMPRESS_SKIP: Final = 16  # frames sent raw after one whose compression did not pay
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """Tuning of one sender (every value has a reason; see the module docstring)."""
+
+    timeout: float = 15.0  # liveness: no complete frame for this long drops the link
+    ping_interval: float = 2.0
+    batch_bytes: int = 4 << 20
+    batch_records: int = 16384
+    linger: float = 0.01  # close a batch this long after its first record
+    poll_min: float = 0.002  # journal poll period when records keep coming
+    poll_max: float = 0.01  # ... and when idle
+    read_bytes: int = 8 << 20  # journal bytes read per producer step
+    window_bytes: int = 32 << 20
+    window_batches: int = 64
+    compress: int = 3  # zstd level; 0 = never
+    min_backoff: float = 0.1
+    max_backoff: float = 10.0
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One encoded Batch, ready for the wire."""
+
+    first_seq: int
+    last_seq: int
+    bufs: list[bytes | memoryview]
+    wire_bytes: int
+    data_bytes: int
+    compressed: bool
+
+
+def journal_bounds(directory: Path) -> tuple[int, int]:
+    """(first retained seq, last complete seq) of a journal another process appends to.
+
+    Reads only record headers of the active segment (checked by their own CRC), so it is
+    cheap enough for each handshake; a record whose payload is still being written may be
+    counted, which only makes the Hello's informational seq one higher.
+    """
+    firsts = sorted(int(m.group(1), 16) for n in os.listdir(directory)
+                    if (m := _SEG_RE.match(n)))
+    if not firsts:
+        raise FormatError(f"journal {directory}: no segment files")
+    last_first = firsts[-1]
+    seq = last_first - 1
+    fd = os.open(directory / f"seg-{last_first:016x}.jnl", os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = SEG_HEADER_SIZE
+        while pos + REC_HEADER_SIZE <= size:
+            try:
+                hdr = decode_header(os.pread(fd, REC_HEADER_SIZE, pos))
+            except FormatError:
+                break
+            if hdr.seq != seq + 1:
+                break
+            seq = hdr.seq
+            pos += REC_HEADER_SIZE + hdr.payload_len
+    finally:
+        os.close(fd)
+    return firsts[0], seq
+
+
+class Producer:
+    """Journal records in, encoded batch frames out (runs on the sender's worker thread).
+
+    Not thread-safe: one producer per connection, all its steps on one thread.
+    """
+
+    def __init__(self, tail: JournalTail, volume: str, next_seq: int, cfg: SenderConfig) -> None:
+        self.tail = tail
+        self.cfg = cfg
+        self.next_read = next_seq
+        self.builder = BatchBuilder(cfg.batch_bytes, cfg.batch_records, volume=volume,
+                                    next_seq=next_seq)
+        self.started = 0.0  # when the open batch took its first record
+        self.raw_frames = 0  # frames left to send uncompressed
+
+    def _flush(self) -> Frame:
+        batch = self.builder.build()
+        self.started = 0.0
+        body = batch.encode()
+        level = self.cfg.compress if self.raw_frames == 0 else 0
+        bufs = encode_frame(body, level)
+        compressed = is_compressed(bufs)
+        if level and not compressed:
+            self.raw_frames = COMPRESS_SKIP
+        elif self.raw_frames:
+            self.raw_frames -= 1
+        return Frame(batch.first_seq, batch.last_seq, bufs, sum(len(b) for b in bufs),
+                     payload_bytes(batch.records), compressed)
+
+    def step(self) -> tuple[list[Frame], bool]:
+        """Read what the journal has (up to ``read_bytes``); return the frames closed and
+        whether more records are waiting (then the caller should not sleep)."""
+        out: list[Frame] = []
+        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read,
+                                                                self.cfg.read_bytes)
+        for hdr, payload in recs:
+            if not self.builder.add(hdr, payload):
+                out.append(self._flush())
+                if not self.builder.add(hdr, payload):
+                    raise AssertionError("an empty batch builder refused a record")
+            if self.started == 0.0:
+                self.started = time.monotonic()
+            self.next_read = hdr.seq + 1
+        more = sum(REC_HEADER_SIZE + h.payload_len for h, _ in recs) >= self.cfg.read_bytes
+        if not self.builder.empty and (
+                not recs or time.monotonic() - self.started >= self.cfg.linger
+                or self.builder.size >= self.cfg.batch_bytes):
+            out.append(self._flush())
+        return out, more
+
+
+class Sender:
+    """Ship volume ``name``'s journal to peer ``peer`` at host:port, reconnecting forever."""
+
+    def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
+                 port: int, secret: bytes | None = None,
+                 config: SenderConfig | None = None) -> None:
+        self.cfg = config or SenderConfig()
+        self.info = find_volume(Path(data_dir), name)
+        self.name = name
+        self.node = node
+        self.peer = peer
+        self.host, self.port = host, port
+        self.secret = secret
+        self.journal_dir = self.info.path / "journal"
+        self.tail = JournalTail(self.journal_dir, uuid.UUID(self.info.uuid).bytes)
+        self.peer_path = self.info.path / "peers" / f"{peer}.json"
+        self.acked = self._load_acked()
+        self._persisted = self.acked
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerlink-read")
+        self.inflight: deque[Frame] = deque()
+        self.inflight_bytes = 0
+        self.room = asyncio.Event()
+        self.acked_event = asyncio.Event()
+        self.sent_through = self.acked
+        self.stats = {"batches": 0, "wire_bytes": 0, "data_bytes": 0, "sessions": 0}
+        self.log = log.bind(volume=name, side="sender", node=node, peer=peer)
+
+    # -- the persisted ack ------------------------------------------------------------------
+
+    def _load_acked(self) -> int:
+        if not self.peer_path.exists():
+            return 0
+        meta = read_json(self.peer_path, PEER_KIND, PEER_VERSION)
+        if meta.get("volume_uuid") != self.info.uuid:
+            return 0  # a record of another incarnation of this volume name
+        return int(meta["acked_seq"])
+
+    def _persist(self, seq: int) -> None:
+        self.peer_path.parent.mkdir(exist_ok=True)
+        write_json(self.peer_path, {
+            "kind": PEER_KIND, "version": PEER_VERSION, "peer": self.peer,
+            "volume": self.name, "volume_uuid": self.info.uuid, "acked_seq": seq,
+            "address": format_addr(self.host, self.port), "updated": time.time()})
+
+    async def _persister(self) -> None:
+        """Write the acked seq when it moved, at most every PERSIST_INTERVAL."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.acked_event.wait()
+            self.acked_event.clear()
+            seq = self.acked
+            if seq != self._persisted:
+                await loop.run_in_executor(None, self._persist, seq)
+                self._persisted = seq
+            await asyncio.sleep(PERSIST_INTERVAL)
+
+    def _set_acked(self, seq: int) -> None:
+        self.acked = seq
+        self.acked_event.set()
+
+    # -- the reconnect loop -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, stream, and reconnect with backoff until ``stop`` is set."""
+        persister = asyncio.get_running_loop().create_task(self._persister())
+        backoff = self.cfg.min_backoff
+        try:
+            while not stop.is_set():
+                acked_before, t0 = self.acked, time.monotonic()
+                try:
+                    await self._session(stop)
+                except (PeerlinkError, BlockstoreError, OSError) as e:
+                    if not session_ended(self.log, e):
+                        raise
+                if stop.is_set():
+                    break
+                if self.acked > acked_before or time.monotonic() - t0 > 10 * backoff:
+                    backoff = self.cfg.min_backoff  # it worked for a while: retry soon
+                self.log.info("reconnecting", delay=round(backoff, 3), acked_seq=self.acked)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, self.cfg.max_backoff)
+        finally:
+            persister.cancel()
+            await asyncio.gather(persister, return_exceptions=True)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.executor.shutdown, True)
+            self.tail.close()
+            if self.acked != self._persisted:
+                await loop.run_in_executor(None, self._persist, self.acked)
+                self._persisted = self.acked
+            self.log.info("stopped", acked_seq=self.acked, **self.stats)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        t = self.cfg.timeout
+        try:
+            _, link = await asyncio.wait_for(
+                loop.create_connection(Link, self.host, self.port), t)
+        except TimeoutError:
+            raise LinkTimeout(f"connect to {format_addr(self.host, self.port)} timed out "
+                              f"after {t:g} s") from None
+        self.stats["sessions"] += 1
+        try:
+            resume = await self._handshake(link, loop)
+            await self._stream(link, resume, stop)
+        finally:
+            link.abort(LinkClosed("session ended"))
+            self.inflight.clear()
+            self.inflight_bytes = 0
+
+    def _refuse(self, link: Link, reason: str) -> Refused:
+        with contextlib.suppress(LinkClosed):
+            link.send(Refuse(reason))
+        link.close()
+        return Refused(reason)
+
+    async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop) -> int:
+        t = self.cfg.timeout
+        first, last = await loop.run_in_executor(self.executor, journal_bounds,
+                                                 self.journal_dir)
+        mine = Hello(PROTO_VERSION, self.node, self.name, self.info.uuid, self.info.size,
+                     "primary", (generation_of(self.info.uuid),), last, make_nonce())
+        link.send(mine)
+        theirs = await link.recv_within(t, "Hello")
+        expect(theirs, Hello, "in answer to Hello")
+        assert isinstance(theirs, Hello)
+        refusal = check_hello(mine, theirs)
+        if refusal is None and theirs.node != self.peer:
+            refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
+                             f"peer {self.peer!r} (wrong address?)")
+        applied = theirs.last_applied_seq
+        if refusal is None and applied > last:
+            refusal = Refuse(
+                f"volume {self.name!r}: replica {theirs.node!r} has applied through seq "
+                f"{applied} but the journal of {self.node!r} ends at seq {last} "
+                "(diverged histories; refusing to guess)")
+        if refusal is not None:
+            raise self._refuse(link, refusal.reason)
+        resume = applied + 1
+        if resume < first:
+            # Released past the replica's position: it needs a resync of the dirty
+            # extents (contract 4), which this sender does not do yet.
+            raise self._refuse(link, f"volume {self.name!r}: replica needs seq {resume} but "
+                                     f"the journal begins at seq {first} (resync needed)")
+        tr = Transcript(PROTO_VERSION, self.node, theirs.node, mine.auth_nonce,
+                        theirs.auth_nonce)
+        link.send(HelloOk(self.node, resume,
+                          proof(self.secret, Prover.SENDER, tr) if self.secret else b""))
+        ok = await link.recv_within(t, "HelloOk")
+        expect(ok, HelloOk, "after HelloOk")
+        assert isinstance(ok, HelloOk)
+        if self.secret is not None:
+            verify(self.secret, Prover.RECEIVER, tr, ok.auth_proof)  # before any data
+        elif ok.auth_proof:
+            raise self._refuse(link, "peer authentication failed: the peer sent a proof but "
+                                     f"node {self.node!r} has no shared secret configured")
+        if ok.node != theirs.node or ok.resume_from_seq != resume:
+            raise PeerProtocolError(
+                f"HelloOk: node {ok.node!r} resume {ok.resume_from_seq}, expected node "
+                f"{theirs.node!r} resume {resume}")
+        if applied < self.acked:
+            self.log.warning("replica_behind_ack", acked_seq=self.acked, replica_seq=applied)
+        self._set_acked(applied)
+        self.sent_through = applied
+        self.log.info("streaming", resume_from=resume, journal_last_seq=last,
+                      lag_records=last - applied, peer_addr=link.peername)
+        return resume
+
+    async def _stream(self, link: Link, resume: int, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(c) for c in (
+            self._pump(link, resume), self._reader(link), self._pinger(link),
+            link.watchdog(self.cfg.timeout), stop.wait())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if stop.is_set():
+            return
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        if link.error is not None:
+            raise link.error
+        raise LinkClosed("link ended")
+
+    async def _pump(self, link: Link, resume: int) -> None:
+        loop = asyncio.get_running_loop()
+        producer = Producer(self.tail, self.name, resume, self.cfg)
+        poll = self.cfg.poll_min
+        while True:
+            while (self.inflight_bytes >= self.cfg.window_bytes
+                   or len(self.inflight) >= self.cfg.window_batches):
+                self.room.clear()
+                await self.room.wait()
+            frames, more = await loop.run_in_executor(self.executor, producer.step)
+            for f in frames:
+                link.send_frame(f.bufs)
+                self.inflight.append(f)
+                self.inflight_bytes += f.wire_bytes
+                self.sent_through = f.last_seq
+                self.stats["batches"] += 1
+                self.stats["wire_bytes"] += f.wire_bytes
+                self.stats["data_bytes"] += f.data_bytes
+                await link.drain()
+            poll = self.cfg.poll_min if frames or more else min(poll * 2, self.cfg.poll_max)
+            if not more:
+                await asyncio.sleep(poll)
+
+    async def _reader(self, link: Link) -> None:
+        while True:
+            msg = await link.recv()
+            if isinstance(msg, Ack):
+                self._on_ack(msg)
+            elif isinstance(msg, Pong):
+                continue
+            else:
+                expect(msg, Ack, "while streaming")
+
+    def _on_ack(self, ack: Ack) -> None:
+        if ack.volume != self.name:
+            raise PeerProtocolError(f"Ack for volume {ack.volume!r} on the stream of "
+                                    f"{self.name!r}")
+        d = ack.durable_seq
+        if not any(f.last_seq == d for f in self.inflight):
+            raise PeerProtocolError(
+                f"Ack of seq {d} matches no batch in flight (acked {self.acked}, sent "
+                f"through {self.sent_through})")
+        while self.inflight and self.inflight[0].last_seq <= d:
+            f = self.inflight.popleft()
+            self.inflight_bytes -= f.wire_bytes
+        self._set_acked(d)
+        self.room.set()
+
+    async def _pinger(self, link: Link) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.ping_interval)
+            link.send(Ping(time.monotonic_ns()))
+
+
+def lag(sender: Sender) -> dict[str, Any]:
+    """What status shows for a sender (last ack, in flight)."""
+    return {"acked_seq": sender.acked, "sent_through": sender.sent_through,
+            "inflight_batches": len(sender.inflight), "inflight_bytes": sender.inflight_bytes}
+
