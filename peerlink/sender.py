@@ -189,7 +189,7 @@ class Sender:
         self.tail = JournalTail(self.journal_dir, uuid.UUID(self.info.uuid).bytes)
         self.peer_path = self.info.path / "peers" / f"{peer}.json"
         self.acked = self._load_acked()
-        self._persisted = self.acked
+        self._persisted = self.acked if self.peer_path.exists() else -1
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerlink-read")
         self.inflight: deque[Frame] = deque()
         self.inflight_bytes = 0
@@ -262,7 +262,7 @@ class Sender:
             self.tail.close()
             if self.acked != self._persisted:
                 await loop.run_in_executor(None, self._persist, self.acked)
-                self._persisted = self.acked
+                self._persisted = self.acked if self.peer_path.exists() else -1
             self.log.info("stopped", acked_seq=self.acked, **self.stats)
 
     async def _session(self, stop: asyncio.Event) -> None:
