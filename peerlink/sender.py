@@ -18,12 +18,21 @@ with ``JournalTail`` as nbdkit appends to them.  Per connection:
 4. Any link error ends the connection; the sender reconnects with bounded exponential
    backoff and resumes from the receiver's word, so nothing is skipped or sent twice
    into the replica (the receiver refuses a batch out of sequence).
+
+Resync: when the journal no longer holds the seq after the replica's (released past it),
+the streaming position is fixed at the journal's end S0 at the handshake, every extent
+of the store holding an allocated byte is sent (``ExtentData``, read after S0 was fixed:
+the store is written before the journal, so it holds every record up to S0), then
+``ResyncDone(S1)`` with S1 the journal's end after the last read, then batches from
+S0 + 1.  Batches re-apply what the extent reads may already have seen, which converges;
+the replica is Inconsistent until it has applied through S1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import time
@@ -40,6 +49,7 @@ from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import JournalTail
 from blockstore.meta import read_json, write_json
 from blockstore.record import REC_HEADER_SIZE, SEG_HEADER_SIZE, RecordHeader, decode_header
+from blockstore.store import Store
 from blockstore.volume import find_volume
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
@@ -47,7 +57,19 @@ from .batch import BatchBuilder, payload_bytes
 from .errors import PeerlinkError, PeerProtocolError
 from .frames import encode_frame
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
-from .messages import PROTO_VERSION, Ack, Hello, HelloOk, Ping, Pong, Refuse, check_hello
+from .messages import (
+    PROTO_VERSION,
+    Ack,
+    ExtentData,
+    Hello,
+    HelloOk,
+    Ping,
+    Pong,
+    Refuse,
+    ResyncDone,
+    ResyncExtents,
+    check_hello,
+)
 from .receiver import expect, generation_of
 
 log = structlog.get_logger(component="peerlink")
@@ -55,6 +77,10 @@ log = structlog.get_logger(component="peerlink")
 PEER_KIND: Final = "peer"
 PEER_VERSION: Final = 1
 PERSIST_INTERVAL: Final = 0.05
+RESYNC_PIECE: Final = 1 << 20
+# After the last extent is read, writes whose store write it saw may still be appending
+# their journal record; ResyncDone's seq is taken this long after, so it covers them.
+RESYNC_SETTLE: Final = 0.05
 _SEG_RE: Final = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 COMPRESS_SKIP: Final = 16  # frames sent raw after one whose compression did not pay
 
@@ -121,6 +147,24 @@ def journal_bounds(directory: Path) -> tuple[int, int]:
     return firsts[0], seq
 
 
+class Compression:
+    """zstd at ``level`` while it pays; after a frame where it did not, the next
+    ``COMPRESS_SKIP`` frames go raw (random data costs CPU to try and saves nothing)."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.raw_frames = 0
+
+    def frame(self, body: bytes) -> list[bytes | memoryview]:
+        level = self.level if self.raw_frames == 0 else 0
+        bufs = encode_frame(body, level)
+        if level and not is_compressed(bufs):
+            self.raw_frames = COMPRESS_SKIP
+        elif self.raw_frames:
+            self.raw_frames -= 1
+        return bufs
+
+
 class Producer:
     """Journal records in, encoded batch frames out (runs on the sender's worker thread).
 
@@ -134,21 +178,14 @@ class Producer:
         self.builder = BatchBuilder(cfg.batch_bytes, cfg.batch_records, volume=volume,
                                     next_seq=next_seq)
         self.started = 0.0  # when the open batch took its first record
-        self.raw_frames = 0  # frames left to send uncompressed
+        self.compression = Compression(cfg.compress)
 
     def _flush(self) -> Frame:
         batch = self.builder.build()
         self.started = 0.0
-        body = batch.encode()
-        level = self.cfg.compress if self.raw_frames == 0 else 0
-        bufs = encode_frame(body, level)
-        compressed = is_compressed(bufs)
-        if level and not compressed:
-            self.raw_frames = COMPRESS_SKIP
-        elif self.raw_frames:
-            self.raw_frames -= 1
+        bufs = self.compression.frame(batch.encode())
         return Frame(batch.first_seq, batch.last_seq, bufs, sum(len(b) for b in bufs),
-                     payload_bytes(batch.records), compressed)
+                     payload_bytes(batch.records), is_compressed(bufs))
 
     def step(self) -> tuple[list[Frame], bool]:
         """Read what the journal has (up to ``read_bytes``); return the frames closed and
@@ -170,6 +207,49 @@ class Producer:
                 or self.builder.size >= self.cfg.batch_bytes):
             out.append(self._flush())
         return out, more
+
+
+class ExtentReader:
+    """Reads the primary's store for a resync (read-only; nbdkit keeps writing it).
+
+    Announces the extents that hold any allocated byte; for each, yields ExtentData
+    pieces of at most ``RESYNC_PIECE`` bytes, sending holes and all-zero pieces empty
+    (the receiver punches them, so sparseness survives and zeros cost nothing).
+    """
+
+    def __init__(self, path: Path, size: int, shift: int, name: str) -> None:
+        self.store = Store(str(path), size, readonly=True)
+        self.size, self.shift, self.name = size, shift, name
+
+    def close(self) -> None:
+        self.store.close()
+
+    def allocated_extents(self) -> list[int]:
+        out: list[int] = []
+        for off, length, allocated in self.store.extents(0, self.size):
+            if allocated:
+                first = max(off >> self.shift, out[-1] + 1 if out else 0)
+                out.extend(range(first, ((off + length - 1) >> self.shift) + 1))
+        return out
+
+    def extent(self, e: int) -> list[ExtentData]:
+        start = e << self.shift
+        end = min(start + (1 << self.shift), self.size)
+        out: list[ExtentData] = []
+        for off, length, allocated in self.store.extents(start, end - start):
+            pos = off
+            while pos < off + length:
+                n = min(RESYNC_PIECE, off + length - pos)
+                data = b""
+                if allocated:
+                    data = os.pread(self.store.fd, n, pos)
+                    if len(data) != n:
+                        raise OSError(errno.EIO, f"short read of the store at {pos}")
+                    if not data.strip(b"\0"):
+                        data = b""
+                out.append(ExtentData(self.name, pos, n, data))
+                pos += n
+        return out
 
 
 class Sender:
@@ -196,6 +276,7 @@ class Sender:
         self.room = asyncio.Event()
         self.acked_event = asyncio.Event()
         self.sent_through = self.acked
+        self.resync_ack: int | None = None
         self.stats = {"batches": 0, "wire_bytes": 0, "data_bytes": 0, "sessions": 0}
         self.log = log.bind(volume=name, side="sender", node=node, peer=peer)
 
@@ -276,11 +357,12 @@ class Sender:
                               f"after {t:g} s") from None
         self.stats["sessions"] += 1
         try:
-            resume = await self._handshake(link, loop)
-            await self._stream(link, resume, stop)
+            resume, resync = await self._handshake(link, loop)
+            await self._stream(link, resume, resync, stop)
         finally:
             link.abort(LinkClosed("session ended"))
             self.inflight.clear()
+            self.resync_ack = None
             self.inflight_bytes = 0
 
     def _refuse(self, link: Link, reason: str) -> Refused:
@@ -289,7 +371,8 @@ class Sender:
         link.close()
         return Refused(reason)
 
-    async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop) -> int:
+    async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop
+                         ) -> tuple[int, bool]:
         t = self.cfg.timeout
         first, last = await loop.run_in_executor(self.executor, journal_bounds,
                                                  self.journal_dir)
@@ -312,11 +395,12 @@ class Sender:
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         resume = applied + 1
-        if resume < first:
-            # Released past the replica's position: it needs a resync of the dirty
-            # extents (contract 4), which this sender does not do yet.
-            raise self._refuse(link, f"volume {self.name!r}: replica needs seq {resume} but "
-                                     f"the journal begins at seq {first} (resync needed)")
+        resync = resume < first
+        if resync:
+            # The journal was released past the replica's position: send the store's
+            # allocated extents instead, then stream from the seq the journal ends at now
+            # (everything up to it is in the store: the store is written first).
+            resume = last + 1
         tr = Transcript(PROTO_VERSION, self.node, theirs.node, mine.auth_nonce,
                         theirs.auth_nonce)
         link.send(HelloOk(self.node, resume,
@@ -337,14 +421,16 @@ class Sender:
             self.log.warning("replica_behind_ack", acked_seq=self.acked, replica_seq=applied)
         self._set_acked(applied)
         self.sent_through = applied
-        self.log.info("streaming", resume_from=resume, journal_last_seq=last,
+        self.log.info("resync" if resync else "streaming", resume_from=resume,
+                      journal_first_seq=first, journal_last_seq=last, replica_seq=applied,
                       lag_records=last - applied, peer_addr=link.peername)
-        return resume
+        return resume, resync
 
-    async def _stream(self, link: Link, resume: int, stop: asyncio.Event) -> None:
+    async def _stream(self, link: Link, resume: int, resync: bool, stop: asyncio.Event
+                      ) -> None:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(c) for c in (
-            self._pump(link, resume), self._reader(link), self._pinger(link),
+            self._pump(link, resume, resync), self._reader(link), self._pinger(link),
             link.watchdog(self.cfg.timeout), stop.wait())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -361,8 +447,46 @@ class Sender:
             raise link.error
         raise LinkClosed("link ended")
 
-    async def _pump(self, link: Link, resume: int) -> None:
+    async def _resync(self, link: Link, resume: int) -> None:
+        """Send every allocated extent of the store, then ResyncDone (PROTOCOL.md)."""
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        info = self.info
+        reader = await loop.run_in_executor(self.executor, ExtentReader, info.path / "store",
+                                            info.size, info.extent_shift, self.name)
+        sent = data = 0
+        try:
+            extents = await loop.run_in_executor(self.executor, reader.allocated_extents)
+            self.log.info("resync_started", extents=len(extents),
+                          extent_bytes=len(extents) << info.extent_shift)
+            link.send(ResyncExtents(self.name, info.extent_shift, tuple(extents)))
+            compression = Compression(self.cfg.compress)
+
+            def frames(e: int) -> list[tuple[list[bytes | memoryview], int]]:
+                return [(compression.frame(m.encode()), len(m.data)) for m in reader.extent(e)]
+
+            for e in extents:
+                for bufs, n in await loop.run_in_executor(self.executor, frames, e):
+                    link.send_frame(bufs)
+                    sent += sum(len(b) for b in bufs)
+                    data += n
+                    await link.drain()
+        finally:
+            self.executor.submit(reader.close)  # after any read still running there
+        await asyncio.sleep(RESYNC_SETTLE)
+        _, done_seq = await loop.run_in_executor(self.executor, journal_bounds,
+                                                 self.journal_dir)
+        self.resync_ack = resume - 1  # acked once the replica holds the extents durably
+        link.send(ResyncDone(self.name, done_seq))
+        self.stats["resync_wire_bytes"] = self.stats.get("resync_wire_bytes", 0) + sent
+        self.log.info("resync_extents_sent", extents=len(extents), data_bytes=data,
+                      wire_bytes=sent, consistent_at=done_seq,
+                      seconds=round(time.monotonic() - t0, 3))
+
+    async def _pump(self, link: Link, resume: int, resync: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if resync:
+            await self._resync(link, resume)
         producer = Producer(self.tail, self.name, resume, self.cfg)
         poll = self.cfg.poll_min
         while True:
@@ -399,7 +523,9 @@ class Sender:
             raise PeerProtocolError(f"Ack for volume {ack.volume!r} on the stream of "
                                     f"{self.name!r}")
         d = ack.durable_seq
-        if not any(f.last_seq == d for f in self.inflight):
+        if d == self.resync_ack and d > self.acked:
+            self.resync_ack = None  # the resync is durable on the replica
+        elif not any(f.last_seq == d for f in self.inflight):
             raise PeerProtocolError(
                 f"Ack of seq {d} matches no batch in flight (acked {self.acked}, sent "
                 f"through {self.sent_through})")

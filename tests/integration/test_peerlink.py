@@ -501,3 +501,124 @@ def test_replica_of_another_volume_is_refused(env: Env) -> None:
     assert tx2.wait_event("refused_by_peer")["reason"] == reason
     assert (tx2.stop(), rx.stop()) == (0, 0)
     assert replica_state(env.replica)["upstream_seq"] == last
+
+
+def _sequential_burst(served: Served, total: int, chunk: int = MiB) -> float:
+    """Write ``total`` bytes sequentially in ``chunk`` requests (random data), flush;
+    return the seconds it took."""
+    h = nbd.NBD()
+    h.connect_uri(served.uri("v1"))
+    data = [random.Random(i).randbytes(chunk) for i in range(8)]
+    t0 = time.monotonic()
+    try:
+        for i in range(total // chunk):
+            h.pwrite(data[i % 8], (i * chunk) % VOL_SIZE)
+        h.flush()
+    finally:
+        h.shutdown()
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_measure_catch_up_and_throughput(env: Env) -> None:
+    """Numbers, not a gate: catch-up after a 256 MiB burst written while replicating,
+    and link throughput shipping a 256 MiB backlog.  Checksums must still match."""
+    total = 256 * MiB
+    rx = env.receiver()
+    tx = env.sender(rx.port)
+    tx.wait_event("streaming")
+    t_write = _sequential_burst(env.served, total)
+    t0 = time.monotonic()
+    env.wait_caught_up(timeout=120)
+    catch_up = time.monotonic() - t0
+    assert tx.stop() == 0
+    # Backlog: another 256 MiB written with the sender stopped, then shipped.
+    t_write2 = _sequential_burst(env.served, total)
+    t1 = time.monotonic()
+    tx = env.sender(rx.port)
+    env.wait_caught_up(timeout=120)
+    ship = time.monotonic() - t1
+    stats = tx.stop(), tx.events("stopped")[-1]
+    assert rx.stop() == 0
+    print(f"\nburst 256 MiB written in {t_write:.2f} s ({total / MiB / t_write:.0f} MiB/s) "
+          f"while replicating; replica caught up {catch_up:.2f} s after the flush")
+    print(f"backlog 256 MiB (written in {t_write2:.2f} s) shipped and applied in {ship:.2f} s "
+          f"= {total / MiB / ship:.0f} MiB/s; sender stats {stats[1]}")
+    p, r = env.checksums()
+    assert p == r
+
+
+def test_resync_when_the_journal_was_released(tmp_path: Path, data_dir: Path, volume: str,
+                                              serve: Callable[..., Served]) -> None:
+    """A new replica, and later one left behind, of a primary whose journal was released
+    past them: allocated extents are copied while writes go on, then streaming resumes;
+    the replica is Inconsistent until then, and an interrupted resync starts over."""
+    cfg = tmp_path / "small-journal.yaml"
+    cfg.write_text("version: 1\njournal:\n  segment_bytes: 1M\n  max_bytes: 4M\n")
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    run_nbdgw("volume", "create", "v1", "--size", "64M", "--replica", "--data-dir", str(replica))
+    env = Env(tmp_path, data_dir, replica, serve(config=cfg))
+    try:
+        _resync_scenario(env)
+    finally:
+        for p in env.procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(10)
+            p.logf.close()
+
+
+def _resync_scenario(env: Env) -> None:
+    w = Writer(env.served, seed=8, max_ops=600)
+    w.start()
+    w.finish()
+    first, _ = journal_bounds(env.primary / "volumes/v1/journal")
+    assert first > 1, "the journal should have been released past seq 1"
+    # 1. A new replica: extents copied while a writer keeps going.
+    rx = env.receiver()
+    port = rx.port
+    w = Writer(env.served, seed=9, pause=0.002)
+    w.start()
+    tx = env.sender(port)
+    assert tx.wait_event("resync")["replica_seq"] == 0
+    sent = tx.wait_event("resync_extents_sent")
+    assert sent["extents"] >= 1 and sent["data_bytes"] > 0
+    rx.wait_event("replica_consistent", where=lambda e: e["reason"] == "resync complete")
+    w.stop()
+    env.wait_caught_up()
+    assert tx.stop() == 0
+    # 2. Left behind: more writes (and a whole extent trimmed) while the sender is down.
+    h = nbd.NBD()
+    h.connect_uri(env.served.uri("v1"))
+    h.trim(4 * MiB, 8 * MiB)  # extent 2: a hole on the primary, data on the replica
+    h.flush()
+    h.shutdown()
+    w = Writer(env.served, seed=10, max_ops=600)
+    w.start()
+    w.finish()
+    # Interrupt the resync: a slow link, and the receiver killed once it has begun.
+    with ThreadedProxy(("127.0.0.1", port)) as proxy:
+        proxy.throttle(4 * MiB)
+        tx = env.sender(proxy.port)
+        assert tx.wait_event("resync")["replica_seq"] > 0
+        rx.wait_event("resync_started")
+        time.sleep(0.5)
+        rx.kill9()
+        tx.wait_event("link_down")
+    state = replica_state(env.replica)
+    marker = json.loads((env.replica / "volumes/v1/peerlink-upstream.json").read_text())
+    assert (state["inconsistent"], marker["resync"]["done"]) == (True, False)
+    # The receiver restarts; a sender straight to it (the proxy is gone) resyncs again.
+    assert tx.stop() == 0
+    rx = env.receiver(port)
+    tx = env.sender(port)
+    assert tx.wait_event("resync")["replica_seq"] > 0
+    rx.wait_event("replica_consistent", where=lambda e: e["reason"] == "resync complete")
+    env.wait_caught_up()
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    state = replica_state(env.replica)
+    marker = json.loads((env.replica / "volumes/v1/peerlink-upstream.json").read_text())
+    assert (state["inconsistent"], marker["resync"]) == (False, None)
+    p, r = env.checksums()
+    assert p == r
