@@ -386,24 +386,12 @@ class Receiver:
         self.upstream = rec
 
     def _resync_begin(self, msg: ResyncExtents, resume_from: int) -> None:
-        """Before the first extent byte: Inconsistent durably, the store checkpointed (so
-        redo never replays older batches over extent data), unannounced extents zeroed
-        (they are holes on the sender)."""
-        vol, store = self.vol, self.vol.store
-        assert store is not None
+        """Before the first extent byte: Inconsistent durably, and the store checkpointed
+        so that redo never replays older batches over extent data."""
         self._set_resync_marker({"resume_from": resume_from, "done": False,
                                  "extents": len(msg.extents), "started": time.time()})
-        vol.set_consistent(False)
-        vol.checkpoint()
-        size, ext = vol.size, 1 << msg.extent_shift
-        announced = set(msg.extents)
-        start = None
-        for e in range(((size + ext - 1) >> msg.extent_shift) + 1):
-            if e not in announced and e * ext < size:
-                start = e if start is None else start
-            elif start is not None:
-                store.punch(start * ext, min(e * ext, size) - start * ext)
-                start = None
+        self.vol.set_consistent(False)
+        self.vol.checkpoint()
 
     def _resync_extent(self, msg: ExtentData) -> None:
         store = self.vol.store

@@ -21,7 +21,8 @@ with ``JournalTail`` as nbdkit appends to them.  Per connection:
 
 Resync: when the journal no longer holds the seq after the replica's (released past it),
 the streaming position is fixed at the journal's end S0 at the handshake, every extent
-of the store holding an allocated byte is sent (``ExtentData``, read after S0 was fixed:
+is announced and sent, allocated bytes as data and holes empty (``ExtentData``, read
+after S0 was fixed:
 the store is written before the journal, so it holds every record up to S0), then
 ``ResyncDone(S1)`` with S1 the journal's end after the last read, then batches from
 S0 + 1.  Batches re-apply what the extent reads may already have seen, which converges;
@@ -48,7 +49,13 @@ import structlog
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import JournalTail
 from blockstore.meta import read_json, write_json
-from blockstore.record import REC_HEADER_SIZE, SEG_HEADER_SIZE, RecordHeader, decode_header
+from blockstore.record import (
+    REC_HEADER_SIZE,
+    SEG_HEADER_SIZE,
+    RecordHeader,
+    check_payload,
+    decode_header,
+)
 from blockstore.store import Store
 from blockstore.volume import find_volume
 
@@ -78,6 +85,7 @@ PEER_KIND: Final = "peer"
 PEER_VERSION: Final = 1
 PERSIST_INTERVAL: Final = 0.05
 RESYNC_PIECE: Final = 1 << 20
+HOLE_PIECE: Final = 1 << 31  # zeros are sent empty; ExtentData.length is a u32
 # After the last extent is read, writes whose store write it saw may still be appending
 # their journal record; ResyncDone's seq is taken this long after, so it covers them.
 RESYNC_SETTLE: Final = 0.05
@@ -119,9 +127,9 @@ class Frame:
 def journal_bounds(directory: Path) -> tuple[int, int]:
     """(first retained seq, last complete seq) of a journal another process appends to.
 
-    Reads only record headers of the active segment (checked by their own CRC), so it is
-    cheap enough for each handshake; a record whose payload is still being written may be
-    counted, which only makes the Hello's informational seq one higher.
+    Reads the record headers of the active segment (checked by their own CRC), and the
+    payload of the last one only, so it is cheap enough for each handshake: a record whose
+    payload is still being written is not counted (streaming may resume right after it).
     """
     firsts = sorted(int(m.group(1), 16) for n in os.listdir(directory)
                     if (m := _SEG_RE.match(n)))
@@ -133,6 +141,7 @@ def journal_bounds(directory: Path) -> tuple[int, int]:
     try:
         size = os.fstat(fd).st_size
         pos = SEG_HEADER_SIZE
+        last: tuple[RecordHeader, int] | None = None
         while pos + REC_HEADER_SIZE <= size:
             try:
                 hdr = decode_header(os.pread(fd, REC_HEADER_SIZE, pos))
@@ -141,7 +150,14 @@ def journal_bounds(directory: Path) -> tuple[int, int]:
             if hdr.seq != seq + 1:
                 break
             seq = hdr.seq
+            last = hdr, pos + REC_HEADER_SIZE
             pos += REC_HEADER_SIZE + hdr.payload_len
+        if last is not None:
+            hdr, at = last
+            try:
+                check_payload(hdr, os.pread(fd, hdr.payload_len, at))
+            except FormatError:
+                seq -= 1  # still being written
     finally:
         os.close(fd)
     return firsts[0], seq
@@ -212,43 +228,62 @@ class Producer:
 class ExtentReader:
     """Reads the primary's store for a resync (read-only; nbdkit keeps writing it).
 
-    Announces the extents that hold any allocated byte; for each, yields ExtentData
-    pieces of at most ``RESYNC_PIECE`` bytes, sending holes and all-zero pieces empty
-    (the receiver punches them, so sparseness survives and zeros cost nothing).
+    A cursor over the byte ranges of the announced extents: ``next_pieces()`` returns the
+    next ExtentData messages, about ``budget`` data bytes at most per call.  Data is sent
+    in pieces of ``RESYNC_PIECE`` bytes; holes and all-zero pieces are sent empty (the
+    receiver punches them: sparseness survives and zeros cost nothing on the wire).
     """
 
-    def __init__(self, path: Path, size: int, shift: int, name: str) -> None:
+    def __init__(self, path: Path, size: int, shift: int, name: str, extents: list[int]
+                 ) -> None:
         self.store = Store(str(path), size, readonly=True)
-        self.size, self.shift, self.name = size, shift, name
+        self.size, self.name = size, name
+        self.ranges: deque[tuple[int, int]] = deque()  # [start, end) of extent runs
+        ext = 1 << shift
+        for e in extents:
+            a, b = e * ext, min((e + 1) * ext, size)
+            if self.ranges and self.ranges[-1][1] == a:
+                self.ranges[-1] = (self.ranges[-1][0], b)
+            else:
+                self.ranges.append((a, b))
 
     def close(self) -> None:
         self.store.close()
 
-    def allocated_extents(self) -> list[int]:
-        out: list[int] = []
-        for off, length, allocated in self.store.extents(0, self.size):
-            if allocated:
-                first = max(off >> self.shift, out[-1] + 1 if out else 0)
-                out.extend(range(first, ((off + length - 1) >> self.shift) + 1))
-        return out
+    def _next_data(self, pos: int, end: int) -> int:
+        """The first allocated offset in [pos, end), or end."""
+        try:
+            return min(os.lseek(self.store.fd, pos, os.SEEK_DATA), end)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return end  # nothing allocated after pos
 
-    def extent(self, e: int) -> list[ExtentData]:
-        start = e << self.shift
-        end = min(start + (1 << self.shift), self.size)
+    def next_pieces(self, budget: int = 4 * RESYNC_PIECE) -> list[ExtentData]:
+        """The next pieces in offset order; an empty list at the end.
+
+        A hole is one empty piece up to the next allocated byte; data is read in whole
+        ``RESYNC_PIECE`` pieces from the first allocated byte (small holes inside read as
+        zeros: fewer, larger pieces), and a piece that is all zeros is sent empty."""
         out: list[ExtentData] = []
-        for off, length, allocated in self.store.extents(start, end - start):
-            pos = off
-            while pos < off + length:
-                n = min(RESYNC_PIECE, off + length - pos)
-                data = b""
-                if allocated:
-                    data = os.pread(self.store.fd, n, pos)
-                    if len(data) != n:
-                        raise OSError(errno.EIO, f"short read of the store at {pos}")
-                    if not data.strip(b"\0"):
-                        data = b""
-                out.append(ExtentData(self.name, pos, n, data))
-                pos += n
+        spent = 0
+        while self.ranges and spent < budget:
+            start, end = self.ranges[0]
+            data_at = self._next_data(start, end)
+            if data_at > start:
+                n = min(data_at - start, HOLE_PIECE)
+                out.append(ExtentData(self.name, start, n, b""))
+            else:
+                n = min(RESYNC_PIECE, end - start)
+                data = os.pread(self.store.fd, n, start)
+                if len(data) != n:
+                    raise OSError(errno.EIO, f"short read of the store at {start}")
+                spent += n
+                out.append(ExtentData(self.name, start, n, data if data.strip(b"\0") else b""))
+            if start + n >= end:
+                self.ranges.popleft()
+            else:
+                self.ranges[0] = (start + n, end)
         return out
 
 
@@ -448,28 +483,28 @@ class Sender:
         raise LinkClosed("link ended")
 
     async def _resync(self, link: Link, resume: int) -> None:
-        """Send every allocated extent of the store, then ResyncDone (PROTOCOL.md)."""
+        """Send every extent of the store (holes empty), then ResyncDone (PROTOCOL.md)."""
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         info = self.info
+        extents = list(range((info.size + (1 << info.extent_shift) - 1) >> info.extent_shift))
         reader = await loop.run_in_executor(self.executor, ExtentReader, info.path / "store",
-                                            info.size, info.extent_shift, self.name)
-        sent = data = 0
+                                            info.size, info.extent_shift, self.name, extents)
+        sent = data = pieces = 0
+        self.log.info("resync_started", extents=len(extents))
+        link.send(ResyncExtents(self.name, info.extent_shift, tuple(extents)))
+        compression = Compression(self.cfg.compress)
+
+        def frames() -> list[tuple[list[bytes | memoryview], int]]:
+            return [(compression.frame(m.encode()), len(m.data)) for m in reader.next_pieces()]
+
         try:
-            extents = await loop.run_in_executor(self.executor, reader.allocated_extents)
-            self.log.info("resync_started", extents=len(extents),
-                          extent_bytes=len(extents) << info.extent_shift)
-            link.send(ResyncExtents(self.name, info.extent_shift, tuple(extents)))
-            compression = Compression(self.cfg.compress)
-
-            def frames(e: int) -> list[tuple[list[bytes | memoryview], int]]:
-                return [(compression.frame(m.encode()), len(m.data)) for m in reader.extent(e)]
-
-            for e in extents:
-                for bufs, n in await loop.run_in_executor(self.executor, frames, e):
+            while batch := await loop.run_in_executor(self.executor, frames):
+                for bufs, n in batch:
                     link.send_frame(bufs)
                     sent += sum(len(b) for b in bufs)
                     data += n
+                    pieces += 1
                     await link.drain()
         finally:
             self.executor.submit(reader.close)  # after any read still running there
@@ -479,8 +514,8 @@ class Sender:
         self.resync_ack = resume - 1  # acked once the replica holds the extents durably
         link.send(ResyncDone(self.name, done_seq))
         self.stats["resync_wire_bytes"] = self.stats.get("resync_wire_bytes", 0) + sent
-        self.log.info("resync_extents_sent", extents=len(extents), data_bytes=data,
-                      wire_bytes=sent, consistent_at=done_seq,
+        self.log.info("resync_extents_sent", extents=len(extents), pieces=pieces,
+                      data_bytes=data, wire_bytes=sent, consistent_at=done_seq,
                       seconds=round(time.monotonic() - t0, 3))
 
     async def _pump(self, link: Link, resume: int, resync: bool) -> None:

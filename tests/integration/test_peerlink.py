@@ -554,7 +554,7 @@ def test_resync_when_the_journal_was_released(tmp_path: Path, data_dir: Path, vo
     past them: allocated extents are copied while writes go on, then streaming resumes;
     the replica is Inconsistent until then, and an interrupted resync starts over."""
     cfg = tmp_path / "small-journal.yaml"
-    cfg.write_text("version: 1\njournal:\n  segment_bytes: 1M\n  max_bytes: 4M\n")
+    cfg.write_text("version: 1\njournal:\n  segment_bytes: 1M\n  max_bytes: 12M\n")
     replica = tmp_path / "replica"
     replica.mkdir()
     run_nbdgw("volume", "create", "v1", "--size", "64M", "--replica", "--data-dir", str(replica))
@@ -570,7 +570,7 @@ def test_resync_when_the_journal_was_released(tmp_path: Path, data_dir: Path, vo
 
 
 def _resync_scenario(env: Env) -> None:
-    w = Writer(env.served, seed=8, max_ops=600)
+    w = Writer(env.served, seed=8, max_ops=1000)
     w.start()
     w.finish()
     first, _ = journal_bounds(env.primary / "volumes/v1/journal")
@@ -578,7 +578,7 @@ def _resync_scenario(env: Env) -> None:
     # 1. A new replica: extents copied while a writer keeps going.
     rx = env.receiver()
     port = rx.port
-    w = Writer(env.served, seed=9, pause=0.002)
+    w = Writer(env.served, seed=9, pause=0.005)
     w.start()
     tx = env.sender(port)
     assert tx.wait_event("resync")["replica_seq"] == 0
@@ -594,7 +594,7 @@ def _resync_scenario(env: Env) -> None:
     h.trim(4 * MiB, 8 * MiB)  # extent 2: a hole on the primary, data on the replica
     h.flush()
     h.shutdown()
-    w = Writer(env.served, seed=10, max_ops=600)
+    w = Writer(env.served, seed=10, max_ops=1000)
     w.start()
     w.finish()
     # Interrupt the resync: a slow link, and the receiver killed once it has begun.
