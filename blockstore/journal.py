@@ -15,9 +15,11 @@ corruption: ``JournalCorrupt`` names the segment and offset, and nothing past it
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from .record import (
 from .store import FALLOC_FL_KEEP_SIZE, fallocate
 
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
+_SPARE_PREFIX = "spare-"  # preallocated future segments: spare-<pid>-<n>.tmp
 _PREFIX = struct.Struct("<II")
 _TAIL = struct.Struct("<QBBHIQIII")
 _MAGIC_BYTES = struct.pack("<I", REC_MAGIC)
@@ -84,6 +87,14 @@ class Journal:
         # Sealed segments not yet fdatasync'ed: the next sync() (FLUSH/FUA) does them,
         # so a rotation never stalls the request that triggered it.
         self._unsynced: list[int] = []
+        # A preallocated file (fd, path) that the next rotation renames into place, and
+        # whether a rename still needs the directory fsync'ed (done by the next sync()).
+        # prepare_spare() and release run on the volume's checkpoint thread: `_lock`
+        # guards the spare and the segment list between it and the request path.
+        self._spare: tuple[int, Path] | None = None
+        self._spare_ids = itertools.count()
+        self._dir_unsynced = False
+        self._lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------
 
@@ -104,6 +115,9 @@ class Journal:
     def open(self, cut_torn: bool = True) -> ScanResult:
         """Find the segments, check the active one, cut a torn tail (unless told not
         to: then it is reported in torn_bytes and left); open for append."""
+        for name in os.listdir(self.dir):  # leftovers of a crash: never part of the journal
+            if name.startswith(_SPARE_PREFIX) or name.endswith(".jnl.tmp"):
+                (self.dir / name).unlink()
         self.segments = self._list()
         if not self.segments:
             raise FormatError(f"journal {self.dir}: no segment files")
@@ -205,23 +219,59 @@ class Journal:
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(self.dir)
-        self.segments.append(Segment(path, first_seq))
+        with self._lock:
+            self.segments.append(Segment(path, first_seq))
 
-    def _preallocate(self) -> None:
-        """Reserve the active segment's blocks (file size unchanged): an append that
-        extends a file into unallocated blocks costs several times a plain write, and a
-        reserved journal keeps accepting records when the disk fills up."""
-        # Best effort: without it appends allocate blocks as they go.
-        with contextlib.suppress(OSError):
-            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, 0, self.segment_bytes)
+    def _preallocate(self, fd: int | None = None) -> None:
+        """Reserve a segment's blocks (file size unchanged): an append that extends a
+        file into unallocated blocks costs several times a plain write, and a reserved
+        journal keeps accepting records when the disk fills up.  Best effort: on failure
+        (a full disk) any partial reservation is given back and appends allocate."""
+        fd = self.fd if fd is None else fd
+        try:
+            fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, self.segment_bytes)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.fstat(fd).st_size)
+
+    def prepare_spare(self) -> None:
+        """Create and preallocate the file the next rotation will use (any thread).
+        No fsync here: the next sync() after the rotation makes it durable."""
+        with self._lock:
+            if self._spare is not None or self.fd < 0:
+                return
+        path = self.dir / f"{_SPARE_PREFIX}{os.getpid()}-{next(self._spare_ids)}.tmp"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._preallocate(fd)
+        with self._lock:
+            if self._spare is None:
+                self._spare = (fd, path)
+                return
+        os.close(fd)
+        path.unlink()
 
     def _rotate(self) -> None:
+        """Seal the active segment and continue in a new one.  On the request path:
+        with a spare ready this is a header write and a rename, no fsync."""
         if self.on_rotate is not None:
             self.on_rotate()
         self._unsynced.append(self.fd)
-        self._new_segment(self.next_seq)
-        self.fd = os.open(self.segments[-1].path, os.O_RDWR)
-        self._preallocate()
+        first = self.next_seq
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            self._new_segment(first)
+            self.fd = os.open(self.segments[-1].path, os.O_RDWR)
+            self._preallocate()
+        else:
+            fd, tmp = spare
+            path = self.dir / segment_name(first)
+            os.pwrite(fd, encode_segment_header(self.journal_id, first, time.time_ns()), 0)
+            os.rename(tmp, path)
+            self._dir_unsynced = True
+            with self._lock:
+                self.segments.append(Segment(path, first))
+            self.fd = fd
         self.pos = SEG_HEADER_SIZE
 
     def append(self, op: int, flags: int, offset: int, length: int,
@@ -267,6 +317,9 @@ class Journal:
             os.close(fd)
             self._unsynced.pop(0)
         os.fdatasync(self.fd)
+        if self._dir_unsynced:
+            self._dir_unsynced = False
+            fsync_dir(self.dir)
 
     @property
     def last_seq(self) -> int:
@@ -276,6 +329,11 @@ class Journal:
         for fd in self._unsynced:
             os.close(fd)
         self._unsynced.clear()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            os.close(spare[0])
+            spare[1].unlink(missing_ok=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -341,13 +399,18 @@ class Journal:
         return dropped
 
     def retained_bytes(self) -> int:
-        return sum(s.path.stat().st_size for s in self.segments[:-1]) + self.pos
+        with self._lock:
+            sealed = self.segments[:-1]
+        return sum(s.path.stat().st_size for s in sealed) + self.pos
 
     def release_through(self, seq: int) -> int:
         """Delete sealed segments whose records all have seq <= ``seq``; return bytes freed."""
         freed = 0
-        while len(self.segments) > 1 and self.segments[1].first_seq - 1 <= seq:
-            seg = self.segments.pop(0)
+        while True:
+            with self._lock:
+                if len(self.segments) < 2 or self.segments[1].first_seq - 1 > seq:
+                    break
+                seg = self.segments.pop(0)
             freed += seg.path.stat().st_size
             seg.path.unlink()
         if freed:
@@ -358,10 +421,12 @@ class Journal:
         """Release the oldest sealed segments until at most ``max_bytes`` are retained,
         never releasing a record at or after ``keep_from_seq`` (needed for redo)."""
         freed = 0
-        while len(self.segments) > 1 and self.retained_bytes() > max_bytes:
-            if self.segments[1].first_seq - 1 >= keep_from_seq:
-                break
-            freed += self.release_through(self.segments[1].first_seq - 1)
+        while self.retained_bytes() > max_bytes:
+            with self._lock:
+                if len(self.segments) < 2 or self.segments[1].first_seq - 1 >= keep_from_seq:
+                    break
+                last_of_oldest = self.segments[1].first_seq - 1
+            freed += self.release_through(last_of_oldest)
         return freed
 
 

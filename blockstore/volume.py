@@ -309,8 +309,13 @@ class Checkpointer:
                 seq, self.want = self.want, None
             try:
                 self.vol.checkpoint_through(seq)
+                journal = self.vol.journal
+                assert journal is not None
+                journal.trim_to(self.vol.journal_max_bytes, self.vol.checkpoint_seq + 1)
+                journal.prepare_spare()
             except OSError as e:
-                # The redo point stays where it was: recovery replays more, loses nothing.
+                # The redo point stays where it was: recovery replays more, loses nothing;
+                # without a spare the next rotation creates its segment inline.
                 self.error = e
             with self.cv:
                 self.done_seq = max(self.done_seq, seq)
@@ -393,6 +398,7 @@ class Volume:
             self.recovery = self._recover(scan.torn_bytes)
         self.applied_seq = self.journal.last_seq  # nothing uncommitted survives opening
         self._write_state(clean=False)
+        self.journal.prepare_spare()
         self.checkpointer = Checkpointer(self)
 
     def _recover(self, torn: int) -> RecoveryReport:
@@ -622,8 +628,8 @@ class Volume:
         if self.checkpointer is None:
             self.checkpoint()
             return
+        # The checkpoint thread then releases old segments and prepares the next spare.
         self.checkpointer.request(self._applied())
-        self.journal.trim_to(self.journal_max_bytes, self.checkpoint_seq + 1)
 
     def checkpoint_through(self, seq: int) -> None:
         """Every record up to ``seq`` is in the store; make the store durable and move

@@ -286,6 +286,8 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     )
     if journal.segment_bytes < 1 << 20:
         raise ConfigError("expected at least 1M for journal.segment_bytes")
+    if journal.segment_bytes > 1 << 30:
+        raise ConfigError("expected at most 1G for journal.segment_bytes")
     if journal.max_bytes < journal.segment_bytes:
         raise ConfigError("journal.max_bytes must be at least journal.segment_bytes")
     name = node.string("name", None) or NodeConfig.name

@@ -285,6 +285,12 @@ def test_segment_bytes_minimum() -> None:
     assert parse_config(minimal(journal={"segment_bytes": "1M"})).journal.segment_bytes == 1 << 20
 
 
+def test_segment_bytes_maximum() -> None:
+    assert refused(minimal(journal={"segment_bytes": "2G", "max_bytes": "4G"})) == (
+        "expected at most 1G for journal.segment_bytes")
+    assert parse_config(minimal(journal={"segment_bytes": "1G"})).journal.segment_bytes == 1 << 30
+
+
 def test_max_bytes_at_least_segment_bytes() -> None:
     assert refused(minimal(journal={"max_bytes": "32M", "segment_bytes": "64M"})) == (
         "journal.max_bytes must be at least journal.segment_bytes")
