@@ -96,6 +96,7 @@ class Link(asyncio.Protocol):
         self._writing_allowed = asyncio.Event()
         self._writing_allowed.set()
         self._error: PeerlinkError | None = None
+        self._lingering = False  # close() is flushing a last word (a Refuse)
         self.connected = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.last_frame = time.monotonic()
@@ -128,7 +129,8 @@ class Link(asyncio.Protocol):
                 self.last_frame = time.monotonic()
                 msg = decode(body)
                 if isinstance(msg, Ping):
-                    self.send(Pong(msg.t))
+                    with contextlib.suppress(LinkClosed):
+                        self.send(Pong(msg.t))
                     continue
                 self._queue.append((msg, len(body)))
                 self._queued_bytes += len(body)
@@ -185,13 +187,22 @@ class Link(asyncio.Protocol):
         """Drop the connection now, for ``err`` (which ``recv()`` will raise)."""
         self._fail(err)
 
-    def close(self) -> None:
-        """Close after flushing what is buffered (a Refuse must reach the peer)."""
+    def release(self, err: PeerlinkError) -> None:
+        """End of a session: abort, unless close() is already flushing a last word."""
+        if not self._lingering:
+            self.abort(err)
+
+    def close(self, linger: float = 5.0) -> None:
+        """Close after flushing what is buffered (a Refuse must reach the peer), but
+        abort after ``linger`` seconds if the peer does not read it."""
         if self._error is None:
             self._error = LinkClosed("connection closed by this node")
         self._wakeup.set()
-        if self.transport is not None:
-            self.transport.close()
+        if self.transport is not None and not self._lingering:
+            self._lingering = True
+            transport = self.transport
+            transport.close()
+            asyncio.get_running_loop().call_later(linger, transport.abort)
 
     def _check_open(self) -> None:
         if self._error is not None:

@@ -202,7 +202,7 @@ class Receiver:
             if not session_ended(clog, e):
                 raise
         finally:
-            link.abort(LinkClosed("session ended"))
+            link.release(LinkClosed("session ended"))
             self.links.discard(link)
 
     def _refuse(self, link: Link, reason: str) -> Refused:

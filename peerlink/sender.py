@@ -42,7 +42,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -395,7 +395,7 @@ class Sender:
             resume, resync = await self._handshake(link, loop)
             await self._stream(link, resume, resync, stop)
         finally:
-            link.abort(LinkClosed("session ended"))
+            link.release(LinkClosed("session ended"))
             self.inflight.clear()
             self.resync_ack = None
             self.inflight_bytes = 0
@@ -574,10 +574,3 @@ class Sender:
         while True:
             await asyncio.sleep(self.cfg.ping_interval)
             link.send(Ping(time.monotonic_ns()))
-
-
-def lag(sender: Sender) -> dict[str, Any]:
-    """What status shows for a sender (last ack, in flight)."""
-    return {"acked_seq": sender.acked, "sent_through": sender.sent_through,
-            "inflight_batches": len(sender.inflight), "inflight_bytes": sender.inflight_bytes}
-
