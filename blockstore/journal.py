@@ -44,6 +44,7 @@ from .store import FALLOC_FL_KEEP_SIZE, fallocate
 
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 _SPARE_PREFIX = "spare-"  # preallocated future segments: spare-<pid>-<n>.tmp
+SPARE_POOL = 4  # released segments kept for reuse
 _PREFIX = struct.Struct("<II")
 _TAIL = struct.Struct("<QBBHIQIII")
 _MAGIC_BYTES = struct.pack("<I", REC_MAGIC)
@@ -91,7 +92,7 @@ class Journal:
         # whether a rename still needs the directory fsync'ed (done by the next sync()).
         # prepare_spare() and release run on the volume's checkpoint thread: `_lock`
         # guards the spare and the segment list between it and the request path.
-        self._spare: tuple[int, Path] | None = None
+        self._spares: list[tuple[int, Path]] = []
         self._spare_ids = itertools.count()
         self._dir_unsynced = False
         self._lock = threading.Lock()
@@ -238,27 +239,23 @@ class Journal:
         """Create and preallocate the file the next rotation will use (any thread).
         No fsync here: the next sync() after the rotation makes it durable."""
         with self._lock:
-            if self._spare is not None or self.fd < 0:
+            if self._spares or self.fd < 0:
                 return
         path = self.dir / f"{_SPARE_PREFIX}{os.getpid()}-{next(self._spare_ids)}.tmp"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._preallocate(fd)
-        with self._lock:
-            if self._spare is None:
-                self._spare = (fd, path)
-                return
-        os.close(fd)
-        path.unlink()
+        self._adopt_spare(fd, path)
 
     def _rotate(self) -> None:
         """Seal the active segment and continue in a new one.  On the request path:
         with a spare ready this is a header write and a rename, no fsync."""
         if self.on_rotate is not None:
             self.on_rotate()
+        self._cut_stale_tail()
         self._unsynced.append(self.fd)
         first = self.next_seq
         with self._lock:
-            spare, self._spare = self._spare, None
+            spare = self._spares.pop() if self._spares else None
         if spare is None:
             self._new_segment(first)
             self.fd = os.open(self.segments[-1].path, os.O_RDWR)
@@ -309,6 +306,12 @@ class Journal:
             os.ftruncate(self.fd, pos)
         self.pos = pos
 
+    def _cut_stale_tail(self) -> None:
+        """A recycled segment holds old bytes past the last record: a sealed or cleanly
+        closed segment must end exactly at its last record (readers rely on it)."""
+        if os.fstat(self.fd).st_size > self.pos:
+            os.ftruncate(self.fd, self.pos)
+
     def sync(self) -> None:
         """Make every appended record durable (sealed segments first)."""
         while self._unsynced:
@@ -325,15 +328,20 @@ class Journal:
     def last_seq(self) -> int:
         return self.next_seq - 1
 
+    def seal_for_close(self) -> None:
+        """Before a clean close: the active segment ends at its last record."""
+        if self.fd >= 0:
+            self._cut_stale_tail()
+
     def close(self) -> None:
         for fd in self._unsynced:
             os.close(fd)
         self._unsynced.clear()
         with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            os.close(spare[0])
-            spare[1].unlink(missing_ok=True)
+            spares, self._spares = self._spares, []
+        for fd, path in spares:
+            os.close(fd)
+            path.unlink(missing_ok=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -404,18 +412,35 @@ class Journal:
         return sum(s.path.stat().st_size for s in sealed) + self.pos
 
     def release_through(self, seq: int) -> int:
-        """Delete sealed segments whose records all have seq <= ``seq``; return bytes freed."""
+        """Release sealed segments whose records all have seq <= ``seq``; return bytes
+        freed.  The first one released becomes the next spare when none is waiting
+        (recycling, as databases do with their WAL): its pages are allocated and often
+        still cached, so appends overwrite them instead of allocating new ones."""
         freed = 0
         while True:
             with self._lock:
                 if len(self.segments) < 2 or self.segments[1].first_seq - 1 > seq:
                     break
                 seg = self.segments.pop(0)
+                recycle = len(self._spares) < SPARE_POOL and self.fd >= 0
             freed += seg.path.stat().st_size
-            seg.path.unlink()
+            if recycle:
+                tmp = self.dir / f"{_SPARE_PREFIX}{os.getpid()}-{next(self._spare_ids)}.tmp"
+                os.rename(seg.path, tmp)
+                self._adopt_spare(os.open(tmp, os.O_RDWR), tmp)
+            else:
+                seg.path.unlink()
         if freed:
             fsync_dir(self.dir)
         return freed
+
+    def _adopt_spare(self, fd: int, path: Path) -> None:
+        with self._lock:
+            if len(self._spares) < SPARE_POOL:
+                self._spares.append((fd, path))
+                return
+        os.close(fd)
+        path.unlink()
 
     def trim_to(self, max_bytes: int, keep_from_seq: int) -> int:
         """Release the oldest sealed segments until at most ``max_bytes`` are retained,
@@ -495,6 +520,9 @@ class JournalTail:
             if self._pos >= size:
                 return None  # clean end of what is written so far
             if sealed:
+                if not self._seg.path.exists():
+                    # Released (and recycled) while we read it: the records are gone.
+                    raise JournalGap(self._next, self._first_retained()) from None
                 raise JournalCorrupt(self._seg.path.name, self._pos, str(e)) from None
             self._check_stuck(size, e)
             return None
@@ -512,9 +540,20 @@ class JournalTail:
         if self._stuck_at != where:
             self._stuck_at, self._stuck_since = where, now
             return
-        if now - self._stuck_since >= self.STUCK_SECONDS and Journal._valid_record_after(
-                self._fd, self._pos + 1, size, self._next - 1):
+        if now - self._stuck_since < self.STUCK_SECONDS:
+            return
+        if not self._seg.path.exists():
+            raise JournalGap(self._next, self._first_retained())
+        # A recycled active segment has old records past the end: those are older than
+        # anything we read, so only a newer valid record proves corruption.  Scanned at
+        # most once per STUCK_SECONDS.
+        self._stuck_since = now
+        if Journal._valid_record_after(self._fd, self._pos + 1, size, self._next - 1):
             raise JournalCorrupt(self._seg.path.name, self._pos, str(err))
+
+    def _first_retained(self) -> int:
+        segs = self._segments()
+        return segs[0].first_seq if segs else self._next
 
     def _from_later_segment(self) -> tuple[RecordHeader, bytes] | None:
         """At the end of the current segment: the next record, if a later segment

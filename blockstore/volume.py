@@ -273,18 +273,23 @@ class RecoveryReport:
 
 
 class Checkpointer:
-    """Makes the store durable in the background and then advances the redo point.
+    """The volume's background thread: segment spares, checkpoints, journal release.
 
-    Requested at each journal segment rotation.  The store's fdatasync after a segment of
-    random writes can take a large fraction of a second; done inline it would stall every
-    client that long.  Only this thread writes state.json while the volume is open; the
-    request path never waits for it.
+    At each journal rotation it prepares the next spare segment at once, and makes the
+    store durable and advances the redo point at most every MIN_INTERVAL seconds (sooner
+    when the journal is over its cap, since only checkpointed segments can be released).
+    The store's fdatasync after many random writes can take a large fraction of a second
+    and forces writeback that competes with the clients; none of this runs on the request
+    path.  Only this thread writes state.json while the volume is open.
     """
+
+    MIN_INTERVAL = 2.0
 
     def __init__(self, vol: Volume) -> None:
         self.vol = vol
         self.cv = threading.Condition()
         self.want: int | None = None
+        self.spare_wanted = False
         self.done_seq = vol.checkpoint_seq
         self.stopping = False
         self.error: OSError | None = None
@@ -293,33 +298,59 @@ class Checkpointer:
     def request(self, seq: int) -> None:
         with self.cv:
             self.want = seq
+            self.spare_wanted = True
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="nbdgw-checkpoint",
                                                daemon=True)
                 self.thread.start()
             self.cv.notify()
 
+    def _urgent(self) -> bool:
+        journal = self.vol.journal
+        return journal is not None and journal.retained_bytes() > self.vol.journal_max_bytes
+
+    def _next_job(self, last: float) -> tuple[bool, int | None] | None:
+        """(prepare a spare?, checkpoint through seq or None); None: time to exit."""
+        with self.cv:
+            while True:
+                spare, self.spare_wanted = self.spare_wanted, False
+                if self.want is not None:
+                    wait = last + self.MIN_INTERVAL - time.monotonic()
+                    if wait <= 0 or self.stopping or self._urgent():
+                        seq, self.want = self.want, None
+                        return spare, seq
+                    if spare:
+                        return True, None
+                    self.cv.wait(min(wait, 0.25))
+                    continue
+                if spare:
+                    return True, None
+                if self.stopping:
+                    return None
+                self.cv.wait()
+
     def _run(self) -> None:
-        while True:
-            with self.cv:
-                while self.want is None and not self.stopping:
-                    self.cv.wait()
-                if self.want is None:
-                    return
-                seq, self.want = self.want, None
+        last = 0.0
+        journal = self.vol.journal
+        assert journal is not None
+        while (job := self._next_job(last)) is not None:
+            spare, seq = job
             try:
+                if spare:
+                    journal.prepare_spare()
+                if seq is None:
+                    continue
+                last = time.monotonic()
                 self.vol.checkpoint_through(seq)
-                journal = self.vol.journal
-                assert journal is not None
                 journal.trim_to(self.vol.journal_max_bytes, self.vol.checkpoint_seq + 1)
-                journal.prepare_spare()
             except OSError as e:
                 # The redo point stays where it was: recovery replays more, loses nothing;
                 # without a spare the next rotation creates its segment inline.
                 self.error = e
-            with self.cv:
-                self.done_seq = max(self.done_seq, seq)
-                self.cv.notify_all()
+            if seq is not None:
+                with self.cv:
+                    self.done_seq = max(self.done_seq, seq)
+                    self.cv.notify_all()
 
     def stop(self) -> None:
         with self.cv:
@@ -668,6 +699,7 @@ class Volume:
                 if self.diverged:  # raises if still unpersistable: stays unclean
                     self.add_resync(sorted(self.diverged), "journal append failed")
                     self.diverged.clear()
+                self.journal.seal_for_close()
                 self._make_durable()
                 self.checkpoint_seq = self._applied()
                 # State first: if writing it fails (a full disk) the activity log still
