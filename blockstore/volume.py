@@ -654,13 +654,15 @@ class Volume:
         return self.applied_seq if self.replica else self.journal.last_seq
 
     def _on_rotate(self) -> None:
-        """Journal segment full: checkpoint in the background, release old segments."""
+        """Journal segment full: the checkpoint thread prepares the next spare,
+        checkpoints and releases old segments.  If it has fallen behind by more than two
+        segments over the cap, checkpoint here: the bound on the journal is hard."""
         assert self.journal is not None
-        if self.checkpointer is None:
+        if self.checkpointer is None or self.journal.retained_bytes() > (
+                self.journal_max_bytes + 2 * self.journal.segment_bytes):
             self.checkpoint()
-            return
-        # The checkpoint thread then releases old segments and prepares the next spare.
-        self.checkpointer.request(self._applied())
+        if self.checkpointer is not None:
+            self.checkpointer.request(self._applied())
 
     def checkpoint_through(self, seq: int) -> None:
         """Every record up to ``seq`` is in the store; make the store durable and move

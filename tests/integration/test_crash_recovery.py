@@ -12,6 +12,7 @@ the operator runs `nbdgw volume repair`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -474,10 +475,19 @@ def test_corrupt_record_in_sealed_segment_found_by_redo(data_dir, volume, serve,
 
 
 @pytest.mark.timeout(90)
+def journal_bytes(jdir: Path) -> int:
+    """Bytes in segment files, tolerating files the server releases meanwhile."""
+    total = 0
+    for p in jdir.glob("seg-*.jnl"):
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total
+
+
 def test_journal_retention_cap(data_dir, volume, serve, tmp_path):
     """segment_bytes 1M, max_bytes 4M: 20 MiB of writes keep about 4 MiB of segments (the
-    release runs on the volume's background thread, so allow one segment in flight, plus
-    the active one), and every byte reads back.  Spare segments (recycled, at most
+    release runs on the volume's background thread; past cap + 2 segments the request
+    path checkpoints itself), and every byte reads back.  Spare segments (recycled, at most
     SPARE_POOL) are reserved space, not retained journal, and are not counted."""
     cfg = write_config(tmp_path / "nbdgw.yaml", "1M", "4M")
     model = bytearray(VOL_SIZE)
@@ -487,11 +497,12 @@ def test_journal_retention_cap(data_dir, volume, serve, tmp_path):
     with connected(s) as h:
         for i in range(80):  # 80 x 256 KiB = 20 MiB
             do_writes(h, model, [Write(0, i, i * 256 * 1024, 256 * 1024)])
-            peak = max(peak, sum(p.stat().st_size for p in jdir.glob("seg-*.jnl")))
+            peak = max(peak, journal_bytes(jdir))
         h.flush()
         segs = segments(data_dir)
         assert int(segs[0].name[4:20], 16) > 1, f"nothing released: {[p.name for p in segs]}"
-        assert peak <= 4 * MiB + 2 * MiB + 8192, f"journal peaked at {peak} bytes"
+        # The hard bound: the request path checkpoints itself past cap + 2 segments.
+        assert peak <= 4 * MiB + 3 * MiB + 8192, f"journal peaked at {peak} bytes"
         spares = list(jdir.glob("spare-*.tmp"))
         assert len(spares) <= 4, f"more spares than the pool holds: {spares}"
         assert_same(read_all(h), model, "after 20 MiB through a 4 MiB journal")
