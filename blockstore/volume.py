@@ -382,6 +382,7 @@ class Volume:
         self.state_lock = threading.Lock()
         self.diverged: set[int] = set()  # extents changed but not journaled (see write)
         self.applied_seq = 0  # replica: local seq of the last commit applied to the store
+        self.unapplied_commit = False  # replica: a committed batch failed to reach the store
         try:
             self._open(al_slots, segment_bytes)
         except BaseException:
@@ -608,10 +609,48 @@ class Volume:
             self.journal.truncate_after(before)
             raise
         self.upstream_seq = last_seq
-        for op, flags, offset, length, data in records:
-            self.store.apply(Op(op), Flag(flags), offset, length, data)
+        try:
+            for op, flags, offset, length, data in records:
+                self.store.apply(Op(op), Flag(flags), offset, length, data)
+        except OSError:
+            # Committed but not in the store: only redo can finish it, so close() must
+            # leave the volume unclean.
+            self.unapplied_commit = True
+            raise
         self.applied_seq = commit
         return last_seq
+
+    def begin_resync(self) -> None:
+        """Replica: extent data is about to overwrite the store outside the batch
+        stream.  Inconsistent, durably, and checkpointed, so that no redo of older
+        batches ever lands on top of extent data."""
+        self.inconsistent = True
+        self.checkpoint()
+
+    def write_extent(self, offset: int, length: int, data: bytes) -> None:
+        """Replica, during a resync: the primary's bytes for a range (empty: zeros)."""
+        if not self.replica or not self.inconsistent:
+            raise InvalidArgument(f"volume {self.name}: extent data outside a resync")
+        self._check_range(offset, length)
+        assert self.store is not None
+        if data:
+            if len(data) != length:
+                raise InvalidArgument(f"extent at {offset}: {len(data)} bytes for {length}")
+            self.store.pwrite(data, offset)
+        else:
+            self.store.punch(offset, length)
+
+    def sync(self) -> None:
+        """Journal and store durable up to now."""
+        self._make_durable()
+
+    def end_resync(self, upstream_seq: int) -> None:
+        """Replica: every extent is in the store; it now stands at ``upstream_seq`` of
+        the upstream stream (still Inconsistent until the caller says otherwise)."""
+        assert self.store is not None
+        self.store.sync()
+        self.upstream_seq = upstream_seq
+        self._write_state(clean=False)
 
     def set_consistent(self, consistent: bool) -> None:
         """Replica: mark the end (or a restart) of an initial sync, durably."""
@@ -697,7 +736,9 @@ class Volume:
         try:
             if self.checkpointer is not None:
                 self.checkpointer.stop()
-            if not self.readonly and self.journal is not None and self.al is not None:
+            if self.unapplied_commit:
+                pass  # unclean on purpose: the next open redoes the committed batch
+            elif not self.readonly and self.journal is not None and self.al is not None:
                 if self.diverged:  # raises if still unpersistable: stays unclean
                     self.add_resync(sorted(self.diverged), "journal append failed")
                     self.diverged.clear()

@@ -390,29 +390,18 @@ class Receiver:
         so that redo never replays older batches over extent data."""
         self._set_resync_marker({"resume_from": resume_from, "done": False,
                                  "extents": len(msg.extents), "started": time.time()})
-        self.vol.set_consistent(False)
-        self.vol.checkpoint()
+        self.vol.begin_resync()
 
     def _resync_extent(self, msg: ExtentData) -> None:
-        store = self.vol.store
-        assert store is not None
-        if msg.data:
-            store.pwrite(msg.data, msg.offset)
-        else:
-            store.punch(msg.offset, msg.length)
+        self.vol.write_extent(msg.offset, msg.length, msg.data)
 
     def _resync_done(self, msg: ResyncDone, resume_from: int) -> None:
         """Every extent is in the store: make it durable, then stand at resume_from - 1
         (the marker first: a crash in between makes the next sender resync again)."""
-        vol, store = self.vol, self.vol.store
-        assert store is not None
-        store.sync()
+        self.vol.sync()
         self._set_resync_marker({"resume_from": resume_from, "done": True,
                                  "consistent_at": msg.seq})
-        # No blockstore API moves the upstream position outside apply_batch yet (a
-        # proposed Volume.end_resync() would): the attribute is public, state.json follows.
-        vol.upstream_seq = resume_from - 1
-        vol.set_consistent(False)  # writes state.json with the new upstream_seq
+        self.vol.end_resync(resume_from - 1)
         self._maybe_consistent()  # nothing was written meanwhile: Consistent at once
 
     def _maybe_consistent(self) -> bool:

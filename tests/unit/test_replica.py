@@ -137,3 +137,50 @@ def test_commit_spanning_a_segment_rotation(replica: Path) -> None:
     state = json.loads((replica / "volumes/r1/state.json").read_text())
     assert state["checkpoint_seq"] == 42, "redo point: the commit (41) and recovery's MARK"
     again.close()
+
+
+def test_resync_writes_extents_then_stands_at_the_given_seq(replica: Path) -> None:
+    vol = Volume.open(replica, "r1")
+    vol.apply_batch(1, 1, [(Op.WRITE, 0, 0, 4096, b"\x01" * 4096)])
+    vol.set_consistent(True)
+    data = os.urandom(8192)
+    with pytest.raises(InvalidArgument, match=r"^volume r1: extent data outside a resync$"):
+        vol.write_extent(0, 8192, data)
+    vol.begin_resync()
+    assert vol.inconsistent
+    vol.write_extent(1 << 20, 8192, data)
+    vol.write_extent(0, 4096, b"")  # a hole on the primary: zeros here
+    with pytest.raises(InvalidArgument, match=r"^extent at 0: 3 bytes for 4096$"):
+        vol.write_extent(0, 4096, b"abc")
+    vol.end_resync(41)
+    assert vol.upstream_seq == 41
+    assert read(vol, 0, 4096) == bytes(4096)
+    assert read(vol, 1 << 20, 8192) == data
+    vol.apply_batch(42, 42, [(Op.WRITE, 0, 4096, 4096, b"\x02" * 4096)])
+    vol.set_consistent(True)
+    vol.close()
+    state = json.loads((replica / "volumes/r1/state.json").read_text())
+    assert (state["upstream_seq"], state["inconsistent"]) == (42, False)
+
+
+def test_committed_batch_whose_store_write_fails_keeps_the_volume_unclean(
+        replica: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vol = Volume.open(replica, "r1")
+    data = os.urandom(4096)
+    assert vol.store is not None
+
+    def eio(*_args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(vol.store, "apply", eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        vol.apply_batch(1, 1, [(Op.WRITE, 0, 0, 4096, data)])
+    monkeypatch.undo()
+    vol.close()
+    state = json.loads((replica / "volumes/r1/state.json").read_text())
+    assert state["clean"] is False, "only redo can finish a committed batch"
+    again = Volume.open(replica, "r1")
+    assert again.recovery.unclean
+    assert again.upstream_seq == 1
+    assert read(again, 0, 4096) == data, "redo applied the committed batch"
+    again.close()
