@@ -286,6 +286,16 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         _fail(f"nbdkit exited unexpectedly with status {rc}")
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                              "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def peerlink(args: tuple[str, ...]) -> None:
+    """Run one end of a replication link: `nbdgw peerlink receive|send --help`."""
+    from peerlink.__main__ import main as peerlink_main
+
+    sys.exit(peerlink_main(list(args) or ["--help"]))
+
+
 @cli.group(cls=Group)
 def config() -> None:
     """Check the node config."""
