@@ -297,6 +297,59 @@ def peerlink(args: tuple[str, ...]) -> None:
 
 
 @cli.group(cls=Group)
+def lab() -> None:
+    """A three-site lab in network namespaces: primary main, secondary dc, DR dr."""
+
+
+lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), required=True,
+                           help="The lab's directory (site data, configs, logs, lab.json).")
+
+
+@lab.command("up")
+@lab_dir_opt
+@click.option("--subnet", default="192.0.2.0/24", show_default=True,
+              help="IPv4 subnet of the lab's bridge (a documentation range by default).")
+@click.option("--size", default="256M", show_default=True, help="Size of volume v1.")
+def lab_up(lab_dir: Path, subnet: str, size: str) -> None:
+    """Build the namespaces and bridge, start every site, print the lab as JSON."""
+    from . import lab as lab_mod
+
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size), indent=2))
+
+
+@lab.command("kill")
+@click.argument("node")
+@lab_dir_opt
+def lab_kill(node: str, lab_dir: Path) -> None:
+    """SIGKILL every process of NODE at once (a power cut)."""
+    from . import lab as lab_mod
+
+    click.echo(json.dumps(lab_mod.kill(lab_dir, node)))
+
+
+@lab.command("start")
+@click.argument("node")
+@lab_dir_opt
+def lab_start(node: str, lab_dir: Path) -> None:
+    """Start NODE's processes again with the same arguments; wait until it is back."""
+    from . import lab as lab_mod
+
+    click.echo(json.dumps(lab_mod.start(lab_dir, node)))
+
+
+@lab.command("down")
+@lab_dir_opt
+def lab_down(lab_dir: Path) -> None:
+    """Stop everything, delete the namespaces and bridge; DIR's data is kept."""
+    from . import lab as lab_mod
+
+    result = lab_mod.down(lab_dir)
+    click.echo(json.dumps(result))
+    click.echo(f"nbdgw: lab {result['id']} is down; its data is left in "
+               f"{result['data_left_in']} for inspection", err=True)
+
+
+@cli.group(cls=Group)
 def config() -> None:
     """Check the node config."""
 

@@ -1,0 +1,555 @@
+"""`nbdgw lab`: a three-site lab on one machine, in network namespaces.
+
+Sites: primary ``main``, secondary ``dc`` and DR ``dr``, plus a ``client`` namespace,
+each with one veth on a bridge that lives in a namespace of its own (nothing touches
+the host's interfaces).  Every namespace is named ``nbdgw-<id>-<site>`` so that two labs
+coexist.  Replicated volume ``v1`` is fanned out from the primary to both replicas: the
+primary runs ``nbdgw serve`` and two ``peerlink send``; each replica runs one
+``peerlink receive``.  No failover yet: the service address is the primary's own.
+
+Everything the other verbs need (namespaces, argv, pids with their start times so that a
+recycled pid is never killed) is in ``DIR/lab.json``; processes run detached in their own
+sessions, so ``kill`` can take down a whole site (a power cut) from another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from blockstore.meta import read_json, write_json
+from blockstore.volume import parse_size
+
+from .errors import CommandError, GatewayError
+from .proc import run
+
+LAB_KIND: Final = "lab"
+LAB_VERSION: Final = 1
+DEFAULT_SUBNET: Final = "192.0.2.0/24"  # TEST-NET-1 (RFC 5737): never a real network
+DEFAULT_SIZE: Final = "256M"
+NBD_PORT: Final = 10809
+PEER_PORT: Final = 7789
+VOLUME: Final = "v1"
+# (site, role); the primary ships to every other site (fan-out).
+SITES: Final = (("main", "primary"), ("dc", "secondary"), ("dr", "dr"))
+PRIMARY: Final = "main"
+CLIENT: Final = "client"
+BRIDGE: Final = "br0"
+READY_TIMEOUT: Final = 30.0  # each wait of up/start (export, listener, streaming)
+STOP_TIMEOUT: Final = 15.0  # down: SIGTERM, then SIGKILL after this
+SENDER_MAX_BACKOFF: Final = "1"  # a restarted replica is found again within a second
+
+
+class LabError(GatewayError):
+    """A lab command failed; the message says what and where."""
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+
+def nbdgw_argv() -> list[str]:
+    """The nbdgw executable next to this interpreter (the venv), else the one on PATH."""
+    exe = Path(sys.executable).parent / "nbdgw"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("nbdgw")
+    if found is None:
+        raise LabError("cannot find the nbdgw executable")
+    return [found]
+
+
+def precheck() -> None:
+    """Fail early with one line: the lab needs root and `ip netns`."""
+    if os.geteuid() != 0:
+        raise LabError("nbdgw lab needs root (it creates network namespaces); run it as root")
+    try:
+        run(["ip", "netns", "list"], timeout=10)
+    except CommandError as e:
+        raise LabError(f"'ip netns' is unavailable: {e}") from None
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of a live, non-zombie ``pid``, else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # dead; our detached children are reaped by whoever
+        return None
+    return int(fields[19])
+
+
+def alive(p: dict[str, Any]) -> bool:
+    """Whether the recorded process still runs (same pid *and* same start time)."""
+    pid = p.get("pid")
+    return pid is not None and proc_start_time(pid) == p.get("start_time")
+
+
+def netns_exists(name: str) -> bool:
+    return Path("/run/netns", name).exists()
+
+
+def netns_pids(name: str) -> list[int]:
+    if not netns_exists(name):
+        return []
+    try:
+        return [int(x) for x in run(["ip", "netns", "pids", name], timeout=10).split()]
+    except CommandError:
+        return []
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return " / ".join(text[-lines:]) or "(empty log)"
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def log_events(path: Path, offset: int) -> Iterator[dict[str, Any]]:
+    """The JSON log lines of ``path`` from byte ``offset`` on (other lines skipped)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return
+    for line in data.splitlines():
+        if line.startswith(b"{"):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    yield obj
+
+
+def log_has_line(path: Path, offset: int, prefix: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return False
+    return any(line.startswith(prefix.encode()) for line in data.splitlines())
+
+
+@contextlib.contextmanager
+def locked(lab_dir: Path) -> Iterator[None]:
+    """One lab command at a time per DIR."""
+    if not (lab_dir / "lab.json").exists():
+        raise LabError(f"no lab in {lab_dir} ({lab_dir / 'lab.json'} not found; create one "
+                       f"with 'nbdgw lab up --dir {lab_dir}')")
+    fd = os.open(lab_dir / "lab.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- the lab description ------------------------------------------------------------------
+
+
+class Lab:
+    """The lab described by DIR/lab.json; every verb loads it, acts, and saves it."""
+
+    def __init__(self, lab_dir: Path, state: dict[str, Any]) -> None:
+        self.dir = lab_dir
+        self.state = state
+
+    @classmethod
+    def load(cls, lab_dir: Path) -> Lab:
+        path = lab_dir / "lab.json"
+        if not path.exists():
+            raise LabError(f"no lab in {lab_dir} ({path} not found; create one with "
+                           f"'nbdgw lab up --dir {lab_dir}')")
+        return cls(lab_dir, read_json(path, LAB_KIND, LAB_VERSION))
+
+    def save(self) -> None:
+        write_json(self.dir / "lab.json", self.state)
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.state["nodes"])
+
+    def node(self, name: str) -> dict[str, Any]:
+        for n in self.state["nodes"]:
+            if n["name"] == name:
+                return dict(n)
+        raise LabError(f"no node {name!r} in the lab (nodes: "
+                       + ", ".join(n["name"] for n in self.state["nodes"]) + ")")
+
+    def all_netns(self) -> list[str]:
+        return [n["netns"] for n in self.state["nodes"]] + [
+            self.state["client_netns"], self.state["bridge_netns"]]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON that `lab up` prints (the shape scripts rely on)."""
+        s = self.state
+        return {
+            "id": s["id"],
+            "dir": s["dir"],
+            "subnet": s["subnet"],
+            "service_address": s["service_address"],
+            "nbd_port": NBD_PORT,
+            "client_netns": s["client_netns"],
+            "client_address": s["client_address"],
+            "bridge_netns": s["bridge_netns"],
+            "volumes": [VOLUME],
+            "nodes": [{k: n[k] for k in ("name", "role", "netns", "address", "config",
+                                         "data_dir")} for n in s["nodes"]],
+        }
+
+    # -- processes ----------------------------------------------------------------------
+
+    def start_proc(self, node: dict[str, Any], p: dict[str, Any]) -> None:
+        """Start one recorded process detached in its node's namespace; record its pid."""
+        log = Path(p["log"])
+        p["log_offset"] = log_size(log)
+        with log.open("ab") as out:
+            child = subprocess.Popen(  # an argv list, never a shell string
+                ["ip", "netns", "exec", node["netns"], *p["argv"]],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=node["dir"],
+                start_new_session=True)
+        # `ip netns exec` execs the command: the pid is the command's own.
+        start = proc_start_time(child.pid)
+        child.returncode = 0  # detached: not ours to reap (silences Popen.__del__)
+        p["pid"] = child.pid
+        p["start_time"] = start
+
+    def start_node(self, name: str) -> None:
+        node = self.node(name)
+        running = [p["name"] for p in node["procs"] if alive(p)]
+        if running:
+            raise LabError(f"node {name} is running ({', '.join(running)}); "
+                           f"'nbdgw lab kill {name}' first")
+        for p in node["procs"]:
+            self.start_proc(node, p)
+        self._replace_node(node)
+        self.save()
+
+    def _replace_node(self, node: dict[str, Any]) -> None:
+        self.state["nodes"] = [node if n["name"] == node["name"] else n
+                               for n in self.state["nodes"]]
+
+    def kill_node(self, name: str) -> list[str]:
+        """SIGKILL every process of the site at once: the recorded process groups, then
+        anything else still in its namespace.  Returns the names of what was running."""
+        node = self.node(name)
+        killed = []
+        for p in node["procs"]:
+            if alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p["pid"], signal.SIGKILL)
+                killed.append(p["name"])
+        for pid in netns_pids(node["netns"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._wait_dead(node, 10.0)
+        return killed
+
+    def _wait_dead(self, node: dict[str, Any], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(alive(p) for p in node["procs"]) or any(
+                proc_start_time(pid) is not None for pid in netns_pids(node["netns"])):
+            if time.monotonic() > deadline:
+                left = [p["name"] for p in node["procs"] if alive(p)]
+                raise LabError(f"node {node['name']}: processes still alive after "
+                               f"{timeout:g} s: {left or netns_pids(node['netns'])}")
+            time.sleep(0.05)
+
+    # -- readiness ------------------------------------------------------------------------
+
+    def _proc(self, node: str, pname: str) -> dict[str, Any]:
+        return next(p for p in self.node(node)["procs"] if p["name"] == pname)
+
+    def _check_running(self, node: str, p: dict[str, Any]) -> None:
+        if not alive(p):
+            raise LabError(f"node {node}: {p['name']} exited; {p['log']}: {tail(Path(p['log']))}")
+
+    def wait_listening(self, node: str) -> None:
+        p = self._proc(node, "receive")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not log_has_line(Path(p["log"]), p["log_offset"], "peerlink: listening on"):
+            self._check_running(node, p)
+            if time.monotonic() > deadline:
+                raise LabError(f"node {node}: the receiver did not listen within "
+                               f"{READY_TIMEOUT:g} s; {p['log']}: {tail(Path(p['log']))}")
+            time.sleep(0.05)
+
+    def wait_streaming(self, peer: str, offset: int | None = None,
+                       events: tuple[str, ...] = ("streaming",)) -> None:
+        """Until the primary's sender to ``peer`` logs one of ``events`` past ``offset``."""
+        p = self._proc(PRIMARY, f"send-{peer}")
+        start = p["log_offset"] if offset is None else offset
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not any(e.get("event") in events for e in log_events(Path(p["log"]), start)):
+            self._check_running(PRIMARY, p)
+            if time.monotonic() > deadline:
+                raise LabError(f"the sender from {PRIMARY} to {peer} did not report "
+                               f"{' or '.join(events)} within {READY_TIMEOUT:g} s; "
+                               f"{p['log']}: {tail(Path(p['log']))}")
+            time.sleep(0.05)
+
+    def wait_export(self) -> None:
+        """Until the export answers an NBD handshake from the client namespace."""
+        uri = f"nbd://{self.state['service_address']}:{NBD_PORT}/{VOLUME}"
+        script = (
+            "import sys, time, nbd\n"
+            "deadline = time.monotonic() + float(sys.argv[2]); err = ''\n"
+            "while time.monotonic() < deadline:\n"
+            "    h = nbd.NBD()\n"
+            "    try:\n"
+            "        h.connect_uri(sys.argv[1]); print(h.get_size()); h.shutdown(); "
+            "sys.exit(0)\n"
+            "    except nbd.Error as e:\n"
+            "        err = str(e)\n"
+            "    time.sleep(0.1)\n"
+            "sys.exit('no answer: ' + err)\n")
+        serve = self._proc(PRIMARY, "serve")
+        try:
+            run(["ip", "netns", "exec", self.state["client_netns"], sys.executable, "-c",
+                 script, uri, str(READY_TIMEOUT)], timeout=READY_TIMEOUT + 10)
+        except CommandError as e:
+            raise LabError(f"export {uri} did not answer from {self.state['client_netns']} "
+                           f"within {READY_TIMEOUT:g} s ({e.stderr.strip()}); "
+                           f"{serve['log']}: {tail(Path(serve['log']))}") from None
+
+    def wait_node_ready(self, name: str, sender_offsets: dict[str, int] | None = None) -> None:
+        """What `start` waits for: the node's own listeners, and the links into it."""
+        if name == PRIMARY:
+            self.wait_export()
+            for peer, _ in SITES[1:]:
+                self.wait_streaming(peer, events=("streaming", "resync"))
+            return
+        self.wait_listening(name)
+        sender = self._proc(PRIMARY, f"send-{name}")
+        if alive(sender) and sender_offsets is not None:
+            self.wait_streaming(name, sender_offsets[name], events=("streaming", "resync"))
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def stop_all(self, graceful: bool) -> list[str]:
+        """SIGTERM every process (volumes close cleanly), then SIGKILL what is left.
+
+        Returns ``node/process`` for each process that was running."""
+        running = [(n["name"], p) for n in self.state["nodes"] for p in n["procs"]
+                   if alive(p)]
+        if graceful:
+            for _, p in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p["pid"], signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while any(alive(p) for _, p in running) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for n in self.state["nodes"]:
+            self.kill_node(n["name"])
+        for ns in (self.state["client_netns"], self.state["bridge_netns"]):
+            for pid in netns_pids(ns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return [f"{name}/{p['name']}" for name, p in running]
+
+    def delete_netns(self) -> list[str]:
+        removed = []
+        for ns in self.all_netns():
+            if netns_exists(ns):
+                run(["ip", "netns", "delete", ns], timeout=30)
+                removed.append(ns)
+        return removed
+
+
+# -- building -----------------------------------------------------------------------------
+
+
+def plan(lab_dir: Path, subnet: str, size: str) -> dict[str, Any]:
+    """The lab's description before anything exists: names, addresses, paths, argv."""
+    try:
+        net = ipaddress.ip_network(subnet, strict=False)
+    except ValueError:
+        raise LabError(f"--subnet: expected an IPv4 network such as {DEFAULT_SUBNET}, "
+                       f"got {subnet!r}") from None
+    if net.version != 4 or net.num_addresses < 8:
+        raise LabError(f"--subnet: expected an IPv4 network of at least 8 addresses (/29), "
+                       f"got {subnet}")
+    nbytes = parse_size(size)
+    hosts = list(net.hosts())[:4]
+    lab_id = secrets.token_hex(3)
+    prefix = f"nbdgw-{lab_id}"
+    nbdgw = nbdgw_argv()
+    secret = lab_dir / "peer.secret"
+    nodes = []
+    for (name, role), addr in zip(SITES, hosts, strict=False):
+        site = lab_dir / name
+        data = site / "data"
+        cfg = site / "nbdgw.yaml"
+        node_secret = site / "peer.secret"
+        common = ["--data-dir", str(data), "--volume", VOLUME, "--node", name,
+                  "--secret-file", str(node_secret)]
+        procs: list[dict[str, Any]] = []
+        if role == "primary":
+            procs.append({"name": "serve", "log": str(site / "serve.log"),
+                          "argv": [*nbdgw, "-c", str(cfg), "--log-format", "json", "serve"]})
+            for (peer, _), peer_addr in zip(SITES[1:], hosts[1:], strict=False):
+                procs.append({"name": f"send-{peer}", "log": str(site / f"send-{peer}.log"),
+                              "argv": [*nbdgw, "peerlink", "send", *common, "--peer",
+                                       f"{peer}={peer_addr}:{PEER_PORT}",
+                                       "--max-backoff", SENDER_MAX_BACKOFF]})
+        else:
+            procs.append({"name": "receive", "log": str(site / "receive.log"),
+                          "argv": [*nbdgw, "peerlink", "receive", *common, "--listen",
+                                   f"{addr}:{PEER_PORT}", "--role", role]})
+        for p in procs:
+            p.update(pid=None, start_time=None, log_offset=0)
+        nodes.append({"name": name, "role": role, "netns": f"{prefix}-{name}",
+                      "address": str(addr), "veth": f"v-{name}", "dir": str(site),
+                      "data_dir": str(data), "config": str(cfg), "secret": str(node_secret),
+                      "procs": procs})
+    return {
+        "kind": LAB_KIND, "version": LAB_VERSION, "id": lab_id, "dir": str(lab_dir),
+        "subnet": str(net), "prefixlen": net.prefixlen, "size": nbytes,
+        "service_address": str(hosts[0]),  # the primary's own until failover moves a VIP
+        "client_netns": f"{prefix}-{CLIENT}", "client_address": str(hosts[3]),
+        "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
+        "nodes": nodes,
+    }
+
+
+def build_network(s: dict[str, Any]) -> None:
+    """Namespaces, the bridge (in its own namespace), veths and addresses."""
+    br = s["bridge_netns"]
+    run(["ip", "netns", "add", br])
+    run(["ip", "-n", br, "link", "add", BRIDGE, "type", "bridge"])
+    run(["ip", "-n", br, "link", "set", BRIDGE, "up"])
+    ends = [(n["netns"], n["veth"], n["address"]) for n in s["nodes"]]
+    ends.append((s["client_netns"], f"v-{CLIENT}", s["client_address"]))
+    for ns, veth, addr in ends:
+        run(["ip", "netns", "add", ns])
+        run(["ip", "-n", br, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+             "netns", ns])
+        run(["ip", "-n", br, "link", "set", veth, "master", BRIDGE, "up"])
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "-n", ns, "addr", "add", f"{addr}/{s['prefixlen']}", "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+
+
+def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
+    """The site's directory, node config, secret and volume (replica on dc and dr)."""
+    site = Path(node["dir"])
+    Path(node["data_dir"]).mkdir(parents=True)
+    cfg = {
+        "version": 1,
+        "node": {"name": node["name"], "data_dir": node["data_dir"]},
+        "nbd": {"listen": [f"tcp:{node['address']}:{NBD_PORT}"]},
+        "volumes": [{"name": VOLUME, "size": s["size"]}],
+    }
+    (site / "nbdgw.yaml").write_text(
+        f"# nbdgw lab {s['id']}: node {node['name']} ({node['role']})\n"
+        + yaml.safe_dump(cfg, sort_keys=False))
+    fd = os.open(node["secret"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    replica = ["--replica"] if node["role"] != "primary" else []
+    run([*nbdgw_argv(), "-c", node["config"], "volume", "create", VOLUME, *replica])
+
+
+def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE) -> dict[str, Any]:
+    """Build and start the lab; return the summary JSON.  On failure, undo it."""
+    precheck()
+    lab_dir = lab_dir.resolve()
+    if (lab_dir / "lab.json").exists():
+        raise LabError(f"{lab_dir} already holds a lab (lab.json); 'nbdgw lab down --dir "
+                       f"{lab_dir}' keeps its data: use another --dir")
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    if any(p.name != "lab.lock" for p in lab_dir.iterdir()):
+        raise LabError(f"{lab_dir} is not empty; give an empty or new --dir")
+    lab = Lab(lab_dir, plan(lab_dir, subnet, size))
+    lab.save()  # first, so that `down` can clean up whatever a failed `up` left
+    with locked(lab_dir):
+        try:
+            build_network(lab.state)
+            secret = secrets.token_hex(32).encode() + b"\n"
+            fd = os.open(lab.state["secret"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret)
+            for node in lab.nodes:
+                write_site(lab.state, node, secret)
+            for name, _ in SITES[1:]:
+                lab.start_node(name)
+            for name, _ in SITES[1:]:
+                lab.wait_listening(name)
+            lab.start_node(PRIMARY)
+            lab.wait_export()
+            for name, _ in SITES[1:]:
+                lab.wait_streaming(name)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                lab.stop_all(graceful=False)
+            with contextlib.suppress(Exception):
+                lab.delete_netns()
+            lab.state["state"] = "failed"
+            lab.save()
+            raise
+        lab.state["state"] = "up"
+        lab.save()
+        return lab.summary()
+
+
+def kill(lab_dir: Path, name: str) -> dict[str, Any]:
+    """A power cut of one site: SIGKILL all its processes at once."""
+    precheck()
+    lab_dir = lab_dir.resolve()
+    with locked(lab_dir):
+        lab = Lab.load(lab_dir)
+        return {"node": name, "killed": lab.kill_node(name)}
+
+
+def start(lab_dir: Path, name: str) -> dict[str, Any]:
+    """Boot one site again with the same argv; wait as `up` does for that site."""
+    precheck()
+    lab_dir = lab_dir.resolve()
+    with locked(lab_dir):
+        lab = Lab.load(lab_dir)
+        if lab.state["state"] != "up" or not netns_exists(lab.node(name)["netns"]):
+            raise LabError(f"the lab in {lab_dir} is {lab.state['state']}, not up")
+        offsets = {peer: log_size(Path(lab._proc(PRIMARY, f"send-{peer}")["log"]))
+                   for peer, _ in SITES[1:]}
+        lab.start_node(name)
+        lab.wait_node_ready(name, offsets)
+        node = lab.node(name)
+        return {"node": name, "started": {p["name"]: p["pid"] for p in node["procs"]}}
+
+
+def down(lab_dir: Path) -> dict[str, Any]:
+    """Stop everything and delete the namespaces and bridge; keep DIR's data.  Idempotent."""
+    precheck()
+    lab_dir = lab_dir.resolve()
+    with locked(lab_dir):
+        lab = Lab.load(lab_dir)
+        stopped = lab.stop_all(graceful=True)
+        removed = lab.delete_netns()
+        lab.state["state"] = "down"
+        lab.save()
+        return {"id": lab.state["id"], "stopped": stopped, "removed_netns": removed,
+                "data_left_in": str(lab_dir)}
