@@ -406,6 +406,12 @@ class Journal:
         fsync_dir(self.dir)
         return dropped
 
+    def sealed(self) -> list[tuple[Segment, int]]:
+        """The sealed segments, oldest first, each with the seq of its last record."""
+        with self._lock:
+            segs = list(self.segments)
+        return [(seg, nxt.first_seq - 1) for seg, nxt in itertools.pairwise(segs)]
+
     def retained_bytes(self) -> int:
         with self._lock:
             sealed = self.segments[:-1]
@@ -457,6 +463,29 @@ class Journal:
 
 def is_data_op(op: Op) -> bool:
     return op in (Op.WRITE, Op.TRIM, Op.ZERO)
+
+
+def record_headers(path: Path, first_seq: int, through_seq: int) -> Iterator[RecordHeader]:
+    """The headers of a segment's records ``first_seq..through_seq``, payloads skipped
+    (each header is checked by its own CRC; the data is not read).  Raises FormatError if
+    the segment ends or holds a bad header before ``through_seq``, and FileNotFoundError
+    if it is gone (released meanwhile): callers that need every extent touched treat
+    both as "unknown", never as "nothing"."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hdr_seg = decode_segment_header(os.pread(fd, SEG_HEADER_SIZE, 0))
+        if hdr_seg.first_seq != first_seq:
+            raise FormatError(f"{path.name}: begins at seq {hdr_seg.first_seq}, not {first_seq}")
+        pos, seq = SEG_HEADER_SIZE, first_seq
+        while seq <= through_seq:
+            hdr = decode_header(os.pread(fd, REC_HEADER_SIZE, pos))
+            if hdr.seq != seq:
+                raise FormatError(f"{path.name}: record seq {hdr.seq} where {seq} was expected")
+            yield hdr
+            pos += REC_HEADER_SIZE + hdr.payload_len
+            seq += 1
+    finally:
+        os.close(fd)
 
 
 class JournalTail:

@@ -8,6 +8,8 @@ Layout under ``<data_dir>/volumes/<name>/``::
     journal/      record segments (see journal.py)
     al            activity log of hot extents (see activity_log.py)
     resync.json   extents that must be resent to every peer (after an unclean stop)
+    peers/        <peer>.json (the peer's acked seq, written by its sender) and
+                  <peer>.dirty-*.json (extents that peer must be resynced; see DirtySet)
     lock          flock()ed by the one process that has the volume open
 
 Write path (contract 1): activate the extent in the activity log if it is cold, write
@@ -44,13 +46,14 @@ import msgpack
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
 from .errors import (
+    BlockstoreError,
     FormatError,
     InvalidArgument,
     VolumeExists,
     VolumeInUse,
     VolumeNotFound,
 )
-from .journal import DEFAULT_SEGMENT_BYTES, Journal
+from .journal import DEFAULT_SEGMENT_BYTES, Journal, is_data_op, record_headers
 from .meta import fsync_dir, read_json, write_json
 from .record import Flag, Op, RecordHeader
 from .store import Store
@@ -63,6 +66,13 @@ MAX_SIZE = 1 << 50  # 1 PiB
 DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
 DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
 COMMIT_EVENT = "peerlink-commit"  # MARK body event closing a replicated batch
+PEER_KIND = "peer"  # peers/<peer>.json: written by that peer's sender only
+PEER_VERSION = 1
+DIRTY_KIND = "peer-dirty"  # peers/<peer>.dirty-*.json: written by the volume only
+DIRTY_VERSION = 1
+DIRTY_RELEASED = "released"  # records released before the peer acked them
+DIRTY_HOT = "unclean restart"  # hot extents found by recovery
+_DIRTY_RE = re.compile(r"^(.+)\.dirty-[0-9a-f]{16}-[0-9a-f]+\.json$")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -233,6 +243,107 @@ def add_resync(info: VolumeInfo, extents: list[int], reason: str, full: bool = F
     write_json(info.path / "resync.json", cur)
 
 
+# -- per-peer release bookkeeping (contract 4) ----------------------------------------------
+#
+# Two writers, never of the same file: a peer's sender writes peers/<peer>.json (its acked
+# seq); the volume (the nbdkit process) writes immutable peers/<peer>.dirty-*.json files,
+# each created once, atomically, under a fresh name, before the journal records they stand
+# for are released.  The sender only reads and deletes dirty files, and deletes one only
+# after the replica acknowledged a resync that covered it.
+
+
+def dirty_shift(size: int) -> int:
+    """Granularity of released-record dirty sets: 64 KiB, coarser for volumes over
+    64 GiB so that a set never has more than 2^20 extents (one ResyncExtents frame)."""
+    return max(16, (size - 1).bit_length() - 20)
+
+
+def extent_range(offset: int, length: int, shift: int) -> range:
+    """The extents of 2^shift bytes that [offset, offset + length) touches."""
+    return range(offset >> shift, ((offset + length - 1) >> shift) + 1)
+
+
+@dataclass(frozen=True)
+class DirtySet:
+    """Extents one peer must be resynced.  ``reason`` DIRTY_RELEASED: the journal records
+    ``from_seq..through_seq`` were released before the peer acked them and these are the
+    extents they touched; DIRTY_HOT: recovery's hot extents (the store may hold bytes no
+    record carries), needed whatever the peer holds."""
+
+    path: Path
+    reason: str
+    from_seq: int
+    through_seq: int
+    extent_shift: int
+    extents: tuple[int, ...]
+
+
+def known_peers(info: VolumeInfo) -> dict[str, int]:
+    """Every peer that has acked something of this volume (this incarnation): name ->
+    acked seq.  A peer that never connected has no file: it needs a full sync anyway.  A
+    file that cannot be read holds nothing back (its own sender refuses to start on it)."""
+    pdir = info.path / "peers"
+    out: dict[str, int] = {}
+    if not pdir.is_dir():
+        return out
+    for name in os.listdir(pdir):
+        if not name.endswith(".json") or _DIRTY_RE.match(name):
+            continue
+        try:
+            meta = read_json(pdir / name, PEER_KIND, PEER_VERSION)
+        except (FormatError, FileNotFoundError):
+            continue
+        if meta.get("volume_uuid") == info.uuid:
+            out[str(meta["peer"])] = int(meta["acked_seq"])
+    return out
+
+
+def write_dirty(info: VolumeInfo, peer: str, *, reason: str, from_seq: int, through_seq: int,
+                shift: int, extents: list[int]) -> Path:
+    """Create one immutable dirty set for ``peer`` (a fresh name: never overwritten)."""
+    pdir = info.path / "peers"
+    pdir.mkdir(exist_ok=True)
+    path = pdir / f"{peer}.dirty-{through_seq:016x}-{time.time_ns():x}.json"
+    write_json(path, {"kind": DIRTY_KIND, "version": DIRTY_VERSION, "peer": peer,
+                      "volume_uuid": info.uuid, "reason": reason, "from_seq": from_seq,
+                      "through_seq": through_seq, "extent_shift": shift,
+                      "extents": sorted(extents), "created": time.time()})
+    return path
+
+
+def read_dirty(info: VolumeInfo, peer: str) -> list[DirtySet]:
+    """The dirty sets waiting for ``peer``, ordered by the records they stand for."""
+    pdir = info.path / "peers"
+    out: list[DirtySet] = []
+    if not pdir.is_dir():
+        return out
+    for name in os.listdir(pdir):
+        m = _DIRTY_RE.match(name)
+        if not m or m.group(1) != peer:
+            continue
+        try:
+            d = read_json(pdir / name, DIRTY_KIND, DIRTY_VERSION)
+        except FileNotFoundError:
+            continue  # deleted meanwhile by another sender session
+        if d.get("volume_uuid") != info.uuid:
+            continue  # a leftover of another incarnation of this volume name
+        out.append(DirtySet(pdir / name, str(d["reason"]), int(d["from_seq"]),
+                            int(d["through_seq"]), int(d["extent_shift"]),
+                            tuple(int(e) for e in d["extents"])))
+    out.sort(key=lambda d: (d.from_seq, d.through_seq, d.path.name))
+    return out
+
+
+def covers(sets: list[DirtySet], applied: int, first_retained: int) -> bool:
+    """Do the released-record sets account for every record the peer misses between its
+    ``applied`` seq and the journal's ``first_retained``?"""
+    reach = applied
+    for d in sets:
+        if d.reason == DIRTY_RELEASED and d.from_seq <= reach + 1:
+            reach = max(reach, d.through_seq)
+    return reach >= first_retained - 1
+
+
 def is_replica(info: VolumeInfo) -> bool:
     """Is this volume a replica (written only by peerlink, never served read-write)?"""
     return bool(read_json(info.path / "state.json", "state", STATE_VERSION).get("replica"))
@@ -292,7 +403,7 @@ class Checkpointer:
         self.spare_wanted = False
         self.done_seq = vol.checkpoint_seq
         self.stopping = False
-        self.error: OSError | None = None
+        self.error: OSError | BlockstoreError | None = None
         self.thread: threading.Thread | None = None
 
     def request(self, seq: int) -> None:
@@ -342,8 +453,8 @@ class Checkpointer:
                     continue
                 last = time.monotonic()
                 self.vol.checkpoint_through(seq)
-                journal.trim_to(self.vol.journal_max_bytes, self.vol.checkpoint_seq + 1)
-            except OSError as e:
+                self.vol.release_journal()
+            except (OSError, BlockstoreError) as e:
                 # The redo point stays where it was: recovery replays more, loses nothing;
                 # without a spare the next rotation creates its segment inline.
                 self.error = e
@@ -380,6 +491,7 @@ class Volume:
         self.al: ActivityLog | None = None
         self.checkpointer: Checkpointer | None = None
         self.state_lock = threading.Lock()
+        self.release_lock = threading.Lock()  # one journal release at a time
         self.diverged: set[int] = set()  # extents changed but not journaled (see write)
         self.applied_seq = 0  # replica: local seq of the last commit applied to the store
         self.unapplied_commit = False  # replica: a committed batch failed to reach the store
@@ -467,6 +579,12 @@ class Volume:
             torn += self.journal.truncate_after(committed_seq)
         hot = self.al.extents()
         self.add_resync(hot, reason="unclean shutdown")
+        if hot:
+            # Every known peer gets them too (contract 2): written before the MARK below
+            # makes the recovery visible, so a crash in between only repeats this.
+            for peer in known_peers(self.info):
+                write_dirty(self.info, peer, reason=DIRTY_HOT, from_seq=0,
+                            through_seq=self.journal.last_seq, shift=self.shift, extents=hot)
         self.store.sync()
         self.mark({"event": "recovered", "hot_extents": hot, "extent_shift": self.shift,
                    "torn_bytes": torn, "replayed": replayed})
@@ -717,7 +835,64 @@ class Volume:
         self._make_durable()
         self.checkpoint_seq = self._applied()
         self._write_state(clean=False)
-        self.journal.trim_to(self.journal_max_bytes, self.checkpoint_seq + 1)
+        self.release_journal()
+
+    def release_journal(self) -> int:
+        """Release the journal segments the peers no longer need; return bytes freed.
+
+        Invariants: nothing after the checkpoint is released (redo needs it).  Up to
+        ``journal_max_bytes``, nothing a known peer has not acked is released; with no
+        known peer the journal simply keeps up to the cap.  Past the cap the oldest
+        checkpointed segments go anyway (the primary never waits for a peer), and for every
+        known peer that had not acked them, the extents their records touched are first
+        written, durably, as a dirty set: a crash in between leaves a set too many, never
+        released records unaccounted for.  Only record headers are read."""
+        journal = self.journal
+        assert journal is not None
+        with self.release_lock:
+            peers = known_peers(self.info)
+            freed = 0
+            if peers:
+                freed += journal.release_through(min(self.checkpoint_seq, *peers.values()))
+            excess = journal.retained_bytes() - self.journal_max_bytes
+            doomed: list[tuple[Path, int, int]] = []  # (path, first seq, last seq)
+            for seg, last in journal.sealed():
+                if excess <= 0 or last > self.checkpoint_seq:
+                    break
+                doomed.append((seg.path, seg.first_seq, last))
+                excess -= seg.path.stat().st_size
+            if not doomed:
+                return freed
+            through = doomed[-1][2]
+            lagging = {p: a for p, a in peers.items() if a < through}
+            if lagging:
+                self._record_dirty(doomed, lagging)
+            return freed + journal.release_through(through)
+
+    def _record_dirty(self, doomed: list[tuple[Path, int, int]], lagging: dict[str, int]
+                      ) -> None:
+        """Write a dirty set for each lagging peer: the extents touched by the records of
+        ``doomed`` after that peer's acked seq (every extent if a header is unreadable)."""
+        shift = dirty_shift(self.size)
+        low = min(lagging.values())
+        touched: list[tuple[int, range]] = []  # (seq, extents) of data records after low
+        try:
+            for path, first, last in doomed:
+                if last <= low:
+                    continue
+                for hdr in record_headers(path, first, last):
+                    if hdr.seq > low and is_data_op(hdr.op) and hdr.length:
+                        touched.append((hdr.seq, extent_range(hdr.offset, hdr.length, shift)))
+        except FormatError:
+            touched = [(low + 1, extent_range(0, self.size, shift))]
+        start, through = doomed[0][1], doomed[-1][2]
+        for peer, acked in lagging.items():
+            extents: set[int] = set()
+            for seq, ext in touched:
+                if seq > acked:
+                    extents.update(ext)
+            write_dirty(self.info, peer, reason=DIRTY_RELEASED, from_seq=max(acked + 1, start),
+                        through_seq=through, shift=shift, extents=sorted(extents))
 
     @property
     def last_seq(self) -> int:
