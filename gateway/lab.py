@@ -281,7 +281,8 @@ class Lab:
 
     # -- readiness ------------------------------------------------------------------------
 
-    def _proc(self, node: str, pname: str) -> dict[str, Any]:
+    def proc(self, node: str, pname: str) -> dict[str, Any]:
+        """The record of process ``pname`` of ``node`` (its argv, log, pid)."""
         return next(p for p in self.node(node)["procs"] if p["name"] == pname)
 
     def _check_running(self, node: str, p: dict[str, Any]) -> None:
@@ -289,7 +290,7 @@ class Lab:
             raise LabError(f"node {node}: {p['name']} exited; {p['log']}: {tail(Path(p['log']))}")
 
     def wait_listening(self, node: str) -> None:
-        p = self._proc(node, "receive")
+        p = self.proc(node, "receive")
         deadline = time.monotonic() + READY_TIMEOUT
         while not log_has_line(Path(p["log"]), p["log_offset"], "peerlink: listening on"):
             self._check_running(node, p)
@@ -301,7 +302,7 @@ class Lab:
     def wait_streaming(self, peer: str, offset: int | None = None,
                        events: tuple[str, ...] = ("streaming",)) -> None:
         """Until the primary's sender to ``peer`` logs one of ``events`` past ``offset``."""
-        p = self._proc(PRIMARY, f"send-{peer}")
+        p = self.proc(PRIMARY, f"send-{peer}")
         start = p["log_offset"] if offset is None else offset
         deadline = time.monotonic() + READY_TIMEOUT
         while not any(e.get("event") in events for e in log_events(Path(p["log"]), start)):
@@ -327,7 +328,7 @@ class Lab:
             "        err = str(e)\n"
             "    time.sleep(0.1)\n"
             "sys.exit('no answer: ' + err)\n")
-        serve = self._proc(PRIMARY, "serve")
+        serve = self.proc(PRIMARY, "serve")
         try:
             run(["ip", "netns", "exec", self.state["client_netns"], sys.executable, "-c",
                  script, uri, str(READY_TIMEOUT)], timeout=READY_TIMEOUT + 10)
@@ -344,7 +345,7 @@ class Lab:
                 self.wait_streaming(peer, events=("streaming", "resync"))
             return
         self.wait_listening(name)
-        sender = self._proc(PRIMARY, f"send-{name}")
+        sender = self.proc(PRIMARY, f"send-{name}")
         if alive(sender) and sender_offsets is not None:
             self.wait_streaming(name, sender_offsets[name], events=("streaming", "resync"))
 
@@ -533,7 +534,7 @@ def start(lab_dir: Path, name: str) -> dict[str, Any]:
         lab = Lab.load(lab_dir)
         if lab.state["state"] != "up" or not netns_exists(lab.node(name)["netns"]):
             raise LabError(f"the lab in {lab_dir} is {lab.state['state']}, not up")
-        offsets = {peer: log_size(Path(lab._proc(PRIMARY, f"send-{peer}")["log"]))
+        offsets = {peer: log_size(Path(lab.proc(PRIMARY, f"send-{peer}")["log"]))
                    for peer, _ in SITES[1:]}
         lab.start_node(name)
         lab.wait_node_ready(name, offsets)
