@@ -94,8 +94,9 @@ _Work = Batch | ResyncExtents | ExtentData | ResyncDone
 class _Session:
     """One accepted connection that passed the handshake and streams batches.
 
-    ``phase`` is "announce" (a resync begins: ResyncExtents must come first), "extents"
-    (ExtentData until ResyncDone) or "stream" (Batches from ``expect_seq``)."""
+    ``phase`` is "announce" (a resync begins: ResyncExtents must come first), "open"
+    (either a resync or the first Batch), "extents" (ExtentData until ResyncDone) or
+    "stream" (Batches from ``expect_seq``)."""
 
     link: Link
     node: str
@@ -258,21 +259,23 @@ class Receiver:
             applied = self.vol.upstream_seq
             refusal = check_resume(applied, ok.resume_from_seq)
             pending = self._resync_marker()
-            if (refusal is None and ok.resume_from_seq == applied + 1 and pending is not None
-                    and not pending["done"]):
-                refusal = Refuse(
-                    f"replica {self.node!r} of volume {self.name!r} was interrupted in a "
-                    f"resync and needs another one, not a resume from seq {applied + 1}")
             if refusal is not None:
                 raise self._refuse(link, refusal.reason)
             await self._bind(theirs, vuuid, ok.resume_from_seq, clog)
             link.send(HelloOk(self.node, ok.resume_from_seq,
                               proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
             session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
-            if ok.resume_from_seq > applied + 1:
-                session.phase = "announce"  # the sender no longer holds what follows applied
+            if ok.resume_from_seq > applied + 1 or (pending is not None
+                                                     and not pending["done"]):
+                # The sender skips records (it resyncs extents instead), or this replica
+                # was interrupted in a resync and needs another one: a resync must come.
+                session.phase = "announce"
+            else:
+                # Batches from applied + 1, or first a resync of some extents (hot extents
+                # of a primary restart when this replica already has every record).
+                session.phase = "open"
             self.active = session
-        clog.info("streaming" if session.phase == "stream" else "resync_expected",
+        clog.info("resync_expected" if session.phase == "announce" else "streaming",
                   resume_from=ok.resume_from_seq,
                   sender_last_seq=theirs.last_applied_seq,
                   lag_records=max(0, theirs.last_applied_seq - self.vol.upstream_seq))
@@ -335,6 +338,8 @@ class Receiver:
     def _admit(self, s: _Session, msg: Message) -> int:
         """Check ``msg`` against the session's phase; return its payload bytes.  Raises
         PeerProtocolError for anything out of place (nothing of it is applied)."""
+        if s.phase == "open":
+            s.phase = "announce" if isinstance(msg, ResyncExtents) else "stream"
         if s.phase == "announce":
             expect(msg, ResyncExtents, "to begin a resync")
             assert isinstance(msg, ResyncExtents)

@@ -19,14 +19,25 @@ with ``JournalTail`` as nbdkit appends to them.  Per connection:
    backoff and resumes from the receiver's word, so nothing is skipped or sent twice
    into the replica (the receiver refuses a batch out of sequence).
 
-Resync: when the journal no longer holds the seq after the replica's (released past it),
-the streaming position is fixed at the journal's end S0 at the handshake, every extent
-is announced and sent, allocated bytes as data and holes empty (``ExtentData``, read
-after S0 was fixed:
-the store is written before the journal, so it holds every record up to S0), then
-``ResyncDone(S1)`` with S1 the journal's end after the last read, then batches from
-S0 + 1.  Batches re-apply what the extent reads may already have seen, which converges;
-the replica is Inconsistent until it has applied through S1.
+Resync (decided at the handshake, ``plan_resync``): the streaming position is fixed at the
+journal's end S0, the extents are announced and sent, allocated bytes as data and holes
+empty (``ExtentData``, read after S0 was fixed: the store is written before the journal,
+so it holds every record up to S0), then ``ResyncDone(S1)`` with S1 the journal's end
+after the last read, then batches from S0 + 1.  Batches re-apply what the extent reads
+may already have seen, which converges; the replica is Inconsistent until it has applied
+through S1.  Which extents:
+
+- *dirty* (contract 4 and 2): the peer's dirty sets (``peers/<peer>.dirty-*.json``,
+  written by the volume when it released records the peer had not acked, and by recovery
+  with the hot extents of an unclean restart) plus the extents touched by the retained
+  records after the replica's seq (they are skipped, not streamed: replaying records older
+  than the extent data could roll back hot extents).  Used when sets exist and, if the
+  journal was released past the replica, they account for every released record.
+- *full*: every extent, when the released records are not all accounted for (a new
+  replica, a peer unknown when they were released, a replica older than its sender's ack).
+
+The dirty sets a resync covered are deleted once the replica acknowledged it durably; sets
+that appear while streaming end the session, so the next handshake resyncs them.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from typing import Final
 import structlog
 
 from blockstore.errors import BlockstoreError, FormatError
-from blockstore.journal import JournalTail
+from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.record import (
     REC_HEADER_SIZE,
@@ -57,7 +68,19 @@ from blockstore.record import (
     decode_header,
 )
 from blockstore.store import Store
-from blockstore.volume import find_volume
+from blockstore.volume import (
+    DIRTY_HOT,
+    DIRTY_RELEASED,
+    PEER_KIND,
+    PEER_VERSION,
+    DirtySet,
+    VolumeInfo,
+    covers,
+    dirty_shift,
+    extent_range,
+    find_volume,
+    read_dirty,
+)
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
@@ -81,8 +104,6 @@ from .receiver import expect, generation_of
 
 log = structlog.get_logger(component="peerlink")
 
-PEER_KIND: Final = "peer"
-PEER_VERSION: Final = 1
 PERSIST_INTERVAL: Final = 0.05
 RESYNC_PIECE: Final = 1 << 20
 HOLE_PIECE: Final = 1 << 31  # zeros are sent empty; ExtentData.length is a u32
@@ -91,6 +112,7 @@ HOLE_PIECE: Final = 1 << 31  # zeros are sent empty; ExtentData.length is a u32
 RESYNC_SETTLE: Final = 0.05
 _SEG_RE: Final = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 COMPRESS_SKIP: Final = 16  # frames sent raw after one whose compression did not pay
+DIRTY_POLL: Final = 0.5  # how often a streaming session looks for new dirty sets
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,83 @@ def journal_bounds(directory: Path) -> tuple[int, int]:
     finally:
         os.close(fd)
     return firsts[0], seq
+
+
+def segment_firsts(directory: Path) -> list[int]:
+    return sorted(int(m.group(1), 16) for n in os.listdir(directory) if (m := _SEG_RE.match(n)))
+
+
+def retained_extents(directory: Path, from_seq: int, through_seq: int, shift: int
+                     ) -> set[int]:
+    """Extents (2^shift bytes) touched by the journal's records from_seq..through_seq,
+    from their headers only.  Raises FormatError or FileNotFoundError if they are not all
+    there (released meanwhile): the caller must not take that as "nothing touched"."""
+    out: set[int] = set()
+    if from_seq > through_seq:
+        return out
+    firsts = segment_firsts(directory)
+    for first, nxt in zip(firsts, [*firsts[1:], through_seq + 1], strict=True):
+        last = min(nxt - 1, through_seq)
+        if last < from_seq or first > through_seq:
+            continue
+        for hdr in record_headers(directory / f"seg-{first:016x}.jnl", first, last):
+            if hdr.seq >= from_seq and is_data_op(hdr.op) and hdr.length:
+                out.update(extent_range(hdr.offset, hdr.length, shift))
+    if not firsts or firsts[0] > from_seq:
+        raise FileNotFoundError(f"journal {directory}: seq {from_seq} is no longer retained")
+    return out
+
+
+@dataclass(frozen=True)
+class ResyncPlan:
+    """What a resync sends (extents of 2^shift bytes) and the dirty sets it settles."""
+
+    kind: str  # "full" or "dirty"
+    shift: int
+    extents: list[int]
+    settles: list[Path]
+    why: str
+
+
+def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
+                ) -> ResyncPlan | None:
+    """Decide at the handshake whether peer ``peer``, which has applied through
+    ``applied``, needs a resync before streaming from ``last + 1``, and of what (module
+    docstring).  None: stream from ``applied + 1``.  Deletes released-record sets the
+    replica no longer needs (it holds their records)."""
+    live: list[DirtySet] = []
+    for d in read_dirty(info, peer):
+        if d.reason == DIRTY_RELEASED and d.through_seq <= applied:
+            d.path.unlink(missing_ok=True)
+        else:
+            live.append(d)
+    gap = applied + 1 < first
+    if not gap and not live:
+        return None
+    settles = [d.path for d in live]
+    full = ResyncPlan("full", info.extent_shift,
+                      list(range(((info.size - 1) >> info.extent_shift) + 1)), settles, "")
+    if gap and not covers(live, applied, first):
+        why = (f"records {applied + 1}..{first - 1} were released and no dirty set of "
+               f"peer {peer!r} accounts for all of them")
+        return ResyncPlan(full.kind, full.shift, full.extents, settles, why)
+    shift = min([dirty_shift(info.size)] + [d.extent_shift for d in live])
+    extents: set[int] = set()
+    for d in live:
+        for e in d.extents:
+            start = e << d.extent_shift
+            extents.update(extent_range(start, min(1 << d.extent_shift, info.size - start),
+                                        shift))
+    try:
+        extents |= retained_extents(info.path / "journal", max(applied + 1, first), last,
+                                    shift)
+    except (FormatError, FileNotFoundError) as e:
+        return ResyncPlan(full.kind, full.shift, full.extents, settles,
+                          f"the retained records could not be read ({e})")
+    reasons = sorted({d.reason for d in live})
+    return ResyncPlan("dirty", shift, sorted(extents), settles,
+                      f"{len(live)} dirty set(s) ({', '.join(reasons)})"
+                      + (f", records {applied + 1}..{first - 1} released" if gap else ""))
 
 
 class Compression:
@@ -312,6 +411,9 @@ class Sender:
         self.acked_event = asyncio.Event()
         self.sent_through = self.acked
         self.resync_ack: int | None = None
+        self.settles: list[Path] = []  # dirty sets to delete once resync_ack arrives
+        self.floor = 0  # the session's streaming starts after this seq
+        self.seen_dirty: set[str] = set()  # dirty sets this session accounted for
         self.stats = {"batches": 0, "wire_bytes": 0, "data_bytes": 0, "sessions": 0}
         self.log = log.bind(volume=name, side="sender", node=node, peer=peer)
 
@@ -392,12 +494,13 @@ class Sender:
                               f"after {t:g} s") from None
         self.stats["sessions"] += 1
         try:
-            resume, resync = await self._handshake(link, loop)
-            await self._stream(link, resume, resync, stop)
+            resume, plan = await self._handshake(link, loop)
+            await self._stream(link, resume, plan, stop)
         finally:
             link.release(LinkClosed("session ended"))
             self.inflight.clear()
             self.resync_ack = None
+            self.settles = []
             self.inflight_bytes = 0
 
     def _refuse(self, link: Link, reason: str) -> Refused:
@@ -407,7 +510,7 @@ class Sender:
         return Refused(reason)
 
     async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop
-                         ) -> tuple[int, bool]:
+                         ) -> tuple[int, ResyncPlan | None]:
         t = self.cfg.timeout
         first, last = await loop.run_in_executor(self.executor, journal_bounds,
                                                  self.journal_dir)
@@ -430,11 +533,11 @@ class Sender:
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         resume = applied + 1
-        resync = resume < first
-        if resync:
-            # The journal was released past the replica's position: send the store's
-            # allocated extents instead, then stream from the seq the journal ends at now
-            # (everything up to it is in the store: the store is written first).
+        plan = await loop.run_in_executor(self.executor, plan_resync, self.info, self.peer,
+                                          applied, first, last)
+        if plan is not None:
+            # Send extents instead of records, then stream from the seq the journal ends
+            # at now (everything up to it is in the store: the store is written first).
             resume = last + 1
         tr = Transcript(PROTO_VERSION, self.node, theirs.node, mine.auth_nonce,
                         theirs.auth_nonce)
@@ -456,17 +559,21 @@ class Sender:
             self.log.warning("replica_behind_ack", acked_seq=self.acked, replica_seq=applied)
         self._set_acked(applied)
         self.sent_through = applied
-        self.log.info("resync" if resync else "streaming", resume_from=resume,
+        self.floor = resume - 1
+        self.seen_dirty = {p.name for p in plan.settles} if plan is not None else set()
+        extra = {} if plan is None else {"kind": plan.kind, "extents": len(plan.extents),
+                                         "extent_bytes": 1 << plan.shift, "why": plan.why}
+        self.log.info("resync" if plan is not None else "streaming", resume_from=resume,
                       journal_first_seq=first, journal_last_seq=last, replica_seq=applied,
-                      lag_records=last - applied, peer_addr=link.peername)
-        return resume, resync
+                      lag_records=last - applied, peer_addr=link.peername, **extra)
+        return resume, plan
 
-    async def _stream(self, link: Link, resume: int, resync: bool, stop: asyncio.Event
-                      ) -> None:
+    async def _stream(self, link: Link, resume: int, plan: ResyncPlan | None,
+                      stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(c) for c in (
-            self._pump(link, resume, resync), self._reader(link), self._pinger(link),
-            link.watchdog(self.cfg.timeout), stop.wait())]
+            self._pump(link, resume, plan), self._reader(link), self._pinger(link),
+            self._dirty_watch(), link.watchdog(self.cfg.timeout), stop.wait())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -482,17 +589,19 @@ class Sender:
             raise link.error
         raise LinkClosed("link ended")
 
-    async def _resync(self, link: Link, resume: int) -> None:
-        """Send every extent of the store (holes empty), then ResyncDone (PROTOCOL.md)."""
+    async def _resync(self, link: Link, resume: int, plan: ResyncPlan) -> None:
+        """Send the plan's extents (holes empty), then ResyncDone (PROTOCOL.md)."""
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         info = self.info
-        extents = list(range((info.size + (1 << info.extent_shift) - 1) >> info.extent_shift))
+        extents = plan.extents
         reader = await loop.run_in_executor(self.executor, ExtentReader, info.path / "store",
-                                            info.size, info.extent_shift, self.name, extents)
+                                            info.size, plan.shift, self.name, extents)
         sent = data = pieces = 0
-        self.log.info("resync_started", extents=len(extents))
-        link.send(ResyncExtents(self.name, info.extent_shift, tuple(extents)))
+        self.log.info("resync_started", kind=plan.kind, extents=len(extents),
+                      extent_bytes=1 << plan.shift,
+                      announced_bytes=min(len(extents) << plan.shift, info.size))
+        link.send(ResyncExtents(self.name, plan.shift, tuple(extents)))
         compression = Compression(self.cfg.compress)
 
         def frames() -> list[tuple[list[bytes | memoryview], int]]:
@@ -512,16 +621,18 @@ class Sender:
         _, done_seq = await loop.run_in_executor(self.executor, journal_bounds,
                                                  self.journal_dir)
         self.resync_ack = resume - 1  # acked once the replica holds the extents durably
+        self.settles = plan.settles
         link.send(ResyncDone(self.name, done_seq))
         self.stats["resync_wire_bytes"] = self.stats.get("resync_wire_bytes", 0) + sent
-        self.log.info("resync_extents_sent", extents=len(extents), pieces=pieces,
-                      data_bytes=data, wire_bytes=sent, consistent_at=done_seq,
+        self.log.info("resync_extents_sent", kind=plan.kind, extents=len(extents),
+                      pieces=pieces, data_bytes=data, wire_bytes=sent,
+                      volume_bytes=info.size, consistent_at=done_seq,
                       seconds=round(time.monotonic() - t0, 3))
 
-    async def _pump(self, link: Link, resume: int, resync: bool) -> None:
+    async def _pump(self, link: Link, resume: int, plan: ResyncPlan | None) -> None:
         loop = asyncio.get_running_loop()
-        if resync:
-            await self._resync(link, resume)
+        if plan is not None:
+            await self._resync(link, resume, plan)
         producer = Producer(self.tail, self.name, resume, self.cfg)
         poll = self.cfg.poll_min
         while True:
@@ -558,8 +669,16 @@ class Sender:
             raise PeerProtocolError(f"Ack for volume {ack.volume!r} on the stream of "
                                     f"{self.name!r}")
         d = ack.durable_seq
-        if d == self.resync_ack and d > self.acked:
-            self.resync_ack = None  # the resync is durable on the replica
+        if d == self.resync_ack:
+            # The resync is durable on the replica (the first Ack after ResyncDone; it may
+            # repeat the replica's seq when the journal had nothing newer): the dirty sets
+            # it covered are settled.
+            self.resync_ack = None
+            for path in self.settles:
+                path.unlink(missing_ok=True)
+            if self.settles:
+                self.log.info("dirty_sets_settled", count=len(self.settles))
+            self.settles = []
         elif not any(f.last_seq == d for f in self.inflight):
             raise PeerProtocolError(
                 f"Ack of seq {d} matches no batch in flight (acked {self.acked}, sent "
@@ -569,6 +688,22 @@ class Sender:
             self.inflight_bytes -= f.wire_bytes
         self._set_acked(d)
         self.room.set()
+
+    async def _dirty_watch(self) -> None:
+        """End the session when a dirty set appears that this session does not account
+        for (hot extents of a primary restart, records released past this peer's ack): the
+        next handshake resyncs them.  Returns (ending the session) only then."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(DIRTY_POLL)
+            sets = await loop.run_in_executor(None, read_dirty, self.info, self.peer)
+            new = [d for d in sets if d.path.name not in self.seen_dirty and (
+                d.reason == DIRTY_HOT or d.through_seq > max(self.acked, self.floor))]
+            if new:
+                self.log.info("dirty_extents_appeared", sets=len(new),
+                              reasons=sorted({d.reason for d in new}),
+                              extents=sum(len(d.extents) for d in new))
+                raise LinkClosed("dirty extents to resync")
 
     async def _pinger(self, link: Link) -> None:
         while True:
