@@ -286,6 +286,23 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         _fail(f"nbdkit exited unexpectedly with status {rc}")
 
 
+@cli.command()
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable (schema: gateway/status.py).")
+@click.pass_obj
+def status(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """Volumes of this node, and how far each peer trails (lag, last ack, resync)."""
+    from .status import node_report, render_text
+
+    report = node_report(obj.config().name, obj.data_dir(data_dir))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for line in render_text(report):
+        click.echo(line)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                               "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)

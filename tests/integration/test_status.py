@@ -1,0 +1,55 @@
+"""`nbdgw status` on a primary with a real replication link: in sync, then the lag while
+the replica is away (records and bytes: the data-loss window), on both ends."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.conftest import run_nbdgw
+from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture
+
+MiB = 1 << 20
+
+
+def status(data_dir: Path) -> dict:
+    return json.loads(run_nbdgw("status", "--json", "--data-dir", str(data_dir)).stdout)
+
+
+def test_status_in_sync_then_lagging(env: Env) -> None:  # noqa: F811 - fixture by name
+    fresh = status(env.primary)
+    assert fresh["version"] == 1
+    (v,) = fresh["volumes"]
+    assert (v["name"], v["role"], v["in_use"], v["peers"]) == ("v1", "primary", True, [])
+    text = run_nbdgw("status", "--data-dir", str(env.primary)).stdout
+    assert "  no peer has connected yet" in text
+
+    rx = env.receiver()
+    tx = env.sender(rx.port)
+    h = env.served.connect("v1")
+    h.pwrite(os.urandom(4 * MiB), 0)
+    h.flush()
+    last = env.wait_caught_up()
+    (v,) = status(env.primary)["volumes"]
+    (p,) = v["peers"]
+    assert v["journal_last_seq"] == last
+    assert (p["name"], p["acked_seq"], p["lag_records"], p["lag_bytes"], p["state"]) == (
+        "r1", last, 0, 0, "in sync")
+
+    assert rx.stop() == 0  # the replica goes away; the primary keeps taking writes
+    chunks = [os.urandom(256 * 1024) for _ in range(4)]
+    for i, c in enumerate(chunks):
+        h.pwrite(c, (8 << 20) + i * len(c))
+    h.flush()
+    (v,) = status(env.primary)["volumes"]
+    (p,) = v["peers"]
+    assert p["lag_records"] == v["journal_last_seq"] - last >= 4
+    assert p["lag_bytes"] >= sum(len(c) for c in chunks)
+    assert p["state"] in ("streaming", "stalled")
+    text = run_nbdgw("status", "--data-dir", str(env.primary)).stdout
+    assert f"  peer r1: {p['state']}, acked seq {last}, lag {p['lag_records']} records" in text
+    assert tx.stop() == 0
+
+    (rv,) = status(env.replica)["volumes"]
+    assert (rv["role"], rv["inconsistent"], rv["upstream_seq"]) == ("replica", False, last)
