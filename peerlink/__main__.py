@@ -2,6 +2,7 @@
 
     python -m peerlink receive --data-dir D --volume V --listen HOST:PORT [--secret-file F]
     python -m peerlink send --data-dir D --volume V --peer NAME=HOST:PORT [--secret-file F]
+                            [--rate-limit RATE]
 
 The receiver prints ``peerlink: listening on HOST:PORT`` (the real port when asked for 0)
 once it accepts connections.  SIGTERM or SIGINT stops either end cleanly (the receiver
@@ -27,6 +28,7 @@ from gateway.logs import configure
 from .auth import MIN_SECRET
 from .errors import PeerlinkError
 from .link import format_addr, parse_addr
+from .ratelimit import parse_rate
 from .receiver import Receiver
 from .sender import Sender, SenderConfig
 
@@ -63,7 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--compress", type=int, default=SenderConfig.compress,
                    help="zstd level, 0 = off (default 3)")
     s.add_argument("--max-backoff", type=float, default=SenderConfig.max_backoff)
+    s.add_argument("--rate-limit", type=_rate, default=0, metavar="RATE",
+                   help="bandwidth cap on the wire, bytes per second: a whole number with an "
+                        "optional binary unit K, M, G (K = 1024), '/s' optional, any value "
+                        "(no 4096 multiple needed), e.g. 10M or 512K/s; 0 = unlimited "
+                        "(default); counted after compression")
+    s.add_argument("--rate-burst", type=_rate, default=None, metavar="SIZE",
+                   help="token bucket size in bytes, same units (default: a quarter second "
+                        "of the rate, at least 64K)")
     return p
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -98,7 +115,8 @@ async def send(args: argparse.Namespace, secret: bytes | None) -> int:
     host, port = parse_addr(addr, "--peer")
     cfg = SenderConfig(timeout=args.timeout, ping_interval=min(2.0, args.timeout / 3),
                        batch_bytes=args.batch_bytes, window_bytes=args.window_bytes,
-                       compress=args.compress, max_backoff=args.max_backoff)
+                       compress=args.compress, max_backoff=args.max_backoff,
+                       rate_limit=args.rate_limit, rate_burst=args.rate_burst or None)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     tx = Sender(args.data_dir, args.volume, node=args.node, peer=name, host=host, port=port,

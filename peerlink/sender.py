@@ -38,6 +38,11 @@ through S1.  Which extents:
 
 The dirty sets a resync covered are deleted once the replica acknowledged it durably; sets
 that appear while streaming end the session, so the next handshake resyncs them.
+
+Bandwidth cap (``rate_limit``, bytes/s, 0 = none): one ``TokenBucket`` per sender (per
+peer), kept across sessions, is debited with the wire bytes of every batch and resync frame
+(after compression) and the pump sleeps what it says before writing the frame.  Pings and
+handshake messages are not counted (a few bytes; they keep the link alive while it waits).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ from .messages import (
     ResyncExtents,
     check_hello,
 )
+from .ratelimit import TokenBucket, format_rate
 from .receiver import expect, generation_of
 
 log = structlog.get_logger(component="peerlink")
@@ -132,6 +138,8 @@ class SenderConfig:
     compress: int = 3  # zstd level; 0 = never
     min_backoff: float = 0.1
     max_backoff: float = 10.0
+    rate_limit: int = 0  # bytes per second on the wire, 0 = unlimited
+    rate_burst: int | None = None  # None: ratelimit.default_burst(rate_limit)
 
 
 @dataclass(frozen=True)
@@ -414,6 +422,7 @@ class Sender:
         self.settles: list[Path] = []  # dirty sets to delete once resync_ack arrives
         self.floor = 0  # the session's streaming starts after this seq
         self.seen_dirty: set[str] = set()  # dirty sets this session accounted for
+        self.bucket = TokenBucket(self.cfg.rate_limit, self.cfg.rate_burst)
         self.stats = {"batches": 0, "wire_bytes": 0, "data_bytes": 0, "sessions": 0}
         self.log = log.bind(volume=name, side="sender", node=node, peer=peer)
 
@@ -456,6 +465,9 @@ class Sender:
         """Connect, stream, and reconnect with backoff until ``stop`` is set."""
         persister = asyncio.get_running_loop().create_task(self._persister())
         backoff = self.cfg.min_backoff
+        self.log.info("rate_limit", bytes_per_s=self.bucket.rate,
+                      burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
+                      rate=format_rate(self.bucket.rate))
         try:
             while not stop.is_set():
                 acked_before, t0 = self.acked, time.monotonic()
@@ -610,8 +622,10 @@ class Sender:
         try:
             while batch := await loop.run_in_executor(self.executor, frames):
                 for bufs, n in batch:
+                    wire = sum(len(b) for b in bufs)
+                    await self._throttle(wire)
                     link.send_frame(bufs)
-                    sent += sum(len(b) for b in bufs)
+                    sent += wire
                     data += n
                     pieces += 1
                     await link.drain()
@@ -642,6 +656,7 @@ class Sender:
                 await self.room.wait()
             frames, more = await loop.run_in_executor(self.executor, producer.step)
             for f in frames:
+                await self._throttle(f.wire_bytes)
                 link.send_frame(f.bufs)
                 self.inflight.append(f)
                 self.inflight_bytes += f.wire_bytes
@@ -653,6 +668,13 @@ class Sender:
             poll = self.cfg.poll_min if frames or more else min(poll * 2, self.cfg.poll_max)
             if not more:
                 await asyncio.sleep(poll)
+
+    async def _throttle(self, wire_bytes: int) -> None:
+        """Wait until the bandwidth cap allows ``wire_bytes`` more on the link."""
+        delay = self.bucket.take(wire_bytes)
+        if delay > 0:
+            self.stats["throttled_ms"] = self.stats.get("throttled_ms", 0) + round(delay * 1e3)
+            await asyncio.sleep(delay)
 
     async def _reader(self, link: Link) -> None:
         while True:
