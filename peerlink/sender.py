@@ -119,6 +119,7 @@ RESYNC_SETTLE: Final = 0.05
 _SEG_RE: Final = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 COMPRESS_SKIP: Final = 16  # frames sent raw after one whose compression did not pay
 DIRTY_POLL: Final = 0.5  # how often a streaming session looks for new dirty sets
+PLAN_RETRIES: Final = 3  # re-plans of a resync when the journal was released meanwhile
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class ResyncPlan:
     extents: list[int]
     settles: list[Path]
     why: str
+    raced: bool = False  # the journal was released while planning: plan again
 
 
 def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
@@ -263,7 +265,7 @@ def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
                                     shift)
     except (FormatError, FileNotFoundError) as e:
         return ResyncPlan(full.kind, full.shift, full.extents, settles,
-                          f"the retained records could not be read ({e})")
+                          f"the retained records could not be read ({e})", raced=True)
     reasons = sorted({d.reason for d in live})
     return ResyncPlan("dirty", shift, sorted(extents), settles,
                       f"{len(live)} dirty set(s) ({', '.join(reasons)})"
@@ -547,6 +549,16 @@ class Sender:
         resume = applied + 1
         plan = await loop.run_in_executor(self.executor, plan_resync, self.info, self.peer,
                                           applied, first, last)
+        for _ in range(PLAN_RETRIES):
+            if plan is None or not plan.raced:
+                break
+            # The primary released segments between journal_bounds and the scan of the
+            # retained records (it writes their dirty set first): with fresh bounds the
+            # sets account for them, and a dirty resync is enough instead of a full one.
+            first, last = await loop.run_in_executor(self.executor, journal_bounds,
+                                                     self.journal_dir)
+            plan = await loop.run_in_executor(self.executor, plan_resync, self.info,
+                                              self.peer, applied, first, last)
         if plan is not None:
             # Send extents instead of records, then stream from the seq the journal ends
             # at now (everything up to it is in the store: the store is written first).
