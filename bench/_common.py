@@ -118,6 +118,9 @@ class Bench:
                  tb: TracebackType | None) -> None:
         for s in reversed(self.servers):
             s.stop()
+        if os.environ.get("NBDGW_BENCH_KEEP"):
+            print(f"bench dir kept for inspection: {self.dir}", file=sys.stderr)
+            return
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def settle(self) -> float:
