@@ -413,9 +413,15 @@ class Journal:
         return [(seg, nxt.first_seq - 1) for seg, nxt in itertools.pairwise(segs)]
 
     def retained_bytes(self) -> int:
+        """Bytes in the segments still held.  Safe against the checkpoint thread: a
+        segment it releases meanwhile counts as nothing."""
         with self._lock:
             sealed = self.segments[:-1]
-        return sum(s.path.stat().st_size for s in sealed) + self.pos
+        total = self.pos
+        for seg in sealed:
+            with contextlib.suppress(FileNotFoundError):
+                total += seg.path.stat().st_size
+        return total
 
     def release_through(self, seq: int) -> int:
         """Release sealed segments whose records all have seq <= ``seq``; return bytes

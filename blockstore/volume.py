@@ -349,6 +349,15 @@ def is_replica(info: VolumeInfo) -> bool:
     return bool(read_json(info.path / "state.json", "state", STATE_VERSION).get("replica"))
 
 
+def _sizes(paths: list[Path]) -> int:
+    """Total size of files another process may be releasing meanwhile."""
+    total = 0
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total
+
+
 def volume_status(info: VolumeInfo) -> dict[str, Any]:
     """What an operator wants to see of a volume without opening it."""
     state = read_json(info.path / "state.json", "state", STATE_VERSION)
@@ -366,7 +375,7 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
         "role": "replica" if state.get("replica") else "primary",
         "inconsistent": bool(state.get("inconsistent", False)),
         "upstream_seq": int(state.get("upstream_seq", 0)),
-        "journal_bytes": sum(p.stat().st_size for p in segs), "journal_segments": len(segs),
+        "journal_bytes": _sizes(segs), "journal_segments": len(segs),
         "resync_extents": len(resync["extents"]), "resync_full": bool(resync["full"]),
         "allocated_bytes": (info.path / "store").stat().st_blocks * 512,
     }
