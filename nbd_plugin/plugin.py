@@ -24,8 +24,17 @@ _MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 _HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
 
+# Errnos a client can act on pass through (NBD carries only a few); EDQUOT is a full
+# disk to the client; anything else (ENOENT, EBADF: our own trouble) is an I/O error.
+_PASS = {errno.ENOSPC, errno.EIO, errno.EINVAL, errno.ENOMEM, errno.EPERM, errno.EROFS,
+         errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN}
+_MAP = {errno.EDQUOT: errno.ENOSPC}
+
+
 def _fail(e):
-    nbdkit.set_error(getattr(e, "errno", None) or errno.EIO)
+    err = getattr(e, "errno", None) or errno.EIO
+    err = _MAP.get(err, err)
+    nbdkit.set_error(err if err in _PASS else errno.EIO)
 
 
 def config(key, value):
