@@ -454,18 +454,6 @@ class Journal:
         os.close(fd)
         path.unlink()
 
-    def trim_to(self, max_bytes: int, keep_from_seq: int) -> int:
-        """Release the oldest sealed segments until at most ``max_bytes`` are retained,
-        never releasing a record at or after ``keep_from_seq`` (needed for redo)."""
-        freed = 0
-        while self.retained_bytes() > max_bytes:
-            with self._lock:
-                if len(self.segments) < 2 or self.segments[1].first_seq - 1 >= keep_from_seq:
-                    break
-                last_of_oldest = self.segments[1].first_seq - 1
-            freed += self.release_through(last_of_oldest)
-        return freed
-
 
 def is_data_op(op: Op) -> bool:
     return op in (Op.WRITE, Op.TRIM, Op.ZERO)

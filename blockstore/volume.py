@@ -614,12 +614,6 @@ class Volume:
 
     # -- resync bookkeeping ----------------------------------------------------
 
-    def resync_path(self) -> Path:
-        return self.info.path / "resync.json"
-
-    def pending_resync(self) -> dict[str, Any]:
-        return read_resync(self.info)
-
     def add_resync(self, extents: list[int], reason: str, full: bool = False) -> None:
         """Persistently add extents that every peer must receive again."""
         add_resync(self.info, extents, reason, full)

@@ -366,38 +366,6 @@ def test_release_through_deletes_only_fully_released_sealed_segments(jdir: Path)
     j2.close()
 
 
-@pytest.mark.parametrize("keep", [1, 3, 4, 5, 7, 9, 10, 11])
-def test_trim_to_never_drops_records_at_or_after_keep(jdir: Path, keep: int) -> None:
-    j = open_journal(jdir)
-    fill(j, 10)
-    j.trim_to(0, keep)
-    first = j.segments[0].first_seq
-    assert first <= keep or first == j.segments[-1].first_seq
-    assert len(j.segments) >= 1
-    assert seg_files(jdir)[-1] == segment_name(10)
-    # Every record from keep on is still readable.
-    assert [h.seq for h, _ in j.records(keep)] == list(range(keep, 11))
-    # And nothing older than necessary is kept: the oldest segment holds keep (or is active).
-    expected_first = min(10, ((keep - 1) // PER_SEG) * PER_SEG + 1)
-    assert first == expected_first
-    j.close()
-
-
-def test_trim_to_respects_max_bytes(jdir: Path) -> None:
-    j = open_journal(jdir)
-    fill(j, 10)
-    sealed = SEG_HEADER_SIZE + PER_SEG * REC
-    total = j.retained_bytes()
-    assert j.trim_to(total, 1) == 0
-    assert j.trim_to(total - 1, 100) == sealed
-    assert j.retained_bytes() == total - sealed
-    assert j.trim_to(0, 100) == 2 * sealed
-    assert seg_files(jdir) == [segment_name(10)]
-    j.close()
-
-
-# -- failed appends ---------------------------------------------------------
-
 def test_failed_append_keeps_nothing(jdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     j = open_journal(jdir)
     fill(j, 1)
