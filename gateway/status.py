@@ -26,14 +26,9 @@ from typing import Any
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import record_headers
 from blockstore.meta import read_json
+from blockstore.peers import known_peers, read_dirty
 from blockstore.record import REC_HEADER_SIZE
-from blockstore.volume import (
-    VolumeInfo,
-    known_peers,
-    list_volumes,
-    read_dirty,
-    volume_status,
-)
+from blockstore.volume import VolumeInfo, list_volumes, volume_status
 from peerlink.sender import journal_bounds
 
 STATUS_VERSION = 1

@@ -65,6 +65,17 @@ import structlog
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
+from blockstore.peers import (
+    DIRTY_HOT,
+    DIRTY_RELEASED,
+    PEER_KIND,
+    PEER_VERSION,
+    DirtySet,
+    covers,
+    dirty_shift,
+    extent_range,
+    read_dirty,
+)
 from blockstore.record import (
     REC_HEADER_SIZE,
     SEG_HEADER_SIZE,
@@ -73,19 +84,7 @@ from blockstore.record import (
     decode_header,
 )
 from blockstore.store import Store
-from blockstore.volume import (
-    DIRTY_HOT,
-    DIRTY_RELEASED,
-    PEER_KIND,
-    PEER_VERSION,
-    DirtySet,
-    VolumeInfo,
-    covers,
-    dirty_shift,
-    extent_range,
-    find_volume,
-    read_dirty,
-)
+from blockstore.volume import VolumeInfo, find_volume
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes

@@ -10,21 +10,23 @@ from pathlib import Path
 import pytest
 
 from blockstore.meta import write_json
-from blockstore.record import REC_HEADER_SIZE, SEG_HEADER_SIZE
-from blockstore.volume import (
+from blockstore.peers import (
     DIRTY_HOT,
     DIRTY_RELEASED,
     PEER_KIND,
     PEER_VERSION,
-    Volume,
-    VolumeInfo,
     covers,
-    create_volume,
     dirty_shift,
     known_peers,
     read_dirty,
-    read_resync,
     write_dirty,
+)
+from blockstore.record import REC_HEADER_SIZE, SEG_HEADER_SIZE
+from blockstore.volume import (
+    Volume,
+    VolumeInfo,
+    create_volume,
+    read_resync,
 )
 
 MiB = 1 << 20

@@ -1,0 +1,124 @@
+"""Per-peer release bookkeeping of a primary volume (contract 4): who acked what, and
+the extents each lagging peer must be resynced.
+
+Two writers, never of the same file: a peer's sender writes ``peers/<peer>.json`` (its
+acked seq); the volume (the nbdkit process) writes immutable ``peers/<peer>.dirty-*.json``
+files, each created once, atomically, under a fresh name, before the journal records
+they stand for are released.  The sender only reads and deletes dirty files, and deletes
+one only after the replica acknowledged a resync that covered it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import FormatError
+from .meta import read_json, write_json
+
+if TYPE_CHECKING:
+    from .volume import VolumeInfo
+
+PEER_KIND = "peer"  # peers/<peer>.json: written by that peer's sender only
+PEER_VERSION = 1
+DIRTY_KIND = "peer-dirty"  # peers/<peer>.dirty-*.json: written by the volume only
+DIRTY_VERSION = 1
+DIRTY_RELEASED = "released"  # records released before the peer acked them
+DIRTY_HOT = "unclean restart"  # hot extents found by recovery
+_DIRTY_RE = re.compile(r"^(.+)\.dirty-[0-9a-f]{16}-[0-9a-f]+\.json$")
+
+
+def dirty_shift(size: int) -> int:
+    """Granularity of released-record dirty sets: 64 KiB, coarser for volumes over
+    64 GiB so that a set never has more than 2^20 extents (one ResyncExtents frame)."""
+    return max(16, (size - 1).bit_length() - 20)
+
+
+def extent_range(offset: int, length: int, shift: int) -> range:
+    """The extents of 2^shift bytes that [offset, offset + length) touches."""
+    return range(offset >> shift, ((offset + length - 1) >> shift) + 1)
+
+
+@dataclass(frozen=True)
+class DirtySet:
+    """Extents one peer must be resynced.  ``reason`` DIRTY_RELEASED: the journal records
+    ``from_seq..through_seq`` were released before the peer acked them and these are the
+    extents they touched; DIRTY_HOT: recovery's hot extents (the store may hold bytes no
+    record carries), needed whatever the peer holds."""
+
+    path: Path
+    reason: str
+    from_seq: int
+    through_seq: int
+    extent_shift: int
+    extents: tuple[int, ...]
+
+
+def known_peers(info: VolumeInfo) -> dict[str, int]:
+    """Every peer that has acked something of this volume (this incarnation): name ->
+    acked seq.  A peer that never connected has no file: it needs a full sync anyway.  A
+    file that cannot be read holds nothing back (its own sender refuses to start on it)."""
+    pdir = info.path / "peers"
+    out: dict[str, int] = {}
+    if not pdir.is_dir():
+        return out
+    for name in os.listdir(pdir):
+        if not name.endswith(".json") or _DIRTY_RE.match(name):
+            continue
+        try:
+            meta = read_json(pdir / name, PEER_KIND, PEER_VERSION)
+        except (FormatError, FileNotFoundError):
+            continue
+        if meta.get("volume_uuid") == info.uuid:
+            out[str(meta["peer"])] = int(meta["acked_seq"])
+    return out
+
+
+def write_dirty(info: VolumeInfo, peer: str, *, reason: str, from_seq: int, through_seq: int,
+                shift: int, extents: list[int]) -> Path:
+    """Create one immutable dirty set for ``peer`` (a fresh name: never overwritten)."""
+    pdir = info.path / "peers"
+    pdir.mkdir(exist_ok=True)
+    path = pdir / f"{peer}.dirty-{through_seq:016x}-{time.time_ns():x}.json"
+    write_json(path, {"kind": DIRTY_KIND, "version": DIRTY_VERSION, "peer": peer,
+                      "volume_uuid": info.uuid, "reason": reason, "from_seq": from_seq,
+                      "through_seq": through_seq, "extent_shift": shift,
+                      "extents": sorted(extents), "created": time.time()})
+    return path
+
+
+def read_dirty(info: VolumeInfo, peer: str) -> list[DirtySet]:
+    """The dirty sets waiting for ``peer``, ordered by the records they stand for."""
+    pdir = info.path / "peers"
+    out: list[DirtySet] = []
+    if not pdir.is_dir():
+        return out
+    for name in os.listdir(pdir):
+        m = _DIRTY_RE.match(name)
+        if not m or m.group(1) != peer:
+            continue
+        try:
+            d = read_json(pdir / name, DIRTY_KIND, DIRTY_VERSION)
+        except FileNotFoundError:
+            continue  # deleted meanwhile by another sender session
+        if d.get("volume_uuid") != info.uuid:
+            continue  # a leftover of another incarnation of this volume name
+        out.append(DirtySet(pdir / name, str(d["reason"]), int(d["from_seq"]),
+                            int(d["through_seq"]), int(d["extent_shift"]),
+                            tuple(int(e) for e in d["extents"])))
+    out.sort(key=lambda d: (d.from_seq, d.through_seq, d.path.name))
+    return out
+
+
+def covers(sets: list[DirtySet], applied: int, first_retained: int) -> bool:
+    """Do the released-record sets account for every record the peer misses between its
+    ``applied`` seq and the journal's ``first_retained``?"""
+    reach = applied
+    for d in sets:
+        if d.reason == DIRTY_RELEASED and d.from_seq <= reach + 1:
+            reach = max(reach, d.through_seq)
+    return reach >= first_retained - 1
