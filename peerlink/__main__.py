@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import signal
 import socket
+import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -31,6 +33,7 @@ from .link import format_addr, parse_addr
 from .ratelimit import parse_rate
 from .receiver import Receiver
 from .sender import Sender, SenderConfig
+from .tls import client_context, server_context
 
 log = structlog.get_logger(component="peerlink")
 
@@ -51,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--data-dir", type=Path, required=True)
     common.add_argument("--volume", required=True)
     common.add_argument("--secret-file", type=Path, default=None)
+    common.add_argument("--tls-cert", type=Path, default=None,
+                        help="this node's certificate (PEM); with --tls-key and --tls-ca: "
+                             "mutual TLS, both ends signed by the cluster's CA")
+    common.add_argument("--tls-key", type=Path, default=None)
+    common.add_argument("--tls-ca", type=Path, default=None)
     common.add_argument("--node", default=socket.gethostname(),
                         help="this node's name (default: the host name)")
     common.add_argument("--timeout", type=float, default=15.0,
@@ -76,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tls(args: argparse.Namespace,
+         make: Callable[[Path, Path, Path], ssl.SSLContext]) -> ssl.SSLContext | None:
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if not any(files):
+        return None
+    if not all(files):
+        raise ValueError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+    return make(args.tls_cert, args.tls_key, args.tls_ca)
+
+
 def _rate(text: str) -> int:
     try:
         return parse_rate(text)
@@ -94,7 +112,7 @@ async def receive(args: argparse.Namespace, secret: bytes | None) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     rx = Receiver(args.data_dir, args.volume, node=args.node, role=args.role, secret=secret,
-                  timeout=args.timeout)
+                  timeout=args.timeout, tls=_tls(args, server_context))
     try:
         bound = await rx.start(host, port)
         print(f"peerlink: listening on {format_addr(*bound)}", flush=True)
@@ -120,7 +138,7 @@ async def send(args: argparse.Namespace, secret: bytes | None) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     tx = Sender(args.data_dir, args.volume, node=args.node, peer=name, host=host, port=port,
-                secret=secret, config=cfg)
+                secret=secret, config=cfg, tls=_tls(args, client_context))
     print(f"peerlink: sending volume {args.volume} to {name} at {format_addr(host, port)}",
           flush=True)
     await tx.run(stop)

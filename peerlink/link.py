@@ -182,6 +182,13 @@ class Link(asyncio.Protocol):
         self._writing_allowed.set()
         if self.transport is not None:
             self.transport.abort()
+        else:
+            # Never connected (a TLS handshake still running, or failed: asyncio then calls
+            # neither connection_made nor connection_lost): settle the waiters here.
+            if not self.connected.done():
+                self.connected.set_exception(self._error)
+            if not self.closed.done():
+                self.closed.set_result(None)
 
     def abort(self, err: PeerlinkError) -> None:
         """Drop the connection now, for ``err`` (which ``recv()`` will raise)."""

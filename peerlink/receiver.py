@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +118,8 @@ class Receiver:
     """Listen for a sender and apply its batches to the replica volume ``name``."""
 
     def __init__(self, data_dir: Path, name: str, *, node: str, role: str = "secondary",
-                 secret: bytes | None = None, timeout: float = 15.0) -> None:
+                 secret: bytes | None = None, timeout: float = 15.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         if role not in ("secondary", "dr"):
             raise ValueError(f"receiver role must be secondary or dr, got {role!r}")
         self.data_dir = Path(data_dir)
@@ -126,6 +128,7 @@ class Receiver:
         self.role = role
         self.secret = secret
         self.timeout = timeout
+        self.tls = tls
         self.vol = Volume.open(self.data_dir, name)  # takes the volume's lock
         if not self.vol.replica:
             self.vol.close()
@@ -156,7 +159,7 @@ class Receiver:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (0 = any free port); return the address bound."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._accept, host, port)
+        self.server = await loop.create_server(self._accept, host, port, ssl=self.tls)
         sock = self.server.sockets[0].getsockname()
         self.log.info("listening", address=format_addr(sock[0], sock[1]))
         return str(sock[0]), int(sock[1])
@@ -189,8 +192,12 @@ class Receiver:
 
     async def _connection(self, link: Link) -> None:
         try:
-            await link.connected
-        except LinkClosed:
+            # Bounded: a TLS handshake that fails never reports to the protocol at all.
+            await asyncio.wait_for(asyncio.shield(link.connected), self.timeout)
+        except (LinkClosed, TimeoutError):
+            if not link.connected.done():
+                link.abort(LinkClosed("TLS handshake did not complete"))
+            link.connected.exception()  # retrieved: the reason is logged by the sender side
             self.links.discard(link)
             return
         clog = self.log.bind(peer_addr=link.peername)

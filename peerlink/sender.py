@@ -52,6 +52,7 @@ import contextlib
 import errno
 import os
 import re
+import ssl
 import time
 import uuid
 from collections import deque
@@ -400,8 +401,9 @@ class Sender:
 
     def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
                  port: int, secret: bytes | None = None,
-                 config: SenderConfig | None = None) -> None:
+                 config: SenderConfig | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.cfg = config or SenderConfig()
+        self.tls = tls
         self.info = find_volume(Path(data_dir), name)
         self.name = name
         self.node = node
@@ -501,7 +503,7 @@ class Sender:
         t = self.cfg.timeout
         try:
             _, link = await asyncio.wait_for(
-                loop.create_connection(Link, self.host, self.port), t)
+                loop.create_connection(Link, self.host, self.port, ssl=self.tls), t)
         except TimeoutError:
             raise LinkTimeout(f"connect to {format_addr(self.host, self.port)} timed out "
                               f"after {t:g} s") from None
