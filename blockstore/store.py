@@ -95,7 +95,7 @@ class Store:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def apply(self, op: Op, flags: Flag, offset: int, length: int,
+    def apply(self, op: Op, flags: int, offset: int, length: int,
               payload: bytes | memoryview) -> None:
         """Apply one journal record's effect (redo on recovery, and on replicas)."""
         if op is Op.WRITE:

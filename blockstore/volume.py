@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import structlog
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
 from .errors import (
@@ -73,6 +74,7 @@ SIZE_ALIGN = 4096
 MAX_SIZE = 1 << 50  # 1 PiB
 DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
 DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
+_log = structlog.get_logger(component="blockstore")
 COMMIT_EVENT = "peerlink-commit"  # MARK body event closing a replicated batch
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -310,7 +312,6 @@ class Checkpointer:
         self.cv = threading.Condition()
         self.want: int | None = None
         self.spare_wanted = False
-        self.done_seq = vol.checkpoint_seq
         self.stopping = False
         self.error: OSError | BlockstoreError | None = None
         self.thread: threading.Thread | None = None
@@ -365,12 +366,10 @@ class Checkpointer:
                 self.vol.release_journal()
             except (OSError, BlockstoreError) as e:
                 # The redo point stays where it was: recovery replays more, loses nothing;
-                # without a spare the next rotation creates its segment inline.
+                # without a spare the next rotation creates its segment inline.  Said,
+                # not swallowed: a disk that fails here fails the clients' writes soon.
                 self.error = e
-            if seq is not None:
-                with self.cv:
-                    self.done_seq = max(self.done_seq, seq)
-                    self.cv.notify_all()
+                _log.error("checkpoint_failed", volume=self.vol.name, error=str(e))
 
     def stop(self) -> None:
         with self.cv:
@@ -546,37 +545,20 @@ class Volume:
 
     def write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> int:
         """Store then journal one write; return its sequence number."""
-        length = len(buf)
-        self._check_writable()
-        self._check_range(offset, length)
-        self._activate(offset, length)
-        assert self.journal is not None and self.store is not None
-        try:
-            self.store.pwrite(buf, offset)  # fails first (ENOSPC): nothing journaled
-        except OSError as e:
-            self._unjournaled(offset, length, e)  # a short write may have changed part
-            raise
-        try:
-            seq = self.journal.append(Op.WRITE, Flag.FUA if fua else 0, offset, length, buf)
-        except OSError as e:
-            self._unjournaled(offset, length, e)
-            raise
-        if fua:
-            self.journal.sync()
-        return seq
+        return self._change(Op.WRITE, Flag.FUA if fua else 0, offset, len(buf), buf)
 
-    def _range_op(self, op: Op, flags: int, offset: int, length: int) -> int:
+    def _change(self, op: Op, flags: int, offset: int, length: int,
+                payload: bytes | memoryview = b"") -> int:
+        """The one write path of WRITE, TRIM and ZERO: store first, then the journal.
+        Either failing may leave the store changed where the journal is not (a short
+        write, or an append that failed after it): those extents are marked for resync."""
         self._check_writable()
         self._check_range(offset, length)
         self._activate(offset, length)
         assert self.journal is not None and self.store is not None
         try:
-            self.store.apply(op, Flag(flags), offset, length, b"")
-        except OSError as e:
-            self._unjournaled(offset, length, e)  # a partial punch or zero changed part
-            raise
-        try:
-            seq = self.journal.append(op, flags, offset, length)
+            self.store.apply(op, flags, offset, length, payload)
+            seq = self.journal.append(op, flags, offset, length, payload)
         except OSError as e:
             self._unjournaled(offset, length, e)
             raise
@@ -679,11 +661,11 @@ class Volume:
         self._write_state(clean=False)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> int:
-        return self._range_op(Op.TRIM, Flag.FUA if fua else 0, offset, length)
+        return self._change(Op.TRIM, Flag.FUA if fua else 0, offset, length)
 
     def zero(self, offset: int, length: int, may_trim: bool = False, fua: bool = False) -> int:
         flags = (Flag.FUA if fua else 0) | (Flag.MAY_TRIM if may_trim else 0)
-        return self._range_op(Op.ZERO, flags, offset, length)
+        return self._change(Op.ZERO, flags, offset, length)
 
     def flush(self) -> None:
         """Make every completed write durable (the journal is the durable copy)."""
