@@ -62,6 +62,12 @@ class Ctx:
         return override if override is not None else self.config().data_dir
 
 
+def _confirm(yes: bool, question: str) -> None:
+    """Ask before a destructive action unless --yes was given; stop if not confirmed."""
+    if not yes and not click.confirm(question):
+        _fail("not confirmed")
+
+
 def _fail(msg: str, code: int = 1) -> None:
     click.echo(f"nbdgw: error: {msg}", err=True)
     sys.exit(code)
@@ -169,8 +175,7 @@ def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
     """Delete a volume and its journal (refused while it is being served)."""
     dd = obj.data_dir(data_dir)
     find_volume(dd, name)
-    if not yes and not click.confirm(f"delete volume {name} and all its data?"):
-        _fail("not confirmed")
+    _confirm(yes, f"delete volume {name} and all its data?")
     delete_volume(dd, name)
     click.echo(f"deleted volume {name}")
 
@@ -208,11 +213,9 @@ def volume_repair(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
 
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
-    if not yes and not click.confirm(
+    _confirm(yes, (
         f"cut the journal of {name} at its first bad record? Records after it are moved "
-        "aside and the volume is marked for a full resync to its peers"
-    ):
-        _fail("not confirmed")
+        "aside and the volume is marked for a full resync to its peers"))
     report = repair_journal(info)
     click.echo(report)
 
