@@ -383,6 +383,11 @@ def config_check(obj: Ctx, path: Path | None) -> None:
     click.echo(f"config ok: node {cfg.name}, data_dir {cfg.data_dir}, "
                f"{len(cfg.volumes)} volume(s), listen "
                + ", ".join(str(x) for x in cfg.nbd.listen))
+    if cfg.peers:
+        sends = ", ".join(f"{p.name} ({p.mode.value})" for p in cfg.send_to()) or "nobody"
+        click.echo(f"role {cfg.role.value}, {cfg.peerlink.topology.value}: sends to {sends}"
+                   + (f"; receives on {cfg.peerlink.listen_host}:{cfg.peerlink.listen_port}"
+                      if cfg.receives() else ""))
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ import yaml
 from blockstore.errors import InvalidArgument
 from blockstore.volume import parse_size, validate_name
 
+from peerlink.ratelimit import parse_rate
+
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -105,6 +107,68 @@ class VolumeConfig:
     read_only: bool = False
 
 
+class Role(enum.Enum):
+    """A site's role (contract 9: the default role of the node's volumes)."""
+
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+    DR = "dr"
+
+
+class Topology(enum.Enum):
+    FANOUT = "fanout"  # the primary ships to every other site
+    CASCADE = "cascade"  # primary -> secondary -> DR (a DR link reachable from the DC only)
+
+
+class PeerMode(enum.Enum):
+    ASYNC = "async"
+    SYNC = "sync"  # FLUSH/FUA complete only once this peer has the data durable
+
+
+class Compression(enum.Enum):
+    ZSTD = "zstd"
+    NONE = "none"
+
+
+DEFAULT_PEER_PORT = 7789
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The address clients use; it moves to the new primary on failover."""
+
+    address: str | None = None  # interface form, "192.0.2.10/24"
+    interface: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerlinkTlsConfig:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
+@dataclass(frozen=True)
+class PeerlinkConfig:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PEER_PORT
+    topology: Topology = Topology.FANOUT
+    secret_file: Path | None = None
+    tls: PeerlinkTlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    role: Role
+    address: str
+    port: int = DEFAULT_PEER_PORT
+    mode: PeerMode = PeerMode.ASYNC
+    sync_timeout: float = 5.0
+    rate_limit: int = 0  # bytes per second on the wire; 0 = unlimited
+    compression: Compression = Compression.ZSTD
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str = os.uname().nodename
@@ -114,9 +178,32 @@ class NodeConfig:
     al_extents: int = 1024
     volumes: tuple[VolumeConfig, ...] = ()
     source: Path | None = None
+    role: Role = Role.PRIMARY
+    service: ServiceConfig = ServiceConfig()
+    peerlink: PeerlinkConfig = PeerlinkConfig()
+    peers: tuple[PeerConfig, ...] = ()
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
+
+    def peer(self, name: str) -> PeerConfig | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    def send_to(self) -> tuple[PeerConfig, ...]:
+        """The peers this node ships its volumes' journals to, by role and topology."""
+        cascade = self.peerlink.topology is Topology.CASCADE
+        if self.role is Role.PRIMARY:
+            if not cascade:
+                return tuple(p for p in self.peers if p.role is not Role.PRIMARY)
+            seconds = tuple(p for p in self.peers if p.role is Role.SECONDARY)
+            return seconds or tuple(p for p in self.peers if p.role is Role.DR)
+        if self.role is Role.SECONDARY and cascade:
+            return tuple(p for p in self.peers if p.role is Role.DR)
+        return ()
+
+    def receives(self) -> bool:
+        """Whether this node holds replicas (runs a peerlink receiver)."""
+        return self.role is not Role.PRIMARY
 
     def with_overrides(self, **kw: Any) -> NodeConfig:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -268,7 +355,126 @@ def _volumes(items: list[Any]) -> tuple[VolumeConfig, ...]:
     return tuple(out)
 
 
-TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes")
+def parse_host_port(v: Any, where: str) -> tuple[str, int]:
+    """``HOST:PORT`` with HOST an IP address (``[v6]:port`` for IPv6)."""
+    if not isinstance(v, str):
+        raise ConfigError(f"expected 'HOST:PORT' for {where}")
+    host, sep, port = v.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and port.isdigit() and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"expected 'HOST:PORT' with an IP address and a port 1..65535 "
+                          f"for {where}, got {v!r}")
+    return host, int(port)
+
+
+def _service(raw: Any) -> ServiceConfig:
+    s = _Section(raw, "service", ("address", "interface"))
+    address = s.string("address", None)
+    if address is not None:
+        try:
+            iface = ipaddress.ip_interface(address)
+        except ValueError:
+            raise ConfigError(f"expected an address with a prefix length such as "
+                              f"192.0.2.10/24 for service.address, got {address!r}") from None
+        if "/" not in address:
+            raise ConfigError(f"expected an address with a prefix length such as "
+                              f"192.0.2.10/24 for service.address, got {address!r}")
+        address = str(iface)
+    return ServiceConfig(address=address, interface=s.string("interface", None))
+
+
+def _peerlink(raw: Any) -> PeerlinkConfig:
+    s = _Section(raw, "peerlink", ("listen", "topology", "secret_file", "tls"))
+    host, port = PeerlinkConfig.listen_host, PeerlinkConfig.listen_port
+    if s.has("listen"):
+        host, port = parse_host_port(s.get("listen"), "peerlink.listen")
+    tls = None
+    if s.has("tls"):
+        t = _Section(s.get("tls"), "peerlink.tls", ("cert_file", "key_file", "ca_file"))
+        files = [t.path_(k, None) for k in ("cert_file", "key_file", "ca_file")]
+        missing = [k for k, f in zip(("cert_file", "key_file", "ca_file"), files, strict=True)
+                   if f is None]
+        if missing:
+            raise ConfigError(f"missing key '{missing[0]}' in peerlink.tls (mutual TLS "
+                              f"needs cert_file, key_file and ca_file)")
+        cert, key, ca = (f for f in files if f is not None)
+        tls = PeerlinkTlsConfig(cert, key, ca)
+    return PeerlinkConfig(listen_host=host, listen_port=port,
+                          topology=s.enum("topology", Topology, Topology.FANOUT),
+                          secret_file=s.path_("secret_file", None), tls=tls)
+
+
+def _number(s: _Section, name: str, default: float) -> float:
+    v = s.get(name) if s.has(name) else default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise ConfigError(f"expected a number of seconds > 0 for {s.key(name)}")
+    return float(v)
+
+
+def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
+    out: list[PeerConfig] = []
+    keys = ("name", "role", "address", "port", "mode", "sync_timeout", "rate_limit",
+            "compression")
+    for i, raw in enumerate(items):
+        where = f"peers[{i}]"
+        s = _Section(raw, where, keys)
+        for k in ("name", "role", "address"):
+            if not s.has(k):
+                raise ConfigError(f"missing key '{k}' in {where}")
+        name = s.string("name", None)
+        assert name is not None
+        try:
+            validate_name(name)
+        except InvalidArgument as e:
+            raise ConfigError(f"{e} in {where}.name") from None
+        if name == node_name:
+            raise ConfigError(f"peer {name} in {where} is this node (node.name)")
+        if any(p.name == name for p in out):
+            raise ConfigError(f"peer {name} is listed twice in peers")
+        address = s.get("address")
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ConfigError(f"expected an IP address for {where}.address, "
+                              f"got {address!r}") from None
+        rate = s.get("rate_limit") if s.has("rate_limit") else 0
+        if isinstance(rate, bool) or not isinstance(rate, int | str):
+            raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
+                              f"{where}.rate_limit")
+        try:
+            rate = parse_rate(str(rate))
+        except ValueError:
+            raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
+                              f"{where}.rate_limit, got {rate!r}") from None
+        out.append(PeerConfig(
+            name=name, role=s.enum("role", Role, Role.SECONDARY), address=address,
+            port=s.integer("port", DEFAULT_PEER_PORT, 1, 65535),
+            mode=s.enum("mode", PeerMode, PeerMode.ASYNC),
+            sync_timeout=_number(s, "sync_timeout", PeerConfig.sync_timeout),
+            rate_limit=rate,
+            compression=s.enum("compression", Compression, Compression.ZSTD)))
+    return tuple(out)
+
+
+def check_roles(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
+    """At most one primary among the sites; exactly one once peers are listed."""
+    primaries = ([f"{name} (node.role)"] if role is Role.PRIMARY else []) + [
+        f"{p.name} (peers[{i}].role)" for i, p in enumerate(peers) if p.role is Role.PRIMARY]
+    if len(primaries) > 1:
+        raise ConfigError(f"two primaries: {' and '.join(primaries[:2])}; a volume has "
+                          f"one primary site")
+    if peers and not primaries:
+        raise ConfigError("no primary: neither node.role nor any peers[].role is primary")
+
+
+TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
+            "peerlink", "peers")
 
 
 def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
@@ -277,7 +483,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     version = top.get("version")
     if type(version) is not int or version != CONFIG_VERSION:
         raise ConfigError(f"expected version: {CONFIG_VERSION} at the top of the config")
-    node = _Section(top.get("node"), "node", ("name", "data_dir"))
+    node = _Section(top.get("node"), "node", ("name", "data_dir", "role"))
     j = _Section(top.get("journal"), "journal", ("max_bytes", "segment_bytes"))
     al = _Section(top.get("activity_log"), "activity_log", ("extents",))
     journal = JournalConfig(
@@ -291,7 +497,14 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     if journal.max_bytes < journal.segment_bytes:
         raise ConfigError("journal.max_bytes must be at least journal.segment_bytes")
     name = node.string("name", None) or NodeConfig.name
+    role = node.enum("role", Role, Role.PRIMARY)
+    peers = _peers(top.listing("peers"), name)
+    check_roles(role, name, peers)
     return NodeConfig(
+        role=role,
+        service=_service(top.get("service")),
+        peerlink=_peerlink(top.get("peerlink")),
+        peers=peers,
         name=name,
         data_dir=node.path_("data_dir", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR,
         nbd=_nbd(top.get("nbd")),

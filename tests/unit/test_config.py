@@ -33,7 +33,7 @@ from gateway.config import (
 from gateway.errors import ConfigError, GatewayError
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = "activity_log, journal, nbd, node, version, volumes"
+TOP = "activity_log, journal, nbd, node, peerlink, peers, service, version, volumes"
 NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TLS_ONE_OF = ("nbd.tls.mode is on or require: set exactly one of nbd.tls.psk_file and "
               "nbd.tls.certificates_dir")
@@ -158,7 +158,9 @@ def test_example_config_loads_and_documents_every_key() -> None:
     for key in ("version", "node", "name", "data_dir", "nbd", "listen", "allow", "tls",
                 "mode", "psk_file", "certificates_dir", "verify_peer", "journal",
                 "max_bytes", "segment_bytes", "activity_log", "extents", "volumes", "size",
-                "read_only"):
+                "read_only", "role", "service", "address", "interface", "peerlink",
+                "topology", "secret_file", "peers", "port", "sync_timeout", "rate_limit",
+                "compression"):
         assert f"{key}:" in text, f"examples/nbdgw.yaml does not document {key}"
 
 
@@ -205,7 +207,7 @@ def test_empty_document(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("raw", "msg"), [
     (minimal(colour="red"), f"unknown key 'colour' in the config file (known: {TOP})"),
-    (minimal(node={"colour": 1}), "unknown key 'colour' in node (known: data_dir, name)"),
+    (minimal(node={"colour": 1}), "unknown key 'colour' in node (known: data_dir, name, role)"),
     (minimal(nbd={"colour": 1}), "unknown key 'colour' in nbd (known: allow, listen, tls)"),
     (minimal(nbd={"tls": {"colour": 1}}),
      "unknown key 'colour' in nbd.tls (known: certificates_dir, mode, psk_file, verify_peer)"),

@@ -1,0 +1,138 @@
+"""Roles, service address, peerlink and peers in the node config; messages word for word."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import (
+    Compression,
+    PeerConfig,
+    PeerlinkConfig,
+    PeerlinkTlsConfig,
+    PeerMode,
+    Role,
+    ServiceConfig,
+    Topology,
+    parse_config,
+)
+from gateway.errors import ConfigError
+
+DC = {"name": "dc", "role": "secondary", "address": "192.0.2.12"}
+DR = {"name": "dr", "role": "dr", "address": "192.0.2.13"}
+
+
+def cfg(**sections: Any) -> dict[str, Any]:
+    return {"version": 1, "node": {"name": "main", "role": "primary"}, **sections}
+
+
+def refused(raw: Any) -> str:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(raw)
+    return str(ei.value)
+
+
+def test_full_replication_config() -> None:
+    c = parse_config(cfg(
+        service={"address": "192.0.2.10/24", "interface": "eth0"},
+        peerlink={"listen": "192.0.2.11:7790", "topology": "cascade",
+                  "secret_file": "/etc/nbdgw/peer.secret",
+                  "tls": {"cert_file": "/etc/nbdgw/pl.crt", "key_file": "/etc/nbdgw/pl.key",
+                          "ca_file": "/etc/nbdgw/ca.crt"}},
+        peers=[{**DC, "port": 7790, "mode": "sync", "sync_timeout": 2.5, "rate_limit": "100M",
+                "compression": "none"}, {**DR, "rate_limit": 1000}]))
+    assert c.role is Role.PRIMARY
+    assert c.service == ServiceConfig("192.0.2.10/24", "eth0")
+    assert c.peerlink == PeerlinkConfig(
+        "192.0.2.11", 7790, Topology.CASCADE, Path("/etc/nbdgw/peer.secret"),
+        PeerlinkTlsConfig(Path("/etc/nbdgw/pl.crt"), Path("/etc/nbdgw/pl.key"),
+                          Path("/etc/nbdgw/ca.crt")))
+    assert c.peers == (
+        PeerConfig("dc", Role.SECONDARY, "192.0.2.12", 7790, PeerMode.SYNC, 2.5, 100 << 20,
+                   Compression.NONE),
+        PeerConfig("dr", Role.DR, "192.0.2.13", 7789, PeerMode.ASYNC, 5.0, 1000,
+                   Compression.ZSTD))
+    assert c.peer("dr") == c.peers[1] and c.peer("x") is None
+
+
+def test_defaults_without_peers() -> None:
+    c = parse_config({"version": 1})
+    assert c.role is Role.PRIMARY and c.peers == () and c.send_to() == ()
+    assert c.peerlink == PeerlinkConfig() and c.service == ServiceConfig()
+    assert not c.receives()
+
+
+@pytest.mark.parametrize(("role", "topology", "sends", "receives"), [
+    ("primary", "fanout", ["dc", "dr"], False),
+    ("primary", "cascade", ["dc"], False),
+    ("secondary", "fanout", [], True),
+    ("secondary", "cascade", ["dr"], True),
+    ("dr", "fanout", [], True),
+    ("dr", "cascade", [], True),
+])
+def test_who_sends_to_whom(role: str, topology: str, sends: list[str], receives: bool) -> None:
+    me = {"primary": "main", "secondary": "dc", "dr": "dr"}[role]
+    sites = [{"name": "main", "role": "primary", "address": "192.0.2.11"}, DC, DR]
+    c = parse_config({"version": 1, "node": {"name": me, "role": role},
+                      "peerlink": {"topology": topology},
+                      "peers": [s for s in sites if s["name"] != me]})
+    assert [p.name for p in c.send_to()] == sends
+    assert c.receives() is receives
+
+
+def test_cascade_without_secondary_sends_to_dr() -> None:
+    c = parse_config(cfg(peerlink={"topology": "cascade"}, peers=[DR]))
+    assert [p.name for p in c.send_to()] == ["dr"]
+
+
+@pytest.mark.parametrize(("raw", "msg"), [
+    (cfg(peers=[DC, {**DC, "address": "192.0.2.14"}]), "peer dc is listed twice in peers"),
+    (cfg(peers=[{**DC, "name": "main"}]), "peer main in peers[0] is this node (node.name)"),
+    (cfg(peers=[{**DC, "role": "primary"}]),
+     "two primaries: main (node.role) and dc (peers[0].role); a volume has one primary site"),
+    ({"version": 1, "node": {"name": "dr", "role": "dr"}, "peers": [DC]},
+     "no primary: neither node.role nor any peers[].role is primary"),
+    (cfg(peers=[{"name": "dc", "role": "secondary"}]), "missing key 'address' in peers[0]"),
+    (cfg(peers=[{"role": "secondary", "address": "192.0.2.12"}]),
+     "missing key 'name' in peers[0]"),
+    (cfg(peers=[{**DC, "address": "dc.example.com"}]),
+     "expected an IP address for peers[0].address, got 'dc.example.com'"),
+    (cfg(peers=[{**DC, "port": 0}]), "expected integer between 1 and 65535 for peers[0].port"),
+    (cfg(peers=[{**DC, "mode": "semi"}]), "expected one of async, sync for peers[0].mode"),
+    (cfg(peers=[{**DC, "role": "witness"}]),
+     "expected one of primary, secondary, dr for peers[0].role"),
+    (cfg(peers=[{**DC, "sync_timeout": 0}]),
+     "expected a number of seconds > 0 for peers[0].sync_timeout"),
+    (cfg(peers=[{**DC, "rate_limit": "fast"}]),
+     "expected a rate such as 100M (bytes/s) or 0 for peers[0].rate_limit, got 'fast'"),
+    (cfg(peers=[{**DC, "compression": "lz4"}]),
+     "expected one of zstd, none for peers[0].compression"),
+    (cfg(peers=[{**DC, "colour": "red"}]),
+     "unknown key 'colour' in peers[0] (known: address, compression, mode, name, port, "
+     "rate_limit, role, sync_timeout)"),
+    (cfg(node={"name": "main", "role": "boss"}),
+     "expected one of primary, secondary, dr for node.role"),
+    (cfg(service={"address": "192.0.2.10"}),
+     "expected an address with a prefix length such as 192.0.2.10/24 for service.address, "
+     "got '192.0.2.10'"),
+    (cfg(service={"address": "nope/24"}),
+     "expected an address with a prefix length such as 192.0.2.10/24 for service.address, "
+     "got 'nope/24'"),
+    (cfg(peerlink={"listen": "localhost:7789"}),
+     "expected 'HOST:PORT' with an IP address and a port 1..65535 for peerlink.listen, "
+     "got 'localhost:7789'"),
+    (cfg(peerlink={"listen": "0.0.0.0:70000"}),
+     "expected 'HOST:PORT' with an IP address and a port 1..65535 for peerlink.listen, "
+     "got '0.0.0.0:70000'"),
+    (cfg(peerlink={"topology": "ring"}), "expected one of fanout, cascade for peerlink.topology"),
+    (cfg(peerlink={"tls": {"cert_file": "/a", "key_file": "/b"}}),
+     "missing key 'ca_file' in peerlink.tls (mutual TLS needs cert_file, key_file and "
+     "ca_file)"),
+    (cfg(peerlink={"secret_file": "peer.secret"}),
+     "expected an absolute path for peerlink.secret_file"),
+    (cfg(peers={"dc": DC}), "expected a list for peers"),
+])
+def test_refused(raw: dict[str, Any], msg: str) -> None:
+    assert refused(raw) == msg
