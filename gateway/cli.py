@@ -46,6 +46,7 @@ log = structlog.get_logger(component="cli")
 class Ctx:
     def __init__(self, config_path: Path | None) -> None:
         self.config_path = config_path
+        self.log_format = "auto"
         self._cfg: NodeConfig | None = None
 
     def config(self) -> NodeConfig:
@@ -99,6 +100,7 @@ def cli(ctx: click.Context, config_path: Path | None, log_format: str) -> None:
     """nbdgw: journaled, replicated block volumes over NBD and iSCSI."""
     logs.configure(log_format)
     ctx.obj = Ctx(config_path)
+    ctx.obj.log_format = log_format
 
 
 @cli.group(cls=Group)
@@ -390,5 +392,50 @@ def config_check(obj: Ctx, path: Path | None) -> None:
                       if cfg.receives() else ""))
 
 
+@cli.command()
+@click.pass_obj
+def replicate(obj: Ctx) -> None:
+    """Run this node's replication links (peerlink) from the config, in the foreground.
+
+    Senders for the peers the node's role and topology name, receivers for its replica
+    volumes, and the sync gate for synchronous peers.  `nbdgw daemon` runs this for you.
+    """
+    import asyncio
+
+    import uvloop
+
+    from .replication import Replication
+
+    cfg = obj.config()
+    rep = Replication(cfg)
+    if not rep.plan.senders and not rep.plan.receivers:
+        _fail(f"nothing to replicate on node {cfg.name} (role {cfg.role.value}, "
+              f"{len(cfg.peers)} peer(s) in the config)")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await rep.run(stop)
+
+    uvloop.run(main())
+
+
+@cli.command()
+@click.pass_obj
+def daemon(obj: Ctx) -> None:
+    """Run everything this node's role needs (nbdkit, peerlink), supervised, until
+    SIGTERM.  This is what the systemd unit runs."""
+    from .daemon import Daemon
+
+    fmt = "json" if obj.log_format == "auto" else obj.log_format
+    sys.exit(Daemon(obj.config(), obj.config_path, fmt).run())
+
+
 def main() -> None:
     cli(prog_name="nbdgw")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from nbd_plugin import PLUGIN_PATH
 
 from .config import Listen, NodeConfig, TlsMode
 from .errors import GatewayError
+from .replication import gate_path, sync_timeout
 
 log = structlog.get_logger(component="serve")
 
@@ -176,6 +177,9 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
     argv += ["python", str(PLUGIN_PATH), f"data_dir={cfg.data_dir}",
              f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}",
              f"segment_bytes={cfg.journal.segment_bytes}"]
+    timeout = sync_timeout(cfg)
+    if timeout is not None and not all_readonly:
+        argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}"]
     argv += [f"volume={v}" for v in volumes]
     argv += [f"readonly={v.name}" for v in cfg.volumes if v.read_only]
     return argv

@@ -8,12 +8,19 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
       {"name", "size", "role": "primary"|"replica", "in_use", "clean", "inconsistent",
        "upstream_seq", "journal_first_seq", "journal_last_seq", "journal_bytes",
        "resync_extents", "peers": [
-         {"name", "acked_seq", "lag_records", "lag_bytes", "last_ack_age_s",
-          "dirty_extents", "state": "in sync"|"streaming"|"stalled"|"resync pending"}]}]}
+         {"name", "mode": "sync"|"async"|null, "state", "degraded": str|null,
+          "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
+          "dirty_extents", "sender": "running"|"stopped"|"unknown"}]}]}
 
+``state`` comes from the sender's live file (``peers/<peer>.live.json``, rewritten every
+second while it runs): ``streaming``, ``initial-sync``, ``resync``, ``disconnected``,
+``degraded`` (a sync peer acknowledged too late and is treated as async until it caught
+up); ``in sync`` when streaming with nothing outstanding.  Without a fresh live file (no
+sender running) it is ``resync pending`` when dirty extents wait, else ``disconnected``.
 ``lag_records``/``lag_bytes`` are the journal records (and their bytes on disk) the peer
 has not acknowledged: for an asynchronous peer, the data-loss window if this node died
-now.  ``last_ack_age_s`` is how long ago the peer last acknowledged anything.
+now; ``lag_seconds`` is how long the oldest of them has waited.  ``last_ack_age_s`` is
+how long ago the peer last acknowledged anything.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from blockstore.volume import VolumeInfo, list_volumes, volume_status
 from peerlink.sender import journal_bounds
 
 STATUS_VERSION = 1
-STALLED_AFTER_S = 5.0
 LAG_SCAN_LIMIT = 1 << 20  # records; beyond it lag_bytes is an estimate from segment sizes
 
 
@@ -58,14 +64,35 @@ def _lag_bytes(info: VolumeInfo, acked: int, last: int) -> int:
     return total
 
 
-def _peer_state(lag: int, age: float | None, dirty: int) -> str:
-    if dirty:
-        return "resync pending"
-    if lag == 0:
-        return "in sync"
-    if age is not None and age < STALLED_AFTER_S:
-        return "streaming"
-    return "stalled"
+LIVE_FRESH_S = 5.0  # a live file older than this: its sender is not running
+
+
+def _live(info: VolumeInfo, peer: str, now: float) -> dict[str, Any] | None:
+    """The sender's live state, if it is running (fresh file of this incarnation)."""
+    try:
+        live = read_json(info.path / "peers" / f"{peer}.live.json", "peer-live", 1)
+    except (FormatError, OSError):
+        return None
+    if live.get("volume_uuid") != info.uuid:
+        return None
+    return live
+
+
+def _peer_state(lag: int, dirty: int, live: dict[str, Any] | None, fresh: bool) -> str:
+    if live is not None and fresh:
+        state = str(live["state"])
+        if state == "streaming" and lag == 0:
+            return "in sync"
+        return state
+    return "resync pending" if dirty else "disconnected"
+
+
+def _peer_names(info: VolumeInfo) -> list[str]:
+    pdir = info.path / "peers"
+    names = set(known_peers(info))
+    if pdir.is_dir():
+        names |= {p.name[:-len(".live.json")] for p in pdir.glob("*.live.json")}
+    return sorted(names)
 
 
 def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
@@ -75,17 +102,32 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
     except (BlockstoreError, OSError):
         first, last = 0, st["last_seq"]
     peers = []
-    for name, acked in sorted(known_peers(info).items()):
+    acks = known_peers(info)
+    for name in _peer_names(info):
+        live = _live(info, name, now)
+        acked = acks.get(name, 0)
         updated = None
         with contextlib.suppress(FormatError, OSError, KeyError):
             meta = read_json(info.path / "peers" / f"{name}.json", "peer", 1)
             updated = float(meta["updated"])
+        fresh = (live is not None and live["state"] != "stopped"
+                 and now - float(live["updated"]) < LIVE_FRESH_S)
+        if live is not None and fresh:
+            acked = max(acked, int(live["acked_seq"]))
         dirty = sum(len(d.extents) for d in read_dirty(info, name))
         lag = max(0, last - acked)
         age = None if updated is None else round(max(0.0, now - updated), 1)
-        peers.append({"name": name, "acked_seq": acked, "lag_records": lag,
-                      "lag_bytes": _lag_bytes(info, acked, last), "last_ack_age_s": age,
-                      "dirty_extents": dirty, "state": _peer_state(lag, age, dirty)})
+        lag_s = float(live["lag_seconds"]) if live is not None and fresh else (
+            None if lag == 0 or updated is None else round(max(0.0, now - updated), 1))
+        peers.append({
+            "name": name, "mode": live.get("mode") if live else None,
+            "state": _peer_state(lag, dirty, live, fresh),
+            "degraded": live.get("degraded") if live and fresh else None,
+            "acked_seq": acked, "lag_records": lag,
+            "lag_bytes": _lag_bytes(info, acked, last),
+            "lag_seconds": 0.0 if lag == 0 else lag_s, "last_ack_age_s": age,
+            "dirty_extents": dirty,
+            "sender": "running" if fresh else ("stopped" if live is not None else "unknown")})
     return {
         "name": info.name, "size": info.size, "role": st["role"], "in_use": st["in_use"],
         "clean": st["clean"], "inconsistent": st["inconsistent"],
@@ -117,9 +159,13 @@ def render_text(report: dict[str, Any]) -> list[str]:
                    f"({v['journal_bytes']} bytes)")
         for p in v["peers"]:
             age = "never" if p["last_ack_age_s"] is None else f"{p['last_ack_age_s']} s ago"
-            line = (f"  peer {p['name']}: {p['state']}, acked seq {p['acked_seq']}, "
-                    f"lag {p['lag_records']} records / {p['lag_bytes']} bytes, "
+            mode = f" ({p['mode']})" if p["mode"] else ""
+            lag_s = "" if p["lag_seconds"] is None else f" / {p['lag_seconds']} s"
+            line = (f"  peer {p['name']}{mode}: {p['state']}, acked seq {p['acked_seq']}, "
+                    f"lag {p['lag_records']} records / {p['lag_bytes']} bytes{lag_s}, "
                     f"last ack {age}")
+            if p["degraded"]:
+                line += f", degraded: {p['degraded']}"
             if p["dirty_extents"]:
                 line += f", {p['dirty_extents']} extents to resync"
             out.append(line)

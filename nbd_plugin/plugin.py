@@ -144,6 +144,8 @@ def pread(h, buf, offset, flags):
 def pwrite(h, buf, offset, flags):
     try:
         h.vol.write(buf, offset, flags & _FUA)
+        if flags & _FUA:
+            h.durable()
     except OSError as e:
         _fail(e)
         raise
@@ -152,6 +154,7 @@ def pwrite(h, buf, offset, flags):
 def flush(h, flags):
     try:
         h.vol.flush()
+        h.durable()
     except OSError as e:
         _fail(e)
         raise
@@ -160,6 +163,8 @@ def flush(h, flags):
 def trim(h, count, offset, flags):
     try:
         h.vol.trim(offset, count, flags & _FUA)
+        if flags & _FUA:
+            h.durable()
     except OSError as e:
         _fail(e)
         raise
@@ -168,6 +173,8 @@ def trim(h, count, offset, flags):
 def zero(h, count, offset, flags):
     try:
         h.vol.zero(offset, count, flags & _MAY_TRIM, flags & _FUA)
+        if flags & _FUA:
+            h.durable()
     except OSError as e:
         _fail(e)
         raise

@@ -8,6 +8,7 @@ connection durable (which is what makes multi-conn safe to advertise).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from blockstore.volume import (
     parse_size,
     validate_name,
 )
+
+from .syncgate import SyncGate
 
 log = structlog.get_logger(component="nbd_plugin")
 
@@ -43,28 +46,20 @@ class Params:
     journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
     all_readonly: bool = False
+    sync_socket: Path | None = None
+    sync_timeout: float = 5.0
 
     KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
-            "all_readonly")
+            "all_readonly", "sync_socket", "sync_timeout")
 
     def set(self, key: str, value: str) -> None:
         try:
-            if key == "data_dir":
-                self.data_dir = Path(value)
-            elif key == "volume":
+            if key == "volume":
                 self.volumes.append(validate_name(value))
             elif key == "readonly":
                 self.readonly.add(validate_name(value))
-            elif key == "al_slots":
-                self.al_slots = int(value)
-                if self.al_slots < 1:
-                    raise PluginError("expected integer >= 1 for al_slots")
-            elif key == "journal_max_bytes":
-                self.journal_max_bytes = parse_size(value)
-            elif key == "segment_bytes":
-                self.segment_bytes = parse_size(value)
-            elif key == "all_readonly":
-                self.all_readonly = value.lower() in ("1", "true", "yes", "on")
+            elif key in _SCALARS:
+                setattr(self, key, _SCALARS[key](value))
             else:
                 raise PluginError(
                     f"unknown parameter {key!r} (known: {', '.join(self.KEYS)})"
@@ -73,14 +68,46 @@ class Params:
             raise PluginError(f"bad value for {key}: {e}") from None
 
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("expected integer >= 1")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise ValueError("expected a number > 0")
+    return x
+
+
+_SCALARS: dict[str, Callable[[str], object]] = {
+    "data_dir": Path,
+    "al_slots": _positive_int,
+    "journal_max_bytes": parse_size,
+    "segment_bytes": parse_size,
+    "all_readonly": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "sync_socket": Path,
+    "sync_timeout": _positive_float,
+}
+
+
 class Handle:
-    """One client connection: the shared volume plus this connection's read-only bit."""
+    """One client connection: the shared volume, this connection's read-only bit, and
+    the sync gate (None without synchronous peers)."""
 
-    __slots__ = ("readonly", "vol")
+    __slots__ = ("gate", "readonly", "vol")
 
-    def __init__(self, vol: Volume, readonly: bool) -> None:
+    def __init__(self, vol: Volume, readonly: bool, gate: SyncGate | None = None) -> None:
         self.vol = vol
         self.readonly = readonly
+        self.gate = gate
+
+    def durable(self) -> None:
+        """After local durability (FLUSH, FUA): wait for the synchronous peers."""
+        if self.gate is not None:
+            self.gate.wait(self.vol.name, self.vol.last_seq)
 
 
 class Server:
@@ -92,6 +119,8 @@ class Server:
         self.params = params
         self.volumes: dict[str, Volume] = {}
         self.failed: dict[str, str] = {}
+        self.gate = (SyncGate(params.sync_socket, params.sync_timeout)
+                     if params.sync_socket is not None else None)
         # Replicas are written by peerlink only; serving them needs a promotion first.
         names = params.volumes or [v.name for v in list_volumes(params.data_dir)
                                    if not is_replica(v)]
@@ -135,9 +164,11 @@ class Server:
             if name in self.failed:
                 raise FileNotFoundError(f"volume {name} is not served: {self.failed[name]}")
             raise FileNotFoundError(f"no export named {name!r}")
-        return Handle(vol, readonly or vol.readonly)
+        return Handle(vol, readonly or vol.readonly, self.gate)
 
     def close(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
         for name, vol in self.volumes.items():
             try:
                 vol.close()

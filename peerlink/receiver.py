@@ -79,6 +79,19 @@ def generation_of(volume_uuid: str) -> Generation:
     return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1)
 
 
+async def wait_connected(link: Link, timeout: float) -> bool:
+    """Wait for the transport (and TLS handshake) to come up; False if it never did."""
+    try:
+        # Bounded: a TLS handshake that fails never reports to the protocol at all.
+        await asyncio.wait_for(asyncio.shield(link.connected), timeout)
+    except (LinkClosed, TimeoutError):
+        if not link.connected.done():
+            link.abort(LinkClosed("TLS handshake did not complete"))
+        link.connected.exception()  # retrieved: the reason is logged by the sender side
+        return False
+    return True
+
+
 def expect(msg: Message, cls: type[Any], where: str) -> None:
     """Raise PeerRefused for a Refuse, PeerProtocolError for anything but ``cls``."""
     if isinstance(msg, Refuse):
@@ -167,10 +180,15 @@ class Receiver:
     def _accept(self) -> Link:
         link = Link()
         self.links.add(link)
-        task = asyncio.get_running_loop().create_task(self._connection(link))
+        self.adopt(link)
+        return link
+
+    def adopt(self, link: Link, hello: Hello | None = None) -> None:
+        """Serve ``link`` as one of this receiver's connections (``close`` waits for it)."""
+        self.links.add(link)
+        task = asyncio.get_running_loop().create_task(self._connection(link, hello))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return link
 
     async def close(self) -> None:
         """Stop listening, drop every connection, let the in-flight apply finish, and
@@ -190,20 +208,15 @@ class Receiver:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def _connection(self, link: Link) -> None:
-        try:
-            # Bounded: a TLS handshake that fails never reports to the protocol at all.
-            await asyncio.wait_for(asyncio.shield(link.connected), self.timeout)
-        except (LinkClosed, TimeoutError):
-            if not link.connected.done():
-                link.abort(LinkClosed("TLS handshake did not complete"))
-            link.connected.exception()  # retrieved: the reason is logged by the sender side
+    async def _connection(self, link: Link, hello: Hello | None = None) -> None:
+        """Serve one connection; ``hello`` when a ``ReceiverServer`` already read it."""
+        if hello is None and not await wait_connected(link, self.timeout):
             self.links.discard(link)
             return
         clog = self.log.bind(peer_addr=link.peername)
         clog.info("peer_connected")
         try:
-            await self._handshake_and_stream(link, clog)
+            await self._handshake_and_stream(link, clog, hello)
         except ReceiverError as e:
             clog.error("receiver_failed", reason=str(e))
         except PeerlinkError as e:
@@ -232,9 +245,10 @@ class Receiver:
         """Never received anything: the store is the volume's initial (zero) state."""
         return self.vol.upstream_seq == 0 and self.upstream is None
 
-    async def _handshake_and_stream(self, link: Link, clog: Any) -> None:
+    async def _handshake_and_stream(self, link: Link, clog: Any,
+                                    hello: Hello | None = None) -> None:
         t = self.timeout
-        theirs = await link.recv_within(t, "Hello")
+        theirs = hello if hello is not None else await link.recv_within(t, "Hello")
         expect(theirs, Hello, "to open the connection")
         assert isinstance(theirs, Hello)
         clog = clog.bind(peer=theirs.node)
@@ -483,3 +497,100 @@ class Receiver:
                 s.applied_batches += isinstance(item, Batch)
                 with contextlib.suppress(LinkClosed):
                     s.link.send(Ack(self.name, durable))
+
+
+class ReceiverServer:
+    """One listening port for every replica volume of a node.
+
+    Each connection's first message (``Hello``) names the volume; the connection is
+    handed to that volume's ``Receiver``, which runs the rest of the handshake.  A volume
+    this node holds no replica of is refused by name.  A receiver whose apply failed
+    (a full or failing disk) is closed and its volume refused from then on; the others
+    keep streaming.
+    """
+
+    def __init__(self, receivers: dict[str, Receiver], *, node: str, timeout: float = 15.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.receivers = dict(receivers)
+        self.failed_volumes: dict[str, str] = {}
+        self.node = node
+        self.timeout = timeout
+        self.tls = tls
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending: set[Link] = set()
+        self.log = log.bind(side="receiver", node=node)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._accept, host, port, ssl=self.tls)
+        sock = self.server.sockets[0].getsockname()
+        self.log.info("listening", address=format_addr(sock[0], sock[1]),
+                      volumes=sorted(self.receivers))
+        for name, rx in self.receivers.items():
+            self._spawn(self._watch(name, rx))
+        return str(sock[0]), int(sock[1])
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _accept(self) -> Link:
+        link = Link()
+        self.pending.add(link)
+        self._spawn(self._dispatch(link))
+        return link
+
+    async def _dispatch(self, link: Link) -> None:
+        try:
+            if not await wait_connected(link, self.timeout):
+                return
+            try:
+                hello = await link.recv_within(self.timeout, "Hello")
+            except PeerlinkError as e:
+                self.log.warning("peer_dropped", peer_addr=link.peername, reason=str(e))
+                link.release(LinkClosed("no Hello"))
+                return
+        finally:
+            self.pending.discard(link)
+        if not isinstance(hello, Hello):
+            link.abort(PeerProtocolError(
+                f"expected Hello to open the connection, got {type(hello).__name__}"))
+            self.log.warning("peer_dropped", peer_addr=link.peername,
+                             reason=f"{type(hello).__name__} before Hello")
+            return
+        rx = self.receivers.get(hello.volume)
+        if rx is None:
+            why = self.failed_volumes.get(hello.volume)
+            reason = (f"volume {hello.volume} on node {self.node!r} is stopped: {why}" if why
+                      else f"node {self.node!r} holds no replica of volume {hello.volume}")
+            self.log.warning("peer_refused", peer=hello.node, volume=hello.volume,
+                             reason=reason)
+            with contextlib.suppress(LinkClosed):
+                link.send(Refuse(reason))
+            link.close()
+            return
+        rx.adopt(link, hello)
+
+    async def _watch(self, name: str, rx: Receiver) -> None:
+        await rx.failed.wait()
+        self.receivers.pop(name, None)
+        self.failed_volumes[name] = str(rx.fatal)
+        self.log.error("volume_stopped", volume=name, reason=str(rx.fatal))
+        await rx.close()
+
+    async def close(self) -> None:
+        """Stop listening; each receiver drops its links, finishes its in-flight apply
+        and closes its volume."""
+        if self.server is not None:
+            self.server.close()
+        for link in list(self.pending):
+            link.abort(LinkClosed("receiver stopping"))
+        receivers = list(self.receivers.values())
+        self.receivers.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*(rx.close() for rx in receivers))

@@ -59,7 +59,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -120,6 +120,10 @@ _SEG_RE: Final = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 COMPRESS_SKIP: Final = 16  # frames sent raw after one whose compression did not pay
 DIRTY_POLL: Final = 0.5  # how often a streaming session looks for new dirty sets
 PLAN_RETRIES: Final = 3  # re-plans of a resync when the journal was released meanwhile
+LIVE_INTERVAL: Final = 1.0  # how often peers/<peer>.live.json is rewritten
+LIVE_KIND: Final = "peer-live"
+LIVE_VERSION: Final = 1
+SEEN_SAMPLE: Final = 0.05  # seconds between samples of (journal end, time first seen)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ class SenderConfig:
     max_backoff: float = 10.0
     rate_limit: int = 0  # bytes per second on the wire, 0 = unlimited
     rate_burst: int | None = None  # None: ratelimit.default_burst(rate_limit)
+    sync: bool = False  # a synchronous peer: durability waits (wait_durable) need its ack
+    sync_timeout: float = 5.0  # ... until it is silent this long: then degrade to async
 
 
 @dataclass(frozen=True)
@@ -428,6 +434,18 @@ class Sender:
         self.bucket = TokenBucket(self.cfg.rate_limit, self.cfg.rate_burst)
         self.stats = {"batches": 0, "wire_bytes": 0, "data_bytes": 0, "sessions": 0}
         self.log = log.bind(volume=name, side="sender", node=node, peer=peer)
+        # Live state (status, sync mode).  ``state``: disconnected, resync, initial-sync,
+        # streaming.  ``seen``: (journal seq, wall time first seen) samples, for lag in
+        # seconds: how long the oldest write the peer has not acknowledged has waited.
+        self.state = "disconnected"
+        self.state_since = time.time()
+        self.journal_seen = self.acked
+        self.seen: deque[tuple[int, float]] = deque()
+        self.live_path = self.info.path / "peers" / f"{peer}.live.json"
+        self.degraded: str | None = None  # why a sync peer is treated as async now
+        self.degraded_at = 0.0
+        self.live_event = asyncio.Event()
+        self.waiters: list[tuple[int, asyncio.Future[bool]]] = []
 
     # -- the persisted ack ------------------------------------------------------------------
 
@@ -461,12 +479,117 @@ class Sender:
     def _set_acked(self, seq: int) -> None:
         self.acked = seq
         self.acked_event.set()
+        while self.seen and self.seen[0][0] <= seq:
+            self.seen.popleft()
+        if self.waiters:
+            keep = []
+            for want, fut in self.waiters:
+                if want <= seq:
+                    if not fut.done():
+                        fut.set_result(True)
+                else:
+                    keep.append((want, fut))
+            self.waiters = keep
+        if (self.degraded is not None and self.state == "streaming"
+                and seq >= self.journal_seen and not self.inflight):
+            self.log.warning("sync_resumed", acked_seq=seq,
+                             degraded_for_s=round(time.time() - self.degraded_at, 1))
+            self.degraded = None
+            self.live_event.set()
+
+    # -- live state and sync mode -------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.state_since = time.time()
+            self.live_event.set()
+
+    def _saw(self, seq: int) -> None:
+        """The journal holds records through ``seq`` (sampled for lag in seconds)."""
+        if seq > self.journal_seen:
+            now = time.time()
+            if not self.seen or now - self.seen[-1][1] >= SEEN_SAMPLE:
+                self.seen.append((seq, now))
+            else:
+                self.seen[-1] = (seq, self.seen[-1][1])
+            self.journal_seen = seq
+
+    def lag_seconds(self) -> float:
+        """How long the oldest record this peer has not acknowledged has been waiting."""
+        if self.journal_seen <= self.acked or not self.seen:
+            return 0.0
+        return max(0.0, time.time() - self.seen[0][1])
+
+    def live(self) -> dict[str, Any]:
+        state = "degraded" if self.degraded is not None else self.state
+        return {"kind": LIVE_KIND, "version": LIVE_VERSION, "peer": self.peer,
+                "volume": self.name, "volume_uuid": self.info.uuid, "state": state,
+                "link": self.state, "state_since": self.state_since,
+                "mode": "sync" if self.cfg.sync else "async", "degraded": self.degraded,
+                "acked_seq": self.acked, "journal_seq": self.journal_seen,
+                "lag_records": max(0, self.journal_seen - self.acked),
+                "lag_seconds": round(self.lag_seconds(), 3),
+                "address": format_addr(self.host, self.port), "pid": os.getpid(),
+                "updated": time.time(), "stats": dict(self.stats)}
+
+    def _degrade(self, why: str) -> None:
+        if not self.cfg.sync or self.degraded is not None:
+            return
+        self.degraded = why
+        self.degraded_at = time.time()
+        self.live_event.set()
+        self.log.error("sync_degraded", reason=why, acked_seq=self.acked,
+                       journal_seq=self.journal_seen,
+                       note="writes are acknowledged without this peer until it catches up")
+        for _, fut in self.waiters:
+            if not fut.done():
+                fut.set_result(False)
+        self.waiters = []
+
+    async def wait_durable(self, seq: int) -> bool:
+        """Sync mode: wait until this peer acknowledged ``seq`` durably; False at once for
+        an async or degraded peer, or after ``sync_timeout`` (the peer then degrades)."""
+        if self.acked >= seq:
+            return True
+        if not self.cfg.sync or self.degraded is not None:
+            return False
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.waiters.append((seq, fut))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.cfg.sync_timeout)
+        except TimeoutError:
+            self._degrade(f"no acknowledgement of seq {seq} within "
+                          f"{self.cfg.sync_timeout:g} s (link {self.state})")
+            return False
+
+    async def _live_writer(self) -> None:
+        """Rewrite peers/<peer>.live.json every LIVE_INTERVAL; while no session reads the
+        journal, sample its end here (lag in seconds grows while the peer is away); a sync
+        peer unreachable for sync_timeout degrades even when nobody waits."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.state == "disconnected":
+                with contextlib.suppress(BlockstoreError, OSError):
+                    _, last = await loop.run_in_executor(None, journal_bounds,
+                                                         self.journal_dir)
+                    self._saw(last)
+                if (self.cfg.sync and self.degraded is None
+                        and time.time() - self.state_since > self.cfg.sync_timeout):
+                    self._degrade(f"peer unreachable for {self.cfg.sync_timeout:g} s")
+            self.live_event.clear()
+            with contextlib.suppress(OSError):
+                self.live_path.parent.mkdir(exist_ok=True)
+                await loop.run_in_executor(None, write_json, self.live_path, self.live())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.live_event.wait(), LIVE_INTERVAL)
 
     # -- the reconnect loop -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, stream, and reconnect with backoff until ``stop`` is set."""
         persister = asyncio.get_running_loop().create_task(self._persister())
+        live = asyncio.get_running_loop().create_task(self._live_writer())
         backoff = self.cfg.min_backoff
         self.log.info("rate_limit", bytes_per_s=self.bucket.rate,
                       burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
@@ -489,7 +612,11 @@ class Sender:
                 backoff = min(backoff * 2, self.cfg.max_backoff)
         finally:
             persister.cancel()
-            await asyncio.gather(persister, return_exceptions=True)
+            live.cancel()
+            await asyncio.gather(persister, live, return_exceptions=True)
+            self._set_state("disconnected")
+            with contextlib.suppress(OSError):
+                write_json(self.live_path, {**self.live(), "state": "stopped"})
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self.executor.shutdown, True)
             self.tail.close()
@@ -510,8 +637,11 @@ class Sender:
         self.stats["sessions"] += 1
         try:
             resume, plan = await self._handshake(link, loop)
+            self._set_state("streaming" if plan is None else
+                            "initial-sync" if plan.kind == "full" else "resync")
             await self._stream(link, resume, plan, stop)
         finally:
+            self._set_state("disconnected")
             link.release(LinkClosed("session ended"))
             self.inflight.clear()
             self.resync_ack = None
@@ -678,6 +808,7 @@ class Sender:
                 self.stats["wire_bytes"] += f.wire_bytes
                 self.stats["data_bytes"] += f.data_bytes
                 await link.drain()
+            self._saw(producer.next_read - 1)
             poll = self.cfg.poll_min if frames or more else min(poll * 2, self.cfg.poll_max)
             if not more:
                 await asyncio.sleep(poll)
@@ -709,6 +840,7 @@ class Sender:
             # repeat the replica's seq when the journal had nothing newer): the dirty sets
             # it covered are settled.
             self.resync_ack = None
+            self._set_state("streaming")
             for path in self.settles:
                 path.unlink(missing_ok=True)
             if self.settles:
