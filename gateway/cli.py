@@ -412,14 +412,14 @@ def replicate(obj: Ctx) -> None:
         _fail(f"nothing to replicate on node {cfg.name} (role {cfg.role.value}, "
               f"{len(cfg.peers)} peer(s) in the config)")
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await rep.run(stop)
+        return await rep.run(stop)
 
-    uvloop.run(main())
+    sys.exit(uvloop.run(main()))
 
 
 @cli.command()

@@ -22,7 +22,6 @@ import yaml
 
 from blockstore.errors import InvalidArgument
 from blockstore.volume import parse_size, validate_name
-
 from peerlink.ratelimit import parse_rate
 
 from .errors import ConfigError

@@ -109,17 +109,6 @@ class Replication:
         self.plan = plan(cfg)
         self.secret = _secret(cfg)
         self.senders: dict[str, list[Sender]] = {}
-        for vol, peer_name in self.plan.senders:
-            peer = cfg.peer(peer_name)
-            assert peer is not None
-            sc = SenderConfig(
-                rate_limit=peer.rate_limit,
-                compress=SenderConfig.compress if peer.compression is Compression.ZSTD else 0,
-                sync=peer.mode is PeerMode.SYNC, sync_timeout=peer.sync_timeout,
-                max_backoff=2.0)
-            tx = Sender(cfg.data_dir, vol, node=cfg.name, peer=peer.name, host=peer.address,
-                        port=peer.port, secret=self.secret, config=sc, tls=_tls(cfg, False))
-            self.senders.setdefault(vol, []).append(tx)
         self.server: ReceiverServer | None = None
         self.gate: asyncio.AbstractServer | None = None
         self.bound: tuple[str, int] | None = None
@@ -139,6 +128,7 @@ class Replication:
                                          tls=_tls(self.cfg, True))
             self.bound = await self.server.start(self.cfg.peerlink.listen_host,
                                                  self.cfg.peerlink.listen_port)
+        self._make_senders()
         if any(tx.cfg.sync for txs in self.senders.values() for tx in txs):
             path = gate_path(self.cfg.data_dir)
             path.parent.mkdir(mode=0o750, exist_ok=True)
@@ -149,6 +139,23 @@ class Replication:
             log.info("sync_gate_listening", path=str(path),
                      sync_peers=sorted({tx.peer for txs in self.senders.values()
                                         for tx in txs if tx.cfg.sync}))
+
+    def _make_senders(self) -> None:
+        cfg = self.cfg
+        replicas = self.server.receivers if self.server is not None else {}
+        for vol, peer_name in self.plan.senders:
+            peer = cfg.peer(peer_name)
+            assert peer is not None
+            sc = SenderConfig(
+                rate_limit=peer.rate_limit,
+                compress=SenderConfig.compress if peer.compression is Compression.ZSTD else 0,
+                sync=peer.mode is PeerMode.SYNC, sync_timeout=peer.sync_timeout,
+                max_backoff=2.0)
+            rx = replicas.get(vol)
+            tx = Sender(cfg.data_dir, vol, node=cfg.name, peer=peer.name, host=peer.address,
+                        port=peer.port, secret=self.secret, config=sc, tls=_tls(cfg, False),
+                        source=rx.vol if rx is not None else None)
+            self.senders.setdefault(vol, []).append(tx)
 
     async def _gate_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -173,15 +180,24 @@ class Replication:
         finally:
             writer.close()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until ``stop``; 1 if a sender died of an unexpected error (the daemon
+        restarts the process), else 0."""
         await self.start()
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(tx.run(stop)) for txs in self.senders.values() for tx in txs]
         log.info("replication_running", node=self.cfg.name, role=self.cfg.role.value,
                  senders=[f"{v}->{p}" for v, p in self.plan.senders],
                  receivers=self.plan.receivers)
+        rc = 0
         try:
-            await stop.wait()
+            stopper = loop.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            for t in done:
+                if t is not stopper and not t.cancelled() and t.exception() is not None:
+                    log.error("sender_failed", error=repr(t.exception()))
+                    rc = 1
         finally:
             if self.gate is not None:
                 self.gate.close()
@@ -192,6 +208,7 @@ class Replication:
                 await self.server.close()
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                    log.error("sender_failed", error=str(r))
+                    rc = 1
             with contextlib.suppress(OSError):
                 gate_path(self.cfg.data_dir).unlink(missing_ok=True)
+        return rc

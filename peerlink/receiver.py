@@ -39,6 +39,7 @@ from typing import Any, Final
 import structlog
 
 from blockstore.meta import read_json, write_json
+from blockstore.peers import DIRTY_UPSTREAM, known_peers, write_dirty
 from blockstore.volume import Volume
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
@@ -416,6 +417,16 @@ class Receiver:
         so that redo never replays older batches over extent data."""
         self._set_resync_marker({"resume_from": resume_from, "done": False,
                                  "extents": len(msg.extents), "started": time.time()})
+        # Cascade: extent data bypasses this replica's journal, so every downstream peer
+        # (one that acked something from this replica) must get these extents resynced.
+        downstream = known_peers(self.vol.info)
+        for peer in downstream:
+            write_dirty(self.vol.info, peer, reason=DIRTY_UPSTREAM,
+                        from_seq=self.vol.last_seq + 1, through_seq=self.vol.last_seq + 1,
+                        shift=msg.extent_shift, extents=list(msg.extents))
+        if downstream:
+            self.log.info("downstream_dirty", peers=sorted(downstream),
+                          extents=len(msg.extents))
         self.vol.begin_resync()
 
     def _resync_extent(self, msg: ExtentData) -> None:

@@ -56,18 +56,19 @@ import ssl
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import msgpack
 import structlog
 
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
-    DIRTY_HOT,
     DIRTY_RELEASED,
     PEER_KIND,
     PEER_VERSION,
@@ -80,12 +81,13 @@ from blockstore.peers import (
 from blockstore.record import (
     REC_HEADER_SIZE,
     SEG_HEADER_SIZE,
+    Op,
     RecordHeader,
     check_payload,
     decode_header,
 )
 from blockstore.store import Store
-from blockstore.volume import VolumeInfo, find_volume
+from blockstore.volume import COMMIT_EVENT, Volume, VolumeInfo, find_volume, is_replica
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
@@ -123,6 +125,7 @@ PLAN_RETRIES: Final = 3  # re-plans of a resync when the journal was released me
 LIVE_INTERVAL: Final = 1.0  # how often peers/<peer>.live.json is rewritten
 LIVE_KIND: Final = "peer-live"
 LIVE_VERSION: Final = 1
+GROUP_BATCH_MAX: Final = 64 << 20  # frame body limit: one commit group always fits
 SEEN_SAMPLE: Final = 0.05  # seconds between samples of (journal end, time first seen)
 
 
@@ -278,6 +281,10 @@ def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
                       + (f", records {applied + 1}..{first - 1} released" if gap else ""))
 
 
+class SourceInconsistent(LinkClosed):
+    """Cascade: the source replica is mid-resync; nothing can be shipped from it yet."""
+
+
 class Compression:
     """zstd at ``level`` while it pays; after a frame where it did not, the next
     ``COMPRESS_SKIP`` frames go raw (random data costs CPU to try and saves nothing)."""
@@ -302,12 +309,19 @@ class Producer:
     Not thread-safe: one producer per connection, all its steps on one thread.
     """
 
-    def __init__(self, tail: JournalTail, volume: str, next_seq: int, cfg: SenderConfig) -> None:
+    def __init__(self, tail: JournalTail, volume: str, next_seq: int, cfg: SenderConfig,
+                 limit: Callable[[], int | None] | None = None) -> None:
         self.tail = tail
         self.cfg = cfg
         self.next_read = next_seq
-        self.builder = BatchBuilder(cfg.batch_bytes, cfg.batch_records, volume=volume,
-                                    next_seq=next_seq)
+        self.limit = limit
+        self.group_read = cfg.read_bytes
+        # With a limit (cascade), whole commit groups go into one batch: the bounds are
+        # checked per group below, so the builder itself must never split one.
+        self.builder = BatchBuilder(
+            cfg.batch_bytes if limit is None else GROUP_BATCH_MAX,
+            cfg.batch_records if limit is None else 1 << 30, volume=volume,
+            next_seq=next_seq)
         self.started = 0.0  # when the open batch took its first record
         self.compression = Compression(cfg.compress)
 
@@ -322,6 +336,8 @@ class Producer:
         """Read what the journal has (up to ``read_bytes``); return the frames closed and
         whether more records are waiting (then the caller should not sleep)."""
         out: list[Frame] = []
+        if self.limit is not None:
+            return self._step_groups(out)
         recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read,
                                                                 self.cfg.read_bytes)
         for hdr, payload in recs:
@@ -338,6 +354,53 @@ class Producer:
                 or self.builder.size >= self.cfg.batch_bytes):
             out.append(self._flush())
         return out, more
+
+
+    def _step_groups(self, out: list[Frame]) -> tuple[list[Frame], bool]:
+        """Cascade: ship the source replica's journal through its last applied commit,
+        one whole commit group (an upstream batch + its MARK) at a time."""
+        assert self.limit is not None
+        limit = self.limit()
+        assert limit is not None
+        more = False
+        if limit >= self.next_read:
+            start = self.next_read
+            recs = self.tail.read(self.next_read, self.group_read)
+            group: list[tuple[RecordHeader, bytes]] = []
+            gbytes = 0
+            for hdr, payload in recs:
+                if hdr.seq > limit:
+                    break
+                group.append((hdr, payload))
+                gbytes += REC_HEADER_SIZE + len(payload)
+                if hdr.op is not Op.MARK or not is_commit(payload):
+                    continue
+                if not self.builder.empty and self.builder.size + gbytes > self.cfg.batch_bytes:
+                    out.append(self._flush())
+                for h, p in group:
+                    if not self.builder.add(h, p):
+                        raise AssertionError("a commit group did not fit an empty batch")
+                if self.started == 0.0:
+                    self.started = time.monotonic()
+                self.next_read = hdr.seq + 1
+                group, gbytes = [], 0
+            more = bool(recs) and self.next_read <= limit
+            # A group bigger than what was read: read more next time (never stall).
+            self.group_read = (self.group_read * 2 if self.next_read == start and group
+                               else self.cfg.read_bytes)
+        if not self.builder.empty and (
+                not more or time.monotonic() - self.started >= self.cfg.linger):
+            out.append(self._flush())
+        return out, more
+
+
+def is_commit(payload: bytes | memoryview) -> bool:
+    """Is this MARK body a replica's commit MARK (the end of one upstream batch)?"""
+    try:
+        body = msgpack.unpackb(payload)
+    except (ValueError, msgpack.ExtraData):
+        return False
+    return isinstance(body, dict) and body.get("event") == COMMIT_EVENT
 
 
 class ExtentReader:
@@ -407,10 +470,23 @@ class Sender:
 
     def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
                  port: int, secret: bytes | None = None,
-                 config: SenderConfig | None = None, tls: ssl.SSLContext | None = None) -> None:
+                 config: SenderConfig | None = None, tls: ssl.SSLContext | None = None,
+                 source: Volume | None = None) -> None:
         self.cfg = config or SenderConfig()
+        # Cascade: ``source`` is this process's replica Volume (its receiver applies
+        # batches to it).  Its journal holds each upstream batch as records + a commit
+        # MARK, written *before* the store: only records through ``applied_seq`` (a
+        # commit whose store apply finished) may be shipped or resynced from, whole
+        # commit groups at a time, and nothing while it is Inconsistent (mid-resync).
+        self.source = source
+        self.role = "secondary" if source is not None else "primary"
         self.tls = tls
         self.info = find_volume(Path(data_dir), name)
+        if source is None and is_replica(self.info):
+            raise PeerlinkError(
+                f"volume {name} is a replica: its journal holds uncommitted records; "
+                "cascade it with `nbdgw replicate` (topology: cascade), which ships only "
+                "committed batches")
         self.name = name
         self.node = node
         self.peer = peer
@@ -446,6 +522,21 @@ class Sender:
         self.degraded_at = 0.0
         self.live_event = asyncio.Event()
         self.waiters: list[tuple[int, asyncio.Future[bool]]] = []
+
+    def _bounds(self) -> tuple[int, int]:
+        """(first retained, last shippable) seq of the journal (worker thread)."""
+        first, last = journal_bounds(self.journal_dir)
+        if self.source is not None:
+            last = min(last, self.source.applied_seq)
+        return first, last
+
+    def _limit(self) -> int | None:
+        """The last seq a producer may read now; None: no limit (a primary's journal)."""
+        if self.source is None:
+            return None
+        if self.source.inconsistent:
+            return -1  # nothing while the source replica is mid-resync
+        return self.source.applied_seq
 
     # -- the persisted ack ------------------------------------------------------------------
 
@@ -657,10 +748,13 @@ class Sender:
     async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop
                          ) -> tuple[int, ResyncPlan | None]:
         t = self.cfg.timeout
-        first, last = await loop.run_in_executor(self.executor, journal_bounds,
-                                                 self.journal_dir)
+        if self.source is not None and self.source.inconsistent:
+            raise SourceInconsistent(
+                f"volume {self.name}: this replica is Inconsistent (its own resync from "
+                "upstream is running); cascading waits until it is Consistent")
+        first, last = await loop.run_in_executor(self.executor, self._bounds)
         mine = Hello(PROTO_VERSION, self.node, self.name, self.info.uuid, self.info.size,
-                     "primary", (generation_of(self.info.uuid),), last, make_nonce())
+                     self.role, (generation_of(self.info.uuid),), last, make_nonce())
         link.send(mine)
         theirs = await link.recv_within(t, "Hello")
         expect(theirs, Hello, "in answer to Hello")
@@ -686,8 +780,7 @@ class Sender:
             # The primary released segments between journal_bounds and the scan of the
             # retained records (it writes their dirty set first): with fresh bounds the
             # sets account for them, and a dirty resync is enough instead of a full one.
-            first, last = await loop.run_in_executor(self.executor, journal_bounds,
-                                                     self.journal_dir)
+            first, last = await loop.run_in_executor(self.executor, self._bounds)
             plan = await loop.run_in_executor(self.executor, plan_resync, self.info,
                                               self.peer, applied, first, last)
         if plan is not None:
@@ -775,8 +868,7 @@ class Sender:
         finally:
             self.executor.submit(reader.close)  # after any read still running there
         await asyncio.sleep(RESYNC_SETTLE)
-        _, done_seq = await loop.run_in_executor(self.executor, journal_bounds,
-                                                 self.journal_dir)
+        _, done_seq = await loop.run_in_executor(self.executor, self._bounds)
         self.resync_ack = resume - 1  # acked once the replica holds the extents durably
         self.settles = plan.settles
         link.send(ResyncDone(self.name, done_seq))
@@ -790,7 +882,8 @@ class Sender:
         loop = asyncio.get_running_loop()
         if plan is not None:
             await self._resync(link, resume, plan)
-        producer = Producer(self.tail, self.name, resume, self.cfg)
+        producer = Producer(self.tail, self.name, resume, self.cfg, self._limit
+                            if self.source is not None else None)
         poll = self.cfg.poll_min
         while True:
             while (self.inflight_bytes >= self.cfg.window_bytes
@@ -865,7 +958,7 @@ class Sender:
             await asyncio.sleep(DIRTY_POLL)
             sets = await loop.run_in_executor(None, read_dirty, self.info, self.peer)
             new = [d for d in sets if d.path.name not in self.seen_dirty and (
-                d.reason == DIRTY_HOT or d.through_seq > max(self.acked, self.floor))]
+                d.reason != DIRTY_RELEASED or d.through_seq > max(self.acked, self.floor))]
             if new:
                 self.log.info("dirty_extents_appeared", sets=len(new),
                               reasons=sorted({d.reason for d in new}),
