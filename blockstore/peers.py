@@ -29,6 +29,7 @@ DIRTY_KIND = "peer-dirty"  # peers/<peer>.dirty-*.json: written by the volume on
 DIRTY_VERSION = 1
 DIRTY_RELEASED = "released"  # records released before the peer acked them
 DIRTY_HOT = "unclean restart"  # hot extents found by recovery
+DIRTY_VERIFY = "verify"  # extents online verify found differing
 DIRTY_UPSTREAM = "upstream resync"  # a replica's extents rewritten by its own resync
 _DIRTY_RE = re.compile(r"^(.+)\.dirty-[0-9a-f]{16}-[0-9a-f]+\.json$")
 

@@ -65,7 +65,7 @@ from .peers import (
     write_dirty,
 )
 from .record import Flag, Op, RecordHeader
-from .store import Store
+from .store import Store, extent_digest
 
 VOLUME_VERSION = 1
 STATE_VERSION = 1
@@ -676,6 +676,11 @@ class Volume:
         """Append a control record (msgpack body) to the journal."""
         assert self.journal is not None
         return self.journal.append(Op.MARK, 0, 0, 0, msgpack.packb(body))
+
+    def extent_digest(self, offset: int, length: int) -> bytes:
+        """Digest of the store's bytes at offset (online verify; see store.extent_digest)."""
+        assert self.store is not None
+        return extent_digest(self.store.fd, offset, length, self.size)
 
     def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
         assert self.store is not None

@@ -423,6 +423,53 @@ def replicate(obj: Ctx) -> None:
 
 
 @cli.command()
+@click.argument("volume_name", metavar="VOLUME")
+@click.option("--peer", required=True, help="The peer to compare with (a peers[].name).")
+@click.option("--no-resync", is_flag=True, help="Only report; do not resync what differs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--timeout", type=float, default=3600.0, show_default=True,
+              help="Seconds to wait for the comparison and the resync.")
+@data_dir_opt
+@click.pass_obj
+def verify(obj: Ctx, volume_name: str, peer: str, no_resync: bool, as_json: bool,
+           timeout: float, data_dir: Path | None) -> None:
+    """Compare VOLUME with its replica on PEER extent by extent, while writes go on.
+
+    Runs in this node's replication process (`nbdgw daemon` or `nbdgw replicate` must be
+    running).  Differing extents are listed and resynced (unless --no-resync); exit
+    status 0 when the replica matches or was repaired, 3 when it differs and was not.
+    """
+    from .verify import run_verify
+
+    report = run_verify(obj.data_dir(data_dir), volume_name, peer, not no_resync, timeout)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in report_lines(report):
+            click.echo(line)
+    if report["differing"] and not report.get("resynced"):
+        sys.exit(3)
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    size = r["extent_bytes"]
+    out = [f"verify {r['volume']} against {r['peer']}: {r['extents']} extents of "
+           f"{_human(size)} compared in {r['seconds']} s, {len(r['differing'])} differ"]
+    for e in r["differing"][:20]:
+        out.append(f"  differs: bytes {e * size}..{(e + 1) * size - 1}")
+    if len(r["differing"]) > 20:
+        out.append(f"  ... and {len(r['differing']) - 20} more")
+    if r["unverified"]:
+        out.append(f"  {len(r['unverified'])} extent(s) were written during every one of "
+                   f"{r['rounds']} comparisons and could not be verified; run verify again")
+    if r.get("resynced"):
+        out.append(f"  resynced {len(r['differing'])} extent(s); the replica now matches")
+    elif r["differing"]:
+        out.append("  not resynced (--no-resync)")
+    return out
+
+
+@cli.command()
 @click.pass_obj
 def daemon(obj: Ctx) -> None:
     """Run everything this node's role needs (nbdkit, peerlink), supervised, until

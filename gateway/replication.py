@@ -6,7 +6,8 @@ One process (asyncio + uvloop) per node runs every replication link the config a
   contract 9 lets one node hold replicas of several primaries' volumes);
 - one ``Sender`` per (volume, peer) for the peers ``NodeConfig.send_to()`` names: the
   primary's own volumes, and with ``topology: cascade`` the secondary's replicas to DR;
-- the **sync gate**: a unix socket (``<data_dir>/run/peerlink.sock``) where the nbdkit
+- the control socket, ``<data_dir>/run/peerlink.sock`` (`nbdgw verify` asks it to
+  verify a volume against a peer), which is also the **sync gate**, where the nbdkit
   plugin, after making a FLUSH or FUA write durable locally, asks "is seq S durable on
   every sync peer of volume V?".  The answer waits for those peers' acks; a sync peer
   that stays silent for its ``sync_timeout`` degrades to async (logged, shown in status)
@@ -23,14 +24,14 @@ import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
 from blockstore.volume import VolumeInfo, is_replica, list_volumes
 from peerlink.__main__ import read_secret
 from peerlink.receiver import Receiver, ReceiverServer
-from peerlink.sender import Sender, SenderConfig
+from peerlink.sender import Sender, SenderConfig, VerifyError
 from peerlink.tls import client_context, server_context
 
 from .config import Compression, NodeConfig, PeerMode, Role
@@ -129,7 +130,7 @@ class Replication:
             self.bound = await self.server.start(self.cfg.peerlink.listen_host,
                                                  self.cfg.peerlink.listen_port)
         self._make_senders()
-        if any(tx.cfg.sync for txs in self.senders.values() for tx in txs):
+        if self.senders:
             path = gate_path(self.cfg.data_dir)
             path.parent.mkdir(mode=0o750, exist_ok=True)
             path.unlink(missing_ok=True)
@@ -159,26 +160,44 @@ class Replication:
 
     async def _gate_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
-        """Answer durability questions from one nbdkit plugin connection, in order."""
+        """Answer requests from one connection, in order: durability questions from the
+        nbdkit plugin, and ``{"op": "verify", ...}`` from `nbdgw verify`."""
         try:
             while line := await reader.readline():
                 try:
                     req = json.loads(line)
-                    volume, seq = str(req["volume"]), int(req["seq"])
-                except (ValueError, KeyError, TypeError):
-                    log.warning("sync_gate_bad_request", request=line[:200].decode(
+                    op = req.get("op", "durable")
+                    reply = await (self._verify(req) if op == "verify"
+                                   else self._durable(req))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    log.warning("control_bad_request", request=line[:200].decode(
                         "utf-8", "replace"))
                     return
-                txs = [tx for tx in self.senders.get(volume, []) if tx.cfg.sync]
-                results = await asyncio.gather(*(tx.wait_durable(seq) for tx in txs))
-                degraded = [tx.peer for tx, ok in zip(txs, results, strict=True) if not ok]
-                writer.write(json.dumps({"ok": not degraded, "degraded": degraded}).encode()
-                             + b"\n")
+                writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass  # the plugin went away (nbdkit stopped); it reconnects when it needs to
         finally:
             writer.close()
+
+    async def _durable(self, req: dict[str, Any]) -> dict[str, Any]:
+        volume, seq = str(req["volume"]), int(req["seq"])
+        txs = [tx for tx in self.senders.get(volume, []) if tx.cfg.sync]
+        results = await asyncio.gather(*(tx.wait_durable(seq) for tx in txs))
+        degraded = [tx.peer for tx, ok in zip(txs, results, strict=True) if not ok]
+        return {"ok": not degraded, "degraded": degraded}
+
+    async def _verify(self, req: dict[str, Any]) -> dict[str, Any]:
+        volume, peer = str(req["volume"]), str(req["peer"])
+        tx = next((t for t in self.senders.get(volume, []) if t.peer == peer), None)
+        if tx is None:
+            ships = sorted(f"{t.name}->{t.peer}" for ts in self.senders.values() for t in ts)
+            return {"error": f"this node does not ship volume {volume} to peer {peer} "
+                             f"(it ships: {', '.join(ships) or 'nothing'})"}
+        try:
+            return await tx.verify(resync=bool(req.get("resync", True)))
+        except VerifyError as e:
+            return {"error": str(e)}
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop``; 1 if a sender died of an unexpected error (the daemon

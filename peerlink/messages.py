@@ -350,11 +350,75 @@ class ResyncDone(_Message):
         return cls(_name(f[0], "ResyncDone.volume"), _uint(f[1], "ResyncDone.seq"))
 
 
+DIGEST_SIZE: Final = 16  # blake2b-128 of one extent's bytes (blockstore.store.digest)
+MAX_VERIFY_EXTENTS: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Verify(_Message):
+    """Online verify, in stream order: after applying every batch sent before this, the
+    replica compares its digests of these extents with the sender's and answers
+    ``VerifyResult``.  ``seq``: the sender's journal position the digests stand for."""
+
+    TYPE: ClassVar[int] = 11
+    volume: str
+    token: int  # matches the result to the request
+    seq: int
+    extent_shift: int
+    extents: tuple[int, ...]  # strictly ascending
+    digests: tuple[bytes, ...]  # one per extent
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        shift = _uint(f[3], "Verify.extent_shift", MAX_EXTENT_SHIFT, MIN_EXTENT_SHIFT)
+        extents = _list(f[4], "Verify.extents")
+        digests = _list(f[5], "Verify.digests")
+        if len(extents) > MAX_VERIFY_EXTENTS:
+            raise _bad("Verify.extents", f"at most {MAX_VERIFY_EXTENTS} extents",
+                       f"{len(extents)} extents")
+        if len(digests) != len(extents):
+            raise PeerProtocolError(
+                f"Verify.digests: {len(digests)} digests for {len(extents)} extents")
+        out: list[int] = []
+        for i, v in enumerate(extents):
+            e = _uint(v, f"Verify.extents[{i}]")
+            if out and e <= out[-1]:
+                raise PeerProtocolError(
+                    f"Verify.extents[{i}]: {e} does not follow {out[-1]} "
+                    "(extents must be strictly ascending)")
+            out.append(e)
+        ds = tuple(_bytes(d, f"Verify.digests[{i}]", (DIGEST_SIZE,))
+                   for i, d in enumerate(digests))
+        return cls(_name(f[0], "Verify.volume"), _uint(f[1], "Verify.token"),
+                   _uint(f[2], "Verify.seq"), shift, tuple(out), ds)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult(_Message):
+    """The replica's answer: the seq it had applied when it compared, and the extents
+    whose digests differ."""
+
+    TYPE: ClassVar[int] = 12
+    volume: str
+    token: int
+    applied_seq: int
+    differing: tuple[int, ...]
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        diff = tuple(_uint(v, f"VerifyResult.differing[{i}]")
+                     for i, v in enumerate(_list(f[3], "VerifyResult.differing")))
+        return cls(_name(f[0], "VerifyResult.volume"), _uint(f[1], "VerifyResult.token"),
+                   _uint(f[2], "VerifyResult.applied_seq"), diff)
+
+
 Message: TypeAlias = (Hello | HelloOk | Refuse | Batch | Ack | Ping | Pong | ResyncExtents
-                      | ExtentData | ResyncDone)
+                      | ExtentData | ResyncDone | Verify | VerifyResult)
 _BY_TYPE: Final[dict[int, type[Message]]] = {
     c.TYPE: c for c in (Hello, HelloOk, Refuse, Batch, Ack, Ping, Pong, ResyncExtents,
-                        ExtentData, ResyncDone)
+                        ExtentData, ResyncDone, Verify, VerifyResult)
 }
 
 

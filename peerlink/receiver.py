@@ -59,6 +59,8 @@ from .messages import (
     Refuse,
     ResyncDone,
     ResyncExtents,
+    Verify,
+    VerifyResult,
     check_hello,
     check_resume,
 )
@@ -102,7 +104,7 @@ def expect(msg: Message, cls: type[Any], where: str) -> None:
             f"expected {cls.__name__} {where}, got {type(msg).__name__}")
 
 
-_Work = Batch | ResyncExtents | ExtentData | ResyncDone
+_Work = Batch | ResyncExtents | ExtentData | ResyncDone | Verify
 
 
 @dataclass
@@ -393,12 +395,26 @@ class Receiver:
                     f"ExtentData of {msg.length} bytes at {msg.offset} for volume "
                     f"{msg.volume!r} lies outside the announced extents")
             return len(msg.data)
+        if isinstance(msg, Verify):
+            count = (self.vol.size + (1 << msg.extent_shift) - 1) >> msg.extent_shift
+            if msg.volume != self.name or (msg.extents and msg.extents[-1] >= count):
+                raise PeerProtocolError(
+                    f"Verify for volume {msg.volume!r} names extents outside volume "
+                    f"{self.name!r}")
+            return 0
         expect(msg, Batch, "while streaming")
         assert isinstance(msg, Batch)
         check_batch(msg, volume=self.name, volume_size=self.vol.size,
                     expect_first_seq=s.expect_seq)
         s.expect_seq = msg.last_seq + 1
         return payload_bytes(msg.records)
+
+    def _verify(self, msg: Verify) -> VerifyResult:
+        """Compare this replica's digests of the extents with the sender's (apply thread)."""
+        differing = [e for e, d in zip(msg.extents, msg.digests, strict=True)
+                     if self.vol.extent_digest(e << msg.extent_shift,
+                                               1 << msg.extent_shift) != d]
+        return VerifyResult(self.name, msg.token, self.vol.upstream_seq, tuple(differing))
 
     # -- resync (runs on the apply thread, in stream order) ----------------------------------
 
@@ -461,7 +477,7 @@ class Receiver:
             self._resync_begin(item, s.resume_from)
         elif isinstance(item, ExtentData):
             self._resync_extent(item)
-        else:
+        elif isinstance(item, ResyncDone):
             self._resync_done(item, s.resume_from)
             # The store holds everything through resume_from - 1, durably: say so.
             return self.vol.upstream_seq, not self.vol.inconsistent
@@ -479,6 +495,14 @@ class Receiver:
             item = await s.queue.get()
             if item is None:
                 return
+            if isinstance(item, Verify):
+                # In stream order: every batch sent before it is applied by now.
+                result = await loop.run_in_executor(self.executor, self._verify, item)
+                clog.info("verify_compared", extents=len(item.extents),
+                          differing=len(result.differing), applied_seq=result.applied_seq)
+                with contextlib.suppress(LinkClosed):
+                    s.link.send(result)
+                continue
             n = (payload_bytes(item.records) if isinstance(item, Batch)
                  else len(item.data) if isinstance(item, ExtentData) else 0)
             try:

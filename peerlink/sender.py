@@ -70,6 +70,7 @@ from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
     DIRTY_RELEASED,
+    DIRTY_VERIFY,
     PEER_KIND,
     PEER_VERSION,
     DirtySet,
@@ -77,6 +78,7 @@ from blockstore.peers import (
     dirty_shift,
     extent_range,
     read_dirty,
+    write_dirty,
 )
 from blockstore.record import (
     REC_HEADER_SIZE,
@@ -86,7 +88,7 @@ from blockstore.record import (
     check_payload,
     decode_header,
 )
-from blockstore.store import Store
+from blockstore.store import Store, extent_digest
 from blockstore.volume import COMMIT_EVENT, Volume, VolumeInfo, find_volume, is_replica
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
@@ -105,6 +107,8 @@ from .messages import (
     Refuse,
     ResyncDone,
     ResyncExtents,
+    Verify,
+    VerifyResult,
     check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
@@ -126,7 +130,11 @@ LIVE_INTERVAL: Final = 1.0  # how often peers/<peer>.live.json is rewritten
 LIVE_KIND: Final = "peer-live"
 LIVE_VERSION: Final = 1
 GROUP_BATCH_MAX: Final = 64 << 20  # frame body limit: one commit group always fits
-SEEN_SAMPLE: Final = 0.05  # seconds between samples of (journal end, time first seen)
+SEEN_SAMPLE: Final = 0.05
+VERIFY_SHIFT: Final = 20  # online verify compares 1 MiB extents
+VERIFY_CHUNK: Final = 256  # extents per Verify message
+VERIFY_ROUNDS: Final = 5  # re-checks of extents written while they were compared
+VERIFY_TIMEOUT: Final = 120.0  # seconds between samples of (journal end, time first seen)
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,10 @@ def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
     return ResyncPlan("dirty", shift, sorted(extents), settles,
                       f"{len(live)} dirty set(s) ({', '.join(reasons)})"
                       + (f", records {applied + 1}..{first - 1} released" if gap else ""))
+
+
+class VerifyError(PeerlinkError):
+    """Online verify could not run or was cut short (the message says why)."""
 
 
 class SourceInconsistent(LinkClosed):
@@ -521,6 +533,9 @@ class Sender:
         self.degraded: str | None = None  # why a sync peer is treated as async now
         self.degraded_at = 0.0
         self.live_event = asyncio.Event()
+        self.verify_queue: deque[tuple[int, Verify]] = deque()  # (send after seq, request)
+        self.verify_waiters: dict[int, asyncio.Future[VerifyResult]] = {}
+        self.verify_token = 0
         self.waiters: list[tuple[int, asyncio.Future[bool]]] = []
 
     def _bounds(self) -> tuple[int, int]:
@@ -537,6 +552,85 @@ class Sender:
         if self.source.inconsistent:
             return -1  # nothing while the source replica is mid-resync
         return self.source.applied_seq
+
+    # -- online verify ------------------------------------------------------------------------
+
+    def _digests(self, extents: list[int], shift: int) -> tuple[int, list[bytes], int]:
+        """(journal end before, digests, journal end after) of this node's store (worker
+        thread).  Every record up to the first end is in the store (a primary writes
+        the store before the journal; a cascade source is bounded by its applied seq)."""
+        _, before = self._bounds()
+        fd = os.open(self.info.path / "store", os.O_RDONLY)
+        try:
+            digests = [extent_digest(fd, e << shift, 1 << shift, self.info.size)
+                       for e in extents]
+        finally:
+            os.close(fd)
+        time.sleep(RESYNC_SETTLE)  # writes whose store write we saw append their record
+        _, after = self._bounds()
+        return before, digests, after
+
+    async def verify(self, resync: bool = True) -> dict[str, Any]:
+        """Compare per-extent digests with the replica while writes go on (contract: no
+        silent divergence).  An extent written while it was being compared (a journal
+        record between this side's reading and the replica's) proves nothing and is
+        compared again, up to VERIFY_ROUNDS times.  Differing extents are written as a
+        dirty set (reason "verify") when ``resync``: the session restarts and resyncs
+        exactly them.  Raises VerifyError when the peer is not streaming."""
+        if self.state != "streaming":
+            raise VerifyError(f"peer {self.peer!r} of volume {self.name!r} is {self.state}, "
+                              "not streaming: verify compares a streaming replica")
+        loop = asyncio.get_running_loop()
+        shift = VERIFY_SHIFT
+        count = ((self.info.size - 1) >> shift) + 1
+        pending = list(range(count))
+        differing: list[int] = []
+        t0 = time.monotonic()
+        rounds = 0
+        self.log.info("verify_started", extents=count, extent_bytes=1 << shift)
+        while pending and rounds < VERIFY_ROUNDS:
+            rounds += 1
+            retry: list[int] = []
+            for i in range(0, len(pending), VERIFY_CHUNK):
+                chunk = pending[i:i + VERIFY_CHUNK]
+                before, digests, after = await loop.run_in_executor(
+                    self.executor, self._digests, chunk, shift)
+                if self.state != "streaming":
+                    raise VerifyError(f"peer {self.peer!r} stopped streaming during verify "
+                                      f"({self.state}); run it again")
+                self.verify_token += 1
+                token = self.verify_token
+                fut: asyncio.Future[VerifyResult] = loop.create_future()
+                self.verify_waiters[token] = fut
+                self.verify_queue.append((after, Verify(self.name, token, after, shift,
+                                                        tuple(chunk), tuple(digests))))
+                try:
+                    result = await asyncio.wait_for(fut, VERIFY_TIMEOUT)
+                except TimeoutError:
+                    raise VerifyError(f"no verify result from {self.peer!r} within "
+                                      f"{VERIFY_TIMEOUT:g} s") from None
+                try:
+                    busy = await loop.run_in_executor(
+                        self.executor, retained_extents, self.journal_dir, before + 1,
+                        max(after, result.applied_seq), shift)
+                except (FormatError, FileNotFoundError):
+                    busy = set(chunk)
+                for e in result.differing:
+                    (retry if e in busy else differing).append(e)
+            pending = retry
+        report = {"volume": self.name, "peer": self.peer, "extents": count,
+                  "extent_bytes": 1 << shift, "differing": sorted(differing),
+                  "unverified": sorted(pending), "rounds": rounds,
+                  "seconds": round(time.monotonic() - t0, 3), "resync": False}
+        if differing and resync:
+            await loop.run_in_executor(None, lambda: write_dirty(
+                self.info, self.peer, reason=DIRTY_VERIFY, from_seq=self.acked + 1,
+                through_seq=self.acked + 1, shift=shift, extents=sorted(differing)))
+            report["resync"] = True
+        self.log.info("verify_done", **{k: v for k, v in report.items()
+                                        if k not in ("differing", "unverified")},
+                      differing=len(differing), unverified=len(pending))
+        return report
 
     # -- the persisted ack ------------------------------------------------------------------
 
@@ -672,8 +766,13 @@ class Sender:
             with contextlib.suppress(OSError):
                 self.live_path.parent.mkdir(exist_ok=True)
                 await loop.run_in_executor(None, write_json, self.live_path, self.live())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.live_event.wait(), LIVE_INTERVAL)
+            # Not asyncio.wait_for: on 3.11 it swallows a cancel that races with the event
+            # being set (as stopping does), and this loop would never end.
+            waiter = loop.create_task(self.live_event.wait())
+            try:
+                await asyncio.wait([waiter], timeout=LIVE_INTERVAL)
+            finally:
+                waiter.cancel()
 
     # -- the reconnect loop -----------------------------------------------------------------
 
@@ -733,6 +832,12 @@ class Sender:
             await self._stream(link, resume, plan, stop)
         finally:
             self._set_state("disconnected")
+            self.verify_queue.clear()
+            for fut in self.verify_waiters.values():
+                if not fut.done():
+                    fut.set_exception(VerifyError("the link to the peer went down during "
+                                                  "verify; run it again"))
+            self.verify_waiters.clear()
             link.release(LinkClosed("session ended"))
             self.inflight.clear()
             self.resync_ack = None
@@ -902,6 +1007,8 @@ class Sender:
                 self.stats["data_bytes"] += f.data_bytes
                 await link.drain()
             self._saw(producer.next_read - 1)
+            while self.verify_queue and self.verify_queue[0][0] <= self.sent_through:
+                link.send(self.verify_queue.popleft()[1])
             poll = self.cfg.poll_min if frames or more else min(poll * 2, self.cfg.poll_max)
             if not more:
                 await asyncio.sleep(poll)
@@ -918,6 +1025,13 @@ class Sender:
             msg = await link.recv()
             if isinstance(msg, Ack):
                 self._on_ack(msg)
+            elif isinstance(msg, VerifyResult):
+                fut = self.verify_waiters.pop(msg.token, None)
+                if fut is None or msg.volume != self.name:
+                    raise PeerProtocolError(f"VerifyResult token {msg.token} for volume "
+                                            f"{msg.volume!r} matches no request")
+                if not fut.done():
+                    fut.set_result(msg)
             elif isinstance(msg, Pong):
                 continue
             else:
