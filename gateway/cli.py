@@ -332,11 +332,14 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
 @click.option("--subnet", default="192.0.2.0/24", show_default=True,
               help="IPv4 subnet of the lab's bridge (a documentation range by default).")
 @click.option("--size", default="256M", show_default=True, help="Size of volume v1.")
-def lab_up(lab_dir: Path, subnet: str, size: str) -> None:
+@click.option("--topology", type=click.Choice(["fanout", "cascade"]), default="fanout",
+              show_default=True, help="fanout: main ships to dc and dr; cascade: main -> dc "
+              "-> dr.")
+def lab_up(lab_dir: Path, subnet: str, size: str, topology: str) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size), indent=2))
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology), indent=2))
 
 
 @lab.command("kill")

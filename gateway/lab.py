@@ -3,9 +3,10 @@
 Sites: primary ``main``, secondary ``dc`` and DR ``dr``, plus a ``client`` namespace,
 each with one veth on a bridge that lives in a namespace of its own (nothing touches
 the host's interfaces).  Every namespace is named ``nbdgw-<id>-<site>`` so that two labs
-coexist.  Replicated volume ``v1`` is fanned out from the primary to both replicas: the
-primary runs ``nbdgw serve`` and two ``peerlink send``; each replica runs one
-``peerlink receive``.  No failover yet: the service address is the primary's own.
+coexist.  Each site runs ``nbdgw daemon`` from its own node config (role, peers, the
+shared peer secret), exactly as a deployed node does; replicated volume ``v1`` is fanned
+out from the primary to both replicas, or cascaded (main -> dc -> dr) with
+``--topology cascade``.  No failover yet: the service address is the primary's own.
 
 Everything the other verbs need (namespaces, argv, pids with their start times so that a
 recycled pid is never killed) is in ``DIR/lab.json``; processes run detached in their own
@@ -51,7 +52,6 @@ CLIENT: Final = "client"
 BRIDGE: Final = "br0"
 READY_TIMEOUT: Final = 30.0  # each wait of up/start (export, listener, streaming)
 STOP_TIMEOUT: Final = 15.0  # down: SIGTERM, then SIGKILL after this
-SENDER_MAX_BACKOFF: Final = "1"  # a restarted replica is found again within a second
 
 
 class LabError(GatewayError):
@@ -217,6 +217,7 @@ class Lab:
             "client_address": s["client_address"],
             "bridge_netns": s["bridge_netns"],
             "volumes": [VOLUME],
+            "topology": s.get("topology", "fanout"),
             "nodes": [{k: n[k] for k in ("name", "role", "netns", "address", "config",
                                          "data_dir")} for n in s["nodes"]],
         }
@@ -289,29 +290,35 @@ class Lab:
         if not alive(p):
             raise LabError(f"node {node}: {p['name']} exited; {p['log']}: {tail(Path(p['log']))}")
 
-    def wait_listening(self, node: str) -> None:
-        p = self.proc(node, "receive")
+    def _wait_event(self, node: str, offset: int, what: str,
+                    match: Any) -> None:
+        p = self.proc(node, "daemon")
         deadline = time.monotonic() + READY_TIMEOUT
-        while not log_has_line(Path(p["log"]), p["log_offset"], "peerlink: listening on"):
+        while not any(match(e) for e in log_events(Path(p["log"]), offset)):
             self._check_running(node, p)
             if time.monotonic() > deadline:
-                raise LabError(f"node {node}: the receiver did not listen within "
-                               f"{READY_TIMEOUT:g} s; {p['log']}: {tail(Path(p['log']))}")
+                raise LabError(f"node {node}: {what} within {READY_TIMEOUT:g} s; "
+                               f"{p['log']}: {tail(Path(p['log']))}")
             time.sleep(0.05)
+
+    def wait_listening(self, node: str) -> None:
+        self._wait_event(node, self.proc(node, "daemon")["log_offset"],
+                         "the peerlink receiver did not listen",
+                         lambda e: e.get("event") == "listening" and e.get("side") == "receiver")
+
+    def sender_of(self, peer: str) -> str:
+        """The site that ships to ``peer``: the primary, or dc for dr under cascade."""
+        return "dc" if peer == "dr" and self.state.get("topology") == "cascade" else PRIMARY
 
     def wait_streaming(self, peer: str, offset: int | None = None,
                        events: tuple[str, ...] = ("streaming",)) -> None:
-        """Until the primary's sender to ``peer`` logs one of ``events`` past ``offset``."""
-        p = self.proc(PRIMARY, f"send-{peer}")
-        start = p["log_offset"] if offset is None else offset
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not any(e.get("event") in events for e in log_events(Path(p["log"]), start)):
-            self._check_running(PRIMARY, p)
-            if time.monotonic() > deadline:
-                raise LabError(f"the sender from {PRIMARY} to {peer} did not report "
-                               f"{' or '.join(events)} within {READY_TIMEOUT:g} s; "
-                               f"{p['log']}: {tail(Path(p['log']))}")
-            time.sleep(0.05)
+        """Until the sender to ``peer`` logs one of ``events`` past ``offset``."""
+        node = self.sender_of(peer)
+        start = self.proc(node, "daemon")["log_offset"] if offset is None else offset
+        self._wait_event(node, start, f"the sender to {peer} did not report "
+                         f"{' or '.join(events)}",
+                         lambda e: e.get("event") in events and e.get("side") == "sender"
+                         and e.get("peer") == peer)
 
     def wait_export(self) -> None:
         """Until the export answers an NBD handshake from the client namespace."""
@@ -328,7 +335,7 @@ class Lab:
             "        err = str(e)\n"
             "    time.sleep(0.1)\n"
             "sys.exit('no answer: ' + err)\n")
-        serve = self.proc(PRIMARY, "serve")
+        serve = self.proc(PRIMARY, "daemon")
         try:
             run(["ip", "netns", "exec", self.state["client_netns"], sys.executable, "-c",
                  script, uri, str(READY_TIMEOUT)], timeout=READY_TIMEOUT + 10)
@@ -341,13 +348,14 @@ class Lab:
         """What `start` waits for: the node's own listeners, and the links into it."""
         if name == PRIMARY:
             self.wait_export()
-            for peer, _ in SITES[1:]:
-                self.wait_streaming(peer, events=("streaming", "resync"))
-            return
-        self.wait_listening(name)
-        sender = self.proc(PRIMARY, f"send-{name}")
-        if alive(sender) and sender_offsets is not None:
-            self.wait_streaming(name, sender_offsets[name], events=("streaming", "resync"))
+        else:
+            self.wait_listening(name)
+        for peer, _ in SITES[1:]:
+            src = self.sender_of(peer)
+            if name not in (src, peer) or not alive(self.proc(src, "daemon")):
+                continue
+            offset = None if src == name or sender_offsets is None else sender_offsets[src]
+            self.wait_streaming(peer, offset, events=("streaming", "resync_started"))
 
     # -- teardown -------------------------------------------------------------------------
 
@@ -384,7 +392,7 @@ class Lab:
 # -- building -----------------------------------------------------------------------------
 
 
-def plan(lab_dir: Path, subnet: str, size: str) -> dict[str, Any]:
+def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout") -> dict[str, Any]:
     """The lab's description before anything exists: names, addresses, paths, argv."""
     try:
         net = ipaddress.ip_network(subnet, strict=False)
@@ -406,21 +414,9 @@ def plan(lab_dir: Path, subnet: str, size: str) -> dict[str, Any]:
         data = site / "data"
         cfg = site / "nbdgw.yaml"
         node_secret = site / "peer.secret"
-        common = ["--data-dir", str(data), "--volume", VOLUME, "--node", name,
-                  "--secret-file", str(node_secret)]
-        procs: list[dict[str, Any]] = []
-        if role == "primary":
-            procs.append({"name": "serve", "log": str(site / "serve.log"),
-                          "argv": [*nbdgw, "-c", str(cfg), "--log-format", "json", "serve"]})
-            for (peer, _), peer_addr in zip(SITES[1:], hosts[1:], strict=False):
-                procs.append({"name": f"send-{peer}", "log": str(site / f"send-{peer}.log"),
-                              "argv": [*nbdgw, "peerlink", "send", *common, "--peer",
-                                       f"{peer}={peer_addr}:{PEER_PORT}",
-                                       "--max-backoff", SENDER_MAX_BACKOFF]})
-        else:
-            procs.append({"name": "receive", "log": str(site / "receive.log"),
-                          "argv": [*nbdgw, "peerlink", "receive", *common, "--listen",
-                                   f"{addr}:{PEER_PORT}", "--role", role]})
+        procs: list[dict[str, Any]] = [
+            {"name": "daemon", "log": str(site / "daemon.log"),
+             "argv": [*nbdgw, "-c", str(cfg), "--log-format", "json", "daemon"]}]
         for p in procs:
             p.update(pid=None, start_time=None, log_offset=0)
         nodes.append({"name": name, "role": role, "netns": f"{prefix}-{name}",
@@ -433,6 +429,7 @@ def plan(lab_dir: Path, subnet: str, size: str) -> dict[str, Any]:
         "service_address": str(hosts[0]),  # the primary's own until failover moves a VIP
         "client_netns": f"{prefix}-{CLIENT}", "client_address": str(hosts[3]),
         "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
+        "topology": topology,
         "nodes": nodes,
     }
 
@@ -461,8 +458,12 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
     Path(node["data_dir"]).mkdir(parents=True)
     cfg = {
         "version": 1,
-        "node": {"name": node["name"], "data_dir": node["data_dir"]},
+        "node": {"name": node["name"], "data_dir": node["data_dir"], "role": node["role"]},
         "nbd": {"listen": [f"tcp:{node['address']}:{NBD_PORT}"]},
+        "peerlink": {"listen": f"{node['address']}:{PEER_PORT}",
+                     "topology": s.get("topology", "fanout"), "secret_file": node["secret"]},
+        "peers": [{"name": n["name"], "role": n["role"], "address": n["address"],
+                   "port": PEER_PORT} for n in s["nodes"] if n["name"] != node["name"]],
         "volumes": [{"name": VOLUME, "size": s["size"]}],
     }
     (site / "nbdgw.yaml").write_text(
@@ -475,7 +476,8 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
     run([*nbdgw_argv(), "-c", node["config"], "volume", "create", VOLUME, *replica])
 
 
-def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE) -> dict[str, Any]:
+def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
+       topology: str = "fanout") -> dict[str, Any]:
     """Build and start the lab; return the summary JSON.  On failure, undo it."""
     precheck()
     lab_dir = lab_dir.resolve()
@@ -485,7 +487,7 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE) ->
     lab_dir.mkdir(parents=True, exist_ok=True)
     if any(p.name != "lab.lock" for p in lab_dir.iterdir()):
         raise LabError(f"{lab_dir} is not empty; give an empty or new --dir")
-    lab = Lab(lab_dir, plan(lab_dir, subnet, size))
+    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:
@@ -534,8 +536,8 @@ def start(lab_dir: Path, name: str) -> dict[str, Any]:
         lab = Lab.load(lab_dir)
         if lab.state["state"] != "up" or not netns_exists(lab.node(name)["netns"]):
             raise LabError(f"the lab in {lab_dir} is {lab.state['state']}, not up")
-        offsets = {peer: log_size(Path(lab.proc(PRIMARY, f"send-{peer}")["log"]))
-                   for peer, _ in SITES[1:]}
+        offsets = {n["name"]: log_size(Path(lab.proc(n["name"], "daemon")["log"]))
+                   for n in lab.nodes}
         lab.start_node(name)
         lab.wait_node_ready(name, offsets)
         node = lab.node(name)

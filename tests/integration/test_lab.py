@@ -211,13 +211,13 @@ def test_lab_kill_and_start_a_replica_while_writing(lab: dict[str, Any]) -> None
     try:
         writer.wait_progress(64)
         killed = json.loads(lab_cmd("kill", "dc", "--dir", lab["dir"]))
-        assert killed == {"node": "dc", "killed": ["receive"]}
+        assert killed == {"node": "dc", "killed": ["daemon"]}
         dc_ns = lab["nodes"][1]["netns"]
         assert run_cmd(["ip", "netns", "pids", dc_ns]).split() == []
         at_kill = writer.progress
         writer.wait_progress(at_kill + 64)  # the primary keeps serving while dc is down
         started = json.loads(lab_cmd("start", "dc", "--dir", lab["dir"]))
-        assert list(started["started"]) == ["receive"]
+        assert list(started["started"]) == ["daemon"]
         writer.wait_progress(writer.progress + 64)
         writes, digest = writer.finish(stop=True)
     finally:
@@ -251,18 +251,18 @@ def test_lab_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_lab_power_cut_of_the_primary_while_writing(lab: dict[str, Any]) -> None:
-    """kill main mid-write (serve, nbdkit and both senders at once), start it again: the
+    """kill main mid-write (its daemon, nbdkit and peerlink at once), start it again: the
     volume recovers, the senders resume, and all three sites end bit-identical."""
     writer = Writer(lab, seed=3, max_writes=100_000, interactive=True)
     try:
         writer.wait_progress(64)
         killed = json.loads(lab_cmd("kill", "main", "--dir", lab["dir"]))
-        assert killed == {"node": "main", "killed": ["serve", "send-dc", "send-dr"]}
+        assert killed == {"node": "main", "killed": ["daemon"]}
         assert writer.proc.wait(30) != 0  # its server vanished mid-stream
     finally:
         writer.kill()
     started = json.loads(lab_cmd("start", "main", "--dir", lab["dir"]))
-    assert list(started["started"]) == ["serve", "send-dc", "send-dr"]
+    assert list(started["started"]) == ["daemon"]
     writer = Writer(lab, seed=4, max_writes=128, interactive=False)
     try:
         writes, digest = writer.finish()
