@@ -54,6 +54,7 @@ from .errors import (
     VolumeInUse,
     VolumeNotFound,
 )
+from .generations import Generation, load_history, new_generation, save_history
 from .journal import DEFAULT_SEGMENT_BYTES, Journal, is_data_op, record_headers
 from .meta import fsync_dir, read_json, write_json
 from .peers import (
@@ -851,3 +852,28 @@ def checksum_path(path: Path, size: int) -> str:
         return checksum_fd(st.fd, size, st.extents(0, size))
     finally:
         st.close()
+
+
+def promote_volume(data_dir: Path, name: str) -> Generation:
+    """Make replica ``name`` a primary volume that starts a new generation (contract 5).
+
+    The caller has stopped its receiver (the volume lock is free): the last complete
+    batch is in the store (redo finishes a committed one on open).  An Inconsistent
+    replica (its initial sync or a resync never completed) is refused: its store is not
+    any state the primary ever had.  Returns the new generation."""
+    vol = Volume.open(data_dir, name)
+    try:
+        if not vol.replica:
+            raise InvalidArgument(f"volume {name} is not a replica: nothing to promote")
+        if vol.inconsistent:
+            raise InvalidArgument(
+                f"volume {name} is Inconsistent (its sync from the primary never "
+                "completed): it can never be promoted")
+        history = new_generation(load_history(vol.info.path, vol.info.uuid), vol.last_seq + 1)
+        # The history first: a crash before the state flips leaves a replica with one
+        # generation too many, which a repeated promotion simply extends.
+        save_history(vol.info.path, history)
+        vol.replica = False
+        return history.current
+    finally:
+        vol.close()

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import ssl
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,15 @@ from typing import Any, Final
 
 import structlog
 
+from blockstore.generations import Generation as BGeneration
+from blockstore.generations import (
+    History,
+    Relation,
+    initial_generation,
+    load_history,
+    relation,
+    save_history,
+)
 from blockstore.meta import read_json, write_json
 from blockstore.peers import DIRTY_UPSTREAM, known_peers, write_dirty
 from blockstore.volume import Volume
@@ -77,9 +85,12 @@ class ReceiverError(PeerlinkError):
     """Local trouble on the receiving node (not a replica, apply failed)."""
 
 
-def generation_of(volume_uuid: str) -> Generation:
-    """The one generation a volume has until promotion exists (contract 5, next layer)."""
-    return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1)
+def wire_generations(history: History) -> tuple[Generation, ...]:
+    return tuple(Generation(g.gen_id, g.start_seq) for g in history.generations)
+
+
+def from_wire(gens: tuple[Generation, ...]) -> tuple[BGeneration, ...]:
+    return tuple(BGeneration(g.gen_id, g.start_seq) for g in gens)
 
 
 async def wait_connected(link: Link, timeout: float) -> bool:
@@ -128,6 +139,7 @@ class _Session:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     applied_batches: int = 0
     applied_bytes: int = 0
+    history: History | None = None  # the sender's: adopted at bind and when a resync ends
 
 
 class Receiver:
@@ -156,6 +168,7 @@ class Receiver:
             read_json(self.upstream_path, UPSTREAM_KIND, UPSTREAM_VERSION)
             if self.upstream_path.exists() else None)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerlink-apply")
+        self._gen_cache: BGeneration | None = None
         self.server: asyncio.AbstractServer | None = None
         self.active: _Session | None = None
         self.takeover = asyncio.Lock()
@@ -256,9 +269,13 @@ class Receiver:
         assert isinstance(theirs, Hello)
         clog = clog.bind(peer=theirs.node)
         vuuid = self._upstream_uuid(theirs.volume_uuid)
+        history = self._history()
+        theirs_gens = from_wire(theirs.generations)
+        rel = Relation.BEHIND if self._fresh() else relation(history.generations, theirs_gens)
         mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
-                     (generation_of(vuuid),), self.vol.upstream_seq, make_nonce())
-        refusal = check_hello(mine, theirs)
+                     wire_generations(history), self.vol.upstream_seq, make_nonce())
+        refusal = check_hello(mine, theirs) or self._generation_refusal(
+            rel, theirs.node, theirs_gens, history)
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         link.send(mine)
@@ -289,6 +306,7 @@ class Receiver:
             link.send(HelloOk(self.node, ok.resume_from_seq,
                               proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
             session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
+            session.history = History(vuuid, theirs_gens)
             if ok.resume_from_seq > applied + 1 or (pending is not None
                                                      and not pending["done"]):
                 # The sender skips records (it resyncs extents instead), or this replica
@@ -318,6 +336,9 @@ class Receiver:
                    "upstream_node": theirs.node, "bound_at": time.time()}
             await loop.run_in_executor(self.executor, write_json, self.upstream_path, rec)
             self.upstream = rec
+            await loop.run_in_executor(self.executor, save_history, self.vol.info.path,
+                                       History(vuuid, from_wire(theirs.generations)))
+            self._gen_cache = None
             clog.info("replica_bound", upstream_uuid=vuuid, upstream_node=theirs.node)
         if (self.vol.inconsistent and self.vol.upstream_seq == 0 and resume_from == 1
                 and self._resync_marker() is None):
@@ -479,13 +500,40 @@ class Receiver:
             self._resync_extent(item)
         elif isinstance(item, ResyncDone):
             self._resync_done(item, s.resume_from)
+            if s.history is not None and s.history != self._history():
+                save_history(self.vol.info.path, s.history)  # now on the sender's generation
+                self._gen_cache = None
             # The store holds everything through resume_from - 1, durably: say so.
             return self.vol.upstream_seq, not self.vol.inconsistent
         return None, False
 
+    def _generation_refusal(self, rel: Relation, node: str, theirs: tuple[BGeneration, ...],
+                            history: History) -> Refuse | None:
+        """Refuse a sender on an older generation (demoted) or an unrelated one."""
+        if rel is Relation.AHEAD:
+            return Refuse(
+                f"volume {self.name!r}: node {node!r} is on generation "
+                f"{theirs[-1].gen_id:016x}, older than this replica's "
+                f"{history.current.gen_id:016x} (it was demoted by a failover); refusing "
+                "its data")
+        if rel is Relation.UNRELATED:
+            return Refuse(
+                f"volume {self.name!r}: the generation histories of {node!r} and "
+                f"{self.node!r} are unrelated (split brain, or another volume); refusing "
+                "to guess")
+        return None
+
+    def _history(self) -> History:
+        """This replica's generation history (its upstream's, adopted when bound)."""
+        own = self.vol.info.uuid
+        if self.upstream is not None and not (self.vol.info.path / "generations.json").exists():
+            up = str(self.upstream["upstream_uuid"])
+            return History(up, (initial_generation(up),))
+        return load_history(self.vol.info.path, own)
+
     def _apply(self, batch: Batch, source: str) -> int:
-        gen = generation_of(str(self.upstream["upstream_uuid"]) if self.upstream
-                            else self.vol.info.uuid)
+        gen = self._gen_cache if self._gen_cache is not None else self._history().current
+        self._gen_cache = gen
         return self.vol.apply_batch(batch.first_seq, batch.last_seq, list(batch.records),
                                     {"source": source, "gen": gen.gen_id})
 

@@ -66,6 +66,7 @@ import msgpack
 import structlog
 
 from blockstore.errors import BlockstoreError, FormatError
+from blockstore.generations import History, Relation, initial_generation, load_history, relation
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
@@ -112,7 +113,7 @@ from .messages import (
     check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
-from .receiver import expect, generation_of
+from .receiver import expect, from_wire, wire_generations
 
 log = structlog.get_logger(component="peerlink")
 
@@ -545,6 +546,34 @@ class Sender:
             last = min(last, self.source.applied_seq)
         return first, last
 
+    def _generations(self, history: History, theirs: Hello) -> tuple[Relation, Refuse | None]:
+        """Contract 5 at the handshake: how the peer's history relates to this node's,
+        and the refusal when this node must not send (stale, or unrelated histories)."""
+        rel = relation(history.generations, from_wire(theirs.generations))
+        if rel is Relation.BEHIND:
+            return rel, Refuse(
+                f"volume {self.name!r}: {theirs.node!r} is on a newer generation "
+                f"({theirs.generations[-1].gen_id:016x}) than this node "
+                f"({history.current.gen_id:016x}): a failover happened and this copy is "
+                "stale; refusing to send it")
+        if rel is Relation.UNRELATED and theirs.last_applied_seq:
+            return rel, Refuse(
+                f"volume {self.name!r}: the generation histories of {self.node!r} and "
+                f"{theirs.node!r} are unrelated (split brain, or another volume); refusing "
+                "to guess")
+        return rel, None
+
+    def _history(self) -> History:
+        """This volume's generation history: its own, or a cascade source's (adopted
+        from its upstream by the receiver)."""
+        h = load_history(self.info.path, self.info.uuid)
+        up = self.info.path / "peerlink-upstream.json"
+        if self.source is not None and not (self.info.path / "generations.json").exists() \
+                and up.exists():
+            upstream = str(read_json(up, "peerlink-upstream", 1)["upstream_uuid"])
+            return History(upstream, (initial_generation(upstream),))
+        return h
+
     def _limit(self) -> int | None:
         """The last seq a producer may read now; None: no limit (a primary's journal)."""
         if self.source is None:
@@ -850,35 +879,20 @@ class Sender:
         link.close()
         return Refused(reason)
 
-    async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop
-                         ) -> tuple[int, ResyncPlan | None]:
-        t = self.cfg.timeout
-        if self.source is not None and self.source.inconsistent:
-            raise SourceInconsistent(
-                f"volume {self.name}: this replica is Inconsistent (its own resync from "
-                "upstream is running); cascading waits until it is Consistent")
-        first, last = await loop.run_in_executor(self.executor, self._bounds)
-        mine = Hello(PROTO_VERSION, self.node, self.name, self.info.uuid, self.info.size,
-                     self.role, (generation_of(self.info.uuid),), last, make_nonce())
-        link.send(mine)
-        theirs = await link.recv_within(t, "Hello")
-        expect(theirs, Hello, "in answer to Hello")
-        assert isinstance(theirs, Hello)
-        refusal = check_hello(mine, theirs)
-        if refusal is None and theirs.node != self.peer:
-            refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
-                             f"peer {self.peer!r} (wrong address?)")
-        applied = theirs.last_applied_seq
-        if refusal is None and applied > last:
-            refusal = Refuse(
-                f"volume {self.name!r}: replica {theirs.node!r} has applied through seq "
-                f"{applied} but the journal of {self.node!r} ends at seq {last} "
-                "(diverged histories; refusing to guess)")
-        if refusal is not None:
-            raise self._refuse(link, refusal.reason)
-        resume = applied + 1
+    async def _plan(self, loop: asyncio.AbstractEventLoop, rel: Relation, theirs: Hello,
+                    history: History, applied: int, first: int, last: int
+                    ) -> tuple[ResyncPlan | None, int]:
+        """The resync the peer needs before streaming (None: none), and the journal end
+        the plan was made at."""
         plan = await loop.run_in_executor(self.executor, plan_resync, self.info, self.peer,
                                           applied, first, last)
+        if rel is Relation.AHEAD:
+            why = (f"peer {theirs.node!r} is on generation "
+                   f"{theirs.generations[-1].gen_id:016x}, older than this node's "
+                   f"{history.current.gen_id:016x}")
+            return ResyncPlan("full", self.info.extent_shift,
+                              list(range(((self.info.size - 1) >> self.info.extent_shift) + 1)),
+                              plan.settles if plan is not None else [], why), last
         for _ in range(PLAN_RETRIES):
             if plan is None or not plan.raced:
                 break
@@ -888,6 +902,43 @@ class Sender:
             first, last = await loop.run_in_executor(self.executor, self._bounds)
             plan = await loop.run_in_executor(self.executor, plan_resync, self.info,
                                               self.peer, applied, first, last)
+        return plan, last
+
+    async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop
+                         ) -> tuple[int, ResyncPlan | None]:
+        t = self.cfg.timeout
+        if self.source is not None and self.source.inconsistent:
+            raise SourceInconsistent(
+                f"volume {self.name}: this replica is Inconsistent (its own resync from "
+                "upstream is running); cascading waits until it is Consistent")
+        first, last = await loop.run_in_executor(self.executor, self._bounds)
+        history = await loop.run_in_executor(self.executor, self._history)
+        mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
+                     self.role, wire_generations(history), last, make_nonce())
+        link.send(mine)
+        theirs = await link.recv_within(t, "Hello")
+        expect(theirs, Hello, "in answer to Hello")
+        assert isinstance(theirs, Hello)
+        refusal = check_hello(mine, theirs)
+        if refusal is None and theirs.node != self.peer:
+            refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
+                             f"peer {self.peer!r} (wrong address?)")
+        applied = theirs.last_applied_seq
+        rel, gen_refusal = self._generations(history, theirs)
+        refusal = refusal or gen_refusal
+        if rel is Relation.AHEAD:
+            # The peer follows an older generation (the primary before a failover): its
+            # seq numbers mean nothing here.  Resync it (allocated extents only).
+            applied = 0
+        if refusal is None and applied > last:
+            refusal = Refuse(
+                f"volume {self.name!r}: replica {theirs.node!r} has applied through seq "
+                f"{applied} but the journal of {self.node!r} ends at seq {last} "
+                "(diverged histories; refusing to guess)")
+        if refusal is not None:
+            raise self._refuse(link, refusal.reason)
+        resume = applied + 1
+        plan, last = await self._plan(loop, rel, theirs, history, applied, first, last)
         if plan is not None:
             # Send extents instead of records, then stream from the seq the journal ends
             # at now (everything up to it is in the store: the store is written first).

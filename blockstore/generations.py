@@ -1,0 +1,89 @@
+"""Generation histories (contract 5, after DRBD's generation identifiers).
+
+Every promotion starts a new generation: a random 64-bit id and the local journal seq it
+begins at.  A volume's history is the list of generations it has lived through, oldest
+first, kept in ``volumes/<V>/generations.json`` (``kind: generations``, ``version: 1``)
+with the volume's *logical* uuid: the uuid of the volume as replication knows it, the
+same on every node (a replica adopts its upstream's; a promoted replica keeps it).
+
+When two nodes meet, ``relation()`` of their histories decides: the same generation
+(stream on), one is ahead (the other must take a resync from it, or, if it is the one
+behind and wants to send, stop), or unrelated (split brain or different volumes: refuse,
+never guess).  A volume without the file has one generation derived from its uuid.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .meta import read_json, write_json
+
+GEN_KIND = "generations"
+GEN_VERSION = 1
+GEN_FILE = "generations.json"
+
+
+class Relation(enum.Enum):
+    SAME = "same"  # both on the same newest generation
+    AHEAD = "ahead"  # mine is newer and includes theirs: they must resync from me
+    BEHIND = "behind"  # theirs is newer and includes mine: I am stale
+    UNRELATED = "unrelated"  # neither includes the other's newest: split brain
+
+
+@dataclass(frozen=True)
+class Generation:
+    gen_id: int
+    start_seq: int
+
+
+@dataclass(frozen=True)
+class History:
+    logical_uuid: str
+    generations: tuple[Generation, ...]
+
+    @property
+    def current(self) -> Generation:
+        return self.generations[-1]
+
+
+def initial_generation(volume_uuid: str) -> Generation:
+    """The generation a volume is born with (stable: derived from its uuid)."""
+    return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1)
+
+
+def relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...]) -> Relation:
+    """How two histories relate, judged by their newest generation ids."""
+    my_ids = [g.gen_id for g in mine]
+    their_ids = [g.gen_id for g in theirs]
+    if my_ids and their_ids and my_ids[-1] == their_ids[-1]:
+        return Relation.SAME
+    if their_ids and their_ids[-1] in my_ids:
+        return Relation.AHEAD
+    if my_ids and my_ids[-1] in their_ids:
+        return Relation.BEHIND
+    return Relation.UNRELATED
+
+
+def load_history(vpath: Path, volume_uuid: str) -> History:
+    path = vpath / GEN_FILE
+    if not path.exists():
+        return History(volume_uuid, (initial_generation(volume_uuid),))
+    meta = read_json(path, GEN_KIND, GEN_VERSION)
+    return History(str(meta["logical_uuid"]),
+                   tuple(Generation(int(g), int(s)) for g, s in meta["history"]))
+
+
+def save_history(vpath: Path, history: History) -> None:
+    write_json(vpath / GEN_FILE, {
+        "kind": GEN_KIND, "version": GEN_VERSION, "logical_uuid": history.logical_uuid,
+        "history": [[g.gen_id, g.start_seq] for g in history.generations]})
+
+
+def new_generation(history: History, start_seq: int) -> History:
+    """The history after a promotion at ``start_seq``: a fresh random id appended."""
+    gen = Generation(secrets.randbits(64) or 1, start_seq)
+    return History(history.logical_uuid, (*history.generations, gen))
