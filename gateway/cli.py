@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -407,9 +408,12 @@ def replicate(obj: Ctx) -> None:
 
     import uvloop
 
+    from . import nodestate
     from .replication import Replication
 
-    cfg = obj.config()
+    if os.environ.get("NBDGW_DIE_WITH_PARENT"):
+        die_with_parent()
+    cfg = nodestate.effective_config(obj.config())
     rep = Replication(cfg)
     if not rep.plan.senders and not rep.plan.receivers:
         _fail(f"nothing to replicate on node {cfg.name} (role {cfg.role.value}, "
@@ -481,6 +485,16 @@ def daemon(obj: Ctx) -> None:
 
     fmt = "json" if obj.log_format == "auto" else obj.log_format
     sys.exit(Daemon(obj.config(), obj.config_path, fmt).run())
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent (the daemon) dies, even by SIGKILL."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:
+        sys.exit("nbdgw replicate: the daemon that started it is gone")
 
 
 def main() -> None:

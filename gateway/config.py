@@ -162,10 +162,24 @@ class PeerConfig:
     role: Role
     address: str
     port: int = DEFAULT_PEER_PORT
+    heartbeat_addresses: tuple[str, ...] = ()  # second paths for heartbeats only
     mode: PeerMode = PeerMode.ASYNC
     sync_timeout: float = 5.0
     rate_limit: int = 0  # bytes per second on the wire; 0 = unlimited
     compression: Compression = Compression.ZSTD
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    """Heartbeats and automatic failover (gateway/failover.py).  With the defaults a
+    dead primary is replaced in about 4 s: ``timeout`` of silence, ``fence_margin`` for
+    the old primary to have fenced itself, then the promotion."""
+
+    auto: bool = True
+    heartbeat_port: int = 7790
+    interval: float = 0.5
+    timeout: float = 2.0
+    fence_margin: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,7 @@ class NodeConfig:
     service: ServiceConfig = ServiceConfig()
     peerlink: PeerlinkConfig = PeerlinkConfig()
     peers: tuple[PeerConfig, ...] = ()
+    failover: FailoverConfig = FailoverConfig()
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -419,7 +434,7 @@ def _number(s: _Section, name: str, default: float) -> float:
 def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
     out: list[PeerConfig] = []
     keys = ("name", "role", "address", "port", "mode", "sync_timeout", "rate_limit",
-            "compression")
+            "compression", "heartbeat_addresses")
     for i, raw in enumerate(items):
         where = f"peers[{i}]"
         s = _Section(raw, where, keys)
@@ -451,7 +466,15 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
         except ValueError:
             raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
                               f"{where}.rate_limit, got {rate!r}") from None
+        extra = []
+        for j, a in enumerate(s.listing("heartbeat_addresses")):
+            try:
+                extra.append(str(ipaddress.ip_address(a)))
+            except ValueError:
+                raise ConfigError(f"expected an IP address for "
+                                  f"{where}.heartbeat_addresses[{j}], got {a!r}") from None
         out.append(PeerConfig(
+            heartbeat_addresses=tuple(extra),
             name=name, role=s.enum("role", Role, Role.SECONDARY), address=address,
             port=s.integer("port", DEFAULT_PEER_PORT, 1, 65535),
             mode=s.enum("mode", PeerMode, PeerMode.ASYNC),
@@ -472,8 +495,23 @@ def check_roles(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
         raise ConfigError("no primary: neither node.role nor any peers[].role is primary")
 
 
+def _failover(raw: Any) -> FailoverConfig:
+    s = _Section(raw, "failover", ("auto", "heartbeat_port", "interval", "timeout",
+                                   "fence_margin"))
+    f = FailoverConfig(
+        auto=s.boolean("auto", True),
+        heartbeat_port=s.integer("heartbeat_port", FailoverConfig.heartbeat_port, 1, 65535),
+        interval=_number(s, "interval", FailoverConfig.interval),
+        timeout=_number(s, "timeout", FailoverConfig.timeout),
+        fence_margin=_number(s, "fence_margin", FailoverConfig.fence_margin))
+    if f.timeout < 3 * f.interval:
+        raise ConfigError("failover.timeout must be at least 3 x failover.interval (a "
+                          "single lost heartbeat must not look like a dead node)")
+    return f
+
+
 TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
-            "peerlink", "peers")
+            "peerlink", "peers", "failover")
 
 
 def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
@@ -504,6 +542,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         service=_service(top.get("service")),
         peerlink=_peerlink(top.get("peerlink")),
         peers=peers,
+        failover=_failover(top.get("failover")),
         name=name,
         data_dir=node.path_("data_dir", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR,
         nbd=_nbd(top.get("nbd")),

@@ -1,18 +1,28 @@
-"""`nbdgw daemon`: one per node; runs and supervises what the node's role needs.
+"""`nbdgw daemon`: one per node; runs what the node's role needs and runs failover.
 
-- primary: nbdkit serving the node's own volumes (``NbdServer``), and the node's peerlink
-  process (``nbdgw replicate``: senders, the sync gate, receivers for any replicas);
-- secondary and dr: the peerlink process (receivers; with cascade, the DR sender).
+Children (supervised: an unexpected exit is restarted with bounded exponential backoff,
+reset after ``STABLE_AFTER`` s of running):
 
-A child that exits unexpectedly is restarted with bounded exponential backoff (logged,
-with its exit status); one that keeps running for ``STABLE_AFTER`` seconds resets the
-backoff.  SIGTERM/SIGINT become a stop event (never exit inside a handler): nbdkit stops
-first (no client writes while the links drain), then peerlink, each closing its volumes
-cleanly.  The failover state machine, iSCSI bridge and snapshot scheduler plug in here.
+- ``nbdkit`` while this node serves (the primary);
+- ``peerlink`` (`nbdgw replicate`): senders, receivers and the control socket, for the
+  node's *effective* role (``gateway/nodestate.py``: a promoted secondary is primary).
+
+Failover (contract 6) when ``failover.auto`` and peers are configured: a heartbeat thread
+(gateway/heartbeat.py) keeps the ``View``; every tick ``failover.decide()`` may produce an
+event, ``failover.step()`` gives the new state and the actions, executed here in order:
+SERVE (nbdkit, service address with gratuitous ARP, peerlink for the role), FENCE
+(service address dropped first, nbdkit killed, peerlink stopped), PROMOTE (peerlink
+stopped so the receivers finish their last complete batch and close the replicas, every
+Consistent replica promoted to a new generation, epoch + 1 in node-state.json), RECEIVE.
+The state is published in ``<data_dir>/run/failover.json`` for `nbdgw status`.
+
+SIGTERM/SIGINT become a stop event (never exit inside a handler): nbdkit stops first,
+then peerlink, each closing its volumes cleanly; a held service address is released.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -25,10 +35,18 @@ from typing import Any, Final
 
 import structlog
 
+from blockstore.errors import BlockstoreError
+from blockstore.meta import write_json
+from blockstore.volume import is_replica, list_volumes, promote_volume
+
+from . import nodestate
 from .config import NodeConfig, Role
-from .errors import GatewayError
-from .replication import plan
+from .errors import CommandError, GatewayError
+from .failover import Action, Event, State, Timers, View, decide, step
+from .heartbeat import Heartbeat
+from .replication import _secret, plan, selected_volumes
 from .serve import NbdServer, precheck_volumes
+from .vip import ServiceAddress
 
 log = structlog.get_logger(component="daemon")
 
@@ -36,6 +54,8 @@ MIN_BACKOFF: Final = 0.5
 MAX_BACKOFF: Final = 30.0
 STABLE_AFTER: Final = 30.0
 STOP_TIMEOUT: Final = 30.0
+TICK: Final = 0.1
+PROMOTE_RETRY_AFTER: Final = 30.0
 
 
 @dataclass
@@ -46,6 +66,7 @@ class Child:
     start: Callable[[], None]
     stop: Callable[[], int]
     poll: Callable[[], int | None]
+    kill: Callable[[], None]
     started_at: float = 0.0
     backoff: float = MIN_BACKOFF
     restart_at: float | None = None
@@ -53,7 +74,7 @@ class Child:
 
 
 class PeerlinkProcess:
-    """`nbdgw -c CONFIG replicate` as a child process."""
+    """`nbdgw -c CONFIG replicate` as a child process (dies with the daemon)."""
 
     def __init__(self, config_path: Path | None, log_format: str) -> None:
         self.argv = [sys.executable, "-m", "gateway.cli"]
@@ -63,10 +84,16 @@ class PeerlinkProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, cwd="/")
+        env = dict(os.environ, NBDGW_DIE_WITH_PARENT="1")
+        self.proc = subprocess.Popen(self.argv, cwd="/", env=env)
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> int:
         if self.proc is None:
@@ -82,33 +109,103 @@ class PeerlinkProcess:
         return self.proc.returncode
 
 
+def initial_state(cfg: NodeConfig) -> State:
+    if cfg.role is Role.PRIMARY:
+        return State.STARTING
+    return State.STANDBY if cfg.role is Role.SECONDARY else State.WITNESS
+
+
 class Daemon:
     def __init__(self, cfg: NodeConfig, config_path: Path | None,
                  log_format: str = "json") -> None:
-        self.cfg = cfg
+        self.installed = cfg
+        self.cfg = nodestate.effective_config(cfg)
+        self.epoch = nodestate.epoch(cfg.data_dir)
+        self.config_path = config_path
+        self.log_format = log_format
         self.stop_event = threading.Event()
-        self.children: list[Child] = []
+        self.children: dict[str, Child] = {}
+        self.nbd: NbdServer | None = None
+        self.peerlink = PeerlinkProcess(config_path, log_format)
+        svc = cfg.service
+        self.vip = (ServiceAddress(svc.address, svc.interface)
+                    if svc.address is not None and svc.interface is not None else None)
+        self.auto = cfg.failover.auto and bool(cfg.peers)
+        self.state = initial_state(self.cfg)
+        self.timers = Timers(cfg.failover.timeout, cfg.failover.fence_margin)
+        self.view = self._view()
+        self.hb: Heartbeat | None = None
+        if not list_volumes(cfg.data_dir):
+            raise GatewayError(f"nothing to run on node {cfg.name}: no volume in "
+                               f"{cfg.data_dir} (create one with 'nbdgw volume create')")
+
+    # -- the view and heartbeats -------------------------------------------------------------
+
+    def _view(self) -> View:
+        cfg = self.cfg
+        primaries = [p.name for p in cfg.peers if p.role is Role.PRIMARY]
         if cfg.role is Role.PRIMARY:
-            pre = precheck_volumes(cfg, None)
-            for name, err in pre.failed.items():
-                log.error("volume_not_served", volume=name, error=err)
-            if pre.served:
-                nbd = NbdServer(cfg, pre.served)
+            primary: str | None = cfg.name
+        else:
+            primary = primaries[0] if primaries else None
+        return View(me=cfg.name, epoch=self.epoch, primary=primary, known_epoch=self.epoch,
+                    witnesses=tuple(p.name for p in cfg.peers if p.role is Role.DR),
+                    peers=tuple(p.name for p in cfg.peers), started=time.monotonic())
 
-                def start_nbd() -> None:
-                    nbd.start()
-                    nbd.wait_ready()
+    def _start_heartbeat(self) -> None:
+        cfg = self.cfg
+        port = cfg.failover.heartbeat_port
+        targets = {p.name: [(a, port) for a in (p.address, *p.heartbeat_addresses)]
+                   for p in cfg.peers}
+        self.hb = Heartbeat(self.view, bind=(cfg.peerlink.listen_host, port), targets=targets,
+                            secret=_secret(cfg), interval=cfg.failover.interval,
+                            state_fn=lambda: (self.state, self.epoch))
+        self.hb.start()
+        log.info("heartbeat_started", port=port, interval=cfg.failover.interval,
+                 timeout=cfg.failover.timeout, peers=sorted(targets))
 
-                self.children.append(Child(
-                    "nbdkit", start_nbd, nbd.stop,
-                    lambda: None if nbd.proc is None else nbd.proc.poll()))
-        p = plan(cfg)
-        if p.senders or p.receivers:
-            pl = PeerlinkProcess(config_path, log_format)
-            self.children.append(Child("peerlink", pl.start, pl.stop, pl.poll))
-        if not self.children:
-            raise GatewayError(f"nothing to run on node {cfg.name} (role {cfg.role.value}): "
-                               f"no volume in {cfg.data_dir} to serve or replicate")
+    # -- children ------------------------------------------------------------------------------
+
+    def _nbd_child(self) -> Child | None:
+        pre = precheck_volumes(self.cfg, None)
+        for name, err in pre.failed.items():
+            log.error("volume_not_served", volume=name, error=err)
+        if not pre.served:
+            return None
+        nbd = NbdServer(self.cfg, pre.served)
+        self.nbd = nbd
+
+        def start_nbd() -> None:
+            nbd.start()
+            nbd.wait_ready()
+
+        def kill_nbd() -> None:
+            if nbd.proc is not None and nbd.proc.poll() is None:
+                nbd.proc.kill()
+                nbd.proc.wait()
+
+        return Child("nbdkit", start_nbd, nbd.stop,
+                     lambda: None if nbd.proc is None else nbd.proc.poll(), kill_nbd)
+
+    def _peerlink_child(self) -> Child | None:
+        p = plan(self.cfg)
+        if not p.senders and not p.receivers:
+            return None
+        pl = self.peerlink
+        return Child("peerlink", pl.start, pl.stop, pl.poll, pl.kill)
+
+    def _run_child(self, c: Child) -> None:
+        self.children[c.name] = c
+        self._start(c)
+
+    def _drop_child(self, name: str, kill: bool = False) -> None:
+        c = self.children.pop(name, None)
+        if c is None:
+            return
+        if kill:
+            c.kill()
+        rc = c.stop()
+        log.info("child_stopped", child=name, status=rc, killed=kill)
 
     def _start(self, c: Child) -> None:
         try:
@@ -126,36 +223,170 @@ class Daemon:
         log.warning("child_restart_scheduled", child=c.name, delay_s=c.backoff)
         c.backoff = min(c.backoff * 2, MAX_BACKOFF)
 
+    def _supervise(self, now: float) -> None:
+        for c in list(self.children.values()):
+            if c.restart_at is not None:
+                if now >= c.restart_at:
+                    c.restarts += 1
+                    self._start(c)
+                continue
+            rc = c.poll()
+            if rc is None:
+                if now - c.started_at > STABLE_AFTER:
+                    c.backoff = MIN_BACKOFF
+                continue
+            log.error("child_exited", child=c.name, status=rc,
+                      ran_s=round(now - c.started_at, 1))
+            c.stop()  # reap, clean up sockets
+            self._schedule(c)
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        self.cfg = nodestate.effective_config(self.installed)
+        self._drop_child("peerlink")  # its plan follows the role: restart it
+        pl = self._peerlink_child()
+        if pl is not None:
+            self._run_child(pl)
+        nbd = self._nbd_child()
+        if nbd is not None:
+            self._run_child(nbd)
+        if self.vip is not None:
+            try:
+                self.vip.take()
+            except (CommandError, OSError) as e:
+                log.error("service_address_failed", error=str(e))
+
+    def _fence(self) -> None:
+        if self.vip is not None:
+            self.vip.release()
+        self._drop_child("nbdkit", kill=True)
+        self._drop_child("peerlink")
+        log.error("fenced", reason="this primary lost the majority of the sites: it stopped "
+                  "serving so that the secondary may take over", alive=sorted(
+                      self.view.heard))
+
+    def _receive(self) -> None:
+        pl = self._peerlink_child()
+        if pl is not None and "peerlink" not in self.children:
+            self._run_child(pl)
+
+    def _promote(self) -> Event:
+        t0 = time.monotonic()
+        self._drop_child("peerlink")  # receivers finish the last complete batch and close
+        promoted, refused = [], {}
+        for info in selected_volumes(self.cfg):
+            if not is_replica(info):
+                continue
+            try:
+                gen = promote_volume(self.cfg.data_dir, info.name)
+                promoted.append(info.name)
+                log.info("volume_promoted", volume=info.name, generation=f"{gen.gen_id:016x}",
+                         start_seq=gen.start_seq)
+            except (BlockstoreError, OSError) as e:
+                refused[info.name] = str(e)
+                log.error("volume_not_promoted", volume=info.name, reason=str(e))
+        if not promoted:
+            self.view.promote_blocked_until = time.monotonic() + PROMOTE_RETRY_AFTER
+            return Event.PROMOTION_FAILED
+        self.epoch = max(self.epoch, self.view.known_epoch) + 1
+        self.view.epoch = self.view.known_epoch = self.epoch
+        nodestate.save(self.cfg.data_dir, Role.PRIMARY, self.epoch,
+                       f"promoted: primary {self.view.primary} gone")
+        self.view.primary = self.cfg.name
+        log.warning("promoted", epoch=self.epoch, volumes=promoted, refused=sorted(refused),
+                    seconds=round(time.monotonic() - t0, 3))
+        return Event.PROMOTED
+
+    def _feed(self, event: Event) -> None:
+        old = self.state
+        self.state, actions = step(self.state, event)
+        if self.state is not old or actions:
+            log.warning("failover_transition", trigger=event.value, old=old.value,
+                        new=self.state.value, actions=[a.value for a in actions])
+        self._publish()
+        for a in actions:
+            if a is Action.SERVE:
+                self._serve()
+            elif a is Action.FENCE:
+                self._fence()
+            elif a is Action.RECEIVE:
+                self._receive()
+            elif a is Action.PROMOTE:
+                self._feed(self._promote())
+
+    def _publish(self) -> None:
+        now = time.monotonic()
+        try:
+            write_json(self.cfg.data_dir / "run" / "failover.json", {
+                "kind": "failover", "version": 1, "node": self.cfg.name,
+                "state": self.state.value, "epoch": self.epoch, "primary": self.view.primary,
+                "auto": self.auto, "updated": time.time(),
+                "peers": {p: {"heard_s_ago": round(now - t, 2)}
+                          for p, t in self.view.heard.items()}})
+        except OSError as e:
+            log.error("failover_state_not_written", error=str(e))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _boot(self) -> None:
+        (self.cfg.data_dir / "run").mkdir(exist_ok=True)
+        log.info("daemon_starting", node=self.cfg.name, role=self.cfg.role.value,
+                 installed_role=self.installed.role.value, epoch=self.epoch,
+                 failover=self.auto, state=self.state.value)
+        if self.vip is not None:
+            self.vip.release()  # a leftover of a crash: only a serving primary holds it
+        if self.state is State.STARTING and not self.auto:
+            self.state = State.PRIMARY
+            self._serve()
+        elif self.state in (State.STANDBY, State.WITNESS):
+            self._receive()
+        if self.auto:
+            self._start_heartbeat()
+        self._publish()
+
+    def _tick(self, now: float) -> None:
+        if not self.auto or self.hb is None:
+            return
+        with self.hb.lock:
+            for p, rep in self.view.reports.items():
+                if rep.state is State.PRIMARY and now - rep.received < self.timers.timeout:
+                    self.view.primary = p
+            event = decide(self.state, self.view, now, self.timers)
+        if event is not None and event not in _noop_in(self.state):
+            self._feed(event)
+
     def run(self) -> int:
         def on_signal(signum: int, _frame: Any) -> None:
             self.stop_event.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        log.info("daemon_starting", node=self.cfg.name, role=self.cfg.role.value,
-                 children=[c.name for c in self.children])
-        # peerlink first: the sync gate should be up before nbdkit takes writes.
-        for c in sorted(self.children, key=lambda c: c.name != "peerlink"):
-            self._start(c)
-        while not self.stop_event.wait(0.2):
+        self._boot()
+        last_publish = 0.0
+        while not self.stop_event.wait(TICK):
             now = time.monotonic()
-            for c in self.children:
-                if c.restart_at is not None:
-                    if now >= c.restart_at:
-                        c.restarts += 1
-                        self._start(c)
-                    continue
-                rc = c.poll()
-                if rc is None:
-                    if now - c.started_at > STABLE_AFTER:
-                        c.backoff = MIN_BACKOFF
-                    continue
-                log.error("child_exited", child=c.name, status=rc,
-                          ran_s=round(now - c.started_at, 1))
-                c.stop()  # reap, clean up sockets
-                self._schedule(c)
-        log.info("daemon_stopping")
-        for c in sorted(self.children, key=lambda c: c.name == "peerlink"):
-            rc = c.stop()
-            log.info("child_stopped", child=c.name, status=rc)
+            self._tick(now)
+            self._supervise(now)
+            if now - last_publish > 1.0:
+                self._publish()
+                last_publish = now
+        log.info("daemon_stopping", state=self.state.value)
+        if self.hb is not None:
+            self.hb.stop()
+        for name in ("nbdkit", "peerlink"):
+            self._drop_child(name)
+        if self.vip is not None and self.state is State.PRIMARY:
+            self.vip.release()
         return 0
+
+
+def _noop_in(state: State) -> frozenset[Event]:
+    """Events that, in this state, change nothing (not worth a log line each tick)."""
+    return {
+        State.PRIMARY: frozenset({Event.QUORUM_OK}),
+        State.FENCED: frozenset({Event.QUORUM_LOST}),
+        State.STANDBY: frozenset({Event.NEWER_PRIMARY}),
+        State.WITNESS: frozenset({Event.NEWER_PRIMARY}),
+        State.STALE: frozenset({Event.NEWER_PRIMARY}),
+    }.get(state, frozenset())

@@ -306,9 +306,28 @@ class Lab:
                          "the peerlink receiver did not listen",
                          lambda e: e.get("event") == "listening" and e.get("side") == "receiver")
 
+    def failover_state(self, name: str) -> dict[str, Any]:
+        """What the site's daemon last published (state, epoch), or {} if nothing yet."""
+        path = Path(self.node(name)["data_dir"]) / "run" / "failover.json"
+        try:
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return {}
+
+    def current_primary(self) -> str:
+        """The site serving now (the highest epoch among those in state primary)."""
+        best = (PRIMARY, -1)
+        for n in self.nodes:
+            st = self.failover_state(n["name"])
+            if st.get("state") == "primary" and int(st.get("epoch", 0)) > best[1]:
+                best = (n["name"], int(st.get("epoch", 0)))
+        return best[0]
+
     def sender_of(self, peer: str) -> str:
         """The site that ships to ``peer``: the primary, or dc for dr under cascade."""
-        return "dc" if peer == "dr" and self.state.get("topology") == "cascade" else PRIMARY
+        if peer == "dr" and self.state.get("topology") == "cascade":
+            return "dc"
+        return self.current_primary()
 
     def wait_streaming(self, peer: str, offset: int | None = None,
                        events: tuple[str, ...] = ("streaming",)) -> None:
@@ -335,7 +354,7 @@ class Lab:
             "        err = str(e)\n"
             "    time.sleep(0.1)\n"
             "sys.exit('no answer: ' + err)\n")
-        serve = self.proc(PRIMARY, "daemon")
+        serve = self.proc(self.current_primary(), "daemon")
         try:
             run(["ip", "netns", "exec", self.state["client_netns"], sys.executable, "-c",
                  script, uri, str(READY_TIMEOUT)], timeout=READY_TIMEOUT + 10)
@@ -344,13 +363,35 @@ class Lab:
                            f"within {READY_TIMEOUT:g} s ({e.stderr.strip()}); "
                            f"{serve['log']}: {tail(Path(serve['log']))}") from None
 
-    def wait_node_ready(self, name: str, sender_offsets: dict[str, int] | None = None) -> None:
-        """What `start` waits for: the node's own listeners, and the links into it."""
-        if name == PRIMARY:
+    def wait_node_ready(self, name: str, sender_offsets: dict[str, int] | None = None,
+                        since: float = 0.0) -> None:
+        """What `start` waits for: the site's daemon has decided its failover state;
+        then the export (if it serves) or its receiver, and the links into it."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        booted = since  # what the daemon published before this start is stale
+
+        def settled() -> bool:
+            st = self.failover_state(name)
+            return st.get("state") not in (None, "starting") and st.get("updated", 0) > booted
+
+        while not settled():
+            self._check_running(name, self.proc(name, "daemon"))
+            if time.monotonic() > deadline:
+                raise LabError(f"node {name}: the daemon did not settle its failover state "
+                               f"within {READY_TIMEOUT:g} s")
+            time.sleep(0.05)
+        state = self.failover_state(name).get("state")
+        if state in ("stale", "fenced"):
+            return  # a former primary: it serves nothing until an operator rejoins it
+        if state == "primary":
             self.wait_export()
         else:
             self.wait_listening(name)
-        for peer, _ in SITES[1:]:
+        for n in self.nodes:
+            peer = n["name"]
+            if peer == self.current_primary() or self.failover_state(peer).get(
+                    "state") in ("stale", "fenced"):
+                continue
             src = self.sender_of(peer)
             if name not in (src, peer) or not alive(self.proc(src, "daemon")):
                 continue
@@ -403,7 +444,7 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout") -> dic
         raise LabError(f"--subnet: expected an IPv4 network of at least 8 addresses (/29), "
                        f"got {subnet}")
     nbytes = parse_size(size)
-    hosts = list(net.hosts())[:4]
+    hosts = list(net.hosts())[:5]  # main, dc, dr, client, the service address
     lab_id = secrets.token_hex(3)
     prefix = f"nbdgw-{lab_id}"
     nbdgw = nbdgw_argv()
@@ -426,7 +467,7 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout") -> dic
     return {
         "kind": LAB_KIND, "version": LAB_VERSION, "id": lab_id, "dir": str(lab_dir),
         "subnet": str(net), "prefixlen": net.prefixlen, "size": nbytes,
-        "service_address": str(hosts[0]),  # the primary's own until failover moves a VIP
+        "service_address": str(hosts[4]),  # held by whichever site is primary
         "client_netns": f"{prefix}-{CLIENT}", "client_address": str(hosts[3]),
         "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
         "topology": topology,
@@ -459,7 +500,9 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
     cfg = {
         "version": 1,
         "node": {"name": node["name"], "data_dir": node["data_dir"], "role": node["role"]},
-        "nbd": {"listen": [f"tcp:{node['address']}:{NBD_PORT}"]},
+        "nbd": {"listen": [f"tcp:0.0.0.0:{NBD_PORT}"]},
+        "service": {"address": f"{s['service_address']}/{s['prefixlen']}",
+                    "interface": "eth0"},
         "peerlink": {"listen": f"{node['address']}:{PEER_PORT}",
                      "topology": s.get("topology", "fanout"), "secret_file": node["secret"]},
         "peers": [{"name": n["name"], "role": n["role"], "address": n["address"],
@@ -538,8 +581,9 @@ def start(lab_dir: Path, name: str) -> dict[str, Any]:
             raise LabError(f"the lab in {lab_dir} is {lab.state['state']}, not up")
         offsets = {n["name"]: log_size(Path(lab.proc(n["name"], "daemon")["log"]))
                    for n in lab.nodes}
+        since = time.time()
         lab.start_node(name)
-        lab.wait_node_ready(name, offsets)
+        lab.wait_node_ready(name, offsets, since)
         node = lab.node(name)
         return {"node": name, "started": {p["name"]: p["pid"] for p in node["procs"]}}
 

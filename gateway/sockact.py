@@ -8,6 +8,7 @@ several addresses work) and hand them all to one nbdkit process.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 
@@ -16,7 +17,9 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         sys.exit("usage: python -m gateway.sockact FD[,FD...] PROGRAM ARG...")
     fds = [int(x) for x in argv[0].split(",") if x]
-    high = [os.dup(fd) for fd in fds]  # out of the way of 3.. first
+    # Out of the way of 3.. first (F_DUPFD: a number >= 100, never one of the targets,
+    # so the dup2 below never lands a descriptor on itself and then closes it).
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100 + len(fds)) for fd in fds]
     for fd in fds:
         os.close(fd)
     for i, fd in enumerate(high):

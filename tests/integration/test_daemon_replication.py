@@ -49,6 +49,9 @@ class Node:
             "nbd": {"listen": [f"unix:{self.sock}"]},
             "peerlink": {"listen": f"127.0.0.1:{self.port}", "topology": topology,
                          "secret_file": str(secret)},
+            # Failover is tested in the lab (one address per site); here the three nodes
+            # share 127.0.0.1, so heartbeats (one port per node) are off.
+            "failover": {"auto": False},
             "peers": [{"name": n.name, "role": n.role, "address": "127.0.0.1", "port": n.port,
                        "mode": modes.get(n.name, "async"), "sync_timeout": sync_timeout}
                       for n in nodes if n is not self],

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.config import (
     Compression,
+    FailoverConfig,
     PeerConfig,
     PeerlinkConfig,
     PeerlinkTlsConfig,
@@ -50,11 +51,20 @@ def test_full_replication_config() -> None:
         PeerlinkTlsConfig(Path("/etc/nbdgw/pl.crt"), Path("/etc/nbdgw/pl.key"),
                           Path("/etc/nbdgw/ca.crt")))
     assert c.peers == (
-        PeerConfig("dc", Role.SECONDARY, "192.0.2.12", 7790, PeerMode.SYNC, 2.5, 100 << 20,
-                   Compression.NONE),
-        PeerConfig("dr", Role.DR, "192.0.2.13", 7789, PeerMode.ASYNC, 5.0, 1000,
+        PeerConfig("dc", Role.SECONDARY, "192.0.2.12", 7790, (), PeerMode.SYNC, 2.5,
+                   100 << 20, Compression.NONE),
+        PeerConfig("dr", Role.DR, "192.0.2.13", 7789, (), PeerMode.ASYNC, 5.0, 1000,
                    Compression.ZSTD))
     assert c.peer("dr") == c.peers[1] and c.peer("x") is None
+
+
+def test_failover_defaults_and_values() -> None:
+    c = parse_config(cfg(failover={"auto": False, "heartbeat_port": 7800, "interval": 0.2,
+                                   "timeout": 1, "fence_margin": 0.5},
+                         peers=[{**DC, "heartbeat_addresses": ["10.9.0.2"]}]))
+    assert c.failover == FailoverConfig(False, 7800, 0.2, 1.0, 0.5)
+    assert c.peers[0].heartbeat_addresses == ("10.9.0.2",)
+    assert parse_config({"version": 1}).failover == FailoverConfig(True, 7790, 0.5, 2.0, 1.0)
 
 
 def test_defaults_without_peers() -> None:
@@ -110,8 +120,15 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
     (cfg(peers=[{**DC, "compression": "lz4"}]),
      "expected one of zstd, none for peers[0].compression"),
     (cfg(peers=[{**DC, "colour": "red"}]),
-     "unknown key 'colour' in peers[0] (known: address, compression, mode, name, port, "
-     "rate_limit, role, sync_timeout)"),
+     "unknown key 'colour' in peers[0] (known: address, compression, heartbeat_addresses, "
+     "mode, name, port, rate_limit, role, sync_timeout)"),
+    (cfg(peers=[{**DC, "heartbeat_addresses": ["10.9.0.2", "x"]}]),
+     "expected an IP address for peers[0].heartbeat_addresses[1], got 'x'"),
+    (cfg(failover={"interval": 1, "timeout": 2}),
+     "failover.timeout must be at least 3 x failover.interval (a single lost heartbeat "
+     "must not look like a dead node)"),
+    (cfg(failover={"timeout": "soon"}), "expected a number of seconds > 0 for failover.timeout"),
+    (cfg(failover={"auto": "yes"}), "expected true or false for failover.auto"),
     (cfg(node={"name": "main", "role": "boss"}),
      "expected one of primary, secondary, dr for node.role"),
     (cfg(service={"address": "192.0.2.10"}),
