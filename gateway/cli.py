@@ -336,11 +336,13 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
 @click.option("--topology", type=click.Choice(["fanout", "cascade"]), default="fanout",
               show_default=True, help="fanout: main ships to dc and dr; cascade: main -> dc "
               "-> dr.")
-def lab_up(lab_dir: Path, subnet: str, size: str, topology: str) -> None:
+@click.option("--mode", type=click.Choice(["async", "sync"]), default="async",
+              show_default=True, help="Replication mode of the secondary dc.")
+def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology), indent=2))
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode), indent=2))
 
 
 @lab.command("kill")

@@ -217,7 +217,7 @@ class Lab:
             "client_address": s["client_address"],
             "bridge_netns": s["bridge_netns"],
             "volumes": [VOLUME],
-            "topology": s.get("topology", "fanout"),
+            "topology": s.get("topology", "fanout"), "mode": s.get("mode", "async"),
             "nodes": [{k: n[k] for k in ("name", "role", "netns", "address", "config",
                                          "data_dir")} for n in s["nodes"]],
         }
@@ -433,7 +433,8 @@ class Lab:
 # -- building -----------------------------------------------------------------------------
 
 
-def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout") -> dict[str, Any]:
+def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
+         mode: str = "async") -> dict[str, Any]:
     """The lab's description before anything exists: names, addresses, paths, argv."""
     try:
         net = ipaddress.ip_network(subnet, strict=False)
@@ -470,7 +471,7 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout") -> dic
         "service_address": str(hosts[4]),  # held by whichever site is primary
         "client_netns": f"{prefix}-{CLIENT}", "client_address": str(hosts[3]),
         "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
-        "topology": topology,
+        "topology": topology, "mode": mode,
         "nodes": nodes,
     }
 
@@ -506,7 +507,9 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         "peerlink": {"listen": f"{node['address']}:{PEER_PORT}",
                      "topology": s.get("topology", "fanout"), "secret_file": node["secret"]},
         "peers": [{"name": n["name"], "role": n["role"], "address": n["address"],
-                   "port": PEER_PORT} for n in s["nodes"] if n["name"] != node["name"]],
+                   "port": PEER_PORT,
+                   "mode": s.get("mode", "async") if n["role"] == "secondary" else "async"}
+                  for n in s["nodes"] if n["name"] != node["name"]],
         "volumes": [{"name": VOLUME, "size": s["size"]}],
     }
     (site / "nbdgw.yaml").write_text(
@@ -520,7 +523,7 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
 
 
 def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
-       topology: str = "fanout") -> dict[str, Any]:
+       topology: str = "fanout", mode: str = "async") -> dict[str, Any]:
     """Build and start the lab; return the summary JSON.  On failure, undo it."""
     precheck()
     lab_dir = lab_dir.resolve()
@@ -530,7 +533,7 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
     lab_dir.mkdir(parents=True, exist_ok=True)
     if any(p.name != "lab.lock" for p in lab_dir.iterdir()):
         raise LabError(f"{lab_dir} is not empty; give an empty or new --dir")
-    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology))
+    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:

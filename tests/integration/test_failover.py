@@ -1,0 +1,205 @@
+"""Automatic failover in the three-site lab, as a client sees it through the service
+address: a power cut of the primary, an isolated primary (it fences itself), and the
+cases that must change nothing (primary<->secondary cut while DR sees both, DR down, a
+flapping link).  Every test ends with exactly one site serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_nbdgw
+from tests.integration.test_lab import lab_cmd, run_cmd
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
+
+TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
+
+# Client in the lab: writes 4 KiB blocks 0, 1, 2, ... each stamped with its number,
+# flushing after every 4; prints "flushed N" once blocks < N are durable (with a sync
+# secondary: on the secondary too).  Runs until the server goes away.
+STAMPER = r"""
+import struct, sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+i = 0
+try:
+    while True:
+        h.pwrite(struct.pack("<Q", i) * 512, i * 4096)
+        i += 1
+        if i % 4 == 0:
+            h.flush()
+            print(f"flushed {i}", flush=True)
+except nbd.Error as e:
+    print(f"error {e}", flush=True)
+"""
+
+# Client in the lab: connect (retrying), then check blocks < N; prints the seconds from
+# argv[3] (a time.time() stamp) to the first successful read.
+CHECKER = r"""
+import struct, sys, time, nbd
+uri, n, t0 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + 60
+while True:
+    try:
+        h = nbd.NBD(); h.connect_uri(uri); h.pread(4096, 0); break
+    except nbd.Error as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"no answer: {e}")
+        time.sleep(0.05)
+first = time.time() - t0
+bad = [i for i in range(n) if h.pread(4096, i * 4096) != struct.pack("<Q", i) * 512]
+print(json.dumps({"first_read_s": round(first, 2), "bad": bad[:10], "checked": n}))
+""".replace("import struct,", "import json, struct,")
+
+
+def up(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    p = run_nbdgw("lab", "up", "--dir", str(tmp_path / "lab"), "--size", "64M", *extra,
+                  check=False, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "lab"
+    if (tmp_path / "lab" / "lab.json").exists():
+        run_nbdgw("lab", "down", "--dir", str(tmp_path / "lab"), check=False, timeout=90)
+
+
+def states(lab: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for n in lab["nodes"]:
+        try:
+            st = json.loads((Path(n["data_dir"]) / "run" / "failover.json").read_text())
+            out[n["name"]] = st["state"]
+        except (OSError, ValueError, KeyError):
+            out[n["name"]] = "?"
+    return out
+
+
+def in_ns(lab: dict[str, Any], node: str, *argv: str) -> None:
+    ns = next(n["netns"] for n in lab["nodes"] if n["name"] == node)
+    run_cmd(["ip", "netns", "exec", ns, *argv])
+
+
+def addr(lab: dict[str, Any], node: str) -> str:
+    return str(next(n["address"] for n in lab["nodes"] if n["name"] == node))
+
+
+def client(lab: dict[str, Any], script: str, *args: str,
+           **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(["ip", "netns", "exec", lab["client_netns"], sys.executable, "-c",
+                             script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def check_blocks(lab: dict[str, Any], n: int, t0: float) -> dict[str, Any]:
+    p = client(lab, CHECKER, f"nbd://{lab['service_address']}:10809/v1", str(n), str(t0))
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def wait_states(lab: dict[str, Any], want: dict[str, str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while states(lab) != {**states(lab), **want}:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"states {states(lab)}, wanted {want}")
+        time.sleep(0.1)
+
+
+def one_primary(lab: dict[str, Any]) -> str:
+    prim = [n for n, s in states(lab).items() if s == "primary"]
+    assert len(prim) == 1, states(lab)
+    return prim[0]
+
+
+def test_power_cut_of_the_primary_with_a_sync_secondary(lab_dir: Path) -> None:
+    """Every write flushed before the power cut is read back through the service address
+    from the new primary, within seconds; the old primary comes back stale."""
+    lab = up(lab_dir.parent, "--mode", "sync")
+    writer = client(lab, STAMPER, f"nbd://{lab['service_address']}:10809/v1")
+    assert writer.stdout is not None
+    flushed = 0
+    while flushed < 200:
+        line = writer.stdout.readline()
+        assert line.startswith("flushed "), line + (writer.stderr.read() if writer.stderr
+                                                    else "")
+        flushed = int(line.split()[1])
+    t0 = time.time()
+    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    for line in writer.stdout:  # what the writer saw flushed before its server vanished
+        if line.startswith("flushed "):
+            flushed = int(line.split()[1])
+    writer.wait(30)
+    result = check_blocks(lab, flushed, t0)
+    assert result["bad"] == [], result
+    assert result["first_read_s"] < 15, result  # target 5 s; slack for a loaded CI host
+    print(f"failover: first read {result['first_read_s']} s after the power cut")
+    wait_states(lab, {"dc": "primary"}, 10)
+    started = json.loads(lab_cmd("start", "main", "--dir", str(lab_dir)))
+    assert list(started["started"]) == ["daemon"]
+    wait_states(lab, {"main": "stale"}, 20)
+    assert one_primary(lab) == "dc"
+    log = (lab_dir / "main" / "daemon.log").read_text()
+    assert "service_address_taken" not in log.split('"daemon_starting"')[-1]
+
+
+def test_isolated_primary_fences_itself_and_the_secondary_takes_over(lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    t0 = time.time()
+    in_ns(lab, "main", "ip", "link", "set", "eth0", "down")  # main loses both peers
+    try:
+        wait_states(lab, {"main": "fenced"}, 10)
+        fenced_after = time.time() - t0
+        wait_states(lab, {"dc": "primary"}, 15)
+        result = check_blocks(lab, 0, t0)
+        print(f"fenced after {fenced_after:.2f} s; service back after "
+              f"{result['first_read_s']} s")
+        assert fenced_after < 6
+        assert "fenced" in (lab_dir / "main" / "daemon.log").read_text()
+    finally:
+        in_ns(lab, "main", "ip", "link", "set", "eth0", "up")
+    wait_states(lab, {"main": "stale"}, 15)  # it hears dc's newer epoch: never serves again
+    assert one_primary(lab) == "dc"
+
+
+def test_no_failover_without_a_confirmed_majority(lab_dir: Path) -> None:
+    """Cut main<->dc while dr sees both; flap main's link faster than the timeout; take
+    dr down.  None of it may move the service."""
+    lab = up(lab_dir.parent)
+    assert one_primary(lab) == "main"
+    dc = addr(lab, "dc")
+    rules = [["iptables", "-I", "INPUT", "-s", dc, "-j", "DROP"],
+             ["iptables", "-I", "OUTPUT", "-d", dc, "-j", "DROP"]]
+    for r in rules:
+        in_ns(lab, "main", *r)
+    try:
+        time.sleep(3 * TIMEOUT)
+        assert states(lab) == {"main": "primary", "dc": "standby", "dr": "witness"}
+    finally:
+        for r in rules:
+            in_ns(lab, "main", *[("-D" if a == "-I" else a) for a in r])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # flapping: down 1 s, up 1 s (timeout is 2 s)
+        in_ns(lab, "main", "ip", "link", "set", "eth0", "down")
+        time.sleep(1.0)
+        in_ns(lab, "main", "ip", "link", "set", "eth0", "up")
+        time.sleep(1.0)
+    assert states(lab) == {"main": "primary", "dc": "standby", "dr": "witness"}
+    lab_cmd("kill", "dr", "--dir", str(lab_dir))
+    time.sleep(2 * TIMEOUT)
+    assert states(lab)["main"] == "primary" and states(lab)["dc"] == "standby"
+    result = check_blocks(lab, 0, time.time())
+    assert result["first_read_s"] < 5
+    transitions = {n: (lab_dir / n / "daemon.log").read_text().count('"failover_transition"')
+                   for n in ("main", "dc")}
+    assert transitions == {"main": 1, "dc": 0}  # main's one: starting -> primary at boot
