@@ -176,8 +176,9 @@ class Daemon:
         self.nbd = nbd
 
         def start_nbd() -> None:
+            # Bound and listening at once (the sockets are ours): clients that connect
+            # before nbdkit is ready wait in the backlog.  _serve waits for readiness.
             nbd.start()
-            nbd.wait_ready()
 
         def kill_nbd() -> None:
             if nbd.proc is not None and nbd.proc.poll() is None:
@@ -243,11 +244,10 @@ class Daemon:
     # -- actions -------------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        """Listen first, then take the service address (clients queue in the backlog
+        while nbdkit loads), then the links; then wait until nbdkit answers."""
         self.cfg = nodestate.effective_config(self.installed)
         self._drop_child("peerlink")  # its plan follows the role: restart it
-        pl = self._peerlink_child()
-        if pl is not None:
-            self._run_child(pl)
         nbd = self._nbd_child()
         if nbd is not None:
             self._run_child(nbd)
@@ -256,6 +256,15 @@ class Daemon:
                 self.vip.take()
             except (CommandError, OSError) as e:
                 log.error("service_address_failed", error=str(e))
+        pl = self._peerlink_child()
+        if pl is not None:
+            self._run_child(pl)
+        if self.nbd is not None and "nbdkit" in self.children:
+            try:
+                self.nbd.wait_ready()
+                log.info("serving", volumes=self.nbd.volumes)
+            except GatewayError as e:
+                log.error("nbdkit_not_ready", error=str(e))
 
     def _fence(self) -> None:
         if self.vip is not None:

@@ -571,7 +571,8 @@ def kill(lab_dir: Path, name: str) -> dict[str, Any]:
     lab_dir = lab_dir.resolve()
     with locked(lab_dir):
         lab = Lab.load(lab_dir)
-        return {"node": name, "killed": lab.kill_node(name)}
+        at = time.time()
+        return {"node": name, "killed": lab.kill_node(name), "at": round(at, 3)}
 
 
 def start(lab_dir: Path, name: str) -> dict[str, Any]:

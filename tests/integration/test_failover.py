@@ -134,8 +134,7 @@ def test_power_cut_of_the_primary_with_a_sync_secondary(lab_dir: Path) -> None:
         assert line.startswith("flushed "), line + (writer.stderr.read() if writer.stderr
                                                     else "")
         flushed = int(line.split()[1])
-    t0 = time.time()
-    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    t0 = float(json.loads(lab_cmd("kill", "main", "--dir", str(lab_dir)))["at"])
     for line in writer.stdout:  # what the writer saw flushed before its server vanished
         if line.startswith("flushed "):
             flushed = int(line.split()[1])
