@@ -160,7 +160,8 @@ def test_example_config_loads_and_documents_every_key() -> None:
                 "max_bytes", "segment_bytes", "activity_log", "extents", "volumes", "size",
                 "read_only", "role", "service", "address", "interface", "peerlink",
                 "topology", "secret_file", "peers", "port", "sync_timeout", "rate_limit",
-                "compression"):
+                "compression", "failover", "auto", "heartbeat_port", "interval", "timeout",
+                "fence_margin", "heartbeat_addresses"):
         assert f"{key}:" in text, f"examples/nbdgw.yaml does not document {key}"
 
 
