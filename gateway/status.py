@@ -4,7 +4,10 @@ It needs no daemon: every number comes from the files the data path and peerlink
 (state.json, the journal, peers/<peer>.json, dirty sets), so it also works while nbdkit
 and the senders run, and after they died.  Schema of ``--json`` (version 1)::
 
-    {"version": 1, "node": str, "data_dir": str, "volumes": [
+    {"version": 1, "node": str, "data_dir": str,
+     "failover": null | {"state": "primary"|"standby"|"witness"|"fenced"|"stale"|...,
+                         "epoch", "primary", "auto", "age_s", "peers"},
+     "volumes": [
       {"name", "size", "role": "primary"|"replica", "in_use", "clean", "inconsistent",
        "upstream_seq", "journal_first_seq", "journal_last_seq", "journal_bytes",
        "resync_extents", "peers": [
@@ -137,15 +140,34 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
     }
 
 
+def failover_report(data_dir: Path, now: float) -> dict[str, Any] | None:
+    """The daemon's failover state (run/failover.json), if a daemon has run here."""
+    try:
+        st = read_json(data_dir / "run" / "failover.json", "failover", 1)
+    except (FormatError, OSError):
+        return None
+    return {"state": st["state"], "epoch": st["epoch"], "primary": st["primary"],
+            "auto": st["auto"], "age_s": round(max(0.0, now - float(st["updated"])), 1),
+            "peers": st.get("peers", {})}
+
+
 def node_report(node: str, data_dir: Path) -> dict[str, Any]:
     now = time.time()
     return {"version": STATUS_VERSION, "node": node, "data_dir": str(data_dir),
+            "failover": failover_report(data_dir, now),
             "volumes": [volume_report(v, now) for v in list_volumes(data_dir)]}
 
 
 def render_text(report: dict[str, Any]) -> list[str]:
     """Plain lines (the CLI adds colour on a terminal)."""
     out = [f"node {report['node']}  data_dir {report['data_dir']}"]
+    fo = report.get("failover")
+    if fo is not None:
+        stale = f" (daemon silent for {fo['age_s']} s)" if fo["age_s"] > 5 else ""
+        heard = ", ".join(f"{p} {v['heard_s_ago']} s ago" for p, v in
+                          sorted(fo["peers"].items())) or "no peer heard"
+        out.append(f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
+                   f"{fo['primary']}{stale}; heard: {heard}")
     if not report["volumes"]:
         out.append("  no volumes")
     for v in report["volumes"]:
