@@ -479,6 +479,77 @@ def report_lines(r: dict[str, Any]) -> list[str]:
 
 
 @cli.command()
+@click.option("--site", required=True, help="The site to promote: this node's name.")
+@click.option("--force", is_flag=True,
+              help="Promote even though main-site nodes are still heard (they are told of "
+                   "the newer epoch and stop serving). Never promotes an Inconsistent "
+                   "replica.")
+@click.pass_obj
+def promote(obj: Ctx, site: str, force: bool) -> None:
+    """Promote this site (the DR site, the day the main site is lost) to primary.
+
+    Asks the running daemon, which refuses with the exact reason while a main-site node
+    is heard (unless --force) or a replica is Inconsistent (always).  Recorded in the
+    audit log.
+    """
+    from . import audit
+    from .daemon import control_path
+
+    cfg = obj.config()
+    if site != cfg.name:
+        _fail(f"--site {site}: this is node {cfg.name}; run promote on the site to promote")
+    args = {"site": site, "force": force}
+    try:
+        reply = ask_daemon(control_path(cfg.data_dir), {"op": "promote", "force": force})
+    except GatewayError as e:
+        audit.record(cfg.data_dir, "promote", args, "error", str(e))
+        raise
+    if "error" in reply:
+        audit.record(cfg.data_dir, "promote", args, "refused", reply["error"])
+        _fail(f"promote {site}: {reply['error']}")
+    audit.record(cfg.data_dir, "promote", args, "done", f"epoch {reply['epoch']}")
+    click.echo(f"promoted {site}: primary at epoch {reply['epoch']}"
+               + (" (forced: main site was heard)" if reply.get("main_site_heard") else ""))
+
+
+@cli.command("audit")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def audit_cmd(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """The audit log of admin actions on this node."""
+    from . import audit
+
+    for e in audit.read(obj.data_dir(data_dir)):
+        click.echo(json.dumps(e) if as_json else
+                   f"{e['time']} {e['action']} {json.dumps(e['args'])} {e['outcome']}"
+                   f"{': ' + e['detail'] if e['detail'] else ''} by {e['user']} from "
+                   f"{e['from']}")
+
+
+def ask_daemon(path: Path, request: dict[str, Any], timeout: float = 150.0) -> dict[str, Any]:
+    """One request to the node's daemon over its control socket."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(path))
+        except OSError as e:
+            raise GatewayError(f"cannot reach the daemon at {path} ({e.strerror or e}): is "
+                               "`nbdgw daemon` running on this node?") from None
+        s.sendall(json.dumps(request).encode() + b"\n")
+        line = s.makefile("rb").readline()
+    finally:
+        s.close()
+    if not line:
+        raise GatewayError("the daemon closed the connection without an answer")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+@cli.command()
 @click.pass_obj
 def daemon(obj: Ctx) -> None:
     """Run everything this node's role needs (nbdkit, peerlink), supervised, until

@@ -22,8 +22,12 @@ then peerlink, each closing its volumes cleanly; a held service address is relea
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,12 +41,12 @@ import structlog
 
 from blockstore.errors import BlockstoreError
 from blockstore.meta import write_json
-from blockstore.volume import is_replica, list_volumes, promote_volume
+from blockstore.volume import is_replica, list_volumes, promote_volume, volume_status
 
 from . import nodestate
 from .config import NodeConfig, Role
 from .errors import CommandError, GatewayError
-from .failover import Action, Event, State, Timers, View, decide, step
+from .failover import Action, Event, State, Timers, View, alive, decide, step
 from .heartbeat import Heartbeat
 from .replication import _secret, plan, selected_volumes
 from .serve import NbdServer, precheck_volumes
@@ -56,6 +60,60 @@ STABLE_AFTER: Final = 30.0
 STOP_TIMEOUT: Final = 30.0
 TICK: Final = 0.1
 PROMOTE_RETRY_AFTER: Final = 30.0
+CONTROL: Final = "daemon.sock"  # <data_dir>/run/daemon.sock: `nbdgw promote` asks here
+CONTROL_TIMEOUT: Final = 120.0
+
+
+def control_path(data_dir: Path) -> Path:
+    return data_dir / "run" / CONTROL
+
+
+class Control:
+    """A unix socket for operator requests (one JSON line in, one out).  Requests are
+    handed to the daemon's main loop (which alone changes state) and answered from it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.requests: queue.Queue[tuple[dict[str, Any], queue.Queue[dict[str, Any]]]] = \
+            queue.Queue()
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(CONTROL_TIMEOUT)
+            try:
+                req = json.loads(conn.makefile("rb").readline())
+                if not isinstance(req, dict):
+                    raise TypeError("not an object")
+            except (OSError, ValueError, TypeError) as e:
+                conn.sendall(json.dumps({"error": f"bad request: {e}"}).encode() + b"\n")
+                return
+            answer: queue.Queue[dict[str, Any]] = queue.Queue()
+            self.requests.put((req, answer))
+            try:
+                reply = answer.get(timeout=CONTROL_TIMEOUT)
+            except queue.Empty:
+                reply = {"error": "the daemon did not answer in time"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -135,6 +193,8 @@ class Daemon:
         self.timers = Timers(cfg.failover.timeout, cfg.failover.fence_margin)
         self.view = self._view()
         self.hb: Heartbeat | None = None
+        self.control: Control | None = None
+        self.operator_promotion = False
         if not list_volumes(cfg.data_dir):
             raise GatewayError(f"nothing to run on node {cfg.name}: no volume in "
                                f"{cfg.data_dir} (create one with 'nbdgw volume create')")
@@ -149,6 +209,7 @@ class Daemon:
         else:
             primary = primaries[0] if primaries else None
         return View(me=cfg.name, epoch=self.epoch, primary=primary, known_epoch=self.epoch,
+                    quorum_exempt=nodestate.quorum_exempt(cfg.data_dir),
                     witnesses=tuple(p.name for p in cfg.peers if p.role is Role.DR),
                     peers=tuple(p.name for p in cfg.peers), started=time.monotonic())
 
@@ -300,8 +361,12 @@ class Daemon:
             return Event.PROMOTION_FAILED
         self.epoch = max(self.epoch, self.view.known_epoch) + 1
         self.view.epoch = self.view.known_epoch = self.epoch
+        by_operator = self.state is State.PROMOTING and self.operator_promotion
         nodestate.save(self.cfg.data_dir, Role.PRIMARY, self.epoch,
-                       f"promoted: primary {self.view.primary} gone")
+                       "promoted by an operator" if by_operator else
+                       f"promoted: primary {self.view.primary} gone",
+                       quorum_exempt=by_operator)
+        self.view.quorum_exempt = by_operator
         self.view.primary = self.cfg.name
         log.warning("promoted", epoch=self.epoch, volumes=promoted, refused=sorted(refused),
                     seconds=round(time.monotonic() - t0, 3))
@@ -352,9 +417,66 @@ class Daemon:
             self._receive()
         if self.auto:
             self._start_heartbeat()
+        self.control = Control(control_path(self.cfg.data_dir))
         self._publish()
 
+    def _requests(self) -> None:
+        if self.control is None:
+            return
+        while True:
+            try:
+                req, answer = self.control.requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if req.get("op") == "promote":
+                    answer.put(self._operator_promote(bool(req.get("force"))))
+                else:
+                    answer.put({"error": f"unknown request {req.get('op')!r}"})
+            except Exception as e:
+                log.exception("control_request_failed", request=req)
+                answer.put({"error": f"{type(e).__name__}: {e}"})
+
+    def _operator_promote(self, force: bool) -> dict[str, Any]:
+        """`nbdgw promote` (DR promotion): refused with the exact reason when unsafe."""
+        if self.state not in (State.WITNESS, State.STANDBY):
+            return {"error": f"node {self.cfg.name} is {self.state.value}: only a standby or "
+                             "witness site can be promoted"}
+        for info in list_volumes(self.cfg.data_dir):
+            st = volume_status(info)
+            if st["role"] == "replica" and st["inconsistent"]:
+                return {"error": f"volume {info.name} is Inconsistent (its sync from the "
+                                 "primary never completed): it can never be promoted, "
+                                 "--force or not"}
+        now = time.monotonic()
+        main_site = [p.name for p in self.cfg.peers if p.role in (Role.PRIMARY, Role.SECONDARY)]
+        if self.hb is not None:
+            with self.hb.lock:
+                up = alive(self.view, now, self.timers)
+                heard = {p: round(now - self.view.heard[p], 1) for p in main_site if p in up}
+        else:
+            heard = {}
+        if heard and not force:
+            who = ", ".join(f"{p} (heard {a} s ago)" for p, a in sorted(heard.items()))
+            return {"error": f"the main site is alive: {who}; it holds the majority, so "
+                             "promoting this site would make two primaries. Refused; "
+                             "--force overrides this check"}
+        log.warning("operator_promote", forced=force, main_site_heard=heard)
+        self.operator_promotion = True
+        try:
+            self._feed(Event.OPERATOR_PROMOTE)
+        finally:
+            self.operator_promotion = False
+        if not self._serving():
+            return {"error": "promotion failed: no replica could be promoted (see the log)"}
+        return {"ok": True, "node": self.cfg.name, "epoch": self.epoch, "forced": force,
+                "main_site_heard": heard}
+
+    def _serving(self) -> bool:
+        return self.state is State.PRIMARY
+
     def _tick(self, now: float) -> None:
+        self._requests()
         if not self.auto or self.hb is None:
             return
         with self.hb.lock:
@@ -383,6 +505,8 @@ class Daemon:
         log.info("daemon_stopping", state=self.state.value)
         if self.hb is not None:
             self.hb.stop()
+        if self.control is not None:
+            self.control.close()
         for name in ("nbdkit", "peerlink"):
             self._drop_child(name)
         if self.vip is not None and self.state is State.PRIMARY:

@@ -19,7 +19,9 @@ the three sites:
   or wants to be primary and learns of an epoch above its own becomes STALE: it never
   serves again on its own (rejoin is an operator step).  A booting primary (STARTING)
   decides only after hearing every site or a timeout, so it learns this first.
-- A WITNESS (DR) never promotes itself; promoting DR is an operator decision.
+- A WITNESS (DR) never promotes itself; promoting DR is an operator decision
+  (OPERATOR_PROMOTE, `nbdgw promote`), which the daemon refuses while a main-site node
+  is heard, unless forced.
 - An Inconsistent replica never promotes (the daemon reports PROMOTION_FAILED).
 
 ``decide()`` turns the heartbeat view into at most one event; ``step()`` looks the event up
@@ -51,6 +53,7 @@ class Event(enum.Enum):
     NEWER_PRIMARY = "newer_primary"  # a primary with a higher epoch is alive
     PROMOTED = "promoted"
     PROMOTION_FAILED = "promotion_failed"
+    OPERATOR_PROMOTE = "operator_promote"  # `nbdgw promote` (checked by the daemon first)
 
 
 class Action(enum.Enum):
@@ -88,6 +91,7 @@ TRANSITIONS: dict[State, dict[Event, tuple[State, tuple[Action, ...]]]] = {
     },
     S.STANDBY: {
         E.PRIMARY_GONE: (S.PROMOTING, (A.PROMOTE,)),
+        E.OPERATOR_PROMOTE: (S.PROMOTING, (A.PROMOTE,)),
         E.NEWER_PRIMARY: (S.STANDBY, ()),
     },
     S.PROMOTING: {
@@ -95,6 +99,7 @@ TRANSITIONS: dict[State, dict[Event, tuple[State, tuple[Action, ...]]]] = {
         E.PROMOTION_FAILED: (S.STANDBY, (A.RECEIVE,)),
     },
     S.WITNESS: {
+        E.OPERATOR_PROMOTE: (S.PROMOTING, (A.PROMOTE,)),
         E.NEWER_PRIMARY: (S.WITNESS, ()),
     },
     S.STALE: {
@@ -136,6 +141,9 @@ class View:
     quorum_since: float | None = None  # since when a majority is heard continuously
     known_epoch: int = 0  # the highest primary epoch heard of (own included)
     promote_blocked_until: float = 0.0  # after a failed promotion
+    # An operator promoted this site (DR, main site lost): it serves without a majority
+    # (there is none to be had) until it hears of a newer epoch.
+    quorum_exempt: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,8 @@ def decide(state: State, view: View, now: float, t: Timers) -> Event | None:
     """The event the heartbeat view calls for now, if any (pure but for the view's
     ``quorum_since``, which it keeps)."""
     up = alive(view, now, t)
-    has_majority = len(up) + 1 > (len(view.peers) + 1) // 2 if view.peers else True
+    has_majority = (len(up) + 1 > (len(view.peers) + 1) // 2 if view.peers else True) \
+        or view.quorum_exempt
     if has_majority:
         view.quorum_since = view.quorum_since if view.quorum_since is not None else now
     else:

@@ -25,10 +25,18 @@ def load(data_dir: Path) -> dict[str, Any] | None:
     return read_json(path, KIND, VERSION) if path.exists() else None
 
 
-def save(data_dir: Path, role: Role, epoch: int, why: str) -> None:
+def save(data_dir: Path, role: Role, epoch: int, why: str,
+         quorum_exempt: bool = False) -> None:
+    """``quorum_exempt``: promoted by an operator without a majority (DR promotion)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     write_json(data_dir / FILE, {"kind": KIND, "version": VERSION, "role": role.value,
-                                 "epoch": epoch, "why": why, "since": time.time()})
+                                 "epoch": epoch, "why": why, "since": time.time(),
+                                 "quorum_exempt": quorum_exempt})
+
+
+def quorum_exempt(data_dir: Path) -> bool:
+    st = load(data_dir)
+    return bool(st and st.get("quorum_exempt"))
 
 
 def epoch(data_dir: Path) -> int:

@@ -202,3 +202,37 @@ def test_no_failover_without_a_confirmed_majority(lab_dir: Path) -> None:
     transitions = {n: (lab_dir / n / "daemon.log").read_text().count('"failover_transition"')
                    for n in ("main", "dc")}
     assert transitions == {"main": 1, "dc": 0}  # main's one: starting -> primary at boot
+
+
+def test_dr_promotion_refused_while_the_main_site_lives_then_done(lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    dr_cfg = next(n["config"] for n in lab["nodes"] if n["name"] == "dr")
+    refused = run_nbdgw("-c", dr_cfg, "promote", "--site", "dr", check=False)
+    assert refused.returncode == 1
+    assert "promote dr: the main site is alive: dc (heard " in refused.stderr
+    assert ("it holds the majority, so promoting this site would make two primaries. "
+            "Refused; --force overrides this check") in refused.stderr
+    wrong = run_nbdgw("-c", dr_cfg, "promote", "--site", "dc", check=False)
+    assert wrong.stderr.strip().endswith(
+        "--site dc: this is node dr; run promote on the site to promote")
+    # Write something, let it reach DR, then lose the whole main site.
+    writer = client(lab, STAMPER, f"nbd://{lab['service_address']}:10809/v1")
+    assert writer.stdout is not None
+    while int(writer.stdout.readline().split()[1]) < 64:
+        pass
+    writer.kill()
+    writer.wait(10)
+    time.sleep(2)  # async DR: let the last batches arrive
+    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    lab_cmd("kill", "dc", "--dir", str(lab_dir))
+    time.sleep(TIMEOUT)
+    done = run_nbdgw("-c", dr_cfg, "promote", "--site", "dr", check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("promoted dr: primary at epoch 1")
+    assert states(lab)["dr"] == "primary"
+    result = check_blocks(lab, 64, time.time())
+    assert result["bad"] == [], result
+    audit = run_nbdgw("-c", dr_cfg, "audit", "--json").stdout.splitlines()
+    outcomes = [json.loads(x)["outcome"] for x in audit]
+    assert outcomes == ["refused", "done"], audit
+    assert all(json.loads(x)["action"] == "promote" for x in audit)
