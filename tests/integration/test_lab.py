@@ -185,14 +185,15 @@ def test_lab_up_write_replicate_checksums(lab: dict[str, Any]) -> None:
     assert lab["volumes"] == ["v1"]
     assert [(n["name"], n["role"]) for n in lab["nodes"]] == [
         ("main", "primary"), ("dc", "secondary"), ("dr", "dr")]
-    assert lab["service_address"] == lab["nodes"][0]["address"] == "192.0.2.1"
+    assert lab["nodes"][0]["address"] == "192.0.2.1"
+    assert lab["service_address"] == "192.0.2.5"  # held by the primary, moved on failover
     netns = run_cmd(["ip", "netns", "list"])
     for ns in [n["netns"] for n in lab["nodes"]] + [lab["client_netns"]]:
         assert ns.startswith(f"nbdgw-{lab['id']}-") and ns in netns
     for n in lab["nodes"]:
         assert run_nbdgw("config", "check", n["config"]).returncode == 0
     # the service is reachable from the client namespace only through the lab's bridge
-    assert "192.0.2.1" not in run_cmd(["ip", "-brief", "addr"])
+    assert "192.0.2." not in run_cmd(["ip", "-brief", "addr"])
 
     writer = Writer(lab, seed=1, max_writes=320, interactive=False)
     try:
