@@ -645,6 +645,9 @@ class SnapshotView:
         self._check()
         return self.snaps.extents(self.snap.id, offset, count, self.store)
 
+    def flush(self) -> None:
+        """Nothing to make durable: a snapshot is never written."""
+
 
 def list_rows(index: SnapshotIndex, shift: int) -> list[dict[str, Any]]:
     """One row per snapshot, oldest first: what `nbdgw snapshot list` shows."""
