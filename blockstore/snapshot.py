@@ -446,8 +446,7 @@ class SnapshotStore:
         """Rewrite the index as the records of the current state (temp, fsync, rename)."""
         tmp = self.dir / "index.tmp"
         _shift, vuuid = decode_header(os.pread(self.index_fd, HEADER_SIZE, 0))
-        parts = [encode_header(self.shift, vuuid, time.time_ns()),
-                 encode_record(T_HIGHWATER, _ID.pack(self.index.next_id))]
+        parts = [encode_header(self.shift, vuuid, time.time_ns())]
         count = 1
         for sid in self.index.order:
             snap = self.index.snaps[sid]
@@ -458,6 +457,8 @@ class SnapshotStore:
             for i in range(0, len(items), 4096):
                 parts.append(encode_cow(sid, items[i:i + 4096]))
                 count += 1
+        # Last: the ids of deleted (or refused) snapshots stay used.
+        parts.append(encode_record(T_HIGHWATER, _ID.pack(self.index.next_id)))
         data = b"".join(parts)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -345,3 +345,27 @@ def test_crash_in_the_middle_of_a_rollback_is_finished_on_open(
     assert digest(image(vol, "a")) == want
     assert vol.snaps is not None and not (vol.snaps.dir / "rollback.json").exists()
     vol.close()
+
+
+def test_compaction_keeps_every_snapshot_and_the_used_ids(dd: Path) -> None:
+    vol = Volume.open(dd, "v1")
+    m = Model(vol, 21)
+    want = {}
+    for i in range(40):
+        for _ in range(3):
+            m.step()
+        vol.snapshot_create(f"s{i}")
+        want[f"s{i}"] = digest(bytes(m.img))
+    for i in range(0, 40, 3):
+        vol.snapshot_delete(f"s{i}")
+        del want[f"s{i}"]
+    assert vol.snaps is not None
+    before = vol.snaps.records
+    vol.snaps.compact()
+    assert vol.snaps.records < before
+    vol.close()
+    vol = Volume.open(dd, "v1")
+    assert vol.snaps is not None and vol.snaps.index.next_id == 41
+    assert {n: digest(image(vol, n)) for n in want} == want
+    assert vol.snapshot_create().name == "snap-41"
+    vol.close()
