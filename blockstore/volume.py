@@ -66,6 +66,16 @@ from .peers import (
     write_dirty,
 )
 from .record import Flag, Op, RecordHeader
+from .snapshot import (
+    MAX_SNAPSHOTS,
+    ROLLBACK_FILE,
+    Snapshot,
+    SnapshotError,
+    SnapshotStore,
+    SnapshotView,
+    list_rows,
+    validate_snapshot_name,
+)
 from .store import Store, extent_digest
 
 VOLUME_VERSION = 1
@@ -77,6 +87,9 @@ DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
 DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
 _log = structlog.get_logger(component="blockstore")
 COMMIT_EVENT = "peerlink-commit"  # MARK body event closing a replicated batch
+SNAP_EVENT = "snapshot"  # MARK body events of snapshots (see snapshot.py)
+SNAP_DELETE_EVENT = "snapshot-delete"
+SNAP_ROLLBACK_EVENT = "snapshot-rollback"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -399,6 +412,7 @@ class Volume:
         self.journal: Journal | None = None
         self.al: ActivityLog | None = None
         self.checkpointer: Checkpointer | None = None
+        self.snaps: SnapshotStore | None = None  # opened when the volume has snapshots
         self.state_lock = threading.Lock()
         self.release_lock = threading.Lock()  # one journal release at a time
         self.diverged: set[int] = set()  # extents changed but not journaled (see write)
@@ -434,6 +448,8 @@ class Volume:
         # A torn tail is expected only after an unclean stop; after a clean one it is
         # evidence of tampering or disk trouble, left in place for the operator.
         scan = self.journal.open(cut_torn=not state["clean"] and not self.readonly)
+        if (p / "snapshots").is_dir():
+            self.snaps = SnapshotStore(p / "snapshots", self.size, readonly=self.readonly)
         if self.readonly:
             # Read-only opens (checksums, exports of a stopped volume) change nothing.
             self.recovery = RecoveryReport(not state["clean"], 0, 0, 0, scan.last_seq)
@@ -453,6 +469,8 @@ class Volume:
         self._write_state(clean=False)
         self.journal.prepare_spare()
         self.checkpointer = Checkpointer(self)
+        if self.snaps is not None and (self.snaps.dir / ROLLBACK_FILE).exists():
+            self._finish_rollback()
 
     def _recover(self, torn: int) -> RecoveryReport:
         """Redo from the checkpoint; record hot extents for resync to peers.
@@ -482,7 +500,7 @@ class Volume:
             else:
                 batch = [(hdr, payload)]
             for h, p in batch:
-                self.store.apply(h.op, h.flags, h.offset, h.length, p)
+                self._redo(h, p)
                 replayed += 1
         if self.replica:
             torn += self.journal.truncate_after(committed_seq)
@@ -557,6 +575,7 @@ class Volume:
         self._check_range(offset, length)
         self._activate(offset, length)
         assert self.journal is not None and self.store is not None
+        self._cow(offset, length)
         try:
             self.store.apply(op, flags, offset, length, payload)
             seq = self.journal.append(op, flags, offset, length, payload)
@@ -614,7 +633,11 @@ class Volume:
             raise
         self.upstream_seq = last_seq
         try:
-            for op, flags, offset, length, data in records:
+            for seq, (op, flags, offset, length, data) in enumerate(records, before + 1):
+                if op == Op.MARK:
+                    self._snapshot_mark(seq, data)
+                    continue
+                self._cow(offset, length)
                 self.store.apply(Op(op), Flag(flags), offset, length, data)
         except OSError:
             # Committed but not in the store: only redo can finish it, so close() must
@@ -637,9 +660,10 @@ class Volume:
             raise InvalidArgument(f"volume {self.name}: extent data outside a resync")
         self._check_range(offset, length)
         assert self.store is not None
+        if data and len(data) != length:
+            raise InvalidArgument(f"extent at {offset}: {len(data)} bytes for {length}")
+        self._cow(offset, length)  # the replica's own snapshots keep their images
         if data:
-            if len(data) != length:
-                raise InvalidArgument(f"extent at {offset}: {len(data)} bytes for {length}")
             self.store.pwrite(data, offset)
         else:
             self.store.punch(offset, length)
@@ -686,6 +710,201 @@ class Volume:
     def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
         assert self.store is not None
         return self.store.extents(offset, count)
+
+    # -- snapshots (see snapshot.py for the model) -------------------------------
+
+    def _cow(self, offset: int, length: int, seq: int | None = None) -> None:
+        """Before the store changes [offset, +length): preserve the pre-images the
+        newest snapshot (during redo: the newest taken before ``seq``) does not own yet,
+        durably.  One dict lookup per extent when there is nothing to do."""
+        snaps = self.snaps
+        if snaps is None:
+            return
+        target = snaps.index.newest if seq is None else snaps.index.target_before(seq)
+        if target is None:
+            return
+        todo = snaps.unpreserved(target, offset, length)
+        if todo:
+            assert self.store is not None
+            snaps.preserve(target, todo, self.store)
+
+    def _redo(self, hdr: RecordHeader, payload: bytes) -> None:
+        """Replay one journal record after a crash.  Snapshot MARKs are taken again if
+        their index record was lost, and a record whose pre-image was not saved (a
+        replica's batch cut short between commit and store) is preserved first: the
+        store holds the state before that record, as redo replays in order."""
+        assert self.store is not None
+        if hdr.op is Op.MARK:
+            self._snapshot_mark(hdr.seq, payload)
+            return
+        self._cow(hdr.offset, hdr.length, seq=hdr.seq)
+        self.store.apply(hdr.op, hdr.flags, hdr.offset, hdr.length, payload)
+
+    def _snapshots(self) -> SnapshotStore:
+        """The snapshot store, created on first use."""
+        if self.snaps is None:
+            if self.readonly:
+                raise OSError(errno.EROFS, f"volume {self.name} is open read-only")
+            path = self.info.path / "snapshots"
+            SnapshotStore.create(path, uuid.UUID(self.info.uuid).bytes)
+            self.snaps = SnapshotStore(path, self.size)
+        return self.snaps
+
+    def _snapshot_mark(self, seq: int, payload: bytes | memoryview) -> None:
+        """A snapshot MARK met in a replicated batch or in redo: take (or delete) the
+        same snapshot at the same point.  Idempotent: redo meets MARKs already done."""
+        body = msgpack.unpackb(payload)
+        event = body.get("event") if isinstance(body, dict) else None
+        if event not in (SNAP_EVENT, SNAP_DELETE_EVENT):
+            return
+        sid = int(body["id"])
+        if event == SNAP_DELETE_EVENT:
+            if self.snaps is not None and sid in self.snaps.index.snaps:
+                self.snaps.delete(sid)
+            return
+        snaps = self._snapshots()
+        index = snaps.index
+        if sid < index.next_id:
+            return  # taken already, or refused or deleted since
+        why = None
+        if self.replica and self.inconsistent:
+            why = "the replica is Inconsistent (a resync is not finished)"
+        elif len(index) >= MAX_SNAPSHOTS:
+            why = f"already {MAX_SNAPSHOTS} snapshots"
+        elif body["name"] in index.by_name:
+            why = f"a snapshot named {body['name']!r} exists"
+        if why is not None:
+            _log.warning("snapshot_refused", volume=self.name, snapshot=body["name"],
+                         id=sid, reason=why)
+            snaps.skip(sid)
+            return
+        snaps.add(Snapshot(sid, str(body["name"]), seq, float(body["time"]),
+                           str(body.get("group", ""))))
+        _log.info("snapshot_taken", volume=self.name, snapshot=body["name"], id=sid, seq=seq)
+
+    def check_snapshot(self, name: str | None) -> None:
+        """Raise SnapshotError unless ``snapshot_create(name)`` can succeed now."""
+        if self.readonly:
+            raise SnapshotError(f"volume {self.name} is open read-only")
+        if self.replica:
+            raise SnapshotError(f"volume {self.name} is a replica: it takes the snapshots "
+                                "of its primary (they arrive in the journal)")
+        if name is not None:
+            validate_snapshot_name(name)
+        if self.snaps is not None:
+            if len(self.snaps.index) >= MAX_SNAPSHOTS:
+                raise SnapshotError(
+                    f"volume {self.name} has {MAX_SNAPSHOTS} snapshots (the maximum): "
+                    "delete one first")
+            if name is not None and name in self.snaps.index.by_name:
+                raise SnapshotError(f"volume {self.name} has a snapshot named {name!r}")
+
+    def snapshot_create(self, name: str | None = None, group: str = "") -> Snapshot:
+        """Take a snapshot: a MARK in the journal (replicas take it at the same point),
+        then the index record.  O(1): nothing is copied until an extent is overwritten."""
+        self.check_snapshot(name)
+        snaps = self._snapshots()
+        assert self.journal is not None
+        sid = snaps.index.next_id
+        name = name or f"snap-{sid}"
+        now = time.time()
+        seq = self.mark({"event": SNAP_EVENT, "id": sid, "name": name, "time": now,
+                         "group": group})
+        self.journal.sync()
+        snap = Snapshot(sid, name, seq, now, group)
+        try:
+            snaps.add(snap)
+        except OSError:
+            # The MARK is durable but the index lacks it: cancel it in the journal too,
+            # so that redo and the replicas end without it (best effort; if even this
+            # fails, the next open takes the snapshot from its MARK).
+            with contextlib.suppress(OSError):
+                self.mark({"event": SNAP_DELETE_EVENT, "id": sid, "name": name})
+                self.journal.sync()
+                snaps.skip(sid)
+            raise
+        _log.info("snapshot_taken", volume=self.name, snapshot=name, id=sid, seq=seq)
+        return snap
+
+    def snapshot_delete(self, name: str) -> None:
+        """Delete a snapshot (MARK first: replicas delete it too); the others stay exact."""
+        self._check_writable()
+        if self.replica:
+            raise SnapshotError(f"volume {self.name} is a replica: its snapshots are "
+                                "deleted by its primary")
+        if self.snaps is None:
+            raise SnapshotError(f"volume {self.name} has no snapshot named {name!r}")
+        snap = self.snaps.index.get(name)
+        assert self.journal is not None
+        self.mark({"event": SNAP_DELETE_EVENT, "id": snap.id, "name": name})
+        self.journal.sync()
+        self.snaps.delete(snap.id)
+        _log.info("snapshot_deleted", volume=self.name, snapshot=name, id=snap.id)
+
+    def snapshot_list(self) -> list[dict[str, Any]]:
+        if self.snaps is None:
+            return []
+        return list_rows(self.snaps.index, self.snaps.shift)
+
+    def snapshot_view(self, name: str) -> SnapshotView:
+        """A read-only view of snapshot ``name`` (an NBD export of its own)."""
+        if self.snaps is None:
+            raise SnapshotError(f"volume {self.name} has no snapshot named {name!r}")
+        assert self.store is not None
+        return SnapshotView(self.snaps, self.store, self.snaps.index.get(name), self.name)
+
+    def snapshot_rollback(self, name: str) -> int:
+        """Make the live volume the image of snapshot ``name``; return bytes written.
+
+        Written through the journal as WRITE and ZERO records (replicas follow), and
+        copy-on-write as any write, so every snapshot, newer ones too, stays as it was.
+        A rollback.json intent makes it all-or-nothing across a crash: the next open
+        finishes it (it is idempotent: extents already equal are skipped)."""
+        self._check_writable()
+        if self.replica:
+            raise SnapshotError(f"volume {self.name} is a replica: roll back its primary")
+        if self.snaps is None:
+            raise SnapshotError(f"volume {self.name} has no snapshot named {name!r}")
+        snap = self.snaps.index.get(name)
+        write_json(self.snaps.dir / ROLLBACK_FILE, {"kind": "rollback", "version": 1,
+                                                   "id": snap.id, "name": name,
+                                                   "started": time.time()})
+        return self._finish_rollback()
+
+    def _finish_rollback(self) -> int:
+        assert self.snaps is not None and self.journal is not None
+        path = self.snaps.dir / ROLLBACK_FILE
+        intent = read_json(path, "rollback", 1)
+        sid = int(intent["id"])
+        snap = self.snaps.index.snaps.get(sid)
+        if snap is None:  # deleted: cannot happen while the intent exists; say so
+            raise SnapshotError(f"volume {self.name}: rollback to snapshot id {sid} "
+                                f"({intent['name']}) pending, but the snapshot is gone")
+        self.mark({"event": SNAP_ROLLBACK_EVENT, "id": sid, "name": snap.name,
+                   "phase": "begin"})
+        written = 0
+        view = SnapshotView(self.snaps, self.store, snap, self.name)
+        for e in sorted(self.snaps.index.changed_since(sid)):
+            off, n = e << self.snaps.shift, self.snaps.extent_len(e)
+            want = bytearray(n)
+            view.read_into(want, off)
+            live = bytearray(n)
+            self.read_into(live, off)
+            if live == want:
+                continue
+            if want == bytes(n):
+                self.zero(off, n, may_trim=True)
+            else:
+                self.write(bytes(want), off)
+            written += n
+        self.mark({"event": SNAP_ROLLBACK_EVENT, "id": sid, "name": snap.name,
+                   "phase": "done", "bytes": written})
+        self.journal.sync()
+        path.unlink()
+        fsync_dir(path.parent)
+        _log.info("snapshot_rolled_back", volume=self.name, snapshot=snap.name,
+                  bytes_written=written)
+        return written
 
     # -- checkpoints and close -------------------------------------------------
 
@@ -791,7 +1010,7 @@ class Volume:
         return self.journal.last_seq
 
     def _close_files(self) -> None:
-        for part in (self.al, self.journal, self.store):
+        for part in (self.al, self.journal, self.store, self.snaps):
             if part is not None:
                 part.close()
 

@@ -378,6 +378,92 @@ def lab_down(lab_dir: Path) -> None:
 
 
 @cli.group(cls=Group)
+def snapshot() -> None:
+    """Take, list, delete and roll back to snapshots (served volumes too)."""
+
+
+@snapshot.command("create")
+@click.argument("volumes", nargs=-1, required=True)
+@click.option("--name", default=None,
+              help="Snapshot name (default: snap-<UTC time>). Several volumes: one "
+                   "consistency group, taken at one instant.")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def snapshot_create(obj: Ctx, volumes: tuple[str, ...], name: str | None,
+                    data_dir: Path | None, as_json: bool) -> None:
+    """Take a snapshot of VOLUMES (O(1): nothing is copied until data changes)."""
+    from . import snapshots
+
+    rows = snapshots.create(obj.data_dir(data_dir), list(volumes), name)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"created snapshot {r['name']} of volume {r['volume']} (id {r['id']}, "
+                   f"journal seq {r['seq']})" + (f", group {r['group']}" if r["group"] else ""))
+
+
+@snapshot.command("list")
+@click.argument("volume")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def snapshot_list(obj: Ctx, volume: str, data_dir: Path | None, as_json: bool) -> None:
+    """List VOLUME's snapshots: time, name, bytes of changed data each holds."""
+    import time as _time
+
+    from . import snapshots
+
+    rows = snapshots.listing(obj.data_dir(data_dir), volume)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no snapshots of volume {volume}")
+        return
+    click.echo(f"{'TIME (UTC)':<20} {'NAME':<32} {'HELD':>10} {'SEQ':>10}  GROUP")
+    for r in rows:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r["time"]))
+        click.echo(f"{when:<20} {r['name']:<32} {_human(r['held_bytes']):>10} "
+                   f"{r['seq']:>10}  {r['group'] or '-'}")
+
+
+@snapshot.command("delete")
+@click.argument("volume")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+def snapshot_delete(obj: Ctx, volume: str, name: str, data_dir: Path | None) -> None:
+    """Delete snapshot NAME of VOLUME (every other snapshot stays exactly as it was)."""
+    from . import snapshots
+
+    snapshots.delete(obj.data_dir(data_dir), volume, name)
+    click.echo(f"deleted snapshot {name} of volume {volume}")
+
+
+@snapshot.command("rollback")
+@click.argument("volume")
+@click.argument("name")
+@data_dir_opt
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def snapshot_rollback(obj: Ctx, volume: str, name: str, data_dir: Path | None,
+                      yes: bool) -> None:
+    """Make VOLUME's contents those of snapshot NAME (through the journal: replicas
+    follow; other snapshots are kept)."""
+    from . import snapshots
+
+    dd = obj.data_dir(data_dir)
+    if name not in {r["name"] for r in snapshots.listing(dd, volume)}:
+        _fail(f"volume {volume} has no snapshot named {name!r}")
+    _confirm(yes, f"roll volume {volume} back to snapshot {name}? Changes made since are "
+                  "overwritten (snapshots taken since are kept)")
+    n = snapshots.rollback(dd, volume, name)
+    click.echo(f"rolled volume {volume} back to snapshot {name} ({_human(n)} written)")
+
+
+@cli.group(cls=Group)
 def config() -> None:
     """Check the node config."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,31 @@ class PeerConfig:
     compression: Compression = Compression.ZSTD
 
 
+class Every(enum.Enum):
+    """How often a snapshot schedule runs (MINUTES: every ``minutes`` minutes)."""
+
+    MINUTES = "minutes"
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+
+
+@dataclass(frozen=True)
+class SnapshotSchedule:
+    """One timed snapshot schedule: snapshots named ``<name>-<UTC slot time>``."""
+
+    name: str
+    every: Every
+    minutes: int  # the period in minutes (60 hourly, 1440 daily, 10080 weekly)
+    keep: int
+    volumes: tuple[str, ...] = ()  # empty: every volume of the node, as one group
+
+
+@dataclass(frozen=True)
+class SnapshotsConfig:
+    schedules: tuple[SnapshotSchedule, ...] = ()
+
+
 @dataclass(frozen=True)
 class FailoverConfig:
     """Heartbeats and automatic failover (gateway/failover.py).  With the defaults a
@@ -196,6 +222,7 @@ class NodeConfig:
     peerlink: PeerlinkConfig = PeerlinkConfig()
     peers: tuple[PeerConfig, ...] = ()
     failover: FailoverConfig = FailoverConfig()
+    snapshots: SnapshotsConfig = SnapshotsConfig()
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -511,7 +538,66 @@ def _failover(raw: Any) -> FailoverConfig:
 
 
 TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
-            "peerlink", "peers", "failover")
+            "peerlink", "peers", "failover", "snapshots")
+
+MAX_SNAPSHOTS_PER_VOLUME = 512  # blockstore.snapshot.MAX_SNAPSHOTS
+_SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_EVERY_MINUTES = re.compile(r"^([0-9]+)m$")
+_EVERY = {"hourly": (Every.HOURLY, 60), "daily": (Every.DAILY, 1440),
+          "weekly": (Every.WEEKLY, 10080)}
+
+
+def _every(v: Any, where: str) -> tuple[Every, int]:
+    msg = f"expected 'Nm' (N from 1 to 10080), hourly, daily or weekly for {where}"
+    if not isinstance(v, str):
+        raise ConfigError(msg)
+    if v in _EVERY:
+        return _EVERY[v]
+    m = _EVERY_MINUTES.fullmatch(v)
+    if not m or not 1 <= int(m.group(1)) <= 10080:
+        raise ConfigError(msg)
+    return Every.MINUTES, int(m.group(1))
+
+
+def _snapshots(raw: Any) -> SnapshotsConfig:
+    s = _Section(raw, "snapshots", ("schedules",))
+    out: list[SnapshotSchedule] = []
+    for i, item in enumerate(s.listing("schedules")):
+        where = f"snapshots.schedules[{i}]"
+        sec = _Section(item, where, ("name", "volumes", "every", "keep"))
+        for key in ("name", "every", "keep"):
+            if not sec.has(key):
+                raise ConfigError(f"missing key '{key}' in {where}")
+        name = sec.get("name")
+        if not isinstance(name, str) or not _SCHEDULE_NAME.fullmatch(name):
+            raise ConfigError(f"expected 1-32 letters, digits, '_' or '-', starting with a "
+                              f"letter or digit, for {where}.name")
+        if any(x.name == name for x in out):
+            raise ConfigError(f"schedule {name} is listed twice in snapshots.schedules")
+        every, minutes = _every(sec.get("every"), f"{where}.every")
+        keep = sec.integer("keep", 0, 1, MAX_SNAPSHOTS_PER_VOLUME)
+        vols: list[str] = []
+        for j, v in enumerate(sec.listing("volumes")):
+            try:
+                validate_name(v)
+            except InvalidArgument as e:
+                raise ConfigError(f"{e} in {where}.volumes[{j}]") from None
+            if v in vols:
+                raise ConfigError(f"volume {v} is listed twice in {where}.volumes")
+            vols.append(v)
+        if sec.has("volumes") and not vols:
+            raise ConfigError(f"expected at least one volume in {where}.volumes "
+                              "(leave the key out for every volume)")
+        out.append(SnapshotSchedule(name, every, minutes, keep, tuple(vols)))
+    # Every schedule's snapshots must fit in a volume's 512 at once.
+    named = {v for x in out for v in x.volumes}
+    for vol in [*sorted(named), ""]:
+        total = sum(x.keep for x in out if not x.volumes or vol in x.volumes)
+        if total > MAX_SNAPSHOTS_PER_VOLUME:
+            what = f"volume {vol}" if vol else "every volume"
+            raise ConfigError(f"snapshots.schedules keep {total} snapshots of {what} "
+                              f"together (at most {MAX_SNAPSHOTS_PER_VOLUME})")
+    return SnapshotsConfig(tuple(out))
 
 
 def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
@@ -550,6 +636,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         al_extents=al.integer("extents", 1024, 1, 65536),
         volumes=_volumes(top.listing("volumes")),
         source=source,
+        snapshots=_snapshots(top.get("snapshots")),
     )
 
 

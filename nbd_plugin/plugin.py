@@ -80,8 +80,12 @@ def open(readonly):
         raise
 
 
+def close(h):
+    _server.close_handle(h)
+
+
 def export_description(h):
-    return f"nbdgw volume {h.vol.name}"
+    return f"nbdgw {'snapshot' if '@' in h.vol.name else 'volume'} {h.vol.name}"
 
 
 def get_size(h):
@@ -135,7 +139,8 @@ def can_cache(h):
 
 def pread(h, buf, offset, flags):
     try:
-        h.vol.read_into(buf, offset)
+        with _server.lock:  # the snapshot control thread takes it too
+            h.vol.read_into(buf, offset)
     except OSError as e:
         _fail(e)
         raise
@@ -143,7 +148,8 @@ def pread(h, buf, offset, flags):
 
 def pwrite(h, buf, offset, flags):
     try:
-        h.vol.write(buf, offset, flags & _FUA)
+        with _server.lock:  # the snapshot control thread takes it too
+            h.vol.write(buf, offset, flags & _FUA)
         if flags & _FUA:
             h.durable()
     except OSError as e:
@@ -153,7 +159,8 @@ def pwrite(h, buf, offset, flags):
 
 def flush(h, flags):
     try:
-        h.vol.flush()
+        with _server.lock:  # the snapshot control thread takes it too
+            h.vol.flush()
         h.durable()
     except OSError as e:
         _fail(e)
@@ -162,7 +169,8 @@ def flush(h, flags):
 
 def trim(h, count, offset, flags):
     try:
-        h.vol.trim(offset, count, flags & _FUA)
+        with _server.lock:  # the snapshot control thread takes it too
+            h.vol.trim(offset, count, flags & _FUA)
         if flags & _FUA:
             h.durable()
     except OSError as e:
@@ -172,7 +180,8 @@ def trim(h, count, offset, flags):
 
 def zero(h, count, offset, flags):
     try:
-        h.vol.zero(offset, count, flags & _MAY_TRIM, flags & _FUA)
+        with _server.lock:  # the snapshot control thread takes it too
+            h.vol.zero(offset, count, flags & _MAY_TRIM, flags & _FUA)
         if flags & _FUA:
             h.durable()
     except OSError as e:
@@ -182,7 +191,9 @@ def zero(h, count, offset, flags):
 
 def extents(h, count, offset, flags):
     try:
-        return [(o, n, 0 if alloc else _HOLE_ZERO) for o, n, alloc in h.vol.extents(offset, count)]
+        with _server.lock:
+            found = h.vol.extents(offset, count)
+        return [(o, n, 0 if alloc else _HOLE_ZERO) for o, n, alloc in found]
     except OSError as e:
         _fail(e)
         raise

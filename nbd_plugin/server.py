@@ -8,6 +8,7 @@ connection durable (which is what makes multi-conn safe to advertise).
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.snapshot import SnapshotView
 from blockstore.volume import (
     DEFAULT_AL_SLOTS,
     DEFAULT_JOURNAL_MAX_BYTES,
@@ -26,6 +28,7 @@ from blockstore.volume import (
     validate_name,
 )
 
+from .control import ControlServer
 from .syncgate import SyncGate
 
 log = structlog.get_logger(component="nbd_plugin")
@@ -94,12 +97,14 @@ _SCALARS: dict[str, Callable[[str], object]] = {
 
 
 class Handle:
-    """One client connection: the shared volume, this connection's read-only bit, and
-    the sync gate (None without synchronous peers)."""
+    """One client connection: the shared volume (or a snapshot of it, ``VOLUME@SNAP``,
+    always read-only), this connection's read-only bit, and the sync gate (None
+    without synchronous peers)."""
 
     __slots__ = ("gate", "readonly", "vol")
 
-    def __init__(self, vol: Volume, readonly: bool, gate: SyncGate | None = None) -> None:
+    def __init__(self, vol: Volume | SnapshotView, readonly: bool,
+                 gate: SyncGate | None = None) -> None:
         self.vol = vol
         self.readonly = readonly
         self.gate = gate
@@ -118,6 +123,10 @@ class Server:
             raise PluginError("missing required parameter data_dir")
         self.params = params
         self.volumes: dict[str, Volume] = {}
+        # Taken by every data callback and by the snapshot control path (another
+        # thread): nbdkit serialises requests, this serialises the two.
+        self.lock = threading.Lock()
+        self.snapshot_handles: dict[str, int] = {}  # "VOLUME@SNAP" -> open handles
         self.failed: dict[str, str] = {}
         self.gate = (SyncGate(params.sync_socket, params.sync_timeout)
                      if params.sync_socket is not None else None)
@@ -149,9 +158,17 @@ class Server:
         if not self.volumes:
             detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
             raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
+        self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use)
+        self.control.start()
 
     def list_exports(self) -> list[tuple[str, str]]:
-        return [(n, f"nbdgw volume {n} ({v.size} bytes)") for n, v in self.volumes.items()]
+        out = []
+        with self.lock:
+            for n, v in self.volumes.items():
+                out.append((n, f"nbdgw volume {n} ({v.size} bytes)"))
+                out += [(f"{n}@{r['name']}", f"nbdgw snapshot {r['name']} of volume {n}, "
+                         "read-only") for r in v.snapshot_list()]
+        return out
 
     def default_export(self) -> str:
         # The empty export name means the first volume, so that `nbdinfo nbd://host`
@@ -159,6 +176,8 @@ class Server:
         return next(iter(self.volumes))
 
     def open(self, name: str, readonly: bool) -> Handle:
+        if "@" in name:
+            return self._open_snapshot(name)
         vol = self.volumes.get(name or self.default_export())
         if vol is None:
             if name in self.failed:
@@ -166,7 +185,41 @@ class Server:
             raise FileNotFoundError(f"no export named {name!r}")
         return Handle(vol, readonly or vol.readonly, self.gate)
 
+    def _open_snapshot(self, export: str) -> Handle:
+        volume, _, snap = export.partition("@")
+        vol = self.volumes.get(volume)
+        if vol is None:
+            raise FileNotFoundError(f"no export named {export!r} (volume {volume} is not "
+                                    "served here)")
+        with self.lock:
+            try:
+                view = vol.snapshot_view(snap)
+            except BlockstoreError as e:
+                raise FileNotFoundError(f"no export named {export!r}: {e}") from None
+            self.snapshot_handles[export] = self.snapshot_handles.get(export, 0) + 1
+        return Handle(view, True)
+
+    def close_handle(self, h: Handle) -> None:
+        if isinstance(h.vol, SnapshotView):
+            with self.lock:
+                left = self.snapshot_handles.get(h.vol.name, 0) - 1
+                if left > 0:
+                    self.snapshot_handles[h.vol.name] = left
+                else:
+                    self.snapshot_handles.pop(h.vol.name, None)
+
+    def _snapshot_in_use(self, volume: str, snap: str) -> str | None:
+        """Why snapshot ``snap`` of ``volume`` cannot be deleted now (called locked)."""
+        n = self.snapshot_handles.get(f"{volume}@{snap}", 0)
+        if n:
+            return (f"snapshot {snap} of volume {volume} is exported to {n} client"
+                    f"{'s' if n > 1 else ''} ({volume}@{snap}): disconnect them first")
+        return None
+
     def close(self) -> None:
+        control = getattr(self, "control", None)
+        if control is not None:
+            control.stop()
         if self.gate is not None:
             self.gate.close()
         for name, vol in self.volumes.items():

@@ -1,0 +1,236 @@
+"""The snapshot control path into a running nbdkit process.
+
+A served volume is flock'ed by nbdkit, so `nbdgw snapshot create|delete|rollback` (and
+the scheduler) cannot open it: they ask the serving process instead, over a unix socket
+``volumes/<V>/control.sock`` (mode 0600) that the plugin serves for each volume.  One JSON
+line in, one JSON line out::
+
+    {"op": "create", "volumes": ["db-data", "db-log"], "name": "before-upgrade"}
+    {"op": "delete" | "rollback", "volume": "v1", "name": "before-upgrade"}
+    -> {"ok": true, ...} | {"ok": false, "error": "exact message"}
+
+The plugin runs each request under the lock every NBD request takes, so no write lands
+between the MARKs of a consistency group: the group is one instant of every volume.
+Paths are reached through ``/proc/self/fd/<dirfd>/`` so that the 108-byte limit of unix
+socket addresses does not limit where data directories live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from blockstore.errors import BlockstoreError
+from blockstore.snapshot import Snapshot, SnapshotError
+from blockstore.volume import Volume
+
+log = structlog.get_logger(component="snapshot_control")
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 64 << 10
+
+
+class ControlError(Exception):
+    """The control socket could not be reached, or it answered with an error."""
+
+
+def default_name(now: float | None = None) -> str:
+    """A snapshot name from the time (UTC, to the second)."""
+    return "snap-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
+def create_group(vols: list[Volume], name: str | None) -> list[Snapshot]:
+    """Take snapshot ``name`` of every volume in ``vols`` at one instant (the caller
+    holds off writes).  All are checked first; if one still fails, those taken are
+    deleted again and the error says what happened where."""
+    if name is None:
+        base = default_name()
+        name, n = base, 1
+        while any(v.snaps is not None and name in v.snaps.index.by_name for v in vols):
+            name, n = f"{base}.{n}", n + 1
+    for v in vols:
+        v.check_snapshot(name)
+    group = uuid.uuid4().hex[:16] if len(vols) > 1 else ""
+    done: list[tuple[Volume, Snapshot]] = []
+    for v in vols:
+        try:
+            done.append((v, v.snapshot_create(name, group)))
+        except (BlockstoreError, OSError) as e:
+            undone = []
+            for w, _s in done:
+                with contextlib.suppress(BlockstoreError, OSError):
+                    w.snapshot_delete(name)
+                    undone.append(w.name)
+            raise SnapshotError(
+                f"snapshot {name} failed on {v.name}: {e}; taken on "
+                f"[{', '.join(w.name for w, _ in done)}], deleted again on "
+                f"[{', '.join(undone)}]") from None
+    return [s for _, s in done]
+
+
+def snapshot_row(vol: str, s: Snapshot) -> dict[str, Any]:
+    return {"volume": vol, "id": s.id, "name": s.name, "time": s.created, "seq": s.mark_seq,
+            "group": s.group}
+
+
+# -- server side (in the nbdkit process) ----------------------------------------------------
+
+class ControlServer:
+    """Listens on each served volume's control.sock; runs requests under ``lock``."""
+
+    def __init__(self, volumes: dict[str, Volume], lock: threading.Lock,
+                 can_delete: Callable[[str, str], str | None]) -> None:
+        self.volumes = volumes
+        self.lock = lock
+        self.can_delete = can_delete  # (volume, snapshot) -> refusal reason or None
+        self.stopping = threading.Event()
+        self.socks: list[tuple[socket.socket, Path]] = []
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name, vol in self.volumes.items():
+            path = vol.info.path / SOCKET_NAME
+            s = _bind(path)
+            self.socks.append((s, path))
+            t = threading.Thread(target=self._serve, args=(s, name), daemon=True,
+                                 name=f"nbdgw-control-{name}")
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(5)
+        for s, path in self.socks:
+            s.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.socks.clear()
+
+    def _serve(self, s: socket.socket, volume: str) -> None:
+        s.settimeout(0.25)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = s.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(10)
+                    req = _recv_line(conn)
+                    reply = self.handle(json.loads(req))
+                except (OSError, ValueError, ControlError) as e:
+                    reply = {"ok": False, "error": f"bad control request: {e}"}
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def handle(self, req: Any) -> dict[str, Any]:
+        """Run one request; never raises for a request that is merely refused."""
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            return {"ok": False, "error": "bad control request: expected an object with op"}
+        op = req["op"]
+        try:
+            with self.lock:
+                if op == "create":
+                    names = req.get("volumes")
+                    if not isinstance(names, list) or not names:
+                        raise ControlError("create needs a list of volumes")
+                    missing = [n for n in names if n not in self.volumes]
+                    if missing:
+                        raise ControlError(
+                            f"volume {missing[0]} is not served by this process "
+                            f"(pid {os.getpid()}): a consistency group must be served by "
+                            "one nbdgw serve")
+                    snaps = create_group([self.volumes[n] for n in names], req.get("name"))
+                    return {"ok": True, "snapshots": [snapshot_row(n, s) for n, s in
+                                                      zip(names, snaps, strict=True)]}
+                vol = self.volumes.get(str(req.get("volume")))
+                if vol is None:
+                    raise ControlError(f"volume {req.get('volume')} is not served here")
+                name = str(req.get("name"))
+                if op == "delete":
+                    why = self.can_delete(vol.name, name)
+                    if why is not None:
+                        raise ControlError(why)
+                    vol.snapshot_delete(name)
+                    return {"ok": True}
+                if op == "rollback":
+                    return {"ok": True, "bytes_written": vol.snapshot_rollback(name)}
+                raise ControlError(f"unknown control op {op!r}")
+        except (ControlError, BlockstoreError) as e:
+            return {"ok": False, "error": str(e)}
+        except OSError as e:
+            log.error("snapshot_control_failed", op=op, error=str(e))
+            return {"ok": False, "error": f"{op} failed: {e.strerror or e}"}
+
+
+def _bind(path: Path) -> socket.socket:
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        short = f"/proc/self/fd/{dfd}/{path.name}"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(short)
+        finally:
+            os.umask(old)
+        s.listen(8)
+        return s
+    finally:
+        os.close(dfd)
+
+
+def _recv_line(conn: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ControlError("request too long")
+    return buf
+
+
+# -- client side ---------------------------------------------------------------------------
+
+def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Send one request to the process serving the volume in ``volume_dir``."""
+    path = volume_dir / SOCKET_NAME
+    try:
+        dfd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise ControlError(f"no volume directory {volume_dir}") from None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect(f"/proc/self/fd/{dfd}/{SOCKET_NAME}")
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise ControlError(
+                    f"volume {volume_dir.name} is in use but nothing answers on {path} "
+                    "(is it held by a peerlink receiver, or by an nbdgw older than "
+                    "snapshots?)") from None
+            s.sendall(json.dumps(req).encode() + b"\n")
+            reply = json.loads(_recv_line(s) or b"null")
+    finally:
+        os.close(dfd)
+    if not isinstance(reply, dict):
+        raise ControlError(f"no answer on {path}")
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error")))
+    return reply
