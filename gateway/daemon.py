@@ -7,6 +7,8 @@ reset after ``STABLE_AFTER`` s of running):
 - ``peerlink`` (`nbdgw replicate`): senders, receivers and the control socket, for the
   node's *effective* role (``gateway/nodestate.py``: a promoted secondary is primary).
 
+Timed snapshots (the config's ``snapshots.schedules``) run on a thread of their own.
+
 Failover (contract 6) when ``failover.auto`` and peers are configured: a heartbeat thread
 (gateway/heartbeat.py) keeps the ``View``; every tick ``failover.decide()`` may produce an
 event, ``failover.step()`` gives the new state and the actions, executed here in order:
@@ -418,7 +420,22 @@ class Daemon:
         if self.auto:
             self._start_heartbeat()
         self.control = Control(control_path(self.cfg.data_dir))
+        if self.cfg.snapshots.schedules:
+            threading.Thread(target=self._snapshot_schedules, name="snapshots",
+                             daemon=True).start()
         self._publish()
+
+    def _snapshot_schedules(self) -> None:
+        """Timed snapshots (gateway/snapshot_schedule.py): taken on the volumes this node
+        serves; replicas are skipped (they take the primary's snapshots from the journal)."""
+        from .snapshot_schedule import Scheduler
+
+        while not self.stop_event.is_set():
+            try:
+                Scheduler(self.installed).run(self.stop_event)
+            except Exception:  # noqa: BLE001 - logged; the schedules go on
+                log.exception("snapshot_scheduler_failed")
+                self.stop_event.wait(30)
 
     def _requests(self) -> None:
         if self.control is None:
