@@ -433,7 +433,7 @@ class Daemon:
         while not self.stop_event.is_set():
             try:
                 Scheduler(self.installed).run(self.stop_event)
-            except Exception:  # noqa: BLE001 - logged; the schedules go on
+            except Exception:  # logged; the schedules go on
                 log.exception("snapshot_scheduler_failed")
                 self.stop_event.wait(30)
 
