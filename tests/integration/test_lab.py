@@ -193,7 +193,8 @@ def test_lab_up_write_replicate_checksums(lab: dict[str, Any]) -> None:
     for n in lab["nodes"]:
         assert run_nbdgw("config", "check", n["config"]).returncode == 0
     # the service is reachable from the client namespace only through the lab's bridge
-    assert "192.0.2." not in run_cmd(["ip", "-brief", "addr"])
+    host_addrs = run_cmd(["ip", "-brief", "addr"])
+    assert " 192.0.2.1/" not in host_addrs and " 192.0.2.5/" not in host_addrs
 
     writer = Writer(lab, seed=1, max_writes=320, interactive=False)
     try:
