@@ -51,7 +51,7 @@ from .errors import CommandError, GatewayError
 from .failover import Action, Event, State, Timers, View, alive, decide, step
 from .heartbeat import Heartbeat
 from .replication import _secret, plan, selected_volumes
-from .serve import NbdServer, precheck_volumes
+from .serve import NbdServer, lease_path, precheck_volumes
 from .vip import ServiceAddress
 
 log = structlog.get_logger(component="daemon")
@@ -310,6 +310,8 @@ class Daemon:
         """Listen first, then take the service address (clients queue in the backlog
         while nbdkit loads), then the links; then wait until nbdkit answers."""
         self.cfg = nodestate.effective_config(self.installed)
+        if self.auto:
+            self._renew_lease()
         self._drop_child("peerlink")  # its plan follows the role: restart it
         nbd = self._nbd_child()
         if nbd is not None:
@@ -330,6 +332,7 @@ class Daemon:
                 log.error("nbdkit_not_ready", error=str(e))
 
     def _fence(self) -> None:
+        lease_path(self.cfg.data_dir).unlink(missing_ok=True)  # writes stop at once
         if self.vip is not None:
             self.vip.release()
         self._drop_child("nbdkit", kill=True)
@@ -492,10 +495,22 @@ class Daemon:
     def _serving(self) -> bool:
         return self.state is State.PRIMARY
 
+    def _renew_lease(self) -> None:
+        """Touch the write lease while this node serves as primary (nbd_plugin Lease)."""
+        path = lease_path(self.cfg.data_dir)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            path.touch()
+        except OSError as e:
+            log.error("lease_not_renewed", error=str(e))
+
     def _tick(self, now: float) -> None:
         self._requests()
         if not self.auto or self.hb is None:
             return
+        if self.state is State.PRIMARY:
+            self._renew_lease()
         with self.hb.lock:
             for p, rep in self.view.reports.items():
                 if rep.state is State.PRIMARY and now - rep.received < self.timers.timeout:

@@ -161,6 +161,10 @@ def uri(addr: Listen, export: str, tls: bool) -> str:
     return f"nbd{'s' if tls else ''}://{host}:{addr.port}/{export}"
 
 
+def lease_path(data_dir: Path) -> Path:
+    return data_dir / "run" / "write.lease"
+
+
 def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False) -> list[str]:
     argv = ["nbdkit", "--exit-with-parent"]
     tls = cfg.nbd.tls
@@ -177,6 +181,9 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
     argv += ["python", str(PLUGIN_PATH), f"data_dir={cfg.data_dir}",
              f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}",
              f"segment_bytes={cfg.journal.segment_bytes}"]
+    if cfg.failover.auto and cfg.peers and not all_readonly:
+        # Writes need the daemon's lease (gateway/daemon.py renews it every tick).
+        argv += [f"lease={lease_path(cfg.data_dir)}", f"lease_timeout={cfg.failover.timeout:g}"]
     timeout = sync_timeout(cfg)
     if timeout is not None and not all_readonly:
         argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}"]

@@ -148,6 +148,7 @@ def pread(h, buf, offset, flags):
 
 def pwrite(h, buf, offset, flags):
     try:
+        h.check_lease()
         with _server.lock:  # the snapshot control thread takes it too
             h.vol.write(buf, offset, flags & _FUA)
         if flags & _FUA:
@@ -169,6 +170,7 @@ def flush(h, flags):
 
 def trim(h, count, offset, flags):
     try:
+        h.check_lease()
         with _server.lock:  # the snapshot control thread takes it too
             h.vol.trim(offset, count, flags & _FUA)
         if flags & _FUA:
@@ -180,6 +182,7 @@ def trim(h, count, offset, flags):
 
 def zero(h, count, offset, flags):
     try:
+        h.check_lease()
         with _server.lock:  # the snapshot control thread takes it too
             h.vol.zero(offset, count, flags & _MAY_TRIM, flags & _FUA)
         if flags & _FUA:

@@ -236,3 +236,33 @@ def test_dr_promotion_refused_while_the_main_site_lives_then_done(lab_dir: Path)
     outcomes = [json.loads(x)["outcome"] for x in audit]
     assert outcomes == ["refused", "done"], audit
     assert all(json.loads(x)["action"] == "promote" for x in audit)
+
+
+def test_a_frozen_primary_daemon_stops_writes_before_the_secondary_promotes(
+        lab_dir: Path) -> None:
+    """SIGSTOP of the primary's daemon: nbdkit keeps running, but its write lease (renewed
+    by the daemon every tick) expires after failover.timeout, before the secondary may
+    promote (timeout + fence_margin): two primaries never accept writes at once."""
+    lab = up(lab_dir.parent)
+    writer = client(lab, STAMPER, f"nbd://{lab['service_address']}:10809/v1")
+    assert writer.stdout is not None
+    while int(writer.stdout.readline().split()[1]) < 16:
+        pass
+    pid = json.loads((lab_dir / "lab.json").read_text())["nodes"][0]["procs"][0]["pid"]
+    os.kill(pid, 19)  # SIGSTOP: the daemon (and its heartbeats) freeze, nbdkit does not
+    t0 = time.time()
+    try:
+        last = ""
+        for line in writer.stdout:
+            last = line
+        refused_after = time.time() - t0
+        assert last.startswith("error ") and "shut" in last.lower(), last
+        wait_states(lab, {"dc": "primary"}, 15)
+        promoted_log = (lab_dir / "dc" / "daemon.log").read_text()
+        assert '"promoted"' in promoted_log
+        print(f"writes refused {refused_after:.2f} s after the freeze")
+        assert refused_after < TIMEOUT  # before the secondary could have promoted
+    finally:
+        os.kill(pid, 18)  # SIGCONT
+    wait_states(lab, {"main": "stale"}, 15)
+    assert one_primary(lab) == "dc"
