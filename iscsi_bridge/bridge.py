@@ -201,7 +201,7 @@ class Bridge:
         for tid, t in actual.items():
             want = targets.get(tid)
             if want is None or want.iqn != t.name:
-                self.adm.delete_target(tid)
+                self.adm.remove_target(t)
                 report.removed.append(t.name)
                 log.info("iscsi_target_removed", target=t.name, tid=tid)
         for name in set(self.mounts) - {t.export.name for t in targets.values()}:
@@ -275,7 +275,7 @@ class Bridge:
         if lun is not None and (restarted or lun.path != path or
                                 BSOFLAGS not in lun.bsoflags or
                                 not self._lun_file_current(lun.path, mount)):
-            self.adm.delete_lun(want.tid, DISK_LUN)
+            self.adm.remove_lun(want.tid, DISK_LUN)
             report.repaired.append(f"{want.iqn}: LUN {DISK_LUN} re-created on a fresh mount")
             lun = None
         params = {"vendor_id": VENDOR_ID,
@@ -340,7 +340,7 @@ class Bridge:
         if self.adm.alive():
             for tid, t in self.adm.targets().items():
                 if t.name == iqn:
-                    self.adm.delete_target(tid)
+                    self.adm.remove_target(t)
                     removed = True
                     log.info("iscsi_target_removed", target=iqn, tid=tid)
         m = self.mounts.pop(export, None) or FuseMount(export, self.mount_root / export, "",

@@ -7,6 +7,7 @@ system tgtd (control port 0) or another node's bridge on the same host is never 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -185,6 +186,61 @@ class Tgtadm:
     def delete_target(self, tid: int) -> None:
         self._run("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
 
+    def connections(self, tid: int) -> list[tuple[int, int]]:
+        """(session id, connection id) of every connection to target ``tid``."""
+        out = self._run("--mode", "conn", "--op", "show", "--tid", str(tid))
+        conns: list[tuple[int, int]] = []
+        sid = None
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "Session":
+                sid = int(value)
+            elif key == "Connection" and sid is not None:
+                conns.append((sid, int(value)))
+        return conns
+
+    def delete_connection(self, tid: int, sid: int, cid: int) -> None:
+        self._run("--mode", "conn", "--op", "delete", "--tid", str(tid), "--sid", str(sid),
+                  "--cid", str(cid))
+
+    def remove_target(self, target: TargetState, timeout: float = 10) -> None:
+        """Delete a target even while initiators use it.
+
+        ``delete --force`` alone fails ("this logical unit is still active") while
+        commands are in flight, so: unbind the ACL (no new logins), close every
+        connection, and retry until tgtd lets the target go.
+        """
+        for acl in target.acl:
+            with contextlib.suppress(CommandError):
+                self.unbind(target.tid, acl)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.delete_target(target.tid)
+                return
+            except CommandError as e:
+                if "still active" not in e.stderr or time.monotonic() > deadline:
+                    raise
+            for sid, cid in self.connections(target.tid):
+                with contextlib.suppress(CommandError):
+                    self.delete_connection(target.tid, sid, cid)
+            time.sleep(0.1)
+
+    def remove_lun(self, tid: int, lun: int, timeout: float = 10) -> None:
+        """Delete a LUN, closing the target's connections if it is busy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.delete_lun(tid, lun)
+                return
+            except CommandError as e:
+                if "still active" not in e.stderr or time.monotonic() > deadline:
+                    raise
+            for sid, cid in self.connections(tid):
+                with contextlib.suppress(CommandError):
+                    self.delete_connection(tid, sid, cid)
+            time.sleep(0.1)
+
     def new_lun(self, tid: int, lun: int, path: str, bsoflags: str = "") -> None:
         args = ["--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun),
                 "--backing-store", path, "--bstype", "rdwr"]
@@ -289,8 +345,8 @@ class Tgtd:
         """`tgtadm --op delete --mode system` (the way tgtd stops), then wait for it."""
         pid = self.pid()
         if self.adm.alive():
-            for tid in self.adm.targets():
-                self.adm.delete_target(tid)
+            for target in self.adm.targets().values():
+                self.adm.remove_target(target)
             try:
                 self.adm.delete_system()
             except CommandError as e:
