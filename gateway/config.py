@@ -613,7 +613,7 @@ def _iscsi(raw: Any) -> IscsiConfig:
         mutual_chap=_chap(s.get("mutual_chap"), "iscsi.mutual_chap"),
         initiators=tuple(initiators),
         allow=allow,
-        control_port=s.integer("control_port", default.control_port, 1, 65535),
+        control_port=s.integer("control_port", default.control_port, 1, 32767),
         run_dir=s.path_("run_dir", default.run_dir) or default.run_dir,
     )
     if cfg.enabled and cfg.iqn is None:

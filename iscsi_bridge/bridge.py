@@ -253,10 +253,13 @@ class Bridge:
         """The healthy mount for ``want`` and whether it was (re)started just now."""
         name = want.export.name
         m = self.mounts.get(name)
-        if m is None or m.read_only != want.read_only:
-            m = FuseMount(name, self.mount_root / name, self.nbd_uri(name), want.read_only)
-            self.mounts[name] = m
-        if m.healthy():
+        if m is not None and m.read_only == want.read_only and m.healthy():
+            return m, False
+        if m is not None:
+            m.stop()
+        m = FuseMount(name, self.mount_root / name, self.nbd_uri(name), want.read_only)
+        self.mounts[name] = m
+        if m.healthy():  # adopted from an earlier bridge process
             return m, False
         m.start()
         return m, True
@@ -282,7 +285,11 @@ class Bridge:
                   "product_id": "SNAPSHOT" if want.export.is_snapshot else "VOLUME",
                   "scsi_id": want.scsi_id, "scsi_sn": want.scsi_sn,
                   "readonly": "1" if want.read_only else "0",
-                  "thin_provisioning": "0" if want.read_only else "1"}
+                  # Not thin: tgtd's thin-provisioning path (GET LBA STATUS via
+                  # lseek SEEK_DATA, UNMAP via fallocate) misbehaves on the nbdfuse
+                  # file -- after a GET LBA STATUS past the end, 16-byte reads near
+                  # the end come back short (libiscsi's conformance suite shows it).
+                  "thin_provisioning": "0"}
         if lun is None:
             self.adm.new_lun(want.tid, DISK_LUN, path, BSOFLAGS)
             self.adm.update_lun(want.tid, DISK_LUN, **params)

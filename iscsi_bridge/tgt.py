@@ -355,6 +355,10 @@ class Tgtd:
             _wait_gone(pid, timeout)
         self._reap()
         self.pid_file.unlink(missing_ok=True)
+        if pid is not None:  # tgtd leaves its control socket and lock file behind
+            for suffix in ("", ".lock"):
+                (TGTD_SOCKET_DIR / f"socket.{self.adm.control_port}{suffix}").unlink(
+                    missing_ok=True)
         log.info("tgtd_stopped", pid=pid)
 
     def _reap(self) -> None:

@@ -76,7 +76,7 @@ def test_allow_is_normalised() -> None:
     ({"portal": "gateway:3260"}, {},
      "expected an IP address as HOST in 'gateway:3260' for iscsi.portal"),
     ({"portal": 3260}, {}, "expected a string 'HOST:PORT' for iscsi.portal"),
-    ({"control_port": 0}, {}, "expected integer between 1 and 65535 for iscsi.control_port"),
+    ({"control_port": 0}, {}, "expected integer between 1 and 32767 for iscsi.control_port"),
     ({"run_dir": "run"}, {}, "expected an absolute path for iscsi.run_dir"),
     ({"chap": {"user": "a"}}, {}, "missing key 'secret_file' in iscsi.chap"),
     ({"chap": {"secret_file": "/s"}}, {}, "missing key 'user' in iscsi.chap"),
