@@ -31,6 +31,7 @@ import structlog
 
 from gateway.config import ChapConfig, IscsiConfig, NodeConfig
 
+from . import loop
 from .errors import BridgeError, InvalidName
 from .fuse import FuseMount
 from .names import DISK_LUN, scsi_id, scsi_sn, split_export, target_iqn, target_tid
@@ -125,7 +126,8 @@ class Bridge:
     e.g. ``nbd+unix:///v1?socket=/run/nbdgw/nbd.sock``.
     """
 
-    def __init__(self, cfg: IscsiConfig, nbd_uri: Callable[[str], str]) -> None:
+    def __init__(self, cfg: IscsiConfig, nbd_uri: Callable[[str], str],
+                 route: str | None = None) -> None:
         if cfg.iqn is None:
             raise BridgeError("iscsi.iqn is not set")
         self.cfg = cfg
@@ -137,6 +139,11 @@ class Bridge:
         self.mounts: dict[str, FuseMount] = {}
         self._secrets_set: dict[str, str] = {}  # user -> secret, for this tgtd's pid
         self._tgtd_pid: int | None = None
+        # "loop": tgtd on a direct-I/O loop device over the nbdfuse file (writes overlap,
+        # see loop.py); "file": tgtd on the nbdfuse file itself (no loop devices needed).
+        self.route = route or ("loop" if loop.available() else "file")
+        if self.route not in ("loop", "file"):
+            raise BridgeError(f"unknown route {self.route!r} (loop or file)")
 
     # -- desired state -------------------------------------------------------------
 
@@ -205,9 +212,9 @@ class Bridge:
                 report.removed.append(t.name)
                 log.info("iscsi_target_removed", target=t.name, tid=tid)
         for name in set(self.mounts) - {t.export.name for t in targets.values()}:
-            self.mounts.pop(name).stop()
+            self._drop_mount(self.mounts.pop(name))
         for name in self._stray_mounts(targets):
-            FuseMount(name, self.mount_root / name, "", read_only=True).stop()
+            self._drop_mount(FuseMount(name, self.mount_root / name, "", read_only=True))
 
         portals = self.adm.portals()
         if self.cfg.portal not in portals:
@@ -249,6 +256,21 @@ class Bridge:
             self.adm.new_account(user, secret)
             self._secrets_set[user] = secret
 
+    def _drop_mount(self, m: FuseMount) -> None:
+        """Detach the mount's loop devices (tgtd no longer uses them), then unmount."""
+        if self.route == "loop":
+            loop.detach_all(m.file)
+        m.stop()
+
+    def _backing(self, want: Target, mount: FuseMount) -> str:
+        """The path tgtd's LUN opens: the nbdfuse file, or a current loop device over it."""
+        if self.route == "file":
+            return str(mount.file)
+        for lo in loop.loops_of(mount.file):
+            if loop.current(lo, mount.file) and lo.read_only == want.read_only:
+                return lo.device
+        return loop.attach(mount.file, want.read_only)
+
     def _mount(self, want: Target) -> tuple[FuseMount, bool]:
         """The healthy mount for ``want`` and whether it was (re)started just now."""
         name = want.export.name
@@ -256,7 +278,7 @@ class Bridge:
         if m is not None and m.read_only == want.read_only and m.healthy():
             return m, False
         if m is not None:
-            m.stop()
+            self._drop_mount(m)
         m = FuseMount(name, self.mount_root / name, self.nbd_uri(name), want.read_only)
         self.mounts[name] = m
         if m.healthy():  # adopted from an earlier bridge process
@@ -267,7 +289,7 @@ class Bridge:
     def _reconcile_target(self, want: Target, have: TargetState | None,
                           secrets: dict[str, tuple[str, bool]], report: Report) -> None:
         mount, restarted = self._mount(want)
-        path = str(mount.file)
+        path = self._backing(want, mount)
         if have is None:
             self.adm.new_target(want.tid, want.iqn)
             have = TargetState(want.tid, want.iqn)
@@ -291,13 +313,25 @@ class Bridge:
                   # the end come back short (libiscsi's conformance suite shows it).
                   "thin_provisioning": "0"}
         if lun is None:
-            self.adm.new_lun(want.tid, DISK_LUN, path, BSOFLAGS)
+            try:
+                self.adm.new_lun(want.tid, DISK_LUN, path, BSOFLAGS)
+            finally:
+                if self.route == "loop":
+                    # tgtd holds it open now: detaching marks it autoclear, so the kernel
+                    # frees it when tgtd lets go (LUN deleted, tgtd killed) -- no leak,
+                    # even when the mount under it has died and its path means nothing.
+                    loop.detach(path)
             self.adm.update_lun(want.tid, DISK_LUN, **params)
         elif (lun.scsi_id, lun.scsi_sn, lun.readonly) != (want.scsi_id, want.scsi_sn,
                                                           want.read_only):
             self.adm.update_lun(want.tid, DISK_LUN, **params)
             report.repaired.append(f"{want.iqn}: LUN {DISK_LUN} identity or read-only flag")
 
+        self._reconcile_access(want, have, secrets, report)
+
+    def _reconcile_access(self, want: Target, have: TargetState,
+                          secrets: dict[str, tuple[str, bool]], report: Report) -> None:
+        """The target's initiator ACL and CHAP account bindings."""
         acl = self._acl()
         for a in sorted(acl - have.acl):  # widen first, then narrow: no moment of no access
             self.adm.bind(want.tid, a)
@@ -318,12 +352,15 @@ class Bridge:
             self.adm.unbind_account(want.tid, u, outgoing=True)
 
     def _lun_file_current(self, path: str, mount: FuseMount) -> bool:
-        """Does tgtd hold ``path`` open on the current mount (not a dead earlier one)?"""
+        """Does tgtd hold ``path`` open on the current mount (not a dead earlier one)?
+
+        A loop device is checked against the mount in `_backing` already (a loop held
+        open by tgtd cannot be detached and reused, so its name stays unique)."""
         pid = self.tgtd.pid()
         if pid is None:
             return True  # cannot tell (tgtd not ours); the path check above must do
         try:
-            dev = os.stat(mount.file).st_dev
+            dev = os.stat(mount.file if self.route == "file" else path).st_dev
         except OSError:
             return False
         fd_dir = Path(f"/proc/{pid}/fd")
@@ -352,7 +389,7 @@ class Bridge:
                     log.info("iscsi_target_removed", target=iqn, tid=tid)
         m = self.mounts.pop(export, None) or FuseMount(export, self.mount_root / export, "",
                                                        read_only=True)
-        m.stop()
+        self._drop_mount(m)
         return removed
 
     def stop(self) -> None:
@@ -361,10 +398,10 @@ class Bridge:
         self._secrets_set.clear()
         self._tgtd_pid = None
         for m in self.mounts.values():
-            m.stop()
+            self._drop_mount(m)
         self.mounts.clear()
         for name in self._stray_mounts({}):
-            FuseMount(name, self.mount_root / name, "", read_only=True).stop()
+            self._drop_mount(FuseMount(name, self.mount_root / name, "", read_only=True))
         log.info("iscsi_stopped")
 
     # -- status --------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ChapConfig, IscsiConfig
-from iscsi_bridge import Bridge, Export
+from iscsi_bridge import Bridge, Export, loop
 from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
 from iscsi_bridge.tgt import Tgtadm
@@ -47,7 +47,7 @@ def free_port() -> int:
 def free_control_port() -> int:
     """A tgtd control port (1..32767) no tgtd on this host uses: no socket file for it."""
     for _ in range(1000):
-        n = random.randint(20000, 32767)
+        n = random.randint(20000, 32767)  # noqa: S311 - not a secret
         if not Path(f"/var/run/tgtd/socket.{n}").exists():
             return n
     raise AssertionError("no free tgtd control port")
@@ -65,7 +65,8 @@ class IscsiEnv:
     """A Bridge in front of one `nbdgw serve`, on its own port and control port."""
 
     def __init__(self, tmp: Path, served: Served, exports: list[Export],
-                 nbd_uri: Callable[[str], str] | None = None, **kw: Any) -> None:
+                 nbd_uri: Callable[[str], str] | None = None, route: str | None = None,
+                 **kw: Any) -> None:
         self.port = free_port()
         self.cfg = IscsiConfig(enabled=True, portal_host="127.0.0.1", portal_port=self.port,
                                iqn=BASE, control_port=free_control_port(),
@@ -73,7 +74,7 @@ class IscsiEnv:
                                **kw)
         self.served = served
         self.exports = exports
-        self.bridge = Bridge(self.cfg, nbd_uri or served.uri)
+        self.bridge = Bridge(self.cfg, nbd_uri or served.uri, route)
 
     def reconcile(self, exports: list[Export] | None = None) -> Any:
         return self.bridge.reconcile(self.exports if exports is None else exports)
@@ -110,8 +111,10 @@ def iscsi(tmp_path: Path, volume: str, serve: Callable[..., Served]
     made: list[IscsiEnv] = []
 
     def make(exports: list[Export] | None = None, served: Served | None = None,
-             nbd_uri: Callable[[str], str] | None = None, **kw: Any) -> IscsiEnv:
-        e = IscsiEnv(tmp_path, served or serve(), exports or [Export("v1")], nbd_uri, **kw)
+             nbd_uri: Callable[[str], str] | None = None, route: str | None = None,
+             **kw: Any) -> IscsiEnv:
+        e = IscsiEnv(tmp_path, served or serve(), exports or [Export("v1")], nbd_uri, route,
+                     **kw)
         made.append(e)
         e.reconcile()
         return e
@@ -138,9 +141,15 @@ def vpd(e: IscsiEnv, page: int) -> bytes:
 
 # -- data path ----------------------------------------------------------------------------
 
+ROUTES = pytest.mark.parametrize("route", ["loop", "file"])
+
+
+@ROUTES
 def test_write_over_iscsi_read_over_nbd_and_back(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
-                                                  data_dir: Path) -> None:
-    e = iscsi()
+                                                  data_dir: Path, route: str) -> None:
+    e = iscsi(route=route)
+    backing = e.bridge.status()["targets"][0]["backing_store"]  # type: ignore[index]
+    assert backing.startswith("/dev/loop") if route == "loop" else backing.endswith("/disk")
     data = os.urandom(4 * MiB)
     src = tmp_path / "src.img"
     src.write_bytes(data)
@@ -184,6 +193,32 @@ def test_iscsi_writes_reach_the_replica(env: Env, iscsi: Callable[..., IscsiEnv]
     env.wait_caught_up()
     primary, replica = env.checksums()
     assert primary == replica
+
+
+@ROUTES
+def test_sync_cache_is_an_nbd_flush(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
+                                    serve: Callable[..., Served], route: str) -> None:
+    """SYNCHRONIZE CACHE from the initiator reaches the NBD server as FLUSH, after the
+    write it covers (nbdkit's log filter in front of a memory disk records the order)."""
+    log = tmp_path / "nbd.log"
+    sock = tmp_path / "mem.sock"
+    nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "--exit-with-parent",
+                               "--filter=log", "memory", "64M", f"logfile={log}"])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        e = iscsi(served=serve(), nbd_uri=lambda _: f"nbd+unix:///?socket={sock}", route=route)
+        start = len(log.read_text().splitlines())
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x55 4096 64k", "-c", "flush", e.url())
+        ops = [ln.split()[3] for ln in log.read_text().splitlines()[start:]
+               if " ..." in ln and "return=" not in ln]
+        assert "Write" in ops
+        assert "Flush" in ops[ops.index("Write"):]
+        e.cleanup()
+    finally:
+        nbdkit.terminate()
+        nbdkit.wait(10)
 
 
 def _secret(tmp_path: Path) -> Path:
@@ -313,8 +348,9 @@ def test_snapshot_export_is_a_read_only_target(tmp_path: Path, iscsi: Callable[.
 
 # -- lifecycle ----------------------------------------------------------------------------
 
-def test_reconcile_is_idempotent_and_repairs(iscsi: Callable[..., IscsiEnv]) -> None:
-    e = iscsi()
+@ROUTES
+def test_reconcile_is_idempotent_and_repairs(iscsi: Callable[..., IscsiEnv], route: str) -> None:
+    e = iscsi(route=route)
     assert not e.reconcile().changed
 
     pid = e.bridge.tgtd.pid()
@@ -338,6 +374,9 @@ def test_reconcile_is_idempotent_and_repairs(iscsi: Callable[..., IscsiEnv]) -> 
     assert r.repaired == [f"{BASE}:v1: LUN 1 re-created on a fresh mount"]
     assert "DIRECT_ACCESS" in e.inq().stdout
     assert not e.reconcile().changed
+    e.cleanup()
+    assert not [lo for lo in loop.loops() if str(e.cfg.run_dir) in lo.backing_file or
+                lo.backing_file == "/disk"], "a loop device was left behind"
 
 
 def test_a_new_bridge_adopts_the_running_tgtd(iscsi: Callable[..., IscsiEnv]) -> None:
