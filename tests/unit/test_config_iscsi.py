@@ -70,12 +70,15 @@ def test_allow_is_normalised() -> None:
      "an iSCSI name is at most 223 bytes, 'iqn.2026-11.com.example:" + "x" * 200
      + "' has 224 for iscsi.iqn"),
     ({"portal": "192.0.2.1"}, {},
-     "expected 'HOST:PORT' with PORT 1-65535 for iscsi.portal, got '192.0.2.1'"),
+     "expected 'HOST:PORT' with an IP address and a port 1..65535 for iscsi.portal, "
+     "got '192.0.2.1'"),
     ({"portal": "192.0.2.1:0"}, {},
-     "expected 'HOST:PORT' with PORT 1-65535 for iscsi.portal, got '192.0.2.1:0'"),
+     "expected 'HOST:PORT' with an IP address and a port 1..65535 for iscsi.portal, "
+     "got '192.0.2.1:0'"),
     ({"portal": "gateway:3260"}, {},
-     "expected an IP address as HOST in 'gateway:3260' for iscsi.portal"),
-    ({"portal": 3260}, {}, "expected a string 'HOST:PORT' for iscsi.portal"),
+     "expected 'HOST:PORT' with an IP address and a port 1..65535 for iscsi.portal, "
+     "got 'gateway:3260'"),
+    ({"portal": 3260}, {}, "expected 'HOST:PORT' for iscsi.portal"),
     ({"control_port": 0}, {}, "expected integer between 1 and 32767 for iscsi.control_port"),
     ({"run_dir": "run"}, {}, "expected an absolute path for iscsi.run_dir"),
     ({"chap": {"user": "a"}}, {}, "missing key 'secret_file' in iscsi.chap"),
