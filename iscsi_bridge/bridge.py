@@ -29,7 +29,7 @@ from pathlib import Path
 
 import structlog
 
-from gateway.config import ChapConfig, IscsiConfig, NodeConfig
+from gateway.config import ChapConfig, IscsiConfig, NodeConfig, Role
 
 from . import loop
 from .errors import BridgeError, InvalidName
@@ -99,16 +99,19 @@ def read_secret(chap: ChapConfig, where: str) -> str:
     return secret
 
 
-def exports_from_config(cfg: NodeConfig, primary: bool = True,
+def exports_from_config(cfg: NodeConfig, primary: bool | None = None,
                         snapshots: Iterable[str] = ()) -> list[Export]:
     """The exports a node serves over iSCSI: its volumes when primary, plus snapshots.
 
     Volumes are the config's `volumes` list, or every non-replica volume in data_dir
     when the list is empty (as `nbdgw serve` does).  Only the primary exposes
-    writable LUNs; snapshots are read-only wherever they are exported.
+    writable LUNs (``primary`` defaults to node.role); snapshots are read-only
+    wherever they are exported.
     """
     from blockstore.volume import is_replica, list_volumes
 
+    if primary is None:
+        primary = cfg.role is Role.PRIMARY
     out: list[Export] = []
     if primary:
         if cfg.volumes:

@@ -70,3 +70,6 @@ def test_exports_from_config() -> None:
     assert exports_from_config(cfg) == [Export("a"), Export("b", read_only=True)]
     assert exports_from_config(cfg, primary=False, snapshots=["a@s1"]) == [
         Export("a@s1", read_only=True)]
+    secondary = parse_config({"version": 1, "node": {"role": "secondary"},
+                              "volumes": [{"name": "a", "size": "1G"}]})
+    assert exports_from_config(secondary) == []  # only the primary exports writable LUNs
