@@ -208,6 +208,11 @@ class FailoverConfig:
     fence_margin: float = 1.0
 
 
+class IscsiRoute(enum.Enum):
+    FILE = "file"  # tgtd on the nbdfuse file (O_DIRECT): full conformance
+    LOOP = "loop"  # tgtd on a direct-I/O loop device over it: faster random writes
+
+
 @dataclass(frozen=True)
 class ChapConfig:
     """One CHAP identity: the user name and the file holding its secret."""
@@ -229,6 +234,7 @@ class IscsiConfig:
     initiators: tuple[str, ...] = ()  # initiator names allowed; empty = any
     allow: tuple[str, ...] = ()  # initiator addresses (CIDRs) allowed; empty = any
     control_port: int = 3260  # tgtd's management socket /var/run/tgtd/socket.<N>
+    route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the nbdfuse file
     run_dir: Path = Path("/run/nbdgw/iscsi")  # nbdfuse mounts, tgtd pid and log
 
     @property
@@ -587,7 +593,7 @@ def _iscsi(raw: Any) -> IscsiConfig:
     from iscsi_bridge.names import validate_initiator, validate_iqn
 
     s = _Section(raw, "iscsi", ("enabled", "portal", "iqn", "chap", "mutual_chap",
-                                "initiators", "allow", "control_port", "run_dir"))
+                                "initiators", "allow", "control_port", "run_dir", "route"))
     default = IscsiConfig()
     host, port = parse_host_port(s.get("portal") if s.has("portal") else default.portal,
                                  "iscsi.portal")
@@ -615,6 +621,7 @@ def _iscsi(raw: Any) -> IscsiConfig:
         allow=allow,
         control_port=s.integer("control_port", default.control_port, 1, 32767),
         run_dir=s.path_("run_dir", default.run_dir) or default.run_dir,
+        route=s.enum("route", IscsiRoute, default.route),
     )
     if cfg.enabled and cfg.iqn is None:
         raise ConfigError("missing key 'iqn' in iscsi (required when iscsi.enabled is true)")

@@ -6,6 +6,10 @@ reservation ownership and service-action range checks, RESERVE(6) with two
 initiators, GET LBA STATUS past the end, and a DataSN check in the iSCSI family.
 WRITE SAME is in a slow test: tgtd's rdwr backend writes one block per pwrite, which
 through FUSE and NBD takes about a minute per suite on a 64 MiB LUN.
+
+The opt-in loop route (iscsi.route: loop) fails more, all for one reason: tgtd reads
+VERIFY and ORWRITE data into unaligned buffers and passes odd transfer lengths through,
+which O_DIRECT on a block device refuses with EINVAL; the test pins that list too.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ TGT_OWN_FAILURES = {
     "GetLBAStatus.BeyondEol", "PrinServiceactionRange.Range", "ProutReserve.OwnershipEA",
     "ProutReserve.OwnershipWE", "ProutReserve.OwnershipEARO", "ProutReserve.OwnershipWERO",
     "Reserve6.2Initiators", "iSCSIdatasn.iSCSIDataSnInvalid"}
+LOOP_ROUTE_FAILURES = {
+    *(f"iSCSIResiduals.{t}" for t in (
+        "Read10Invalid", "Read10Residuals", "Read12Residuals", "Read16Residuals",
+        "Write10Residuals", "Write12Residuals", "Write16Residuals", "WriteVerify10Residuals",
+        "WriteVerify12Residuals", "WriteVerify16Residuals")),
+    *(f"WriteVerify{n}.Simple" for n in (10, 12, 16)),
+    *(f"Verify{n}.{t}" for n in (10, 12, 16) for t in ("Simple", "Mismatch")),
+    "OrWrite.Simple", "OrWrite.DpoFua", "OrWrite.Verify"}
 
 
 def suites(family: str) -> list[str]:
@@ -61,8 +73,9 @@ def plain_target(tmp_path: Path, e: IscsiEnv, size: int) -> str:
 
 
 def compare(tmp_path: Path, iscsi: Callable[..., IscsiEnv],  # noqa: F811
-            tests: list[str], timeout: float) -> tuple[set[str], set[str], int]:
-    e = iscsi(exports=[Export("v1")])
+            tests: list[str], timeout: float, route: str = "file"
+            ) -> tuple[set[str], set[str], int]:
+    e = iscsi(exports=[Export("v1")], route=route)
     # the bridge's reconcile would delete a target it does not own: add it afterwards
     plain = plain_target(tmp_path, e, 64 << 20)
     ran, bridge_failed = run_suites(e.url(), tests, timeout)
@@ -71,14 +84,20 @@ def compare(tmp_path: Path, iscsi: Callable[..., IscsiEnv],  # noqa: F811
     return bridge_failed, plain_failed, ran
 
 
+@pytest.mark.parametrize("route", ["file", "loop"])
 def test_scsi_and_iscsi_families(tmp_path: Path, iscsi: Callable[..., IscsiEnv],  # noqa: F811
-                                 serve: Callable[..., Served]) -> None:
+                                 serve: Callable[..., Served], route: str) -> None:
     tests = [f"SCSI.{s}" for s in suites("SCSI") if s not in SLOW_SUITES]
     tests += [f"iSCSI.{s}" for s in suites("iSCSI")]
-    bridge_failed, plain_failed, ran = compare(tmp_path, iscsi, tests, timeout=240)
+    bridge_failed, plain_failed, ran = compare(tmp_path, iscsi, tests, 240, route)
     assert ran > 200
-    assert bridge_failed == plain_failed  # the bridge adds no failure, hides none
     assert plain_failed == TGT_OWN_FAILURES
+    if route == "file":  # the default route adds no failure, hides none
+        assert bridge_failed == plain_failed
+    else:  # OrWrite.DpoFua fails in some runs only (it depends on the data left there)
+        assert plain_failed <= bridge_failed <= plain_failed | LOOP_ROUTE_FAILURES
+        assert {"Verify10.Simple", "WriteVerify10.Simple", "OrWrite.Verify",
+                "iSCSIResiduals.Write10Residuals"} <= bridge_failed
 
 
 @pytest.mark.slow

@@ -7,14 +7,15 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ChapConfig, IscsiConfig, parse_config
+from gateway.config import ChapConfig, IscsiConfig, IscsiRoute, parse_config
 from gateway.errors import ConfigError
 
 IQN = "iqn.2026-11.com.example:nbdgw"
 IQN_RULE = ("expected an IQN such as iqn.2026-11.com.example:nbdgw (iqn.YYYY-MM. and a "
             "reversed domain name, then optionally ':' and a unique part; lowercase "
             "letters, digits, '.', '-' and ':' only)")
-KNOWN = "allow, chap, control_port, enabled, initiators, iqn, mutual_chap, portal, run_dir"
+KNOWN = ("allow, chap, control_port, enabled, initiators, iqn, mutual_chap, portal, route, "
+         "run_dir")
 
 
 def cfg(iscsi: Any, **top: Any) -> IscsiConfig:
@@ -40,14 +41,15 @@ def test_full_section() -> None:
              "mutual_chap": {"user": "tgt", "secret_file": "/etc/nbdgw/mutual"},
              "initiators": ["iqn.1991-05.com.microsoft:sql1", "eui.0123456789ABCDEF",
                             "naa.0123456789abcdef"],
-             "control_port": 17000, "run_dir": "/srv/iscsi"},
+             "control_port": 17000, "run_dir": "/srv/iscsi", "route": "loop"},
             volumes=[{"name": "sql-data", "size": "1G"}])
     assert (c.portal_host, c.portal_port, c.portal) == ("2001:db8::10", 3261,
                                                         "[2001:db8::10]:3261")
     assert c.chap == ChapConfig("sql", Path("/etc/nbdgw/chap"))
     assert c.mutual_chap == ChapConfig("tgt", Path("/etc/nbdgw/mutual"))
     assert len(c.initiators) == 3
-    assert (c.control_port, c.run_dir) == (17000, Path("/srv/iscsi"))
+    assert (c.control_port, c.run_dir, c.route) == (17000, Path("/srv/iscsi"),
+                                                    IscsiRoute.LOOP)
 
 
 def test_allow_is_normalised() -> None:
@@ -81,6 +83,7 @@ def test_allow_is_normalised() -> None:
     ({"portal": 3260}, {}, "expected 'HOST:PORT' for iscsi.portal"),
     ({"control_port": 0}, {}, "expected integer between 1 and 32767 for iscsi.control_port"),
     ({"run_dir": "run"}, {}, "expected an absolute path for iscsi.run_dir"),
+    ({"route": "fast"}, {}, "expected one of file, loop for iscsi.route"),
     ({"chap": {"user": "a"}}, {}, "missing key 'secret_file' in iscsi.chap"),
     ({"chap": {"secret_file": "/s"}}, {}, "missing key 'user' in iscsi.chap"),
     ({"chap": {"user": "a b", "secret_file": "/s"}}, {},
