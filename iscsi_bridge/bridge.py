@@ -166,6 +166,11 @@ class Bridge:
                 failed[e.name] = str(err)
                 continue
             tid = target_tid(iqn)
+            same = next((t for t in targets.values() if t.iqn == iqn), None)
+            if same is not None:
+                failed[e.name] = (f"target name {iqn} is also {same.export.name}'s "
+                                  "(IQNs ignore case)")
+                continue
             if tid in targets:
                 other = targets[tid].export.name
                 failed[e.name] = (f"target id {tid} of {iqn} collides with {other}'s; "

@@ -6,7 +6,9 @@ same device identifiers (VPD page 0x83), which is what multipath software and
 cluster disk resources key on.  Nothing here depends on the host or on tgtd state.
 
 - Target IQN: ``<iscsi.iqn>:<volume>`` for a volume, ``<iscsi.iqn>:<volume>:<snapshot>``
-  for the read-only export ``VOLUME@SNAP`` (a volume name never contains ':').
+  for the read-only export ``VOLUME@SNAP`` (a volume name never contains ':').  Snapshot
+  names are lowercased (IQNs compare case-insensitively, RFC 3722; the scheduler's
+  names carry an uppercase T and Z); volume names must already be valid.
 - tid: tgtd's target id, a hash of the target IQN below 2**28.  tgtd puts
   ``tid << 32 | lun`` in the NAA (locally assigned) designator of VPD page 0x83, with
   its top nibble overwritten by the NAA type, so the tid must be stable and small.
@@ -36,6 +38,7 @@ _IQN_RE = re.compile(
 _EUI_RE = re.compile(r"eui\.[0-9a-fA-F]{16}")
 _NAA_RE = re.compile(r"naa\.([0-9a-fA-F]{16}|[0-9a-fA-F]{32})")
 _PART_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+_SNAP_PART_RE = re.compile(r"[a-z0-9]([a-z0-9.:-]*[a-z0-9])?")
 
 IQN_RULE = ("expected an IQN such as iqn.2026-11.com.example:nbdgw (iqn.YYYY-MM. and a "
             "reversed domain name, then optionally ':' and a unique part; lowercase "
@@ -76,9 +79,10 @@ def split_export(export: str) -> tuple[str, str | None]:
 def target_iqn(base: str, export: str) -> str:
     """The target IQN of an NBD export (volume, or ``VOLUME@SNAP``); InvalidName if none."""
     volume, snap = split_export(export)
-    parts = [("volume", volume)] if snap is None else [("volume", volume), ("snapshot", snap)]
+    parts = [("volume", volume)] if snap is None else [("volume", volume),
+                                                        ("snapshot", snap.lower())]
     for what, part in parts:
-        if not _PART_RE.fullmatch(part):
+        if not (_PART_RE if what == "volume" else _SNAP_PART_RE).fullmatch(part):
             raise InvalidName(
                 f"{what} name {part!r} cannot be part of an iSCSI target name "
                 f"(IQNs allow only lowercase letters, digits, '.' and '-' here): "

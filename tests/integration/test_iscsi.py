@@ -313,37 +313,36 @@ def test_read_only_lun_refuses_writes(tmp_path: Path, iscsi: Callable[..., Iscsi
 
 
 def test_snapshot_export_is_a_read_only_target(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
-                                               serve: Callable[..., Served]) -> None:
-    """``VOLUME@SNAP`` becomes target <iqn>:VOLUME:SNAP, read-only; here a stand-in NBD
-    server (nbdkit file) plays the snapshot export, which the snapshot work provides."""
-    content = os.urandom(2 * MiB)
-    (tmp_path / "snap.img").write_bytes(content)
-    sock = tmp_path / "snap.sock"
-    nbdkit = subprocess.Popen(["nbdkit", "-f", "-r", "-U", str(sock), "--exit-with-parent",
-                               "file", str(tmp_path / "snap.img")])
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        served = serve()
-        e = iscsi(exports=[Export("v1"), Export("v1@daily")], served=served,
-                  nbd_uri=lambda x: f"nbd+unix:///?socket={sock}" if "@" in x else served.uri(x))
-        out = tmp_path / "out.img"
-        sh("qemu-img", "convert", "-f", "raw", "-O", "raw", e.url("v1@daily"), str(out))
-        assert out.read_bytes() == content
-        p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(out),
-               e.url("v1@daily"), check=False)
-        assert p.returncode != 0
-        names = {t["iqn"]: t["read_only"] for t in e.bridge.status()["targets"]}  # type: ignore[union-attr]
-        assert names == {f"{BASE}:v1": False, f"{BASE}:v1:daily": True}
-        # the snapshot goes away: its target first, then its mount
-        report = e.reconcile([Export("v1")])
-        assert report.removed == [f"{BASE}:v1:daily"]
-        assert not (e.cfg.run_dir / "mnt" / "v1@daily").exists()
-        e.cleanup()
-    finally:
-        nbdkit.terminate()
-        nbdkit.wait(10)
+                                               data_dir: Path) -> None:
+    """A real nbdgw snapshot ``v1@hourly-...T...Z`` becomes target <iqn>:v1:<lowercased
+    snapshot>, read-only, with the bytes of the moment it was taken; withdrawn first
+    when it is deleted."""
+    e = iscsi()
+    before = os.urandom(2 * MiB)
+    src = tmp_path / "src.img"
+    src.write_bytes(before)
+    sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), e.url())
+    snap = "hourly-20261122T1400Z"
+    run_nbdgw("snapshot", "create", "v1", "--name", snap, "--data-dir", str(data_dir))
+    src.write_bytes(os.urandom(2 * MiB))  # the volume moves on
+    sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), e.url())
+
+    e.reconcile([Export("v1"), Export(f"v1@{snap}")])
+    snap_iqn = f"{BASE}:v1:hourly-20261122t1400z"
+    url = f"iscsi://127.0.0.1:{e.port}/{snap_iqn}/1"
+    out = tmp_path / "out.img"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out))
+    assert out.read_bytes()[:len(before)] == before
+    p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), url, check=False)
+    assert p.returncode != 0
+    names = {t["iqn"]: t["read_only"] for t in e.bridge.status()["targets"]}  # type: ignore[union-attr]
+    assert names == {f"{BASE}:v1": False, snap_iqn: True}
+
+    assert e.bridge.withdraw(f"v1@{snap}")  # before the snapshot is deleted
+    assert not (e.cfg.run_dir / "mnt" / f"v1@{snap}").exists()
+    run_nbdgw("snapshot", "delete", "v1", snap, "--data-dir", str(data_dir))
+    report = e.reconcile([Export("v1")])
+    assert not report.changed
 
 
 # -- lifecycle ----------------------------------------------------------------------------

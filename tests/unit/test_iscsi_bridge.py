@@ -20,7 +20,8 @@ def bridge(tmp_path: Path, **kw: object) -> Bridge:
 
 def test_plan(tmp_path: Path) -> None:
     targets, failed = bridge(tmp_path).plan(
-        [Export("v1"), Export("arch", read_only=True), Export("v1@daily"), Export("Bad_Name")])
+        [Export("v1"), Export("arch", read_only=True), Export("v1@daily"), Export("Bad_Name"),
+         Export("v1@Daily")])
     by_name = {t.export.name: t for t in targets.values()}
     assert sorted(by_name) == ["arch", "v1", "v1@daily"]
     assert by_name["v1"].iqn == f"{BASE}:v1"
@@ -28,7 +29,9 @@ def test_plan(tmp_path: Path) -> None:
     assert by_name["arch"].read_only is True
     assert by_name["v1@daily"].read_only is True  # snapshots are always read-only
     assert by_name["v1@daily"].iqn == f"{BASE}:v1:daily"
-    assert list(failed) == ["Bad_Name"]
+    assert list(failed) == ["Bad_Name", "v1@Daily"]
+    assert failed["v1@Daily"] == (f"target name {BASE}:v1:daily is also v1@daily's "
+                                  "(IQNs ignore case)")
     assert failed["Bad_Name"].startswith("volume name 'Bad_Name' cannot be part of")
     for tid, t in targets.items():
         assert tid == t.tid

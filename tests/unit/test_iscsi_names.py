@@ -47,6 +47,8 @@ def test_initiator_names() -> None:
 def test_target_names() -> None:
     assert target_iqn(BASE, "sql-data") == f"{BASE}:sql-data"
     assert target_iqn(BASE, "sql-data@daily.3") == f"{BASE}:sql-data:daily.3"
+    # the scheduler's snapshot names: lowercased, as IQNs compare case-insensitively
+    assert target_iqn(BASE, "v1@hourly-20261122T1400Z") == f"{BASE}:v1:hourly-20261122t1400z"
     assert split_export("v1@s") == ("v1", "s")
     assert split_export("v1") == ("v1", None)
 
@@ -54,7 +56,7 @@ def test_target_names() -> None:
 @pytest.mark.parametrize(("export", "message"), [
     ("SQL", "volume name 'SQL' cannot be part of an iSCSI target name"),
     ("sql_data", "volume name 'sql_data' cannot be part of an iSCSI target name"),
-    ("v1@Daily", "snapshot name 'Daily' cannot be part of an iSCSI target name"),
+    ("v1@daily_1", "snapshot name 'daily_1' cannot be part of an iSCSI target name"),
     ("v1@", "snapshot name '' cannot be part of an iSCSI target name"),
 ])
 def test_names_that_make_no_iqn(export: str, message: str) -> None:
