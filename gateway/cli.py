@@ -656,6 +656,116 @@ def die_with_parent() -> None:
         sys.exit("nbdgw replicate: the daemon that started it is gone")
 
 
+@cli.group(cls=Group)
+def iscsi() -> None:
+    """The iSCSI bridge: the volumes to iSCSI initiators through tgtd (iscsi: section)."""
+
+
+def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
+    """How nbdfuse reaches the NBD server: --nbd-socket, else nbd.listen's first address."""
+    if nbd_socket is not None:
+        sock = str(nbd_socket)
+        return lambda export: f"nbd+unix:///{export}?socket={sock}"
+    unix = [a for a in cfg.nbd.listen if a.kind == "unix"]
+    if unix:
+        return lambda export: f"nbd+unix:///{export}?socket={unix[0].path}"
+    if cfg.nbd.tls.mode is not TlsMode.OFF:
+        _fail("the iSCSI bridge connects to NBD without TLS: add a unix: address to "
+              "nbd.listen or give --nbd-socket")
+    a = cfg.nbd.listen[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(a.host, a.host)
+    host = f"[{host}]" if ":" in host else host
+    return lambda export: f"nbd://{host}:{a.port}/{export}"
+
+
+@iscsi.command("serve")
+@data_dir_opt
+@click.option("--nbd-socket", type=click.Path(path_type=Path), default=None,
+              help="Unix socket of the running `nbdgw serve` (default: from nbd.listen).")
+@click.option("--volume", "volumes", multiple=True, help="Export only these volumes.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+              help="Seconds between reconciles (repairs a restarted tgtd or a lost target).")
+@click.pass_obj
+def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
+                volumes: tuple[str, ...], interval: float) -> None:
+    """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
+    from iscsi_bridge import Bridge, exports_from_config
+
+    cfg = obj.config().with_overrides(data_dir=data_dir)
+    if not cfg.iscsi.enabled:
+        _fail("iscsi is not enabled in the config (set iscsi.enabled: true and iscsi.iqn)")
+    exports = exports_from_config(cfg)
+    if volumes:
+        exports = [e for e in exports if e.name in volumes]
+    if not exports:
+        _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
+    bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        report = bridge.reconcile(exports)
+        for name, err in report.failed.items():
+            click.echo(f"nbdgw: error: volume {name} not exported over iSCSI: {err}", err=True)
+        click.echo(f"nbdgw: iscsi portal {cfg.iscsi.portal}")
+        for t in bridge.plan(exports)[0].values():
+            if t.export.name not in report.failed:
+                click.echo(f"nbdgw: iscsi target {t.export.name}: "
+                           f"iscsi://{cfg.iscsi.portal}/{t.iqn}/1")
+        sys.stdout.flush()
+        while not stop.wait(interval):
+            try:
+                bridge.reconcile(exports)
+            except GatewayError as e:  # keep serving what works; say what does not
+                log.error("iscsi_reconcile_failed", error=str(e))
+    finally:
+        click.echo("nbdgw: stopping the iSCSI bridge (tgtadm --op delete --mode system)")
+        bridge.stop()
+
+
+@iscsi.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def iscsi_status(obj: Ctx, as_json: bool) -> None:
+    """tgtd's targets: LUN backing file, identity, ACL, CHAP and sessions."""
+    from iscsi_bridge import Bridge
+
+    cfg = obj.config()
+    if cfg.iscsi.iqn is None:
+        _fail("iscsi.iqn is not set in the config")
+    report = Bridge(cfg.iscsi, lambda e: "").status()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    if report["tgtd"] == "down":
+        click.echo(f"tgtd: not running (control port {cfg.iscsi.control_port})")
+        return
+    click.echo(f"tgtd: pid {report['pid']}, portal {report['portal']}, "
+               f"control port {report['control_port']}")
+    targets: list[dict[str, Any]] = report["targets"]  # type: ignore[assignment]
+    for t in targets:
+        mode = "read-only" if t["read_only"] else "read-write"
+        click.echo(f"{t['iqn']}  LUN 1 {mode}, serial {t['scsi_sn']}, "
+                   f"{len(t['sessions'])} session(s), acl {','.join(t['acl'])}")
+
+
+@iscsi.command("down")
+@click.pass_obj
+def iscsi_down(obj: Ctx) -> None:
+    """Stop the bridge's tgtd (delete system) and unmount its nbdfuse files."""
+    from iscsi_bridge import Bridge
+
+    cfg = obj.config()
+    if cfg.iscsi.iqn is None:
+        _fail("iscsi.iqn is not set in the config")
+    Bridge(cfg.iscsi, lambda e: "").stop()
+    click.echo("nbdgw: iscsi bridge stopped")
+
+
 def main() -> None:
     cli(prog_name="nbdgw")
 

@@ -208,6 +208,41 @@ class FailoverConfig:
     fence_margin: float = 1.0
 
 
+class IscsiRoute(enum.Enum):
+    FILE = "file"  # tgtd on the nbdfuse file (O_DIRECT): full conformance
+    LOOP = "loop"  # tgtd on a direct-I/O loop device over it: faster random writes
+
+
+@dataclass(frozen=True)
+class ChapConfig:
+    """One CHAP identity: the user name and the file holding its secret."""
+
+    user: str
+    secret_file: Path
+
+
+@dataclass(frozen=True)
+class IscsiConfig:
+    """The iSCSI bridge (iscsi_bridge/): tgtd in front of the NBD exports."""
+
+    enabled: bool = False
+    portal_host: str = "0.0.0.0"
+    portal_port: int = 3260
+    iqn: str | None = None  # base IQN, identical on every node; required when enabled
+    chap: ChapConfig | None = None  # initiators authenticate to the target
+    mutual_chap: ChapConfig | None = None  # the target authenticates to initiators
+    initiators: tuple[str, ...] = ()  # initiator names allowed; empty = any
+    allow: tuple[str, ...] = ()  # initiator addresses (CIDRs) allowed; empty = any
+    control_port: int = 3260  # tgtd's management socket /var/run/tgtd/socket.<N>
+    route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the nbdfuse file
+    run_dir: Path = Path("/run/nbdgw/iscsi")  # nbdfuse mounts, tgtd pid and log
+
+    @property
+    def portal(self) -> str:
+        host = f"[{self.portal_host}]" if ":" in self.portal_host else self.portal_host
+        return f"{host}:{self.portal_port}"
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str = os.uname().nodename
@@ -223,6 +258,7 @@ class NodeConfig:
     peers: tuple[PeerConfig, ...] = ()
     failover: FailoverConfig = FailoverConfig()
     snapshots: SnapshotsConfig = SnapshotsConfig()
+    iscsi: IscsiConfig = IscsiConfig()
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -537,8 +573,86 @@ def _failover(raw: Any) -> FailoverConfig:
     return f
 
 
+def _chap(raw: Any, where: str) -> ChapConfig | None:
+    if raw is None:
+        return None
+    s = _Section(raw, where, ("user", "secret_file"))
+    user = s.string("user", None)
+    if user is None:
+        raise ConfigError(f"missing key 'user' in {where}")
+    if any(c.isspace() for c in user):
+        raise ConfigError(f"expected a user name without spaces for {where}.user")
+    secret_file = s.path_("secret_file", None)
+    if secret_file is None:
+        raise ConfigError(f"missing key 'secret_file' in {where}")
+    return ChapConfig(user, secret_file)
+
+
+def _iscsi(raw: Any) -> IscsiConfig:
+    from iscsi_bridge.errors import InvalidName
+    from iscsi_bridge.names import validate_initiator, validate_iqn
+
+    s = _Section(raw, "iscsi", ("enabled", "portal", "iqn", "chap", "mutual_chap",
+                                "initiators", "allow", "control_port", "run_dir", "route"))
+    default = IscsiConfig()
+    host, port = parse_host_port(s.get("portal") if s.has("portal") else default.portal,
+                                 "iscsi.portal")
+    iqn = s.get("iqn")
+    if iqn is not None:
+        try:
+            validate_iqn(iqn)
+        except InvalidName as e:
+            raise ConfigError(f"{e} for iscsi.iqn") from None
+    initiators = []
+    for i, name in enumerate(s.listing("initiators")):
+        try:
+            initiators.append(validate_initiator(name))
+        except InvalidName as e:
+            raise ConfigError(f"{e} in iscsi.initiators[{i}]") from None
+    allow = tuple(parse_cidr(x, f"iscsi.allow[{i}]") for i, x in enumerate(s.listing("allow")))
+    cfg = IscsiConfig(
+        enabled=s.boolean("enabled", False),
+        portal_host=host,
+        portal_port=port,
+        iqn=iqn,
+        chap=_chap(s.get("chap"), "iscsi.chap"),
+        mutual_chap=_chap(s.get("mutual_chap"), "iscsi.mutual_chap"),
+        initiators=tuple(initiators),
+        allow=allow,
+        control_port=s.integer("control_port", default.control_port, 1, 32767),
+        run_dir=s.path_("run_dir", default.run_dir) or default.run_dir,
+        route=s.enum("route", IscsiRoute, default.route),
+    )
+    if cfg.enabled and cfg.iqn is None:
+        raise ConfigError("missing key 'iqn' in iscsi (required when iscsi.enabled is true)")
+    if cfg.mutual_chap is not None and cfg.chap is None:
+        raise ConfigError("iscsi.mutual_chap needs iscsi.chap (the initiator "
+                          "authenticates first)")
+    if cfg.chap and cfg.mutual_chap and cfg.chap.user == cfg.mutual_chap.user:
+        raise ConfigError("iscsi.chap.user and iscsi.mutual_chap.user must differ")
+    if cfg.initiators and cfg.allow:
+        raise ConfigError(
+            "set iscsi.initiators or iscsi.allow, not both: tgtd admits an initiator "
+            "that matches either list, so together they would widen access, not narrow it")
+    return cfg
+
+
+def check_iscsi_volumes(iscsi: IscsiConfig, volumes: tuple[VolumeConfig, ...]) -> None:
+    """Every declared volume must make a valid target IQN when the bridge is on."""
+    from iscsi_bridge.errors import InvalidName
+    from iscsi_bridge.names import target_iqn
+
+    if not iscsi.enabled or iscsi.iqn is None:
+        return
+    for i, v in enumerate(volumes):
+        try:
+            target_iqn(iscsi.iqn, v.name)
+        except InvalidName as e:
+            raise ConfigError(f"{e} (volumes[{i}].name, exported by iscsi)") from None
+
+
 TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
-            "peerlink", "peers", "failover", "snapshots")
+            "peerlink", "peers", "failover", "snapshots", "iscsi")
 
 MAX_SNAPSHOTS_PER_VOLUME = 512  # blockstore.snapshot.MAX_SNAPSHOTS
 _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -623,7 +737,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     role = node.enum("role", Role, Role.PRIMARY)
     peers = _peers(top.listing("peers"), name)
     check_roles(role, name, peers)
-    return NodeConfig(
+    cfg = NodeConfig(
         role=role,
         service=_service(top.get("service")),
         peerlink=_peerlink(top.get("peerlink")),
@@ -637,7 +751,10 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         volumes=_volumes(top.listing("volumes")),
         source=source,
         snapshots=_snapshots(top.get("snapshots")),
+        iscsi=_iscsi(top.get("iscsi")),
     )
+    check_iscsi_volumes(cfg.iscsi, cfg.volumes)
+    return cfg
 
 
 def load_config(path: Path) -> NodeConfig:

@@ -1,0 +1,13 @@
+"""iSCSI bridge: the node's NBD exports to iSCSI initiators through tgtd and nbdfuse.
+
+``Bridge(config.iscsi, nbd_uri).reconcile(exports)`` makes tgtd serve exactly
+``exports`` (idempotent; repairs a restarted tgtd or a target deleted by hand);
+``.stop()`` takes everything down.  See bridge.py for the theory of operation and
+names.py for how target names and SCSI identities are derived.
+"""
+
+from .bridge import Bridge, Export, Report, exports_from_config
+from .errors import BridgeError, FuseError, InvalidName, TgtdError
+
+__all__ = ["Bridge", "BridgeError", "Export", "FuseError", "InvalidName", "Report",
+           "TgtdError", "exports_from_config"]

@@ -1,0 +1,21 @@
+"""The iSCSI bridge's exceptions: one base class, under the gateway's."""
+
+from __future__ import annotations
+
+from gateway.errors import GatewayError
+
+
+class BridgeError(GatewayError):
+    """Base class of every error raised by the iSCSI bridge."""
+
+
+class InvalidName(BridgeError):
+    """A name that cannot be an iSCSI name (IQN, EUI or NAA), or a target built from it."""
+
+
+class TgtdError(BridgeError):
+    """tgtd did not start, stop or answer as expected."""
+
+
+class FuseError(BridgeError):
+    """An nbdfuse mount did not come up or could not be taken down."""

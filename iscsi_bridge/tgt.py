@@ -1,0 +1,403 @@
+"""tgtd and tgtadm: start and stop the daemon, read its state, change it.
+
+`parse_show` is pure (text of ``tgtadm --mode target --op show`` in, TargetState out);
+`Tgtadm` runs tgtadm through gateway.proc.run, always with our own control port, so a
+system tgtd (control port 0) or another node's bridge on the same host is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from gateway.errors import CommandError
+from gateway.proc import run
+
+from .errors import TgtdError
+
+log = structlog.get_logger(component="iscsi")
+
+TGTD_SOCKET_DIR = Path("/var/run/tgtd")
+
+
+@dataclass
+class LunState:
+    lun: int
+    type: str = ""
+    scsi_id: str = ""
+    scsi_sn: str = ""
+    readonly: bool = False
+    online: bool = True
+    bstype: str = ""
+    path: str = ""
+    bsoflags: str = ""
+
+
+@dataclass
+class NexusState:
+    nexus: int
+    initiator: str = ""
+    addresses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TargetState:
+    tid: int
+    name: str
+    luns: dict[int, LunState] = field(default_factory=dict)
+    accounts: set[str] = field(default_factory=set)
+    outgoing: set[str] = field(default_factory=set)
+    acl: set[str] = field(default_factory=set)  # addresses, CIDRs, "ALL" and names
+    nexuses: list[NexusState] = field(default_factory=list)
+
+
+def parse_show(text: str) -> dict[int, TargetState]:
+    """Parse ``tgtadm --mode target --op show`` into targets by tid."""
+    p = _ShowParser()
+    for raw in text.splitlines():
+        p.line(raw)
+    return p.targets
+
+
+class _ShowParser:
+    """Line by line: "Target N: name", 4-space section headers, 8+-space entries."""
+
+    def __init__(self) -> None:
+        self.targets: dict[int, TargetState] = {}
+        self.tgt: TargetState | None = None
+        self.lun: LunState | None = None
+        self.nexus: NexusState | None = None
+        self.section = ""
+
+    def line(self, raw: str) -> None:
+        line = raw.strip()
+        if not line:
+            return
+        if raw.startswith("Target ") and ":" in raw:
+            head, _, name = raw.partition(":")
+            self.tgt = TargetState(int(head.split()[1]), name.strip())
+            self.targets[self.tgt.tid] = self.tgt
+            self.section, self.lun, self.nexus = "", None, None
+        elif self.tgt is None:
+            return
+        elif raw.startswith("    ") and not raw.startswith("        "):
+            self.section = line.rstrip(":")
+        elif self.section == "LUN information":
+            self._lun(line)
+        elif self.section == "I_T nexus information":
+            self._nexus(line)
+        elif self.section == "Account information":
+            if line.endswith(" (outgoing)"):
+                self.tgt.outgoing.add(line.removesuffix(" (outgoing)"))
+            else:
+                self.tgt.accounts.add(line)
+        elif self.section == "ACL information":
+            self.tgt.acl.add(line)
+
+    def _lun(self, line: str) -> None:
+        assert self.tgt is not None
+        key, sep, value = line.partition(":")
+        if key == "LUN" and sep:
+            self.lun = LunState(int(value))
+            self.tgt.luns[self.lun.lun] = self.lun
+        elif self.lun is not None:
+            _lun_field(self.lun, key, value.strip())
+
+    def _nexus(self, line: str) -> None:
+        assert self.tgt is not None
+        key, sep, value = line.partition(":")
+        value = value.strip()
+        if key == "I_T nexus" and sep:
+            self.nexus = NexusState(int(value))
+            self.tgt.nexuses.append(self.nexus)
+        elif self.nexus is not None and key == "Initiator":
+            self.nexus.initiator = value.split(" alias:")[0].strip()
+        elif self.nexus is not None and key == "IP Address":
+            self.nexus.addresses.append(value)
+
+
+def _lun_field(lun: LunState, key: str, value: str) -> None:
+    if key == "Type":
+        lun.type = value
+    elif key == "SCSI ID":
+        lun.scsi_id = value
+    elif key == "SCSI SN":
+        lun.scsi_sn = value
+    elif key == "Readonly":
+        lun.readonly = value == "Yes"
+    elif key == "Online":
+        lun.online = value == "Yes"
+    elif key == "Backing store type":
+        lun.bstype = value
+    elif key == "Backing store path":
+        lun.path = value
+    elif key == "Backing store flags":
+        lun.bsoflags = value
+
+
+class Tgtadm:
+    """tgtadm bound to one control port; every call raises CommandError on failure."""
+
+    def __init__(self, control_port: int, timeout: float = 30) -> None:
+        self.control_port = control_port
+        self.timeout = timeout
+
+    def _run(self, *args: str) -> str:
+        return run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args],
+                   timeout=self.timeout)
+
+    def alive(self) -> bool:
+        """True if a tgtd answers on our control port."""
+        try:
+            self._run("--mode", "system", "--op", "show")
+        except CommandError:
+            return False
+        return True
+
+    def targets(self) -> dict[int, TargetState]:
+        return parse_show(self._run("--mode", "target", "--op", "show"))
+
+    def accounts(self) -> set[str]:
+        out = self._run("--mode", "account", "--op", "show")
+        return {x.strip() for x in out.splitlines()[1:] if x.strip()}
+
+    def portals(self) -> set[str]:
+        out = self._run("--mode", "portal", "--op", "show")
+        # "Portal: 127.0.0.1:3260,1" -> "127.0.0.1:3260"
+        return {line.split(":", 1)[1].strip().rsplit(",", 1)[0]
+                for line in out.splitlines() if line.startswith("Portal:")}
+
+    def new_portal(self, portal: str) -> None:
+        self._run("--mode", "portal", "--op", "new", "--param", f"portal={portal}")
+
+    def delete_portal(self, portal: str) -> None:
+        self._run("--mode", "portal", "--op", "delete", "--param", f"portal={portal}")
+
+    def new_target(self, tid: int, name: str) -> None:
+        self._run("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", name)
+
+    def delete_target(self, tid: int) -> None:
+        self._run("--mode", "target", "--op", "delete", "--force", "--tid", str(tid))
+
+    def connections(self, tid: int) -> list[tuple[int, int]]:
+        """(session id, connection id) of every connection to target ``tid``."""
+        out = self._run("--mode", "conn", "--op", "show", "--tid", str(tid))
+        conns: list[tuple[int, int]] = []
+        sid = None
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "Session":
+                sid = int(value)
+            elif key == "Connection" and sid is not None:
+                conns.append((sid, int(value)))
+        return conns
+
+    def delete_connection(self, tid: int, sid: int, cid: int) -> None:
+        self._run("--mode", "conn", "--op", "delete", "--tid", str(tid), "--sid", str(sid),
+                  "--cid", str(cid))
+
+    def remove_target(self, target: TargetState, timeout: float = 10) -> None:
+        """Delete a target even while initiators use it.
+
+        ``delete --force`` alone fails ("this logical unit is still active") while
+        commands are in flight, so: unbind the ACL (no new logins), close every
+        connection, and retry until tgtd lets the target go.
+        """
+        for acl in target.acl:
+            with contextlib.suppress(CommandError):
+                self.unbind(target.tid, acl)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.delete_target(target.tid)
+                return
+            except CommandError as e:
+                if "still active" not in e.stderr or time.monotonic() > deadline:
+                    raise
+            for sid, cid in self.connections(target.tid):
+                with contextlib.suppress(CommandError):
+                    self.delete_connection(target.tid, sid, cid)
+            time.sleep(0.1)
+
+    def remove_lun(self, tid: int, lun: int, timeout: float = 10) -> None:
+        """Delete a LUN, closing the target's connections if it is busy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.delete_lun(tid, lun)
+                return
+            except CommandError as e:
+                if "still active" not in e.stderr or time.monotonic() > deadline:
+                    raise
+            for sid, cid in self.connections(tid):
+                with contextlib.suppress(CommandError):
+                    self.delete_connection(tid, sid, cid)
+            time.sleep(0.1)
+
+    def new_lun(self, tid: int, lun: int, path: str, bsoflags: str = "") -> None:
+        args = ["--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun),
+                "--backing-store", path, "--bstype", "rdwr"]
+        if bsoflags:
+            args += ["--bsoflags", bsoflags]
+        self._run(*args)
+
+    def update_lun(self, tid: int, lun: int, **params: str) -> None:
+        joined = ",".join(f"{k}={v}" for k, v in params.items())
+        self._run("--mode", "logicalunit", "--op", "update", "--tid", str(tid),
+                  "--lun", str(lun), "--params", joined)
+
+    def delete_lun(self, tid: int, lun: int) -> None:
+        self._run("--mode", "logicalunit", "--op", "delete", "--tid", str(tid),
+                  "--lun", str(lun))
+
+    def bind(self, tid: int, acl: str) -> None:
+        self._run("--mode", "target", "--op", "bind", "--tid", str(tid), *_acl_args(acl))
+
+    def unbind(self, tid: int, acl: str) -> None:
+        self._run("--mode", "target", "--op", "unbind", "--tid", str(tid), *_acl_args(acl))
+
+    def new_account(self, user: str, password: str) -> None:
+        # tgtadm takes the secret only on its command line; it is visible in /proc
+        # for the few milliseconds tgtadm runs (root-only hosts; documented).
+        self._run("--mode", "account", "--op", "new", "--user", user, "--password", password)
+
+    def delete_account(self, user: str) -> None:
+        self._run("--mode", "account", "--op", "delete", "--user", user)
+
+    def bind_account(self, tid: int, user: str, outgoing: bool = False) -> None:
+        self._run("--mode", "account", "--op", "bind", "--tid", str(tid), "--user", user,
+                  *(["--outgoing"] if outgoing else []))
+
+    def unbind_account(self, tid: int, user: str, outgoing: bool = False) -> None:
+        self._run("--mode", "account", "--op", "unbind", "--tid", str(tid), "--user", user,
+                  *(["--outgoing"] if outgoing else []))
+
+    def delete_system(self) -> None:
+        self._run("--mode", "system", "--op", "delete")
+
+
+def _acl_args(acl: str) -> list[str]:
+    """An initiator name (iqn./eui./naa.) or an address/CIDR/ALL, as tgtadm wants it."""
+    if acl.startswith(("iqn.", "eui.", "naa.")):
+        return ["--initiator-name", acl]
+    return ["--initiator-address", acl]
+
+
+class Tgtd:
+    """One tgtd process with its own control port and portal, run in the foreground.
+
+    A tgtd left running by an earlier bridge process (same control port) is adopted:
+    its pid is read from the pid file, and it is stopped the same way.
+    """
+
+    def __init__(self, control_port: int, portal: str, run_dir: Path) -> None:
+        self.adm = Tgtadm(control_port)
+        self.portal = portal
+        self.run_dir = run_dir
+        self.pid_file = run_dir / "tgtd.pid"
+        self.log_file = run_dir / "tgtd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def pid(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc.pid
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _running(pid, "tgtd") else None
+
+    def start(self, timeout: float = 15) -> None:
+        """Start tgtd and wait until it answers on its control port."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._reap()
+        argv = ["tgtd", "-f", "-C", str(self.adm.control_port), "--iscsi",
+                f"portal={self.portal}"]
+        log.info("tgtd_starting", argv=argv)
+        with open(self.log_file, "ab") as logf:
+            try:
+                self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf,
+                                             stdin=subprocess.DEVNULL, cwd="/",
+                                             start_new_session=True)
+            except FileNotFoundError:
+                raise TgtdError("tgtd: command not found (apt-get install tgt)") from None
+        self.pid_file.write_text(f"{self.proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TgtdError(f"tgtd exited with status {self.proc.returncode} at start: "
+                                f"{_tail(self.log_file)}")
+            if self.adm.alive():
+                log.info("tgtd_started", pid=self.proc.pid, portal=self.portal)
+                return
+            time.sleep(0.05)
+        raise TgtdError(f"tgtd did not answer on control port {self.adm.control_port} "
+                        f"within {timeout} s")
+
+    def stop(self, timeout: float = 15) -> None:
+        """`tgtadm --op delete --mode system` (the way tgtd stops), then wait for it."""
+        pid = self.pid()
+        if self.adm.alive():
+            for target in self.adm.targets().values():
+                self.adm.remove_target(target)
+            try:
+                self.adm.delete_system()
+            except CommandError as e:
+                log.warning("tgtd_delete_system_failed", error=str(e))
+        if pid is not None:
+            _wait_gone(pid, timeout)
+        self._reap()
+        self.pid_file.unlink(missing_ok=True)
+        if pid is not None:  # tgtd leaves its control socket and lock file behind
+            for suffix in ("", ".lock"):
+                (TGTD_SOCKET_DIR / f"socket.{self.adm.control_port}{suffix}").unlink(
+                    missing_ok=True)
+        log.info("tgtd_stopped", pid=pid)
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(0)
+            except subprocess.TimeoutExpired:
+                return
+            self.proc = None
+
+
+def _running(pid: int, comm: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == comm and \
+            "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[:1]
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _running(pid, "tgtd"):
+            return
+        time.sleep(0.05)
+    log.error("tgtd_kill", pid=pid, reason=f"still running {timeout} s after delete system")
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while _running(pid, "tgtd"):
+        if time.monotonic() > deadline:
+            raise TgtdError(f"tgtd (pid {pid}) survived SIGKILL for 5 s")
+        time.sleep(0.05)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
