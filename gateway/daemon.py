@@ -3,7 +3,8 @@
 Children (supervised: an unexpected exit is restarted with bounded exponential backoff,
 reset after ``STABLE_AFTER`` s of running):
 
-- ``nbdkit`` while this node serves (the primary);
+- ``nbdkit`` while this node serves (the primary), and the iSCSI bridge in front of it
+  when ``iscsi.enabled`` (tgtd + nbdfuse, reconciled on a thread: ``IscsiRunner``);
 - ``peerlink`` (`nbdgw replicate`): senders, receivers and the control socket, for the
   node's *effective* role (``gateway/nodestate.py``: a promoted secondary is primary).
 
@@ -175,6 +176,74 @@ def initial_state(cfg: NodeConfig) -> State:
     return State.STANDBY if cfg.role is Role.SECONDARY else State.WITNESS
 
 
+ISCSI_INTERVAL: Final = 5.0
+
+
+class IscsiRunner:
+    """The iSCSI bridge on a thread of its own (tgtadm calls must not delay failover
+    decisions): while ``serving``, reconcile tgtd to the node's exports every
+    ISCSI_INTERVAL seconds (a restarted tgtd or a deleted target is repaired); when
+    not, withdraw everything (``tgtadm --op delete --mode system``)."""
+
+    def __init__(self, cfg: NodeConfig, nbd_uri: Callable[[str], str]) -> None:
+        from iscsi_bridge import Bridge
+
+        self.cfg = cfg
+        self.bridge = Bridge(cfg.iscsi, nbd_uri)
+        self.serving = False
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="iscsi", daemon=True)
+        self.thread.start()
+
+    def set_serving(self, serving: bool, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.serving = serving
+        self.wake.set()
+
+    def _run(self) -> None:
+        from iscsi_bridge import exports_from_config
+
+        running = False
+        while not self.stopping:
+            try:
+                if self.serving:
+                    report = self.bridge.reconcile(exports_from_config(self.cfg, primary=True))
+                    for name, err in report.failed.items():
+                        log.error("iscsi_export_failed", volume=name, error=err)
+                    if not running:
+                        log.info("iscsi_serving", portal=self.cfg.iscsi.portal)
+                    running = True
+                elif running:
+                    self.bridge.stop()
+                    running = False
+                    log.info("iscsi_withdrawn")
+            except Exception:  # keep the daemon alive; say what failed
+                log.exception("iscsi_reconcile_failed")
+            self.wake.wait(ISCSI_INTERVAL)
+            self.wake.clear()
+        if running:
+            self.bridge.stop()
+
+    def stop(self) -> None:
+        self.serving = False
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(60)
+
+
+def nbd_uri_for(nbd: NbdServer) -> Callable[[str], str]:
+    """How nbdfuse reaches this node's nbdkit: a unix address if any, else loopback TCP."""
+    unix = [a for a in nbd.addresses if a.kind == "unix"]
+    if unix:
+        path = unix[0].path
+        return lambda export: f"nbd+unix:///{export}?socket={path}"
+    a = nbd.addresses[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(a.host, a.host)
+    host = f"[{host}]" if ":" in host else host
+    return lambda export: f"nbd://{host}:{a.port}/{export}"
+
+
 class Daemon:
     def __init__(self, cfg: NodeConfig, config_path: Path | None,
                  log_format: str = "json") -> None:
@@ -197,6 +266,7 @@ class Daemon:
         self.hb: Heartbeat | None = None
         self.control: Control | None = None
         self.operator_promotion = False
+        self.iscsi: IscsiRunner | None = None
         if not list_volumes(cfg.data_dir):
             raise GatewayError(f"nothing to run on node {cfg.name}: no volume in "
                                f"{cfg.data_dir} (create one with 'nbdgw volume create')")
@@ -330,11 +400,17 @@ class Daemon:
                 log.info("serving", volumes=self.nbd.volumes)
             except GatewayError as e:
                 log.error("nbdkit_not_ready", error=str(e))
+            if self.cfg.iscsi.enabled:
+                if self.iscsi is None:
+                    self.iscsi = IscsiRunner(self.cfg, nbd_uri_for(self.nbd))
+                self.iscsi.set_serving(True, self.cfg)
 
     def _fence(self) -> None:
         lease_path(self.cfg.data_dir).unlink(missing_ok=True)  # writes stop at once
         if self.vip is not None:
             self.vip.release()
+        if self.iscsi is not None:
+            self.iscsi.set_serving(False, self.cfg)
         self._drop_child("nbdkit", kill=True)
         self._drop_child("peerlink")
         log.error("fenced", reason="this primary lost the majority of the sites: it stopped "
@@ -539,6 +615,8 @@ class Daemon:
             self.hb.stop()
         if self.control is not None:
             self.control.close()
+        if self.iscsi is not None:
+            self.iscsi.stop()  # before nbdkit: tgtd's LUNs sit on NBD exports
         for name in ("nbdkit", "peerlink"):
             self._drop_child(name)
         if self.vip is not None and self.state is State.PRIMARY:

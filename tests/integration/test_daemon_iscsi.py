@@ -1,0 +1,52 @@
+"""`nbdgw daemon` runs the iSCSI bridge in front of its nbdkit: a write over iSCSI is
+read back over NBD, and stopping the daemon withdraws every target."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import NBDGW, run_nbdgw
+from tests.integration.test_iscsi import BASE, free_control_port, free_port, sh
+
+
+def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:
+    import nbd
+
+    port, data, sock = free_port(), tmp_path / "data", tmp_path / "nbd.sock"
+    cfg = tmp_path / "nbdgw.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "version": 1, "node": {"name": "solo", "data_dir": str(data)},
+        "nbd": {"listen": [f"unix:{sock}"]},
+        "iscsi": {"enabled": True, "portal": f"127.0.0.1:{port}", "iqn": BASE,
+                  "control_port": free_control_port(), "run_dir": str(tmp_path / "iscsi")},
+    }))
+    run_nbdgw("-c", str(cfg), "volume", "create", "v1", "--size", "32M")
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
+        deadline = time.monotonic() + 60
+        while sh("iscsi-inq", url, check=False).returncode != 0:
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.3)
+        pattern = tmp_path / "pattern"
+        pattern.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+        sh("qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={pattern}", f"of={url}", "bs=1M",
+           "count=1", timeout=120)
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///v1?socket={sock}")
+        assert h.pread(1 << 20, 0) == pattern.read_bytes()
+        h.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        log.close()
+    assert sh("iscsi-inq", url, check=False).returncode != 0  # withdrawn with the daemon
+    assert "iscsi_serving" in (tmp_path / "daemon.log").read_text()
