@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse tgt libiscsi-bin
-      fio qemu-utils e2fsprogs fuse3 iproute2 iptables python3-venv util-linux openssl)
+      fio qemu-utils e2fsprogs fuse3 iproute2 iptables python3-venv util-linux openssl
+      nftables)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,0 +1,395 @@
+"""deploy/: ansible-lint (production profile), syntax checks of every playbook, and the
+role's early validation, message by message.
+
+Each validation test runs the real site.yml (connection local, every path under a
+temporary root) with one mistake in otherwise good variables, and checks that the run
+stops with the exact message and before anything was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+VENV_BIN = Path(sys.executable).parent
+PLAYBOOKS = sorted(p.name for p in DEPLOY.glob("*.yml"))
+SITES = ("main", "dc", "dr")
+PATH_VARS = ("config_dir", "data_dir", "venv_dir", "unit_dir", "sysctl_dir")
+
+
+def site_vars() -> dict[str, Any]:
+    """Good variables for a three-site cluster on loopback addresses (127.0.0.1-3)."""
+    return {
+        "nbdgw_sites": [
+            {"name": "main", "role": "primary", "address": "127.0.0.1"},
+            {"name": "dc", "role": "secondary", "address": "127.0.0.2", "mode": "sync",
+             "sync_timeout": 5},
+            {"name": "dr", "role": "dr", "address": "127.0.0.3", "rate_limit": "50M"},
+        ],
+        "nbdgw_service_address": "192.0.2.10/24",
+        "nbdgw_service_interface": "lo",
+        "nbdgw_peer_secret": "a-real-secret-of-32-bytes-length",
+        "nbdgw_nbd_allow": ["127.0.0.0/8"],
+        "nbdgw_volumes": [{"name": "v1", "size": "64M"}, {"name": "v2", "size": 16777216}],
+        "nbdgw_sysctl_apply": False,  # never change this machine's kernel settings
+    }
+
+
+def host_vars(root: Path, name: str) -> dict[str, Any]:
+    """Connection local, and every path under ``root/name`` (the host's /etc stays alone)."""
+    prefix = root / name
+    i = SITES.index(name) + 1
+    out: dict[str, Any] = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_become": False,
+        "nbdgw_node_name": name,
+        "nbdgw_peerlink_listen": f"127.0.0.{i}:7789",
+        "nbdgw_nbd_listen": [f"tcp:127.0.0.{i}:10809", f"unix:{prefix}/run/nbd.sock"],
+    }
+    for v in PATH_VARS:
+        out[f"nbdgw_{v}"] = str(prefix / v)
+    return out
+
+
+def write_inventory(root: Path, hosts: tuple[str, ...], group: dict[str, Any]) -> Path:
+    inv = {"nbdgw": {"hosts": {h: host_vars(root, h) for h in hosts}, "vars": group}}
+    path = root / "inventory.yml"
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    return path
+
+
+RESULT = re.compile(r"^(ok|changed|failed|fatal): \[([^]]+)\](?: \(item=.*?\))?(?::)?"
+                    r"(?: FAILED!)?(?: => (\{.*\}))?$")
+RECAP = re.compile(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$")
+
+
+class Run:
+    """One ansible-playbook run, read from the default callback's one-line JSON results."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.proc = proc
+        self.rc = proc.returncode
+        self.results: list[tuple[str, str, dict[str, Any]]] = []  # (status, host, result)
+        self.stats: dict[str, dict[str, int]] = {}
+        for line in proc.stdout.splitlines():
+            if m := RESULT.match(line):
+                res = json.loads(m.group(3)) if m.group(3) else {}
+                self.results.append((m.group(1), m.group(2), res))
+            elif m := RECAP.match(line):
+                self.stats[m.group(1)] = {k: int(v) for k, v in
+                                          (kv.split("=") for kv in m.group(2).split())}
+
+    def failures(self, host: str | None = None) -> list[str]:
+        return [str(r.get("msg", "")) for status, h, r in self.results
+                if status in ("failed", "fatal") and host in (None, h)
+                and r.get("msg") != "One or more items failed"]
+
+    def changed(self, host: str | None = None) -> list[str]:
+        return [f"{h}: {r}" for status, h, r in self.results
+                if status == "changed" and host in (None, h)]
+
+    def messages(self) -> list[str]:
+        return [str(r.get("msg", "")) for _, _, r in self.results]
+
+    def __repr__(self) -> str:
+        return (f"rc={self.rc}\nfailures={self.failures()}\nstdout tail:\n"
+                f"{self.proc.stdout[-4000:]}\nstderr:\n{self.proc.stderr[-3000:]}")
+
+
+def ansible_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+    env.update({
+        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
+        "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+        "ANSIBLE_CALLBACK_FORMAT_PRETTY": "false",
+        "ANSIBLE_DISPLAY_SKIPPED_HOSTS": "false",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_LOCAL_TEMP": "/tmp/.ansible-nbdgw-tests",
+    })
+    return env
+
+
+def run_playbook(playbook: str, inventory: Path, *args: str, timeout: float = 600) -> Run:
+    argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inventory), playbook, *args]
+    proc = subprocess.run(argv, cwd=DEPLOY, capture_output=True, text=True, timeout=timeout,
+                          env=ansible_env(), check=False)
+    return Run(proc)
+
+
+# --- lint and syntax ------------------------------------------------------------------------
+
+def test_there_are_the_four_playbooks() -> None:
+    assert PLAYBOOKS == ["promote-dr.yml", "site.yml", "switchover.yml", "upgrade.yml"]
+
+
+def test_ansible_lint_production_profile_is_clean() -> None:
+    p = subprocess.run([str(VENV_BIN / "ansible-lint"), "--offline", "--nocolor"], cwd=DEPLOY,
+                       capture_output=True, text=True, timeout=240, env=ansible_env(),
+                       check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "Profile 'production' was required, and it passed." in out, out
+    assert "0 failure(s), 0 warning(s)" in out, out
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_syntax_check(playbook: str) -> None:
+    p = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i",
+                        "examples/inventory.yml", playbook], cwd=DEPLOY, capture_output=True,
+                       text=True, timeout=120, env=ansible_env(), check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"playbook: {playbook}" in p.stdout
+
+
+# --- validation: each mistake stops site.yml with a message naming the variable ----------
+#
+# One site.yml run checks every case at once: each case is an inventory host of its own
+# (connection local, its own root directory) that believes it is site `main`, with one
+# mistake in otherwise good variables. Ansible runs the hosts side by side, and each must
+# stop with its message, before anything is written for it.
+
+PLACEHOLDER = ("{} is still a placeholder: put the real value in Ansible Vault "
+               "(ansible-vault encrypt_string) before deploying")
+SIZE_MSG = ("nbdgw_volumes[1].size: cannot parse {} as a size: expected a whole number "
+            "with an optional unit K, M, G, T or P, e.g. 100G")
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation of the good variables: set ``a.0.b`` (dict keys and list indexes)."""
+    def apply(group: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = group
+        for k in parents:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        if value is DELETE:
+            del node[last]
+        elif isinstance(node, list) and int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last) if isinstance(node, list) else last] = value
+    return apply
+
+
+DELETE = object()
+CHAP = {"nbdgw_iscsi_enabled": True, "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw",
+        "nbdgw_iscsi_chap_user": "sql"}
+
+CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
+    "no_service_address": (
+        [_set("nbdgw_service_address", DELETE)],
+        "nbdgw_service_address is not set: the address clients use, with its prefix length, "
+        "e.g. 192.0.2.10/24"),
+    "empty_service_address": (
+        [_set("nbdgw_service_address", "")],
+        "nbdgw_service_address is not set: the address clients use, with its prefix length, "
+        "e.g. 192.0.2.10/24"),
+    "service_address_without_prefix": (
+        [_set("nbdgw_service_address", "192.0.2.10")],
+        'nbdgw_service_address "192.0.2.10" has no prefix length: write it as ADDRESS/PREFIX, '
+        "e.g. 192.0.2.10/24"),
+    "two_primaries": (
+        [_set("nbdgw_sites.1.role", "primary")],
+        "nbdgw_sites: two primaries, main and dc; exactly one site is primary"),
+    "no_primary": (
+        [_set("nbdgw_sites.0.role", "secondary")],
+        "nbdgw_sites: no primary; exactly one site is primary"),
+    "peer_listed_twice": (
+        [_set("nbdgw_sites.3", {"name": "dc", "role": "dr", "address": "127.0.0.4"})],
+        "nbdgw_sites: site dc is listed twice"),
+    "no_sites": (
+        [_set("nbdgw_sites", [])],
+        "nbdgw_sites is empty: list every site (name, role, address), the same list for "
+        "every host, e.g. in group_vars"),
+    "site_role_unknown": (
+        [_set("nbdgw_sites.2.role", "backup")],
+        "nbdgw_sites[2].role is 'backup': expected primary, secondary or dr"),
+    "site_without_address": (
+        [_set("nbdgw_sites.1.address", DELETE)],
+        "nbdgw_sites[1] has no address"),
+    "host_not_a_site": (
+        [_set("nbdgw_sites.0.name", "alpha")],
+        "nbdgw_node_name 'main' (host {host}) is not one of nbdgw_sites: alpha, dc, dr"),
+    "size_decimal": ([_set("nbdgw_volumes.1.size", "1.5G")], SIZE_MSG.format('"1.5G"')),
+    "size_words": ([_set("nbdgw_volumes.1.size", "10 gigs")], SIZE_MSG.format('"10 gigs"')),
+    "size_negative": ([_set("nbdgw_volumes.1.size", -4096)], SIZE_MSG.format('"-4096"')),
+    "size_bool": ([_set("nbdgw_volumes.1.size", True)], SIZE_MSG.format('"True"')),
+    "size_not_4k": (
+        [_set("nbdgw_volumes.0.size", "1000")],
+        'nbdgw_volumes[0].size: "1000" is 1000 bytes: expected a multiple of 4096 greater '
+        "than zero"),
+    "size_zero": (
+        [_set("nbdgw_volumes.0.size", "0G")],
+        'nbdgw_volumes[0].size: "0G" is 0 bytes: expected a multiple of 4096 greater than '
+        "zero"),
+    "volume_listed_twice": (
+        [_set("nbdgw_volumes.2", {"name": "v1", "size": "1G"})],
+        "nbdgw_volumes: volume v1 is listed twice"),
+    "volume_without_size": (
+        [_set("nbdgw_volumes.0.size", DELETE)],
+        "nbdgw_volumes[0] has no size"),
+    "secret_change_me": (
+        [_set("nbdgw_peer_secret", "CHANGE-ME")], PLACEHOLDER.format("nbdgw_peer_secret")),
+    "secret_changeme_lower": (
+        [_set("nbdgw_peer_secret", "changeme")], PLACEHOLDER.format("nbdgw_peer_secret")),
+    "secret_angle_brackets": (
+        [_set("nbdgw_peer_secret", "<the peer secret>")],
+        PLACEHOLDER.format("nbdgw_peer_secret")),
+    "secret_xxx": (
+        [_set("nbdgw_peer_secret", "x" * 24)], PLACEHOLDER.format("nbdgw_peer_secret")),
+    "secret_replace_me": (
+        [_set("nbdgw_peer_secret", "replace_me_with_32_random_bytes")],
+        PLACEHOLDER.format("nbdgw_peer_secret")),
+    "chap_secret_placeholder": (
+        [_set(k, v) for k, v in CHAP.items()] + [_set("nbdgw_iscsi_chap_secret", "TODO")],
+        PLACEHOLDER.format("nbdgw_iscsi_chap_secret")),
+    "chap_user_without_secret": (
+        [_set(k, v) for k, v in CHAP.items()],
+        "nbdgw_iscsi_chap_user is set but nbdgw_iscsi_chap_secret is not: CHAP needs both"),
+    "peer_secret_missing": (
+        [_set("nbdgw_peer_secret", "")],
+        "nbdgw_peer_secret is not set: replication between sites needs a shared secret of at "
+        "least 16 bytes (in Ansible Vault), or mutual TLS (nbdgw_peerlink_tls_cert, _key, "
+        "_ca)"),
+    "peer_secret_too_short": (
+        [_set("nbdgw_peer_secret", "short-secret")],
+        "nbdgw_peer_secret is 12 bytes long: expected at least 16"),
+    "peerlink_tls_incomplete": (
+        [_set("nbdgw_peerlink_tls_cert", "-----BEGIN CERTIFICATE-----"),
+         _set("nbdgw_peerlink_tls_ca", "-----BEGIN CERTIFICATE-----")],
+        "nbdgw_peerlink_tls_key is not set: mutual TLS between sites needs "
+        "nbdgw_peerlink_tls_cert, nbdgw_peerlink_tls_key and nbdgw_peerlink_tls_ca"),
+    "topology": (
+        [_set("nbdgw_peerlink_topology", "star")],
+        "nbdgw_peerlink_topology is 'star': expected fanout or cascade"),
+    "schedule_every": (
+        [_set("nbdgw_snapshot_schedules", [{"name": "q", "every": "15m", "keep": 4},
+                                           {"name": "n", "every": "nightly", "keep": 7}])],
+        'nbdgw_snapshot_schedules[1].every is "nightly": expected 15m, 4h, 1d, hourly, daily '
+        "or weekly"),
+    "schedule_unknown_volume": (
+        [_set("nbdgw_snapshot_schedules",
+              [{"name": "q", "volumes": ["v1", "sql-data"], "every": "hourly", "keep": 4}])],
+        "nbdgw_snapshot_schedules[0].volumes: sql-data not in nbdgw_volumes"),
+    "nbd_tls_without_key": (
+        [_set("nbdgw_nbd_tls_mode", "require")],
+        "nbdgw_nbd_tls_mode is require: set exactly one of nbdgw_nbd_tls_psk and "
+        "nbdgw_nbd_tls_certificates_dir"),
+}
+
+
+@pytest.fixture(scope="module")
+def validation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
+    root = tmp_path_factory.mktemp("validation")
+    hosts: dict[str, Any] = {}
+    for case, (mutations, _) in CASES.items():
+        group = site_vars()
+        for m in mutations:
+            m(group)
+        hv = host_vars(root / case, "main")
+        hosts[f"case_{case}"] = group | hv
+    inv = root / "inventory.yml"
+    inv.write_text(yaml.safe_dump({"nbdgw": {"hosts": hosts}}, sort_keys=False))
+    return root, run_playbook("site.yml", inv, "--forks", "8", timeout=300)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validation_message(validation: tuple[Path, Run], case: str) -> None:
+    root, run = validation
+    host = f"case_{case}"
+    want = CASES[case][1].format(host=host)
+    assert run.failures(host) == [want], run
+    assert not (root / case / "main").exists(), "the role wrote files before its checks passed"
+    assert run.changed(host) == []
+    assert run.stats[host]["failed"] == 1
+
+
+def test_placeholder_message_does_not_show_the_value(validation: tuple[Path, Run]) -> None:
+    _, run = validation
+    assert run.failures("case_secret_replace_me")
+    assert "replace_me_with_32_random_bytes" not in run.proc.stdout + run.proc.stderr
+
+
+def test_the_example_inventory_refuses_its_placeholder_secrets(tmp_path: Path) -> None:
+    """deploy/examples as shipped: site.yml stops at the vault placeholders. Connection
+    and every path are forced local and under tmp_path (extra vars), so even a wrong
+    pass could not reach the example's addresses or this machine's /etc."""
+    extra = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+             "ansible_become": False, "nbdgw_sysctl_apply": False}
+    for v in PATH_VARS:
+        extra[f"nbdgw_{v}"] = str(tmp_path / v)
+    run = run_playbook("site.yml", DEPLOY / "examples" / "inventory.yml", "-e",
+                       json.dumps(extra), timeout=180)
+    assert run.rc != 0, run
+    assert sorted(set(run.failures())) == [
+        f"{name} is still a placeholder: put the real value in Ansible Vault "
+        "(ansible-vault encrypt_string) before deploying"
+        for name in ("nbdgw_iscsi_chap_secret", "nbdgw_peer_secret")], run
+    assert not any(tmp_path.iterdir())
+
+
+# --- the operations playbooks refuse without their confirmation -------------------------
+
+def test_promote_dr_refuses_without_confirmation(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), site_vars())
+    run = run_playbook("promote-dr.yml", inv, timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
+        'with -e nbdgw_promote_dr_confirm=dr (got "nothing")'], run
+
+
+def test_promote_dr_refuses_a_wrong_confirmation(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), site_vars())
+    run = run_playbook("promote-dr.yml", inv, "-e", "nbdgw_promote_dr_confirm=yes",
+                       timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
+        'with -e nbdgw_promote_dr_confirm=dr (got "yes")'], run
+
+
+def test_switchover_needs_a_target(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), site_vars())
+    run = run_playbook("switchover.yml", inv, timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "nbdgw_switchover_to is not set: name the site that becomes primary, e.g. "
+        "-e nbdgw_switchover_to=dc"], run
+
+
+def test_switchover_to_the_primary_is_refused(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), site_vars())
+    run = run_playbook("switchover.yml", inv, "-e", "nbdgw_switchover_to=main", timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "nbdgw_switchover_to is 'main': expected one of dc, dr (the sites that are not "
+        "primary)"], run
+
+
+def test_upgrade_stops_without_systemd(tmp_path: Path) -> None:
+    """Here systemd does not run: the rolling upgrade cannot see the other main-site node
+    and must stop before touching anything (it never guesses)."""
+    if Path("/run/systemd/system").exists():
+        pytest.skip("systemd runs on this machine; this test is about a host without it")
+    inv = write_inventory(tmp_path, ("main", "dc"), site_vars())
+    run = run_playbook("upgrade.yml", inv, timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "systemd is not running on dc: upgrade.yml cannot tell whether the other main-site "
+        "node runs, so it stops here; nothing was changed"], run
+    assert not (tmp_path / "main").exists()
+    assert not (tmp_path / "dc").exists()
