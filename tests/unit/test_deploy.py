@@ -392,3 +392,78 @@ def test_upgrade_stops_without_systemd(tmp_path: Path) -> None:
         "node runs, so it stops here; nothing was changed"], run
     assert not (tmp_path / "main").exists()
     assert not (tmp_path / "dc").exists()
+
+
+# --- sections other engineers are adding (snapshots, iscsi) ---------------------------------
+
+RENDER_PLAYBOOK = """
+- name: Render the node config only
+  hosts: nbdgw
+  gather_facts: false
+  tasks:
+    - name: The role's checks, with its variables made visible to the play
+      ansible.builtin.include_role:
+        name: nbdgw
+        tasks_from: checks.yml
+        public: true
+    - name: Render the role's node config template
+      ansible.builtin.template:
+        src: "{role}/templates/nbdgw.yaml.j2"
+        dest: "{dest}"
+        mode: "0600"
+"""
+
+
+def render_config(tmp_path: Path, group: dict[str, Any]) -> dict[str, Any]:
+    inv = write_inventory(tmp_path, ("main",), group)
+    dest = tmp_path / "rendered.yaml"
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(RENDER_PLAYBOOK.format(role=DEPLOY / "roles" / "nbdgw", dest=dest))
+    run = run_playbook(str(playbook), inv, timeout=120)
+    assert run.rc == 0, run
+    cfg: dict[str, Any] = yaml.safe_load(dest.read_text())
+    cfg["__path"] = dest
+    return cfg
+
+
+def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: Path) -> None:
+    group = site_vars() | {
+        "nbdgw_snapshot_schedules": [
+            {"name": "quarter-hourly", "volumes": ["v1", "v2"], "every": "15m", "keep": 8},
+            {"name": "nightly", "every": "daily", "keep": 14}],
+        "nbdgw_iscsi_enabled": True,
+        "nbdgw_iscsi_portal": "0.0.0.0:3260",
+        "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw",
+        "nbdgw_iscsi_initiators": ["iqn.2026-11.com.example:sql1"],
+        "nbdgw_iscsi_chap_user": "sql",
+        "nbdgw_iscsi_chap_secret": "chap-secret-0123456789",
+        "nbdgw_iscsi_mutual_chap_user": "target",
+        "nbdgw_iscsi_mutual_chap_secret": "mutual-secret-0123456789",
+    }
+    cfg = render_config(tmp_path, group)
+    etc = tmp_path / "main" / "config_dir"
+    assert cfg["snapshots"] == {"schedules": [
+        {"name": "quarter-hourly", "volumes": ["v1", "v2"], "every": "15m", "keep": 8},
+        {"name": "nightly", "every": "daily", "keep": 14}]}
+    assert cfg["iscsi"] == {
+        "enabled": True, "portal": "0.0.0.0:3260", "iqn": "iqn.2026-11.com.example:nbdgw",
+        "chap": {"user": "sql", "secret_file": f"{etc}/iscsi-chap.secret"},
+        "mutual_chap": {"user": "target", "secret_file": f"{etc}/iscsi-mutual-chap.secret"},
+        "initiators": ["iqn.2026-11.com.example:sql1"]}
+    assert "chap-secret" not in cfg["__path"].read_text()
+    # The product's own check. Until the snapshots and iscsi sections land in
+    # gateway/config.py, the only failure tolerated is that one of them is unknown.
+    p = subprocess.run([str(VENV_BIN / "nbdgw"), "-c", str(cfg["__path"]), "config", "check"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    if p.returncode != 0:
+        unknown = [f"unknown key {k!r} in the config file" for k in ("snapshots", "iscsi")]
+        assert any(u in p.stderr for u in unknown), p.stderr
+        pytest.xfail(f"gateway/config.py does not know this section yet: {p.stderr.strip()}")
+
+
+def test_without_snapshots_and_iscsi_the_sections_are_absent(tmp_path: Path) -> None:
+    cfg = render_config(tmp_path, site_vars())
+    assert "snapshots" not in cfg
+    assert "iscsi" not in cfg
+    assert cfg["volumes"] == [{"name": "v1", "size": "64M", "read_only": False},
+                              {"name": "v2", "size": 16777216, "read_only": False}]
