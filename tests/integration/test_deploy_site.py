@@ -276,3 +276,33 @@ def test_primary_serves_its_volume_from_the_deployed_config(deployed: Deployed,
             assert h.pread(len(block), 1 << 20) == block  # type: ignore[attr-defined]
             assert h.pread(4096, 0) == bytes(4096)  # type: ignore[attr-defined]
             h.shutdown()  # type: ignore[attr-defined]
+
+
+# --- the operations playbooks against the deployed sites -----------------------------------
+
+def test_promote_dr_is_refused_for_an_inconsistent_replica(deployed: Deployed) -> None:
+    """Confirmed, promote-dr.yml reaches the DR host. Its replicas never synced, so either
+    this nbdgw has no `promote` yet (the playbook says so) or the product's own check
+    refuses the Inconsistent replica; either way nothing changes anywhere."""
+    run = run_playbook("promote-dr.yml", deployed.inventory, "-e",
+                       "nbdgw_promote_dr_confirm=dr", timeout=300)
+    assert run.rc != 0, run
+    no_command = (f"`{deployed.nbdgw('dr')} promote --help` failed on dr: this nbdgw has no "
+                  "`promote` command (it predates DR promotion) or is not installed; upgrade "
+                  "it first; nothing was changed")
+    fails = run.failures("dr")
+    assert fails in ([no_command], ["non-zero return code"]), run
+    assert run.failures("main") == run.failures("dc") == []
+    assert run.changed() == [], run
+
+
+def test_switchover_needs_every_site_running(deployed: Deployed) -> None:
+    if SYSTEMD_RUNS:
+        pytest.skip("systemd runs here; the deployed units were not started")
+    run = run_playbook("switchover.yml", deployed.inventory, "-e", "nbdgw_switchover_to=dc",
+                       timeout=300)
+    assert run.rc != 0, run
+    assert run.failures("main") == [
+        "switchover needs every site up: nbdgw is not running on main (for a lost main site "
+        "use promote-dr.yml); nothing was changed"], run
+    assert run.changed() == [], run
