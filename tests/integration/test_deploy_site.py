@@ -17,11 +17,13 @@ and the replicas are compared bit for bit; two to three and a half minutes here)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.unit.test_deploy import SITES, Run, run_playbook, site_vars, write_inventory
+from tests.unit.test_deploy import ROOT, SITES, Run, run_playbook, site_vars, write_inventory
 
 pytestmark = [
     pytest.mark.root,
@@ -382,3 +384,26 @@ def test_three_deployed_sites_replicate(deployed: Deployed, tmp_path: Path) -> N
     for volume in ("v1", "v2"):
         sums = {host: checksum(deployed, host, volume) for host in deployed.hosts}
         assert len(set(sums.values())) == 1, sums
+
+
+def test_a_new_build_is_installed_and_only_then(deployed: Deployed, tmp_path: Path) -> None:
+    """A wheelhouse holding another build of the same version (other bytes: another
+    SOURCE_DATE_EPOCH) is installed on every host and recorded; the unchanged rest of the
+    host is not touched. Runs last: it leaves the hosts on that build."""
+    wheels = tmp_path / "wheelhouse"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+                    "--wheel-dir", str(wheels), str(ROOT)], check=True, timeout=600,
+                   env=os.environ | {"SOURCE_DATE_EPOCH": "946684800"})
+    (wheel,) = wheels.glob("nbdgw-*.whl")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    args = ("-e", json.dumps({"nbdgw_install_from": "wheelhouse",
+                              "nbdgw_wheelhouse": str(wheels)}))
+    run = run_playbook("site.yml", deployed.inventory, *args, timeout=600)
+    assert run.rc == 0, run
+    for host in deployed.hosts:
+        stamp = deployed.prefix(host) / "venv_dir" / ".nbdgw-wheel.sha256"
+        assert stamp.read_text() == digest + "\n"
+        assert run.stats[host]["changed"] == 3, run  # unpack, pip install, stamp
+    again = run_playbook("site.yml", deployed.inventory, *args, timeout=600)
+    assert again.rc == 0, again
+    assert again.changed() == [], again
