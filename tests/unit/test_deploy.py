@@ -517,3 +517,31 @@ def test_the_example_inventory_renders_three_coherent_configs(tmp_path: Path) ->
                                         "sync_timeout": 5}
     for cfg in cfgs.values():
         config_check(cfg["__path"])
+
+
+def test_upgrade_never_restarts_a_main_site_node_while_the_other_is_down(
+        tmp_path: Path) -> None:
+    """upgrade.yml's guard, with systemd stood in for: `systemctl is-active nbdgw` says
+    "inactive" (as on a host whose nbdgw is down), so the other main-site node must not be
+    touched. The stand-in is a script first on PATH; every host here is this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemctl"
+    fake.write_text("#!/bin/sh\n# is-active: inactive (exit 3); nothing else is expected\n"
+                    "[ \"$1\" = is-active ] && exit 3\necho \"unexpected: systemctl $*\" >&2\n"
+                    "exit 99\n")
+    fake.chmod(0o755)
+    inv = write_inventory(tmp_path, ("main", "dc"), site_vars())
+    env_path = f"{bin_dir}:{os.environ['PATH']}"
+    argv = [str(VENV_BIN / "ansible-playbook"), "-i", str(inv), "upgrade.yml",
+            "-e", f"__nbdgw_systemd_dir={tmp_path}"]  # "systemd runs"
+    proc = subprocess.run(argv, cwd=DEPLOY, capture_output=True, text=True, timeout=180,
+                          env=ansible_env() | {"PATH": f"{VENV_BIN}:{env_path}"}, check=False)
+    run = Run(proc)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "not upgrading dc: nbdgw is not running on the other main-site node main, and "
+        "restarting dc now would leave the main site with no node; bring main back first"], run
+    assert run.changed() == [], run
+    assert not (tmp_path / "main").exists()
+    assert not (tmp_path / "dc").exists()
