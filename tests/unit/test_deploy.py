@@ -271,6 +271,10 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
          _set("nbdgw_peerlink_tls_ca", "-----BEGIN CERTIFICATE-----")],
         "nbdgw_peerlink_tls_key is not set: mutual TLS between sites needs "
         "nbdgw_peerlink_tls_cert, nbdgw_peerlink_tls_key and nbdgw_peerlink_tls_ca"),
+    "failover_timers": (
+        [_set("nbdgw_failover_timeout", 1)],
+        "nbdgw_failover_timeout (1) must be at least 3 x nbdgw_failover_interval (0.5): a "
+        "single lost heartbeat must not look like a dead node"),
     "topology": (
         [_set("nbdgw_peerlink_topology", "star")],
         "nbdgw_peerlink_topology is 'star': expected fanout or cascade"),
