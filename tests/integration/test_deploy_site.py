@@ -265,33 +265,42 @@ def connect(sock: Path, export: str, proc: subprocess.Popen[bytes], log: Path,
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def sites_running(deployed: Deployed, ns: str, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Every deployed site started as its unit starts it (ExecStartPre, then ExecStart),
+    replicas first, in the network namespace ``ns``; yields the primary's process."""
+    with contextlib.ExitStack() as stack:
+        procs = {}
+        for host in ("dr", "dc", "main"):
+            if host not in deployed.hosts:
+                continue
+            pre, start = unit_commands(deployed.unit(host))
+            check = subprocess.run(pre, capture_output=True, text=True, timeout=60,
+                                   check=False, cwd="/")
+            assert check.returncode == 0, check.stderr
+            procs[host] = stack.enter_context(started(start, ns, logs / f"{host}.log"))
+        yield procs["main"]
+    for host, proc in procs.items():
+        assert proc.returncode == 0, (logs / f"{host}.log").read_text()
+
+
 def test_primary_serves_its_volume_from_the_deployed_config(deployed: Deployed,
                                                             tmp_path: Path) -> None:
-    pre, start = unit_commands(deployed.unit("main"))
-    has_daemon = subprocess.run([start[0], "daemon", "--help"], capture_output=True,
-                                timeout=60, check=False).returncode == 0
-    if not has_daemon:
-        # `nbdgw daemon` is being built (issue 4); until it lands the primary's data path
-        # is `serve`, from the same deployed config.
-        assert start[-1] == "daemon"
-        start = [*start[:-1], "serve"]
+    """Written and read over NBD; stopped as systemd stops it (SIGTERM) and started again,
+    the data is there."""
     sock = deployed.prefix("main") / "run" / "nbd.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)  # the unit's RuntimeDirectory
-    log = tmp_path / "node.log"
-    check = subprocess.run(pre, capture_output=True, text=True, timeout=60, check=False)
-    assert check.returncode == 0, check.stderr
+    log = tmp_path / "main.log"
     block = bytes(range(256)) * 16 * 64  # 256 KiB
     with netns() as ns:
-        with started(start, ns, log) as proc:
+        with sites_running(deployed, ns, tmp_path) as proc:
             h = connect(sock, "v1", proc, log)
             assert h.get_size() == 64 << 20  # type: ignore[attr-defined]
             h.pwrite(block, 1 << 20)  # type: ignore[attr-defined]
             h.flush()  # type: ignore[attr-defined]
             assert h.pread(len(block), 1 << 20) == block  # type: ignore[attr-defined]
             h.shutdown()  # type: ignore[attr-defined]
-        assert proc.returncode == 0, log.read_text()
-        # Stopped cleanly (as systemd stops it: SIGTERM); started again, the data is there.
-        with started(start, ns, log) as proc:
+        with sites_running(deployed, ns, tmp_path) as proc:
             h = connect(sock, "v1", proc, log)
             assert h.pread(len(block), 1 << 20) == block  # type: ignore[attr-defined]
             assert h.pread(4096, 0) == bytes(4096)  # type: ignore[attr-defined]
@@ -360,37 +369,27 @@ def test_three_deployed_sites_replicate(deployed: Deployed, tmp_path: Path) -> N
     primary reaches the secondary and the DR site, bit for bit."""
     if deployed.hosts != SITES:
         pytest.skip("needs the three-site deployment (pytest -m slow)")
-    _, main_start = unit_commands(deployed.unit("main"))
-    if subprocess.run([main_start[0], "daemon", "--help"], capture_output=True, timeout=60,
-                      check=False).returncode != 0:
-        pytest.skip("this nbdgw has no `daemon` command yet (replication from the config)")
     sock = deployed.prefix("main") / "run" / "nbd.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
     logs = {h: tmp_path / f"{h}.log" for h in SITES}
-    with netns() as ns, contextlib.ExitStack() as stack:
-        procs = {h: stack.enter_context(started(unit_commands(deployed.unit(h))[1], ns,
-                                                logs[h]))
-                 for h in ("dr", "dc", "main")}
-        h = connect(sock, "v2", procs["main"], logs["main"])
+    with netns() as ns, sites_running(deployed, ns, tmp_path) as proc:
+        h = connect(sock, "v2", proc, logs["main"])
         for i in range(64):
             h.pwrite(bytes([i + 1]) * 65536, i * 131072 % (16 << 20))  # type: ignore[attr-defined]
         h.flush()  # type: ignore[attr-defined]
         h.shutdown()  # type: ignore[attr-defined]
         deadline = time.monotonic() + 90
         while not (caught_up(deployed, "dc") and caught_up(deployed, "dr")):
-            for host, p in procs.items():
-                assert p.poll() is None, f"{host} exited:\n{logs[host].read_text()}"
             assert time.monotonic() < deadline, (
                 f"replicas not caught up in 90 s: {status(deployed, 'main')}\n"
                 + "\n".join(f"--- {k}\n{v.read_text()[-3000:]}" for k, v in logs.items()))
             time.sleep(0.5)
-    for host, p in procs.items():
-        assert p.returncode == 0, f"{host} did not stop cleanly:\n{logs[host].read_text()}"
     for volume in ("v1", "v2"):
         sums = {host: checksum(deployed, host, volume) for host in deployed.hosts}
         assert len(set(sums.values())) == 1, sums
 
 
+@pytest.mark.slow  # two more site.yml runs and a wheel build: about a minute
 def test_a_new_build_is_installed_and_only_then(deployed: Deployed, tmp_path: Path) -> None:
     """A wheelhouse holding another build of the same version (other bytes: another
     SOURCE_DATE_EPOCH) is installed on every host and recorded; the unchanged rest of the
