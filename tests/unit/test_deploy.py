@@ -281,8 +281,19 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
     "schedule_every": (
         [_set("nbdgw_snapshot_schedules", [{"name": "q", "every": "15m", "keep": 4},
                                            {"name": "n", "every": "nightly", "keep": 7}])],
-        'nbdgw_snapshot_schedules[1].every is "nightly": expected 15m, 4h, 1d, hourly, daily '
-        "or weekly"),
+        'nbdgw_snapshot_schedules[1].every is "nightly": expected Nm (N minutes, 1 to 10080), '
+        "hourly, daily or weekly"),
+    "schedule_every_hours": (
+        [_set("nbdgw_snapshot_schedules", [{"name": "q", "every": "4h", "keep": 4}])],
+        'nbdgw_snapshot_schedules[0].every is "4h": expected Nm (N minutes, 1 to 10080), '
+        "hourly, daily or weekly"),
+    "schedule_every_too_rare": (
+        [_set("nbdgw_snapshot_schedules", [{"name": "q", "every": "20000m", "keep": 4}])],
+        'nbdgw_snapshot_schedules[0].every is "20000m": expected Nm (N minutes, 1 to '
+        '10080), hourly, daily or weekly'),
+    "schedule_keep": (
+        [_set("nbdgw_snapshot_schedules", [{"name": "q", "every": "hourly", "keep": 600}])],
+        "nbdgw_snapshot_schedules[0].keep: expected an integer from 1 to 512"),
     "schedule_unknown_volume": (
         [_set("nbdgw_snapshot_schedules",
               [{"name": "q", "volumes": ["v1", "sql-data"], "every": "hourly", "keep": 4}])],
