@@ -579,6 +579,7 @@ def promote(obj: Ctx, site: str, force: bool) -> None:
     audit log.
     """
     from . import audit
+    from .control import ask
     from .daemon import control_path
 
     cfg = obj.config()
@@ -586,7 +587,9 @@ def promote(obj: Ctx, site: str, force: bool) -> None:
         _fail(f"--site {site}: this is node {cfg.name}; run promote on the site to promote")
     args = {"site": site, "force": force}
     try:
-        reply = ask_daemon(control_path(cfg.data_dir), {"op": "promote", "force": force})
+        reply = ask(control_path(cfg.data_dir), {"op": "promote", "force": force}, 150.0,
+                    who="the daemon", unreachable_hint="is `nbdgw daemon` running on this "
+                    "node?", closed_hint="without an answer")
     except GatewayError as e:
         audit.record(cfg.data_dir, "promote", args, "error", str(e))
         raise
@@ -611,28 +614,6 @@ def audit_cmd(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
                    f"{e['time']} {e['action']} {json.dumps(e['args'])} {e['outcome']}"
                    f"{': ' + e['detail'] if e['detail'] else ''} by {e['user']} from "
                    f"{e['from']}")
-
-
-def ask_daemon(path: Path, request: dict[str, Any], timeout: float = 150.0) -> dict[str, Any]:
-    """One request to the node's daemon over its control socket."""
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        try:
-            s.connect(str(path))
-        except OSError as e:
-            raise GatewayError(f"cannot reach the daemon at {path} ({e.strerror or e}): is "
-                               "`nbdgw daemon` running on this node?") from None
-        s.sendall(json.dumps(request).encode() + b"\n")
-        line = s.makefile("rb").readline()
-    finally:
-        s.close()
-    if not line:
-        raise GatewayError("the daemon closed the connection without an answer")
-    reply: dict[str, Any] = json.loads(line)
-    return reply
 
 
 @cli.command()
