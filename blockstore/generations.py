@@ -68,10 +68,13 @@ def relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...]) -> Re
     return Relation.UNRELATED
 
 
-def load_history(vpath: Path, volume_uuid: str) -> History:
+def load_history(vpath: Path, volume_uuid: str, upstream_uuid: str | None = None) -> History:
+    """The volume's history; without the file, one generation born with its logical
+    uuid: ``upstream_uuid`` for a replica bound to an upstream, else its own."""
     path = vpath / GEN_FILE
     if not path.exists():
-        return History(volume_uuid, (initial_generation(volume_uuid),))
+        logical = upstream_uuid or volume_uuid
+        return History(logical, (initial_generation(logical),))
     meta = read_json(path, GEN_KIND, GEN_VERSION)
     return History(str(meta["logical_uuid"]),
                    tuple(Generation(int(g), int(s)) for g, s in meta["history"]))

@@ -41,14 +41,13 @@ from blockstore.generations import Generation as BGeneration
 from blockstore.generations import (
     History,
     Relation,
-    initial_generation,
     load_history,
     relation,
     save_history,
 )
 from blockstore.meta import read_json, write_json
 from blockstore.peers import DIRTY_UPSTREAM, known_peers, write_dirty
-from blockstore.volume import Volume
+from blockstore.volume import Volume, VolumeInfo
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import check_batch, payload_bytes
@@ -83,6 +82,15 @@ APPLY_QUEUE_BYTES: Final = 64 << 20  # received batches waiting for the applier
 
 class ReceiverError(PeerlinkError):
     """Local trouble on the receiving node (not a replica, apply failed)."""
+
+
+def replica_history(info: VolumeInfo) -> History:
+    """A replica's history as its receiver sees it, for a reader in the same process
+    (a cascading sender): the upstream binding gives the logical uuid."""
+    path = info.path / UPSTREAM_FILE
+    up = (str(read_json(path, UPSTREAM_KIND, UPSTREAM_VERSION)["upstream_uuid"])
+          if path.exists() else None)
+    return load_history(info.path, info.uuid, up)
 
 
 def wire_generations(history: History) -> tuple[Generation, ...]:
@@ -525,11 +533,8 @@ class Receiver:
 
     def _history(self) -> History:
         """This replica's generation history (its upstream's, adopted when bound)."""
-        own = self.vol.info.uuid
-        if self.upstream is not None and not (self.vol.info.path / "generations.json").exists():
-            up = str(self.upstream["upstream_uuid"])
-            return History(up, (initial_generation(up),))
-        return load_history(self.vol.info.path, own)
+        up = str(self.upstream["upstream_uuid"]) if self.upstream is not None else None
+        return load_history(self.vol.info.path, self.vol.info.uuid, up)
 
     def _apply(self, batch: Batch, source: str) -> int:
         gen = self._gen_cache if self._gen_cache is not None else self._history().current

@@ -66,7 +66,7 @@ import msgpack
 import structlog
 
 from blockstore.errors import BlockstoreError, FormatError
-from blockstore.generations import History, Relation, initial_generation, load_history, relation
+from blockstore.generations import History, Relation, load_history, relation
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
@@ -113,7 +113,7 @@ from .messages import (
     check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
-from .receiver import expect, from_wire, wire_generations
+from .receiver import expect, from_wire, replica_history, wire_generations
 
 log = structlog.get_logger(component="peerlink")
 
@@ -566,13 +566,9 @@ class Sender:
     def _history(self) -> History:
         """This volume's generation history: its own, or a cascade source's (adopted
         from its upstream by the receiver)."""
-        h = load_history(self.info.path, self.info.uuid)
-        up = self.info.path / "peerlink-upstream.json"
-        if self.source is not None and not (self.info.path / "generations.json").exists() \
-                and up.exists():
-            upstream = str(read_json(up, "peerlink-upstream", 1)["upstream_uuid"])
-            return History(upstream, (initial_generation(upstream),))
-        return h
+        if self.source is not None:
+            return replica_history(self.info)
+        return load_history(self.info.path, self.info.uuid)
 
     def _limit(self) -> int | None:
         """The last seq a producer may read now; None: no limit (a primary's journal)."""
