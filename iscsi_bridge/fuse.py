@@ -23,6 +23,7 @@ from gateway.errors import CommandError
 from gateway.proc import run
 
 from .errors import FuseError
+from .tgt import live_pid
 
 log = structlog.get_logger(component="iscsi")
 
@@ -62,17 +63,7 @@ class FuseMount:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def pid(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc.pid
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            return None
-        return pid if comm == "nbdfuse" else None
+        return live_pid(self.proc, self.pid_file, "nbdfuse")
 
     def healthy(self) -> bool:
         """nbdfuse alive, mounted, and the file answers stat (a dead FUSE gives ENOTCONN)."""

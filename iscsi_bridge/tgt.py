@@ -306,13 +306,7 @@ class Tgtd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def pid(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc.pid
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _running(pid, "tgtd") else None
+        return live_pid(self.proc, self.pid_file, "tgtd")
 
     def start(self, timeout: float = 15) -> None:
         """Start tgtd and wait until it answers on its control port."""
@@ -368,6 +362,18 @@ class Tgtd:
             except subprocess.TimeoutExpired:
                 return
             self.proc = None
+
+
+def live_pid(proc: subprocess.Popen[bytes] | None, pid_file: Path, comm: str) -> int | None:
+    """The pid of our child ``proc`` while it runs, else the live ``comm`` process that
+    ``pid_file`` names (one an earlier bridge started), else None."""
+    if proc is not None and proc.poll() is None:
+        return proc.pid
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _running(pid, comm) else None
 
 
 def _running(pid: int, comm: str) -> bool:
