@@ -63,6 +63,7 @@ from .peers import (
     dirty_shift,
     extent_range,
     known_peers,
+    read_dirty,
     write_dirty,
 )
 from .record import Flag, Op, RecordHeader
@@ -1092,7 +1093,58 @@ def promote_volume(data_dir: Path, name: str) -> Generation:
         # The history first: a crash before the state flips leaves a replica with one
         # generation too many, which a repeated promotion simply extends.
         save_history(vol.info.path, history)
+        # Snapshot ids of the new generation start past any the old primary may have used
+        # after the fork (a demoted primary keeps its own, e.g. diverged-<gen>): a replica
+        # takes a snapshot MARK only when its id is above every id it has seen.
+        snaps = vol._snapshots()
+        snaps.skip(snaps.index.next_id + SNAP_ID_GAP - 1)
         vol.replica = False
         return history.current
+    finally:
+        vol.close()
+
+
+SNAP_ID_GAP = 1 << 16  # snapshot ids reserved for the old primary at each promotion
+DIVERGED_PREFIX = "diverged-"
+
+
+def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = True
+                  ) -> str | None:
+    """Make primary volume ``name`` a replica of ``new_primary`` (contract 5): this node
+    was primary, another node now serves a newer generation.  Writes this node took that
+    may not have reached ``new_primary`` (records it never acknowledged, dirty sets,
+    hot extents of an unclean stop) are preserved as snapshot ``diverged-<generation>``
+    first, when ``preserve``; then the replica keeps its generation history and logical
+    uuid, and the next sender from the newer generation compares digests and resyncs
+    what differs.  The caller holds no lock on it (nbdkit is stopped).  Returns the
+    snapshot's name, or None when nothing needed preserving."""
+    vol = Volume.open(data_dir, name)  # an unclean stop is recovered here (hot extents)
+    try:
+        if vol.replica:
+            return None  # demoted already (a crash after the flip)
+        history = load_history(vol.info.path, vol.info.uuid)
+        acked = known_peers(vol.info).get(new_primary)
+        unshipped = (acked is None or vol.last_seq > acked
+                     or bool(read_dirty(vol.info, new_primary)))
+        snap_name = None
+        if preserve and unshipped:
+            snap_name = f"{DIVERGED_PREFIX}{history.current.gen_id:016x}"
+            if vol.snaps is None or snap_name not in vol.snaps.index.by_name:
+                vol.snapshot_create(snap_name)
+        save_history(vol.info.path, history)  # explicit: the logical uuid stays this one
+        write_json(vol.info.path / "peerlink-upstream.json", {
+            "kind": "peerlink-upstream", "version": 1, "upstream_uuid": history.logical_uuid,
+            "upstream_node": new_primary, "bound_at": time.time(), "demoted": True})
+        # As a primary it tracked what its peers lacked; none of that means anything now
+        # that it follows another node (the sender from there compares digests).
+        pdir = vol.info.path / "peers"
+        if pdir.is_dir():
+            for f in pdir.iterdir():
+                f.unlink(missing_ok=True)
+        vol.replica = True
+        vol.inconsistent = False
+        vol.upstream_seq = 0
+        vol.checkpoint()
+        return snap_name
     finally:
         vol.close()

@@ -578,27 +578,70 @@ def promote(obj: Ctx, site: str, force: bool) -> None:
     is heard (unless --force) or a replica is Inconsistent (always).  Recorded in the
     audit log.
     """
+    cfg = obj.config()
+    if site != cfg.name:
+        _fail(f"--site {site}: this is node {cfg.name}; run promote on the site to promote")
+    reply = _ask_daemon(cfg, "promote", {"site": site, "force": force},
+                        {"op": "promote", "force": force}, 150.0)
+    click.echo(f"promoted {site}: primary at epoch {reply['epoch']}"
+               + (" (forced: main site was heard)" if reply.get("main_site_heard") else ""))
+
+
+def _ask_daemon(cfg: NodeConfig, action: str, args: dict[str, Any], req: dict[str, Any],
+                timeout: float) -> dict[str, Any]:
+    """One admin request to the local daemon, recorded in the audit log either way."""
     from . import audit
     from .control import ask
     from .daemon import control_path
 
-    cfg = obj.config()
-    if site != cfg.name:
-        _fail(f"--site {site}: this is node {cfg.name}; run promote on the site to promote")
-    args = {"site": site, "force": force}
     try:
-        reply = ask(control_path(cfg.data_dir), {"op": "promote", "force": force}, 150.0,
-                    who="the daemon", unreachable_hint="is `nbdgw daemon` running on this "
-                    "node?", closed_hint="without an answer")
+        reply = ask(control_path(cfg.data_dir), req, timeout, who="the daemon",
+                    unreachable_hint="is `nbdgw daemon` running on this node?",
+                    closed_hint="without an answer")
     except GatewayError as e:
-        audit.record(cfg.data_dir, "promote", args, "error", str(e))
+        audit.record(cfg.data_dir, action, args, "error", str(e))
         raise
     if "error" in reply:
-        audit.record(cfg.data_dir, "promote", args, "refused", reply["error"])
-        _fail(f"promote {site}: {reply['error']}")
-    audit.record(cfg.data_dir, "promote", args, "done", f"epoch {reply['epoch']}")
-    click.echo(f"promoted {site}: primary at epoch {reply['epoch']}"
-               + (" (forced: main site was heard)" if reply.get("main_site_heard") else ""))
+        audit.record(cfg.data_dir, action, args, "refused", reply["error"])
+        _fail(f"{action}: {reply['error']}")
+    audit.record(cfg.data_dir, action, args, "done", json.dumps(reply, sort_keys=True))
+    return reply
+
+
+@cli.command()
+@click.option("--to", "target", required=True, help="The node that takes over (a peer).")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              help="Seconds the target may take to catch up while client I/O is held.")
+@click.pass_obj
+def switchover(obj: Ctx, target: str, timeout: float) -> None:
+    """Planned switchover: hand the primary role to NODE with no acknowledged write lost.
+
+    Run on the current primary.  Client I/O is held (a pause, not an error) while the
+    target acknowledges every journal record durably; then this node stops serving and
+    rejoins as a replica, and the target promotes and takes the service address.  If the
+    target does not catch up within --timeout, nothing changes and I/O resumes.
+    """
+    cfg = obj.config()
+    reply = _ask_daemon(cfg, "switchover", {"to": target, "timeout": timeout},
+                        {"op": "switchover", "to": target, "timeout": timeout}, timeout + 90)
+    click.echo(f"switched over from {reply['from']} to {reply['to']}: drained in "
+               f"{reply['drain_s']:.3f} s, {reply['from']} is {reply['state']} now; "
+               + ("the target serves" if reply["target_serving"] else
+                  "the target has not reported serving yet (see 'nbdgw status')"))
+
+
+@cli.command()
+@click.option("--discard", required=True,
+              help="The node whose writes since the split brain are discarded (this node).")
+@click.pass_obj
+def resolve(obj: Ctx, discard: str) -> None:
+    """Settle a split brain: this node's writes since the split are preserved as
+    snapshot diverged-<generation>, then it rejoins the other primary as a replica."""
+    cfg = obj.config()
+    reply = _ask_daemon(cfg, "resolve", {"discard": discard},
+                        {"op": "resolve", "discard": discard}, 120.0)
+    click.echo(f"resolved: {reply['discarded']}'s writes discarded (kept as a diverged "
+               f"snapshot); it follows {reply['following']} as a replica")
 
 
 @cli.command("audit")

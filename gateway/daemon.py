@@ -16,8 +16,20 @@ event, ``failover.step()`` gives the new state and the actions, executed here in
 SERVE (nbdkit, service address with gratuitous ARP, peerlink for the role), FENCE
 (service address dropped first, nbdkit killed, peerlink stopped), PROMOTE (peerlink
 stopped so the receivers finish their last complete batch and close the replicas, every
-Consistent replica promoted to a new generation, epoch + 1 in node-state.json), RECEIVE.
+Consistent replica promoted to a new generation, epoch + 1 in node-state.json), RECEIVE,
+REJOIN (a stale former primary demotes its volumes to replicas of the newer primary,
+preserving unshipped writes as a ``diverged-<generation>`` snapshot, unless that is a
+split brain: gateway/rejoin.py).  A node that hears of a newer primary while it is a
+standby or witness follows it (node-state.json names the current primary, so that the
+effective config ships from the new primary to the old one).
 The state is published in ``<data_dir>/run/failover.json`` for `nbdgw status`.
+
+Planned switchover (`nbdgw switchover --to NODE`, on the primary): client I/O is held
+inside nbdkit (the control socket's ``hold``: requests wait, they do not fail), every
+volume made durable, the target's durable ack awaited at each journal's end, then this
+node stops serving (nbdkit killed with the I/O still held: those requests are never
+answered, so never acknowledged; clients retry on the new primary), demotes itself and
+names the target in its heartbeats; the target promotes on that word at once.
 
 SIGTERM/SIGINT become a stop event (never exit inside a handler): nbdkit stops first,
 then peerlink, each closing its volumes cleanly; a held service address is released.
@@ -44,14 +56,23 @@ import structlog
 
 from blockstore.errors import BlockstoreError
 from blockstore.meta import write_json
-from blockstore.volume import is_replica, list_volumes, promote_volume, volume_status
+from blockstore.volume import (
+    demote_volume,
+    find_volume,
+    is_replica,
+    list_volumes,
+    promote_volume,
+    volume_status,
+)
+from nbd_plugin.control import ControlError, hold
 
-from . import nodestate
+from . import nodestate, rejoin
 from .config import NodeConfig, Role
+from .control import ask
 from .errors import CommandError, GatewayError
 from .failover import Action, Event, State, Timers, View, alive, decide, step
 from .heartbeat import Heartbeat
-from .replication import _secret, plan, selected_volumes
+from .replication import _secret, gate_path, plan, selected_volumes
 from .serve import NbdServer, lease_path, precheck_volumes
 from .vip import ServiceAddress
 
@@ -266,7 +287,13 @@ class Daemon:
         self.hb: Heartbeat | None = None
         self.control: Control | None = None
         self.operator_promotion = False
+        self.served_when_stale = False  # learned of a newer primary while serving
+        self.rejoin_pending = False
+        self.rejoin_at = 0.0
+        self.handover_from: str | None = None  # the primary that handed over to this node
         self.iscsi: IscsiRunner | None = None
+        if rejoin.split_brain(cfg.data_dir) is not None:
+            self.state = State.STALE  # until `nbdgw resolve`
         if not list_volumes(cfg.data_dir):
             raise GatewayError(f"nothing to run on node {cfg.name}: no volume in "
                                f"{cfg.data_dir} (create one with 'nbdgw volume create')")
@@ -406,6 +433,10 @@ class Daemon:
                 self.iscsi.set_serving(True, self.cfg)
 
     def _fence(self) -> None:
+        why = ("switchover: the target takes over" if self.view.handover_to else
+               "a newer primary serves" if self.state is State.STALE else
+               "this primary lost the majority of the sites: it stopped serving so that "
+               "the secondary may take over")
         lease_path(self.cfg.data_dir).unlink(missing_ok=True)  # writes stop at once
         if self.vip is not None:
             self.vip.release()
@@ -413,9 +444,7 @@ class Daemon:
             self.iscsi.set_serving(False, self.cfg)
         self._drop_child("nbdkit", kill=True)
         self._drop_child("peerlink")
-        log.error("fenced", reason="this primary lost the majority of the sites: it stopped "
-                  "serving so that the secondary may take over", alive=sorted(
-                      self.view.heard))
+        log.error("fenced", reason=why, alive=sorted(self.view.heard))
 
     def _receive(self) -> None:
         pl = self._peerlink_child()
@@ -445,16 +474,31 @@ class Daemon:
         by_operator = self.state is State.PROMOTING and self.operator_promotion
         nodestate.save(self.cfg.data_dir, Role.PRIMARY, self.epoch,
                        "promoted by an operator" if by_operator else
+                       f"switchover from {self.handover_from}" if self.handover_from else
                        f"promoted: primary {self.view.primary} gone",
-                       quorum_exempt=by_operator)
+                       quorum_exempt=by_operator, primary=self.cfg.name)
         self.view.quorum_exempt = by_operator
         self.view.primary = self.cfg.name
+        self.handover_from = None
         log.warning("promoted", epoch=self.epoch, volumes=promoted, refused=sorted(refused),
                     seconds=round(time.monotonic() - t0, 3))
         return Event.PROMOTED
 
     def _feed(self, event: Event) -> None:
         old = self.state
+        if event is Event.NEWER_PRIMARY and old is State.PRIMARY:
+            # Serving means holding a live write lease: a primary whose daemon was frozen
+            # could not take a write after its lease ran out (before any promotion).
+            try:
+                age = time.time() - lease_path(self.cfg.data_dir).stat().st_mtime
+            except OSError:
+                age = float("inf")
+            self.served_when_stale = age < self.timers.timeout
+        if event is Event.HANDOVER:
+            with self._hb_lock():
+                self.handover_from = next(
+                    (p for p, r in self.view.reports.items() if r.handover_to == self.cfg.name),
+                    None)
         self.state, actions = step(self.state, event)
         if self.state is not old or actions:
             log.warning("failover_transition", trigger=event.value, old=old.value,
@@ -469,6 +513,10 @@ class Daemon:
                 self._receive()
             elif a is Action.PROMOTE:
                 self._feed(self._promote())
+            elif a is Action.REJOIN:
+                ev = self._rejoin()
+                if ev is not None:
+                    self._feed(ev)
 
     def _publish(self) -> None:
         now = time.monotonic()
@@ -477,6 +525,8 @@ class Daemon:
                 "kind": "failover", "version": 1, "node": self.cfg.name,
                 "state": self.state.value, "epoch": self.epoch, "primary": self.view.primary,
                 "auto": self.auto, "updated": time.time(),
+                "split_brain": rejoin.split_brain(self.cfg.data_dir),
+                "handover_to": self.view.handover_to,
                 "peers": {p: {"heard_s_ago": round(now - t, 2)}
                           for p, t in self.view.heard.items()}})
         except OSError as e:
@@ -527,6 +577,11 @@ class Daemon:
             try:
                 if req.get("op") == "promote":
                     answer.put(self._operator_promote(bool(req.get("force"))))
+                elif req.get("op") == "switchover":
+                    answer.put(self._switchover(str(req.get("to")),
+                                                float(req.get("timeout", 30))))
+                elif req.get("op") == "resolve":
+                    answer.put(self._resolve(str(req.get("discard"))))
                 else:
                     answer.put({"error": f"unknown request {req.get('op')!r}"})
             except Exception as e:
@@ -571,6 +626,200 @@ class Daemon:
     def _serving(self) -> bool:
         return self.state is State.PRIMARY
 
+    # -- rejoin, switchover, split brain ---------------------------------------------------
+
+    def _hb_lock(self) -> Any:
+        return self.hb.lock if self.hb is not None else contextlib.nullcontext()
+
+    def _newest_primary(self) -> tuple[str, int] | None:
+        """The site reporting PRIMARY on the highest epoch (alive or not)."""
+        best: tuple[str, int] | None = None
+        with self._hb_lock():
+            for p, rep in self.view.reports.items():
+                if rep.state is State.PRIMARY and (best is None or rep.epoch > best[1]):
+                    best = (p, rep.epoch)
+        return best
+
+    def _adopt_role(self, role: Role, primary: str, why: str) -> None:
+        self.epoch = max(self.epoch, self.view.known_epoch)
+        nodestate.save(self.cfg.data_dir, role, self.epoch, why, primary=primary)
+        self.cfg = nodestate.effective_config(self.installed)
+        with self._hb_lock():
+            self.view.epoch = self.epoch
+            self.view.primary = primary
+            self.view.quorum_exempt = False
+            self.view.witnesses = tuple(p.name for p in self.cfg.peers if p.role is Role.DR
+                                        and p.name != primary)
+
+    def _follow(self) -> None:
+        """A standby or witness heard of a newer primary: follow it (its peerlink plan may
+        change: a cascade ends while the primary is not the installed one)."""
+        newest = self._newest_primary()
+        if newest is None or newest[1] < self.view.known_epoch or newest[0] == self.cfg.name:
+            return
+        self._adopt_role(self.cfg.role, newest[0], f"following primary {newest[0]}")
+        log.warning("following_new_primary", primary=newest[0], epoch=self.epoch)
+        self._drop_child("peerlink")
+        self._receive()
+
+    def _rejoin(self) -> Event | None:
+        """REJOIN: demote this former primary's volumes to replicas of the newer primary
+        (module docstring), or record a split brain and stay STALE."""
+        self.rejoin_pending = False
+        handover = self.view.handover_to
+        newest = self._newest_primary()
+        primary = handover or (newest[0] if newest is not None else None)
+        if primary is None or primary == self.cfg.name:
+            self.rejoin_pending, self.rejoin_at = True, time.monotonic() + 1.0
+            log.info("rejoin_waiting", reason="no newer primary heard yet")
+            return None
+        if rejoin.split_brain(self.cfg.data_dir) is not None:
+            return None
+        mine = [i for i in selected_volumes(self.cfg) if not is_replica(i)]
+        if self.served_when_stale and handover is None:
+            lacking = {i.name: why for i in mine if (why := rejoin.unshipped(i, primary))}
+            if lacking:
+                rec = rejoin.record_split_brain(
+                    self.cfg.data_dir, me=self.cfg.name, my_epoch=self.epoch, other=primary,
+                    other_epoch=self.view.known_epoch,
+                    volumes={n: {"why": why, "last_write": rejoin.last_write(
+                        find_volume(self.cfg.data_dir, n))} for n, why in lacking.items()})
+                log.error("split_brain", other=primary, volumes=sorted(lacking),
+                          detail="both sites took writes since the newer primary was "
+                                 "promoted; nothing is synced until 'nbdgw resolve "
+                                 "--discard NODE'", record=rec)
+                self._publish()
+                return None
+        preserved: dict[str, str] = {}
+        for info in mine:
+            try:
+                snap = demote_volume(self.cfg.data_dir, info.name, primary,
+                                     preserve=handover is None)
+            except (BlockstoreError, OSError) as e:
+                log.error("volume_not_demoted", volume=info.name, error=str(e))
+                self.rejoin_pending, self.rejoin_at = True, time.monotonic() + 5.0
+                return None
+            if snap is not None:
+                preserved[info.name] = snap
+        role = (self.installed.role if self.installed.role is not Role.PRIMARY
+                else Role.SECONDARY)
+        self._adopt_role(role, primary, f"rejoined as a replica of {primary}")
+        self.served_when_stale = False
+        log.warning("rejoined", primary=primary, epoch=self.epoch,
+                    volumes=[i.name for i in mine], diverged_snapshots=preserved,
+                    switchover=handover is not None)
+        return Event.REJOINED_AS_WITNESS if role is Role.DR else Event.REJOINED
+
+    def _switchover_refusal(self, target: str) -> str | None:  # noqa: PLR0911
+        """Why this node cannot hand over to ``target`` now (None: it can)."""
+        me = self.cfg.name
+        if self.state is not State.PRIMARY:
+            return (f"node {me} is {self.state.value}, not the serving primary: run "
+                    f"switchover on the primary ({self.view.primary or 'unknown'})")
+        if target == me:
+            return f"node {me} is the primary already"
+        if self.cfg.peer(target) is None:
+            return (f"{target!r} is not a peer of {me} (peers: "
+                    f"{', '.join(p.name for p in self.cfg.peers)})")
+        if target not in {p.name for p in self.cfg.send_to()}:
+            return (f"{me} does not replicate to {target} directly (topology "
+                    f"{self.cfg.peerlink.topology.value}): it cannot take over without a "
+                    "resync")
+        now = time.monotonic()
+        with self._hb_lock():
+            up = alive(self.view, now, self.timers)
+            rep = self.view.reports.get(target)
+        if target not in up or rep is None:
+            return f"{target} is not heard: it cannot take over"
+        if rep.state not in (State.STANDBY, State.WITNESS):
+            return f"{target} is {rep.state.value}, not a standby or witness"
+        if self.nbd is None or not self.nbd.volumes:
+            return "no volume is served here"
+        for vol in self.nbd.volumes:
+            live = self.cfg.data_dir / "volumes" / vol / "peers" / f"{target}.live.json"
+            try:
+                st = json.loads(live.read_text())
+            except (OSError, ValueError):
+                st = {"state": "unknown"}
+            if st.get("state") not in ("streaming", "degraded"):
+                return (f"volume {vol}: {target} is {st.get('state')}, not streaming; switch "
+                        "over once it is in sync")
+        return None
+
+    def _switchover(self, target: str, timeout: float) -> dict[str, Any]:
+        """`nbdgw switchover --to NODE` on the primary (module docstring)."""
+        me = self.cfg.name
+        why = self._switchover_refusal(target)
+        if why is not None:
+            return {"error": why}
+        assert self.nbd is not None
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        first = find_volume(self.cfg.data_dir, self.nbd.volumes[0]).path
+        try:
+            conn, seqs = hold(first, max_s=timeout + 30)
+        except (ControlError, OSError) as e:
+            return {"error": f"could not hold client I/O: {e}"}
+        log.warning("switchover_draining", to=target, seqs=seqs)
+        try:
+            for vol, seq in seqs.items():
+                self._renew_lease()
+                left = max(0.1, deadline - time.monotonic())
+                r = ask(gate_path(self.cfg.data_dir),
+                        {"op": "caught_up", "volume": vol, "peer": target, "seq": seq,
+                         "timeout": left}, left + 10, who="peerlink",
+                        unreachable_hint="is replication running?",
+                        closed_hint="during the drain")
+                if not r.get("ok"):
+                    return {"error": f"volume {vol}: {target} did not catch up within "
+                                     f"{timeout:g} s (acknowledged {r.get('acked')} of {seq}, "
+                                     f"{r.get('state') or r.get('error')}); nothing changed, "
+                                     "client I/O resumed"}
+            drained = time.monotonic() - t0
+            old_epoch = self.epoch
+            self.view.handover_to = target
+            self._feed(Event.HANDED_OVER)  # FENCE (I/O still held), REJOIN
+        finally:
+            conn.close()
+        serving = False
+        while time.monotonic() < deadline + 30:
+            with self._hb_lock():
+                r2 = self.view.reports.get(target)
+                if r2 is not None and r2.state is State.PRIMARY and r2.epoch > old_epoch:
+                    serving = True
+                    break
+            time.sleep(0.05)
+        out = {"ok": True, "from": me, "to": target, "seqs": seqs,
+               "drain_s": round(drained, 3), "target_serving": serving,
+               "seconds": round(time.monotonic() - t0, 3), "state": self.state.value}
+        log.warning("switchover_done", **out)
+        return out
+
+    def _resolve(self, discard: str) -> dict[str, Any]:
+        """`nbdgw resolve --discard NODE`: settle a split brain."""
+        rec = rejoin.split_brain(self.cfg.data_dir)
+        me = self.cfg.name
+        if rec is None:
+            return {"error": f"node {me} is not in split brain: nothing to resolve"}
+        if discard not in (me, rec["other_node"]):
+            return {"error": f"the split brain is between {me} and {rec['other_node']}; "
+                             f"--discard names one of them, not {discard!r}"}
+        if discard != me:
+            return {"error": f"keeping {me}'s writes over {discard}'s is not automated: "
+                             f"{discard} serves the newer generation. Resolve with --discard "
+                             f"{me} (its writes stay readable as snapshot diverged-<generation>"
+                             ", exported as VOLUME@diverged-<generation>) and copy back what "
+                             "is needed"}
+        rejoin.clear_split_brain(self.cfg.data_dir)
+        self.served_when_stale = False
+        ev = self._rejoin()
+        if ev is None:
+            return {"error": "rejoin did not complete (see the log); the split brain record "
+                             "was cleared, the daemon retries"}
+        self._feed(ev)
+        return {"ok": True, "discarded": me, "following": self.view.primary,
+                "state": self.state.value}
+
     def _renew_lease(self) -> None:
         """Touch the write lease while this node serves as primary (nbd_plugin Lease)."""
         path = lease_path(self.cfg.data_dir)
@@ -585,15 +834,25 @@ class Daemon:
         self._requests()
         if not self.auto or self.hb is None:
             return
-        if self.state is State.PRIMARY:
-            self._renew_lease()
         with self.hb.lock:
             for p, rep in self.view.reports.items():
                 if rep.state is State.PRIMARY and now - rep.received < self.timers.timeout:
                     self.view.primary = p
+                    if p == self.view.handover_to and rep.epoch > self.epoch:
+                        self.view.handover_to = None  # the successor serves
             event = decide(self.state, self.view, now, self.timers)
         if event is not None and event not in _noop_in(self.state):
             self._feed(event)
+        if self.state is State.PRIMARY:
+            # After deciding: a daemon that was frozen learns where it stands before its
+            # lease (which nbdkit checks on every write) is renewed.
+            self._renew_lease()
+        if self.state in (State.STANDBY, State.WITNESS) and self.view.known_epoch > self.epoch:
+            self._follow()
+        if self.state is State.STALE and self.rejoin_pending and now >= self.rejoin_at:
+            ev = self._rejoin()
+            if ev is not None:
+                self._feed(ev)
 
     def run(self) -> int:
         def on_signal(signum: int, _frame: Any) -> None:

@@ -23,6 +23,16 @@ the three sites:
   (OPERATOR_PROMOTE, `nbdgw promote`), which the daemon refuses while a main-site node
   is heard, unless forced.
 - An Inconsistent replica never promotes (the daemon reports PROMOTION_FAILED).
+- Rejoin (contract 5): a STALE node demotes its volumes to replicas of the newer primary
+  (REJOIN) and receives again (REJOINED: STANDBY, or WITNESS on the DR site).  Writes it
+  took that never reached the new primary are kept as a ``diverged-<generation>``
+  snapshot first.  A node that learns of the newer primary while it was itself serving
+  (PRIMARY) and holds writes the new primary lacks is in split brain: the daemon does
+  not rejoin it; `nbdgw resolve` decides.
+- Planned switchover: the primary drains (client I/O held, the target's ack at the
+  journal's end), stops serving (HANDED_OVER: it becomes STALE and rejoins at once) and
+  names the target in its beats; the target promotes on that word (HANDOVER) without
+  waiting for any timeout.
 
 ``decide()`` turns the heartbeat view into at most one event; ``step()`` looks the event up
 in ``TRANSITIONS[state][event]`` and returns the new state and the actions for the daemon.
@@ -54,6 +64,10 @@ class Event(enum.Enum):
     PROMOTED = "promoted"
     PROMOTION_FAILED = "promotion_failed"
     OPERATOR_PROMOTE = "operator_promote"  # `nbdgw promote` (checked by the daemon first)
+    HANDOVER = "handover"  # the primary drained and named this node its successor
+    HANDED_OVER = "handed_over"  # this primary drained and handed over (switchover)
+    REJOINED = "rejoined"  # a stale node's volumes are replicas of the new primary now
+    REJOINED_AS_WITNESS = "rejoined_as_witness"  # the same, on the DR site
 
 
 class Action(enum.Enum):
@@ -61,6 +75,7 @@ class Action(enum.Enum):
     FENCE = "fence"  # drop the service address, kill nbdkit, stop the senders
     PROMOTE = "promote"  # stop receiving, promote the replicas (new generation)
     RECEIVE = "receive"  # run the receivers (back to standby after a failed promotion)
+    REJOIN = "rejoin"  # demote the volumes to replicas of the newer primary
 
 
 class IllegalTransition(Exception):
@@ -77,21 +92,23 @@ TRANSITIONS: dict[State, dict[Event, tuple[State, tuple[Action, ...]]]] = {
     S.STARTING: {
         E.QUORUM_OK: (S.PRIMARY, (A.SERVE,)),
         E.QUORUM_LOST: (S.FENCED, ()),
-        E.NEWER_PRIMARY: (S.STALE, ()),
+        E.NEWER_PRIMARY: (S.STALE, (A.REJOIN,)),
     },
     S.PRIMARY: {
         E.QUORUM_OK: (S.PRIMARY, ()),
         E.QUORUM_LOST: (S.FENCED, (A.FENCE,)),
-        E.NEWER_PRIMARY: (S.STALE, (A.FENCE,)),
+        E.NEWER_PRIMARY: (S.STALE, (A.FENCE, A.REJOIN)),
+        E.HANDED_OVER: (S.STALE, (A.FENCE, A.REJOIN)),
     },
     S.FENCED: {
         E.QUORUM_OK: (S.PRIMARY, (A.SERVE,)),
         E.QUORUM_LOST: (S.FENCED, ()),
-        E.NEWER_PRIMARY: (S.STALE, ()),
+        E.NEWER_PRIMARY: (S.STALE, (A.REJOIN,)),
     },
     S.STANDBY: {
         E.PRIMARY_GONE: (S.PROMOTING, (A.PROMOTE,)),
         E.OPERATOR_PROMOTE: (S.PROMOTING, (A.PROMOTE,)),
+        E.HANDOVER: (S.PROMOTING, (A.PROMOTE,)),
         E.NEWER_PRIMARY: (S.STANDBY, ()),
     },
     S.PROMOTING: {
@@ -100,10 +117,13 @@ TRANSITIONS: dict[State, dict[Event, tuple[State, tuple[Action, ...]]]] = {
     },
     S.WITNESS: {
         E.OPERATOR_PROMOTE: (S.PROMOTING, (A.PROMOTE,)),
+        E.HANDOVER: (S.PROMOTING, (A.PROMOTE,)),
         E.NEWER_PRIMARY: (S.WITNESS, ()),
     },
     S.STALE: {
         E.NEWER_PRIMARY: (S.STALE, ()),
+        E.REJOINED: (S.STANDBY, (A.RECEIVE,)),
+        E.REJOINED_AS_WITNESS: (S.WITNESS, (A.RECEIVE,)),
     },
 }
 
@@ -124,6 +144,7 @@ class Report:
     sees: Mapping[str, float]  # peer -> seconds since that peer was last heard (inf: never)
     received: float  # when this report arrived (our clock)
     known_epoch: int = 0  # the highest primary epoch the peer knows of
+    handover_to: str | None = None  # a primary that drained for a switchover: its successor
 
 
 @dataclass
@@ -144,6 +165,7 @@ class View:
     # An operator promoted this site (DR, main site lost): it serves without a majority
     # (there is none to be had) until it hears of a newer epoch.
     quorum_exempt: bool = False
+    handover_to: str | None = None  # set by this node's daemon after a switchover drain
 
 
 @dataclass(frozen=True)
@@ -199,11 +221,27 @@ def _fenced(view: View, now: float, t: Timers, up: set[str], majority: bool) -> 
 
 
 def _standby(view: View, now: float, t: Timers, up: set[str], majority: bool) -> Event | None:
+    if handed_to_me(view, up):
+        return Event.HANDOVER
     return Event.PRIMARY_GONE if primary_gone(view, now, t) else None
 
 
+def _witness(view: View, now: float, t: Timers, up: set[str], majority: bool) -> Event | None:
+    return Event.HANDOVER if handed_to_me(view, up) else None
+
+
 _RULES = {State.STARTING: _starting, State.PRIMARY: _primary, State.FENCED: _fenced,
-          State.STANDBY: _standby}
+          State.STANDBY: _standby, State.WITNESS: _witness}
+
+
+def handed_to_me(view: View, up: set[str]) -> bool:
+    """An alive site that was primary on the newest epoch this node knows has drained
+    and named this node its successor."""
+    for p in up:
+        rep = view.reports.get(p)
+        if rep is not None and rep.handover_to == view.me and rep.epoch >= view.known_epoch:
+            return True
+    return False
 
 
 def _other_primary(view: View, up: set[str]) -> bool:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -168,6 +169,7 @@ class Replication:
                     req = json.loads(line)
                     op = req.get("op", "durable")
                     reply = await (self._verify(req) if op == "verify"
+                                   else self._caught_up(req) if op == "caught_up"
                                    else self._durable(req))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     log.warning("control_bad_request", request=line[:200].decode(
@@ -186,6 +188,19 @@ class Replication:
         results = await asyncio.gather(*(tx.wait_durable(seq) for tx in txs))
         degraded = [tx.peer for tx, ok in zip(txs, results, strict=True) if not ok]
         return {"ok": not degraded, "degraded": degraded}
+
+    async def _caught_up(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Switchover drain: wait (up to ``timeout`` s) until ``peer`` has acknowledged,
+        durably, every record of ``volume`` through ``seq``."""
+        volume, peer, seq = str(req["volume"]), str(req["peer"]), int(req["seq"])
+        tx = next((t for t in self.senders.get(volume, []) if t.peer == peer), None)
+        if tx is None:
+            return {"ok": False, "error": f"this node does not ship volume {volume} to "
+                                          f"peer {peer}"}
+        deadline = time.monotonic() + float(req.get("timeout", 30))
+        while tx.acked < seq and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return {"ok": tx.acked >= seq, "acked": tx.acked, "state": tx.state}
 
     async def _verify(self, req: dict[str, Any]) -> dict[str, Any]:
         volume, peer = str(req["volume"]), str(req["peer"])

@@ -129,12 +129,49 @@ class ControlServer:
             with conn:
                 try:
                     conn.settimeout(10)
-                    req = _recv_line(conn)
-                    reply = self.handle(json.loads(req))
+                    req = json.loads(_recv_line(conn))
+                    if isinstance(req, dict) and req.get("op") == "hold":
+                        self._hold(conn, req)
+                        continue
+                    reply = self.handle(req)
                 except (OSError, ValueError, ControlError) as e:
                     reply = {"ok": False, "error": f"bad control request: {e}"}
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _hold(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        """Switchover drain: take the lock every NBD request takes (client I/O waits, it
+        does not fail), make every volume durable, answer with each volume's journal end,
+        then keep the lock until the caller says ``release`` or goes away (or ``max_s``
+        passes: a vanished caller never leaves clients stuck).  A caller that hands the
+        volumes over kills this process while it holds the lock: the requests waiting
+        get no answer and the clients retry on the new primary."""
+        max_s = float(req.get("max_s", 60))
+        t0 = time.monotonic()
+        with self.lock:
+            try:
+                seqs = {}
+                for name, vol in self.volumes.items():
+                    vol.sync()
+                    seqs[name] = vol.last_seq
+                conn.sendall(json.dumps({"ok": True, "seqs": seqs}).encode() + b"\n")
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"ok": False, "error": f"hold failed: {e}"})
+                                 .encode() + b"\n")
+                return
+            log.warning("io_held", volumes=sorted(seqs), seqs=seqs)
+            conn.settimeout(0.25)
+            while time.monotonic() - t0 < max_s and not self.stopping.is_set():
+                try:
+                    if not conn.recv(64):
+                        break  # caller closed, or sent release
+                    break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+            log.warning("io_released", held_s=round(time.monotonic() - t0, 3))
 
     def handle(self, req: Any) -> dict[str, Any]:
         """Run one request; never raises for a request that is merely refused."""
@@ -207,6 +244,31 @@ def _recv_line(conn: socket.socket) -> bytes:
 
 
 # -- client side ---------------------------------------------------------------------------
+
+def hold(volume_dir: Path, max_s: float) -> tuple[socket.socket, dict[str, int]]:
+    """Hold client I/O of the nbdkit process serving ``volume_dir`` (ControlServer._hold):
+    returns the open connection (close it, or send ``release``, to let I/O go on) and
+    each served volume's journal end, durable."""
+    dfd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(30)
+        try:
+            s.connect(f"/proc/self/fd/{dfd}/{SOCKET_NAME}")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"nothing serves volume {volume_dir.name} here") from None
+        s.sendall(json.dumps({"op": "hold", "max_s": max_s}).encode() + b"\n")
+        reply = json.loads(_recv_line(s) or b"null")
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            raise ControlError(str(reply.get("error") if isinstance(reply, dict) else
+                                   "no answer to hold"))
+        return s, {str(k): int(v) for k, v in reply["seqs"].items()}
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        os.close(dfd)
+
 
 def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     """Send one request to the process serving the volume in ``volume_dir``."""

@@ -306,7 +306,11 @@ class Receiver:
         async with self.takeover:
             await self._retire_active(f"replaced by a new connection from {theirs.node!r}")
             applied = self.vol.upstream_seq
-            refusal = check_resume(applied, ok.resume_from_seq)
+            # A sender on a newer generation (a failover or switchover happened): this
+            # replica's seq numbers belong to another node's journal, so the sender
+            # compares digests and resyncs; any resume point is its to choose.
+            newer = rel is Relation.BEHIND and not self._fresh()
+            refusal = None if newer else check_resume(applied, ok.resume_from_seq)
             pending = self._resync_marker()
             if refusal is not None:
                 raise self._refuse(link, refusal.reason)
@@ -315,8 +319,8 @@ class Receiver:
                               proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
             session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
             session.history = History(vuuid, theirs_gens)
-            if ok.resume_from_seq > applied + 1 or (pending is not None
-                                                     and not pending["done"]):
+            if newer or ok.resume_from_seq > applied + 1 or (pending is not None
+                                                              and not pending["done"]):
                 # The sender skips records (it resyncs extents instead), or this replica
                 # was interrupted in a resync and needs another one: a resync must come.
                 session.phase = "announce"
@@ -393,6 +397,9 @@ class Receiver:
         PeerProtocolError for anything out of place (nothing of it is applied)."""
         if s.phase == "open":
             s.phase = "announce" if isinstance(msg, ResyncExtents) else "stream"
+        if s.phase == "announce" and isinstance(msg, Verify):
+            self._check_verify(msg)  # a compare resync: digests before the extents
+            return 0
         if s.phase == "announce":
             expect(msg, ResyncExtents, "to begin a resync")
             assert isinstance(msg, ResyncExtents)
@@ -425,11 +432,7 @@ class Receiver:
                     f"{msg.volume!r} lies outside the announced extents")
             return len(msg.data)
         if isinstance(msg, Verify):
-            count = (self.vol.size + (1 << msg.extent_shift) - 1) >> msg.extent_shift
-            if msg.volume != self.name or (msg.extents and msg.extents[-1] >= count):
-                raise PeerProtocolError(
-                    f"Verify for volume {msg.volume!r} names extents outside volume "
-                    f"{self.name!r}")
+            self._check_verify(msg)
             return 0
         expect(msg, Batch, "while streaming")
         assert isinstance(msg, Batch)
@@ -437,6 +440,13 @@ class Receiver:
                     expect_first_seq=s.expect_seq)
         s.expect_seq = msg.last_seq + 1
         return payload_bytes(msg.records)
+
+    def _check_verify(self, msg: Verify) -> None:
+        count = (self.vol.size + (1 << msg.extent_shift) - 1) >> msg.extent_shift
+        if msg.volume != self.name or (msg.extents and msg.extents[-1] >= count):
+            raise PeerProtocolError(
+                f"Verify for volume {msg.volume!r} names extents outside volume "
+                f"{self.name!r}")
 
     def _verify(self, msg: Verify) -> VerifyResult:
         """Compare this replica's digests of the extents with the sender's (apply thread)."""

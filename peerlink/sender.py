@@ -35,6 +35,13 @@ through S1.  Which extents:
   journal was released past the replica, they account for every released record.
 - *full*: every extent, when the released records are not all accounted for (a new
   replica, a peer unknown when they were released, a replica older than its sender's ack).
+- *compare* (contract 5): the peer follows an older generation than this node (the
+  primary before a failover or a switchover, or a replica of it).  Its seq numbers belong
+  to another node's journal and mean nothing here, and it may hold writes this node never
+  had.  Both stores are compared by digest (``Verify`` requests before ``ResyncExtents``,
+  1 MiB extents, holes hashed unread): the extents that differ are exactly those changed
+  on either side since the last common point, and only they are sent.  Digests are read
+  after S0 was fixed, like extent data, so the batches from S0 + 1 converge the same way.
 
 The dirty sets a resync covered are deleted once the replica acknowledged it durably; sets
 that appear while streaming end the session, so the next handshake resyncs them.
@@ -48,6 +55,7 @@ handshake messages are not counted (a few bytes; they keep the link alive while 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import os
@@ -538,6 +546,8 @@ class Sender:
         self.verify_waiters: dict[int, asyncio.Future[VerifyResult]] = {}
         self.verify_token = 0
         self.waiters: list[tuple[int, asyncio.Future[bool]]] = []
+        # Long work under way (compare, resync): {"phase", "done", "total", "unit"}.
+        self.progress: dict[str, Any] | None = None
 
     def _bounds(self) -> tuple[int, int]:
         """(first retained, last shippable) seq of the journal (worker thread)."""
@@ -741,7 +751,8 @@ class Sender:
                 "lag_records": max(0, self.journal_seen - self.acked),
                 "lag_seconds": round(self.lag_seconds(), 3),
                 "address": format_addr(self.host, self.port), "pid": os.getpid(),
-                "updated": time.time(), "stats": dict(self.stats)}
+                "updated": time.time(), "stats": dict(self.stats),
+                "progress": self.progress}
 
     def _degrade(self, why: str) -> None:
         if not self.cfg.sync or self.degraded is not None:
@@ -886,8 +897,8 @@ class Sender:
             why = (f"peer {theirs.node!r} is on generation "
                    f"{theirs.generations[-1].gen_id:016x}, older than this node's "
                    f"{history.current.gen_id:016x}")
-            return ResyncPlan("full", self.info.extent_shift,
-                              list(range(((self.info.size - 1) >> self.info.extent_shift) + 1)),
+            return ResyncPlan("compare", VERIFY_SHIFT,
+                              list(range(((self.info.size - 1) >> VERIFY_SHIFT) + 1)),
                               plan.settles if plan is not None else [], why), last
         for _ in range(PLAN_RETRIES):
             if plan is None or not plan.raced:
@@ -989,9 +1000,44 @@ class Sender:
             raise link.error
         raise LinkClosed("link ended")
 
+    async def _compare(self, link: Link, plan: ResyncPlan) -> ResyncPlan:
+        """The *compare* plan made concrete: the extents whose digests differ between
+        this node's store and the peer's (module docstring)."""
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        self._set_state("comparing")
+        differing: list[int] = []
+        self.log.info("compare_started", extents=len(plan.extents),
+                      extent_bytes=1 << plan.shift, why=plan.why)
+        for i in range(0, len(plan.extents), VERIFY_CHUNK):
+            chunk = plan.extents[i:i + VERIFY_CHUNK]
+            _, digests, after = await loop.run_in_executor(
+                self.executor, self._digests, chunk, plan.shift)
+            self.verify_token += 1
+            token = self.verify_token
+            fut: asyncio.Future[VerifyResult] = loop.create_future()
+            self.verify_waiters[token] = fut
+            link.send(Verify(self.name, token, after, plan.shift, tuple(chunk),
+                             tuple(digests)))
+            done, _ = await asyncio.wait([fut], timeout=VERIFY_TIMEOUT)
+            if not done:
+                raise LinkClosed(f"no digests from {self.peer!r} within {VERIFY_TIMEOUT:g} s")
+            differing += fut.result().differing
+            self.progress = {"phase": "compare", "done": i + len(chunk),
+                             "total": len(plan.extents), "unit": "extents"}
+        why = (f"{plan.why}: {len(differing)} of {len(plan.extents)} extents differ")
+        self.log.info("compare_done", extents=len(plan.extents), differing=len(differing),
+                      seconds=round(time.monotonic() - t0, 3))
+        self.stats["compared_extents"] = self.stats.get("compared_extents", 0) + len(
+            plan.extents)
+        return ResyncPlan("delta", plan.shift, sorted(differing), plan.settles, why)
+
     async def _resync(self, link: Link, resume: int, plan: ResyncPlan) -> None:
         """Send the plan's extents (holes empty), then ResyncDone (PROTOCOL.md)."""
         loop = asyncio.get_running_loop()
+        if plan.kind == "compare":
+            plan = await self._compare(link, plan)
+            self._set_state("resync")
         t0 = time.monotonic()
         info = self.info
         extents = plan.extents
@@ -1004,21 +1050,27 @@ class Sender:
         link.send(ResyncExtents(self.name, plan.shift, tuple(extents)))
         compression = Compression(self.cfg.compress)
 
-        def frames() -> list[tuple[list[bytes | memoryview], int]]:
-            return [(compression.frame(m.encode()), len(m.data)) for m in reader.next_pieces()]
+        def frames() -> list[tuple[list[bytes | memoryview], int, int]]:
+            return [(compression.frame(m.encode()), len(m.data),
+                     bisect.bisect_right(extents, (m.offset + m.length - 1) >> plan.shift))
+                    for m in reader.next_pieces()]
 
         try:
             while batch := await loop.run_in_executor(self.executor, frames):
-                for bufs, n in batch:
+                for bufs, n, through in batch:
                     wire = sum(len(b) for b in bufs)
                     await self._throttle(wire)
                     link.send_frame(bufs)
                     sent += wire
                     data += n
                     pieces += 1
+                    self.progress = {"phase": "resync", "done": through,
+                                     "total": len(extents), "unit": "extents",
+                                     "data_bytes": data}
                     await link.drain()
         finally:
             self.executor.submit(reader.close)  # after any read still running there
+            self.progress = None
         await asyncio.sleep(RESYNC_SETTLE)
         _, done_seq = await loop.run_in_executor(self.executor, self._bounds)
         self.resync_ack = resume - 1  # acked once the replica holds the extents durably

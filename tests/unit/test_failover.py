@@ -32,9 +32,9 @@ def view(me: str, *, epoch: int = 0, primary: str | None = "main") -> View:
 
 
 def hear(v: View, node: str, at: float, state: State, sees: dict[str, float],
-         epoch: int = 0, known: int = 0) -> None:
+         epoch: int = 0, known: int = 0, handover_to: str | None = None) -> None:
     v.heard[node] = at
-    v.reports[node] = Report(state, epoch, sees, at, known)
+    v.reports[node] = Report(state, epoch, sees, at, known, handover_to)
 
 
 # -- the table -------------------------------------------------------------------------
@@ -47,7 +47,14 @@ def test_every_state_is_in_the_table() -> None:
     (State.STARTING, Event.QUORUM_OK, State.PRIMARY, (Action.SERVE,)),
     (State.PRIMARY, Event.QUORUM_LOST, State.FENCED, (Action.FENCE,)),
     (State.FENCED, Event.QUORUM_OK, State.PRIMARY, (Action.SERVE,)),
-    (State.PRIMARY, Event.NEWER_PRIMARY, State.STALE, (Action.FENCE,)),
+    (State.PRIMARY, Event.NEWER_PRIMARY, State.STALE, (Action.FENCE, Action.REJOIN)),
+    (State.FENCED, Event.NEWER_PRIMARY, State.STALE, (Action.REJOIN,)),
+    (State.STARTING, Event.NEWER_PRIMARY, State.STALE, (Action.REJOIN,)),
+    (State.PRIMARY, Event.HANDED_OVER, State.STALE, (Action.FENCE, Action.REJOIN)),
+    (State.STALE, Event.REJOINED, State.STANDBY, (Action.RECEIVE,)),
+    (State.STALE, Event.REJOINED_AS_WITNESS, State.WITNESS, (Action.RECEIVE,)),
+    (State.STANDBY, Event.HANDOVER, State.PROMOTING, (Action.PROMOTE,)),
+    (State.WITNESS, Event.HANDOVER, State.PROMOTING, (Action.PROMOTE,)),
     (State.STANDBY, Event.PRIMARY_GONE, State.PROMOTING, (Action.PROMOTE,)),
     (State.PROMOTING, Event.PROMOTED, State.PRIMARY, (Action.SERVE,)),
     (State.PROMOTING, Event.PROMOTION_FAILED, State.STANDBY, (Action.RECEIVE,)),
@@ -147,9 +154,25 @@ def test_two_primaries_the_older_epoch_yields() -> None:
 
 def test_beat_round_trip() -> None:
     beat = encode_beat(SECRET, "dc", State.STANDBY, 3, {"main": 0.25, "dr": math.inf}, 7, 4)
-    node, state, epoch, sees, seq, known = decode_beat(SECRET, beat)
-    assert (node, state, epoch, seq, known) == ("dc", State.STANDBY, 3, 7, 4)
+    node, state, epoch, sees, seq, known, handover = decode_beat(SECRET, beat)
+    assert (node, state, epoch, seq, known, handover) == ("dc", State.STANDBY, 3, 7, 4, None)
     assert sees == {"main": 0.25, "dr": math.inf}
+    beat = encode_beat(SECRET, "main", State.STANDBY, 3, {}, 8, 3, "dc")
+    assert decode_beat(SECRET, beat)[6] == "dc"
+
+
+def test_handover_names_the_successor() -> None:
+    # A standby promotes at once when the primary of the newest epoch hands over to it;
+    # a handover to another node, or from an older epoch, changes nothing.
+    v = view("dc", epoch=2, primary="main")
+    hear(v, "main", 5.0, State.STANDBY, {"dr": 0.1}, epoch=2, handover_to="dc")
+    assert decide(State.STANDBY, v, 5.1, T) is Event.HANDOVER
+    w = view("dr", epoch=2, primary="main")
+    hear(w, "main", 5.0, State.STANDBY, {"dc": 0.1}, epoch=2, handover_to="dc")
+    assert decide(State.WITNESS, w, 5.1, T) is None
+    old = view("dc", epoch=3, primary="main")
+    hear(old, "main", 5.0, State.STANDBY, {}, epoch=2, handover_to="dc")
+    assert decide(State.STANDBY, old, 5.1, T) is None
 
 
 @pytest.mark.parametrize(("data", "msg"), [

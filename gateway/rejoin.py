@@ -1,0 +1,68 @@
+"""Rejoin and split brain (contract 5): what a former primary holds that the new primary
+lacks, and the record a split brain leaves for the operator.
+
+A primary that learns of a newer primary becomes STALE.  If it was fenced or down when
+the other was promoted (an automatic failover, a DR promotion after the main site was
+lost), the writes it may have taken that never reached the new primary are the tail an
+asynchronous link had not shipped: they are kept as a ``diverged-<generation>`` snapshot
+and the node rejoins as a replica (``blockstore.volume.demote_volume``).  If it was still
+*serving* when it learned of the other primary (a forced promotion while it was alive),
+and it holds writes the new primary never acknowledged, both sides took writes: split
+brain.  Nothing is synced automatically; ``<data_dir>/split-brain.json`` says who has
+what since when, `nbdgw status` shows it, and `nbdgw resolve --discard NODE` settles it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from blockstore.meta import read_json, write_json
+from blockstore.peers import known_peers, read_dirty
+from blockstore.volume import VolumeInfo
+from peerlink.sender import journal_bounds
+
+SPLIT_FILE = "split-brain.json"
+SPLIT_KIND = "split-brain"
+SPLIT_VERSION = 1
+
+
+def unshipped(info: VolumeInfo, peer: str) -> str | None:
+    """Why ``peer`` may lack writes of this primary volume (None: it acknowledged every
+    record, and no dirty extents wait for it)."""
+    acked = known_peers(info).get(peer)
+    if acked is None:
+        return f"{peer} never acknowledged anything of it"
+    _, last = journal_bounds(info.path / "journal")
+    if last > acked:
+        return f"records {acked + 1}..{last} were never acknowledged by {peer}"
+    dirty = read_dirty(info, peer)
+    if dirty:
+        return (f"{sum(len(d.extents) for d in dirty)} extents wait to be resynced to "
+                f"{peer} ({', '.join(sorted({d.reason for d in dirty}))})")
+    return None
+
+
+def last_write(info: VolumeInfo) -> float | None:
+    """When this volume's journal last changed (the newest segment's mtime)."""
+    segs = sorted((info.path / "journal").glob("seg-*.jnl"))
+    return max((p.stat().st_mtime for p in segs), default=None)
+
+
+def record_split_brain(data_dir: Path, *, me: str, my_epoch: int, other: str,
+                       other_epoch: int, volumes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rec = {"kind": SPLIT_KIND, "version": SPLIT_VERSION, "detected": time.time(),
+           "node": me, "epoch": my_epoch, "other_node": other, "other_epoch": other_epoch,
+           "volumes": volumes}
+    write_json(data_dir / SPLIT_FILE, rec)
+    return rec
+
+
+def split_brain(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / SPLIT_FILE
+    return read_json(path, SPLIT_KIND, SPLIT_VERSION) if path.exists() else None
+
+
+def clear_split_brain(data_dir: Path) -> None:
+    (data_dir / SPLIT_FILE).unlink(missing_ok=True)

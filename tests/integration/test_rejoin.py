@@ -1,0 +1,272 @@
+"""Contract 5 in the three-site lab: the old primary rejoins after a failover (its
+unshipped writes kept as a diverged snapshot, only differing extents resynced), a planned
+switchover under load brings service home with no acknowledged write lost, the DR site is
+promoted and the main site returns to it, and a forced split brain is detected and
+resolved.  Every path ends with the same volume checksum on every node."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockstore.volume import Volume
+from tests.conftest import run_nbdgw
+from tests.integration.test_failover import (
+    STAMPER,
+    TIMEOUT,
+    addr,
+    client,
+    in_ns,
+    lab_dir,  # noqa: F401  (fixture)
+    one_primary,
+    states,
+    up,
+    wait_states,
+)
+from tests.integration.test_lab import lab_cmd
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
+
+MiB = 1 << 20
+
+# Writes ``count`` blocks of 4 KiB at ``first`` (block numbers), each stamped with its
+# number and the tag, flushing every 4.  Reconnects when the server goes away (a
+# switchover) and retries the write that got no answer; an error *answer* from a live
+# server is recorded.  Prints one JSON line: errors, reconnects, the longest pause.
+WRITER = r"""
+import json, struct, sys, time, nbd
+uri, first, count, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def connect():
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            h = nbd.NBD(); h.connect_uri(uri); return h
+        except nbd.Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+h = connect(); errors = []; reconnects = 0; pause = 0.0; last = time.monotonic(); i = 0
+while i < count:
+    b = first + i
+    try:
+        h.pwrite((struct.pack("<Q", b) + tag.encode().ljust(8, b"-")) * 256, b * 4096)
+        if i % 4 == 3:
+            h.flush()
+        i += 1
+        now = time.monotonic(); pause = max(pause, now - last); last = now
+        time.sleep(0.002)
+    except nbd.Error as e:
+        if h.aio_is_dead() or h.aio_is_closed():
+            reconnects += 1; h = connect()
+        else:
+            errors.append(str(e)); i += 1
+h.flush()
+print(json.dumps({"errors": errors, "reconnects": reconnects, "max_pause_s": round(pause, 3)}))
+"""
+
+# Reads blocks and reports those whose stamp is not ``first + i`` with the tag.
+READER = r"""
+import json, struct, sys, nbd
+uri, first, count, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+h = nbd.NBD(); h.connect_uri(uri)
+bad = [first + i for i in range(count)
+       if h.pread(4096, (first + i) * 4096) !=
+       (struct.pack("<Q", first + i) + tag.encode().ljust(8, b"-")) * 256]
+print(json.dumps({"bad": bad[:10], "nbad": len(bad)}))
+"""
+
+
+def run_client(lab: dict[str, Any], script: str, *args: str, timeout: float = 120
+               ) -> dict[str, Any]:
+    p = client(lab, script, *args)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def uri(lab: dict[str, Any], export: str = "v1", host: str | None = None) -> str:
+    return f"nbd://{host or lab['service_address']}:10809/{export}"
+
+
+def cfg(lab: dict[str, Any], node: str) -> str:
+    return str(next(n["config"] for n in lab["nodes"] if n["name"] == node))
+
+
+def data_dir(lab: dict[str, Any], node: str) -> Path:
+    return Path(next(n["data_dir"] for n in lab["nodes"] if n["name"] == node))
+
+
+def checksum(lab: dict[str, Any], node: str) -> str:
+    out = run_nbdgw("-c", cfg(lab, node), "volume", "checksum", "v1").stdout
+    return out.split()[0]
+
+
+def converge(lab: dict[str, Any], timeout: float = 90) -> str:
+    """Wait until every node's v1 has the same checksum (writes have stopped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sums = {n: checksum(lab, n) for n in ("main", "dc", "dr")}
+        if len(set(sums.values())) == 1:
+            return next(iter(sums.values()))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replicas differ after {timeout} s: {sums}")
+        time.sleep(1)
+
+
+def events(lab_dir: Path, node: str, event: str) -> list[dict[str, Any]]:
+    out = []
+    for line in (lab_dir / node / "daemon.log").read_text().splitlines():
+        with_event = f'"event": "{event}"' in line or f'"event":"{event}"' in line
+        if with_event:
+            out.append(json.loads(line))
+    return out
+
+
+def stamp(lab: dict[str, Any], first: int, count: int, tag: str, host: str | None = None
+          ) -> dict[str, Any]:
+    r = run_client(lab, WRITER, uri(lab, host=host), str(first), str(count), tag)
+    assert r["errors"] == [], r
+    return r
+
+
+def check(lab: dict[str, Any], first: int, count: int, tag: str, export: str = "v1",
+          host: str | None = None) -> int:
+    return int(run_client(lab, READER, uri(lab, export, host), str(first), str(count),
+                          tag)["nbad"])
+
+
+def test_rejoin_after_failover_then_switchover_home_under_load(lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    stamp(lab, 0, 64, "base")
+    time.sleep(1)  # async: let the base reach both replicas
+    # main's links to its peers go silent (heartbeats still flow), then it takes writes
+    # that never leave it, and loses power: the tail an async link had not shipped.
+    in_ns(lab, "main", "iptables", "-I", "OUTPUT", "-p", "tcp", "--dport", "7789",
+          "-j", "DROP")
+    diverged = 32 * MiB // 4096
+    stamp(lab, diverged, 16, "lost")
+    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    in_ns(lab, "main", "iptables", "-D", "OUTPUT", "-p", "tcp", "--dport", "7789",
+          "-j", "DROP")
+    wait_states(lab, {"dc": "primary"}, 20)
+    newer = 48 * MiB // 4096
+    stamp(lab, newer, 16, "new")  # through the service address, now on dc
+    lab_cmd("start", "main", "--dir", str(lab_dir))
+    wait_states(lab, {"main": "standby"}, 30)
+    assert one_primary(lab) == "dc"
+    converge(lab)
+    rejoined = events(lab_dir, "main", "rejoined")
+    assert len(rejoined) == 1, rejoined
+    snap = rejoined[0]["diverged_snapshots"]["v1"]
+    assert snap.startswith("diverged-")
+    compared = [e for e in events(lab_dir, "dc", "compare_done")]
+    assert compared, "dc never compared digests with the rejoining nodes"
+    # Only what changed moves: the 64 KiB of lost writes and the 64 KiB written on dc,
+    # in 1 MiB extents, out of a 64 MiB volume.
+    assert max(e["differing"] for e in compared) <= 2, compared
+    assert check(lab, 0, 64, "base") == 0
+    assert check(lab, newer, 16, "new") == 0
+    assert check(lab, diverged, 16, "lost") == 16  # not in the live volume
+
+    # Planned switchover back to main while a client writes: no error, a pause.
+    writer = client(lab, WRITER, uri(lab), str(2048), "600", "load")
+    time.sleep(1.0)
+    sw = run_nbdgw("-c", cfg(lab, "dc"), "switchover", "--to", "main", check=False,
+                   timeout=180)
+    assert sw.returncode == 0, sw.stderr
+    assert "switched over from dc to main" in sw.stdout, sw.stdout
+    out, err = writer.communicate(timeout=180)
+    assert writer.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"switchover under load: {sw.stdout.strip()}; client saw {result}")
+    assert result["errors"] == [], result
+    assert result["max_pause_s"] < 20, result
+    wait_states(lab, {"main": "primary", "dc": "standby"}, 30)
+    assert check(lab, 2048, 600, "load") == 0
+    converge(lab)
+    # The writes main took before the power cut are readable from its snapshot, served
+    # like any snapshot now that main serves again.
+    assert check(lab, diverged, 16, "lost", export=f"v1@{snap}") == 0
+    audit = run_nbdgw("-c", cfg(lab, "dc"), "audit", "--json").stdout.splitlines()
+    assert [json.loads(x)["action"] for x in audit] == ["switchover"]
+
+
+def test_dr_promotion_and_return_of_the_main_site(lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    stamp(lab, 0, 64, "base")
+    time.sleep(1.5)
+    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    lab_cmd("kill", "dc", "--dir", str(lab_dir))
+    time.sleep(TIMEOUT)
+    done = run_nbdgw("-c", cfg(lab, "dr"), "promote", "--site", "dr", check=False)
+    assert done.returncode == 0, done.stderr
+    wait_states(lab, {"dr": "primary"}, 10)
+    stamp(lab, 4096, 32, "at-dr")
+    lab_cmd("start", "main", "--dir", str(lab_dir))
+    lab_cmd("start", "dc", "--dir", str(lab_dir))
+    wait_states(lab, {"main": "standby", "dc": "standby"}, 40)
+    converge(lab)
+    compared = events(lab_dir, "dr", "compare_done")
+    assert compared and max(e["differing"] for e in compared) <= 1, compared
+    sw = run_nbdgw("-c", cfg(lab, "dr"), "switchover", "--to", "main", check=False,
+                   timeout=180)
+    assert sw.returncode == 0, sw.stderr
+    wait_states(lab, {"main": "primary", "dc": "standby", "dr": "witness"}, 40)
+    assert check(lab, 0, 64, "base") == 0 and check(lab, 4096, 32, "at-dr") == 0
+    stamp(lab, 8192, 16, "home")
+    converge(lab)
+
+
+def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    stamp(lab, 0, 32, "base")
+    time.sleep(1.5)
+    dr_rules = [["iptables", "-I", "INPUT", "-s", addr(lab, n), "-j", "DROP"]
+                for n in ("main", "dc")] + [
+                   ["iptables", "-I", "OUTPUT", "-d", addr(lab, n), "-j", "DROP"]
+                   for n in ("main", "dc")]
+    for r in dr_rules:
+        in_ns(lab, "dr", *r)
+    time.sleep(TIMEOUT)
+    forced = run_nbdgw("-c", cfg(lab, "dr"), "promote", "--site", "dr", "--force",
+                       check=False)
+    assert forced.returncode == 0, forced.stderr
+    stamp(lab, 1024, 16, "mainside")  # the service address is still main's
+    stamp(lab, 2048, 16, "dr-side", host=addr(lab, "dr"))
+    for r in dr_rules:
+        in_ns(lab, "dr", *[("-D" if a == "-I" else a) for a in r])
+    wait_states(lab, {"main": "stale"}, 20)
+    record = json.loads((data_dir(lab, "main") / "split-brain.json").read_text())
+    assert record["other_node"] == "dr" and "v1" in record["volumes"], record
+    time.sleep(3)
+    assert states(lab)["main"] == "stale"  # no automatic sync either way
+    wrong = run_nbdgw("-c", cfg(lab, "main"), "resolve", "--discard", "dc", check=False)
+    assert "the split brain is between main and dr" in wrong.stderr
+    ok = run_nbdgw("-c", cfg(lab, "main"), "resolve", "--discard", "main", check=False)
+    assert ok.returncode == 0, ok.stderr
+    wait_states(lab, {"main": "standby"}, 20)
+    converge(lab)
+    assert check(lab, 2048, 16, "dr-side", host=addr(lab, "dr")) == 0
+    assert not (data_dir(lab, "main") / "split-brain.json").exists()
+    # main's discarded writes are kept in its diverged snapshot.
+    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    vol = Volume.open(data_dir(lab, "main"), "v1")
+    try:
+        names = [s for s in vol.snaps.index.by_name if s.startswith("diverged-")] \
+            if vol.snaps is not None else []
+        assert len(names) == 1, names
+        view = vol.snapshot_view(names[0])
+        buf = bytearray(4096)
+        view.read_into(buf, 1024 * 4096)
+        assert bytes(buf) == (struct.pack("<Q", 1024) + b"mainside") * 256
+    finally:
+        vol.close()
+    actions = [json.loads(x)["action"] for x in run_nbdgw(
+        "-c", cfg(lab, "main"), "audit", "--json").stdout.splitlines()]
+    assert actions == ["resolve", "resolve"]
