@@ -438,6 +438,11 @@ class Daemon:
                "this primary lost the majority of the sites: it stopped serving so that "
                "the secondary may take over")
         lease_path(self.cfg.data_dir).unlink(missing_ok=True)  # writes stop at once
+        if self.view.handover_to:
+            # Clients hold requests that will never be answered: close their connections
+            # while the service address is still here, so that the resets reach them and
+            # they reconnect (to the successor) instead of waiting forever.
+            self._drop_child("nbdkit", kill=True)
         if self.vip is not None:
             self.vip.release()
         if self.iscsi is not None:
