@@ -160,10 +160,12 @@ class Hello(_Message):
                 raise PeerProtocolError(
                     f"{at}: expected [gen_id, start_seq], got {len(pair)} items")
             gen = Generation(_uint(pair[0], f"{at}.gen_id"), _uint(pair[1], f"{at}.start_seq"))
-            if gens and gen.start_seq < gens[-1].start_seq:
+            # No order on start_seq: each generation counts in the journal of the node
+            # that was promoted, so a later one may start at a lower number.
+            if any(g.gen_id == gen.gen_id for g in gens):
                 raise PeerProtocolError(
-                    f"{at}.start_seq: {gen.start_seq} is below the previous generation's "
-                    f"start {gens[-1].start_seq} (history must be oldest first)")
+                    f"{at}.gen_id: {gen.gen_id:016x} appears twice (a history never "
+                    "repeats a generation)")
             gens.append(gen)
         return cls(
             _uint(f[0], "Hello.proto_version", _U32), _name(f[1], "Hello.node"),

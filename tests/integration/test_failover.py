@@ -124,7 +124,8 @@ def one_primary(lab: dict[str, Any]) -> str:
 
 def test_power_cut_of_the_primary_with_a_sync_secondary(lab_dir: Path) -> None:
     """Every write flushed before the power cut is read back through the service address
-    from the new primary, within seconds; the old primary comes back stale."""
+    from the new primary, within seconds; the old primary comes back and rejoins as a
+    replica."""
     lab = up(lab_dir.parent, "--mode", "sync")
     writer = client(lab, STAMPER, f"nbd://{lab['service_address']}:10809/v1")
     assert writer.stdout is not None
@@ -146,7 +147,7 @@ def test_power_cut_of_the_primary_with_a_sync_secondary(lab_dir: Path) -> None:
     wait_states(lab, {"dc": "primary"}, 10)
     started = json.loads(lab_cmd("start", "main", "--dir", str(lab_dir)))
     assert list(started["started"]) == ["daemon"]
-    wait_states(lab, {"main": "stale"}, 20)
+    wait_states(lab, {"main": "standby"}, 20)  # it hears dc's newer epoch and rejoins
     assert one_primary(lab) == "dc"
     log = (lab_dir / "main" / "daemon.log").read_text()
     assert "service_address_taken" not in log.split('"daemon_starting"')[-1]
@@ -167,7 +168,7 @@ def test_isolated_primary_fences_itself_and_the_secondary_takes_over(lab_dir: Pa
         assert "fenced" in (lab_dir / "main" / "daemon.log").read_text()
     finally:
         in_ns(lab, "main", "ip", "link", "set", "eth0", "up")
-    wait_states(lab, {"main": "stale"}, 15)  # it hears dc's newer epoch: never serves again
+    wait_states(lab, {"main": "standby"}, 15)  # it hears dc's newer epoch: rejoins
     assert one_primary(lab) == "dc"
 
 
@@ -264,5 +265,5 @@ def test_a_frozen_primary_daemon_stops_writes_before_the_secondary_promotes(
         assert refused_after < TIMEOUT  # before the secondary could have promoted
     finally:
         os.kill(pid, 18)  # SIGCONT
-    wait_states(lab, {"main": "stale"}, 15)
+    wait_states(lab, {"main": "standby"}, 15)
     assert one_primary(lab) == "dc"

@@ -236,22 +236,27 @@ def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
     lab = up(lab_dir.parent)
     stamp(lab, 0, 32, "base")
     time.sleep(1.5)
-    dr_rules = [["iptables", "-I", "INPUT", "-s", addr(lab, n), "-j", "DROP"]
-                for n in ("main", "dc")] + [
-                   ["iptables", "-I", "OUTPUT", "-d", addr(lab, n), "-j", "DROP"]
-                   for n in ("main", "dc")]
-    for r in dr_rules:
-        in_ns(lab, "dr", *r)
+    # Partition DR from the main site (blackhole routes both ways: the client reaches
+    # every site, the sites of the two sides no longer reach each other).
+    cuts = [("dr", addr(lab, "main")), ("dr", addr(lab, "dc")),
+            ("main", addr(lab, "dr")), ("dc", addr(lab, "dr"))]
+    for node, dst in cuts:
+        in_ns(lab, node, "ip", "route", "add", "blackhole", f"{dst}/32")
     time.sleep(TIMEOUT)
     forced = run_nbdgw("-c", cfg(lab, "dr"), "promote", "--site", "dr", "--force",
                        check=False)
     assert forced.returncode == 0, forced.stderr
-    stamp(lab, 1024, 16, "mainside")  # the service address is still main's
+    # Each side takes writes through its own address (both claim the service address).
+    stamp(lab, 1024, 16, "mainside", host=addr(lab, "main"))
     stamp(lab, 2048, 16, "dr-side", host=addr(lab, "dr"))
-    for r in dr_rules:
-        in_ns(lab, "dr", *[("-D" if a == "-I" else a) for a in r])
+    for node, dst in cuts:
+        in_ns(lab, node, "ip", "route", "del", "blackhole", f"{dst}/32")
     wait_states(lab, {"main": "stale"}, 20)
-    record = json.loads((data_dir(lab, "main") / "split-brain.json").read_text())
+    split = data_dir(lab, "main") / "split-brain.json"
+    deadline = time.monotonic() + 10
+    while not split.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    record = json.loads(split.read_text())
     assert record["other_node"] == "dr" and "v1" in record["volumes"], record
     time.sleep(3)
     assert states(lab)["main"] == "stale"  # no automatic sync either way
