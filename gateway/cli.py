@@ -582,13 +582,13 @@ def promote(obj: Ctx, site: str, force: bool) -> None:
     if site != cfg.name:
         _fail(f"--site {site}: this is node {cfg.name}; run promote on the site to promote")
     reply = _ask_daemon(cfg, "promote", {"site": site, "force": force},
-                        {"op": "promote", "force": force}, 150.0)
+                        {"op": "promote", "force": force}, 150.0, label=f"promote {site}")
     click.echo(f"promoted {site}: primary at epoch {reply['epoch']}"
                + (" (forced: main site was heard)" if reply.get("main_site_heard") else ""))
 
 
 def _ask_daemon(cfg: NodeConfig, action: str, args: dict[str, Any], req: dict[str, Any],
-                timeout: float) -> dict[str, Any]:
+                timeout: float, label: str | None = None) -> dict[str, Any]:
     """One admin request to the local daemon, recorded in the audit log either way."""
     from . import audit
     from .control import ask
@@ -603,7 +603,7 @@ def _ask_daemon(cfg: NodeConfig, action: str, args: dict[str, Any], req: dict[st
         raise
     if "error" in reply:
         audit.record(cfg.data_dir, action, args, "refused", reply["error"])
-        _fail(f"{action}: {reply['error']}")
+        _fail(f"{label or action}: {reply['error']}")
     audit.record(cfg.data_dir, action, args, "done", json.dumps(reply, sort_keys=True))
     return reply
 

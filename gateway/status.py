@@ -5,6 +5,8 @@ It needs no daemon: every number comes from the files the data path and peerlink
 and the senders run, and after they died.  Schema of ``--json`` (version 1)::
 
     {"version": 1, "node": str, "data_dir": str,
+     "split_brain": null | {"detected", "node", "epoch", "other_node", "other_epoch",
+                            "volumes": {name: {"why", "last_write"}}},
      "failover": null | {"state": "primary"|"standby"|"witness"|"fenced"|"stale"|...,
                          "epoch", "primary", "auto", "age_s", "peers"},
      "volumes": [
@@ -13,10 +15,12 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
        "resync_extents", "peers": [
          {"name", "mode": "sync"|"async"|null, "state", "degraded": str|null,
           "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
-          "dirty_extents", "sender": "running"|"stopped"|"unknown"}]}]}
+          "dirty_extents", "progress": null | {"phase": "compare"|"resync", "done",
+          "total", "unit"}, "sender": "running"|"stopped"|"unknown"}]}]}
 
 ``state`` comes from the sender's live file (``peers/<peer>.live.json``, rewritten every
-second while it runs): ``streaming``, ``initial-sync``, ``resync``, ``disconnected``,
+second while it runs): ``streaming``, ``initial-sync``, ``comparing`` (a peer on an older
+generation: digests compared before a resync), ``resync``, ``disconnected``,
 ``degraded`` (a sync peer acknowledged too late and is treated as async until it caught
 up); ``in sync`` when streaming with nothing outstanding.  Without a fresh live file (no
 sender running) it is ``resync pending`` when dirty extents wait, else ``disconnected``.
@@ -40,6 +44,8 @@ from blockstore.peers import known_peers, read_dirty
 from blockstore.record import REC_HEADER_SIZE
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
 from peerlink.sender import journal_bounds
+
+from .rejoin import split_brain
 
 STATUS_VERSION = 1
 LAG_SCAN_LIMIT = 1 << 20  # records; beyond it lag_bytes is an estimate from segment sizes
@@ -130,6 +136,7 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
             "lag_bytes": _lag_bytes(info, acked, last),
             "lag_seconds": 0.0 if lag == 0 else lag_s, "last_ack_age_s": age,
             "dirty_extents": dirty,
+            "progress": live.get("progress") if live and fresh else None,
             "sender": "running" if fresh else ("stopped" if live is not None else "unknown")})
     return {
         "name": info.name, "size": info.size, "role": st["role"], "in_use": st["in_use"],
@@ -155,6 +162,7 @@ def node_report(node: str, data_dir: Path) -> dict[str, Any]:
     now = time.time()
     return {"version": STATUS_VERSION, "node": node, "data_dir": str(data_dir),
             "failover": failover_report(data_dir, now),
+            "split_brain": split_brain(data_dir),
             "volumes": [volume_report(v, now) for v in list_volumes(data_dir)]}
 
 
@@ -168,6 +176,16 @@ def render_text(report: dict[str, Any]) -> list[str]:
                           sorted(fo["peers"].items())) or "no peer heard"
         out.append(f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
                    f"{fo['primary']}{stale}; heard: {heard}")
+    sb = report.get("split_brain")
+    if sb is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sb["detected"]))
+        out.append(f"SPLIT BRAIN since {since}: {sb['other_node']} serves epoch "
+                   f"{sb['other_epoch']}, this node (epoch {sb['epoch']}) took writes it "
+                   f"lacks; nothing syncs until 'nbdgw resolve --discard NODE'")
+        for name, v in sorted(sb["volumes"].items()):
+            last = ("" if v.get("last_write") is None else ", last write here " +
+                    time.strftime("%H:%M:%S", time.localtime(v["last_write"])))
+            out.append(f"  volume {name}: {v['why']}{last}")
     if not report["volumes"]:
         out.append("  no volumes")
     for v in report["volumes"]:
@@ -188,6 +206,10 @@ def render_text(report: dict[str, Any]) -> list[str]:
                     f"last ack {age}")
             if p["degraded"]:
                 line += f", degraded: {p['degraded']}"
+            pr = p.get("progress")
+            if pr:
+                line += (f", {pr['phase']} {pr['done']}/{pr['total']} {pr['unit']} "
+                         f"({100 * pr['done'] // max(1, pr['total'])}%)")
             if p["dirty_extents"]:
                 line += f", {p['dirty_extents']} extents to resync"
             out.append(line)

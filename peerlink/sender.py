@@ -39,7 +39,7 @@ through S1.  Which extents:
   primary before a failover or a switchover, or a replica of it).  Its seq numbers belong
   to another node's journal and mean nothing here, and it may hold writes this node never
   had.  Both stores are compared by digest (``Verify`` requests before ``ResyncExtents``,
-  1 MiB extents, holes hashed unread): the extents that differ are exactly those changed
+  extents of the dirty-set size, 64 KiB up to 64 GiB volumes, holes hashed unread): the extents that differ are exactly those changed
   on either side since the last common point, and only they are sent.  Digests are read
   after S0 was fixed, like extent data, so the batches from S0 + 1 converge the same way.
 
@@ -142,6 +142,7 @@ GROUP_BATCH_MAX: Final = 64 << 20  # frame body limit: one commit group always f
 SEEN_SAMPLE: Final = 0.05
 VERIFY_SHIFT: Final = 20  # online verify compares 1 MiB extents
 VERIFY_CHUNK: Final = 256  # extents per Verify message
+COMPARE_CHUNK: Final = 1024  # extents per Verify message of a compare resync (64 KiB each)
 VERIFY_ROUNDS: Final = 5  # re-checks of extents written while they were compared
 VERIFY_TIMEOUT: Final = 120.0  # seconds between samples of (journal end, time first seen)
 
@@ -897,8 +898,9 @@ class Sender:
             why = (f"peer {theirs.node!r} is on generation "
                    f"{theirs.generations[-1].gen_id:016x}, older than this node's "
                    f"{history.current.gen_id:016x}")
-            return ResyncPlan("compare", VERIFY_SHIFT,
-                              list(range(((self.info.size - 1) >> VERIFY_SHIFT) + 1)),
+            shift = dirty_shift(self.info.size)
+            return ResyncPlan("compare", shift,
+                              list(range(((self.info.size - 1) >> shift) + 1)),
                               plan.settles if plan is not None else [], why), last
         for _ in range(PLAN_RETRIES):
             if plan is None or not plan.raced:
@@ -1009,8 +1011,8 @@ class Sender:
         differing: list[int] = []
         self.log.info("compare_started", extents=len(plan.extents),
                       extent_bytes=1 << plan.shift, why=plan.why)
-        for i in range(0, len(plan.extents), VERIFY_CHUNK):
-            chunk = plan.extents[i:i + VERIFY_CHUNK]
+        for i in range(0, len(plan.extents), COMPARE_CHUNK):
+            chunk = plan.extents[i:i + COMPARE_CHUNK]
             _, digests, after = await loop.run_in_executor(
                 self.executor, self._digests, chunk, plan.shift)
             self.verify_token += 1

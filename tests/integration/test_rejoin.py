@@ -174,10 +174,10 @@ def test_rejoin_after_failover_then_switchover_home_under_load(lab_dir: Path) ->
     assert len(rejoined) == 1, rejoined
     snap = rejoined[0]["diverged_snapshots"]["v1"]
     assert snap.startswith("diverged-")
-    compared = [e for e in events(lab_dir, "dc", "compare_done")]
+    compared = events(lab_dir, "dc", "compare_done")
     assert compared, "dc never compared digests with the rejoining nodes"
     # Only what changed moves: the 64 KiB of lost writes and the 64 KiB written on dc,
-    # in 1 MiB extents, out of a 64 MiB volume.
+    # in 64 KiB extents, out of a 64 MiB volume (1024 extents).
     assert max(e["differing"] for e in compared) <= 2, compared
     assert check(lab, 0, 64, "base") == 0
     assert check(lab, newer, 16, "new") == 0
@@ -222,7 +222,7 @@ def test_dr_promotion_and_return_of_the_main_site(lab_dir: Path) -> None:
     wait_states(lab, {"main": "standby", "dc": "standby"}, 40)
     converge(lab)
     compared = events(lab_dir, "dr", "compare_done")
-    assert compared and max(e["differing"] for e in compared) <= 1, compared
+    assert compared and max(e["differing"] for e in compared) <= 2, compared
     sw = run_nbdgw("-c", cfg(lab, "dr"), "switchover", "--to", "main", check=False,
                    timeout=180)
     assert sw.returncode == 0, sw.stderr

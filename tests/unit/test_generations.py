@@ -1,0 +1,133 @@
+"""Generations (contract 5) on real volume files: relation of histories, promotion of a
+replica, demotion of a former primary (its unshipped writes kept as a snapshot), and the
+split-brain bookkeeping of gateway/rejoin.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from blockstore.generations import (
+    Generation,
+    Relation,
+    load_history,
+    relation,
+)
+from blockstore.meta import write_json
+from blockstore.volume import (
+    SNAP_ID_GAP,
+    Volume,
+    create_volume,
+    demote_volume,
+    find_volume,
+    promote_volume,
+)
+from gateway import rejoin
+
+G0, G1, G2 = Generation(10, 1), Generation(11, 50), Generation(12, 40)
+
+
+@pytest.mark.parametrize(("mine", "theirs", "rel"), [
+    ((G0,), (G0,), Relation.SAME),
+    ((G0, G1), (G0,), Relation.AHEAD),
+    ((G0,), (G0, G1), Relation.BEHIND),
+    ((G0, G1), (G0, G2), Relation.UNRELATED),  # two promotions from one point: split brain
+    ((Generation(1, 1),), (Generation(2, 1),), Relation.UNRELATED),  # another volume
+])
+def test_relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...],
+                  rel: Relation) -> None:
+    assert relation(mine, theirs) is rel
+
+
+def acked_by(data_dir: Path, peer: str, seq: int) -> None:
+    info = find_volume(data_dir, "v1")
+    (info.path / "peers").mkdir(exist_ok=True)
+    write_json(info.path / "peers" / f"{peer}.json", {
+        "kind": "peer", "version": 1, "peer": peer, "volume": "v1",
+        "volume_uuid": info.uuid, "acked_seq": seq, "updated": time.time()})
+
+
+def primary_with_writes(data_dir: Path, n: int) -> int:
+    create_volume(data_dir, "v1", 4 << 20)
+    vol = Volume.open(data_dir, "v1")
+    try:
+        for i in range(n):
+            vol.write(bytes([i + 1]) * 4096, i * 4096)
+        return vol.last_seq
+    finally:
+        vol.close()
+
+
+def test_demotion_keeps_unshipped_writes_as_a_snapshot(tmp_path: Path) -> None:
+    last = primary_with_writes(tmp_path, 8)
+    acked_by(tmp_path, "dc", last - 3)  # dc never got the last three writes
+    uuid_before = load_history(find_volume(tmp_path, "v1").path,
+                               find_volume(tmp_path, "v1").uuid)
+    snap = demote_volume(tmp_path, "v1", "dc")
+    assert snap == f"diverged-{uuid_before.current.gen_id:016x}"
+    info = find_volume(tmp_path, "v1")
+    assert not (info.path / "peers").exists() or not list((info.path / "peers").iterdir())
+    up = json.loads((info.path / "peerlink-upstream.json").read_text())
+    assert up["upstream_node"] == "dc" and up["upstream_uuid"] == uuid_before.logical_uuid
+    vol = Volume.open(tmp_path, "v1")
+    try:
+        assert vol.replica and not vol.inconsistent and vol.upstream_seq == 0
+        view = vol.snapshot_view(snap)
+        buf = bytearray(4096)
+        view.read_into(buf, 7 * 4096)
+        assert bytes(buf) == bytes([8]) * 4096  # the last write, preserved
+    finally:
+        vol.close()
+    assert demote_volume(tmp_path, "v1", "dc") is None  # demoted already: nothing twice
+
+
+def test_demotion_after_a_clean_handover_takes_no_snapshot(tmp_path: Path) -> None:
+    last = primary_with_writes(tmp_path, 4)
+    acked_by(tmp_path, "dc", last)
+    assert rejoin.unshipped(find_volume(tmp_path, "v1"), "dc") is None
+    assert demote_volume(tmp_path, "v1", "dc") is None
+    vol = Volume.open(tmp_path, "v1")
+    try:
+        assert vol.replica and (vol.snaps is None or not vol.snaps.index.by_name)
+    finally:
+        vol.close()
+
+
+def test_unshipped_says_why(tmp_path: Path) -> None:
+    last = primary_with_writes(tmp_path, 5)
+    info = find_volume(tmp_path, "v1")
+    assert rejoin.unshipped(info, "dr") == "dr never acknowledged anything of it"
+    acked_by(tmp_path, "dr", last - 2)
+    assert rejoin.unshipped(info, "dr") == (
+        f"records {last - 1}..{last} were never acknowledged by dr")
+
+
+def test_promotion_reserves_snapshot_ids_for_the_old_primary(tmp_path: Path) -> None:
+    create_volume(tmp_path, "v1", 4 << 20, replica=True)
+    vol = Volume.open(tmp_path, "v1")
+    vol.set_consistent(True)
+    vol.close()
+    gen = promote_volume(tmp_path, "v1")
+    info = find_volume(tmp_path, "v1")
+    hist = load_history(info.path, info.uuid)
+    assert hist.current == gen and len(hist.generations) == 2
+    vol = Volume.open(tmp_path, "v1")
+    try:
+        assert not vol.replica
+        snap = vol.snapshot_create("after-promotion")
+        assert snap.id >= SNAP_ID_GAP
+    finally:
+        vol.close()
+
+
+def test_split_brain_record_round_trip(tmp_path: Path) -> None:
+    assert rejoin.split_brain(tmp_path) is None
+    rec = rejoin.record_split_brain(tmp_path, me="main", my_epoch=0, other="dr",
+                                    other_epoch=1, volumes={"v1": {"why": "x",
+                                                                    "last_write": None}})
+    assert rejoin.split_brain(tmp_path) == rec
+    rejoin.clear_split_brain(tmp_path)
+    assert rejoin.split_brain(tmp_path) is None
