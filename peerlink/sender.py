@@ -39,8 +39,9 @@ through S1.  Which extents:
   primary before a failover or a switchover, or a replica of it).  Its seq numbers belong
   to another node's journal and mean nothing here, and it may hold writes this node never
   had.  Both stores are compared by digest (``Verify`` requests before ``ResyncExtents``,
-  extents of the dirty-set size, 64 KiB up to 64 GiB volumes, holes hashed unread): the extents that differ are exactly those changed
-  on either side since the last common point, and only they are sent.  Digests are read
+  extents of the dirty-set size: 64 KiB up to 64 GiB volumes; holes hashed unread): the
+  extents that differ are exactly those changed on either side since the last common
+  point, and only they are sent.  Digests are read
   after S0 was fixed, like extent data, so the batches from S0 + 1 converge the same way.
 
 The dirty sets a resync covered are deleted once the replica acknowledged it durably; sets
@@ -591,10 +592,13 @@ class Sender:
 
     # -- online verify ------------------------------------------------------------------------
 
-    def _digests(self, extents: list[int], shift: int) -> tuple[int, list[bytes], int]:
+    def _digests(self, extents: list[int], shift: int, settle: bool = True
+                 ) -> tuple[int, list[bytes], int]:
         """(journal end before, digests, journal end after) of this node's store (worker
         thread).  Every record up to the first end is in the store (a primary writes
-        the store before the journal; a cascade source is bounded by its applied seq)."""
+        the store before the journal; a cascade source is bounded by its applied seq).
+        ``settle``: wait for records of writes seen in the store (verify needs the end
+        after; a compare resync does not: it streams from a point fixed before)."""
         _, before = self._bounds()
         fd = os.open(self.info.path / "store", os.O_RDONLY)
         try:
@@ -602,7 +606,8 @@ class Sender:
                        for e in extents]
         finally:
             os.close(fd)
-        time.sleep(RESYNC_SETTLE)  # writes whose store write we saw append their record
+        if settle:
+            time.sleep(RESYNC_SETTLE)  # writes whose store write we saw append their record
         _, after = self._bounds()
         return before, digests, after
 
@@ -1011,22 +1016,35 @@ class Sender:
         differing: list[int] = []
         self.log.info("compare_started", extents=len(plan.extents),
                       extent_bytes=1 << plan.shift, why=plan.why)
+        # Pipelined: this side digests the next chunk while the peer digests this one.
+        pending: deque[asyncio.Future[VerifyResult]] = deque()
+        done_extents = 0
+
+        async def collect() -> None:
+            nonlocal done_extents
+            fut = pending.popleft()
+            finished, _ = await asyncio.wait([fut], timeout=VERIFY_TIMEOUT)
+            if not finished:
+                raise LinkClosed(f"no digests from {self.peer!r} within {VERIFY_TIMEOUT:g} s")
+            differing.extend(fut.result().differing)
+            done_extents = min(len(plan.extents), done_extents + COMPARE_CHUNK)
+            self.progress = {"phase": "compare", "done": done_extents,
+                             "total": len(plan.extents), "unit": "extents"}
+
         for i in range(0, len(plan.extents), COMPARE_CHUNK):
             chunk = plan.extents[i:i + COMPARE_CHUNK]
             _, digests, after = await loop.run_in_executor(
-                self.executor, self._digests, chunk, plan.shift)
+                self.executor, self._digests, chunk, plan.shift, False)
             self.verify_token += 1
-            token = self.verify_token
             fut: asyncio.Future[VerifyResult] = loop.create_future()
-            self.verify_waiters[token] = fut
-            link.send(Verify(self.name, token, after, plan.shift, tuple(chunk),
+            self.verify_waiters[self.verify_token] = fut
+            link.send(Verify(self.name, self.verify_token, after, plan.shift, tuple(chunk),
                              tuple(digests)))
-            done, _ = await asyncio.wait([fut], timeout=VERIFY_TIMEOUT)
-            if not done:
-                raise LinkClosed(f"no digests from {self.peer!r} within {VERIFY_TIMEOUT:g} s")
-            differing += fut.result().differing
-            self.progress = {"phase": "compare", "done": i + len(chunk),
-                             "total": len(plan.extents), "unit": "extents"}
+            pending.append(fut)
+            if len(pending) > 1:
+                await collect()
+        while pending:
+            await collect()
         why = (f"{plan.why}: {len(differing)} of {len(plan.extents)} extents differ")
         self.log.info("compare_done", extents=len(plan.extents), differing=len(differing),
                       seconds=round(time.monotonic() - t0, 3))
