@@ -1,0 +1,62 @@
+"""Contract 5 between real peerlink processes: a sender on a newer generation meets the
+old primary (compare resync of only the differing extents), and histories with no common
+newest generation are refused by the receiver, with nothing applied."""
+
+from __future__ import annotations
+
+from blockstore.generations import load_history, new_generation, save_history
+from blockstore.volume import demote_volume, find_volume, promote_volume
+from tests.integration import test_peerlink
+from tests.integration.test_peerlink import Env, Writer, checksum
+
+env = test_peerlink.env  # the fixture: a served primary v1 and an empty replica
+
+
+def synced_then_promoted(env: Env) -> None:
+    """The replica catches up, then the primary stops and the replica is promoted."""
+    w = Writer(env.served, seed=11, max_ops=40)
+    w.start()
+    w.finish()
+    rx = env.receiver()
+    tx = env.sender(rx.port)
+    env.wait_caught_up()
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    env.served.stop()
+    promote_volume(env.replica, "v1")
+
+
+def test_old_primary_gets_only_the_differing_extents(env: Env) -> None:
+    synced_then_promoted(env)
+    assert demote_volume(env.primary, "v1", "r1") is None  # r1 had acked everything
+    rx = env.receiver(data_dir=env.primary, node="p1")
+    tx = env.sender(rx.port, data_dir=env.replica, node="r1", peer="p1")
+    done = tx.wait_event("compare_done")
+    assert done["differing"] == 0, done  # nothing changed on either side
+    sent = tx.wait_event("resync_extents_sent")
+    assert sent["kind"] == "delta" and sent["extents"] == 0, sent
+    rx.wait_event("replica_consistent")
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    assert checksum(env.primary) == checksum(env.replica)
+    # The old primary adopted the newer history.
+    p, r = (find_volume(d, "v1") for d in (env.primary, env.replica))
+    assert load_history(p.path, p.uuid) == load_history(r.path, r.uuid)
+
+
+def test_unrelated_histories_are_refused_and_nothing_applied(env: Env) -> None:
+    synced_then_promoted(env)
+    # The old primary was promoted on its own too (an independent generation): neither
+    # history contains the other's newest generation.
+    info = find_volume(env.primary, "v1")
+    save_history(info.path, new_generation(load_history(info.path, info.uuid), 1000))
+    demote_volume(env.primary, "v1", "r1", preserve=False)
+    before = checksum(env.primary)
+    rx = env.receiver(data_dir=env.primary, node="p1")
+    tx = env.sender(rx.port, data_dir=env.replica, node="r1", peer="p1")
+    reason = ("volume 'v1': the generation histories of 'r1' and 'p1' are unrelated (split "
+              "brain, or another volume); refusing to guess")
+    assert rx.wait_event("peer_refused_by_us")["reason"] == reason
+    assert tx.wait_event("refused_by_peer")["reason"] == reason
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    assert checksum(env.primary) == before
+
+
