@@ -284,3 +284,40 @@ def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
     actions = [json.loads(x)["action"] for x in run_nbdgw(
         "-c", cfg(lab, "main"), "audit", "--json").stdout.splitlines()]
     assert actions == ["resolve", "resolve"]
+
+
+def test_switchover_refusals_and_a_target_that_cannot_catch_up(lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    stamp(lab, 0, 16, "base")
+    on_dc = run_nbdgw("-c", cfg(lab, "dc"), "switchover", "--to", "main", check=False)
+    assert on_dc.stderr.strip().endswith(
+        "switchover: node dc is standby, not the serving primary: run switchover on the "
+        "primary (main)"), on_dc.stderr
+    nobody = run_nbdgw("-c", cfg(lab, "main"), "switchover", "--to", "nobody", check=False)
+    assert "switchover: 'nobody' is not a peer of main (peers: dc, dr)" in nobody.stderr
+    # dc's receiver freezes: the drain times out, nothing changes and I/O resumes.
+    frozen = peerlink_pid(lab, "dc")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        writer = client(lab, WRITER, uri(lab), "512", "2000", "during")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        sw = run_nbdgw("-c", cfg(lab, "main"), "switchover", "--to", "dc", "--timeout", "2",
+                       check=False, timeout=120)
+        held = time.monotonic() - t0
+        assert sw.returncode == 1
+        assert "did not catch up within 2 s" in sw.stderr, sw.stderr
+        assert "nothing changed, client I/O resumed" in sw.stderr, sw.stderr
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["errors"] == [] and result["reconnects"] == 0, result
+        assert result["max_pause_s"] >= 1.5, result  # held, then released
+        print(f"refused switchover held I/O {held:.2f} s; client saw {result}")
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert states(lab) == {"main": "primary", "dc": "standby", "dr": "witness"}
+    assert check(lab, 512, 2000, "during") == 0
+    outcomes = [json.loads(x)["outcome"] for x in run_nbdgw(
+        "-c", cfg(lab, "main"), "audit", "--json").stdout.splitlines()]
+    assert outcomes == ["refused", "refused"], outcomes
