@@ -31,6 +31,12 @@ DIRTY_RELEASED = "released"  # records released before the peer acked them
 DIRTY_HOT = "unclean restart"  # hot extents found by recovery
 DIRTY_VERIFY = "verify"  # extents online verify found differing
 DIRTY_UPSTREAM = "upstream resync"  # a replica's extents rewritten by its own resync
+# volumes/<V>/peerlink-upstream.json on a replica: the upstream it is bound to (written
+# by its receiver, and by demote_volume when a former primary becomes a replica).
+UPSTREAM_FILE = "peerlink-upstream.json"
+UPSTREAM_KIND = "peerlink-upstream"
+UPSTREAM_VERSION = 1
+ADOPT_KEY = "adopt_from"  # take this node's data once, whatever the histories say
 _DIRTY_RE = re.compile(r"^(.+)\.dirty-[0-9a-f]{16}-[0-9a-f]+\.json$")
 
 
@@ -124,3 +130,14 @@ def covers(sets: list[DirtySet], applied: int, first_retained: int) -> bool:
         if d.reason == DIRTY_RELEASED and d.from_seq <= reach + 1:
             reach = max(reach, d.through_seq)
     return reach >= first_retained - 1
+
+
+def set_adopt(info: VolumeInfo, node: str) -> None:
+    """Replica: take ``node``'s data at its next resync although the generation histories
+    are unrelated (an operator resolved a split brain for ``node``'s side).  The receiver
+    must not be running (it keeps the file's content in memory)."""
+    path = info.path / UPSTREAM_FILE
+    rec = read_json(path, UPSTREAM_KIND, UPSTREAM_VERSION) if path.exists() else None
+    if rec is None:
+        return  # never bound: a fresh replica takes any sender's data anyway
+    write_json(path, {**rec, ADOPT_KEY: node})

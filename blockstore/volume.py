@@ -58,8 +58,12 @@ from .generations import Generation, load_history, new_generation, save_history
 from .journal import DEFAULT_SEGMENT_BYTES, Journal, is_data_op, record_headers
 from .meta import fsync_dir, read_json, write_json
 from .peers import (
+    ADOPT_KEY,
     DIRTY_HOT,
     DIRTY_RELEASED,
+    UPSTREAM_FILE,
+    UPSTREAM_KIND,
+    UPSTREAM_VERSION,
     dirty_shift,
     extent_range,
     known_peers,
@@ -1089,17 +1093,35 @@ def promote_volume(data_dir: Path, name: str) -> Generation:
             raise InvalidArgument(
                 f"volume {name} is Inconsistent (its sync from the primary never "
                 "completed): it can never be promoted")
-        history = new_generation(load_history(vol.info.path, vol.info.uuid), vol.last_seq + 1)
-        # The history first: a crash before the state flips leaves a replica with one
-        # generation too many, which a repeated promotion simply extends.
-        save_history(vol.info.path, history)
-        # Snapshot ids of the new generation start past any the old primary may have used
-        # after the fork (a demoted primary keeps its own, e.g. diverged-<gen>): a replica
-        # takes a snapshot MARK only when its id is above every id it has seen.
-        snaps = vol._snapshots()
-        snaps.skip(snaps.index.next_id + SNAP_ID_GAP - 1)
+        gen = _start_generation(vol)
         vol.replica = False
-        return history.current
+        return gen
+    finally:
+        vol.close()
+
+
+def _start_generation(vol: Volume) -> Generation:
+    history = new_generation(load_history(vol.info.path, vol.info.uuid), vol.last_seq + 1)
+    # The history first: a crash before the state flips leaves a replica with one
+    # generation too many, which a repeated promotion simply extends.
+    save_history(vol.info.path, history)
+    # Snapshot ids of the new generation start past any the old primary may have used
+    # after the fork (a demoted primary keeps its own, e.g. diverged-<gen>): a replica
+    # takes a snapshot MARK only when its id is above every id it has seen.
+    snaps = vol._snapshots()
+    snaps.skip(snaps.index.next_id + SNAP_ID_GAP - 1)
+    return history.current
+
+
+def renew_generation(data_dir: Path, name: str) -> Generation:
+    """A primary volume starts a new generation where it stands: the side of a split
+    brain an operator keeps (`nbdgw resolve --discard OTHER`) serves on a history newer
+    than both, so that the other side's replicas take its data."""
+    vol = Volume.open(data_dir, name)
+    try:
+        if vol.replica:
+            raise InvalidArgument(f"volume {name} is a replica: promote it instead")
+        return _start_generation(vol)
     finally:
         vol.close()
 
@@ -1108,16 +1130,18 @@ SNAP_ID_GAP = 1 << 16  # snapshot ids reserved for the old primary at each promo
 DIVERGED_PREFIX = "diverged-"
 
 
-def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = True
-                  ) -> str | None:
+def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = True,
+                  adopt: bool = False) -> str | None:
     """Make primary volume ``name`` a replica of ``new_primary`` (contract 5): this node
     was primary, another node now serves a newer generation.  Writes this node took that
     may not have reached ``new_primary`` (records it never acknowledged, dirty sets,
     hot extents of an unclean stop) are preserved as snapshot ``diverged-<generation>``
     first, when ``preserve``; then the replica keeps its generation history and logical
     uuid, and the next sender from the newer generation compares digests and resyncs
-    what differs.  The caller holds no lock on it (nbdkit is stopped).  Returns the
-    snapshot's name, or None when nothing needed preserving."""
+    what differs.  ``adopt``: an operator resolved a split brain against this node, so
+    its replica takes ``new_primary``'s data although the histories are unrelated (once:
+    until that resync ends).  The caller holds no lock on it (nbdkit is stopped).  Returns
+    the snapshot's name, or None when nothing needed preserving."""
     vol = Volume.open(data_dir, name)  # an unclean stop is recovered here (hot extents)
     try:
         if vol.replica:
@@ -1132,9 +1156,11 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
             if vol.snaps is None or snap_name not in vol.snaps.index.by_name:
                 vol.snapshot_create(snap_name)
         save_history(vol.info.path, history)  # explicit: the logical uuid stays this one
-        write_json(vol.info.path / "peerlink-upstream.json", {
-            "kind": "peerlink-upstream", "version": 1, "upstream_uuid": history.logical_uuid,
-            "upstream_node": new_primary, "bound_at": time.time(), "demoted": True})
+        write_json(vol.info.path / UPSTREAM_FILE, {
+            "kind": UPSTREAM_KIND, "version": UPSTREAM_VERSION,
+            "upstream_uuid": history.logical_uuid,
+            "upstream_node": new_primary, "bound_at": time.time(), "demoted": True,
+            **({ADOPT_KEY: new_primary} if adopt else {})})
         # As a primary it tracked what its peers lacked; none of that means anything now
         # that it follows another node (the sender from there compares digests).
         pdir = vol.info.path / "peers"

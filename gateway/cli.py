@@ -632,16 +632,22 @@ def switchover(obj: Ctx, target: str, timeout: float) -> None:
 
 @cli.command()
 @click.option("--discard", required=True,
-              help="The node whose writes since the split brain are discarded (this node).")
+              help="The node whose writes since the split brain are discarded: this node, "
+                   "or the other primary.")
 @click.pass_obj
 def resolve(obj: Ctx, discard: str) -> None:
-    """Settle a split brain: this node's writes since the split are preserved as
-    snapshot diverged-<generation>, then it rejoins the other primary as a replica."""
+    """Settle a split brain, on the node in split brain (`nbdgw status` says so).
+
+    --discard THIS-NODE: its writes since the split are kept as snapshot
+    diverged-<generation>, and it rejoins the other primary as a replica.
+    --discard OTHER: this node serves again on a newer generation; OTHER keeps its
+    writes as its own diverged snapshot and rejoins this node as a replica.
+    """
     cfg = obj.config()
     reply = _ask_daemon(cfg, "resolve", {"discard": discard},
                         {"op": "resolve", "discard": discard}, 120.0)
-    click.echo(f"resolved: {reply['discarded']}'s writes discarded (kept as a diverged "
-               f"snapshot); it follows {reply['following']} as a replica")
+    click.echo(f"resolved: {reply['discarded']}'s writes discarded (kept as its diverged "
+               f"snapshot); {reply['discarded']} follows {reply['following']}")
 
 
 @cli.command("audit")

@@ -56,12 +56,14 @@ import structlog
 
 from blockstore.errors import BlockstoreError
 from blockstore.meta import write_json
+from blockstore.peers import set_adopt
 from blockstore.volume import (
     demote_volume,
     find_volume,
     is_replica,
     list_volumes,
     promote_volume,
+    renew_generation,
     volume_status,
 )
 from nbd_plugin.control import ControlError, hold
@@ -663,8 +665,18 @@ class Daemon:
         if newest is None or newest[1] < self.view.known_epoch or newest[0] == self.cfg.name:
             return
         self._adopt_role(self.cfg.role, newest[0], f"following primary {newest[0]}")
-        log.warning("following_new_primary", primary=newest[0], epoch=self.epoch)
+        with self._hb_lock():
+            rep = self.view.reports.get(newest[0])
+            resolved = rep.discarding if rep is not None else None
+        log.warning("following_new_primary", primary=newest[0], epoch=self.epoch,
+                    split_brain_resolved_against=resolved)
         self._drop_child("peerlink")
+        if resolved is not None:
+            # The new primary won a split brain an operator resolved: its history may be
+            # unrelated to the one these replicas followed; take its data all the same.
+            for info in selected_volumes(self.cfg):
+                if is_replica(info):
+                    set_adopt(info, newest[0])
         self._receive()
 
     def _rejoin(self) -> Event | None:
@@ -681,7 +693,10 @@ class Daemon:
         if rejoin.split_brain(self.cfg.data_dir) is not None:
             return None
         mine = [i for i in selected_volumes(self.cfg) if not is_replica(i)]
-        if self.served_when_stale and handover is None:
+        with self._hb_lock():
+            rep = self.view.reports.get(primary)
+            discarded = rep is not None and rep.discarding == self.cfg.name
+        if self.served_when_stale and handover is None and not discarded:
             lacking = {i.name: why for i in mine if (why := rejoin.unshipped(i, primary))}
             if lacking:
                 rec = rejoin.record_split_brain(
@@ -699,7 +714,7 @@ class Daemon:
         for info in mine:
             try:
                 snap = demote_volume(self.cfg.data_dir, info.name, primary,
-                                     preserve=handover is None)
+                                     preserve=handover is None, adopt=discarded)
             except (BlockstoreError, OSError) as e:
                 log.error("volume_not_demoted", volume=info.name, error=str(e))
                 self.rejoin_pending, self.rejoin_at = True, time.monotonic() + 5.0
@@ -712,7 +727,7 @@ class Daemon:
         self.served_when_stale = False
         log.warning("rejoined", primary=primary, epoch=self.epoch,
                     volumes=[i.name for i in mine], diverged_snapshots=preserved,
-                    switchover=handover is not None)
+                    switchover=handover is not None, discarded_by_operator=discarded)
         return Event.REJOINED_AS_WITNESS if role is Role.DR else Event.REJOINED
 
     def _switchover_refusal(self, target: str) -> str | None:  # noqa: PLR0911
@@ -800,6 +815,36 @@ class Daemon:
         log.warning("switchover_done", **out)
         return out
 
+    def _keep_mine(self, other: str) -> dict[str, Any]:
+        """`nbdgw resolve --discard OTHER` on the split-brained node: keep this node's
+        writes.  Its volumes start a generation newer than both sides' on an epoch above
+        OTHER's; it serves again and names OTHER in its beats, which then demotes itself
+        (its writes kept as its own diverged snapshot) and takes this node's data."""
+        renewed = {}
+        for info in selected_volumes(self.cfg):
+            if is_replica(info):
+                continue
+            try:
+                renewed[info.name] = f"{renew_generation(self.cfg.data_dir, info.name).gen_id:016x}"
+            except (BlockstoreError, OSError) as e:
+                return {"error": f"volume {info.name}: {e}; nothing served"}
+        rejoin.clear_split_brain(self.cfg.data_dir)
+        self.epoch = max(self.epoch, self.view.known_epoch) + 1
+        nodestate.save(self.cfg.data_dir, Role.PRIMARY, self.epoch,
+                       f"split brain resolved: the writes of {other} discarded",
+                       primary=self.cfg.name)
+        self.cfg = nodestate.effective_config(self.installed)
+        with self._hb_lock():
+            self.view.epoch = self.view.known_epoch = self.epoch
+            self.view.primary = self.cfg.name
+            self.view.discarding = other
+        self.served_when_stale = False
+        log.warning("split_brain_resolved", kept=self.cfg.name, discarded=other,
+                    epoch=self.epoch, generations=renewed)
+        self._feed(Event.KEPT)
+        return {"ok": True, "discarded": other, "following": self.cfg.name,
+                "state": self.state.value, "epoch": self.epoch}
+
     def _resolve(self, discard: str) -> dict[str, Any]:
         """`nbdgw resolve --discard NODE`: settle a split brain."""
         rec = rejoin.split_brain(self.cfg.data_dir)
@@ -810,11 +855,7 @@ class Daemon:
             return {"error": f"the split brain is between {me} and {rec['other_node']}; "
                              f"--discard names one of them, not {discard!r}"}
         if discard != me:
-            return {"error": f"keeping {me}'s writes over {discard}'s is not automated: "
-                             f"{discard} serves the newer generation. Resolve with --discard "
-                             f"{me} (its writes stay readable as snapshot diverged-<generation>"
-                             ", exported as VOLUME@diverged-<generation>) and copy back what "
-                             "is needed"}
+            return self._keep_mine(discard)
         rejoin.clear_split_brain(self.cfg.data_dir)
         self.served_when_stale = False
         ev = self._rejoin()
@@ -845,6 +886,9 @@ class Daemon:
                     self.view.primary = p
                     if p == self.view.handover_to and rep.epoch > self.epoch:
                         self.view.handover_to = None  # the successor serves
+                if p == self.view.discarding and rep.state in (
+                        State.STANDBY, State.WITNESS) and rep.epoch == self.epoch:
+                    self.view.discarding = None  # the discarded side follows this one
             event = decide(self.state, self.view, now, self.timers)
         if event is not None and event not in _noop_in(self.state):
             self._feed(event)

@@ -28,7 +28,10 @@ the three sites:
   took that never reached the new primary are kept as a ``diverged-<generation>``
   snapshot first.  A node that learns of the newer primary while it was itself serving
   (PRIMARY) and holds writes the new primary lacks is in split brain: the daemon does
-  not rejoin it; `nbdgw resolve` decides.
+  not rejoin it; `nbdgw resolve` decides: ``--discard`` itself (it rejoins, its writes kept
+  as a snapshot), or ``--discard`` the other primary (KEPT: it starts a newer generation on
+  a higher epoch and serves, naming the other in its beats; that one demotes itself, its
+  writes kept as a snapshot, and rejoins; replicas follow the higher epoch).
 - Planned switchover: the primary drains (client I/O held, the target's ack at the
   journal's end), stops serving (HANDED_OVER: it becomes STALE and rejoins at once) and
   names the target in its beats; the target promotes on that word (HANDOVER) without
@@ -68,6 +71,7 @@ class Event(enum.Enum):
     HANDED_OVER = "handed_over"  # this primary drained and handed over (switchover)
     REJOINED = "rejoined"  # a stale node's volumes are replicas of the new primary now
     REJOINED_AS_WITNESS = "rejoined_as_witness"  # the same, on the DR site
+    KEPT = "kept"  # `resolve --discard OTHER` on a split-brained node: it serves again
 
 
 class Action(enum.Enum):
@@ -124,6 +128,7 @@ TRANSITIONS: dict[State, dict[Event, tuple[State, tuple[Action, ...]]]] = {
         E.NEWER_PRIMARY: (S.STALE, ()),
         E.REJOINED: (S.STANDBY, (A.RECEIVE,)),
         E.REJOINED_AS_WITNESS: (S.WITNESS, (A.RECEIVE,)),
+        E.KEPT: (S.PRIMARY, (A.SERVE,)),
     },
 }
 
@@ -145,6 +150,7 @@ class Report:
     received: float  # when this report arrived (our clock)
     known_epoch: int = 0  # the highest primary epoch the peer knows of
     handover_to: str | None = None  # a primary that drained for a switchover: its successor
+    discarding: str | None = None  # a primary that kept its writes over this site's (resolve)
 
 
 @dataclass
@@ -166,6 +172,7 @@ class View:
     # (there is none to be had) until it hears of a newer epoch.
     quorum_exempt: bool = False
     handover_to: str | None = None  # set by this node's daemon after a switchover drain
+    discarding: str | None = None  # set after `resolve --discard OTHER`: OTHER rejoins
 
 
 @dataclass(frozen=True)

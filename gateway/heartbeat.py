@@ -39,16 +39,17 @@ class BadBeat(ValueError):
 
 def encode_beat(secret: bytes, node: str, state: State, epoch: int,
                 sees: dict[str, float], seq: int, known_epoch: int = 0,
-                handover_to: str | None = None) -> bytes:
+                handover_to: str | None = None, discarding: str | None = None) -> bytes:
     body: bytes = msgpack.packb([VERSION, node, state.value, epoch,
                                  {k: (v if math.isfinite(v) else -1.0)
-                                  for k, v in sees.items()}, seq, known_epoch, handover_to])
+                                  for k, v in sees.items()}, seq, known_epoch, handover_to,
+                                 discarding])
     mac = hmac.new(secret, body, hashlib.sha256).digest()[:MAC_SIZE]
     return MAGIC + mac + body
 
 
 def decode_beat(secret: bytes, data: bytes
-                ) -> tuple[str, State, int, dict[str, float], int, int, str | None]:
+                ) -> tuple[str, State, int, dict[str, float], int, int, str | None, str | None]:
     if len(data) > MAX_BEAT or not data.startswith(MAGIC):
         raise BadBeat("not a heartbeat")
     mac, body = data[4:4 + MAC_SIZE], data[4 + MAC_SIZE:]
@@ -59,10 +60,13 @@ def decode_beat(secret: bytes, data: bytes
         if fields[0] != VERSION:
             raise BadBeat(f"heartbeat version {fields[0]}, this node speaks {VERSION}")
         _, node, state, epoch, sees, seq, known = fields[:7]
-        handover = fields[7] if len(fields) > 7 else None  # appended in a later release
+        # Appended in later releases: a switchover's successor, a split brain's loser.
+        handover = fields[7] if len(fields) > 7 else None
+        discarding = fields[8] if len(fields) > 8 else None
         return (str(node), State(state), int(epoch),
                 {str(k): (float(v) if v >= 0 else math.inf) for k, v in sees.items()},
-                int(seq), int(known), None if handover is None else str(handover))
+                int(seq), int(known), None if handover is None else str(handover),
+                None if discarding is None else str(discarding))
     except (ValueError, TypeError, AttributeError, IndexError) as e:
         raise BadBeat(f"malformed heartbeat: {e}") from None
 
@@ -105,7 +109,7 @@ class Heartbeat:
         self.seq += 1
         beat = encode_beat(self.secret, self.view.me, state, epoch, self.sees(time.monotonic()),
                            self.seq, max(epoch, self.view.known_epoch),
-                           self.view.handover_to)
+                           self.view.handover_to, self.view.discarding)
         for addrs in self.targets.values():
             for addr in addrs:
                 # Unreachable now (link down): that is what heartbeats detect.
@@ -121,7 +125,7 @@ class Heartbeat:
             except OSError:
                 return
             try:
-                node, state, epoch, sees, _seq, known, handover = decode_beat(
+                node, state, epoch, sees, _seq, known, handover, discarding = decode_beat(
                     self.secret, data)
                 if node not in self.view.peers:
                     raise BadBeat(f"heartbeat from {node!r}, not a configured peer")
@@ -133,7 +137,8 @@ class Heartbeat:
             now = time.monotonic()
             with self.lock:
                 self.view.heard[node] = now
-                self.view.reports[node] = Report(state, epoch, sees, now, known, handover)
+                self.view.reports[node] = Report(state, epoch, sees, now, known,
+                                                 handover, discarding)
 
     def _run(self) -> None:
         next_send = 0.0

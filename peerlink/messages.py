@@ -138,10 +138,15 @@ class Hello(_Message):
     generations: tuple[Generation, ...]  # oldest first
     last_applied_seq: int  # sender: newest journal seq; receiver: newest durable batch seq
     auth_nonce: bytes
+    # Receiver only: an operator resolved a split brain in favour of the sender's side, so
+    # this replica takes the sender's data even though the histories are unrelated.
+    adopts: bool = False
 
     @classmethod
     def _decode(cls, f: list[Any]) -> Self:
-        _arity(cls, f, at_least=True)  # later versions append fields
+        if len(f) < 9:  # later versions append fields (``adopts`` was one)
+            raise PeerProtocolError(f"Hello: expected 9 fields, got {len(f)}")
+        adopts = len(f) > 9 and f[9] is True  # anything else: a field of a later version
         vuuid = _str(f[3], "Hello.volume_uuid")
         try:
             canonical = str(uuid.UUID(vuuid)) == vuuid
@@ -171,7 +176,7 @@ class Hello(_Message):
             _uint(f[0], "Hello.proto_version", _U32), _name(f[1], "Hello.node"),
             _name(f[2], "Hello.volume"), vuuid, _uint(f[4], "Hello.volume_size"), role,
             tuple(gens), _uint(f[7], "Hello.last_applied_seq"),
-            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)),
+            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)), adopts,
         )
 
 

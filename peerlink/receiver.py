@@ -46,7 +46,15 @@ from blockstore.generations import (
     save_history,
 )
 from blockstore.meta import read_json, write_json
-from blockstore.peers import DIRTY_UPSTREAM, known_peers, write_dirty
+from blockstore.peers import (
+    ADOPT_KEY,
+    DIRTY_UPSTREAM,
+    UPSTREAM_FILE,
+    UPSTREAM_KIND,
+    UPSTREAM_VERSION,
+    known_peers,
+    write_dirty,
+)
 from blockstore.volume import Volume, VolumeInfo
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
@@ -74,9 +82,6 @@ from .messages import (
 
 log = structlog.get_logger(component="peerlink")
 
-UPSTREAM_FILE: Final = "peerlink-upstream.json"
-UPSTREAM_KIND: Final = "peerlink-upstream"
-UPSTREAM_VERSION: Final = 1
 APPLY_QUEUE_BYTES: Final = 64 << 20  # received batches waiting for the applier
 
 
@@ -279,9 +284,10 @@ class Receiver:
         vuuid = self._upstream_uuid(theirs.volume_uuid)
         history = self._history()
         theirs_gens = from_wire(theirs.generations)
-        rel = Relation.BEHIND if self._fresh() else relation(history.generations, theirs_gens)
+        rel, adopts = self._relation(history, theirs.node, theirs_gens, clog)
         mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
-                     wire_generations(history), self.vol.upstream_seq, make_nonce())
+                     wire_generations(history), 0 if adopts else self.vol.upstream_seq,
+                     make_nonce(), adopts)
         refusal = check_hello(mine, theirs) or self._generation_refusal(
             rel, theirs.node, theirs_gens, history)
         if refusal is not None:
@@ -338,6 +344,19 @@ class Receiver:
         finally:
             clog.info("session_ended", applied_batches=session.applied_batches,
                       applied_bytes=session.applied_bytes, upstream_seq=self.vol.upstream_seq)
+
+    def _relation(self, history: History, node: str, theirs: tuple[BGeneration, ...],
+                  clog: Any) -> tuple[Relation, bool]:
+        """How the sender's history relates to this replica's, and whether this replica
+        adopts an unrelated one (an operator resolved a split brain for ``node``'s side:
+        its data is taken, compared then resynced, as if it were on a newer generation)."""
+        if self._fresh():
+            return Relation.BEHIND, False
+        rel = relation(history.generations, theirs)
+        if rel is Relation.UNRELATED and (self.upstream or {}).get(ADOPT_KEY) == node:
+            clog.warning("adopting_unrelated_history", peer=node)
+            return Relation.BEHIND, True
+        return rel, False
 
     async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any) -> None:
         """Bind a fresh replica to the upstream volume; an empty replica is the
@@ -521,6 +540,10 @@ class Receiver:
             if s.history is not None and s.history != self._history():
                 save_history(self.vol.info.path, s.history)  # now on the sender's generation
                 self._gen_cache = None
+            if self.upstream is not None and ADOPT_KEY in self.upstream:
+                rec = {k: v for k, v in self.upstream.items() if k != ADOPT_KEY}
+                write_json(self.upstream_path, rec)  # adopted once: refused again from now
+                self.upstream = rec
             # The store holds everything through resume_from - 1, durably: say so.
             return self.vol.upstream_seq, not self.vol.inconsistent
         return None, False

@@ -568,6 +568,8 @@ class Sender:
                 f"({theirs.generations[-1].gen_id:016x}) than this node "
                 f"({history.current.gen_id:016x}): a failover happened and this copy is "
                 "stale; refusing to send it")
+        if rel is Relation.UNRELATED and theirs.adopts:
+            return Relation.AHEAD, None  # it takes this node's data (a resolved split brain)
         if rel is Relation.UNRELATED and theirs.last_applied_seq:
             return rel, Refuse(
                 f"volume {self.name!r}: the generation histories of {self.node!r} and "

@@ -232,7 +232,9 @@ def test_dr_promotion_and_return_of_the_main_site(lab_dir: Path) -> None:
     converge(lab)
 
 
-def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
+def split_brain(lab_dir: Path) -> dict[str, Any]:
+    """A lab where DR was promoted by force while cut off from a living main site, both
+    took writes, and the partition healed: main is stale, in split brain with dr."""
     lab = up(lab_dir.parent)
     stamp(lab, 0, 32, "base")
     time.sleep(1.5)
@@ -258,6 +260,25 @@ def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
         time.sleep(0.1)
     record = json.loads(split.read_text())
     assert record["other_node"] == "dr" and "v1" in record["volumes"], record
+    return lab
+
+
+def diverged_block(lab: dict[str, Any], node: str, block: int) -> bytes:
+    """Block ``block`` of node's diverged snapshot of v1, read offline (node stopped)."""
+    vol = Volume.open(data_dir(lab, node), "v1")
+    try:
+        names = [s for s in vol.snaps.index.by_name if s.startswith("diverged-")] \
+            if vol.snaps is not None else []
+        assert len(names) == 1, names
+        buf = bytearray(4096)
+        vol.snapshot_view(names[0]).read_into(buf, block * 4096)
+        return bytes(buf)
+    finally:
+        vol.close()
+
+
+def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
+    lab = split_brain(lab_dir)
     time.sleep(3)
     assert states(lab)["main"] == "stale"  # no automatic sync either way
     wrong = run_nbdgw("-c", cfg(lab, "main"), "resolve", "--discard", "dc", check=False)
@@ -270,17 +291,7 @@ def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
     assert not (data_dir(lab, "main") / "split-brain.json").exists()
     # main's discarded writes are kept in its diverged snapshot.
     lab_cmd("kill", "main", "--dir", str(lab_dir))
-    vol = Volume.open(data_dir(lab, "main"), "v1")
-    try:
-        names = [s for s in vol.snaps.index.by_name if s.startswith("diverged-")] \
-            if vol.snaps is not None else []
-        assert len(names) == 1, names
-        view = vol.snapshot_view(names[0])
-        buf = bytearray(4096)
-        view.read_into(buf, 1024 * 4096)
-        assert bytes(buf) == (struct.pack("<Q", 1024) + b"mainside") * 256
-    finally:
-        vol.close()
+    assert diverged_block(lab, "main", 1024) == (struct.pack("<Q", 1024) + b"mainside") * 256
     actions = [json.loads(x)["action"] for x in run_nbdgw(
         "-c", cfg(lab, "main"), "audit", "--json").stdout.splitlines()]
     assert actions == ["resolve", "resolve"]
@@ -321,3 +332,18 @@ def test_switchover_refusals_and_a_target_that_cannot_catch_up(lab_dir: Path) ->
     outcomes = [json.loads(x)["outcome"] for x in run_nbdgw(
         "-c", cfg(lab, "main"), "audit", "--json").stdout.splitlines()]
     assert outcomes == ["refused", "refused"], outcomes
+
+
+def test_split_brain_resolved_for_the_stale_side(lab_dir: Path) -> None:
+    """The operator keeps main's writes: main serves a newer generation, dr demotes itself
+    (its writes kept as its diverged snapshot) and, like dc, takes main's data."""
+    lab = split_brain(lab_dir)
+    ok = run_nbdgw("-c", cfg(lab, "main"), "resolve", "--discard", "dr", check=False)
+    assert ok.returncode == 0, ok.stderr
+    wait_states(lab, {"main": "primary", "dc": "standby", "dr": "witness"}, 30)
+    converge(lab)
+    assert check(lab, 1024, 16, "mainside") == 0  # through the service address: main
+    assert check(lab, 2048, 16, "dr-side") == 16
+    assert check(lab, 0, 32, "base") == 0
+    lab_cmd("kill", "dr", "--dir", str(lab_dir))
+    assert diverged_block(lab, "dr", 2048) == (struct.pack("<Q", 2048) + b"dr-side-") * 256

@@ -55,6 +55,7 @@ def test_every_state_is_in_the_table() -> None:
     (State.STALE, Event.REJOINED_AS_WITNESS, State.WITNESS, (Action.RECEIVE,)),
     (State.STANDBY, Event.HANDOVER, State.PROMOTING, (Action.PROMOTE,)),
     (State.WITNESS, Event.HANDOVER, State.PROMOTING, (Action.PROMOTE,)),
+    (State.STALE, Event.KEPT, State.PRIMARY, (Action.SERVE,)),
     (State.STANDBY, Event.PRIMARY_GONE, State.PROMOTING, (Action.PROMOTE,)),
     (State.PROMOTING, Event.PROMOTED, State.PRIMARY, (Action.SERVE,)),
     (State.PROMOTING, Event.PROMOTION_FAILED, State.STANDBY, (Action.RECEIVE,)),
@@ -154,11 +155,14 @@ def test_two_primaries_the_older_epoch_yields() -> None:
 
 def test_beat_round_trip() -> None:
     beat = encode_beat(SECRET, "dc", State.STANDBY, 3, {"main": 0.25, "dr": math.inf}, 7, 4)
-    node, state, epoch, sees, seq, known, handover = decode_beat(SECRET, beat)
-    assert (node, state, epoch, seq, known, handover) == ("dc", State.STANDBY, 3, 7, 4, None)
+    node, state, epoch, sees, seq, known, handover, discarding = decode_beat(SECRET, beat)
+    assert (node, state, epoch, seq, known, handover, discarding) == (
+        "dc", State.STANDBY, 3, 7, 4, None, None)
     assert sees == {"main": 0.25, "dr": math.inf}
     beat = encode_beat(SECRET, "main", State.STANDBY, 3, {}, 8, 3, "dc")
-    assert decode_beat(SECRET, beat)[6] == "dc"
+    assert decode_beat(SECRET, beat)[6:] == ("dc", None)
+    beat = encode_beat(SECRET, "main", State.PRIMARY, 4, {}, 9, 4, None, "dr")
+    assert decode_beat(SECRET, beat)[6:] == (None, "dr")
 
 
 def test_handover_names_the_successor() -> None:

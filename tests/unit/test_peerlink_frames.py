@@ -9,6 +9,7 @@ import os
 import struct
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -381,6 +382,8 @@ def test_hello_decodes_and_ignores_appended_fields() -> None:
     assert decode(msgpack.packb([1, *HELLO_FIELDS])) == HELLO
     assert decode(msgpack.packb([1, *HELLO_FIELDS, "a v2 field", {"x": 1}])) == HELLO
     assert decode(HELLO.encode()) == HELLO
+    adopting = replace(HELLO, adopts=True)
+    assert decode(adopting.encode()) == adopting
 
 
 def test_envelope_refusals() -> None:
