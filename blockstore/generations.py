@@ -44,6 +44,9 @@ class Generation:
 class History:
     logical_uuid: str
     generations: tuple[Generation, ...]
+    # Generations this node started itself (their start_seq counts in its own journal);
+    # kept locally, never sent: a history adopted from a peer has none.
+    local: frozenset[int] = frozenset()
 
     @property
     def current(self) -> Generation:
@@ -77,16 +80,30 @@ def load_history(vpath: Path, volume_uuid: str, upstream_uuid: str | None = None
         return History(logical, (initial_generation(logical),))
     meta = read_json(path, GEN_KIND, GEN_VERSION)
     return History(str(meta["logical_uuid"]),
-                   tuple(Generation(int(g), int(s)) for g, s in meta["history"]))
+                   tuple(Generation(int(g), int(s)) for g, s in meta["history"]),
+                   frozenset(int(g) for g in meta.get("promoted_here", [])))
 
 
 def save_history(vpath: Path, history: History) -> None:
     write_json(vpath / GEN_FILE, {
         "kind": GEN_KIND, "version": GEN_VERSION, "logical_uuid": history.logical_uuid,
-        "history": [[g.gen_id, g.start_seq] for g in history.generations]})
+        "history": [[g.gen_id, g.start_seq] for g in history.generations],
+        "promoted_here": sorted(history.local)})
 
 
 def new_generation(history: History, start_seq: int) -> History:
     """The history after a promotion at ``start_seq``: a fresh random id appended."""
     gen = Generation(secrets.randbits(64) or 1, start_seq)
-    return History(history.logical_uuid, (*history.generations, gen))
+    return History(history.logical_uuid, (*history.generations, gen),
+                   history.local | {gen.gen_id})
+
+
+def own_generation_after(history: History, theirs: Generation) -> Generation | None:
+    """This node's newest generation, if it started it itself right after ``theirs``
+    (the newest generation of a peer that this node superseded) and has been in it ever
+    since: then its journal from that generation's start_seq holds every change made
+    since the two histories forked.  None otherwise."""
+    gens = history.generations
+    if len(gens) >= 2 and gens[-2].gen_id == theirs.gen_id and gens[-1].gen_id in history.local:
+        return gens[-1]
+    return None

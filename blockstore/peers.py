@@ -37,6 +37,7 @@ UPSTREAM_FILE = "peerlink-upstream.json"
 UPSTREAM_KIND = "peerlink-upstream"
 UPSTREAM_VERSION = 1
 ADOPT_KEY = "adopt_from"  # take this node's data once, whatever the histories say
+CHANGED_KEY = "changed_since_fork"  # a demoted primary's changes its successor may lack
 _DIRTY_RE = re.compile(r"^(.+)\.dirty-[0-9a-f]{16}-[0-9a-f]+\.json$")
 
 

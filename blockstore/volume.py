@@ -38,6 +38,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from .journal import DEFAULT_SEGMENT_BYTES, Journal, is_data_op, record_headers
 from .meta import fsync_dir, read_json, write_json
 from .peers import (
     ADOPT_KEY,
+    CHANGED_KEY,
     DIRTY_HOT,
     DIRTY_RELEASED,
     UPSTREAM_FILE,
@@ -1131,7 +1133,9 @@ DIVERGED_PREFIX = "diverged-"
 
 
 def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = True,
-                  adopt: bool = False) -> str | None:
+                  adopt: bool = False,
+                  changed: Callable[[VolumeInfo], tuple[int, list[int]] | None] | None = None
+                  ) -> str | None:
     """Make primary volume ``name`` a replica of ``new_primary`` (contract 5): this node
     was primary, another node now serves a newer generation.  Writes this node took that
     may not have reached ``new_primary`` (records it never acknowledged, dirty sets,
@@ -1140,8 +1144,11 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
     uuid, and the next sender from the newer generation compares digests and resyncs
     what differs.  ``adopt``: an operator resolved a split brain against this node, so
     its replica takes ``new_primary``'s data although the histories are unrelated (once:
-    until that resync ends).  The caller holds no lock on it (nbdkit is stopped).  Returns
-    the snapshot's name, or None when nothing needed preserving."""
+    until that resync ends).  ``changed(info)``, called after recovery: the extents this
+    node changed that ``new_primary`` may lack (None: unknown), kept with the binding for
+    the first resync from ``new_primary`` (PROTOCOL.md, compare resync).  The caller
+    holds no lock on it (nbdkit is stopped).  Returns the snapshot's name, or None when
+    nothing needed preserving."""
     vol = Volume.open(data_dir, name)  # an unclean stop is recovered here (hot extents)
     try:
         if vol.replica:
@@ -1155,12 +1162,16 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
             snap_name = f"{DIVERGED_PREFIX}{history.current.gen_id:016x}"
             if vol.snaps is None or snap_name not in vol.snaps.index.by_name:
                 vol.snapshot_create(snap_name)
+        since = changed(vol.info) if changed is not None else None
         save_history(vol.info.path, history)  # explicit: the logical uuid stays this one
         write_json(vol.info.path / UPSTREAM_FILE, {
             "kind": UPSTREAM_KIND, "version": UPSTREAM_VERSION,
             "upstream_uuid": history.logical_uuid,
             "upstream_node": new_primary, "bound_at": time.time(), "demoted": True,
-            **({ADOPT_KEY: new_primary} if adopt else {})})
+            **({ADOPT_KEY: new_primary} if adopt else {}),
+            **({CHANGED_KEY: {"peer": new_primary, "generation": history.current.gen_id,
+                              "extent_shift": since[0], "extents": since[1]}}
+               if since is not None else {})})
         # As a primary it tracked what its peers lacked; none of that means anything now
         # that it follows another node (the sender from there compares digests).
         pdir = vol.info.path / "peers"

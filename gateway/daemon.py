@@ -713,8 +713,9 @@ class Daemon:
         preserved: dict[str, str] = {}
         for info in mine:
             try:
-                snap = demote_volume(self.cfg.data_dir, info.name, primary,
-                                     preserve=handover is None, adopt=discarded)
+                snap = demote_volume(
+                    self.cfg.data_dir, info.name, primary, preserve=handover is None,
+                    adopt=discarded, changed=lambda i: rejoin.changed_extents(i, primary))
             except (BlockstoreError, OSError) as e:
                 log.error("volume_not_demoted", volume=info.name, error=str(e))
                 self.rejoin_pending, self.rejoin_at = True, time.monotonic() + 5.0

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
-from blockstore.peers import known_peers, read_dirty
-from blockstore.volume import VolumeInfo
-from peerlink.sender import journal_bounds
+from blockstore.peers import covers, dirty_shift, extent_range, known_peers, read_dirty
+from blockstore.volume import VolumeInfo, read_resync
+from peerlink.sender import journal_bounds, retained_extents
 
 SPLIT_FILE = "split-brain.json"
 SPLIT_KIND = "split-brain"
@@ -42,6 +43,34 @@ def unshipped(info: VolumeInfo, peer: str) -> str | None:
         return (f"{sum(len(d.extents) for d in dirty)} extents wait to be resynced to "
                 f"{peer} ({', '.join(sorted({d.reason for d in dirty}))})")
     return None
+
+
+def changed_extents(info: VolumeInfo, peer: str) -> tuple[int, list[int]] | None:
+    """The extents (64 KiB, coarser above 64 GiB) of this primary volume that ``peer``
+    may lack: those its unacknowledged records touched, its dirty sets for ``peer``
+    (released records, hot extents of an unclean stop, verify) and resync.json.  The
+    demoted primary hands them to the new primary, which compares only these and its own
+    changes instead of the whole volume.  None when that cannot be told (``peer`` never
+    acknowledged anything, records were released uncovered, a full resync is owed)."""
+    acked = known_peers(info).get(peer)
+    res = read_resync(info)
+    if acked is None or res["full"]:
+        return None
+    shift = dirty_shift(info.size)
+    try:
+        first, last = journal_bounds(info.path / "journal")
+        sets = read_dirty(info, peer)
+        if acked + 1 < first and not covers(sets, acked, first):
+            return None
+        out = retained_extents(info.path / "journal", max(acked + 1, first), last, shift)
+    except (FormatError, FileNotFoundError):
+        return None
+    for d_shift, extents in [(d.extent_shift, d.extents) for d in sets] + [
+            (int(res["extent_shift"]), tuple(res["extents"]))]:
+        for e in extents:
+            start = e << d_shift
+            out.update(extent_range(start, min(1 << d_shift, info.size - start), shift))
+    return shift, sorted(out)
 
 
 def last_write(info: VolumeInfo) -> float | None:

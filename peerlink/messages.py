@@ -141,12 +141,26 @@ class Hello(_Message):
     # Receiver only: an operator resolved a split brain in favour of the sender's side, so
     # this replica takes the sender's data even though the histories are unrelated.
     adopts: bool = False
+    # Receiver only, after a failover: the extents (2^shift bytes) it changed since the
+    # fork, as a demoted primary knows them; None: unknown (compare everything).
+    changed: tuple[int, tuple[int, ...]] | None = None
 
     @classmethod
     def _decode(cls, f: list[Any]) -> Self:
-        if len(f) < 9:  # later versions append fields (``adopts`` was one)
+        if len(f) < 9:  # later versions append fields (``adopts``, ``changed``)
             raise PeerProtocolError(f"Hello: expected 9 fields, got {len(f)}")
         adopts = len(f) > 9 and f[9] is True  # anything else: a field of a later version
+        changed = None
+        if len(f) > 10 and isinstance(f[10], list):  # else nothing, or a later field
+            pair = f[10]
+            if len(pair) != 2:
+                raise PeerProtocolError(
+                    f"Hello.changed: expected [extent_shift, extents], got {len(pair)} items")
+            shift = _uint(pair[0], "Hello.changed.extent_shift", MAX_EXTENT_SHIFT,
+                          MIN_EXTENT_SHIFT)
+            ext = _list(pair[1], "Hello.changed.extents")  # bounded by the frame size
+            changed = (shift, tuple(_uint(e, f"Hello.changed.extents[{i}]")
+                                    for i, e in enumerate(ext)))
         vuuid = _str(f[3], "Hello.volume_uuid")
         try:
             canonical = str(uuid.UUID(vuuid)) == vuuid
@@ -176,7 +190,7 @@ class Hello(_Message):
             _uint(f[0], "Hello.proto_version", _U32), _name(f[1], "Hello.node"),
             _name(f[2], "Hello.volume"), vuuid, _uint(f[4], "Hello.volume_size"), role,
             tuple(gens), _uint(f[7], "Hello.last_applied_seq"),
-            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)), adopts,
+            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)), adopts, changed,
         )
 
 

@@ -48,6 +48,7 @@ from blockstore.generations import (
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
     ADOPT_KEY,
+    CHANGED_KEY,
     DIRTY_UPSTREAM,
     UPSTREAM_FILE,
     UPSTREAM_KIND,
@@ -287,7 +288,7 @@ class Receiver:
         rel, adopts = self._relation(history, theirs.node, theirs_gens, clog)
         mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
                      wire_generations(history), 0 if adopts else self.vol.upstream_seq,
-                     make_nonce(), adopts)
+                     make_nonce(), adopts, self._changed(rel, theirs.node, history))
         refusal = check_hello(mine, theirs) or self._generation_refusal(
             rel, theirs.node, theirs_gens, history)
         if refusal is not None:
@@ -357,6 +358,17 @@ class Receiver:
             clog.warning("adopting_unrelated_history", peer=node)
             return Relation.BEHIND, True
         return rel, False
+
+    def _changed(self, rel: Relation, node: str, history: History
+                 ) -> tuple[int, tuple[int, ...]] | None:
+        """For a sender on a newer generation: the extents this demoted primary changed
+        that ``node`` may lack (recorded at demotion for that node and this generation)."""
+        rec = (self.upstream or {}).get(CHANGED_KEY)
+        if rel is not Relation.BEHIND or self._fresh() or not isinstance(rec, dict):
+            return None
+        if rec.get("peer") != node or rec.get("generation") != history.current.gen_id:
+            return None
+        return int(rec["extent_shift"]), tuple(int(e) for e in rec["extents"])
 
     async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any) -> None:
         """Bind a fresh replica to the upstream volume; an empty replica is the
@@ -540,9 +552,10 @@ class Receiver:
             if s.history is not None and s.history != self._history():
                 save_history(self.vol.info.path, s.history)  # now on the sender's generation
                 self._gen_cache = None
-            if self.upstream is not None and ADOPT_KEY in self.upstream:
-                rec = {k: v for k, v in self.upstream.items() if k != ADOPT_KEY}
-                write_json(self.upstream_path, rec)  # adopted once: refused again from now
+            once = (ADOPT_KEY, CHANGED_KEY)  # for the first resync after a demotion only
+            if self.upstream is not None and any(k in self.upstream for k in once):
+                rec = {k: v for k, v in self.upstream.items() if k not in once}
+                write_json(self.upstream_path, rec)
                 self.upstream = rec
             # The store holds everything through resume_from - 1, durably: say so.
             return self.vol.upstream_seq, not self.vol.inconsistent

@@ -75,7 +75,13 @@ import msgpack
 import structlog
 
 from blockstore.errors import BlockstoreError, FormatError
-from blockstore.generations import History, Relation, load_history, relation
+from blockstore.generations import (
+    History,
+    Relation,
+    load_history,
+    own_generation_after,
+    relation,
+)
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
@@ -99,7 +105,14 @@ from blockstore.record import (
     decode_header,
 )
 from blockstore.store import Store, extent_digest
-from blockstore.volume import COMMIT_EVENT, Volume, VolumeInfo, find_volume, is_replica
+from blockstore.volume import (
+    COMMIT_EVENT,
+    Volume,
+    VolumeInfo,
+    find_volume,
+    is_replica,
+    read_resync,
+)
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
@@ -577,6 +590,36 @@ class Sender:
                 "to guess")
         return rel, None
 
+    def _fork_candidates(self, history: History, theirs: Hello, shift: int, last: int
+                         ) -> list[int] | None:
+        """The extents that may differ from a peer on the generation this node superseded
+        (worker thread): the peer's own changes since the fork (``Hello.changed``, a
+        demoted primary's account) and this node's, which are the records of its journal
+        since it started its generation, its dirty sets for the peer and resync.json.
+        None when either side cannot tell: then every extent is compared."""
+        if theirs.changed is None or not theirs.generations:
+            return None
+        own = own_generation_after(history, from_wire(theirs.generations)[-1])
+        res = read_resync(self.info)
+        if own is None or res["full"]:
+            return None
+        try:
+            first, _ = journal_bounds(self.journal_dir)
+            sets = read_dirty(self.info, self.peer)
+            if own.start_seq < first and not covers(sets, own.start_seq - 1, first):
+                return None
+            out = retained_extents(self.journal_dir, max(own.start_seq, first), last, shift)
+        except (FormatError, FileNotFoundError):
+            return None
+        for d_shift, extents in [(d.extent_shift, d.extents) for d in sets] + [
+                (int(res["extent_shift"]), tuple(res["extents"])), theirs.changed]:
+            for e in extents:
+                start = e << d_shift
+                if start < self.info.size:
+                    out.update(extent_range(start, min(1 << d_shift, self.info.size - start),
+                                            shift))
+        return sorted(out)
+
     def _history(self) -> History:
         """This volume's generation history: its own, or a cascade source's (adopted
         from its upstream by the receiver)."""
@@ -906,8 +949,16 @@ class Sender:
                    f"{theirs.generations[-1].gen_id:016x}, older than this node's "
                    f"{history.current.gen_id:016x}")
             shift = dirty_shift(self.info.size)
-            return ResyncPlan("compare", shift,
-                              list(range(((self.info.size - 1) >> shift) + 1)),
+            count = ((self.info.size - 1) >> shift) + 1
+            cand = await loop.run_in_executor(self.executor, self._fork_candidates,
+                                              history, theirs, shift, last)
+            if cand is None:
+                extents, why = list(range(count)), why + "; every extent compared"
+            else:
+                extents = cand
+                why += (f"; {len(cand)} of {count} extents changed on either side since "
+                        "the fork compared")
+            return ResyncPlan("compare", shift, extents,
                               plan.settles if plan is not None else [], why), last
         for _ in range(PLAN_RETRIES):
             if plan is None or not plan.raced:

@@ -384,6 +384,12 @@ def test_hello_decodes_and_ignores_appended_fields() -> None:
     assert decode(HELLO.encode()) == HELLO
     adopting = replace(HELLO, adopts=True)
     assert decode(adopting.encode()) == adopting
+    changed = replace(HELLO, changed=(16, (3, 9, 4000)))
+    assert decode(changed.encode()) == changed
+    assert decode_refusal(msgpack.packb([1, *HELLO_FIELDS, False, [16]])) == (
+        "Hello.changed: expected [extent_shift, extents], got 1 items")
+    assert decode_refusal(msgpack.packb([1, *HELLO_FIELDS, False, [3, []]])) == (
+        "Hello.changed.extent_shift: expected integer between 12 and 40, got 3")
 
 
 def test_envelope_refusals() -> None:
