@@ -52,6 +52,18 @@ def extent_range(offset: int, length: int, shift: int) -> range:
     return range(offset >> shift, ((offset + length - 1) >> shift) + 1)
 
 
+def rescale(extents: tuple[int, ...] | list[int], shift: int, to_shift: int,
+            size: int) -> set[int]:
+    """Extents of 2^shift bytes as the extents of 2^to_shift bytes they overlap (within a
+    volume of ``size`` bytes: extents past its end are dropped)."""
+    out: set[int] = set()
+    for e in extents:
+        start = e << shift
+        if start < size:
+            out.update(extent_range(start, min(1 << shift, size - start), to_shift))
+    return out
+
+
 @dataclass(frozen=True)
 class DirtySet:
     """Extents one peer must be resynced.  ``reason`` DIRTY_RELEASED: the journal records

@@ -20,7 +20,7 @@ from typing import Any
 
 from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
-from blockstore.peers import covers, dirty_shift, extent_range, known_peers, read_dirty
+from blockstore.peers import covers, dirty_shift, known_peers, read_dirty, rescale
 from blockstore.volume import VolumeInfo, read_resync
 from peerlink.sender import journal_bounds, retained_extents
 
@@ -67,9 +67,7 @@ def changed_extents(info: VolumeInfo, peer: str) -> tuple[int, list[int]] | None
         return None
     for d_shift, extents in [(d.extent_shift, d.extents) for d in sets] + [
             (int(res["extent_shift"]), tuple(res["extents"]))]:
-        for e in extents:
-            start = e << d_shift
-            out.update(extent_range(start, min(1 << d_shift, info.size - start), shift))
+        out |= rescale(extents, d_shift, shift, info.size)
     return shift, sorted(out)
 
 

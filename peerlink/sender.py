@@ -94,6 +94,7 @@ from blockstore.peers import (
     dirty_shift,
     extent_range,
     read_dirty,
+    rescale,
     write_dirty,
 )
 from blockstore.record import (
@@ -297,10 +298,7 @@ def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
     shift = min([dirty_shift(info.size)] + [d.extent_shift for d in live])
     extents: set[int] = set()
     for d in live:
-        for e in d.extents:
-            start = e << d.extent_shift
-            extents.update(extent_range(start, min(1 << d.extent_shift, info.size - start),
-                                        shift))
+        extents |= rescale(d.extents, d.extent_shift, shift, info.size)
     try:
         extents |= retained_extents(info.path / "journal", max(applied + 1, first), last,
                                     shift)
@@ -613,11 +611,7 @@ class Sender:
             return None
         for d_shift, extents in [(d.extent_shift, d.extents) for d in sets] + [
                 (int(res["extent_shift"]), tuple(res["extents"])), theirs.changed]:
-            for e in extents:
-                start = e << d_shift
-                if start < self.info.size:
-                    out.update(extent_range(start, min(1 << d_shift, self.info.size - start),
-                                            shift))
+            out |= rescale(extents, d_shift, shift, self.info.size)
         return sorted(out)
 
     def _history(self) -> History:
