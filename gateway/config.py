@@ -12,6 +12,7 @@ and say what was expected, word for word as tests/unit/test_config.py checks the
 from __future__ import annotations
 
 import enum
+import grp
 import ipaddress
 import os
 import re
@@ -244,6 +245,20 @@ class IscsiConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint of `nbdgw daemon` (gateway/metrics.py); off without listen."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Who may use the daemon's control socket besides root: members of ``group``."""
+
+    group: str | None = None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str = os.uname().nodename
     data_dir: Path = DEFAULT_DATA_DIR
@@ -259,6 +274,8 @@ class NodeConfig:
     failover: FailoverConfig = FailoverConfig()
     snapshots: SnapshotsConfig = SnapshotsConfig()
     iscsi: IscsiConfig = IscsiConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    control: ControlConfig = ControlConfig()
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -652,7 +669,7 @@ def check_iscsi_volumes(iscsi: IscsiConfig, volumes: tuple[VolumeConfig, ...]) -
 
 
 TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
-            "peerlink", "peers", "failover", "snapshots", "iscsi")
+            "peerlink", "peers", "failover", "snapshots", "iscsi", "metrics", "control")
 
 MAX_SNAPSHOTS_PER_VOLUME = 512  # blockstore.snapshot.MAX_SNAPSHOTS
 _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -714,6 +731,24 @@ def _snapshots(raw: Any) -> SnapshotsConfig:
     return SnapshotsConfig(tuple(out))
 
 
+def _metrics(raw: Any) -> MetricsConfig:
+    s = _Section(raw, "metrics", ("listen",))
+    v = s.get("listen")
+    return MetricsConfig(listen=None if v is None else parse_host_port(v, "metrics.listen"))
+
+
+def _control(raw: Any) -> ControlConfig:
+    s = _Section(raw, "control", ("group",))
+    group = s.string("group", None)
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"no group named {group!r} on this host for "
+                              "control.group") from None
+    return ControlConfig(group=group)
+
+
 def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     """Validate a loaded YAML document into a NodeConfig; raise ConfigError."""
     top = _Section(raw, "", TOP_KEYS)
@@ -752,6 +787,8 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         source=source,
         snapshots=_snapshots(top.get("snapshots")),
         iscsi=_iscsi(top.get("iscsi")),
+        metrics=_metrics(top.get("metrics")),
+        control=_control(top.get("control")),
     )
     check_iscsi_volumes(cfg.iscsi, cfg.volumes)
     return cfg

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,9 @@ def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
     try:
         try:
             s.connect(str(path))
+        except PermissionError:
+            raise GatewayError(f"permission denied on {path}: {who_may_use(path)} may use "
+                               f"{who} (control.group in the node config)") from None
         except OSError as e:
             raise GatewayError(f"cannot reach {who} at {path} ({e.strerror or e}): "
                                f"{unreachable_hint}") from None
@@ -33,3 +39,30 @@ def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
         raise GatewayError(f"{who} closed the connection {closed_hint}")
     reply: dict[str, Any] = json.loads(line)
     return reply
+
+
+def who_may_use(path: Path) -> str:
+    """'only root' or 'only root and members of group G', from the socket's mode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "only root"
+    if not st.st_mode & stat.S_IWGRP or st.st_gid == 0:
+        return "only root"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"only root and members of group {group}"
+
+
+def grant(path: Path, group: str | None) -> None:
+    """Open the control socket at ``path`` (created 0600) to ``group`` (control.group):
+    the socket becomes root:group 0660 and its directory root:group 0750."""
+    if group is None:
+        return
+    gid = grp.getgrnam(group).gr_gid
+    os.chown(path.parent, -1, gid)
+    os.chmod(path.parent, 0o750)  # noqa: S103 - group search only, as control.group asks
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o660)

@@ -68,9 +68,9 @@ from blockstore.volume import (
 )
 from nbd_plugin.control import ControlError, hold
 
-from . import nodestate, rejoin
+from . import metrics, nodestate, rejoin
 from .config import NodeConfig, Role
-from .control import ask
+from .control import ask, grant
 from .errors import CommandError, GatewayError
 from .failover import Action, Event, State, Timers, View, alive, decide, step
 from .heartbeat import Heartbeat
@@ -296,6 +296,7 @@ class Daemon:
         self.iscsi: IscsiRunner | None = None
         if rejoin.split_brain(cfg.data_dir) is not None:
             self.state = State.STALE  # until `nbdgw resolve`
+        self.metrics: metrics.MetricsServer | None = None
         if not list_volumes(cfg.data_dir):
             raise GatewayError(f"nothing to run on node {cfg.name}: no volume in "
                                f"{cfg.data_dir} (create one with 'nbdgw volume create')")
@@ -507,6 +508,7 @@ class Daemon:
                     (p for p, r in self.view.reports.items() if r.handover_to == self.cfg.name),
                     None)
         self.state, actions = step(self.state, event)
+        metrics.transition(old.value, self.state.value)
         if self.state is not old or actions:
             log.warning("failover_transition", trigger=event.value, old=old.value,
                         new=self.state.value, actions=[a.value for a in actions])
@@ -556,6 +558,8 @@ class Daemon:
         if self.auto:
             self._start_heartbeat()
         self.control = Control(control_path(self.cfg.data_dir))
+        grant(self.control.path, self.installed.control.group)  # control.group
+        self.metrics = metrics.start(self.installed)  # metrics.listen
         if self.cfg.snapshots.schedules:
             threading.Thread(target=self._snapshot_schedules, name="snapshots",
                              daemon=True).start()
@@ -924,6 +928,8 @@ class Daemon:
             self.hb.stop()
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.iscsi is not None:
             self.iscsi.stop()  # before nbdkit: tgtd's LUNs sit on NBD exports
         for name in ("nbdkit", "peerlink"):

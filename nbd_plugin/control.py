@@ -7,6 +7,7 @@ line in, one JSON line out::
 
     {"op": "create", "volumes": ["db-data", "db-log"], "name": "before-upgrade"}
     {"op": "delete" | "rollback", "volume": "v1", "name": "before-upgrade"}
+    {"op": "stats"}  -> {"ok": true, "pid": ..., "exports": nbd_plugin.iostats.snapshot()}
     -> {"ok": true, ...} | {"ok": false, "error": "exact message"}
 
 The plugin runs each request under the lock every NBD request takes, so no write lands
@@ -33,6 +34,8 @@ import structlog
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import Snapshot, SnapshotError
 from blockstore.volume import Volume
+
+from . import iostats
 
 log = structlog.get_logger(component="snapshot_control")
 
@@ -133,7 +136,9 @@ class ControlServer:
                     if isinstance(req, dict) and req.get("op") == "hold":
                         self._hold(conn, req)
                         continue
-                    reply = self.handle(req)
+                    # Counters only: no lock, never waits for an NBD request.
+                    reply = ({"ok": True, "pid": os.getpid(), "exports": iostats.snapshot()}
+                             if req == {"op": "stats"} else self.handle(req))
                 except (OSError, ValueError, ControlError) as e:
                     reply = {"ok": False, "error": f"bad control request: {e}"}
                 with contextlib.suppress(OSError):

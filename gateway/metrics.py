@@ -1,0 +1,248 @@
+"""The node's Prometheus endpoint (``metrics.listen``), served by `nbdgw daemon`.
+
+Every scrape is computed fresh, from the same sources as `nbdgw status` (the volumes'
+files, the senders' live files, ``run/failover.json``) plus the serving nbdkit's I/O
+counters (nbd_plugin/iostats.py, through a volume's control socket, ``stats`` op) and
+the daemon's own failover transitions.  Nothing is sampled in the background, so an
+idle node costs nothing.  The metric list is in ``deploy/METRICS.md``; an example
+Grafana dashboard is ``deploy/grafana/nbdgw.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from blockstore.errors import BlockstoreError
+from blockstore.volume import list_volumes
+from nbd_plugin.control import ControlError, request
+from nbd_plugin.iostats import OPS
+
+from .config import NodeConfig
+from .errors import GatewayError
+
+log = structlog.get_logger(component="metrics")
+
+STATS_TIMEOUT: Final = 2.0
+# Latency buckets: powers of two of nanoseconds, 2^10 ns (1.0 us) .. 2^30 ns (1.07 s);
+# iostats counts by bit length, so these bounds are exact, not interpolated.
+BUCKET_BITS: Final = range(10, 31)
+PEER_STATES: Final = ("in sync", "streaming", "initial-sync", "resync", "degraded",
+                      "disconnected", "resync pending")
+
+_transitions: dict[tuple[str, str], int] = {}
+_transitions_lock = threading.Lock()
+
+
+def transition(old: str, new: str) -> None:
+    """The daemon changed failover state (counted for nbdgw_failover_transitions_total)."""
+    if old != new:
+        with _transitions_lock:
+            _transitions[(old, new)] = _transitions.get((old, new), 0) + 1
+
+
+def io_stats(data_dir: Path, timeout: float = STATS_TIMEOUT) -> dict[str, Any] | None:
+    """The serving nbdkit's per-export counters ({export: iostats snapshot}), asked on
+    the first volume control socket that answers; None when no nbdkit serves here."""
+    for info in list_volumes(data_dir):
+        if not (info.path / "control.sock").exists():
+            continue
+        with contextlib.suppress(ControlError, OSError, ValueError):
+            reply = request(info.path, {"op": "stats"}, timeout)
+            exports: dict[str, Any] = reply["exports"]
+            return exports
+    return None
+
+
+def iscsi_sessions(cfg: NodeConfig) -> dict[str, int] | None:
+    """Sessions per exported volume (by target IQN), or None without a running tgtd."""
+    if not cfg.iscsi.enabled or cfg.iscsi.iqn is None:
+        return None
+    from iscsi_bridge import Bridge
+    from iscsi_bridge.names import target_iqn
+
+    try:
+        report = Bridge(cfg.iscsi, lambda e: "").status()
+    except (GatewayError, OSError) as e:  # tgtadm trouble must not break a scrape
+        log.warning("iscsi_status_failed", error=str(e))
+        return None
+    if report.get("tgtd") != "up":
+        return None
+    by_iqn = {str(t["iqn"]): len(t["sessions"]) for t in report["targets"]}  # type: ignore[attr-defined]
+    out = {}
+    for info in list_volumes(cfg.data_dir):
+        with contextlib.suppress(Exception):
+            out[info.name] = by_iqn.get(target_iqn(cfg.iscsi.iqn, info.name), 0)
+    return out
+
+
+def histogram_buckets(hist: list[int]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from iostats' counts by bit length (a duration of
+    bit length k is below 2^k ns, so it belongs to every bucket from le=2^k ns on)."""
+    out = []
+    cum = sum(hist[:BUCKET_BITS.start])
+    for k in BUCKET_BITS:
+        cum += hist[k]
+        out.append((f"{(1 << k) / 1e9:.9g}", float(cum)))
+    out.append(("+Inf", float(sum(hist))))
+    return out
+
+
+class NodeCollector(Collector):
+    """Builds every metric family at scrape time (prometheus_client custom collector)."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+
+    def collect(self) -> Iterator[Metric]:  # noqa: PLR0915 - one family after another
+        from . import snapshots
+        from .status import failover_report, volume_report
+
+        cfg = self.cfg
+        now = time.time()
+        node = cfg.name
+        fo = failover_report(cfg.data_dir, now)
+        info = GaugeMetricFamily("nbdgw_node_info", "This node: configured role and "
+                                 "failover state (value 1)", labels=["node", "role", "state"])
+        info.add_metric([node, cfg.role.value, fo["state"] if fo else "none"], 1)
+        yield info
+        epoch = GaugeMetricFamily("nbdgw_failover_epoch", "The failover epoch this node "
+                                  "knows (one more per promotion)", labels=["node"])
+        trans = CounterMetricFamily("nbdgw_failover_transitions", "Failover state changes "
+                                    "of this daemon since it started", labels=["old", "new"])
+        heard = GaugeMetricFamily("nbdgw_heartbeat_last_heard_seconds", "Seconds since the "
+                                  "last valid heartbeat from the peer", labels=["peer"])
+        if fo is not None:
+            epoch.add_metric([node], float(fo["epoch"]))
+            for p, v in sorted(fo["peers"].items()):
+                heard.add_metric([p], float(v["heard_s_ago"]) + float(fo["age_s"]))
+        with _transitions_lock:
+            for (old, new), n in sorted(_transitions.items()):
+                trans.add_metric([old, new], float(n))
+        yield epoch
+        yield trans
+        yield heard
+
+        io = io_stats(cfg.data_dir) or {}
+        vols = list_volumes(cfg.data_dir)
+        size = GaugeMetricFamily("nbdgw_volume_size_bytes", "Volume size",
+                                 labels=["volume", "role"])
+        conns = GaugeMetricFamily("nbdgw_nbd_connections", "NBD connections now open "
+                                  "(the iSCSI bridge's nbdfuse included)", labels=["volume"])
+        conns_total = CounterMetricFamily("nbdgw_nbd_connections_opened", "NBD connections "
+                                          "opened since nbdkit started", labels=["volume"])
+        reqs = CounterMetricFamily("nbdgw_io_requests", "Completed NBD requests",
+                                   labels=["volume", "op"])
+        nbytes = CounterMetricFamily("nbdgw_io_bytes", "Bytes of completed NBD requests",
+                                     labels=["volume", "op"])
+        lat = HistogramMetricFamily("nbdgw_io_latency_seconds", "Service time of NBD "
+                                    "requests in the plugin", labels=["volume", "op"])
+        jbytes = GaugeMetricFamily("nbdgw_journal_bytes", "Journal bytes on disk",
+                                   labels=["volume"])
+        jfill = GaugeMetricFamily("nbdgw_journal_fill_ratio", "Journal bytes / "
+                                  "journal.max_bytes (past 1 a lagging peer is tracked by "
+                                  "dirty extents)", labels=["volume"])
+        jseq = GaugeMetricFamily("nbdgw_journal_last_seq", "Last journal sequence number",
+                                 labels=["volume"])
+        inconsistent = GaugeMetricFamily("nbdgw_replica_inconsistent", "1 while a replica "
+                                         "has not completed its sync", labels=["volume"])
+        snaps = GaugeMetricFamily("nbdgw_snapshots", "Snapshots of the volume",
+                                  labels=["volume"])
+        snap_t = GaugeMetricFamily("nbdgw_snapshot_latest_timestamp_seconds", "Creation "
+                                   "time of the newest snapshot", labels=["volume"])
+        pstate = GaugeMetricFamily("nbdgw_peer_state", "1 for the peer's current state",
+                                   labels=["volume", "peer", "state"])
+        plag = GaugeMetricFamily("nbdgw_peer_lag_records", "Journal records the peer has "
+                                 "not acknowledged", labels=["volume", "peer"])
+        plagb = GaugeMetricFamily("nbdgw_peer_lag_bytes", "Bytes of those records: the "
+                                  "data-loss window of an async peer", labels=["volume",
+                                                                               "peer"])
+        plags = GaugeMetricFamily("nbdgw_peer_lag_seconds", "How long the oldest "
+                                  "unacknowledged record has waited", labels=["volume", "peer"])
+        pack = GaugeMetricFamily("nbdgw_peer_last_ack_age_seconds", "Seconds since the peer "
+                                 "last acknowledged", labels=["volume", "peer"])
+        pdirty = GaugeMetricFamily("nbdgw_peer_dirty_extents", "Extents waiting for a "
+                                   "resync to the peer", labels=["volume", "peer"])
+        for v in vols:
+            try:
+                rep = volume_report(v, now)
+            except (BlockstoreError, OSError) as e:  # one broken volume hides no other
+                log.warning("metrics_volume_failed", volume=v.name, error=str(e))
+                continue
+            name = v.name
+            size.add_metric([name, rep["role"]], float(rep["size"]))
+            jbytes.add_metric([name], float(rep["journal_bytes"]))
+            jfill.add_metric([name], rep["journal_bytes"] / cfg.journal.max_bytes)
+            jseq.add_metric([name], float(rep["journal_last_seq"]))
+            inconsistent.add_metric([name], 1.0 if rep["inconsistent"] else 0.0)
+            rows = snapshots.listing(cfg.data_dir, name)
+            snaps.add_metric([name], float(len(rows)))
+            if rows:
+                snap_t.add_metric([name], float(max(r["time"] for r in rows)))
+            for p in rep["peers"]:
+                labels = [name, p["name"]]
+                for st in PEER_STATES:
+                    pstate.add_metric([*labels, st], 1.0 if p["state"] == st else 0.0)
+                plag.add_metric(labels, float(p["lag_records"]))
+                plagb.add_metric(labels, float(p["lag_bytes"]))
+                if p["lag_seconds"] is not None:
+                    plags.add_metric(labels, float(p["lag_seconds"]))
+                if p["last_ack_age_s"] is not None:
+                    pack.add_metric(labels, float(p["last_ack_age_s"]))
+                pdirty.add_metric(labels, float(p["dirty_extents"]))
+        for export, st in sorted(io.items()):
+            conns.add_metric([export], float(st["connections"]))
+            conns_total.add_metric([export], float(st["connections_total"]))
+            for op in OPS:
+                c = st["ops"][op]
+                reqs.add_metric([export, op], float(c["requests"]))
+                nbytes.add_metric([export, op], float(c["bytes"]))
+                lat.add_metric([export, op], histogram_buckets(c["hist_log2_ns"]),
+                               sum_value=c["ns"] / 1e9)
+        yield from (size, conns, conns_total, reqs, nbytes, lat, jbytes, jfill, jseq,
+                    inconsistent, snaps, snap_t, pstate, plag, plagb, plags, pack, pdirty)
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server on ``metrics.listen`` with this node's collector."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        from prometheus_client import start_http_server
+
+        assert cfg.metrics.listen is not None
+        host, port = cfg.metrics.listen
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector(cfg))
+        self.httpd, self.thread = start_http_server(port, host, registry=self.registry)
+        self.port = self.httpd.server_address[1]
+        log.info("metrics_listening", address=f"{host}:{self.port}")
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def start(cfg: NodeConfig) -> MetricsServer | None:
+    """The endpoint if ``metrics.listen`` is set; a bind failure is logged, not fatal
+    (the node's data path matters more than its metrics)."""
+    if cfg.metrics.listen is None:
+        return None
+    try:
+        return MetricsServer(cfg)
+    except OSError as e:
+        log.error("metrics_not_started", address="{}:{}".format(*cfg.metrics.listen),
+                  error=e.strerror or str(e))
+        return None
