@@ -1,15 +1,31 @@
 """The audit log of admin actions: ``<data_dir>/audit.log``, one JSON object per line
 (what, when, by whom, from where, the outcome), appended and fsynced.  `nbdgw audit`
-prints it."""
+prints it.
+
+Recorded: volume create/delete/repair, snapshot create/delete/rollback, promote (and
+the lead's switchover/resolve), each with outcome ``done``, ``refused`` or ``error``.
+A ``done`` entry that cannot be written is an error (the action happened; the trail
+must say so); a refused or failed attempt that cannot be written (a user without
+write access to the data directory) is reported on stderr and does not hide the
+reason the action itself failed.  ``control.group`` members may append (the daemon
+makes the file root:group 0660)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import pwd
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from blockstore.errors import BlockstoreError
+
+from .errors import GatewayError
 
 FILE = "audit.log"
 
@@ -27,6 +43,20 @@ def who() -> dict[str, Any]:
 
 def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
            detail: str = "") -> None:
+    if outcome != "done" and not data_dir.is_dir():
+        return  # a refused command on a node without a data directory: nothing to audit
+    try:
+        _append(data_dir, action, args, outcome, detail)
+    except OSError as e:
+        if outcome == "done":
+            raise GatewayError(f"{action} done, but the audit log {data_dir / FILE} could "
+                               f"not be written: {e.strerror or e}") from None
+        print(f"nbdgw: warning: audit log {data_dir / FILE} not written "
+              f"({e.strerror or e})", file=sys.stderr)
+
+
+def _append(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
+            detail: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "action": action, "args": args, "outcome": outcome, "detail": detail,
@@ -35,6 +65,52 @@ def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
     try:
         os.write(fd, line.encode() + b"\n")
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def action(data_dir: Path, name: str, args: dict[str, Any]) -> Iterator[list[str]]:
+    """Record the admin action done in the ``with`` body: ``done`` (with the detail the
+    body appends to the yielded list), else ``refused`` for nbdgw's own errors (bad
+    input, a busy volume) or ``error`` for anything else; the exception goes on."""
+    detail: list[str] = []
+    try:
+        yield detail
+    except (GatewayError, BlockstoreError) as e:
+        record(data_dir, name, args, "refused", str(e))
+        raise
+    except SystemExit as e:  # a CLI refusal (_fail) or "not confirmed"
+        if e.code not in (0, None):
+            record(data_dir, name, args, "refused", "not confirmed or refused by the CLI")
+        raise
+    except BaseException as e:
+        record(data_dir, name, args, "error", f"{type(e).__name__}: {e}")
+        raise
+    record(data_dir, name, args, "done", "; ".join(detail))
+
+
+def audited(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator for a CLI command taking ``obj`` (the CLI context) and ``data_dir``:
+    the command runs inside ``action(...)`` with its options as the recorded args."""
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(obj: Any, *a: Any, **kw: Any) -> None:
+            args = {k: v for k, v in kw.items()
+                    if k not in ("data_dir", "as_json", "yes") and v is not None}
+            with action(obj.data_dir(kw.get("data_dir")), name, args):
+                fn(obj, *a, **kw)
+        return run
+    return wrap
+
+
+def grant(data_dir: Path, gid: int) -> None:
+    """Let control.group members append (root:group 0660)."""
+    path = data_dir / FILE
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, 0o660)
     finally:
         os.close(fd)
 

@@ -25,7 +25,7 @@ from blockstore.volume import (
     volume_status,
 )
 
-from . import logs
+from . import audit, logs
 from .config import (
     DEFAULT_CONFIG_PATH,
     NbdConfig,
@@ -116,6 +116,7 @@ def volume() -> None:
               help="Create a replica (Inconsistent until its initial sync; not servable).")
 @data_dir_opt
 @click.pass_obj
+@audit.audited("volume create")
 def volume_create(obj: Ctx, name: str, size: str | None, replica: bool,
                   data_dir: Path | None) -> None:
     """Create an empty (sparse) volume."""
@@ -174,6 +175,7 @@ def _human(n: int) -> str:
 @data_dir_opt
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
+@audit.audited("volume delete")
 def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
     """Delete a volume and its journal (refused while it is being served)."""
     dd = obj.data_dir(data_dir)
@@ -210,6 +212,7 @@ def volume_checksum(obj: Ctx, name: str, data_dir: Path | None) -> None:
 @data_dir_opt
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
+@audit.audited("volume repair")
 def volume_repair(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
     """Cut a corrupt journal at the bad record (an explicit operator decision)."""
     from blockstore.repair import repair_journal
@@ -390,6 +393,7 @@ def snapshot() -> None:
 @data_dir_opt
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
+@audit.audited("snapshot create")
 def snapshot_create(obj: Ctx, volumes: tuple[str, ...], name: str | None,
                     data_dir: Path | None, as_json: bool) -> None:
     """Take a snapshot of VOLUMES (O(1): nothing is copied until data changes)."""
@@ -434,6 +438,7 @@ def snapshot_list(obj: Ctx, volume: str, data_dir: Path | None, as_json: bool) -
 @click.argument("name")
 @data_dir_opt
 @click.pass_obj
+@audit.audited("snapshot delete")
 def snapshot_delete(obj: Ctx, volume: str, name: str, data_dir: Path | None) -> None:
     """Delete snapshot NAME of VOLUME (every other snapshot stays exactly as it was)."""
     from . import snapshots
@@ -448,6 +453,7 @@ def snapshot_delete(obj: Ctx, volume: str, name: str, data_dir: Path | None) -> 
 @data_dir_opt
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
+@audit.audited("snapshot rollback")
 def snapshot_rollback(obj: Ctx, volume: str, name: str, data_dir: Path | None,
                       yes: bool) -> None:
     """Make VOLUME's contents those of snapshot NAME (through the journal: replicas

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from . import audit
 from .errors import GatewayError
 
 
@@ -58,7 +59,8 @@ def who_may_use(path: Path) -> str:
 
 def grant(path: Path, group: str | None) -> None:
     """Open the control socket at ``path`` (created 0600) to ``group`` (control.group):
-    the socket becomes root:group 0660 and its directory root:group 0750."""
+    the socket becomes root:group 0660 and its directory root:group 0750; the audit log
+    root:group 0660 (members' admin commands append to it)."""
     if group is None:
         return
     gid = grp.getgrnam(group).gr_gid
@@ -66,3 +68,4 @@ def grant(path: Path, group: str | None) -> None:
     os.chmod(path.parent, 0o750)  # noqa: S103 - group search only, as control.group asks
     os.chown(path, -1, gid)
     os.chmod(path, 0o660)
+    audit.grant(path.parent.parent, gid)  # <data_dir>/run/daemon.sock
