@@ -43,12 +43,18 @@ def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
 
 
 def who_may_use(path: Path) -> str:
-    """'only root' or 'only root and members of group G', from the socket's mode."""
+    """'only root' or 'only root and members of group G', from the socket's mode (or its
+    directory's, which a user outside the group cannot even search)."""
     try:
         st = os.stat(path)
+        opened = bool(st.st_mode & stat.S_IWGRP)
     except OSError:
-        return "only root"
-    if not st.st_mode & stat.S_IWGRP or st.st_gid == 0:
+        try:
+            st = os.stat(path.parent)
+        except OSError:
+            return "only root"
+        opened = bool(st.st_mode & stat.S_IXGRP) and not st.st_mode & stat.S_IXOTH
+    if not opened or st.st_gid == 0:
         return "only root"
     try:
         group = grp.getgrgid(st.st_gid).gr_name

@@ -1,0 +1,88 @@
+"""The daemon's control socket: only root and control.group may use it; a user outside
+the group is refused in one line that says who may; a command that needs the daemon
+and finds none says so in one line."""
+
+from __future__ import annotations
+
+import grp
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import NBDGW, run_nbdgw
+from tests.integration.test_daemon_replication import free_port
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches to user nobody")
+GROUP = "daemon"  # any group nobody is not in
+
+
+@pytest.fixture
+def node() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="nbdgw-access-", dir="/tmp"))
+    base.chmod(0o755)  # the config must be readable by nobody
+    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(base / "data")},
+           "nbd": {"listen": [f"tcp:127.0.0.1:{free_port()}"]},
+           "control": {"group": GROUP}}
+    path = base / "nbdgw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o644)
+    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "8M")
+    yield path
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def as_nobody(config: Path, *args: str, groups: tuple[str, ...] = ()
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NBDGW, "-c", str(config), *args], capture_output=True, text=True,
+                          timeout=60, check=False, user="nobody", group="nogroup",
+                          extra_groups=list(groups), cwd="/")
+
+
+def test_no_daemon_one_line(node: Path) -> None:
+    p = run_nbdgw("-c", str(node), "promote", "--site", "main", check=False)
+    sock = node.parent / "data" / "run" / "daemon.sock"
+    assert p.returncode == 1
+    assert p.stderr == (f"nbdgw: error: cannot reach the daemon at {sock} (No such file or "
+                        "directory): is `nbdgw daemon` running on this node?\n")
+
+
+def test_control_socket_group(node: Path) -> None:
+    data = node.parent / "data"
+    sock = data / "run" / "daemon.sock"
+    log = (node.parent / "daemon.log").open("wb")
+    proc = subprocess.Popen([NBDGW, "-c", str(node), "--log-format", "json", "daemon"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (sock.exists() and sock.stat().st_mode & 0o070):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (node.parent / "daemon.log").read_text()
+            time.sleep(0.1)
+        st = sock.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (
+            0, grp.getgrnam(GROUP).gr_gid, 0o660)
+
+        refused = as_nobody(node, "promote", "--site", "main")
+        assert refused.returncode == 1
+        assert refused.stderr.splitlines()[-1] == (
+            f"nbdgw: error: permission denied on {sock}: only root and members of group "
+            f"{GROUP} may use the daemon (control.group in the node config)")
+
+        member = as_nobody(node, "promote", "--site", "main", groups=(GROUP,))
+        assert member.returncode == 1  # it got through: the daemon itself refuses
+        assert member.stderr == ("nbdgw: error: promote main: node main is primary: only a "
+                                 "standby or witness site can be promoted\n")
+        entries = run_nbdgw("audit", "--json", "--data-dir", str(data)).stdout
+        assert '"user": "nobody"' in entries and '"outcome": "refused"' in entries
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+        log.close()

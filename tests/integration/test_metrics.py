@@ -1,0 +1,113 @@
+"""The daemon's Prometheus endpoint, scraped over HTTP and parsed with prometheus-client's
+own parser: I/O counters and latency histograms per volume from a real nbdkit, journal
+fill, snapshots, per-peer state and lag (a peer that is away), the failover state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import NBDGW, run_nbdgw
+from tests.integration.test_daemon_replication import free_port
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    data = tmp_path / "data"
+    sock = tmp_path / "nbd.sock"
+    port = free_port()
+    secret = tmp_path / "peer.secret"
+    secret.write_text(os.urandom(32).hex())
+    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(data), "role": "primary"},
+           "nbd": {"listen": [f"unix:{sock}"]}, "failover": {"auto": False},
+           "peerlink": {"listen": f"127.0.0.1:{free_port()}", "secret_file": str(secret)},
+           "peers": [{"name": "dc", "role": "secondary", "address": "127.0.0.1",
+                      "port": free_port()}],  # nobody listens: the peer is away
+           "metrics": {"listen": f"127.0.0.1:{port}"}}
+    path = tmp_path / "nbdgw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "32M")
+    log = (tmp_path / "daemon.log").open("wb")
+    proc = subprocess.Popen([NBDGW, "-c", str(path), "--log-format", "json", "daemon"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (sock.exists() and (data / "volumes" / "v1" / "control.sock").exists()):
+        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+        time.sleep(0.1)
+    yield {"port": port, "sock": sock, "config": path, "data": data, "proc": proc}
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def test_metrics_scraped_and_parsed(daemon: dict[str, Any]) -> None:
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///v1?socket={daemon['sock']}")
+    for i in range(64):
+        h.pwrite(os.urandom(4096), i * 4096)
+    for i in range(8):
+        h.pread(65536, i * 65536)
+    h.flush()
+    run_nbdgw("-c", str(daemon["config"]), "snapshot", "create", "v1", "--name", "s1")
+    m = scrape(daemon["port"])
+    v, w, r = (("volume", "v1"),), (("op", "write"), ("volume", "v1")), \
+        (("op", "read"), ("volume", "v1"))
+    assert m[("nbdgw_io_requests_total", w)] == 64
+    assert m[("nbdgw_io_bytes_total", w)] == 64 * 4096
+    assert m[("nbdgw_io_requests_total", r)] == 8
+    assert m[("nbdgw_io_bytes_total", r)] == 8 * 65536
+    assert m[("nbdgw_io_requests_total", (("op", "flush"), ("volume", "v1")))] == 1
+    assert m[("nbdgw_io_latency_seconds_count", w)] == 64
+    assert 0 < m[("nbdgw_io_latency_seconds_sum", w)] < 64
+    buckets = sorted((float(dict(k[1])["le"]), val) for k, val in m.items()
+                     if k[0] == "nbdgw_io_latency_seconds_bucket"
+                     and dict(k[1])["op"] == "write")
+    assert buckets[-1] == (float("inf"), 64)
+    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+    assert m[("nbdgw_nbd_connections", v)] == 1
+    assert m[("nbdgw_volume_size_bytes", (("role", "primary"), ("volume", "v1")))] == 32 << 20
+    assert m[("nbdgw_snapshots", v)] == 1
+    assert abs(m[("nbdgw_snapshot_latest_timestamp_seconds", v)] - time.time()) < 60
+    assert 0 < m[("nbdgw_journal_fill_ratio", v)] < 1
+    assert m[("nbdgw_journal_last_seq", v)] >= 64
+    peer = (("peer", "dc"), ("volume", "v1"))
+    assert m[("nbdgw_peer_lag_records", peer)] >= 64
+    assert m[("nbdgw_peer_lag_bytes", peer)] >= 64 * 4096
+    assert m[("nbdgw_peer_state", (*peer[:1], ("state", "disconnected"), peer[1]))] == 1
+    assert m[("nbdgw_peer_state", (*peer[:1], ("state", "in sync"), peer[1]))] == 0
+    assert m[("nbdgw_node_info", (("node", "main"), ("role", "primary"),
+                                  ("state", "primary")))] == 1
+    assert m[("nbdgw_failover_epoch", (("node", "main"),))] >= 0
+    h.shutdown()
+    deadline = time.monotonic() + 10
+    while scrape(daemon["port"])[("nbdgw_nbd_connections", v)] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
