@@ -299,12 +299,27 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
 @data_dir_opt
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable (schema: gateway/status.py).")
+@click.option("--watch", "watch_s", type=click.FloatRange(0.2, 3600), default=None,
+              help="Redraw every N seconds with progress bars of syncs (a terminal).")
 @click.pass_obj
-def status(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
-    """Volumes of this node, and how far each peer trails (lag, last ack, resync)."""
+def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None) -> None:
+    """Node, role, quorum; volumes (clients, snapshots); how far each peer trails."""
     from .status import node_report, render_text
 
-    report = node_report(obj.config().name, obj.data_dir(data_dir))
+    cfg = obj.config()
+    report = node_report(cfg.name, obj.data_dir(data_dir), cfg)
+    if not as_json and sys.stdout.isatty():
+        from rich.console import Console
+
+        from . import statusview
+
+        console = Console()
+        if watch_s is None:
+            console.print(statusview.render(report))
+        else:
+            statusview.watch(console, lambda: node_report(cfg.name, obj.data_dir(data_dir),
+                                                           cfg), watch_s)
+        return
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -108,7 +108,6 @@ class NodeCollector(Collector):
         self.cfg = cfg
 
     def collect(self) -> Iterator[Metric]:  # noqa: PLR0915 - one family after another
-        from . import snapshots
         from .status import failover_report, volume_report
 
         cfg = self.cfg
@@ -188,10 +187,9 @@ class NodeCollector(Collector):
             jfill.add_metric([name], rep["journal_bytes"] / cfg.journal.max_bytes)
             jseq.add_metric([name], float(rep["journal_last_seq"]))
             inconsistent.add_metric([name], 1.0 if rep["inconsistent"] else 0.0)
-            rows = snapshots.listing(cfg.data_dir, name)
-            snaps.add_metric([name], float(len(rows)))
-            if rows:
-                snap_t.add_metric([name], float(max(r["time"] for r in rows)))
+            snaps.add_metric([name], float(rep["snapshots"]["count"]))
+            if rep["snapshots"]["latest"] is not None:
+                snap_t.add_metric([name], float(rep["snapshots"]["latest"]["time"]))
             for p in rep["peers"]:
                 labels = [name, p["name"]]
                 for st in PEER_STATES:

@@ -7,16 +7,33 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
     {"version": 1, "node": str, "data_dir": str,
      "split_brain": null | {"detected", "node", "epoch", "other_node", "other_epoch",
                             "volumes": {name: {"why", "last_write"}}},
+     "role": {"configured": str, "effective": str, "epoch": int},
      "failover": null | {"state": "primary"|"standby"|"witness"|"fenced"|"stale"|...,
-                         "epoch", "primary", "auto", "age_s", "peers"},
+                         "epoch", "primary", "auto", "age_s", "peers",
+                         "quorum": {"sites": int, "heard": int, "majority": bool}},
      "volumes": [
       {"name", "size", "role": "primary"|"replica", "in_use", "clean", "inconsistent",
        "upstream_seq", "journal_first_seq", "journal_last_seq", "journal_bytes",
-       "resync_extents", "peers": [
+       "resync_extents",
+       "generation": {"id": "16 hex digits", "start_seq": int, "count": int} | null,
+       "clients": {"nbd": int|null, "iscsi": int|null},
+       "snapshots": {"count": int, "latest": null | {"name", "time"}},
+       "peers": [
          {"name", "mode": "sync"|"async"|null, "state", "degraded": str|null,
           "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
           "dirty_extents", "progress": null | {"phase": "compare"|"resync", "done",
-          "total", "unit"}, "sender": "running"|"stopped"|"unknown"}]}]}
+          "total", "unit"}, "sender": "running"|"stopped"|"unknown",
+          "data_loss_window": {"bytes": int, "seconds": float|null}}]}]}
+
+Fields are only ever added within a version (scripts must ignore unknown keys); a
+change of meaning or a removal bumps ``version``.  ``clients.nbd`` counts open NBD
+connections (the iSCSI bridge's own nbdfuse connection included) and is null when no
+nbdkit serves here; ``clients.iscsi`` counts iSCSI sessions, null without a running
+bridge.  ``generation`` is the volume's current generation (contract 5; ``count``: how
+many its history holds).  ``data_loss_window`` is what this node's death would lose
+for that peer now: nothing for a sync peer that is not degraded (a write is
+acknowledged durable only once the peer has it), else the lag.  ``quorum`` counts this
+node and the peers the daemon heard in time (``failover.timeout``).
 
 ``state`` comes from the sender's live file (``peers/<peer>.live.json``, rewritten every
 second while it runs): ``streaming``, ``initial-sync``, ``comparing`` (a peer on an older
@@ -45,6 +62,7 @@ from blockstore.record import REC_HEADER_SIZE
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
 from peerlink.sender import journal_bounds
 
+from .config import NodeConfig
 from .rejoin import split_brain
 
 STATUS_VERSION = 1
@@ -104,6 +122,30 @@ def _peer_names(info: VolumeInfo) -> list[str]:
     return sorted(names)
 
 
+def _generation(info: VolumeInfo) -> dict[str, Any] | None:
+    from peerlink.receiver import replica_history
+
+    try:
+        hist = replica_history(info)
+    except (BlockstoreError, OSError, ValueError, KeyError):
+        return None
+    cur = hist.generations[-1]
+    return {"id": f"{cur.gen_id:016x}", "start_seq": cur.start_seq,
+            "count": len(hist.generations)}
+
+
+def _snapshots(info: VolumeInfo) -> dict[str, Any]:
+    from .snapshots import listing
+
+    try:
+        rows = listing(info.path.parent.parent, info.name)
+    except (BlockstoreError, OSError):
+        rows = []
+    latest = max(rows, key=lambda r: (r["time"], r["id"])) if rows else None
+    return {"count": len(rows), "latest": None if latest is None else
+            {"name": latest["name"], "time": latest["time"]}}
+
+
 def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
     st = volume_status(info)
     try:
@@ -138,12 +180,18 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
             "dirty_extents": dirty,
             "progress": live.get("progress") if live and fresh else None,
             "sender": "running" if fresh else ("stopped" if live is not None else "unknown")})
+        p = peers[-1]
+        safe = p["mode"] == "sync" and not p["degraded"] and p["state"] != "disconnected"
+        p["data_loss_window"] = {"bytes": 0 if safe else p["lag_bytes"],
+                                 "seconds": 0.0 if safe else p["lag_seconds"]}
     return {
         "name": info.name, "size": info.size, "role": st["role"], "in_use": st["in_use"],
         "clean": st["clean"], "inconsistent": st["inconsistent"],
         "upstream_seq": st["upstream_seq"], "journal_first_seq": first,
         "journal_last_seq": last, "journal_bytes": st["journal_bytes"],
-        "resync_extents": st["resync_extents"], "peers": peers,
+        "resync_extents": st["resync_extents"], "generation": _generation(info),
+        "clients": {"nbd": None, "iscsi": None}, "snapshots": _snapshots(info),
+        "peers": peers,
     }
 
 
@@ -158,17 +206,51 @@ def failover_report(data_dir: Path, now: float) -> dict[str, Any] | None:
             "peers": st.get("peers", {})}
 
 
-def node_report(node: str, data_dir: Path) -> dict[str, Any]:
+def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
+                live: bool = True) -> dict[str, Any]:
+    """The whole report; with ``cfg``, also the roles, the quorum view and (``live``)
+    the clients connected, asked from the serving nbdkit and tgtd."""
     now = time.time()
-    return {"version": STATUS_VERSION, "node": node, "data_dir": str(data_dir),
-            "failover": failover_report(data_dir, now),
-            "split_brain": split_brain(data_dir),
-            "volumes": [volume_report(v, now) for v in list_volumes(data_dir)]}
+    fo = failover_report(data_dir, now)
+    report: dict[str, Any] = {
+        "version": STATUS_VERSION, "node": node, "data_dir": str(data_dir), "role": None,
+        "failover": fo, "split_brain": split_brain(data_dir),
+        "volumes": [volume_report(v, now) for v in list_volumes(data_dir)]}
+    if cfg is None:
+        return report
+    from . import nodestate
+
+    report["role"] = {"configured": cfg.role.value,
+                      "effective": nodestate.effective_config(cfg).role.value,
+                      "epoch": nodestate.epoch(data_dir)}
+    if fo is not None:
+        stale = fo["age_s"] > LIVE_FRESH_S
+        heard = 0 if stale else sum(
+            1 for v in fo["peers"].values() if v["heard_s_ago"] < cfg.failover.timeout)
+        sites = 1 + len(cfg.peers)
+        fo["quorum"] = {"sites": sites, "heard": 0 if stale else 1 + heard,
+                        "majority": not stale and 2 * (1 + heard) > sites}
+    if live:
+        from .metrics import io_stats, iscsi_sessions
+
+        io = io_stats(data_dir)
+        iscsi = iscsi_sessions(cfg.with_overrides(data_dir=data_dir))
+        for v in report["volumes"]:
+            if io is not None:
+                v["clients"]["nbd"] = int(io.get(v["name"], {}).get("connections", 0))
+            if iscsi is not None:
+                v["clients"]["iscsi"] = iscsi.get(v["name"], 0)
+    return report
 
 
 def render_text(report: dict[str, Any]) -> list[str]:
     """Plain lines (the CLI adds colour on a terminal)."""
     out = [f"node {report['node']}  data_dir {report['data_dir']}"]
+    role = report.get("role")
+    if role:
+        out[0] += (f"  role {role['effective']}" + (f" (configured {role['configured']})"
+                   if role["configured"] != role["effective"] else "")
+                   + f", epoch {role['epoch']}")
     fo = report.get("failover")
     if fo is not None:
         stale = f" (daemon silent for {fo['age_s']} s)" if fo["age_s"] > 5 else ""
@@ -176,6 +258,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
                           sorted(fo["peers"].items())) or "no peer heard"
         out.append(f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
                    f"{fo['primary']}{stale}; heard: {heard}")
+        out += quorum_lines(fo)
     sb = report.get("split_brain")
     if sb is not None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sb["detected"]))
@@ -197,6 +280,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
                    f"{'in use' if v['in_use'] else 'idle'}, journal seq "
                    f"{v['journal_first_seq']}..{v['journal_last_seq']} "
                    f"({v['journal_bytes']} bytes)")
+        out.append("  " + volume_extras(v))
         for p in v["peers"]:
             age = "never" if p["last_ack_age_s"] is None else f"{p['last_ack_age_s']} s ago"
             mode = f" ({p['mode']})" if p["mode"] else ""
@@ -212,7 +296,38 @@ def render_text(report: dict[str, Any]) -> list[str]:
                          f"({100 * pr['done'] // max(1, pr['total'])}%)")
             if p["dirty_extents"]:
                 line += f", {p['dirty_extents']} extents to resync"
+            line += peer_extras(p)
             out.append(line)
         if role == "primary" and not v["peers"]:
             out.append("  no peer has connected yet")
     return out
+
+
+def volume_extras(v: dict[str, Any]) -> str:
+    """Clients, snapshots and generation of one volume, as one line."""
+    c = v.get("clients") or {}
+    nbd = "?" if c.get("nbd") is None else c["nbd"]
+    parts = [f"clients: {nbd} NBD"
+             + ("" if c.get("iscsi") is None else f", {c['iscsi']} iSCSI")]
+    sn = v.get("snapshots") or {"count": 0, "latest": None}
+    latest = sn["latest"]
+    parts.append(f"snapshots: {sn['count']}" + ("" if latest is None else
+                 f", latest {latest['name']} at "
+                 + time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(latest["time"]))))
+    g = v.get("generation")
+    if g is not None:
+        parts.append(f"generation {g['id']} from seq {g['start_seq']}")
+    return "; ".join(parts)
+
+
+def quorum_lines(fo: dict[str, Any]) -> list[str]:
+    q = fo.get("quorum")
+    if q is None or not fo["auto"]:
+        return []
+    return [f"quorum: {q['heard']} of {q['sites']} sites, "
+            + ("majority" if q["majority"] else "NO MAJORITY")]
+
+
+def peer_extras(p: dict[str, Any]) -> str:
+    win = p.get("data_loss_window")
+    return "" if win is None else f", data-loss window {win['bytes']} bytes"
