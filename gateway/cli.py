@@ -480,7 +480,10 @@ def snapshot_rollback(obj: Ctx, volume: str, name: str, data_dir: Path | None,
         _fail(f"volume {volume} has no snapshot named {name!r}")
     _confirm(yes, f"roll volume {volume} back to snapshot {name}? Changes made since are "
                   "overwritten (snapshots taken since are kept)")
-    n = snapshots.rollback(dd, volume, name)
+    from .statusview import progress
+
+    with progress(f"rollback {volume} to {name}", None, sys.stderr.isatty()):
+        n = snapshots.rollback(dd, volume, name)
     click.echo(f"rolled volume {volume} back to snapshot {name} ({_human(n)} written)")
 
 
@@ -555,9 +558,13 @@ def verify(obj: Ctx, volume_name: str, peer: str, no_resync: bool, as_json: bool
     running).  Differing extents are listed and resynced (unless --no-resync); exit
     status 0 when the replica matches or was repaired, 3 when it differs and was not.
     """
+    from .statusview import progress
     from .verify import run_verify
 
-    report = run_verify(obj.data_dir(data_dir), volume_name, peer, not no_resync, timeout)
+    with progress(f"verify {volume_name} against {peer}", None,
+                  sys.stderr.isatty() and not as_json) as update:
+        report = run_verify(obj.data_dir(data_dir), volume_name, peer, not no_resync,
+                            timeout, update)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

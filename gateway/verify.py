@@ -5,6 +5,7 @@ are resynced (their dirty set settled by the replica's durable acknowledgement).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ POLL = 0.2
 
 
 def run_verify(data_dir: Path, volume: str, peer: str, resync: bool,
-               timeout: float) -> dict[str, Any]:
+               timeout: float,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """``progress(done, total)``: extents resynced so far, while waiting for them."""
     info = find_volume(data_dir, volume)
     deadline = time.monotonic() + timeout
     report = ask(gate_path(data_dir), {"op": "verify", "volume": volume, "peer": peer,
@@ -30,7 +33,11 @@ def run_verify(data_dir: Path, volume: str, peer: str, resync: bool,
         raise GatewayError(f"verify {volume} against {peer}: {report['error']}")
     report["resynced"] = False
     if report.get("resync"):
-        while any(d.reason == DIRTY_VERIFY for d in read_dirty(info, peer)):
+        total = len(report["differing"])
+        while left := sum(len(d.extents) for d in read_dirty(info, peer)
+                          if d.reason == DIRTY_VERIFY):
+            if progress is not None:
+                progress(max(0, total - left), total)
             if time.monotonic() > deadline:
                 raise GatewayError(f"verify {volume}: the resync of {len(report['differing'])} "
                                    f"extent(s) to {peer} did not finish in {timeout:g} s "
