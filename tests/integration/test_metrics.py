@@ -4,6 +4,7 @@ fill, snapshots, per-peer state and lag (a peer that is away), the failover stat
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -91,7 +92,7 @@ def test_metrics_scraped_and_parsed(daemon: dict[str, Any]) -> None:
                      if k[0] == "nbdgw_io_latency_seconds_bucket"
                      and dict(k[1])["op"] == "write")
     assert buckets[-1] == (float("inf"), 64)
-    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
     assert m[("nbdgw_nbd_connections", v)] == 1
     assert m[("nbdgw_volume_size_bytes", (("role", "primary"), ("volume", "v1")))] == 32 << 20
     assert m[("nbdgw_snapshots", v)] == 1
