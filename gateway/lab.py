@@ -44,6 +44,7 @@ DEFAULT_SUBNET: Final = "192.0.2.0/24"  # TEST-NET-1 (RFC 5737): never a real ne
 DEFAULT_SIZE: Final = "256M"
 NBD_PORT: Final = 10809
 PEER_PORT: Final = 7789
+METRICS_PORT: Final = 9810  # each site's Prometheus endpoint, on its own address
 VOLUME: Final = "v1"
 # (site, role); the primary ships to every other site (fan-out).
 SITES: Final = (("main", "primary"), ("dc", "secondary"), ("dr", "dr"))
@@ -511,6 +512,7 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
                    "mode": s.get("mode", "async") if n["role"] == "secondary" else "async"}
                   for n in s["nodes"] if n["name"] != node["name"]],
         "volumes": [{"name": VOLUME, "size": s["size"]}],
+        "metrics": {"listen": f"{node['address']}:{METRICS_PORT}"},
     }
     (site / "nbdgw.yaml").write_text(
         f"# nbdgw lab {s['id']}: node {node['name']} ({node['role']})\n"

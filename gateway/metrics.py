@@ -72,6 +72,7 @@ def iscsi_sessions(cfg: NodeConfig) -> dict[str, int] | None:
     if not cfg.iscsi.enabled or cfg.iscsi.iqn is None:
         return None
     from iscsi_bridge import Bridge
+    from iscsi_bridge.errors import InvalidName
     from iscsi_bridge.names import target_iqn
 
     try:
@@ -84,7 +85,7 @@ def iscsi_sessions(cfg: NodeConfig) -> dict[str, int] | None:
     by_iqn = {str(t["iqn"]): len(t["sessions"]) for t in report["targets"]}  # type: ignore[attr-defined]
     out = {}
     for info in list_volumes(cfg.data_dir):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(InvalidName):
             out[info.name] = by_iqn.get(target_iqn(cfg.iscsi.iqn, info.name), 0)
     return out
 
