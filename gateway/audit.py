@@ -5,7 +5,8 @@ prints it.
 Recorded: volume create/delete/repair, snapshot create/delete/rollback, promote (and
 the lead's switchover/resolve), each with outcome ``done``, ``refused`` or ``error``.
 A ``done`` entry that cannot be written is an error (the action happened; the trail
-must say so); a refused or failed attempt that cannot be written (a user without
+must say so); a refused or failed attempt is recorded once the data directory holds
+anything (on an empty one a refusal leaves no trace), and one that cannot be written (a user without
 write access to the data directory) is reported on stderr and does not hide the
 reason the action itself failed.  ``control.group`` members may append (the daemon
 makes the file root:group 0660)."""
@@ -43,8 +44,8 @@ def who() -> dict[str, Any]:
 
 def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
            detail: str = "") -> None:
-    if outcome != "done" and not data_dir.is_dir():
-        return  # a refused command on a node without a data directory: nothing to audit
+    if outcome != "done" and (not data_dir.is_dir() or not any(data_dir.iterdir())):
+        return  # refused on a node with nothing yet: it leaves no trace (not even a log)
     try:
         _append(data_dir, action, args, outcome, detail)
     except OSError as e:
