@@ -78,7 +78,7 @@ def test_control_socket_group(node: Path) -> None:
 
         member = as_nobody(node, "promote", "--site", "main", groups=(GROUP,))
         assert member.returncode == 1  # it got through: the daemon itself refuses
-        assert member.stderr == ("nbdgw: error: promote: node main is primary: only a "
+        assert member.stderr == ("nbdgw: error: promote main: node main is primary: only a "
                                  "standby or witness site can be promoted\n")
         entries = run_nbdgw("audit", "--json", "--data-dir", str(data)).stdout
         assert '"user": "nobody"' in entries and '"outcome": "refused"' in entries
