@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
 import re
 import struct
 import threading
@@ -49,6 +50,66 @@ _PREFIX = struct.Struct("<II")
 _TAIL = struct.Struct("<QBBHIQIII")
 _MAGIC_BYTES = struct.pack("<I", REC_MAGIC)
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+# Payloads at least this large are written into the journal by the journal's writer
+# thread while the caller's ``alongside`` (the store write) runs: the two page-cache
+# copies then run on two cores.  Below it the thread handoff (~15 us) costs more than
+# it saves, and the record is written inline.  Measured by bench/datapath.
+PARALLEL_MIN = 128 * 1024
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    """pwrite all of ``data`` or raise (a short write is retried once for the errno)."""
+    n = os.pwrite(fd, data, pos)
+    if n != len(data):
+        rest = memoryview(data)[n:]
+        if os.pwrite(fd, rest, pos + n) != len(rest):
+            raise OSError(28, "No space left on device (short journal append)")
+
+
+class PayloadWriter:
+    """The journal's writer thread: CRC32C and pwrite of one record's payload while the
+    caller writes the store.  One job at a time; the caller always waits for its
+    result before the request returns, so the payload buffer (nbdkit's, valid only
+    during the request) is never used after it, and every returned write has its whole
+    record in the page cache (kill -9 loses nothing a write call returned)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[int, bytes | memoryview, int] | None] = (
+            queue.SimpleQueue())
+        self._done: queue.SimpleQueue[int | Exception] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, fd: int, payload: bytes | memoryview, pos: int) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nbdgw-journal",
+                                            daemon=True)
+            self._thread.start()
+        self._jobs.put((fd, payload, pos))
+
+    def result(self) -> int:
+        """Wait for the job; return the payload's CRC32C, or raise its error."""
+        r = self._done.get()
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fd, payload, pos = job
+            try:
+                crc = crc32c(payload)  # releases the GIL for large buffers
+                _pwrite_all(fd, payload, pos)
+            except Exception as e:  # noqa: BLE001 (handed to the waiting request, re-raised there)
+                self._done.put(e)
+            else:
+                self._done.put(crc)
+            del job, payload
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def segment_name(first_seq: int) -> str:
@@ -85,9 +146,10 @@ class Journal:
         self.pos = 0
         self.next_seq = 1
         self.segments: list[Segment] = []
-        # Sealed segments not yet fdatasync'ed: the next sync() (FLUSH/FUA) does them,
-        # so a rotation never stalls the request that triggered it.
-        self._unsynced: list[int] = []
+        # Sealed segments not yet fdatasync'ed, as (first seq, fd): the next sync()
+        # (FLUSH/FUA) does them, so a rotation never stalls the request that triggered
+        # it; a segment released first is just closed (see release_through).
+        self._unsynced: list[tuple[int, int]] = []
         # A preallocated file (fd, path) that the next rotation renames into place, and
         # whether a rename still needs the directory fsync'ed (done by the next sync()).
         # prepare_spare() and release run on the volume's checkpoint thread: `_lock`
@@ -96,6 +158,8 @@ class Journal:
         self._spare_ids = itertools.count()
         self._dir_unsynced = False
         self._lock = threading.Lock()
+        self._writer = PayloadWriter()
+        self._sync_lock = threading.Lock()  # one sync() of sealed segments at a time
 
     # -- opening ---------------------------------------------------------------
 
@@ -252,7 +316,8 @@ class Journal:
         if self.on_rotate is not None:
             self.on_rotate()
         self._cut_stale_tail()
-        self._unsynced.append(self.fd)
+        with self._lock:
+            self._unsynced.append((self.segments[-1].first_seq, self.fd))
         first = self.next_seq
         with self._lock:
             spare = self._spares.pop() if self._spares else None
@@ -272,11 +337,23 @@ class Journal:
         self.pos = SEG_HEADER_SIZE
 
     def append(self, op: int, flags: int, offset: int, length: int,
-               payload: bytes | memoryview = b"") -> int:
-        """Append one record; return its sequence number.  On error nothing is kept."""
+               payload: bytes | memoryview = b"",
+               alongside: Callable[[], None] | None = None) -> int:
+        """Append one record; return its sequence number.  On error nothing is kept.
+
+        ``alongside`` (the store write of this change) runs before the record becomes
+        valid: if it raises, nothing is appended and its error propagates.  For a large
+        payload the payload is written by the writer thread meanwhile, and the header,
+        which makes the record valid (magic, seq, CRCs), is written last, once both
+        copies are in: a reader or a crash meanwhile sees a torn tail, never a record
+        of a store write that failed."""
         plen = len(payload)
         if self.pos + REC_HEADER_SIZE + plen > self.segment_bytes and self.pos > SEG_HEADER_SIZE:
             self._rotate()
+        if alongside is not None and plen >= PARALLEL_MIN:
+            return self._append_parallel(op, flags, offset, length, payload, alongside)
+        if alongside is not None:
+            alongside()
         seq = self.next_seq
         tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen,
                           crc32c(payload) if plen else 0)
@@ -298,6 +375,29 @@ class Journal:
         self.next_seq = seq + 1
         return seq
 
+    def _append_parallel(self, op: int, flags: int, offset: int, length: int,
+                         payload: bytes | memoryview, alongside: Callable[[], None]) -> int:
+        pos, seq, plen = self.pos, self.next_seq, len(payload)
+        self._writer.start(self.fd, payload, pos + REC_HEADER_SIZE)
+        try:
+            alongside()
+        except BaseException:
+            # Nothing may use the payload after we return: wait for the writer first.
+            with contextlib.suppress(Exception):
+                self._writer.result()
+            self._cut(pos)
+            raise
+        try:
+            crc = self._writer.result()
+            tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen, crc)
+            _pwrite_all(self.fd, _PREFIX.pack(REC_MAGIC, crc32c(tail)) + tail, pos)
+        except OSError:
+            self._cut(pos)
+            raise
+        self.pos = pos + REC_HEADER_SIZE + plen
+        self.next_seq = seq + 1
+        return seq
+
     def _cut(self, pos: int) -> None:
         """Drop everything from ``pos`` on in the active segment (undo a failed append)."""
         # Truncating only frees space; if even that fails the bytes past pos are a torn
@@ -314,11 +414,16 @@ class Journal:
 
     def sync(self) -> None:
         """Make every appended record durable (sealed segments first)."""
-        while self._unsynced:
-            fd = self._unsynced[0]
-            os.fdatasync(fd)
-            os.close(fd)
-            self._unsynced.pop(0)
+        with self._sync_lock:
+            while True:
+                with self._lock:
+                    if not self._unsynced:
+                        break
+                    fd = self._unsynced[0][1]
+                os.fdatasync(fd)
+                os.close(fd)
+                with self._lock:
+                    self._unsynced.pop(0)
         os.fdatasync(self.fd)
         if self._dir_unsynced:
             self._dir_unsynced = False
@@ -334,7 +439,8 @@ class Journal:
             self._cut_stale_tail()
 
     def close(self) -> None:
-        for fd in self._unsynced:
+        self._writer.stop()
+        for _first, fd in self._unsynced:
             os.close(fd)
         self._unsynced.clear()
         with self._lock:
@@ -396,7 +502,7 @@ class Journal:
             cur += 1
         os.ftruncate(fd, pos)
         os.fsync(fd)
-        for old in self._unsynced:
+        for _first, old in self._unsynced:
             os.close(old)
         self._unsynced.clear()
         if self.fd >= 0:
@@ -425,16 +531,22 @@ class Journal:
 
     def release_through(self, seq: int) -> int:
         """Release sealed segments whose records all have seq <= ``seq``; return bytes
-        freed.  The first one released becomes the next spare when none is waiting
-        (recycling, as databases do with their WAL): its pages are allocated and often
-        still cached, so appends overwrite them instead of allocating new ones."""
+        freed.  The caller has made those records durable elsewhere (the store, at a
+        checkpoint), so a released segment that no FLUSH synced yet is closed, not
+        synced.  Released segments become spares up to SPARE_POOL (recycling, as
+        databases do with their WAL): their pages are allocated and often still cached,
+        so appends overwrite them instead of allocating new ones (several times
+        cheaper here than writing fresh pages: bench/datapath)."""
         freed = 0
         while True:
-            with self._lock:
+            with self._sync_lock, self._lock:  # not while sync() fdatasyncs one of these
                 if len(self.segments) < 2 or self.segments[1].first_seq - 1 > seq:
                     break
                 seg = self.segments.pop(0)
                 recycle = len(self._spares) < SPARE_POOL and self.fd >= 0
+                for first, fd in [u for u in self._unsynced if u[0] == seg.first_seq]:
+                    self._unsynced.remove((first, fd))
+                    os.close(fd)
             freed += seg.path.stat().st_size
             if recycle:
                 tmp = self.dir / f"{_SPARE_PREFIX}{os.getpid()}-{next(self._spare_ids)}.tmp"

@@ -349,7 +349,7 @@ class Checkpointer:
 
     def _urgent(self) -> bool:
         journal = self.vol.journal
-        return journal is not None and journal.retained_bytes() > self.vol.journal_max_bytes
+        return journal is not None and journal.retained_bytes() > self.vol.journal_max_bytes // 2
 
     def _next_job(self, last: float) -> tuple[bool, int | None] | None:
         """(prepare a spare?, checkpoint through seq or None); None: time to exit."""
@@ -583,9 +583,13 @@ class Volume:
         self._activate(offset, length)
         assert self.journal is not None and self.store is not None
         self._cow(offset, length)
+        store = self.store
         try:
-            self.store.apply(op, flags, offset, length, payload)
-            seq = self.journal.append(op, flags, offset, length, payload)
+            # The store write runs inside append, alongside the journal's copy of a
+            # large payload; the record becomes valid only after it succeeded.
+            seq = self.journal.append(
+                op, flags, offset, length, payload,
+                alongside=lambda: store.apply(op, flags, offset, length, payload))
         except OSError as e:
             self._unjournaled(offset, length, e)
             raise
@@ -932,9 +936,14 @@ class Volume:
         checkpoints and releases old segments.  If it has fallen behind by more than two
         segments over the cap, checkpoint here: the bound on the journal is hard."""
         assert self.journal is not None
-        if self.checkpointer is None or self.journal.retained_bytes() > (
-                self.journal_max_bytes + 2 * self.journal.segment_bytes):
+        if self.checkpointer is None:
             self.checkpoint()
+        elif self.journal.retained_bytes() > (
+                self.journal_max_bytes + 2 * self.journal.segment_bytes):
+            # The store durable and the redo point moved is all a release needs: no
+            # journal fdatasync here (FLUSH does it; released segments need none).
+            self.checkpoint_through(self._applied())
+            self.release_journal()
         if self.checkpointer is not None:
             self.checkpointer.request(self._applied())
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -385,7 +386,9 @@ def test_failed_journal_append_marks_the_extents_for_resync(
     vol.write(b"1" * 4096, 0)
     assert vol.journal is not None
 
-    def enospc(*args: object, **kw: object) -> int:
+    def enospc(*args: object, alongside: Callable[[], None] | None = None) -> int:
+        if alongside is not None:
+            alongside()  # the store takes the change, then the record fails
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(vol.journal, "append", enospc)
@@ -419,7 +422,9 @@ def test_unpersisted_divergence_keeps_the_volume_unclean(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_json(path, obj)
 
-    def enospc(*args: object, **kw: object) -> int:
+    def enospc(*args: object, alongside: Callable[[], None] | None = None) -> int:
+        if alongside is not None:
+            alongside()  # the store takes the change, then the record fails
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(volume_mod, "write_json", no_resync)
