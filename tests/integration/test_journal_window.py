@@ -8,7 +8,6 @@ again whichever way its blocks landed."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

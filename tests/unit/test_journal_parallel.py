@@ -53,7 +53,8 @@ def test_parallel_and_inline_appends_write_the_same_records(tmp_path: Path) -> N
                 j.append(Op.WRITE, 0, i * BIG, BIG, p)
                 continue
             seq = j.append(Op.WRITE, 0, i * BIG, BIG, p,
-                           alongside=lambda i=i: ran.append((i, threading.current_thread().name)))
+                           alongside=lambda i=i, ran=ran: ran.append(
+                               (i, threading.current_thread().name)))
             assert seq == i + 1
         if mode == "parallel":
             assert ran == [(i, "MainThread") for i in range(12)]
