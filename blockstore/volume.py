@@ -350,7 +350,7 @@ class Checkpointer:
 
     def _urgent(self) -> bool:
         journal = self.vol.journal
-        return journal is not None and journal.retained_bytes() > self.vol.journal_max_bytes // 2
+        return journal is not None and journal.retained_bytes() > self.vol.journal_max_bytes
 
     def _next_job(self, last: float) -> tuple[bool, int | None] | None:
         """(prepare a spare?, checkpoint through seq or None); None: time to exit."""
