@@ -953,14 +953,21 @@ class Volume:
         the redo point there (runs on the checkpoint thread)."""
         assert self.store is not None
         self.store.sync()
-        self.checkpoint_seq = max(self.checkpoint_seq, seq)
+        self._advance_checkpoint(seq)
         self._write_state(clean=False)
+
+    def _advance_checkpoint(self, seq: int) -> None:
+        """Move the redo point forward, never back: the checkpoint thread and a request
+        that found the journal past its bound may both be here, and a redo point moved
+        back behind released segments would make the volume unopenable after a crash."""
+        with self.state_lock:
+            self.checkpoint_seq = max(self.checkpoint_seq, seq)
 
     def checkpoint(self) -> None:
         """Store durable through the last applied record: redo may start after it."""
         assert self.store is not None and self.journal is not None
         self._make_durable()
-        self.checkpoint_seq = self._applied()
+        self._advance_checkpoint(self._applied())
         self._write_state(clean=False)
         self.release_journal()
 
