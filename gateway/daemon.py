@@ -536,7 +536,9 @@ class Daemon:
                 "auto": self.auto, "updated": time.time(),
                 "split_brain": rejoin.split_brain(self.cfg.data_dir),
                 "handover_to": self.view.handover_to,
-                "peers": {p: {"heard_s_ago": round(now - t, 2)}
+                "peers": {p: {"heard_s_ago": round(now - t, 2),
+                              "rtt_s": (None if self.hb is None or p not in self.hb.rtt
+                                        else round(self.hb.rtt[p], 6))}
                           for p, t in self.view.heard.items()}})
         except OSError as e:
             log.error("failover_state_not_written", error=str(e))

@@ -125,16 +125,22 @@ class NodeCollector(Collector):
                                     "of this daemon since it started", labels=["old", "new"])
         heard = GaugeMetricFamily("nbdgw_heartbeat_last_heard_seconds", "Seconds since the "
                                   "last valid heartbeat from the peer", labels=["peer"])
+        rtt = GaugeMetricFamily("nbdgw_heartbeat_rtt_seconds", "Round-trip time of the "
+                                "heartbeats to the peer (its echo of this node's latest "
+                                "sequence number)", labels=["peer"])
         if fo is not None:
             epoch.add_metric([node], float(fo["epoch"]))
             for p, v in sorted(fo["peers"].items()):
                 heard.add_metric([p], float(v["heard_s_ago"]) + float(fo["age_s"]))
+                if v.get("rtt_s") is not None:
+                    rtt.add_metric([p], float(v["rtt_s"]))
         with _transitions_lock:
             for (old, new), n in sorted(_transitions.items()):
                 trans.add_metric([old, new], float(n))
         yield epoch
         yield trans
         yield heard
+        yield rtt
 
         io = io_stats(cfg.data_dir) or {}
         vols = list_volumes(cfg.data_dir)

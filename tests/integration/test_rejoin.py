@@ -298,9 +298,23 @@ def test_forced_split_brain_is_refused_then_resolved(lab_dir: Path) -> None:
     assert [a for a in actions if a != "volume create"] == ["resolve", "resolve"]
 
 
+def heartbeat_rtts(lab: dict[str, Any], node: str) -> dict[str, float]:
+    """nbdgw_heartbeat_rtt_seconds of a site, scraped over HTTP from the client's side."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    p = client(lab, "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], "
+               "timeout=10).read().decode())", f"http://{addr(lab, node)}:9810/metrics")
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return {s.labels["peer"]: s.value for fam in text_string_to_metric_families(out)
+            if fam.name == "nbdgw_heartbeat_rtt_seconds" for s in fam.samples}
+
+
 def test_switchover_refusals_and_a_target_that_cannot_catch_up(lab_dir: Path) -> None:
     lab = up(lab_dir.parent)
     stamp(lab, 0, 16, "base")
+    rtts = heartbeat_rtts(lab, "main")
+    assert set(rtts) == {"dc", "dr"} and all(0 <= v < 1 for v in rtts.values()), rtts
     on_dc = run_nbdgw("-c", cfg(lab, "dc"), "switchover", "--to", "main", check=False)
     assert on_dc.stderr.strip().endswith(
         "switchover: node dc is standby, not the serving primary: run switchover on the "

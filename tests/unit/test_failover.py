@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import socket
+import time
 
+import msgpack
 import pytest
 
 from gateway.failover import (
@@ -19,7 +24,7 @@ from gateway.failover import (
     primary_gone,
     step,
 )
-from gateway.heartbeat import BadBeat, decode_beat, encode_beat
+from gateway.heartbeat import BadBeat, Beat, Heartbeat, decode_beat, encode_beat
 
 T = Timers(timeout=2.0, fence_margin=1.0)
 SECRET = b"s" * 32
@@ -155,14 +160,45 @@ def test_two_primaries_the_older_epoch_yields() -> None:
 
 def test_beat_round_trip() -> None:
     beat = encode_beat(SECRET, "dc", State.STANDBY, 3, {"main": 0.25, "dr": math.inf}, 7, 4)
-    node, state, epoch, sees, seq, known, handover, discarding = decode_beat(SECRET, beat)
-    assert (node, state, epoch, seq, known, handover, discarding) == (
-        "dc", State.STANDBY, 3, 7, 4, None, None)
-    assert sees == {"main": 0.25, "dr": math.inf}
+    assert decode_beat(SECRET, beat) == Beat("dc", State.STANDBY, 3,
+                                             {"main": 0.25, "dr": math.inf}, 7, 4)
     beat = encode_beat(SECRET, "main", State.STANDBY, 3, {}, 8, 3, "dc")
-    assert decode_beat(SECRET, beat)[6:] == ("dc", None)
-    beat = encode_beat(SECRET, "main", State.PRIMARY, 4, {}, 9, 4, None, "dr")
-    assert decode_beat(SECRET, beat)[6:] == (None, "dr")
+    assert decode_beat(SECRET, beat).handover_to == "dc"
+    beat = encode_beat(SECRET, "main", State.PRIMARY, 4, {}, 9, 4, None, "dr",
+                       {"dc": (41, 0.125)})
+    b = decode_beat(SECRET, beat)
+    assert (b.handover_to, b.discarding, b.echo) == (None, "dr", {"dc": (41, 0.125)})
+    # A beat of an older release (7 fields) reads with the defaults.
+    old = msgpack.packb([1, "dc", "standby", 3, {}, 7, 4])
+    mac = hmac.new(SECRET, old, hashlib.sha256).digest()[:16]
+    assert decode_beat(SECRET, b"NGHB" + mac + old) == Beat("dc", State.STANDBY, 3, {}, 7, 4)
+
+
+def test_round_trip_times_come_from_echoed_sequence_numbers() -> None:
+    """Two real heartbeat threads on loopback: each measures the other's round trip."""
+    views = {n: view(n, epoch=0) for n in ("main", "dc")}
+    socks = {}
+    for n in views:
+        socks[n] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        socks[n].bind(("127.0.0.1", 0))
+    ports = {n: s.getsockname()[1] for n, s in socks.items()}
+    for s in socks.values():
+        s.close()
+    hbs = {n: Heartbeat(views[n], bind=("127.0.0.1", ports[n]),
+                        targets={o: [("127.0.0.1", ports[o])] for o in views if o != n},
+                        secret=SECRET, interval=0.05,
+                        state_fn=lambda: (State.STANDBY, 0)) for n in views}
+    for hb in hbs.values():
+        hb.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not all(hb.rtt for hb in hbs.values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        for hb in hbs.values():
+            hb.stop()
+    assert set(hbs["main"].rtt) == {"dc"} and set(hbs["dc"].rtt) == {"main"}
+    assert all(0 <= hb.rtt[p] < 0.5 for hb in hbs.values() for p in hb.rtt)
 
 
 def test_handover_names_the_successor() -> None:
