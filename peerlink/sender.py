@@ -85,6 +85,7 @@ from blockstore.generations import (
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
+    DIRTY_HOT,
     DIRTY_RELEASED,
     DIRTY_VERIFY,
     PEER_KIND,
@@ -285,6 +286,13 @@ def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
             d.path.unlink(missing_ok=True)
         else:
             live.append(d)
+    hot = [d.through_seq for d in live if d.reason == DIRTY_HOT]
+    if hot and applied > min(hot):
+        # The peer applied records past where this journal ended when it recovered from
+        # an unclean stop: records shipped before they were durable here, and lost (a
+        # power cut).  Its seqs past that point name other writes now: plan as if it
+        # stood there, so the records since are resynced as extents, not skipped.
+        applied = min(hot)
     gap = applied + 1 < first
     if not gap and not live:
         return None

@@ -131,3 +131,29 @@ def test_split_brain_record_round_trip(tmp_path: Path) -> None:
     assert rejoin.split_brain(tmp_path) == rec
     rejoin.clear_split_brain(tmp_path)
     assert rejoin.split_brain(tmp_path) is None
+
+
+def test_a_peer_ahead_of_a_recovered_journal_is_resynced_from_the_recovery_point(
+        tmp_path: Path) -> None:
+    """Power cut: the peer applied records through seq 8 that this journal lost (shipped
+    before they were durable); recovery left the journal at seq 5 with a hot-extent set;
+    writes since took seqs 6.. again.  The peer's 'seq 8' is not this journal's seq 8:
+    everything written since seq 5 is resynced as extents, nothing skipped."""
+    from blockstore.peers import DIRTY_HOT, write_dirty
+    from peerlink.sender import journal_bounds, plan_resync
+
+    primary_with_writes(tmp_path, 5)  # seqs 1..5 survived the cut
+    info = find_volume(tmp_path, "v1")
+    write_dirty(info, "dc", reason=DIRTY_HOT, from_seq=0, through_seq=5, shift=16,
+                extents=[40])  # what recovery found hot (the lost writes' extents)
+    vol = Volume.open(tmp_path, "v1")
+    try:
+        for i in range(6):  # new writes, seqs 6..11, far from the first ones
+            vol.write(b"\x07" * 4096, (20 + i) * 65536)
+    finally:
+        vol.close()
+    first, last = journal_bounds(info.path / "journal")
+    plan = plan_resync(info, "dc", 8, first, last)
+    assert plan is not None and plan.kind == "dirty"
+    assert plan.shift == 16
+    assert {40, 20, 21, 22, 23, 24, 25} <= set(plan.extents)
