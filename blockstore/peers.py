@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
 from .meta import read_json, write_json
@@ -143,6 +143,13 @@ def covers(sets: list[DirtySet], applied: int, first_retained: int) -> bool:
         if d.reason == DIRTY_RELEASED and d.from_seq <= reach + 1:
             reach = max(reach, d.through_seq)
     return reach >= first_retained - 1
+
+
+def upstream_record(upstream_uuid: str, node: str, **extra: Any) -> dict[str, Any]:
+    """The content of a replica's peerlink-upstream.json: bound to ``node``'s volume."""
+    return {"kind": UPSTREAM_KIND, "version": UPSTREAM_VERSION,
+            "upstream_uuid": upstream_uuid, "upstream_node": node, "bound_at": time.time(),
+            **extra}
 
 
 def set_adopt(info: VolumeInfo, node: str) -> None:

@@ -64,12 +64,11 @@ from .peers import (
     DIRTY_HOT,
     DIRTY_RELEASED,
     UPSTREAM_FILE,
-    UPSTREAM_KIND,
-    UPSTREAM_VERSION,
     dirty_shift,
     extent_range,
     known_peers,
     read_dirty,
+    upstream_record,
     write_dirty,
 )
 from .record import Flag, Op, RecordHeader
@@ -1181,14 +1180,12 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
                 vol.snapshot_create(snap_name)
         since = changed(vol.info) if changed is not None else None
         save_history(vol.info.path, history)  # explicit: the logical uuid stays this one
-        write_json(vol.info.path / UPSTREAM_FILE, {
-            "kind": UPSTREAM_KIND, "version": UPSTREAM_VERSION,
-            "upstream_uuid": history.logical_uuid,
-            "upstream_node": new_primary, "bound_at": time.time(), "demoted": True,
+        write_json(vol.info.path / UPSTREAM_FILE, upstream_record(
+            history.logical_uuid, new_primary, demoted=True,
             **({ADOPT_KEY: new_primary} if adopt else {}),
             **({CHANGED_KEY: {"peer": new_primary, "generation": history.current.gen_id,
                               "extent_shift": since[0], "extents": since[1]}}
-               if since is not None else {})})
+               if since is not None else {})))
         # As a primary it tracked what its peers lacked; none of that means anything now
         # that it follows another node (the sender from there compares digests).
         pdir = vol.info.path / "peers"

@@ -76,6 +76,7 @@ from .failover import Action, Event, State, Timers, View, alive, decide, step
 from .heartbeat import Heartbeat
 from .replication import _secret, gate_path, plan, selected_volumes
 from .serve import NbdServer, lease_path, precheck_volumes
+from .status import live_state
 from .vip import ServiceAddress
 
 log = structlog.get_logger(component="daemon")
@@ -763,14 +764,11 @@ class Daemon:
         if self.nbd is None or not self.nbd.volumes:
             return "no volume is served here"
         for vol in self.nbd.volumes:
-            live = self.cfg.data_dir / "volumes" / vol / "peers" / f"{target}.live.json"
-            try:
-                st = json.loads(live.read_text())
-            except (OSError, ValueError):
-                st = {"state": "unknown"}
-            if st.get("state") not in ("streaming", "degraded"):
-                return (f"volume {vol}: {target} is {st.get('state')}, not streaming; switch "
-                        "over once it is in sync")
+            st = live_state(find_volume(self.cfg.data_dir, vol), target, time.time())
+            state = "not replicated to" if st is None else st["state"]
+            if state not in ("streaming", "degraded"):
+                return (f"volume {vol}: {target} is {state}, not streaming; switch over "
+                        "once it is in sync")
         return None
 
     def _switchover(self, target: str, timeout: float) -> dict[str, Any]:
@@ -837,13 +835,10 @@ class Daemon:
                 return {"error": f"volume {info.name}: {e}; nothing served"}
         rejoin.clear_split_brain(self.cfg.data_dir)
         self.epoch = max(self.epoch, self.view.known_epoch) + 1
-        nodestate.save(self.cfg.data_dir, Role.PRIMARY, self.epoch,
-                       f"split brain resolved: the writes of {other} discarded",
-                       primary=self.cfg.name)
-        self.cfg = nodestate.effective_config(self.installed)
+        self._adopt_role(Role.PRIMARY, self.cfg.name,
+                         f"split brain resolved: the writes of {other} discarded")
         with self._hb_lock():
-            self.view.epoch = self.view.known_epoch = self.epoch
-            self.view.primary = self.cfg.name
+            self.view.known_epoch = self.epoch
             self.view.discarding = other
         self.served_when_stale = False
         log.warning("split_brain_resolved", kept=self.cfg.name, discarded=other,

@@ -94,6 +94,18 @@ def _lag_bytes(info: VolumeInfo, acked: int, last: int) -> int:
 LIVE_FRESH_S = 5.0  # a live file older than this: its sender is not running
 
 
+def is_fresh(live: dict[str, Any] | None, now: float) -> bool:
+    """A live file written by a sender that runs now."""
+    return (live is not None and live["state"] != "stopped"
+            and now - float(live["updated"]) < LIVE_FRESH_S)
+
+
+def live_state(info: VolumeInfo, peer: str, now: float) -> dict[str, Any] | None:
+    """The live state of this volume's running sender to ``peer`` (None: none runs)."""
+    live = _live(info, peer, now)
+    return live if is_fresh(live, now) else None
+
+
 def _live(info: VolumeInfo, peer: str, now: float) -> dict[str, Any] | None:
     """The sender's live state, if it is running (fresh file of this incarnation)."""
     try:
@@ -161,8 +173,7 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         with contextlib.suppress(FormatError, OSError, KeyError):
             meta = read_json(info.path / "peers" / f"{name}.json", "peer", 1)
             updated = float(meta["updated"])
-        fresh = (live is not None and live["state"] != "stopped"
-                 and now - float(live["updated"]) < LIVE_FRESH_S)
+        fresh = is_fresh(live, now)
         if live is not None and fresh:
             acked = max(acked, int(live["acked_seq"]))
         dirty = sum(len(d.extents) for d in read_dirty(info, name))

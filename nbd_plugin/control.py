@@ -169,8 +169,7 @@ class ControlServer:
             conn.settimeout(0.25)
             while time.monotonic() - t0 < max_s and not self.stopping.is_set():
                 try:
-                    if not conn.recv(64):
-                        break  # caller closed, or sent release
+                    conn.recv(64)  # returns when the caller sends release or closes
                     break
                 except TimeoutError:
                     continue

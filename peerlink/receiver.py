@@ -54,6 +54,7 @@ from blockstore.peers import (
     UPSTREAM_KIND,
     UPSTREAM_VERSION,
     known_peers,
+    upstream_record,
     write_dirty,
 )
 from blockstore.volume import Volume, VolumeInfo
@@ -375,8 +376,7 @@ class Receiver:
         upstream's state at seq 0, so it is Consistent from here on."""
         loop = asyncio.get_running_loop()
         if self.upstream is None:
-            rec = {"kind": UPSTREAM_KIND, "version": UPSTREAM_VERSION, "upstream_uuid": vuuid,
-                   "upstream_node": theirs.node, "bound_at": time.time()}
+            rec = upstream_record(vuuid, theirs.node)
             await loop.run_in_executor(self.executor, write_json, self.upstream_path, rec)
             self.upstream = rec
             await loop.run_in_executor(self.executor, save_history, self.vol.info.path,
