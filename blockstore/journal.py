@@ -41,7 +41,7 @@ from .record import (
     decode_segment_header,
     encode_segment_header,
 )
-from .store import FALLOC_FL_KEEP_SIZE, fallocate
+from .store import FALLOC_FL_KEEP_SIZE, FOLIO_CHUNK, fallocate, pwrite_all
 
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 _SPARE_PREFIX = "spare-"  # preallocated future segments: spare-<pid>-<n>.tmp
@@ -58,12 +58,9 @@ PARALLEL_MIN = 128 * 1024
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
-    """pwrite all of ``data`` or raise (a short write is retried once for the errno)."""
-    n = os.pwrite(fd, data, pos)
-    if n != len(data):
-        rest = memoryview(data)[n:]
-        if os.pwrite(fd, rest, pos + n) != len(rest):
-            raise OSError(28, "No space left on device (short journal append)")
+    """pwrite all of ``data`` or raise (a short write is retried once for the errno);
+    in folio-sized pieces (blockstore.store.pwrite_all)."""
+    pwrite_all(fd, data, pos, "journal append")
 
 
 class PayloadWriter:
@@ -362,8 +359,11 @@ class Journal:
             bufs.append(payload)
         want = REC_HEADER_SIZE + plen
         try:
-            n = os.pwritev(self.fd, bufs, self.pos)
-            if n != want:
+            if want > FOLIO_CHUNK:
+                # In folio-sized pieces: the payload, then the header that makes it valid.
+                _pwrite_all(self.fd, payload, self.pos + REC_HEADER_SIZE)
+                _pwrite_all(self.fd, bufs[0] + tail, self.pos)
+            elif (n := os.pwritev(self.fd, bufs, self.pos)) != want:
                 # A partial append (disk full part way): let the kernel say why.
                 rest = b"".join(bytes(b) for b in bufs)[n:]
                 os.pwrite(self.fd, rest, self.pos + n)
