@@ -354,7 +354,8 @@ class Journal:
         seq = self.next_seq
         tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen,
                           crc32c(payload) if plen else 0)
-        bufs: list[bytes | memoryview] = [_PREFIX.pack(REC_MAGIC, crc32c(tail)), tail]
+        head = _PREFIX.pack(REC_MAGIC, crc32c(tail))
+        bufs: list[bytes | memoryview] = [head, tail]
         if plen:
             bufs.append(payload)
         want = REC_HEADER_SIZE + plen
@@ -362,7 +363,7 @@ class Journal:
             if want > FOLIO_CHUNK:
                 # In folio-sized pieces: the payload, then the header that makes it valid.
                 _pwrite_all(self.fd, payload, self.pos + REC_HEADER_SIZE)
-                _pwrite_all(self.fd, bufs[0] + tail, self.pos)
+                _pwrite_all(self.fd, head + tail, self.pos)
             elif (n := os.pwritev(self.fd, bufs, self.pos)) != want:
                 # A partial append (disk full part way): let the kernel say why.
                 rest = b"".join(bytes(b) for b in bufs)[n:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 
 import pytest
@@ -35,7 +36,7 @@ def test_writes_every_byte_in_aligned_pieces(tmp_path, monkeypatch, offset, leng
     # Contiguous, in order, covering the write exactly.
     assert pieces[0][0] == offset
     assert sum(n for _, n in pieces) == length
-    for (p0, n0), (p1, _) in zip(pieces, pieces[1:]):
+    for (p0, n0), (p1, _) in itertools.pairwise(pieces):
         assert p0 + n0 == p1
     if length <= FOLIO_CHUNK:
         assert pieces == [(offset, length)]  # small writes stay one syscall
