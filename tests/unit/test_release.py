@@ -226,3 +226,64 @@ def test_unclean_restart_gives_hot_extents_to_every_known_peer(info: VolumeInfo)
                 DIRTY_HOT, 22, tuple(hot), last)
     finally:
         vol.close()
+
+
+def test_pinned_journal_over_half_the_cap_is_checkpointed_once_per_segment(
+        info: VolumeInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past half the cap the checkpoint thread stops waiting for MIN_INTERVAL, but a
+    journal that a lagging peer pins stays however often the store is synced: each
+    rotation asks for one checkpoint, so it checkpoints once per new segment at most,
+    never in a loop."""
+    calls: list[int] = []
+    real = Volume.checkpoint_through
+
+    def counting(self: Volume, seq: int) -> None:
+        calls.append(seq)
+        real(self, seq)
+
+    monkeypatch.setattr(Volume, "checkpoint_through", counting)
+    vol = open_vol(info, cap=8 * SEG)
+    try:
+        set_peer(info, "slow", 0)  # pins everything below the cap
+        write_blocks(vol, list(range(80)))  # ~5 segments: over half the cap, under it
+        assert vol.journal is not None and vol.checkpointer is not None
+        assert vol.journal.retained_bytes() > 4 * SEG
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not calls:
+            time.sleep(0.01)
+        time.sleep(0.5)  # a looping checkpointer would call hundreds of times by now
+        assert 1 <= len(calls) <= 6
+        before = len(calls)
+        write_blocks(vol, list(range(80, 96)))  # about one more segment
+        time.sleep(0.5)
+        assert before <= len(calls) <= before + 2
+        assert first_retained(vol) == 1  # nothing the peer lacks was released
+    finally:
+        vol.close()
+
+
+def test_checkpoint_starts_at_half_the_cap_not_at_it(
+        info: VolumeInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal over half its cap is checkpointed without waiting out MIN_INTERVAL, so
+    the fdatasync runs while the other half fills (not on the request path at the cap)."""
+    times: list[float] = []
+    real = Volume.checkpoint_through
+
+    def timed(self: Volume, seq: int) -> None:
+        times.append(time.monotonic())
+        real(self, seq)
+
+    monkeypatch.setattr(Volume, "checkpoint_through", timed)
+    vol = open_vol(info, cap=8 * SEG)
+    try:
+        assert vol.checkpointer is not None and vol.checkpointer.MIN_INTERVAL >= 2
+        write_blocks(vol, list(range(20)))  # one rotation: the first checkpoint
+        deadline = time.monotonic() + 2
+        while not times and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(times) == 1
+        write_blocks(vol, list(range(20, 80)))  # ~4 more segments: past half, under the cap
+        time.sleep(0.5)
+        assert len(times) >= 2 and times[1] - times[0] < vol.checkpointer.MIN_INTERVAL
+    finally:
+        vol.close()
