@@ -571,9 +571,14 @@ class Volume:
             self.al.activate(range(e0, e1 + 1))
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        self._check_range(offset, len(buf))
+        # The hot path of every read, kept to one preadv and two comparisons (what
+        # _check_range and Store.pread_into do, inlined: bench/datapath 4K reads).
+        n = len(buf)
+        if offset < 0 or offset + n > self.size:
+            self._check_range(offset, n)
         assert self.store is not None
-        self.store.pread_into(buf, offset)
+        if os.preadv(self.store.fd, [buf], offset) != n:
+            self.store.pread_into(buf, offset)  # only a truncated store: says why
 
     def write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> int:
         """Store then journal one write; return its sequence number."""

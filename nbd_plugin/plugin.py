@@ -20,15 +20,16 @@ API_VERSION = 2
 
 _params = Params()
 _server = None
+_lock = None  # _server.lock, bound once: the snapshot control thread takes it too
 
 _FUA = nbdkit.FLAG_FUA
 _MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 _HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 # I/O counters (nbd_plugin/iostats.py): a clock read before and one call after each
-# successful request (op 0 read, 1 write, 2 flush, 3 trim, 4 zero: iostats.OPS);
-# connections counted in open/close.
+# successful request, on the handle's counters of that op (h.io[op]: 0 read, 1 write,
+# 2 flush, 3 trim, 4 zero, as iostats.OPS); connections counted in open/close.
 _clock = time.monotonic_ns
-_io = iostats.record
+_io = iostats.count
 
 
 # Errnos a client can act on pass through (NBD carries only a few); EDQUOT is a full
@@ -49,11 +50,12 @@ def config(key, value):
 
 
 def config_complete():
-    global _server
+    global _server, _lock
     # Logs go to stderr as JSON lines: with `nbdkit -s` stdout carries the NBD protocol.
     logs.configure("json")
     try:
         _server = Server(_params)
+        _lock = _server.lock
     except PluginError:
         raise
     except Exception as e:
@@ -85,7 +87,7 @@ def open(readonly):
     except OSError as e:
         _fail(e)
         raise
-    iostats.opened(h.vol.name)
+    h.io = iostats.opened(h.vol.name)
     return h
 
 
@@ -150,71 +152,71 @@ def can_cache(h):
 def pread(h, buf, offset, flags):
     t = _clock()
     try:
-        with _server.lock:  # the snapshot control thread takes it too
+        with _lock:
             h.vol.read_into(buf, offset)
     except OSError as e:
         _fail(e)
         raise
-    _io(h.vol.name, 0, len(buf), _clock() - t)
+    _io(h.io[0], len(buf), _clock() - t)
 
 
 def pwrite(h, buf, offset, flags):
     t = _clock()
     try:
         h.check_lease()
-        with _server.lock:  # the snapshot control thread takes it too
+        with _lock:
             h.vol.write(buf, offset, flags & _FUA)
         if flags & _FUA:
             h.durable()
     except OSError as e:
         _fail(e)
         raise
-    _io(h.vol.name, 1, len(buf), _clock() - t)
+    _io(h.io[1], len(buf), _clock() - t)
 
 
 def flush(h, flags):
     t = _clock()
     try:
-        with _server.lock:  # the snapshot control thread takes it too
+        with _lock:
             h.vol.flush()
         h.durable()
     except OSError as e:
         _fail(e)
         raise
-    _io(h.vol.name, 2, 0, _clock() - t)
+    _io(h.io[2], 0, _clock() - t)
 
 
 def trim(h, count, offset, flags):
     t = _clock()
     try:
         h.check_lease()
-        with _server.lock:  # the snapshot control thread takes it too
+        with _lock:
             h.vol.trim(offset, count, flags & _FUA)
         if flags & _FUA:
             h.durable()
     except OSError as e:
         _fail(e)
         raise
-    _io(h.vol.name, 3, count, _clock() - t)
+    _io(h.io[3], count, _clock() - t)
 
 
 def zero(h, count, offset, flags):
     t = _clock()
     try:
         h.check_lease()
-        with _server.lock:  # the snapshot control thread takes it too
+        with _lock:
             h.vol.zero(offset, count, flags & _MAY_TRIM, flags & _FUA)
         if flags & _FUA:
             h.durable()
     except OSError as e:
         _fail(e)
         raise
-    _io(h.vol.name, 4, count, _clock() - t)
+    _io(h.io[4], count, _clock() - t)
 
 
 def extents(h, count, offset, flags):
     try:
-        with _server.lock:
+        with _lock:
             found = h.vol.extents(offset, count)
         return [(o, n, 0 if alloc else _HOLE_ZERO) for o, n, alloc in found]
     except OSError as e:

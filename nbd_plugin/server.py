@@ -139,10 +139,10 @@ class Lease:
 
 class Handle:
     """One client connection: the shared volume (or a snapshot of it, ``VOLUME@SNAP``,
-    always read-only), this connection's read-only bit, and the sync gate (None
-    without synchronous peers)."""
+    always read-only), this connection's read-only bit, the sync gate (None without
+    synchronous peers), and its export's I/O counters (set by the plugin's open)."""
 
-    __slots__ = ("gate", "lease", "readonly", "vol")
+    __slots__ = ("gate", "io", "lease", "readonly", "vol")
 
     def __init__(self, vol: Volume | SnapshotView, readonly: bool,
                  gate: SyncGate | None = None, lease: Lease | None = None) -> None:
@@ -150,6 +150,7 @@ class Handle:
         self.readonly = readonly
         self.gate = gate
         self.lease = lease
+        self.io: list[list[int]] = []
 
     def check_lease(self) -> None:
         """Before a write: refuse it if this node's write lease has expired."""
