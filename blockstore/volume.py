@@ -320,14 +320,15 @@ class Checkpointer:
 
     At each journal rotation it prepares the next spare segment at once, and makes the
     store durable and advances the redo point at most every MIN_INTERVAL seconds (sooner
-    once the journal holds more than URGENT_FRACTION of its cap, since only checkpointed
-    segments can be released).  The store's fdatasync after many writes can take a large
-    fraction of a second and forces writeback that competes with the clients; none of
-    this runs on the request path.  Starting at half the cap leaves the other half for
-    the writes that arrive while that fdatasync runs: a checkpoint started only at the
-    cap was overtaken under sustained 1 MiB writes, and the request path then had to
-    checkpoint inline (an 85 ms stall at every sixth segment; none at half the cap).
-    Only this thread writes state.json while the volume is open.
+    once the journal has grown by URGENT_FRACTION of its cap since the last checkpoint,
+    or is over the cap, since only checkpointed segments can be released).  The store's
+    fdatasync after many writes can take a large fraction of a second and forces
+    writeback that competes with the clients; none of this runs on the request path.
+    Starting at half the cap leaves the other half for the writes that arrive while that
+    fdatasync runs: a checkpoint started only at the cap was overtaken under sustained
+    1 MiB writes, and the request path then had to checkpoint inline (an 85 ms stall at
+    every sixth segment; none at half the cap).  Only this thread writes state.json
+    while the volume is open.
     """
 
     MIN_INTERVAL = 2.0
@@ -341,6 +342,7 @@ class Checkpointer:
         self.stopping = False
         self.error: OSError | BlockstoreError | None = None
         self.thread: threading.Thread | None = None
+        self.retained_after = 0  # journal bytes held after the last checkpoint's release
 
     def request(self, seq: int) -> None:
         with self.cv:
@@ -353,9 +355,17 @@ class Checkpointer:
             self.cv.notify()
 
     def _urgent(self) -> bool:
+        """Over the cap (only a checkpoint lets the release go past it), or grown by
+        more than URGENT_FRACTION of the cap since the last checkpoint.  Measured from
+        what that checkpoint left, not from zero: records that a lagging peer pins stay
+        however often the store is synced, and counting them would checkpoint at every
+        rotation (under 4 KiB random writes: a random-writeback fdatasync per segment)."""
         journal = self.vol.journal
-        return journal is not None and (
-            journal.retained_bytes() > self.vol.journal_max_bytes * self.URGENT_FRACTION)
+        if journal is None:
+            return False
+        retained = journal.retained_bytes()
+        cap = self.vol.journal_max_bytes
+        return retained > cap or retained > self.retained_after + cap * self.URGENT_FRACTION
 
     def _next_job(self, last: float) -> tuple[bool, int | None] | None:
         """(prepare a spare?, checkpoint through seq or None); None: time to exit."""
@@ -391,6 +401,7 @@ class Checkpointer:
                 last = time.monotonic()
                 self.vol.checkpoint_through(seq)
                 self.vol.release_journal()
+                self.retained_after = journal.retained_bytes()
             except (OSError, BlockstoreError) as e:
                 # The redo point stays where it was: recovery replays more, loses nothing;
                 # without a spare the next rotation creates its segment inline.  Said,
