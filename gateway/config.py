@@ -210,8 +210,13 @@ class FailoverConfig:
 
 
 class IscsiRoute(enum.Enum):
-    FILE = "file"  # tgtd on the nbdfuse file (O_DIRECT): full conformance
-    LOOP = "loop"  # tgtd on a direct-I/O loop device over it: faster random writes
+    FILE = "file"  # tgtd on the FUSE file (O_DIRECT): full conformance
+    LOOP = "loop"  # tgtd on a direct-I/O loop device over it
+
+
+class IscsiFuse(enum.Enum):
+    NBDGW = "nbdgw"  # iscsi_bridge/fused.py: parallel direct writes
+    NBDFUSE = "nbdfuse"  # libnbd's nbdfuse: FUSE serialises its writes
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,8 @@ class IscsiConfig:
     initiators: tuple[str, ...] = ()  # initiator names allowed; empty = any
     allow: tuple[str, ...] = ()  # initiator addresses (CIDRs) allowed; empty = any
     control_port: int = 3260  # tgtd's management socket /var/run/tgtd/socket.<N>
-    route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the nbdfuse file
+    route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the FUSE file
+    fuse: IscsiFuse = IscsiFuse.NBDGW  # which FUSE server shows each export as a file
     run_dir: Path = Path("/run/nbdgw/iscsi")  # nbdfuse mounts, tgtd pid and log
 
     @property
@@ -610,7 +616,8 @@ def _iscsi(raw: Any) -> IscsiConfig:
     from iscsi_bridge.names import validate_initiator, validate_iqn
 
     s = _Section(raw, "iscsi", ("enabled", "portal", "iqn", "chap", "mutual_chap",
-                                "initiators", "allow", "control_port", "run_dir", "route"))
+                                "initiators", "allow", "control_port", "run_dir", "route",
+                                "fuse"))
     default = IscsiConfig()
     host, port = parse_host_port(s.get("portal") if s.has("portal") else default.portal,
                                  "iscsi.portal")
@@ -639,6 +646,7 @@ def _iscsi(raw: Any) -> IscsiConfig:
         control_port=s.integer("control_port", default.control_port, 1, 32767),
         run_dir=s.path_("run_dir", default.run_dir) or default.run_dir,
         route=s.enum("route", IscsiRoute, default.route),
+        fuse=s.enum("fuse", IscsiFuse, default.fuse),
     )
     if cfg.enabled and cfg.iqn is None:
         raise ConfigError("missing key 'iqn' in iscsi (required when iscsi.enabled is true)")

@@ -227,7 +227,8 @@ class Bridge:
         for name in set(self.mounts) - {t.export.name for t in targets.values()}:
             self._drop_mount(self.mounts.pop(name))
         for name in self._stray_mounts(targets):
-            self._drop_mount(FuseMount(name, self.mount_root / name, "", read_only=True))
+            self._drop_mount(FuseMount(name, self.mount_root / name, "", True,
+                                       self.cfg.fuse.value))
 
         portals = self.adm.portals()
         if self.cfg.portal not in portals:
@@ -292,7 +293,8 @@ class Bridge:
             return m, False
         if m is not None:
             self._drop_mount(m)
-        m = FuseMount(name, self.mount_root / name, self.nbd_uri(name), want.read_only)
+        m = FuseMount(name, self.mount_root / name, self.nbd_uri(name), want.read_only,
+                      self.cfg.fuse.value)
         self.mounts[name] = m
         if m.healthy():  # adopted from an earlier bridge process
             return m, False
@@ -401,7 +403,7 @@ class Bridge:
                     removed = True
                     log.info("iscsi_target_removed", target=iqn, tid=tid)
         m = self.mounts.pop(export, None) or FuseMount(export, self.mount_root / export, "",
-                                                       read_only=True)
+                                                       True, self.cfg.fuse.value)
         self._drop_mount(m)
         return removed
 
@@ -414,7 +416,8 @@ class Bridge:
             self._drop_mount(m)
         self.mounts.clear()
         for name in self._stray_mounts({}):
-            self._drop_mount(FuseMount(name, self.mount_root / name, "", read_only=True))
+            self._drop_mount(FuseMount(name, self.mount_root / name, "", True,
+                                       self.cfg.fuse.value))
         log.info("iscsi_stopped")
 
     # -- status --------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""nbdfuse mounts: one NBD export as one file that tgtd can open.
+"""FUSE mounts: one NBD export as one file that tgtd can open.
 
-Each export gets ``<run_dir>/mnt/<export>/`` with the single file ``disk`` in it.
-nbdfuse runs as our child with a pid file; ``-o auto_unmount`` makes the kernel mount
-go away if nbdfuse dies, so a crashed mount never blocks a fresh one at the same path.
+Each export gets ``<run_dir>/mnt/<export>/`` with the single file ``disk`` in it, served
+by one process, our child with a pid file: ``nbdgw-fuse`` (iscsi_bridge/fused.py, the
+default: it lets the kernel pass tgtd's writes through in parallel) or ``nbdfuse``
+(iscsi.fuse: nbdfuse; FUSE then serialises the writes).  A mount whose server died is
+unmounted (``fusermount3 -u -z``) before a fresh one starts at the same path; nbdfuse's
+``-o auto_unmount`` does that by itself.
 tgtd opens the file with O_DIRECT (bsoflags=direct): no page cache sits between the
 iSCSI initiator and the NBD export, so reads always see what NBD clients wrote, and a
 SCSI SYNCHRONIZE CACHE or FUA write becomes fdatasync -> FUSE fsync -> NBD FLUSH.
@@ -14,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,8 +33,10 @@ log = structlog.get_logger(component="iscsi")
 
 #: One NBD connection per mount: the nbdgw plugin serialises requests, and FUSE takes
 #: the inode lock for every write, so more connections only add thread hand-offs.
-CONNECTIONS = 1
+CONNECTIONS = 1  # nbdfuse: more changed nothing measurable (its writes are serialised)
+NBDGW_CONNECTIONS = 4  # nbdgw-fuse: one worker thread each; requests overlap
 FILE_NAME = "disk"
+SERVERS = {"nbdgw": "nbdgw-fuse", "nbdfuse": "nbdfuse"}  # iscsi.fuse -> process name
 
 
 def mounted(path: Path) -> bool:
@@ -52,7 +58,12 @@ def _unescape(field: str) -> str:
 class FuseMount:
     """The nbdfuse process that shows export ``export`` as ``<dir>/disk``."""
 
-    def __init__(self, export: str, mount_dir: Path, uri: str, read_only: bool) -> None:
+    def __init__(self, export: str, mount_dir: Path, uri: str, read_only: bool,
+                 server: str = "nbdgw") -> None:
+        if server not in SERVERS:
+            raise FuseError(f"unknown FUSE server {server!r} ({' or '.join(SERVERS)})")
+        self.server = server
+        self.comm = SERVERS[server]
         self.export = export
         self.dir = mount_dir
         self.uri = uri
@@ -63,10 +74,10 @@ class FuseMount:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def pid(self) -> int | None:
-        return live_pid(self.proc, self.pid_file, "nbdfuse")
+        return live_pid(self.proc, self.pid_file, self.comm)
 
     def healthy(self) -> bool:
-        """nbdfuse alive, mounted, and the file answers stat (a dead FUSE gives ENOTCONN)."""
+        """Server alive, mounted, and the file answers stat (a dead FUSE gives ENOTCONN)."""
         if self.pid() is None or not mounted(self.dir):
             return False
         try:
@@ -79,10 +90,15 @@ class FuseMount:
         self.stop()
         self.dir.mkdir(exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
-        argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
-                "-o", "auto_unmount", *(["-r"] if self.read_only else []),
-                str(self.file), self.uri]
-        log.info("nbdfuse_starting", export=self.export, argv=argv)
+        ro = ["-r"] if self.read_only else []
+        if self.server == "nbdgw":
+            argv = [sys.executable, "-m", "iscsi_bridge.fused", "-C", str(NBDGW_CONNECTIONS),
+                    "-P", str(self.pid_file), "--file", FILE_NAME, *ro, str(self.dir),
+                    self.uri]
+        else:
+            argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
+                    "-o", "auto_unmount", *ro, str(self.file), self.uri]
+        log.info("fuse_starting", export=self.export, server=self.comm, argv=argv)
         with open(self.log_file, "ab") as logf:
             try:
                 self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf,
@@ -94,17 +110,18 @@ class FuseMount:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise FuseError(f"nbdfuse for {self.export} exited with status "
+                raise FuseError(f"{self.comm} for {self.export} exited with status "
                                 f"{self.proc.returncode}: {_tail(self.log_file)}")
             if self.pid_file.exists() and self.healthy():
-                log.info("nbdfuse_started", export=self.export, pid=self.proc.pid)
+                log.info("fuse_started", export=self.export, server=self.comm,
+                         pid=self.proc.pid)
                 return
             time.sleep(0.05)
         self.stop()
-        raise FuseError(f"nbdfuse for {self.export} was not ready within {timeout} s")
+        raise FuseError(f"{self.comm} for {self.export} was not ready within {timeout} s")
 
     def stop(self, timeout: float = 15) -> None:
-        """Unmount (nbdfuse then exits by itself); kill it if it does not."""
+        """Unmount (the server then exits by itself); kill it if it does not."""
         pid = self.pid()
         if mounted(self.dir):
             try:
@@ -120,7 +137,7 @@ class FuseMount:
                 else:
                     time.sleep(0.05)
             if self.pid() is not None:
-                log.error("nbdfuse_kill", export=self.export, pid=pid)
+                log.error("fuse_kill", export=self.export, server=self.comm, pid=pid)
                 os.kill(pid, signal.SIGKILL)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
