@@ -169,19 +169,21 @@ class Server:
         return threads
 
     def _worker(self, h: nbd.NBD) -> None:
+        buf = bytearray(READ_BUFFER)  # one per thread, reused: no allocation per request
+        view = memoryview(buf)
         while not self.stopping.is_set():
             try:
-                req = os.read(self.fd, READ_BUFFER)
+                n = os.readv(self.fd, [buf])
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue  # ENOENT: the request was interrupted before we read it
                 if e.errno != errno.ENODEV:  # ENODEV: unmounted
                     print(f"nbdgw-fuse: reading /dev/fuse: {e}", file=sys.stderr, flush=True)
                 break
-            _len, opcode, unique, node, _u, _g, _p, _x, _pad = IN_HDR.unpack_from(req)
+            _len, opcode, unique, node, _u, _g, _p, _x, _pad = IN_HDR.unpack_from(buf)
             if opcode in NO_REPLY:
                 continue
-            err, body = self.handle(h, opcode, node, memoryview(req)[IN_HDR.size:])
+            err, body = self.handle(h, opcode, node, view[IN_HDR.size:n])
             self._reply(unique, err, body)
             if opcode == DESTROY:
                 break
