@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ChapConfig, IscsiConfig, IscsiRoute, parse_config
+from gateway.config import ChapConfig, IscsiConfig, IscsiFuse, IscsiRoute, parse_config
 from gateway.errors import ConfigError
 
 IQN = "iqn.2026-11.com.example:nbdgw"
 IQN_RULE = ("expected an IQN such as iqn.2026-11.com.example:nbdgw (iqn.YYYY-MM. and a "
             "reversed domain name, then optionally ':' and a unique part; lowercase "
             "letters, digits, '.', '-' and ':' only)")
-KNOWN = ("allow, chap, control_port, enabled, initiators, iqn, mutual_chap, portal, route, "
-         "run_dir")
+KNOWN = ("allow, chap, control_port, enabled, fuse, initiators, iqn, mutual_chap, portal, "
+         "route, run_dir")
 
 
 def cfg(iscsi: Any, **top: Any) -> IscsiConfig:
@@ -33,6 +33,7 @@ def test_defaults() -> None:
     assert c == IscsiConfig()
     assert (c.enabled, c.portal, c.iqn, c.control_port) == (False, "0.0.0.0:3260", None, 3260)
     assert c.run_dir == Path("/run/nbdgw/iscsi")
+    assert c.fuse is IscsiFuse.NBDGW
 
 
 def test_full_section() -> None:
@@ -41,7 +42,8 @@ def test_full_section() -> None:
              "mutual_chap": {"user": "tgt", "secret_file": "/etc/nbdgw/mutual"},
              "initiators": ["iqn.1991-05.com.microsoft:sql1", "eui.0123456789ABCDEF",
                             "naa.0123456789abcdef"],
-             "control_port": 17000, "run_dir": "/srv/iscsi", "route": "loop"},
+             "control_port": 17000, "run_dir": "/srv/iscsi", "route": "loop",
+             "fuse": "nbdfuse"},
             volumes=[{"name": "sql-data", "size": "1G"}])
     assert (c.portal_host, c.portal_port, c.portal) == ("2001:db8::10", 3261,
                                                         "[2001:db8::10]:3261")
@@ -50,6 +52,7 @@ def test_full_section() -> None:
     assert len(c.initiators) == 3
     assert (c.control_port, c.run_dir, c.route) == (17000, Path("/srv/iscsi"),
                                                     IscsiRoute.LOOP)
+    assert c.fuse is IscsiFuse.NBDFUSE
 
 
 def test_allow_is_normalised() -> None:
@@ -84,6 +87,7 @@ def test_allow_is_normalised() -> None:
     ({"control_port": 0}, {}, "expected integer between 1 and 32767 for iscsi.control_port"),
     ({"run_dir": "run"}, {}, "expected an absolute path for iscsi.run_dir"),
     ({"route": "fast"}, {}, "expected one of file, loop for iscsi.route"),
+    ({"fuse": "fusepy"}, {}, "expected one of nbdgw, nbdfuse for iscsi.fuse"),
     ({"chap": {"user": "a"}}, {}, "missing key 'secret_file' in iscsi.chap"),
     ({"chap": {"secret_file": "/s"}}, {}, "missing key 'user' in iscsi.chap"),
     ({"chap": {"user": "a b", "secret_file": "/s"}}, {},

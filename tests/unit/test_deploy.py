@@ -507,7 +507,8 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
         "enabled": True, "portal": "0.0.0.0:3260", "iqn": "iqn.2026-11.com.example:nbdgw",
         "chap": {"user": "sql", "secret_file": f"{etc}/iscsi-chap.secret"},
         "mutual_chap": {"user": "target", "secret_file": f"{etc}/iscsi-mutual-chap.secret"},
-        "initiators": ["iqn.2026-11.com.example:sql1"], "route": "file"}
+        "initiators": ["iqn.2026-11.com.example:sql1"], "route": "file",
+        "fuse": "nbdgw"}
     assert "chap-secret" not in cfg["__path"].read_text()
     config_check(cfg["__path"])
 
