@@ -145,6 +145,9 @@ class Server:
             return e.errno or errno.EIO, b""
         except nbd.Error as e:
             return e.errno or errno.EIO, b""
+        except Exception as e:  # noqa: BLE001 - a worker that died would leave requests unanswered
+            print(f"nbdgw-fuse: request {op} failed: {e!r}", file=sys.stderr, flush=True)
+            return errno.EIO, b""
 
     # -- attributes ----------------------------------------------------------------
 

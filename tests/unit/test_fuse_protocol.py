@@ -156,3 +156,9 @@ def test_unknown_requests_are_enosys() -> None:
     s, h = server()
     assert s.handle(h, 39, F.FILE, bytes(64))[0] == errno.ENOSYS  # IOCTL
     assert s.handle(h, 22, F.FILE, bytes(64))[0] == errno.ENOSYS  # GETXATTR
+
+
+def test_a_malformed_request_is_an_error_not_a_dead_worker() -> None:
+    s, h = server()
+    assert s.handle(h, F.WRITE, F.FILE, b"\0" * 8) == (errno.EIO, b"")  # header cut short
+    assert s.handle(h, F.LOOKUP, F.ROOT, b"disk\0")[0] == 0  # still serving
