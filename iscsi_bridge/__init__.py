@@ -1,4 +1,4 @@
-"""iSCSI bridge: the node's NBD exports to iSCSI initiators through tgtd and nbdfuse.
+"""iSCSI bridge: the node's NBD exports to iSCSI initiators through tgtd and a FUSE file.
 
 ``Bridge(config.iscsi, nbd_uri).reconcile(exports)`` makes tgtd serve exactly
 ``exports`` (idempotent; repairs a restarted tgtd or a target deleted by hand);

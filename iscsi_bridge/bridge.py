@@ -7,16 +7,16 @@ target per NBD export, named from the config's IQN) with what it serves now, as
 1. tgtd not answering on our control port (never started, killed, crashed) -> start it;
    its targets and accounts are gone with it and are rebuilt below.
 2. Targets tgtd has that are not wanted (volume deleted, role no longer primary,
-   snapshot withdrawn) are deleted first, sessions and all, then their nbdfuse mounts.
-3. Per wanted export: the nbdfuse mount is (re)started if it is not healthy; the
-   target, its LUN 1 (rdwr, O_DIRECT, on the nbdfuse file), the LUN's identity and
+   snapshot withdrawn) are deleted first, sessions and all, then their FUSE mounts.
+3. Per wanted export: the FUSE mount is (re)started if it is not healthy; the
+   target, its LUN 1 (rdwr, O_DIRECT, on the FUSE file), the LUN's identity and
    read-only flag, the initiator ACL and the CHAP bindings are created or corrected.
-   A LUN whose open file is not the current mount's (nbdfuse restarted under it) is
-   re-created.
+   A LUN whose open file is not the current mount's (its FUSE server restarted under
+   it) is re-created.
 
 Calling it again with the same input changes nothing.  Read-only is generic: an
-`Export` with ``read_only=True`` gets ``nbdfuse -r`` and tgtd ``readonly=1``; snapshots
-(``VOLUME@SNAP``) are always read-only.  `stop()` deletes every target and stops tgtd
+`Export` with ``read_only=True`` gets a read-only FUSE mount and tgtd ``readonly=1``;
+snapshots (``VOLUME@SNAP``) are always read-only.  `stop()` deletes every target and stops tgtd
 with ``tgtadm --op delete --mode system``, then unmounts.
 """
 
@@ -123,10 +123,11 @@ def exports_from_config(cfg: NodeConfig, primary: bool | None = None,
 
 
 class Bridge:
-    """tgtd + nbdfuse in front of an NBD server, reconciled to a list of exports.
+    """tgtd + a FUSE server (nbdgw-fuse or nbdfuse) in front of an NBD server,
+    reconciled to a list of exports.
 
-    ``nbd_uri(export)`` returns the NBD URI nbdfuse connects to for one export name,
-    e.g. ``nbd+unix:///v1?socket=/run/nbdgw/nbd.sock``.
+    ``nbd_uri(export)`` returns the NBD URI the FUSE server connects to for one export
+    name, e.g. ``nbd+unix:///v1?socket=/run/nbdgw/nbd.sock``.
     """
 
     def __init__(self, cfg: IscsiConfig, nbd_uri: Callable[[str], str],
@@ -142,7 +143,7 @@ class Bridge:
         self.mounts: dict[str, FuseMount] = {}
         self._secrets_set: dict[str, str] = {}  # user -> secret, for this tgtd's pid
         self._tgtd_pid: int | None = None
-        # "file": tgtd on the nbdfuse file itself (O_DIRECT; what the conformance suite
+        # "file": tgtd on the FUSE file itself (O_DIRECT; what the conformance suite
         # passes with).  "loop": tgtd on a direct-I/O loop device over it: writes overlap
         # (see loop.py), but tgtd's VERIFY, WRITE AND VERIFY, ORWRITE and odd-length
         # transfers use buffers that O_DIRECT on a block device refuses (EINVAL).
@@ -277,7 +278,7 @@ class Bridge:
         m.stop()
 
     def _backing(self, want: Target, mount: FuseMount) -> str:
-        """The path tgtd's LUN opens: the nbdfuse file, or a current loop device over it."""
+        """The path tgtd's LUN opens: the FUSE file, or a current loop device over it."""
         if self.route == "file":
             return str(mount.file)
         for lo in loop.loops_of(mount.file):
