@@ -51,13 +51,9 @@ def volume(name: str) -> VolumeIO:
     return v
 
 
-def record(name: str, op: int, nbytes: int, ns: int) -> None:
-    """One completed request of ``op`` on export ``name`` that took ``ns`` nanoseconds."""
-    count(VOLUMES[name].ops[op], nbytes, ns)  # opened() made it: a request needs a handle
-
-
 def count(c: list[int], nbytes: int, ns: int) -> None:
-    """The same, given that op's counters (``opened()[op]``): the plugin's hot path."""
+    """One completed request that took ``ns`` nanoseconds, on its op's counters
+    (``opened(name)[op]``, kept on the connection's handle)."""
     c[0] += 1
     c[1] += nbytes
     c[2] += ns
