@@ -48,26 +48,30 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int,
     file (see above).  A short piece (the disk filled up part way) is retried once so
     that the kernel reports its errno; a second short write is ENOSPC."""
     n = len(data)
-    if n <= FOLIO_CHUNK:
-        _pwrite_piece(fd, data, offset, what)
+    if n <= FOLIO_CHUNK:  # every small write: one syscall, no further call
+        done = os.pwrite(fd, data, offset)
+        if done != n:
+            _write_rest(fd, data, offset, done, what)
         return
     mv = memoryview(data)
-    done = 0
+    pos = 0
     step = FOLIO_CHUNK - (offset & _FOLIO_MASK)
-    while done < n:
-        end = min(done + step, n)
-        _pwrite_piece(fd, mv[done:end], offset + done, what)
-        done, step = end, FOLIO_CHUNK
+    while pos < n:
+        end = min(pos + step, n)
+        piece = mv[pos:end]
+        done = os.pwrite(fd, piece, offset + pos)
+        if done != end - pos:
+            _write_rest(fd, piece, offset + pos, done, what)
+        pos, step = end, FOLIO_CHUNK
 
 
-def _pwrite_piece(fd: int, data: bytes | bytearray | memoryview, offset: int,
-                  what: str) -> None:
-    n = os.pwrite(fd, data, offset)
-    if n != len(data):
-        rest = memoryview(data)[n:]
-        if os.pwrite(fd, rest, offset + n) != len(rest):
-            raise OSError(errno.ENOSPC, f"No space left on device (short {what} at "
-                                        f"{offset + n})")
+def _write_rest(fd: int, data: bytes | bytearray | memoryview, offset: int, done: int,
+                what: str) -> None:
+    """After a short pwrite of ``done`` bytes: the rest once more, for the errno."""
+    rest = memoryview(data)[done:]
+    if os.pwrite(fd, rest, offset + done) != len(rest):
+        raise OSError(errno.ENOSPC, f"No space left on device (short {what} at "
+                                    f"{offset + done})")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -18,4 +18,5 @@ class TgtdError(BridgeError):
 
 
 class FuseError(BridgeError):
-    """An nbdfuse mount did not come up or could not be taken down."""
+    """A FUSE mount (nbdgw-fuse or nbdfuse) did not come up, or could not be served or
+    taken down."""

@@ -34,7 +34,6 @@ log = structlog.get_logger(component="iscsi")
 #: One NBD connection per mount: the nbdgw plugin serialises requests, and FUSE takes
 #: the inode lock for every write, so more connections only add thread hand-offs.
 CONNECTIONS = 1  # nbdfuse: more changed nothing measurable (its writes are serialised)
-NBDGW_CONNECTIONS = 4  # nbdgw-fuse: one worker thread each; requests overlap
 FILE_NAME = "disk"
 SERVERS = {"nbdgw": "nbdgw-fuse", "nbdfuse": "nbdfuse"}  # iscsi.fuse -> process name
 
@@ -92,9 +91,8 @@ class FuseMount:
         self.pid_file.unlink(missing_ok=True)
         ro = ["-r"] if self.read_only else []
         if self.server == "nbdgw":
-            argv = [sys.executable, "-m", "iscsi_bridge.fused", "-C", str(NBDGW_CONNECTIONS),
-                    "-P", str(self.pid_file), "--file", FILE_NAME, *ro, str(self.dir),
-                    self.uri]
+            argv = [sys.executable, "-m", "iscsi_bridge.fused", "-P", str(self.pid_file),
+                    "--file", FILE_NAME, *ro, str(self.dir), self.uri]
         else:
             argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
                     "-o", "auto_unmount", *ro, str(self.file), self.uri]

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import nbd
 
+from .errors import FuseError
+
 # Opcodes (linux/fuse.h).
 LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
 OPEN, READ, WRITE, STATFS, RELEASE, FSYNC, FLUSH, INIT = 14, 15, 16, 17, 18, 20, 25, 26
@@ -83,10 +85,6 @@ VALID = 3600  # seconds the kernel may cache names and attributes (nothing chang
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-class FuseError(Exception):
-    """Cannot mount or serve (a clear message for the operator and the bridge's log)."""
 
 
 def connect(uri: str, n: int, read_only: bool) -> list[nbd.NBD]:

@@ -20,24 +20,21 @@ import pytest
 
 from iscsi_bridge.fuse import mounted
 from tests.conftest import Served
+from tests.integration.test_filesystem import nbdfuse
 
 MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def fuse_file(mnt: Path, uri: str, *extra: str, server: str = "nbdgw",
-              timeout: float = 15) -> Iterator[Path]:
-    """The export at ``uri`` as ``mnt/disk``, served by nbdgw-fuse (or nbdfuse)."""
+def fuse_file(mnt: Path, uri: str, *extra: str, timeout: float = 15) -> Iterator[Path]:
+    """The export at ``uri`` as ``mnt/disk``, served by nbdgw-fuse."""
     mnt.mkdir(parents=True, exist_ok=True)
-    if server == "nbdgw":
-        argv = [sys.executable, "-m", "iscsi_bridge.fused", *extra, str(mnt), uri]
-    else:
-        argv = ["nbdfuse", *extra, str(mnt / "disk"), uri]
+    argv = [sys.executable, "-m", "iscsi_bridge.fused", *extra, str(mnt), uri]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + timeout
         while not (mounted(mnt) and (mnt / "disk").exists()):
-            assert proc.poll() is None, f"{argv[0]} exited: {proc.stdout.read()}"
+            assert proc.poll() is None, f"nbdgw-fuse exited: {proc.stdout.read()}"
             assert time.monotonic() < deadline, f"{argv} did not mount in {timeout} s"
             time.sleep(0.05)
         yield mnt / "disk"
@@ -113,8 +110,10 @@ def test_writes_overlap_where_nbdfuse_serialises_them(tmp_path: Path) -> None:
             time.sleep(0.05)
         uri = f"nbd+unix:///?socket={sock}"
         took = {}
-        for server, extra in (("nbdgw", ("-C", "4")), ("nbdfuse", ("-C", "4"))):
-            with fuse_file(tmp_path / server, uri, *extra, server=server) as disk:
+        mounts = {"nbdgw": lambda: fuse_file(tmp_path / "nbdgw", uri, "-C", "4"),
+                  "nbdfuse": lambda: nbdfuse(tmp_path / "nbdfuse", uri)}
+        for server, mount in mounts.items():
+            with mount() as disk:
                 fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
                 try:
                     def one(i: int, fd: int = fd) -> None:

@@ -228,11 +228,8 @@ def test_unclean_restart_gives_hot_extents_to_every_known_peer(info: VolumeInfo)
         vol.close()
 
 
-def test_pinned_journal_over_half_the_cap_waits_for_the_interval(
-        info: VolumeInfo, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records a lagging peer pins stay however often the store is synced: a journal
-    that holds more than half its cap because of them is not checkpointed at every
-    rotation (only after MIN_INTERVAL, or past the cap)."""
+def checkpoint_times(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each checkpoint of this test's volumes started (appended as they run)."""
     times: list[float] = []
     real = Volume.checkpoint_through
 
@@ -241,15 +238,29 @@ def test_pinned_journal_over_half_the_cap_waits_for_the_interval(
         real(self, seq)
 
     monkeypatch.setattr(Volume, "checkpoint_through", timed)
+    return times
+
+
+def wait_for_first(times: list[float]) -> None:
+    """The first checkpoint (asked for at the first rotation) has run, and only it."""
+    deadline = time.monotonic() + 2
+    while not times and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(times) == 1
+
+
+def test_pinned_journal_over_half_the_cap_waits_for_the_interval(
+        info: VolumeInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records a lagging peer pins stay however often the store is synced: a journal
+    that holds more than half its cap because of them is not checkpointed at every
+    rotation (only after MIN_INTERVAL, or past the cap)."""
+    times = checkpoint_times(monkeypatch)
     vol = open_vol(info, cap=16 * SEG)
     try:
         assert vol.journal is not None and vol.checkpointer is not None
         set_peer(info, "slow", 0)  # pins everything below the cap
         write_blocks(vol, list(range(40)))  # ~3 segments: the first checkpoint
-        deadline = time.monotonic() + 2
-        while not times and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(times) == 1
+        wait_for_first(times)
         write_blocks(vol, list(range(40, 150)))  # ~10 segments: over half the cap, under it
         assert 8 * SEG < vol.journal.retained_bytes() < 16 * SEG
         time.sleep(0.5)
@@ -263,22 +274,12 @@ def test_checkpoint_starts_at_half_the_cap_not_at_it(
         info: VolumeInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal over half its cap is checkpointed without waiting out MIN_INTERVAL, so
     the fdatasync runs while the other half fills (not on the request path at the cap)."""
-    times: list[float] = []
-    real = Volume.checkpoint_through
-
-    def timed(self: Volume, seq: int) -> None:
-        times.append(time.monotonic())
-        real(self, seq)
-
-    monkeypatch.setattr(Volume, "checkpoint_through", timed)
+    times = checkpoint_times(monkeypatch)
     vol = open_vol(info, cap=8 * SEG)
     try:
         assert vol.checkpointer is not None and vol.checkpointer.MIN_INTERVAL >= 2
         write_blocks(vol, list(range(20)))  # one rotation: the first checkpoint
-        deadline = time.monotonic() + 2
-        while not times and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(times) == 1
+        wait_for_first(times)
         write_blocks(vol, list(range(20, 100)))  # ~5 more: grown past half the cap, under it
         assert vol.journal is not None and vol.journal.retained_bytes() < 8 * SEG
         time.sleep(0.5)
