@@ -253,18 +253,23 @@ def test_pinned_journal_over_half_the_cap_waits_for_the_interval(
         info: VolumeInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     """Records a lagging peer pins stay however often the store is synced: a journal
     that holds more than half its cap because of them is not checkpointed at every
-    rotation (only after MIN_INTERVAL, or past the cap)."""
+    rotation (only after MIN_INTERVAL, once it has grown by half the cap, or past it)."""
     times = checkpoint_times(monkeypatch)
-    vol = open_vol(info, cap=16 * SEG)
+    vol = open_vol(info, cap=32 * SEG)
     try:
         assert vol.journal is not None and vol.checkpointer is not None
         set_peer(info, "slow", 0)  # pins everything below the cap
-        write_blocks(vol, list(range(40)))  # ~3 segments: the first checkpoint
-        wait_for_first(times)
-        write_blocks(vol, list(range(40, 150)))  # ~10 segments: over half the cap, under it
-        assert 8 * SEG < vol.journal.retained_bytes() < 16 * SEG
+        write_blocks(vol, list(range(315)))  # ~20 segments: over half the cap, pinned
+        # The first checkpoint runs at the first rotation, the next one after
+        # MIN_INTERVAL; from then on the journal is measured from ~20 segments.
+        deadline = time.monotonic() + 3 * vol.checkpointer.MIN_INTERVAL
+        while len(times) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(times) == 2
+        write_blocks(vol, list(range(315, 441)))  # ~8 more rotations, all over half
+        assert 16 * SEG < vol.journal.retained_bytes() < 32 * SEG
         time.sleep(0.5)
-        assert len(times) == 1  # no checkpoint per rotation
+        assert len(times) == 2  # no checkpoint per rotation
         assert first_retained(vol) == 1  # nothing the peer lacks was released
     finally:
         vol.close()
