@@ -757,7 +757,7 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
         exports = [e for e in exports if e.name in volumes]
     if not exports:
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
-    bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket))
+    bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -215,7 +215,8 @@ class IscsiRoute(enum.Enum):
 
 
 class IscsiFuse(enum.Enum):
-    NBDGW = "nbdgw"  # iscsi_bridge/fused.py: parallel direct writes
+    NBDKIT = "nbdkit"  # served inside the volume's nbdkit (nbd_plugin/fusefile.py)
+    NBDGW = "nbdgw"  # iscsi_bridge/fused.py over NBD: parallel direct writes
     NBDFUSE = "nbdfuse"  # libnbd's nbdfuse: FUSE serialises its writes
 
 
@@ -241,7 +242,7 @@ class IscsiConfig:
     allow: tuple[str, ...] = ()  # initiator addresses (CIDRs) allowed; empty = any
     control_port: int = 3260  # tgtd's management socket /var/run/tgtd/socket.<N>
     route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the FUSE file
-    fuse: IscsiFuse = IscsiFuse.NBDGW  # which FUSE server shows each export as a file
+    fuse: IscsiFuse = IscsiFuse.NBDKIT  # which FUSE server shows each export as a file
     run_dir: Path = Path("/run/nbdgw/iscsi")  # nbdfuse mounts, tgtd pid and log
 
     @property

@@ -213,7 +213,7 @@ class IscsiRunner:
         from iscsi_bridge import Bridge
 
         self.cfg = cfg
-        self.bridge = Bridge(cfg.iscsi, nbd_uri)
+        self.bridge = Bridge(cfg.iscsi, nbd_uri, data_dir=cfg.data_dir)
         self.serving = False
         self.wake = threading.Event()
         self.stopping = False

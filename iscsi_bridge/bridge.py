@@ -127,16 +127,19 @@ class Bridge:
     reconciled to a list of exports.
 
     ``nbd_uri(export)`` returns the NBD URI the FUSE server connects to for one export
-    name, e.g. ``nbd+unix:///v1?socket=/run/nbdgw/nbd.sock``.
+    name, e.g. ``nbd+unix:///v1?socket=/run/nbdgw/nbd.sock`` (iscsi.fuse nbdgw and
+    nbdfuse); with iscsi.fuse nbdkit the mounts are served by the nbdkit serving the
+    volumes in ``data_dir``, through each volume's control socket.
     """
 
     def __init__(self, cfg: IscsiConfig, nbd_uri: Callable[[str], str],
-                 route: str | None = None) -> None:
+                 route: str | None = None, data_dir: Path | None = None) -> None:
         if cfg.iqn is None:
             raise BridgeError("iscsi.iqn is not set")
         self.cfg = cfg
         self.base_iqn = cfg.iqn
         self.nbd_uri = nbd_uri
+        self.data_dir = data_dir
         self.tgtd = Tgtd(cfg.control_port, cfg.portal, cfg.run_dir)
         self.adm = self.tgtd.adm
         self.mount_root = cfg.run_dir / "mnt"
@@ -294,13 +297,25 @@ class Bridge:
             return m, False
         if m is not None:
             self._drop_mount(m)
-        m = FuseMount(name, self.mount_root / name, self.nbd_uri(name), want.read_only,
+        m = FuseMount(name, self.mount_root / name, self._source(name), want.read_only,
                       self.cfg.fuse.value)
         self.mounts[name] = m
         if m.healthy():  # adopted from an earlier bridge process
             return m, False
         m.start()
         return m, True
+
+    def _source(self, export: str) -> str:
+        """What the FUSE server of ``export`` reads: an NBD URI, or (nbdkit) the
+        directory of the volume whose nbdkit serves it."""
+        from blockstore.volume import volumes_dir
+
+        if self.cfg.fuse.value != "nbdkit":
+            return self.nbd_uri(export)
+        if self.data_dir is None:
+            raise BridgeError("iscsi.fuse is nbdkit but the bridge was not given the data "
+                              "directory of the nbdkit serving the volumes")
+        return str(volumes_dir(self.data_dir) / export.partition("@")[0])
 
     def _reconcile_target(self, want: Target, have: TargetState | None,
                           secrets: dict[str, tuple[str, bool]], report: Report) -> None:

@@ -1,9 +1,18 @@
-"""FUSE mounts: one NBD export as one file that tgtd can open.
+"""FUSE mounts: one export as one file that tgtd can open.
 
 Each export gets ``<run_dir>/mnt/<export>/`` with the single file ``disk`` in it, served
-by one process, our child with a pid file: ``nbdgw-fuse`` (iscsi_bridge/fused.py, the
-default: it lets the kernel pass tgtd's writes through in parallel) or ``nbdfuse``
-(iscsi.fuse: nbdfuse; FUSE then serialises the writes).  A mount whose server died is
+by one of (iscsi.fuse):
+
+- ``nbdkit`` (the default): the nbdkit process that serves the volume.  The bridge
+  mounts (mount(2), as root) and hands the /dev/fuse descriptor over the volume's
+  control socket; nbdkit answers the requests on the volume itself, under the same
+  lock, lease, journal and sync gate as NBD requests (nbd_plugin/fusefile.py).  No NBD
+  round trip: the fastest route.  Needs the volume served by a local `nbdgw serve`.
+- ``nbdgw``: ``nbdgw-fuse`` (iscsi_bridge/fused.py), our child process, a client of the
+  NBD URI: the same protocol code over libnbd, for an NBD server that is not local.
+- ``nbdfuse`` (libnbd's): FUSE then serialises the writes (see fused.py).
+
+All three let the pid file name the serving process.  A mount whose server died is
 unmounted (``fusermount3 -u -z``) before a fresh one starts at the same path; nbdfuse's
 ``-o auto_unmount`` does that by itself.
 tgtd opens the file with O_DIRECT (bsoflags=direct): no page cache sits between the
@@ -26,6 +35,7 @@ import structlog
 from gateway.errors import CommandError
 from gateway.proc import run
 
+from . import fused
 from .errors import FuseError
 from .tgt import live_pid
 
@@ -35,7 +45,8 @@ log = structlog.get_logger(component="iscsi")
 #: the inode lock for every write, so more connections only add thread hand-offs.
 CONNECTIONS = 1  # nbdfuse: more changed nothing measurable (its writes are serialised)
 FILE_NAME = "disk"
-SERVERS = {"nbdgw": "nbdgw-fuse", "nbdfuse": "nbdfuse"}  # iscsi.fuse -> process name
+SERVERS = {"nbdkit": "nbdkit", "nbdgw": "nbdgw-fuse",  # iscsi.fuse -> process name
+           "nbdfuse": "nbdfuse"}
 
 
 def mounted(path: Path) -> bool:
@@ -55,17 +66,19 @@ def _unescape(field: str) -> str:
 
 
 class FuseMount:
-    """The nbdfuse process that shows export ``export`` as ``<dir>/disk``."""
+    """The FUSE mount that shows export ``export`` as ``<dir>/disk``.  ``source`` is
+    the NBD URI (nbdgw, nbdfuse) or the volume's directory (nbdkit: its control socket).
+    """
 
-    def __init__(self, export: str, mount_dir: Path, uri: str, read_only: bool,
-                 server: str = "nbdgw") -> None:
+    def __init__(self, export: str, mount_dir: Path, source: str, read_only: bool,
+                 server: str = "nbdkit") -> None:
         if server not in SERVERS:
             raise FuseError(f"unknown FUSE server {server!r} ({' or '.join(SERVERS)})")
         self.server = server
         self.comm = SERVERS[server]
         self.export = export
         self.dir = mount_dir
-        self.uri = uri
+        self.source = source
         self.read_only = read_only
         self.file = mount_dir / FILE_NAME
         self.pid_file = mount_dir.parent / f"{mount_dir.name}.pid"
@@ -89,13 +102,16 @@ class FuseMount:
         self.stop()
         self.dir.mkdir(exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
+        if self.server == "nbdkit":
+            self._start_in_nbdkit(timeout)
+            return
         ro = ["-r"] if self.read_only else []
         if self.server == "nbdgw":
             argv = [sys.executable, "-m", "iscsi_bridge.fused", "-P", str(self.pid_file),
-                    "--file", FILE_NAME, *ro, str(self.dir), self.uri]
+                    "--file", FILE_NAME, *ro, str(self.dir), self.source]
         else:
             argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
-                    "-o", "auto_unmount", *ro, str(self.file), self.uri]
+                    "-o", "auto_unmount", *ro, str(self.file), self.source]
         log.info("fuse_starting", export=self.export, server=self.comm, argv=argv)
         with open(self.log_file, "ab") as logf:
             try:
@@ -118,15 +134,48 @@ class FuseMount:
         self.stop()
         raise FuseError(f"{self.comm} for {self.export} was not ready within {timeout} s")
 
+    def _start_in_nbdkit(self, timeout: float) -> None:
+        """Mount, and hand the connection to the nbdkit serving the volume."""
+        from nbd_plugin.control import ControlError, request
+
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fused.mount(fd, self.dir, self.read_only)
+            try:
+                reply = request(Path(self.source), {"op": "fuse", "export": self.export,
+                                                    "read_only": self.read_only},
+                                timeout=timeout, fds=(fd,))
+            except ControlError as e:
+                raise FuseError(f"nbdkit cannot serve {self.export} over FUSE: {e}") from None
+        except BaseException:
+            os.close(fd)  # first: an unserved mount then fails at once, not hangs
+            fused.unmount(self.dir)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+            raise
+        os.close(fd)  # nbdkit holds the connection now: it ends with nbdkit
+        tmp = self.pid_file.with_name(self.pid_file.name + ".tmp")
+        tmp.write_text(f"{reply['pid']}\n")
+        tmp.replace(self.pid_file)
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise FuseError(f"nbdkit did not answer on the FUSE mount of {self.export} "
+                                f"within {timeout} s")
+            time.sleep(0.02)
+        log.info("fuse_started", export=self.export, server=self.comm, pid=reply["pid"])
+
     def stop(self, timeout: float = 15) -> None:
-        """Unmount (the server then exits by itself); kill it if it does not."""
+        """Unmount (the server then exits by itself); kill it if it does not.  nbdkit
+        serving the mount is never killed: unmounting ends its attachment."""
         pid = self.pid()
         if mounted(self.dir):
             try:
                 run(["fusermount3", "-u", "-z", str(self.dir)], timeout=timeout)
             except CommandError as e:
                 log.warning("fusermount_failed", export=self.export, error=str(e))
-        if pid is not None:
+        if pid is not None and self.server != "nbdkit":
             deadline = time.monotonic() + timeout
             while self.pid() is not None and time.monotonic() < deadline:
                 if self.proc is not None:

@@ -37,10 +37,9 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import nbd
+from typing import Protocol
 
 from .errors import FuseError
 
@@ -87,9 +86,24 @@ MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def connect(uri: str, n: int, read_only: bool) -> list[nbd.NBD]:
+class Backend(Protocol):
+    """Where the file's bytes are: a libnbd handle (its method names), or the volume
+    itself inside nbdkit (nbd_plugin/fusefile.py).  Failures raise an exception with an
+    ``errno`` attribute (OSError, nbd.Error); anything else is an I/O error."""
+
+    def get_size(self) -> int: ...
+    def pread(self, count: int, offset: int) -> bytes | bytearray | memoryview: ...
+    def pwrite(self, buf: bytes | memoryview, offset: int) -> None: ...
+    def flush(self) -> None: ...
+    def trim(self, count: int, offset: int) -> None: ...
+    def zero(self, count: int, offset: int) -> None: ...
+
+
+def connect(uri: str, n: int, read_only: bool) -> list[Backend]:
     """``n`` connections to the export at ``uri``."""
-    handles = []
+    import nbd  # libnbd's bindings: only this process kind needs them
+
+    handles: list[Backend] = []
     for _ in range(n):
         h = nbd.NBD()
         try:
@@ -120,32 +134,31 @@ def unmount(target: Path) -> None:
 class Server:
     """The file system: one directory holding one file of the export's size."""
 
-    def __init__(self, handles: list[nbd.NBD], name: str, read_only: bool) -> None:
+    def __init__(self, handles: Sequence[Backend], name: str, read_only: bool) -> None:
         self.name = name.encode()
         self.read_only = read_only
         self.handles = handles  # one per worker thread
         self.size = handles[0].get_size()
         self.stopping = threading.Event()
         self.fd = -1
-        self._ops: dict[int, Callable[[nbd.NBD, int, memoryview], bytes]] = {
+        self._ops: dict[int, Callable[[Backend, int, memoryview], bytes]] = {
             FSYNC: self._fsync, FSYNCDIR: self._fsync, GETATTR: self._getattr,
             LOOKUP: self._lookup, OPEN: self._open, FLUSH: _nothing, RELEASE: _nothing,
             RELEASEDIR: _nothing, DESTROY: _nothing, FALLOCATE: self._fallocate,
             SETATTR: self._setattr, OPENDIR: _opendir, READDIR: self._readdir,
             STATFS: self._statfs, INIT: self._init}
 
-    def handle(self, h: nbd.NBD, op: int, node: int, arg: bytes | memoryview
-               ) -> tuple[int, bytes | memoryview]:
+    def handle(self, h: Backend, op: int, node: int, arg: bytes | memoryview
+               ) -> tuple[int, bytes | bytearray | memoryview]:
         """One request's (errno or 0, reply body): what a worker writes back."""
         try:
             return 0, self._handle(h, op, node, memoryview(arg))
-        except OSError as e:
-            return e.errno or errno.EIO, b""
-        except nbd.Error as e:
-            return e.errno or errno.EIO, b""
         except Exception as e:  # noqa: BLE001 - a worker that died would leave requests unanswered
-            print(f"nbdgw-fuse: request {op} failed: {e!r}", file=sys.stderr, flush=True)
-            return errno.EIO, b""
+            err = getattr(e, "errno", None)  # OSError, nbd.Error
+            if not isinstance(err, int) or err <= 0:
+                print(f"nbdgw-fuse: request {op} failed: {e!r}", file=sys.stderr, flush=True)
+                return errno.EIO, b""
+            return err, b""
 
     # -- attributes ----------------------------------------------------------------
 
@@ -170,7 +183,7 @@ class Server:
             t.start()
         return threads
 
-    def _worker(self, h: nbd.NBD) -> None:
+    def _worker(self, h: Backend) -> None:
         buf = bytearray(READ_BUFFER)  # one per thread, reused: no allocation per request
         view = memoryview(buf)
         while not self.stopping.is_set():
@@ -191,7 +204,7 @@ class Server:
                 break
         self.stopping.set()
 
-    def _reply(self, unique: int, err: int, body: bytes | memoryview) -> None:
+    def _reply(self, unique: int, err: int, body: bytes | bytearray | memoryview) -> None:
         head = OUT_HDR.pack(OUT_HDR.size + (0 if err else len(body)), -err, unique)
         try:
             if err or not body:
@@ -202,7 +215,8 @@ class Server:
             if e.errno not in (errno.ENOENT, errno.ENODEV):  # interrupted / unmounted
                 print(f"nbdgw-fuse: reply: {e}", file=sys.stderr, flush=True)
 
-    def _handle(self, h: nbd.NBD, op: int, node: int, arg: memoryview) -> bytes | memoryview:
+    def _handle(self, h: Backend, op: int, node: int, arg: memoryview
+                ) -> bytes | bytearray | memoryview:
         if op == WRITE:  # the two that carry data first
             _fh, offset, size, _flags = RW_IN.unpack_from(arg)
             self._check(offset, size)
@@ -217,33 +231,33 @@ class Server:
             raise OSError(errno.ENOSYS, "not implemented")
         return fn(h, node, arg)
 
-    def _fsync(self, h: nbd.NBD, _node: int, _arg: memoryview) -> bytes:
+    def _fsync(self, h: Backend, _node: int, _arg: memoryview) -> bytes:
         if not self.read_only:
             h.flush()
         return b""
 
-    def _getattr(self, _h: nbd.NBD, node: int, _arg: memoryview) -> bytes:
+    def _getattr(self, _h: Backend, node: int, _arg: memoryview) -> bytes:
         return self._attr_out(node)
 
-    def _lookup(self, _h: nbd.NBD, node: int, arg: memoryview) -> bytes:
+    def _lookup(self, _h: Backend, node: int, arg: memoryview) -> bytes:
         name = bytes(arg).split(b"\0", 1)[0]
         if node != ROOT or name != self.name:
             raise OSError(errno.ENOENT, "no such file")
         return ENTRY_OUT.pack(FILE, 0, VALID, VALID, 0, 0) + self._attr(FILE)
 
-    def _open(self, _h: nbd.NBD, _node: int, arg: memoryview) -> bytes:
+    def _open(self, _h: Backend, _node: int, arg: memoryview) -> bytes:
         flags, _ = OPEN_IN.unpack_from(arg)
         if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise OSError(errno.EROFS, "read-only export")
         return OPEN_OUT.pack(0, FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES, 0)
 
-    def _setattr(self, _h: nbd.NBD, node: int, arg: memoryview) -> bytes:
+    def _setattr(self, _h: Backend, node: int, arg: memoryview) -> bytes:
         valid, _pad, _fh, size = SETATTR_IN.unpack_from(arg)
         if valid & FATTR_SIZE and size != self.size:
             raise OSError(errno.EPERM, "the export's size is fixed")
         return self._attr_out(node)
 
-    def _statfs(self, _h: nbd.NBD, _node: int, _arg: memoryview) -> bytes:
+    def _statfs(self, _h: Backend, _node: int, _arg: memoryview) -> bytes:
         blocks = (self.size + 4095) // 4096
         return KSTATFS.pack(blocks, 0, 0, 2, 0, 4096, 255, 4096, 0)
 
@@ -253,7 +267,7 @@ class Server:
         if offset + size > self.size:
             raise OSError(errno.ENOSPC, "past the end of the export")
 
-    def _fallocate(self, h: nbd.NBD, _node: int, arg: memoryview) -> bytes:
+    def _fallocate(self, h: Backend, _node: int, arg: memoryview) -> bytes:
         _fh, offset, length, mode = FALLOCATE_IN.unpack_from(arg)
         length = min(length, max(0, self.size - offset))
         if mode & FALLOC_FL_PUNCH_HOLE:
@@ -268,7 +282,7 @@ class Server:
             raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
         return b""  # plain allocation: every byte of the export exists already
 
-    def _readdir(self, _h: nbd.NBD, _node: int, arg: memoryview) -> bytes:
+    def _readdir(self, _h: Backend, _node: int, arg: memoryview) -> bytes:
         _fh, offset, size, _flags = RW_IN.unpack_from(arg)
         entries = [(ROOT, b".", stat.S_IFDIR), (ROOT, b"..", stat.S_IFDIR),
                    (FILE, self.name, stat.S_IFREG)]
@@ -281,7 +295,7 @@ class Server:
             out += ent
         return out
 
-    def _init(self, _h: nbd.NBD, _node: int, arg: memoryview) -> bytes:
+    def _init(self, _h: Backend, _node: int, arg: memoryview) -> bytes:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(arg)
         if major != KERNEL_MAJOR:
             raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} (want 7.x)")
@@ -290,11 +304,11 @@ class Server:
                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0, 0)
 
 
-def _nothing(_h: nbd.NBD, _node: int, _arg: memoryview) -> bytes:
+def _nothing(_h: Backend, _node: int, _arg: memoryview) -> bytes:
     return b""
 
 
-def _opendir(_h: nbd.NBD, _node: int, _arg: memoryview) -> bytes:
+def _opendir(_h: Backend, _node: int, _arg: memoryview) -> bytes:
     return OPEN_OUT.pack(0, 0, 0)
 
 
@@ -338,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.join(5)
     os.close(fd)
+    import nbd
+
     for h in srv.handles:
         with contextlib.suppress(nbd.Error):  # a server already gone: nothing to close
-            h.shutdown()
+            h.shutdown()  # type: ignore[attr-defined]
     return 0
 
 

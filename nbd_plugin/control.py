@@ -8,7 +8,11 @@ line in, one JSON line out::
     {"op": "create", "volumes": ["db-data", "db-log"], "name": "before-upgrade"}
     {"op": "delete" | "rollback", "volume": "v1", "name": "before-upgrade"}
     {"op": "stats"}  -> {"ok": true, "pid": ..., "exports": nbd_plugin.iostats.snapshot()}
+    {"op": "fuse", "export": "v1", "read_only": false}  + a /dev/fuse fd (SCM_RIGHTS)
     -> {"ok": true, ...} | {"ok": false, "error": "exact message"}
+
+``fuse`` is the iSCSI bridge handing over a FUSE mount it made for an export, to be
+served from this process (nbd_plugin/fusefile.py); ``{"ok": true, "pid": ...}``.
 
 The plugin runs each request under the lock every NBD request takes, so no write lands
 between the MARKs of a consistency group: the group is one instant of every volume.
@@ -92,10 +96,12 @@ class ControlServer:
     """Listens on each served volume's control.sock; runs requests under ``lock``."""
 
     def __init__(self, volumes: dict[str, Volume], lock: threading.Lock,
-                 can_delete: Callable[[str, str], str | None]) -> None:
+                 can_delete: Callable[[str, str], str | None],
+                 attach_fuse: Callable[[str, int, bool], None] | None = None) -> None:
         self.volumes = volumes
         self.lock = lock
         self.can_delete = can_delete  # (volume, snapshot) -> refusal reason or None
+        self.attach_fuse = attach_fuse  # (export, /dev/fuse fd, read-only): Server's
         self.stopping = threading.Event()
         self.socks: list[tuple[socket.socket, Path]] = []
         self.threads: list[threading.Thread] = []
@@ -129,20 +135,48 @@ class ControlServer:
                 continue
             except OSError:
                 return
+            fds: list[int] = []  # descriptors passed with the request (op fuse)
             with conn:
                 try:
                     conn.settimeout(10)
-                    req = json.loads(_recv_line(conn))
-                    if isinstance(req, dict) and req.get("op") == "hold":
+                    first, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 1)
+                    req = json.loads(_recv_line(conn, first))
+                    op = req.get("op") if isinstance(req, dict) else None
+                    if op == "hold":
                         self._hold(conn, req)
                         continue
-                    # Counters only: no lock, never waits for an NBD request.
-                    reply = ({"ok": True, "pid": os.getpid(), "exports": iostats.snapshot()}
-                             if req == {"op": "stats"} else self.handle(req))
+                    if op == "fuse":
+                        reply, fds = self._fuse(req, fds), []
+                    else:  # stats: counters only; no lock, never waits for an NBD request
+                        reply = ({"ok": True, "pid": os.getpid(),
+                                  "exports": iostats.snapshot()}
+                                 if req == {"op": "stats"} else self.handle(req))
                 except (OSError, ValueError, ControlError) as e:
                     reply = {"ok": False, "error": f"bad control request: {e}"}
+                finally:
+                    for fd in fds:
+                        os.close(fd)
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _fuse(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Serve a FUSE mount of ``req["export"]`` on the descriptor passed with it
+        (nbd_plugin/fusefile.py); the descriptor is ours from here on."""
+        export, read_only = req.get("export"), req.get("read_only")
+        if len(fds) != 1 or not isinstance(export, str) or not isinstance(read_only, bool):
+            for fd in fds:
+                os.close(fd)
+            return {"ok": False, "error": "bad control request: fuse needs export, "
+                                          "read_only and one /dev/fuse descriptor"}
+        if self.attach_fuse is None:
+            os.close(fds[0])
+            return {"ok": False, "error": "this process does not serve FUSE mounts"}
+        try:
+            self.attach_fuse(export, fds[0], read_only)
+        except OSError as e:
+            return {"ok": False, "error": f"cannot serve {export} over FUSE: "
+                                          f"{e.strerror if e.strerror else e}"}
+        return {"ok": True, "pid": os.getpid()}
 
     def _hold(self, conn: socket.socket, req: dict[str, Any]) -> None:
         """Switchover drain: take the lock every NBD request takes (client I/O waits, it
@@ -235,8 +269,7 @@ def _bind(path: Path) -> socket.socket:
         os.close(dfd)
 
 
-def _recv_line(conn: socket.socket) -> bytes:
-    buf = b""
+def _recv_line(conn: socket.socket, buf: bytes = b"") -> bytes:
     while not buf.endswith(b"\n"):
         chunk = conn.recv(65536)
         if not chunk:
@@ -274,8 +307,10 @@ def hold(volume_dir: Path, max_s: float) -> tuple[socket.socket, dict[str, int]]
         os.close(dfd)
 
 
-def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    """Send one request to the process serving the volume in ``volume_dir``."""
+def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600,
+            fds: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Send one request to the process serving the volume in ``volume_dir`` (with
+    descriptors ``fds``, which that process then holds copies of)."""
     path = volume_dir / SOCKET_NAME
     try:
         dfd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -291,7 +326,11 @@ def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600) -> dict
                     f"volume {volume_dir.name} is in use but nothing answers on {path} "
                     "(is it held by a peerlink receiver, or by an nbdgw older than "
                     "snapshots?)") from None
-            s.sendall(json.dumps(req).encode() + b"\n")
+            data = json.dumps(req).encode() + b"\n"
+            if fds:
+                socket.send_fds(s, [data], list(fds))
+            else:
+                s.sendall(data)
             reply = json.loads(_recv_line(s) or b"null")
     finally:
         os.close(dfd)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,6 +34,9 @@ from blockstore.volume import (
 
 from .control import ControlServer
 from .syncgate import SyncGate
+
+if TYPE_CHECKING:
+    from .fusefile import Attachment
 
 log = structlog.get_logger(component="nbd_plugin")
 
@@ -208,7 +212,9 @@ class Server:
         if not self.volumes:
             detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
             raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
-        self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use)
+        self.fuse: list[Attachment] = []  # fusefile.Attachment: exports mounted for the bridge
+        self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use,
+                                     self.attach_fuse)
         self.control.start()
 
     def list_exports(self) -> list[tuple[str, str]]:
@@ -266,10 +272,38 @@ class Server:
                     f"{'s' if n > 1 else ''} ({volume}@{snap}): disconnect them first")
         return None
 
+    def attach_fuse(self, export: str, fd: int, read_only: bool) -> None:
+        """Serve the bridge's FUSE mount of ``export`` (its /dev/fuse descriptor ``fd``,
+        now ours) from this process: nbd_plugin/fusefile.py."""
+        from . import fusefile, iostats
+
+        try:
+            h = self.open(export, read_only)
+            if h.readonly and not read_only:
+                self.close_handle(h)
+                raise PermissionError(errno.EROFS, f"export {export} is read-only here")
+        except BaseException:
+            os.close(fd)
+            raise
+        h.io = iostats.opened(h.vol.name)
+
+        def ended(a: Attachment) -> None:
+            iostats.closed(h.vol.name)
+            self.close_handle(h)
+            with self.lock:
+                if a in self.fuse:
+                    self.fuse.remove(a)
+
+        with self.lock:  # before ended() can run: it takes the lock
+            self.fuse.append(fusefile.Attachment(export, h, self.lock, fd, ended))
+
     def close(self) -> None:
         control = getattr(self, "control", None)
         if control is not None:
             control.stop()
+        with self.lock:  # no FUSE request touches a volume after this
+            for a in getattr(self, "fuse", ()):
+                a.close()
         if self.gate is not None:
             self.gate.close()
         for name, vol in self.volumes.items():

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ChapConfig, IscsiConfig
+from gateway.config import ChapConfig, IscsiConfig, IscsiFuse
 from iscsi_bridge import Bridge, Export, loop
 from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
@@ -74,7 +74,7 @@ class IscsiEnv:
                                **kw)
         self.served = served
         self.exports = exports
-        self.bridge = Bridge(self.cfg, nbd_uri or served.uri, route)
+        self.bridge = Bridge(self.cfg, nbd_uri or served.uri, route, served.data_dir)
 
     def reconcile(self, exports: list[Export] | None = None) -> Any:
         return self.bridge.reconcile(self.exports if exports is None else exports)
@@ -98,7 +98,9 @@ class IscsiEnv:
             run_dir = self.cfg.run_dir
             for pid_file in [run_dir / "tgtd.pid", *run_dir.glob("mnt/*.pid")]:
                 with contextlib.suppress(OSError, ValueError):
-                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+                    pid = int(pid_file.read_text().split()[0])
+                    if Path(f"/proc/{pid}/comm").read_text().strip() != "nbdkit":
+                        os.kill(pid, signal.SIGKILL)  # nbdkit is the serve fixture's
             for d in run_dir.glob("mnt/*"):
                 if d.is_dir() and mounted(d):
                     sh("fusermount3", "-u", "-z", str(d), check=False)
@@ -208,7 +210,8 @@ def test_sync_cache_is_an_nbd_flush(tmp_path: Path, iscsi: Callable[..., IscsiEn
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        e = iscsi(served=serve(), nbd_uri=lambda _: f"nbd+unix:///?socket={sock}", route=route)
+        e = iscsi(served=serve(), nbd_uri=lambda _: f"nbd+unix:///?socket={sock}", route=route,
+                  fuse=IscsiFuse.NBDGW)  # the NBD route: the log filter sees the order
         start = len(log.read_text().splitlines())
         sh("qemu-io", "-f", "raw", "-c", "write -P 0x55 4096 64k", "-c", "flush", e.url())
         ops = [ln.split()[3] for ln in log.read_text().splitlines()[start:]
@@ -348,8 +351,11 @@ def test_snapshot_export_is_a_read_only_target(tmp_path: Path, iscsi: Callable[.
 # -- lifecycle ----------------------------------------------------------------------------
 
 @ROUTES
-def test_reconcile_is_idempotent_and_repairs(iscsi: Callable[..., IscsiEnv], route: str) -> None:
-    e = iscsi(route=route)
+@pytest.mark.parametrize("fuse", [IscsiFuse.NBDKIT, IscsiFuse.NBDGW])
+def test_reconcile_is_idempotent_and_repairs(iscsi: Callable[..., IscsiEnv],
+                                             serve: Callable[..., Served], route: str,
+                                             fuse: IscsiFuse) -> None:
+    e = iscsi(route=route, fuse=fuse)
     assert not e.reconcile().changed
 
     pid = e.bridge.tgtd.pid()
@@ -367,8 +373,15 @@ def test_reconcile_is_idempotent_and_repairs(iscsi: Callable[..., IscsiEnv], rou
 
     mount_pid = e.bridge.mounts["v1"].pid()
     assert mount_pid is not None
-    os.kill(mount_pid, signal.SIGKILL)  # nbdfuse dies under tgtd
+    if fuse is IscsiFuse.NBDKIT:  # nbdkit dies under tgtd (and its serve): a new one starts
+        assert mount_pid == e.served.nbdkit_pid()
+        e.served.kill9_nbdkit()
+        e.served = serve()
+        assert e.bridge.mounts["v1"].pid() is None
+    else:
+        os.kill(mount_pid, signal.SIGKILL)  # the FUSE server dies under tgtd
     time.sleep(0.2)
+    assert not e.bridge.mounts["v1"].healthy()
     r = e.reconcile()
     assert r.repaired == [f"{BASE}:v1: LUN 1 re-created on a fresh mount"]
     assert "DIRECT_ACCESS" in e.inq().stdout
@@ -382,7 +395,7 @@ def test_a_new_bridge_adopts_the_running_tgtd(iscsi: Callable[..., IscsiEnv]) ->
     """The gateway restarted: tgtd and nbdfuse kept serving; nothing is rebuilt."""
     e = iscsi()
     pid = e.bridge.tgtd.pid()
-    e.bridge = Bridge(e.cfg, e.served.uri)
+    e.bridge = Bridge(e.cfg, e.served.uri, data_dir=e.served.data_dir)
     r = e.reconcile()
     assert not r.tgtd_started
     assert not r.created

@@ -33,7 +33,7 @@ def test_defaults() -> None:
     assert c == IscsiConfig()
     assert (c.enabled, c.portal, c.iqn, c.control_port) == (False, "0.0.0.0:3260", None, 3260)
     assert c.run_dir == Path("/run/nbdgw/iscsi")
-    assert c.fuse is IscsiFuse.NBDGW
+    assert c.fuse is IscsiFuse.NBDKIT
 
 
 def test_full_section() -> None:
@@ -87,7 +87,7 @@ def test_allow_is_normalised() -> None:
     ({"control_port": 0}, {}, "expected integer between 1 and 32767 for iscsi.control_port"),
     ({"run_dir": "run"}, {}, "expected an absolute path for iscsi.run_dir"),
     ({"route": "fast"}, {}, "expected one of file, loop for iscsi.route"),
-    ({"fuse": "fusepy"}, {}, "expected one of nbdgw, nbdfuse for iscsi.fuse"),
+    ({"fuse": "fusepy"}, {}, "expected one of nbdkit, nbdgw, nbdfuse for iscsi.fuse"),
     ({"chap": {"user": "a"}}, {}, "missing key 'secret_file' in iscsi.chap"),
     ({"chap": {"secret_file": "/s"}}, {}, "missing key 'user' in iscsi.chap"),
     ({"chap": {"user": "a b", "secret_file": "/s"}}, {},
