@@ -1,7 +1,10 @@
-"""nbdgw-fuse (iscsi_bridge/fused.py), the bridge's FUSE server, with real processes: an
-export of a real `nbdgw serve` shown as a file, written and read with plain syscalls and
-checked over NBD; writes that overlap (the reason it exists, shown against nbdfuse on a
-slow export); bad input."""
+"""The bridge's own FUSE servers with real processes: nbdgw-fuse (iscsi_bridge/fused.py,
+over NBD) and the same protocol code inside the volume's nbdkit (nbd_plugin/fusefile.py,
+iscsi.fuse: nbdkit).  An export of a real `nbdgw serve` shown as a file, written and read
+with plain syscalls and checked over NBD; writes that overlap (the reason nbdgw-fuse
+exists, shown against nbdfuse on a slow export); what serving inside nbdkit adds (the
+I/O counters, the switchover hold, snapshot exports in use, nbdkit stopping under a
+mount); bad input."""
 
 from __future__ import annotations
 
@@ -15,10 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from iscsi_bridge.fuse import mounted
+from blockstore.volume import volumes_dir
+from iscsi_bridge.errors import FuseError
+from iscsi_bridge.fuse import FuseMount, mounted
+from nbd_plugin import control
+from nbd_plugin.control import ControlError
 from tests.conftest import Served
 from tests.integration.test_filesystem import nbdfuse
 
@@ -48,6 +56,28 @@ def fuse_file(mnt: Path, uri: str, *extra: str, timeout: float = 15) -> Iterator
             raise
 
 
+KINDS = pytest.mark.parametrize("kind", ["nbdkit", "nbdgw"])
+
+
+@contextlib.contextmanager
+def mount_file(kind: str, served: Served, mnt: Path, export: str = "v1",
+               read_only: bool = False) -> Iterator[Path]:
+    """``export`` as ``mnt/disk``: served inside nbdkit (a FuseMount, as the bridge makes
+    it) or by nbdgw-fuse over NBD."""
+    if kind == "nbdgw":
+        with fuse_file(mnt, served.uri(export), *(["-r"] if read_only else [])) as disk:
+            yield disk
+        return
+    m = FuseMount(export, mnt, str(volumes_dir(served.data_dir) / export.partition("@")[0]),
+                  read_only, "nbdkit")
+    m.start()
+    try:
+        assert m.pid() == served.nbdkit_pid()
+        yield m.file
+    finally:
+        m.stop()
+
+
 @pytest.fixture
 def served(serve: Callable[..., Served], data_dir: Path) -> Served:
     from tests.conftest import run_nbdgw
@@ -56,10 +86,11 @@ def served(serve: Callable[..., Served], data_dir: Path) -> Served:
     return serve()
 
 
-def test_the_export_as_a_file(served: Served, tmp_path: Path) -> None:
+@KINDS
+def test_the_export_as_a_file(served: Served, tmp_path: Path, kind: str) -> None:
     """Writes from eight threads at once (O_DIRECT, as tgtd opens it) and a punched
     hole land in the volume; reads see what NBD clients wrote; fsync is an NBD flush."""
-    with fuse_file(tmp_path / "mnt", served.uri("v1")) as disk:
+    with mount_file(kind, served, tmp_path / "mnt") as disk:
         assert disk.stat().st_size == 64 * MiB
         assert os.listdir(disk.parent) == ["disk"]
         blocks = {i: os.urandom(64 * 1024) for i in range(64)}
@@ -137,10 +168,10 @@ def test_writes_overlap_where_nbdfuse_serialises_them(tmp_path: Path) -> None:
         slow.wait()
 
 
-def test_bad_input(served: Served, tmp_path: Path) -> None:
-    """A write past the end is refused whole; a read-only mount refuses writers; a URI
-    that answers nothing is a clear error with no mount left behind."""
-    with fuse_file(tmp_path / "rw", served.uri("v1")) as disk:
+@KINDS
+def test_bad_input(served: Served, tmp_path: Path, kind: str) -> None:
+    """A write past the end is refused whole; a read-only mount refuses writers."""
+    with mount_file(kind, served, tmp_path / "rw") as disk:
         fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
         try:
             with pytest.raises(OSError, match=r"No space left|File too large") as ei:
@@ -151,7 +182,7 @@ def test_bad_input(served: Served, tmp_path: Path) -> None:
         h = served.connect("v1")
         assert h.pread(4096, 64 * MiB - 4096) == bytes(4096)
         h.shutdown()
-    with fuse_file(tmp_path / "ro", served.uri("v1"), "-r") as disk:
+    with mount_file(kind, served, tmp_path / "ro", read_only=True) as disk:
         with pytest.raises(OSError, match=r"Read-only file system|Permission denied") as ei:
             os.open(disk, os.O_RDWR)
         assert ei.value.errno in (errno.EROFS, errno.EACCES)
@@ -159,12 +190,132 @@ def test_bad_input(served: Served, tmp_path: Path) -> None:
         whole = h.pread(64 * MiB, 0)
         h.shutdown()
         assert hashlib.sha256(disk.read_bytes()).digest() == hashlib.sha256(whole).digest()
+
+
+def test_an_unreachable_export_is_a_clear_error(served: Served, tmp_path: Path) -> None:
+    """nbdgw-fuse on a URI that answers nothing, nbdkit asked for an export it does not
+    serve, a control request without the descriptor: each says what is wrong, and no
+    mount is left behind."""
     p = subprocess.run([sys.executable, "-m", "iscsi_bridge.fused", str(tmp_path / "none"),
                         f"nbd+unix:///v1?socket={tmp_path / 'absent.sock'}"],
                        capture_output=True, text=True, timeout=30, check=False)
     assert p.returncode == 1
     assert "nbdgw-fuse: cannot connect to nbd+unix:///v1" in p.stderr
     assert not mounted(tmp_path / "none")
+
+    vdir = volumes_dir(served.data_dir) / "v1"
+    for export, ro, why in (("v2", False, "no export named 'v2'"),
+                            ("v1@nosuch", True, "no export named 'v1@nosuch'")):
+        m = FuseMount(export, tmp_path / export, str(vdir), ro, "nbdkit")
+        with pytest.raises(FuseError, match=f"nbdkit cannot serve {export} over FUSE: "
+                                            f"cannot serve {export} over FUSE: {why}"):
+            m.start(timeout=10)
+        assert not mounted(m.dir) and not m.dir.exists() and m.pid() is None
+    with pytest.raises(ControlError, match="fuse needs export, read_only and one /dev/fuse"):
+        control.request(vdir, {"op": "fuse", "export": "v1", "read_only": False})
+    with pytest.raises(FuseError, match="nothing answers"):
+        FuseMount("v1", tmp_path / "gone", str(tmp_path), False, "nbdkit").start(timeout=5)
+    assert not mounted(tmp_path / "gone")
+    # and the volume is still served, unharmed
+    h = served.connect("v1")
+    assert h.pread(4096, 0) == bytes(4096)
+    h.shutdown()
+
+
+def _stats(served: Served) -> dict[str, Any]:
+    reply = control.request(volumes_dir(served.data_dir) / "v1", {"op": "stats"})
+    return reply["exports"]["v1"]["ops"]  # type: ignore[no-any-return]
+
+
+def test_inside_nbdkit_io_is_counted_and_held(served: Served, tmp_path: Path) -> None:
+    """Served inside nbdkit, the file's I/O is the export's I/O: counted with NBD's, and
+    stopped by the switchover hold (the lock every NBD request takes) until released."""
+    with mount_file("nbdkit", served, tmp_path / "mnt") as disk:
+        before = _stats(served)  # the export's counters exist once something opened it
+        fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+        try:
+            assert os.pwrite(fd, _aligned(65536, fill=7), 0) == 65536
+            os.fsync(fd)
+            assert os.pread(fd, 4096, 0) == b"\x07" * 4096
+            after = _stats(served)
+            assert after["write"]["requests"] - before["write"]["requests"] >= 1
+            assert after["write"]["bytes"] - before["write"]["bytes"] == 65536
+            assert after["flush"]["requests"] > before["flush"]["requests"]
+            assert after["read"]["bytes"] - before["read"]["bytes"] >= 4096
+
+            sock, seqs = control.hold(volumes_dir(served.data_dir) / "v1", max_s=30)
+            done = threading.Event()
+
+            def write() -> None:
+                os.pwrite(fd, _aligned(4096, fill=9), 8192)
+                done.set()
+            t = threading.Thread(target=write)
+            t.start()
+            try:
+                assert not done.wait(1.0), "a write went through while I/O was held"
+            finally:
+                sock.close()  # release
+            assert done.wait(10)
+            t.join()
+        finally:
+            os.close(fd)
+    h = served.connect("v1")
+    assert h.pread(4096, 8192) == b"\x09" * 4096
+    h.shutdown()
+    assert seqs["v1"] >= 1
+
+
+def test_a_snapshot_mounted_inside_nbdkit_is_in_use(served: Served, tmp_path: Path) -> None:
+    """A mounted snapshot export is read-only and cannot be deleted, as with an NBD
+    client connected; unmounted, the handle is released and delete goes through."""
+    from tests.conftest import run_nbdgw
+
+    h = served.connect("v1")
+    h.pwrite(b"\x11" * 4096, 0)
+    h.flush()
+    run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(served.data_dir))
+    h.pwrite(b"\x22" * 4096, 0)
+    h.flush()
+    h.shutdown()
+    with mount_file("nbdkit", served, tmp_path / "snap", "v1@s1", read_only=True) as disk:
+        with open(disk, "rb") as f:
+            assert f.read(4096) == b"\x11" * 4096
+        with pytest.raises(OSError, match=r"Read-only file system|Permission denied"):
+            os.open(disk, os.O_RDWR)
+        p = run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(served.data_dir),
+                      check=False)
+        assert p.returncode != 0 and "exported to 1 client" in p.stderr
+    deadline = time.monotonic() + 10
+    while True:  # the handle is released once nbdkit's workers have seen the unmount
+        p = run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(served.data_dir),
+                      check=False)
+        if p.returncode == 0:
+            break
+        assert time.monotonic() < deadline, p.stderr
+        time.sleep(0.1)
+
+
+def test_nbdkit_stopping_under_a_mount(served: Served, tmp_path: Path) -> None:
+    """`nbdgw serve` stops cleanly with a mount attached (no worker holds it up); the
+    mount is then dead, not hung, and the bridge's stop cleans it up."""
+    m = FuseMount("v1", tmp_path / "mnt", str(volumes_dir(served.data_dir) / "v1"), False,
+                  "nbdkit")
+    m.start()
+    try:
+        fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
+        os.pwrite(fd, _aligned(4096, fill=3), 0)
+        t0 = time.monotonic()
+        assert served.stop() == 0
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(OSError, match=r"not connected|aborted|Input/output") as ei:
+            os.pwrite(fd, _aligned(4096, fill=4), 0)
+        assert ei.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+        with contextlib.suppress(OSError):  # the close's FLUSH: ENOTCONN; closed anyway
+            os.close(fd)
+        assert not m.healthy()
+    finally:
+        m.stop()
+    assert not mounted(m.dir)
 
 
 def _aligned(n: int, fill: int = 0) -> memoryview:
