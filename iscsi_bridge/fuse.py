@@ -146,7 +146,11 @@ class FuseMount:
                                                     "read_only": self.read_only},
                                 timeout=timeout, fds=(fd,))
             except ControlError as e:
-                raise FuseError(f"nbdkit cannot serve {self.export} over FUSE: {e}") from None
+                hint = ("" if "over FUSE" in str(e) else  # nbdkit's own refusal says it all
+                        " (iscsi.fuse nbdkit needs the volume served by `nbdgw serve` on "
+                        "this host, with the same data_dir)")
+                raise FuseError(f"nbdkit cannot serve {self.export} over FUSE: {e}{hint}"
+                                ) from None
         except BaseException:
             os.close(fd)  # first: an unserved mount then fails at once, not hangs
             fused.unmount(self.dir)

@@ -213,7 +213,8 @@ def test_an_unreachable_export_is_a_clear_error(served: Served, tmp_path: Path) 
         assert not mounted(m.dir) and not m.dir.exists() and m.pid() is None
     with pytest.raises(ControlError, match="fuse needs export, read_only and one /dev/fuse"):
         control.request(vdir, {"op": "fuse", "export": "v1", "read_only": False})
-    with pytest.raises(FuseError, match="nothing answers"):
+    with pytest.raises(FuseError, match=r"nothing answers .* needs the volume served by "
+                                        r"`nbdgw serve` on this host"):
         FuseMount("v1", tmp_path / "gone", str(tmp_path), False, "nbdkit").start(timeout=5)
     assert not mounted(tmp_path / "gone")
     # and the volume is still served, unharmed
@@ -332,3 +333,46 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     from blockstore.store import fallocate
 
     fallocate(fd, mode, offset, length)
+
+
+def test_inside_nbdkit_writes_need_the_lease(data_dir: Path, tmp_path: Path) -> None:
+    """A node whose write lease has expired (its daemon gone: it may no longer be the
+    primary) refuses iSCSI writes through the FUSE file as it refuses NBD writes, with
+    ESHUTDOWN, and takes them again once the lease is renewed.  nbdkit runs the plugin
+    here directly, with a short lease."""
+    from gateway.serve import PLUGIN_PATH, plugin_site_dirs
+    from tests.conftest import run_nbdgw
+
+    run_nbdgw("volume", "create", "v1", "--size", "64M", "--data-dir", str(data_dir))
+    lease, sock = tmp_path / "lease", tmp_path / "nbd.sock"
+    lease.touch()
+    nbdkit = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "python", str(PLUGIN_PATH),
+         f"data_dir={data_dir}", f"lease={lease}", "lease_timeout=1"],
+        env={**os.environ, "NBDGW_SITE": plugin_site_dirs()}, stderr=subprocess.DEVNULL)
+    m = FuseMount("v1", tmp_path / "mnt", str(volumes_dir(data_dir) / "v1"), False, "nbdkit")
+    try:
+        deadline = time.monotonic() + 20
+        while not (volumes_dir(data_dir) / "v1" / control.SOCKET_NAME).exists():
+            assert nbdkit.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        m.start()
+        fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
+        try:
+            lease.touch()
+            assert os.pwrite(fd, _aligned(4096, fill=1), 0) == 4096
+            time.sleep(1.3)  # no renewal: expired
+            with pytest.raises(OSError, match="transport endpoint shutdown") as ei:
+                os.pwrite(fd, _aligned(4096, fill=2), 0)
+            assert ei.value.errno == errno.ESHUTDOWN
+            assert os.pread(fd, 4096, 0) == b"\x01" * 4096  # reads go on; nothing written
+            lease.touch()
+            time.sleep(0.1)  # the plugin looks at the lease at most every 50 ms
+            assert os.pwrite(fd, _aligned(4096, fill=3), 0) == 4096
+            assert os.pread(fd, 4096, 0) == b"\x03" * 4096
+        finally:
+            os.close(fd)
+    finally:
+        m.stop()
+        nbdkit.terminate()
+        nbdkit.wait(30)
