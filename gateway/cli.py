@@ -720,7 +720,8 @@ def iscsi() -> None:
 
 
 def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
-    """How nbdfuse reaches the NBD server: --nbd-socket, else nbd.listen's first address."""
+    """How a FUSE server over NBD (iscsi.fuse nbdgw, nbdfuse) reaches the NBD server:
+    --nbd-socket, else nbd.listen's first address."""
     if nbd_socket is not None:
         sock = str(nbd_socket)
         return lambda export: f"nbd+unix:///{export}?socket={sock}"
@@ -814,7 +815,7 @@ def iscsi_status(obj: Ctx, as_json: bool) -> None:
 @iscsi.command("down")
 @click.pass_obj
 def iscsi_down(obj: Ctx) -> None:
-    """Stop the bridge's tgtd (delete system) and unmount its nbdfuse files."""
+    """Stop the bridge's tgtd (delete system) and unmount its FUSE files."""
     from iscsi_bridge import Bridge
 
     cfg = obj.config()

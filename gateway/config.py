@@ -243,7 +243,7 @@ class IscsiConfig:
     control_port: int = 3260  # tgtd's management socket /var/run/tgtd/socket.<N>
     route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the FUSE file
     fuse: IscsiFuse = IscsiFuse.NBDKIT  # which FUSE server shows each export as a file
-    run_dir: Path = Path("/run/nbdgw/iscsi")  # nbdfuse mounts, tgtd pid and log
+    run_dir: Path = Path("/run/nbdgw/iscsi")  # FUSE mounts, tgtd pid and log
 
     @property
     def portal(self) -> str:

@@ -4,7 +4,7 @@ Children (supervised: an unexpected exit is restarted with bounded exponential b
 reset after ``STABLE_AFTER`` s of running):
 
 - ``nbdkit`` while this node serves (the primary), and the iSCSI bridge in front of it
-  when ``iscsi.enabled`` (tgtd + nbdfuse, reconciled on a thread: ``IscsiRunner``);
+  when ``iscsi.enabled`` (tgtd + FUSE mounts, reconciled on a thread: ``IscsiRunner``);
 - ``peerlink`` (`nbdgw replicate`): senders, receivers and the control socket, for the
   node's *effective* role (``gateway/nodestate.py``: a promoted secondary is primary).
 
@@ -257,7 +257,8 @@ class IscsiRunner:
 
 
 def nbd_uri_for(nbd: NbdServer) -> Callable[[str], str]:
-    """How nbdfuse reaches this node's nbdkit: a unix address if any, else loopback TCP."""
+    """How a FUSE server over NBD reaches this node's nbdkit: a unix address if any,
+    else loopback TCP (iscsi.fuse nbdgw, nbdfuse)."""
     unix = [a for a in nbd.addresses if a.kind == "unix"]
     if unix:
         path = unix[0].path

@@ -147,7 +147,7 @@ class NodeCollector(Collector):
         size = GaugeMetricFamily("nbdgw_volume_size_bytes", "Volume size",
                                  labels=["volume", "role"])
         conns = GaugeMetricFamily("nbdgw_nbd_connections", "NBD connections now open "
-                                  "(the iSCSI bridge's nbdfuse included)", labels=["volume"])
+                                  "(the iSCSI bridge's FUSE mount included)", labels=["volume"])
         conns_total = CounterMetricFamily("nbdgw_nbd_connections_opened", "NBD connections "
                                           "opened since nbdkit started", labels=["volume"])
         reqs = CounterMetricFamily("nbdgw_io_requests", "Completed NBD requests",

@@ -27,7 +27,7 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
 
 Fields are only ever added within a version (scripts must ignore unknown keys); a
 change of meaning or a removal bumps ``version``.  ``clients.nbd`` counts open NBD
-connections (the iSCSI bridge's own nbdfuse connection included) and is null when no
+connections (the iSCSI bridge's FUSE mount included) and is null when no
 nbdkit serves here; ``clients.iscsi`` counts iSCSI sessions, null without a running
 bridge.  ``generation`` is the volume's current generation (contract 5; ``count``: how
 many its history holds).  ``data_loss_window`` is what this node's death would lose

@@ -123,7 +123,7 @@ def exports_from_config(cfg: NodeConfig, primary: bool | None = None,
 
 
 class Bridge:
-    """tgtd + a FUSE server (nbdgw-fuse or nbdfuse) in front of an NBD server,
+    """tgtd + a FUSE file per export (served inside nbdkit, by nbdgw-fuse or nbdfuse),
     reconciled to a list of exports.
 
     ``nbd_uri(export)`` returns the NBD URI the FUSE server connects to for one export

@@ -18,5 +18,5 @@ class TgtdError(BridgeError):
 
 
 class FuseError(BridgeError):
-    """A FUSE mount (nbdgw-fuse or nbdfuse) did not come up, or could not be served or
+    """A FUSE mount (in nbdkit, nbdgw-fuse or nbdfuse) did not come up, or could not be served or
     taken down."""

@@ -22,6 +22,10 @@ ENOSYS.  One worker thread per NBD connection (``-C``, default 4): each reads a 
 from /dev/fuse, runs it on its own libnbd handle (the GIL is released meanwhile), and
 writes the reply.  The export advertises multi-conn, so a FLUSH on any connection
 covers the writes completed on all of them.
+
+``Server`` is the protocol alone, over any ``Backend``: here libnbd handles; inside
+nbdkit (the bridge's default, nbd_plugin/fusefile.py) the volume itself, which takes
+the NBD round trip and this process out of the path.
 """
 
 from __future__ import annotations
