@@ -107,6 +107,7 @@ class Attachment:
         self.fd = fd
         self.on_end = on_end
         os.set_blocking(fd, True)
+        os.set_inheritable(fd, False)  # no child may keep the connection alive past us
         self.server = fused.Server([self.file] * WORKERS, "disk", h.readonly)
         self.threads = self.server.serve(fd)
         threading.Thread(target=self._reap, daemon=True, name=f"fuse-reap-{export}").start()
