@@ -508,7 +508,7 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
         "chap": {"user": "sql", "secret_file": f"{etc}/iscsi-chap.secret"},
         "mutual_chap": {"user": "target", "secret_file": f"{etc}/iscsi-mutual-chap.secret"},
         "initiators": ["iqn.2026-11.com.example:sql1"], "route": "file",
-        "fuse": "nbdgw"}
+        "fuse": "nbdkit"}
     assert "chap-secret" not in cfg["__path"].read_text()
     config_check(cfg["__path"])
 
