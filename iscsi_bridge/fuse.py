@@ -170,6 +170,27 @@ class FuseMount:
             time.sleep(0.02)
         log.info("fuse_started", export=self.export, server=self.comm, pid=reply["pid"])
 
+    def _wait_released(self, timeout: float) -> None:
+        """Until nbdkit has let go of the export (its workers saw the unmount and the
+        handle is closed): a snapshot withdrawn can then be deleted at once."""
+        from nbd_plugin.control import ControlError, request
+
+        if not self.source:
+            return  # a stray mount: which volume serves it is not known
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = request(Path(self.source), {"op": "stats"}, timeout=timeout)
+            except ControlError:
+                return  # nbdkit gone: nothing holds the export
+            if self.export not in reply.get("fuse_mounts", ()):
+                return
+            if time.monotonic() > deadline:
+                log.warning("fuse_not_released", export=self.export, timeout_s=timeout,
+                            note="something still holds the unmounted file open")
+                return
+            time.sleep(0.02)
+
     def stop(self, timeout: float = 15) -> None:
         """Unmount (the server then exits by itself); kill it if it does not.  nbdkit
         serving the mount is never killed: unmounting ends its attachment."""
@@ -179,7 +200,9 @@ class FuseMount:
                 run(["fusermount3", "-u", "-z", str(self.dir)], timeout=timeout)
             except CommandError as e:
                 log.warning("fusermount_failed", export=self.export, error=str(e))
-        if pid is not None and self.server != "nbdkit":
+        if pid is not None and self.server == "nbdkit":
+            self._wait_released(timeout)
+        elif pid is not None:
             deadline = time.monotonic() + timeout
             while self.pid() is not None and time.monotonic() < deadline:
                 if self.proc is not None:

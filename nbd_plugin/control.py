@@ -7,7 +7,8 @@ line in, one JSON line out::
 
     {"op": "create", "volumes": ["db-data", "db-log"], "name": "before-upgrade"}
     {"op": "delete" | "rollback", "volume": "v1", "name": "before-upgrade"}
-    {"op": "stats"}  -> {"ok": true, "pid": ..., "exports": nbd_plugin.iostats.snapshot()}
+    {"op": "stats"}  -> {"ok": true, "pid": ..., "exports": nbd_plugin.iostats.snapshot(),
+                         "fuse_mounts": [exports whose FUSE mount this process serves]}
     {"op": "fuse", "export": "v1", "read_only": false}  + a /dev/fuse fd (SCM_RIGHTS)
     -> {"ok": true, ...} | {"ok": false, "error": "exact message"}
 
@@ -97,11 +98,13 @@ class ControlServer:
 
     def __init__(self, volumes: dict[str, Volume], lock: threading.Lock,
                  can_delete: Callable[[str, str], str | None],
-                 attach_fuse: Callable[[str, int, bool], None] | None = None) -> None:
+                 attach_fuse: Callable[[str, int, bool], None] | None = None,
+                 fuse_mounts: Callable[[], list[str]] = list) -> None:
         self.volumes = volumes
         self.lock = lock
         self.can_delete = can_delete  # (volume, snapshot) -> refusal reason or None
         self.attach_fuse = attach_fuse  # (export, /dev/fuse fd, read-only): Server's
+        self.fuse_mounts = fuse_mounts  # the exports whose FUSE mounts are served here
         self.stopping = threading.Event()
         self.socks: list[tuple[socket.socket, Path]] = []
         self.threads: list[threading.Thread] = []
@@ -149,7 +152,8 @@ class ControlServer:
                         reply, fds = self._fuse(req, fds), []
                     else:  # stats: counters only; no lock, never waits for an NBD request
                         reply = ({"ok": True, "pid": os.getpid(),
-                                  "exports": iostats.snapshot()}
+                                  "exports": iostats.snapshot(),
+                                  "fuse_mounts": self.fuse_mounts()}
                                  if req == {"op": "stats"} else self.handle(req))
                 except (OSError, ValueError, ControlError) as e:
                     reply = {"ok": False, "error": f"bad control request: {e}"}

@@ -214,7 +214,8 @@ class Server:
             raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
         self.fuse: list[Attachment] = []  # fusefile.Attachment: exports mounted for the bridge
         self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use,
-                                     self.attach_fuse)
+                                     self.attach_fuse,
+                                     lambda: sorted(a.export for a in list(self.fuse)))
         self.control.start()
 
     def list_exports(self) -> list[tuple[str, str]]:

@@ -268,9 +268,12 @@ def test_inside_nbdkit_io_is_counted_and_held(served: Served, tmp_path: Path) ->
 
 def test_a_snapshot_mounted_inside_nbdkit_is_in_use(served: Served, tmp_path: Path) -> None:
     """A mounted snapshot export is read-only and cannot be deleted, as with an NBD
-    client connected; unmounted, the handle is released and delete goes through."""
+    client connected.  Unmounting returns only once nbdkit has released it (shown by
+    holding nbdkit's lock, which the release needs, across the unmount), so a withdrawn
+    snapshot can be deleted at once."""
     from tests.conftest import run_nbdgw
 
+    vdir = volumes_dir(served.data_dir) / "v1"
     h = served.connect("v1")
     h.pwrite(b"\x11" * 4096, 0)
     h.flush()
@@ -278,22 +281,32 @@ def test_a_snapshot_mounted_inside_nbdkit_is_in_use(served: Served, tmp_path: Pa
     h.pwrite(b"\x22" * 4096, 0)
     h.flush()
     h.shutdown()
-    with mount_file("nbdkit", served, tmp_path / "snap", "v1@s1", read_only=True) as disk:
-        with open(disk, "rb") as f:
+    m = FuseMount("v1@s1", tmp_path / "snap", str(vdir), True, "nbdkit")
+    m.start()
+    try:
+        with open(m.file, "rb") as f:
             assert f.read(4096) == b"\x11" * 4096
         with pytest.raises(OSError, match=r"Read-only file system|Permission denied"):
-            os.open(disk, os.O_RDWR)
+            os.open(m.file, os.O_RDWR)
         p = run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(served.data_dir),
                       check=False)
         assert p.returncode != 0 and "exported to 1 client" in p.stderr
-    deadline = time.monotonic() + 10
-    while True:  # the handle is released once nbdkit's workers have seen the unmount
-        p = run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(served.data_dir),
-                      check=False)
-        if p.returncode == 0:
-            break
-        assert time.monotonic() < deadline, p.stderr
-        time.sleep(0.1)
+        assert control.request(vdir, {"op": "stats"})["fuse_mounts"] == ["v1@s1"]
+        sock, _ = control.hold(vdir, max_s=30)
+        stopper = threading.Thread(target=m.stop)
+        stopper.start()
+        try:
+            stopper.join(1.0)
+            assert stopper.is_alive(), "unmount returned before nbdkit released the export"
+            assert not mounted(m.dir)
+        finally:
+            sock.close()
+        stopper.join(20)
+        assert not stopper.is_alive()
+    finally:
+        m.stop()
+    assert control.request(vdir, {"op": "stats"})["fuse_mounts"] == []
+    run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(served.data_dir))
 
 
 def test_nbdkit_stopping_under_a_mount(served: Served, tmp_path: Path) -> None:
