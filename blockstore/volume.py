@@ -342,7 +342,7 @@ class Checkpointer:
         self.stopping = False
         self.error: OSError | BlockstoreError | None = None
         self.thread: threading.Thread | None = None
-        self.retained_after = 0  # journal bytes held after the last checkpoint's release
+        self.retained_after = 0  # journal bytes the last checkpoint's release left
 
     def request(self, seq: int) -> None:
         with self.cv:
@@ -399,9 +399,12 @@ class Checkpointer:
                 if seq is None:
                     continue
                 last = time.monotonic()
+                before = journal.retained_bytes()
                 self.vol.checkpoint_through(seq)
-                self.vol.release_journal()
-                self.retained_after = journal.retained_bytes()
+                # What this checkpoint left of the journal as it was when it started:
+                # records written during its fdatasync are growth, not left over (a
+                # slow fdatasync must not push the next checkpoint towards the cap).
+                self.retained_after = max(0, before - self.vol.release_journal())
             except (OSError, BlockstoreError) as e:
                 # The redo point stays where it was: recovery replays more, loses nothing;
                 # without a spare the next rotation creates its segment inline.  Said,
