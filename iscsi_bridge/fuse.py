@@ -138,29 +138,27 @@ class FuseMount:
         """Mount, and hand the connection to the nbdkit serving the volume."""
         from nbd_plugin.control import ControlError, request
 
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        fd = -1
         try:
-            fused.mount(fd, self.dir, self.read_only)
-            try:
-                reply = request(Path(self.source), {"op": "fuse", "export": self.export,
-                                                    "read_only": self.read_only},
-                                timeout=timeout, fds=(fd,))
-            except ControlError as e:
-                hint = ("" if "over FUSE" in str(e) else  # nbdkit's own refusal says it all
-                        " (iscsi.fuse nbdkit needs the volume served by `nbdgw serve` on "
-                        "this host, with the same data_dir)")
-                raise FuseError(f"nbdkit cannot serve {self.export} over FUSE: {e}{hint}"
-                                ) from None
-        except BaseException:
-            os.close(fd)  # first: an unserved mount then fails at once, not hangs
-            fused.unmount(self.dir)
+            fd = fused.open_and_mount(self.dir, self.read_only)
+            reply = request(Path(self.source), {"op": "fuse", "export": self.export,
+                                                "read_only": self.read_only},
+                            timeout=timeout, fds=(fd,))
+        except BaseException as e:
+            if fd >= 0:
+                os.close(fd)  # first: the unserved mount then fails at once, not hangs
+                fused.unmount(self.dir)
             with contextlib.suppress(OSError):
                 self.dir.rmdir()
-            raise
+            if not isinstance(e, ControlError):
+                raise
+            hint = ("" if "over FUSE" in str(e) else  # nbdkit's own refusal says it all
+                    " (iscsi.fuse nbdkit needs the volume served by `nbdgw serve` on "
+                    "this host, with the same data_dir)")
+            raise FuseError(f"nbdkit cannot serve {self.export} over FUSE: {e}{hint}"
+                            ) from None
         os.close(fd)  # nbdkit holds the connection now: it ends with nbdkit
-        tmp = self.pid_file.with_name(self.pid_file.name + ".tmp")
-        tmp.write_text(f"{reply['pid']}\n")
-        tmp.replace(self.pid_file)
+        fused.write_pid_file(self.pid_file, reply["pid"])
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if time.monotonic() > deadline:

@@ -131,6 +131,24 @@ def mount(fd: int, target: Path, read_only: bool) -> None:
                            if e == errno.EPERM else ""))
 
 
+def open_and_mount(target: Path, read_only: bool) -> int:
+    """A new FUSE connection mounted at ``target``: its /dev/fuse descriptor."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        mount(fd, target, read_only)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """``path`` names ``pid`` (replaced whole: a reader never sees it half written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{pid}\n")
+    tmp.replace(path)
+
+
 def unmount(target: Path) -> None:
     _libc.umount2(os.fsencode(target), MNT_DETACH)
 
@@ -336,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     set_process_name("nbdgw-fuse")
     try:
         srv = Server(connect(a.uri, a.connections, a.readonly), a.file, a.readonly)
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        mount(fd, a.mountdir, a.readonly)
+        fd = open_and_mount(a.mountdir, a.readonly)
     except (FuseError, OSError) as e:
         print(f"nbdgw-fuse: {e}", file=sys.stderr, flush=True)
         return 1
@@ -346,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     threads = srv.serve(fd)
     if a.pidfile is not None:
-        tmp = a.pidfile.with_name(a.pidfile.name + ".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        tmp.replace(a.pidfile)
+        write_pid_file(a.pidfile, os.getpid())
     while not stop.wait(0.2):
         if srv.stopping.is_set():  # unmounted from outside (fusermount3 -u)
             break

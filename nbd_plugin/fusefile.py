@@ -79,20 +79,20 @@ class VolumeFile:
             iostats.count(self.h.io[iostats.FLUSH], 0, _clock() - t)
 
     def trim(self, count: int, offset: int) -> None:
-        t = _clock()
-        self.h.check_lease()
-        with self.lock:
-            self._open()
-            self.h.vol.trim(offset, count)
-            iostats.count(self.h.io[iostats.TRIM], count, _clock() - t)
+        self._range_op(iostats.TRIM, self.h.vol.trim, count, offset)
 
     def zero(self, count: int, offset: int) -> None:
+        self._range_op(iostats.ZERO, self.h.vol.zero, count, offset)
+
+    def _range_op(self, op: int, fn: Callable[[int, int], object], count: int,
+                  offset: int) -> None:
+        """A trim or zero: ``fn(offset, count)`` under the lease and the lock."""
         t = _clock()
         self.h.check_lease()
         with self.lock:
             self._open()
-            self.h.vol.zero(offset, count)
-            iostats.count(self.h.io[iostats.ZERO], count, _clock() - t)
+            fn(offset, count)
+            iostats.count(self.h.io[op], count, _clock() - t)
 
 
 class Attachment:
@@ -102,7 +102,6 @@ class Attachment:
     def __init__(self, export: str, h: Handle, lock: threading.Lock, fd: int,
                  on_end: Callable[[Attachment], None]) -> None:
         self.export = export
-        self.h = h
         self.file = VolumeFile(h, lock)
         self.fd = fd
         self.on_end = on_end
