@@ -1,11 +1,14 @@
 # nbdgw — see README.md.  `make demo` and `make test` work on a fresh Debian machine.
-.PHONY: setup test test-unit test-integration demo bench lint clean
+.PHONY: setup doctor test test-unit test-integration demo bench lint clean
 
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
 setup:
 	@scripts/setup.sh
+
+doctor:
+	@/usr/bin/python3 -m gateway.doctor
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

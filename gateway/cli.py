@@ -825,6 +825,16 @@ def iscsi_down(obj: Ctx) -> None:
     click.echo("nbdgw: iscsi bridge stopped")
 
 
+@cli.command()
+@click.option("--product-only", is_flag=True,
+              help="only what a node needs (not the tests and benchmarks)")
+def doctor(product_only: bool) -> None:
+    """Check that every external tool and driver is installed (names the package)."""
+    from . import doctor as doc
+
+    sys.exit(doc.main(["--product-only"] if product_only else []))
+
+
 def main() -> None:
     cli(prog_name="nbdgw")
 

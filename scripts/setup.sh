@@ -5,20 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse tgt libiscsi-bin
-      fio qemu-utils e2fsprogs fuse3 iproute2 iptables python3-venv util-linux openssl
-      nftables)
-
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing Debian packages: ${missing[*]}"
-    SUDO=()
-    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+# The packages come from gateway/doctor.py, the one table of what the product and the
+# tests need (run with Debian's interpreter: the venv does not exist yet).
+SUDO=()
+[ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+apt_install() {
+    echo "setup: installing Debian packages: $*"
+    # Only when something is missing: with nothing to install, setup is offline and fast.
     "${SUDO[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+[ -x /usr/bin/python3 ] || apt_install python3
+mapfile -t missing < <(/usr/bin/python3 -m gateway.doctor --missing-packages)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
+    # Whatever is still missing is an error here, not a test failure later.
+    /usr/bin/python3 -m gateway.doctor >/dev/null || { /usr/bin/python3 -m gateway.doctor; exit 1; }
 fi
 
 # The venv must come from Debian's interpreter (the one nbdkit's python plugin embeds);

@@ -128,3 +128,14 @@ def volume(data_dir: Path) -> str:
     """A 64 MiB volume named v1 in ``data_dir``."""
     run_nbdgw("volume", "create", "v1", "--size", "64M", "--data-dir", str(data_dir))
     return "v1"
+
+
+def need(tool: str) -> None:
+    """Fail (never skip) when a tool the test uses is missing, naming its package:
+    `make setup` installs everything in gateway/doctor.py."""
+    from gateway.doctor import MissingTool, require
+
+    try:
+        require(tool)
+    except MissingTool as e:
+        pytest.fail(str(e), pytrace=False)

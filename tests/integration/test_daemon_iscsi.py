@@ -10,13 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import NBDGW, run_nbdgw
+from tests.conftest import NBDGW, need, run_nbdgw
 from tests.integration.test_iscsi import BASE, free_control_port, free_port, sh
 
 
 def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:
     import nbd
 
+    for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver"):
+        need(tool)
     port, data, sock = free_port(), tmp_path / "data", tmp_path / "nbd.sock"
     cfg = tmp_path / "nbdgw.yaml"
     cfg.write_text(yaml.safe_dump({

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Served, run_nbdgw
+from tests.conftest import Served, need, run_nbdgw
 
 MiB = 1 << 20
 
@@ -29,10 +28,13 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is not available"),
     pytest.mark.skipif(not os.path.exists("/dev/loop-control"),
                        reason="loop devices are not available (/dev/loop-control missing)"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in
-                           ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck")),
-                       reason="nbdfuse, fusermount3, losetup, mkfs.ext4 or e2fsck missing"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    for tool in ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck"):
+        need(tool)
 
 
 def run(argv: list[str], timeout: float = 60, check: bool = True

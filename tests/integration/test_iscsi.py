@@ -29,7 +29,7 @@ from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
 from iscsi_bridge.tgt import Tgtadm
 from peerlink.sender import journal_bounds
-from tests.conftest import NBDGW, Served, run_nbdgw
+from tests.conftest import NBDGW, Served, need, run_nbdgw
 from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture
 
 MiB = 1 << 20
@@ -67,6 +67,8 @@ class IscsiEnv:
     def __init__(self, tmp: Path, served: Served, exports: list[Export],
                  nbd_uri: Callable[[str], str] | None = None, route: str | None = None,
                  **kw: Any) -> None:
+        for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
+            need(tool)
         self.port = free_port()
         self.cfg = IscsiConfig(enabled=True, portal_host="127.0.0.1", portal_port=self.port,
                                iqn=BASE, control_port=free_control_port(),

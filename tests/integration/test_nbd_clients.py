@@ -11,7 +11,6 @@ import errno
 import hashlib
 import json
 import random
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from tests.conftest import Served, run_nbdgw
+from tests.conftest import Served, need, run_nbdgw
 
 MiB = 1 << 20
 VOL_SIZE = 64 * MiB
@@ -379,10 +378,10 @@ def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str
     return p
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 def test_qemu_img_convert_in_and_out(data_dir: Path, volume: str, tmp_path: Path,
                                      serve) -> None:
     """qemu-img copies a 16 MiB file into the export and back out bit for bit."""
+    need("qemu-img")
     src = tmp_path / "src.raw"
     src.write_bytes(seeded(16).randbytes(16 * MiB))
     s: Served = serve()
@@ -419,8 +418,8 @@ def fio(uri: str, *args: str) -> dict:
     return job
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
 def test_fio_nbd_engine_verify(data_dir: Path, volume: str, serve) -> None:
+    need("fio")
     """fio writes 32 MiB of random 4 KiB blocks at queue depth 16 and verifies every one
     (crc32c headers); then a mixed random read/write job verifies too."""
     s: Served = serve()
