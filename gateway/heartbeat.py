@@ -1,14 +1,25 @@
-"""Heartbeats between the sites: one UDP datagram per peer (and per second path) every
-``interval``, on a thread of its own so that a daemon busy promoting keeps beating.
+"""Heartbeats between the sites: sealed UDP datagrams, a replay guard, and one I/O thread.
 
-A beat is ``MAGIC + HMAC-SHA256(secret, body)[:16] + body`` with a msgpack body
-``[version, node, state, epoch, {peer: seconds since heard}, seq, known_epoch,
-handover_to, discarding, {peer: [last seq heard from it, seconds held]}]`` (the fields
-after ``seq`` were appended over time; a shorter beat is read with their defaults).
-The echo gives each peer its round-trip time: now - (when it sent that seq) - held.
-Without a shared secret the MAC is over an empty key (integrity only).  A beat that does
-not verify, or comes from a node that is not a configured peer, is dropped and counted; it
-never changes the view.  Receiving updates ``View.heard`` and ``View.reports`` under a lock.
+A beat is ``MAGIC + msgpack([VERSION, node, boot, counter, body]) + MAC`` where MAC is
+HMAC-SHA256 (truncated to 16 bytes) over everything before it, keyed with a key derived
+from ``peerlink.secret_file`` (never the secret itself: the same secret proves peers on
+the replication links).  A secret is required whenever failover is automatic
+(gateway/config.py refuses the config otherwise): an unauthenticated beat could fence a
+primary or elect a node that does not exist.
+
+``boot`` is a random nonce chosen at each daemon start and ``counter`` the sender's beat
+number, which must increase per (sender, boot): ``BeatGuard`` drops a beat that repeats
+or goes back (a capture played again), that names no configured peer, or that comes from
+an address that is not one of the peer's configured addresses.  Whatever gets past the
+guard is a ``BeatIn`` for the node core, which in addition counts a beat as evidence of
+life only if it echoes a beat of this node's current boot (so nothing recorded before
+this node started can pass for its peer alive) and anchors the primary's lease at its own
+send times (gateway/nodecore.py).  Rejected beats are counted per reason (metrics) and
+logged at a bounded rate.  Every time is the monotonic clock.
+
+The body (``nodecore.BeatBody``) is a msgpack map with short keys; decoding checks every
+type and bounds every count, so a hostile datagram ends in ``BadBeat``, never an
+exception from deep inside.
 """
 
 from __future__ import annotations
@@ -16,106 +27,228 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import math
+import queue
 import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 import structlog
 
-from .failover import Report, State, View
+from .nodecore import BeatBody, BeatIn, Echo
 
 log = structlog.get_logger(component="heartbeat")
 
-MAGIC: Final = b"NGHB"
+MAGIC: Final = b"NGH2"
+VERSION: Final = 2
 MAC_SIZE: Final = 16
-VERSION: Final = 1
-MAX_BEAT: Final = 2048
-RTT_WINDOW: Final = 64  # beats whose send time is kept to match echoes
+BOOT_SIZE: Final = 16
+MAX_BEAT: Final = 4096
+MAX_NAME: Final = 255
+MAX_PEERS: Final = 64  # entries in any per-peer map or list of a beat
+BOOTS_KEPT: Final = 8  # per sender: boots whose highest counter is remembered
+KEY_LABEL: Final = b"nbdgw heartbeat key v2"
+LOG_EVERY: Final = 10.0  # at most one log line per reason this often
 
 
 class BadBeat(ValueError):
-    """A datagram that is not a valid heartbeat from a configured peer."""
+    """A datagram refused: ``reason`` is a short code (metrics label), the message says
+    what was wrong."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def derive_key(secret: bytes) -> bytes:
+    return hmac.new(secret, KEY_LABEL, hashlib.sha256).digest()
+
+
+# -- the body --------------------------------------------------------------------------------
+
+
+def body_to_wire(b: BeatBody) -> dict[str, Any]:
+    return {
+        "st": b.state, "e": b.epoch, "p": b.primary, "ve": b.vote_epoch, "vf": b.vote_for,
+        "sv": b.serving, "c": b.consistent, "ca": b.campaign, "de": b.data_epoch,
+        "sd": b.served_epoch,
+        "o": list(b.outdated),
+        "h": b.handover_to, "d": b.discarding,
+        "ec": {k: [v.boot, v.seq, v.held, v.fresh] for k, v in b.echo.items()},
+        "se": {k: (v if math.isfinite(v) else -1.0) for k, v in b.sees.items()},
+        "sy": list(b.sync),
+    }
+
+
+def _name(v: Any, what: str, optional: bool = False) -> Any:
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not 1 <= len(v) <= MAX_NAME:
+        raise BadBeat("malformed", f"{what}: expected a name, got {type(v).__name__}")
+    return v
+
+
+def _uint(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+        raise BadBeat("malformed", f"{what}: expected an unsigned integer")
+    return v
+
+
+def _num(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise BadBeat("malformed", f"{what}: expected a number")
+    return float(v)
+
+
+def _bool(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise BadBeat("malformed", f"{what}: expected true or false")
+    return v
+
+
+def _map(v: Any, what: str) -> dict[Any, Any]:
+    if not isinstance(v, dict) or len(v) > MAX_PEERS:
+        raise BadBeat("malformed", f"{what}: expected a map of at most {MAX_PEERS} entries")
+    return v
+
+
+def _names(v: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > MAX_PEERS:
+        raise BadBeat("malformed", f"{what}: expected a list of at most {MAX_PEERS} names")
+    return tuple(_name(x, what) for x in v)
+
+
+def body_from_wire(m: Any) -> BeatBody:
+    m = _map(m, "body")
+    try:
+        echo = {}
+        for k, v in _map(m["ec"], "echo").items():
+            if not isinstance(v, list) or len(v) != 4 or not isinstance(v[0], bytes) \
+                    or len(v[0]) != BOOT_SIZE:
+                raise BadBeat("malformed", "echo: expected [boot, seq, held, fresh]")
+            echo[_name(k, "echo")] = Echo(v[0], _uint(v[1], "echo seq"),
+                                          _num(v[2], "echo held"), _bool(v[3], "echo fresh"))
+        sees = {_name(k, "sees"): (x if (x := _num(v, "sees")) >= 0 else math.inf)
+                for k, v in _map(m["se"], "sees").items()}
+        return BeatBody(
+            state=_name(m["st"], "state"), epoch=_uint(m["e"], "epoch"),
+            primary=_name(m["p"], "primary", True), vote_epoch=_uint(m["ve"], "vote_epoch"),
+            vote_for=_name(m["vf"], "vote_for", True), serving=_bool(m["sv"], "serving"),
+            consistent=_bool(m["c"], "consistent"), campaign=_uint(m["ca"], "campaign"),
+            data_epoch=_uint(m["de"], "data_epoch"), served_epoch=_uint(m["sd"], "served"),
+            outdated=_names(m["o"], "outdated"), handover_to=_name(m["h"], "handover_to", True),
+            discarding=_name(m["d"], "discarding", True), echo=echo, sees=sees,
+            sync=_names(m["sy"], "sync"))
+    except KeyError as e:
+        raise BadBeat("malformed", f"body: missing field {e.args[0]!r}") from None
+
+
+# -- the envelope ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Beat:
-    """One decoded heartbeat."""
-
+class Sealed:
     node: str
-    state: State
-    epoch: int
-    sees: dict[str, float]  # peer -> seconds since heard (inf: never)
-    seq: int
-    known_epoch: int
-    handover_to: str | None = None  # a switchover's successor
-    discarding: str | None = None  # a split brain's loser (resolve --discard)
-    # peer -> (the last seq heard from it, seconds held since): the peer's round trip
-    echo: dict[str, tuple[int, float]] = field(default_factory=dict)
+    boot: bytes
+    counter: int
+    body: BeatBody
 
 
-def encode_beat(secret: bytes, node: str, state: State, epoch: int,
-                sees: dict[str, float], seq: int, known_epoch: int = 0,
-                handover_to: str | None = None, discarding: str | None = None,
-                echo: dict[str, tuple[int, float]] | None = None) -> bytes:
-    body: bytes = msgpack.packb([VERSION, node, state.value, epoch,
-                                 {k: (v if math.isfinite(v) else -1.0)
-                                  for k, v in sees.items()}, seq, known_epoch, handover_to,
-                                 discarding, {k: list(v) for k, v in (echo or {}).items()}])
-    mac = hmac.new(secret, body, hashlib.sha256).digest()[:MAC_SIZE]
-    return MAGIC + mac + body
+def seal(key: bytes, node: str, boot: bytes, counter: int, body: BeatBody) -> bytes:
+    payload: bytes = msgpack.packb([VERSION, node, boot, counter, body_to_wire(body)],
+                                   use_bin_type=True)
+    head = MAGIC + payload
+    return head + hmac.new(key, head, hashlib.sha256).digest()[:MAC_SIZE]
 
 
-def decode_beat(secret: bytes, data: bytes) -> Beat:
-    if len(data) > MAX_BEAT or not data.startswith(MAGIC):
-        raise BadBeat("not a heartbeat")
-    mac, body = data[4:4 + MAC_SIZE], data[4 + MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.new(secret, body, hashlib.sha256).digest()[:MAC_SIZE]):
-        raise BadBeat("heartbeat authentication failed")
+def unseal(key: bytes, data: bytes) -> Sealed:
+    if len(data) > MAX_BEAT or len(data) < len(MAGIC) + MAC_SIZE + 1:
+        raise BadBeat("size", f"a datagram of {len(data)} bytes is no heartbeat")
+    if not data.startswith(MAGIC):
+        raise BadBeat("magic", "not a heartbeat (bad magic)")
+    head, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+    if not hmac.compare_digest(mac, hmac.new(key, head, hashlib.sha256).digest()[:MAC_SIZE]):
+        raise BadBeat("mac", "heartbeat authentication failed (another secret, or forged)")
     try:
-        fields = msgpack.unpackb(body)
-        if fields[0] != VERSION:
-            raise BadBeat(f"heartbeat version {fields[0]}, this node speaks {VERSION}")
-        _, node, state, epoch, sees, seq, known = fields[:7]
-        # Appended in later releases: a switchover's successor, a split brain's loser,
-        # the echo of the peers' sequence numbers (round-trip times).
-        handover = fields[7] if len(fields) > 7 else None
-        discarding = fields[8] if len(fields) > 8 else None
-        echo = fields[9] if len(fields) > 9 and isinstance(fields[9], dict) else {}
-        return Beat(str(node), State(state), int(epoch),
-                    {str(k): (float(v) if v >= 0 else math.inf) for k, v in sees.items()},
-                    int(seq), int(known), None if handover is None else str(handover),
-                    None if discarding is None else str(discarding),
-                    {str(k): (int(v[0]), float(v[1])) for k, v in echo.items()})
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise BadBeat(f"malformed heartbeat: {e}") from None
+        fields = msgpack.unpackb(head[len(MAGIC):], raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise BadBeat("malformed", f"heartbeat is not msgpack: {e}") from None
+    if not isinstance(fields, list) or len(fields) != 5:
+        raise BadBeat("malformed", "heartbeat: expected [version, node, boot, counter, body]")
+    if fields[0] != VERSION:
+        raise BadBeat("version", f"heartbeat version {fields[0]!r}, this node speaks {VERSION}")
+    boot = fields[2]
+    if not isinstance(boot, bytes) or len(boot) != BOOT_SIZE:
+        raise BadBeat("malformed", "heartbeat: bad boot nonce")
+    return Sealed(_name(fields[1], "node"), boot, _uint(fields[3], "counter"),
+                  body_from_wire(fields[4]))
+
+
+class BeatGuard:
+    """Admit a sealed beat only from a configured peer, from one of its addresses, with
+    a counter above every counter seen from that sender's boot (pure; the model test
+    puts it between simulated nodes)."""
+
+    def __init__(self, peers: Mapping[str, frozenset[str]]) -> None:
+        self.peers = {n: frozenset(_canon(a) for a in addrs) for n, addrs in peers.items()}
+        self.high: dict[str, dict[bytes, int]] = {}
+
+    def admit(self, s: Sealed, src: str | None) -> None:
+        addrs = self.peers.get(s.node)
+        if addrs is None:
+            raise BadBeat("unknown_peer", f"heartbeat from {s.node!r}, not a configured peer")
+        if src is not None and addrs and _canon(src) not in addrs:
+            raise BadBeat("address", f"heartbeat of {s.node!r} from {src}, not one of its "
+                                     f"addresses ({', '.join(sorted(addrs))})")
+        boots = self.high.setdefault(s.node, {})
+        if s.counter <= boots.get(s.boot, 0):
+            raise BadBeat("replay", f"heartbeat of {s.node!r} repeats counter {s.counter} "
+                                    f"(a replay, or a duplicate)")
+        if s.boot not in boots and len(boots) >= BOOTS_KEPT:
+            boots.pop(next(iter(boots)))
+        boots[s.boot] = s.counter
+
+
+def _canon(addr: str) -> str:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+# -- the I/O thread --------------------------------------------------------------------------
 
 
 class Heartbeat:
-    """Send and receive beats; ``state_fn`` gives this node's current state and epoch."""
+    """Receive beats on a thread and hand what the guard admits to ``deliver``; send
+    what the main loop asks.  No decision is made here."""
 
-    def __init__(self, view: View, *, bind: tuple[str, int],
-                 targets: dict[str, list[tuple[str, int]]], secret: bytes | None,
-                 interval: float, state_fn: Any) -> None:
-        self.view = view
+    def __init__(self, *, me: str, key: bytes, bind: tuple[str, int],
+                 targets: Mapping[str, list[tuple[str, int]]],
+                 deliver: Callable[[BeatIn], None]) -> None:
+        self.me = me
+        self.key = key
         self.targets = targets
-        self.secret = secret or b""
-        self.interval = interval
-        self.state_fn = state_fn
-        self.lock = threading.Lock()
+        self.deliver = deliver
+        self.guard = BeatGuard({p: frozenset(a for a, _ in addrs)
+                                for p, addrs in targets.items()})
+        self.rejected: Counter[str] = Counter()
+        self._logged: dict[str, float] = {}
         self.stop_event = threading.Event()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(bind)
         self.sock.setblocking(False)
-        self.seq = 0
-        self.dropped = 0
-        self.sent: dict[int, float] = {}  # seq -> when sent (the last RTT_WINDOW beats)
-        self.last_rx: dict[str, tuple[int, float]] = {}  # peer -> (its seq, when heard)
-        self.rtt: dict[str, float] = {}  # peer -> the latest round-trip time, seconds
+        self.send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -126,62 +259,45 @@ class Heartbeat:
         self.thread.join(5)
         self.sock.close()
 
-    def sees(self, now: float) -> dict[str, float]:
-        with self.lock:
-            return {p: now - self.view.heard[p] if p in self.view.heard else math.inf
-                    for p in self.view.peers}
+    def send(self, boot: bytes, counter: int, body: BeatBody) -> None:
+        data = seal(self.key, self.me, boot, counter, body)
+        with self.send_lock:
+            for addrs in self.targets.values():
+                for addr in addrs:
+                    # Unreachable now (link down): that is what heartbeats detect.
+                    with contextlib.suppress(OSError):
+                        self.sock.sendto(data, addr)
 
-    def _send(self) -> None:
-        state, epoch = self.state_fn()
-        self.seq += 1
+    def _reject(self, e: BadBeat, src: str) -> None:
+        self.rejected[e.reason] += 1
         now = time.monotonic()
-        self.sent[self.seq] = now
-        self.sent.pop(self.seq - RTT_WINDOW, None)
-        with self.lock:
-            echo = {p: (s, round(now - at, 6)) for p, (s, at) in self.last_rx.items()}
-        beat = encode_beat(self.secret, self.view.me, state, epoch, self.sees(now),
-                           self.seq, max(epoch, self.view.known_epoch),
-                           self.view.handover_to, self.view.discarding, echo)
-        for addrs in self.targets.values():
-            for addr in addrs:
-                # Unreachable now (link down): that is what heartbeats detect.
-                with contextlib.suppress(OSError):
-                    self.sock.sendto(beat, addr)
+        if now - self._logged.get(e.reason, -math.inf) >= LOG_EVERY:
+            self._logged[e.reason] = now
+            log.warning("heartbeat_rejected", reason=e.reason, detail=str(e), source=src,
+                        count=self.rejected[e.reason])
 
     def _receive(self) -> None:
         while True:
             try:
-                data, _ = self.sock.recvfrom(MAX_BEAT + 1)
-            except BlockingIOError:
-                return
+                data, addr = self.sock.recvfrom(MAX_BEAT + 1)
             except OSError:
                 return
+            src = str(addr[0])
             try:
-                b = decode_beat(self.secret, data)
-                if b.node not in self.view.peers:
-                    raise BadBeat(f"heartbeat from {b.node!r}, not a configured peer")
+                s = unseal(self.key, data)
+                self.guard.admit(s, src)
             except BadBeat as e:
-                self.dropped += 1
-                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                    log.warning("heartbeat_dropped", reason=str(e), dropped=self.dropped)
+                self._reject(e, src)
                 continue
-            now = time.monotonic()
-            mine = b.echo.get(self.view.me)
-            with self.lock:
-                self.view.heard[b.node] = now
-                self.view.reports[b.node] = Report(b.state, b.epoch, b.sees, now,
-                                                   b.known_epoch, b.handover_to, b.discarding)
-                self.last_rx[b.node] = (b.seq, now)
-                if mine is not None and mine[0] in self.sent:
-                    self.rtt[b.node] = max(0.0, now - self.sent[mine[0]] - mine[1])
+            self.deliver(BeatIn(time.monotonic(), s.node, s.boot, s.counter, s.body))
 
     def _run(self) -> None:
-        next_send = 0.0
         while not self.stop_event.is_set():
-            now = time.monotonic()
-            if now >= next_send:
-                self._send()
-                next_send = now + self.interval
-            r, _, _ = select.select([self.sock], [], [], max(0.0, min(0.05, next_send - now)))
-            if r:
-                self._receive()
+            with contextlib.suppress(OSError, ValueError):
+                r, _, _ = select.select([self.sock], [], [], 0.2)
+                if r:
+                    self._receive()
+
+
+def queue_deliver(q: queue.Queue[Any]) -> Callable[[BeatIn], None]:
+    return q.put
