@@ -230,7 +230,8 @@ class PeerView:
     anchor: float = -math.inf  # my send time of the newest beat of mine it counted fresh
     seq_fresh: bool = False  # the beat of ``seq`` was fresh
     serving_at: float = -math.inf  # when a fresh beat last said it holds a lease
-    retired: tuple[bytes, ...] = ()  # its earlier boots: a late beat of one is ignored
+    high: dict[bytes, int] = field(default_factory=dict)  # boot -> highest counter seen
+    mine_seq: int = 0  # the newest beat of mine that a fresh beat of it echoed
 
 
 class NodeCore:
@@ -276,6 +277,11 @@ class NodeCore:
                           State.WITNESS if cfg.role == "dr" else State.STANDBY)
         elif split_brain:
             self.state = State.STALE
+        elif hard.role == "primary" and hard.primary not in (None, cfg.me):
+            # It stopped while rejoining a newer primary: finish that first.
+            self.state = State.STALE
+            self.rejoin_args = {"preserve": True, "adopt": False, "concurrent": False}
+            self.rejoin_at = now
         elif hard.role == "primary":
             self.state = State.STARTING
         else:
@@ -416,19 +422,20 @@ class NodeCore:
         v = self.peers.get(ev.node)
         if v is None:
             return  # the heartbeat layer drops these; never trust them here
-        if ev.boot in v.retired:
-            return  # a late beat from before the peer restarted
-        if ev.boot != v.boot:
-            if v.boot:
-                v.retired = (*v.retired[-7:], v.boot)
-            v.boot, v.seq = ev.boot, 0
-        if ev.seq <= v.seq:
+        if ev.seq <= v.high.get(ev.boot, 0):
             return  # a duplicate or a reordered older beat: nothing new
-        v.seq, v.seq_at, v.seq_fresh = ev.seq, ev.now, False
+        if ev.boot not in v.high and len(v.high) >= 8:
+            v.high.pop(next(iter(v.high)))
+        v.high[ev.boot] = ev.seq
         mine = ev.body.echo.get(self.cfg.me)
-        if mine is None or mine.boot != self.boot or mine.seq not in self.sent:
+        fresh = mine is not None and mine.boot == self.boot and mine.seq in self.sent
+        if fresh and mine is not None and mine.seq < v.mine_seq:
+            return  # it left the peer before the beat this node holds: a late one
+        # Echoed back in the next beat (a restarted peer needs that to prove itself).
+        v.boot, v.seq, v.seq_at, v.seq_fresh = ev.boot, ev.seq, ev.now, fresh
+        if not fresh or mine is None:
             return  # not fresh: it does not echo a beat of this boot (yet)
-        v.seq_fresh = True
+        v.mine_seq = mine.seq
         if mine.fresh:
             # It counted that beat of mine as a sign of life: it cannot vote against me
             # until ``timeout`` after it received it, which was after I sent it.
