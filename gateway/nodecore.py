@@ -230,6 +230,7 @@ class PeerView:
     anchor: float = -math.inf  # my send time of the newest beat of mine it counted fresh
     seq_fresh: bool = False  # the beat of ``seq`` was fresh
     serving_at: float = -math.inf  # when a fresh beat last said it holds a lease
+    rtt: float | None = None  # round trip: my send time to its echo, minus its hold
     high: dict[bytes, int] = field(default_factory=dict)  # boot -> highest counter seen
     mine_seq: int = 0  # the newest beat of mine that a fresh beat of it echoed
 
@@ -436,6 +437,7 @@ class NodeCore:
         if not fresh or mine is None:
             return  # not fresh: it does not echo a beat of this boot (yet)
         v.mine_seq = mine.seq
+        v.rtt = round(max(0.0, ev.now - self.sent[mine.seq] - mine.held), 6)
         if mine.fresh:
             # It counted that beat of mine as a sign of life: it cannot vote against me
             # until ``timeout`` after it received it, which was after I sent it.

@@ -182,8 +182,8 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
              f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}",
              f"segment_bytes={cfg.journal.segment_bytes}"]
     if cfg.failover.auto and cfg.peers and not all_readonly:
-        # Writes need the daemon's lease (gateway/daemon.py renews it every tick).
-        argv += [f"lease={lease_path(cfg.data_dir)}", f"lease_timeout={cfg.failover.timeout:g}"]
+        # Writes need the daemon's lease (nbd_plugin/lease.py; the node core sets it).
+        argv += [f"lease={lease_path(cfg.data_dir)}"]
     timeout = sync_timeout(cfg)
     if timeout is not None and not all_readonly:
         argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}"]

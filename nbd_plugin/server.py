@@ -11,7 +11,6 @@ import errno
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from blockstore.volume import (
 )
 
 from .control import ControlServer
+from .lease import Lease
 from .syncgate import SyncGate
 
 if TYPE_CHECKING:
@@ -59,10 +59,9 @@ class Params:
     sync_socket: Path | None = None
     sync_timeout: float = 5.0
     lease: Path | None = None
-    lease_timeout: float = 2.0
 
     KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
-            "all_readonly", "sync_socket", "sync_timeout", "lease", "lease_timeout")
+            "all_readonly", "sync_socket", "sync_timeout", "lease")
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -103,42 +102,7 @@ _SCALARS: dict[str, Callable[[str], object]] = {
     "sync_socket": Path,
     "sync_timeout": _positive_float,
     "lease": Path,
-    "lease_timeout": _positive_float,
 }
-
-
-class Lease:
-    """The primary's write lease (contract 6): the daemon touches ``path`` every tick
-    while it holds the majority.  A lease older than ``timeout`` means the daemon is gone
-    or hung (it can no longer fence this process, and the secondary may promote after
-    timeout + fence_margin): writes are refused with ESHUTDOWN before that can happen.
-    Checked at most every ``CHECK_EVERY`` seconds (one stat)."""
-
-    CHECK_EVERY = 0.05
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.checked = 0.0
-        self.valid = False
-        self.logged = False
-
-    def check(self) -> None:
-        now = time.monotonic()
-        if now - self.checked >= self.CHECK_EVERY:
-            self.checked = now
-            try:
-                age = time.time() - os.stat(self.path).st_mtime
-            except FileNotFoundError:
-                age = float("inf")
-            self.valid = age < self.timeout
-            if not self.valid and not self.logged:
-                log.error("write_lease_expired", path=str(self.path), age_s=round(age, 2),
-                          note="writes refused until the daemon renews the lease")
-            self.logged = not self.valid
-        if not self.valid:
-            raise OSError(errno.ESHUTDOWN, "write lease expired: this node may no longer be "
-                                           "the primary")
 
 
 class Handle:
@@ -182,8 +146,7 @@ class Server:
         self.failed: dict[str, str] = {}
         self.gate = (SyncGate(params.sync_socket, params.sync_timeout)
                      if params.sync_socket is not None else None)
-        self.lease = (Lease(params.lease, params.lease_timeout)
-                      if params.lease is not None else None)
+        self.lease = Lease(params.lease) if params.lease is not None else None
         # Replicas are written by peerlink only; serving them needs a promotion first.
         names = params.volumes or [v.name for v in list_volumes(params.data_dir)
                                    if not is_replica(v)]

@@ -357,11 +357,17 @@ def test_inside_nbdkit_writes_need_the_lease(data_dir: Path, tmp_path: Path) -> 
     from tests.conftest import run_nbdgw
 
     run_nbdgw("volume", "create", "v1", "--size", "64M", "--data-dir", str(data_dir))
+    from nbd_plugin.lease import LeaseWriter
+
     lease, sock = tmp_path / "lease", tmp_path / "nbd.sock"
-    lease.touch()
+    writer = LeaseWriter(lease)
+
+    def renew(seconds: float) -> None:
+        writer.set(time.monotonic_ns() + int(seconds * 1e9))
+
     nbdkit = subprocess.Popen(
         ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "python", str(PLUGIN_PATH),
-         f"data_dir={data_dir}", f"lease={lease}", "lease_timeout=1"],
+         f"data_dir={data_dir}", f"lease={lease}"],
         env={**os.environ, "NBDGW_SITE": plugin_site_dirs()}, stderr=subprocess.DEVNULL)
     m = FuseMount("v1", tmp_path / "mnt", str(volumes_dir(data_dir) / "v1"), False, "nbdkit")
     try:
@@ -372,15 +378,14 @@ def test_inside_nbdkit_writes_need_the_lease(data_dir: Path, tmp_path: Path) -> 
         m.start()
         fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
         try:
-            lease.touch()
+            renew(1.0)
             assert os.pwrite(fd, _aligned(4096, fill=1), 0) == 4096
             time.sleep(1.3)  # no renewal: expired
             with pytest.raises(OSError, match="transport endpoint shutdown") as ei:
                 os.pwrite(fd, _aligned(4096, fill=2), 0)
             assert ei.value.errno == errno.ESHUTDOWN
             assert os.pread(fd, 4096, 0) == b"\x01" * 4096  # reads go on; nothing written
-            lease.touch()
-            time.sleep(0.1)  # the plugin looks at the lease at most every 50 ms
+            renew(10.0)  # seen at the next write: the file is mapped
             assert os.pwrite(fd, _aligned(4096, fill=3), 0) == 4096
             assert os.pread(fd, 4096, 0) == b"\x03" * 4096
         finally:
@@ -389,3 +394,4 @@ def test_inside_nbdkit_writes_need_the_lease(data_dir: Path, tmp_path: Path) -> 
         m.stop()
         nbdkit.terminate()
         nbdkit.wait(30)
+        writer.close()
