@@ -1,15 +1,18 @@
 """Generation histories (contract 5, after DRBD's generation identifiers).
 
-Every promotion starts a new generation: a random 64-bit id and the local journal seq it
-begins at.  A volume's history is the list of generations it has lived through, oldest
-first, kept in ``volumes/<V>/generations.json`` (``kind: generations``, ``version: 1``)
-with the volume's *logical* uuid: the uuid of the volume as replication knows it, the
+Every promotion starts a new generation: a random 64-bit id, the local journal seq it
+begins at, and the failover epoch it was created at (an integer that rises with every
+promotion across the cluster, one winner per epoch).  A volume's history is the list of
+generations it has lived through, oldest first, kept in ``volumes/<V>/generations.json``
+(``kind: generations``, ``version: 2``; version 1 files, without epochs, are read as
+epoch 0) with the volume's *logical* uuid: the uuid of the volume as replication knows it, the
 same on every node (a replica adopts its upstream's; a promoted replica keeps it).
 
 When two nodes meet, ``relation()`` of their histories decides: the same generation
 (stream on), one is ahead (the other must take a resync from it, or, if it is the one
 behind and wants to send, stop), or unrelated (split brain or different volumes: refuse,
-never guess).  A volume without the file has one generation derived from its uuid.
+never guess).  A volume without the file has one generation derived from its uuid, at
+epoch 0.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .errors import FormatError
 from .meta import read_json, write_json
 
 GEN_KIND = "generations"
-GEN_VERSION = 1
+GEN_VERSION = 2
 GEN_FILE = "generations.json"
 
 
@@ -38,6 +43,7 @@ class Relation(enum.Enum):
 class Generation:
     gen_id: int
     start_seq: int
+    epoch: int  # the failover epoch it was created at (0: before epochs were recorded)
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class History:
 
 def initial_generation(volume_uuid: str) -> Generation:
     """The generation a volume is born with (stable: derived from its uuid)."""
-    return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1)
+    return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1, 0)
 
 
 def relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...]) -> Relation:
@@ -71,29 +77,44 @@ def relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...]) -> Re
     return Relation.UNRELATED
 
 
+def migrate_v1(meta: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 file's content as version 2: every generation at epoch 0 (not
+    recorded then)."""
+    return {**meta, "version": GEN_VERSION,
+            "history": [[int(g), int(s), 0] for g, s in meta["history"]]}
+
+
 def load_history(vpath: Path, volume_uuid: str, upstream_uuid: str | None = None) -> History:
     """The volume's history; without the file, one generation born with its logical
-    uuid: ``upstream_uuid`` for a replica bound to an upstream, else its own."""
+    uuid: ``upstream_uuid`` for a replica bound to an upstream, else its own.  A version
+    1 file is migrated in memory (and written as version 2 by the next save)."""
     path = vpath / GEN_FILE
     if not path.exists():
         logical = upstream_uuid or volume_uuid
         return History(logical, (initial_generation(logical),))
-    meta = read_json(path, GEN_KIND, GEN_VERSION)
+    try:
+        meta = read_json(path, GEN_KIND, GEN_VERSION)
+    except FormatError as e:
+        try:
+            meta = migrate_v1(read_json(path, GEN_KIND, 1))
+        except FormatError:
+            raise e from None
     return History(str(meta["logical_uuid"]),
-                   tuple(Generation(int(g), int(s)) for g, s in meta["history"]),
+                   tuple(Generation(int(g), int(s), int(ep)) for g, s, ep in meta["history"]),
                    frozenset(int(g) for g in meta.get("promoted_here", [])))
 
 
 def save_history(vpath: Path, history: History) -> None:
     write_json(vpath / GEN_FILE, {
         "kind": GEN_KIND, "version": GEN_VERSION, "logical_uuid": history.logical_uuid,
-        "history": [[g.gen_id, g.start_seq] for g in history.generations],
+        "history": [[g.gen_id, g.start_seq, g.epoch] for g in history.generations],
         "promoted_here": sorted(history.local)})
 
 
-def new_generation(history: History, start_seq: int) -> History:
-    """The history after a promotion at ``start_seq``: a fresh random id appended."""
-    gen = Generation(secrets.randbits(64) or 1, start_seq)
+def new_generation(history: History, start_seq: int, epoch: int) -> History:
+    """The history after a promotion at ``start_seq`` on failover epoch ``epoch``: a
+    fresh random id appended."""
+    gen = Generation(secrets.randbits(64) or 1, start_seq, epoch)
     return History(history.logical_uuid, (*history.generations, gen),
                    history.local | {gen.gen_id})
 

@@ -1121,13 +1121,16 @@ def checksum_path(path: Path, size: int) -> str:
         st.close()
 
 
-def promote_volume(data_dir: Path, name: str) -> Generation:
-    """Make replica ``name`` a primary volume that starts a new generation (contract 5).
+def promote_volume(data_dir: Path, name: str, epoch: int | None = None) -> Generation:
+    """Make replica ``name`` a primary volume that starts a new generation (contract 5),
+    recorded at failover epoch ``epoch`` (the epoch this node is promoted to).
 
     The caller has stopped its receiver (the volume lock is free): the last complete
     batch is in the store (redo finishes a committed one on open).  An Inconsistent
     replica (its initial sync or a resync never completed) is refused: its store is not
-    any state the primary ever had.  Returns the new generation."""
+    any state the primary ever had.  ``epoch`` None (callers that predate epochs): one
+    above the newest epoch of the history, which orders the generation after its own past
+    but not against a promotion made elsewhere meanwhile.  Returns the new generation."""
     vol = Volume.open(data_dir, name)
     try:
         if not vol.replica:
@@ -1136,15 +1139,18 @@ def promote_volume(data_dir: Path, name: str) -> Generation:
             raise InvalidArgument(
                 f"volume {name} is Inconsistent (its sync from the primary never "
                 "completed): it can never be promoted")
-        gen = _start_generation(vol)
+        gen = _start_generation(vol, epoch)
         vol.replica = False
         return gen
     finally:
         vol.close()
 
 
-def _start_generation(vol: Volume) -> Generation:
-    history = new_generation(load_history(vol.info.path, vol.info.uuid), vol.last_seq + 1)
+def _start_generation(vol: Volume, epoch: int | None) -> Generation:
+    old = load_history(vol.info.path, vol.info.uuid)
+    if epoch is None:
+        epoch = max(g.epoch for g in old.generations) + 1
+    history = new_generation(old, vol.last_seq + 1, epoch)
     # The history first: a crash before the state flips leaves a replica with one
     # generation too many, which a repeated promotion simply extends.
     save_history(vol.info.path, history)
@@ -1156,15 +1162,16 @@ def _start_generation(vol: Volume) -> Generation:
     return history.current
 
 
-def renew_generation(data_dir: Path, name: str) -> Generation:
-    """A primary volume starts a new generation where it stands: the side of a split
-    brain an operator keeps (`nbdgw resolve --discard OTHER`) serves on a history newer
-    than both, so that the other side's replicas take its data."""
+def renew_generation(data_dir: Path, name: str, epoch: int | None = None) -> Generation:
+    """A primary volume starts a new generation where it stands, at failover epoch
+    ``epoch`` (None: as in ``promote_volume``): the side of a split brain an operator
+    keeps (`nbdgw resolve --discard OTHER`) serves on a history newer than both, so that
+    the other side's replicas take its data."""
     vol = Volume.open(data_dir, name)
     try:
         if vol.replica:
             raise InvalidArgument(f"volume {name} is a replica: promote it instead")
-        return _start_generation(vol)
+        return _start_generation(vol, epoch)
     finally:
         vol.close()
 

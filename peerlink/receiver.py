@@ -104,8 +104,15 @@ def wire_generations(history: History) -> tuple[Generation, ...]:
     return tuple(Generation(g.gen_id, g.start_seq) for g in history.generations)
 
 
-def from_wire(gens: tuple[Generation, ...]) -> tuple[BGeneration, ...]:
-    return tuple(BGeneration(g.gen_id, g.start_seq) for g in gens)
+def wire_epochs(history: History) -> tuple[int, ...]:
+    return tuple(g.epoch for g in history.generations)
+
+
+def from_wire(gens: tuple[Generation, ...], epochs: tuple[int, ...] | None
+              ) -> tuple[BGeneration, ...]:
+    """A peer's history from its Hello (epoch 0 where an older peer sent none)."""
+    eps = epochs if epochs is not None else (0,) * len(gens)
+    return tuple(BGeneration(g.gen_id, g.start_seq, e) for g, e in zip(gens, eps, strict=True))
 
 
 async def wait_connected(link: Link, timeout: float) -> bool:
@@ -285,11 +292,12 @@ class Receiver:
         clog = clog.bind(peer=theirs.node)
         vuuid = self._upstream_uuid(theirs.volume_uuid)
         history = self._history()
-        theirs_gens = from_wire(theirs.generations)
+        theirs_gens = from_wire(theirs.generations, theirs.epochs)
         rel, adopts = self._relation(history, theirs.node, theirs_gens, clog)
         mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
                      wire_generations(history), 0 if adopts else self.vol.upstream_seq,
-                     make_nonce(), adopts, self._changed(rel, theirs.node, history))
+                     make_nonce(), adopts, self._changed(rel, theirs.node, history),
+                     wire_epochs(history))
         refusal = check_hello(mine, theirs) or self._generation_refusal(
             rel, theirs.node, theirs_gens, history)
         if refusal is not None:
@@ -379,8 +387,9 @@ class Receiver:
             rec = upstream_record(vuuid, theirs.node)
             await loop.run_in_executor(self.executor, write_json, self.upstream_path, rec)
             self.upstream = rec
-            await loop.run_in_executor(self.executor, save_history, self.vol.info.path,
-                                       History(vuuid, from_wire(theirs.generations)))
+            await loop.run_in_executor(
+                self.executor, save_history, self.vol.info.path,
+                History(vuuid, from_wire(theirs.generations, theirs.epochs)))
             self._gen_cache = None
             clog.info("replica_bound", upstream_uuid=vuuid, upstream_node=theirs.node)
         if (self.vol.inconsistent and self.vol.upstream_seq == 0 and resume_from == 1

@@ -137,7 +137,7 @@ from .messages import (
     check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
-from .receiver import expect, from_wire, replica_history, wire_generations
+from .receiver import expect, from_wire, replica_history, wire_epochs, wire_generations
 
 log = structlog.get_logger(component="peerlink")
 
@@ -580,7 +580,7 @@ class Sender:
     def _generations(self, history: History, theirs: Hello) -> tuple[Relation, Refuse | None]:
         """Contract 5 at the handshake: how the peer's history relates to this node's,
         and the refusal when this node must not send (stale, or unrelated histories)."""
-        rel = relation(history.generations, from_wire(theirs.generations))
+        rel = relation(history.generations, from_wire(theirs.generations, theirs.epochs))
         if rel is Relation.BEHIND:
             return rel, Refuse(
                 f"volume {self.name!r}: {theirs.node!r} is on a newer generation "
@@ -605,7 +605,7 @@ class Sender:
         None when either side cannot tell: then every extent is compared."""
         if theirs.changed is None or not theirs.generations:
             return None
-        own = own_generation_after(history, from_wire(theirs.generations)[-1])
+        own = own_generation_after(history, from_wire(theirs.generations, theirs.epochs)[-1])
         res = read_resync(self.info)
         if own is None or res["full"]:
             return None
@@ -983,7 +983,8 @@ class Sender:
         first, last = await loop.run_in_executor(self.executor, self._bounds)
         history = await loop.run_in_executor(self.executor, self._history)
         mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
-                     self.role, wire_generations(history), last, make_nonce())
+                     self.role, wire_generations(history), last, make_nonce(),
+                     epochs=wire_epochs(history))
         link.send(mine)
         theirs = await link.recv_within(t, "Hello")
         expect(theirs, Hello, "in answer to Hello")

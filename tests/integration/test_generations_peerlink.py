@@ -88,7 +88,7 @@ def test_unrelated_histories_are_refused_and_nothing_applied(env: Env) -> None:
     # The old primary was promoted on its own too (an independent generation): neither
     # history contains the other's newest generation.
     info = find_volume(env.primary, "v1")
-    save_history(info.path, new_generation(load_history(info.path, info.uuid), 1000))
+    save_history(info.path, new_generation(load_history(info.path, info.uuid), 1000, 1))
     demote_volume(env.primary, "v1", "r1", preserve=False)
     before = checksum(env.primary)
     rx = env.receiver(data_dir=env.primary, node="p1")

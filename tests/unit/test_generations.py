@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from blockstore.errors import FormatError
 from blockstore.generations import (
     Generation,
+    History,
     Relation,
     load_history,
     relation,
+    save_history,
 )
 from blockstore.meta import write_json
 from blockstore.volume import (
@@ -24,10 +27,11 @@ from blockstore.volume import (
     demote_volume,
     find_volume,
     promote_volume,
+    renew_generation,
 )
 from gateway import rejoin
 
-G0, G1, G2 = Generation(10, 1), Generation(11, 50), Generation(12, 40)
+G0, G1, G2 = Generation(10, 1, 0), Generation(11, 50, 1), Generation(12, 40, 2)
 
 
 @pytest.mark.parametrize(("mine", "theirs", "rel"), [
@@ -35,11 +39,39 @@ G0, G1, G2 = Generation(10, 1), Generation(11, 50), Generation(12, 40)
     ((G0, G1), (G0,), Relation.AHEAD),
     ((G0,), (G0, G1), Relation.BEHIND),
     ((G0, G1), (G0, G2), Relation.UNRELATED),  # two promotions from one point: split brain
-    ((Generation(1, 1),), (Generation(2, 1),), Relation.UNRELATED),  # another volume
+    ((Generation(1, 1, 0),), (Generation(2, 1, 0),), Relation.UNRELATED),  # another volume
 ])
 def test_relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...],
                   rel: Relation) -> None:
     assert relation(mine, theirs) is rel
+
+
+def test_history_file_version_1_is_migrated_to_version_2(tmp_path: Path) -> None:
+    write_json(tmp_path / "generations.json", {
+        "kind": "generations", "version": 1, "logical_uuid": "u",
+        "history": [[10, 1], [11, 50]], "promoted_here": [11]})
+    h = load_history(tmp_path, "ignored")
+    assert h == History("u", (Generation(10, 1, 0), Generation(11, 50, 0)), frozenset({11}))
+    save_history(tmp_path, h)
+    meta = json.loads((tmp_path / "generations.json").read_text())
+    assert (meta["version"], meta["history"]) == (2, [[10, 1, 0], [11, 50, 0]])
+    assert load_history(tmp_path, "ignored") == h
+    write_json(tmp_path / "generations.json", {**meta, "version": 3})
+    with pytest.raises(FormatError, match="generations format version 3 is not supported "
+                                          r"\(this nbdgw reads version 2\)"):
+        load_history(tmp_path, "ignored")
+
+
+def test_promotion_records_its_epoch(tmp_path: Path) -> None:
+    create_volume(tmp_path, "v1", 4 << 20, replica=True)
+    vol = Volume.open(tmp_path, "v1")
+    vol.set_consistent(True)
+    vol.close()
+    assert promote_volume(tmp_path, "v1", epoch=5).epoch == 5
+    assert renew_generation(tmp_path, "v1", epoch=9).epoch == 9
+    assert renew_generation(tmp_path, "v1").epoch == 10  # no epoch given: one above the past
+    info = find_volume(tmp_path, "v1")
+    assert [g.epoch for g in load_history(info.path, info.uuid).generations] == [0, 5, 9, 10]
 
 
 def acked_by(data_dir: Path, peer: str, seq: int) -> None:
@@ -110,7 +142,7 @@ def test_promotion_reserves_snapshot_ids_for_the_old_primary(tmp_path: Path) -> 
     vol = Volume.open(tmp_path, "v1")
     vol.set_consistent(True)
     vol.close()
-    gen = promote_volume(tmp_path, "v1")
+    gen = promote_volume(tmp_path, "v1", epoch=1)
     info = find_volume(tmp_path, "v1")
     hist = load_history(info.path, info.uuid)
     assert hist.current == gen and len(hist.generations) == 2
