@@ -30,6 +30,7 @@ from .meta import read_json, write_json
 GEN_KIND = "generations"
 GEN_VERSION = 2
 GEN_FILE = "generations.json"
+DIVERGED_PREFIX = "diverged-"  # the snapshot of what a demoted or forked copy alone had
 
 
 class Relation(enum.Enum):
@@ -62,6 +63,11 @@ class History:
 def initial_generation(volume_uuid: str) -> Generation:
     """The generation a volume is born with (stable: derived from its uuid)."""
     return Generation(int.from_bytes(uuid.UUID(volume_uuid).bytes[:8], "little"), 1, 0)
+
+
+def diverged_name(gen_id: int) -> str:
+    """The snapshot that keeps what a copy alone had on generation ``gen_id``."""
+    return f"{DIVERGED_PREFIX}{gen_id:016x}"
 
 
 def relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...]) -> Relation:

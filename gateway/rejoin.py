@@ -5,7 +5,8 @@ A primary that learns of a newer primary becomes STALE.  If it was fenced or dow
 the other was promoted (an automatic failover, a DR promotion after the main site was
 lost), the writes it may have taken that never reached the new primary are the tail an
 asynchronous link had not shipped: they are kept as a ``diverged-<generation>`` snapshot
-and the node rejoins as a replica (``blockstore.volume.demote_volume``).  If it was still
+(counted in ``diverged.json``) and the node rejoins as a replica, Inconsistent until its
+resync from the new primary completes (``blockstore.volume.demote_volume``).  If it was still
 *serving* when it learned of the other primary (a forced promotion while it was alive),
 and it holds writes the new primary never acknowledged, both sides took writes: split
 brain.  Nothing is synced automatically; ``<data_dir>/split-brain.json`` says who has

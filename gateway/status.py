@@ -18,6 +18,9 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
        "generation": {"id": "16 hex digits", "start_seq": int, "count": int} | null,
        "clients": {"nbd": int|null, "iscsi": int|null},
        "snapshots": {"count": int, "latest": null | {"name", "time"}},
+       "diverged": [{"snapshot", "kept": bool, "records": int|null, "bytes": int|null,
+                     "unknown": str|null, "new_primary", "from_seq", "through_seq",
+                     "basis", "at"}],
        "peers": [
          {"name", "mode": "sync"|"async"|null, "state", "degraded": str|null,
           "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
@@ -41,6 +44,10 @@ generation: digests compared before a resync), ``resync``, ``disconnected``,
 ``degraded`` (a sync peer acknowledged too late and is treated as async until it caught
 up); ``in sync`` when streaming with nothing outstanding.  Without a fresh live file (no
 sender running) it is ``resync pending`` when dirty extents wait, else ``disconnected``.
+``diverged`` (``volumes/<V>/diverged.json``): writes this node took that the current
+primary lacks, kept in a ``diverged-*`` snapshot after a demotion or a lost fork: how
+many records and bytes (null and ``unknown`` saying why when that cannot be told), and
+whether the snapshot is still there (``kept``).
 ``lag_records``/``lag_bytes`` are the journal records (and their bytes on disk) the peer
 has not acknowledged: for an asynchronous peer, the data-loss window if this node died
 now; ``lag_seconds`` is how long the oldest of them has waited.  ``last_ack_age_s`` is
@@ -134,6 +141,21 @@ def _peer_names(info: VolumeInfo) -> list[str]:
     return sorted(names)
 
 
+def _diverged(info: VolumeInfo, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """diverged.json's entries, each saying whether its snapshot is still there."""
+    if not entries:
+        return []
+    from .snapshots import listing
+
+    try:
+        names = {r["name"] for r in listing(info.path.parent.parent, info.name)}
+    except (BlockstoreError, OSError):
+        names = set()
+    return [{k: e.get(k) for k in ("snapshot", "records", "bytes", "unknown",
+                                   "new_primary", "from_seq", "through_seq", "basis", "at")}
+            | {"kept": e["snapshot"] in names} for e in entries]
+
+
 def _generation(info: VolumeInfo) -> dict[str, Any] | None:
     from peerlink.receiver import replica_history
 
@@ -202,7 +224,7 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         "journal_last_seq": last, "journal_bytes": st["journal_bytes"],
         "resync_extents": st["resync_extents"], "generation": _generation(info),
         "clients": {"nbd": None, "iscsi": None}, "snapshots": _snapshots(info),
-        "peers": peers,
+        "diverged": _diverged(info, st["diverged"]), "peers": peers,
     }
 
 
@@ -292,6 +314,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
                    f"{v['journal_first_seq']}..{v['journal_last_seq']} "
                    f"({v['journal_bytes']} bytes)")
         out.append("  " + volume_extras(v))
+        out += [f"  {line}" for line in diverged_lines(v)]
         for p in v["peers"]:
             age = "never" if p["last_ack_age_s"] is None else f"{p['last_ack_age_s']} s ago"
             mode = f" ({p['mode']})" if p["mode"] else ""
@@ -329,6 +352,21 @@ def volume_extras(v: dict[str, Any]) -> str:
     if g is not None:
         parts.append(f"generation {g['id']} from seq {g['start_seq']}")
     return "; ".join(parts)
+
+
+def diverged_lines(v: dict[str, Any]) -> list[str]:
+    """One line per diverged.json entry: what the current primary lacks, and where it is."""
+    out = []
+    for d in v.get("diverged") or []:
+        where = (f"kept in snapshot {d['snapshot']}" if d["kept"] else
+                 f"snapshot {d['snapshot']} deleted since")
+        if d["records"] is None:
+            out.append(f"an unknown number of acknowledged writes not on {d['new_primary']} "
+                       f"({d['unknown']}): {where}")
+        else:
+            out.append(f"{d['records']} records ({d['bytes']} bytes) of acknowledged writes "
+                       f"not on {d['new_primary']}: {where}")
+    return out
 
 
 def quorum_lines(fo: dict[str, Any]) -> list[str]:

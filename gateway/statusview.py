@@ -119,8 +119,23 @@ def _peers(report: dict[str, Any]) -> Table | None:
     return t
 
 
+def _notes(report: dict[str, Any]) -> list[Text]:
+    """What needs an operator, in words: a split brain (the daemon's record), writes of
+    this node the current primary lacks and where they are kept."""
+    from .status import diverged_lines, render_text
+
+    out = []
+    if report.get("split_brain") is not None:
+        lines = render_text({**report, "role": None, "failover": None, "volumes": []})
+        out += [Text(line, style="bold red") for line in lines[1:] if line != "  no volumes"]
+    for v in report["volumes"]:
+        out += [Text(f"volume {v['name']}: {line}", style="yellow")
+                for line in diverged_lines(v)]
+    return out
+
+
 def render(report: dict[str, Any]) -> Group:
-    parts: list[Any] = [_header(report), _volumes(report)]
+    parts: list[Any] = [_header(report), *_notes(report), _volumes(report)]
     peers = _peers(report)
     if peers is not None:
         parts.append(peers)

@@ -330,7 +330,7 @@ class Receiver:
             pending = self._resync_marker()
             if refusal is not None:
                 raise self._refuse(link, refusal.reason)
-            await self._bind(theirs, vuuid, ok.resume_from_seq, clog)
+            await self._bind(theirs, vuuid, ok.resume_from_seq, clog, newer)
             link.send(HelloOk(self.node, ok.resume_from_seq,
                               proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
             session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
@@ -379,9 +379,12 @@ class Receiver:
             return None
         return int(rec["extent_shift"]), tuple(int(e) for e in rec["extents"])
 
-    async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any) -> None:
+    async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any,
+                    newer: bool) -> None:
         """Bind a fresh replica to the upstream volume; an empty replica is the
-        upstream's state at seq 0, so it is Consistent from here on."""
+        upstream's state at seq 0, so it is Consistent from here on (not so a copy that
+        holds data of its own and takes a newer generation's: a demoted primary stays
+        Inconsistent until its resync completes)."""
         loop = asyncio.get_running_loop()
         if self.upstream is None:
             rec = upstream_record(vuuid, theirs.node)
@@ -393,7 +396,7 @@ class Receiver:
             self._gen_cache = None
             clog.info("replica_bound", upstream_uuid=vuuid, upstream_node=theirs.node)
         if (self.vol.inconsistent and self.vol.upstream_seq == 0 and resume_from == 1
-                and self._resync_marker() is None):
+                and not newer and self._resync_marker() is None):
             await loop.run_in_executor(self.executor, self.vol.set_consistent, True)
             clog.info("replica_consistent", reason="empty replica streams from seq 1")
 

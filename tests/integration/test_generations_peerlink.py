@@ -4,11 +4,17 @@ newest generation are refused by the receiver, with nothing applied."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from blockstore.errors import InvalidArgument
 from blockstore.generations import load_history, new_generation, save_history
 from blockstore.volume import Volume, demote_volume, find_volume, promote_volume
 from gateway.rejoin import changed_extents
+from tests.conftest import run_nbdgw
 from tests.integration import test_peerlink
 from tests.integration.test_peerlink import Env, MiB, Writer, checksum
 
@@ -28,6 +34,14 @@ def synced_then_promoted(env: Env) -> None:
     promote_volume(env.replica, "v1")
 
 
+def status(data_dir: Path) -> dict[str, Any]:
+    return json.loads(run_nbdgw("status", "--json", "--data-dir", str(data_dir)).stdout)
+
+
+def status_text(data_dir: Path) -> str:
+    return run_nbdgw("status", "--data-dir", str(data_dir)).stdout
+
+
 def write_blocks(data_dir: Path, offsets: list[int], byte: int) -> None:
     """Write 4 KiB at each offset of a volume nobody serves (its journal records them)."""
     vol = Volume.open(data_dir, "v1")
@@ -45,6 +59,17 @@ def test_old_primary_gets_only_the_differing_extents(env: Env) -> None:
     snap = demote_volume(env.primary, "v1", "r1",
                          changed=lambda i: changed_extents(i, "r1"))
     assert snap is not None and snap.startswith("diverged-")
+    # Demoted, it holds writes r1 never had: Inconsistent, never promoted as it is.
+    (v,) = status(env.primary)["volumes"]
+    assert v["inconsistent"] and v["role"] == "replica"
+    with pytest.raises(InvalidArgument, match="its resync from r1 has not completed"):
+        promote_volume(env.primary, "v1", epoch=5)
+    # The writes lost to the failover, counted and located (status and metrics).
+    (d,) = v["diverged"]
+    assert (d["snapshot"], d["kept"], d["records"], d["bytes"], d["new_primary"]) == (
+        snap, True, 2, 8192, "r1")
+    assert (f"  2 records (8192 bytes) of acknowledged writes not on r1: kept in snapshot "
+            f"{snap}") in status_text(env.primary)
     rx = env.receiver(data_dir=env.primary, node="p1")
     tx = env.sender(rx.port, data_dir=env.replica, node="r1", peer="p1")
     started = tx.wait_event("compare_started")
@@ -68,6 +93,7 @@ def test_old_primary_gets_only_the_differing_extents(env: Env) -> None:
         assert bytes(buf) == bytes([0xAA]) * 4096
     finally:
         vol.close()
+    assert promote_volume(env.primary, "v1", epoch=5).epoch == 5  # resynced: promotable
 
 
 def test_without_an_account_of_changes_every_extent_is_compared(env: Env) -> None:

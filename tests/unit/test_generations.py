@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blockstore.errors import FormatError
+from blockstore.errors import FormatError, InvalidArgument
 from blockstore.generations import (
     Generation,
     History,
@@ -28,6 +28,7 @@ from blockstore.volume import (
     find_volume,
     promote_volume,
     renew_generation,
+    volume_status,
 )
 from gateway import rejoin
 
@@ -106,7 +107,7 @@ def test_demotion_keeps_unshipped_writes_as_a_snapshot(tmp_path: Path) -> None:
     assert up["upstream_node"] == "dc" and up["upstream_uuid"] == uuid_before.logical_uuid
     vol = Volume.open(tmp_path, "v1")
     try:
-        assert vol.replica and not vol.inconsistent and vol.upstream_seq == 0
+        assert vol.replica and vol.inconsistent and vol.upstream_seq == 0
         view = vol.snapshot_view(snap)
         buf = bytearray(4096)
         view.read_into(buf, 7 * 4096)
@@ -114,6 +115,53 @@ def test_demotion_keeps_unshipped_writes_as_a_snapshot(tmp_path: Path) -> None:
     finally:
         vol.close()
     assert demote_volume(tmp_path, "v1", "dc") is None  # demoted already: nothing twice
+    # What dc lacks, counted from the journal: the three records after its ack.
+    (entry,) = volume_status(info)["diverged"]
+    assert {k: entry[k] for k in ("snapshot", "records", "bytes", "unknown", "from_seq",
+                                  "through_seq", "new_primary")} == {
+        "snapshot": snap, "records": 3, "bytes": 3 * 4096, "unknown": None,
+        "from_seq": last - 2, "through_seq": last, "new_primary": "dc"}
+
+
+def test_a_demoted_primary_cannot_be_promoted_until_resynced(tmp_path: Path) -> None:
+    """It may hold writes the new primary never had (the issue's second trigger: marked
+    Consistent at demotion, promoted 4 s later, its diverged writes came back)."""
+    last = primary_with_writes(tmp_path, 4)
+    acked_by(tmp_path, "dc", last - 1)
+    assert demote_volume(tmp_path, "v1", "dc") is not None
+    with pytest.raises(InvalidArgument) as ei:
+        promote_volume(tmp_path, "v1", epoch=3)
+    assert str(ei.value) == (
+        "volume v1 is Inconsistent: it was demoted from primary and its resync from dc has "
+        "not completed, so it may hold writes the other copies never had; it cannot be "
+        "promoted until then")
+    # Completing the resync is the receiver's business (tests/integration); the volume
+    # then says Consistent and is promotable.
+    vol = Volume.open(tmp_path, "v1")
+    vol.set_consistent(True)
+    vol.close()
+    assert promote_volume(tmp_path, "v1", epoch=3).epoch == 3
+
+
+def test_a_primary_that_never_heard_from_its_successor_counts_nothing(tmp_path: Path) -> None:
+    primary_with_writes(tmp_path, 3)
+    snap = demote_volume(tmp_path, "v1", "dr")
+    (entry,) = volume_status(find_volume(tmp_path, "v1"))["diverged"]
+    assert (entry["snapshot"], entry["records"], entry["bytes"], entry["unknown"]) == (
+        snap, None, None, "dr never acknowledged anything of this volume")
+
+
+def test_switchover_demotion_stays_consistent(tmp_path: Path) -> None:
+    """preserve=False: the successor acknowledged every record (the drain): a prefix."""
+    last = primary_with_writes(tmp_path, 4)
+    acked_by(tmp_path, "dc", last)
+    assert demote_volume(tmp_path, "v1", "dc", preserve=False) is None
+    vol = Volume.open(tmp_path, "v1")
+    try:
+        assert vol.replica and not vol.inconsistent
+    finally:
+        vol.close()
+    assert volume_status(find_volume(tmp_path, "v1"))["diverged"] == []
 
 
 def test_demotion_after_a_clean_handover_takes_no_snapshot(tmp_path: Path) -> None:
