@@ -872,6 +872,27 @@ class Volume:
         _log.info("snapshot_taken", volume=self.name, snapshot=name, id=sid, seq=seq)
         return snap
 
+    def keep_diverged(self, name: str) -> Snapshot | None:
+        """Replica: keep the store as it stands as snapshot ``name`` before a resync from
+        the winner of a fork overwrites it (copy-on-write, like any snapshot).
+
+        No journal MARK: the snapshot is this copy's own, not its upstream's, so replicas
+        downstream do not take it and redo has nothing to replay.  It is taken between
+        batches, at the last applied seq: redo of records up to there never preserves
+        into it (they are older), and the resync that follows checkpoints before its first
+        extent, so no older record is replayed over extent data.  The index record is
+        durable when this returns.  Idempotent: None when a snapshot of that name exists
+        already (a repeated handshake, or the demotion took it)."""
+        snaps = self._snapshots()
+        if name in snaps.index.by_name:
+            return None
+        assert self.journal is not None
+        snap = Snapshot(snaps.index.next_id, name, self.journal.last_seq, time.time(), "")
+        snaps.add(snap)  # raises SnapshotError at MAX_SNAPSHOTS: nothing is overwritten
+        _log.warning("diverged_snapshot_taken", volume=self.name, snapshot=name, id=snap.id,
+                     seq=snap.mark_seq)
+        return snap
+
     def snapshot_delete(self, name: str) -> None:
         """Delete a snapshot (MARK first: replicas delete it too); the others stay exact."""
         self._check_writable()
@@ -1140,8 +1161,8 @@ def promote_volume(data_dir: Path, name: str, epoch: int | None = None) -> Gener
     replica (its initial sync, a resync, or a demoted primary's resync from its successor
     never completed) is refused: its store is not any state the primary ever had.
     ``epoch`` None (callers that predate epochs): one above the newest epoch of the
-    history, which orders the generation after its own past but not against a promotion
-    made elsewhere meanwhile.  Returns the new generation."""
+    history, which orders the generation after its own past but not against a fork made
+    elsewhere meanwhile (``fork_winner``).  Returns the new generation."""
     vol = Volume.open(data_dir, name)
     try:
         if not vol.replica:

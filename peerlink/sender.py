@@ -78,9 +78,11 @@ from blockstore.errors import BlockstoreError, FormatError
 from blockstore.generations import (
     History,
     Relation,
+    decide,
+    describe_fork,
     load_history,
     own_generation_after,
-    relation,
+    unrelated_refusal,
 )
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
@@ -577,24 +579,31 @@ class Sender:
             last = min(last, self.source.applied_seq)
         return first, last
 
-    def _generations(self, history: History, theirs: Hello) -> tuple[Relation, Refuse | None]:
-        """Contract 5 at the handshake: how the peer's history relates to this node's,
-        and the refusal when this node must not send (stale, or unrelated histories)."""
-        rel = relation(history.generations, from_wire(theirs.generations, theirs.epochs))
+    def _generations(self, history: History, theirs: Hello
+                     ) -> tuple[Relation, bool, Refuse | None]:
+        """Contract 5 at the handshake: who is the sync source (``decide``: a fork goes to
+        the newer epoch), whether the histories forked, and the refusal when this node
+        must not send (stale, a split brain, or unrelated histories)."""
+        theirs_gens = from_wire(theirs.generations, theirs.epochs)
+        rel, fork = decide(history.generations, theirs_gens)
+        if rel is Relation.BEHIND and fork:
+            return rel, fork, Refuse(describe_fork(self.name, self.node, history.generations,
+                                                   theirs.node, theirs_gens))
         if rel is Relation.BEHIND:
-            return rel, Refuse(
+            return rel, fork, Refuse(
                 f"volume {self.name!r}: {theirs.node!r} is on a newer generation "
                 f"({theirs.generations[-1].gen_id:016x}) than this node "
                 f"({history.current.gen_id:016x}): a failover happened and this copy is "
                 "stale; refusing to send it")
-        if rel is Relation.UNRELATED and theirs.adopts:
-            return Relation.AHEAD, None  # it takes this node's data (a resolved split brain)
+        if rel in (Relation.UNRELATED, Relation.FORKED) and theirs.adopts:
+            # It takes this node's data (a resolved split brain), compared everywhere.
+            return Relation.AHEAD, False, None
+        if rel is Relation.FORKED:
+            return rel, fork, Refuse(describe_fork(self.name, self.node, history.generations,
+                                                   theirs.node, theirs_gens))
         if rel is Relation.UNRELATED and theirs.last_applied_seq:
-            return rel, Refuse(
-                f"volume {self.name!r}: the generation histories of {self.node!r} and "
-                f"{theirs.node!r} are unrelated (split brain, or another volume); refusing "
-                "to guess")
-        return rel, None
+            return rel, fork, Refuse(unrelated_refusal(self.name, self.node, theirs.node))
+        return rel, fork, None
 
     def _fork_candidates(self, history: History, theirs: Hello, shift: int, last: int
                          ) -> list[int] | None:
@@ -602,7 +611,10 @@ class Sender:
         (worker thread): the peer's own changes since the fork (``Hello.changed``, a
         demoted primary's account) and this node's, which are the records of its journal
         since it started its generation, its dirty sets for the peer and resync.json.
-        None when either side cannot tell: then every extent is compared."""
+        None when either side cannot tell: then every extent is compared.  Also after a
+        fork this node won (``own_generation_after`` finds none): the two generations
+        after the common one started from different states of it, which neither journal
+        accounts for."""
         if theirs.changed is None or not theirs.generations:
             return None
         own = own_generation_after(history, from_wire(theirs.generations, theirs.epochs)[-1])
@@ -940,14 +952,16 @@ class Sender:
         return Refused(reason)
 
     async def _plan(self, loop: asyncio.AbstractEventLoop, rel: Relation, theirs: Hello,
-                    history: History, applied: int, first: int, last: int
+                    history: History, applied: int, first: int, last: int, fork: bool
                     ) -> tuple[ResyncPlan | None, int]:
         """The resync the peer needs before streaming (None: none), and the journal end
         the plan was made at."""
         plan = await loop.run_in_executor(self.executor, plan_resync, self.info, self.peer,
                                           applied, first, last)
         if rel is Relation.AHEAD:
-            why = (f"peer {theirs.node!r} is on generation "
+            why = (describe_fork(self.name, self.node, history.generations, theirs.node,
+                                 from_wire(theirs.generations, theirs.epochs)) if fork else
+                   f"peer {theirs.node!r} is on generation "
                    f"{theirs.generations[-1].gen_id:016x}, older than this node's "
                    f"{history.current.gen_id:016x}")
             shift = dirty_shift(self.info.size)
@@ -994,7 +1008,7 @@ class Sender:
             refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
                              f"peer {self.peer!r} (wrong address?)")
         applied = theirs.last_applied_seq
-        rel, gen_refusal = self._generations(history, theirs)
+        rel, fork, gen_refusal = self._generations(history, theirs)
         refusal = refusal or gen_refusal
         if rel is Relation.AHEAD:
             # The peer follows an older generation (the primary before a failover): its
@@ -1008,7 +1022,7 @@ class Sender:
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         resume = applied + 1
-        plan, last = await self._plan(loop, rel, theirs, history, applied, first, last)
+        plan, last = await self._plan(loop, rel, theirs, history, applied, first, last, fork)
         if plan is not None:
             # Send extents instead of records, then stream from the seq the journal ends
             # at now (everything up to it is in the store: the store is written first).

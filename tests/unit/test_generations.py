@@ -1,9 +1,12 @@
-"""Generations (contract 5) on real volume files: relation of histories, promotion of a
-replica, demotion of a former primary (its unshipped writes kept as a snapshot), and the
-split-brain bookkeeping of gateway/rejoin.py."""
+"""Generations (contract 5) on real volume files: relation of histories (every pair of
+small histories against an independent oracle), the file's migration, promotion of a
+replica, demotion of a former primary (its unshipped writes kept as a snapshot and
+counted, the volume Inconsistent until resynced), and the split-brain bookkeeping of
+gateway/rejoin.py."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -15,9 +18,13 @@ from blockstore.generations import (
     Generation,
     History,
     Relation,
+    decide,
+    describe_fork,
+    fork_winner,
     load_history,
     relation,
     save_history,
+    unrelated_refusal,
 )
 from blockstore.meta import write_json
 from blockstore.volume import (
@@ -39,12 +46,104 @@ G0, G1, G2 = Generation(10, 1, 0), Generation(11, 50, 1), Generation(12, 40, 2)
     ((G0,), (G0,), Relation.SAME),
     ((G0, G1), (G0,), Relation.AHEAD),
     ((G0,), (G0, G1), Relation.BEHIND),
-    ((G0, G1), (G0, G2), Relation.UNRELATED),  # two promotions from one point: split brain
+    ((G0, G1), (G0, G2), Relation.FORKED),  # two promotions from one point
     ((Generation(1, 1, 0),), (Generation(2, 1, 0),), Relation.UNRELATED),  # another volume
 ])
 def test_relation(mine: tuple[Generation, ...], theirs: tuple[Generation, ...],
                   rel: Relation) -> None:
     assert relation(mine, theirs) is rel
+
+
+# The generations of a small cluster as a tree (parent, epoch), every history a path from
+# a root.  R is the volume's birth; A and B two promotions from it (the fork of the issue:
+# a switchover to A's node, then the old primary promoted again as B), C and D two
+# promotions from A on one epoch (a split brain), E a promotion after B, Z one whose
+# epoch was never recorded (a version 1 file), S another volume's birth.
+TREE: dict[str, tuple[str | None, int]] = {
+    "R": (None, 0), "A": ("R", 1), "B": ("R", 2), "C": ("A", 3), "D": ("A", 3),
+    "E": ("B", 4), "Z": ("R", 0), "S": (None, 0), "T": ("S", 1)}
+IDS = {name: 100 + i for i, name in enumerate(TREE)}
+
+
+def path(name: str) -> list[str]:
+    out: list[str] = []
+    node: str | None = name
+    while node is not None:
+        out.append(node)
+        node = TREE[node][0]
+    return out[::-1]
+
+
+def history(name: str) -> tuple[Generation, ...]:
+    # start_seq counts in the journal of whichever node was promoted: any value will do.
+    return tuple(Generation(IDS[n], 7 * len(n) + IDS[n] % 5, TREE[n][1]) for n in path(name))
+
+
+def oracle(a: str, b: str) -> tuple[Relation, Relation]:
+    """(relation, sync source) from the tree itself, not from generation ids."""
+    pa, pb = path(a), path(b)
+    if a == b:
+        return Relation.SAME, Relation.SAME
+    if b in pa:
+        return Relation.AHEAD, Relation.AHEAD
+    if a in pb:
+        return Relation.BEHIND, Relation.BEHIND
+    if pa[0] != pb[0]:
+        return Relation.UNRELATED, Relation.UNRELATED
+    ea, eb = TREE[a][1], TREE[b][1]
+    if min(ea, eb) == 0 or ea == eb:
+        return Relation.FORKED, Relation.FORKED  # cannot be ordered: split brain
+    return Relation.FORKED, Relation.AHEAD if ea > eb else Relation.BEHIND
+
+
+MIRROR = {Relation.AHEAD: Relation.BEHIND, Relation.BEHIND: Relation.AHEAD}
+
+
+@pytest.mark.parametrize(("a", "b"), list(itertools.product(TREE, TREE)))
+def test_relation_table_over_every_pair_of_small_histories(a: str, b: str) -> None:
+    mine, theirs = history(a), history(b)
+    rel, source = oracle(a, b)
+    assert relation(mine, theirs) is rel
+    assert decide(mine, theirs) == (source, rel is Relation.FORKED)
+    assert relation(theirs, mine) is MIRROR.get(rel, rel)  # the other end agrees
+    assert decide(theirs, mine)[0] is MIRROR.get(source, source)
+    if rel is Relation.FORKED:
+        assert fork_winner(mine, theirs) is source
+
+
+def test_the_fork_of_the_issue_goes_to_the_newer_epoch() -> None:
+    """main switched over to dc (A, epoch 1), dc lost power before main's receiver
+    connected, main was promoted again from the older generation (B, epoch 2): main is
+    the sync source, dc keeps what only it had and takes main's data."""
+    dc, main = history("A"), history("B")
+    assert decide(main, dc) == (Relation.AHEAD, True)
+    assert decide(dc, main) == (Relation.BEHIND, True)
+    assert describe_fork("v1", "main", main, "dc", dc) == (
+        "volume 'v1': the histories of 'main' and 'dc' forked after generation "
+        "0000000000000064: 'main' went on with generation 0000000000000066 (epoch 2), 'dc' "
+        "with 0000000000000065 (epoch 1); 'dc' is on the older epoch: it keeps what only it "
+        "had as snapshot diverged-0000000000000065 and takes the data of 'main'")
+    stale = describe_fork("v1", "dc", dc, "main", main)
+    assert stale == (
+        "volume 'v1': the histories of 'dc' and 'main' forked after generation "
+        "0000000000000064: 'dc' went on with generation 0000000000000065 (epoch 1), 'main' "
+        "with 0000000000000066 (epoch 2); 'dc' is on the older epoch: its copy is stale and "
+        "is not sent")
+
+
+def test_split_brain_refusals_are_exact() -> None:
+    one_epoch = describe_fork("v1", "x", history("C"), "y", history("D"))
+    assert one_epoch == (
+        "volume 'v1': the histories of 'x' and 'y' forked after generation "
+        "0000000000000065: 'x' went on with generation 0000000000000067 (epoch 3), 'y' "
+        "with 0000000000000068 (epoch 3); neither is newer (both on one epoch: split "
+        "brain); refusing to guess")
+    unknown = describe_fork("v1", "x", history("Z"), "y", history("B"))
+    assert unknown.endswith("; neither is newer (an epoch of 0 was never recorded: split "
+                            "brain); refusing to guess")
+    unrelated = unrelated_refusal("v1", "x", "y")
+    assert unrelated == ("volume 'v1': the generation histories of 'x' and 'y' are "
+                         "unrelated (split brain, or another volume); refusing to guess")
 
 
 def test_history_file_version_1_is_migrated_to_version_2(tmp_path: Path) -> None:
