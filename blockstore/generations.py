@@ -30,6 +30,7 @@ refusal texts of both ends of a link are built here, so that they are the same o
 from __future__ import annotations
 
 import enum
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -155,6 +156,24 @@ def describe_fork(volume: str, sender: str, sent: tuple[Generation, ...], receiv
                 f"snapshot {diverged_name(r.gen_id)} and takes the data of {sender!r}")
     why = "both on one epoch" if s.epoch == r.epoch else "an epoch of 0 was never recorded"
     return f"{head}; neither is newer ({why}: split brain); refusing to guess"
+
+
+_SPLIT_RE = re.compile(
+    r"^volume '.*': (the generation histories of '.*' and '.*' are unrelated \(split brain, "
+    r"or another volume\)|the histories of '.*' and '.*' forked after generation [0-9a-f]{16}"
+    r": .*; neither is newer \(.*: split brain\)); refusing to guess$", re.DOTALL)
+
+
+def is_split_brain(reason: str) -> bool:
+    """Is ``reason`` (a Refuse a peer sent) one of the split-brain refusals above?"""
+    return _SPLIT_RE.match(reason) is not None
+
+
+def settle_commands(a: str, b: str) -> list[dict[str, str]]:
+    """The commands that settle a split brain between nodes ``a`` and ``b``, either way:
+    the discarded side keeps its writes since the split as a ``diverged-*`` snapshot."""
+    return [{"keeps": a, "command": f"nbdgw resolve --discard {b}"},
+            {"keeps": b, "command": f"nbdgw resolve --discard {a}"}]
 
 
 # -- the file ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ STATS_TIMEOUT: Final = 2.0
 # iostats counts by bit length, so these bounds are exact, not interpolated.
 BUCKET_BITS: Final = range(10, 31)
 PEER_STATES: Final = ("in sync", "streaming", "initial-sync", "comparing", "resync",
-                      "degraded", "disconnected", "resync pending")
+                      "degraded", "disconnected", "resync pending", "refused", "split brain")
 
 _transitions: dict[tuple[str, str], int] = {}
 _transitions_lock = threading.Lock()

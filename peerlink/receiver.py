@@ -48,6 +48,7 @@ from blockstore.generations import (
     diverged_name,
     load_history,
     save_history,
+    settle_commands,
     unrelated_refusal,
 )
 from blockstore.meta import read_json, write_json
@@ -58,9 +59,11 @@ from blockstore.peers import (
     UPSTREAM_FILE,
     UPSTREAM_KIND,
     UPSTREAM_VERSION,
+    clear_refused,
     known_peers,
     upstream_record,
     write_dirty,
+    write_refused,
 )
 from blockstore.snapshot import MAX_SNAPSHOTS
 from blockstore.volume import Volume, VolumeInfo
@@ -320,8 +323,8 @@ class Receiver:
                      wire_generations(history), 0 if adopts else self.vol.upstream_seq,
                      make_nonce(), adopts, self._changed(verdict.rel, theirs.node, history),
                      wire_epochs(history))
-        refusal = check_hello(mine, theirs) or self._generation_refusal(
-            verdict, theirs.node, theirs_gens, history)
+        refusal = check_hello(mine, theirs) or await self._generation_refusal(
+            verdict, theirs.node, theirs_gens, history, clog)
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         link.send(mine)
@@ -346,6 +349,8 @@ class Receiver:
             await self._bind(theirs, vuuid, ok.resume_from_seq, clog, newer)
             link.send(HelloOk(self.node, ok.resume_from_seq,
                               proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
+            await asyncio.get_running_loop().run_in_executor(
+                None, clear_refused, self.vol.info, theirs.node)
             session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
             session.history = History(vuuid, theirs_gens)
             if verdict.fork and newer:
@@ -642,10 +647,19 @@ class Receiver:
             return self.vol.upstream_seq, not self.vol.inconsistent
         return None, False
 
-    def _generation_refusal(self, v: Verdict, node: str, theirs: tuple[BGeneration, ...],
-                            history: History) -> Refuse | None:
+    async def _generation_refusal(self, v: Verdict, node: str,
+                                  theirs: tuple[BGeneration, ...], history: History,
+                                  clog: Any) -> Refuse | None:
         """The refusal for a sender on an older generation (demoted, or the older epoch
-        of a fork), a split brain (a fork on one epoch) or an unrelated history."""
+        of a fork), a split brain (a fork on one epoch) or an unrelated history, recorded
+        for `nbdgw status`."""
+        refusal = self._history_refusal(v, node, theirs, history)
+        if refusal is not None:
+            await self._record_refusal(node, refusal.reason, v, clog)
+        return refusal
+
+    def _history_refusal(self, v: Verdict, node: str, theirs: tuple[BGeneration, ...],
+                         history: History) -> Refuse | None:
         if v.fork and v.rel in (Relation.AHEAD, Relation.FORKED):
             return Refuse(describe_fork(self.name, node, theirs, self.node,
                                         history.generations))
@@ -666,6 +680,18 @@ class Receiver:
                 f"{node!r}'s data, but it has {MAX_SNAPSHOTS} snapshots (the maximum): "
                 "delete one there")
         return None
+
+    async def _record_refusal(self, node: str, reason: str, v: Verdict, clog: Any) -> None:
+        """Keep a history refusal where `nbdgw status` reads it (peers/<node>.refused.json):
+        a split brain with the commands that settle it, else why the sender is refused."""
+        split = v.rel in (Relation.FORKED, Relation.UNRELATED)
+        settle = settle_commands(node, self.node) if split else None
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: write_refused(self.vol.info, node, side="receiver", by="this node",
+                                        reason=reason, split_brain=split, settle=settle))
+        if split:
+            clog.error("split_brain", peer=node, reason=reason,
+                       settle=[c["command"] for c in settle or []], recorded=ok)
 
     def _history(self) -> History:
         """This replica's generation history (its upstream's, adopted when bound)."""

@@ -80,8 +80,10 @@ from blockstore.generations import (
     Relation,
     decide,
     describe_fork,
+    is_split_brain,
     load_history,
     own_generation_after,
+    settle_commands,
     unrelated_refusal,
 )
 from blockstore.journal import JournalTail, is_data_op, record_headers
@@ -93,12 +95,14 @@ from blockstore.peers import (
     PEER_KIND,
     PEER_VERSION,
     DirtySet,
+    clear_refused,
     covers,
     dirty_shift,
     extent_range,
     read_dirty,
     rescale,
     write_dirty,
+    write_refused,
 )
 from blockstore.record import (
     REC_HEADER_SIZE,
@@ -120,7 +124,7 @@ from blockstore.volume import (
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
-from .errors import PeerlinkError, PeerProtocolError
+from .errors import PeerlinkError, PeerProtocolError, PeerRefused
 from .frames import encode_frame
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
@@ -927,7 +931,12 @@ class Sender:
                               f"after {t:g} s") from None
         self.stats["sessions"] += 1
         try:
-            resume, plan = await self._handshake(link, loop)
+            try:
+                resume, plan = await self._handshake(link, loop)
+            except (Refused, PeerRefused) as e:
+                await loop.run_in_executor(None, self._record_refusal, e)
+                raise
+            await loop.run_in_executor(None, clear_refused, self.info, self.peer)
             self._set_state("streaming" if plan is None else
                             "initial-sync" if plan.kind == "full" else "resync")
             await self._stream(link, resume, plan, stop)
@@ -944,6 +953,18 @@ class Sender:
             self.resync_ack = None
             self.settles = []
             self.inflight_bytes = 0
+
+    def _record_refusal(self, e: Refused | PeerRefused) -> None:
+        """A handshake refused either way: kept for `nbdgw status` (peers/<peer>.refused.json)
+        until a handshake succeeds; a split brain with the commands that settle it."""
+        split = is_split_brain(e.reason)
+        write_refused(self.info, self.peer, side="sender",
+                      by="this node" if isinstance(e, Refused) else "peer",
+                      reason=e.reason, split_brain=split,
+                      settle=settle_commands(self.node, self.peer) if split else None)
+        if split:
+            self.log.error("split_brain", reason=e.reason,
+                           settle=[c["command"] for c in settle_commands(self.node, self.peer)])
 
     def _refuse(self, link: Link, reason: str) -> Refused:
         with contextlib.suppress(LinkClosed):

@@ -2,7 +2,7 @@
 old primary (compare resync of only the differing extents; the old primary unpromotable
 until then), forked histories converge on the newer epoch (the loser keeps what only it
 had as a diverged snapshot), and histories that cannot be ordered are refused by both
-ends, with nothing applied."""
+ends as a split brain that `nbdgw status` shows with the commands that settle it."""
 
 # The workload's randomness is for coverage (seeded), not secrecy.
 # ruff: noqa: S311
@@ -28,6 +28,7 @@ from blockstore.generations import (
     save_history,
     unrelated_refusal,
 )
+from blockstore.peers import set_adopt
 from blockstore.volume import (
     Volume,
     demote_volume,
@@ -213,6 +214,8 @@ def test_a_fork_converges_on_the_newer_epoch(env: Env, demoted_with_snapshot: bo
     assert d["basis"] == f"writes since generation {dc_gen.gen_id:016x} began here (the fork)"
     assert (f"3 records (12288 bytes) of acknowledged writes not on p1: kept in snapshot "
             f"{snap}") in status_text(env.replica)
+    (p,) = status(env.primary)["volumes"][0]["peers"]
+    assert (p["name"], p["refused"], p["state"]) == ("r1", None, "disconnected")  # stopped
 
 
 def test_the_older_epoch_of_a_fork_is_refused_as_stale(env: Env) -> None:
@@ -228,9 +231,18 @@ def test_the_older_epoch_of_a_fork_is_refused_as_stale(env: Env) -> None:
     assert tx.wait_event("refused_by_peer")["reason"] == reason
     assert (tx.stop(), rx.stop()) == (0, 0)
     assert checksum(env.primary) == before
+    (p,) = status(env.replica)["volumes"][0]["peers"]  # the sender's end
+    assert (p["name"], p["state"], p["refused"]["reason"], p["refused"]["by"]) == (
+        "p1", "refused", reason, "peer")
+    assert p["refused"]["settle"] is None
 
 
-def test_unrelated_histories_are_refused_and_nothing_applied(env: Env) -> None:
+def split_brain_view(data_dir: Path, peer: str) -> dict[str, Any]:
+    (p,) = [p for p in status(data_dir)["volumes"][0]["peers"] if p["name"] == peer]
+    return p
+
+
+def test_unrelated_histories_are_a_split_brain_shown_until_settled(env: Env) -> None:
     synced_then_promoted(env)
     # The old primary's history was rebuilt elsewhere (say, restored from a backup of
     # another cluster's copy): the same volume, no generation in common.
@@ -245,8 +257,32 @@ def test_unrelated_histories_are_refused_and_nothing_applied(env: Env) -> None:
     reason = unrelated_refusal("v1", "r1", "p1")
     assert rx.wait_event("peer_refused_by_us")["reason"] == reason
     assert tx.wait_event("refused_by_peer")["reason"] == reason
-    assert (tx.stop(), rx.stop()) == (0, 0)
+    assert rx.stop() == 0
     assert checksum(env.primary) == before
+    settle = [{"keeps": "r1", "command": "nbdgw resolve --discard p1"},
+              {"keeps": "p1", "command": "nbdgw resolve --discard r1"}]
+    for data_dir, peer, by in ((env.primary, "r1", "this node"), (env.replica, "p1", "peer")):
+        check(status(data_dir)["volumes"][0], VOLUME)  # with a refused peer
+        p = split_brain_view(data_dir, peer)
+        assert (p["state"], p["refused"]["reason"], p["refused"]["by"]) == (
+            "split brain", reason, by)
+        assert p["refused"]["split_brain"] and p["refused"]["attempts"] >= 1
+        assert sorted(p["refused"]["settle"], key=lambda c: c["keeps"]) == settle[::-1]
+        text = status_text(data_dir)
+        assert f"  peer {peer}" in text and ": split brain, acked seq 0" in text
+        assert reason in text
+        assert "'nbdgw resolve --discard p1' keeps r1's data" in text
+    # Settled for r1's side (what `nbdgw resolve --discard p1` does on p1): p1's replica
+    # takes r1's data; the next handshake succeeds and the record goes on both ends.
+    set_adopt(find_volume(env.primary, "v1"), "r1")
+    rx = env.receiver(data_dir=env.primary, node="p1")
+    tx.stop()
+    tx = env.sender(rx.port, data_dir=env.replica, node="r1", peer="p1")
+    rx.wait_event("replica_consistent")
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    assert checksum(env.primary) == checksum(env.replica)
+    assert split_brain_view(env.replica, "p1")["refused"] is None
+    assert [p["name"] for p in status(env.primary)["volumes"][0]["peers"]] == []
 
 
 def test_a_fork_on_one_epoch_is_a_split_brain(env: Env) -> None:
@@ -262,6 +298,8 @@ def test_a_fork_on_one_epoch_is_a_split_brain(env: Env) -> None:
                            "to guess")
     assert (tx.stop(), rx.stop()) == (0, 0)
     assert checksum(env.replica) == before
+    assert split_brain_view(env.replica, "p1")["state"] == "split brain"
+    assert split_brain_view(env.primary, "r1")["state"] == "split brain"
 
 
 def test_a_fork_resync_killed_midway_keeps_the_snapshot_and_converges(env: Env) -> None:

@@ -17,7 +17,10 @@ PEER = {"name": str, "mode": OPT_STR, "state": str, "degraded": OPT_STR, "acked_
         "lag_records": int, "lag_bytes": int, "lag_seconds": OPT_NUM,
         "last_ack_age_s": OPT_NUM, "dirty_extents": int, "sender": str,
         "data_loss_window": {"bytes": int, "seconds": OPT_NUM},
-        "progress": (type(None), dict)}
+        "progress": (type(None), dict),
+        "refused": (type(None), {"reason": str, "by": str, "side": str, "split_brain": bool,
+                                 "settle": (type(None), list), "since": (int, float),
+                                 "attempts": int})}
 DIVERGED = {"snapshot": str, "kept": bool, "records": OPT_INT, "bytes": OPT_INT,
             "unknown": OPT_STR, "new_primary": str, "from_seq": OPT_INT, "through_seq": int,
             "basis": str, "at": (int, float)}

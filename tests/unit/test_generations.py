@@ -21,6 +21,7 @@ from blockstore.generations import (
     decide,
     describe_fork,
     fork_winner,
+    is_split_brain,
     load_history,
     relation,
     save_history,
@@ -129,9 +130,10 @@ def test_the_fork_of_the_issue_goes_to_the_newer_epoch() -> None:
         "0000000000000064: 'dc' went on with generation 0000000000000065 (epoch 1), 'main' "
         "with 0000000000000066 (epoch 2); 'dc' is on the older epoch: its copy is stale and "
         "is not sent")
+    assert not is_split_brain(stale)
 
 
-def test_split_brain_refusals_are_exact() -> None:
+def test_split_brain_refusals_are_exact_and_recognised() -> None:
     one_epoch = describe_fork("v1", "x", history("C"), "y", history("D"))
     assert one_epoch == (
         "volume 'v1': the histories of 'x' and 'y' forked after generation "
@@ -144,6 +146,9 @@ def test_split_brain_refusals_are_exact() -> None:
     unrelated = unrelated_refusal("v1", "x", "y")
     assert unrelated == ("volume 'v1': the generation histories of 'x' and 'y' are "
                          "unrelated (split brain, or another volume); refusing to guess")
+    assert all(is_split_brain(r) for r in (one_epoch, unknown, unrelated))
+    assert not is_split_brain("volume 'v1': size mismatch (this node 1 bytes, peer 'x' 2 "
+                              "bytes)")
 
 
 def test_history_file_version_1_is_migrated_to_version_2(tmp_path: Path) -> None:
@@ -300,6 +305,36 @@ def test_promotion_reserves_snapshot_ids_for_the_old_primary(tmp_path: Path) -> 
         assert snap.id >= SNAP_ID_GAP
     finally:
         vol.close()
+
+
+def test_a_refused_split_brain_is_gathered_for_the_daemon(tmp_path: Path) -> None:
+    from blockstore.generations import settle_commands
+    from blockstore.peers import clear_refused, read_refused, write_refused
+
+    primary_with_writes(tmp_path, 1)
+    info = find_volume(tmp_path, "v1")
+    assert rejoin.refused_split_brain(tmp_path) is None
+    reason = unrelated_refusal("v1", "dr", "main")
+    assert write_refused(info, "dr", side="receiver", by="this node", reason=reason,
+                         split_brain=True, settle=settle_commands("dr", "main"))
+    assert write_refused(info, "dr", side="receiver", by="this node", reason=reason,
+                         split_brain=True, settle=settle_commands("dr", "main"))
+    rec = read_refused(info)["dr"]
+    assert rec["attempts"] == 2 and rec["settle"] == [
+        {"keeps": "dr", "command": "nbdgw resolve --discard main"},
+        {"keeps": "main", "command": "nbdgw resolve --discard dr"}]
+    other, vols = rejoin.refused_split_brain(tmp_path) or ("", {})
+    assert other == "dr" and vols["v1"]["why"] == reason
+    # A name unfit for a file is not recorded (a peer says what it likes before it is
+    # authenticated), and neither are more than a few peers.
+    assert not write_refused(info, "../x", side="receiver", by="this node", reason="r",
+                             split_brain=False, settle=None)
+    for i in range(20):
+        write_refused(info, f"n{i}", side="receiver", by="this node", reason="r",
+                      split_brain=False, settle=None)
+    assert len(read_refused(info)) == 16
+    clear_refused(info, "dr")
+    assert "dr" not in read_refused(info)
 
 
 def test_split_brain_record_round_trip(tmp_path: Path) -> None:
