@@ -161,3 +161,70 @@ def set_adopt(info: VolumeInfo, node: str) -> None:
     if rec is None:
         return  # never bound: a fresh replica takes any sender's data anyway
     write_json(path, {**rec, ADOPT_KEY: node})
+
+
+# -- refusals a link end could not get past (contract 5), for status -------------------------
+# peers/<peer>.refused.json, written by the end (sender or receiver) that refused or was
+# refused at the handshake for a reason a retry cannot cure (a stale copy, a split
+# brain), deleted by the next handshake with that peer that succeeds.
+REFUSED_KIND = "peer-refused"
+REFUSED_VERSION = 1
+MAX_REFUSED = 16  # files per volume: a receiver records what unauthenticated peers say
+_SAFE_PEER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_REFUSED_RE = re.compile(r"^(.+)\.refused\.json$")
+
+
+def _refused_path(info: VolumeInfo, peer: str) -> Path | None:
+    """Where ``peer``'s refusal is kept; None for a name unfit for a file name."""
+    if not _SAFE_PEER_RE.match(peer) or ".." in peer:
+        return None
+    return info.path / "peers" / f"{peer}.refused.json"
+
+
+def write_refused(info: VolumeInfo, peer: str, *, side: str, by: str, reason: str,
+                  split_brain: bool, settle: list[dict[str, str]] | None) -> bool:
+    """Record that the link with ``peer`` is refused for ``reason`` (``side``: "sender" or
+    "receiver", this node's end; ``by``: "this node" or "peer", who refused).  Keeps the
+    first time it happened and counts the attempts; returns False when not recorded (a name
+    unfit for a file, or already MAX_REFUSED other peers recorded: bounded whatever a peer
+    claims to be)."""
+    path = _refused_path(info, peer)
+    if path is None:
+        return False
+    path.parent.mkdir(exist_ok=True)
+    old = read_refused(info).get(peer)
+    if old is None and len(read_refused(info)) >= MAX_REFUSED:
+        return False
+    same = old is not None and old["reason"] == reason
+    now = time.time()
+    write_json(path, {"kind": REFUSED_KIND, "version": REFUSED_VERSION, "peer": peer,
+                      "volume_uuid": info.uuid, "side": side, "by": by, "reason": reason,
+                      "split_brain": split_brain, "settle": settle,
+                      "since": old["since"] if same and old else now, "last": now,
+                      "attempts": (int(old["attempts"]) + 1) if same and old else 1})
+    return True
+
+
+def read_refused(info: VolumeInfo) -> dict[str, dict[str, Any]]:
+    """Every recorded refusal of this volume's links: peer -> record."""
+    pdir = info.path / "peers"
+    out: dict[str, dict[str, Any]] = {}
+    if not pdir.is_dir():
+        return out
+    for name in os.listdir(pdir):
+        if not _REFUSED_RE.match(name):
+            continue
+        try:
+            rec = read_json(pdir / name, REFUSED_KIND, REFUSED_VERSION)
+        except (FormatError, FileNotFoundError):
+            continue
+        if rec.get("volume_uuid") == info.uuid:
+            out[str(rec["peer"])] = rec
+    return out
+
+
+def clear_refused(info: VolumeInfo, peer: str) -> None:
+    """A handshake with ``peer`` succeeded: its refusal is history."""
+    path = _refused_path(info, peer)
+    if path is not None:
+        path.unlink(missing_ok=True)

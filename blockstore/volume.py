@@ -47,6 +47,7 @@ import msgpack
 import structlog
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
+from .diverged import lost_writes, read_diverged, record_diverged
 from .errors import (
     BlockstoreError,
     FormatError,
@@ -55,7 +56,13 @@ from .errors import (
     VolumeInUse,
     VolumeNotFound,
 )
-from .generations import Generation, load_history, new_generation, save_history
+from .generations import (
+    Generation,
+    diverged_name,
+    load_history,
+    new_generation,
+    save_history,
+)
 from .journal import DEFAULT_SEGMENT_BYTES, Journal, is_data_op, record_headers
 from .meta import fsync_dir, read_json, write_json
 from .peers import (
@@ -64,6 +71,8 @@ from .peers import (
     DIRTY_HOT,
     DIRTY_RELEASED,
     UPSTREAM_FILE,
+    UPSTREAM_KIND,
+    UPSTREAM_VERSION,
     dirty_shift,
     extent_range,
     known_peers,
@@ -301,6 +310,7 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
         "journal_bytes": _sizes(segs), "journal_segments": len(segs),
         "resync_extents": len(resync["extents"]), "resync_full": bool(resync["full"]),
         "allocated_bytes": (info.path / "store").stat().st_blocks * 512,
+        "diverged": read_diverged(info),
     }
 
 
@@ -862,6 +872,27 @@ class Volume:
         _log.info("snapshot_taken", volume=self.name, snapshot=name, id=sid, seq=seq)
         return snap
 
+    def keep_diverged(self, name: str) -> Snapshot | None:
+        """Replica: keep the store as it stands as snapshot ``name`` before a resync from
+        the winner of a fork overwrites it (copy-on-write, like any snapshot).
+
+        No journal MARK: the snapshot is this copy's own, not its upstream's, so replicas
+        downstream do not take it and redo has nothing to replay.  It is taken between
+        batches, at the last applied seq: redo of records up to there never preserves
+        into it (they are older), and the resync that follows checkpoints before its first
+        extent, so no older record is replayed over extent data.  The index record is
+        durable when this returns.  Idempotent: None when a snapshot of that name exists
+        already (a repeated handshake, or the demotion took it)."""
+        snaps = self._snapshots()
+        if name in snaps.index.by_name:
+            return None
+        assert self.journal is not None
+        snap = Snapshot(snaps.index.next_id, name, self.journal.last_seq, time.time(), "")
+        snaps.add(snap)  # raises SnapshotError at MAX_SNAPSHOTS: nothing is overwritten
+        _log.warning("diverged_snapshot_taken", volume=self.name, snapshot=name, id=snap.id,
+                     seq=snap.mark_seq)
+        return snap
+
     def snapshot_delete(self, name: str) -> None:
         """Delete a snapshot (MARK first: replicas delete it too); the others stay exact."""
         self._check_writable()
@@ -1121,30 +1152,46 @@ def checksum_path(path: Path, size: int) -> str:
         st.close()
 
 
-def promote_volume(data_dir: Path, name: str) -> Generation:
-    """Make replica ``name`` a primary volume that starts a new generation (contract 5).
+def promote_volume(data_dir: Path, name: str, epoch: int | None = None) -> Generation:
+    """Make replica ``name`` a primary volume that starts a new generation (contract 5),
+    recorded at failover epoch ``epoch`` (the epoch this node is promoted to).
 
     The caller has stopped its receiver (the volume lock is free): the last complete
     batch is in the store (redo finishes a committed one on open).  An Inconsistent
-    replica (its initial sync or a resync never completed) is refused: its store is not
-    any state the primary ever had.  Returns the new generation."""
+    replica (its initial sync, a resync, or a demoted primary's resync from its successor
+    never completed) is refused: its store is not any state the primary ever had.
+    ``epoch`` None (callers that predate epochs): one above the newest epoch of the
+    history, which orders the generation after its own past but not against a fork made
+    elsewhere meanwhile (``fork_winner``).  Returns the new generation."""
     vol = Volume.open(data_dir, name)
     try:
         if not vol.replica:
             raise InvalidArgument(f"volume {name} is not a replica: nothing to promote")
         if vol.inconsistent:
-            raise InvalidArgument(
-                f"volume {name} is Inconsistent (its sync from the primary never "
-                "completed): it can never be promoted")
-        gen = _start_generation(vol)
+            raise InvalidArgument(_inconsistent_why(vol))
+        gen = _start_generation(vol, epoch)
         vol.replica = False
         return gen
     finally:
         vol.close()
 
 
-def _start_generation(vol: Volume) -> Generation:
-    history = new_generation(load_history(vol.info.path, vol.info.uuid), vol.last_seq + 1)
+def _inconsistent_why(vol: Volume) -> str:
+    path = vol.info.path / UPSTREAM_FILE
+    up = read_json(path, UPSTREAM_KIND, UPSTREAM_VERSION) if path.exists() else {}
+    if up.get("demoted"):
+        return (f"volume {vol.name} is Inconsistent: it was demoted from primary and its "
+                f"resync from {up.get('upstream_node')} has not completed, so it may hold "
+                "writes the other copies never had; it cannot be promoted until then")
+    return (f"volume {vol.name} is Inconsistent (its sync from the primary never "
+            "completed): it can never be promoted")
+
+
+def _start_generation(vol: Volume, epoch: int | None) -> Generation:
+    old = load_history(vol.info.path, vol.info.uuid)
+    if epoch is None:
+        epoch = max(g.epoch for g in old.generations) + 1
+    history = new_generation(old, vol.last_seq + 1, epoch)
     # The history first: a crash before the state flips leaves a replica with one
     # generation too many, which a repeated promotion simply extends.
     save_history(vol.info.path, history)
@@ -1156,40 +1203,43 @@ def _start_generation(vol: Volume) -> Generation:
     return history.current
 
 
-def renew_generation(data_dir: Path, name: str) -> Generation:
-    """A primary volume starts a new generation where it stands: the side of a split
-    brain an operator keeps (`nbdgw resolve --discard OTHER`) serves on a history newer
-    than both, so that the other side's replicas take its data."""
+def renew_generation(data_dir: Path, name: str, epoch: int | None = None) -> Generation:
+    """A primary volume starts a new generation where it stands, at failover epoch
+    ``epoch`` (None: as in ``promote_volume``): the side of a split brain an operator
+    keeps (`nbdgw resolve --discard OTHER`) serves on a history newer than both, so that
+    the other side's replicas take its data."""
     vol = Volume.open(data_dir, name)
     try:
         if vol.replica:
             raise InvalidArgument(f"volume {name} is a replica: promote it instead")
-        return _start_generation(vol)
+        return _start_generation(vol, epoch)
     finally:
         vol.close()
 
 
 SNAP_ID_GAP = 1 << 16  # snapshot ids reserved for the old primary at each promotion
-DIVERGED_PREFIX = "diverged-"
 
 
 def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = True,
                   adopt: bool = False,
                   changed: Callable[[VolumeInfo], tuple[int, list[int]] | None] | None = None
                   ) -> str | None:
-    """Make primary volume ``name`` a replica of ``new_primary`` (contract 5): this node
-    was primary, another node now serves a newer generation.  Writes this node took that
-    may not have reached ``new_primary`` (records it never acknowledged, dirty sets,
-    hot extents of an unclean stop) are preserved as snapshot ``diverged-<generation>``
-    first, when ``preserve``; then the replica keeps its generation history and logical
-    uuid, and the next sender from the newer generation compares digests and resyncs
-    what differs.  ``adopt``: an operator resolved a split brain against this node, so
-    its replica takes ``new_primary``'s data although the histories are unrelated (once:
-    until that resync ends).  ``changed(info)``, called after recovery: the extents this
-    node changed that ``new_primary`` may lack (None: unknown), kept with the binding for
-    the first resync from ``new_primary`` (PROTOCOL.md, compare resync).  The caller
-    holds no lock on it (nbdkit is stopped).  Returns the snapshot's name, or None when
-    nothing needed preserving."""
+    """Make primary volume ``name`` a replica of ``new_primary`` (contract 5): this node was
+    primary, another node now serves a newer generation.  Writes this node took that may not
+    have reached ``new_primary`` (records it never acknowledged, dirty sets, hot extents of
+    an unclean stop) are preserved as snapshot ``diverged-<generation>`` first, when
+    ``preserve``, with how many records (and bytes) of them ``new_primary`` lacks in
+    ``diverged.json``; then the replica keeps its generation history and logical uuid, and
+    the next sender from the newer generation compares digests and resyncs what differs.  It
+    is Inconsistent (never promotable) until that resync completes, except after a
+    switchover drain (``preserve`` False: every record was acknowledged, so the store is a
+    prefix of the new primary's history).  ``adopt``: an operator resolved a split brain
+    against this node, so its replica takes ``new_primary``'s data although the histories
+    are unrelated (once: until that resync ends).  ``changed(info)``, called after recovery:
+    the extents this node changed that ``new_primary`` may lack (None: unknown), kept with
+    the binding for the first resync from ``new_primary`` (PROTOCOL.md, compare resync).
+    The caller holds no lock on it (nbdkit is stopped).  Returns the snapshot's name, or
+    None when nothing needed preserving."""
     vol = Volume.open(data_dir, name)  # an unclean stop is recovered here (hot extents)
     try:
         if vol.replica:
@@ -1200,9 +1250,17 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
                      or bool(read_dirty(vol.info, new_primary)))
         snap_name = None
         if preserve and unshipped:
-            snap_name = f"{DIVERGED_PREFIX}{history.current.gen_id:016x}"
+            through = vol.last_seq
+            snap_name = diverged_name(history.current.gen_id)
             if vol.snaps is None or snap_name not in vol.snaps.index.by_name:
                 vol.snapshot_create(snap_name)
+            # What of it the new primary lacks, for status and metrics (contract 5): the
+            # records after its ack.  Before the peer files go below.
+            record_diverged(vol.info, lost_writes(
+                vol.info, snapshot=snap_name, new_primary=new_primary,
+                from_seq=None if acked is None else acked + 1, through_seq=through,
+                unknown=(f"{new_primary} never acknowledged anything of this volume"
+                         if acked is None else None)))
         since = changed(vol.info) if changed is not None else None
         save_history(vol.info.path, history)  # explicit: the logical uuid stays this one
         write_json(vol.info.path / UPSTREAM_FILE, upstream_record(
@@ -1218,7 +1276,12 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
             for f in pdir.iterdir():
                 f.unlink(missing_ok=True)
         vol.replica = True
-        vol.inconsistent = False
+        # Inconsistent until the resync from the new primary completes: its store may
+        # hold writes no other copy has, so it is no state the new primary ever had and
+        # must never be promoted as it is.  After a switchover drain (not ``preserve``)
+        # the new primary acknowledged every record: the store is an exact prefix of its
+        # history, Consistent.
+        vol.inconsistent = preserve
         vol.upstream_seq = 0
         vol.checkpoint()
         return snap_name

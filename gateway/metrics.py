@@ -40,8 +40,8 @@ STATS_TIMEOUT: Final = 2.0
 # Latency buckets: powers of two of nanoseconds, 2^10 ns (1.0 us) .. 2^30 ns (1.07 s);
 # iostats counts by bit length, so these bounds are exact, not interpolated.
 BUCKET_BITS: Final = range(10, 31)
-PEER_STATES: Final = ("in sync", "streaming", "initial-sync", "resync", "degraded",
-                      "disconnected", "resync pending")
+PEER_STATES: Final = ("in sync", "streaming", "initial-sync", "comparing", "resync",
+                      "degraded", "disconnected", "resync pending", "refused", "split brain")
 
 _transitions: dict[tuple[str, str], int] = {}
 _transitions_lock = threading.Lock()
@@ -182,6 +182,12 @@ class NodeCollector(Collector):
                                  "last acknowledged", labels=["volume", "peer"])
         pdirty = GaugeMetricFamily("nbdgw_peer_dirty_extents", "Extents waiting for a "
                                    "resync to the peer", labels=["volume", "peer"])
+        drecs = GaugeMetricFamily("nbdgw_diverged_records", "Records of this node's "
+                                  "acknowledged writes the current primary lacks, kept in "
+                                  "the snapshot (absent when their number is unknown)",
+                                  labels=["volume", "snapshot", "new_primary"])
+        dbytes = GaugeMetricFamily("nbdgw_diverged_bytes", "Bytes those writes covered",
+                                   labels=["volume", "snapshot", "new_primary"])
         for v in vols:
             try:
                 rep = volume_report(v, now)
@@ -197,6 +203,11 @@ class NodeCollector(Collector):
             snaps.add_metric([name], float(rep["snapshots"]["count"]))
             if rep["snapshots"]["latest"] is not None:
                 snap_t.add_metric([name], float(rep["snapshots"]["latest"]["time"]))
+            for d in rep["diverged"]:
+                if d["kept"] and d["records"] is not None:
+                    dl = [name, d["snapshot"], d["new_primary"]]
+                    drecs.add_metric(dl, float(d["records"]))
+                    dbytes.add_metric(dl, float(d["bytes"]))
             for p in rep["peers"]:
                 labels = [name, p["name"]]
                 for st in PEER_STATES:
@@ -218,7 +229,8 @@ class NodeCollector(Collector):
                 lat.add_metric([export, op], histogram_buckets(c["hist_log2_ns"]),
                                sum_value=c["ns"] / 1e9)
         yield from (size, conns, conns_total, reqs, nbytes, lat, jbytes, jfill, jseq,
-                    inconsistent, snaps, snap_t, pstate, plag, plagb, plags, pack, pdirty)
+                    inconsistent, snaps, snap_t, pstate, plag, plagb, plags, pack, pdirty,
+                    drecs, dbytes)
 
 
 class MetricsServer:

@@ -5,11 +5,17 @@ A primary that learns of a newer primary becomes STALE.  If it was fenced or dow
 the other was promoted (an automatic failover, a DR promotion after the main site was
 lost), the writes it may have taken that never reached the new primary are the tail an
 asynchronous link had not shipped: they are kept as a ``diverged-<generation>`` snapshot
-and the node rejoins as a replica (``blockstore.volume.demote_volume``).  If it was still
+(counted in ``diverged.json``) and the node rejoins as a replica, Inconsistent until its
+resync from the new primary completes (``blockstore.volume.demote_volume``).  If it was still
 *serving* when it learned of the other primary (a forced promotion while it was alive),
 and it holds writes the new primary never acknowledged, both sides took writes: split
 brain.  Nothing is synced automatically; ``<data_dir>/split-brain.json`` says who has
 what since when, `nbdgw status` shows it, and `nbdgw resolve --discard NODE` settles it.
+
+Peerlink finds split brains too: a link whose histories share no generation, or forked
+on one epoch, is refused by both ends and kept in ``peers/<peer>.refused.json`` (status
+shows it with the commands that settle it).  ``refused_split_brain`` gathers those in
+``record_split_brain``'s form, for the daemon to record so that `nbdgw resolve` takes it.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from typing import Any
 
 from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
-from blockstore.peers import covers, dirty_shift, known_peers, read_dirty, rescale
-from blockstore.volume import VolumeInfo, read_resync
+from blockstore.peers import covers, dirty_shift, known_peers, read_dirty, read_refused, rescale
+from blockstore.volume import VolumeInfo, list_volumes, read_resync
 from peerlink.sender import journal_bounds, retained_extents
 
 SPLIT_FILE = "split-brain.json"
@@ -93,3 +99,22 @@ def split_brain(data_dir: Path) -> dict[str, Any] | None:
 
 def clear_split_brain(data_dir: Path) -> None:
     (data_dir / SPLIT_FILE).unlink(missing_ok=True)
+
+
+def refused_split_brain(data_dir: Path) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """A split brain peerlink refused on a link of this node (either end): the other
+    node and, per volume, {"why": the refusal, "last_write"}, as ``record_split_brain``
+    takes them.  None when no link is refused for one.  With several peers (unlikely:
+    two other primaries), the one refused first."""
+    found: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
+    for info in list_volumes(data_dir):
+        for peer, rec in read_refused(info).items():
+            if not rec.get("split_brain"):
+                continue
+            since, vols = found.get(peer, (float(rec["since"]), {}))
+            vols[info.name] = {"why": rec["reason"], "last_write": last_write(info)}
+            found[peer] = (min(since, float(rec["since"])), vols)
+    if not found:
+        return None
+    peer = min(found, key=lambda p: found[p][0])
+    return peer, found[peer][1]

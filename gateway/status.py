@@ -18,12 +18,18 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
        "generation": {"id": "16 hex digits", "start_seq": int, "count": int} | null,
        "clients": {"nbd": int|null, "iscsi": int|null},
        "snapshots": {"count": int, "latest": null | {"name", "time"}},
+       "diverged": [{"snapshot", "kept": bool, "records": int|null, "bytes": int|null,
+                     "unknown": str|null, "new_primary", "from_seq", "through_seq",
+                     "basis", "at"}],
        "peers": [
          {"name", "mode": "sync"|"async"|null, "state", "degraded": str|null,
           "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
           "dirty_extents", "progress": null | {"phase": "compare"|"resync", "done",
           "total", "unit"}, "sender": "running"|"stopped"|"unknown",
-          "data_loss_window": {"bytes": int, "seconds": float|null}}]}]}
+          "data_loss_window": {"bytes": int, "seconds": float|null},
+          "refused": null | {"reason", "by": "this node"|"peer", "side", "split_brain":
+                             bool, "settle": null | [{"keeps", "command"}], "since",
+                             "attempts"}}]}]}
 
 Fields are only ever added within a version (scripts must ignore unknown keys); a
 change of meaning or a removal bumps ``version``.  ``clients.nbd`` counts open NBD
@@ -41,6 +47,15 @@ generation: digests compared before a resync), ``resync``, ``disconnected``,
 ``degraded`` (a sync peer acknowledged too late and is treated as async until it caught
 up); ``in sync`` when streaming with nothing outstanding.  Without a fresh live file (no
 sender running) it is ``resync pending`` when dirty extents wait, else ``disconnected``.
+A link whose last handshake was refused (``peers/<peer>.refused.json``, kept by either end
+until a handshake succeeds) is ``split brain`` (histories with no common generation, or
+forked on one epoch: ``refused.settle`` lists the commands that settle it, either way) or
+``refused`` (``refused.reason`` says why, e.g. a stale copy) instead of ``disconnected``;
+on a replica its upstream appears among the peers that way.
+``diverged`` (``volumes/<V>/diverged.json``): writes this node took that the current
+primary lacks, kept in a ``diverged-*`` snapshot after a demotion or a lost fork: how
+many records and bytes (null and ``unknown`` saying why when that cannot be told), and
+whether the snapshot is still there (``kept``).
 ``lag_records``/``lag_bytes`` are the journal records (and their bytes on disk) the peer
 has not acknowledged: for an asynchronous peer, the data-loss window if this node died
 now; ``lag_seconds`` is how long the oldest of them has waited.  ``last_ack_age_s`` is
@@ -57,7 +72,7 @@ from typing import Any
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import record_headers
 from blockstore.meta import read_json
-from blockstore.peers import known_peers, read_dirty
+from blockstore.peers import known_peers, read_dirty, read_refused
 from blockstore.record import REC_HEADER_SIZE
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
 from peerlink.sender import journal_bounds
@@ -117,7 +132,11 @@ def _live(info: VolumeInfo, peer: str, now: float) -> dict[str, Any] | None:
     return live
 
 
-def _peer_state(lag: int, dirty: int, live: dict[str, Any] | None, fresh: bool) -> str:
+def _peer_state(lag: int, dirty: int, live: dict[str, Any] | None, fresh: bool,
+                refused: dict[str, Any] | None) -> str:
+    linked = live is not None and fresh and live["state"] != "disconnected"
+    if refused is not None and not linked:
+        return "split brain" if refused["split_brain"] else "refused"
     if live is not None and fresh:
         state = str(live["state"])
         if state == "streaming" and lag == 0:
@@ -126,12 +145,34 @@ def _peer_state(lag: int, dirty: int, live: dict[str, Any] | None, fresh: bool) 
     return "resync pending" if dirty else "disconnected"
 
 
-def _peer_names(info: VolumeInfo) -> list[str]:
+def _peer_names(info: VolumeInfo, refused: dict[str, dict[str, Any]]) -> list[str]:
     pdir = info.path / "peers"
-    names = set(known_peers(info))
+    names = set(known_peers(info)) | set(refused)
     if pdir.is_dir():
         names |= {p.name[:-len(".live.json")] for p in pdir.glob("*.live.json")}
     return sorted(names)
+
+
+def _refusal(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    if rec is None:
+        return None
+    return {k: rec[k] for k in ("reason", "by", "side", "split_brain", "settle", "since",
+                                "attempts")}
+
+
+def _diverged(info: VolumeInfo, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """diverged.json's entries, each saying whether its snapshot is still there."""
+    if not entries:
+        return []
+    from .snapshots import listing
+
+    try:
+        names = {r["name"] for r in listing(info.path.parent.parent, info.name)}
+    except (BlockstoreError, OSError):
+        names = set()
+    return [{k: e.get(k) for k in ("snapshot", "records", "bytes", "unknown",
+                                   "new_primary", "from_seq", "through_seq", "basis", "at")}
+            | {"kept": e["snapshot"] in names} for e in entries]
 
 
 def _generation(info: VolumeInfo) -> dict[str, Any] | None:
@@ -166,7 +207,8 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         first, last = 0, st["last_seq"]
     peers = []
     acks = known_peers(info)
-    for name in _peer_names(info):
+    refusals = read_refused(info)
+    for name in _peer_names(info, refusals):
         live = _live(info, name, now)
         acked = acks.get(name, 0)
         updated = None
@@ -177,20 +219,22 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         if live is not None and fresh:
             acked = max(acked, int(live["acked_seq"]))
         dirty = sum(len(d.extents) for d in read_dirty(info, name))
-        lag = max(0, last - acked)
+        # A peer known only by its refusal is a replica's upstream: it lacks nothing here.
+        lag = max(0, last - acked) if name in acks or live is not None else 0
         age = None if updated is None else round(max(0.0, now - updated), 1)
         lag_s = float(live["lag_seconds"]) if live is not None and fresh else (
             None if lag == 0 or updated is None else round(max(0.0, now - updated), 1))
         peers.append({
             "name": name, "mode": live.get("mode") if live else None,
-            "state": _peer_state(lag, dirty, live, fresh),
+            "state": _peer_state(lag, dirty, live, fresh, refusals.get(name)),
             "degraded": live.get("degraded") if live and fresh else None,
             "acked_seq": acked, "lag_records": lag,
-            "lag_bytes": _lag_bytes(info, acked, last),
+            "lag_bytes": _lag_bytes(info, acked, last) if lag else 0,
             "lag_seconds": 0.0 if lag == 0 else lag_s, "last_ack_age_s": age,
             "dirty_extents": dirty,
             "progress": live.get("progress") if live and fresh else None,
-            "sender": "running" if fresh else ("stopped" if live is not None else "unknown")})
+            "sender": "running" if fresh else ("stopped" if live is not None else "unknown"),
+            "refused": _refusal(refusals.get(name))})
         p = peers[-1]
         safe = p["mode"] == "sync" and not p["degraded"] and p["state"] != "disconnected"
         p["data_loss_window"] = {"bytes": 0 if safe else p["lag_bytes"],
@@ -202,7 +246,7 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         "journal_last_seq": last, "journal_bytes": st["journal_bytes"],
         "resync_extents": st["resync_extents"], "generation": _generation(info),
         "clients": {"nbd": None, "iscsi": None}, "snapshots": _snapshots(info),
-        "peers": peers,
+        "diverged": _diverged(info, st["diverged"]), "peers": peers,
     }
 
 
@@ -292,6 +336,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
                    f"{v['journal_first_seq']}..{v['journal_last_seq']} "
                    f"({v['journal_bytes']} bytes)")
         out.append("  " + volume_extras(v))
+        out += [f"  {line}" for line in diverged_lines(v)]
         for p in v["peers"]:
             age = "never" if p["last_ack_age_s"] is None else f"{p['last_ack_age_s']} s ago"
             mode = f" ({p['mode']})" if p["mode"] else ""
@@ -309,6 +354,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
                 line += f", {p['dirty_extents']} extents to resync"
             line += peer_extras(p)
             out.append(line)
+            out += [f"    {line}" for line in refusal_lines(p)]
         if role == "primary" and not v["peers"]:
             out.append("  no peer has connected yet")
     return out
@@ -329,6 +375,39 @@ def volume_extras(v: dict[str, Any]) -> str:
     if g is not None:
         parts.append(f"generation {g['id']} from seq {g['start_seq']}")
     return "; ".join(parts)
+
+
+def diverged_lines(v: dict[str, Any]) -> list[str]:
+    """One line per diverged.json entry: what the current primary lacks, and where it is."""
+    out = []
+    for d in v.get("diverged") or []:
+        where = (f"kept in snapshot {d['snapshot']}" if d["kept"] else
+                 f"snapshot {d['snapshot']} deleted since")
+        if d["records"] is None:
+            out.append(f"an unknown number of acknowledged writes not on {d['new_primary']} "
+                       f"({d['unknown']}): {where}")
+        else:
+            out.append(f"{d['records']} records ({d['bytes']} bytes) of acknowledged writes "
+                       f"not on {d['new_primary']}: {where}")
+    return out
+
+
+def refusal_lines(p: dict[str, Any]) -> list[str]:
+    """Why a link is refused and, for a split brain, the commands that settle it."""
+    r = p.get("refused")
+    if r is None:
+        return []
+    who = "refused by the peer" if r["by"] == "peer" else "refused here"
+    n = r["attempts"]
+    out = [f"{who} ({n} attempt{'' if n == 1 else 's'} since "
+           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['since']))}): "
+           f"{r['reason']}"]
+    if r["split_brain"]:
+        out.append("SPLIT BRAIN: nothing syncs until one side's writes are discarded (kept "
+                   "as its diverged-* snapshot); on either node: " + "; or ".join(
+                       f"'{c['command']}' keeps {c['keeps']}'s data"
+                       for c in r["settle"] or []))
+    return out
 
 
 def quorum_lines(fo: dict[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ from rich.text import Text
 
 STATE_STYLE = {"in sync": "green", "streaming": "green", "initial-sync": "yellow",
                "resync": "yellow", "resync pending": "yellow", "degraded": "red",
-               "disconnected": "red"}
+               "disconnected": "red", "refused": "bold red", "split brain": "bold red"}
 FAILOVER_STYLE = {"primary": "bold green", "standby": "cyan", "witness": "cyan",
                   "fenced": "bold red", "stale": "red"}
 
@@ -119,8 +119,27 @@ def _peers(report: dict[str, Any]) -> Table | None:
     return t
 
 
+def _notes(report: dict[str, Any]) -> list[Text]:
+    """What needs an operator, in words: a split brain (the daemon's record, or a link
+    refused for one, with the commands that settle it), a refused link, writes of this
+    node the current primary lacks and where they are kept."""
+    from .status import diverged_lines, refusal_lines, render_text
+
+    out = []
+    if report.get("split_brain") is not None:
+        lines = render_text({**report, "role": None, "failover": None, "volumes": []})
+        out += [Text(line, style="bold red") for line in lines[1:] if line != "  no volumes"]
+    for v in report["volumes"]:
+        out += [Text(f"volume {v['name']}: {line}", style="yellow")
+                for line in diverged_lines(v)]
+        for p in v["peers"]:
+            out += [Text(f"volume {v['name']}, peer {p['name']}: {line}", style="bold red")
+                    for line in refusal_lines(p)]
+    return out
+
+
 def render(report: dict[str, Any]) -> Group:
-    parts: list[Any] = [_header(report), _volumes(report)]
+    parts: list[Any] = [_header(report), *_notes(report), _volumes(report)]
     peers = _peers(report)
     if peers is not None:
         parts.append(peers)

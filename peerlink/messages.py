@@ -144,10 +144,14 @@ class Hello(_Message):
     # Receiver only, after a failover: the extents (2^shift bytes) it changed since the
     # fork, as a demoted primary knows them; None: unknown (compare everything).
     changed: tuple[int, tuple[int, ...]] | None = None
+    # The failover epoch each generation was created at, one per entry of
+    # ``generations`` (they stay [gen_id, start_seq] pairs for older decoders); None: not
+    # sent (an older node), read as epoch 0, which never wins a fork.
+    epochs: tuple[int, ...] | None = None
 
     @classmethod
     def _decode(cls, f: list[Any]) -> Self:
-        if len(f) < 9:  # later versions append fields (``adopts``, ``changed``)
+        if len(f) < 9:  # later versions append fields (``adopts``, ``changed``, ``epochs``)
             raise PeerProtocolError(f"Hello: expected 9 fields, got {len(f)}")
         adopts = len(f) > 9 and f[9] is True  # anything else: a field of a later version
         changed = None
@@ -186,11 +190,17 @@ class Hello(_Message):
                     f"{at}.gen_id: {gen.gen_id:016x} appears twice (a history never "
                     "repeats a generation)")
             gens.append(gen)
+        epochs = None
+        if len(f) > 11 and isinstance(f[11], list):  # else nothing, or a later field
+            if len(f[11]) != len(gens):  # bounded like the generations list: one each
+                raise PeerProtocolError(
+                    f"Hello.epochs: {len(f[11])} epochs for {len(gens)} generations")
+            epochs = tuple(_uint(e, f"Hello.epochs[{i}]") for i, e in enumerate(f[11]))
         return cls(
             _uint(f[0], "Hello.proto_version", _U32), _name(f[1], "Hello.node"),
             _name(f[2], "Hello.volume"), vuuid, _uint(f[4], "Hello.volume_size"), role,
             tuple(gens), _uint(f[7], "Hello.last_applied_seq"),
-            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)), adopts, changed,
+            _bytes(f[8], "Hello.auth_nonce", (NONCE_SIZE,)), adopts, changed, epochs,
         )
 
 

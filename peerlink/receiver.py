@@ -37,13 +37,19 @@ from typing import Any, Final
 
 import structlog
 
+from blockstore.diverged import lost_writes, record_diverged
 from blockstore.generations import Generation as BGeneration
 from blockstore.generations import (
     History,
     Relation,
+    common_generation,
+    decide,
+    describe_fork,
+    diverged_name,
     load_history,
-    relation,
     save_history,
+    settle_commands,
+    unrelated_refusal,
 )
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
@@ -53,10 +59,13 @@ from blockstore.peers import (
     UPSTREAM_FILE,
     UPSTREAM_KIND,
     UPSTREAM_VERSION,
+    clear_refused,
     known_peers,
     upstream_record,
     write_dirty,
+    write_refused,
 )
+from blockstore.snapshot import MAX_SNAPSHOTS
 from blockstore.volume import Volume, VolumeInfo
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
@@ -104,8 +113,29 @@ def wire_generations(history: History) -> tuple[Generation, ...]:
     return tuple(Generation(g.gen_id, g.start_seq) for g in history.generations)
 
 
-def from_wire(gens: tuple[Generation, ...]) -> tuple[BGeneration, ...]:
-    return tuple(BGeneration(g.gen_id, g.start_seq) for g in gens)
+def wire_epochs(history: History) -> tuple[int, ...]:
+    return tuple(g.epoch for g in history.generations)
+
+
+def from_wire(gens: tuple[Generation, ...], epochs: tuple[int, ...] | None
+              ) -> tuple[BGeneration, ...]:
+    """A peer's history from its Hello (epoch 0 where an older peer sent none)."""
+    eps = epochs if epochs is not None else (0,) * len(gens)
+    return tuple(BGeneration(g.gen_id, g.start_seq, e) for g, e in zip(gens, eps, strict=True))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What this replica makes of a sender's history (``blockstore.generations.decide``
+    from this side): ``rel`` SAME (stream), BEHIND (the sender is the sync source: a
+    compare resync), AHEAD (the sender is stale), FORKED (a split brain), UNRELATED.
+    ``fork``: the histories forked (then BEHIND means this copy lost: it keeps what only
+    it had as a diverged snapshot first).  ``adopts``: an operator resolved a split
+    brain for the sender's side."""
+
+    rel: Relation
+    fork: bool = False
+    adopts: bool = False
 
 
 async def wait_connected(link: Link, timeout: float) -> bool:
@@ -155,6 +185,7 @@ class _Session:
     applied_batches: int = 0
     applied_bytes: int = 0
     history: History | None = None  # the sender's: adopted at bind and when a resync ends
+    fork: History | None = None  # this copy's own history, when it lost a fork to the sender
 
 
 class Receiver:
@@ -285,13 +316,15 @@ class Receiver:
         clog = clog.bind(peer=theirs.node)
         vuuid = self._upstream_uuid(theirs.volume_uuid)
         history = self._history()
-        theirs_gens = from_wire(theirs.generations)
-        rel, adopts = self._relation(history, theirs.node, theirs_gens, clog)
+        theirs_gens = from_wire(theirs.generations, theirs.epochs)
+        verdict = self._relation(history, theirs.node, theirs_gens, clog)
+        adopts = verdict.adopts
         mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
                      wire_generations(history), 0 if adopts else self.vol.upstream_seq,
-                     make_nonce(), adopts, self._changed(rel, theirs.node, history))
-        refusal = check_hello(mine, theirs) or self._generation_refusal(
-            rel, theirs.node, theirs_gens, history)
+                     make_nonce(), adopts, self._changed(verdict.rel, theirs.node, history),
+                     wire_epochs(history))
+        refusal = check_hello(mine, theirs) or await self._generation_refusal(
+            verdict, theirs.node, theirs_gens, history, clog)
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         link.send(mine)
@@ -301,32 +334,29 @@ class Receiver:
         if ok.node != theirs.node:
             raise PeerProtocolError(
                 f"HelloOk.node: {ok.node!r} is not the node that said Hello ({theirs.node!r})")
-        tr = Transcript(PROTO_VERSION, theirs.node, self.node, theirs.auth_nonce,
-                        mine.auth_nonce)
-        if self.secret is not None:
-            try:
-                verify(self.secret, Prover.SENDER, tr, ok.auth_proof)
-            except PeerAuthError as e:
-                raise self._refuse(link, str(e)) from None
-        elif ok.auth_proof:
-            raise self._refuse(link, "peer authentication failed: the peer sent a proof but "
-                                     f"node {self.node!r} has no shared secret configured")
+        tr = self._authenticate(link, theirs, mine, ok)
         async with self.takeover:
             await self._retire_active(f"replaced by a new connection from {theirs.node!r}")
             applied = self.vol.upstream_seq
-            # A sender on a newer generation (a failover or switchover happened): this
-            # replica's seq numbers belong to another node's journal, so the sender
-            # compares digests and resyncs; any resume point is its to choose.
-            newer = rel is Relation.BEHIND and not self._fresh()
+            # A sender on a newer generation (a failover or switchover happened, or it won
+            # a fork): this replica's seq numbers belong to another node's journal, so the
+            # sender compares digests and resyncs; any resume point is its to choose.
+            newer = verdict.rel is Relation.BEHIND and not self._fresh()
             refusal = None if newer else check_resume(applied, ok.resume_from_seq)
             pending = self._resync_marker()
             if refusal is not None:
                 raise self._refuse(link, refusal.reason)
-            await self._bind(theirs, vuuid, ok.resume_from_seq, clog)
+            await self._bind(theirs, vuuid, ok.resume_from_seq, clog, newer)
             link.send(HelloOk(self.node, ok.resume_from_seq,
                               proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
+            await asyncio.get_running_loop().run_in_executor(
+                None, clear_refused, self.vol.info, theirs.node)
             session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
             session.history = History(vuuid, theirs_gens)
+            if verdict.fork and newer:
+                session.fork = history
+                clog.warning("fork_lost", detail=describe_fork(
+                    self.name, theirs.node, theirs_gens, self.node, history.generations))
             if newer or ok.resume_from_seq > applied + 1 or (pending is not None
                                                               and not pending["done"]):
                 # The sender skips records (it resyncs extents instead), or this replica
@@ -347,18 +377,35 @@ class Receiver:
             clog.info("session_ended", applied_batches=session.applied_batches,
                       applied_bytes=session.applied_bytes, upstream_seq=self.vol.upstream_seq)
 
+    def _authenticate(self, link: Link, theirs: Hello, mine: Hello, ok: HelloOk) -> Transcript:
+        """Check the sender's proof (refused if it fails); the transcript this side then
+        proves itself with."""
+        tr = Transcript(PROTO_VERSION, theirs.node, self.node, theirs.auth_nonce,
+                        mine.auth_nonce)
+        if self.secret is not None:
+            try:
+                verify(self.secret, Prover.SENDER, tr, ok.auth_proof)
+            except PeerAuthError as e:
+                raise self._refuse(link, str(e)) from None
+        elif ok.auth_proof:
+            raise self._refuse(link, "peer authentication failed: the peer sent a proof but "
+                                     f"node {self.node!r} has no shared secret configured")
+        return tr
+
     def _relation(self, history: History, node: str, theirs: tuple[BGeneration, ...],
-                  clog: Any) -> tuple[Relation, bool]:
-        """How the sender's history relates to this replica's, and whether this replica
-        adopts an unrelated one (an operator resolved a split brain for ``node``'s side:
-        its data is taken, compared then resynced, as if it were on a newer generation)."""
+                  clog: Any) -> Verdict:
+        """How the sender's history relates to this replica's (``Verdict``).  A split
+        brain (unrelated, or forked on one epoch) that an operator resolved for
+        ``node``'s side is adopted: its data is taken, compared then resynced, as if it
+        were on a newer generation."""
         if self._fresh():
-            return Relation.BEHIND, False
-        rel = relation(history.generations, theirs)
-        if rel is Relation.UNRELATED and (self.upstream or {}).get(ADOPT_KEY) == node:
-            clog.warning("adopting_unrelated_history", peer=node)
-            return Relation.BEHIND, True
-        return rel, False
+            return Verdict(Relation.BEHIND)
+        rel, fork = decide(history.generations, theirs)
+        if rel in (Relation.UNRELATED, Relation.FORKED) and (
+                self.upstream or {}).get(ADOPT_KEY) == node:
+            clog.warning("adopting_unrelated_history", peer=node, forked=fork)
+            return Verdict(Relation.BEHIND, fork, adopts=True)
+        return Verdict(rel, fork)
 
     def _changed(self, rel: Relation, node: str, history: History
                  ) -> tuple[int, tuple[int, ...]] | None:
@@ -371,20 +418,24 @@ class Receiver:
             return None
         return int(rec["extent_shift"]), tuple(int(e) for e in rec["extents"])
 
-    async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any) -> None:
+    async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any,
+                    newer: bool) -> None:
         """Bind a fresh replica to the upstream volume; an empty replica is the
-        upstream's state at seq 0, so it is Consistent from here on."""
+        upstream's state at seq 0, so it is Consistent from here on (not so a copy that
+        holds data of its own and takes a newer generation's: a demoted primary stays
+        Inconsistent until its resync completes)."""
         loop = asyncio.get_running_loop()
         if self.upstream is None:
             rec = upstream_record(vuuid, theirs.node)
             await loop.run_in_executor(self.executor, write_json, self.upstream_path, rec)
             self.upstream = rec
-            await loop.run_in_executor(self.executor, save_history, self.vol.info.path,
-                                       History(vuuid, from_wire(theirs.generations)))
+            await loop.run_in_executor(
+                self.executor, save_history, self.vol.info.path,
+                History(vuuid, from_wire(theirs.generations, theirs.epochs)))
             self._gen_cache = None
             clog.info("replica_bound", upstream_uuid=vuuid, upstream_node=theirs.node)
         if (self.vol.inconsistent and self.vol.upstream_seq == 0 and resume_from == 1
-                and self._resync_marker() is None):
+                and not newer and self._resync_marker() is None):
             await loop.run_in_executor(self.executor, self.vol.set_consistent, True)
             clog.info("replica_consistent", reason="empty replica streams from seq 1")
 
@@ -498,9 +549,44 @@ class Receiver:
         write_json(self.upstream_path, rec)
         self.upstream = rec
 
-    def _resync_begin(self, msg: ResyncExtents, resume_from: int) -> None:
-        """Before the first extent byte: Inconsistent durably, and the store checkpointed
-        so that redo never replays older batches over extent data."""
+    def _keep_diverged(self, s: _Session) -> None:
+        """This copy lost a fork to the sender: before the first extent byte, keep what
+        it alone had as snapshot ``diverged-<its newest generation>`` and count in
+        diverged.json the writes the sender lacks (its journal since it started its own
+        generation after the fork).  Idempotent, so a crash anywhere before the resync
+        completes repeats it harmlessly: the handshake after it finds the same fork (the
+        sender's history is adopted only at ResyncDone), the snapshot is there and its
+        pre-images were preserved by the extents written so far."""
+        mine = s.fork
+        assert mine is not None and s.history is not None
+        name = diverged_name(mine.current.gen_id)
+        self.vol.keep_diverged(name)
+        common = common_generation(mine.generations, s.history.generations)
+        assert common is not None
+        after = mine.generations[[g.gen_id for g in mine.generations].index(
+            common.gen_id) + 1:]
+        unknown = None
+        if any(g.gen_id not in mine.local for g in after):
+            unknown = (f"generation {after[0].gen_id:016x} was started on another node: "
+                       "this copy's journal does not tell which of its records came "
+                       "after the fork")
+        entry = record_diverged(self.vol.info, lost_writes(
+            self.vol.info, snapshot=name, new_primary=s.node,
+            from_seq=after[0].start_seq if unknown is None else None,
+            through_seq=self.vol.last_seq, unknown=unknown,
+            basis=f"writes since generation {after[0].gen_id:016x} began here (the fork)"),
+            keep_known=True)
+        self.log.warning("diverged_kept", peer=s.node, snapshot=name,
+                         records=entry["records"], bytes=entry["bytes"],
+                         unknown=entry["unknown"])
+
+    def _resync_begin(self, msg: ResyncExtents, s: _Session) -> None:
+        """Before the first extent byte: what only this copy had is kept (a lost fork),
+        then Inconsistent durably, and the store checkpointed so that redo never replays
+        older batches over extent data."""
+        resume_from = s.resume_from
+        if s.fork is not None:
+            self._keep_diverged(s)
         self._set_resync_marker({"resume_from": resume_from, "done": False,
                                  "extents": len(msg.extents), "started": time.time()})
         # Cascade: extent data bypasses this replica's journal, so every downstream peer
@@ -544,7 +630,7 @@ class Receiver:
             durable = self._apply(item, s.node)
             return durable, self._maybe_consistent()
         if isinstance(item, ResyncExtents):
-            self._resync_begin(item, s.resume_from)
+            self._resync_begin(item, s)
         elif isinstance(item, ExtentData):
             self._resync_extent(item)
         elif isinstance(item, ResyncDone):
@@ -561,21 +647,51 @@ class Receiver:
             return self.vol.upstream_seq, not self.vol.inconsistent
         return None, False
 
-    def _generation_refusal(self, rel: Relation, node: str, theirs: tuple[BGeneration, ...],
-                            history: History) -> Refuse | None:
-        """Refuse a sender on an older generation (demoted) or an unrelated one."""
-        if rel is Relation.AHEAD:
+    async def _generation_refusal(self, v: Verdict, node: str,
+                                  theirs: tuple[BGeneration, ...], history: History,
+                                  clog: Any) -> Refuse | None:
+        """The refusal for a sender on an older generation (demoted, or the older epoch
+        of a fork), a split brain (a fork on one epoch) or an unrelated history, recorded
+        for `nbdgw status`."""
+        refusal = self._history_refusal(v, node, theirs, history)
+        if refusal is not None:
+            await self._record_refusal(node, refusal.reason, v, clog)
+        return refusal
+
+    def _history_refusal(self, v: Verdict, node: str, theirs: tuple[BGeneration, ...],
+                         history: History) -> Refuse | None:
+        if v.fork and v.rel in (Relation.AHEAD, Relation.FORKED):
+            return Refuse(describe_fork(self.name, node, theirs, self.node,
+                                        history.generations))
+        if v.rel is Relation.AHEAD:
             return Refuse(
                 f"volume {self.name!r}: node {node!r} is on generation "
                 f"{theirs[-1].gen_id:016x}, older than this replica's "
                 f"{history.current.gen_id:016x} (it was demoted by a failover); refusing "
                 "its data")
-        if rel is Relation.UNRELATED:
+        if v.rel is Relation.UNRELATED:
+            return Refuse(unrelated_refusal(self.name, node, self.node))
+        snaps = self.vol.snaps
+        if v.fork and snaps is not None and len(snaps.index) >= MAX_SNAPSHOTS and \
+                diverged_name(history.current.gen_id) not in snaps.index.by_name:
             return Refuse(
-                f"volume {self.name!r}: the generation histories of {node!r} and "
-                f"{self.node!r} are unrelated (split brain, or another volume); refusing "
-                "to guess")
+                f"volume {self.name!r}: {self.node!r} must keep what only it had as "
+                f"snapshot {diverged_name(history.current.gen_id)} before it takes "
+                f"{node!r}'s data, but it has {MAX_SNAPSHOTS} snapshots (the maximum): "
+                "delete one there")
         return None
+
+    async def _record_refusal(self, node: str, reason: str, v: Verdict, clog: Any) -> None:
+        """Keep a history refusal where `nbdgw status` reads it (peers/<node>.refused.json):
+        a split brain with the commands that settle it, else why the sender is refused."""
+        split = v.rel in (Relation.FORKED, Relation.UNRELATED)
+        settle = settle_commands(node, self.node) if split else None
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: write_refused(self.vol.info, node, side="receiver", by="this node",
+                                        reason=reason, split_brain=split, settle=settle))
+        if split:
+            clog.error("split_brain", peer=node, reason=reason,
+                       settle=[c["command"] for c in settle or []], recorded=ok)
 
     def _history(self) -> History:
         """This replica's generation history (its upstream's, adopted when bound)."""

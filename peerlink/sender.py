@@ -78,9 +78,13 @@ from blockstore.errors import BlockstoreError, FormatError
 from blockstore.generations import (
     History,
     Relation,
+    decide,
+    describe_fork,
+    is_split_brain,
     load_history,
     own_generation_after,
-    relation,
+    settle_commands,
+    unrelated_refusal,
 )
 from blockstore.journal import JournalTail, is_data_op, record_headers
 from blockstore.meta import read_json, write_json
@@ -91,12 +95,14 @@ from blockstore.peers import (
     PEER_KIND,
     PEER_VERSION,
     DirtySet,
+    clear_refused,
     covers,
     dirty_shift,
     extent_range,
     read_dirty,
     rescale,
     write_dirty,
+    write_refused,
 )
 from blockstore.record import (
     REC_HEADER_SIZE,
@@ -118,7 +124,7 @@ from blockstore.volume import (
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
-from .errors import PeerlinkError, PeerProtocolError
+from .errors import PeerlinkError, PeerProtocolError, PeerRefused
 from .frames import encode_frame
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
@@ -137,7 +143,7 @@ from .messages import (
     check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
-from .receiver import expect, from_wire, replica_history, wire_generations
+from .receiver import expect, from_wire, replica_history, wire_epochs, wire_generations
 
 log = structlog.get_logger(component="peerlink")
 
@@ -577,24 +583,31 @@ class Sender:
             last = min(last, self.source.applied_seq)
         return first, last
 
-    def _generations(self, history: History, theirs: Hello) -> tuple[Relation, Refuse | None]:
-        """Contract 5 at the handshake: how the peer's history relates to this node's,
-        and the refusal when this node must not send (stale, or unrelated histories)."""
-        rel = relation(history.generations, from_wire(theirs.generations))
+    def _generations(self, history: History, theirs: Hello
+                     ) -> tuple[Relation, bool, Refuse | None]:
+        """Contract 5 at the handshake: who is the sync source (``decide``: a fork goes to
+        the newer epoch), whether the histories forked, and the refusal when this node
+        must not send (stale, a split brain, or unrelated histories)."""
+        theirs_gens = from_wire(theirs.generations, theirs.epochs)
+        rel, fork = decide(history.generations, theirs_gens)
+        if rel is Relation.BEHIND and fork:
+            return rel, fork, Refuse(describe_fork(self.name, self.node, history.generations,
+                                                   theirs.node, theirs_gens))
         if rel is Relation.BEHIND:
-            return rel, Refuse(
+            return rel, fork, Refuse(
                 f"volume {self.name!r}: {theirs.node!r} is on a newer generation "
                 f"({theirs.generations[-1].gen_id:016x}) than this node "
                 f"({history.current.gen_id:016x}): a failover happened and this copy is "
                 "stale; refusing to send it")
-        if rel is Relation.UNRELATED and theirs.adopts:
-            return Relation.AHEAD, None  # it takes this node's data (a resolved split brain)
+        if rel in (Relation.UNRELATED, Relation.FORKED) and theirs.adopts:
+            # It takes this node's data (a resolved split brain), compared everywhere.
+            return Relation.AHEAD, False, None
+        if rel is Relation.FORKED:
+            return rel, fork, Refuse(describe_fork(self.name, self.node, history.generations,
+                                                   theirs.node, theirs_gens))
         if rel is Relation.UNRELATED and theirs.last_applied_seq:
-            return rel, Refuse(
-                f"volume {self.name!r}: the generation histories of {self.node!r} and "
-                f"{theirs.node!r} are unrelated (split brain, or another volume); refusing "
-                "to guess")
-        return rel, None
+            return rel, fork, Refuse(unrelated_refusal(self.name, self.node, theirs.node))
+        return rel, fork, None
 
     def _fork_candidates(self, history: History, theirs: Hello, shift: int, last: int
                          ) -> list[int] | None:
@@ -602,10 +615,13 @@ class Sender:
         (worker thread): the peer's own changes since the fork (``Hello.changed``, a
         demoted primary's account) and this node's, which are the records of its journal
         since it started its generation, its dirty sets for the peer and resync.json.
-        None when either side cannot tell: then every extent is compared."""
+        None when either side cannot tell: then every extent is compared.  Also after a
+        fork this node won (``own_generation_after`` finds none): the two generations
+        after the common one started from different states of it, which neither journal
+        accounts for."""
         if theirs.changed is None or not theirs.generations:
             return None
-        own = own_generation_after(history, from_wire(theirs.generations)[-1])
+        own = own_generation_after(history, from_wire(theirs.generations, theirs.epochs)[-1])
         res = read_resync(self.info)
         if own is None or res["full"]:
             return None
@@ -915,7 +931,12 @@ class Sender:
                               f"after {t:g} s") from None
         self.stats["sessions"] += 1
         try:
-            resume, plan = await self._handshake(link, loop)
+            try:
+                resume, plan = await self._handshake(link, loop)
+            except (Refused, PeerRefused) as e:
+                await loop.run_in_executor(None, self._record_refusal, e)
+                raise
+            await loop.run_in_executor(None, clear_refused, self.info, self.peer)
             self._set_state("streaming" if plan is None else
                             "initial-sync" if plan.kind == "full" else "resync")
             await self._stream(link, resume, plan, stop)
@@ -933,6 +954,18 @@ class Sender:
             self.settles = []
             self.inflight_bytes = 0
 
+    def _record_refusal(self, e: Refused | PeerRefused) -> None:
+        """A handshake refused either way: kept for `nbdgw status` (peers/<peer>.refused.json)
+        until a handshake succeeds; a split brain with the commands that settle it."""
+        split = is_split_brain(e.reason)
+        write_refused(self.info, self.peer, side="sender",
+                      by="this node" if isinstance(e, Refused) else "peer",
+                      reason=e.reason, split_brain=split,
+                      settle=settle_commands(self.node, self.peer) if split else None)
+        if split:
+            self.log.error("split_brain", reason=e.reason,
+                           settle=[c["command"] for c in settle_commands(self.node, self.peer)])
+
     def _refuse(self, link: Link, reason: str) -> Refused:
         with contextlib.suppress(LinkClosed):
             link.send(Refuse(reason))
@@ -940,14 +973,16 @@ class Sender:
         return Refused(reason)
 
     async def _plan(self, loop: asyncio.AbstractEventLoop, rel: Relation, theirs: Hello,
-                    history: History, applied: int, first: int, last: int
+                    history: History, applied: int, first: int, last: int, fork: bool
                     ) -> tuple[ResyncPlan | None, int]:
         """The resync the peer needs before streaming (None: none), and the journal end
         the plan was made at."""
         plan = await loop.run_in_executor(self.executor, plan_resync, self.info, self.peer,
                                           applied, first, last)
         if rel is Relation.AHEAD:
-            why = (f"peer {theirs.node!r} is on generation "
+            why = (describe_fork(self.name, self.node, history.generations, theirs.node,
+                                 from_wire(theirs.generations, theirs.epochs)) if fork else
+                   f"peer {theirs.node!r} is on generation "
                    f"{theirs.generations[-1].gen_id:016x}, older than this node's "
                    f"{history.current.gen_id:016x}")
             shift = dirty_shift(self.info.size)
@@ -983,7 +1018,8 @@ class Sender:
         first, last = await loop.run_in_executor(self.executor, self._bounds)
         history = await loop.run_in_executor(self.executor, self._history)
         mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
-                     self.role, wire_generations(history), last, make_nonce())
+                     self.role, wire_generations(history), last, make_nonce(),
+                     epochs=wire_epochs(history))
         link.send(mine)
         theirs = await link.recv_within(t, "Hello")
         expect(theirs, Hello, "in answer to Hello")
@@ -993,7 +1029,7 @@ class Sender:
             refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
                              f"peer {self.peer!r} (wrong address?)")
         applied = theirs.last_applied_seq
-        rel, gen_refusal = self._generations(history, theirs)
+        rel, fork, gen_refusal = self._generations(history, theirs)
         refusal = refusal or gen_refusal
         if rel is Relation.AHEAD:
             # The peer follows an older generation (the primary before a failover): its
@@ -1007,7 +1043,7 @@ class Sender:
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
         resume = applied + 1
-        plan, last = await self._plan(loop, rel, theirs, history, applied, first, last)
+        plan, last = await self._plan(loop, rel, theirs, history, applied, first, last, fork)
         if plan is not None:
             # Send extents instead of records, then stream from the seq the journal ends
             # at now (everything up to it is in the store: the store is written first).

@@ -112,3 +112,34 @@ def test_metrics_scraped_and_parsed(daemon: dict[str, Any]) -> None:
     while scrape(daemon["port"])[("nbdgw_nbd_connections", v)] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_writes_lost_to_a_failover_are_exported(tmp_path: Path) -> None:
+    """A former primary demoted after an async failover: the records (and bytes) of its
+    acknowledged writes the new primary lacks, per volume and snapshot."""
+    from blockstore.volume import Volume, create_volume, demote_volume, find_volume
+    from gateway.config import parse_config
+    from gateway.metrics import NodeCollector
+
+    data = tmp_path / "data"
+    create_volume(data, "v1", 4 << 20)
+    vol = Volume.open(data, "v1")
+    try:
+        for i in range(5):
+            vol.write(b"\x01" * 8192, i * 65536)
+        acked = vol.last_seq - 2  # dc acknowledged all but the last two
+    finally:
+        vol.close()
+    info = find_volume(data, "v1")
+    (info.path / "peers").mkdir()
+    (info.path / "peers" / "dc.json").write_text(
+        f'{{"kind": "peer", "version": 1, "peer": "dc", "volume": "v1", '
+        f'"volume_uuid": "{info.uuid}", "acked_seq": {acked}, "updated": 0}}')
+    snap = demote_volume(data, "v1", "dc")
+    cfg = parse_config({"version": 1, "node": {"name": "main", "data_dir": str(data),
+                                               "role": "primary"}})
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for fam in NodeCollector(cfg).collect() for s in fam.samples}
+    labels = (("new_primary", "dc"), ("snapshot", snap), ("volume", "v1"))
+    assert (m[("nbdgw_diverged_records", labels)], m[("nbdgw_diverged_bytes", labels)]) == (
+        2, 2 * 8192)

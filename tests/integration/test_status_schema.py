@@ -17,7 +17,13 @@ PEER = {"name": str, "mode": OPT_STR, "state": str, "degraded": OPT_STR, "acked_
         "lag_records": int, "lag_bytes": int, "lag_seconds": OPT_NUM,
         "last_ack_age_s": OPT_NUM, "dirty_extents": int, "sender": str,
         "data_loss_window": {"bytes": int, "seconds": OPT_NUM},
-        "progress": (type(None), dict)}
+        "progress": (type(None), dict),
+        "refused": (type(None), {"reason": str, "by": str, "side": str, "split_brain": bool,
+                                 "settle": (type(None), list), "since": (int, float),
+                                 "attempts": int})}
+DIVERGED = {"snapshot": str, "kept": bool, "records": OPT_INT, "bytes": OPT_INT,
+            "unknown": OPT_STR, "new_primary": str, "from_seq": OPT_INT, "through_seq": int,
+            "basis": str, "at": (int, float)}
 VOLUME = {"name": str, "size": int, "role": str, "in_use": bool, "clean": bool,
           "inconsistent": bool, "upstream_seq": int, "journal_first_seq": int,
           "journal_last_seq": int, "journal_bytes": int, "resync_extents": int,
@@ -25,7 +31,7 @@ VOLUME = {"name": str, "size": int, "role": str, "in_use": bool, "clean": bool,
           "clients": {"nbd": OPT_INT, "iscsi": OPT_INT},
           "snapshots": {"count": int, "latest": (type(None), {"name": str,
                                                               "time": (int, float)})},
-          "peers": [PEER]}
+          "diverged": [DIVERGED], "peers": [PEER]}
 SCHEMA = {"version": int, "node": str, "data_dir": str, "split_brain": (type(None), dict),
           "role": {"configured": str, "effective": str, "epoch": int},
           "failover": {"state": str, "epoch": int, "primary": OPT_STR, "auto": bool,

@@ -304,6 +304,12 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
               st.lists(st.tuples(U64, U64), max_size=4, unique_by=lambda x: x[0]).map(
                   lambda gs: tuple(Generation(g, s) for g, s in gs)),
               U64, st.binary(min_size=32, max_size=32)),
+    st.lists(st.tuples(U64, U64, U64), max_size=4, unique_by=lambda x: x[0]).flatmap(
+        lambda gs: st.builds(
+            Hello, U32, NAMES, NAMES, st.uuids().map(str), U64, st.sampled_from(ROLES),
+            st.just(tuple(Generation(g, s) for g, s, _ in gs)), U64,
+            st.binary(min_size=32, max_size=32), st.booleans(), st.none(),
+            st.just(tuple(e for _, _, e in gs)))),
     st.builds(HelloOk, NAMES, st.integers(1, 2**64 - 1),
               st.sampled_from([b"", bytes(range(32))])),
     st.builds(Refuse, st.text(max_size=200)),
@@ -390,6 +396,23 @@ def test_hello_decodes_and_ignores_appended_fields() -> None:
         "Hello.changed: expected [extent_shift, extents], got 1 items")
     assert decode_refusal(msgpack.packb([1, *HELLO_FIELDS, False, [3, []]])) == (
         "Hello.changed.extent_shift: expected integer between 12 and 40, got 3")
+
+
+def test_hello_epochs_round_trip_and_older_layouts_still_decode() -> None:
+    """``epochs`` (the failover epoch of each generation) is appended after ``changed``:
+    a Hello without it (9 or 11 fields, what older nodes send) decodes with None."""
+    with_epochs = replace(HELLO, epochs=(0, 2))
+    assert decode(with_epochs.encode()) == with_epochs
+    assert msgpack.unpackb(with_epochs.encode())[12] == [0, 2]
+    assert decode(msgpack.packb([1, *HELLO_FIELDS])).epochs is None
+    assert decode(msgpack.packb([1, *HELLO_FIELDS, True, None])) == replace(HELLO, adopts=True)
+    assert decode(msgpack.packb([1, *HELLO_FIELDS, False, None, [0, 2], "v3 field"])) == \
+        with_epochs
+    # Bounded like the generations list: exactly one epoch per generation.
+    assert decode_refusal(msgpack.packb([1, *HELLO_FIELDS, False, None, [1, 2, 3]])) == (
+        "Hello.epochs: 3 epochs for 2 generations")
+    assert decode_refusal(msgpack.packb([1, *HELLO_FIELDS, False, None, [1, -1]])) == (
+        "Hello.epochs[1]: expected unsigned 64-bit integer, got -1")
 
 
 def test_envelope_refusals() -> None:
