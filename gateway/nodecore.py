@@ -176,6 +176,7 @@ class Facts:
     healthy: frozenset[str] = frozenset()  # sync peers acknowledging every write again
     streaming: frozenset[str] = frozenset()  # peers streaming every volume (switchover)
     split_brain: bool = False  # a split-brain record waits for `nbdgw resolve`
+    split_brain_with: str | None = None  # the other node of that record
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ class NodeCore:
         self._announced = False  # the daemon was told the (empty) degrade set once
         self.voted_at = -math.inf  # when this node last granted a vote to another
         self._last_refusal: tuple[str, int, str] | None = None
+        self.split_brain_with: str | None = None
         if not cfg.auto:
             self.state = (State.PRIMARY if hard.role == "primary" else
                           State.WITNESS if cfg.role == "dr" else State.STANDBY)
@@ -833,6 +835,7 @@ class NodeCore:
         self.data_epoch = f.data_epoch
         if f.split_brain != self.split_brain:
             self.split_brain = f.split_brain
+        self.split_brain_with = f.split_brain_with
 
     def _done(self, d: Done) -> None:
         if d.kind == "promote":
@@ -1049,6 +1052,22 @@ class NodeCore:
     def _resolve(self, r: Request) -> None:
         discard = str(r.args.get("discard"))
         me = self.cfg.me
+        if self.split_brain and self.state in (State.STANDBY, State.WITNESS):
+            # A replica whose upstream's history is unrelated to its own (peerlink
+            # refused it): it can only give its own side up; the other keeps its data.
+            other = self.split_brain_with or self.hard.primary
+            if discard == me:
+                self._do("clear_split_brain")
+                self.split_brain = False
+                self._do(Action.FOLLOW.value, primary=other, epoch=self.hard.epoch,
+                         adopt=True)
+                self._reply(r.req_id, {"ok": True, "discarded": me, "following": other,
+                                       "state": self.state.value})
+            else:
+                self._reply(r.req_id, {"error": f"node {me} holds replicas only: to keep "
+                                                f"its data, run 'nbdgw resolve --discard "
+                                                f"{discard}' on {discard}"})
+            return
         if not self.split_brain or self.state is not State.STALE:
             self._reply(r.req_id, {"error": f"node {me} is not in split brain: nothing to "
                                             "resolve"})
