@@ -800,7 +800,18 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         control=_control(top.get("control")),
     )
     check_iscsi_volumes(cfg.iscsi, cfg.volumes)
+    check_failover_secret(cfg)
     return cfg
+
+
+def check_failover_secret(cfg: NodeConfig) -> None:
+    """Automatic failover acts on heartbeats: they must be authenticated, and the
+    shared secret is their key (TLS protects the replication links only)."""
+    if cfg.failover.auto and cfg.peers and cfg.peerlink.secret_file is None:
+        raise ConfigError(
+            "failover.auto needs peerlink.secret_file: heartbeats are authenticated with "
+            "the shared secret (TLS protects only the replication links); set "
+            "peerlink.secret_file, or failover.auto: false")
 
 
 def load_config(path: Path) -> NodeConfig:

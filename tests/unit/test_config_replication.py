@@ -86,14 +86,15 @@ def test_who_sends_to_whom(role: str, topology: str, sends: list[str], receives:
     me = {"primary": "main", "secondary": "dc", "dr": "dr"}[role]
     sites = [{"name": "main", "role": "primary", "address": "192.0.2.11"}, DC, DR]
     c = parse_config({"version": 1, "node": {"name": me, "role": role},
-                      "peerlink": {"topology": topology},
+                      "peerlink": {"topology": topology, "secret_file": "/etc/nbdgw/s"},
                       "peers": [s for s in sites if s["name"] != me]})
     assert [p.name for p in c.send_to()] == sends
     assert c.receives() is receives
 
 
 def test_cascade_without_secondary_sends_to_dr() -> None:
-    c = parse_config(cfg(peerlink={"topology": "cascade"}, peers=[DR]))
+    c = parse_config(cfg(peerlink={"topology": "cascade", "secret_file": "/etc/nbdgw/s"},
+                         peers=[DR]))
     assert [p.name for p in c.send_to()] == ["dr"]
 
 
@@ -153,3 +154,18 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
 ])
 def test_refused(raw: dict[str, Any], msg: str) -> None:
     assert refused(raw) == msg
+
+
+def test_automatic_failover_needs_the_secret() -> None:
+    """Beats MACed with an empty key let anyone on the cluster network forge them (24
+    forged beats fenced a secondary for a primary that did not exist): no secret, no
+    automatic failover; TLS-only peerlink is refused too."""
+    tls = {"cert_file": "/etc/nbdgw/pl.crt", "key_file": "/etc/nbdgw/pl.key",
+           "ca_file": "/etc/nbdgw/ca.crt"}
+    for peerlink in ({}, {"tls": tls}):
+        assert refused(cfg(peerlink=peerlink, peers=[DC, DR])) == (
+            "failover.auto needs peerlink.secret_file: heartbeats are authenticated with "
+            "the shared secret (TLS protects only the replication links); set "
+            "peerlink.secret_file, or failover.auto: false")
+    parse_config(cfg(peerlink={"tls": tls}, peers=[DC, DR], failover={"auto": False}))
+    parse_config(cfg())  # no peers: nothing to fail over

@@ -281,6 +281,15 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
          _set("nbdgw_peerlink_tls_ca", "-----BEGIN CERTIFICATE-----")],
         "nbdgw_peerlink_tls_key is not set: mutual TLS between sites needs "
         "nbdgw_peerlink_tls_cert, nbdgw_peerlink_tls_key and nbdgw_peerlink_tls_ca"),
+    "tls_only_with_automatic_failover": (
+        [_set("nbdgw_peer_secret", ""),
+         _set("nbdgw_peerlink_tls_cert", "-----BEGIN CERTIFICATE-----"),
+         _set("nbdgw_peerlink_tls_key", "-----BEGIN PRIVATE KEY-----"),
+         _set("nbdgw_peerlink_tls_ca", "-----BEGIN CERTIFICATE-----")],
+        "nbdgw_failover_auto is true but nbdgw_peer_secret is not set: heartbeats are "
+        "authenticated with the shared secret (mutual TLS protects only the replication "
+        "links); set nbdgw_peer_secret (at least 16 bytes, in Ansible Vault), or "
+        "nbdgw_failover_auto: false"),
     "failover_timers": (
         [_set("nbdgw_failover_timeout", 1)],
         "nbdgw_failover_timeout (1) must be at least 3 x nbdgw_failover_interval (0.5): a "
