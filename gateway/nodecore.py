@@ -57,7 +57,7 @@ from typing import Any, Final
 
 from .failover import Action, Event, State, step
 
-LEASE_FRACTION: Final = 0.8  # lease = this x timeout: room for clock-rate drift and slop
+LEASE_FRACTION: Final = 0.95  # lease = this x timeout: room for 2.5 % of clock-rate drift
 SENT_WINDOW: Final = 128  # beats whose send time is kept (echoes older than this are stale)
 PROMOTE_RETRY_AFTER: Final = 10.0  # after a promotion that *failed* (an I/O error)
 REJOIN_RETRY_AFTER: Final = 2.0
