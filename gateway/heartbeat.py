@@ -78,6 +78,7 @@ def body_to_wire(b: BeatBody) -> dict[str, Any]:
     return {
         "st": b.state, "e": b.epoch, "p": b.primary, "ve": b.vote_epoch, "vf": b.vote_for,
         "sv": b.serving, "c": b.consistent, "ca": b.campaign, "de": b.data_epoch,
+        "pc": b.precampaign, "pv": list(b.prevotes),
         "sd": b.served_epoch,
         "o": list(b.outdated),
         "h": b.handover_to, "d": b.discarding,
@@ -143,6 +144,7 @@ def body_from_wire(m: Any) -> BeatBody:
             vote_for=_name(m["vf"], "vote_for", True), serving=_bool(m["sv"], "serving"),
             consistent=_bool(m["c"], "consistent"), campaign=_uint(m["ca"], "campaign"),
             data_epoch=_uint(m["de"], "data_epoch"), served_epoch=_uint(m["sd"], "served"),
+            precampaign=_uint(m["pc"], "precampaign"), prevotes=_names(m["pv"], "prevotes"),
             outdated=_names(m["o"], "outdated"), handover_to=_name(m["h"], "handover_to", True),
             discarding=_name(m["d"], "discarding", True), echo=echo, sees=sees,
             sync=_names(m["sy"], "sync"))

@@ -131,6 +131,8 @@ class BeatBody:
     serving: bool  # holds a valid write lease
     consistent: bool  # every replica of this node is Consistent
     campaign: int = 0  # the epoch it campaigns for (0: none)
+    precampaign: int = 0  # the epoch it asks pre-votes for (0: none): nothing is cast yet
+    prevotes: tuple[str, ...] = ()  # candidates it would vote for now
     data_epoch: int = 0  # the epoch of the generation its data belongs to
     served_epoch: int = 0  # the highest epoch on which it held a write lease
     outdated: tuple[str, ...] = ()
@@ -258,6 +260,9 @@ class NodeCore:
         self.facts: Facts | None = None
         self.campaign = 0
         self.campaign_since = 0.0
+        self.precampaign = 0
+        self.precampaign_since = 0.0
+        self.prevotes: dict[str, float] = {}  # candidate -> when this node would vote
         self.campaign_after = 0.0  # no new campaign before this
         self.promote_blocked_until = -math.inf
         self.rejoin_at: float | None = None
@@ -412,6 +417,9 @@ class NodeCore:
             state=self.state.value, epoch=h.epoch, primary=h.primary,
             vote_epoch=h.vote_epoch, vote_for=h.vote_for, serving=self._lease_valid(),
             consistent=self.consistent, campaign=self.campaign, data_epoch=self.data_epoch,
+            precampaign=self.precampaign,
+            prevotes=tuple(sorted(c for c, at in self.prevotes.items()
+                                  if self.now - at < self.cfg.timeout)),
             served_epoch=h.served_epoch,
             outdated=outdated,
             handover_to=self.handover_to, discarding=self.discarding, echo=echo, sees=sees,
@@ -476,6 +484,7 @@ class NodeCore:
             self._persist(granted_epoch=0, granted_to=None)
         if b.campaign:
             self._consider_vote(node, b)
+        self._consider_prevote(node, b)
 
     def _new_epoch(self, epoch: int, primary: str, why: str) -> None:
         old = self.hard.epoch
@@ -521,9 +530,26 @@ class NodeCore:
         self._log("warning", "vote_granted", candidate=cand, epoch=e)
         self.next_beat = self.now  # tell it now
 
-    def _vote_refusal(self, cand: str, b: BeatBody) -> str | None:  # noqa: PLR0911
+    def _consider_prevote(self, cand: str, b: BeatBody) -> None:
+        """Would this node vote for ``cand`` if it campaigned now?  Nothing is cast or
+        persisted: a candidate cut off from the primary alone does not disturb it."""
+        e = b.precampaign
         h = self.hard
-        handover = self._handover_from_primary() == cand or self._resigned_for(cand, b)
+        if not e or e <= h.vote_epoch or e <= h.epoch:
+            self.prevotes.pop(cand, None)
+            return
+        if self._vote_refusal(cand, b, e) is None:
+            if cand not in self.prevotes:
+                self.next_beat = self.now
+            self.prevotes[cand] = self.now
+        else:
+            self.prevotes.pop(cand, None)
+
+    def _vote_refusal(self, cand: str, b: BeatBody,  # noqa: PLR0911
+                      epoch: int | None = None) -> str | None:
+        h = self.hard
+        e = b.campaign if epoch is None else epoch
+        handover = self._handover_from_primary() == cand or self._resigned_for(cand, e)
         if cand in h.outdated:
             return f"{cand} is outdated (it lacks writes acknowledged on epoch {h.epoch})"
         if not b.consistent:
@@ -569,17 +595,22 @@ class NodeCore:
         v = self.peers.get(node)
         b = v.body if v is not None else None
         # A node that campaigns may yet win; one that voted past its epoch and is not
-        # campaigning (nor promoting) gave that epoch up.
-        return (b is not None and b.vote_epoch > b.epoch and not b.campaign
-                and not b.serving and b.state not in (State.PRIMARY.value, *BUSY_STATES))
+        # campaigning (nor promoting) gave that epoch up; one this node voted for that
+        # never campaigned for that epoch (it restarted, say) cannot win it either.
+        if b is None or b.campaign or b.serving or b.state in (State.PRIMARY.value,
+                                                               *BUSY_STATES):
+            return False
+        h = self.hard
+        never_ran = h.vote_for == node and h.vote_epoch > max(b.vote_epoch, b.epoch)
+        return b.vote_epoch > b.epoch or never_ran
 
-    def _resigned_for(self, cand: str, b: BeatBody) -> bool:
+    def _resigned_for(self, cand: str, epoch: int) -> bool:
         """The node this node backs voted for ``cand`` on the epoch it campaigns for: it
         gave up its own claim (a drained switchover, or a fenced primary standing aside)."""
         backed = self._backed()
         v = self.peers.get(backed) if backed is not None else None
         return (v is not None and v.body is not None and self._fresh_of(v)
-                and v.body.vote_epoch == b.campaign and v.body.vote_for == cand)
+                and v.body.vote_epoch == epoch and v.body.vote_for == cand)
 
     def _backed(self) -> str | None:
         """The node this node backs now: the one it last voted for on an epoch above the
@@ -590,12 +621,19 @@ class NodeCore:
         return h.primary
 
     def _handover_from_primary(self) -> str | None:
-        """The successor the primary of the known epoch named when it handed over."""
+        """The successor the primary of the known epoch chose: the node it voted for on
+        the next epoch while holding no lease (a drained switchover, or a fenced primary
+        standing aside).  Its vote is persisted, so this survives restarts of either."""
         p = self.hard.primary
         v = self.peers.get(p) if p is not None else None
         if v is None or v.body is None or v.body.epoch != self.hard.epoch:
             return None
-        return v.body.handover_to
+        b = v.body
+        if b.handover_to is not None:
+            return b.handover_to
+        if not b.serving and b.vote_for not in (None, p) and b.vote_epoch == b.epoch + 1:
+            return b.vote_for
+        return None
 
     # -- the lease -------------------------------------------------------------------------
 
@@ -696,8 +734,28 @@ class NodeCore:
                 self._end_campaign("no majority of votes")
             return
         why = self._campaign_reason()
-        if why is not None:
-            self._start_campaign(why)
+        if why is None:
+            if self.precampaign:
+                self.precampaign = 0  # the reason went away (the primary is back)
+            return
+        if self._handover_from_primary() == self.cfg.me:
+            self.precampaign = 0
+            self._start_campaign(why)  # the primary's own vote: no pre-vote needed
+            return
+        if not self.precampaign:
+            self.precampaign = self._seen_epoch() + 1
+            self.precampaign_since = self.now
+            self.next_beat = self.now
+            self._log("info", "precampaign", epoch=self.precampaign, why=why)
+            return
+        yes = 1 + sum(1 for v in self.peers.values() if v.body is not None
+                      and self._fresh_of(v) and self.cfg.me in v.body.prevotes)
+        if yes >= self.cfg.majority:
+            self.precampaign = 0
+            self._start_campaign(f"{why}; a majority would vote for it")
+        elif self.now - self.precampaign_since > CAMPAIGN_TIMEOUT_FACTOR * self.cfg.timeout:
+            self.precampaign = 0
+            self._end_campaign("no majority would vote for it")
 
     def _why_elected(self) -> str:
         h = self._handover_from_primary()

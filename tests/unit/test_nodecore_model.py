@@ -214,8 +214,9 @@ def test_the_model_catches_a_core_that_forgets_outdated_marks(monkeypatch: pytes
     acknowledged writes (the sync-mode loss of the issue)."""
     orig = nodecore.NodeCore._vote_refusal
 
-    def forgetful(self: NodeCore, cand: str, b: nodecore.BeatBody) -> str | None:
-        why = orig(self, cand, b)
+    def forgetful(self: NodeCore, cand: str, b: nodecore.BeatBody,
+                  epoch: int | None = None) -> str | None:
+        why = orig(self, cand, b, epoch)
         return None if why is not None and "outdated" in why else why
 
     monkeypatch.setattr(nodecore.NodeCore, "_vote_refusal", forgetful)
