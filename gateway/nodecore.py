@@ -62,6 +62,7 @@ SENT_WINDOW: Final = 128  # beats whose send time is kept (echoes older than thi
 PROMOTE_RETRY_AFTER: Final = 10.0  # after a promotion that *failed* (an I/O error)
 REJOIN_RETRY_AFTER: Final = 2.0
 CAMPAIGN_TIMEOUT_FACTOR: Final = 2.0  # a campaign without a majority ends after this x timeout
+ECHO_AT_ONCE_EVERY: Final = 0.2  # x interval: how often a supporter may answer out of turn
 
 MAIN_SITE: Final = ("primary", "secondary")
 # A node in one of these states is on its way to serving: not a reason to campaign.
@@ -241,7 +242,7 @@ class PeerView:
 class NodeCore:
     """All failover state of one node; ``step(event)`` -> ``Ready``."""
 
-    def __init__(self, cfg: CoreConfig, hard: HardState, now: float, boot: bytes,
+    def __init__(self, cfg: CoreConfig, hard: HardState, now: float, boot: bytes,  # noqa: PLR0915
                  split_brain: bool = False) -> None:
         self.cfg = cfg
         self.hard = hard
@@ -252,6 +253,7 @@ class NodeCore:
         self.seq = 0
         self.sent: dict[int, float] = {}
         self.next_beat = now
+        self.last_sent = -math.inf
         self.lease_until = -math.inf
         self.lease_since: float | None = None  # a valid lease continuously since
         self.consistent = hard.role == "primary"
@@ -404,9 +406,14 @@ class NodeCore:
 
     def _send_beat(self) -> None:
         self.seq += 1
+        self.last_sent = self.now
         self.sent[self.seq] = self.now
         self.sent.pop(self.seq - SENT_WINDOW, None)
-        self.next_beat = self.now + self.cfg.interval
+        # The primary beats twice as often, and supporters answer its beats at once: its
+        # lease is anchored at beats of its that came back, so a blip of up to half the
+        # timeout passes without fencing, and a cut-off primary still stops in time.
+        self.next_beat = self.now + self.cfg.interval * (
+            0.5 if self.state is State.PRIMARY else 1.0)
         h = self.hard
         echo = {p: Echo(v.boot, v.seq, max(0.0, round(self.now - v.seq_at, 6)), v.seq_fresh)
                 for p, v in self.peers.items() if v.seq}
@@ -455,6 +462,11 @@ class NodeCore:
         v.fresh_at = ev.now
         if ev.body.serving:
             v.serving_at = ev.now
+            if ev.node == self.hard.primary and self.now - self.last_sent \
+                    >= ECHO_AT_ONCE_EVERY * self.cfg.interval:
+                # Answer the primary at once: its lease is anchored at the beats of its
+                # that come back, so the sooner they do, the longer a blip it survives.
+                self.next_beat = self.now
         v.body = ev.body
         self._learn(ev.node, ev.body)
 
