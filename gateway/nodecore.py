@@ -607,14 +607,12 @@ class NodeCore:
         v = self.peers.get(node)
         b = v.body if v is not None else None
         # A node that campaigns may yet win; one that voted past its epoch and is not
-        # campaigning (nor promoting) gave that epoch up; one this node voted for that
-        # never campaigned for that epoch (it restarted, say) cannot win it either.
+        # campaigning (nor promoting) gave that epoch up.  (Not "it has not campaigned
+        # yet for the epoch this node voted it": it may be about to, with that vote.)
         if b is None or b.campaign or b.serving or b.state in (State.PRIMARY.value,
                                                                *BUSY_STATES):
             return False
-        h = self.hard
-        never_ran = h.vote_for == node and h.vote_epoch > max(b.vote_epoch, b.epoch)
-        return b.vote_epoch > b.epoch or never_ran
+        return b.vote_epoch > b.epoch
 
     def _resigned_for(self, cand: str, epoch: int) -> bool:
         """The node this node backs voted for ``cand`` on the epoch it campaigns for: it
