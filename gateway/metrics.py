@@ -128,7 +128,21 @@ class NodeCollector(Collector):
         rtt = GaugeMetricFamily("nbdgw_heartbeat_rtt_seconds", "Round-trip time of the "
                                 "heartbeats to the peer (its echo of this node's latest "
                                 "sequence number)", labels=["peer"])
+        rejected = CounterMetricFamily("nbdgw_heartbeats_rejected", "Heartbeats refused "
+                                       "since the daemon started, by reason (replay, address, "
+                                       "unknown_peer, mac, magic, size, malformed, version)",
+                                       labels=["reason"])
+        lease = GaugeMetricFamily("nbdgw_write_lease_seconds", "Seconds left on this node's "
+                                  "write lease (0 when it does not serve)", labels=["node"])
+        outdated = GaugeMetricFamily("nbdgw_peer_outdated", "1 when a peer is marked "
+                                     "outdated (it lacks acknowledged writes and cannot be "
+                                     "elected until it caught up)", labels=["peer"])
         if fo is not None:
+            for reason, n in sorted((fo.get("beats_rejected") or {}).items()):
+                rejected.add_metric([reason], float(n))
+            lease.add_metric([node], float(fo.get("lease_s") or 0.0))
+            for p in fo.get("outdated") or []:
+                outdated.add_metric([p], 1.0)
             epoch.add_metric([node], float(fo["epoch"]))
             for p, v in sorted(fo["peers"].items()):
                 heard.add_metric([p], float(v["heard_s_ago"]) + float(fo["age_s"]))
@@ -139,6 +153,9 @@ class NodeCollector(Collector):
                 trans.add_metric([old, new], float(n))
         yield epoch
         yield trans
+        yield rejected
+        yield lease
+        yield outdated
         yield heard
         yield rtt
 

@@ -258,7 +258,14 @@ def failover_report(data_dir: Path, now: float) -> dict[str, Any] | None:
         return None
     return {"state": st["state"], "epoch": st["epoch"], "primary": st["primary"],
             "auto": st["auto"], "age_s": round(max(0.0, now - float(st["updated"])), 1),
-            "peers": st.get("peers", {})}
+            "peers": st.get("peers", {}),
+            # The node core's view (gateway/nodecore.py): its last vote, the write lease
+            # left, sync peers marked outdated (they cannot be elected until caught up),
+            # heartbeats refused by reason.
+            "vote": st.get("vote"), "lease_s": st.get("lease_s"),
+            "outdated": st.get("outdated", []), "degraded": st.get("degraded", []),
+            "campaign": st.get("campaign"), "quorum_exempt": st.get("quorum_exempt", False),
+            "beats_rejected": st.get("beats_rejected", {})}
 
 
 def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,

@@ -67,6 +67,15 @@ def _header(report: dict[str, Any]) -> Text:
     heard = ", ".join(f"{p} {v['heard_s_ago']} s" for p, v in sorted(fo["peers"].items()))
     if heard:
         t.append(f"  heard: {heard}", style="dim")
+    if fo.get("lease_s"):
+        t.append(f"  lease {fo['lease_s']:.1f} s", style="dim")
+    if fo.get("outdated"):
+        t.append(f"  outdated: {', '.join(fo['outdated'])} (not promotable until caught up)",
+                 style="yellow")
+    rejected = {k: v for k, v in (fo.get("beats_rejected") or {}).items() if v}
+    if rejected:
+        t.append("  beats refused: " + ", ".join(f"{k} {v}" for k, v in
+                                                  sorted(rejected.items())), style="yellow")
     return t
 
 
