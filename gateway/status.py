@@ -10,6 +10,9 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
      "role": {"configured": str, "effective": str, "epoch": int},
      "failover": null | {"state": "primary"|"standby"|"witness"|"fenced"|"stale"|...,
                          "epoch", "primary", "auto", "age_s", "peers",
+                         "vote": null | {"epoch", "for"}, "lease_s": float,
+                         "outdated": [node], "degraded": [node], "campaign": int|null,
+                         "quorum_exempt": bool, "beats_rejected": {reason: int},
                          "quorum": {"sites": int, "heard": int, "majority": bool}},
      "volumes": [
       {"name", "size", "role": "primary"|"replica", "in_use", "clean", "inconsistent",

@@ -36,6 +36,9 @@ SCHEMA = {"version": int, "node": str, "data_dir": str, "split_brain": (type(Non
           "role": {"configured": str, "effective": str, "epoch": int},
           "failover": {"state": str, "epoch": int, "primary": OPT_STR, "auto": bool,
                        "age_s": (int, float), "peers": dict,
+                       "vote": (type(None), {"epoch": int, "for": OPT_STR}),
+                       "lease_s": (int, float), "outdated": [str], "degraded": [str],
+                       "campaign": OPT_INT, "quorum_exempt": bool, "beats_rejected": dict,
                        "quorum": {"sites": int, "heard": int, "majority": bool}},
           "volumes": [VOLUME]}
 
