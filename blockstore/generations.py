@@ -1,4 +1,4 @@
-"""Generation histories (contract 5, after DRBD's generation identifiers).
+"""Generation histories (DESIGN.md §5, after DRBD's generation identifiers).
 
 Every promotion starts a new generation: a random 64-bit id, the local journal seq it
 begins at, and the failover epoch it was created at (an integer that rises with every

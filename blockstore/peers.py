@@ -1,4 +1,4 @@
-"""Per-peer release bookkeeping of a primary volume (contract 4): who acked what, and
+"""Per-peer release bookkeeping of a primary volume (DESIGN.md §4): who acked what, and
 the extents each lagging peer must be resynced.
 
 Two writers, never of the same file: a peer's sender writes ``peers/<peer>.json`` (its
@@ -163,7 +163,7 @@ def set_adopt(info: VolumeInfo, node: str) -> None:
     write_json(path, {**rec, ADOPT_KEY: node})
 
 
-# -- refusals a link end could not get past (contract 5), for status -------------------------
+# -- refusals a link end could not get past (DESIGN.md §5), for status -------------------------
 # peers/<peer>.refused.json, written by the end (sender or receiver) that refused or was
 # refused at the handshake for a reason a retry cannot cure (a stale copy, a split
 # brain), deleted by the next handshake with that peer that succeeds.

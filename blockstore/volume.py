@@ -12,7 +12,7 @@ Layout under ``<data_dir>/volumes/<name>/``::
                   <peer>.dirty-*.json (extents that peer must be resynced; see DirtySet)
     lock          flock()ed by the one process that has the volume open
 
-Write path (contract 1): activate the extent in the activity log if it is cold, write
+Write path (DESIGN.md §1): activate the extent in the activity log if it is cold, write
 the store, then append the record to the journal.  (Store first: a store write that fails,
 say ENOSPC, leaves nothing in the journal, so a journal tailer never ships a change that
 did not happen; a journal append that fails after the store took the change marks its
@@ -544,7 +544,7 @@ class Volume:
         hot = self.al.extents()
         self.add_resync(hot, reason="unclean shutdown")
         if hot:
-            # Every known peer gets them too (contract 2): written before the MARK below
+            # Every known peer gets them too (DESIGN.md §2): written before the MARK below
             # makes the recovery visible, so a crash in between only repeats this.
             for peer in known_peers(self.info):
                 write_dirty(self.info, peer, reason=DIRTY_HOT, from_seq=0,
@@ -1153,7 +1153,7 @@ def checksum_path(path: Path, size: int) -> str:
 
 
 def promote_volume(data_dir: Path, name: str, epoch: int | None = None) -> Generation:
-    """Make replica ``name`` a primary volume that starts a new generation (contract 5),
+    """Make replica ``name`` a primary volume that starts a new generation (DESIGN.md §5),
     recorded at failover epoch ``epoch`` (the epoch this node is promoted to).
 
     The caller has stopped its receiver (the volume lock is free): the last complete
@@ -1224,7 +1224,7 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
                   adopt: bool = False,
                   changed: Callable[[VolumeInfo], tuple[int, list[int]] | None] | None = None
                   ) -> str | None:
-    """Make primary volume ``name`` a replica of ``new_primary`` (contract 5): this node was
+    """Make primary volume ``name`` a replica of ``new_primary`` (DESIGN.md §5): this node was
     primary, another node now serves a newer generation.  Writes this node took that may not
     have reached ``new_primary`` (records it never acknowledged, dirty sets, hot extents of
     an unclean stop) are preserved as snapshot ``diverged-<generation>`` first, when
@@ -1254,7 +1254,7 @@ def demote_volume(data_dir: Path, name: str, new_primary: str, preserve: bool = 
             snap_name = diverged_name(history.current.gen_id)
             if vol.snaps is None or snap_name not in vol.snaps.index.by_name:
                 vol.snapshot_create(snap_name)
-            # What of it the new primary lacks, for status and metrics (contract 5): the
+            # What of it the new primary lacks, for status and metrics (DESIGN.md §5): the
             # records after its ack.  Before the peer files go below.
             record_diverged(vol.info, lost_writes(
                 vol.info, snapshot=snap_name, new_primary=new_primary,

@@ -109,7 +109,7 @@ class VolumeConfig:
 
 
 class Role(enum.Enum):
-    """A site's role (contract 9: the default role of the node's volumes)."""
+    """A site's role (the default role of the node's volumes)."""
 
     PRIMARY = "primary"
     SECONDARY = "secondary"

@@ -1,4 +1,4 @@
-"""The failover transition table (contract 6): states, events, actions.  Pure data.
+"""The failover transition table (DESIGN.md §6): states, events, actions.  Pure data.
 
 This table is the single source of truth for how a node's failover state moves;
 ``gateway/nodecore.py`` decides *which* event the heartbeats, requests and local facts

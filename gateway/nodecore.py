@@ -1,4 +1,4 @@
-"""The node core: every piece of failover state of one node, pure (contract 6).
+"""The node core: every piece of failover state of one node, pure (DESIGN.md §6).
 
 Events in (``Tick``, ``BeatIn``, ``Facts``, requests, the results of slow actions), a
 ``Ready`` out: the actions to perform in order, the hard state to persist *before* any

@@ -1,4 +1,4 @@
-"""Rejoin and split brain (contract 5): what a former primary holds that the new primary
+"""Rejoin and split brain (DESIGN.md §5): what a former primary holds that the new primary
 lacks, and the record a split brain leaves for the operator.
 
 A primary that learns of a newer primary becomes STALE.  If it was fenced or down when

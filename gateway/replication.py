@@ -3,7 +3,7 @@
 One process (asyncio + uvloop) per node runs every replication link the config asks for:
 
 - a ``ReceiverServer`` on ``peerlink.listen`` for the node's replica volumes (any role:
-  contract 9 lets one node hold replicas of several primaries' volumes);
+  one node may hold replicas of several primaries' volumes);
 - one ``Sender`` per (volume, peer) for the peers ``NodeConfig.send_to()`` names: the
   primary's own volumes, and with ``topology: cascade`` the secondary's replicas to DR;
 - the control socket, ``<data_dir>/run/peerlink.sock`` (`nbdgw verify` asks it to

@@ -38,7 +38,7 @@ Fields are only ever added within a version (scripts must ignore unknown keys); 
 change of meaning or a removal bumps ``version``.  ``clients.nbd`` counts open NBD
 connections (the iSCSI bridge's FUSE mount included) and is null when no
 nbdkit serves here; ``clients.iscsi`` counts iSCSI sessions, null without a running
-bridge.  ``generation`` is the volume's current generation (contract 5; ``count``: how
+bridge.  ``generation`` is the volume's current generation (DESIGN.md §5; ``count``: how
 many its history holds).  ``data_loss_window`` is what this node's death would lose
 for that peer now: nothing for a sync peer that is not degraded (a write is
 acknowledged durable only once the peer has it), else the lag.  ``quorum`` counts this

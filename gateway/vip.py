@@ -1,4 +1,4 @@
-"""The service address (contract 6 and 10): within one subnet, a virtual IP that the
+"""The service address (DESIGN.md §6 and 10): within one subnet, a virtual IP that the
 primary holds, moved with gratuitous ARP.  ``ServiceAddress`` is the promotion step's
 address hook; a DNS-update implementation (RFC 2136) for routed sites plugs in beside it
 with the same ``take()``/``release()``.

@@ -1,4 +1,4 @@
-"""The primary's write lease: until when nbdkit may take writes (contract 6).
+"""The primary's write lease: until when nbdkit may take writes (DESIGN.md §6).
 
 One 16-byte file, ``<data_dir>/run/write.lease``: the expiry as CLOCK_MONOTONIC
 nanoseconds (u64, little-endian) followed by its bitwise complement, so that a reader

@@ -6,7 +6,7 @@ every seq it took.  Inside a batch, a WRITE/TRIM/ZERO that a later one overwrite
 dropped, or trimmed to the head and tail the later one leaves (splitting it when the
 later one lands in its middle).  The batch, applied as a unit, therefore leaves exactly
 the bytes that applying every record in order would; reordering across batches never
-happens (contract 3).  MARK records are kept as they are and act as barriers: nothing
+happens (DESIGN.md §3).  MARK records are kept as they are and act as barriers: nothing
 is coalesced across one, so the replica passes through the same state at each MARK
 (snapshots, recovery markers) as the primary did.
 

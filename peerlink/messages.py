@@ -476,7 +476,7 @@ def check_hello(local: Hello, remote: Hello) -> Refuse | None:
 
     Checks identity only (version, names, volume uuid and size, two primaries).  Which
     side is the sync source, and from where, is decided from the generation histories
-    (contract 5) by the caller once this passes.
+    (DESIGN.md §5) by the caller once this passes.
     """
     v = local.volume
     if remote.proto_version != local.proto_version:

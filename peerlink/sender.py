@@ -27,7 +27,7 @@ after the last read, then batches from S0 + 1.  Batches re-apply what the extent
 may already have seen, which converges; the replica is Inconsistent until it has applied
 through S1.  Which extents:
 
-- *dirty* (contract 4 and 2): the peer's dirty sets (``peers/<peer>.dirty-*.json``,
+- *dirty* (DESIGN.md §4 and 2): the peer's dirty sets (``peers/<peer>.dirty-*.json``,
   written by the volume when it released records the peer had not acked, and by recovery
   with the hot extents of an unclean restart) plus the extents touched by the retained
   records after the replica's seq (they are skipped, not streamed: replaying records older
@@ -35,7 +35,7 @@ through S1.  Which extents:
   journal was released past the replica, they account for every released record.
 - *full*: every extent, when the released records are not all accounted for (a new
   replica, a peer unknown when they were released, a replica older than its sender's ack).
-- *compare* (contract 5): the peer follows an older generation than this node (the
+- *compare* (DESIGN.md §5): the peer follows an older generation than this node (the
   primary before a failover or a switchover, or a replica of it).  Its seq numbers belong
   to another node's journal and mean nothing here, and it may hold writes this node never
   had.  Both stores are compared by digest (``Verify`` requests before ``ResyncExtents``,
@@ -675,7 +675,7 @@ class Sender:
         return before, digests, after
 
     async def verify(self, resync: bool = True) -> dict[str, Any]:
-        """Compare per-extent digests with the replica while writes go on (contract: no
+        """Compare per-extent digests with the replica while writes go on (DESIGN.md §3: no
         silent divergence).  An extent written while it was being compared (a journal
         record between this side's reading and the replica's) proves nothing and is
         compared again, up to VERIFY_ROUNDS times.  Differing extents are written as a

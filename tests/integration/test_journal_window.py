@@ -1,4 +1,4 @@
-"""kill -9 inside the parallel append's window (contract 2): the journal's writer thread
+"""kill -9 inside the parallel append's window (DESIGN.md §2): the journal's writer thread
 has written a large write's payload, its header is not written yet, the store write
 runs on the request thread.  A real process (a Volume in a child python) dies by SIGKILL
 at that instant; the reopened volume keeps every write that returned, cuts the torn

@@ -1,7 +1,7 @@
 """Peerlink end to end: real `nbdgw serve` primary, real `python -m peerlink` sender and
 receiver processes on loopback, libnbd writers, kill -9 and a fault-injecting proxy.
 
-Every test ends with the contract-3 outcome compared bit for bit: once the sender's
+Every test ends with the DESIGN.md §3 outcome compared bit for bit: once the sender's
 persisted ack reaches the primary's last journal seq, `nbdgw volume checksum` is the same
 on both sides.  The prefix test checks the stronger property at every kill: the replica
 holds exactly the state after some prefix of the primary's write sequence.

@@ -1,4 +1,4 @@
-"""Contract 4's buffer bound and contract 2's hot-extent resync, with real processes:
+"""Contract 4's buffer bound and DESIGN.md §2's hot-extent resync, with real processes:
 `nbdgw serve` primary, `python -m peerlink` sender and receiver on loopback, libnbd.
 
 1. The receiver is away while far more than the journal cap is written: the primary keeps

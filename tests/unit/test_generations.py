@@ -1,4 +1,4 @@
-"""Generations (contract 5) on real volume files: relation of histories (every pair of
+"""Generations (DESIGN.md §5) on real volume files: relation of histories (every pair of
 small histories against an independent oracle), the file's migration, promotion of a
 replica, demotion of a former primary (its unshipped writes kept as a snapshot and
 counted, the volume Inconsistent until resynced), and the split-brain bookkeeping of

@@ -3,7 +3,7 @@ contiguous prefixes of the write sequence, MARKs are barriers, and the bounds ho
 
 The model is a bytearray volume: applying each journal record in order must give the same
 bytes as applying the built batches, and after every batch (and at every MARK inside one)
-the image must equal the records applied up to that seq (contract 3: a prefix).
+the image must equal the records applied up to that seq (DESIGN.md §3: a prefix).
 """
 
 from __future__ import annotations

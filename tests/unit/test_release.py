@@ -1,4 +1,4 @@
-"""Journal release that follows the peers, and per-peer dirty sets (contract 4), without
+"""Journal release that follows the peers, and per-peer dirty sets (DESIGN.md §4), without
 nbdkit: a Volume with tiny segments, peers/<peer>.json files written as a sender would."""
 
 from __future__ import annotations

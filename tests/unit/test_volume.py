@@ -640,7 +640,7 @@ def test_crash_then_smaller_activity_log_still_resyncs_every_hot_extent(
 
 
 def test_journal_stays_bounded_and_redo_still_works(dd: Path, v1: Path) -> None:
-    """journal_max_bytes bounds the retained segments (contract 4), yet never releases a
+    """journal_max_bytes bounds the retained segments (DESIGN.md §4), yet never releases a
     record that redo after a crash still needs."""
     seg = 64 * 1024
     vol = Volume.open(dd, "v1", segment_bytes=seg, journal_max_bytes=2 * seg)
