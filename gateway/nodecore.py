@@ -638,12 +638,12 @@ class NodeCore:
         v = self.peers.get(p) if p is not None else None
         if v is None or v.body is None or v.body.epoch != self.hard.epoch:
             return None
-        if self._backed() not in (p, self.cfg.me) or self.hard.vote_epoch > self.hard.epoch:
-            # This node voted past that primary's epoch since: its word no longer binds.
-            # (A candidate's own earlier vote for itself does not count against it.)
-            if not (self.hard.vote_for == self.cfg.me and self.hard.vote_epoch
-                    == self.hard.epoch + 1):
-                return None
+        h = self.hard
+        # A node that voted past that primary's epoch since is no longer bound by its
+        # word (a candidate's own vote for itself on the next epoch does not count).
+        own = h.vote_for == self.cfg.me and h.vote_epoch == h.epoch + 1
+        if (self._backed() not in (p, self.cfg.me) or h.vote_epoch > h.epoch) and not own:
+            return None
         b = v.body
         if b.handover_to is not None:
             return b.handover_to
