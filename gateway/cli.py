@@ -825,6 +825,33 @@ def iscsi_down(obj: Ctx) -> None:
     click.echo("nbdgw: iscsi bridge stopped")
 
 
+@cli.command("events")
+@data_dir_opt
+@click.option("--now", "now_only", is_flag=True,
+              help="print the current state and exit (do not follow)")
+@click.option("--timeout", type=float, default=None,
+              help="stop following after this many seconds (default: never)")
+@click.pass_obj
+def events_cmd(obj: Ctx, data_dir: Path | None, now_only: bool, timeout: float | None) -> None:
+    """A stream of JSON lines, one per change (role, epoch, peer states, resync progress,
+    split brain, snapshots, health), starting with the current state."""
+    from . import events as ev
+
+    d = obj.data_dir(data_dir)
+    if not (d / "volumes").is_dir():
+        _fail(f"{d} holds no nbdgw volumes (wrong --data-dir?)")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `nbdgw events | head` ends quietly
+    following = ev.follow(d / "run", stop_after=timeout)  # opened first: nothing missed
+    for e in ev.exists(ev.node_summary(d)):
+        click.echo(json.dumps(e))
+    if now_only:
+        return
+    sys.stdout.flush()
+    for e in following:
+        click.echo(json.dumps(e))
+        sys.stdout.flush()
+
+
 @cli.command()
 @click.option("--product-only", is_flag=True,
               help="only what a node needs (not the tests and benchmarks)")
