@@ -512,7 +512,7 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         # lab's mode (whichever is primary ships sync to the other); DR never is.
         "peers": [{"name": n["name"], "role": n["role"], "address": n["address"],
                    "port": PEER_PORT,
-                   "mode": s.get("mode", "async") if MAIN_SITE >= {n["role"], node["role"]}
+                   "mode": s.get("mode", "async") if {n["role"], node["role"]} <= MAIN_SITE
                    else "async"}
                   for n in s["nodes"] if n["name"] != node["name"]],
         "volumes": [{"name": VOLUME, "size": s["size"]}],
