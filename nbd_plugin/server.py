@@ -58,11 +58,14 @@ class Params:
     all_readonly: bool = False
     sync_socket: Path | None = None
     sync_timeout: float = 5.0
+    sync_auto_degrade: bool = True  # no failover core: complete locally if peerlink is gone
+    sync_peers: tuple[str, ...] = ()  # the sync peers (to read their outdating)
     lease: Path | None = None
     lease_timeout: float = 2.0
 
     KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
-            "all_readonly", "sync_socket", "sync_timeout", "lease", "lease_timeout")
+            "all_readonly", "sync_socket", "sync_timeout", "sync_auto_degrade", "sync_peers",
+            "lease", "lease_timeout")
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -94,14 +97,20 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _boolean(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
 _SCALARS: dict[str, Callable[[str], object]] = {
     "data_dir": Path,
     "al_slots": _positive_int,
     "journal_max_bytes": parse_size,
     "segment_bytes": parse_size,
-    "all_readonly": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "all_readonly": _boolean,
     "sync_socket": Path,
     "sync_timeout": _positive_float,
+    "sync_auto_degrade": _boolean,
+    "sync_peers": lambda v: tuple(validate_name(p) for p in v.split(",") if p),
     "lease": Path,
     "lease_timeout": _positive_float,
 }
@@ -144,7 +153,8 @@ class Lease:
 class Handle:
     """One client connection: the shared volume (or a snapshot of it, ``VOLUME@SNAP``,
     always read-only), this connection's read-only bit, the sync gate (None without
-    synchronous peers), and its export's I/O counters (set by the plugin's open)."""
+    synchronous peers: then nothing ever waits), and its export's I/O counters (set by
+    the plugin's open)."""
 
     __slots__ = ("gate", "io", "lease", "readonly", "vol")
 
@@ -161,10 +171,12 @@ class Handle:
         if self.lease is not None:
             self.lease.check()
 
-    def durable(self) -> None:
-        """After local durability (FLUSH, FUA): wait for the synchronous peers."""
+    def replicated(self, seq: int) -> None:
+        """After a write (``seq``: its journal record) or a FLUSH (``seq``: the journal's
+        end when it was durable locally), outside the server lock: wait until every
+        synchronous peer that holds waiters has the journal through ``seq`` durably."""
         if self.gate is not None:
-            self.gate.wait(self.vol.name, self.vol.last_seq)
+            self.gate.wait(self.vol.name, seq)
 
 
 class Server:
@@ -175,13 +187,18 @@ class Server:
             raise PluginError("missing required parameter data_dir")
         self.params = params
         self.volumes: dict[str, Volume] = {}
-        # Taken by every data callback and by the snapshot control path (another
-        # thread): nbdkit serialises requests, this serialises the two.
+        # Taken by every data callback around its volume operation (never across a
+        # wait for the sync peers), by the FUSE workers and by the snapshot control path
+        # (other threads).  Without a sync gate nbdkit serialises requests; with one
+        # they run in parallel and this lock serialises their volume operations.
         self.lock = threading.Lock()
         self.snapshot_handles: dict[str, int] = {}  # "VOLUME@SNAP" -> open handles
         self.failed: dict[str, str] = {}
-        self.gate = (SyncGate(params.sync_socket, params.sync_timeout)
-                     if params.sync_socket is not None else None)
+        self.gate = (SyncGate(params.sync_socket, params.sync_timeout,
+                              auto_degrade=params.sync_auto_degrade,
+                              peers=params.sync_peers, data_dir=params.data_dir)
+                     if params.sync_socket is not None and not params.all_readonly
+                     else None)
         self.lease = (Lease(params.lease, params.lease_timeout)
                       if params.lease is not None else None)
         # Replicas are written by peerlink only; serving them needs a promotion first.
