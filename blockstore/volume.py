@@ -651,13 +651,16 @@ class Volume:
         """
         return self.apply_batches([(first_seq, last_seq, records, meta)])
 
-    def apply_batches(self, batches: list[UpstreamBatch]) -> int:
+    def apply_batches(self, batches: list[UpstreamBatch],
+                      committed: Callable[[int], None] | None = None) -> int:
         """Replica: apply consecutive upstream batches (first_seq, last_seq, records,
         meta), each as ``apply_batch`` does (its records and its own commit MARK), with
         one fdatasync for all of them (group commit: batches that queued up while the
         previous fdatasync ran cost one more, not one each).  A crash before that
         fdatasync leaves a prefix of whole batches at most (redo stops at the last commit
-        MARK that made it); none of them was acknowledged.  Returns the last seq."""
+        MARK that made it); none of them was acknowledged.  Returns the last seq;
+        ``committed(last seq)`` is called as soon as they are committed, before the store
+        is written (the receiver acknowledges them then)."""
         if not self.replica:
             raise InvalidArgument(f"volume {self.name} is not a replica")
         applied = self.upstream_seq
@@ -690,6 +693,8 @@ class Volume:
             self.journal.truncate_after(before)
             raise
         self.upstream_seq = applied
+        if committed is not None:
+            committed(applied)
         try:
             for (start, commit), (_f, _l, records, _m) in zip(commits, batches, strict=True):
                 self._store_records(start, records)

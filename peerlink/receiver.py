@@ -5,10 +5,12 @@ PROTOCOL.md runs (Hello both ways, ``check_hello``, HelloOk with HMAC proofs whe
 secret is configured; this side proves itself only after the sender did).  Then each
 ``Batch`` is checked (``check_batch``: the next seq exactly, inside the volume) and handed
 to one applier task, which runs ``Volume.apply_batches`` on a single worker thread (it ends
-in an fdatasync) strictly in order and then acknowledges the durable seq.  Batches that
-queued up while the previous fdatasync ran are applied together, each with its own commit
-MARK but with one fdatasync and one Ack for all (group commit: a sync sender ships each
-write at once, and its waiters are released by that one Ack).
+in an fdatasync) strictly in order and acknowledges the durable seq as soon as that
+fdatasync returned (from the apply thread, before the store is written: the batch is
+committed).  Batches that queued up while the previous fdatasync ran are applied
+together, each with its own commit MARK but with one fdatasync and one Ack for all (group
+commit: a sync sender ships each write at once, and its waiters are released by that one
+Ack).
 
 Invariants:
 - One volume, one applier thread: batches are applied in stream order, never two at once.
@@ -159,6 +161,7 @@ class _Session:
     applied_batches: int = 0
     applied_bytes: int = 0
     history: History | None = None  # the sender's: adopted at bind and when a resync ends
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
 class Receiver:
@@ -545,8 +548,8 @@ class Receiver:
         """Apply one queued item (or a group of Batches) on the apply thread; return the
         seq to Ack (if any) and whether the replica just became Consistent."""
         if isinstance(item, list):
-            durable = self._apply(item, s.node)
-            return durable, self._maybe_consistent()
+            self._apply(item, s)  # acknowledged as soon as committed
+            return None, self._maybe_consistent()
         if isinstance(item, ResyncExtents):
             self._resync_begin(item, s.resume_from)
         elif isinstance(item, ExtentData):
@@ -586,12 +589,22 @@ class Receiver:
         up = str(self.upstream["upstream_uuid"]) if self.upstream is not None else None
         return load_history(self.vol.info.path, self.vol.info.uuid, up)
 
-    def _apply(self, batches: list[Batch], source: str) -> int:
+    def _apply(self, batches: list[Batch], s: _Session) -> int:
+        """Apply a group of Batches (apply thread); Ack it once it is committed."""
         gen = self._gen_cache if self._gen_cache is not None else self._history().current
         self._gen_cache = gen
-        meta = {"source": source, "gen": gen.gen_id}
+        meta = {"source": s.node, "gen": gen.gen_id}
+        loop = s.loop
+
+        def committed(seq: int) -> None:
+            loop.call_soon_threadsafe(self._ack, s, seq)
+
         return self.vol.apply_batches([(b.first_seq, b.last_seq, list(b.records), meta)
-                                       for b in batches])
+                                       for b in batches], committed)
+
+    def _ack(self, s: _Session, seq: int) -> None:
+        with contextlib.suppress(LinkClosed):
+            s.link.send(Ack(self.name, seq))
 
     @staticmethod
     def _group(s: _Session, first: Batch) -> tuple[list[Batch], _Work | None, bool]:
@@ -660,12 +673,12 @@ class Receiver:
                     s.link.send(Ack(self.name, durable))
 
     async def _apply_group(self, s: _Session, clog: Any, group: list[Batch]) -> None:
-        """Apply queued batches with one fdatasync, then one Ack for the last of them."""
+        """Apply queued batches with one fdatasync and one Ack for the last of them (sent
+        by ``_apply`` once they are committed)."""
         loop = asyncio.get_running_loop()
         n = sum(payload_bytes(b.records) for b in group)
         try:
-            durable, consistent = await loop.run_in_executor(self.executor, self._work,
-                                                             group, s)
+            _, consistent = await loop.run_in_executor(self.executor, self._work, group, s)
         except Exception as e:
             self.fatal = e
             self.failed.set()
@@ -677,12 +690,9 @@ class Receiver:
         s.space.set()
         s.applied_bytes += n
         s.applied_batches += len(group)
-        assert durable is not None
         if consistent:
             clog.info("replica_consistent", reason="resync complete",
                       upstream_seq=self.vol.upstream_seq)
-        with contextlib.suppress(LinkClosed):
-            s.link.send(Ack(self.name, durable))
 
 
 class ReceiverServer:
