@@ -9,12 +9,10 @@ and ship at once); peerlink answers, whenever the durable point moves past what 
 said, ``{"op": "durable", "volume": V, "through": T, "degraded": [peer...]}``.
 
 Requests wait *together*, never one behind another: nbdkit runs them in parallel when a
-gate is configured (plugin.py ``thread_model``) and they wait on one condition; whichever
-waiter finds nobody reading the socket reads it (leader/follower: no extra thread, no
-extra wake-up at queue depth 1) and wakes the others.  One ``through`` line releases
-every waiter it covers.  Group commit: while a volume has a ``written`` line unanswered,
-later writes send none; the next line names the highest seq waited for, so each round
-trip to the sync peers carries every write made during the previous one.
+gate is configured (plugin.py ``thread_model``), each sends its seq (only if above what
+was sent already) and waits on one condition; whichever waiter finds nobody reading the
+socket reads it (leader/follower: no extra thread, no extra wake-up at queue depth 1) and
+wakes the others.  One ``through`` line releases every waiter it covers.
 
 A stalled peer keeps waiters waiting (peerlink decides when one may be degraded), so a
 request may wait long; nothing here times it out.  If peerlink itself cannot be reached
@@ -64,7 +62,6 @@ class SyncGate:
         self.reading = False
         self.durable: dict[str, int] = {}  # volume -> seq durable on every holding peer
         self.sent: dict[str, int] = {}  # volume -> highest seq sent on this connection
-        self.wanted: dict[str, int] = {}  # volume -> highest seq a request waits for
         self.down_since: float | None = None
         self.outdated_checked = 0.0
         self.degraded: frozenset[str] = frozenset()
@@ -95,11 +92,9 @@ class SyncGate:
             sock.close()
         self.cond.notify_all()
 
-    def _tell(self, volume: str) -> None:
-        """Send the highest seq waited for on ``volume``, unless a line is unanswered."""
+    def _tell(self, volume: str, seq: int) -> None:
         sock = self.sock
-        sent, seq = self.sent.get(volume, 0), self.wanted[volume]
-        if sock is None or sent >= seq or sent > self.durable.get(volume, 0):
+        if sock is None or self.sent.get(volume, 0) >= seq:
             return
         try:
             sock.sendall(json.dumps({"op": "written", "volume": volume, "seq": seq}).encode()
@@ -192,8 +187,6 @@ class SyncGate:
         unreachable, module docstring)."""
         with self.cond:
             first_failure: float | None = None
-            if seq > self.wanted.get(volume, 0):
-                self.wanted[volume] = seq
             while self.durable.get(volume, 0) < seq:
                 if self.sock is None and not self._connect():
                     if self.auto_degrade and self.down_since is not None:
@@ -204,7 +197,7 @@ class SyncGate:
                         return False
                     self.cond.wait(RECONNECT_POLL)
                     continue
-                self._tell(volume)
+                self._tell(volume, seq)
                 if self.sock is None:
                     continue
                 if self.reading:

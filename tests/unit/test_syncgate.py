@@ -97,16 +97,17 @@ def test_one_line_releases_every_waiter_it_covers(tmp_path: Path) -> None:
     gate = SyncGate(tmp_path / "gate.sock", 5.0, auto_degrade=False)
     try:
         w = Waiters(gate, "v1", list(range(1, 17)))
-        assert w.returned(0.3) == {}  # nothing durable yet: nobody returned
-        # Group commit: one line goes out; the others wait for its answer.
-        assert len(server.lines) == 1 and len(server.conns) == 1
-        assert server.lines[0]["op"] == "written"
+        deadline = time.monotonic() + 5
+        while not server.lines or max(x["seq"] for x in server.lines) < 16:
+            assert time.monotonic() < deadline, server.lines
+            time.sleep(0.01)
+        assert len(server.conns) == 1  # sixteen waiters, one connection
+        assert {x["op"] for x in server.lines} == {"written"}
+        assert w.returned(0.2) == {}  # nothing durable yet: nobody returned
         server.durable("v1", 10)
         assert w.returned(2.0).keys() >= set(range(1, 11))
         time.sleep(0.2)
         assert set(w.returned()) == set(range(1, 11))  # 11..16 are not covered
-        # ... and the next line names the highest seq still waited for.
-        assert [x["seq"] for x in server.lines[1:]] == [16]
         server.durable("other", 99)  # another volume's point releases none of them
         time.sleep(0.2)
         assert set(w.returned()) == set(range(1, 11))
@@ -114,7 +115,7 @@ def test_one_line_releases_every_waiter_it_covers(tmp_path: Path) -> None:
         assert w.returned(2.0) == dict.fromkeys(range(1, 17), True)
         assert gate.degraded == {"dc"}
         assert gate.wait("v1", 12)  # already durable: no request at all
-        assert len(server.lines) == 2
+        assert max(x["seq"] for x in server.lines) == 16
     finally:
         gate.close()
         server.close()
@@ -244,7 +245,7 @@ def test_acks_release_the_waiters_they_cover_in_groups(make_node: Any) -> None:
     n = make_node()
     w = Waiters(n.gate, "v1", list(range(1, 13)))
     assert w.returned(0.3) == {}
-    assert n.tx().want_seq >= 1 and n.tx("dr").want_seq >= 1  # every sender woken
+    assert n.tx().want_seq == 12 and n.tx("dr").want_seq == 12  # every sender woken
     n.ack(4)
     assert set(w.returned(2.0)) >= {1, 2, 3, 4}
     time.sleep(0.2)
