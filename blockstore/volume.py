@@ -763,9 +763,20 @@ class Volume:
         return self._change(Op.ZERO, flags, offset, length)
 
     def flush(self) -> None:
-        """Make every completed write durable (the journal is the durable copy)."""
-        if self.journal is not None and not self.readonly:
-            self.journal.sync()
+        """Make every completed write durable (the journal is the durable copy); no
+        fdatasync when ``sync_ahead`` already made all of it durable."""
+        j = self.journal
+        if j is not None and not self.readonly and (
+                j.synced_seq < j.last_seq or j.sync_error is not None):
+            j.sync()
+
+    def sync_ahead(self, seq: int) -> None:
+        """Outside the request lock, while a write waits for its sync peers: make the
+        journal durable through ``seq`` now if nothing else is syncing it (Journal.
+        sync_ahead), so that a FLUSH right after costs no fdatasync of its own."""
+        j = self.journal
+        if j is not None and not self.readonly:
+            j.sync_ahead(seq)
 
     def mark(self, body: dict[str, Any]) -> int:
         """Append a control record (msgpack body) to the journal."""

@@ -83,7 +83,7 @@ class VolumeFile:
     def _replicated(self, op: int, nbytes: int, seq: int, t: int) -> None:
         """Outside the lock: wait for the synchronous peers (as an NBD request does),
         then count the request."""
-        self.h.replicated(seq)
+        self.h.replicated(seq, write=op != iostats.FLUSH)
         with self.lock:
             iostats.count(self.h.io[op], nbytes, _clock() - t)
 

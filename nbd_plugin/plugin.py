@@ -194,7 +194,7 @@ def flush(h, flags):
                 _io(h.io[2], 0, _clock() - t)
                 return
             seq = h.vol.last_seq
-        h.replicated(seq)
+        h.replicated(seq, write=False)
     except OSError as e:
         _fail(e)
         raise

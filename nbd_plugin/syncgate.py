@@ -35,6 +35,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -56,11 +57,12 @@ class SyncGate:
         self.auto_degrade = auto_degrade
         self.peers = frozenset(peers)
         self.data_dir = data_dir
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
         self.sock: socket.socket | None = None
         self.buf = b""
         self.reading = False
         self.durable: dict[str, int] = {}  # volume -> seq durable on every holding peer
+        self.waiting: dict[str, int] = {}  # volume -> requests waiting now
         self.sent: dict[str, int] = {}  # volume -> highest seq sent on this connection
         self.down_since: float | None = None
         self.outdated_checked = 0.0
@@ -181,30 +183,51 @@ class SyncGate:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def wait(self, volume: str, seq: int) -> bool:
+    def wait(self, volume: str, seq: int, alone: Callable[[], None] | None = None) -> bool:
         """Return once every holding sync peer has ``volume`` through ``seq`` durably
         (True), or when the request may complete without them (False: peerlink is
-        unreachable, module docstring)."""
+        unreachable, module docstring).  ``alone`` runs once, after the seq was sent and
+        without the lock, if no other request of the volume is waiting (the plugin makes
+        the local journal durable meanwhile: a FLUSH after a lone write is then free)."""
         with self.cond:
-            first_failure: float | None = None
-            while self.durable.get(volume, 0) < seq:
-                if self.sock is None and not self._connect():
-                    if self.auto_degrade and self.down_since is not None:
-                        return False  # down: one quick try per request
-                    if first_failure is None:
-                        first_failure = time.monotonic()
-                    if self._unreachable(first_failure):
-                        return False
-                    self.cond.wait(RECONNECT_POLL)
-                    continue
-                self._tell(volume, seq)
-                if self.sock is None:
-                    continue
-                if self.reading:
-                    self.cond.wait(READ_POLL)
-                else:
-                    self._read()
-            return True
+            if self.durable.get(volume, 0) >= seq:
+                return True
+            self.waiting[volume] = self.waiting.get(volume, 0) + 1
+            try:
+                return self._wait(volume, seq, alone)
+            finally:
+                self.waiting[volume] -= 1
+
+    def _wait(self, volume: str, seq: int, alone: Callable[[], None] | None) -> bool:
+        """wait() with the lock held (once: _read and ``alone`` release it)."""
+        first_failure: float | None = None
+        while self.durable.get(volume, 0) < seq:
+            if self.sock is None and not self._connect():
+                if self.auto_degrade and self.down_since is not None:
+                    return False  # down: one quick try per request
+                if first_failure is None:
+                    first_failure = time.monotonic()
+                if self._unreachable(first_failure):
+                    return False
+                self.cond.wait(RECONNECT_POLL)
+                continue
+            self._tell(volume, seq)
+            if self.sock is None:
+                continue
+            if alone is not None:
+                if self.waiting[volume] == 1:
+                    self.cond.release()
+                    try:
+                        alone()
+                    finally:
+                        self.cond.acquire()
+                alone = None
+                continue
+            if self.reading:
+                self.cond.wait(READ_POLL)
+            else:
+                self._read()
+        return True
 
     def close(self) -> None:
         with self.cond:
