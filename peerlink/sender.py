@@ -169,6 +169,7 @@ PERMISSION_POLL: Final = 0.1  # how often a stalled peer's permission to degrade
 SLOW_POLL: Final = 0.1  # idle journal poll while the plugin notifies writes (a fallback)
 NOTIFY_TRUST: Final = 1.0  # ... for this long after its last notification
 INLINE_READ: Final = 256 << 10  # journal bytes a step reads on the event loop (a waiter)
+INLINE_RECORDS: Final = 256  # ... when the records waited for are at most this many ahead
 
 
 @dataclass(frozen=True)
@@ -1249,12 +1250,15 @@ class Sender:
                 self.room.clear()
                 await self.room.wait()
             self.woken = False
-            if self.want_seq > self.sent_through and self.source is None:
-                # A client waits: a few writes' worth read, framed and sent right here
-                # (two thread hops less on every synchronous write's round trip).
+            urgent = self.want_seq > self.sent_through
+            if urgent and self.source is None and (
+                    self.want_seq - self.sent_through <= INLINE_RECORDS):
+                # A client waits for a few records: read, framed and sent right here (two
+                # thread hops less on every synchronous write's round trip).
                 frames, more = producer.step(True, INLINE_READ)
-            else:
-                frames, more = await loop.run_in_executor(self.executor, producer.step)
+            else:  # a backlog (catching up): read in large steps off the event loop
+                frames, more = await loop.run_in_executor(self.executor, producer.step,
+                                                          urgent)
             for f in frames:
                 await self._throttle(f.wire_bytes)
                 link.send_frame(f.bufs)
