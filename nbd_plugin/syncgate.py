@@ -10,9 +10,10 @@ said, ``{"op": "durable", "volume": V, "through": T, "degraded": [peer...]}``.
 
 Requests wait *together*, never one behind another: nbdkit runs them in parallel when a
 gate is configured (plugin.py ``thread_model``), each sends its seq (only if above what
-was sent already) and waits on one condition; whichever waiter finds nobody reading the
-socket reads it (leader/follower: no extra thread, no extra wake-up at queue depth 1) and
-wakes the others.  One ``through`` line releases every waiter it covers.
+was sent already) and waits on a condition of its own; whichever waiter finds nobody
+reading the socket reads it (leader/follower: no extra thread, no extra wake-up at queue
+depth 1) and wakes the waiters a reply covers.  One ``through`` line releases every
+waiter it covers, and only those.
 
 A stalled peer keeps waiters waiting (peerlink decides when one may be degraded), so a
 request may wait long; nothing here times it out.  If peerlink itself cannot be reached
@@ -47,8 +48,20 @@ READ_POLL = 0.5  # a waiting reader wakes this often (nothing is wrong; it reads
 OUTDATED_POLL = 0.1
 
 
+class _Waiter:
+    """One request waiting: its seq, and a condition on the gate's lock to wake it."""
+
+    __slots__ = ("cond", "seq")
+
+    def __init__(self, seq: int, lock: threading.Lock) -> None:
+        self.seq = seq
+        self.cond = threading.Condition(lock)
+
+
 class SyncGate:
-    """Waits for the sync peers' durable acks (module docstring); thread-safe."""
+    """Waits for the sync peers' durable acks (module docstring); thread-safe.  Each
+    waiter has its own condition on one lock: a reply wakes only the waiters it covers
+    (and, when the reader leaves, one other to read next), never all of them."""
 
     def __init__(self, path: Path, timeout: float, *, auto_degrade: bool = True,
                  peers: tuple[str, ...] = (), data_dir: Path | None = None) -> None:
@@ -57,18 +70,18 @@ class SyncGate:
         self.auto_degrade = auto_degrade
         self.peers = frozenset(peers)
         self.data_dir = data_dir
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
         self.sock: socket.socket | None = None
         self.buf = b""
         self.reading = False
         self.durable: dict[str, int] = {}  # volume -> seq durable on every holding peer
-        self.waiting: dict[str, int] = {}  # volume -> requests waiting now
+        self.waiters: dict[str, list[_Waiter]] = {}  # volume -> requests waiting now
         self.sent: dict[str, int] = {}  # volume -> highest seq sent on this connection
         self.down_since: float | None = None
         self.outdated_checked = 0.0
         self.degraded: frozenset[str] = frozenset()
 
-    # -- the connection (every method here runs with self.cond held) ------------------------
+    # -- the connection (every method here runs with self.lock held) ------------------------
 
     def _connect(self) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -92,7 +105,22 @@ class SyncGate:
             sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv
         if not self.reading:
             sock.close()
-        self.cond.notify_all()
+        self._wake(everyone=True)
+
+    def _wake(self, everyone: bool = False) -> None:
+        """Wake the waiters whose seq is durable now (or every one)."""
+        for volume, ws in self.waiters.items():
+            durable = self.durable.get(volume, 0)
+            for w in ws:
+                if everyone or w.seq <= durable:
+                    w.cond.notify()
+
+    def _hand_over(self) -> None:
+        """The reader is leaving: wake one waiter to read next."""
+        for ws in self.waiters.values():
+            if ws:
+                ws[0].cond.notify()
+                return
 
     def _tell(self, volume: str, seq: int) -> None:
         sock = self.sock
@@ -111,7 +139,7 @@ class SyncGate:
         sock = self.sock
         assert sock is not None and not self.reading
         self.reading = True
-        self.cond.release()
+        self.lock.release()
         try:
             data: bytes | None = sock.recv(65536)
         except TimeoutError:
@@ -119,11 +147,11 @@ class SyncGate:
         except OSError:
             data = b""
         finally:
-            self.cond.acquire()
+            self.lock.acquire()
             self.reading = False
         if sock is not self.sock:  # dropped meanwhile (a failed send)
             sock.close()
-            self.cond.notify_all()
+            self._wake(everyone=True)
             return
         if data is None:
             return
@@ -145,7 +173,7 @@ class SyncGate:
             if degraded != self.degraded:
                 log.warning("sync_peers_changed", degraded=sorted(degraded))
                 self.degraded = degraded
-        self.cond.notify_all()
+        self._wake()
 
     def _unreachable(self, first_failure: float) -> bool:
         """peerlink cannot be reached: True when the request may complete without the
@@ -189,19 +217,23 @@ class SyncGate:
         unreachable, module docstring).  ``alone`` runs once, after the seq was sent and
         without the lock, if no other request of the volume is waiting (the plugin makes
         the local journal durable meanwhile: a FLUSH after a lone write is then free)."""
-        with self.cond:
+        with self.lock:
             if self.durable.get(volume, 0) >= seq:
                 return True
-            self.waiting[volume] = self.waiting.get(volume, 0) + 1
+            w = _Waiter(seq, self.lock)
+            ws = self.waiters.setdefault(volume, [])
+            ws.append(w)
             try:
-                return self._wait(volume, seq, alone)
+                return self._wait(volume, w, alone)
             finally:
-                self.waiting[volume] -= 1
+                ws.remove(w)
+                if not self.reading:
+                    self._hand_over()
 
-    def _wait(self, volume: str, seq: int, alone: Callable[[], None] | None) -> bool:
+    def _wait(self, volume: str, w: _Waiter, alone: Callable[[], None] | None) -> bool:
         """wait() with the lock held (once: _read and ``alone`` release it)."""
         first_failure: float | None = None
-        while self.durable.get(volume, 0) < seq:
+        while self.durable.get(volume, 0) < w.seq:
             if self.sock is None and not self._connect():
                 if self.auto_degrade and self.down_since is not None:
                     return False  # down: one quick try per request
@@ -209,27 +241,27 @@ class SyncGate:
                     first_failure = time.monotonic()
                 if self._unreachable(first_failure):
                     return False
-                self.cond.wait(RECONNECT_POLL)
+                w.cond.wait(RECONNECT_POLL)
                 continue
-            self._tell(volume, seq)
+            self._tell(volume, w.seq)
             if self.sock is None:
                 continue
             if alone is not None:
-                if self.waiting[volume] == 1:
-                    self.cond.release()
+                if len(self.waiters[volume]) == 1:
+                    self.lock.release()
                     try:
                         alone()
                     finally:
-                        self.cond.acquire()
+                        self.lock.acquire()
                 alone = None
                 continue
             if self.reading:
-                self.cond.wait(READ_POLL)
+                w.cond.wait(READ_POLL)
             else:
                 self._read()
         return True
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             if self.sock is not None:
                 self._drop(self.sock)
