@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import structlog
 
+from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
 from blockstore.volume import VolumeInfo, is_replica, list_volumes
 from peerlink.__main__ import read_secret
@@ -83,9 +84,12 @@ def read_outdated(data_dir: Path) -> set[str]:
         rec = read_json(path, OUTDATED_KIND, OUTDATED_VERSION)
     except FileNotFoundError:
         return set()
-    if int(rec["epoch"]) < nodestate.epoch(data_dir):
+    epoch, peers = rec.get("epoch"), rec.get("peers")
+    if type(epoch) is not int or not isinstance(peers, list):
+        raise FormatError(f"{path}: expected an integer epoch and a list of peers")
+    if epoch < nodestate.epoch(data_dir):
         return set()
-    return {str(p) for p in rec["peers"]}
+    return {str(p) for p in peers}
 
 
 def has_failover_core(cfg: NodeConfig) -> bool:

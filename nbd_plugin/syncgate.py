@@ -195,11 +195,12 @@ class SyncGate:
                            "peers outdated)")
         if self.data_dir is not None and now - self.outdated_checked >= OUTDATED_POLL:
             self.outdated_checked = now
+            from blockstore.errors import BlockstoreError
             from gateway.replication import read_outdated
 
             try:
                 outdated = read_outdated(self.data_dir)
-            except (OSError, ValueError) as e:
+            except (BlockstoreError, OSError, ValueError) as e:
                 log.warning("outdated_unreadable", error=str(e))
                 return False
             if self.peers and self.peers <= outdated:

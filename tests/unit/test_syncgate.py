@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from blockstore.errors import FormatError
 from blockstore.volume import create_volume
 from gateway import nodestate
 from gateway.config import Role, parse_config
@@ -168,6 +169,9 @@ def test_outdated_file(tmp_path: Path) -> None:
     assert read_outdated(tmp_path) == set()
     write_outdated(tmp_path, 2, {"dc", "x"})
     assert read_outdated(tmp_path) == {"dc", "x"}
+    outdated_path(tmp_path).write_text('{"kind": "outdated", "version": 1, "peers": "dc"}')
+    with pytest.raises(FormatError, match="expected an integer epoch and a list of peers"):
+        read_outdated(tmp_path)
 
 
 # -- the real gate (gateway/replication.py) ------------------------------------------------
