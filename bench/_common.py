@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -206,6 +207,19 @@ def fio(bench: Bench, server: Server, name: str, rw: str, bs: str, *,
         iodepth: int = 16, size: str | int | None = None, runtime: float | None = None,
         time_based: bool = True, ramp: float = 0, extra: tuple[str, ...] = ()) -> FioResult:
     """Run one fio job with the nbd engine against ``server``; return its figures."""
+    job = fio_job(bench, server, name, rw, bs, iodepth=iodepth, size=size, runtime=runtime,
+                  time_based=time_based, ramp=ramp, extra=extra)
+    d = job["read"] if rw in ("read", "randread") else job["write"]
+    return FioResult(float(d["iops"]), float(d["bw_bytes"]), int(d["io_bytes"]),
+                     int(d["runtime"]))
+
+
+def fio_job(bench: Bench, server: Server, name: str, rw: str, bs: str, *,
+            iodepth: int = 16, size: str | int | None = None, runtime: float | None = None,
+            time_based: bool = True, ramp: float = 0, extra: tuple[str, ...] = ()
+            ) -> dict[str, Any]:
+    """Run one fio job with the nbd engine against ``server``; return fio's JSON of it
+    (``write``/``read``/``sync`` sections with ``clat_ns``/``lat_ns`` percentiles)."""
     out = bench.path(f"fio-{name}-{time.monotonic_ns()}.json")
     argv = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={server.uri}", f"--rw={rw}",
             f"--bs={bs}", f"--iodepth={iodepth}", "--output-format=json", f"--output={out}"]
@@ -222,12 +236,10 @@ def fio(bench: Bench, server: Server, name: str, rw: str, bs: str, *,
                        timeout=(runtime or 0) + ramp + 600, cwd=bench.dir)
     if p.returncode != 0 or not out.exists():
         raise BenchError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
-    job = json.loads(out.read_text())["jobs"][0]
+    job: dict[str, Any] = json.loads(out.read_text())["jobs"][0]
     if job["error"]:
         raise BenchError(f"fio job {name} on {server.label}: error {job['error']}")
-    d = job["read"] if rw in ("read", "randread") else job["write"]
-    return FioResult(float(d["iops"]), float(d["bw_bytes"]), int(d["io_bytes"]),
-                     int(d["runtime"]))
+    return job
 
 
 def dir_bytes(path: Path) -> tuple[int, int]:

@@ -156,7 +156,11 @@ class Journal:
         self._dir_unsynced = False
         self._lock = threading.Lock()
         self._writer = PayloadWriter()
-        self._sync_lock = threading.Lock()  # one sync() of sealed segments at a time
+        self._sync_lock = threading.Lock()  # one sync() at a time
+        # Every record through synced_seq is durable (sync_ahead lets a FLUSH skip its
+        # fdatasync); an error sync_ahead met is raised by the next sync().
+        self.synced_seq = 0
+        self.sync_error: OSError | None = None
 
     # -- opening ---------------------------------------------------------------
 
@@ -416,19 +420,45 @@ class Journal:
     def sync(self) -> None:
         """Make every appended record durable (sealed segments first)."""
         with self._sync_lock:
-            while True:
-                with self._lock:
-                    if not self._unsynced:
-                        break
-                    fd = self._unsynced[0][1]
-                os.fdatasync(fd)
-                os.close(fd)
-                with self._lock:
-                    self._unsynced.pop(0)
-        os.fdatasync(self.fd)
+            if self.sync_error is not None:
+                err, self.sync_error = self.sync_error, None
+                raise err
+            self._sync_locked()
+
+    def sync_ahead(self, through: int) -> None:
+        """From a thread other than the appender's (a write waiting for its sync peers):
+        make the journal durable through ``through``, unless it is already or a sync is
+        under way (then return at once), so that the FLUSH that usually follows finds
+        nothing to do.  An error is kept for the next sync() to raise, as if that sync
+        had met it."""
+        if self.synced_seq >= through or not self._sync_lock.acquire(blocking=False):
+            return
+        try:
+            if self.fd >= 0 and self.sync_error is None:
+                self._sync_locked()
+        except OSError as e:
+            self.sync_error = e
+        finally:
+            self._sync_lock.release()
+
+    def _sync_locked(self) -> None:
+        """sync() with _sync_lock held.  The records to make durable are fixed first,
+        under _lock, with the files holding them: appends (and rotations) may go on
+        meanwhile in another thread; no file is closed while _sync_lock is held."""
+        with self._lock:
+            through, active, sealed = self.last_seq, self.fd, list(self._unsynced)
+        for _first, fd in sealed:
+            os.fdatasync(fd)
+        os.fdatasync(active)
         if self._dir_unsynced:
             self._dir_unsynced = False
             fsync_dir(self.dir)
+        with self._lock:
+            for item in sealed:
+                if item in self._unsynced:
+                    self._unsynced.remove(item)
+                    os.close(item[1])
+        self.synced_seq = max(self.synced_seq, through)
 
     @property
     def last_seq(self) -> int:
@@ -441,6 +471,10 @@ class Journal:
 
     def close(self) -> None:
         self._writer.stop()
+        with self._sync_lock:  # after a sync_ahead under way: it uses these files
+            self._close_files()
+
+    def _close_files(self) -> None:
         for _first, fd in self._unsynced:
             os.close(fd)
         self._unsynced.clear()
@@ -491,6 +525,7 @@ class Journal:
         if seq >= self.last_seq:
             return 0
         dropped = self.last_seq - seq
+        self.synced_seq = min(self.synced_seq, seq)  # the seqs after it will name others
         keep = [s for s in self.segments if s.first_seq <= seq + 1]
         for seg in self.segments[len(keep):]:
             seg.path.unlink()

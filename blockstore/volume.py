@@ -146,6 +146,11 @@ def volumes_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "volumes"
 
 
+# One upstream batch for a replica: (first_seq, last_seq, records, commit meta); records
+# are (op, flags, offset, length, data).
+UpstreamBatch = tuple[int, int, list[tuple[int, int, int, int, bytes]], dict[str, Any] | None]
+
+
 @dataclass(frozen=True)
 class VolumeInfo:
     """What volume.json says, plus the path."""
@@ -654,44 +659,73 @@ class Volume:
         crash) and may be acknowledged.  Only then is the store written.  Records are
         (op, flags, offset, length, data); MARK records are journaled, not applied.
         """
+        return self.apply_batches([(first_seq, last_seq, records, meta)])
+
+    def apply_batches(self, batches: list[UpstreamBatch],
+                      committed: Callable[[int], None] | None = None) -> int:
+        """Replica: apply consecutive upstream batches (first_seq, last_seq, records,
+        meta), each as ``apply_batch`` does (its records and its own commit MARK), with
+        one fdatasync for all of them (group commit: batches that queued up while the
+        previous fdatasync ran cost one more, not one each).  A crash before that
+        fdatasync leaves a prefix of whole batches at most (redo stops at the last commit
+        MARK that made it); none of them was acknowledged.  Returns the last seq;
+        ``committed(last seq)`` is called as soon as they are committed, before the store
+        is written (the receiver acknowledges them then)."""
         if not self.replica:
             raise InvalidArgument(f"volume {self.name} is not a replica")
-        if first_seq != self.upstream_seq + 1 or last_seq < first_seq:
-            raise InvalidArgument(
-                f"volume {self.name}: batch {first_seq}..{last_seq} does not follow "
-                f"applied seq {self.upstream_seq}")
+        applied = self.upstream_seq
+        for first_seq, last_seq, _records, _meta in batches:
+            if first_seq != applied + 1 or last_seq < first_seq:
+                raise InvalidArgument(
+                    f"volume {self.name}: batch {first_seq}..{last_seq} does not follow "
+                    f"applied seq {applied}")
+            applied = last_seq
         assert self.journal is not None and self.store is not None
-        for op, _flags, offset, length, _data in records:
-            if op != Op.MARK:
-                self._check_range(offset, length)
-                self._activate(offset, length)
+        for _first, _last, records, _meta in batches:
+            for op, _flags, offset, length, _data in records:
+                if op != Op.MARK:
+                    self._check_range(offset, length)
+                    self._activate(offset, length)
         before = self.journal.last_seq
+        commits: list[tuple[int, int]] = []  # (journal seq before the batch, its commit)
         try:
-            for op, flags, offset, length, data in records:
-                self.journal.append(op, flags, offset, length, data)
-            commit = self.mark({**(meta or {}), "event": COMMIT_EVENT,
-                                "first_seq": first_seq, "last_seq": last_seq})
+            for first_seq, last_seq, records, meta in batches:
+                start = self.journal.last_seq
+                for op, flags, offset, length, data in records:
+                    self.journal.append(op, flags, offset, length, data)
+                commits.append((start, self.mark({
+                    **(meta or {}), "event": COMMIT_EVENT, "first_seq": first_seq,
+                    "last_seq": last_seq})))
             self.journal.sync()
         except OSError:
-            # Not committed: take the partial batch back out, so that the next commit
-            # cannot cover it.  (A crash here has the same effect through recovery.)
+            # Not committed: take the partial batches back out, so that the next commit
+            # cannot cover them.  (A crash here has the same effect through recovery.)
             self.journal.truncate_after(before)
             raise
-        self.upstream_seq = last_seq
+        self.upstream_seq = applied
+        if committed is not None:
+            committed(applied)
         try:
-            for seq, (op, flags, offset, length, data) in enumerate(records, before + 1):
-                if op == Op.MARK:
-                    self._snapshot_mark(seq, data)
-                    continue
-                self._cow(offset, length)
-                self.store.apply(Op(op), Flag(flags), offset, length, data)
+            for (start, commit), (_f, _l, records, _m) in zip(commits, batches, strict=True):
+                self._store_records(start, records)
+                self.applied_seq = commit
         except OSError:
             # Committed but not in the store: only redo can finish it, so close() must
             # leave the volume unclean.
             self.unapplied_commit = True
             raise
-        self.applied_seq = commit
-        return last_seq
+        return applied
+
+    def _store_records(self, start: int, records: list[tuple[int, int, int, int, bytes]]
+                       ) -> None:
+        """A committed batch, journaled after seq ``start``, into the store."""
+        assert self.store is not None
+        for seq, (op, flags, offset, length, data) in enumerate(records, start + 1):
+            if op == Op.MARK:
+                self._snapshot_mark(seq, data)
+                continue
+            self._cow(offset, length)
+            self.store.apply(Op(op), Flag(flags), offset, length, data)
 
     def begin_resync(self) -> None:
         """Replica: extent data is about to overwrite the store outside the batch
@@ -739,9 +773,20 @@ class Volume:
         return self._change(Op.ZERO, flags, offset, length)
 
     def flush(self) -> None:
-        """Make every completed write durable (the journal is the durable copy)."""
-        if self.journal is not None and not self.readonly:
-            self.journal.sync()
+        """Make every completed write durable (the journal is the durable copy); no
+        fdatasync when ``sync_ahead`` already made all of it durable."""
+        j = self.journal
+        if j is not None and not self.readonly and (
+                j.synced_seq < j.last_seq or j.sync_error is not None):
+            j.sync()
+
+    def sync_ahead(self, seq: int) -> None:
+        """Outside the request lock, while a write waits for its sync peers: make the
+        journal durable through ``seq`` now if nothing else is syncing it (Journal.
+        sync_ahead), so that a FLUSH right after costs no fdatasync of its own."""
+        j = self.journal
+        if j is not None and not self.readonly:
+            j.sync_ahead(seq)
 
     def mark(self, body: dict[str, Any]) -> int:
         """Append a control record (msgpack body) to the journal."""

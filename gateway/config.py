@@ -123,7 +123,7 @@ class Topology(enum.Enum):
 
 class PeerMode(enum.Enum):
     ASYNC = "async"
-    SYNC = "sync"  # FLUSH/FUA complete only once this peer has the data durable
+    SYNC = "sync"  # every write completes only once this peer has it durable
 
 
 class Compression(enum.Enum):
@@ -582,6 +582,24 @@ def check_roles(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
         raise ConfigError("no primary: neither node.role nor any peers[].role is primary")
 
 
+SYNC_PAIR_ONLY = ("mode: sync is allowed only between the two main-site nodes (primary "
+                  "and secondary)")
+
+
+def check_sync(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
+    """Sync is a property of the main-site pair: whichever of the two is primary ships
+    synchronously to the other (a secondary's ``mode: sync`` on the primary means "when
+    I am primary, I ship sync to it").  A DR site is never sync, either way."""
+    for i, p in enumerate(peers):
+        if p.mode is not PeerMode.SYNC:
+            continue
+        if role is Role.DR:
+            raise ConfigError(f"{SYNC_PAIR_ONLY}: this node ({name}) is a DR site, so "
+                              f"peers[{i}] ({p.name}) cannot be sync")
+        if p.role is Role.DR:
+            raise ConfigError(f"{SYNC_PAIR_ONLY}: peers[{i}] ({p.name}) is a DR site")
+
+
 def _failover(raw: Any) -> FailoverConfig:
     s = _Section(raw, "failover", ("auto", "heartbeat_port", "interval", "timeout",
                                    "fence_margin"))
@@ -781,6 +799,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     role = node.enum("role", Role, Role.PRIMARY)
     peers = _peers(top.listing("peers"), name)
     check_roles(role, name, peers)
+    check_sync(role, name, peers)
     cfg = NodeConfig(
         role=role,
         service=_service(top.get("service")),

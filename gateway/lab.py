@@ -40,6 +40,7 @@ from .proc import run
 
 LAB_KIND: Final = "lab"
 LAB_VERSION: Final = 1
+MAIN_SITE: Final = frozenset({"primary", "secondary"})
 DEFAULT_SUBNET: Final = "192.0.2.0/24"  # TEST-NET-1 (RFC 5737): never a real network
 DEFAULT_SIZE: Final = "256M"
 NBD_PORT: Final = 10809
@@ -507,9 +508,12 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
                     "interface": "eth0"},
         "peerlink": {"listen": f"{node['address']}:{PEER_PORT}",
                      "topology": s.get("topology", "fanout"), "secret_file": node["secret"]},
+        # Sync is a property of the main-site pair: each names the other with the
+        # lab's mode (whichever is primary ships sync to the other); DR never is.
         "peers": [{"name": n["name"], "role": n["role"], "address": n["address"],
                    "port": PEER_PORT,
-                   "mode": s.get("mode", "async") if n["role"] == "secondary" else "async"}
+                   "mode": s.get("mode", "async") if {n["role"], node["role"]} <= MAIN_SITE
+                   else "async"}
                   for n in s["nodes"] if n["name"] != node["name"]],
         "volumes": [{"name": VOLUME, "size": s["size"]}],
         "metrics": {"listen": f"{node['address']}:{METRICS_PORT}"},

@@ -7,12 +7,20 @@ One process (asyncio + uvloop) per node runs every replication link the config a
 - one ``Sender`` per (volume, peer) for the peers ``NodeConfig.send_to()`` names: the
   primary's own volumes, and with ``topology: cascade`` the secondary's replicas to DR;
 - the control socket, ``<data_dir>/run/peerlink.sock`` (`nbdgw verify` asks it to
-  verify a volume against a peer), which is also the **sync gate**, where the nbdkit
-  plugin, after making a FLUSH or FUA write durable locally, asks "is seq S durable on
-  every sync peer of volume V?".  The answer waits for those peers' acks; a sync peer
-  that stays silent for its ``sync_timeout`` degrades to async (logged, shown in status)
-  and the answer comes without it.  Protocol: one JSON object per line each way,
-  ``{"volume": V, "seq": S}`` -> ``{"ok": bool, "degraded": [peer...]}``.
+  verify a volume against a peer), which is also the **sync gate** (PROTOCOL.md, "Sync
+  mode"): the nbdkit plugin says after every write ``{"op": "written", "volume": V,
+  "seq": S}`` (no reply of its own: the senders of V wake and ship at once), and gets
+  ``{"op": "durable", "volume": V, "through": T, "degraded": [peer...]}`` whenever every
+  sync peer of V that holds waiters has acknowledged, durably, a seq T past what that
+  connection was last told.  Writes in flight therefore wait together: one batch, one
+  replica fdatasync, one line releases every waiter it covers.  A sync peer overdue for
+  its ``sync_timeout`` is *stalled* and keeps holding the waiters until the daemon
+  permits degrading it (``outdated.json``, below); a node without a failover core
+  degrades it on its own (peerlink/syncstate.py).
+
+``outdated.json`` (``<data_dir>/run/``): the peers the daemon has had the cluster's
+witness record as outdated, so that they can no longer be promoted; only those may be
+degraded.  ``write_outdated``/``read_outdated`` are its one definition.
 """
 
 from __future__ import annotations
@@ -29,12 +37,15 @@ from typing import Any, Final
 
 import structlog
 
+from blockstore.errors import FormatError
+from blockstore.meta import read_json, write_json
 from blockstore.volume import VolumeInfo, is_replica, list_volumes
 from peerlink.__main__ import read_secret
 from peerlink.receiver import Receiver, ReceiverServer
 from peerlink.sender import Sender, SenderConfig, VerifyError
 from peerlink.tls import client_context, server_context
 
+from . import nodestate
 from .config import Compression, NodeConfig, PeerMode, Role
 from .errors import GatewayError
 
@@ -42,10 +53,49 @@ log = structlog.get_logger(component="replication")
 
 GATE_NAME: Final = "peerlink.sock"
 GATE_LINE_MAX: Final = 4096
+OUTDATED_NAME: Final = "outdated.json"
+OUTDATED_KIND: Final = "outdated"
+OUTDATED_VERSION: Final = 1
 
 
 def gate_path(data_dir: Path) -> Path:
     return data_dir / "run" / GATE_NAME
+
+
+def outdated_path(data_dir: Path) -> Path:
+    return data_dir / "run" / OUTDATED_NAME
+
+
+def write_outdated(data_dir: Path, epoch: int, peers: list[str] | set[str]) -> None:
+    """Record (atomically) that the witness holds ``peers`` as outdated at ``epoch``:
+    peerlink may then degrade them when they stall (they cannot be promoted)."""
+    path = outdated_path(data_dir)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    write_json(path, {"kind": OUTDATED_KIND, "version": OUTDATED_VERSION, "epoch": epoch,
+                      "peers": sorted(set(peers))})
+
+
+def read_outdated(data_dir: Path) -> set[str]:
+    """The peers this node may degrade: those of ``outdated.json``, unless it was written
+    in an epoch older than this node's (a failover since: it speaks of another primary's
+    peers).  No file: none."""
+    path = outdated_path(data_dir)
+    try:
+        rec = read_json(path, OUTDATED_KIND, OUTDATED_VERSION)
+    except FileNotFoundError:
+        return set()
+    epoch, peers = rec.get("epoch"), rec.get("peers")
+    if type(epoch) is not int or not isinstance(peers, list):
+        raise FormatError(f"{path}: expected an integer epoch and a list of peers")
+    if epoch < nodestate.epoch(data_dir):
+        return set()
+    return {str(p) for p in peers}
+
+
+def has_failover_core(cfg: NodeConfig) -> bool:
+    """Does the daemon run failover here (and so outdate stalled sync peers)?  Without
+    it, a stalled sync peer degrades on its own after sync_timeout."""
+    return cfg.failover.auto and bool(cfg.peers)
 
 
 def sync_timeout(cfg: NodeConfig) -> float | None:
@@ -103,6 +153,17 @@ def _tls(cfg: NodeConfig, server: bool) -> ssl.SSLContext | None:
     return make(t.cert_file, t.key_file, t.ca_file)
 
 
+@dataclass(eq=False)  # hashed by identity: kept in a set
+class _GateConn:
+    """One sync-gate connection (an nbdkit process): per volume, the highest seq it
+    waits for and the highest seq it was told is durable on the sync peers."""
+
+    writer: asyncio.StreamWriter
+    want: dict[str, int] = field(default_factory=dict)
+    told: dict[str, int] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class Replication:
     """Every link of one node; ``run(stop)`` until stop is set."""
 
@@ -113,6 +174,7 @@ class Replication:
         self.senders: dict[str, list[Sender]] = {}
         self.server: ReceiverServer | None = None
         self.gate: asyncio.AbstractServer | None = None
+        self.gate_conns: set[_GateConn] = set()
         self.bound: tuple[str, int] | None = None
 
     async def start(self) -> None:
@@ -138,13 +200,19 @@ class Replication:
             self.gate = await asyncio.start_unix_server(self._gate_client, path,
                                                         limit=GATE_LINE_MAX)
             os.chmod(path, 0o600)
-            log.info("sync_gate_listening", path=str(path),
-                     sync_peers=sorted({tx.peer for txs in self.senders.values()
-                                        for tx in txs if tx.cfg.sync}))
+            sync_peers = sorted({tx.peer for txs in self.senders.values()
+                                 for tx in txs if tx.cfg.sync})
+            log.info("sync_gate_listening", path=str(path), sync_peers=sync_peers,
+                     degrade=("when the daemon has the peer outdated"
+                              if has_failover_core(self.cfg) else
+                              "on its own after sync_timeout (no failover core: "
+                              "failover.auto off or no peers)") if sync_peers else None)
 
     def _make_senders(self) -> None:
         cfg = self.cfg
         replicas = self.server.receivers if self.server is not None else {}
+        data_dir = cfg.data_dir
+        outdated = (lambda: read_outdated(data_dir)) if has_failover_core(cfg) else None
         for vol, peer_name in self.plan.senders:
             peer = cfg.peer(peer_name)
             assert peer is not None
@@ -156,21 +224,31 @@ class Replication:
             rx = replicas.get(vol)
             tx = Sender(cfg.data_dir, vol, node=cfg.name, peer=peer.name, host=peer.address,
                         port=peer.port, secret=self.secret, config=sc, tls=_tls(cfg, False),
-                        source=rx.vol if rx is not None else None)
+                        source=rx.vol if rx is not None else None,
+                        outdated=outdated)
+            tx.on_change = self._kick
             self.senders.setdefault(vol, []).append(tx)
 
     async def _gate_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
-        """Answer requests from one connection, in order: durability questions from the
-        nbdkit plugin, and ``{"op": "verify", ...}`` from `nbdgw verify`."""
+        """Serve one connection: ``written`` notices from the nbdkit plugin (answered by
+        ``_notify`` as acks arrive, never in line), and requests answered in order:
+        ``verify`` from `nbdgw verify`, ``caught_up`` from the daemon's switchover."""
+        conn = _GateConn(writer)
+        self.gate_conns.add(conn)
+        notifier = asyncio.get_running_loop().create_task(self._notify(conn))
         try:
             while line := await reader.readline():
                 try:
                     req = json.loads(line)
-                    op = req.get("op", "durable")
+                    op = req.get("op")
+                    if op == "written":
+                        self._written(conn, str(req["volume"]), int(req["seq"]))
+                        continue
+                    if op not in ("verify", "caught_up"):
+                        raise ValueError(f"unknown op {op!r}")
                     reply = await (self._verify(req) if op == "verify"
-                                   else self._caught_up(req) if op == "caught_up"
-                                   else self._durable(req))
+                                   else self._caught_up(req))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     log.warning("control_bad_request", request=line[:200].decode(
                         "utf-8", "replace"))
@@ -180,14 +258,51 @@ class Replication:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass  # the plugin went away (nbdkit stopped); it reconnects when it needs to
         finally:
+            self.gate_conns.discard(conn)
+            notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await notifier
             writer.close()
 
-    async def _durable(self, req: dict[str, Any]) -> dict[str, Any]:
-        volume, seq = str(req["volume"]), int(req["seq"])
-        txs = [tx for tx in self.senders.get(volume, []) if tx.cfg.sync]
-        results = await asyncio.gather(*(tx.wait_durable(seq) for tx in txs))
-        degraded = [tx.peer for tx, ok in zip(txs, results, strict=True) if not ok]
-        return {"ok": not degraded, "degraded": degraded}
+    def _written(self, conn: _GateConn, volume: str, seq: int) -> None:
+        """The plugin wrote ``volume`` through ``seq`` and a client waits for it."""
+        for tx in self.senders.get(volume, ()):
+            tx.want(seq)
+        if seq > conn.want.get(volume, 0):
+            conn.want[volume] = seq
+            conn.changed.set()
+
+    def _kick(self) -> None:
+        """A sync peer's ack or standing moved: every connection re-checks its waits."""
+        for conn in self.gate_conns:
+            conn.changed.set()
+
+    def durable_through(self, volume: str, want: int) -> tuple[int, list[str]]:
+        """The seq through which every sync peer of ``volume`` that holds waiters (ok
+        or stalled) has acknowledged durably (``want`` when none holds), and the sync
+        peers that do not (degraded)."""
+        txs = [tx for tx in self.senders.get(volume, ()) if tx.cfg.sync]
+        holding = [tx.acked for tx in txs if tx.holds]
+        return (min(holding) if holding else want,
+                [tx.peer for tx in txs if not tx.holds])
+
+    async def _notify(self, conn: _GateConn) -> None:
+        """Tell ``conn`` how far each volume it waits for is durable, whenever that
+        moves past what it was told (one line can release many waiters)."""
+        while True:
+            await conn.changed.wait()
+            conn.changed.clear()
+            for volume, want in list(conn.want.items()):
+                told = conn.told.get(volume, 0)
+                if want <= told:
+                    continue
+                through, degraded = self.durable_through(volume, want)
+                if through > told:
+                    conn.told[volume] = through
+                    conn.writer.write(json.dumps({
+                        "op": "durable", "volume": volume, "through": through,
+                        "degraded": degraded}).encode() + b"\n")
+            await conn.writer.drain()
 
     async def _caught_up(self, req: dict[str, Any]) -> dict[str, Any]:
         """Switchover drain: wait (up to ``timeout`` s) until ``peer`` has acknowledged,

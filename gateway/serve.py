@@ -21,9 +21,9 @@ from blockstore.errors import BlockstoreError
 from blockstore.volume import Volume, is_replica, list_volumes
 from nbd_plugin import PLUGIN_PATH
 
-from .config import Listen, NodeConfig, TlsMode
+from .config import Listen, NodeConfig, PeerMode, TlsMode
 from .errors import GatewayError
-from .replication import gate_path, sync_timeout
+from .replication import gate_path, has_failover_core, sync_timeout
 
 log = structlog.get_logger(component="serve")
 
@@ -186,7 +186,11 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
         argv += [f"lease={lease_path(cfg.data_dir)}"]
     timeout = sync_timeout(cfg)
     if timeout is not None and not all_readonly:
-        argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}"]
+        # Every write waits for the sync peers' acks (nbd_plugin/syncgate.py).
+        argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}",
+                 f"sync_auto_degrade={'false' if has_failover_core(cfg) else 'true'}",
+                 "sync_peers=" + ",".join(p.name for p in cfg.send_to()
+                                          if p.mode is PeerMode.SYNC)]
     argv += [f"volume={v}" for v in volumes]
     argv += [f"readonly={v.name}" for v in cfg.volumes if v.read_only]
     return argv

@@ -66,17 +66,26 @@ class VolumeFile:
         self.h.check_lease()
         with self.lock:
             self._open()
-            self.h.vol.write(buf, offset)
-            iostats.count(self.h.io[iostats.WRITE], len(buf), _clock() - t)
+            seq = self.h.vol.write(buf, offset)
+            if self.h.gate is None:
+                iostats.count(self.h.io[iostats.WRITE], len(buf), _clock() - t)
+                return
+        self._replicated(iostats.WRITE, len(buf), seq, t)
 
     def flush(self) -> None:
         t = _clock()
         with self.lock:
             self._open()
             self.h.vol.flush()
-        self.h.durable()  # the synchronous peers have it too, as for an NBD FLUSH
+            seq = self.h.vol.last_seq if self.h.gate is not None else 0
+        self._replicated(iostats.FLUSH, 0, seq, t)
+
+    def _replicated(self, op: int, nbytes: int, seq: int, t: int) -> None:
+        """Outside the lock: wait for the synchronous peers (as an NBD request does),
+        then count the request."""
+        self.h.replicated(seq, write=op != iostats.FLUSH)
         with self.lock:
-            iostats.count(self.h.io[iostats.FLUSH], 0, _clock() - t)
+            iostats.count(self.h.io[op], nbytes, _clock() - t)
 
     def trim(self, count: int, offset: int) -> None:
         self._range_op(iostats.TRIM, self.h.vol.trim, count, offset)
@@ -84,15 +93,19 @@ class VolumeFile:
     def zero(self, count: int, offset: int) -> None:
         self._range_op(iostats.ZERO, self.h.vol.zero, count, offset)
 
-    def _range_op(self, op: int, fn: Callable[[int, int], object], count: int,
+    def _range_op(self, op: int, fn: Callable[[int, int], int], count: int,
                   offset: int) -> None:
-        """A trim or zero: ``fn(offset, count)`` under the lease and the lock."""
+        """A trim or zero: ``fn(offset, count)`` under the lease and the lock, then the
+        synchronous peers' acks as for a write."""
         t = _clock()
         self.h.check_lease()
         with self.lock:
             self._open()
-            fn(offset, count)
-            iostats.count(self.h.io[op], count, _clock() - t)
+            seq = fn(offset, count)
+            if self.h.gate is None:
+                iostats.count(self.h.io[op], count, _clock() - t)
+                return
+        self._replicated(op, count, seq, t)
 
 
 class Attachment:

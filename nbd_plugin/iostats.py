@@ -4,7 +4,8 @@ Prometheus endpoint (gateway/metrics.py), read through the control socket's ``st
 Hot-path cost is the point of this shape: one call per request doing three list
 additions, an increment and ``int.bit_length()`` of the service time in nanoseconds,
 which *is* the histogram bucket (bucket k counts requests that took [2^(k-1), 2^k) ns).
-No locks: nbdkit serialises requests (THREAD_MODEL_SERIALIZE_ALL_REQUESTS) and the
+No locks of its own: requests count under the server lock (nbdkit serialises them,
+or with a sync gate runs them in parallel, each counting under that lock) and the
 control thread only reads (a scrape may see one request half counted; it is counted
 in full by the next).  Counters start at zero with each nbdkit process, as Prometheus
 counters may.

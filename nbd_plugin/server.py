@@ -58,10 +58,13 @@ class Params:
     all_readonly: bool = False
     sync_socket: Path | None = None
     sync_timeout: float = 5.0
+    sync_auto_degrade: bool = True  # no failover core: complete locally if peerlink is gone
+    sync_peers: tuple[str, ...] = ()  # the sync peers (to read their outdating)
     lease: Path | None = None
 
     KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
-            "all_readonly", "sync_socket", "sync_timeout", "lease")
+            "all_readonly", "sync_socket", "sync_timeout", "sync_auto_degrade", "sync_peers",
+            "lease")
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -93,14 +96,20 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _boolean(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
 _SCALARS: dict[str, Callable[[str], object]] = {
     "data_dir": Path,
     "al_slots": _positive_int,
     "journal_max_bytes": parse_size,
     "segment_bytes": parse_size,
-    "all_readonly": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "all_readonly": _boolean,
     "sync_socket": Path,
     "sync_timeout": _positive_float,
+    "sync_auto_degrade": _boolean,
+    "sync_peers": lambda v: tuple(validate_name(p) for p in v.split(",") if p),
     "lease": Path,
 }
 
@@ -108,7 +117,8 @@ _SCALARS: dict[str, Callable[[str], object]] = {
 class Handle:
     """One client connection: the shared volume (or a snapshot of it, ``VOLUME@SNAP``,
     always read-only), this connection's read-only bit, the sync gate (None without
-    synchronous peers), and its export's I/O counters (set by the plugin's open)."""
+    synchronous peers: then nothing ever waits), and its export's I/O counters (set by
+    the plugin's open)."""
 
     __slots__ = ("gate", "io", "lease", "readonly", "vol")
 
@@ -125,10 +135,19 @@ class Handle:
         if self.lease is not None:
             self.lease.check()
 
-    def durable(self) -> None:
-        """After local durability (FLUSH, FUA): wait for the synchronous peers."""
-        if self.gate is not None:
-            self.gate.wait(self.vol.name, self.vol.last_seq)
+    def replicated(self, seq: int, write: bool = True) -> None:
+        """After a write (``seq``: its journal record) or a FLUSH (``write`` False,
+        ``seq``: the journal's end when it was durable locally), outside the server lock:
+        wait until every synchronous peer that holds waiters has the journal through
+        ``seq`` durably.  A write that waits alone makes the local journal durable
+        meanwhile (Volume.sync_ahead): the FLUSH a database sends right after it then
+        costs no fdatasync of its own, so a commit costs one round trip, not a round trip
+        plus an fdatasync."""
+        if self.gate is None:
+            return
+        vol = self.vol
+        assert isinstance(vol, Volume)
+        self.gate.wait(vol.name, seq, (lambda: vol.sync_ahead(seq)) if write else None)
 
 
 class Server:
@@ -139,13 +158,18 @@ class Server:
             raise PluginError("missing required parameter data_dir")
         self.params = params
         self.volumes: dict[str, Volume] = {}
-        # Taken by every data callback and by the snapshot control path (another
-        # thread): nbdkit serialises requests, this serialises the two.
+        # Taken by every data callback around its volume operation (never across a
+        # wait for the sync peers), by the FUSE workers and by the snapshot control path
+        # (other threads).  Without a sync gate nbdkit serialises requests; with one
+        # they run in parallel and this lock serialises their volume operations.
         self.lock = threading.Lock()
         self.snapshot_handles: dict[str, int] = {}  # "VOLUME@SNAP" -> open handles
         self.failed: dict[str, str] = {}
-        self.gate = (SyncGate(params.sync_socket, params.sync_timeout)
-                     if params.sync_socket is not None else None)
+        self.gate = (SyncGate(params.sync_socket, params.sync_timeout,
+                              auto_degrade=params.sync_auto_degrade,
+                              peers=params.sync_peers, data_dir=params.data_dir)
+                     if params.sync_socket is not None and not params.all_readonly
+                     else None)
         self.lease = Lease(params.lease) if params.lease is not None else None
         # Replicas are written by peerlink only; serving them needs a promotion first.
         names = params.volumes or [v.name for v in list_volumes(params.data_dir)

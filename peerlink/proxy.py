@@ -4,7 +4,9 @@
 
 It forwards bytes both ways and, on request: cuts every connection (``cut()``), stops
 forwarding for a while (``stall()``; bytes wait in the proxy and TCP pushes back),
-limits the rate per direction (``throttle()``), and corrupts one byte of the next frame
+limits the rate per direction (``throttle()``), delays every chunk by a fixed time
+(``set_delay()``: an added round trip, pipelined, as a long link would; this kernel has
+no netem), and corrupts one byte of the next frame
 body of at least ``min_body`` bytes going one way (``corrupt_next_body()``).  It follows
 the peerlink frame layout (16-byte header with the body length at offset 8) only to aim
 the flip inside a body, so a test can expect exactly a frame checksum error.
@@ -95,6 +97,7 @@ class FaultProxy:
         self.unstalled = asyncio.Event()
         self.unstalled.set()
         self.rate: dict[Direction, float | None] = {"up": None, "down": None}
+        self.delay: dict[Direction, float] = {"up": 0.0, "down": 0.0}
         self.arm: dict[Direction, _Arm] = {"up": _Arm(), "down": _Arm()}
         self.connections = 0
         self.bytes: dict[Direction, int] = {"up": 0, "down": 0}
@@ -140,6 +143,12 @@ class FaultProxy:
         for d in ("up", "down") if direction is None else (direction,):
             self.rate[d] = bytes_per_second
 
+    def set_delay(self, seconds: float, direction: Direction | None = None) -> None:
+        """Deliver every chunk of one direction (both when None) ``seconds`` after it was
+        read, without slowing the stream otherwise (0: at once)."""
+        for d in ("up", "down") if direction is None else (direction,):
+            self.delay[d] = seconds
+
     def corrupt_next_body(self, direction: Direction = "up", min_body: int = 1024) -> None:
         """Flip the middle byte of the next frame body of at least ``min_body`` bytes."""
         self.arm[direction].min_body = min_body
@@ -168,6 +177,9 @@ class FaultProxy:
     async def _pipe(self, pair: _Pair, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter, d: Direction) -> None:
         aim = pair.aim[d]
+        loop = asyncio.get_running_loop()
+        delayed: asyncio.Queue[tuple[float, bytearray] | None] = asyncio.Queue()
+        courier: asyncio.Task[None] | None = None
         try:
             while True:
                 data = await reader.read(CHUNK)
@@ -179,13 +191,40 @@ class FaultProxy:
                 rate = self.rate[d]
                 if rate:
                     await asyncio.sleep(len(buf) / rate)
+                if self.delay[d] > 0 or courier is not None:
+                    if courier is None:
+                        courier = loop.create_task(self._courier(pair, delayed, writer, d))
+                    delayed.put_nowait((loop.time() + self.delay[d], buf))
+                    continue
+                writer.write(buf)
+                self.bytes[d] += len(buf)
+                await writer.drain()
+            if courier is not None:
+                delayed.put_nowait(None)
+                await courier
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if courier is not None:
+                courier.cancel()
+            # One side gone: take the other down too, as a real network path would.
+            pair.client.transport.abort()
+            pair.server.transport.abort()
+
+    async def _courier(self, pair: _Pair,
+                       delayed: asyncio.Queue[tuple[float, bytearray] | None],
+                       writer: asyncio.StreamWriter, d: Direction) -> None:
+        """Deliver delayed chunks in order, each at its time."""
+        loop = asyncio.get_running_loop()
+        try:
+            while (item := await delayed.get()) is not None:
+                at, buf = item
+                if at > loop.time():
+                    await asyncio.sleep(at - loop.time())
                 writer.write(buf)
                 self.bytes[d] += len(buf)
                 await writer.drain()
         except (ConnectionError, OSError):
-            pass
-        finally:
-            # One side gone: take the other down too, as a real network path would.
             pair.client.transport.abort()
             pair.server.transport.abort()
 
@@ -235,6 +274,13 @@ class ThreadedProxy:
 
     def throttle(self, bytes_per_second: float | None) -> None:
         self._sync(self.proxy.throttle, bytes_per_second)
+
+    def set_delay(self, seconds: float) -> None:
+        """Each direction delayed by ``seconds``: a round trip longer by twice that."""
+        self._sync(self.proxy.set_delay, seconds)
+
+    def set_stalled(self, stalled: bool) -> None:
+        self._sync(self.proxy.set_stalled, stalled)
 
     def corrupt_next_body(self, min_body: int = 1024) -> None:
         self._sync(self.proxy.corrupt_next_body, "up", min_body)

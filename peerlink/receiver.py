@@ -4,8 +4,13 @@ One ``Receiver`` per replica volume.  It listens; a sender connects and the hand
 PROTOCOL.md runs (Hello both ways, ``check_hello``, HelloOk with HMAC proofs when a shared
 secret is configured; this side proves itself only after the sender did).  Then each
 ``Batch`` is checked (``check_batch``: the next seq exactly, inside the volume) and handed
-to one applier task, which runs ``Volume.apply_batch`` on a single worker thread (it ends
-in an fdatasync) strictly in order and then acknowledges the durable seq.
+to one applier task, which runs ``Volume.apply_batches`` on a single worker thread (it ends
+in an fdatasync) strictly in order and acknowledges the durable seq as soon as that
+fdatasync returned (from the apply thread, before the store is written: the batch is
+committed).  Batches that queued up while the previous fdatasync ran are applied
+together, each with its own commit MARK but with one fdatasync and one Ack for all (group
+commit: a sync sender ships each write at once, and its waiters are released by that one
+Ack).
 
 Invariants:
 - One volume, one applier thread: batches are applied in stream order, never two at once.
@@ -94,6 +99,7 @@ from .messages import (
 log = structlog.get_logger(component="peerlink")
 
 APPLY_QUEUE_BYTES: Final = 64 << 20  # received batches waiting for the applier
+GROUP_BYTES: Final = 16 << 20  # payload bytes of queued batches applied with one fdatasync
 
 
 class ReceiverError(PeerlinkError):
@@ -186,6 +192,7 @@ class _Session:
     applied_bytes: int = 0
     history: History | None = None  # the sender's: adopted at bind and when a resync ends
     fork: History | None = None  # this copy's own history, when it lost a fork to the sender
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
 class Receiver:
@@ -623,12 +630,12 @@ class Receiver:
         self._set_resync_marker(None)
         return True
 
-    def _work(self, item: _Work, s: _Session) -> tuple[int | None, bool]:
-        """Apply one queued item on the apply thread; return the seq to Ack (if any) and
-        whether the replica just became Consistent."""
-        if isinstance(item, Batch):
-            durable = self._apply(item, s.node)
-            return durable, self._maybe_consistent()
+    def _work(self, item: _Work | list[Batch], s: _Session) -> tuple[int | None, bool]:
+        """Apply one queued item (or a group of Batches) on the apply thread; return the
+        seq to Ack (if any) and whether the replica just became Consistent."""
+        if isinstance(item, list):
+            self._apply(item, s)  # acknowledged as soon as committed
+            return None, self._maybe_consistent()
         if isinstance(item, ResyncExtents):
             self._resync_begin(item, s)
         elif isinstance(item, ExtentData):
@@ -698,18 +705,54 @@ class Receiver:
         up = str(self.upstream["upstream_uuid"]) if self.upstream is not None else None
         return load_history(self.vol.info.path, self.vol.info.uuid, up)
 
-    def _apply(self, batch: Batch, source: str) -> int:
+    def _apply(self, batches: list[Batch], s: _Session) -> int:
+        """Apply a group of Batches (apply thread); Ack it once it is committed."""
         gen = self._gen_cache if self._gen_cache is not None else self._history().current
         self._gen_cache = gen
-        return self.vol.apply_batch(batch.first_seq, batch.last_seq, list(batch.records),
-                                    {"source": source, "gen": gen.gen_id})
+        meta = {"source": s.node, "gen": gen.gen_id}
+        loop = s.loop
+
+        def committed(seq: int) -> None:
+            loop.call_soon_threadsafe(self._ack, s, seq)
+
+        return self.vol.apply_batches([(b.first_seq, b.last_seq, list(b.records), meta)
+                                       for b in batches], committed)
+
+    def _ack(self, s: _Session, seq: int) -> None:
+        with contextlib.suppress(LinkClosed):
+            s.link.send(Ack(self.name, seq))
+
+    @staticmethod
+    def _group(s: _Session, first: Batch) -> tuple[list[Batch], _Work | None, bool]:
+        """``first`` and the Batches queued right behind it (up to GROUP_BYTES), to be
+        applied with one fdatasync; then the item that ended the group (not a Batch) and
+        whether the end of the session was reached."""
+        group, size = [first], payload_bytes(first.records)
+        while size < GROUP_BYTES and not s.queue.empty():
+            nxt = s.queue.get_nowait()
+            if not isinstance(nxt, Batch):
+                return group, nxt, nxt is None
+            group.append(nxt)
+            size += payload_bytes(nxt.records)
+        return group, None, False
 
     async def _applier(self, s: _Session, clog: Any) -> None:
         loop = asyncio.get_running_loop()
+        carried: _Work | None = None  # the item that ended the last group of Batches
         while True:
-            item = await s.queue.get()
+            item: _Work | None
+            if carried is not None:
+                item, carried = carried, None
+            else:
+                item = await s.queue.get()
             if item is None:
                 return
+            if isinstance(item, Batch):
+                group, carried, ended = self._group(s, item)
+                await self._apply_group(s, clog, group)
+                if ended:
+                    return
+                continue
             if isinstance(item, Verify):
                 # In stream order: every batch sent before it is applied by now.
                 result = await loop.run_in_executor(self.executor, self._verify, item)
@@ -718,16 +761,14 @@ class Receiver:
                 with contextlib.suppress(LinkClosed):
                     s.link.send(result)
                 continue
-            n = (payload_bytes(item.records) if isinstance(item, Batch)
-                 else len(item.data) if isinstance(item, ExtentData) else 0)
+            n = len(item.data) if isinstance(item, ExtentData) else 0
             try:
                 durable, consistent = await loop.run_in_executor(self.executor, self._work,
                                                                  item, s)
             except Exception as e:
                 self.fatal = e
                 self.failed.set()
-                what = (f"batch {item.first_seq}-{item.last_seq}" if isinstance(item, Batch)
-                        else type(item).__name__)
+                what = type(item).__name__
                 clog.error("apply_failed", what=what, error=str(e))
                 s.link.abort(LinkClosed("apply failed on the receiver"))
                 raise ReceiverError(f"apply of {what} failed: {e}") from e
@@ -744,9 +785,30 @@ class Receiver:
                 clog.info("replica_consistent", reason="resync complete",
                           upstream_seq=self.vol.upstream_seq)
             if durable is not None:
-                s.applied_batches += isinstance(item, Batch)
                 with contextlib.suppress(LinkClosed):
                     s.link.send(Ack(self.name, durable))
+
+    async def _apply_group(self, s: _Session, clog: Any, group: list[Batch]) -> None:
+        """Apply queued batches with one fdatasync and one Ack for the last of them (sent
+        by ``_apply`` once they are committed)."""
+        loop = asyncio.get_running_loop()
+        n = sum(payload_bytes(b.records) for b in group)
+        try:
+            _, consistent = await loop.run_in_executor(self.executor, self._work, group, s)
+        except Exception as e:
+            self.fatal = e
+            self.failed.set()
+            what = f"batch {group[0].first_seq}-{group[-1].last_seq}"
+            clog.error("apply_failed", what=what, error=str(e))
+            s.link.abort(LinkClosed("apply failed on the receiver"))
+            raise ReceiverError(f"apply of {what} failed: {e}") from e
+        s.queued_bytes -= n
+        s.space.set()
+        s.applied_bytes += n
+        s.applied_batches += len(group)
+        if consistent:
+            clog.info("replica_consistent", reason="resync complete",
+                      upstream_seq=self.vol.upstream_seq)
 
 
 class ReceiverServer:

@@ -11,10 +11,12 @@ with ``JournalTail`` as nbdkit appends to them.  Per connection:
    ``linger`` old.  It encodes and compresses the frame (zstd, skipped for a while after
    a frame that did not pay) off the event loop.
 3. The pump sends frames while fewer than ``window_bytes`` / ``window_batches`` are
-   unacknowledged, awaiting the transport's drain (backpressure), and polls the journal
-   every few ms when idle.  Acks move the window; the acked seq is persisted in
-   ``volumes/<V>/peers/<peer>.json`` (for journal release and status), at most every
-   ``PERSIST_INTERVAL``.
+   unacknowledged, awaiting the transport's drain (backpressure).  It wakes at once when
+   the sync gate says a client waits for a seq (``want``: the nbdkit plugin tells it after
+   each write) and then closes the batch at once (no linger); otherwise it polls the
+   journal every few ms when idle (every ``SLOW_POLL`` while the plugin is notifying).
+   Acks move the window; the acked seq is persisted in ``volumes/<V>/peers/<peer>.json``
+   (for journal release and status), at most every ``PERSIST_INTERVAL``.
 4. Any link error ends the connection; the sender reconnects with bounded exponential
    backoff and resumes from the receiver's word, so nothing is skipped or sent twice
    into the replica (the receiver refuses a batch out of sequence).
@@ -69,7 +71,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 import structlog
@@ -144,6 +146,7 @@ from .messages import (
 )
 from .ratelimit import TokenBucket, format_rate
 from .receiver import expect, from_wire, replica_history, wire_epochs, wire_generations
+from .syncstate import Standing, SyncEvent, SyncStanding
 
 log = structlog.get_logger(component="peerlink")
 
@@ -167,6 +170,12 @@ VERIFY_CHUNK: Final = 256  # extents per Verify message
 COMPARE_CHUNK: Final = 1024  # extents per Verify message of a compare resync (64 KiB each)
 VERIFY_ROUNDS: Final = 5  # re-checks of extents written while they were compared
 VERIFY_TIMEOUT: Final = 120.0  # seconds between samples of (journal end, time first seen)
+SYNC_TICK: Final = 0.05  # how often a sync peer's standing is checked (stall, recovery)
+PERMISSION_POLL: Final = 0.1  # how often a stalled peer's permission to degrade is read
+SLOW_POLL: Final = 0.1  # idle journal poll while the plugin notifies writes (a fallback)
+NOTIFY_TRUST: Final = 1.0  # ... for this long after its last notification
+INLINE_READ: Final = 256 << 10  # journal bytes a step reads on the event loop (a waiter)
+INLINE_RECORDS: Final = 256  # ... when the records waited for are at most this many ahead
 
 
 @dataclass(frozen=True)
@@ -188,8 +197,8 @@ class SenderConfig:
     max_backoff: float = 10.0
     rate_limit: int = 0  # bytes per second on the wire, 0 = unlimited
     rate_burst: int | None = None  # None: ratelimit.default_burst(rate_limit)
-    sync: bool = False  # a synchronous peer: durability waits (wait_durable) need its ack
-    sync_timeout: float = 5.0  # ... until it is silent this long: then degrade to async
+    sync: bool = False  # a synchronous peer: every write waits for its ack (syncstate.py)
+    sync_timeout: float = 5.0  # ... until it is overdue this long: then it is stalled
 
 
 @dataclass(frozen=True)
@@ -380,14 +389,17 @@ class Producer:
         return Frame(batch.first_seq, batch.last_seq, bufs, sum(len(b) for b in bufs),
                      payload_bytes(batch.records), is_compressed(bufs))
 
-    def step(self) -> tuple[list[Frame], bool]:
-        """Read what the journal has (up to ``read_bytes``); return the frames closed and
-        whether more records are waiting (then the caller should not sleep)."""
+    def step(self, urgent: bool = False, budget: int | None = None
+             ) -> tuple[list[Frame], bool]:
+        """Read what the journal has (up to ``budget``, default ``read_bytes``); return the
+        frames closed and whether more records are waiting (then the caller should not
+        sleep).  ``urgent``: a client waits for a record not sent yet, so the open batch
+        closes now."""
         out: list[Frame] = []
         if self.limit is not None:
             return self._step_groups(out)
-        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read,
-                                                                self.cfg.read_bytes)
+        budget = budget or self.cfg.read_bytes
+        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read, budget)
         for hdr, payload in recs:
             if not self.builder.add(hdr, payload):
                 out.append(self._flush())
@@ -396,9 +408,9 @@ class Producer:
             if self.started == 0.0:
                 self.started = time.monotonic()
             self.next_read = hdr.seq + 1
-        more = sum(REC_HEADER_SIZE + h.payload_len for h, _ in recs) >= self.cfg.read_bytes
+        more = sum(REC_HEADER_SIZE + h.payload_len for h, _ in recs) >= budget
         if not self.builder.empty and (
-                not recs or time.monotonic() - self.started >= self.cfg.linger
+                urgent or not recs or time.monotonic() - self.started >= self.cfg.linger
                 or self.builder.size >= self.cfg.batch_bytes):
             out.append(self._flush())
         return out, more
@@ -440,6 +452,11 @@ class Producer:
                 not more or time.monotonic() - self.started >= self.cfg.linger):
             out.append(self._flush())
         return out, more
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def is_commit(payload: bytes | memoryview) -> bool:
@@ -519,8 +536,12 @@ class Sender:
     def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
                  port: int, secret: bytes | None = None,
                  config: SenderConfig | None = None, tls: ssl.SSLContext | None = None,
-                 source: Volume | None = None) -> None:
+                 source: Volume | None = None,
+                 outdated: Callable[[], set[str]] | None = None) -> None:
         self.cfg = config or SenderConfig()
+        # Sync mode: ``outdated`` reads the peers the daemon has had outdated (permission
+        # to degrade a stalled peer); None: no failover core, degrade after sync_timeout.
+        self.outdated = outdated
         # Cascade: ``source`` is this process's replica Volume (its receiver applies
         # batches to it).  Its journal holds each upstream batch as records + a commit
         # MARK, written *before* the store: only records through ``applied_seq`` (a
@@ -568,11 +589,21 @@ class Sender:
         self.live_path = self.info.path / "peers" / f"{peer}.live.json"
         self.degraded: str | None = None  # why a sync peer is treated as async now
         self.degraded_at = 0.0
+        # Sync mode: the peer's standing (syncstate.py), why it stalled, and since when
+        # the link is in its state (monotonic).
+        self.standing = SyncStanding(self.cfg.sync_timeout) if self.cfg.sync else None
+        self.stall_why: str | None = None
+        self.state_mono = time.monotonic()
+        # The sync gate: the highest seq a client waits for and when the plugin last said
+        # so, the pump's wake-up (flag, future), and who to tell when this peer's acks or
+        # standing move.
+        self.want_seq, self.notified_at = 0, -NOTIFY_TRUST
+        self.woken, self.wakeup = False, cast("asyncio.Future[None] | None", None)
+        self.on_change: Callable[[], None] | None = None
         self.live_event = asyncio.Event()
         self.verify_queue: deque[tuple[int, Verify]] = deque()  # (send after seq, request)
         self.verify_waiters: dict[int, asyncio.Future[VerifyResult]] = {}
         self.verify_token = 0
-        self.waiters: list[tuple[int, asyncio.Future[bool]]] = []
         # Long work under way (compare, resync): {"phase", "done", "total", "unit"}.
         self.progress: dict[str, Any] | None = None
 
@@ -770,21 +801,17 @@ class Sender:
         self.acked_event.set()
         while self.seen and self.seen[0][0] <= seq:
             self.seen.popleft()
-        if self.waiters:
-            keep = []
-            for want, fut in self.waiters:
-                if want <= seq:
-                    if not fut.done():
-                        fut.set_result(True)
-                else:
-                    keep.append((want, fut))
-            self.waiters = keep
-        if (self.degraded is not None and self.state == "streaming"
-                and seq >= self.journal_seen and not self.inflight):
+        st = self.standing
+        if st is None:
+            return
+        st.acked(seq)
+        if st.caught_up(seq, self.journal_seen, self.state == "streaming", bool(self.inflight)):
+            st.fire(SyncEvent.CATCH_UP)
             self.log.warning("sync_resumed", acked_seq=seq,
                              degraded_for_s=round(time.time() - self.degraded_at, 1))
             self.degraded = None
             self.live_event.set()
+        self._changed()
 
     # -- live state and sync mode -------------------------------------------------------------
 
@@ -792,6 +819,7 @@ class Sender:
         if state != self.state:
             self.state = state
             self.state_since = time.time()
+            self.state_mono = time.monotonic()
             self.live_event.set()
 
     def _saw(self, seq: int) -> None:
@@ -812,10 +840,13 @@ class Sender:
 
     def live(self) -> dict[str, Any]:
         state = "degraded" if self.degraded is not None else self.state
+        st = self.standing
         return {"kind": LIVE_KIND, "version": LIVE_VERSION, "peer": self.peer,
                 "volume": self.name, "volume_uuid": self.info.uuid, "state": state,
                 "link": self.state, "state_since": self.state_since,
                 "mode": "sync" if self.cfg.sync else "async", "degraded": self.degraded,
+                "sync": st.state.value if st is not None else None,
+                "stalled_since": st.stalled_since if st is not None else None,
                 "acked_seq": self.acked, "journal_seq": self.journal_seen,
                 "lag_records": max(0, self.journal_seen - self.acked),
                 "lag_seconds": round(self.lag_seconds(), 3),
@@ -823,40 +854,89 @@ class Sender:
                 "updated": time.time(), "stats": dict(self.stats),
                 "progress": self.progress}
 
+    # -- the sync gate ------------------------------------------------------------------------
+
+    @property
+    def holds(self) -> bool:
+        """Must acknowledgements to clients wait for this peer (a sync peer, ok or
+        stalled)?"""
+        return self.standing is not None and self.standing.holds
+
+    def want(self, seq: int) -> None:
+        """A client waits for ``seq`` (the plugin wrote it): ship it at once, and for a
+        sync peer time its acknowledgement."""
+        now = time.monotonic()
+        self.want_seq = max(self.want_seq, seq)
+        self.notified_at = now
+        self.woken = True
+        if self.wakeup is not None:
+            _settle(self.wakeup)
+        if self.standing is not None:
+            self.standing.want(seq, self.acked, now)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     def _degrade(self, why: str) -> None:
-        if not self.cfg.sync or self.degraded is not None:
-            return
+        """Permission given: stop holding waiters until the peer has caught up."""
+        assert self.standing is not None
+        self.standing.fire(SyncEvent.PERMIT)
         self.degraded = why
         self.degraded_at = time.time()
         self.live_event.set()
         self.log.error("sync_degraded", reason=why, acked_seq=self.acked,
                        journal_seq=self.journal_seen,
                        note="writes are acknowledged without this peer until it catches up")
-        for _, fut in self.waiters:
-            if not fut.done():
-                fut.set_result(False)
-        self.waiters = []
+        self._changed()
 
-    async def wait_durable(self, seq: int) -> bool:
-        """Sync mode: wait until this peer acknowledged ``seq`` durably; False at once for
-        an async or degraded peer, or after ``sync_timeout`` (the peer then degrades)."""
-        if self.acked >= seq:
-            return True
-        if not self.cfg.sync or self.degraded is not None:
-            return False
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.waiters.append((seq, fut))
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.cfg.sync_timeout)
-        except TimeoutError:
-            self._degrade(f"no acknowledgement of seq {seq} within "
-                          f"{self.cfg.sync_timeout:g} s (link {self.state})")
-            return False
+    async def _sync_watch(self) -> None:
+        """A sync peer's standing (peerlink/syncstate.py): overdue for sync_timeout ->
+        stalled; stalled -> degraded only once permitted (the daemon listed the peer in
+        outdated.json), or at once without a failover core (``outdated`` is None)."""
+        st = self.standing
+        assert st is not None
+        loop = asyncio.get_running_loop()
+        checked = 0.0
+        while True:
+            await asyncio.sleep(SYNC_TICK)
+            now = time.monotonic()
+            down = self.state_mono if self.state == "disconnected" else None
+            why = st.overdue(now, down)
+            if st.state is Standing.OK and why is not None:
+                st.fire(SyncEvent.STALL, time.time())
+                self.stall_why = why
+                self.live_event.set()
+                self.log.error("sync_stalled", reason=why, acked_seq=self.acked,
+                               journal_seq=self.journal_seen,
+                               note="writes wait for this peer until it answers or the "
+                                    "daemon has it outdated" if self.outdated is not None
+                               else "failover.auto is off (no failover core to outdate "
+                                    "the peer): degrading after sync_timeout on its own")
+            if st.state is not Standing.STALLED:
+                continue
+            if why is None and self.state == "streaming":
+                st.fire(SyncEvent.RECOVER)
+                self.live_event.set()
+                self.log.warning("sync_unstalled", acked_seq=self.acked)
+                self._changed()
+            elif self.outdated is None:
+                self._degrade(f"{self.stall_why}; no failover core (failover.auto off): "
+                              "degraded without the witness's permission")
+            elif now - checked >= PERMISSION_POLL:
+                checked = now
+                try:
+                    outdated = await loop.run_in_executor(None, self.outdated)
+                except (BlockstoreError, OSError, ValueError) as e:
+                    self.log.warning("outdated_unreadable", error=str(e))
+                    continue
+                if self.peer in outdated and st.state is Standing.STALLED:
+                    self._degrade(f"{self.stall_why}; outdated by the daemon (the witness "
+                                  "recorded it: it cannot be promoted)")
 
     async def _live_writer(self) -> None:
         """Rewrite peers/<peer>.live.json every LIVE_INTERVAL; while no session reads the
-        journal, sample its end here (lag in seconds grows while the peer is away); a sync
-        peer unreachable for sync_timeout degrades even when nobody waits."""
+        journal, sample its end here (lag in seconds grows while the peer is away)."""
         loop = asyncio.get_running_loop()
         while True:
             if self.state == "disconnected":
@@ -864,9 +944,6 @@ class Sender:
                     _, last = await loop.run_in_executor(None, journal_bounds,
                                                          self.journal_dir)
                     self._saw(last)
-                if (self.cfg.sync and self.degraded is None
-                        and time.time() - self.state_since > self.cfg.sync_timeout):
-                    self._degrade(f"peer unreachable for {self.cfg.sync_timeout:g} s")
             self.live_event.clear()
             with contextlib.suppress(OSError):
                 self.live_path.parent.mkdir(exist_ok=True)
@@ -885,6 +962,8 @@ class Sender:
         """Connect, stream, and reconnect with backoff until ``stop`` is set."""
         persister = asyncio.get_running_loop().create_task(self._persister())
         live = asyncio.get_running_loop().create_task(self._live_writer())
+        watch = (asyncio.get_running_loop().create_task(self._sync_watch())
+                 if self.standing is not None else None)
         backoff = self.cfg.min_backoff
         self.log.info("rate_limit", bytes_per_s=self.bucket.rate,
                       burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
@@ -906,9 +985,10 @@ class Sender:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, self.cfg.max_backoff)
         finally:
-            persister.cancel()
-            live.cancel()
-            await asyncio.gather(persister, live, return_exceptions=True)
+            helpers = [persister, live, *([watch] if watch is not None else [])]
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             self._set_state("disconnected")
             with contextlib.suppress(OSError):
                 write_json(self.live_path, {**self.live(), "state": "stopped"})
@@ -1205,7 +1285,16 @@ class Sender:
                    or len(self.inflight) >= self.cfg.window_batches):
                 self.room.clear()
                 await self.room.wait()
-            frames, more = await loop.run_in_executor(self.executor, producer.step)
+            self.woken = False
+            urgent = self.want_seq > self.sent_through
+            if urgent and self.source is None and (
+                    self.want_seq - self.sent_through <= INLINE_RECORDS):
+                # A client waits for a few records: read, framed and sent right here (two
+                # thread hops less on every synchronous write's round trip).
+                frames, more = producer.step(True, INLINE_READ)
+            else:  # a backlog (catching up): read in large steps off the event loop
+                frames, more = await loop.run_in_executor(self.executor, producer.step,
+                                                          urgent)
             for f in frames:
                 await self._throttle(f.wire_bytes)
                 link.send_frame(f.bufs)
@@ -1220,8 +1309,21 @@ class Sender:
             while self.verify_queue and self.verify_queue[0][0] <= self.sent_through:
                 link.send(self.verify_queue.popleft()[1])
             poll = self.cfg.poll_min if frames or more else min(poll * 2, self.cfg.poll_max)
-            if not more:
-                await asyncio.sleep(poll)
+            if not more and not self.woken:
+                notified = time.monotonic() - self.notified_at < NOTIFY_TRUST
+                await self._idle(max(poll, SLOW_POLL) if notified else poll)
+
+    async def _idle(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if ``want`` wakes the pump."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self.wakeup = fut
+        timer = loop.call_later(seconds, _settle, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self.wakeup = None
 
     async def _throttle(self, wire_bytes: int) -> None:
         """Wait until the bandwidth cap allows ``wire_bytes`` more on the link."""

@@ -52,8 +52,11 @@ class Node:
             # Failover is tested in the lab (one address per site); here the three nodes
             # share 127.0.0.1, so heartbeats (one port per node) are off.
             "failover": {"auto": False},
+            # Sync is the main-site pair's: each names the other sync (DR nobody).
             "peers": [{"name": n.name, "role": n.role, "address": "127.0.0.1", "port": n.port,
-                       "mode": modes.get(n.name, "async"), "sync_timeout": sync_timeout}
+                       "mode": (modes.get(n.name) or modes.get(self.name) or "async")
+                       if {n.role, self.role} <= {"primary", "secondary"} else "async",
+                       "sync_timeout": sync_timeout}
                       for n in nodes if n is not self],
         }
         self.config.write_text(yaml.safe_dump(cfg))
@@ -203,8 +206,10 @@ def test_sync_peer_flush_waits_then_degrades_and_recovers(make_cluster: Any) -> 
 
     dc.stop(signal.SIGKILL)  # the sync peer is gone
     t0 = time.monotonic()
+    # Every write waits up to sync_timeout for dc; with failover.auto off (no failover
+    # core to outdate it) it then degrades on its own and the write completes.
     h.pwrite(b"x" * 4096, 0)
-    h.flush()  # waits up to sync_timeout for dc, then completes degraded
+    h.flush()
     waited = time.monotonic() - t0
     assert 1.0 <= waited < 10.0, waited
     wait_for(lambda: peer_state(main, "dc").get("state") == "degraded", 10, "dc degraded")

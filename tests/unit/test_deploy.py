@@ -547,6 +547,11 @@ def test_the_example_inventory_renders_three_coherent_configs(tmp_path: Path) ->
     assert cfgs["main"]["peers"][0] == {"name": "dc", "role": "secondary",
                                         "address": "192.0.2.12", "mode": "sync",
                                         "sync_timeout": 5}
+    # Sync is the main-site pair's: dc names main sync too (for when it is primary), and
+    # DR names nobody sync (the config check refuses that).
+    assert {p["name"]: p.get("mode") for p in cfgs["dc"]["peers"]} == {
+        "main": "sync", "dr": "async"}
+    assert [p.get("mode") for p in cfgs["dr"]["peers"]] == [None, None]
     for cfg in cfgs.values():
         config_check(cfg["__path"])
 

@@ -184,3 +184,31 @@ def test_committed_batch_whose_store_write_fails_keeps_the_volume_unclean(
     assert again.upstream_seq == 1
     assert read(again, 0, 4096) == data, "redo applied the committed batch"
     again.close()
+
+
+def test_apply_batches_commits_each_batch_with_one_fdatasync(replica: Path) -> None:
+    """Group commit: batches that queued up are journaled each with its own commit MARK
+    and made durable by one fdatasync; the store gets all of them."""
+    vol = Volume.open(replica, "r1")
+    assert vol.journal is not None
+    syncs: list[int] = []
+    real_sync = vol.journal.sync
+    vol.journal.sync = lambda: (syncs.append(1), real_sync())[1]  # type: ignore[method-assign]
+    data = [os.urandom(4096) for _ in range(3)]
+    assert vol.apply_batches([(1, 1, [(Op.WRITE, 0, 0, 4096, data[0])], {"gen": 7}),
+                              (2, 3, [(Op.WRITE, 0, 4096, 4096, data[1]),
+                                      (Op.WRITE, 0, 8192, 4096, data[2])], None)]) == 3
+    assert syncs == [1]
+    assert vol.upstream_seq == 3
+    assert [read(vol, i * 4096, 4096) for i in range(3)] == data
+    marks = [msgpack.unpackb(p) for h, p in vol.journal.records(1) if h.op == Op.MARK]
+    assert [(m["first_seq"], m["last_seq"], m.get("gen")) for m in marks] == [
+        (1, 1, 7), (2, 3, None)]
+    # A gap inside a group refuses the whole group before anything is journaled.
+    last = vol.journal.last_seq
+    with pytest.raises(InvalidArgument) as ei:
+        vol.apply_batches([(4, 4, [(Op.WRITE, 0, 0, 4096, data[0])], None),
+                           (6, 6, [], None)])
+    assert str(ei.value) == "volume r1: batch 6..6 does not follow applied seq 4"
+    assert vol.journal.last_seq == last and vol.upstream_seq == 3
+    vol.close()
