@@ -20,7 +20,9 @@ DR = {"name": "dr", "role": "dr", "address": "192.0.2.13"}
 
 
 def node(name: str, role: str, peers: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"version": 1, "node": {"name": name, "role": role}, "peers": peers, **extra}
+    # Automatic failover needs the peers' secret (its heartbeats are signed with it).
+    return {"version": 1, "node": {"name": name, "role": role}, "peers": peers,
+            "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"}, **extra}
 
 
 def refused(raw: Any) -> str:

@@ -140,7 +140,9 @@ DR = {"name": "dr", "role": "dr", "address": "192.0.2.13"}
 
 
 def node(name: str, role: str, peers: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"version": 1, "node": {"name": name, "role": role}, "peers": peers, **extra}
+    # Automatic failover needs the peers' secret (its heartbeats are signed with it).
+    return {"version": 1, "node": {"name": name, "role": role}, "peers": peers,
+            "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"}, **extra}
 
 
 def test_the_plugin_is_told_whether_it_may_degrade_on_its_own(tmp_path: Path) -> None:
@@ -186,10 +188,12 @@ class Node:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]  # closed again: dc is unreachable
+        secret = data_dir.parent / "peer.secret"
+        secret.write_text("s" * 32)
         self.cfg = parse_config({
             "version": 1, "node": {"name": "main", "role": "primary",
                                    "data_dir": str(data_dir)},
-            "failover": {"auto": auto},
+            "failover": {"auto": auto}, "peerlink": {"secret_file": str(secret)},
             "peers": [{"name": "dc", "role": "secondary", "address": "127.0.0.1",
                        "port": port, "mode": mode, "sync_timeout": sync_timeout},
                       {"name": "dr", "role": "dr", "address": "127.0.0.1", "port": port}]})
