@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from blockstore.volume import (
 from . import audit, logs
 from .config import (
     DEFAULT_CONFIG_PATH,
-    NbdConfig,
     NodeConfig,
     TlsConfig,
     TlsMode,
@@ -177,11 +177,24 @@ def _human(n: int) -> str:
 @click.pass_obj
 @audit.audited("volume delete")
 def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
-    """Delete a volume and its journal (refused while it is being served)."""
+    """Delete a volume and its journal.  A volume a running `nbdgw serve` or daemon
+    serves is withdrawn from it first (refused while a client still uses it)."""
+    from nbd_plugin.control import ControlError, request
+
     dd = obj.data_dir(data_dir)
-    find_volume(dd, name)
+    info = find_volume(dd, name)
     _confirm(yes, f"delete volume {name} and all its data?")
-    delete_volume(dd, name)
+    try:
+        delete_volume(dd, name)
+    except VolumeInUse:
+        try:
+            reply = request(info.path, {"op": "withdraw"}, timeout=60)
+        except (ControlError, OSError) as e:
+            _fail(f"volume {name} is in use and its server cannot be asked to let it go "
+                  f"({e}): stop what uses it first")
+        if not reply.get("ok"):
+            _fail(str(reply.get("error")))
+        delete_volume(dd, name)
     click.echo(f"deleted volume {name}")
 
 
@@ -246,20 +259,16 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     cfg = obj.config()
     nbd_cfg = cfg.nbd
     if listen:
-        nbd_cfg = NbdConfig(tuple(parse_listen(x, "--listen") for x in listen),
-                            nbd_cfg.tls, nbd_cfg.allow)
+        nbd_cfg = replace(nbd_cfg, listen=tuple(parse_listen(x, "--listen") for x in listen))
     if allow:
-        nbd_cfg = NbdConfig(nbd_cfg.listen, nbd_cfg.tls,
-                            tuple(parse_cidr(a, "--allow") for a in allow))
+        nbd_cfg = replace(nbd_cfg, allow=tuple(parse_cidr(a, "--allow") for a in allow))
     if tls_mode or tls_psk or tls_certificates:
         t = nbd_cfg.tls
         mode = TlsMode(tls_mode) if tls_mode else (
             t.mode if t.mode is not TlsMode.OFF else TlsMode.REQUIRE)
         psk = tls_psk or (None if tls_certificates else t.psk_file)
         certs = tls_certificates or (None if tls_psk else t.certificates_dir)
-        nbd_cfg = NbdConfig(nbd_cfg.listen, check_tls(TlsConfig(mode, psk, certs,
-                                                                 t.verify_peer)),
-                            nbd_cfg.allow)
+        nbd_cfg = replace(nbd_cfg, tls=check_tls(TlsConfig(mode, psk, certs, t.verify_peer)))
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
 
     pre = precheck_volumes(cfg, list(volumes) or None)
@@ -269,7 +278,10 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         _fail("no volume to serve" + ("" if pre.failed else
                                       f" in {cfg.data_dir} (create one with "
                                       "'nbdgw volume create NAME --size SIZE')"))
-    server = NbdServer(cfg, pre.served, all_readonly=read_only)
+    # Without a volume named (here or in the config), volumes created while it runs are
+    # served too, and deleted ones withdrawn.
+    server = NbdServer(cfg, pre.served, all_readonly=read_only,
+                       discover=not volumes and not cfg.volumes)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -93,6 +93,7 @@ class NbdConfig:
     listen: tuple[Listen, ...] = (parse_listen(DEFAULT_LISTEN),)
     tls: TlsConfig = TlsConfig()
     allow: tuple[str, ...] = ()  # client allow-list (CIDRs); empty = anyone
+    default_export: str | None = None  # what a client naming no export gets (None: refused)
 
 
 @dataclass(frozen=True)
@@ -427,14 +428,21 @@ def parse_cidr(v: Any, where: str) -> str:
 
 
 def _nbd(raw: Any) -> NbdConfig:
-    s = _Section(raw, "nbd", ("listen", "tls", "allow"))
+    s = _Section(raw, "nbd", ("listen", "tls", "allow", "default_export"))
     listen = tuple(parse_listen(x, f"nbd.listen[{i}]") for i, x in enumerate(s.listing("listen")))
     if not s.has("listen"):
         listen = NbdConfig().listen
     if not listen:
         raise ConfigError("expected at least one address in nbd.listen")
     allow = tuple(parse_cidr(x, f"nbd.allow[{i}]") for i, x in enumerate(s.listing("allow")))
-    return NbdConfig(listen=listen, tls=_tls(s.get("tls")), allow=allow)
+    default = s.string("default_export", None)
+    if default is not None:
+        try:
+            validate_name(default)
+        except InvalidArgument as e:
+            raise ConfigError(f"nbd.default_export: {e}") from None
+    return NbdConfig(listen=listen, tls=_tls(s.get("tls")), allow=allow,
+                     default_export=default)
 
 
 def _volumes(items: list[Any]) -> tuple[VolumeConfig, ...]:

@@ -165,7 +165,9 @@ def lease_path(data_dir: Path) -> Path:
     return data_dir / "run" / "write.lease"
 
 
-def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False) -> list[str]:
+def nbdkit_argv(cfg: NodeConfig, volumes: list[str] | None,
+                all_readonly: bool = False) -> list[str]:
+    """``volumes`` None: serve every primary volume of data_dir, those created later too."""
     argv = ["nbdkit", "--exit-with-parent"]
     tls = cfg.nbd.tls
     if tls.mode is not TlsMode.OFF:
@@ -191,7 +193,9 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str], all_readonly: bool = False)
                  f"sync_auto_degrade={'false' if has_failover_core(cfg) else 'true'}",
                  "sync_peers=" + ",".join(p.name for p in cfg.send_to()
                                           if p.mode is PeerMode.SYNC)]
-    argv += [f"volume={v}" for v in volumes]
+    argv += [f"volume={v}" for v in volumes or ()]
+    if cfg.nbd.default_export is not None:
+        argv.append(f"default_export={cfg.nbd.default_export}")
     argv += [f"readonly={v.name}" for v in cfg.volumes if v.read_only]
     return argv
 
@@ -226,10 +230,14 @@ def disconnect_clients(pid: int) -> int:
 class NbdServer:
     """One nbdkit process serving the node's volumes on every listen address."""
 
-    def __init__(self, cfg: NodeConfig, volumes: list[str], all_readonly: bool = False) -> None:
+    def __init__(self, cfg: NodeConfig, volumes: list[str], all_readonly: bool = False,
+                 discover: bool = False) -> None:
+        """``volumes``: those served now; ``discover``: also serve volumes created (or
+        promoted) in data_dir while it runs."""
         self.cfg = cfg
         self.volumes = volumes
         self.all_readonly = all_readonly
+        self.discover = discover
         self.proc: subprocess.Popen[bytes] | None = None
         self.addresses: list[Listen] = []
 
@@ -239,7 +247,8 @@ class NbdServer:
                                                                strict=True)]
         fds = [s.fileno() for s in socks]
         argv = [sys.executable, "-m", "gateway.sockact", ",".join(map(str, fds)),
-                *nbdkit_argv(self.cfg, self.volumes, self.all_readonly)]
+                *nbdkit_argv(self.cfg, None if self.discover else self.volumes,
+                             self.all_readonly)]
         env = dict(os.environ, NBDGW_SITE=plugin_site_dirs())
         log.info("nbdkit_starting", argv=argv[4:])
         try:

@@ -10,6 +10,7 @@ line in, one JSON line out::
     {"op": "stats"}  -> {"ok": true, "pid": ..., "exports": nbd_plugin.iostats.snapshot(),
                          "fuse_mounts": [exports whose FUSE mount this process serves]}
     {"op": "fuse", "export": "v1", "read_only": false}  + a /dev/fuse fd (SCM_RIGHTS)
+    {"op": "withdraw"}  (on the volume's own socket: stop serving it, refused while in use)
     -> {"ok": true, ...} | {"ok": false, "error": "exact message"}
 
 ``fuse`` is the iSCSI bridge handing over a FUSE mount it made for an export, to be
@@ -99,32 +100,49 @@ class ControlServer:
     def __init__(self, volumes: dict[str, Volume], lock: threading.Lock,
                  can_delete: Callable[[str, str], str | None],
                  attach_fuse: Callable[[str, int, bool], None] | None = None,
-                 fuse_mounts: Callable[[], list[str]] = list) -> None:
+                 fuse_mounts: Callable[[], list[str]] = list,
+                 withdraw: Callable[[str], str | None] | None = None) -> None:
         self.volumes = volumes
+        self.withdraw = withdraw  # volume -> refusal or None once it is no longer served
         self.lock = lock
         self.can_delete = can_delete  # (volume, snapshot) -> refusal reason or None
         self.attach_fuse = attach_fuse  # (export, /dev/fuse fd, read-only): Server's
         self.fuse_mounts = fuse_mounts  # the exports whose FUSE mounts are served here
         self.stopping = threading.Event()
-        self.socks: list[tuple[socket.socket, Path]] = []
-        self.threads: list[threading.Thread] = []
+        self.socks: dict[str, tuple[socket.socket, Path, threading.Thread]] = {}
+        self.started = False
 
     def start(self) -> None:
-        for name, vol in self.volumes.items():
-            path = vol.info.path / SOCKET_NAME
-            s = _bind(path)
-            self.socks.append((s, path))
-            t = threading.Thread(target=self._serve, args=(s, name), daemon=True,
-                                 name=f"nbdgw-control-{name}")
-            t.start()
-            self.threads.append(t)
+        self.started = True
+        for name, vol in list(self.volumes.items()):
+            self.add(name, vol)
+
+    def add(self, name: str, vol: Volume) -> None:
+        """Listen on a volume's control socket (a volume served from now on)."""
+        if not self.started or name in self.socks:
+            return
+        path = vol.info.path / SOCKET_NAME
+        s = _bind(path)
+        t = threading.Thread(target=self._serve, args=(s, name), daemon=True,
+                             name=f"nbdgw-control-{name}")
+        self.socks[name] = (s, path, t)
+        t.start()
+
+    def remove(self, name: str) -> None:
+        """Stop listening for a withdrawn volume (its socket goes; the reply to the
+        request that withdrew it is sent by the thread that serves it)."""
+        entry = self.socks.pop(name, None)
+        if entry is not None:
+            s, path, _ = entry
+            s.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def stop(self) -> None:
         self.stopping.set()
-        for t in self.threads:
-            t.join(5)
-        for s, path in self.socks:
+        for s, path, t in list(self.socks.values()):
             s.close()
+            t.join(5)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.socks.clear()
@@ -150,6 +168,10 @@ class ControlServer:
                         continue
                     if op == "fuse":
                         reply, fds = self._fuse(req, fds), []
+                    elif op == "withdraw":
+                        why = self.withdraw(volume) if self.withdraw is not None else (
+                            "this server cannot withdraw volumes")
+                        reply = {"ok": why is None, **({"error": why} if why else {})}
                     else:  # stats: counters only; no lock, never waits for an NBD request
                         reply = ({"ok": True, "pid": os.getpid(),
                                   "exports": iostats.snapshot(),

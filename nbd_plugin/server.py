@@ -61,10 +61,11 @@ class Params:
     sync_auto_degrade: bool = True  # no failover core: complete locally if peerlink is gone
     sync_peers: tuple[str, ...] = ()  # the sync peers (to read their outdating)
     lease: Path | None = None
+    default_export: str = ""  # the volume a client that names none gets ("": refused)
 
     KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
             "all_readonly", "sync_socket", "sync_timeout", "sync_auto_degrade", "sync_peers",
-            "lease")
+            "lease", "default_export")
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -111,6 +112,7 @@ _SCALARS: dict[str, Callable[[str], object]] = {
     "sync_auto_degrade": _boolean,
     "sync_peers": lambda v: tuple(validate_name(p) for p in v.split(",") if p),
     "lease": Path,
+    "default_export": validate_name,
 }
 
 
@@ -171,42 +173,105 @@ class Server:
                      if params.sync_socket is not None and not params.all_readonly
                      else None)
         self.lease = Lease(params.lease) if params.lease is not None else None
+        # No volume named: serve every primary volume of data_dir, also those created
+        # while this process runs (opened when first asked for or listed).
+        self.discover = not params.volumes
+        self.members = threading.Lock()  # adding and withdrawing volumes (not I/O)
+        self.in_use: dict[str, int] = {}  # volume -> open handles (NBD and FUSE)
+        self.fuse: list[Attachment] = []  # fusefile.Attachment: exports mounted for the bridge
+        self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use,
+                                     self.attach_fuse,
+                                     lambda: sorted(a.export for a in list(self.fuse)),
+                                     self.withdraw)
         # Replicas are written by peerlink only; serving them needs a promotion first.
-        names = params.volumes or [v.name for v in list_volumes(params.data_dir)
-                                   if not is_replica(v)]
+        names = params.volumes or self._primaries()
         for name in names:
-            ro = params.all_readonly or name in params.readonly
+            self._add(name, quiet=False)
+        if not self.volumes and not self.discover:
+            detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
+            raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
+        self.control.start()
+
+    def _primaries(self) -> list[str]:
+        assert self.params.data_dir is not None
+        return [v.name for v in list_volumes(self.params.data_dir) if not is_replica(v)]
+
+    def _add(self, name: str, quiet: bool = True) -> Volume | None:
+        """Open volume ``name`` and serve it from now on (None when it cannot be)."""
+        p = self.params
+        assert p.data_dir is not None
+        with self.members:
+            if name in self.volumes:
+                return self.volumes[name]
+            ro = p.all_readonly or name in p.readonly
             try:
-                vol = Volume.open(params.data_dir, name, readonly=ro,
-                                  al_slots=params.al_slots,
-                                  journal_max_bytes=params.journal_max_bytes,
-                                  segment_bytes=params.segment_bytes)
+                vol = Volume.open(p.data_dir, name, readonly=ro, al_slots=p.al_slots,
+                                  journal_max_bytes=p.journal_max_bytes,
+                                  segment_bytes=p.segment_bytes)
                 if vol.replica:
                     vol.close()
                     raise InvalidArgument(f"volume {name} is a replica: it is written by "
                                           "peerlink and cannot be served until promoted")
             except (BlockstoreError, OSError) as e:
+                if self.failed.get(name) != str(e):
+                    log.error("volume_not_served", volume=name, error=str(e))
+                    if not quiet:
+                        print(f"nbdgw: volume {name} not served: {e}", file=sys.stderr,
+                              flush=True)
                 self.failed[name] = str(e)
-                log.error("volume_not_served", volume=name, error=str(e))
-                print(f"nbdgw: volume {name} not served: {e}", file=sys.stderr, flush=True)
-                continue
+                return None
+            self.failed.pop(name, None)
             r = vol.recovery
             if r.unclean:
                 log.warning("volume_recovered", volume=name, replayed=r.replayed,
                             torn_bytes=r.torn_bytes, hot_extents=r.hot_extents,
                             last_seq=r.last_seq)
-            self.volumes[name] = vol
-        if not self.volumes:
-            detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
-            raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
-        self.fuse: list[Attachment] = []  # fusefile.Attachment: exports mounted for the bridge
-        self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use,
-                                     self.attach_fuse,
-                                     lambda: sorted(a.export for a in list(self.fuse)))
-        self.control.start()
+            with self.lock:
+                self.volumes[name] = vol
+            if quiet:
+                self.control.add(name, vol)
+                log.info("volume_added", volume=name, size=vol.size)
+            return vol
+
+    def withdraw(self, name: str) -> str | None:
+        """Stop serving volume ``name`` (`nbdgw volume delete` of a served volume): the
+        refusal when clients still use it, else None once it is closed."""
+        with self.members:
+            vol = self.volumes.get(name)
+            if vol is None:
+                return None
+            with self.lock:
+                n = self.in_use.get(name, 0) + sum(
+                    c for e, c in self.snapshot_handles.items() if e.startswith(name + "@"))
+                if n:
+                    return (f"volume {name} is in use by {n} client{'s' if n > 1 else ''} "
+                            "(NBD or iSCSI): disconnect them first")
+                del self.volumes[name]
+            self.control.remove(name)
+            try:
+                vol.close()
+            except (BlockstoreError, OSError) as e:
+                log.error("volume_close_failed", volume=name, error=str(e))
+            log.info("volume_withdrawn", volume=name)
+            return None
+
+    def _exists(self, name: str) -> bool:
+        assert self.params.data_dir is not None
+        try:
+            validate_name(name)
+        except InvalidArgument:
+            return False
+        return (self.params.data_dir / "volumes" / name / "volume.json").exists()
+
+    def _discover(self) -> None:
+        if self.discover:
+            for name in self._primaries():
+                if name not in self.volumes:
+                    self._add(name)
 
     def list_exports(self) -> list[tuple[str, str]]:
         out = []
+        self._discover()
         with self.lock:
             for n, v in self.volumes.items():
                 out.append((n, f"nbdgw volume {n} ({v.size} bytes)"))
@@ -215,18 +280,27 @@ class Server:
         return out
 
     def default_export(self) -> str:
-        # The empty export name means the first volume, so that `nbdinfo nbd://host`
-        # works on a single-volume node.
-        return next(iter(self.volumes))
+        # A client that names no export gets nbd.default_export if the config names
+        # one; otherwise its open is refused (never silently the first volume, writable).
+        return self.params.default_export
 
     def open(self, name: str, readonly: bool) -> Handle:
         if "@" in name:
             return self._open_snapshot(name)
-        vol = self.volumes.get(name or self.default_export())
+        name = name or self.params.default_export  # nbdkit passes the client's own name
+        if not name:
+            exports = ", ".join(sorted(self.volumes)) or "none"
+            raise FileNotFoundError(f"name the volume to connect to (nbd://HOST/VOLUME); "
+                                    f"exports: {exports}")
+        vol = self.volumes.get(name)
+        if vol is None and self.discover and self._exists(name):
+            vol = self._add(name)  # created (or promoted) after this process started
         if vol is None:
             if name in self.failed:
                 raise FileNotFoundError(f"volume {name} is not served: {self.failed[name]}")
             raise FileNotFoundError(f"no export named {name!r}")
+        with self.lock:
+            self.in_use[name] = self.in_use.get(name, 0) + 1
         return Handle(vol, readonly or vol.readonly, self.gate, self.lease)
 
     def _open_snapshot(self, export: str) -> Handle:
@@ -244,6 +318,10 @@ class Server:
         return Handle(view, True)
 
     def close_handle(self, h: Handle) -> None:
+        if not isinstance(h.vol, SnapshotView):
+            with self.lock:
+                self.in_use[h.vol.name] = max(0, self.in_use.get(h.vol.name, 1) - 1)
+            return
         if isinstance(h.vol, SnapshotView):
             with self.lock:
                 left = self.snapshot_handles.get(h.vol.name, 0) - 1
