@@ -19,7 +19,11 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
        "upstream_seq", "journal_first_seq", "journal_last_seq", "journal_bytes",
        "resync_extents",
        "generation": {"id": "16 hex digits", "start_seq": int, "count": int} | null,
-       "clients": {"nbd": int|null, "iscsi": int|null},
+       "clients": {"nbd": int|null, "iscsi": int|null},  (0 on a replica: not served)
+       "upstream": null (a primary volume) | {"source": str|null, "state": "waiting"|
+                   "streaming"|"resync"|"stopped", "applied_seq": int, "received_seq":
+                   int|null, "lag_records": int|null, "since": float|null,
+                   "receiver": "running"|"stopped"|"unknown"},
        "snapshots": {"count": int, "latest": null | {"name", "time"}},
        "diverged": [{"snapshot", "kept": bool, "records": int|null, "bytes": int|null,
                      "unknown": str|null, "new_primary", "from_seq", "through_seq",
@@ -122,6 +126,29 @@ def live_state(info: VolumeInfo, peer: str, now: float) -> dict[str, Any] | None
     """The live state of this volume's running sender to ``peer`` (None: none runs)."""
     live = _live(info, peer, now)
     return live if is_fresh(live, now) else None
+
+
+def upstream_report(info: VolumeInfo, st: dict[str, Any], now: float
+                    ) -> dict[str, Any] | None:
+    """A replica's link to its source, from its receiver's live file (None: a primary
+    volume).  Without a running receiver: the last applied seq from the volume state."""
+    if st["role"] != "replica":
+        return None
+    try:
+        live: dict[str, Any] | None = read_json(info.path / "upstream.live.json",
+                                                "upstream-live", 1)
+    except (FormatError, OSError):
+        live = None
+    if live is not None and is_fresh(live, now):
+        return {"source": live["source"], "state": live["state"],
+                "applied_seq": int(live["applied_seq"]),
+                "received_seq": int(live["received_seq"]),
+                "lag_records": int(live["lag_records"]),
+                "since": float(live["since"]), "receiver": "running"}
+    return {"source": None if live is None else live.get("source"), "state": "stopped",
+            "applied_seq": int(st["upstream_seq"]), "received_seq": None,
+            "lag_records": None, "since": None,
+            "receiver": "stopped" if live is not None else "unknown"}
 
 
 def _live(info: VolumeInfo, peer: str, now: float) -> dict[str, Any] | None:
@@ -248,7 +275,10 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         "upstream_seq": st["upstream_seq"], "journal_first_seq": first,
         "journal_last_seq": last, "journal_bytes": st["journal_bytes"],
         "resync_extents": st["resync_extents"], "generation": _generation(info),
-        "clients": {"nbd": None, "iscsi": None}, "snapshots": _snapshots(info),
+        "clients": ({"nbd": None, "iscsi": None} if st["role"] != "replica"
+                    else {"nbd": 0, "iscsi": 0}),  # a replica is not served
+        "upstream": upstream_report(info, st, now),
+        "snapshots": _snapshots(info),
         "diverged": _diverged(info, st["diverged"]), "peers": peers,
     }
 
@@ -308,6 +338,18 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
     return report
 
 
+def replica_line(v: dict[str, Any]) -> str:
+    """What a replica volume's line adds: consistency and its link to the source."""
+    u = v.get("upstream") or {}
+    applied = u.get("applied_seq", v["upstream_seq"])
+    line = (" INCONSISTENT" if v["inconsistent"] else " consistent") + \
+        f", applied upstream seq {applied}"
+    if u.get("receiver") == "running":
+        return line + (f", from {u['source'] or 'nobody yet'} ({u['state']}, received "
+                       f"{u['received_seq']}, lag {u['lag_records']} records)")
+    return line + ", receiver not running"
+
+
 def render_text(report: dict[str, Any]) -> list[str]:
     """Plain lines (the CLI adds colour on a terminal)."""
     out = [f"node {report['node']}  data_dir {report['data_dir']}"]
@@ -339,8 +381,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
     for v in report["volumes"]:
         role = v["role"]
         if role == "replica":
-            role += (" INCONSISTENT" if v["inconsistent"] else " consistent") + \
-                f", applied upstream seq {v['upstream_seq']}"
+            role += replica_line(v)
         out.append(f"volume {v['name']}: {v['size']} bytes, {role}, "
                    f"{'in use' if v['in_use'] else 'idle'}, journal seq "
                    f"{v['journal_first_seq']}..{v['journal_last_seq']} "

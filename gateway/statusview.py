@@ -128,6 +128,23 @@ def _peers(report: dict[str, Any]) -> Table | None:
     return t
 
 
+def _upstreams(report: dict[str, Any]) -> Table | None:
+    rows = [v for v in report["volumes"] if v.get("upstream") is not None]
+    if not rows:
+        return None
+    t = Table(title="replicated from", title_justify="left")
+    for col in ("volume", "source", "state", "applied seq", "received seq", "lag"):
+        t.add_column(col, justify="right" if col.endswith(("seq", "lag")) else "left")
+    for v in rows:
+        u = v["upstream"]
+        t.add_row(v["name"], u["source"] or "-",
+                  Text(u["state"], style="green" if u["state"] == "streaming" else "yellow"),
+                  str(u["applied_seq"]),
+                  "-" if u["received_seq"] is None else str(u["received_seq"]),
+                  "-" if u["lag_records"] is None else f"{u['lag_records']} rec")
+    return t
+
+
 def _notes(report: dict[str, Any]) -> list[Text]:
     """What needs an operator, in words: a split brain (the daemon's record, or a link
     refused for one, with the commands that settle it), a refused link, writes of this
@@ -149,9 +166,9 @@ def _notes(report: dict[str, Any]) -> list[Text]:
 
 def render(report: dict[str, Any]) -> Group:
     parts: list[Any] = [_header(report), *_notes(report), _volumes(report)]
-    peers = _peers(report)
-    if peers is not None:
-        parts.append(peers)
+    for table in (_upstreams(report), _peers(report)):
+        if table is not None:
+            parts.append(table)
     return Group(*parts)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,10 @@ from .messages import (
 log = structlog.get_logger(component="peerlink")
 
 APPLY_QUEUE_BYTES: Final = 64 << 20  # received batches waiting for the applier
+LIVE_FILE: Final = "upstream.live.json"  # volumes/<V>/: this replica's link, for status
+LIVE_KIND: Final = "upstream-live"
+LIVE_VERSION: Final = 1
+LIVE_INTERVAL: Final = 1.0
 GROUP_BYTES: Final = 16 << 20  # payload bytes of queued batches applied with one fdatasync
 
 
@@ -230,6 +235,12 @@ class Receiver:
         self.fatal: BaseException | None = None
         self.failed = asyncio.Event()  # set on a fatal error: the process should stop
         self.log = log.bind(volume=name, side="receiver", node=node)
+        # What `nbdgw status` shows of this replica's link (upstream.live.json).
+        self.received_seq = self.vol.upstream_seq  # the newest batch seen from upstream
+        self.source: str | None = None
+        self.source_since = time.time()
+        self.live_path = self.vol.info.path / LIVE_FILE
+        self.live_task: asyncio.Task[None] | None = None
         r = self.vol.recovery
         self.log.info("volume_opened", upstream_seq=self.vol.upstream_seq,
                       inconsistent=self.vol.inconsistent, unclean=r.unclean,
@@ -242,9 +253,34 @@ class Receiver:
         """Listen on host:port (0 = any free port); return the address bound."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._accept, host, port, ssl=self.tls)
+        self.live_task = loop.create_task(self._live_writer())
         sock = self.server.sockets[0].getsockname()
         self.log.info("listening", address=format_addr(sock[0], sock[1]))
         return str(sock[0]), int(sock[1])
+
+    def live(self) -> dict[str, Any]:
+        """This replica's link as `nbdgw status` shows it."""
+        s = self.active
+        if s is None:
+            state = "waiting"
+        elif s.phase in ("announce", "extents") or self.vol.inconsistent:
+            state = "resync"
+        else:
+            state = "streaming"
+        applied = self.vol.upstream_seq
+        return {"kind": LIVE_KIND, "version": LIVE_VERSION, "volume": self.name,
+                "source": self.source, "state": state, "since": self.source_since,
+                "applied_seq": applied, "received_seq": max(self.received_seq, applied),
+                "lag_records": max(0, self.received_seq - applied),
+                "inconsistent": self.vol.inconsistent, "pid": os.getpid(),
+                "updated": time.time()}
+
+    async def _live_writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(None, write_json, self.live_path, self.live())
+            await asyncio.sleep(LIVE_INTERVAL)
 
     def _accept(self) -> Link:
         link = Link()
@@ -264,6 +300,11 @@ class Receiver:
         close the volume cleanly (unless an apply failed: then recovery must redo)."""
         if self.server is not None:
             self.server.close()
+        if self.live_task is not None:
+            self.live_task.cancel()
+            await asyncio.gather(self.live_task, return_exceptions=True)
+            with contextlib.suppress(OSError):
+                write_json(self.live_path, {**self.live(), "state": "stopped"})
         for link in list(self.links):
             link.abort(LinkClosed("receiver stopping"))
         if self.tasks:
@@ -374,6 +415,8 @@ class Receiver:
                 # of a primary restart when this replica already has every record).
                 session.phase = "open"
             self.active = session
+            if self.source != theirs.node:
+                self.source, self.source_since = theirs.node, time.time()
         clog.info("resync_expected" if session.phase == "announce" else "streaming",
                   resume_from=ok.resume_from_seq,
                   sender_last_seq=theirs.last_applied_seq,
@@ -463,6 +506,8 @@ class Receiver:
                 if isinstance(msg, Pong):
                     continue
                 n = self._admit(s, msg)
+                if isinstance(msg, Batch):
+                    self.received_seq = max(self.received_seq, msg.last_seq)
                 while s.queued_bytes > APPLY_QUEUE_BYTES and not applier.done():
                     s.space.clear()
                     await s.space.wait()
@@ -841,6 +886,7 @@ class ReceiverServer:
                       volumes=sorted(self.receivers))
         for name, rx in self.receivers.items():
             self._spawn(self._watch(name, rx))
+            rx.live_task = loop.create_task(rx._live_writer())
         return str(sock[0]), int(sock[1])
 
     def _spawn(self, coro: Any) -> None:

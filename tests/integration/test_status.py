@@ -58,3 +58,38 @@ def test_status_in_sync_then_lagging(env: Env) -> None:  # noqa: F811 - fixture 
 
     (rv,) = status(env.replica)["volumes"]
     assert (rv["role"], rv["inconsistent"], rv["upstream_seq"]) == ("replica", False, last)
+
+
+def test_primary_and_replica_agree_once_idle(env: Env) -> None:  # noqa: F811 - fixture
+    """The replica shows its source, link state and applied seq (before: only the seq of
+    its last state save, 191 against the primary's acked 306), equal to what the primary
+    shows as acknowledged; and no clients (a replica is not served)."""
+    import time
+
+    rx = env.receiver()
+    tx = env.sender(rx.port)
+    h = env.served.connect("v1")
+    for i in range(50):
+        h.pwrite(os.urandom(64 * 1024), i * 64 * 1024)
+    h.flush()
+    last = env.wait_caught_up()
+    deadline = time.monotonic() + 10
+    while True:  # the receiver's live file is rewritten every second
+        (rv,) = status(env.replica)["volumes"]
+        u = rv["upstream"]
+        if u["receiver"] == "running" and u["applied_seq"] == last:
+            break
+        assert time.monotonic() < deadline, u
+        time.sleep(0.2)
+    (pv,) = status(env.primary)["volumes"]
+    (p,) = pv["peers"]
+    assert p["acked_seq"] == u["applied_seq"] == u["received_seq"] == last
+    assert (u["state"], u["lag_records"], u["source"]) == ("streaming", 0, "p1")
+    assert rv["clients"] == {"nbd": 0, "iscsi": 0} and pv["upstream"] is None
+    text = run_nbdgw("status", "--data-dir", str(env.replica)).stdout
+    assert f"applied upstream seq {last}, from p1 (streaming, received {last}, lag 0 " \
+        "records)" in text
+    assert tx.stop() == 0
+    assert rx.stop() == 0
+    (rv,) = status(env.replica)["volumes"]
+    assert (rv["upstream"]["state"], rv["upstream"]["receiver"]) == ("stopped", "stopped")
