@@ -17,14 +17,11 @@ repeated demotion or handshake rewrites its snapshot's entry, never duplicates i
 
 from __future__ import annotations
 
-import os
-import re
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
-from .journal import is_data_op, record_headers
+from .journal import count_writes
 from .meta import read_json, write_json
 
 if TYPE_CHECKING:
@@ -33,30 +30,6 @@ if TYPE_CHECKING:
 DIVERGED_FILE = "diverged.json"
 DIVERGED_KIND = "diverged"
 DIVERGED_VERSION = 1
-_SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
-
-
-def count_writes(journal_dir: Path, from_seq: int, through_seq: int) -> tuple[int, int]:
-    """(data records, bytes they covered) among the journal's records
-    ``from_seq..through_seq``, from their headers only.  Raises FileNotFoundError when
-    the journal no longer holds ``from_seq`` (released), FormatError on a bad header:
-    "unknown", never "none"."""
-    if from_seq > through_seq:
-        return 0, 0
-    firsts = sorted(int(m.group(1), 16) for n in os.listdir(journal_dir)
-                    if (m := _SEG_RE.match(n)))
-    if not firsts or firsts[0] > from_seq:
-        raise FileNotFoundError(f"records from seq {from_seq} were released from the journal")
-    records = nbytes = 0
-    for first, nxt in zip(firsts, [*firsts[1:], through_seq + 1], strict=True):
-        last = min(nxt - 1, through_seq)
-        if last < from_seq or first > through_seq:
-            continue
-        for hdr in record_headers(journal_dir / f"seg-{first:016x}.jnl", first, last):
-            if hdr.seq >= from_seq and is_data_op(hdr.op):
-                records += 1
-                nbytes += hdr.length
-    return records, nbytes
 
 
 def lost_writes(info: VolumeInfo, *, snapshot: str, new_primary: str, from_seq: int | None,

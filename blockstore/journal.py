@@ -113,6 +113,130 @@ def segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:016x}.jnl"
 
 
+# -- reading a journal another process writes (the format's one owner) --------------------
+
+def journal_bounds(directory: Path) -> tuple[int, int]:
+    """(first retained seq, last complete seq) of a journal another process appends to.
+
+    Reads the record headers of the active segment (checked by their own CRC), and the
+    payload of the last one only, so it is cheap enough for each handshake: a record whose
+    payload is still being written is not counted (streaming may resume right after it).
+    """
+    firsts = segment_firsts(directory)
+    if not firsts:
+        raise FormatError(f"journal {directory}: no segment files")
+    last_first = firsts[-1]
+    seq = last_first - 1
+    fd = os.open(directory / segment_name(last_first), os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = SEG_HEADER_SIZE
+        last: tuple[RecordHeader, int] | None = None
+        while pos + REC_HEADER_SIZE <= size:
+            try:
+                hdr = decode_header(os.pread(fd, REC_HEADER_SIZE, pos))
+            except FormatError:
+                break
+            if hdr.seq != seq + 1:
+                break
+            seq = hdr.seq
+            last = hdr, pos + REC_HEADER_SIZE
+            pos += REC_HEADER_SIZE + hdr.payload_len
+        if last is not None:
+            hdr, at = last
+            try:
+                check_payload(hdr, os.pread(fd, hdr.payload_len, at))
+            except FormatError:
+                seq -= 1  # still being written
+    finally:
+        os.close(fd)
+    return firsts[0], seq
+
+
+def segment_firsts(directory: Path) -> list[int]:
+    """The first seq of each segment file of the journal in ``directory``, ascending."""
+    return sorted(int(m.group(1), 16) for n in os.listdir(directory) if (m := _SEG_RE.match(n)))
+
+
+def retained_extents(directory: Path, from_seq: int, through_seq: int, shift: int
+                     ) -> set[int]:
+    """Extents (2^shift bytes) touched by the journal's records from_seq..through_seq,
+    from their headers only.  Raises FormatError or FileNotFoundError if they are not all
+    there (released meanwhile): the caller must not take that as "nothing touched"."""
+    out: set[int] = set()
+    if from_seq > through_seq:
+        return out
+    firsts = segment_firsts(directory)
+    for first, nxt in zip(firsts, [*firsts[1:], through_seq + 1], strict=True):
+        last = min(nxt - 1, through_seq)
+        if last < from_seq or first > through_seq:
+            continue
+        for hdr in record_headers(directory / segment_name(first), first, last):
+            if hdr.seq >= from_seq and is_data_op(hdr.op) and hdr.length:
+                out.update(range(hdr.offset >> shift,
+                                 ((hdr.offset + hdr.length - 1) >> shift) + 1))
+    if not firsts or firsts[0] > from_seq:
+        raise FileNotFoundError(f"journal {directory}: seq {from_seq} is no longer retained")
+    return out
+
+
+def count_writes(directory: Path, from_seq: int, through_seq: int) -> tuple[int, int]:
+    """(data records, bytes they covered) among the journal's records
+    ``from_seq..through_seq``, from their headers only.  Raises FileNotFoundError when
+    the journal no longer holds ``from_seq`` (released), FormatError on a bad header:
+    "unknown", never "none"."""
+    if from_seq > through_seq:
+        return 0, 0
+    firsts = segment_firsts(directory)
+    if not firsts or firsts[0] > from_seq:
+        raise FileNotFoundError(f"records from seq {from_seq} were released from the journal")
+    records = nbytes = 0
+    for first, nxt in zip(firsts, [*firsts[1:], through_seq + 1], strict=True):
+        last = min(nxt - 1, through_seq)
+        if last < from_seq or first > through_seq:
+            continue
+        for hdr in record_headers(directory / segment_name(first), first, last):
+            if hdr.seq >= from_seq and is_data_op(hdr.op):
+                records += 1
+                nbytes += hdr.length
+    return records, nbytes
+
+
+def last_write_time(directory: Path) -> float | None:
+    """When the journal last changed (the newest segment's mtime), None if empty."""
+    times = [os.stat(directory / segment_name(f)).st_mtime for f in segment_firsts(directory)]
+    return max(times, default=None)
+
+
+def bytes_after(directory: Path, acked: int, last: int, scan_limit: int) -> int:
+    """Bytes of the journal records after ``acked`` through ``last`` (header and
+    payload); past ``scan_limit`` records, whole segment sizes (an estimate)."""
+    if last <= acked:
+        return 0
+    firsts = segment_firsts(directory)
+    total = 0
+    for i, first in enumerate(firsts):
+        end = firsts[i + 1] - 1 if i + 1 < len(firsts) else last
+        if end <= acked:
+            continue
+        path = directory / segment_name(first)
+        if last - acked > scan_limit:
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+            continue
+        with contextlib.suppress(FileNotFoundError, FormatError):
+            for hdr in record_headers(path, first, end):
+                if hdr.seq > acked:
+                    total += REC_HEADER_SIZE + hdr.payload_len
+    return total
+
+
+def segment_sizes(directory: Path) -> list[tuple[int, int]]:
+    """(first seq, bytes) of each segment file, ascending."""
+    return [(f, os.stat(directory / segment_name(f)).st_size)
+            for f in segment_firsts(directory)]
+
+
 @dataclass(frozen=True)
 class Segment:
     path: Path

@@ -63,7 +63,13 @@ from .generations import (
     new_generation,
     save_history,
 )
-from .journal import DEFAULT_SEGMENT_BYTES, Journal, is_data_op, record_headers
+from .journal import (
+    DEFAULT_SEGMENT_BYTES,
+    Journal,
+    is_data_op,
+    journal_bounds,
+    record_headers,
+)
 from .meta import fsync_dir, read_json, write_json
 from .peers import (
     ADOPT_KEY,
@@ -308,7 +314,7 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
         in_use = True
     return {
         "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use,
-        "clean": bool(state["clean"]), "last_seq": int(state["last_seq"]),
+        "clean": bool(state["clean"]), "last_seq": _journal_end(jdir, int(state["last_seq"])),
         "role": "replica" if state.get("replica") else "primary",
         "inconsistent": bool(state.get("inconsistent", False)),
         "upstream_seq": int(state.get("upstream_seq", 0)),
@@ -317,6 +323,15 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
         "allocated_bytes": (info.path / "store").stat().st_blocks * 512,
         "diverged": read_diverged(info),
     }
+
+
+def _journal_end(jdir: Path, saved: int) -> int:
+    """The last complete record of the journal (state.json's seq is only as new as its
+    last save; `nbdgw status` and `volume list` must agree)."""
+    try:
+        return max(saved, journal_bounds(jdir)[1])
+    except (FormatError, OSError):
+        return saved
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Every key has a type, a range and a default.  Messages name the key by its dotte
 and say what was expected, word for word as tests/unit/test_config.py checks them::
 
     expected integer >= 1 for activity_log.extents
-    unknown key 'colour' in nbd (known: allow, listen, tls)
+    unknown key 'colour' in nbd (known: allow, default_export, listen, tls)
 
 `examples/nbdgw.yaml` documents every key.
 """

@@ -87,7 +87,7 @@ def start_link(tmp: Path, data_dir: Path, replica_dir: Path) -> list[subprocess.
 
 def wait_caught_up(data_dir: Path, timeout: float = 60) -> int:
     """The replica's acknowledged seq, once it equals the primary's last journal seq."""
-    from peerlink.sender import journal_bounds
+    from blockstore.journal import journal_bounds
 
     vdir = data_dir / "volumes" / "demo"
     deadline = time.monotonic() + timeout

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from blockstore.errors import FormatError
+from blockstore.journal import journal_bounds, last_write_time, retained_extents
 from blockstore.meta import read_json, write_json
 from blockstore.peers import covers, dirty_shift, known_peers, read_dirty, read_refused, rescale
 from blockstore.volume import VolumeInfo, list_volumes, read_resync
-from peerlink.sender import journal_bounds, retained_extents
 
 SPLIT_FILE = "split-brain.json"
 SPLIT_KIND = "split-brain"
@@ -79,8 +79,7 @@ def changed_extents(info: VolumeInfo, peer: str) -> tuple[int, list[int]] | None
 
 def last_write(info: VolumeInfo) -> float | None:
     """When this volume's journal last changed (the newest segment's mtime)."""
-    segs = sorted((info.path / "journal").glob("seg-*.jnl"))
-    return max((p.stat().st_mtime for p in segs), default=None)
+    return last_write_time(info.path / "journal")
 
 
 def record_split_brain(data_dir: Path, *, me: str, my_epoch: int, other: str,

@@ -77,12 +77,10 @@ from pathlib import Path
 from typing import Any
 
 from blockstore.errors import BlockstoreError, FormatError
-from blockstore.journal import record_headers
+from blockstore.journal import bytes_after, journal_bounds
 from blockstore.meta import read_json
 from blockstore.peers import known_peers, read_dirty, read_refused
-from blockstore.record import REC_HEADER_SIZE
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
-from peerlink.sender import journal_bounds
 
 from .config import NodeConfig
 from .rejoin import split_brain
@@ -93,24 +91,7 @@ LAG_SCAN_LIMIT = 1 << 20  # records; beyond it lag_bytes is an estimate from seg
 
 def _lag_bytes(info: VolumeInfo, acked: int, last: int) -> int:
     """Bytes of the journal records after ``acked`` (header and payload)."""
-    if last <= acked:
-        return 0
-    jdir = info.path / "journal"
-    segs = sorted((int(p.name[4:20], 16), p) for p in jdir.glob("seg-*.jnl"))
-    total = 0
-    for i, (first, path) in enumerate(segs):
-        end = segs[i + 1][0] - 1 if i + 1 < len(segs) else last
-        if end <= acked:
-            continue
-        if last - acked > LAG_SCAN_LIMIT:
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-            continue
-        with contextlib.suppress(FileNotFoundError, FormatError):
-            for hdr in record_headers(path, first, end):
-                if hdr.seq > acked:
-                    total += REC_HEADER_SIZE + hdr.payload_len
-    return total
+    return bytes_after(info.path / "journal", acked, last, LAG_SCAN_LIMIT)
 
 
 LIVE_FRESH_S = 5.0  # a live file older than this: its sender is not running

@@ -62,7 +62,6 @@ import bisect
 import contextlib
 import errno
 import os
-import re
 import ssl
 import time
 import uuid
@@ -88,7 +87,11 @@ from blockstore.generations import (
     settle_commands,
     unrelated_refusal,
 )
-from blockstore.journal import JournalTail, is_data_op, record_headers
+from blockstore.journal import (
+    JournalTail,
+    journal_bounds,
+    retained_extents,
+)
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
     DIRTY_HOT,
@@ -100,7 +103,6 @@ from blockstore.peers import (
     clear_refused,
     covers,
     dirty_shift,
-    extent_range,
     read_dirty,
     rescale,
     write_dirty,
@@ -108,11 +110,8 @@ from blockstore.peers import (
 )
 from blockstore.record import (
     REC_HEADER_SIZE,
-    SEG_HEADER_SIZE,
     Op,
     RecordHeader,
-    check_payload,
-    decode_header,
 )
 from blockstore.store import Store, extent_digest
 from blockstore.volume import (
@@ -156,7 +155,6 @@ HOLE_PIECE: Final = 1 << 31  # zeros are sent empty; ExtentData.length is a u32
 # After the last extent is read, writes whose store write it saw may still be appending
 # their journal record; ResyncDone's seq is taken this long after, so it covers them.
 RESYNC_SETTLE: Final = 0.05
-_SEG_RE: Final = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 COMPRESS_SKIP: Final = 16  # frames sent raw after one whose compression did not pay
 DIRTY_POLL: Final = 0.5  # how often a streaming session looks for new dirty sets
 PLAN_RETRIES: Final = 3  # re-plans of a resync when the journal was released meanwhile
@@ -211,70 +209,6 @@ class Frame:
     wire_bytes: int
     data_bytes: int
     compressed: bool
-
-
-def journal_bounds(directory: Path) -> tuple[int, int]:
-    """(first retained seq, last complete seq) of a journal another process appends to.
-
-    Reads the record headers of the active segment (checked by their own CRC), and the
-    payload of the last one only, so it is cheap enough for each handshake: a record whose
-    payload is still being written is not counted (streaming may resume right after it).
-    """
-    firsts = sorted(int(m.group(1), 16) for n in os.listdir(directory)
-                    if (m := _SEG_RE.match(n)))
-    if not firsts:
-        raise FormatError(f"journal {directory}: no segment files")
-    last_first = firsts[-1]
-    seq = last_first - 1
-    fd = os.open(directory / f"seg-{last_first:016x}.jnl", os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = SEG_HEADER_SIZE
-        last: tuple[RecordHeader, int] | None = None
-        while pos + REC_HEADER_SIZE <= size:
-            try:
-                hdr = decode_header(os.pread(fd, REC_HEADER_SIZE, pos))
-            except FormatError:
-                break
-            if hdr.seq != seq + 1:
-                break
-            seq = hdr.seq
-            last = hdr, pos + REC_HEADER_SIZE
-            pos += REC_HEADER_SIZE + hdr.payload_len
-        if last is not None:
-            hdr, at = last
-            try:
-                check_payload(hdr, os.pread(fd, hdr.payload_len, at))
-            except FormatError:
-                seq -= 1  # still being written
-    finally:
-        os.close(fd)
-    return firsts[0], seq
-
-
-def segment_firsts(directory: Path) -> list[int]:
-    return sorted(int(m.group(1), 16) for n in os.listdir(directory) if (m := _SEG_RE.match(n)))
-
-
-def retained_extents(directory: Path, from_seq: int, through_seq: int, shift: int
-                     ) -> set[int]:
-    """Extents (2^shift bytes) touched by the journal's records from_seq..through_seq,
-    from their headers only.  Raises FormatError or FileNotFoundError if they are not all
-    there (released meanwhile): the caller must not take that as "nothing touched"."""
-    out: set[int] = set()
-    if from_seq > through_seq:
-        return out
-    firsts = segment_firsts(directory)
-    for first, nxt in zip(firsts, [*firsts[1:], through_seq + 1], strict=True):
-        last = min(nxt - 1, through_seq)
-        if last < from_seq or first > through_seq:
-            continue
-        for hdr in record_headers(directory / f"seg-{first:016x}.jnl", first, last):
-            if hdr.seq >= from_seq and is_data_op(hdr.op) and hdr.length:
-                out.update(extent_range(hdr.offset, hdr.length, shift))
-    if not firsts or firsts[0] > from_seq:
-        raise FileNotFoundError(f"journal {directory}: seq {from_seq} is no longer retained")
-    return out
 
 
 @dataclass(frozen=True)

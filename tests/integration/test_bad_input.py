@@ -176,7 +176,7 @@ CONFIG_CASES = {
                         "service, snapshots, version, "
                         "volumes)"),
     "unknown-nbd-key": ("version: 1\nnbd:\n  colour: blue\n",
-                        "unknown key 'colour' in nbd (known: allow, listen, tls)"),
+                        "unknown key 'colour' in nbd (known: allow, default_export, listen, tls)"),
     "listen-scheme": ("version: 1\nnbd:\n  listen: ['udp:127.0.0.1:10809']\n",
                       "expected 'tcp:HOST:PORT' or 'unix:PATH' for nbd.listen[0], got "
                       "'udp:127.0.0.1:10809'"),

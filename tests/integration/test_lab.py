@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from peerlink.sender import journal_bounds
+from blockstore.journal import journal_bounds
 from tests.conftest import NBDGW, run_nbdgw
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")

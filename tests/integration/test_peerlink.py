@@ -32,9 +32,9 @@ from typing import Any
 import nbd
 import pytest
 
+from blockstore.journal import journal_bounds
 from blockstore.volume import Volume
 from peerlink.proxy import ThreadedProxy
-from peerlink.sender import journal_bounds
 from tests.conftest import ROOT, Served, run_nbdgw
 
 MiB = 1 << 20

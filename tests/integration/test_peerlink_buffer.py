@@ -23,7 +23,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from peerlink.sender import journal_bounds
+from blockstore.journal import journal_bounds
 from tests.conftest import Served, run_nbdgw
 from tests.integration.test_peerlink import Env, Writer, replica_state
 

@@ -210,7 +210,8 @@ def test_empty_document(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("raw", "msg"), [
     (minimal(colour="red"), f"unknown key 'colour' in the config file (known: {TOP})"),
     (minimal(node={"colour": 1}), "unknown key 'colour' in node (known: data_dir, name, role)"),
-    (minimal(nbd={"colour": 1}), "unknown key 'colour' in nbd (known: allow, listen, tls)"),
+    (minimal(nbd={"colour": 1}),
+     "unknown key 'colour' in nbd (known: allow, default_export, listen, tls)"),
     (minimal(nbd={"tls": {"colour": 1}}),
      "unknown key 'colour' in nbd.tls (known: certificates_dir, mode, psk_file, verify_peer)"),
     (minimal(journal={"colour": 1}),

@@ -353,8 +353,9 @@ def test_a_peer_ahead_of_a_recovered_journal_is_resynced_from_the_recovery_point
     before they were durable); recovery left the journal at seq 5 with a hot-extent set;
     writes since took seqs 6.. again.  The peer's 'seq 8' is not this journal's seq 8:
     everything written since seq 5 is resynced as extents, nothing skipped."""
+    from blockstore.journal import journal_bounds
     from blockstore.peers import DIRTY_HOT, write_dirty
-    from peerlink.sender import journal_bounds, plan_resync
+    from peerlink.sender import plan_resync
 
     primary_with_writes(tmp_path, 5)  # seqs 1..5 survived the cut
     info = find_volume(tmp_path, "v1")
