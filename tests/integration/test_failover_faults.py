@@ -34,9 +34,15 @@ import pytest
 from tests.integration.conftest import (
     TIMEOUT,
     addr,
+    check_blocks,
+    checksum,
     client,
+    converge,
     failover_state,
+    in_ns,
     lab_cmd,
+    node,
+    node_dir,
     states,
     up,
     uri,
@@ -311,3 +317,249 @@ def test_replayed_and_forged_heartbeats_change_and_delay_nothing(lab_dir: Path) 
     assert with_replay[1] <= without[1] + 1.0, (with_replay, without)
     assert with_replay[1] < 15 and without[1] < 15  # target 5 s; slack for a loaded host
     assert the_primary(lab) == "main"
+
+
+# argv: URI.  Writes 4 KiB blocks in a loop (a flush every 8), says "writing" after 64,
+# and records, as time.time() stamps: the last acknowledgement, error replies from a live
+# server, the moment the connection died (reset or closed: not a hang), then reconnects
+# and records when it connected again, its first write acknowledged there (with a flush)
+# and any error after that.  Prints one JSON line.
+ISOLATED_CLIENT = r"""
+import json, sys, time, nbd
+uri = sys.argv[1]
+h = nbd.NBD(); h.connect_uri(uri)
+r = {"error_replies": [], "after_reconnect": [], "longest_write_s": 0.0}
+i = 0; deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    t = time.time()
+    try:
+        h.pwrite(b"i" * 4096, (i % 4096) * 4096)
+        if i % 8 == 7:
+            h.flush()
+        r["last_ack"] = time.time()
+        r["longest_write_s"] = max(r["longest_write_s"], round(r["last_ack"] - t, 3))
+    except nbd.Error as e:
+        if h.aio_is_dead() or h.aio_is_closed():
+            r["dead"] = time.time(); r["dead_error"] = str(e); break
+        r["error_replies"].append([round(time.time(), 3), str(e)])
+        time.sleep(0.01)
+    i += 1
+    if i == 64:
+        print("writing", flush=True)
+else:
+    sys.exit("the connection neither failed nor was reset within 60 s")
+while True:
+    try:
+        h = nbd.NBD(); h.connect_uri(uri); r["reconnected"] = time.time(); break
+    except nbd.Error:
+        if time.monotonic() > deadline:
+            sys.exit("could not reconnect within 60 s")
+        time.sleep(0.02)
+for j in range(64):
+    try:
+        h.pwrite(b"j" * 4096, j * 4096); h.flush()
+        r.setdefault("first_ack_after", time.time())
+    except nbd.Error as e:
+        r["after_reconnect"].append(str(e))
+print(json.dumps(r))
+"""
+
+
+def test_isolated_primary_resets_its_clients_and_the_new_primary_takes_writes_at_once(
+        lab_dir: Path) -> None:
+    lab = up(lab_dir.parent)
+    writer = client(lab, ISOLATED_CLIENT, uri(lab))
+    assert writer.stdout is not None
+    assert writer.stdout.readline().strip() == "writing"
+    cut = [[chain, flag, addr(lab, peer), "-j", "DROP"]
+           for peer in ("dc", "dr") for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d"))]
+    t0 = time.time()
+    for rule in cut:
+        in_ns(lab, "main", "iptables", "-I", *rule)
+    try:
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+        r = json.loads(out)
+        rel = {k: round(r[k] - t0, 2) for k in ("last_ack", "dead", "reconnected",
+                                                "first_ack_after") if k in r}
+        print(f"isolated primary, seconds after the cut: {rel}; error replies "
+              f"{[(round(t - t0, 2), e) for t, e in r['error_replies']][:3]}; "
+              f"connection ended with {r['dead_error']!r}")
+        wait_for("dc primary", lambda: live_states(lab)["dc"] == "primary", 15,
+                 seen=lambda: live_states(lab))
+        assert live_states(lab)["main"] == "fenced"
+    finally:
+        for rule in cut:
+            in_ns(lab, "main", "iptables", "-D", *rule)
+    # Reset (not a hang) within failover.timeout + 1 s of the isolation.
+    assert rel["dead"] <= 2.0 + 1.0, rel
+    # On the new primary: the first write is acknowledged, none refused (its lease is
+    # valid before it takes the address), and at once.
+    assert r["after_reconnect"] == [], r
+    assert rel["first_ack_after"] - rel["reconnected"] < 1.0, rel
+    wait_states(lab, {"main": "standby"}, 30)  # it hears dc's newer epoch: rejoins
+    assert the_primary(lab) == "dc"
+
+
+# argv: URI, seconds.  Writes 4 KiB blocks 0, 1, 2, ... (each stamped with its number,
+# 10 ms apart), a flush after every 4, printing "flushed N T" (blocks < N durable, T its
+# time.time()).  When the connection dies it reconnects (a connect given up after 3 s,
+# the address may be nobody's) and writes again from the last flushed block: what was
+# not flushed on the old server is not counted.  Stops at a line on stdin or at the
+# deadline; prints one JSON line.
+FORK_WRITER = r"""
+import json, select, struct, sys, time, nbd
+uri, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+def connect():
+    while time.monotonic() < deadline:
+        h = nbd.NBD()
+        try:
+            h.aio_connect_uri(uri)
+            give_up = time.monotonic() + 3
+            while not h.aio_is_ready() and not h.aio_is_dead() and time.monotonic() < give_up:
+                h.poll(100)
+            if h.aio_is_ready():
+                return h
+        except nbd.Error:
+            pass
+        del h  # closes the handle
+        time.sleep(0.05)
+    return None
+h = connect(); i = flushed = reconnects = 0; refused = []
+while h is not None and i < 12000 and not select.select([sys.stdin], [], [], 0)[0]:
+    try:
+        h.pwrite(struct.pack("<Q", i) * 512, i * 4096); i += 1
+        if i % 4 == 0:
+            h.flush(); flushed = i
+            print(f"flushed {i} {time.time():.3f}", flush=True)
+        time.sleep(0.01)
+    except nbd.Error as e:
+        i = flushed
+        if h.aio_is_dead() or h.aio_is_closed():
+            reconnects += 1; h = connect()
+        else:
+            refused.append(str(e)[:120]); time.sleep(0.1)
+print(json.dumps({"flushed": flushed, "reconnects": reconnects, "refused": refused[:5],
+                  "nrefused": len(refused), "connected": h is not None}))
+"""
+
+
+class Stamped:
+    """FORK_WRITER in the client namespace; its "flushed" lines, read on a thread."""
+
+    def __init__(self, lab: dict[str, Any], seconds: float) -> None:
+        self.proc = client(lab, FORK_WRITER, uri(lab), str(seconds), stdin=subprocess.PIPE)
+        self.flushed: list[tuple[int, float]] = []
+        self.last = ""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("flushed "):
+                _, n, t = line.split()
+                self.flushed.append((int(n), float(t)))
+            else:
+                self.last = line
+
+    def flushed_before(self, t: float) -> int:
+        return max((n for n, at in self.flushed if at < t), default=0)
+
+    def wait_flushed(self, n: int, timeout: float) -> None:
+        wait_for(f"{n} blocks flushed", lambda: self.flushed_before(time.time()) >= n,
+                 timeout, seen=lambda: self.flushed[-1:])
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        if self.proc.poll() is None:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        self.proc.wait(60)
+        self.thread.join(10)
+        assert self.proc.returncode == 0, self.proc.stderr.read() if self.proc.stderr else ""
+        return json.loads(self.last)  # type: ignore[no-any-return]
+
+
+def log_sizes(lab_dir: Path) -> dict[str, int]:
+    return {n: (lab_dir / n / "daemon.log").stat().st_size for n in ("main", "dc", "dr")}
+
+
+def logs_since(lab_dir: Path, offsets: dict[str, int]) -> dict[str, str]:
+    out = {}
+    for n, off in offsets.items():
+        with (lab_dir / n / "daemon.log").open("rb") as f:
+            f.seek(off)
+            out[n] = f.read().decode(errors="replace")
+    return out
+
+
+def settled(lab: dict[str, Any], steady: float, timeout: float) -> dict[str, str]:
+    """Wait until the live states have not changed for ``steady`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = live_states(lab), time.monotonic()
+    while time.monotonic() - since < steady:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"states still changing after {timeout:g} s: {last}")
+        time.sleep(0.1)
+        now = live_states(lab)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_fork_schedule_switchover_then_both_main_site_nodes_power_cut(lab_dir: Path) -> None:
+    """The issue's schedule: switchover main -> dc, dc power-cut as soon as it serves,
+    then (once the cluster settled) main too, then both back.  One primary, three
+    identical copies, no history refused for good, within a bounded time; every block
+    flushed before the switchover began is intact (async lab: what dc acknowledged in
+    its short reign may be lost, and is kept in a diverged snapshot)."""
+    lab = up(lab_dir.parent)
+    writer = Stamped(lab, 240)
+    try:
+        writer.wait_flushed(64, 30)
+        t_first_fault = time.time()
+        switch = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "-c", str(node(lab, "main")["config"]),
+             "switchover", "--to", "dc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        wait_for("dc serves", lambda: failover_state(lab, "dc").get("state") == "primary", 30,
+                 every=0.01, seen=lambda: live_states(lab))
+        lab_cmd("kill", "dc", "--dir", str(lab_dir))
+        t_dc_cut = time.time()
+        out, err = switch.communicate(timeout=120)
+        after_dc = settled(lab, steady=3 * TIMEOUT, timeout=60)
+        print(f"switchover: {out.strip() or err.strip()}; dc power-cut "
+              f"{t_dc_cut - t_first_fault:.2f} s after it began; then settled on {after_dc}")
+        lab_cmd("kill", "main", "--dir", str(lab_dir))
+        time.sleep(TIMEOUT)
+        t_back = time.time()
+        lab_cmd("start", "main", "--dir", str(lab_dir))
+        lab_cmd("start", "dc", "--dir", str(lab_dir))
+        wait_for("one primary, the others following",
+                 lambda: sorted(live_states(lab).values()) == ["primary", "standby",
+                                                               "witness"],
+                 90, seen=lambda: live_states(lab))
+        primary = the_primary(lab)
+        mark = writer.flushed_before(time.time())
+        writer.wait_flushed(mark + 32, 60)  # the client writes again, on the new primary
+    finally:
+        result = writer.stop()
+    print(f"both back: {primary} serves {time.time() - t_back:.1f} s after the restarts; "
+          f"client: {result}")
+    digest = converge(lab, 90)
+    offsets = log_sizes(lab_dir)
+    time.sleep(2 * TIMEOUT)
+    assert live_states(lab) == {**{n: "standby" for n in ("main", "dc") if n != primary},
+                                primary: "primary", "dr": "witness"}
+    for name, text in logs_since(lab_dir, offsets).items():
+        assert "unrelated" not in text, (name, [x for x in text.splitlines()
+                                                if "unrelated" in x][:3])
+    for n in ("main", "dc", "dr"):
+        refusals = list((node_dir(lab, n) / "volumes" / "v1" / "peers").glob("*.refused.json"))
+        assert refusals == [], (n, [p.read_text() for p in refusals])
+    assert checksum(lab, primary) == digest
+    intact = writer.flushed_before(t_first_fault)
+    got = check_blocks(lab, intact, time.time())
+    assert got["bad"] == [], got
+    print(f"{intact} blocks flushed before the switchover: intact; replicas {digest[:16]}")
