@@ -1,6 +1,7 @@
 """Helpers shared by the three-site lab tests (test_lab, test_failover, test_rejoin,
 test_failover_faults): start and stop a lab, run clients in its client namespace, read
-what each site's daemon published, wait for cluster outcomes.
+what each site's daemon published, wait for cluster outcomes; and the file-system stack
+the FUSE and ext4 tests build (nbdfuse, a loop device, a mount).
 
 Sites are named main, dc and dr; ``lab`` is the JSON that `nbdgw lab up` printed.
 """
@@ -8,10 +9,12 @@ Sites are named main, dc and dr; ``lab`` is the JSON that `nbdgw lab up` printed
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +190,69 @@ def events(lab_dir: Path, name: str, event: str) -> list[dict[str, Any]]:
         if f'"event": "{event}"' in line or f'"event":"{event}"' in line:
             out.append(json.loads(line))
     return out
+
+
+# -- the file-system stack: nbdfuse -> loop device -> mount --------------------------------
+
+
+def run(argv: list[str], timeout: float = 60, check: bool = True
+        ) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check:
+        assert p.returncode == 0, f"{argv} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@contextmanager
+def nbdfuse(mountdir: Path, uri: str, readonly: bool = False) -> Iterator[Path]:
+    """Run nbdfuse on ``mountdir`` (export as MOUNTDIR/nbd); unmount and reap it after."""
+    mountdir.mkdir(exist_ok=True)
+    argv = ["nbdfuse", *(["-r"] if readonly else []), str(mountdir), uri]
+    log = mountdir.parent / f"{mountdir.name}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(argv, stdout=err, stderr=err)
+    try:
+        image = mountdir / "nbd"
+        deadline = time.monotonic() + 15
+        while not (os.path.ismount(mountdir) and image.exists()):
+            assert proc.poll() is None, f"nbdfuse exited {proc.returncode}: {log.read_text()}"
+            assert time.monotonic() < deadline, "nbdfuse did not mount in 15 s"
+            time.sleep(0.05)
+        yield image
+    finally:
+        if os.path.ismount(mountdir):
+            subprocess.run(["fusermount3", "-u", str(mountdir)], check=False, timeout=30)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["fusermount3", "-uz", str(mountdir)], check=False, timeout=30)
+    assert proc.returncode == 0, f"nbdfuse exited {proc.returncode}: {log.read_text()}"
+
+
+@contextmanager
+def loop_device(image: Path, readonly: bool = False) -> Iterator[str]:
+    """Attach ``image`` to a free loop device (buffered I/O); detach it after."""
+    argv = ["losetup", "--find", "--show", "--direct-io=off"]
+    if readonly:
+        argv.append("--read-only")
+    dev = run([*argv, str(image)]).stdout.strip()
+    assert dev.startswith("/dev/loop"), dev
+    try:
+        yield dev
+    finally:
+        run(["losetup", "--detach", dev], check=False)
+
+
+@contextmanager
+def mounted(dev: str, mnt: Path, options: str = "") -> Iterator[Path]:
+    mnt.mkdir(exist_ok=True)
+    run(["mount", *(["-o", options] if options else []), dev, str(mnt)])
+    try:
+        yield mnt
+    finally:
+        if os.path.ismount(mnt):
+            p = run(["umount", str(mnt)], check=False)
+            if p.returncode != 0:
+                run(["umount", "-l", str(mnt)], check=False)

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import need
 from tests.integration.conftest import (
     TIMEOUT,
     addr,
@@ -613,11 +614,10 @@ def iscsi_read(lab: dict[str, Any], tmp: Path, mib: int) -> bytes:
 
 
 def test_iscsi_identity_and_data_survive_a_power_cut_and_a_switchover(lab_dir: Path) -> None:
-    from gateway.doctor import require
     from iscsi_bridge.names import DISK_LUN, scsi_sn
 
     for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver"):
-        require(tool)
+        need(tool)
     lab = up(lab_dir.parent, "--iscsi")
     tmp = lab_dir.parent
     target = f"{lab['iscsi']['iqn']}:v1"
