@@ -490,6 +490,22 @@ class Stamped:
         return json.loads(self.last)  # type: ignore[no-any-return]
 
 
+def switchover(lab: dict[str, Any], primary: str, to: str) -> str:
+    """`nbdgw switchover --to TO` on ``primary``; asked again while the primary's sender
+    has not yet reported the target streaming (a rejoined node that has just finished
+    its resync), for 30 s at most.  Returns what the command printed."""
+    deadline = time.monotonic() + 30
+    while True:
+        sw = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", cfg(lab, primary),
+                             "switchover", "--to", to], capture_output=True, text=True,
+                            timeout=180, check=False)
+        if sw.returncode == 0:
+            return sw.stdout
+        assert "is not streaming every volume" in sw.stderr, sw.stderr
+        assert time.monotonic() < deadline, sw.stderr
+        time.sleep(0.5)
+
+
 def log_sizes(lab_dir: Path) -> dict[str, int]:
     return {n: (lab_dir / n / "daemon.log").stat().st_size for n in ("main", "dc", "dr")}
 
@@ -655,10 +671,7 @@ def test_iscsi_identity_and_data_survive_a_power_cut_and_a_switchover(lab_dir: P
     wait_states(lab, {"main": "standby"}, 30)
     wait_for("main consistent", lambda: failover_state(lab, "main").get("consistent") is True,
              60)
-    sw = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", str(node(lab, "dc")[
-        "config"]), "switchover", "--to", "main"], capture_output=True, text=True,
-        timeout=180, check=False)
-    assert sw.returncode == 0, sw.stderr
+    switchover(lab, "dc", "main")
     t1 = time.time()
     wait_for("main primary", lambda: live_states(lab)["main"] == "primary", 20,
              seen=lambda: live_states(lab))
@@ -795,10 +808,7 @@ def test_ext4_through_a_reconnecting_client_keeps_every_fsynced_file(lab_dir: Pa
                          lambda: failover_state(lab, "main").get("consistent") is True, 60)
                 work.wait_more(8, 60)
                 t_sw = time.time()
-                sw = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", cfg(lab, "dc"),
-                                     "switchover", "--to", "main"], capture_output=True,
-                                    text=True, timeout=180, check=False)
-                assert sw.returncode == 0, sw.stderr
+                switchover(lab, "dc", "main")
                 stalls["switchover"] = round(work.wait_more(16, 90) - t_sw, 2)
                 assert the_primary(lab) == "main"
             finally:
