@@ -240,28 +240,26 @@ class Capture:
         return list(self.lines)
 
 
-class Measure:
-    """From a power cut at ``t0`` (time.time()): when ``who`` published state primary, and
-    when a client's first write through the service address was acknowledged."""
-
-    def __init__(self, lab: dict[str, Any], who: str, t0: float, block: int) -> None:
-        self.lab, self.who, self.t0 = lab, who, t0
-        self.writer = client(lab, FIRST_WRITE, uri(lab), str(t0), str(block))
-        self.state_s: float | None = None
-        deadline = time.monotonic() + 60
-        while self.state_s is None and time.monotonic() < deadline:
-            if failover_state(lab, who).get("state") == "primary":
-                self.state_s = round(time.time() - t0, 3)
-            time.sleep(0.02)
-
-    def result(self) -> tuple[float, float]:
-        out, err = self.writer.communicate(timeout=90)
-        assert self.writer.returncode == 0, err
-        assert self.state_s is not None, f"{self.who} never published state primary"
-        return self.state_s, float(out)
+def time_failover(lab: dict[str, Any], who: str, t0: float, block: int
+                  ) -> tuple[float, float]:
+    """Seconds from a power cut at ``t0`` (time.time()) until ``who`` published state
+    primary, and until a client's first write (and flush) through the service address
+    was acknowledged."""
+    writer = client(lab, FIRST_WRITE, uri(lab), str(t0), str(block))
+    wait_for(f"{who} primary", lambda: failover_state(lab, who).get("state") == "primary",
+             60, every=0.02, seen=lambda: live_states(lab))
+    state_s = round(time.time() - t0, 3)
+    out, err = writer.communicate(timeout=90)
+    assert writer.returncode == 0, err
+    return state_s, float(out)
 
 
 def test_replayed_and_forged_heartbeats_change_and_delay_nothing(lab_dir: Path) -> None:
+    """Forged beats (another secret) and garbage are counted and change nothing; main's
+    beats captured on the bridge and replayed towards dc and dr after main's power cut,
+    from the client's address and spoofed from main's own, are counted as ``address``
+    and ``replay`` and do not delay dc's promotion: compared with the same fault without
+    a replay later in the test (dc power-cut once main is back as its replica)."""
     lab = up(lab_dir.parent)
     sites = {n: addr(lab, n) for n in ("main", "dc", "dr")}
     assert states(lab) == {"main": "primary", "dc": "standby", "dr": "witness"}
@@ -298,7 +296,7 @@ def test_replayed_and_forged_heartbeats_change_and_delay_nothing(lab_dir: Path) 
     beats.write_text("\n".join(captured) + "\n")
     replay = client(lab, REPLAY, str(beats), "10", sites["main"], sites["dc"], sites["dr"])
     t0 = float(json.loads(lab_cmd("kill", "main", "--dir", str(lab_dir)))["at"])
-    with_replay = Measure(lab, "dc", t0, 1).result()
+    with_replay = time_failover(lab, "dc", t0, 1)
     out, err = replay.communicate(timeout=60)
     assert replay.returncode == 0, err
     replayed = json.loads(out)
@@ -319,7 +317,7 @@ def test_replayed_and_forged_heartbeats_change_and_delay_nothing(lab_dir: Path) 
              60)
     time.sleep(2 * TIMEOUT)  # steady beats from the rejoined node
     t0 = float(json.loads(lab_cmd("kill", "dc", "--dir", str(lab_dir)))["at"])
-    without = Measure(lab, "main", t0, 2).result()
+    without = time_failover(lab, "main", t0, 2)
     print(f"power cut -> state primary, first write acknowledged: with the replay "
           f"{with_replay} s (main -> dc), without {without} s (dc -> main)")
     assert with_replay[0] <= without[0] + 1.0, (with_replay, without)
@@ -376,6 +374,9 @@ print(json.dumps(r))
 
 def test_isolated_primary_resets_its_clients_and_the_new_primary_takes_writes_at_once(
         lab_dir: Path) -> None:
+    """main loses both peers (iptables in its namespace; the client still reaches it): the
+    writing client's connection errors and is reset, not left hanging, within
+    failover.timeout + 1 s; reconnected, its writes are acknowledged by dc at once."""
     lab = up(lab_dir.parent)
     writer = client(lab, ISOLATED_CLIENT, uri(lab))
     assert writer.stdout is not None
@@ -640,7 +641,7 @@ def iscsi_read(lab: dict[str, Any], tmp: Path, mib: int) -> bytes:
 def test_iscsi_identity_and_data_survive_a_power_cut_and_a_switchover(lab_dir: Path) -> None:
     from iscsi_bridge.names import DISK_LUN, scsi_sn
 
-    for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver"):
+    for tool in ("tgtd", "iscsi-inq", "qemu-img", "qemu iscsi driver"):
         need(tool)
     lab = up(lab_dir.parent, "--iscsi")
     tmp = lab_dir.parent
@@ -657,7 +658,7 @@ def test_iscsi_identity_and_data_survive_a_power_cut_and_a_switchover(lab_dir: P
     converge(lab)  # async lab: every site has it before the power cut
 
     t0 = float(json.loads(lab_cmd("kill", "main", "--dir", str(lab_dir)))["at"])
-    _, nbd_back = Measure(lab, "dc", t0, 8192).result()
+    _, nbd_back = time_failover(lab, "dc", t0, 8192)
     wait_iscsi(lab)
     after_cut = round(time.time() - t0, 2)
     # The bridge follows nbdkit at once (it used to wait for its next reconcile, 5 s).
