@@ -368,11 +368,15 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
               "-> dr.")
 @click.option("--mode", type=click.Choice(["async", "sync"]), default="async",
               show_default=True, help="Replication mode of the secondary dc.")
-def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str) -> None:
+@click.option("--iscsi", is_flag=True, help="Every site runs the iSCSI bridge too (portal: "
+              "the service address, port 3260; one target IQN).")
+def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
+           iscsi: bool) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode), indent=2))
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi),
+                          indent=2))
 
 
 @lab.command("kill")

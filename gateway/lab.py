@@ -6,7 +6,9 @@ the host's interfaces).  Every namespace is named ``nbdgw-<id>-<site>`` so that 
 coexist.  Each site runs ``nbdgw daemon`` from its own node config (role, peers, the
 shared peer secret), exactly as a deployed node does; replicated volume ``v1`` is fanned
 out from the primary to both replicas, or cascaded (main -> dc -> dr) with
-``--topology cascade``.  No failover yet: the service address is the primary's own.
+``--topology cascade``; whichever site is primary holds the service address.  With
+``--iscsi`` every site runs the iSCSI bridge too: one target IQN, the portal on the
+service address, a tgtd control port and run directory of its own per site.
 
 Everything the other verbs need (namespaces, argv, pids with their start times so that a
 recycled pid is never killed) is in ``DIR/lab.json``; processes run detached in their own
@@ -54,6 +56,10 @@ CLIENT: Final = "client"
 BRIDGE: Final = "br0"
 READY_TIMEOUT: Final = 30.0  # each wait of up/start (export, listener, streaming)
 STOP_TIMEOUT: Final = 15.0  # down: SIGTERM, then SIGKILL after this
+ISCSI_PORT: Final = 3260
+ISCSI_IQN: Final = "iqn.2026-11.org.example:nbdgw-lab"  # + "-<id>"; volume v1 is "...:v1"
+TGTD_SOCKET_DIR: Final = Path("/var/run/tgtd")  # tgtd's control sockets (host-wide)
+TGTD_PORTS: Final = (20000, 32767)  # control ports the lab picks from (tgtd allows 1..32767)
 
 
 class LabError(GatewayError):
@@ -82,6 +88,17 @@ def precheck() -> None:
         run(["ip", "netns", "list"], timeout=10)
     except CommandError as e:
         raise LabError(f"'ip netns' is unavailable: {e}") from None
+
+
+def precheck_iscsi() -> None:
+    """--iscsi needs tgtd on every site and iscsi-inq to see the target answer."""
+    from .doctor import MissingTool, require
+
+    for tool in ("tgtd", "iscsi-inq"):
+        try:
+            require(tool)
+        except MissingTool as e:
+            raise LabError(f"--iscsi: {e}") from None
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -220,6 +237,7 @@ class Lab:
             "bridge_netns": s["bridge_netns"],
             "volumes": [VOLUME],
             "topology": s.get("topology", "fanout"), "mode": s.get("mode", "async"),
+            "iscsi": s.get("iscsi"),
             "nodes": [{k: n[k] for k in ("name", "role", "netns", "address", "config",
                                          "data_dir")} for n in s["nodes"]],
         }
@@ -365,6 +383,43 @@ class Lab:
                            f"within {READY_TIMEOUT:g} s ({e.stderr.strip()}); "
                            f"{serve['log']}: {tail(Path(serve['log']))}") from None
 
+    def iscsi_url(self) -> str | None:
+        """The iSCSI URL of v1's LUN at the service address (None without --iscsi)."""
+        i = self.state.get("iscsi")
+        return None if not i else f"iscsi://{i['portal']}/{i['iqn']}:{VOLUME}/1"
+
+    def wait_iscsi(self) -> None:
+        """With --iscsi: until the target answers an INQUIRY from the client namespace."""
+        url = self.iscsi_url()
+        if url is None:
+            return
+        deadline = time.monotonic() + READY_TIMEOUT
+        argv = ["ip", "netns", "exec", self.state["client_netns"], "iscsi-inq", url]
+        while True:
+            try:
+                run(argv, timeout=30)
+                return
+            except CommandError as e:
+                if time.monotonic() > deadline:
+                    serve = self.proc(self.current_primary(), "daemon")
+                    raise LabError(f"iSCSI target {url} did not answer from "
+                                   f"{self.state['client_netns']} within "
+                                   f"{READY_TIMEOUT:g} s ({e.stderr.strip()}); "
+                                   f"{serve['log']}: {tail(Path(serve['log']))}") from None
+            time.sleep(0.2)
+
+    def remove_tgtd_sockets(self) -> list[str]:
+        """The control sockets the sites' tgtd left (killed tgtds do not remove them)."""
+        removed = []
+        for n in self.state["nodes"]:
+            port = n.get("tgtd_control_port")
+            for suffix in ("", ".lock"):
+                path = TGTD_SOCKET_DIR / f"socket.{port}{suffix}"
+                if port and path.exists():
+                    path.unlink()
+                    removed.append(str(path))
+        return removed
+
     def wait_node_ready(self, name: str, sender_offsets: dict[str, int] | None = None,
                         since: float = 0.0) -> None:
         """What `start` waits for: the site's daemon has decided its failover state;
@@ -387,6 +442,7 @@ class Lab:
             return  # a former primary: it serves nothing until an operator rejoins it
         if state == "primary":
             self.wait_export()
+            self.wait_iscsi()
         else:
             self.wait_listening(name)
         for n in self.nodes:
@@ -435,8 +491,24 @@ class Lab:
 # -- building -----------------------------------------------------------------------------
 
 
+def tgtd_control_ports(lab_id: str, count: int) -> list[int]:
+    """``count`` tgtd control ports that no tgtd on this host uses (no socket file):
+    tgtd's control socket lives in the file system, which every namespace shares."""
+    lo, hi = TGTD_PORTS
+    span = hi - lo + 1
+    start = int(lab_id, 16) % span
+    ports: list[int] = []
+    for i in range(span):
+        port = lo + (start + i) % span
+        if not (TGTD_SOCKET_DIR / f"socket.{port}").exists():
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise LabError(f"no free tgtd control port in {lo}..{hi} ({TGTD_SOCKET_DIR})")
+
+
 def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
-         mode: str = "async") -> dict[str, Any]:
+         mode: str = "async", iscsi: bool = False) -> dict[str, Any]:
     """The lab's description before anything exists: names, addresses, paths, argv."""
     try:
         net = ipaddress.ip_network(subnet, strict=False)
@@ -452,8 +524,9 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
     prefix = f"nbdgw-{lab_id}"
     nbdgw = nbdgw_argv()
     secret = lab_dir / "peer.secret"
+    ports = tgtd_control_ports(lab_id, len(SITES)) if iscsi else [0] * len(SITES)
     nodes = []
-    for (name, role), addr in zip(SITES, hosts, strict=False):
+    for (name, role), addr, port in zip(SITES, hosts, ports, strict=False):
         site = lab_dir / name
         data = site / "data"
         cfg = site / "nbdgw.yaml"
@@ -466,7 +539,9 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
         nodes.append({"name": name, "role": role, "netns": f"{prefix}-{name}",
                       "address": str(addr), "veth": f"v-{name}", "dir": str(site),
                       "data_dir": str(data), "config": str(cfg), "secret": str(node_secret),
-                      "procs": procs})
+                      "procs": procs,
+                      **({"tgtd_control_port": port, "iscsi_run_dir": str(site / "iscsi")}
+                         if iscsi else {})})
     return {
         "kind": LAB_KIND, "version": LAB_VERSION, "id": lab_id, "dir": str(lab_dir),
         "subnet": str(net), "prefixlen": net.prefixlen, "size": nbytes,
@@ -474,6 +549,8 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
         "client_netns": f"{prefix}-{CLIENT}", "client_address": str(hosts[3]),
         "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
         "topology": topology, "mode": mode,
+        "iscsi": ({"portal": f"{hosts[4]}:{ISCSI_PORT}", "iqn": f"{ISCSI_IQN}-{lab_id}"}
+                  if iscsi else None),
         "nodes": nodes,
     }
 
@@ -518,6 +595,12 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         "volumes": [{"name": VOLUME, "size": s["size"]}],
         "metrics": {"listen": f"{node['address']}:{METRICS_PORT}"},
     }
+    if s.get("iscsi"):
+        # The FUSE file is served inside nbdkit; the mounts live in the daemon's mount
+        # namespace (`ip netns exec` makes one), so they die with the site.
+        cfg["iscsi"] = {"enabled": True, "portal": s["iscsi"]["portal"],
+                        "iqn": s["iscsi"]["iqn"], "control_port": node["tgtd_control_port"],
+                        "run_dir": node["iscsi_run_dir"], "fuse": "nbdkit"}
     (site / "nbdgw.yaml").write_text(
         f"# nbdgw lab {s['id']}: node {node['name']} ({node['role']})\n"
         + yaml.safe_dump(cfg, sort_keys=False))
@@ -529,7 +612,7 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
 
 
 def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
-       topology: str = "fanout", mode: str = "async") -> dict[str, Any]:
+       topology: str = "fanout", mode: str = "async", iscsi: bool = False) -> dict[str, Any]:
     """Build and start the lab; return the summary JSON.  On failure, undo it."""
     precheck()
     lab_dir = lab_dir.resolve()
@@ -539,7 +622,9 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
     lab_dir.mkdir(parents=True, exist_ok=True)
     if any(p.name != "lab.lock" for p in lab_dir.iterdir()):
         raise LabError(f"{lab_dir} is not empty; give an empty or new --dir")
-    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode))
+    if iscsi:
+        precheck_iscsi()
+    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode, iscsi))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:
@@ -556,6 +641,7 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
                 lab.wait_listening(name)
             lab.start_node(PRIMARY)
             lab.wait_export()
+            lab.wait_iscsi()
             for name, _ in SITES[1:]:
                 lab.wait_streaming(name)
         except BaseException:
@@ -563,6 +649,8 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
                 lab.stop_all(graceful=False)
             with contextlib.suppress(Exception):
                 lab.delete_netns()
+            with contextlib.suppress(Exception):
+                lab.remove_tgtd_sockets()
             lab.state["state"] = "failed"
             lab.save()
             raise
@@ -605,6 +693,7 @@ def down(lab_dir: Path) -> dict[str, Any]:
     with locked(lab_dir):
         lab = Lab.load(lab_dir)
         stopped = lab.stop_all(graceful=True)
+        lab.remove_tgtd_sockets()  # every process of the lab is gone: they are stale
         removed = lab.delete_netns()
         lab.state["state"] = "down"
         lab.save()

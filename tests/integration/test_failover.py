@@ -7,119 +7,27 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import run_nbdgw
-from tests.integration.test_lab import lab_cmd, run_cmd
+from tests.integration.conftest import (
+    STAMPER,
+    TIMEOUT,
+    addr,
+    check_blocks,
+    client,
+    in_ns,
+    lab_cmd,
+    one_primary,
+    states,
+    up,
+    wait_states,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
-
-TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
-
-# Client in the lab: writes 4 KiB blocks 0, 1, 2, ... each stamped with its number,
-# flushing after every 4; prints "flushed N" once blocks < N are durable (with a sync
-# secondary: on the secondary too).  Runs until the server goes away.
-STAMPER = r"""
-import struct, sys, nbd
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-i = 0
-try:
-    while True:
-        h.pwrite(struct.pack("<Q", i) * 512, i * 4096)
-        i += 1
-        if i % 4 == 0:
-            h.flush()
-            print(f"flushed {i}", flush=True)
-except nbd.Error as e:
-    print(f"error {e}", flush=True)
-"""
-
-# Client in the lab: connect (retrying), then check blocks < N; prints the seconds from
-# argv[3] (a time.time() stamp) to the first successful read.
-CHECKER = r"""
-import struct, sys, time, nbd
-uri, n, t0 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + 60
-while True:
-    try:
-        h = nbd.NBD(); h.connect_uri(uri); h.pread(4096, 0); break
-    except nbd.Error as e:
-        if time.monotonic() > deadline:
-            sys.exit(f"no answer: {e}")
-        time.sleep(0.05)
-first = time.time() - t0
-bad = [i for i in range(n) if h.pread(4096, i * 4096) != struct.pack("<Q", i) * 512]
-print(json.dumps({"first_read_s": round(first, 2), "bad": bad[:10], "checked": n}))
-""".replace("import struct,", "import json, struct,")
-
-
-def up(tmp_path: Path, *extra: str) -> dict[str, Any]:
-    p = run_nbdgw("lab", "up", "--dir", str(tmp_path / "lab"), "--size", "64M", *extra,
-                  check=False, timeout=120)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "lab"
-    if (tmp_path / "lab" / "lab.json").exists():
-        run_nbdgw("lab", "down", "--dir", str(tmp_path / "lab"), check=False, timeout=90)
-
-
-def states(lab: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for n in lab["nodes"]:
-        try:
-            st = json.loads((Path(n["data_dir"]) / "run" / "failover.json").read_text())
-            out[n["name"]] = st["state"]
-        except (OSError, ValueError, KeyError):
-            out[n["name"]] = "?"
-    return out
-
-
-def in_ns(lab: dict[str, Any], node: str, *argv: str) -> None:
-    ns = next(n["netns"] for n in lab["nodes"] if n["name"] == node)
-    run_cmd(["ip", "netns", "exec", ns, *argv])
-
-
-def addr(lab: dict[str, Any], node: str) -> str:
-    return str(next(n["address"] for n in lab["nodes"] if n["name"] == node))
-
-
-def client(lab: dict[str, Any], script: str, *args: str,
-           **kw: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(["ip", "netns", "exec", lab["client_netns"], sys.executable, "-c",
-                             script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
-
-
-def check_blocks(lab: dict[str, Any], n: int, t0: float) -> dict[str, Any]:
-    p = client(lab, CHECKER, f"nbd://{lab['service_address']}:10809/v1", str(n), str(t0))
-    out, err = p.communicate(timeout=90)
-    assert p.returncode == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
-def wait_states(lab: dict[str, Any], want: dict[str, str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while states(lab) != {**states(lab), **want}:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"states {states(lab)}, wanted {want}")
-        time.sleep(0.1)
-
-
-def one_primary(lab: dict[str, Any]) -> str:
-    prim = [n for n, s in states(lab).items() if s == "primary"]
-    assert len(prim) == 1, states(lab)
-    return prim[0]
 
 
 def test_power_cut_of_the_primary_with_a_sync_secondary(lab_dir: Path) -> None:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Served, need, run_nbdgw
+from tests.integration.conftest import loop_device, mounted, nbdfuse, run
 
 MiB = 1 << 20
 
@@ -37,75 +35,12 @@ def _tools() -> None:
         need(tool)
 
 
-def run(argv: list[str], timeout: float = 60, check: bool = True
-        ) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if check:
-        assert p.returncode == 0, f"{argv} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
-    return p
-
-
 def checksum(data_dir: Path, name: str) -> tuple[str, str]:
     """(digest, stderr) of `nbdgw volume checksum NAME`."""
     p = run_nbdgw("volume", "checksum", name, "--data-dir", str(data_dir))
     digest, vol = p.stdout.split()
     assert vol == name
     return digest, p.stderr
-
-
-@contextmanager
-def nbdfuse(mountdir: Path, uri: str, readonly: bool = False) -> Iterator[Path]:
-    """Run nbdfuse on ``mountdir`` (export as MOUNTDIR/nbd); unmount and reap it after."""
-    mountdir.mkdir(exist_ok=True)
-    argv = ["nbdfuse", *(["-r"] if readonly else []), str(mountdir), uri]
-    log = mountdir.parent / f"{mountdir.name}.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(argv, stdout=err, stderr=err)
-    try:
-        image = mountdir / "nbd"
-        deadline = time.monotonic() + 15
-        while not (os.path.ismount(mountdir) and image.exists()):
-            assert proc.poll() is None, f"nbdfuse exited {proc.returncode}: {log.read_text()}"
-            assert time.monotonic() < deadline, "nbdfuse did not mount in 15 s"
-            time.sleep(0.05)
-        yield image
-    finally:
-        if os.path.ismount(mountdir):
-            subprocess.run(["fusermount3", "-u", str(mountdir)], check=False, timeout=30)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            subprocess.run(["fusermount3", "-uz", str(mountdir)], check=False, timeout=30)
-    assert proc.returncode == 0, f"nbdfuse exited {proc.returncode}: {log.read_text()}"
-
-
-@contextmanager
-def loop_device(image: Path, readonly: bool = False) -> Iterator[str]:
-    """Attach ``image`` to a free loop device (buffered I/O); detach it after."""
-    argv = ["losetup", "--find", "--show", "--direct-io=off"]
-    if readonly:
-        argv.append("--read-only")
-    dev = run([*argv, str(image)]).stdout.strip()
-    assert dev.startswith("/dev/loop"), dev
-    try:
-        yield dev
-    finally:
-        run(["losetup", "--detach", dev], check=False)
-
-
-@contextmanager
-def mounted(dev: str, mnt: Path, options: str = "") -> Iterator[Path]:
-    mnt.mkdir(exist_ok=True)
-    run(["mount", *(["-o", options] if options else []), dev, str(mnt)])
-    try:
-        yield mnt
-    finally:
-        if os.path.ismount(mnt):
-            p = run(["umount", str(mnt)], check=False)
-            if p.returncode != 0:
-                run(["umount", "-l", str(mnt)], check=False)
 
 
 def make_files(rng: random.Random) -> dict[str, bytes]:

@@ -28,7 +28,7 @@ from iscsi_bridge.fuse import FuseMount, mounted
 from nbd_plugin import control
 from nbd_plugin.control import ControlError
 from tests.conftest import Served
-from tests.integration.test_filesystem import nbdfuse
+from tests.integration.conftest import nbdfuse
 
 MiB = 1 << 20
 

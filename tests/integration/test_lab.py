@@ -26,6 +26,7 @@ import pytest
 
 from blockstore.journal import journal_bounds
 from tests.conftest import NBDGW, run_nbdgw
+from tests.integration.conftest import lab_cmd, node_dir, run_cmd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
 
@@ -119,10 +120,6 @@ class Writer:
             self.proc.wait(10)
 
 
-def lab_cmd(*args: str) -> str:
-    return run_nbdgw("lab", *args, timeout=90).stdout
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A lab up in tmp_path/lab; `lab down` afterwards, even when the test failed."""
@@ -139,14 +136,6 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
         left = run_cmd(["ip", "netns", "list"])
         assert f"nbdgw-{state['id']}-" not in left, left
         assert down.returncode == 0, down.stderr
-
-
-def run_cmd(argv: list[str]) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
-
-
-def node_dir(lab: dict[str, Any], name: str) -> Path:
-    return Path(next(n["data_dir"] for n in lab["nodes"] if n["name"] == name))
 
 
 def acked(lab: dict[str, Any], peer: str) -> int:

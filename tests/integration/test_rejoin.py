@@ -19,21 +19,25 @@ import pytest
 
 from blockstore.volume import Volume
 from tests.conftest import run_nbdgw
-from tests.integration import test_failover
-from tests.integration.test_failover import (
+from tests.integration.conftest import (
     TIMEOUT,
     addr,
+    cfg,
     client,
+    converge,
+    events,
     in_ns,
+    lab_cmd,
     one_primary,
+    run_client,
+    run_cmd,
     states,
     up,
+    uri,
     wait_states,
 )
-from tests.integration.test_lab import lab_cmd, run_cmd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
-lab_dir = test_failover.lab_dir  # the fixture: `lab down` after each test
 
 MiB = 1 << 20
 
@@ -84,41 +88,8 @@ print(json.dumps({"bad": bad[:10], "nbad": len(bad)}))
 """
 
 
-def run_client(lab: dict[str, Any], script: str, *args: str, timeout: float = 120
-               ) -> dict[str, Any]:
-    p = client(lab, script, *args)
-    out, err = p.communicate(timeout=timeout)
-    assert p.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
-def uri(lab: dict[str, Any], export: str = "v1", host: str | None = None) -> str:
-    return f"nbd://{host or lab['service_address']}:10809/{export}"
-
-
-def cfg(lab: dict[str, Any], node: str) -> str:
-    return str(next(n["config"] for n in lab["nodes"] if n["name"] == node))
-
-
 def data_dir(lab: dict[str, Any], node: str) -> Path:
     return Path(next(n["data_dir"] for n in lab["nodes"] if n["name"] == node))
-
-
-def checksum(lab: dict[str, Any], node: str) -> str:
-    out = run_nbdgw("-c", cfg(lab, node), "volume", "checksum", "v1").stdout
-    return out.split()[0]
-
-
-def converge(lab: dict[str, Any], timeout: float = 90) -> str:
-    """Wait until every node's v1 has the same checksum (writes have stopped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sums = {n: checksum(lab, n) for n in ("main", "dc", "dr")}
-        if len(set(sums.values())) == 1:
-            return next(iter(sums.values()))
-        if time.monotonic() > deadline:
-            raise AssertionError(f"replicas differ after {timeout} s: {sums}")
-        time.sleep(1)
 
 
 def peerlink_pid(lab: dict[str, Any], node: str) -> int:
@@ -129,15 +100,6 @@ def peerlink_pid(lab: dict[str, Any], node: str) -> int:
             if b"replicate" in argv:
                 return int(pid)
     raise AssertionError(f"no peerlink process in {ns}")
-
-
-def events(lab_dir: Path, node: str, event: str) -> list[dict[str, Any]]:
-    out = []
-    for line in (lab_dir / node / "daemon.log").read_text().splitlines():
-        with_event = f'"event": "{event}"' in line or f'"event":"{event}"' in line
-        if with_event:
-            out.append(json.loads(line))
-    return out
 
 
 def stamp(lab: dict[str, Any], first: int, count: int, tag: str, host: str | None = None

@@ -10,13 +10,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.conftest import Served, run_nbdgw
+from tests.integration.conftest import loop_device, mounted, nbdfuse, run
 from tests.integration.test_filesystem import (
-    loop_device,
     make_files,
-    mounted,
-    nbdfuse,
     pytestmark,  # noqa: F401 - the same root/FUSE/loop requirements
-    run,
 )
 
 

@@ -1,0 +1,258 @@
+"""Helpers shared by the three-site lab tests (test_lab, test_failover, test_rejoin,
+test_failover_faults): start and stop a lab, run clients in its client namespace, read
+what each site's daemon published, wait for cluster outcomes; and the file-system stack
+the FUSE and ext4 tests build (nbdfuse, a loop device, a mount).
+
+Sites are named main, dc and dr; ``lab`` is the JSON that `nbdgw lab up` printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_nbdgw
+
+TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
+
+# Client in the lab: writes 4 KiB blocks 0, 1, 2, ... each stamped with its number,
+# flushing after every 4; prints "flushed N" once blocks < N are durable (with a sync
+# secondary: on the secondary too).  Runs until the server goes away.
+STAMPER = r"""
+import struct, sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+i = 0
+try:
+    while True:
+        h.pwrite(struct.pack("<Q", i) * 512, i * 4096)
+        i += 1
+        if i % 4 == 0:
+            h.flush()
+            print(f"flushed {i}", flush=True)
+except nbd.Error as e:
+    print(f"error {e}", flush=True)
+"""
+
+# Client in the lab: connect (retrying), then check blocks < N; prints the seconds from
+# argv[3] (a time.time() stamp) to the first successful read.
+CHECKER = r"""
+import json, struct, sys, time, nbd
+uri, n, t0 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + 60
+while True:
+    try:
+        h = nbd.NBD(); h.connect_uri(uri); h.pread(4096, 0); break
+    except nbd.Error as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"no answer: {e}")
+        time.sleep(0.05)
+first = time.time() - t0
+bad = [i for i in range(n) if h.pread(4096, i * 4096) != struct.pack("<Q", i) * 512]
+print(json.dumps({"first_read_s": round(first, 2), "bad": bad[:10], "checked": n}))
+"""
+
+
+def run_cmd(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def lab_cmd(*args: str) -> str:
+    return run_nbdgw("lab", *args, timeout=90).stdout
+
+
+def up(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    """`nbdgw lab up` in tmp_path/lab (64 MiB volume); the ``lab_dir`` fixture takes it
+    down."""
+    p = run_nbdgw("lab", "up", "--dir", str(tmp_path / "lab"), "--size", "64M", *extra,
+                  check=False, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/lab, for ``up``; `lab down` afterwards, even when the test failed."""
+    yield tmp_path / "lab"
+    if (tmp_path / "lab" / "lab.json").exists():
+        run_nbdgw("lab", "down", "--dir", str(tmp_path / "lab"), check=False, timeout=90)
+
+
+def node(lab: dict[str, Any], name: str) -> dict[str, Any]:
+    return dict(next(n for n in lab["nodes"] if n["name"] == name))
+
+
+def node_dir(lab: dict[str, Any], name: str) -> Path:
+    """The site's data directory."""
+    return Path(node(lab, name)["data_dir"])
+
+
+def cfg(lab: dict[str, Any], name: str) -> str:
+    """The site's node config (for `nbdgw -c`)."""
+    return str(node(lab, name)["config"])
+
+
+def addr(lab: dict[str, Any], name: str) -> str:
+    return str(node(lab, name)["address"])
+
+
+def failover_state(lab: dict[str, Any], name: str) -> dict[str, Any]:
+    """What the site's daemon last published in run/failover.json ({} if nothing)."""
+    try:
+        return json.loads(  # type: ignore[no-any-return]
+            (node_dir(lab, name) / "run" / "failover.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def states(lab: dict[str, Any]) -> dict[str, str]:
+    return {n["name"]: str(failover_state(lab, n["name"]).get("state", "?"))
+            for n in lab["nodes"]}
+
+
+def in_ns(lab: dict[str, Any], name: str, *argv: str) -> None:
+    run_cmd(["ip", "netns", "exec", node(lab, name)["netns"], *argv])
+
+
+def client(lab: dict[str, Any], script: str, *args: str,
+           **kw: Any) -> subprocess.Popen[str]:
+    """A Python ``script`` run in the lab's client namespace (stdout and stderr piped)."""
+    return subprocess.Popen(["ip", "netns", "exec", lab["client_netns"], sys.executable, "-c",
+                             script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def run_client(lab: dict[str, Any], script: str, *args: str, timeout: float = 120
+               ) -> dict[str, Any]:
+    """Run ``script`` in the client namespace; its last stdout line, as JSON."""
+    p = client(lab, script, *args)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def uri(lab: dict[str, Any], export: str = "v1", host: str | None = None) -> str:
+    """The NBD URI of ``export`` at the service address (or at ``host``)."""
+    return f"nbd://{host or lab['service_address']}:10809/{export}"
+
+
+def check_blocks(lab: dict[str, Any], n: int, t0: float) -> dict[str, Any]:
+    """CHECKER through the service address: blocks < n as STAMPER wrote them."""
+    p = client(lab, CHECKER, uri(lab), str(n), str(t0))
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def wait_states(lab: dict[str, Any], want: dict[str, str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while states(lab) != {**states(lab), **want}:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"states {states(lab)}, wanted {want}")
+        time.sleep(0.1)
+
+
+def one_primary(lab: dict[str, Any]) -> str:
+    prim = [n for n, s in states(lab).items() if s == "primary"]
+    assert len(prim) == 1, states(lab)
+    return prim[0]
+
+
+def checksum(lab: dict[str, Any], name: str) -> str:
+    """`nbdgw volume checksum v1` on one site (a served volume: the store as it is)."""
+    return run_nbdgw("-c", cfg(lab, name), "volume", "checksum", "v1").stdout.split()[0]
+
+
+def converge(lab: dict[str, Any], timeout: float = 90) -> str:
+    """Wait until every site's v1 has the same checksum (writes have stopped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sums = {n: checksum(lab, n) for n in ("main", "dc", "dr")}
+        if len(set(sums.values())) == 1:
+            return next(iter(sums.values()))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replicas differ after {timeout} s: {sums}")
+        time.sleep(1)
+
+
+def events(lab_dir: Path, name: str, event: str) -> list[dict[str, Any]]:
+    """The site's daemon.log lines (daemon and peerlink) with this event name."""
+    out = []
+    for line in (lab_dir / name / "daemon.log").read_text().splitlines():
+        if f'"event": "{event}"' in line or f'"event":"{event}"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+# -- the file-system stack: nbdfuse -> loop device -> mount --------------------------------
+
+
+def run(argv: list[str], timeout: float = 60, check: bool = True
+        ) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check:
+        assert p.returncode == 0, f"{argv} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@contextmanager
+def nbdfuse(mountdir: Path, uri: str, readonly: bool = False) -> Iterator[Path]:
+    """Run nbdfuse on ``mountdir`` (export as MOUNTDIR/nbd); unmount and reap it after."""
+    mountdir.mkdir(exist_ok=True)
+    argv = ["nbdfuse", *(["-r"] if readonly else []), str(mountdir), uri]
+    log = mountdir.parent / f"{mountdir.name}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(argv, stdout=err, stderr=err)
+    try:
+        image = mountdir / "nbd"
+        deadline = time.monotonic() + 15
+        while not (os.path.ismount(mountdir) and image.exists()):
+            assert proc.poll() is None, f"nbdfuse exited {proc.returncode}: {log.read_text()}"
+            assert time.monotonic() < deadline, "nbdfuse did not mount in 15 s"
+            time.sleep(0.05)
+        yield image
+    finally:
+        if os.path.ismount(mountdir):
+            subprocess.run(["fusermount3", "-u", str(mountdir)], check=False, timeout=30)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["fusermount3", "-uz", str(mountdir)], check=False, timeout=30)
+    assert proc.returncode == 0, f"nbdfuse exited {proc.returncode}: {log.read_text()}"
+
+
+@contextmanager
+def loop_device(image: Path, readonly: bool = False) -> Iterator[str]:
+    """Attach ``image`` to a free loop device (buffered I/O); detach it after."""
+    argv = ["losetup", "--find", "--show", "--direct-io=off"]
+    if readonly:
+        argv.append("--read-only")
+    dev = run([*argv, str(image)]).stdout.strip()
+    assert dev.startswith("/dev/loop"), dev
+    try:
+        yield dev
+    finally:
+        run(["losetup", "--detach", dev], check=False)
+
+
+@contextmanager
+def mounted(dev: str, mnt: Path, options: str = "") -> Iterator[Path]:
+    mnt.mkdir(exist_ok=True)
+    run(["mount", *(["-o", options] if options else []), dev, str(mnt)])
+    try:
+        yield mnt
+    finally:
+        if os.path.ismount(mnt):
+            p = run(["umount", str(mnt)], check=False)
+            if p.returncode != 0:
+                run(["umount", "-l", str(mnt)], check=False)
