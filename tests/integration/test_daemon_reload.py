@@ -1,0 +1,68 @@
+"""SIGHUP: the daemon reloads its config; a config that does not validate is refused
+with the reason and the running one stays in force (nothing stops, clients go on)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import NBDGW, run_nbdgw
+
+
+def events(log: Path) -> list[dict[str, object]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def wait_event(log: Path, name: str, timeout: float = 15) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for e in events(log):
+            if e.get("event") == name:
+                return e
+        time.sleep(0.1)
+    raise AssertionError(f"no {name} in {log.read_text()[-2000:]}")
+
+
+def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(tmp_path: Path) -> None:
+    import nbd
+
+    data, sock = tmp_path / "data", tmp_path / "nbd.sock"
+    cfg = tmp_path / "nbdgw.yaml"
+    good = {"version": 1, "node": {"name": "solo", "data_dir": str(data)},
+            "nbd": {"listen": [f"unix:{sock}"]}}
+    cfg.write_text(yaml.safe_dump(good))
+    run_nbdgw("-c", str(cfg), "volume", "create", "v1", "--size", "16M")
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        daemon = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_event(log, "serving")
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///v1?socket={sock}")
+        h.pwrite(b"a" * 4096, 0)
+        cfg.write_text("version: 1\nnode: {name: solo, colour: red}\n")  # unknown key
+        daemon.send_signal(signal.SIGHUP)
+        refused = wait_event(log, "reload_refused")
+        assert "unknown key 'colour' in node" in str(refused["error"])
+        assert daemon.poll() is None
+        h.pwrite(b"b" * 4096, 4096)  # the client goes on, on the same connection
+        h.flush()
+        cfg.write_text(yaml.safe_dump({**good, "failover": {"timeout": 4}}))
+        daemon.send_signal(signal.SIGHUP)
+        wait_event(log, "reloaded")
+        assert daemon.poll() is None
+        assert h.pread(4096, 4096) == b"b" * 4096
+        h.shutdown()
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0
