@@ -31,6 +31,7 @@ DIRTY_RELEASED = "released"  # records released before the peer acked them
 DIRTY_HOT = "unclean restart"  # hot extents found by recovery
 DIRTY_VERIFY = "verify"  # extents online verify found differing
 DIRTY_UPSTREAM = "upstream resync"  # a replica's extents rewritten by its own resync
+DIRTY_FULL = "operator: full resync"  # `nbdgw resync VOLUME --peer P --full` (no extents)
 # volumes/<V>/peerlink-upstream.json on a replica: the upstream it is bound to (written
 # by its receiver, and by demote_volume when a former primary becomes a replica).
 UPSTREAM_FILE = "peerlink-upstream.json"

@@ -841,6 +841,76 @@ def iscsi_down(obj: Ctx) -> None:
     click.echo("nbdgw: iscsi bridge stopped")
 
 
+@cli.group()
+def peer() -> None:
+    """Pause, resume, disconnect or connect the replication link to one peer."""
+
+
+def _peer_action(obj: Ctx, name: str, action: str) -> None:
+    from peerlink import admin
+
+    from .control import ask
+    from .replication import gate_path
+
+    cfg = obj.config()
+    if cfg.peer(name) is None:
+        _fail(f"{name!r} is not a peer of {cfg.name} (peers: "
+              f"{', '.join(p.name for p in cfg.peers) or 'none'})")
+    try:
+        r = ask(gate_path(cfg.data_dir), {"op": "peer", "peer": name, "action": action}, 30,
+                who="peerlink", unreachable_hint="", closed_hint="")
+    except GatewayError:
+        state = admin.apply(cfg.data_dir, name, action)  # applies when peerlink starts
+        click.echo(f"peer {name}: {state} (recorded; replication is not running here)")
+        return
+    if not r.get("ok"):
+        _fail(str(r.get("error")))
+    links = ", ".join(r["links"]) or "no link from this node"
+    click.echo(f"peer {name}: {r['state']} ({links})")
+
+
+for _action, _help in (("pause", "Stop shipping to PEER (the link stays up; the journal "
+                                 "buffers)."),
+                       ("resume", "Ship to PEER again."),
+                       ("disconnect", "Close the links to PEER; no reconnect until "
+                                      "'connect'."),
+                       ("connect", "Connect to PEER again.")):
+    def _make(action: str, text: str) -> Any:
+        @peer.command(action, help=text)
+        @click.argument("name")
+        @click.pass_obj
+        @audit.audited(f"peer {action}")
+        def cmd(obj: Ctx, name: str) -> None:
+            _peer_action(obj, name, action)
+        return cmd
+    _make(_action, _help)
+
+
+@cli.command("resync")
+@click.argument("volume_name")
+@click.option("--peer", "peer_name", required=True, help="the peer to resend to")
+@click.option("--full", is_flag=True, required=True,
+              help="resend every extent (the only kind an operator asks for)")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("resync")
+def resync_cmd(obj: Ctx, volume_name: str, peer_name: str, full: bool,
+               data_dir: Path | None) -> None:
+    """Resend the whole volume to one peer (its next session resyncs every extent)."""
+    from blockstore.peers import DIRTY_FULL, known_peers, write_dirty
+
+    cfg = obj.config()
+    if cfg.peer(peer_name) is None and not known_peers(
+            find_volume(obj.data_dir(data_dir), volume_name)):
+        _fail(f"{peer_name!r} is not a peer of {cfg.name}")
+    info = find_volume(obj.data_dir(data_dir), volume_name)
+    acked = known_peers(info).get(peer_name, 0)
+    path = write_dirty(info, peer_name, reason=DIRTY_FULL, from_seq=acked + 1,
+                       through_seq=acked + 1, shift=info.extent_shift, extents=[])
+    click.echo(f"volume {volume_name}: full resync to {peer_name} requested ({path.name}); "
+               "the link restarts and resends every extent")
+
+
 @cli.command("events")
 @data_dir_opt
 @click.option("--now", "now_only", is_flag=True,

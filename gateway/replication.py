@@ -40,6 +40,7 @@ import structlog
 from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
 from blockstore.volume import VolumeInfo, is_replica, list_volumes
+from peerlink import admin
 from peerlink.__main__ import read_secret
 from peerlink.receiver import Receiver, ReceiverServer
 from peerlink.sender import Sender, SenderConfig, VerifyError
@@ -233,7 +234,8 @@ class Replication:
                            writer: asyncio.StreamWriter) -> None:
         """Serve one connection: ``written`` notices from the nbdkit plugin (answered by
         ``_notify`` as acks arrive, never in line), and requests answered in order:
-        ``verify`` from `nbdgw verify`, ``caught_up`` from the daemon's switchover."""
+        ``verify`` from `nbdgw verify`, ``caught_up`` from the daemon's switchover,
+        ``peer`` from `nbdgw peer pause|resume|disconnect|connect`."""
         conn = _GateConn(writer)
         self.gate_conns.add(conn)
         notifier = asyncio.get_running_loop().create_task(self._notify(conn))
@@ -245,10 +247,13 @@ class Replication:
                     if op == "written":
                         self._written(conn, str(req["volume"]), int(req["seq"]))
                         continue
-                    if op not in ("verify", "caught_up"):
+                    if op not in ("verify", "caught_up", "peer"):
                         raise ValueError(f"unknown op {op!r}")
-                    reply = await (self._verify(req) if op == "verify"
-                                   else self._caught_up(req))
+                    if op == "peer":
+                        reply = self._peer_admin(req)
+                    else:
+                        reply = await (self._verify(req) if op == "verify"
+                                       else self._caught_up(req))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     log.warning("control_bad_request", request=line[:200].decode(
                         "utf-8", "replace"))
@@ -303,6 +308,22 @@ class Replication:
                         "op": "durable", "volume": volume, "through": through,
                         "degraded": degraded}).encode() + b"\n")
             await conn.writer.drain()
+
+    def _peer_admin(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`nbdgw peer pause|resume|disconnect|connect PEER`: record it and apply it to
+        every link of this node to that peer, now."""
+        peer, action = str(req["peer"]), str(req["action"])
+        if self.cfg.peer(peer) is None:
+            return {"ok": False, "error": f"{peer!r} is not a peer of {self.cfg.name}"}
+        try:
+            state = admin.apply(self.cfg.data_dir, peer, action)
+        except ValueError as e:
+            return {"ok": False, "error": str(e)}
+        links = [tx for txs in self.senders.values() for tx in txs if tx.peer == peer]
+        for tx in links:
+            tx.set_admin(state)
+        return {"ok": True, "peer": peer, "state": state,
+                "links": sorted(f"{tx.name}->{tx.peer}" for tx in links)}
 
     async def _caught_up(self, req: dict[str, Any]) -> dict[str, Any]:
         """Switchover drain: wait (up to ``timeout`` s) until ``peer`` has acknowledged,

@@ -94,6 +94,7 @@ from blockstore.journal import (
 )
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
+    DIRTY_FULL,
     DIRTY_HOT,
     DIRTY_RELEASED,
     DIRTY_VERIFY,
@@ -123,6 +124,7 @@ from blockstore.volume import (
     read_resync,
 )
 
+from . import admin
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
 from .errors import PeerlinkError, PeerProtocolError, PeerRefused
@@ -248,6 +250,9 @@ def plan_resync(info: VolumeInfo, peer: str, applied: int, first: int, last: int
     settles = [d.path for d in live]
     full = ResyncPlan("full", info.extent_shift,
                       list(range(((info.size - 1) >> info.extent_shift) + 1)), settles, "")
+    if any(d.reason == DIRTY_FULL for d in live):
+        return ResyncPlan(full.kind, full.shift, full.extents, settles,
+                          "an operator asked for a full resync")
     if gap and not covers(live, applied, first):
         why = (f"records {applied + 1}..{first - 1} were released and no dirty set of "
                f"peer {peer!r} accounts for all of them")
@@ -467,7 +472,7 @@ class ExtentReader:
 class Sender:
     """Ship volume ``name``'s journal to peer ``peer`` at host:port, reconnecting forever."""
 
-    def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
+    def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,  # noqa: PLR0915
                  port: int, secret: bytes | None = None,
                  config: SenderConfig | None = None, tls: ssl.SSLContext | None = None,
                  source: Volume | None = None,
@@ -540,6 +545,10 @@ class Sender:
         self.verify_token = 0
         # Long work under way (compare, resync): {"phase", "done", "total", "unit"}.
         self.progress: dict[str, Any] | None = None
+        # What an operator asked of this link (peerlink/admin.py): active, paused,
+        # disconnected.  ``admin_changed`` wakes whatever waits on it.
+        self.admin = admin.state_of(Path(data_dir), peer)
+        self.admin_changed = asyncio.Event()
 
     def _bounds(self) -> tuple[int, int]:
         """(first retained, last shippable) seq of the journal (worker thread)."""
@@ -786,7 +795,7 @@ class Sender:
                 "lag_seconds": round(self.lag_seconds(), 3),
                 "address": format_addr(self.host, self.port), "pid": os.getpid(),
                 "updated": time.time(), "stats": dict(self.stats),
-                "progress": self.progress}
+                "progress": self.progress, "admin": self.admin}
 
     # -- the sync gate ------------------------------------------------------------------------
 
@@ -904,6 +913,11 @@ class Sender:
                       rate=format_rate(self.bucket.rate))
         try:
             while not stop.is_set():
+                if self.admin == "disconnected":
+                    self._set_state("disconnected")
+                    self.log.warning("link_disconnected_by_operator")
+                    await self._until_admin_changes(stop)
+                    continue
                 acked_before, t0 = self.acked, time.monotonic()
                 try:
                     await self._session(stop)
@@ -1096,7 +1110,8 @@ class Sender:
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(c) for c in (
             self._pump(link, resume, plan), self._reader(link), self._pinger(link),
-            self._dirty_watch(), link.watchdog(self.cfg.timeout), stop.wait())]
+            self._dirty_watch(), link.watchdog(self.cfg.timeout), stop.wait(),
+            self._admin_watch(stop))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -1215,6 +1230,11 @@ class Sender:
                             if self.source is not None else None)
         poll = self.cfg.poll_min
         while True:
+            while self.admin == "paused":  # the link stays up; nothing more is shipped
+                self._set_state("paused")
+                await self._until_admin_changes(asyncio.Event())
+            if self.state == "paused":
+                self._set_state("streaming")
             while (self.inflight_bytes >= self.cfg.window_bytes
                    or len(self.inflight) >= self.cfg.window_batches):
                 self.room.clear()
@@ -1246,6 +1266,32 @@ class Sender:
             if not more and not self.woken:
                 notified = time.monotonic() - self.notified_at < NOTIFY_TRUST
                 await self._idle(max(poll, SLOW_POLL) if notified else poll)
+
+    def set_admin(self, state: str) -> None:
+        """An operator paused, resumed, disconnected or connected this link."""
+        if state != self.admin:
+            self.log.warning("link_admin", state=state, old=self.admin)
+            self.admin = state
+            self.admin_changed.set()
+            self.live_event.set()
+
+    async def _until_admin_changes(self, stop: asyncio.Event) -> None:
+        self.admin_changed.clear()
+        waiters = [asyncio.ensure_future(self.admin_changed.wait()),
+                   asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _admin_watch(self, stop: asyncio.Event) -> None:
+        """End the session when the link is disconnected by an operator."""
+        while self.admin != "disconnected":
+            await self._until_admin_changes(stop)
+            if stop.is_set():
+                return
+        raise LinkClosed("disconnected by an operator")
 
     async def _idle(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if ``want`` wakes the pump."""
