@@ -194,7 +194,12 @@ def volume_checksum(obj: Ctx, name: str, data_dir: Path | None) -> None:
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
     try:
-        vol = Volume(info)  # takes the lock, and recovers after an unclean stop
+        # Read-only when it was closed cleanly (nothing to recover, nothing written: a
+        # full disk does not matter); after an unclean stop, opened to recover first.
+        vol = Volume(info, readonly=True)
+        if vol.recovery.unclean:
+            vol.close()
+            vol = Volume(info)
     except VolumeInUse:
         click.echo(f"nbdgw: warning: volume {name} is being served; the checksum is of "
                    "its contents at this moment", err=True)
@@ -262,7 +267,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
                             nbd_cfg.allow)
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
 
-    pre = precheck_volumes(cfg, list(volumes) or None)
+    pre = precheck_volumes(cfg, list(volumes) or None, all_readonly=read_only)
     for name, err in pre.failed.items():
         click.echo(f"nbdgw: error: volume {name} not served: {err}", err=True)
     if not pre.served:
