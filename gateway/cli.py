@@ -332,6 +332,27 @@ def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None
         click.echo(line)
 
 
+@cli.command()
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable (schema: gateway/health.py).")
+@click.pass_obj
+def health(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """Store health: the file system of data_dir and what the volumes hold of it, the MD
+    array under it (mdstat, mdadm) and its disks (smartctl).  Exit status 0 when all is
+    well, 1 with a warning, 2 with a critical problem (as monitoring plugins do)."""
+    from . import health as health_mod
+
+    cfg = obj.config().with_overrides(data_dir=data_dir)
+    report = health_mod.check(cfg).to_json()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in health_mod.render_text(report):
+            click.echo(line)
+    sys.exit({"ok": 0, "warning": 1, "critical": 2}[report["level"]])
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                               "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
