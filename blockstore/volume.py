@@ -247,6 +247,33 @@ class VolumeLock:
             self.fd = -1
 
 
+def in_use(info: VolumeInfo) -> bool:
+    """Whether a process holds the volume's lock, found without taking it: from
+    /proc/locks (an flock of the lock file's inode), so that reading a volume's status
+    needs no write access (a control.group member runs `nbdgw status`) and never makes
+    a concurrent open fail.  Without /proc/locks: a shared flock, at once released."""
+    try:
+        st = (info.path / "lock").stat()
+    except FileNotFoundError:
+        return False
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            return any(fields[1] == "FLOCK" and fields[5] == key
+                       for fields in (line.split() for line in f)
+                       if len(fields) > 5 and fields[1] != "->")
+    except OSError:
+        pass
+    fd = os.open(info.path / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def delete_volume(data_dir: Path, name: str) -> None:
     info = find_volume(data_dir, name)
     lock = VolumeLock(info)  # raises VolumeInUse while served
@@ -299,13 +326,8 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
     jdir = info.path / "journal"
     segs = [p for p in jdir.iterdir() if p.name.endswith(".jnl")]
     resync = read_resync(info)
-    try:
-        VolumeLock(info).release()
-        in_use = False
-    except VolumeInUse:
-        in_use = True
     return {
-        "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use,
+        "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use(info),
         "clean": bool(state["clean"]), "last_seq": int(state["last_seq"]),
         "role": "replica" if state.get("replica") else "primary",
         "inconsistent": bool(state.get("inconsistent", False)),

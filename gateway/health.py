@@ -668,7 +668,7 @@ def _arrays(names: list[str], mdstat: Path, ttl: float, notes: list[str]) -> lis
                 notes.append(f"mdadm --detail /dev/{name}: {err.strip() or rc}")
         except CommandError as e:
             notes.append(f"mdadm not installed: {name} read from /proc/mdstat only"
-                         if e.returncode == 127 else str(e))
+                         if e.returncode == 127 else f"{e}: {name} read from /proc/mdstat only")
         a = merge_md(stat.get(name), detail)
         if a is not None:
             out.append(a)
@@ -683,9 +683,10 @@ def _disks(names: list[str], ttl: float, notes: list[str]) -> list[Disk]:
             _, text, err = _tool(["smartctl", "--json", "-i", "-H", "-A", "--nocheck=standby",
                                   dev], ttl)
         except CommandError as e:
-            if e.returncode == 127:
+            if e.returncode in (126, 127):
                 notes.append("smartctl not installed (Debian package smartmontools): disks "
-                             "not checked")
+                             "not checked" if e.returncode == 127 else
+                             f"smartctl cannot be run here ({e.stderr}): disks not checked")
                 break
             out.append(Disk(dev, error=str(e)))
             continue
