@@ -65,7 +65,7 @@ from .proc import output
 
 log = structlog.get_logger(component="health")
 
-TOOL_TIMEOUT = 20.0
+TOOL_TIMEOUT = 10.0
 
 
 class Level(enum.IntEnum):
@@ -676,23 +676,31 @@ def _arrays(names: list[str], mdstat: Path, ttl: float, notes: list[str]) -> lis
 
 
 def _disks(names: list[str], ttl: float, notes: list[str]) -> list[Disk]:
-    out = []
-    for name in names:
+    """smartctl for every disk at once: a dying disk may take smartctl the whole
+    TOOL_TIMEOUT, and `nbdgw status` must not wait that long once per disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> Disk | CommandError:
         dev = f"/dev/{name}"
         try:
             _, text, err = _tool(["smartctl", "--json", "-i", "-H", "-A", "--nocheck=standby",
                                   dev], ttl)
         except CommandError as e:
-            if e.returncode in (126, 127):
-                notes.append("smartctl not installed (Debian package smartmontools): disks "
-                             "not checked" if e.returncode == 127 else
-                             f"smartctl cannot be run here ({e.stderr}): disks not checked")
-                break
-            out.append(Disk(dev, error=str(e)))
-            continue
-        out.append(parse_smartctl(dev, text) if text.strip() else
-                   Disk(dev, error=err.strip() or "no output"))
-    return out
+            return e if e.returncode in (126, 127) else Disk(dev, error=str(e))
+        return (parse_smartctl(dev, text) if text.strip() else
+                Disk(dev, error=err.strip() or "no output"))
+
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        results = list(pool.map(one, names))
+    cannot = next((r for r in results if isinstance(r, CommandError)), None)
+    if cannot is not None:
+        notes.append("smartctl not installed (Debian package smartmontools): disks not "
+                     "checked" if cannot.returncode == 127 else
+                     f"smartctl cannot be run here ({cannot.stderr}): disks not checked")
+        return []
+    return [r for r in results if isinstance(r, Disk)]
 
 
 def gather(cfg: NodeConfig, smart: bool = True, sys_root: Path = Path("/sys"),
@@ -733,8 +741,9 @@ class Monitor:
     """Runs ``check`` and logs what changed since the previous round, once each: a
     problem that appears or gets worse (``health_problem``, warning), one that is gone
     (``health_recovered``, info).  The same problem at the same level is not logged
-    again.  For the daemon: ``Monitor(cfg).run()`` every ``cfg.health.interval``
-    seconds, off its event loop (mdadm and smartctl may take a second or two)."""
+    again.  For the daemon: ``Monitor(cfg).start(stop_event)`` (a thread that runs it
+    every ``health.interval`` seconds), or ``run()`` from a worker of its own, off the
+    event loop (mdadm and smartctl may take a second or two)."""
 
     cfg: NodeConfig
     checker: Callable[[NodeConfig], HealthReport] = check
@@ -745,6 +754,22 @@ class Monitor:
         report = self.checker(self.cfg)
         self.observe(report)
         return report
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        """run() now and every health.interval seconds on a thread of its own, until
+        ``stop`` is set: the daemon's whole hook is ``Monitor(cfg).start(stop_event)``."""
+        def loop() -> None:
+            while True:
+                try:
+                    self.run()
+                except Exception as e:  # noqa: BLE001 - a check that fails must not end the watch
+                    log.error("health_check_failed", error=f"{type(e).__name__}: {e}")
+                if stop.wait(self.cfg.health.interval):
+                    return
+
+        t = threading.Thread(target=loop, name="nbdgw-health", daemon=True)
+        t.start()
+        return t
 
     def observe(self, report: HealthReport) -> None:
         now = {p.key: p for p in report.problems}

@@ -361,3 +361,26 @@ def test_status_shows_health_in_text_and_on_a_terminal() -> None:
     out = console.export_text()
     assert "health: CRITICAL: 4.0 GiB free" in out
     assert "    what to do: mdadm /dev/md0 --remove the faulty device" in out
+
+
+def test_monitor_thread_checks_every_interval_and_survives_a_failing_check() -> None:
+    import threading
+
+    calls: list[int] = []
+
+    def checker(cfg: NodeConfig) -> H.HealthReport:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return H.assess(None, [], [], [], H0)
+
+    stop = threading.Event()
+    mon = H.Monitor(NodeConfig(health=HealthConfig(interval=0.05)), checker=checker)
+    with capture_logs() as logs:
+        t = mon.start(stop)
+        while len(calls) < 4:
+            t.join(0.05)
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert [e["event"] for e in logs] == ["health_check_failed"]
