@@ -14,6 +14,7 @@ highest transaction number, so a torn slot write leaves the previous state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections import OrderedDict
@@ -92,6 +93,8 @@ class ActivityLog:
         except BaseException:
             self.fd = old
             os.close(fd)
+            with contextlib.suppress(OSError):  # a full disk: no stray temp file
+                os.unlink(tmp)
             raise
         os.close(old)
         os.replace(tmp, self.path)

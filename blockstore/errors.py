@@ -57,3 +57,31 @@ class JournalGap(BlockstoreError):
             f"journal records from seq {wanted} were released "
             f"(oldest retained is seq {first_retained})"
         )
+
+
+class NoSpace(BlockstoreError, OSError):
+    """The file system is (nearly) full: says which file, how many bytes it needed and
+    how many were free.  An OSError with errno ENOSPC, so that every caller that handles
+    a full disk (the NBD plugin answers ENOSPC) handles this one too."""
+
+    def __init__(self, message: str, path: str, needed: int, free: int) -> None:
+        super().__init__(28, message)  # errno.ENOSPC
+        self.path = path
+        self.needed = needed
+        self.free = free
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+LOGGED = "nbdgw_logged"  # attribute set on an exception already logged as an event
+
+
+def mark_logged(e: BaseException) -> None:
+    """``e`` was logged as a structured event where it happened: whoever prints
+    exceptions (nbdkit prints every one a plugin callback raises) need not again."""
+    setattr(e, LOGGED, True)
+
+
+def was_logged(e: BaseException) -> bool:
+    return bool(getattr(e, LOGGED, False))

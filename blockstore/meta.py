@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .space import is_enospc, no_space
+from .store import pwrite_all
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,18 +22,57 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+IN_PLACE_MAX = 512  # one disk sector: written in place only when a sector holds it all
+
+
 def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Replace ``path`` with ``obj`` as JSON so that a crash leaves the old or the new file."""
+    """Replace ``path`` with ``obj`` as JSON so that a crash leaves the old or the new file.
+
+    On a full file system (ENOSPC) a small file that exists is rewritten in place
+    instead: its block is allocated already, and a write of at most one 512-byte sector
+    at offset 0 is atomic on the devices we run on (PostgreSQL keeps pg_control under
+    512 bytes on the same assumption).  The text is padded with spaces to the old length
+    so the file's size does not change.  Anything else raises NoSpace naming the file, the
+    bytes it needed and the bytes free.  The temp file never outlives a failure."""
     tmp = path.with_name(path.name + ".tmp")
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pwrite_all(fd, data, 0, f"write of {tmp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not is_enospc(e):
+            raise
+        if not _rewrite_in_place(path, data):
+            raise no_space(path, len(data)) from None
+        return
+    fsync_dir(path.parent)
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> bool:
+    """Overwrite a small existing file in place (see write_json); False if it cannot be."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        old = os.fstat(fd).st_size
+        if max(old, len(data)) > IN_PLACE_MAX:
+            return False
+        buf = data[:-1] + b" " * (old - len(data)) + b"\n" if old > len(data) else data
+        os.pwrite(fd, buf, 0)
         os.fsync(fd)
+        return True
+    except OSError:
+        return False
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path, kind: str, version: int) -> dict[str, Any]:

@@ -52,9 +52,11 @@ from .errors import (
     BlockstoreError,
     FormatError,
     InvalidArgument,
+    NoSpace,
     VolumeExists,
     VolumeInUse,
     VolumeNotFound,
+    mark_logged,
 )
 from .generations import (
     Generation,
@@ -86,7 +88,7 @@ from .peers import (
     upstream_record,
     write_dirty,
 )
-from .record import Flag, Op, RecordHeader
+from .record import REC_HEADER_SIZE, Flag, Op, RecordHeader
 from .snapshot import (
     MAX_SNAPSHOTS,
     ROLLBACK_FILE,
@@ -97,6 +99,7 @@ from .snapshot import (
     list_rows,
     validate_snapshot_name,
 )
+from .space import SpaceGuard, is_enospc, no_space
 from .store import Store, extent_digest
 
 VOLUME_VERSION = 1
@@ -255,6 +258,33 @@ class VolumeLock:
             self.fd = -1
 
 
+def in_use(info: VolumeInfo) -> bool:
+    """Whether a process holds the volume's lock, found without taking it: from
+    /proc/locks (an flock of the lock file's inode), so that reading a volume's status
+    needs no write access (a control.group member runs `nbdgw status`) and never makes
+    a concurrent open fail.  Without /proc/locks: a shared flock, at once released."""
+    try:
+        st = (info.path / "lock").stat()
+    except FileNotFoundError:
+        return False
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            return any(fields[1] == "FLOCK" and fields[5] == key
+                       for fields in (line.split() for line in f)
+                       if len(fields) > 5 and fields[1] != "->")
+    except OSError:
+        pass
+    fd = os.open(info.path / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def delete_volume(data_dir: Path, name: str) -> None:
     info = find_volume(data_dir, name)
     lock = VolumeLock(info)  # raises VolumeInUse while served
@@ -307,13 +337,8 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
     jdir = info.path / "journal"
     segs = [p for p in jdir.iterdir() if p.name.endswith(".jnl")]
     resync = read_resync(info)
-    try:
-        VolumeLock(info).release()
-        in_use = False
-    except VolumeInUse:
-        in_use = True
     return {
-        "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use,
+        "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use(info),
         "clean": bool(state["clean"]), "last_seq": _journal_end(jdir, int(state["last_seq"])),
         "role": "replica" if state.get("replica") else "primary",
         "inconsistent": bool(state.get("inconsistent", False)),
@@ -343,6 +368,45 @@ class RecoveryReport:
     replayed: int
     hot_extents: int
     last_seq: int
+
+
+class FailureLog:
+    """The ``write_failed`` events of one volume: a full disk fails every write a client
+    retries, so the first failure is logged at once and then at most one every
+    LOG_EVERY seconds, each event carrying how many failures were not logged since the
+    previous one (``suppressed``) and since the volume was opened (``count``); close()
+    logs the ones still unlogged (``write_failures_unlogged``)."""
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, volume: str) -> None:
+        self.volume = volume
+        self.count = 0
+        self.unlogged = 0
+        self.logged_at = float("-inf")
+
+    def report(self, op: Op, offset: int, length: int, e: OSError) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at < self.LOG_EVERY:
+            self.unlogged += 1
+            return
+        self.logged_at = now
+        where = ({"path": e.path, "needed_bytes": e.needed, "free_bytes": e.free}
+                 if isinstance(e, NoSpace) else
+                 {"path": e.filename} if e.filename else {})
+        _log.warning("write_failed", volume=self.volume, op=op.name.lower(), offset=offset,
+                     length=length, error=str(e.strerror or e),
+                     errno=errno.errorcode.get(e.errno or 0, str(e.errno)),
+                     suppressed=self.unlogged, count=self.count, **where)
+        self.unlogged = 0
+
+    def flush(self) -> None:
+        if self.unlogged:
+            _log.warning("write_failures_unlogged", volume=self.volume,
+                         suppressed=self.unlogged, count=self.count)
+            self.unlogged = 0
+
 
 
 class Checkpointer:
@@ -475,6 +539,8 @@ class Volume:
         self.diverged: set[int] = set()  # extents changed but not journaled (see write)
         self.applied_seq = 0  # replica: local seq of the last commit applied to the store
         self.unapplied_commit = False  # replica: a committed batch failed to reach the store
+        self.space: SpaceGuard | None = None  # keeps room for state files (space.py)
+        self.failures = FailureLog(info.name)
         try:
             self._open(al_slots, segment_bytes)
         except BaseException:
@@ -512,6 +578,7 @@ class Volume:
             self.recovery = RecoveryReport(not state["clean"], 0, 0, 0, scan.last_seq)
             return
         self.al = ActivityLog(str(p / "al"), al_slots, before_evict=self._make_durable)
+        self.space = SpaceGuard(p / "store", self.name)
         if state["clean"]:
             if scan.last_seq != state["last_seq"] or scan.torn_bytes:
                 raise FormatError(
@@ -632,21 +699,47 @@ class Volume:
                 payload: bytes | memoryview = b"") -> int:
         """The one write path of WRITE, TRIM and ZERO: store first, then the journal.
         Either failing may leave the store changed where the journal is not (a short
-        write, or an append that failed after it): those extents are marked for resync."""
+        write, or an append that failed after it): those extents are marked for resync.
+        A write that would eat into the room kept for state files is refused first
+        (space.py); TRIM never is.  Every failure is logged as a ``write_failed`` event
+        (rate-limited, see FailureLog) and marked as logged."""
         self._check_writable()
         self._check_range(offset, length)
-        self._activate(offset, length)
         assert self.journal is not None and self.store is not None
-        self._cow(offset, length)
         store = self.store
-        try:
+
+        def alongside() -> None:
             # The store write runs inside append, alongside the journal's copy of a
             # large payload; the record becomes valid only after it succeeded.
-            seq = self.journal.append(
-                op, flags, offset, length, payload,
-                alongside=lambda: store.apply(op, flags, offset, length, payload))
+            try:
+                store.apply(op, flags, offset, length, payload)
+            except OSError as e:
+                if not is_enospc(e) or isinstance(e, NoSpace):
+                    raise
+                raise no_space(store.path, length, f"{op.name.lower()} of {length} bytes "
+                               f"at {offset} to {store.path}") from None
+
+        try:
+            if op is not Op.TRIM and self.space is not None:
+                # Store and journal copies of a write; a ZERO may allocate its range.
+                self.space.check(2 * length + REC_HEADER_SIZE if op is Op.WRITE else
+                                 REC_HEADER_SIZE if flags & Flag.MAY_TRIM else
+                                 length + REC_HEADER_SIZE)
+            self._activate(offset, length)
+            self._cow(offset, length)
+            try:
+                seq = self.journal.append(op, flags, offset, length, payload,
+                                          alongside=alongside)
+            except OSError as e:
+                self._unjournaled(offset, length, e)
+                if is_enospc(e) and not isinstance(e, NoSpace):
+                    seg = self.journal.segments[-1].path
+                    raise no_space(seg, REC_HEADER_SIZE + len(payload),
+                                   f"appending a record of {length} bytes to {seg}") from None
+                raise
         except OSError as e:
-            self._unjournaled(offset, length, e)
+            self.failures.report(op, offset, length, e)
+            mark_logged(e)
             raise
         if flags & _FUA:  # a plain int: IntFlag's & costs microseconds per request
             self.journal.sync()
@@ -1154,28 +1247,60 @@ class Volume:
                 part.close()
 
     def close(self) -> None:
-        """Clean close: everything durable, activity log empty, state clean."""
+        """Clean close: everything durable, activity log empty, state clean.
+
+        What must be durable before it returns: every journal record and the store
+        (an error there, EIO, is raised).  What may wait for the next open when the disk
+        is full: resync.json for extents the store took but the journal lacks (they are
+        hot in the activity log, and recovery resends hot extents), and the clean flag
+        (without it the next open replays the journal from the checkpoint: slower, never
+        wrong).  So a full disk leaves the volume unclean, logged, never unclosed."""
         if self.lock.fd < 0:
             return
         try:
             if self.checkpointer is not None:
                 self.checkpointer.stop()
+            self.failures.flush()
             if self.unapplied_commit:
                 pass  # unclean on purpose: the next open redoes the committed batch
             elif not self.readonly and self.journal is not None and self.al is not None:
-                if self.diverged:  # raises if still unpersistable: stays unclean
-                    self.add_resync(sorted(self.diverged), "journal append failed")
-                    self.diverged.clear()
-                self.journal.seal_for_close()
-                self._make_durable()
-                self.checkpoint_seq = self._applied()
-                # State first: if writing it fails (a full disk) the activity log still
-                # names the hot extents for the unclean open that follows.
-                self._write_state(clean=True)
-                self.al.clear()
+                self._close_clean()
         finally:
             self._close_files()
             self.lock.release()
+
+    def _close_clean(self) -> None:
+        assert self.journal is not None and self.al is not None
+        unclean: OSError | None = None
+        if self.diverged:
+            try:
+                self.add_resync(sorted(self.diverged), "journal append failed")
+                self.diverged.clear()
+            except OSError as e:
+                if not is_enospc(e):
+                    raise
+                unclean = e
+        self.journal.seal_for_close()
+        self._make_durable()
+        if unclean is None:
+            self.checkpoint_seq = self._applied()
+            # State first: if writing it fails (a full disk) the activity log still
+            # names the hot extents for the unclean open that follows.
+            try:
+                self._write_state(clean=True)
+            except OSError as e:
+                if not is_enospc(e):
+                    raise
+                unclean = e
+        if unclean is not None:
+            _log.warning("volume_left_unclean", volume=self.name, error=str(unclean),
+                         consequence="the next open replays the journal from its last "
+                                     "checkpoint and resends the hot extents to the peers")
+            return
+        try:
+            self.al.clear()
+        except OSError as e:  # clean already: the stale hot set only widens a later resync
+            _log.warning("activity_log_not_cleared", volume=self.name, error=str(e))
 
     def checksum(self) -> str:
         """SHA-256 of the volume's contents (holes hashed as zeros, never read)."""

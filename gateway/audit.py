@@ -99,7 +99,8 @@ def audited(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
         def run(obj: Any, *a: Any, **kw: Any) -> None:
             args = {k: v for k, v in kw.items()
                     if k not in ("data_dir", "as_json", "yes") and v is not None}
-            with action(obj.data_dir(kw.get("data_dir")), name, args):
+            # The command itself says when its data directory does not exist.
+            with action(obj.data_dir(kw.get("data_dir"), must_exist=False), name, args):
                 fn(obj, *a, **kw)
         return run
     return wrap

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,20 @@ class Ctx:
                 self._cfg = default_config()
         return self._cfg
 
-    def data_dir(self, override: Path | None) -> Path:
-        return override if override is not None else self.config().data_dir
+    def data_dir(self, override: Path | None, must_exist: bool = True) -> Path:
+        """--data-dir (made absolute already), else node.data_dir; one that does not exist
+        is an error, except for the commands that create it."""
+        dd = override if override is not None else self.config().data_dir
+        if must_exist:
+            existing_data_dir(dd)
+        return dd
+
+
+def existing_data_dir(dd: Path) -> Path:
+    if not dd.is_dir():
+        raise GatewayError(f"data directory {dd} does not exist (check --data-dir or "
+                           "node.data_dir; 'nbdgw volume create' makes it)")
+    return dd
 
 
 def _confirm(yes: bool, question: str) -> None:
@@ -88,11 +101,20 @@ class Group(click.Group):
         return None
 
 
+def _absolute(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    # Relative to the current directory, made absolute once: nbdkit runs in /, and paths
+    # in messages, logs and control sockets must mean the same everywhere.
+    return None if value is None else Path(os.path.abspath(value))
+
+
 data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                            help="Data directory (default: node.data_dir from the config).")
+                            callback=_absolute,
+                            help="Data directory (default: node.data_dir from the config); "
+                                 "a relative path is taken from the current directory.")
 
 
 @click.group(cls=Group)
+@click.version_option(package_name="nbdgw", prog_name="nbdgw", message="%(prog)s %(version)s")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
               help=f"Node config file (default: {DEFAULT_CONFIG_PATH} if it exists).")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto")
@@ -128,7 +150,8 @@ def volume_create(obj: Ctx, name: str, size: str | None, replica: bool,
         nbytes = declared.size
     else:
         nbytes = parse_size(size)
-    info = create_volume(obj.data_dir(data_dir), name, nbytes, replica=replica)
+    info = create_volume(obj.data_dir(data_dir, must_exist=False), name, nbytes,
+                         replica=replica)
     click.echo(f"created {'replica ' if replica else ''}volume {info.name}: "
                f"{info.size} bytes in {info.path}")
 
@@ -207,7 +230,12 @@ def volume_checksum(obj: Ctx, name: str, data_dir: Path | None) -> None:
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
     try:
-        vol = Volume(info)  # takes the lock, and recovers after an unclean stop
+        # Read-only when it was closed cleanly (nothing to recover, nothing written: a
+        # full disk does not matter); after an unclean stop, opened to recover first.
+        vol = Volume(info, readonly=True)
+        if vol.recovery.unclean:
+            vol.close()
+            vol = Volume(info)
     except VolumeInUse:
         click.echo(f"nbdgw: warning: volume {name} is being served; the checksum is of "
                    "its contents at this moment", err=True)
@@ -270,8 +298,8 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         certs = tls_certificates or (None if tls_psk else t.certificates_dir)
         nbd_cfg = replace(nbd_cfg, tls=check_tls(TlsConfig(mode, psk, certs, t.verify_peer)))
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
-
-    pre = precheck_volumes(cfg, list(volumes) or None)
+    existing_data_dir(cfg.data_dir)
+    pre = precheck_volumes(cfg, list(volumes) or None, all_readonly=read_only)
     for name, err in pre.failed.items():
         click.echo(f"nbdgw: error: volume {name} not served: {err}", err=True)
     if not pre.served:
@@ -312,14 +340,15 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable (schema: gateway/status.py).")
 @click.option("--watch", "watch_s", type=click.FloatRange(0.2, 3600), default=None,
-              help="Redraw every N seconds with progress bars of syncs (a terminal).")
+              help="Again every N seconds: redrawn with progress bars on a terminal; "
+                   "otherwise one block (text) or one JSON line (--json) each time.")
 @click.pass_obj
 def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None) -> None:
     """Node, role, quorum; volumes (clients, snapshots); how far each peer trails."""
-    from .status import node_report, render_text
+    from .status import node_report
 
     cfg = obj.config()
-    report = node_report(cfg.name, obj.data_dir(data_dir), cfg)
+    dd = obj.data_dir(data_dir)
     if not as_json and sys.stdout.isatty():
         from rich.console import Console
 
@@ -327,16 +356,55 @@ def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None
 
         console = Console()
         if watch_s is None:
-            console.print(statusview.render(report))
+            console.print(statusview.render(node_report(cfg.name, dd, cfg)))
         else:
-            statusview.watch(console, lambda: node_report(cfg.name, obj.data_dir(data_dir),
-                                                           cfg), watch_s)
+            statusview.watch(console, lambda: node_report(cfg.name, dd, cfg), watch_s)
         return
+    if watch_s is None:
+        _print_status(node_report(cfg.name, dd, cfg), as_json, indent=2)
+        return
+    # A pipe or a file: a report every watch_s seconds until the reader goes away
+    # (`nbdgw status --watch 1 | head -3`) or Ctrl-C; JSON as one document per line.
+    try:
+        while True:
+            _print_status(node_report(cfg.name, dd, cfg), as_json, indent=None)
+            time.sleep(watch_s)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        # The reader is gone: no traceback, and nothing left to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _print_status(report: dict[str, Any], as_json: bool, indent: int | None) -> None:
+    from .status import render_text
+
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=indent) + "\n")
+    else:
+        sys.stdout.write("\n".join(render_text(report)) + "\n" + ("" if indent else "\n"))
+    sys.stdout.flush()
+
+
+@cli.command()
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable (schema: gateway/health.py).")
+@click.pass_obj
+def health(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """Store health: the file system of data_dir and what the volumes hold of it, the MD
+    array under it (mdstat, mdadm) and its disks (smartctl).  Exit status 0 when all is
+    well, 1 with a warning, 2 with a critical problem (as monitoring plugins do)."""
+    from . import health as health_mod
+
+    cfg = obj.config().with_overrides(data_dir=data_dir)
+    report = health_mod.check(cfg).to_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        return
-    for line in render_text(report):
-        click.echo(line)
+    else:
+        for line in health_mod.render_text(report):
+            click.echo(line)
+    sys.exit({"ok": 0, "warning": 1, "critical": 2}[report["level"]])
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -803,16 +871,18 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
 
 
 @iscsi.command("status")
+@data_dir_opt
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def iscsi_status(obj: Ctx, as_json: bool) -> None:
-    """tgtd's targets: LUN backing file, identity, ACL, CHAP and sessions."""
+def iscsi_status(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """tgtd's targets: LUN backing file, identity, ACL, CHAP and sessions.
+
+    Needs only tgtd's control port (iscsi.control_port, default 3260): it works without
+    a config and without iscsi.iqn; --data-dir is accepted like everywhere else."""
     from iscsi_bridge import Bridge
 
-    cfg = obj.config()
-    if cfg.iscsi.iqn is None:
-        _fail("iscsi.iqn is not set in the config")
-    report = Bridge(cfg.iscsi, lambda e: "").status()
+    cfg = obj.config().with_overrides(data_dir=data_dir)
+    report = Bridge(cfg.iscsi, lambda e: "", data_dir=cfg.data_dir).status()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -829,15 +899,20 @@ def iscsi_status(obj: Ctx, as_json: bool) -> None:
 
 
 @iscsi.command("down")
+@data_dir_opt
 @click.pass_obj
-def iscsi_down(obj: Ctx) -> None:
-    """Stop the bridge's tgtd (delete system) and unmount its FUSE files."""
+def iscsi_down(obj: Ctx, data_dir: Path | None) -> None:
+    """Stop the bridge's tgtd (delete system) and unmount its FUSE files.
+
+    Needs tgtd's control port and run directory (iscsi.control_port, iscsi.run_dir;
+    their defaults without a config) and, for mounts served by nbdkit (iscsi.fuse
+    nbdkit), the data directory of the nbdkit serving them (--data-dir or node.data_dir):
+    it then waits until nbdkit has let go of each export, so that a volume or snapshot
+    can be deleted right after.  iscsi.iqn is not needed."""
     from iscsi_bridge import Bridge
 
-    cfg = obj.config()
-    if cfg.iscsi.iqn is None:
-        _fail("iscsi.iqn is not set in the config")
-    Bridge(cfg.iscsi, lambda e: "").stop()
+    cfg = obj.config().with_overrides(data_dir=data_dir)
+    Bridge(cfg.iscsi, lambda e: "", data_dir=cfg.data_dir).stop()
     click.echo("nbdgw: iscsi bridge stopped")
 
 

@@ -260,6 +260,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Store health (gateway/health.py): below which share of free space the file system
+    of data_dir is a warning and critical, how often the daemon checks (SMART and mdadm
+    answers are reused for as long), and the disk temperature that warns."""
+
+    warn_free_percent: float = 15.0
+    critical_free_percent: float = 5.0
+    interval: float = 60.0
+    max_disk_temperature: int = 60
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     """Who may use the daemon's control socket besides root: members of ``group``."""
 
@@ -284,6 +296,7 @@ class NodeConfig:
     iscsi: IscsiConfig = IscsiConfig()
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
+    health: HealthConfig = HealthConfig()
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -704,7 +717,8 @@ def check_iscsi_volumes(iscsi: IscsiConfig, volumes: tuple[VolumeConfig, ...]) -
 
 
 TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
-            "peerlink", "peers", "failover", "snapshots", "iscsi", "metrics", "control")
+            "peerlink", "peers", "failover", "snapshots", "iscsi", "metrics", "control",
+            "health")
 
 MAX_SNAPSHOTS_PER_VOLUME = 512  # blockstore.snapshot.MAX_SNAPSHOTS
 _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -784,6 +798,29 @@ def _control(raw: Any) -> ControlConfig:
     return ControlConfig(group=group)
 
 
+def _health(raw: Any) -> HealthConfig:
+    s = _Section(raw, "health", ("warn_free_percent", "critical_free_percent", "interval",
+                                 "max_disk_temperature"))
+    d = HealthConfig()
+
+    def percent(name: str, default: float) -> float:
+        v = s.get(name) if s.has(name) else default
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 100:
+            raise ConfigError(f"expected a percentage >= 0 and < 100 for health.{name}")
+        return float(v)
+
+    h = HealthConfig(
+        warn_free_percent=percent("warn_free_percent", d.warn_free_percent),
+        critical_free_percent=percent("critical_free_percent", d.critical_free_percent),
+        interval=_number(s, "interval", d.interval),
+        max_disk_temperature=s.integer("max_disk_temperature", d.max_disk_temperature, 30,
+                                       100))
+    if h.critical_free_percent > h.warn_free_percent:
+        raise ConfigError("health.critical_free_percent must be at most "
+                          "health.warn_free_percent")
+    return h
+
+
 def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     """Validate a loaded YAML document into a NodeConfig; raise ConfigError."""
     top = _Section(raw, "", TOP_KEYS)
@@ -825,6 +862,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         iscsi=_iscsi(top.get("iscsi")),
         metrics=_metrics(top.get("metrics")),
         control=_control(top.get("control")),
+        health=_health(top.get("health")),
     )
     check_iscsi_volumes(cfg.iscsi, cfg.volumes)
     check_failover_secret(cfg)

@@ -43,6 +43,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "product"),
     Requirement("nbdfuse", "libnbd-bin", "an export as a file (fallback FUSE server)",
                 "product"),
+    Requirement("nbdcopy", "libnbd-bin", "copies of snapshot exports (the backup recipe)",
+                "product"),
     Requirement("tgtd", "tgt", "the iSCSI target", "product"),
     Requirement("fusermount3", "fuse3", "FUSE mounts of the iSCSI bridge", "product"),
     Requirement("ip", "iproute2", "service address, lab namespaces", "product"),

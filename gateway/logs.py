@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -27,3 +28,36 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+# What an exception already logged as a structured event is printed as by nbdkit; the
+# line is dropped from nbdkit's stderr by gateway/serve.py (NbdServer).
+LOGGED_MARK = "[logged by nbdgw]"
+
+
+def quiet_logged_errors() -> None:
+    """In nbdkit's interpreter: print exceptions the data path logged already as one
+    short marked line instead of a traceback.
+
+    nbdkit prints every exception a plugin callback raises, traceback and all, through
+    ``traceback.format_exception`` (plugins/python/errors.c), and a failed request can
+    only be reported by raising.  A write refused on a full disk is logged by the volume
+    as a rate-limited ``write_failed`` event (blockstore.volume.FailureLog) and marked
+    (blockstore.errors.mark_logged); a client retrying it would otherwise add a
+    traceback per request.  Every other exception is formatted as before."""
+    import traceback
+
+    from blockstore.errors import was_logged
+
+    original = traceback.format_exception
+    if getattr(original, "nbdgw_quiet", False):
+        return
+
+    def format_exception(exc: Any, *args: Any, **kwargs: Any) -> list[str]:
+        value = args[0] if args else kwargs.get("value", exc)
+        if isinstance(value, BaseException) and was_logged(value):
+            return [f"{value} {LOGGED_MARK}"]
+        return original(exc, *args, **kwargs)
+
+    format_exception.nbdgw_quiet = True  # type: ignore[attr-defined]
+    traceback.format_exception = format_exception

@@ -248,6 +248,83 @@ class NodeCollector(Collector):
         yield from (size, conns, conns_total, reqs, nbytes, lat, jbytes, jfill, jseq,
                     inconsistent, snaps, snap_t, pstate, plag, plagb, plags, pack, pdirty,
                     drecs, dbytes)
+        yield from health_families(cfg)
+
+
+MD_STATES: Final = ("healthy", "degraded", "rebuilding", "resyncing", "checking", "reshaping",
+                    "failed", "inactive")
+
+
+def health_families(cfg: NodeConfig) -> Iterator[Metric]:
+    """The store's health (gateway/health.py): file system, MD arrays, disks, and what
+    each volume holds.  mdadm and smartctl answers are reused for health.interval."""
+    from . import health
+
+    try:
+        r = health.check(cfg)
+    except (OSError, GatewayError, BlockstoreError) as e:  # a scrape must not fail for it
+        log.warning("metrics_health_failed", error=str(e))
+        return
+    node = cfg.name
+    level = GaugeMetricFamily("nbdgw_health_level", "Store health: 0 ok, 1 warning, 2 "
+                              "critical (nbdgw health says why)", labels=["node"])
+    level.add_metric([node], float(r.level))
+    fs_size = GaugeMetricFamily("nbdgw_fs_size_bytes", "Size of the file system of "
+                                "data_dir", labels=["path"])
+    fs_free = GaugeMetricFamily("nbdgw_fs_free_bytes", "Bytes free on it (for root)",
+                                labels=["path"])
+    fs_ratio = GaugeMetricFamily("nbdgw_fs_free_ratio", "Free bytes / size", labels=["path"])
+    fs_reserve = GaugeMetricFamily("nbdgw_fs_reserve_bytes", "Client writes get ENOSPC once "
+                                   "free bytes fall to this (kept for state files)",
+                                   labels=["path"])
+    if r.filesystem is not None:
+        p = [r.filesystem.path]
+        fs_size.add_metric(p, float(r.filesystem.size_bytes))
+        fs_free.add_metric(p, float(r.filesystem.free_bytes))
+        fs_ratio.add_metric(p, r.filesystem.free_ratio)
+        fs_reserve.add_metric(p, float(r.filesystem.reserve_bytes))
+    md_state = GaugeMetricFamily("nbdgw_md_array_state", "1 for the MD array's current "
+                                 "state", labels=["array", "state"])
+    md_sync = GaugeMetricFamily("nbdgw_md_array_sync_ratio", "Progress of a rebuild, "
+                                "resync, check or reshape (0..1)", labels=["array", "action"])
+    md_devs = GaugeMetricFamily("nbdgw_md_array_devices", "Devices of the array by kind: "
+                                "raid (slots), active, spare, failed", labels=["array", "kind"])
+    for a in r.arrays:
+        for st in MD_STATES:
+            md_state.add_metric([a.name, st], 1.0 if a.state == st else 0.0)
+        if a.sync is not None and a.sync.percent is not None:
+            md_sync.add_metric([a.name, a.sync.action], a.sync.percent / 100)
+        for kind, n in (("raid", a.raid_devices), ("active", a.active_devices),
+                        ("spare", a.spare_devices), ("failed", a.failed_devices)):
+            md_devs.add_metric([a.name, kind], float(n))
+    smart = GaugeMetricFamily("nbdgw_disk_smart_ok", "1 when the disk passes its SMART "
+                              "health check, 0 when it fails (absent: not read)",
+                              labels=["disk"])
+    realloc = GaugeMetricFamily("nbdgw_disk_reallocated_sectors", "Reallocated sectors "
+                                "(ATA attribute 5; SCSI grown defects)", labels=["disk"])
+    pending = GaugeMetricFamily("nbdgw_disk_pending_sectors", "Sectors pending "
+                                "reallocation (ATA attribute 197)", labels=["disk"])
+    media = GaugeMetricFamily("nbdgw_disk_media_errors", "NVMe media errors", labels=["disk"])
+    temp = GaugeMetricFamily("nbdgw_disk_temperature_celsius", "Disk temperature",
+                             labels=["disk"])
+    for d in r.disks:
+        for fam, v in ((smart, None if d.smart_passed is None else float(d.smart_passed)),
+                       (realloc, d.reallocated_sectors), (pending, d.pending_sectors),
+                       (media, d.media_errors), (temp, d.temperature_celsius)):
+            if v is not None:
+                fam.add_metric([d.device], float(v))
+    snap_b = GaugeMetricFamily("nbdgw_snapshot_bytes", "Bytes the volume's snapshots hold "
+                               "on disk (pre-images and index)", labels=["volume"])
+    j_room = GaugeMetricFamily("nbdgw_journal_may_grow_bytes", "Bytes the journal may still "
+                               "take before journal.max_bytes", labels=["volume"])
+    alloc = GaugeMetricFamily("nbdgw_volume_allocated_bytes", "Bytes of the sparse store "
+                              "allocated on disk", labels=["volume"])
+    for v in r.volumes:
+        snap_b.add_metric([v.name], float(v.snapshot_bytes))
+        j_room.add_metric([v.name], float(v.journal_may_grow_bytes))
+        alloc.add_metric([v.name], float(v.allocated_bytes))
+    yield from (level, fs_size, fs_free, fs_ratio, fs_reserve, md_state, md_sync, md_devs,
+                smart, realloc, pending, media, temp, snap_b, j_room, alloc)
 
 
 class MetricsServer:

@@ -11,18 +11,21 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import structlog
 
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, NoSpace
 from blockstore.volume import Volume, is_replica, list_volumes
 from nbd_plugin import PLUGIN_PATH
 
 from .config import Listen, NodeConfig, PeerMode, TlsMode
 from .errors import GatewayError
+from .logs import LOGGED_MARK
 from .replication import gate_path, has_failover_core, sync_timeout
 
 log = structlog.get_logger(component="serve")
@@ -41,18 +44,33 @@ class PrecheckResult:
     failed: dict[str, str]
 
 
-def precheck_volumes(cfg: NodeConfig, names: list[str] | None) -> PrecheckResult:
-    """Open (and so recover) each volume before nbdkit starts, to report errors clearly."""
+def precheck_volumes(cfg: NodeConfig, names: list[str] | None,
+                     all_readonly: bool = False) -> PrecheckResult:
+    """Open (and so recover) each volume before nbdkit starts, to report errors clearly.
+
+    A volume served read-only (``all_readonly``, or declared read_only) that was closed
+    cleanly is opened read-only: nothing is written, so it is served on a full disk too.
+    One that was not is recovered first; if even that fails for lack of space it is
+    served as its store stands, with a warning (what the journal holds past the last
+    checkpoint is not in it after a power loss)."""
     if names is None:
         names = [v.name for v in cfg.volumes] or [
             v.name for v in list_volumes(cfg.data_dir) if not is_replica(v)]
     served, failed = [], {}
+    kw = {"al_slots": cfg.al_extents, "journal_max_bytes": cfg.journal.max_bytes,
+          "segment_bytes": cfg.journal.segment_bytes}
     for name in names:
-        ro = bool((v := cfg.volume(name)) and v.read_only)
+        ro = all_readonly or bool((v := cfg.volume(name)) and v.read_only)
         try:
-            vol = Volume.open(cfg.data_dir, name, readonly=ro, al_slots=cfg.al_extents,
-                              journal_max_bytes=cfg.journal.max_bytes,
-                              segment_bytes=cfg.journal.segment_bytes)
+            vol = Volume.open(cfg.data_dir, name, readonly=ro, **kw)
+            if ro and vol.recovery.unclean and not vol.replica:
+                vol.close()
+                try:
+                    vol = Volume.open(cfg.data_dir, name, **kw)
+                except NoSpace as e:
+                    log.warning("volume_not_recovered", volume=name, error=str(e),
+                                consequence="served read-only as its store stands")
+                    vol = Volume.open(cfg.data_dir, name, readonly=True, **kw)
         except (BlockstoreError, OSError) as e:
             failed[name] = str(e)
             continue
@@ -60,7 +78,7 @@ def precheck_volumes(cfg: NodeConfig, names: list[str] | None) -> PrecheckResult
             vol.close()
             failed[name] = ("it is a replica: written by peerlink, not served until promoted")
             continue
-        if vol.recovery.unclean and not ro:
+        if vol.recovery.unclean and not vol.readonly:
             r = vol.recovery
             log.warning("volume_recovered", volume=name, replayed=r.replayed,
                         torn_bytes=r.torn_bytes, hot_extents=r.hot_extents)
@@ -227,6 +245,24 @@ def disconnect_clients(pid: int) -> int:
     return count
 
 
+def forward_stderr(pipe: IO[bytes]) -> None:
+    """Copy nbdkit's stderr to ours line by line, less the lines nbdkit prints for a
+    request whose failure the plugin logged already as a structured, rate-limited
+    event (logs.quiet_logged_errors: one marked line each, a client retrying writes on
+    a full disk would print one per request)."""
+    mark = LOGGED_MARK.encode()
+    with pipe:
+        for line in pipe:
+            if mark in line:
+                continue
+            view = memoryview(line)
+            try:
+                while view:
+                    view = view[os.write(2, view):]
+            except OSError:
+                continue  # our stderr is gone: keep draining so nbdkit never blocks
+
+
 class NbdServer:
     """One nbdkit process serving the node's volumes on every listen address."""
 
@@ -240,6 +276,7 @@ class NbdServer:
         self.discover = discover
         self.proc: subprocess.Popen[bytes] | None = None
         self.addresses: list[Listen] = []
+        self.stderr_thread: threading.Thread | None = None
 
     def start(self) -> None:
         socks = [bind(x, self.cfg.nbd.allow) for x in self.cfg.nbd.listen]
@@ -252,10 +289,15 @@ class NbdServer:
         env = dict(os.environ, NBDGW_SITE=plugin_site_dirs())
         log.info("nbdkit_starting", argv=argv[4:])
         try:
-            self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, cwd="/")
+            self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, cwd="/",
+                                         stderr=subprocess.PIPE)
         finally:
             for s in socks:
                 s.close()
+        assert self.proc.stderr is not None
+        self.stderr_thread = threading.Thread(target=forward_stderr, args=(self.proc.stderr,),
+                                              name="nbdkit-stderr", daemon=True)
+        self.stderr_thread.start()
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM nbdkit (it closes every volume cleanly) and wait for it."""
@@ -279,6 +321,8 @@ class NbdServer:
         for a in self.addresses:
             if a.kind == "unix":
                 Path(a.path).unlink(missing_ok=True)
+        if self.stderr_thread is not None:
+            self.stderr_thread.join(5)  # nbdkit's last lines (volume close events)
         return self.proc.returncode
 
     def wait_ready(self, timeout: float = 15) -> None:

@@ -8,6 +8,8 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
      "split_brain": null | {"detected", "node", "epoch", "other_node", "other_epoch",
                             "volumes": {name: {"why", "last_write"}}},
      "role": {"configured": str, "effective": str, "epoch": int},
+     "health": null | {...}  (gateway/health.py: level, filesystem, arrays, disks,
+                             volumes, problems with what to do, notes),
      "failover": null | {"state": "primary"|"standby"|"witness"|"fenced"|"stale"|...,
                          "epoch", "primary", "auto", "age_s", "peers",
                          "vote": null | {"epoch", "for"}, "lease_s": float,
@@ -290,6 +292,7 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
     fo = failover_report(data_dir, now)
     report: dict[str, Any] = {
         "version": STATUS_VERSION, "node": node, "data_dir": str(data_dir), "role": None,
+        "health": None,
         "failover": fo, "split_brain": split_brain(data_dir),
         "volumes": [volume_report(v, now) for v in list_volumes(data_dir)]}
     if cfg is None:
@@ -307,7 +310,10 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
         fo["quorum"] = {"sites": sites, "heard": 0 if stale else 1 + heard,
                         "majority": not stale and 2 * (1 + heard) > sites}
     if live:
+        from . import health
         from .metrics import io_stats, iscsi_sessions
+
+        report["health"] = health.check(cfg.with_overrides(data_dir=data_dir)).to_json()
 
         io = io_stats(data_dir)
         iscsi = iscsi_sessions(cfg.with_overrides(data_dir=data_dir))
@@ -347,6 +353,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
         out.append(f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
                    f"{fo['primary']}{stale}; heard: {heard}")
         out += quorum_lines(fo)
+    out += health_lines(report)
     sb = report.get("split_brain")
     if sb is not None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sb["detected"]))
@@ -390,6 +397,14 @@ def render_text(report: dict[str, Any]) -> list[str]:
         if role == "primary" and not v["peers"]:
             out.append("  no peer has connected yet")
     return out
+
+
+def health_lines(report: dict[str, Any]) -> list[str]:
+    """The store's health in a few lines (gateway/health.py; `nbdgw health` has it all)."""
+    from .health import summary_lines
+
+    h = report.get("health")
+    return [] if h is None else summary_lines(h)
 
 
 def volume_extras(v: dict[str, Any]) -> str:

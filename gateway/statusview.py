@@ -30,6 +30,7 @@ from rich.text import Text
 STATE_STYLE = {"in sync": "green", "streaming": "green", "initial-sync": "yellow",
                "resync": "yellow", "resync pending": "yellow", "degraded": "red",
                "disconnected": "red", "refused": "bold red", "split brain": "bold red"}
+HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 FAILOVER_STYLE = {"primary": "bold green", "standby": "cyan", "witness": "cyan",
                   "fenced": "bold red", "stale": "red"}
 
@@ -152,6 +153,16 @@ def _notes(report: dict[str, Any]) -> list[Text]:
     from .status import diverged_lines, refusal_lines, render_text
 
     out = []
+    h = report.get("health")
+    if h is not None:
+        from .health import summary_lines
+
+        lines = summary_lines(h)
+        out.append(Text(lines[0], style=HEALTH_STYLE.get(h["level"], "")))
+        for p in h["problems"]:
+            style = "bold red" if p["level"] == "critical" else "yellow"
+            out.append(Text(f"  {p['message']}", style=style))
+            out.append(Text(f"    what to do: {p['action']}", style="dim"))
     if report.get("split_brain") is not None:
         lines = render_text({**report, "role": None, "failover": None, "volumes": []})
         out += [Text(line, style="bold red") for line in lines[1:] if line != "  no volumes"]

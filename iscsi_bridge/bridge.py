@@ -134,9 +134,9 @@ class Bridge:
 
     def __init__(self, cfg: IscsiConfig, nbd_uri: Callable[[str], str],
                  route: str | None = None, data_dir: Path | None = None) -> None:
-        if cfg.iqn is None:
-            raise BridgeError("iscsi.iqn is not set")
         self.cfg = cfg
+        # Needed to name targets (plan, withdraw); status and stop only need tgtd's
+        # control port and run_dir, so they work without it.
         self.base_iqn = cfg.iqn
         self.nbd_uri = nbd_uri
         self.data_dir = data_dir
@@ -159,13 +159,19 @@ class Bridge:
 
     # -- desired state -------------------------------------------------------------
 
+    def _base_iqn(self) -> str:
+        if self.base_iqn is None:
+            raise BridgeError("iscsi.iqn is not set")
+        return self.base_iqn
+
     def plan(self, exports: Iterable[Export]) -> tuple[dict[int, Target], dict[str, str]]:
         """Targets by tid for ``exports``; exports that cannot be targets, with why."""
         targets: dict[int, Target] = {}
         failed: dict[str, str] = {}
+        base = self._base_iqn()
         for e in exports:
             try:
-                iqn = target_iqn(self.base_iqn, e.name)
+                iqn = target_iqn(base, e.name)
             except InvalidName as err:
                 failed[e.name] = str(err)
                 continue
@@ -305,6 +311,13 @@ class Bridge:
         m.start()
         return m, True
 
+    def _known_source(self, export: str) -> str:
+        """The volume directory whose nbdkit serves a mount found on disk (iscsi.fuse
+        nbdkit, data_dir known: stop then waits until nbdkit let go of it), else ""."""
+        if self.cfg.fuse.value != "nbdkit" or self.data_dir is None:
+            return ""
+        return self._source(export)
+
     def _source(self, export: str) -> str:
         """What the FUSE server of ``export`` reads: an NBD URI, or (nbdkit) the
         directory of the volume whose nbdkit serves it."""
@@ -408,7 +421,7 @@ class Bridge:
     def withdraw(self, export: str) -> bool:
         """Take one export's target down now (before its volume or snapshot is deleted)."""
         try:
-            iqn = target_iqn(self.base_iqn, export)
+            iqn = target_iqn(self._base_iqn(), export)
         except InvalidName:
             return False
         removed = False
@@ -432,8 +445,8 @@ class Bridge:
             self._drop_mount(m)
         self.mounts.clear()
         for name in self._stray_mounts({}):
-            self._drop_mount(FuseMount(name, self.mount_root / name, "", True,
-                                       self.cfg.fuse.value))
+            self._drop_mount(FuseMount(name, self.mount_root / name, self._known_source(name),
+                                       True, self.cfg.fuse.value))
         log.info("iscsi_stopped")
 
     # -- status --------------------------------------------------------------------

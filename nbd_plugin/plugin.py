@@ -53,6 +53,7 @@ def config_complete():
     global _server, _lock
     # Logs go to stderr as JSON lines: with `nbdkit -s` stdout carries the NBD protocol.
     logs.configure("json")
+    logs.quiet_logged_errors()  # a write failed on a full disk: an event, no traceback
     try:
         _server = Server(_params)
         _lock = _server.lock

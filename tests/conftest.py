@@ -38,14 +38,17 @@ def children(pid: int) -> list[int]:
 class Served:
     """A running `nbdgw serve` (and its nbdkit child) on a unix socket in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, extra: list[str], config: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, extra: list[str], config: Path | None = None,
+                 log_dir: Path | None = None) -> None:
         self.data_dir = data_dir
         self.sock = data_dir / "nbd.sock"
         args = [NBDGW, "--log-format", "json"]
         if config is not None:
             args += ["-c", str(config)]
         args += ["serve", "--data-dir", str(data_dir), "--listen", f"unix:{self.sock}", *extra]
-        self.log = open(data_dir / f"serve-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
+        # log_dir: somewhere else than data_dir when data_dir is a file system the test fills.
+        self.log_path = (log_dir or data_dir) / f"serve-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines: list[str] = []
         deadline = time.monotonic() + 30
@@ -62,6 +65,8 @@ class Served:
             raise AssertionError("nbdgw serve did not report its exports in 30 s")
 
     def stderr(self) -> str:
+        if self.log.closed:  # stopped: the whole log
+            return self.log_path.read_text()
         self.log.flush()
         self.log.seek(0)
         return self.log.read()

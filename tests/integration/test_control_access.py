@@ -86,3 +86,30 @@ def test_control_socket_group(node: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(40)
         log.close()
+
+
+def test_a_group_member_reads_status(node: Path) -> None:
+    """`nbdgw status` reads files only: a control.group member needs no write access to
+    the volumes (it failed with 'Permission denied: .../volumes/v1/lock'), with or without
+    the daemon serving them."""
+    data = node.parent / "data"
+    p = as_nobody(node, "status", groups=(GROUP,))
+    assert (p.returncode, p.stderr) == (0, ""), p.stderr
+    assert "volume v1: 8388608 bytes, primary, idle" in p.stdout
+    log = (node.parent / "daemon.log").open("wb")
+    proc = subprocess.Popen([NBDGW, "-c", str(node), "--log-format", "json", "daemon"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while '"in_use": true' not in run_nbdgw("-c", str(node), "status", "--json").stdout:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (node.parent / "daemon.log").read_text()
+            time.sleep(0.2)
+        p = as_nobody(node, "status", "--json", groups=(GROUP,))
+        assert (p.returncode, p.stderr) == (0, ""), p.stderr
+        assert '"in_use": true' in p.stdout
+        assert not list(data.rglob("*.json.tmp"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+        log.close()

@@ -35,7 +35,28 @@ VOLUME = {"name": str, "size": int, "role": str, "in_use": bool, "clean": bool,
           "snapshots": {"count": int, "latest": (type(None), {"name": str,
                                                               "time": (int, float)})},
           "diverged": [DIVERGED], "peers": [PEER]}
+HEALTH = {"level": str, "checked": (int, float),
+          "filesystem": (type(None), {"path": str, "mount": str, "source": str,
+                                      "fstype": str, "size_bytes": int, "free_bytes": int,
+                                      "free_ratio": (int, float), "reserve_bytes": int}),
+          "arrays": [{"name": str, "level": str, "state": str, "detail_state": OPT_STR,
+                      "raid_devices": int, "active_devices": int, "spare_devices": int,
+                      "failed_devices": int,
+                      "sync": (type(None), {"action": str, "percent": OPT_NUM,
+                                            "finish_minutes": OPT_NUM}),
+                      "members": [{"device": str, "state": str}]}],
+          "disks": [{"device": str, "model": OPT_STR, "serial": OPT_STR,
+                     "smart_passed": (bool, type(None)), "reallocated_sectors": OPT_INT,
+                     "pending_sectors": OPT_INT, "temperature_celsius": OPT_INT,
+                     "media_errors": OPT_INT, "critical_warning": OPT_INT,
+                     "error": OPT_STR}],
+          "volumes": [{"name": str, "size": int, "allocated_bytes": int, "journal_bytes": int,
+                       "journal_max_bytes": int, "journal_may_grow_bytes": int,
+                       "snapshots": int, "snapshot_bytes": int}],
+          "problems": [{"key": str, "level": str, "message": str, "action": str}],
+          "notes": [str]}
 SCHEMA = {"version": int, "node": str, "data_dir": str, "split_brain": (type(None), dict),
+          "health": (type(None), HEALTH),
           "role": {"configured": str, "effective": str, "epoch": int},
           "failover": {"state": str, "epoch": int, "primary": OPT_STR, "auto": bool,
                        "age_s": (int, float), "peers": dict,
@@ -78,6 +99,7 @@ def test_status_json_schema(daemon: dict[str, Any]) -> None:  # noqa: F811
     report = json.loads(run_nbdgw("-c", cfg, "status", "--json").stdout)
     check(report, SCHEMA)
     assert report["version"] == 1
+    assert [v["name"] for v in report["health"]["volumes"]] == ["v1"]
     assert report["role"] == {"configured": "primary", "effective": "primary", "epoch": 0}
     (v,) = report["volumes"]
     assert v["clients"] == {"nbd": 1, "iscsi": None}

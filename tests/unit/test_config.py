@@ -33,8 +33,8 @@ from gateway.config import (
 from gateway.errors import ConfigError, GatewayError
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = ("activity_log, control, failover, iscsi, journal, metrics, nbd, node, peerlink, peers, "
-       "service, snapshots, version, volumes")
+TOP = ("activity_log, control, failover, health, iscsi, journal, metrics, nbd, node, "
+       "peerlink, peers, service, snapshots, version, volumes")
 NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TLS_ONE_OF = ("nbd.tls.mode is on or require: set exactly one of nbd.tls.psk_file and "
               "nbd.tls.certificates_dir")

@@ -37,9 +37,14 @@ def test_plan(tmp_path: Path) -> None:
         assert tid == t.tid
 
 
-def test_bridge_needs_an_iqn(tmp_path: Path) -> None:
+def test_bridge_needs_an_iqn_to_name_targets_only(tmp_path: Path) -> None:
+    """Targets need iscsi.iqn; status and stop (tgtd's control port and run_dir) do not."""
+    bridge = Bridge(IscsiConfig(control_port=32001, run_dir=tmp_path), lambda e: "")
     with pytest.raises(BridgeError, match=r"iscsi\.iqn is not set"):
-        Bridge(IscsiConfig(), lambda e: "")
+        bridge.plan([Export("v1")])
+    with pytest.raises(BridgeError, match=r"iscsi\.iqn is not set"):
+        bridge.withdraw("v1")
+    assert bridge.status() == {"tgtd": "down", "control_port": 32001, "targets": []}
 
 
 def test_secrets(tmp_path: Path) -> None:
