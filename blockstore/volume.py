@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ _FUA = int(Flag.FUA)
 COMMIT_EVENT = "peerlink-commit"  # MARK body event closing a replicated batch
 SNAP_EVENT = "snapshot"  # MARK body events of snapshots (see snapshot.py)
 SNAP_DELETE_EVENT = "snapshot-delete"
+GROW_EVENT = "grow"  # MARK body event: the volume grows to {"size"} from this record on
 SNAP_ROLLBACK_EVENT = "snapshot-rollback"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -350,6 +351,17 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
     }
 
 
+def grow_size(payload: bytes | memoryview) -> int | None:
+    """The size a grow MARK's body sets (None: another kind of MARK)."""
+    try:
+        body = msgpack.unpackb(payload)
+    except (ValueError, msgpack.ExtraData):
+        return None
+    if isinstance(body, dict) and body.get("event") == GROW_EVENT:
+        return int(body["size"])
+    return None
+
+
 def _journal_end(jdir: Path, saved: int) -> int:
     """The last complete record of the journal (state.json's seq is only as new as its
     last save; `nbdgw status` and `volume list` must agree)."""
@@ -565,6 +577,8 @@ class Volume:
         self.replica = bool(state.get("replica", False))
         self.inconsistent = bool(state.get("inconsistent", False))
         self.upstream_seq = int(state.get("upstream_seq", 0))
+        if not self.readonly:
+            self._finish_grow()
         self.store = Store(str(p / "store"), self.size, readonly=self.readonly)
         self.journal = Journal(p / "journal", uuid.UUID(self.info.uuid).bytes,
                                self.info.volume_id, segment_bytes, on_rotate=self._on_rotate)
@@ -789,11 +803,7 @@ class Volume:
                     f"applied seq {applied}")
             applied = last_seq
         assert self.journal is not None and self.store is not None
-        for _first, _last, records, _meta in batches:
-            for op, _flags, offset, length, _data in records:
-                if op != Op.MARK:
-                    self._check_range(offset, length)
-                    self._activate(offset, length)
+        self._check_batch_ranges(batches)
         before = self.journal.last_seq
         commits: list[tuple[int, int]] = []  # (journal seq before the batch, its commit)
         try:
@@ -834,6 +844,20 @@ class Volume:
                 continue
             self._cow(offset, length)
             self.store.apply(Op(op), Flag(flags), offset, length, data)
+
+    def _check_batch_ranges(self, batches: list[Any]) -> None:
+        """Every record inside the volume as it will be at that record (a grow MARK
+        raises the size for the records after it), its extent activated."""
+        size = self.size
+        for _first, _last, records, _meta in batches:
+            for op, _flags, offset, length, data in records:
+                if op == Op.MARK:
+                    size = max(size, grow_size(data) or 0)
+                    continue
+                if offset < 0 or length < 0 or offset + length > size:
+                    raise OSError(errno.EINVAL, f"request [{offset}, +{length}) outside "
+                                                f"volume of {size} bytes")
+                self._activate(offset, length)
 
     def begin_resync(self) -> None:
         """Replica: extent data is about to overwrite the store outside the batch
@@ -896,6 +920,71 @@ class Volume:
         if j is not None and not self.readonly:
             j.sync_ahead(seq)
 
+    # -- growing ------------------------------------------------------------------------
+
+    def grow(self, size: int) -> int:
+        """Grow this primary volume to ``size`` bytes (`nbdgw volume grow`): a grow MARK
+        made durable in the journal first (so replicas grow at the same point of the
+        write sequence, and redo finishes a grow cut short), then the store and
+        volume.json.  Returns the MARK's seq.  New connections see the new size."""
+        if self.replica:
+            raise InvalidArgument(f"volume {self.name} is a replica: grow it on its primary "
+                                  "(replicas follow through the journal)")
+        self._check_writable()
+        if size % 4096:
+            raise InvalidArgument(f"size {size} is not a multiple of 4096")
+        if size <= self.size:
+            raise InvalidArgument(f"volume {self.name} is {self.size} bytes already; a "
+                                  f"volume can only grow (asked {size})")
+        assert self.journal is not None and self.store is not None
+        # The store first: whatever step a crash interrupts, the store is then larger
+        # than volume.json, and the next open finishes the grow (_finish_grow), even if
+        # a checkpoint had passed the MARK already (then no redo would meet it).
+        os.ftruncate(self.store.fd, size)
+        os.fsync(self.store.fd)
+        seq = self.mark({"event": GROW_EVENT, "size": size, "from": self.size})
+        self.journal.sync()
+        self._apply_grow(size)
+        _log.warning("volume_grown", volume=self.name, size=size, seq=seq)
+        return seq
+
+    def _apply_grow(self, size: int) -> None:
+        """Make the store and volume.json ``size`` bytes (idempotent; never shrinks):
+        the store first, so an interruption leaves a store larger than volume.json,
+        which the next open finishes (``_finish_grow``)."""
+        if size <= self.size:
+            return
+        assert self.store is not None
+        if os.fstat(self.store.fd).st_size < size:
+            os.ftruncate(self.store.fd, size)
+            os.fsync(self.store.fd)
+        self._write_size(size)
+
+    def _write_size(self, size: int) -> None:
+        meta = read_json(self.info.path / "volume.json", "volume", VOLUME_VERSION)
+        write_json(self.info.path / "volume.json", {**meta, "size": size})
+        self.info = replace(self.info, size=size)
+        self.size = size
+        if self.store is not None:
+            self.store.size = size
+        if self.snaps is not None:
+            self.snaps.size = size
+
+    def _finish_grow(self) -> None:
+        """A store larger than volume.json is a grow cut short after its store step."""
+        actual = os.stat(self.info.path / "store").st_size
+        if actual > self.size and actual % 4096 == 0:
+            _log.warning("volume_grow_finished", volume=self.name, size=actual,
+                         was=self.size)
+            self._write_size(actual)
+
+    def grow_to(self, size: int) -> None:
+        """Replica: the upstream volume is larger (a grow this replica has not met yet,
+        or records released across one): grow now; the stream fills the new space."""
+        if not self.replica:
+            raise InvalidArgument(f"volume {self.name} is not a replica")
+        self._apply_grow(size)
+
     def mark(self, body: dict[str, Any]) -> int:
         """Append a control record (msgpack body) to the journal."""
         assert self.journal is not None
@@ -954,6 +1043,9 @@ class Volume:
         same snapshot at the same point.  Idempotent: redo meets MARKs already done."""
         body = msgpack.unpackb(payload)
         event = body.get("event") if isinstance(body, dict) else None
+        if event == GROW_EVENT:
+            self._apply_grow(int(body["size"]))
+            return
         if event not in (SNAP_EVENT, SNAP_DELETE_EVENT):
             return
         sid = int(body["id"])

@@ -221,6 +221,42 @@ def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
     click.echo(f"deleted volume {name}")
 
 
+@volume.command("grow")
+@click.argument("name")
+@click.argument("size")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("volume grow")
+def volume_grow(obj: Ctx, name: str, size: str, data_dir: Path | None) -> None:
+    """Grow a volume to SIZE (on its primary; replicas follow through the journal).
+    Works while it is served: NBD clients see the new size when they reconnect."""
+    from blockstore.volume import is_replica
+    from nbd_plugin.control import ControlError, request
+
+    dd = obj.data_dir(data_dir)
+    info = find_volume(dd, name)
+    new = parse_size(size)
+    if is_replica(info):
+        _fail(f"volume {name} is a replica: grow it on its primary (replicas follow "
+              "through the journal)")
+    try:
+        vol = Volume.open(dd, name)
+    except VolumeInUse:
+        try:
+            reply = request(info.path, {"op": "grow", "volume": name, "size": new},
+                            timeout=60)
+        except (ControlError, OSError) as e:
+            _fail(f"volume {name} is in use and its server cannot be asked to grow it ({e})")
+        if not reply.get("ok"):
+            _fail(str(reply.get("error")))
+    else:
+        try:
+            vol.grow(new)
+        finally:
+            vol.close()
+    click.echo(f"volume {name}: {_human(new)} ({new} bytes)")
+
+
 @volume.command("checksum")
 @click.argument("name")
 @data_dir_opt

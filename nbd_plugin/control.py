@@ -11,6 +11,7 @@ line in, one JSON line out::
                          "fuse_mounts": [exports whose FUSE mount this process serves]}
     {"op": "fuse", "export": "v1", "read_only": false}  + a /dev/fuse fd (SCM_RIGHTS)
     {"op": "withdraw"}  (on the volume's own socket: stop serving it, refused while in use)
+    {"op": "grow", "volume": "v1", "size": 2147483648}  (new connections see the new size)
     -> {"ok": true, ...} | {"ok": false, "error": "exact message"}
 
 ``fuse`` is the iSCSI bridge handing over a FUSE mount it made for an export, to be
@@ -237,7 +238,7 @@ class ControlServer:
                     break
             log.warning("io_released", held_s=round(time.monotonic() - t0, 3))
 
-    def handle(self, req: Any) -> dict[str, Any]:
+    def handle(self, req: Any) -> dict[str, Any]:  # noqa: PLR0911 - one return per op
         """Run one request; never raises for a request that is merely refused."""
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             return {"ok": False, "error": "bad control request: expected an object with op"}
@@ -260,6 +261,9 @@ class ControlServer:
                 vol = self.volumes.get(str(req.get("volume")))
                 if vol is None:
                     raise ControlError(f"volume {req.get('volume')} is not served here")
+                if op == "grow":
+                    seq = vol.grow(int(req["size"]))
+                    return {"ok": True, "size": vol.size, "seq": seq}
                 name = str(req.get("name"))
                 if op == "delete":
                     why = self.can_delete(vol.name, name)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from blockstore.record import Op, RecordHeader
+from blockstore.volume import MAX_SIZE as MAX_VOLUME_SIZE
+from blockstore.volume import grow_size
 
 from .errors import PeerProtocolError, SequenceGap
 from .messages import Batch, Record
@@ -192,10 +194,11 @@ def payload_bytes(records: tuple[Record, ...] | list[Record]) -> int:
     return sum(len(r.data) for r in records)
 
 
-def check_batch(batch: Batch, *, volume: str, volume_size: int, expect_first_seq: int) -> None:
+def check_batch(batch: Batch, *, volume: str, volume_size: int, expect_first_seq: int) -> int:
     """Receiver side: raise PeerProtocolError unless ``batch`` continues the stream
-    exactly where the replica stands and stays inside the volume.  Nothing of a batch
-    that fails here may be applied."""
+    exactly where the replica stands and stays inside the volume (as grown by any grow
+    MARK before each record).  Nothing of a batch that fails here may be applied.
+    Returns the volume size after the batch."""
     if batch.volume != volume:
         raise PeerProtocolError(
             f"batch for volume {batch.volume!r} on the stream of volume {volume!r}")
@@ -205,10 +208,20 @@ def check_batch(batch: Batch, *, volume: str, volume_size: int, expect_first_seq
             f"batch starts at seq {batch.first_seq} where {expect_first_seq} was expected "
             f"({what})")
     for i, r in enumerate(batch.records):
+        if r.op is Op.MARK:
+            grown = grow_size(r.data)
+            if grown is not None:
+                if grown % 4096 or grown > MAX_VOLUME_SIZE:
+                    raise PeerProtocolError(
+                        f"batch {batch.first_seq}-{batch.last_seq} record {i}: a grow to "
+                        f"{grown} bytes (expected a multiple of 4096 up to {MAX_VOLUME_SIZE})")
+                volume_size = max(volume_size, grown)
+            continue
         if r.offset + r.length > volume_size:
             raise PeerProtocolError(
                 f"batch {batch.first_seq}-{batch.last_seq} record {i}: {r.op.name} of "
                 f"{r.length} bytes at {r.offset} passes the volume end ({volume_size})")
+    return volume_size
 
 
 def apply_batch_to(buf: bytearray, batch: Batch) -> None:

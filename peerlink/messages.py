@@ -471,7 +471,8 @@ def decode(body: bytes) -> Message:
 
 # -- handshake decisions ----------------------------------------------------------------------
 
-def check_hello(local: Hello, remote: Hello) -> Refuse | None:
+def check_hello(local: Hello, remote: Hello,  # noqa: PLR0911 - one return per check
+                sending: bool | None = None) -> Refuse | None:
     """Return the Refuse to send when ``remote``'s Hello does not fit ``local``'s, else None.
 
     Checks identity only (version, names, volume uuid and size, two primaries).  Which
@@ -491,7 +492,17 @@ def check_hello(local: Hello, remote: Hello) -> Refuse | None:
         return Refuse(
             f"volume {v!r}: uuid mismatch (this node {local.volume_uuid}, peer "
             f"{remote.node!r} {remote.volume_uuid}): a different volume")
-    if remote.volume_size != local.volume_size:
+    # A replica smaller than its source has a grow still to meet (it grows at once and
+    # the stream fills the new space); one larger cannot shrink.  ``sending``: which end
+    # this is (None: sizes must match).
+    src, dst = ((local, remote) if sending else (remote, local)) if sending is not None \
+        else (None, None)
+    if src is not None and dst is not None and dst.volume_size > src.volume_size:
+        return Refuse(
+            f"volume {v!r}: the replica on {dst.node!r} ({dst.volume_size} bytes) is larger "
+            f"than its source on {src.node!r} ({src.volume_size} bytes): a volume never "
+            "shrinks (another volume, or a grow the source lost)")
+    if sending is None and remote.volume_size != local.volume_size:
         return Refuse(
             f"volume {v!r}: size mismatch (this node {local.volume_size} bytes, peer "
             f"{remote.node!r} {remote.volume_size} bytes)")

@@ -197,6 +197,7 @@ class _Session:
     applied_bytes: int = 0
     history: History | None = None  # the sender's: adopted at bind and when a resync ends
     fork: History | None = None  # this copy's own history, when it lost a fork to the sender
+    size: int = 0  # the volume's size once the batches admitted so far are applied
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
@@ -355,7 +356,7 @@ class Receiver:
         """Never received anything: the store is the volume's initial (zero) state."""
         return self.vol.upstream_seq == 0 and self.upstream is None
 
-    async def _handshake_and_stream(self, link: Link, clog: Any,
+    async def _handshake_and_stream(self, link: Link, clog: Any,  # noqa: PLR0915
                                     hello: Hello | None = None) -> None:
         t = self.timeout
         theirs = hello if hello is not None else await link.recv_within(t, "Hello")
@@ -371,7 +372,7 @@ class Receiver:
                      wire_generations(history), 0 if adopts else self.vol.upstream_seq,
                      make_nonce(), adopts, self._changed(verdict.rel, theirs.node, history),
                      wire_epochs(history))
-        refusal = check_hello(mine, theirs) or await self._generation_refusal(
+        refusal = check_hello(mine, theirs, sending=False) or await self._generation_refusal(
             verdict, theirs.node, theirs_gens, history, clog)
         if refusal is not None:
             raise self._refuse(link, refusal.reason)
@@ -385,6 +386,7 @@ class Receiver:
         tr = self._authenticate(link, theirs, mine, ok)
         async with self.takeover:
             await self._retire_active(f"replaced by a new connection from {theirs.node!r}")
+            await self._grow_to(theirs.volume_size, clog)
             applied = self.vol.upstream_seq
             # A sender on a newer generation (a failover or switchover happened, or it won
             # a fork): this replica's seq numbers belong to another node's journal, so the
@@ -489,6 +491,14 @@ class Receiver:
             await loop.run_in_executor(self.executor, self.vol.set_consistent, True)
             clog.info("replica_consistent", reason="empty replica streams from seq 1")
 
+    async def _grow_to(self, size: int, clog: Any) -> None:
+        """The authenticated source is larger: a grow this replica has not met (or whose
+        records were released).  Grow now; the stream or the resync fills the space."""
+        if size > self.vol.size:
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.vol.grow_to, size)
+            clog.warning("replica_grown", size=size)
+
     async def _retire_active(self, why: str) -> None:
         old = self.active
         if old is not None:
@@ -570,8 +580,10 @@ class Receiver:
             return 0
         expect(msg, Batch, "while streaming")
         assert isinstance(msg, Batch)
-        check_batch(msg, volume=self.name, volume_size=self.vol.size,
-                    expect_first_seq=s.expect_seq)
+        # Checked against the size the replica will have when it applies this batch:
+        # a grow MARK in a batch still queued counts.
+        s.size = check_batch(msg, volume=self.name, volume_size=max(s.size, self.vol.size),
+                             expect_first_seq=s.expect_seq)
         s.expect_seq = msg.last_seq + 1
         return payload_bytes(msg.records)
 

@@ -1043,6 +1043,9 @@ class Sender:
             raise SourceInconsistent(
                 f"volume {self.name}: this replica is Inconsistent (its own resync from "
                 "upstream is running); cascading waits until it is Consistent")
+        # volume.json again: the volume may have grown since the last session.
+        self.info = await loop.run_in_executor(self.executor, find_volume,
+                                               self.info.path.parent.parent, self.name)
         first, last = await loop.run_in_executor(self.executor, self._bounds)
         history = await loop.run_in_executor(self.executor, self._history)
         mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
@@ -1052,7 +1055,7 @@ class Sender:
         theirs = await link.recv_within(t, "Hello")
         expect(theirs, Hello, "in answer to Hello")
         assert isinstance(theirs, Hello)
-        refusal = check_hello(mine, theirs)
+        refusal = check_hello(mine, theirs, sending=True)
         if refusal is None and theirs.node != self.peer:
             refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
                              f"peer {self.peer!r} (wrong address?)")
