@@ -211,12 +211,12 @@ def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
         delete_volume(dd, name)
     except VolumeInUse:
         try:
-            reply = request(info.path, {"op": "withdraw"}, timeout=60)
-        except (ControlError, OSError) as e:
+            request(info.path, {"op": "withdraw"}, timeout=60)  # refusals raise, as is
+        except ControlError as e:
+            _fail(str(e))
+        except OSError as e:
             _fail(f"volume {name} is in use and its server cannot be asked to let it go "
                   f"({e}): stop what uses it first")
-        if not reply.get("ok"):
-            _fail(str(reply.get("error")))
         delete_volume(dd, name)
     click.echo(f"deleted volume {name}")
 
@@ -243,12 +243,11 @@ def volume_grow(obj: Ctx, name: str, size: str, data_dir: Path | None) -> None:
         vol = Volume.open(dd, name)
     except VolumeInUse:
         try:
-            reply = request(info.path, {"op": "grow", "volume": name, "size": new},
-                            timeout=60)
-        except (ControlError, OSError) as e:
+            request(info.path, {"op": "grow", "volume": name, "size": new}, timeout=60)
+        except ControlError as e:
+            _fail(str(e))
+        except OSError as e:
             _fail(f"volume {name} is in use and its server cannot be asked to grow it ({e})")
-        if not reply.get("ok"):
-            _fail(str(reply.get("error")))
     else:
         try:
             vol.grow(new)
