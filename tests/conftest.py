@@ -35,6 +35,9 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
+_RUNNING: list[Served] = []  # stopped at each test's teardown, whatever the test did
+
+
 class Served:
     """A running `nbdgw serve` (and its nbdkit child) on a unix socket in ``data_dir``."""
 
@@ -50,6 +53,7 @@ class Served:
         self.log_path = (log_dir or data_dir) / f"serve-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        _RUNNING.append(self)
         self.lines: list[str] = []
         deadline = time.monotonic() + 30
         assert self.proc.stdout is not None
@@ -101,6 +105,19 @@ class Served:
             self.proc.wait(60)
         self.log.close()
         return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_servers() -> Iterator[None]:
+    """A test that fails before ``stop()`` must not leave `nbdgw serve` and nbdkit running."""
+    yield
+    while _RUNNING:
+        s = _RUNNING.pop()
+        try:
+            s.stop()
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the test already reported
+            s.proc.kill()
+            s.proc.wait(10)
 
 
 @pytest.fixture
