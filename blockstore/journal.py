@@ -285,6 +285,9 @@ class Journal:
         # fdatasync); an error sync_ahead met is raised by the next sync().
         self.synced_seq = 0
         self.sync_error: OSError | None = None
+        # Test hook (NBDGW_TEST_SYNC_DELAY, set by the plugin): seconds every sync
+        # sleeps where its fdatasync is, under the same locks, to stand for a slow disk.
+        self.sync_delay = 0.0
 
     # -- opening ---------------------------------------------------------------
 
@@ -571,6 +574,8 @@ class Journal:
         meanwhile in another thread; no file is closed while _sync_lock is held."""
         with self._lock:
             through, active, sealed = self.last_seq, self.fd, list(self._unsynced)
+        if self.sync_delay:
+            time.sleep(self.sync_delay)
         for _first, fd in sealed:
             os.fdatasync(fd)
         os.fdatasync(active)

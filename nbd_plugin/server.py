@@ -41,6 +41,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger(component="nbd_plugin")
 
 
+def _test_sync_delay(text: str) -> dict[str, float]:
+    """NBDGW_TEST_SYNC_DELAY="VOLUME=SECONDS,...": a test hook that makes each journal
+    sync of those volumes take that much longer (tests/integration/test_isolation.py)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, secs = item.partition("=")
+        out[name] = float(secs)
+    return out
+
+
+_TEST_SYNC_DELAY = _test_sync_delay(os.environ.get("NBDGW_TEST_SYNC_DELAY", ""))
+
+
 class PluginError(Exception):
     """Bad plugin parameters, or no volume could be opened."""
 
@@ -221,6 +234,8 @@ class Server:
                 self.failed[name] = str(e)
                 return None
             self.failed.pop(name, None)
+            if vol.journal is not None and name in _TEST_SYNC_DELAY:
+                vol.journal.sync_delay = _TEST_SYNC_DELAY[name]
             r = vol.recovery
             if r.unclean:
                 log.warning("volume_recovered", volume=name, replayed=r.replayed,
