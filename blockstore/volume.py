@@ -528,7 +528,9 @@ class Checkpointer:
 
 
 class Volume:
-    """An open volume.  Single-threaded: the caller serialises requests."""
+    """An open volume.  Single-threaded: the caller serialises requests, under
+    ``request_lock`` when several threads serve it (the nbdkit plugin, DESIGN.md §9).
+    The journal's sync (FLUSH) may run outside that lock, alongside a request."""
 
     def __init__(self, info: VolumeInfo, *, readonly: bool = False,
                  al_slots: int = DEFAULT_AL_SLOTS,
@@ -546,6 +548,7 @@ class Volume:
         self.al: ActivityLog | None = None
         self.checkpointer: Checkpointer | None = None
         self.snaps: SnapshotStore | None = None  # opened when the volume has snapshots
+        self.request_lock = threading.Lock()  # see the class docstring
         self.state_lock = threading.Lock()
         self.release_lock = threading.Lock()  # one journal release at a time
         self.diverged: set[int] = set()  # extents changed but not journaled (see write)

@@ -17,8 +17,10 @@ line in, one JSON line out::
 ``fuse`` is the iSCSI bridge handing over a FUSE mount it made for an export, to be
 served from this process (nbd_plugin/fusefile.py); ``{"ok": true, "pid": ...}``.
 
-The plugin runs each request under the lock every NBD request takes, so no write lands
-between the MARKs of a consistency group: the group is one instant of every volume.
+Each request runs under the request lock of the volumes it touches (a consistency group:
+all of them, taken in name order), the lock every NBD request takes for its volume
+operation, so no write lands between the MARKs of a group: the group is one instant of
+every volume.
 Paths are reached through ``/proc/self/fd/<dirfd>/`` so that the 108-byte limit of unix
 socket addresses does not limit where data directories live.
 """
@@ -32,7 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +98,16 @@ def snapshot_row(vol: str, s: Snapshot) -> dict[str, Any]:
 # -- server side (in the nbdkit process) ----------------------------------------------------
 
 class ControlServer:
-    """Listens on each served volume's control.sock; runs requests under ``lock``."""
+    """Listens on each served volume's control.sock; runs requests under the request
+    locks of the volumes they touch."""
 
-    def __init__(self, volumes: dict[str, Volume], lock: threading.Lock,
+    def __init__(self, volumes: dict[str, Volume],
                  can_delete: Callable[[str, str], str | None],
                  attach_fuse: Callable[[str, int, bool], None] | None = None,
                  fuse_mounts: Callable[[], list[str]] = list,
                  withdraw: Callable[[str], str | None] | None = None) -> None:
         self.volumes = volumes
         self.withdraw = withdraw  # volume -> refusal or None once it is no longer served
-        self.lock = lock
         self.can_delete = can_delete  # (volume, snapshot) -> refusal reason or None
         self.attach_fuse = attach_fuse  # (export, /dev/fuse fd, read-only): Server's
         self.fuse_mounts = fuse_mounts  # the exports whose FUSE mounts are served here
@@ -206,15 +208,15 @@ class ControlServer:
         return {"ok": True, "pid": os.getpid()}
 
     def _hold(self, conn: socket.socket, req: dict[str, Any]) -> None:
-        """Switchover drain: take the lock every NBD request takes (client I/O waits, it
-        does not fail), make every volume durable, answer with each volume's journal end,
+        """Switchover drain: take every volume's request lock (client I/O waits, it does
+        not fail), make every volume durable, answer with each volume's journal end,
         then keep the lock until the caller says ``release`` or goes away (or ``max_s``
         passes: a vanished caller never leaves clients stuck).  A caller that hands the
         volumes over kills this process while it holds the lock: the requests waiting
         get no answer and the clients retry on the new primary."""
         max_s = float(req.get("max_s", 60))
         t0 = time.monotonic()
-        with self.lock:
+        with locked(list(self.volumes.values())):
             try:
                 seqs = {}
                 for name, vol in self.volumes.items():
@@ -244,23 +246,25 @@ class ControlServer:
             return {"ok": False, "error": "bad control request: expected an object with op"}
         op = req["op"]
         try:
-            with self.lock:
-                if op == "create":
-                    names = req.get("volumes")
-                    if not isinstance(names, list) or not names:
-                        raise ControlError("create needs a list of volumes")
-                    missing = [n for n in names if n not in self.volumes]
-                    if missing:
-                        raise ControlError(
-                            f"volume {missing[0]} is not served by this process "
-                            f"(pid {os.getpid()}): a consistency group must be served by "
-                            "one nbdgw serve")
-                    snaps = create_group([self.volumes[n] for n in names], req.get("name"))
-                    return {"ok": True, "snapshots": [snapshot_row(n, s) for n, s in
-                                                      zip(names, snaps, strict=True)]}
-                vol = self.volumes.get(str(req.get("volume")))
-                if vol is None:
-                    raise ControlError(f"volume {req.get('volume')} is not served here")
+            if op == "create":
+                names = req.get("volumes")
+                if not isinstance(names, list) or not names:
+                    raise ControlError("create needs a list of volumes")
+                missing = [n for n in names if n not in self.volumes]
+                if missing:
+                    raise ControlError(
+                        f"volume {missing[0]} is not served by this process "
+                        f"(pid {os.getpid()}): a consistency group must be served by "
+                        "one nbdgw serve")
+                vols = [self.volumes[n] for n in names]
+                with locked(vols):
+                    snaps = create_group(vols, req.get("name"))
+                return {"ok": True, "snapshots": [snapshot_row(n, s) for n, s in
+                                                  zip(names, snaps, strict=True)]}
+            vol = self.volumes.get(str(req.get("volume")))
+            if vol is None:
+                raise ControlError(f"volume {req.get('volume')} is not served here")
+            with vol.request_lock:
                 if op == "grow":
                     seq = vol.grow(int(req["size"]))
                     return {"ok": True, "size": vol.size, "seq": seq}
@@ -279,6 +283,16 @@ class ControlServer:
         except OSError as e:
             log.error("snapshot_control_failed", op=op, error=str(e))
             return {"ok": False, "error": f"{op} failed: {e.strerror or e}"}
+
+
+@contextlib.contextmanager
+def locked(vols: list[Volume]) -> Iterator[None]:
+    """The request locks of ``vols``, taken in name order (one order for every caller
+    that takes several; an NBD request takes one)."""
+    with contextlib.ExitStack() as stack:
+        for v in sorted(set(vols), key=lambda v: v.name):
+            stack.enter_context(v.request_lock)
+        yield
 
 
 def _bind(path: Path) -> socket.socket:

@@ -38,11 +38,12 @@ _clock = time.monotonic_ns
 
 
 class VolumeFile:
-    """fused.Backend on a connection handle: every call under the server lock."""
+    """fused.Backend on a connection handle: every call under its volume's lock (the
+    WORKERS threads share the handle, so they count under it too)."""
 
-    def __init__(self, h: Handle, lock: threading.Lock) -> None:
+    def __init__(self, h: Handle) -> None:
         self.h = h
-        self.lock = lock
+        self.lock = h.lock
         self.closed = False  # set under the lock by close(): the volume is off limits
 
     def _open(self) -> None:
@@ -76,8 +77,8 @@ class VolumeFile:
         t = _clock()
         with self.lock:
             self._open()
-            self.h.vol.flush()
             seq = self.h.vol.last_seq if self.h.gate is not None else 0
+        self.h.vol.flush()  # outside the lock, as an NBD FLUSH (server.Handle.flushed)
         self._replicated(iostats.FLUSH, 0, seq, t)
 
     def _replicated(self, op: int, nbytes: int, seq: int, t: int) -> None:
@@ -112,10 +113,10 @@ class Attachment:
     """One mounted export served from this process: WORKERS threads on its /dev/fuse
     descriptor, and a reaper that releases everything once they have all stopped."""
 
-    def __init__(self, export: str, h: Handle, lock: threading.Lock, fd: int,
+    def __init__(self, export: str, h: Handle, fd: int,
                  on_end: Callable[[Attachment], None]) -> None:
         self.export = export
-        self.file = VolumeFile(h, lock)
+        self.file = VolumeFile(h)
         self.fd = fd
         self.on_end = on_end
         os.set_blocking(fd, True)
@@ -133,6 +134,8 @@ class Attachment:
         self.on_end(self)
 
     def close(self) -> None:
-        """Stop touching the volume (called under the server lock, before it closes)."""
-        self.file.closed = True
+        """Stop touching the volume (before it closes): under its lock, so that no
+        request is half way through it."""
+        with self.file.lock:
+            self.file.closed = True
         self.server.stopping.set()

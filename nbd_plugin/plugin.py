@@ -20,16 +20,14 @@ API_VERSION = 2
 
 _params = Params()
 _server = None
-_lock = None  # _server.lock, bound once: the snapshot control thread takes it too
 
 _FUA = nbdkit.FLAG_FUA
 _MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 _HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-# I/O counters (nbd_plugin/iostats.py): a clock read before and one call after each
-# successful request, on the handle's counters of that op (h.io[op]: 0 read, 1 write,
-# 2 flush, 3 trim, 4 zero, as iostats.OPS); connections counted in open/close.
+# I/O counters (nbd_plugin/iostats.py): a clock read before and Handle.count after each
+# successful request, on the connection's counters of that op (0 read, 1 write, 2 flush,
+# 3 trim, 4 zero, as iostats.OPS); connections counted in open/close.
 _clock = time.monotonic_ns
-_io = iostats.count
 
 
 # Errnos a client can act on pass through (NBD carries only a few); EDQUOT is a full
@@ -50,13 +48,12 @@ def config(key, value):
 
 
 def config_complete():
-    global _server, _lock
+    global _server
     # Logs go to stderr as JSON lines: with `nbdkit -s` stdout carries the NBD protocol.
     logs.configure("json")
     logs.quiet_logged_errors()  # a write failed on a full disk: an event, no traceback
     try:
         _server = Server(_params)
-        _lock = _server.lock
     except PluginError:
         raise
     except Exception as e:
@@ -64,14 +61,17 @@ def config_complete():
 
 
 def thread_model():
-    # nbdkit asks after config_complete.  Without sync peers, measured (bench/datapath):
-    # one request at a time beats parallel threads that only fight over the GIL; the work
-    # per request is a few syscalls.  With sync peers every write waits for their ack:
-    # requests run in parallel, each taking the server lock for its volume operation
-    # only, so writes in flight wait together (group commit), never one behind another.
+    # nbdkit asks after config_complete.  Connections never wait for each other in
+    # nbdkit (SERIALIZE_ALL_REQUESTS held its one lock across every handshake: a silent
+    # connection froze every volume); each request takes its volume's lock for the
+    # volume operation only (DESIGN.md §9).  Within a connection, without sync peers,
+    # one request at a time: measured (bench/datapath), parallel threads of one
+    # connection only fight over the GIL.  With sync peers every write waits for their
+    # ack: a connection's requests run in parallel, so that writes in flight wait
+    # together (group commit), never one behind another.
     if _server is not None and _server.gate is not None:
         return nbdkit.THREAD_MODEL_PARALLEL
-    return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
 
 
 def cleanup():
@@ -98,7 +98,7 @@ def open(readonly):
 
 
 def close(h):
-    iostats.closed(h.vol.name)
+    iostats.closed(h.vol.name, h.io)
     _server.close_handle(h)
 
 
@@ -158,88 +158,69 @@ def can_cache(h):
 def pread(h, buf, offset, flags):
     t = _clock()
     try:
-        with _lock:
+        with h.lock:
             h.vol.read_into(buf, offset)
-            _io(h.io[0], len(buf), _clock() - t)
     except OSError as e:
         _fail(e)
         raise
+    h.count(0, len(buf), t)
 
 
-# Writes: the volume operation under the lock; then, with sync peers (h.gate), the wait
-# for their acks outside it, and the count under it again (requests run in parallel).
+# Writes: the volume operation under the volume's lock; FUA's fdatasync and, with sync
+# peers (h.gate), the wait for their acks outside it (other requests go on meanwhile).
 
 def pwrite(h, buf, offset, flags):
     t = _clock()
     try:
         h.check_lease()
-        with _lock:
-            seq = h.vol.write(buf, offset, flags & _FUA)
-            if h.gate is None:
-                _io(h.io[1], len(buf), _clock() - t)
-                return
-        h.replicated(seq)
+        with h.lock:
+            seq = h.vol.write(buf, offset)
+        h.written(seq, flags & _FUA)
     except OSError as e:
         _fail(e)
         raise
-    with _lock:
-        _io(h.io[1], len(buf), _clock() - t)
+    h.count(1, len(buf), t)
 
 
 def flush(h, flags):
     t = _clock()
     try:
-        with _lock:
-            h.vol.flush()
-            if h.gate is None:
-                _io(h.io[2], 0, _clock() - t)
-                return
-            seq = h.vol.last_seq
-        h.replicated(seq, write=False)
+        h.flushed()
     except OSError as e:
         _fail(e)
         raise
-    with _lock:
-        _io(h.io[2], 0, _clock() - t)
+    h.count(2, 0, t)
 
 
 def trim(h, count, offset, flags):
     t = _clock()
     try:
         h.check_lease()
-        with _lock:
-            seq = h.vol.trim(offset, count, flags & _FUA)
-            if h.gate is None:
-                _io(h.io[3], count, _clock() - t)
-                return
-        h.replicated(seq)
+        with h.lock:
+            seq = h.vol.trim(offset, count)
+        h.written(seq, flags & _FUA)
     except OSError as e:
         _fail(e)
         raise
-    with _lock:
-        _io(h.io[3], count, _clock() - t)
+    h.count(3, count, t)
 
 
 def zero(h, count, offset, flags):
     t = _clock()
     try:
         h.check_lease()
-        with _lock:
-            seq = h.vol.zero(offset, count, flags & _MAY_TRIM, flags & _FUA)
-            if h.gate is None:
-                _io(h.io[4], count, _clock() - t)
-                return
-        h.replicated(seq)
+        with h.lock:
+            seq = h.vol.zero(offset, count, flags & _MAY_TRIM)
+        h.written(seq, flags & _FUA)
     except OSError as e:
         _fail(e)
         raise
-    with _lock:
-        _io(h.io[4], count, _clock() - t)
+    h.count(4, count, t)
 
 
 def extents(h, count, offset, flags):
     try:
-        with _lock:
+        with h.lock:
             found = h.vol.extents(offset, count)
         return [(o, n, 0 if alloc else _HOLE_ZERO) for o, n, alloc in found]
     except OSError as e:

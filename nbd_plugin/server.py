@@ -11,6 +11,7 @@ import errno
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from blockstore.volume import (
     validate_name,
 )
 
+from . import iostats
 from .control import ControlServer
 from .lease import Lease
 from .syncgate import SyncGate
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .fusefile import Attachment
 
 log = structlog.get_logger(component="nbd_plugin")
+_clock = time.monotonic_ns
 
 
 def _test_sync_delay(text: str) -> dict[str, float]:
@@ -131,18 +134,26 @@ _SCALARS: dict[str, Callable[[str], object]] = {
 
 class Handle:
     """One client connection: the shared volume (or a snapshot of it, ``VOLUME@SNAP``,
-    always read-only), this connection's read-only bit, the sync gate (None without
-    synchronous peers: then nothing ever waits), and its export's I/O counters (set by
-    the plugin's open)."""
+    always read-only), this connection's read-only bit, the lock of its volume (a
+    snapshot's is its volume's: writes copy pre-images into the snapshot store), the
+    sync gate (None without synchronous peers: then nothing ever waits), and its own I/O
+    counters (set by the plugin's open)."""
 
-    __slots__ = ("gate", "io", "lease", "readonly", "vol")
+    __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol")
 
     def __init__(self, vol: Volume | SnapshotView, readonly: bool,
-                 gate: SyncGate | None = None, lease: Lease | None = None) -> None:
+                 gate: SyncGate | None = None, lease: Lease | None = None,
+                 lock: threading.Lock | None = None) -> None:
         self.vol = vol
         self.readonly = readonly
         self.gate = gate
         self.lease = lease
+        if lock is None:
+            assert isinstance(vol, Volume)
+            lock = vol.request_lock
+        self.lock = lock
+        # With a sync gate a connection's requests run in parallel and count under this.
+        self.count_lock = threading.Lock() if gate is not None else None
         self.io: list[list[int]] = []
 
     def check_lease(self) -> None:
@@ -150,14 +161,40 @@ class Handle:
         if self.lease is not None:
             self.lease.check()
 
+    def count(self, op: int, nbytes: int, t: int) -> None:
+        """A request of ``op`` that started at ``t`` (monotonic ns) completed."""
+        if self.count_lock is None:
+            iostats.count(self.io[op], nbytes, _clock() - t)
+        else:
+            with self.count_lock:
+                iostats.count(self.io[op], nbytes, _clock() - t)
+
+    def written(self, seq: int, fua: int | bool) -> None:
+        """After a write, trim or zero (journal record ``seq``), outside the volume lock:
+        FUA makes the journal durable through it, then the sync peers' acks."""
+        if fua:
+            self.vol.flush()
+        if self.gate is not None:
+            self.replicated(seq)
+
+    def flushed(self) -> None:
+        """FLUSH, outside the volume lock: the journal's fdatasync (Journal.sync runs
+        alongside appends; other requests of this volume go on meanwhile), then the sync
+        peers' acks through what was written before the FLUSH arrived."""
+        vol = self.vol
+        seq = vol.last_seq if self.gate is not None else 0
+        vol.flush()
+        if self.gate is not None:
+            self.replicated(seq, write=False)
+
     def replicated(self, seq: int, write: bool = True) -> None:
         """After a write (``seq``: its journal record) or a FLUSH (``write`` False,
-        ``seq``: the journal's end when it was durable locally), outside the server lock:
-        wait until every synchronous peer that holds waiters has the journal through
-        ``seq`` durably.  A write that waits alone makes the local journal durable
-        meanwhile (Volume.sync_ahead): the FLUSH a database sends right after it then
-        costs no fdatasync of its own, so a commit costs one round trip, not a round trip
-        plus an fdatasync."""
+        ``seq``: the journal's end when it arrived), outside the volume lock: wait until
+        every synchronous peer that holds waiters has the journal through ``seq``
+        durably.  A write that waits alone makes the local journal durable meanwhile
+        (Volume.sync_ahead): the FLUSH a database sends right after it then costs no
+        fdatasync of its own, so a commit costs one round trip, not a round trip plus an
+        fdatasync."""
         if self.gate is None:
             return
         vol = self.vol
@@ -173,10 +210,8 @@ class Server:
             raise PluginError("missing required parameter data_dir")
         self.params = params
         self.volumes: dict[str, Volume] = {}
-        # Taken by every data callback around its volume operation (never across a
-        # wait for the sync peers), by the FUSE workers and by the snapshot control path
-        # (other threads).  Without a sync gate nbdkit serialises requests; with one
-        # they run in parallel and this lock serialises their volume operations.
+        # Guards the sets below (volumes, handles in use, FUSE mounts), never I/O: each
+        # request takes its own volume's Volume.request_lock (DESIGN.md §9).
         self.lock = threading.Lock()
         self.snapshot_handles: dict[str, int] = {}  # "VOLUME@SNAP" -> open handles
         self.failed: dict[str, str] = {}
@@ -192,7 +227,7 @@ class Server:
         self.members = threading.Lock()  # adding and withdrawing volumes (not I/O)
         self.in_use: dict[str, int] = {}  # volume -> open handles (NBD and FUSE)
         self.fuse: list[Attachment] = []  # fusefile.Attachment: exports mounted for the bridge
-        self.control = ControlServer(self.volumes, self.lock, self._snapshot_in_use,
+        self.control = ControlServer(self.volumes, self._snapshot_in_use,
                                      self.attach_fuse,
                                      lambda: sorted(a.export for a in list(self.fuse)),
                                      self.withdraw)
@@ -288,10 +323,13 @@ class Server:
         out = []
         self._discover()
         with self.lock:
-            for n, v in self.volumes.items():
-                out.append((n, f"nbdgw volume {n} ({v.size} bytes)"))
-                out += [(f"{n}@{r['name']}", f"nbdgw snapshot {r['name']} of volume {n}, "
-                         "read-only") for r in v.snapshot_list()]
+            served = list(self.volumes.items())
+        for n, v in served:
+            out.append((n, f"nbdgw volume {n} ({v.size} bytes)"))
+            with v.request_lock:
+                snaps = v.snapshot_list()
+            out += [(f"{n}@{r['name']}", f"nbdgw snapshot {r['name']} of volume {n}, "
+                     "read-only") for r in snaps]
         return out
 
     def default_export(self) -> str:
@@ -324,13 +362,14 @@ class Server:
         if vol is None:
             raise FileNotFoundError(f"no export named {export!r} (volume {volume} is not "
                                     "served here)")
-        with self.lock:
+        with vol.request_lock:
             try:
                 view = vol.snapshot_view(snap)
             except BlockstoreError as e:
                 raise FileNotFoundError(f"no export named {export!r}: {e}") from None
+        with self.lock:
             self.snapshot_handles[export] = self.snapshot_handles.get(export, 0) + 1
-        return Handle(view, True)
+        return Handle(view, True, lock=vol.request_lock)
 
     def close_handle(self, h: Handle) -> None:
         if not isinstance(h.vol, SnapshotView):
@@ -356,7 +395,7 @@ class Server:
     def attach_fuse(self, export: str, fd: int, read_only: bool) -> None:
         """Serve the bridge's FUSE mount of ``export`` (its /dev/fuse descriptor ``fd``,
         now ours) from this process: nbd_plugin/fusefile.py."""
-        from . import fusefile, iostats
+        from . import fusefile
 
         try:
             h = self.open(export, read_only)
@@ -369,22 +408,23 @@ class Server:
         h.io = iostats.opened(h.vol.name)
 
         def ended(a: Attachment) -> None:
-            iostats.closed(h.vol.name)
+            iostats.closed(h.vol.name, h.io)
             self.close_handle(h)
             with self.lock:
                 if a in self.fuse:
                     self.fuse.remove(a)
 
         with self.lock:  # before ended() can run: it takes the lock
-            self.fuse.append(fusefile.Attachment(export, h, self.lock, fd, ended))
+            self.fuse.append(fusefile.Attachment(export, h, fd, ended))
 
     def close(self) -> None:
         control = getattr(self, "control", None)
         if control is not None:
             control.stop()
-        with self.lock:  # no FUSE request touches a volume after this
-            for a in getattr(self, "fuse", ()):
-                a.close()
+        with self.lock:
+            mounts = list(getattr(self, "fuse", ()))
+        for a in mounts:  # no FUSE request touches a volume after this
+            a.close()
         if self.gate is not None:
             self.gate.close()
         for name, vol in self.volumes.items():

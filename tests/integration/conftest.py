@@ -171,6 +171,19 @@ def checksum(lab: dict[str, Any], name: str) -> str:
     return run_nbdgw("-c", cfg(lab, name), "volume", "checksum", "v1").stdout.split()[0]
 
 
+def wait_consistent(lab: dict[str, Any], name: str, timeout: float = 60) -> None:
+    """Wait until the site's replica of v1 is Consistent (its first sync completed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = json.loads(run_nbdgw("-c", cfg(lab, name), "status", "--json").stdout)
+        vols = {v["name"]: v for v in report["volumes"]}
+        if "v1" in vols and not vols["v1"]["inconsistent"]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}'s v1 still Inconsistent after {timeout} s")
+        time.sleep(0.5)
+
+
 def converge(lab: dict[str, Any], timeout: float = 90) -> str:
     """Wait until every site's v1 has the same checksum (writes have stopped)."""
     deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     one_primary,
     states,
     up,
+    wait_consistent,
     wait_states,
 )
 
@@ -116,6 +117,9 @@ def test_no_failover_without_a_confirmed_majority(lab_dir: Path) -> None:
 def test_dr_promotion_refused_while_the_main_site_lives_then_done(lab_dir: Path) -> None:
     lab = up(lab_dir.parent)
     dr_cfg = next(n["config"] for n in lab["nodes"] if n["name"] == "dr")
+    # Right after `lab up` DR may still be in its first sync: then promote refuses for
+    # that reason first (seen on a fresh machine); the quorum refusal is tested here.
+    wait_consistent(lab, "dr")
     refused = run_nbdgw("-c", dr_cfg, "promote", "--site", "dr", check=False)
     assert refused.returncode == 1
     assert "promote dr: the main site is alive: dc (heard " in refused.stderr

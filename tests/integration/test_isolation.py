@@ -75,13 +75,14 @@ class Stranger:
 
 
 def probe(connect: Callable[[nbd.NBD, str], None], export: str) -> float:
-    """A new client on ``export``: connect, 4 KiB write, flush, read back; seconds."""
+    """A new client on ``export``: connect, 4 KiB write, flush, read back; seconds.
+    (At 8 MiB: the Writer's blocks are the first MiB.)"""
     t0 = time.monotonic()
     h = nbd.NBD()
     connect(h, export)
-    h.pwrite(b"\x5a" * 4096, 0)
+    h.pwrite(b"\x5a" * 4096, 8 * MiB)
     h.flush()
-    assert h.pread(4096, 0) == b"\x5a" * 4096
+    assert h.pread(4096, 8 * MiB) == b"\x5a" * 4096
     took = time.monotonic() - t0
     h.shutdown()
     return took
@@ -133,13 +134,18 @@ def check_isolated(connect: Callable[[nbd.NBD, str], None],
             time.sleep(0.2)
             w.reset()
             probes: list[float] = []
+            failed: list[BaseException] = []
             st = Stranger(raw, stage)
 
-            def run() -> None:
+            def run(probes: list[float] = probes,
+                    failed: list[BaseException] = failed) -> None:
                 t_end = time.monotonic() + HOLD
-                while time.monotonic() < t_end:
-                    probes.extend([probe(connect, "v2"), probe(connect, "v1")])
-                    time.sleep(0.2)
+                try:
+                    while time.monotonic() < t_end:
+                        probes.extend([probe(connect, "v2"), probe(connect, "v1")])
+                        time.sleep(0.2)
+                except BaseException as e:  # noqa: BLE001 - reported by the test below
+                    failed.append(e)
 
             t = threading.Thread(target=run)
             t.start()
@@ -147,7 +153,8 @@ def check_isolated(connect: Callable[[nbd.NBD, str], None],
             gap = max(w.gaps) if w.gaps else HOLD
             st.leave()  # a probe stuck behind the stranger goes on now
             t.join(30)
-            assert probes and max(probes) < BOUND, (stage, probes)
+            assert not failed, failed
+            assert len(probes) >= 10 and max(probes) < BOUND, (stage, probes)
             assert gap < BOUND, (stage, f"the connected writer stalled {gap:.3f} s")
     finally:
         worst = w.finish()

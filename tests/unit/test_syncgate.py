@@ -128,7 +128,7 @@ def test_no_gate_never_waits() -> None:
     class Vol:
         name = "v1"
 
-    h = Handle(Vol(), False)  # type: ignore[arg-type]
+    h = Handle(Vol(), False, lock=threading.Lock())  # type: ignore[arg-type]
     t = time.monotonic()
     for seq in range(1000):
         h.replicated(seq)
