@@ -193,8 +193,10 @@ class FileTarget:
     engine: str = "libaio"
 
     def fio_args(self) -> list[str]:
+        # --invalidate=0: fio drops a file's page cache before each job by default; the
+        # servers' files keep theirs, so a buffered file must too.
         return [f"--ioengine={self.engine}", f"--direct={int(self.direct)}",
-                f"--filename={self.path}"]
+                *(() if self.direct else ("--invalidate=0",)), f"--filename={self.path}"]
 
 
 class FioTarget(Protocol):
@@ -494,6 +496,40 @@ class FioBackground:
         kill_group(self.proc)
         if self.proc in self.bench.background:
             self.bench.background.remove(self.proc)
+
+
+def progress(msg: str, prefix: str = "") -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
+
+def fmt_num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
+
+
+def print_table(headers: list[str], rows: list[list[str]], left: int = 1) -> None:
+    """Plain-text table; the first ``left`` columns left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+
+
+def percentile_us(section: dict[str, Any], key: str, pct: float) -> float:
+    """A latency percentile in microseconds from a fio JSON section (``clat_ns`` of
+    ``read``/``write``, ``lat_ns`` of ``sync``); NaN when fio recorded none."""
+    got = section.get(key, {}).get("percentile", {}).get(f"{pct:.6f}")
+    return float(got) / 1e3 if got is not None else float("nan")
 
 
 def dir_bytes(path: Path) -> tuple[int, int]:
