@@ -252,6 +252,15 @@ class Bench:
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
 
+    def require_free(self, need: int, what: str) -> None:
+        """Refuse to start (BenchError) unless the temp dir's file system has ``need``
+        bytes free: a bench that fills the disk halfway fails with ENOSPC from fio."""
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise BenchError(f"{what}: needs about {need / GiB:.1f} GiB free in {self.dir.parent}"
+                             f", there are {free / GiB:.1f} GiB (try a smaller --size or "
+                             f"TMPDIR on another file system)")
+
     def stop(self, server: Server) -> None:
         server.stop()
         self.servers.remove(server)
