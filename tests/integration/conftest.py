@@ -196,6 +196,22 @@ def converge(lab: dict[str, Any], timeout: float = 90) -> str:
         time.sleep(1)
 
 
+def switchover(lab: dict[str, Any], primary: str, to: str) -> str:
+    """`nbdgw switchover --to TO` on ``primary``; asked again while the primary's sender
+    has not yet reported the target streaming (a rejoined node that has just finished
+    its resync: equal checksums do not mean its link has left ``resync``), for 30 s at
+    most.  Returns what the command printed."""
+    deadline = time.monotonic() + 30
+    while True:
+        sw = run_nbdgw("-c", cfg(lab, primary), "switchover", "--to", to, check=False,
+                       timeout=180)
+        if sw.returncode == 0:
+            return sw.stdout
+        assert "is not streaming every volume" in sw.stderr, sw.stderr
+        assert time.monotonic() < deadline, sw.stderr
+        time.sleep(0.5)
+
+
 def events(lab_dir: Path, name: str, event: str) -> list[dict[str, Any]]:
     """The site's daemon.log lines (daemon and peerlink) with this event name."""
     out = []

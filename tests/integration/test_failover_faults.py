@@ -38,7 +38,6 @@ from tests.conftest import need
 from tests.integration.conftest import (
     TIMEOUT,
     addr,
-    cfg,
     check_blocks,
     checksum,
     client,
@@ -53,6 +52,7 @@ from tests.integration.conftest import (
     node_dir,
     run,
     states,
+    switchover,
     up,
     uri,
     wait_states,
@@ -489,22 +489,6 @@ class Stamped:
         self.thread.join(10)
         assert self.proc.returncode == 0, self.proc.stderr.read() if self.proc.stderr else ""
         return json.loads(self.last)  # type: ignore[no-any-return]
-
-
-def switchover(lab: dict[str, Any], primary: str, to: str) -> str:
-    """`nbdgw switchover --to TO` on ``primary``; asked again while the primary's sender
-    has not yet reported the target streaming (a rejoined node that has just finished
-    its resync), for 30 s at most.  Returns what the command printed."""
-    deadline = time.monotonic() + 30
-    while True:
-        sw = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", cfg(lab, primary),
-                             "switchover", "--to", to], capture_output=True, text=True,
-                            timeout=180, check=False)
-        if sw.returncode == 0:
-            return sw.stdout
-        assert "is not streaming every volume" in sw.stderr, sw.stderr
-        assert time.monotonic() < deadline, sw.stderr
-        time.sleep(0.5)
 
 
 def log_sizes(lab_dir: Path) -> dict[str, int]:

@@ -32,6 +32,7 @@ from tests.integration.conftest import (
     run_client,
     run_cmd,
     states,
+    switchover,
     up,
     uri,
     wait_states,
@@ -148,14 +149,12 @@ def test_rejoin_after_failover_then_switchover_home_under_load(lab_dir: Path) ->
     # Planned switchover back to main while a client writes: no error, a pause.
     writer = client(lab, WRITER, uri(lab), str(2048), "600", "load")
     time.sleep(1.0)
-    sw = run_nbdgw("-c", cfg(lab, "dc"), "switchover", "--to", "main", check=False,
-                   timeout=180)
-    assert sw.returncode == 0, sw.stderr
-    assert "switched over from dc to main" in sw.stdout, sw.stdout
+    sw = switchover(lab, "dc", "main")
+    assert "switched over from dc to main" in sw, sw
     out, err = writer.communicate(timeout=180)
     assert writer.returncode == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    print(f"switchover under load: {sw.stdout.strip()}; client saw {result}")
+    print(f"switchover under load: {sw.strip()}; client saw {result}")
     assert result["errors"] == [], result
     assert result["max_pause_s"] < 20, result
     wait_states(lab, {"main": "primary", "dc": "standby"}, 30)
@@ -186,9 +185,7 @@ def test_dr_promotion_and_return_of_the_main_site(lab_dir: Path) -> None:
     converge(lab)
     compared = events(lab_dir, "dr", "compare_done")
     assert compared and max(e["differing"] for e in compared) <= 2, compared
-    sw = run_nbdgw("-c", cfg(lab, "dr"), "switchover", "--to", "main", check=False,
-                   timeout=180)
-    assert sw.returncode == 0, sw.stderr
+    switchover(lab, "dr", "main")
     wait_states(lab, {"main": "primary", "dc": "standby", "dr": "witness"}, 40)
     assert check(lab, 0, 64, "base") == 0 and check(lab, 4096, 32, "at-dr") == 0
     stamp(lab, 8192, 16, "home")
