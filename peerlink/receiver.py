@@ -47,15 +47,12 @@ from blockstore.diverged import lost_writes, record_diverged
 from blockstore.generations import Generation as BGeneration
 from blockstore.generations import (
     History,
-    Relation,
     common_generation,
-    decide,
     describe_fork,
     diverged_name,
     load_history,
     save_history,
     settle_commands,
-    unrelated_refusal,
 )
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
@@ -74,18 +71,15 @@ from blockstore.peers import (
 from blockstore.snapshot import MAX_SNAPSHOTS
 from blockstore.volume import Volume, VolumeInfo
 
-from .auth import Prover, Transcript, make_nonce, proof, verify
-from .batch import check_batch, payload_bytes
-from .errors import PeerAuthError, PeerlinkError, PeerProtocolError, PeerRefused
+from .auth import make_nonce
+from .batch import payload_bytes
+from .errors import PeerlinkError, PeerProtocolError, PeerRefused
 from .link import Link, LinkClosed, Refused, format_addr, session_ended
 from .messages import (
-    PROTO_VERSION,
     Ack,
     Batch,
     ExtentData,
-    Generation,
     Hello,
-    HelloOk,
     Message,
     Pong,
     Refuse,
@@ -93,8 +87,17 @@ from .messages import (
     ResyncExtents,
     Verify,
     VerifyResult,
-    check_hello,
-    check_resume,
+)
+from .session import (
+    Admitted,
+    Output,
+    Phase,
+    ReceiverSession,
+    Refusal,
+    ReplicaFacts,
+    Send,
+    TakeOver,
+    from_wire,
 )
 
 log = structlog.get_logger(component="peerlink")
@@ -118,35 +121,6 @@ def replica_history(info: VolumeInfo) -> History:
     up = (str(read_json(path, UPSTREAM_KIND, UPSTREAM_VERSION)["upstream_uuid"])
           if path.exists() else None)
     return load_history(info.path, info.uuid, up)
-
-
-def wire_generations(history: History) -> tuple[Generation, ...]:
-    return tuple(Generation(g.gen_id, g.start_seq) for g in history.generations)
-
-
-def wire_epochs(history: History) -> tuple[int, ...]:
-    return tuple(g.epoch for g in history.generations)
-
-
-def from_wire(gens: tuple[Generation, ...], epochs: tuple[int, ...] | None
-              ) -> tuple[BGeneration, ...]:
-    """A peer's history from its Hello (epoch 0 where an older peer sent none)."""
-    eps = epochs if epochs is not None else (0,) * len(gens)
-    return tuple(BGeneration(g.gen_id, g.start_seq, e) for g, e in zip(gens, eps, strict=True))
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What this replica makes of a sender's history (``blockstore.generations.decide``
-    from this side): ``rel`` SAME (stream), BEHIND (the sender is the sync source: a
-    compare resync), AHEAD (the sender is stale), FORKED (a split brain), UNRELATED.
-    ``fork``: the histories forked (then BEHIND means this copy lost: it keeps what only
-    it had as a diverged snapshot first).  ``adopts``: an operator resolved a split
-    brain for the sender's side."""
-
-    rel: Relation
-    fork: bool = False
-    adopts: bool = False
 
 
 async def wait_connected(link: Link, timeout: float) -> bool:
@@ -176,19 +150,14 @@ _Work = Batch | ResyncExtents | ExtentData | ResyncDone | Verify
 
 @dataclass
 class _Session:
-    """One accepted connection that passed the handshake and streams batches.
-
-    ``phase`` is "announce" (a resync begins: ResyncExtents must come first), "open"
-    (either a resync or the first Batch), "extents" (ExtentData until ResyncDone) or
-    "stream" (Batches from ``expect_seq``)."""
+    """One accepted connection that passed the handshake and streams batches: the
+    protocol state (``core``: phase, expected seq, announced extents) and the shell's
+    queue to the applier."""
 
     link: Link
     node: str
     resume_from: int
-    expect_seq: int
-    phase: str = "stream"
-    announced: frozenset[int] = frozenset()
-    extent_shift: int = 0
+    core: ReceiverSession
     queue: asyncio.Queue[_Work | None] = field(default_factory=asyncio.Queue)
     queued_bytes: int = 0
     space: asyncio.Event = field(default_factory=asyncio.Event)
@@ -197,7 +166,6 @@ class _Session:
     applied_bytes: int = 0
     history: History | None = None  # the sender's: adopted at bind and when a resync ends
     fork: History | None = None  # this copy's own history, when it lost a fork to the sender
-    size: int = 0  # the volume's size once the batches admitted so far are applied
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
@@ -264,7 +232,7 @@ class Receiver:
         s = self.active
         if s is None:
             state = "waiting"
-        elif s.phase in ("announce", "extents") or self.vol.inconsistent:
+        elif s.core.phase in (Phase.ANNOUNCE, Phase.EXTENTS) or self.vol.inconsistent:
             state = "resync"
         else:
             state = "streaming"
@@ -356,71 +324,66 @@ class Receiver:
         """Never received anything: the store is the volume's initial (zero) state."""
         return self.vol.upstream_seq == 0 and self.upstream is None
 
-    async def _handshake_and_stream(self, link: Link, clog: Any,  # noqa: PLR0915
+    def _facts(self) -> ReplicaFacts:
+        """What the session needs to know of this replica when a connection opens."""
+        history = self._history()
+        snaps = self.vol.snaps
+        name = diverged_name(history.current.gen_id)
+        full = snaps is not None and len(snaps.index) >= MAX_SNAPSHOTS and \
+            name not in snaps.index.by_name
+        up = self.upstream or {}
+        return ReplicaFacts(
+            node=self.node, volume=self.name, role=self.role, size=self.vol.size,
+            uuid=self._upstream_uuid(""), history=history, applied=self.vol.upstream_seq,
+            fresh=self._fresh(), adopt_for=up.get(ADOPT_KEY),
+            changed=up.get(CHANGED_KEY) if isinstance(up.get(CHANGED_KEY), dict) else None,
+            diverged_blocked=name if full else None, max_snapshots=MAX_SNAPSHOTS)
+
+    async def _handshake_and_stream(self, link: Link, clog: Any,
                                     hello: Hello | None = None) -> None:
+        """The handshake (``ReceiverSession`` decides; this takes the replica over and
+        binds it), then the stream."""
         t = self.timeout
         theirs = hello if hello is not None else await link.recv_within(t, "Hello")
-        expect(theirs, Hello, "to open the connection")
-        assert isinstance(theirs, Hello)
+        facts = self._facts()
+        core = ReceiverSession(facts, secret=self.secret, nonce=make_nonce())
+        outs = core.receive(theirs)
+        assert isinstance(theirs, Hello)  # else receive raised
         clog = clog.bind(peer=theirs.node)
-        vuuid = self._upstream_uuid(theirs.volume_uuid)
-        history = self._history()
-        theirs_gens = from_wire(theirs.generations, theirs.epochs)
-        verdict = self._relation(history, theirs.node, theirs_gens, clog)
-        adopts = verdict.adopts
-        mine = Hello(PROTO_VERSION, self.node, self.name, vuuid, self.vol.size, self.role,
-                     wire_generations(history), 0 if adopts else self.vol.upstream_seq,
-                     make_nonce(), adopts, self._changed(verdict.rel, theirs.node, history),
-                     wire_epochs(history))
-        refusal = check_hello(mine, theirs, sending=False) or await self._generation_refusal(
-            verdict, theirs.node, theirs_gens, history, clog)
-        if refusal is not None:
-            raise self._refuse(link, refusal.reason)
-        link.send(mine)
-        ok = await link.recv_within(t, "HelloOk")
-        expect(ok, HelloOk, "after Hello")
-        assert isinstance(ok, HelloOk)
-        if ok.node != theirs.node:
-            raise PeerProtocolError(
-                f"HelloOk.node: {ok.node!r} is not the node that said Hello ({theirs.node!r})")
-        tr = self._authenticate(link, theirs, mine, ok)
+        if core.adopts:
+            clog.warning("adopting_unrelated_history", peer=theirs.node, forked=core.fork)
+        await self._perform(link, outs, theirs.node, core, clog)
+        take = await self._perform(
+            link, core.receive(await link.recv_within(t, "HelloOk")), theirs.node, core, clog)
+        assert isinstance(take, TakeOver)
+        theirs_gens = core.sender_history
+        vuuid = facts.uuid if not facts.fresh else theirs.volume_uuid
         async with self.takeover:
             await self._retire_active(f"replaced by a new connection from {theirs.node!r}")
-            await self._grow_to(theirs.volume_size, clog)
-            applied = self.vol.upstream_seq
-            # A sender on a newer generation (a failover or switchover happened, or it won
-            # a fork): this replica's seq numbers belong to another node's journal, so the
-            # sender compares digests and resyncs; any resume point is its to choose.
-            newer = verdict.rel is Relation.BEHIND and not self._fresh()
-            refusal = None if newer else check_resume(applied, ok.resume_from_seq)
+            await self._grow_to(take.size, clog)
             pending = self._resync_marker()
-            if refusal is not None:
-                raise self._refuse(link, refusal.reason)
-            await self._bind(theirs, vuuid, ok.resume_from_seq, clog, newer)
-            link.send(HelloOk(self.node, ok.resume_from_seq,
-                              proof(self.secret, Prover.RECEIVER, tr) if self.secret else b""))
+            outs = core.admitted(self.vol.upstream_seq, self._fresh(),
+                                 pending is not None and not pending["done"])
+            adm = next((o for o in outs if isinstance(o, Admitted)), None)
+            if adm is None:
+                await self._perform(link, outs, theirs.node, core, clog)
+                raise AssertionError("admitted() neither admitted nor refused")
+            await self._bind(theirs, vuuid, adm.resume_from, clog, adm.newer)
+            await self._perform(link, outs, theirs.node, core, clog)
             await asyncio.get_running_loop().run_in_executor(
                 None, clear_refused, self.vol.info, theirs.node)
-            session = _Session(link, theirs.node, ok.resume_from_seq, ok.resume_from_seq)
+            session = _Session(link, theirs.node, adm.resume_from, core)
             session.history = History(vuuid, theirs_gens)
-            if verdict.fork and newer:
-                session.fork = history
+            if adm.fork_lost:
+                session.fork = facts.history
                 clog.warning("fork_lost", detail=describe_fork(
-                    self.name, theirs.node, theirs_gens, self.node, history.generations))
-            if newer or ok.resume_from_seq > applied + 1 or (pending is not None
-                                                              and not pending["done"]):
-                # The sender skips records (it resyncs extents instead), or this replica
-                # was interrupted in a resync and needs another one: a resync must come.
-                session.phase = "announce"
-            else:
-                # Batches from applied + 1, or first a resync of some extents (hot extents
-                # of a primary restart when this replica already has every record).
-                session.phase = "open"
+                    self.name, theirs.node, theirs_gens, self.node,
+                    facts.history.generations))
             self.active = session
             if self.source != theirs.node:
                 self.source, self.source_since = theirs.node, time.time()
-        clog.info("resync_expected" if session.phase == "announce" else "streaming",
-                  resume_from=ok.resume_from_seq,
+        clog.info("resync_expected" if adm.resync else "streaming",
+                  resume_from=adm.resume_from,
                   sender_last_seq=theirs.last_applied_seq,
                   lag_records=max(0, theirs.last_applied_seq - self.vol.upstream_seq))
         try:
@@ -429,46 +392,22 @@ class Receiver:
             clog.info("session_ended", applied_batches=session.applied_batches,
                       applied_bytes=session.applied_bytes, upstream_seq=self.vol.upstream_seq)
 
-    def _authenticate(self, link: Link, theirs: Hello, mine: Hello, ok: HelloOk) -> Transcript:
-        """Check the sender's proof (refused if it fails); the transcript this side then
-        proves itself with."""
-        tr = Transcript(PROTO_VERSION, theirs.node, self.node, theirs.auth_nonce,
-                        mine.auth_nonce)
-        if self.secret is not None:
-            try:
-                verify(self.secret, Prover.SENDER, tr, ok.auth_proof)
-            except PeerAuthError as e:
-                raise self._refuse(link, str(e)) from None
-        elif ok.auth_proof:
-            raise self._refuse(link, "peer authentication failed: the peer sent a proof but "
-                                     f"node {self.node!r} has no shared secret configured")
-        return tr
-
-    def _relation(self, history: History, node: str, theirs: tuple[BGeneration, ...],
-                  clog: Any) -> Verdict:
-        """How the sender's history relates to this replica's (``Verdict``).  A split
-        brain (unrelated, or forked on one epoch) that an operator resolved for
-        ``node``'s side is adopted: its data is taken, compared then resynced, as if it
-        were on a newer generation."""
-        if self._fresh():
-            return Verdict(Relation.BEHIND)
-        rel, fork = decide(history.generations, theirs)
-        if rel in (Relation.UNRELATED, Relation.FORKED) and (
-                self.upstream or {}).get(ADOPT_KEY) == node:
-            clog.warning("adopting_unrelated_history", peer=node, forked=fork)
-            return Verdict(Relation.BEHIND, fork, adopts=True)
-        return Verdict(rel, fork)
-
-    def _changed(self, rel: Relation, node: str, history: History
-                 ) -> tuple[int, tuple[int, ...]] | None:
-        """For a sender on a newer generation: the extents this demoted primary changed
-        that ``node`` may lack (recorded at demotion for that node and this generation)."""
-        rec = (self.upstream or {}).get(CHANGED_KEY)
-        if rel is not Relation.BEHIND or self._fresh() or not isinstance(rec, dict):
-            return None
-        if rec.get("peer") != node or rec.get("generation") != history.current.gen_id:
-            return None
-        return int(rec["extent_shift"]), tuple(int(e) for e in rec["extents"])
+    async def _perform(self, link: Link, outputs: list[Output], node: str,
+                       core: ReceiverSession, clog: Any) -> Output | None:
+        """Send what the session says; where it refuses, record a refusal by history
+        (for `nbdgw status`), send Refuse and raise ``Refused``.  Returns the output that
+        asks the shell for more."""
+        asked: Output | None = None
+        for out in outputs:
+            if isinstance(out, Send):
+                link.send(out.msg)
+            elif isinstance(out, Refusal):
+                if out.history:
+                    await self._record_refusal(node, out.reason, out.split_brain, clog)
+                raise self._refuse(link, out.reason)
+            else:
+                asked = out
+        return asked
 
     async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any,
                     newer: bool) -> None:
@@ -515,7 +454,7 @@ class Receiver:
                 msg = await s.link.recv()
                 if isinstance(msg, Pong):
                     continue
-                n = self._admit(s, msg)
+                n = s.core.admit(msg, self.vol.size)
                 if isinstance(msg, Batch):
                     self.received_seq = max(self.received_seq, msg.last_seq)
                 while s.queued_bytes > APPLY_QUEUE_BYTES and not applier.done():
@@ -524,7 +463,7 @@ class Receiver:
                 if applier.done():
                     break
                 s.queued_bytes += n
-                s.queue.put_nowait(msg)  # type: ignore[arg-type]  # _admit checked the type
+                s.queue.put_nowait(msg)  # type: ignore[arg-type]  # admit checked the type
         finally:
             while not s.queue.empty():  # received, not applied: the sender resends them
                 s.queue.get_nowait()
@@ -535,64 +474,6 @@ class Receiver:
             s.finished.set()
             if applier.done() and not applier.cancelled() and applier.exception() is not None:
                 raise applier.exception()  # type: ignore[misc]
-
-    def _admit(self, s: _Session, msg: Message) -> int:
-        """Check ``msg`` against the session's phase; return its payload bytes.  Raises
-        PeerProtocolError for anything out of place (nothing of it is applied)."""
-        if s.phase == "open":
-            s.phase = "announce" if isinstance(msg, ResyncExtents) else "stream"
-        if s.phase == "announce" and isinstance(msg, Verify):
-            self._check_verify(msg)  # a compare resync: digests before the extents
-            return 0
-        if s.phase == "announce":
-            expect(msg, ResyncExtents, "to begin a resync")
-            assert isinstance(msg, ResyncExtents)
-            if msg.volume != self.name:
-                raise PeerProtocolError(f"ResyncExtents for volume {msg.volume!r} on the "
-                                        f"stream of volume {self.name!r}")
-            count = (self.vol.size + (1 << msg.extent_shift) - 1) >> msg.extent_shift
-            if msg.extents and msg.extents[-1] >= count:
-                raise PeerProtocolError(
-                    f"ResyncExtents: extent {msg.extents[-1]} is past the volume end "
-                    f"({count} extents of 2^{msg.extent_shift} bytes)")
-            s.phase, s.announced, s.extent_shift = "extents", frozenset(msg.extents), \
-                msg.extent_shift
-            return 0
-        if s.phase == "extents":
-            if isinstance(msg, ResyncDone):
-                if msg.volume != self.name:
-                    raise PeerProtocolError(f"ResyncDone for volume {msg.volume!r} on the "
-                                            f"stream of volume {self.name!r}")
-                s.phase = "stream"
-                return 0
-            expect(msg, ExtentData, "during a resync")
-            assert isinstance(msg, ExtentData)
-            end = msg.offset + msg.length
-            if msg.volume != self.name or end > self.vol.size or any(
-                    e not in s.announced for e in range(msg.offset >> s.extent_shift,
-                                                         ((end - 1) >> s.extent_shift) + 1)):
-                raise PeerProtocolError(
-                    f"ExtentData of {msg.length} bytes at {msg.offset} for volume "
-                    f"{msg.volume!r} lies outside the announced extents")
-            return len(msg.data)
-        if isinstance(msg, Verify):
-            self._check_verify(msg)
-            return 0
-        expect(msg, Batch, "while streaming")
-        assert isinstance(msg, Batch)
-        # Checked against the size the replica will have when it applies this batch:
-        # a grow MARK in a batch still queued counts.
-        s.size = check_batch(msg, volume=self.name, volume_size=max(s.size, self.vol.size),
-                             expect_first_seq=s.expect_seq)
-        s.expect_seq = msg.last_seq + 1
-        return payload_bytes(msg.records)
-
-    def _check_verify(self, msg: Verify) -> None:
-        count = (self.vol.size + (1 << msg.extent_shift) - 1) >> msg.extent_shift
-        if msg.volume != self.name or (msg.extents and msg.extents[-1] >= count):
-            raise PeerProtocolError(
-                f"Verify for volume {msg.volume!r} names extents outside volume "
-                f"{self.name!r}")
 
     def _verify(self, msg: Verify) -> VerifyResult:
         """Compare this replica's digests of the extents with the sender's (apply thread)."""
@@ -711,44 +592,9 @@ class Receiver:
             return self.vol.upstream_seq, not self.vol.inconsistent
         return None, False
 
-    async def _generation_refusal(self, v: Verdict, node: str,
-                                  theirs: tuple[BGeneration, ...], history: History,
-                                  clog: Any) -> Refuse | None:
-        """The refusal for a sender on an older generation (demoted, or the older epoch
-        of a fork), a split brain (a fork on one epoch) or an unrelated history, recorded
-        for `nbdgw status`."""
-        refusal = self._history_refusal(v, node, theirs, history)
-        if refusal is not None:
-            await self._record_refusal(node, refusal.reason, v, clog)
-        return refusal
-
-    def _history_refusal(self, v: Verdict, node: str, theirs: tuple[BGeneration, ...],
-                         history: History) -> Refuse | None:
-        if v.fork and v.rel in (Relation.AHEAD, Relation.FORKED):
-            return Refuse(describe_fork(self.name, node, theirs, self.node,
-                                        history.generations))
-        if v.rel is Relation.AHEAD:
-            return Refuse(
-                f"volume {self.name!r}: node {node!r} is on generation "
-                f"{theirs[-1].gen_id:016x}, older than this replica's "
-                f"{history.current.gen_id:016x} (it was demoted by a failover); refusing "
-                "its data")
-        if v.rel is Relation.UNRELATED:
-            return Refuse(unrelated_refusal(self.name, node, self.node))
-        snaps = self.vol.snaps
-        if v.fork and snaps is not None and len(snaps.index) >= MAX_SNAPSHOTS and \
-                diverged_name(history.current.gen_id) not in snaps.index.by_name:
-            return Refuse(
-                f"volume {self.name!r}: {self.node!r} must keep what only it had as "
-                f"snapshot {diverged_name(history.current.gen_id)} before it takes "
-                f"{node!r}'s data, but it has {MAX_SNAPSHOTS} snapshots (the maximum): "
-                "delete one there")
-        return None
-
-    async def _record_refusal(self, node: str, reason: str, v: Verdict, clog: Any) -> None:
+    async def _record_refusal(self, node: str, reason: str, split: bool, clog: Any) -> None:
         """Keep a history refusal where `nbdgw status` reads it (peers/<node>.refused.json):
         a split brain with the commands that settle it, else why the sender is refused."""
-        split = v.rel in (Relation.FORKED, Relation.UNRELATED)
         settle = settle_commands(node, self.node) if split else None
         ok = await asyncio.get_running_loop().run_in_executor(
             None, lambda: write_refused(self.vol.info, node, side="receiver", by="this node",

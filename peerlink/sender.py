@@ -79,13 +79,11 @@ from blockstore.errors import BlockstoreError, FormatError
 from blockstore.generations import (
     History,
     Relation,
-    decide,
     describe_fork,
     is_split_brain,
     load_history,
     own_generation_after,
     settle_commands,
-    unrelated_refusal,
 )
 from blockstore.journal import (
     JournalTail,
@@ -125,9 +123,9 @@ from blockstore.volume import (
 )
 
 from . import admin
-from .auth import Prover, Transcript, make_nonce, proof, verify
+from .auth import make_nonce
 from .batch import BatchBuilder, payload_bytes
-from .errors import PeerlinkError, PeerProtocolError, PeerRefused
+from .errors import PeerlinkError, PeerRefused
 from .frames import encode_frame
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
@@ -135,7 +133,6 @@ from .messages import (
     Ack,
     ExtentData,
     Hello,
-    HelloOk,
     Ping,
     Pong,
     Refuse,
@@ -143,10 +140,20 @@ from .messages import (
     ResyncExtents,
     Verify,
     VerifyResult,
-    check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
-from .receiver import expect, from_wire, replica_history, wire_epochs, wire_generations
+from .receiver import replica_history
+from .session import (
+    Established,
+    Output,
+    PlanResync,
+    Refusal,
+    Send,
+    SenderSession,
+    from_wire,
+    wire_epochs,
+    wire_generations,
+)
 from .syncstate import Standing, SyncEvent, SyncStanding
 
 log = structlog.get_logger(component="peerlink")
@@ -472,7 +479,7 @@ class ExtentReader:
 class Sender:
     """Ship volume ``name``'s journal to peer ``peer`` at host:port, reconnecting forever."""
 
-    def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,  # noqa: PLR0915
+    def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
                  port: int, secret: bytes | None = None,
                  config: SenderConfig | None = None, tls: ssl.SSLContext | None = None,
                  source: Volume | None = None,
@@ -506,13 +513,13 @@ class Sender:
         self.acked = self._load_acked()
         self._persisted = self.acked if self.peer_path.exists() else -1
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerlink-read")
-        self.inflight: deque[Frame] = deque()
-        self.inflight_bytes = 0
+        # The connection's protocol state (handshake, window, verify tokens); None
+        # between connections.
+        self.session: SenderSession | None = None
         self.room = asyncio.Event()
         self.acked_event = asyncio.Event()
         self.sent_through = self.acked
-        self.resync_ack: int | None = None
-        self.settles: list[Path] = []  # dirty sets to delete once resync_ack arrives
+        self.settles: list[Path] = []  # dirty sets to delete once the resync is durable
         self.floor = 0  # the session's streaming starts after this seq
         self.seen_dirty: set[str] = set()  # dirty sets this session accounted for
         self.bucket = TokenBucket(self.cfg.rate_limit, self.cfg.rate_burst)
@@ -556,32 +563,6 @@ class Sender:
         if self.source is not None:
             last = min(last, self.source.applied_seq)
         return first, last
-
-    def _generations(self, history: History, theirs: Hello
-                     ) -> tuple[Relation, bool, Refuse | None]:
-        """Contract 5 at the handshake: who is the sync source (``decide``: a fork goes to
-        the newer epoch), whether the histories forked, and the refusal when this node
-        must not send (stale, a split brain, or unrelated histories)."""
-        theirs_gens = from_wire(theirs.generations, theirs.epochs)
-        rel, fork = decide(history.generations, theirs_gens)
-        if rel is Relation.BEHIND and fork:
-            return rel, fork, Refuse(describe_fork(self.name, self.node, history.generations,
-                                                   theirs.node, theirs_gens))
-        if rel is Relation.BEHIND:
-            return rel, fork, Refuse(
-                f"volume {self.name!r}: {theirs.node!r} is on a newer generation "
-                f"({theirs.generations[-1].gen_id:016x}) than this node "
-                f"({history.current.gen_id:016x}): a failover happened and this copy is "
-                "stale; refusing to send it")
-        if rel in (Relation.UNRELATED, Relation.FORKED) and theirs.adopts:
-            # It takes this node's data (a resolved split brain), compared everywhere.
-            return Relation.AHEAD, False, None
-        if rel is Relation.FORKED:
-            return rel, fork, Refuse(describe_fork(self.name, self.node, history.generations,
-                                                   theirs.node, theirs_gens))
-        if rel is Relation.UNRELATED and theirs.last_applied_seq:
-            return rel, fork, Refuse(unrelated_refusal(self.name, self.node, theirs.node))
-        return rel, fork, None
 
     def _fork_candidates(self, history: History, theirs: Hello, shift: int, last: int
                          ) -> list[int] | None:
@@ -748,7 +729,8 @@ class Sender:
         if st is None:
             return
         st.acked(seq)
-        if st.caught_up(seq, self.journal_seen, self.state == "streaming", bool(self.inflight)):
+        if st.caught_up(seq, self.journal_seen, self.state == "streaming",
+                        self.session is not None and bool(self.session.inflight)):
             st.fire(SyncEvent.CATCH_UP)
             self.log.warning("sync_resumed", acked_seq=seq,
                              degraded_for_s=round(time.time() - self.degraded_at, 1))
@@ -977,10 +959,8 @@ class Sender:
                                                   "verify; run it again"))
             self.verify_waiters.clear()
             link.release(LinkClosed("session ended"))
-            self.inflight.clear()
-            self.resync_ack = None
+            self.session = None
             self.settles = []
-            self.inflight_bytes = 0
 
     def _record_refusal(self, e: Refused | PeerRefused) -> None:
         """A handshake refused either way: kept for `nbdgw status` (peers/<peer>.refused.json)
@@ -1038,6 +1018,8 @@ class Sender:
 
     async def _handshake(self, link: Link, loop: asyncio.AbstractEventLoop
                          ) -> tuple[int, ResyncPlan | None]:
+        """The handshake (``SenderSession`` decides; this reads the journal and plans the
+        resync it asks for).  Returns the resume seq and the plan."""
         t = self.cfg.timeout
         if self.source is not None and self.source.inconsistent:
             raise SourceInconsistent(
@@ -1051,52 +1033,21 @@ class Sender:
         mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
                      self.role, wire_generations(history), last, make_nonce(),
                      epochs=wire_epochs(history))
-        link.send(mine)
-        theirs = await link.recv_within(t, "Hello")
-        expect(theirs, Hello, "in answer to Hello")
-        assert isinstance(theirs, Hello)
-        refusal = check_hello(mine, theirs, sending=True)
-        if refusal is None and theirs.node != self.peer:
-            refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
-                             f"peer {self.peer!r} (wrong address?)")
-        applied = theirs.last_applied_seq
-        rel, fork, gen_refusal = self._generations(history, theirs)
-        refusal = refusal or gen_refusal
-        if rel is Relation.AHEAD:
-            # The peer follows an older generation (the primary before a failover): its
-            # seq numbers mean nothing here.  Resync it (allocated extents only).
-            applied = 0
-        if refusal is None and applied > last:
-            refusal = Refuse(
-                f"volume {self.name!r}: replica {theirs.node!r} has applied through seq "
-                f"{applied} but the journal of {self.node!r} ends at seq {last} "
-                "(diverged histories; refusing to guess)")
-        if refusal is not None:
-            raise self._refuse(link, refusal.reason)
-        resume = applied + 1
-        plan, last = await self._plan(loop, rel, theirs, history, applied, first, last, fork)
-        if plan is not None:
-            # Send extents instead of records, then stream from the seq the journal ends
-            # at now (everything up to it is in the store: the store is written first).
-            resume = last + 1
-        tr = Transcript(PROTO_VERSION, self.node, theirs.node, mine.auth_nonce,
-                        theirs.auth_nonce)
-        link.send(HelloOk(self.node, resume,
-                          proof(self.secret, Prover.SENDER, tr) if self.secret else b""))
-        ok = await link.recv_within(t, "HelloOk")
-        expect(ok, HelloOk, "after HelloOk")
-        assert isinstance(ok, HelloOk)
-        if self.secret is not None:
-            verify(self.secret, Prover.RECEIVER, tr, ok.auth_proof)  # before any data
-        elif ok.auth_proof:
-            raise self._refuse(link, "peer authentication failed: the peer sent a proof but "
-                                     f"node {self.node!r} has no shared secret configured")
-        if ok.node != theirs.node or ok.resume_from_seq != resume:
-            raise PeerProtocolError(
-                f"HelloOk: node {ok.node!r} resume {ok.resume_from_seq}, expected node "
-                f"{theirs.node!r} resume {resume}")
+        session = SenderSession(mine, history, peer=self.peer, secret=self.secret,
+                                window_bytes=self.cfg.window_bytes,
+                                window_batches=self.cfg.window_batches)
+        self._perform(link, session.start())
+        ask = self._perform(link, session.receive(await link.recv_within(t, "Hello")))
+        assert isinstance(ask, PlanResync)
+        plan, last = await self._plan(loop, ask.rel, ask.theirs, history, ask.applied,
+                                      first, last, ask.fork)
+        self._perform(link, session.planned(plan is not None, last))
+        est = self._perform(link, session.receive(await link.recv_within(t, "HelloOk")))
+        assert isinstance(est, Established)
+        resume, applied = est.resume, est.applied
         if applied < self.acked:
             self.log.warning("replica_behind_ack", acked_seq=self.acked, replica_seq=applied)
+        self.session = session
         self._set_acked(applied)
         self.sent_through = applied
         self.floor = resume - 1
@@ -1107,6 +1058,19 @@ class Sender:
                       journal_first_seq=first, journal_last_seq=last, replica_seq=applied,
                       lag_records=last - applied, peer_addr=link.peername, **extra)
         return resume, plan
+
+    def _perform(self, link: Link, outputs: list[Output]) -> Output | None:
+        """Send what the session says; raise ``Refused`` where it refuses; return the
+        output that asks the shell for more (a plan, the established stream)."""
+        asked: Output | None = None
+        for out in outputs:
+            if isinstance(out, Send):
+                link.send(out.msg)
+            elif isinstance(out, Refusal):
+                raise self._refuse(link, out.reason)
+            else:
+                asked = out
+        return asked
 
     async def _stream(self, link: Link, resume: int, plan: ResyncPlan | None,
                       stop: asyncio.Event) -> None:
@@ -1163,6 +1127,7 @@ class Sender:
             self.verify_waiters[self.verify_token] = fut
             link.send(Verify(self.name, self.verify_token, after, plan.shift, tuple(chunk),
                              tuple(digests)))
+            self._s.verify_sent(self.verify_token)
             pending.append(fut)
             if len(pending) > 1:
                 await collect()
@@ -1216,7 +1181,7 @@ class Sender:
             self.progress = None
         await asyncio.sleep(RESYNC_SETTLE)
         _, done_seq = await loop.run_in_executor(self.executor, self._bounds)
-        self.resync_ack = resume - 1  # acked once the replica holds the extents durably
+        self._s.resync_sent(resume - 1)  # acked once the replica holds the extents durably
         self.settles = plan.settles
         link.send(ResyncDone(self.name, done_seq))
         self.stats["resync_wire_bytes"] = self.stats.get("resync_wire_bytes", 0) + sent
@@ -1231,6 +1196,7 @@ class Sender:
             await self._resync(link, resume, plan)
         producer = Producer(self.tail, self.name, resume, self.cfg, self._limit
                             if self.source is not None else None)
+        session = self._s
         poll = self.cfg.poll_min
         while True:
             while self.admin == "paused":  # the link stays up; nothing more is shipped
@@ -1238,8 +1204,7 @@ class Sender:
                 await self._until_admin_changes(asyncio.Event())
             if self.state == "paused":
                 self._set_state("streaming")
-            while (self.inflight_bytes >= self.cfg.window_bytes
-                   or len(self.inflight) >= self.cfg.window_batches):
+            while not session.room:
                 self.room.clear()
                 await self.room.wait()
             self.woken = False
@@ -1255,8 +1220,7 @@ class Sender:
             for f in frames:
                 await self._throttle(f.wire_bytes)
                 link.send_frame(f.bufs)
-                self.inflight.append(f)
-                self.inflight_bytes += f.wire_bytes
+                session.sent(f.last_seq, f.wire_bytes)
                 self.sent_through = f.last_seq
                 self.stats["batches"] += 1
                 self.stats["wire_bytes"] += f.wire_bytes
@@ -1264,7 +1228,9 @@ class Sender:
                 await link.drain()
             self._saw(producer.next_read - 1)
             while self.verify_queue and self.verify_queue[0][0] <= self.sent_through:
-                link.send(self.verify_queue.popleft()[1])
+                request = self.verify_queue.popleft()[1]
+                link.send(request)
+                session.verify_sent(request.token)
             poll = self.cfg.poll_min if frames or more else min(poll * 2, self.cfg.poll_max)
             if not more and not self.woken:
                 notified = time.monotonic() - self.notified_at < NOTIFY_TRUST
@@ -1318,44 +1284,37 @@ class Sender:
     async def _reader(self, link: Link) -> None:
         while True:
             msg = await link.recv()
+            if isinstance(msg, Pong):
+                continue
             if isinstance(msg, Ack):
                 self._on_ack(msg)
-            elif isinstance(msg, VerifyResult):
-                fut = self.verify_waiters.pop(msg.token, None)
-                if fut is None or msg.volume != self.name:
-                    raise PeerProtocolError(f"VerifyResult token {msg.token} for volume "
-                                            f"{msg.volume!r} matches no request")
-                if not fut.done():
-                    fut.set_result(msg)
-            elif isinstance(msg, Pong):
                 continue
-            else:
-                expect(msg, Ack, "while streaming")
+            if isinstance(msg, VerifyResult):
+                self._s.on_verify_result(msg)
+                fut = self.verify_waiters.pop(msg.token, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                continue
+            self._s.receive(msg)  # raises: nothing else belongs on a stream
+
+    @property
+    def _s(self) -> SenderSession:
+        assert self.session is not None, "no connection"
+        return self.session
 
     def _on_ack(self, ack: Ack) -> None:
-        if ack.volume != self.name:
-            raise PeerProtocolError(f"Ack for volume {ack.volume!r} on the stream of "
-                                    f"{self.name!r}")
-        d = ack.durable_seq
-        if d == self.resync_ack:
+        seq, settled = self._s.on_ack(ack)
+        if settled:
             # The resync is durable on the replica (the first Ack after ResyncDone; it may
             # repeat the replica's seq when the journal had nothing newer): the dirty sets
             # it covered are settled.
-            self.resync_ack = None
             self._set_state("streaming")
             for path in self.settles:
                 path.unlink(missing_ok=True)
             if self.settles:
                 self.log.info("dirty_sets_settled", count=len(self.settles))
             self.settles = []
-        elif not any(f.last_seq == d for f in self.inflight):
-            raise PeerProtocolError(
-                f"Ack of seq {d} matches no batch in flight (acked {self.acked}, sent "
-                f"through {self.sent_through})")
-        while self.inflight and self.inflight[0].last_seq <= d:
-            f = self.inflight.popleft()
-            self.inflight_bytes -= f.wire_bytes
-        self._set_acked(d)
+        self._set_acked(seq)
         self.room.set()
 
     async def _dirty_watch(self) -> None:

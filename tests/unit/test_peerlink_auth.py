@@ -1,6 +1,6 @@
 """Handshake authentication: a good proof passes; a wrong secret, a reflected proof, or any
-tampered transcript field fails with the exact message; and the whole handshake composes
-from the pure pieces (frames, messages, checks, proofs) without a socket.
+tampered transcript field fails with the exact message.  The handshake itself, both ends
+against each other, is tested in test_peerlink_session.py.
 """
 
 from __future__ import annotations
@@ -20,16 +20,8 @@ from peerlink.auth import (
     verify,
 )
 from peerlink.errors import PeerAuthError, PeerProtocolError
-from peerlink.frames import NEED_DATA, FrameDecoder, encode_frame
 from peerlink.messages import (
     PROTO_VERSION,
-    Generation,
-    Hello,
-    HelloOk,
-    Message,
-    check_hello,
-    check_resume,
-    decode,
 )
 
 SECRET = b"correct horse battery staple"
@@ -109,65 +101,3 @@ def test_local_misuse() -> None:
         proof(b"x" * 15, Prover.SENDER, T)
     with pytest.raises(ValueError, match=r"^receiver_nonce must be 32 bytes, got 3$"):
         proof(SECRET, Prover.SENDER, T._replace(receiver_nonce=b"abc"))
-
-
-# -- the handshake, composed from the pure pieces --------------------------------------------
-
-
-class End:
-    """One side of an in-memory connection: frames out, frames in, messages decoded."""
-
-    def __init__(self) -> None:
-        self.decoder = FrameDecoder()
-        self.peer: End | None = None
-
-    def send(self, msg: Message) -> None:
-        assert self.peer is not None
-        self.peer.decoder.feed(b"".join(bytes(b) for b in encode_frame(msg.encode(), True)))
-
-    def receive(self) -> Message:
-        body = self.decoder.next_frame()
-        assert body is not NEED_DATA
-        return decode(body)
-
-
-def hello(node: str, role: str, applied: int) -> Hello:
-    return Hello(PROTO_VERSION, node, "v1", "0b7e3a52-8f3c-4c4e-9a51-2f1d0c6a9e10", 1 << 30,
-                 role, (Generation(0x1234, 1),), applied, make_nonce())
-
-
-def run_handshake(sender_secret: bytes, receiver_secret: bytes) -> tuple[int, int]:
-    """Sender Hello, receiver Hello, sender HelloOk (+proof), receiver HelloOk (+proof).
-    Return the resume seq each side settled on; raise where a side would hang up."""
-    s, r = End(), End()
-    s.peer, r.peer = r, s
-    s_hello, r_hello = hello("dc1", "primary", 900), hello("dc2", "secondary", 640)
-    s.send(s_hello)
-    got = r.receive()
-    assert isinstance(got, Hello)
-    assert check_hello(r_hello, got) is None
-    r.send(r_hello)
-    got = s.receive()
-    assert isinstance(got, Hello)
-    assert check_hello(s_hello, got) is None
-    t = Transcript(PROTO_VERSION, "dc1", "dc2", s_hello.auth_nonce, got.auth_nonce)
-    s.send(HelloOk("dc1", got.last_applied_seq + 1, proof(sender_secret, Prover.SENDER, t)))
-    ok = r.receive()
-    assert isinstance(ok, HelloOk)
-    t_r = Transcript(PROTO_VERSION, "dc1", "dc2", s_hello.auth_nonce, r_hello.auth_nonce)
-    verify(receiver_secret, Prover.SENDER, t_r, ok.auth_proof)  # before anything is applied
-    assert check_resume(r_hello.last_applied_seq, ok.resume_from_seq) is None
-    r.send(HelloOk("dc2", ok.resume_from_seq, proof(receiver_secret, Prover.RECEIVER, t_r)))
-    back = s.receive()
-    assert isinstance(back, HelloOk)
-    verify(sender_secret, Prover.RECEIVER, t, back.auth_proof)
-    return ok.resume_from_seq, back.resume_from_seq
-
-
-def test_handshake_resumes_after_the_last_applied_seq() -> None:
-    assert run_handshake(SECRET, SECRET) == (641, 641)
-
-
-def test_handshake_with_a_wrong_secret_fails_at_the_receiver() -> None:
-    with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the sender proof "):
-        run_handshake(b"an impostor's secret key", SECRET)

@@ -1,0 +1,465 @@
+"""The peerlink sessions end against end, with no socket: a ``SenderSession`` talks to a
+``ReceiverSession`` through encoded frames, through every handshake outcome (resume,
+fresh replica, resync after a failover, forked and unrelated histories, wrong node,
+missing or wrong secrets), the receiver's resync and stream phases, and the sender's
+window and verify tokens."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from blockstore.generations import Generation as BGen
+from blockstore.generations import History, Relation
+from blockstore.record import Op
+from peerlink.auth import NONCE_SIZE, make_nonce
+from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
+from peerlink.frames import NEED_DATA, FrameDecoder, encode_frame
+from peerlink.messages import (
+    PROTO_VERSION,
+    Ack,
+    Batch,
+    ExtentData,
+    Hello,
+    HelloOk,
+    Message,
+    Ping,
+    Record,
+    Refuse,
+    ResyncDone,
+    ResyncExtents,
+    Verify,
+    VerifyResult,
+    decode,
+)
+from peerlink.session import (
+    RECEIVER_TABLE,
+    SENDER_TABLE,
+    Admitted,
+    Established,
+    Output,
+    Phase,
+    PlanResync,
+    ReceiverSession,
+    Refusal,
+    ReplicaFacts,
+    Send,
+    SenderSession,
+    TakeOver,
+    wire_epochs,
+    wire_generations,
+)
+
+SECRET = b"correct horse battery staple"
+UUID = "0b7e3a52-8f3c-4c4e-9a51-2f1d0c6a9e10"
+OTHER_UUID = "5d1c0f0e-7a1b-4c2d-9e3f-102030405060"
+G0 = BGen(0x1111, 1, 0)
+G1 = BGen(0x2222, 500, 1)  # a failover on the sender's side after G0
+G1B = BGen(0x3333, 480, 1)  # another branch on the same epoch: a split brain
+G2 = BGen(0x4444, 520, 2)  # a newer epoch's branch
+SIZE = 1 << 30
+
+
+def wire(msg: Message) -> Message:
+    """Through the codec, as on the link."""
+    d = FrameDecoder()
+    d.feed(b"".join(bytes(b) for b in encode_frame(msg.encode(), True)))
+    body = d.next_frame()
+    assert body is not NEED_DATA
+    return decode(body)
+
+
+def sender(history: tuple[BGen, ...] = (G0,), last: int = 900, *, peer: str = "dc2",
+           secret: bytes | None = SECRET, role: str = "primary", size: int = SIZE,
+           **kw: Any) -> SenderSession:
+    h = History(UUID, history)
+    mine = Hello(PROTO_VERSION, "dc1", "v1", UUID, size, role, wire_generations(h), last,
+                 make_nonce(), epochs=wire_epochs(h))
+    return SenderSession(mine, h, peer=peer, secret=secret, **kw)
+
+
+def receiver(history: tuple[BGen, ...] = (G0,), applied: int = 640, *,
+             secret: bytes | None = SECRET, fresh: bool = False, **kw: Any
+             ) -> ReceiverSession:
+    facts = ReplicaFacts(node="dc2", volume="v1", role="secondary", size=SIZE, uuid=UUID,
+                         history=History(UUID, history), applied=applied, fresh=fresh)
+    return ReceiverSession(replace(facts, **kw), secret=secret, nonce=make_nonce())
+
+
+class Refused(Exception):
+    def __init__(self, side: str, out: Refusal) -> None:
+        super().__init__(f"{side}: {out.reason}")
+        self.side, self.out = side, out
+
+
+def sends(outs: list[Output]) -> list[Message]:
+    return [wire(o.msg) for o in outs if isinstance(o, Send)]
+
+
+def one(outs: list[Output], kind: type[Any]) -> Any:
+    found = [o for o in outs if isinstance(o, kind)]
+    assert len(found) == 1, outs
+    return found[0]
+
+
+def handshake(s: SenderSession, r: ReceiverSession, *, resync: bool = False,
+              applied_now: int | None = None, pending: bool = False
+              ) -> tuple[Established, Admitted, PlanResync]:
+    """Run the handshake the way the shells do; raise Refused where a side refuses."""
+    hello = sends(s.start())
+    assert len(hello) == 1
+    outs = r.receive(hello[0])
+    if any(isinstance(o, Refusal) for o in outs):
+        raise Refused("receiver", one(outs, Refusal))
+    outs = s.receive(sends(outs)[0])
+    if any(isinstance(o, Refusal) for o in outs):
+        raise Refused("sender", one(outs, Refusal))
+    plan = one(outs, PlanResync)
+    outs = r.receive(sends(s.planned(resync, s.mine.last_applied_seq))[0])
+    if any(isinstance(o, Refusal) for o in outs):
+        raise Refused("receiver", one(outs, Refusal))
+    take = one(outs, TakeOver)
+    assert take.size == s.mine.volume_size
+    outs = r.admitted(r.facts.applied if applied_now is None else applied_now,
+                      r.facts.fresh, pending)
+    if any(isinstance(o, Refusal) for o in outs):
+        raise Refused("receiver", one(outs, Refusal))
+    admitted = one(outs, Admitted)
+    est = one(s.receive(sends(outs)[0]), Established)
+    return est, admitted, plan
+
+
+# -- the handshake ----------------------------------------------------------------------
+
+
+def test_resume_after_the_last_applied_seq() -> None:
+    s, r = sender(), receiver()
+    est, adm, plan = handshake(s, r)
+    assert (est.resume, est.applied, est.peer) == (641, 640, "dc2")
+    assert (adm.resume_from, adm.newer, adm.fork_lost, adm.resync) == (641, False, False,
+                                                                       False)
+    assert plan.rel is Relation.SAME and not plan.fork
+    assert s.phase is Phase.STREAM and r.phase is Phase.OPEN
+
+
+def test_a_resync_skips_to_the_journal_end() -> None:
+    s, r = sender(), receiver()
+    est, adm, _ = handshake(s, r, resync=True)
+    assert est.resume == adm.resume_from == 901
+    assert adm.resync and r.phase is Phase.ANNOUNCE
+
+
+def test_a_fresh_replica_takes_the_senders_uuid() -> None:
+    s = sender()
+    r = receiver((G0,), 0, fresh=True, uuid=OTHER_UUID)
+    est, adm, plan = handshake(s, r)
+    assert r.mine is not None and r.mine.volume_uuid == UUID
+    assert est.resume == adm.resume_from == 1 and not adm.newer and not adm.resync
+    assert plan.rel is Relation.SAME  # the empty copy sent the history it will follow
+    assert r.rel is Relation.BEHIND  # which makes the sender its source
+
+
+def test_a_replica_of_a_superseded_generation_is_compared_and_resynced() -> None:
+    """After a failover the new primary (G0, G1) meets the old one (G0 only): its seq
+    numbers mean nothing here, so the sender plans a compare resync from 0."""
+    s, r = sender((G0, G1), 900), receiver((G0,), 750)
+    est, adm, plan = handshake(s, r, resync=True)
+    assert plan.rel is Relation.AHEAD and plan.applied == 0
+    assert adm.newer and adm.resync and not adm.fork_lost
+    assert est.resume == 901 and est.applied == 0
+
+
+def test_a_stale_sender_is_refused_by_both_ends() -> None:
+    s = sender((G0,), 900)
+    with pytest.raises(Refused) as ei:
+        handshake(s, receiver((G0, G1), 100))
+    assert ei.value.side == "receiver" and ei.value.out.history
+    assert "older than this replica's" in ei.value.out.reason
+    # The sender's own check, for a receiver that would not refuse (any version).
+    s = sender((G0,), 900)
+    r_hello = receiver((G0, G1), 100)
+    r_hello.receive(sends(s.start())[0])
+    assert r_hello.phase is Phase.CLOSED
+
+
+def test_a_fork_on_one_epoch_is_a_split_brain_refused() -> None:
+    s, r = sender((G0, G1), 900), receiver((G0, G1B), 700)
+    with pytest.raises(Refused) as ei:
+        handshake(s, r)
+    assert ei.value.out.split_brain and ei.value.out.history
+    assert "forked after generation 0000000000001111" in ei.value.out.reason
+
+
+def test_a_fork_won_by_the_newer_epoch_resyncs_the_loser() -> None:
+    s, r = sender((G0, G2), 900), receiver((G0, G1B), 700)
+    _est, adm, plan = handshake(s, r, resync=True)
+    assert plan.rel is Relation.AHEAD and plan.fork
+    assert adm.newer and adm.fork_lost
+
+
+def test_a_fork_loser_with_no_room_for_its_diverged_snapshot_refuses() -> None:
+    s = sender((G0, G2), 900)
+    r = receiver((G0, G1B), 700, diverged_blocked="diverged-0000000000003333",
+                 max_snapshots=512)
+    with pytest.raises(Refused) as ei:
+        handshake(s, r)
+    assert ei.value.out.reason.endswith(
+        "but it has 512 snapshots (the maximum): delete one there")
+
+
+def test_unrelated_histories_are_refused_unless_adopted() -> None:
+    other = (BGen(0x9999, 1, 0),)
+    with pytest.raises(Refused) as ei:
+        handshake(sender(other, 900), receiver((G0,), 700))
+    assert ei.value.out.split_brain
+    assert "are unrelated" in ei.value.out.reason
+    # An operator resolved the split brain for dc1's side: the replica takes its data.
+    _est, adm, plan = handshake(sender(other, 900), receiver((G0,), 700, adopt_for="dc1"),
+                               resync=True)
+    assert plan.rel is Relation.AHEAD and plan.applied == 0
+    assert adm.newer and adm.resync
+
+
+def test_the_wrong_node_answering_is_refused_by_the_sender() -> None:
+    with pytest.raises(Refused) as ei:
+        handshake(sender(peer="dr1"), receiver())
+    assert ei.value.side == "sender"
+    assert ei.value.out.reason == ("connected to node 'dc2', but this sender ships to peer "
+                                   "'dr1' (wrong address?)")
+
+
+def test_a_replica_ahead_of_the_journal_is_refused() -> None:
+    with pytest.raises(Refused) as ei:
+        handshake(sender(last=500), receiver(applied=640))
+    assert "has applied through seq 640 but the journal of 'dc1' ends at seq 500" in (
+        ei.value.out.reason)
+
+
+def test_the_resume_point_is_checked_again_after_the_takeover() -> None:
+    """Another session applied more while this one waited for the takeover: resuming at
+    the seq planned earlier would re-apply records, so the receiver refuses."""
+    with pytest.raises(Refused) as ei:
+        handshake(sender(), receiver(applied=640), applied_now=700)
+    assert ei.value.out.reason == ("resume from seq 641 would re-apply records this "
+                                   "replica already has (applied through seq 700)")
+
+
+def test_an_interrupted_resync_must_be_redone() -> None:
+    _, adm, _ = handshake(sender(), receiver(), pending=True)
+    assert adm.resync
+
+
+# -- authentication ---------------------------------------------------------------------
+
+
+def test_a_wrong_sender_secret_is_refused_before_the_takeover() -> None:
+    with pytest.raises(Refused) as ei:
+        handshake(sender(secret=b"an impostor's secret key"), receiver())
+    assert ei.value.side == "receiver"
+    assert ei.value.out.reason.startswith("peer authentication failed: the sender proof ")
+
+
+def test_an_unauthenticated_sender_is_refused() -> None:
+    with pytest.raises(Refused) as ei:
+        handshake(sender(secret=None), receiver())
+    assert ei.value.out.reason.startswith("peer authentication failed: the sender proof ")
+
+
+def test_a_wrong_receiver_secret_fails_at_the_sender_before_any_data() -> None:
+    s, r = sender(), receiver(secret=b"an impostor's secret key")
+    r_hello = r.receive(sends(s.start())[0])
+    s.receive(sends(r_hello)[0])
+    ok = s.planned(False, 900)
+    # The impostor cannot check the sender's proof: it refuses.  One that skips the check
+    # and answers with its own proof fails at the sender, which never streams.
+    assert isinstance(one(r.receive(sends(ok)[0]), Refusal), Refusal)
+    forged = HelloOk("dc2", 641, b"\x00" * 32)
+    with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the receiver "):
+        s.receive(forged)
+    assert s.phase is Phase.CLOSED
+    with pytest.raises(PeerProtocolError, match="not authenticated yet"):
+        s.sent(700, 4096)
+
+
+def test_a_proof_where_no_secret_is_configured_is_refused() -> None:
+    with pytest.raises(Refused) as ei:
+        handshake(sender(), receiver(secret=None))
+    assert ei.value.out.reason == ("peer authentication failed: the peer sent a proof but "
+                                   "node 'dc2' has no shared secret configured")
+
+
+def test_without_secrets_on_both_ends_the_handshake_completes() -> None:
+    est, _, _ = handshake(sender(secret=None), receiver(secret=None))
+    assert est.resume == 641
+
+
+def test_nothing_is_admitted_before_the_sender_proved_itself() -> None:
+    """The reordered handshake: data (or a HelloOk out of turn) before the proof."""
+    s, r = sender(), receiver()
+    batch = Batch("v1", 641, 641, (Record(Op.WRITE, 0, 0, 4096, b"x" * 4096),))
+    with pytest.raises(PeerProtocolError, match=r"^expected Hello to open the connection"):
+        r.admit(batch, SIZE)
+    r = receiver()
+    r.receive(sends(s.start())[0])
+    with pytest.raises(PeerProtocolError, match=r"^expected HelloOk after Hello, got Batch"):
+        r.admit(batch, SIZE)
+    assert r.phase is Phase.CLOSED
+
+
+def test_the_sender_streams_nothing_before_the_receivers_proof() -> None:
+    s, r = sender(), receiver()
+    s.receive(sends(r.receive(sends(s.start())[0]))[0])
+    s.planned(False, 900)
+    assert s.phase is Phase.PROOF
+    with pytest.raises(PeerProtocolError, match="not authenticated yet"):
+        s.sent(641, 100)
+    assert s.phase is Phase.CLOSED  # and the shell drops the link
+    s, r = sender(), receiver()
+    s.receive(sends(r.receive(sends(s.start())[0]))[0])
+    s.planned(False, 900)
+    with pytest.raises(PeerProtocolError, match=r"^expected HelloOk after HelloOk, got Ack"):
+        s.receive(Ack("v1", 641))
+
+
+def test_a_refuse_from_the_peer_ends_the_session() -> None:
+    s = sender()
+    s.start()
+    with pytest.raises(PeerRefused, match=r"^peer refused: no thanks$"):
+        s.receive(Refuse("no thanks"))
+    assert s.phase is Phase.CLOSED
+    with pytest.raises(PeerProtocolError, match="the session is closed"):
+        s.receive(Refuse("again"))
+
+
+# -- the receiver's phases ----------------------------------------------------------------
+
+
+def batch(first: int, last: int, offset: int = 0) -> Batch:
+    return Batch("v1", first, last, tuple(Record(Op.WRITE, 0, offset, 512, b"x" * 512)
+                                          for _ in range(first, last + 1)))
+
+
+def streaming_receiver(resync: bool = False) -> ReceiverSession:
+    s, r = sender(), receiver()
+    handshake(s, r, resync=resync)
+    return r
+
+
+def test_batches_in_sequence_then_a_gap_is_refused() -> None:
+    r = streaming_receiver()
+    assert r.admit(batch(641, 643), SIZE) == 3 * 512
+    assert r.phase is Phase.STREAM
+    with pytest.raises(PeerProtocolError):
+        r.admit(batch(645, 645), SIZE)
+    assert r.phase is Phase.CLOSED
+
+
+def test_a_resync_is_announced_then_its_extents_then_done() -> None:
+    r = streaming_receiver(resync=True)
+    with pytest.raises(PeerProtocolError,
+                       match=r"^expected ResyncExtents to begin a resync, got Batch"):
+        r.admit(batch(901, 901), SIZE)
+    r = streaming_receiver(resync=True)
+    verify = Verify("v1", 1, 900, 16, (0, 1), (b"\0" * 32, b"\0" * 32))
+    assert r.admit(verify, SIZE) == 0 and r.phase is Phase.ANNOUNCE
+    assert r.admit(ResyncExtents("v1", 16, (0, 3)), SIZE) == 0
+    assert r.phase is Phase.EXTENTS
+    assert r.admit(ExtentData("v1", 0, 65536, b"y" * 65536), SIZE) == 65536
+    with pytest.raises(PeerProtocolError, match="lies outside the announced extents"):
+        r.admit(ExtentData("v1", 65536, 4096, b"z" * 4096), SIZE)  # extent 1: not announced
+    r = streaming_receiver(resync=True)
+    r.admit(ResyncExtents("v1", 16, (0, 3)), SIZE)
+    r.admit(ExtentData("v1", 3 << 16, 4096, b"z" * 4096), SIZE)
+    r.admit(ResyncDone("v1", 900), SIZE)
+    assert r.phase is Phase.STREAM
+    assert r.admit(batch(901, 901), SIZE) == 512
+
+
+def test_an_open_stream_takes_a_resync_or_a_batch() -> None:
+    r = streaming_receiver()
+    r.admit(ResyncExtents("v1", 16, (1,)), SIZE)
+    assert r.phase is Phase.EXTENTS
+    with pytest.raises(PeerProtocolError, match="is past the volume end"):
+        streaming_receiver().admit(ResyncExtents("v1", 16, (SIZE >> 16,)), SIZE)
+    with pytest.raises(PeerProtocolError, match="on the stream of volume 'v1'"):
+        streaming_receiver().admit(ResyncExtents("v2", 16, (1,)), SIZE)
+
+
+def test_every_phase_refuses_what_its_table_does_not_name() -> None:
+    """Each receiver phase, fed each message type the table does not allow, closes with a
+    protocol error (or the peer's refusal for Refuse) and admits nothing."""
+    samples: list[Message] = [
+        Hello(PROTO_VERSION, "dc1", "v1", UUID, SIZE, "primary", (), 1, b"n" * NONCE_SIZE),
+        HelloOk("dc1", 641, b""), batch(641, 641), ResyncExtents("v1", 16, (0,)),
+        ExtentData("v1", 0, 512, b"x" * 512), ResyncDone("v1", 900),
+        Verify("v1", 1, 900, 16, (0,), (b"\0" * 32,)), Ack("v1", 1), Ping(1),
+        Refuse("no")]
+    for phase in (Phase.OPEN, Phase.ANNOUNCE, Phase.EXTENTS, Phase.STREAM):
+        for msg in samples:
+            if type(msg) in RECEIVER_TABLE[phase]:
+                continue
+            r = streaming_receiver()
+            r.phase = phase
+            with pytest.raises((PeerProtocolError, PeerRefused)):
+                r.admit(msg, SIZE)
+            assert r.phase is Phase.CLOSED
+    for phase in (Phase.HELLO, Phase.PROOF, Phase.STREAM):
+        for msg in samples:
+            if type(msg) in SENDER_TABLE[phase]:
+                continue
+            s = sender()
+            s.phase = phase
+            with pytest.raises((PeerProtocolError, PeerRefused)):
+                s.receive(msg)
+            assert s.phase is Phase.CLOSED
+
+
+# -- the sender's window and verify tokens --------------------------------------------------
+
+
+def streaming_sender(**kw: Any) -> SenderSession:
+    s = sender(**kw)
+    handshake(s, receiver())
+    return s
+
+
+def test_the_window_fills_and_acks_free_it() -> None:
+    s = streaming_sender(window_batches=2, window_bytes=10_000)
+    assert s.room
+    s.sent(650, 4000)
+    s.sent(660, 4000)
+    assert not s.room  # two batches
+    assert s.on_ack(Ack("v1", 650)) == (650, False)
+    assert s.room and s.inflight_bytes == 4000
+    s.sent(670, 7000)
+    assert not s.room  # bytes
+    assert s.on_ack(Ack("v1", 670)) == (670, False)  # acks cover every batch through it
+    assert s.inflight_bytes == 0 and not s.inflight
+
+
+def test_an_ack_of_no_batch_in_flight_is_a_protocol_error() -> None:
+    s = streaming_sender()
+    s.sent(650, 100)
+    with pytest.raises(PeerProtocolError, match=r"^Ack of seq 649 matches no batch in flight"):
+        s.on_ack(Ack("v1", 649))
+    s = streaming_sender()
+    with pytest.raises(PeerProtocolError, match="on the stream of 'v1'"):
+        s.on_ack(Ack("v2", 650))
+
+
+def test_a_resync_is_settled_by_its_own_ack() -> None:
+    s = streaming_sender()
+    s.resync_sent(900)
+    assert s.on_ack(Ack("v1", 900)) == (900, True)
+    assert s.resync_ack is None
+
+
+def test_verify_results_must_answer_a_request() -> None:
+    s = streaming_sender()
+    s.verify_sent(7)
+    result = VerifyResult("v1", 7, 900, ())
+    assert s.receive(wire(result)) == []
+    with pytest.raises(PeerProtocolError, match="token 7 for volume 'v1' matches no request"):
+        s.on_verify_result(result)  # answered once only
