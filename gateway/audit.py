@@ -46,10 +46,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from blockstore.errors import BlockstoreError
 from blockstore.meta import fsync_dir
 
 from .errors import GatewayError
+
+log = structlog.get_logger(component="audit")
 
 FILE: Final = "audit.log"
 STATE: Final = "audit.state"
@@ -340,6 +344,8 @@ def append(data_dir: Path, fields: dict[str, Any], recorded_by: str) -> dict[str
         size = os.fstat(fd).st_size
         last, complete = _tail(fd, size)
         if complete < size:
+            log.warning("audit_torn_line_cut", path=str(data_dir / FILE), offset=complete,
+                        bytes=size - complete)
             os.ftruncate(fd, complete)
         tail = _parse(last)
         anchor = read_anchor(data_dir)
@@ -362,7 +368,13 @@ def append(data_dir: Path, fields: dict[str, Any], recorded_by: str) -> dict[str
 
 def secure(data_dir: Path) -> None:
     """The daemon at start: the log root:root 0640, its state root:root 0600 (logs of
-    earlier versions were root:control.group 0660)."""
+    earlier versions were root:control.group 0660).  A data directory others may write
+    to is reported: whoever may rename in it may replace the log."""
+    mode = data_dir.stat().st_mode
+    if mode & 0o022 and not mode & 0o1000:
+        log.warning("audit_log_unprotected", data_dir=str(data_dir), mode=oct(mode & 0o7777),
+                    note="group or others may write the data directory: they can replace "
+                         "the audit log; make it 0755 root")
     for name, mode in ((FILE, 0o640), (STATE, 0o600)):
         try:
             fd = os.open(data_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
