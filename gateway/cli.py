@@ -736,22 +736,26 @@ def promote(obj: Ctx, site: str, force: bool) -> None:
 
 def _ask_daemon(cfg: NodeConfig, action: str, args: dict[str, Any], req: dict[str, Any],
                 timeout: float, label: str | None = None) -> dict[str, Any]:
-    """One admin request to the local daemon, recorded in the audit log either way."""
+    """One admin request to the local daemon, which records it in the audit log with its
+    answer (and the user the kernel says asked); one that reaches no daemon is recorded
+    as an error here (gateway/audit.py: by a root CLI only)."""
     from . import audit
-    from .control import ask
-    from .daemon import control_path
+    from .control import ask, control_path
 
     try:
-        reply = ask(control_path(cfg.data_dir), req, timeout, who="the daemon",
+        reply = ask(control_path(cfg.data_dir), {**req, "client": audit.declared_context()},
+                    timeout, who="the daemon",
                     unreachable_hint="is `nbdgw daemon` running on this node?",
                     closed_hint="without an answer")
     except GatewayError as e:
         audit.record(cfg.data_dir, action, args, "error", str(e))
         raise
     if "error" in reply:
-        audit.record(cfg.data_dir, action, args, "refused", reply["error"])
         _fail(f"{label or action}: {reply['error']}")
-    audit.record(cfg.data_dir, action, args, "done", json.dumps(reply, sort_keys=True))
+    if "audit_error" in reply:
+        raise GatewayError(f"{label or action} done ({json.dumps(reply, sort_keys=True)}), "
+                           "but the daemon could not write the audit log "
+                           f"{cfg.data_dir / audit.FILE}: {reply['audit_error']}")
     return reply
 
 
@@ -800,16 +804,43 @@ def resolve(obj: Ctx, discard: str) -> None:
 @cli.command("audit")
 @data_dir_opt
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--verify", is_flag=True,
+              help="Check the hash chain and the recorded end (exit status 1 and the first "
+                   "bad line when it fails).")
 @click.pass_obj
-def audit_cmd(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
-    """The audit log of admin actions on this node."""
+def audit_cmd(obj: Ctx, data_dir: Path | None, as_json: bool, verify: bool) -> None:
+    """The audit log of admin actions on this node (root's: see `nbdgw audit --help`)."""
+    from dataclasses import asdict
+
     from . import audit
 
-    for e in audit.read(obj.data_dir(data_dir)):
+    dd = obj.data_dir(data_dir)
+    path = dd / audit.FILE
+    try:
+        v = audit.verify_file(dd)
+        entries = audit.read(dd)
+    except PermissionError:
+        raise GatewayError(f"permission denied on {path}: only root reads the audit "
+                           "log") from None
+    if verify:
+        if as_json:
+            click.echo(json.dumps({"path": str(path), **asdict(v)}))
+        if not v.ok:
+            raise GatewayError(f"audit log {path} fails verification at line {v.bad_line}: "
+                               f"{v.problem}")
+        if not as_json:
+            click.echo(f"audit log {path}: {v.entries} "
+                       f"{'entry' if v.entries == 1 else 'entries'}, chain intact"
+                       + (f"; {v.warning}" if v.warning else ""))
+        return
+    for e in entries:
         click.echo(json.dumps(e) if as_json else
-                   f"{e['time']} {e['action']} {json.dumps(e['args'])} {e['outcome']}"
-                   f"{': ' + e['detail'] if e['detail'] else ''} by {e['user']} from "
-                   f"{e['from']}")
+                   f"{e.get('time')} {e.get('action')} {json.dumps(e.get('args'))} "
+                   f"{e.get('outcome')}{': ' + e['detail'] if e.get('detail') else ''} by "
+                   f"{e.get('user')} from {e.get('from')}")
+    if not v.ok:
+        click.echo(f"nbdgw: warning: audit log {path} fails verification at line "
+                   f"{v.bad_line}: {v.problem} (nbdgw audit --verify)", err=True)
 
 
 @cli.command()

@@ -3,16 +3,27 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from . import audit
 from .errors import GatewayError
+
+CONTROL: Final = "daemon.sock"  # <data_dir>/run/daemon.sock: `nbdgw promote` asks here
+
+
+def control_path(data_dir: Path) -> Path:
+    """The daemon's control socket for ``data_dir``."""
+    return data_dir / "run" / CONTROL
+
+
+class NoDaemon(GatewayError):
+    """Nothing listens on the socket (it does not exist, or no process accepts on it)."""
 
 
 def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
@@ -28,8 +39,9 @@ def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
             raise GatewayError(f"permission denied on {path}: {who_may_use(path)} may use "
                                f"{who} (control.group in the node config)") from None
         except OSError as e:
-            raise GatewayError(f"cannot reach {who} at {path} ({e.strerror or e}): "
-                               f"{unreachable_hint}") from None
+            cls = NoDaemon if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else GatewayError
+            raise cls(f"cannot reach {who} at {path} ({e.strerror or e}): "
+                      f"{unreachable_hint}") from None
         s.sendall(json.dumps(request).encode() + b"\n")
         line = s.makefile("rb").readline()
     except TimeoutError:
@@ -65,8 +77,8 @@ def who_may_use(path: Path) -> str:
 
 def grant(path: Path, group: str | None) -> None:
     """Open the control socket at ``path`` (created 0600) to ``group`` (control.group):
-    the socket becomes root:group 0660 and its directory root:group 0750; the audit log
-    root:group 0660 (members' admin commands append to it)."""
+    the socket becomes root:group 0660 and its directory root:group 0750.  The audit log
+    stays root's: members' admin commands are recorded by the daemon (gateway/audit.py)."""
     if group is None:
         return
     gid = grp.getgrnam(group).gr_gid
@@ -74,4 +86,3 @@ def grant(path: Path, group: str | None) -> None:
     os.chmod(path.parent, 0o750)  # noqa: S103 - group search only, as control.group asks
     os.chown(path, -1, gid)
     os.chmod(path, 0o660)
-    audit.grant(path.parent.parent, gid)  # <data_dir>/run/daemon.sock
