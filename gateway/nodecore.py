@@ -69,6 +69,12 @@ MAIN_SITE: Final = ("primary", "secondary")
 BUSY_STATES: Final = frozenset({"starting", "promoting", "reclaiming"})
 
 
+def majority_of(sites: int) -> int:
+    """How many of ``sites`` nodes (this one included) make a majority: the one quorum
+    rule, for the core's votes and leases and for what `nbdgw status` shows."""
+    return sites // 2 + 1
+
+
 @dataclass(frozen=True)
 class CoreConfig:
     me: str
@@ -86,7 +92,7 @@ class CoreConfig:
 
     @property
     def majority(self) -> int:
-        return (len(self.peers) + 1) // 2 + 1
+        return majority_of(len(self.peers) + 1)
 
     def may_campaign(self, node: str) -> bool:
         role = self.role if node == self.me else self.peers.get(node)

@@ -85,6 +85,7 @@ from blockstore.peers import known_peers, read_dirty, read_refused
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
 
 from .config import NodeConfig
+from .nodecore import majority_of
 from .rejoin import split_brain
 
 STATUS_VERSION = 1
@@ -308,7 +309,7 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
             1 for v in fo["peers"].values() if v["heard_s_ago"] < cfg.failover.timeout)
         sites = 1 + len(cfg.peers)
         fo["quorum"] = {"sites": sites, "heard": 0 if stale else 1 + heard,
-                        "majority": not stale and 2 * (1 + heard) > sites}
+                        "majority": not stale and 1 + heard >= majority_of(sites)}
     if live:
         from . import health
         from .metrics import io_stats, iscsi_sessions
