@@ -41,7 +41,7 @@ from .config import (
     parse_listen,
 )
 from .errors import GatewayError
-from .serve import NbdServer, precheck_volumes, uri
+from .serve import NbdServer, precheck_volumes, uri, warn_if_open
 
 log = structlog.get_logger(component="cli")
 
@@ -350,6 +350,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
                                       "'nbdgw volume create NAME --size SIZE')"))
     # Without a volume named (here or in the config), volumes created while it runs are
     # served too, and deleted ones withdrawn.
+    warn_if_open(cfg)
     server = NbdServer(cfg, pre.served, all_readonly=read_only,
                        discover=not volumes and not cfg.volumes)
     stop = threading.Event()
