@@ -35,6 +35,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -180,12 +181,77 @@ class VolumeInfo:
                    meta["extent_shift"], meta["created"], path)
 
 
+def largest_file_size(directory: Path, size: int) -> int | None:
+    """None if a file of ``size`` bytes fits on the file system of ``directory`` (or of
+    its nearest existing parent); else the largest multiple of SIZE_ALIGN that does.
+
+    Tried on an unnamed file (O_TMPFILE, or one unlinked at once), so nothing is left
+    behind even by a crash.  Free space is not checked: stores are sparse.  The file
+    system's maximum file size is the limit, and only trying tells it: ext4 answers
+    PC_FILESIZEBITS 64 but stops at 16 TiB - 4 KiB with 4 KiB blocks."""
+    d = Path(directory)
+    while not d.is_dir():
+        d = d.parent
+    try:
+        fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        fd, path = tempfile.mkstemp(dir=d, prefix=".size-probe-")
+        os.unlink(path)
+
+    def fits(n: int) -> bool:
+        try:
+            os.ftruncate(fd, n)
+        except OSError as e:
+            if e.errno in (errno.EFBIG, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    try:
+        if fits(size):
+            return None
+        lo, hi = 0, size // SIZE_ALIGN  # lo fits, hi does not (in SIZE_ALIGN units)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid * SIZE_ALIGN) else (lo, mid)
+        return lo * SIZE_ALIGN
+    finally:
+        os.close(fd)
+
+
+def _human_size(n: int) -> str:
+    """``1P``, ``16T - 4K``: exact, in the units parse_size takes."""
+    for shift, unit in ((50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        up = -(-n >> shift) << shift  # n rounded up to the unit
+        if n >= 1 << shift and (n % (1 << shift) == 0 or up - n < 1 << 20):
+            rest = up - n
+            return f"{up >> shift}{unit}" + (f" - {_human_size(rest)}" if rest else "")
+    return f"{n}"
+
+
+def check_size_fits(directory: Path, size: int, consequence: str) -> None:
+    """Refuse ``size`` when a file that large cannot exist on ``directory``'s file
+    system (InvalidArgument naming the largest that can)."""
+    most = largest_file_size(directory, size)
+    if most is not None:
+        d = Path(directory)
+        while not d.is_dir():
+            d = d.parent
+        raise InvalidArgument(f"invalid size {size} bytes ({_human_size(size)}): files on the "
+                              f"file system of {d} can be at most {most} bytes "
+                              f"({_human_size(most)}); {consequence}")
+
+
 def create_volume(data_dir: Path, name: str, size: int, replica: bool = False) -> VolumeInfo:
     """Create an empty volume: sparse store, empty journal, metadata.  Crash-safe:
     the volume is built in a hidden directory and renamed into place last.  A replica
-    starts Inconsistent: it cannot be served or promoted until its initial sync ends."""
+    starts Inconsistent: it cannot be served or promoted until its initial sync ends.
+    A size the file system cannot hold is refused before anything is made."""
     validate_name(name)
     vdir = volumes_dir(data_dir)
+    check_size_fits(vdir, size, "nothing was created")
     vdir.mkdir(parents=True, exist_ok=True)
     final = vdir / name
     if final.exists():
@@ -943,6 +1009,7 @@ class Volume:
         # The store first: whatever step a crash interrupts, the store is then larger
         # than volume.json, and the next open finishes the grow (_finish_grow), even if
         # a checkpoint had passed the MARK already (then no redo would meet it).
+        check_size_fits(self.info.path, size, "nothing was changed")
         os.ftruncate(self.store.fd, size)
         os.fsync(self.store.fd)
         seq = self.mark({"event": GROW_EVENT, "size": size, "from": self.size})

@@ -33,6 +33,7 @@ from .config import (
     NodeConfig,
     TlsConfig,
     TlsMode,
+    check_config_files,
     check_tls,
     default_config,
     load_config,
@@ -40,7 +41,7 @@ from .config import (
     parse_listen,
 )
 from .errors import GatewayError
-from .serve import NbdServer, precheck_volumes, uri
+from .serve import NbdServer, precheck_volumes, uri, warn_if_open
 
 log = structlog.get_logger(component="cli")
 
@@ -51,7 +52,10 @@ class Ctx:
         self.log_format = "auto"
         self._cfg: NodeConfig | None = None
 
-    def config(self) -> NodeConfig:
+    def config(self, files: bool = False) -> NodeConfig:
+        """The node config; with ``files``, the files it names are checked too (secret
+        files, keys, certificates: what `config check`, serve, replicate and the daemon
+        need; status and list commands do not read them)."""
         if self._cfg is None:
             if self.config_path is not None:
                 self._cfg = load_config(self.config_path)
@@ -59,6 +63,8 @@ class Ctx:
                 self._cfg = load_config(DEFAULT_CONFIG_PATH)
             else:
                 self._cfg = default_config()
+        if files:
+            check_config_files(self._cfg)
         return self._cfg
 
     def data_dir(self, override: Path | None, must_exist: bool = True) -> Path:
@@ -333,6 +339,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         certs = tls_certificates or (None if tls_psk else t.certificates_dir)
         nbd_cfg = replace(nbd_cfg, tls=check_tls(TlsConfig(mode, psk, certs, t.verify_peer)))
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
+    check_config_files(cfg)  # the same checks as `config check`, with the flags applied
     existing_data_dir(cfg.data_dir)
     pre = precheck_volumes(cfg, list(volumes) or None, all_readonly=read_only)
     for name, err in pre.failed.items():
@@ -343,6 +350,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
                                       "'nbdgw volume create NAME --size SIZE')"))
     # Without a volume named (here or in the config), volumes created while it runs are
     # served too, and deleted ones withdrawn.
+    warn_if_open(cfg)
     server = NbdServer(cfg, pre.served, all_readonly=read_only,
                        discover=not volumes and not cfg.volumes)
     stop = threading.Event()
@@ -616,7 +624,7 @@ def config() -> None:
 @click.pass_obj
 def config_check(obj: Ctx, path: Path | None) -> None:
     """Validate a config file and print what it means."""
-    cfg = load_config(path) if path else obj.config()
+    cfg = load_config(path, files=True) if path else obj.config(files=True)
     click.echo(f"config ok: node {cfg.name}, data_dir {cfg.data_dir}, "
                f"{len(cfg.volumes)} volume(s), listen "
                + ", ".join(str(x) for x in cfg.nbd.listen))
@@ -644,7 +652,7 @@ def replicate(obj: Ctx) -> None:
 
     if os.environ.get("NBDGW_DIE_WITH_PARENT"):
         die_with_parent()
-    cfg = nodestate.effective_config(obj.config())
+    cfg = nodestate.effective_config(obj.config(files=True))
     rep = Replication(cfg)
     if not rep.plan.senders and not rep.plan.receivers:
         _fail(f"nothing to replicate on node {cfg.name} (role {cfg.role.value}, "
@@ -851,7 +859,7 @@ def daemon(obj: Ctx) -> None:
     from .daemon import Daemon
 
     fmt = "json" if obj.log_format == "auto" else obj.log_format
-    sys.exit(Daemon(obj.config(), obj.config_path, fmt).run())
+    sys.exit(Daemon(obj.config(files=True), obj.config_path, fmt).run())
 
 
 def die_with_parent() -> None:

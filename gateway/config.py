@@ -14,8 +14,10 @@ from __future__ import annotations
 import enum
 import grp
 import ipaddress
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,7 @@ class PeerlinkConfig:
     topology: Topology = Topology.FANOUT
     secret_file: Path | None = None
     tls: PeerlinkTlsConfig | None = None
+    insecure: bool = False  # peers without secret and TLS: said in so many words
 
 
 @dataclass(frozen=True)
@@ -512,7 +515,7 @@ def _service(raw: Any) -> ServiceConfig:
 
 
 def _peerlink(raw: Any) -> PeerlinkConfig:
-    s = _Section(raw, "peerlink", ("listen", "topology", "secret_file", "tls"))
+    s = _Section(raw, "peerlink", ("listen", "topology", "secret_file", "tls", "insecure"))
     host, port = PeerlinkConfig.listen_host, PeerlinkConfig.listen_port
     if s.has("listen"):
         host, port = parse_host_port(s.get("listen"), "peerlink.listen")
@@ -529,13 +532,19 @@ def _peerlink(raw: Any) -> PeerlinkConfig:
         tls = PeerlinkTlsConfig(cert, key, ca)
     return PeerlinkConfig(listen_host=host, listen_port=port,
                           topology=s.enum("topology", Topology, Topology.FANOUT),
-                          secret_file=s.path_("secret_file", None), tls=tls)
+                          secret_file=s.path_("secret_file", None), tls=tls,
+                          insecure=s.boolean("insecure", False))
+
+
+MAX_SECONDS = 86400  # no duration in the config means more than a day; .inf never does
 
 
 def _number(s: _Section, name: str, default: float) -> float:
     v = s.get(name) if s.has(name) else default
-    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-        raise ConfigError(f"expected a number of seconds > 0 for {s.key(name)}")
+    if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            or not 0 < v <= MAX_SECONDS):
+        raise ConfigError(f"expected a number of seconds > 0 and at most {MAX_SECONDS} "
+                          f"for {s.key(name)}")
     return float(v)
 
 
@@ -865,8 +874,21 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         health=_health(top.get("health")),
     )
     check_iscsi_volumes(cfg.iscsi, cfg.volumes)
+    check_peerlink_auth(cfg)
     check_failover_secret(cfg)
     return cfg
+
+
+def check_peerlink_auth(cfg: NodeConfig) -> None:
+    """Replication without a secret or TLS accepts anyone who reaches the port: only
+    when the config says so (``peerlink.insecure: true``), never by omission."""
+    pl = cfg.peerlink
+    if cfg.peers and pl.secret_file is None and pl.tls is None and not pl.insecure:
+        raise ConfigError(
+            "peerlink has neither secret_file nor tls: any host that reaches this node's "
+            "replication port could send it data or ask for its volumes; set "
+            "peerlink.secret_file (or peerlink.tls), or peerlink.insecure: true to run "
+            "replication unauthenticated")
 
 
 def check_failover_secret(cfg: NodeConfig) -> None:
@@ -879,21 +901,125 @@ def check_failover_secret(cfg: NodeConfig) -> None:
             "peerlink.secret_file, or failover.auto: false")
 
 
-def load_config(path: Path) -> NodeConfig:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping naming a key twice (PyYAML keeps the last
+    one silently: a second ``timeout:`` would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` overridden by explicit keys is intended
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen.setdefault(key, line)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it below
+            if first is not None:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line "
+                                  f"{first}): YAML would silently keep only the last one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: Path, files: bool = False) -> NodeConfig:
+    """Read and validate ``path``; with ``files``, also the files it names
+    (check_files), as `config check`, `serve`, `replicate` and the daemon do."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
-    try:
-        return parse_config(raw, path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    try:
+        cfg = parse_config(raw, path)
+        if files:
+            check_files(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def check_config_files(cfg: NodeConfig) -> None:
+    """check_files, with the config file's path in front of the message."""
+    try:
+        check_files(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.source}: {e}" if cfg.source else str(e)) from None
+
+
+def check_files(cfg: NodeConfig) -> None:
+    """The files the config names exist; those holding secrets are regular files that
+    only their owner (root or the user running nbdgw) can read, and hold a secret of
+    an acceptable length.  Certificates and CA files may be world-readable."""
+    pl = cfg.peerlink
+    if pl.secret_file is not None:
+        data = _secret_file(pl.secret_file, "peerlink.secret_file")
+        from peerlink.auth import MIN_SECRET
+
+        if len(data.strip()) < MIN_SECRET:
+            raise ConfigError(f"peerlink.secret_file {pl.secret_file}: the secret must be at "
+                              f"least {MIN_SECRET} bytes, got {len(data.strip())}")
+    if pl.tls is not None:
+        _public_file(pl.tls.cert_file, "peerlink.tls.cert_file")
+        _secret_file(pl.tls.key_file, "peerlink.tls.key_file")
+        _public_file(pl.tls.ca_file, "peerlink.tls.ca_file")
+    tls = cfg.nbd.tls
+    if tls.psk_file is not None:
+        _secret_file(tls.psk_file, "nbd.tls.psk_file")
+    if tls.certificates_dir is not None:
+        d = tls.certificates_dir
+        if not d.is_dir():
+            raise ConfigError(f"nbd.tls.certificates_dir {d} "
+                              + ("is not a directory" if d.exists() else "does not exist"))
+        where = f"nbd.tls.certificates_dir {d}:"
+        _public_file(d / "server-cert.pem", where)
+        _secret_file(d / "server-key.pem", where)
+    for chap, where in ((cfg.iscsi.chap, "iscsi.chap"),
+                        (cfg.iscsi.mutual_chap, "iscsi.mutual_chap")):
+        if chap is not None:
+            _secret_file(chap.secret_file, f"{where}.secret_file")
+            from iscsi_bridge.bridge import read_secret
+            from iscsi_bridge.errors import BridgeError
+
+            try:
+                read_secret(chap, where)
+            except BridgeError as e:
+                raise ConfigError(str(e)) from None
+
+
+def _public_file(path: Path, where: str) -> os.stat_result:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{where} {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {where} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where} {path} is not a regular file")
+    return st
+
+
+def _secret_file(path: Path, where: str) -> bytes:
+    """A file holding a key or secret: owned by root or us, mode 0600 or stricter."""
+    st = _public_file(path, where)
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{where} {path} is accessible by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{where} {path} is owned by uid {st.st_uid}: it must belong to "
+                          f"root or to the user running nbdgw (uid {os.geteuid()})")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {where} {path}: {e.strerror}") from None
 
 
 def default_config() -> NodeConfig:

@@ -64,6 +64,7 @@ def start_link(tmp: Path, data_dir: Path, replica_dir: Path) -> list[subprocess.
     """A replica receiver and the primary's sender on 127.0.0.1 (a free port)."""
     secret = Path(tmp) / "peer.secret"
     secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)  # as `nbdgw config check` wants a secret file
     nbdgw_bin = str(BIN / "nbdgw")
     recv = subprocess.Popen(
         [nbdgw_bin, "peerlink", "receive", "--data-dir", str(replica_dir), "--volume", "demo",

@@ -164,6 +164,35 @@ def bind(listen: Listen, allow: tuple[str, ...] = ()) -> socket.socket:
     return s
 
 
+def open_to_network(cfg: NodeConfig) -> list[Listen]:
+    """The TCP addresses NBD accepts any client on: not loopback, no allow-list, and
+    plaintext allowed (TLS off, or on without require).  Unix sockets are governed by
+    their file mode."""
+    if cfg.nbd.allow or cfg.nbd.tls.mode is TlsMode.REQUIRE:
+        return []
+    return [a for a in cfg.nbd.listen
+            if a.kind == "tcp" and not ipaddress.ip_address(a.host).is_loopback]
+
+
+def warn_if_open(cfg: NodeConfig) -> str | None:
+    """Warn once, at start, when NBD is open to the network: a structured log event
+    (nbd_open_to_network) and one line on stderr, which is what `serve` and the daemon
+    print before serving.  Returns the line (None when nothing is open)."""
+    exposed = open_to_network(cfg)
+    if not exposed:
+        return None
+    where = ", ".join(str(a) for a in exposed)
+    tls = "TLS off" if cfg.nbd.tls.mode is TlsMode.OFF else "TLS not required"
+    line = (f"nbdgw: warning: NBD on {where} accepts any client that reaches it ({tls}, "
+            "no allow-list): anyone there can read and overwrite every served volume; "
+            "set nbd.allow to the client networks or nbd.tls.mode: require (SECURITY.md)")
+    log.warning("nbd_open_to_network", listen=[str(a) for a in exposed],
+                tls=cfg.nbd.tls.mode.value, allow=[],
+                fix="set nbd.allow or nbd.tls.mode: require")
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
 def bound_address(listen: Listen, s: socket.socket) -> Listen:
     if listen.kind == "unix":
         return listen

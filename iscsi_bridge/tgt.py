@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -264,9 +266,12 @@ class Tgtadm:
         self._run("--mode", "target", "--op", "unbind", "--tid", str(tid), *_acl_args(acl))
 
     def new_account(self, user: str, password: str) -> None:
-        # tgtadm takes the secret only on its command line; it is visible in /proc
-        # for the few milliseconds tgtadm runs (root-only hosts; documented).
-        self._run("--mode", "account", "--op", "new", "--user", user, "--password", password)
+        """Create a CHAP account.  tgtadm takes the secret only on its command line
+        (readable by any local user in /proc/PID/cmdline while it runs, and in the
+        CommandError of a failure), so this one request is sent over tgtd's control
+        socket directly, as tgtadm would send it: the secret never leaves this process
+        but to tgtd."""
+        send_account_new(self.control_port, user, password, self.timeout)
 
     def delete_account(self, user: str) -> None:
         self._run("--mode", "account", "--op", "delete", "--user", user)
@@ -281,6 +286,63 @@ class Tgtadm:
 
     def delete_system(self) -> None:
         self._run("--mode", "system", "--op", "delete")
+
+
+# tgtd's management protocol (tgt usr/tgtadm.h and usr/mgmt.c, unchanged from 1.0.85,
+# Debian 12, to 1.0.97): a struct tgtadm_req, then "key=value,..." text ending in NUL;
+# the answer is a struct tgtadm_rsp (err, len including itself) and len - 8 bytes of text.
+# tgtd answers only a peer with its own uid and gid (SO_PEERCRED): root.
+_REQ = struct.Struct("=ii64sIiQQIIIIII")  # mode op lld len tid sid lun cid host_no
+_RSP = struct.Struct("=II")               # device_type ac_dir pack force / err len
+_MODE_ACCOUNT, _OP_NEW = 7, 0
+_TGTADM_ERRORS = (  # enum tgtadm_errno
+    "success", "unknown error", "out of memory", "can't find the driver",
+    "can't find the target", "can't find the logical unit", "can't find the session",
+    "can't find the connection", "can't find the binding", "this target already exists",
+    "this logical unit number already exists", "this binding already exists",
+    "this access control rule already exists", "this access control rule does not exist",
+    "this account already exists", "can't find the account", "too many accounts",
+    "invalid request", "this target already has an outgoing account",
+    "this target is still active", "this logical unit is still active",
+    "this driver is busy", "this operation isn't supported", "unknown parameter",
+    "this device has Prevent Removal set")
+assert _REQ.size == 120 and _RSP.size == 8  # sizeof(struct tgtadm_req), (tgtadm_rsp)
+
+
+def account_new_request(user: str, password: str) -> bytes:
+    """The bytes tgtadm sends for ``--mode account --op new --user U --password P``."""
+    if not user or any(c in user for c in ",=\0") or "\0" in password:
+        raise TgtdError(f"CHAP user {user!r} cannot be sent to tgtd (no ',', '=' or NUL)")
+    body = f"user={user},password={password}".encode() + b"\0"
+    lld = b"iscsi".ljust(64, b"\0")
+    head = _REQ.pack(_MODE_ACCOUNT, _OP_NEW, lld, _REQ.size + len(body), -1, 0,
+                     0xFFFFFFFFFFFFFFFF, 0, 0, 0, 0, 0, 0)
+    return head + body
+
+
+def send_account_new(control_port: int, user: str, password: str, timeout: float) -> None:
+    """Send account_new_request to the tgtd on ``control_port``; raise TgtdError naming
+    the user and tgtd's answer (never the secret)."""
+    path = str(TGTD_SOCKET_DIR / f"socket.{control_port}")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(account_new_request(user, password))
+            head = b""
+            while len(head) < _RSP.size:
+                chunk = s.recv(_RSP.size - len(head))
+                if not chunk:
+                    raise TgtdError(f"tgtd on {path} closed the connection before answering "
+                                    f"the new CHAP account {user}")
+                head += chunk
+    except OSError as e:
+        raise TgtdError(f"cannot create CHAP account {user} in tgtd ({path}): "
+                        f"{e.strerror or e}") from None
+    err, _ = _RSP.unpack(head)
+    if err:
+        what = _TGTADM_ERRORS[err] if err < len(_TGTADM_ERRORS) else f"error {err}"
+        raise TgtdError(f"tgtd refused the new CHAP account {user}: {what}")
 
 
 def _acl_args(acl: str) -> list[str]:

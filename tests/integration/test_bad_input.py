@@ -194,6 +194,32 @@ CONFIG_CASES = {
                               "volumes[0].size"),
     "unsafe-volume-name": ("version: 1\nvolumes:\n  - {name: ../x, size: 1M}\n",
                            f"invalid volume name '../x': {NAME_RULE} in volumes[0].name"),
+    # Issue 20, point 7: what config check used to pass.
+    "duplicate-key": ("version: 1\nfailover:\n  timeout: 10\nfailover:\n  timeout: 2\n",
+                      "duplicate key 'failover' at line 4 (first at line 2): YAML would "
+                      "silently keep only the last one"),
+    "infinite-timeout": ("version: 1\nfailover: {timeout: .inf}\n",
+                         "expected a number of seconds > 0 and at most 86400 for "
+                         "failover.timeout"),
+    "peers-without-secret": ("version: 1\nfailover: {auto: false}\npeers:\n"
+                             "  - {name: dc, role: secondary, address: 192.0.2.12}\n",
+                             "peerlink has neither secret_file nor tls: any host that "
+                             "reaches this node's replication port could send it data or "
+                             "ask for its volumes; set peerlink.secret_file (or "
+                             "peerlink.tls), or peerlink.insecure: true to run replication "
+                             "unauthenticated"),
+    "missing-secret-file": ("version: 1\npeers:\n"
+                            "  - {name: dc, role: secondary, address: 192.0.2.12}\n"
+                            "peerlink: {secret_file: /nonexistent/nbdgw/peer.secret}\n",
+                            "peerlink.secret_file /nonexistent/nbdgw/peer.secret does not "
+                            "exist"),
+    "missing-psk-file": ("version: 1\nnbd:\n  tls: {mode: require, psk_file: "
+                         "/nonexistent/nbdgw/tls.psk}\n",
+                         "nbd.tls.psk_file /nonexistent/nbdgw/tls.psk does not exist"),
+    "missing-chap-file": ("version: 1\niscsi:\n  chap: {user: sql, secret_file: "
+                          "/nonexistent/nbdgw/chap.secret}\n",
+                          "iscsi.chap.secret_file /nonexistent/nbdgw/chap.secret does not "
+                          "exist"),
     "missing-version": ("node:\n  name: a\n", "expected version: 1 at the top of the config"),
     "string-version": ("version: '1'\n", "expected version: 1 at the top of the config"),
 }
@@ -220,7 +246,56 @@ def test_config_check_accepts_a_good_config(tmp_path):
                         "tcp:127.0.0.1:0, unix:/run/x.sock\n")
 
 
+def test_config_check_refuses_a_short_chap_secret(tmp_path):
+    """A 3-character CHAP secret (issue 20, point 7), and one others can read."""
+    secret = tmp_path / "chap.secret"
+    secret.write_text("abc\n")
+    secret.chmod(0o600)
+    cfg = tmp_path / "nbdgw.yaml"
+    cfg.write_text(f"version: 1\niscsi:\n  chap: {{user: sql, secret_file: {secret}}}\n")
+    refused(run_nbdgw("-c", str(cfg), "config", "check", check=False),
+            f"{cfg}: the CHAP secret in {secret} (iscsi.chap.secret_file) must be 12 to 255 "
+            "characters without spaces (Windows initiators accept at most 16)")
+    secret.write_text("twelve-chars\n")
+    secret.chmod(0o644)
+    refused(run_nbdgw("-c", str(cfg), "config", "check", check=False),
+            f"{cfg}: iscsi.chap.secret_file {secret} is accessible by group or others (mode "
+            f"0644): chmod 600 {secret}")
+    secret.chmod(0o600)
+    assert run_nbdgw("-c", str(cfg), "config", "check").stdout.startswith("config ok: ")
+
+
+def test_serve_runs_the_same_file_checks(tmp_path, data_dir, volume):
+    """serve (and the daemon) refuse what config check refuses, before serving."""
+    cfg = tmp_path / "nbdgw.yaml"
+    cfg.write_text("version: 1\nnbd:\n  tls: {mode: require, psk_file: "
+                   "/nonexistent/nbdgw/tls.psk}\n")
+    refused(run_nbdgw("-c", str(cfg), "serve", "--data-dir", str(data_dir), "--listen",
+                      f"unix:{data_dir / 'nbd.sock'}", check=False, timeout=30),
+            f"{cfg}: nbd.tls.psk_file /nonexistent/nbdgw/tls.psk does not exist")
+
+
 # -- volume names and sizes --------------------------------------------------------------------
+
+
+def test_volume_create_refuses_a_size_the_file_system_cannot_hold(tmp_path):
+    """--size 1P where files stop short of it (ext4: 16T - 4K) is refused before anything
+    is made; it used to fail half way with 'File too large' and leave .creating-* behind."""
+    from blockstore.volume import largest_file_size
+
+    limit = largest_file_size(tmp_path, 1 << 50)
+    if limit is None:
+        pytest.skip("this file system holds a 1 PiB file")
+    data_dir = tmp_path / "data"
+    p = run_nbdgw("volume", "create", "big", "--size", "1P", "--data-dir", str(data_dir),
+                  check=False)
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr.startswith(
+        f"nbdgw: error: invalid size 1125899906842624 bytes (1P): files on the file system "
+        f"of {tmp_path} can be at most {limit} bytes ("), p.stderr
+    assert p.stderr.endswith("); nothing was created\n"), p.stderr
+    assert list(tmp_path.iterdir()) == []
+
 
 
 BAD_NAMES = ["../x", "a/b", "a b", "-x", ".x", "a" * 64, "..", "x\n", ""]

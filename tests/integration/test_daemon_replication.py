@@ -105,6 +105,7 @@ def make_cluster(tmp_path: Path) -> Iterator[Any]:
              sync_timeout: float = 2.0) -> list[Node]:
         secret = tmp_path / "peer.secret"
         secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)  # config check refuses a secret others can read
         nodes = [Node(tmp_path, n, r, free_port()) for n, r in SITES]
         for n in nodes:
             n.write_config(nodes, topology, modes or {}, secret, sync_timeout)

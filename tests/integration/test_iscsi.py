@@ -261,6 +261,36 @@ def test_identity_is_derived_from_the_iqn_and_stable(iscsi: Callable[..., IscsiE
 
 # -- authentication and ACLs --------------------------------------------------------------
 
+def test_chap_secrets_never_on_a_command_line(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20, point 8: no process the bridge starts (tgtadm, tgtd, FUSE servers) has
+    a CHAP secret in its argv, where /proc/PID/cmdline shows it to every local user;
+    the accounts still work, and a rotated secret too."""
+    argvs: list[list[str]] = []
+    real = subprocess.Popen
+
+    class Recording(real):  # type: ignore[valid-type,misc]
+        def __init__(self, args: Any, *a: Any, **kw: Any) -> None:
+            argvs.append([str(x) for x in args] if isinstance(args, list | tuple)
+                         else [str(args)])
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", Recording)
+    (tmp_path / "in").write_text("initiator-secret-1\n")
+    (tmp_path / "out").write_text("target-secret-22\n")
+    e = iscsi(chap=ChapConfig("sqlhosts", tmp_path / "in"),
+              mutual_chap=ChapConfig("nbdgw-target", tmp_path / "out"))
+    (tmp_path / "in").write_text("initiator-secret-2\n")
+    e.reconcile()
+    assert any(a[0] == "tgtadm" for a in argvs)
+    leaked = [a for a in argvs if any("secret-" in x for x in a)]
+    assert leaked == []
+    assert e.bridge.adm.accounts() == {"sqlhosts", "nbdgw-target"}
+    ok = e.inq(url=e.url(chap=("sqlhosts", "initiator-secret-2"),
+                         target=("nbdgw-target", "target-secret-22")))
+    assert "Peripheral Device Type:DIRECT_ACCESS" in ok.stdout
+
+
 def test_chap_and_mutual_chap(tmp_path: Path, iscsi: Callable[..., IscsiEnv]) -> None:
     (tmp_path / "in").write_text("initiator-secret-1\n")
     (tmp_path / "out").write_text("target-secret-22\n")

@@ -40,6 +40,7 @@ def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
     port = free_port()
     secret = tmp_path / "peer.secret"
     secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)  # config check refuses a secret others can read
     cfg = {"version": 1, "node": {"name": "main", "data_dir": str(data), "role": "primary"},
            "nbd": {"listen": [f"unix:{sock}"]}, "failover": {"auto": False},
            "peerlink": {"listen": f"127.0.0.1:{free_port()}", "secret_file": str(secret)},

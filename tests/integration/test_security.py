@@ -7,6 +7,7 @@ with TCP clients whose source address the test picks inside 127.0.0.0/8 (loopbac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -288,4 +289,29 @@ def test_allow_list_cidr(data_dir: Path, volume: str, serve) -> None:
     s = serve("--listen", "tcp:127.0.0.1:0", "--allow", "10.0.0.0/8")
     port = tcp_port(s)
     assert attempt(from_address(port, "127.0.0.1")) is not None
+    assert s.stop() == 0
+
+
+# -- open by default, but not silently (issue 20, point 6) --------------------------------
+
+OPEN_WARNING = ("nbdgw: warning: NBD on tcp:0.0.0.0:0 accepts any client that reaches it "
+                "(TLS off, no allow-list): anyone there can read and overwrite every served "
+                "volume; set nbd.allow to the client networks or nbd.tls.mode: require "
+                "(SECURITY.md)")
+
+
+def test_serve_warns_when_open_to_the_network(data_dir: Path, volume: str, serve) -> None:
+    """A TCP listener on every address with neither TLS nor an allow-list: one line on
+    stderr and one structured warning, before serving; with --allow, neither."""
+    s: Served = serve("--listen", "tcp:0.0.0.0:0")
+    err = s.stderr()
+    assert err.count(OPEN_WARNING + "\n") == 1, err
+    events = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    (ev,) = [e for e in events if e["event"] == "nbd_open_to_network"]
+    assert (ev["level"], ev["listen"], ev["tls"]) == ("warning", ["tcp:0.0.0.0:0"], "off")
+    assert s.stop() == 0
+
+    s = serve("--listen", "tcp:0.0.0.0:0", "--allow", "127.0.0.0/8")
+    assert "nbd_open_to_network" not in s.stderr()
+    assert "nbdgw: warning" not in s.stderr()
     assert s.stop() == 0

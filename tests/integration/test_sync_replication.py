@@ -48,6 +48,7 @@ class Pair:
         root.mkdir(parents=True)
         secret = root / "peer.secret"
         secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)  # config check refuses a secret others can read
         self.main, self.dc = root / "main", root / "dc"
         main_port, dc_port = free_port(), free_port()
         for d in (self.main, self.dc):

@@ -44,7 +44,7 @@ def test_defaults_and_values() -> None:
                                       "health.critical_free_percent"),
     ({"warn_free_percent": 4}, "health.critical_free_percent must be at most "
                                "health.warn_free_percent"),
-    ({"interval": 0}, "expected a number of seconds > 0 for health.interval"),
+    ({"interval": 0}, "expected a number of seconds > 0 and at most 86400 for health.interval"),
     ({"max_disk_temperature": 20}, "expected integer between 30 and 100 for "
                                    "health.max_disk_temperature"),
     ({"smart": False}, "unknown key 'smart' in health (known: critical_free_percent, "

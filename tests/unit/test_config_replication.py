@@ -61,6 +61,7 @@ def test_full_replication_config() -> None:
 def test_failover_defaults_and_values() -> None:
     c = parse_config(cfg(failover={"auto": False, "heartbeat_port": 7800, "interval": 0.2,
                                    "timeout": 1, "fence_margin": 0.5},
+                         peerlink={"secret_file": "/etc/nbdgw/s"},
                          peers=[{**DC, "heartbeat_addresses": ["10.9.0.2"]}]))
     assert c.failover == FailoverConfig(False, 7800, 0.2, 1.0, 0.5)
     assert c.peers[0].heartbeat_addresses == ("10.9.0.2",)
@@ -115,7 +116,7 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
     (cfg(peers=[{**DC, "role": "witness"}]),
      "expected one of primary, secondary, dr for peers[0].role"),
     (cfg(peers=[{**DC, "sync_timeout": 0}]),
-     "expected a number of seconds > 0 for peers[0].sync_timeout"),
+     "expected a number of seconds > 0 and at most 86400 for peers[0].sync_timeout"),
     (cfg(peers=[{**DC, "rate_limit": "fast"}]),
      "expected a rate such as 100M (bytes/s) or 0 for peers[0].rate_limit, got 'fast'"),
     (cfg(peers=[{**DC, "compression": "lz4"}]),
@@ -128,7 +129,8 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
     (cfg(failover={"interval": 1, "timeout": 2}),
      "failover.timeout must be at least 3 x failover.interval (a single lost heartbeat "
      "must not look like a dead node)"),
-    (cfg(failover={"timeout": "soon"}), "expected a number of seconds > 0 for failover.timeout"),
+    (cfg(failover={"timeout": "soon"}),
+     "expected a number of seconds > 0 and at most 86400 for failover.timeout"),
     (cfg(failover={"auto": "yes"}), "expected true or false for failover.auto"),
     (cfg(node={"name": "main", "role": "boss"}),
      "expected one of primary, secondary, dr for node.role"),
@@ -162,7 +164,7 @@ def test_automatic_failover_needs_the_secret() -> None:
     automatic failover; TLS-only peerlink is refused too."""
     tls = {"cert_file": "/etc/nbdgw/pl.crt", "key_file": "/etc/nbdgw/pl.key",
            "ca_file": "/etc/nbdgw/ca.crt"}
-    for peerlink in ({}, {"tls": tls}):
+    for peerlink in ({"insecure": True}, {"tls": tls}):
         assert refused(cfg(peerlink=peerlink, peers=[DC, DR])) == (
             "failover.auto needs peerlink.secret_file: heartbeats are authenticated with "
             "the shared secret (TLS protects only the replication links); set "

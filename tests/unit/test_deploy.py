@@ -485,8 +485,37 @@ def render_config(tmp_path: Path, group: dict[str, Any]) -> dict[str, Any]:
     return render_configs(tmp_path, write_inventory(tmp_path, ("main",), group))["main"]
 
 
+FILE_KEYS = (("peerlink", "secret_file"), ("peerlink", "tls", "cert_file"),
+             ("peerlink", "tls", "key_file"), ("peerlink", "tls", "ca_file"),
+             ("nbd", "tls", "psk_file"), ("iscsi", "chap", "secret_file"),
+             ("iscsi", "mutual_chap", "secret_file"))
+
+
+def with_local_files(path: Path) -> Path:
+    """A copy of a rendered config whose secret and key files (which the role writes on
+    the host, before its own `config check`) exist here: root's, mode 0600."""
+    cfg = yaml.safe_load(path.read_text())
+    files = path.parent / f"{path.stem}-files"
+    files.mkdir(exist_ok=True)
+    for keys in FILE_KEYS:
+        section = cfg
+        for k in keys[:-1]:
+            section = section.get(k) or {}
+        if keys[-1] not in section:
+            continue
+        f = files / "-".join(keys)
+        f.write_text("a-test-secret-of-32-bytes-length\n" if "chap" not in keys[0] + keys[1]
+                     else f"chap-{keys[1]}-0123"[:16] + "\n")
+        f.chmod(0o600)
+        section[keys[-1]] = str(f)
+    out = path.parent / f"{path.stem}-local.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
 def config_check(path: Path) -> None:
-    """The product's own check of a rendered config."""
+    """The product's own check of a rendered config (its files made locally)."""
+    path = with_local_files(path)
     p = subprocess.run([str(VENV_BIN / "nbdgw"), "-c", str(path), "config", "check"],
                        capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, p.stderr
