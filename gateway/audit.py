@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from blockstore.errors import BlockstoreError
+from blockstore.modes import create_file, make_dir
 
 from .errors import GatewayError
 
@@ -44,9 +45,9 @@ def who() -> dict[str, Any]:
 
 def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
            detail: str = "") -> None:
-    if outcome != "done" and (not data_dir.is_dir() or not any(data_dir.iterdir())):
-        return  # refused on a node with nothing yet: it leaves no trace (not even a log)
     try:
+        if outcome != "done" and (not data_dir.is_dir() or not any(data_dir.iterdir())):
+            return  # refused on a node with nothing yet: it leaves no trace (not even a log)
         _append(data_dir, action, args, outcome, detail)
     except OSError as e:
         if outcome == "done":
@@ -58,11 +59,11 @@ def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
 
 def _append(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
             detail: str) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(data_dir, parents=True, exist_ok=True)
     line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "action": action, "args": args, "outcome": outcome, "detail": detail,
                        **who()}, sort_keys=True)
-    fd = os.open(data_dir / FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = create_file(data_dir / FILE, os.O_WRONLY | os.O_APPEND, tighten=False)
     try:
         os.write(fd, line.encode() + b"\n")
         os.fsync(fd)
@@ -109,7 +110,7 @@ def audited(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
 def grant(data_dir: Path, gid: int) -> None:
     """Let control.group members append (root:group 0660)."""
     path = data_dir / FILE
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = create_file(path, os.O_WRONLY | os.O_APPEND, tighten=False)
     try:
         os.fchown(fd, -1, gid)
         os.fchmod(fd, 0o660)
