@@ -25,6 +25,7 @@ from crc32c import crc32c
 
 from .errors import FormatError
 from .meta import fsync_dir
+from .modes import create_file
 
 AL_MAGIC = b"NBDGWAL1"
 _HDR = struct.Struct("<8sQII")  # magic, txn, count, crc
@@ -43,7 +44,7 @@ class ActivityLog:
         self.hot: OrderedDict[int, None] = OrderedDict()
         self.txn = 0
         exists = os.path.exists(path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = create_file(Path(path), os.O_RDWR)
         if exists and os.fstat(self.fd).st_size > 0:
             self._load()
         # Every loaded extent stays hot (a smaller log after a crash must still resync
@@ -85,7 +86,7 @@ class ActivityLog:
         """Rewrite the file with two slots of the current size, atomically (a new file
         renamed over the old), so that a crash meanwhile keeps the old hot set."""
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = create_file(Path(tmp), os.O_RDWR | os.O_TRUNC)
         old, self.fd = self.fd, fd
         try:
             self._persist()

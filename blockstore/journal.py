@@ -30,6 +30,7 @@ from crc32c import crc32c
 
 from .errors import FormatError, JournalCorrupt, JournalGap
 from .meta import fsync_dir
+from .modes import create_file, make_dir
 from .record import (
     REC_HEADER_SIZE,
     REC_MAGIC,
@@ -225,9 +226,12 @@ def bytes_after(directory: Path, acked: int, last: int, scan_limit: int) -> int:
                 total += path.stat().st_size
             continue
         with contextlib.suppress(FileNotFoundError, FormatError):
-            for hdr in record_headers(path, first, end):
-                if hdr.seq > acked:
-                    total += REC_HEADER_SIZE + hdr.payload_len
+            try:
+                for hdr in record_headers(path, first, end):
+                    if hdr.seq > acked:
+                        total += REC_HEADER_SIZE + hdr.payload_len
+            except PermissionError:  # a control.group member: the journal is root's alone
+                total += path.stat().st_size  # (DESIGN.md §10): the estimate, as above
     return total
 
 
@@ -293,7 +297,7 @@ class Journal:
 
     @staticmethod
     def create(directory: Path, journal_id: bytes) -> None:
-        directory.mkdir(parents=True, exist_ok=False)
+        make_dir(directory)
         Journal(directory, journal_id)._new_segment(1)
 
     def _list(self) -> list[Segment]:
@@ -404,7 +408,7 @@ class Journal:
     def _new_segment(self, first_seq: int) -> None:
         path = self.dir / segment_name(first_seq)
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = create_file(tmp, os.O_WRONLY | os.O_TRUNC, data=True)
         try:
             os.write(fd, encode_segment_header(self.journal_id, first_seq, time.time_ns()))
             os.fsync(fd)
@@ -434,7 +438,7 @@ class Journal:
             if self._spares or self.fd < 0:
                 return
         path = self.dir / f"{_SPARE_PREFIX}{os.getpid()}-{next(self._spare_ids)}.tmp"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = create_file(path, os.O_RDWR | os.O_EXCL, data=True)
         self._preallocate(fd)
         self._adopt_spare(fd, path)
 

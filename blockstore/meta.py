@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .modes import create_file
 from .space import is_enospc, no_space
 from .store import pwrite_all
 
@@ -37,7 +38,7 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = create_file(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             pwrite_all(fd, data, 0, f"write of {tmp}")
             os.fsync(fd)

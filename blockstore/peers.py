@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
 from .meta import read_json, write_json
+from .modes import make_dir
 
 if TYPE_CHECKING:
     from .volume import VolumeInfo
@@ -104,7 +105,7 @@ def write_dirty(info: VolumeInfo, peer: str, *, reason: str, from_seq: int, thro
                 shift: int, extents: list[int]) -> Path:
     """Create one immutable dirty set for ``peer`` (a fresh name: never overwritten)."""
     pdir = info.path / "peers"
-    pdir.mkdir(exist_ok=True)
+    make_dir(pdir, exist_ok=True)
     path = pdir / f"{peer}.dirty-{through_seq:016x}-{time.time_ns():x}.json"
     write_json(path, {"kind": DIRTY_KIND, "version": DIRTY_VERSION, "peer": peer,
                       "volume_uuid": info.uuid, "reason": reason, "from_seq": from_seq,
@@ -192,7 +193,7 @@ def write_refused(info: VolumeInfo, peer: str, *, side: str, by: str, reason: st
     path = _refused_path(info, peer)
     if path is None:
         return False
-    path.parent.mkdir(exist_ok=True)
+    make_dir(path.parent, exist_ok=True)
     old = read_refused(info).get(peer)
     if old is None and len(read_refused(info)) >= MAX_REFUSED:
         return False

@@ -15,6 +15,7 @@ import uuid
 from .errors import FormatError, JournalCorrupt
 from .journal import Journal
 from .meta import fsync_dir, read_json, write_json
+from .modes import make_dir, write_file
 from .record import REC_HEADER_SIZE, SEG_HEADER_SIZE
 from .volume import STATE_VERSION, VolumeInfo, VolumeLock, add_resync
 
@@ -56,7 +57,7 @@ def repair_journal(info: VolumeInfo) -> str:
         if idx < 0:
             return f"journal of {info.name} has no bad record (last seq {last_good}); nothing to do"
         qdir = jdir / f"quarantine-{time.strftime('%Y%m%dT%H%M%S')}"
-        qdir.mkdir()
+        make_dir(qdir)
         segs = journal.segments
         bad = segs[idx]
         moved = []
@@ -64,7 +65,7 @@ def repair_journal(info: VolumeInfo) -> str:
             with open(bad.path, "r+b") as f:
                 f.seek(offset)
                 rest = f.read()
-                (qdir / f"{bad.path.name}.from-{offset}").write_bytes(rest)
+                write_file(qdir / f"{bad.path.name}.from-{offset}", rest, data=True)
                 f.truncate(offset)
                 os.fsync(f.fileno())
             moved.append(f"{bad.path.name} from offset {offset}")

@@ -54,6 +54,7 @@ from crc32c import crc32c
 
 from .errors import FormatError, InvalidArgument
 from .meta import fsync_dir
+from .modes import create_file, make_dir
 from .store import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Store, fallocate
 
 INDEX_MAGIC = b"NBDGWSNP"
@@ -353,10 +354,10 @@ class SnapshotStore:
             for p in tmp.iterdir():
                 p.unlink()
         else:
-            tmp.mkdir()
+            make_dir(tmp)
         for name, content in (("index", encode_header(cow_shift, volume_uuid, time.time_ns())),
                               ("data", b"")):
-            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = create_file(tmp / name, os.O_WRONLY | os.O_TRUNC, data=name == "data")
             try:
                 os.write(fd, content)
                 os.fsync(fd)
@@ -460,7 +461,7 @@ class SnapshotStore:
         # Last: the ids of deleted (or refused) snapshots stay used.
         parts.append(encode_record(T_HIGHWATER, _ID.pack(self.index.next_id)))
         data = b"".join(parts)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = create_file(tmp, os.O_RDWR | os.O_TRUNC)
         try:
             _write_all(fd, data)
             os.fsync(fd)

@@ -74,6 +74,7 @@ from .journal import (
     record_headers,
 )
 from .meta import fsync_dir, read_json, write_json
+from .modes import create_file, make_dir, tighten_dir, tighten_tree
 from .peers import (
     ADOPT_KEY,
     CHANGED_KEY,
@@ -252,18 +253,19 @@ def create_volume(data_dir: Path, name: str, size: int, replica: bool = False) -
     validate_name(name)
     vdir = volumes_dir(data_dir)
     check_size_fits(vdir, size, "nothing was created")
-    vdir.mkdir(parents=True, exist_ok=True)
+    make_dir(data_dir, parents=True, exist_ok=True)
+    make_dir(vdir, exist_ok=True)
     final = vdir / name
     if final.exists():
         raise VolumeExists(f"volume {name} already exists in {data_dir}")
     tmp = vdir / f".creating-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    make_dir(tmp)
     uid = uuid.uuid4()
     meta = {"kind": "volume", "version": VOLUME_VERSION, "name": name, "size": size,
             "uuid": str(uid), "volume_id": int.from_bytes(uid.bytes[:4], "little"),
             "extent_shift": DEFAULT_EXTENT_SHIFT, "created": time.time()}
-    fd = os.open(tmp / "store", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = create_file(tmp / "store", os.O_RDWR | os.O_EXCL, data=True)
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
@@ -274,7 +276,7 @@ def create_volume(data_dir: Path, name: str, size: int, replica: bool = False) -
     write_json(tmp / "state.json", {"kind": "state", "version": STATE_VERSION, "clean": True,
                                     "checkpoint_seq": 0, "last_seq": 0, "replica": replica,
                                     "inconsistent": replica, "upstream_seq": 0})
-    (tmp / "lock").touch()
+    os.close(create_file(tmp / "lock", os.O_RDONLY))
     fsync_dir(tmp)
     try:
         os.rename(tmp, final)
@@ -308,7 +310,7 @@ class VolumeLock:
 
     def __init__(self, info: VolumeInfo) -> None:
         self.path = info.path / "lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = create_file(self.path, os.O_RDWR)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -647,6 +649,11 @@ class Volume:
         self.inconsistent = bool(state.get("inconsistent", False))
         self.upstream_seq = int(state.get("upstream_seq", 0))
         if not self.readonly:
+            # A volume from before nbdgw set modes (dirs 0755, segments 0644): made
+            # private here, DESIGN.md §10.
+            tighten_dir(p.parent.parent)
+            tighten_dir(p.parent)
+            tighten_tree(p)
             self._finish_grow()
         self.store = Store(str(p / "store"), self.size, readonly=self.readonly)
         self.journal = Journal(p / "journal", uuid.UUID(self.info.uuid).bytes,

@@ -50,6 +50,7 @@ import structlog
 
 from blockstore.errors import BlockstoreError
 from blockstore.meta import fsync_dir
+from blockstore.modes import make_dir
 
 from .errors import GatewayError
 
@@ -335,7 +336,7 @@ def append(data_dir: Path, fields: dict[str, Any], recorded_by: str) -> dict[str
     newline) is cut; an entry valid and next after the anchor (a crash between writing
     it and the anchor) is taken as written; anything else that disagrees with the anchor
     is left for --verify to report, and the chain goes on from the anchor."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(data_dir, parents=True, exist_ok=True)
     fd = os.open(data_dir / FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC, 0o640)
     try:

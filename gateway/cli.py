@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import click
 import structlog
 
 from blockstore.errors import BlockstoreError, VolumeInUse
+from blockstore.modes import make_dir, open_to_group
 from blockstore.volume import (
     Volume,
     checksum_path,
@@ -73,6 +75,11 @@ class Ctx:
         dd = override if override is not None else self.config().data_dir
         if must_exist:
             existing_data_dir(dd)
+        if override is None and self.config().control.group is not None \
+                and os.geteuid() == 0:
+            # control.group members read status from the start, not once a daemon ran.
+            make_dir(dd, parents=True, exist_ok=True)
+            open_to_group(dd, grp.getgrnam(self.config().control.group).gr_gid)
         return dd
 
 

@@ -12,6 +12,8 @@ import stat
 from pathlib import Path
 from typing import Any, Final
 
+from blockstore.modes import open_to_group
+
 from .errors import GatewayError
 
 CONTROL: Final = "daemon.sock"  # <data_dir>/run/daemon.sock: `nbdgw promote` asks here
@@ -55,17 +57,22 @@ def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
 
 
 def who_may_use(path: Path) -> str:
-    """'only root' or 'only root and members of group G', from the socket's mode (or its
-    directory's, which a user outside the group cannot even search)."""
+    """'only root' or 'only root and members of group G', from the socket's mode (or, for
+    a user outside the group, who cannot even search there, from the nearest directory
+    above it that such a user can see: the data directory, opened to the group)."""
     try:
         st = os.stat(path)
         opened = bool(st.st_mode & stat.S_IWGRP)
     except OSError:
-        try:
-            st = os.stat(path.parent)
-        except OSError:
+        for parent in path.parents:
+            try:
+                st = os.stat(parent)
+            except OSError:
+                continue
+            opened = bool(st.st_mode & stat.S_IXGRP) and not st.st_mode & stat.S_IXOTH
+            break
+        else:
             return "only root"
-        opened = bool(st.st_mode & stat.S_IXGRP) and not st.st_mode & stat.S_IXOTH
     if not opened or st.st_gid == 0:
         return "only root"
     try:
@@ -77,12 +84,14 @@ def who_may_use(path: Path) -> str:
 
 def grant(path: Path, group: str | None) -> None:
     """Open the control socket at ``path`` (created 0600) to ``group`` (control.group):
-    the socket becomes root:group 0660 and its directory root:group 0750.  The audit log
-    stays root's: members' admin commands are recorded by the daemon (gateway/audit.py)."""
+    the socket becomes root:group 0660; the data directory's directories root:group
+    02750 and its metadata 0640 (``nbdgw status``; volume data stays root's alone,
+    DESIGN.md §10).  The audit log stays root's: members' admin commands are recorded by
+    the daemon (gateway/audit.py)."""
     if group is None:
         return
     gid = grp.getgrnam(group).gr_gid
-    os.chown(path.parent, -1, gid)
-    os.chmod(path.parent, 0o750)  # noqa: S103 - group search only, as control.group asks
+    data_dir = path.parent.parent  # <data_dir>/run/daemon.sock
+    open_to_group(data_dir, gid)
     os.chown(path, -1, gid)
     os.chmod(path, 0o660)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from blockstore.errors import BlockstoreError
+from blockstore.modes import create_file
 
 FILE: Final = "events.jsonl"
 MAX_BYTES: Final = 4 << 20
@@ -145,7 +146,7 @@ class EventLog:
         with contextlib.suppress(OSError):
             if self.path.exists() and self.path.stat().st_size + len(data) > MAX_BYTES:
                 os.replace(self.path, self.path.with_name(FILE + ".1"))
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = create_file(self.path, os.O_WRONLY | os.O_APPEND)
             try:
                 os.write(fd, data)
             finally:

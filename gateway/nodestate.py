@@ -21,6 +21,7 @@ from typing import Any
 
 from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
+from blockstore.modes import make_dir
 
 from .config import NodeConfig, Role, Topology
 from .nodecore import HardState
@@ -54,7 +55,7 @@ def save(data_dir: Path, role: Role, epoch: int, why: str,
 
 def save_hard(data_dir: Path, h: HardState, why: str) -> None:
     """Persist the node core's hard state (before any beat or action shows it)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(data_dir, parents=True, exist_ok=True)
     write_json(data_dir / FILE, {
         "kind": KIND, "version": VERSION, "role": h.role, "epoch": h.epoch,
         "primary": h.primary, "why": why, "since": time.time(),

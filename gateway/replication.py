@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,9 @@ import structlog
 
 from blockstore.errors import FormatError
 from blockstore.meta import read_json, write_json
+from blockstore.modes import make_dir
 from blockstore.volume import VolumeInfo, is_replica, list_volumes
+from nbd_plugin.control import bind_private
 from peerlink import admin
 from peerlink.__main__ import read_secret
 from peerlink.receiver import Receiver, ReceiverServer
@@ -54,6 +55,7 @@ log = structlog.get_logger(component="replication")
 
 GATE_NAME: Final = "peerlink.sock"
 GATE_LINE_MAX: Final = 4096
+GATE_BACKLOG: Final = 100  # asyncio.start_unix_server's default
 OUTDATED_NAME: Final = "outdated.json"
 OUTDATED_KIND: Final = "outdated"
 OUTDATED_VERSION: Final = 1
@@ -71,7 +73,7 @@ def write_outdated(data_dir: Path, epoch: int, peers: list[str] | set[str]) -> N
     """Record (atomically) that the witness holds ``peers`` as outdated at ``epoch``:
     peerlink may then degrade them when they stall (they cannot be promoted)."""
     path = outdated_path(data_dir)
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    make_dir(path.parent, parents=True, exist_ok=True)
     write_json(path, {"kind": OUTDATED_KIND, "version": OUTDATED_VERSION, "epoch": epoch,
                       "peers": sorted(set(peers))})
 
@@ -196,11 +198,9 @@ class Replication:
         self._make_senders()
         if self.senders:
             path = gate_path(self.cfg.data_dir)
-            path.parent.mkdir(mode=0o750, exist_ok=True)
-            path.unlink(missing_ok=True)
-            self.gate = await asyncio.start_unix_server(self._gate_client, path,
-                                                        limit=GATE_LINE_MAX)
-            os.chmod(path, 0o600)
+            make_dir(path.parent, exist_ok=True)
+            self.gate = await asyncio.start_unix_server(  # 0600 from bind on: root's only
+                self._gate_client, sock=bind_private(path, GATE_BACKLOG), limit=GATE_LINE_MAX)
             sync_peers = sorted({tx.peer for txs in self.senders.values()
                                  for tx in txs if tx.cfg.sync})
             log.info("sync_gate_listening", path=str(path), sync_peers=sync_peers,

@@ -35,7 +35,7 @@ from . import loop
 from .errors import BridgeError, InvalidName
 from .fuse import FuseMount
 from .names import DISK_LUN, scsi_id, scsi_sn, split_export, target_iqn, target_tid
-from .tgt import TargetState, Tgtd
+from .tgt import TargetState, Tgtd, private_run_dir
 
 log = structlog.get_logger(component="iscsi")
 
@@ -217,7 +217,7 @@ class Bridge:
         for name, err in report.failed.items():
             log.error("iscsi_export_refused", export=name, error=err)
         secrets = self._secrets()
-        self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        private_run_dir(self.cfg.run_dir)
 
         if not self.adm.alive():
             self.tgtd.start()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import structlog
 
+from blockstore.modes import make_dir
 from gateway.errors import CommandError
 from gateway.proc import run
 
@@ -98,9 +99,9 @@ class FuseMount:
             return False
 
     def start(self, timeout: float = 15) -> None:
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir.parent, parents=True, exist_ok=True)  # <run_dir>/mnt: 0700
         self.stop()
-        self.dir.mkdir(exist_ok=True)
+        make_dir(self.dir, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
         if self.server == "nbdkit":
             self._start_in_nbdkit(timeout)
@@ -111,7 +112,8 @@ class FuseMount:
                     "--file", FILE_NAME, *ro, str(self.dir), self.source]
         else:
             argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
-                    "-o", "auto_unmount", *ro, str(self.file), self.source]
+                    "-o", "auto_unmount", "-o", "default_permissions", *ro,
+                    str(self.file), self.source]
         log.info("fuse_starting", export=self.export, server=self.comm, argv=argv)
         with open(self.log_file, "ab") as logf:
             try:

@@ -120,9 +120,18 @@ def connect(uri: str, n: int, read_only: bool) -> list[Backend]:
     return handles
 
 
-def mount(fd: int, target: Path, read_only: bool) -> None:
-    opts = (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,allow_other,"
+def mount_options(fd: int) -> str:
+    """The FUSE mount's options: the kernel checks the file's mode for every access
+    (default_permissions: the disk is 0600 root's), and no allow_other, so that only
+    the mount's owner, root (uid and gid 0, as tgtd and the bridge run), may use the
+    file system at all: without allow_other the kernel refuses every other uid before
+    the mode is even looked at, and root needs no allow_other to use its own mount."""
+    return (f"fd={fd},rootmode={stat.S_IFDIR:o},user_id=0,group_id=0,default_permissions,"
             f"max_read={MAX_WRITE}")
+
+
+def mount(fd: int, target: Path, read_only: bool) -> None:
+    opts = mount_options(fd)
     flags = MS_NOSUID | MS_NODEV | (1 if read_only else 0)  # MS_RDONLY = 1
     if _libc.mount(b"nbdgw", os.fsencode(target), b"fuse.nbdgw", flags, opts.encode()) != 0:
         e = ctypes.get_errno()

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import structlog
 
+from blockstore.modes import NotOwned, make_own_dir
 from gateway.errors import CommandError
 from gateway.proc import run
 
-from .errors import TgtdError
+from .errors import BridgeError, TgtdError
 
 log = structlog.get_logger(component="iscsi")
 
@@ -352,6 +353,16 @@ def _acl_args(acl: str) -> list[str]:
     return ["--initiator-address", acl]
 
 
+def private_run_dir(run_dir: Path) -> None:
+    """Make iscsi.run_dir root's alone (0700; an existing one tightened): it holds the
+    FUSE mounts tgtd serves the volumes from, and tgtd's pid file.  One that belongs to
+    another user is refused (BridgeError): that user could swap what is in it."""
+    try:
+        make_own_dir(run_dir, "iscsi.run_dir")
+    except NotOwned as e:
+        raise BridgeError(str(e)) from None
+
+
 class Tgtd:
     """One tgtd process with its own control port and portal, run in the foreground.
 
@@ -372,7 +383,7 @@ class Tgtd:
 
     def start(self, timeout: float = 15) -> None:
         """Start tgtd and wait until it answers on its control port."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_run_dir(self.run_dir)
         self._reap()
         argv = ["tgtd", "-f", "-C", str(self.adm.control_port), "--iscsi",
                 f"portal={self.portal}"]

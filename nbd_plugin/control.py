@@ -125,7 +125,7 @@ class ControlServer:
         if not self.started or name in self.socks:
             return
         path = vol.info.path / SOCKET_NAME
-        s = _bind(path)
+        s = bind_private(path)
         t = threading.Thread(target=self._serve, args=(s, name), daemon=True,
                              name=f"nbdgw-control-{name}")
         self.socks[name] = (s, path, t)
@@ -295,7 +295,10 @@ def locked(vols: list[Volume]) -> Iterator[None]:
         yield
 
 
-def _bind(path: Path) -> socket.socket:
+def bind_private(path: Path, backlog: int = 8) -> socket.socket:
+    """A unix socket listening at ``path`` (replacing one left there), mode 0600 from the
+    moment it exists: only its owner (root) may connect.  Bound through the directory's
+    descriptor, so a long data directory path does not exceed sun_path."""
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         short = f"/proc/self/fd/{dfd}/{path.name}"
@@ -307,7 +310,7 @@ def _bind(path: Path) -> socket.socket:
             s.bind(short)
         finally:
             os.umask(old)
-        s.listen(8)
+        s.listen(backlog)
         return s
     finally:
         os.close(dfd)

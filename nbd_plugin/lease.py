@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Final
 
+from blockstore.modes import make_dir
+
 LEASE_SIZE: Final = 16
 _MASK: Final = (1 << 64) - 1
 _FMT: Final = "<QQ"
@@ -37,7 +39,7 @@ class LeaseWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(path.parent, parents=True, exist_ok=True)  # <data_dir>/run
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.until_ns = -1
         self.set(0)

@@ -91,6 +91,7 @@ from blockstore.journal import (
     retained_extents,
 )
 from blockstore.meta import read_json, write_json
+from blockstore.modes import make_dir
 from blockstore.peers import (
     DIRTY_FULL,
     DIRTY_HOT,
@@ -702,7 +703,7 @@ class Sender:
         return int(meta["acked_seq"])
 
     def _persist(self, seq: int) -> None:
-        self.peer_path.parent.mkdir(exist_ok=True)
+        make_dir(self.peer_path.parent, exist_ok=True)
         write_json(self.peer_path, {
             "kind": PEER_KIND, "version": PEER_VERSION, "peer": self.peer,
             "volume": self.name, "volume_uuid": self.info.uuid, "acked_seq": seq,
@@ -871,7 +872,7 @@ class Sender:
                     self._saw(last)
             self.live_event.clear()
             with contextlib.suppress(OSError):
-                self.live_path.parent.mkdir(exist_ok=True)
+                make_dir(self.live_path.parent, exist_ok=True)
                 await loop.run_in_executor(None, write_json, self.live_path, self.live())
             # Not asyncio.wait_for: on 3.11 it swallows a cancel that races with the event
             # being set (as stopping does), and this loop would never end.

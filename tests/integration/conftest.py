@@ -285,3 +285,73 @@ def mounted(dev: str, mnt: Path, options: str = "") -> Iterator[Path]:
             p = run(["umount", str(mnt)], check=False)
             if p.returncode != 0:
                 run(["umount", "-l", str(mnt)], check=False)
+
+
+# -- another local user (tests/integration/test_local_users.py) ---------------------------
+
+class Nobody:
+    """Runs a function in a forked child that is user nobody (no supplementary groups):
+    what another local user could do.  ``errno(fn)`` is 0 when ``fn`` succeeded, else the
+    errno of the OSError it raised."""
+
+    def __init__(self) -> None:
+        import grp
+        import pwd
+
+        self.uid = pwd.getpwnam("nobody").pw_uid
+        self.gid = grp.getgrnam("nogroup").gr_gid
+
+    def run(self, fn: Any) -> tuple[str, Any]:
+        """("ok", fn()'s JSON-able result) or ("errno", e.errno) or ("error", repr)."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only syscalls and os._exit from here
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setresgid(self.gid, self.gid, self.gid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                try:
+                    out: tuple[str, Any] = ("ok", fn())
+                except OSError as e:
+                    out = ("errno", e.errno)
+                except BaseException as e:  # noqa: BLE001 - reported to the parent
+                    out = ("error", repr(e))
+                os.write(w, json.dumps(out).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        kind, value = json.loads(data or b'["error", "the child said nothing"]')
+        return kind, value
+
+    def errno(self, fn: Any) -> int:
+        kind, value = self.run(fn)
+        assert kind != "error", value
+        return 0 if kind == "ok" else int(value)
+
+
+@pytest.fixture
+def nobody() -> Nobody:
+    if os.geteuid() != 0:
+        pytest.skip("becomes user nobody: needs root")
+    return Nobody()
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory under /tmp that every user may search (pytest's tmp_path is 0700, which
+    would hide a data directory's modes): what a data directory is made in."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="nbdgw-users-", dir="/tmp"))
+    base.chmod(0o755)
+    old = os.umask(0o022)  # an admin's umask; nbdgw's modes must not depend on it
+    try:
+        yield base
+    finally:
+        os.umask(old)
+        shutil.rmtree(base, ignore_errors=True)
