@@ -152,10 +152,11 @@ def _chmod_file(path: Path, mode: int) -> None:
             os.chmod(path, mode)
 
 
-def open_to_group(data_dir: Path, gid: int) -> None:
+def open_to_group(data_dir: Path, gid: int, private: tuple[str, ...] = ()) -> None:
     """Let group ``gid`` (control.group) read the metadata under ``data_dir``: every
-    directory owner:gid 02750, every metadata file gid 0640; volume data 0600, and
-    sockets as they are (each has its own mode).  Idempotent; changes only what differs."""
+    directory owner:gid 02750, every metadata file gid 0640; volume data 0600, the files
+    named in ``private`` (directly in ``data_dir``) as they are, and sockets as they are
+    (each has its own mode).  Idempotent; changes only what differs."""
     for root, _dirs, files in os.walk(data_dir):
         rpath = Path(root)
         st = os.stat(rpath)
@@ -165,6 +166,8 @@ def open_to_group(data_dir: Path, gid: int) -> None:
             os.chmod(rpath, GROUP_DIR)
         for name in files:
             path = rpath / name
+            if rpath == data_dir and name in private:
+                continue
             if _is_data(path):
                 _chmod_file(path, FILE)
                 continue
@@ -174,6 +177,6 @@ def open_to_group(data_dir: Path, gid: int) -> None:
                     continue
                 if fst.st_gid != gid:
                     os.chown(path, -1, gid)
-                want = 0o660 if fst.st_mode & stat.S_IWGRP else GROUP_FILE  # the audit log
+                want = GROUP_FILE
                 if stat.S_IMODE(fst.st_mode) != want:
                     os.chmod(path, want)

@@ -15,7 +15,7 @@ client says; ``from`` (SSH_CONNECTION) and ``sudo_user`` (SUDO_USER) are what th
 client's environment declares and are shown as such.  Without a daemon (no socket, or
 nobody listening on it), a CLI run by root appends itself (``recorded_by: cli``); any
 other user cannot record, so a ``done`` action is an error (the action happened; the
-trail must say so) and a refusal a warning.  The file is root:root 0640 and the data
+trail must say so) and a refusal a warning.  The file is root 0600 and the data
 directory is root's: a control.group member can neither append to nor truncate it.
 
 **The chain.**  Each entry carries ``seq`` (1, 2, ...), ``prev`` (the previous entry's
@@ -338,10 +338,10 @@ def append(data_dir: Path, fields: dict[str, Any], recorded_by: str) -> dict[str
     is left for --verify to report, and the chain goes on from the anchor."""
     make_dir(data_dir, parents=True, exist_ok=True)
     fd = os.open(data_dir / FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o640)
+                 | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _root_only(fd, 0o640)
+        _root_only(fd, 0o600)
         size = os.fstat(fd).st_size
         last, complete = _tail(fd, size)
         if complete < size:
@@ -368,7 +368,7 @@ def append(data_dir: Path, fields: dict[str, Any], recorded_by: str) -> dict[str
 
 
 def secure(data_dir: Path) -> None:
-    """The daemon at start: the log root:root 0640, its state root:root 0600 (logs of
+    """The daemon at start: the log root 0600, its state root:root 0600 (logs of
     earlier versions were root:control.group 0660).  A data directory others may write
     to is reported: whoever may rename in it may replace the log."""
     mode = data_dir.stat().st_mode
@@ -376,7 +376,7 @@ def secure(data_dir: Path) -> None:
         log.warning("audit_log_unprotected", data_dir=str(data_dir), mode=oct(mode & 0o7777),
                     note="group or others may write the data directory: they can replace "
                          "the audit log; make it 0755 root")
-    for name, mode in ((FILE, 0o640), (STATE, 0o600)):
+    for name, mode in ((FILE, 0o600), (STATE, 0o600)):
         try:
             fd = os.open(data_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:

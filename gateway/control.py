@@ -82,16 +82,16 @@ def who_may_use(path: Path) -> str:
     return f"only root and members of group {group}"
 
 
-def grant(path: Path, group: str | None) -> None:
+def grant(path: Path, group: str | None, private: tuple[str, ...] = ()) -> None:
     """Open the control socket at ``path`` (created 0600) to ``group`` (control.group):
     the socket becomes root:group 0660; the data directory's directories root:group
     02750 and its metadata 0640 (``nbdgw status``; volume data stays root's alone,
-    DESIGN.md §10).  The audit log stays root's: members' admin commands are recorded by
-    the daemon (gateway/audit.py)."""
+    DESIGN.md §10) but for the files named in ``private`` (the audit log and its anchor
+    stay root's: members' admin commands are recorded by the daemon, gateway/audit.py)."""
     if group is None:
         return
     gid = grp.getgrnam(group).gr_gid
     data_dir = path.parent.parent  # <data_dir>/run/daemon.sock
-    open_to_group(data_dir, gid)
+    open_to_group(data_dir, gid, private)
     os.chown(path, -1, gid)
     os.chmod(path, 0o660)

@@ -95,7 +95,7 @@ def test_a_member_cannot_forge_or_cut_the_log_undetected(node: Path) -> None:
     v = verify(node)
     assert (v.returncode, v.stderr) == (0, ""), v.stderr
     st = log.stat()
-    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o640)
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
     assert "10.9.9.9" not in log.read_text()
 
 

@@ -140,7 +140,7 @@ def test_append_writes_a_root_only_chain_and_its_anchor(tmp_path: Path) -> None:
     for i in range(3):
         audit.append(tmp_path, entry(i), recorded_by="cli")
     log, state = tmp_path / audit.FILE, tmp_path / audit.STATE
-    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     assert [e["seq"] for e in audit.read(tmp_path)] == [1, 2, 3]
     assert audit.verify_file(tmp_path).ok
@@ -177,7 +177,7 @@ def test_secure_takes_group_write_away(tmp_path: Path) -> None:
     os.chmod(tmp_path / audit.FILE, 0o666)  # noqa: S103 - the state being repaired
     audit.secure(tmp_path)
     st = (tmp_path / audit.FILE).stat()
-    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert stat.S_IMODE(st.st_mode) == 0o600
     if os.geteuid() == 0:
         assert (st.st_uid, st.st_gid) == (0, 0)
 

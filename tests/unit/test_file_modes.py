@@ -188,7 +188,7 @@ def test_control_sockets_are_0600_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
         s = bind_private(tmp_path / "control.sock")
-        c = Control(tmp_path / "daemon.sock", lambda _req: None)
+        c = Control(tmp_path / "daemon.sock", lambda _req: None, tmp_path, "n1")
     finally:
         os.umask(old)
     try:
