@@ -222,14 +222,3 @@ def check_batch(batch: Batch, *, volume: str, volume_size: int, expect_first_seq
                 f"batch {batch.first_seq}-{batch.last_seq} record {i}: {r.op.name} of "
                 f"{r.length} bytes at {r.offset} passes the volume end ({volume_size})")
     return volume_size
-
-
-def apply_batch_to(buf: bytearray, batch: Batch) -> None:
-    """Apply a batch to an in-memory volume image (the model tests compare against)."""
-    for r in batch.records:
-        if r.offset + r.length > len(buf):
-            raise ValueError(f"{r.op.name} at {r.offset}+{r.length} passes the end ({len(buf)})")
-        if r.op is Op.WRITE:
-            buf[r.offset:r.offset + r.length] = r.data
-        elif r.op in (Op.TRIM, Op.ZERO):
-            buf[r.offset:r.offset + r.length] = bytes(r.length)

@@ -34,8 +34,8 @@ import pytest
 
 from blockstore.journal import journal_bounds
 from blockstore.volume import Volume
-from peerlink.proxy import ThreadedProxy
 from tests.conftest import ROOT, Served, run_nbdgw
+from tests.faultproxy import ThreadedProxy
 
 MiB = 1 << 20
 VOL_SIZE = 64 * MiB

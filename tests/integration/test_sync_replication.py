@@ -25,8 +25,8 @@ import yaml
 
 from blockstore.volume import Volume, volumes_dir
 from gateway.replication import write_outdated
-from peerlink.proxy import ThreadedProxy
 from tests.conftest import NBDGW, Served, run_nbdgw
+from tests.faultproxy import ThreadedProxy
 
 SIZE = 64 << 20
 

@@ -23,7 +23,6 @@ from peerlink.batch import (
     BATCH_OVERHEAD,
     RECORD_OVERHEAD,
     BatchBuilder,
-    apply_batch_to,
     check_batch,
     payload_bytes,
 )
@@ -33,6 +32,18 @@ from peerlink.messages import Batch, Record, decode
 VOL = 512
 
 Rec = tuple[RecordHeader, bytes]
+
+
+def apply_batch_to(buf: bytearray, batch: Batch) -> None:
+    """Apply a batch to an in-memory volume image (the model tests compare against)."""
+    for r in batch.records:
+        if r.offset + r.length > len(buf):
+            raise ValueError(f"{r.op.name} at {r.offset}+{r.length} passes the end ({len(buf)})")
+        if r.op is Op.WRITE:
+            buf[r.offset:r.offset + r.length] = r.data
+        elif r.op in (Op.TRIM, Op.ZERO):
+            buf[r.offset:r.offset + r.length] = bytes(r.length)
+
 
 
 def rec(seq: int, op: Op, offset: int = 0, length: int = 0, data: bytes = b"",

@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
-from .frames import HEADER_SIZE
+from peerlink.frames import HEADER_SIZE
 
 Direction = Literal["up", "down"]  # up: client (sender) to target (receiver)
 CHUNK: Final = 64 * 1024
