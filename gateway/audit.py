@@ -52,12 +52,13 @@ from blockstore.errors import BlockstoreError
 from blockstore.meta import fsync_dir
 from blockstore.modes import make_dir
 
+from .control import AUDIT_FILE, AUDIT_STATE, NoDaemon, ask, control_path
 from .errors import GatewayError
 
 log = structlog.get_logger(component="audit")
 
-FILE: Final = "audit.log"
-STATE: Final = "audit.state"
+FILE: Final = AUDIT_FILE
+STATE: Final = AUDIT_STATE
 STATE_KIND: Final = "nbdgw-audit-state"
 STATE_VERSION: Final = 1
 
@@ -410,9 +411,9 @@ def verify_file(data_dir: Path) -> Verdict:
 def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
            detail: str = "") -> None:
     """Have ``action`` recorded (by the daemon, or by this root CLI with no daemon)."""
-    if outcome != "done" and (not data_dir.is_dir() or not any(data_dir.iterdir())):
-        return  # refused on a node with nothing yet: it leaves no trace (not even a log)
     try:
+        if outcome != "done" and (not data_dir.is_dir() or not any(data_dir.iterdir())):
+            return  # refused on a node with nothing yet: it leaves no trace (not even a log)
         _record(data_dir, action, args, outcome, detail)
     except (OSError, GatewayError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -425,8 +426,6 @@ def record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
 
 def _record(data_dir: Path, action: str, args: dict[str, Any], outcome: str,
             detail: str) -> None:
-    from .control import NoDaemon, ask, control_path
-
     fields = {"action": action, "args": args, "outcome": outcome, "detail": detail,
               **declared_context()}
     try:

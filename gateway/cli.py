@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import click
 import structlog
 
 from blockstore.errors import BlockstoreError, VolumeInUse
-from blockstore.modes import make_dir, open_to_group
+from blockstore.modes import make_dir
 from blockstore.volume import (
     Volume,
     checksum_path,
@@ -42,6 +41,7 @@ from .config import (
     parse_cidr,
     parse_listen,
 )
+from .control import open_data_dir
 from .errors import GatewayError
 from .serve import NbdServer, precheck_volumes, uri, warn_if_open
 
@@ -79,7 +79,7 @@ class Ctx:
                 and os.geteuid() == 0:
             # control.group members read status from the start, not once a daemon ran.
             make_dir(dd, parents=True, exist_ok=True)
-            open_to_group(dd, grp.getgrnam(self.config().control.group).gr_gid)
+            open_data_dir(dd, self.config().control.group)
         return dd
 
 

@@ -82,16 +82,27 @@ def who_may_use(path: Path) -> str:
     return f"only root and members of group {group}"
 
 
-def grant(path: Path, group: str | None, private: tuple[str, ...] = ()) -> None:
+# Files of the data directory control.group never reads: the audit log and its anchor
+# (members' commands are recorded by the daemon, gateway/audit.py).
+AUDIT_FILE: Final = "audit.log"
+AUDIT_STATE: Final = "audit.state"
+PRIVATE: Final = (AUDIT_FILE, AUDIT_STATE)
+
+
+def open_data_dir(data_dir: Path, group: str) -> None:
+    """Let ``group`` (control.group) read the metadata `nbdgw status` needs (DESIGN.md
+    §10): never volume data, nor the files in PRIVATE."""
+    open_to_group(data_dir, grp.getgrnam(group).gr_gid, PRIVATE)
+
+
+def grant(path: Path, group: str | None) -> None:
     """Open the control socket at ``path`` (created 0600) to ``group`` (control.group):
     the socket becomes root:group 0660; the data directory's directories root:group
     02750 and its metadata 0640 (``nbdgw status``; volume data stays root's alone,
-    DESIGN.md §10) but for the files named in ``private`` (the audit log and its anchor
-    stay root's: members' admin commands are recorded by the daemon, gateway/audit.py)."""
+    DESIGN.md §10) but for the audit log and its anchor (``open_data_dir``)."""
     if group is None:
         return
     gid = grp.getgrnam(group).gr_gid
-    data_dir = path.parent.parent  # <data_dir>/run/daemon.sock
-    open_to_group(data_dir, gid, private)
+    open_data_dir(path.parent.parent, group)  # <data_dir>/run/daemon.sock
     os.chown(path, -1, gid)
     os.chmod(path, 0o660)
