@@ -6,7 +6,7 @@ the other was promoted (an automatic failover, a DR promotion after the main sit
 lost), the writes it may have taken that never reached the new primary are the tail an
 asynchronous link had not shipped: they are kept as a ``diverged-<generation>`` snapshot
 (counted in ``diverged.json``) and the node rejoins as a replica, Inconsistent until its
-resync from the new primary completes (``blockstore.volume.demote_volume``).  If it was still
+resync from the new primary completes (``blockstore.roles.demote_volume``).  If it was still
 *serving* when it learned of the other primary (a forced promotion while it was alive),
 and it holds writes the new primary never acknowledged, both sides took writes: split
 brain.  Nothing is synced automatically; ``<data_dir>/split-brain.json`` says who has

@@ -29,12 +29,14 @@ from blockstore.generations import (
     unrelated_refusal,
 )
 from blockstore.peers import set_adopt
-from blockstore.volume import (
-    Volume,
+from blockstore.roles import (
     demote_volume,
-    find_volume,
     promote_volume,
     renew_generation,
+)
+from blockstore.volume import (
+    Volume,
+    find_volume,
 )
 from gateway.rejoin import changed_extents
 from tests.conftest import run_nbdgw

@@ -118,7 +118,8 @@ def test_metrics_scraped_and_parsed(daemon: dict[str, Any]) -> None:
 def test_writes_lost_to_a_failover_are_exported(tmp_path: Path) -> None:
     """A former primary demoted after an async failover: the records (and bytes) of its
     acknowledged writes the new primary lacks, per volume and snapshot."""
-    from blockstore.volume import Volume, create_volume, demote_volume, find_volume
+    from blockstore.roles import demote_volume
+    from blockstore.volume import Volume, create_volume, find_volume
     from gateway.config import parse_config
     from gateway.metrics import NodeCollector
 

@@ -28,14 +28,16 @@ from blockstore.generations import (
     unrelated_refusal,
 )
 from blockstore.meta import write_json
-from blockstore.volume import (
+from blockstore.roles import (
     SNAP_ID_GAP,
-    Volume,
-    create_volume,
     demote_volume,
-    find_volume,
     promote_volume,
     renew_generation,
+)
+from blockstore.volume import (
+    Volume,
+    create_volume,
+    find_volume,
     volume_status,
 )
 from gateway import rejoin
