@@ -71,6 +71,7 @@ from .journal import (
     is_data_op,
     journal_bounds,
     record_headers,
+    segment_files,
 )
 from .meta import fsync_dir, read_json, write_json
 from .peers import (
@@ -336,7 +337,7 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
     """What an operator wants to see of a volume without opening it."""
     state = read_json(info.path / "state.json", "state", STATE_VERSION)
     jdir = info.path / "journal"
-    segs = [p for p in jdir.iterdir() if p.name.endswith(".jnl")]
+    segs = segment_files(jdir)
     resync = read_resync(info)
     return {
         "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use(info),
