@@ -46,6 +46,8 @@ from typing import Any
 import msgpack
 import structlog
 
+from nbdgw_common.logs import mark_logged
+
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
 from .diverged import lost_writes, read_diverged, record_diverged
 from .errors import (
@@ -56,7 +58,6 @@ from .errors import (
     VolumeExists,
     VolumeInUse,
     VolumeNotFound,
-    mark_logged,
 )
 from .generations import (
     Generation,

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from blockstore.errors import BlockstoreError
-
-from .errors import GatewayError
+from nbdgw_common.errors import GatewayError
 
 FILE = "audit.log"
 

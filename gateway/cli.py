@@ -26,8 +26,10 @@ from blockstore.volume import (
     parse_size,
     volume_status,
 )
+from nbdgw_common import logs
+from nbdgw_common.errors import GatewayError
 
-from . import audit, logs
+from . import audit
 from .config import (
     DEFAULT_CONFIG_PATH,
     NodeConfig,
@@ -39,7 +41,6 @@ from .config import (
     parse_cidr,
     parse_listen,
 )
-from .errors import GatewayError
 from .serve import NbdServer, precheck_volumes, uri
 
 log = structlog.get_logger(component="cli")
@@ -202,7 +203,7 @@ def _human(n: int) -> str:
 def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
     """Delete a volume and its journal.  A volume a running `nbdgw serve` or daemon
     serves is withdrawn from it first (refused while a client still uses it)."""
-    from nbd_plugin.control import ControlError, request
+    from nbdgw_common.control_socket import ControlError, request
 
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
@@ -231,7 +232,7 @@ def volume_grow(obj: Ctx, name: str, size: str, data_dir: Path | None) -> None:
     """Grow a volume to SIZE (on its primary; replicas follow through the journal).
     Works while it is served: NBD clients see the new size when they reconnect."""
     from blockstore.volume import is_replica
-    from nbd_plugin.control import ControlError, request
+    from nbdgw_common.control_socket import ControlError, request
 
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
@@ -867,7 +868,9 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
                 volumes: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
-    from iscsi_bridge import Bridge, exports_from_config
+    from iscsi_bridge import Bridge
+
+    from .exports import exports_from_config
 
     cfg = obj.config().with_overrides(data_dir=data_dir)
     if not cfg.iscsi.enabled:

@@ -11,8 +11,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from nbdgw_common.errors import GatewayError
+
 from . import audit
-from .errors import GatewayError
 
 
 def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,

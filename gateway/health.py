@@ -59,10 +59,10 @@ import structlog
 from blockstore.journal import segment_files
 from blockstore.space import free_bytes, reserve_bytes
 from blockstore.volume import list_volumes
+from nbdgw_common.errors import CommandError
+from nbdgw_common.proc import output
 
 from .config import HealthConfig, NodeConfig
-from .errors import CommandError
-from .proc import output
 
 log = structlog.get_logger(component="health")
 

@@ -12,9 +12,9 @@ for _d in filter(None, os.environ.get("NBDGW_SITE", "").split(os.pathsep)):
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
-from gateway import logs  # noqa: E402
 from nbd_plugin import iostats  # noqa: E402
 from nbd_plugin.server import Params, PluginError, Server  # noqa: E402
+from nbdgw_common import logs  # noqa: E402
 
 API_VERSION = 2
 

@@ -72,18 +72,18 @@ from blockstore.peers import (
     write_refused,
 )
 from blockstore.snapshot import MAX_SNAPSHOTS
-from blockstore.volume import Volume, VolumeInfo
+from blockstore.volume import Volume
 
 from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import check_batch, payload_bytes
-from .errors import PeerAuthError, PeerlinkError, PeerProtocolError, PeerRefused
+from .errors import PeerAuthError, PeerlinkError, PeerProtocolError
+from .handshake import expect, from_wire, wire_epochs, wire_generations
 from .link import Link, LinkClosed, Refused, format_addr, session_ended
 from .messages import (
     PROTO_VERSION,
     Ack,
     Batch,
     ExtentData,
-    Generation,
     Hello,
     HelloOk,
     Message,
@@ -111,30 +111,6 @@ class ReceiverError(PeerlinkError):
     """Local trouble on the receiving node (not a replica, apply failed)."""
 
 
-def replica_history(info: VolumeInfo) -> History:
-    """A replica's history as its receiver sees it, for a reader in the same process
-    (a cascading sender): the upstream binding gives the logical uuid."""
-    path = info.path / UPSTREAM_FILE
-    up = (str(read_json(path, UPSTREAM_KIND, UPSTREAM_VERSION)["upstream_uuid"])
-          if path.exists() else None)
-    return load_history(info.path, info.uuid, up)
-
-
-def wire_generations(history: History) -> tuple[Generation, ...]:
-    return tuple(Generation(g.gen_id, g.start_seq) for g in history.generations)
-
-
-def wire_epochs(history: History) -> tuple[int, ...]:
-    return tuple(g.epoch for g in history.generations)
-
-
-def from_wire(gens: tuple[Generation, ...], epochs: tuple[int, ...] | None
-              ) -> tuple[BGeneration, ...]:
-    """A peer's history from its Hello (epoch 0 where an older peer sent none)."""
-    eps = epochs if epochs is not None else (0,) * len(gens)
-    return tuple(BGeneration(g.gen_id, g.start_seq, e) for g, e in zip(gens, eps, strict=True))
-
-
 @dataclass(frozen=True)
 class Verdict:
     """What this replica makes of a sender's history (``blockstore.generations.decide``
@@ -160,15 +136,6 @@ async def wait_connected(link: Link, timeout: float) -> bool:
         link.connected.exception()  # retrieved: the reason is logged by the sender side
         return False
     return True
-
-
-def expect(msg: Message, cls: type[Any], where: str) -> None:
-    """Raise PeerRefused for a Refuse, PeerProtocolError for anything but ``cls``."""
-    if isinstance(msg, Refuse):
-        raise PeerRefused(msg.reason)
-    if not isinstance(msg, cls):
-        raise PeerProtocolError(
-            f"expected {cls.__name__} {where}, got {type(msg).__name__}")
 
 
 _Work = Batch | ResyncExtents | ExtentData | ResyncDone | Verify

@@ -126,6 +126,7 @@ from .auth import Prover, Transcript, make_nonce, proof, verify
 from .batch import BatchBuilder, payload_bytes
 from .errors import PeerlinkError, PeerProtocolError, PeerRefused
 from .frames import encode_frame
+from .handshake import expect, from_wire, replica_history, wire_epochs, wire_generations
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
     PROTO_VERSION,
@@ -143,7 +144,6 @@ from .messages import (
     check_hello,
 )
 from .ratelimit import TokenBucket, format_rate
-from .receiver import expect, from_wire, replica_history, wire_epochs, wire_generations
 from .syncstate import Standing, SyncEvent, SyncStanding
 
 log = structlog.get_logger(component="peerlink")
