@@ -279,10 +279,10 @@ def health_families(cfg: NodeConfig) -> Iterator[Metric]:
                                "take before journal.max_bytes", labels=["volume"])
     alloc = GaugeMetricFamily("nbdgw_volume_allocated_bytes", "Bytes of the sparse store "
                               "allocated on disk", labels=["volume"])
-    for v in r.volumes:
-        snap_b.add_metric([v.name], float(v.snapshot_bytes))
-        j_room.add_metric([v.name], float(v.journal_may_grow_bytes))
-        alloc.add_metric([v.name], float(v.allocated_bytes))
+    for vs in r.volumes:
+        snap_b.add_metric([vs.name], float(vs.snapshot_bytes))
+        j_room.add_metric([vs.name], float(vs.journal_may_grow_bytes))
+        alloc.add_metric([vs.name], float(vs.allocated_bytes))
     yield from (level, fs_size, fs_free, fs_ratio, fs_reserve, md_state, md_sync, md_devs,
                 smart, realloc, pending, media, temp, snap_b, j_room, alloc)
 

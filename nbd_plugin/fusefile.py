@@ -67,7 +67,7 @@ class VolumeFile:
         self.h.check_lease()
         with self.lock:
             self._open()
-            seq = self.h.vol.write(buf, offset)
+            seq = self.h.writable.write(buf, offset)
             if self.h.gate is None:
                 iostats.count(self.h.io[iostats.WRITE], len(buf), _clock() - t)
                 return
@@ -77,7 +77,7 @@ class VolumeFile:
         t = _clock()
         with self.lock:
             self._open()
-            seq = self.h.vol.last_seq if self.h.gate is not None else 0
+            seq = self.h.writable.last_seq if self.h.gate is not None else 0
         self.h.vol.flush()  # outside the lock, as an NBD FLUSH (server.Handle.flushed)
         self._replicated(iostats.FLUSH, 0, seq, t)
 
@@ -89,10 +89,10 @@ class VolumeFile:
             iostats.count(self.h.io[op], nbytes, _clock() - t)
 
     def trim(self, count: int, offset: int) -> None:
-        self._range_op(iostats.TRIM, self.h.vol.trim, count, offset)
+        self._range_op(iostats.TRIM, self.h.writable.trim, count, offset)
 
     def zero(self, count: int, offset: int) -> None:
-        self._range_op(iostats.ZERO, self.h.vol.zero, count, offset)
+        self._range_op(iostats.ZERO, self.h.writable.zero, count, offset)
 
     def _range_op(self, op: int, fn: Callable[[int, int], int], count: int,
                   offset: int) -> None:

@@ -3,6 +3,7 @@ nbdkit callbacks (plugin.py) and the FUSE workers (fusefile.py) act on."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 
@@ -40,6 +41,16 @@ class Handle:
         self.count_lock = threading.Lock() if gate is not None else None
         self.io: list[list[int]] = []
 
+    @property
+    def writable(self) -> Volume:
+        """The volume, for a write, trim or zero, or the journal's end: never a snapshot
+        (its handles are read-only, so nbdkit and the FUSE server refuse writes to it
+        before they get here, and have no sync gate)."""
+        vol = self.vol
+        if not isinstance(vol, Volume):
+            raise PermissionError(errno.EROFS, f"export {vol.name} is read-only")
+        return vol
+
     def check_lease(self) -> None:
         """Before a write: refuse it if this node's write lease has expired."""
         if self.lease is not None:
@@ -65,9 +76,8 @@ class Handle:
         """FLUSH, outside the volume lock: the journal's fdatasync (Journal.sync runs
         alongside appends; other requests of this volume go on meanwhile), then the sync
         peers' acks through what was written before the FLUSH arrived."""
-        vol = self.vol
-        seq = vol.last_seq if self.gate is not None else 0
-        vol.flush()
+        seq = self.writable.last_seq if self.gate is not None else 0
+        self.vol.flush()
         if self.gate is not None:
             self.replicated(seq, write=False)
 
@@ -81,6 +91,5 @@ class Handle:
         fdatasync."""
         if self.gate is None:
             return
-        vol = self.vol
-        assert isinstance(vol, Volume)
+        vol = self.writable
         self.gate.wait(vol.name, seq, (lambda: vol.sync_ahead(seq)) if write else None)

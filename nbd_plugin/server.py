@@ -18,11 +18,11 @@ from pathlib import Path
 import structlog
 
 from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.journal import DEFAULT_SEGMENT_BYTES
 from blockstore.snapshot import SnapshotView
 from blockstore.volume import (
     DEFAULT_AL_SLOTS,
     DEFAULT_JOURNAL_MAX_BYTES,
-    DEFAULT_SEGMENT_BYTES,
     Volume,
     is_replica,
     list_volumes,
