@@ -28,6 +28,7 @@ bench: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

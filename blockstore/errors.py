@@ -73,15 +73,3 @@ class NoSpace(BlockstoreError, OSError):
     def __str__(self) -> str:
         return str(self.strerror)
 
-
-LOGGED = "nbdgw_logged"  # attribute set on an exception already logged as an event
-
-
-def mark_logged(e: BaseException) -> None:
-    """``e`` was logged as a structured event where it happened: whoever prints
-    exceptions (nbdkit prints every one a plugin callback raises) need not again."""
-    setattr(e, LOGGED, True)
-
-
-def was_logged(e: BaseException) -> bool:
-    return bool(getattr(e, LOGGED, False))

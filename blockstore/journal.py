@@ -159,6 +159,12 @@ def segment_firsts(directory: Path) -> list[int]:
     return sorted(int(m.group(1), 16) for n in os.listdir(directory) if (m := _SEG_RE.match(n)))
 
 
+def segment_files(directory: Path) -> list[Path]:
+    """The segment files of the journal in ``directory``, ascending (for their sizes:
+    any of them may be released meanwhile)."""
+    return [directory / segment_name(f) for f in segment_firsts(directory)]
+
+
 def retained_extents(directory: Path, from_seq: int, through_seq: int, shift: int
                      ) -> set[int]:
     """Extents (2^shift bytes) touched by the journal's records from_seq..through_seq,

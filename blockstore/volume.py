@@ -47,6 +47,8 @@ from typing import Any
 import msgpack
 import structlog
 
+from nbdgw_common.logs import mark_logged
+
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
 from .diverged import read_diverged
 from .errors import (
@@ -57,7 +59,6 @@ from .errors import (
     VolumeExists,
     VolumeInUse,
     VolumeNotFound,
-    mark_logged,
 )
 from .journal import (
     DEFAULT_SEGMENT_BYTES,
@@ -65,6 +66,7 @@ from .journal import (
     is_data_op,
     journal_bounds,
     record_headers,
+    segment_files,
 )
 from .meta import fsync_dir, read_json, write_json
 from .modes import create_file, make_dir, tighten_dir, tighten_tree
@@ -390,7 +392,7 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
     """What an operator wants to see of a volume without opening it."""
     state = read_json(info.path / "state.json", "state", STATE_VERSION)
     jdir = info.path / "journal"
-    segs = [p for p in jdir.iterdir() if p.name.endswith(".jnl")]
+    segs = segment_files(jdir)
     resync = read_resync(info)
     return {
         "name": info.name, "size": info.size, "uuid": info.uuid, "in_use": in_use(info),

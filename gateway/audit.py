@@ -51,9 +51,9 @@ import structlog
 from blockstore.errors import BlockstoreError
 from blockstore.meta import fsync_dir
 from blockstore.modes import make_dir
+from nbdgw_common.errors import GatewayError
 
 from .control import AUDIT_FILE, AUDIT_STATE, NoDaemon, ask, control_path
-from .errors import GatewayError
 
 log = structlog.get_logger(component="audit")
 

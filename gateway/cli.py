@@ -27,8 +27,10 @@ from blockstore.volume import (
     parse_size,
     volume_status,
 )
+from nbdgw_common import logs
+from nbdgw_common.errors import GatewayError
 
-from . import audit, logs
+from . import audit
 from .config import (
     DEFAULT_CONFIG_PATH,
     NodeConfig,
@@ -42,7 +44,6 @@ from .config import (
     parse_listen,
 )
 from .control import open_data_dir
-from .errors import GatewayError
 from .serve import NbdServer, precheck_volumes, uri, warn_if_open
 
 log = structlog.get_logger(component="cli")
@@ -75,11 +76,11 @@ class Ctx:
         dd = override if override is not None else self.config().data_dir
         if must_exist:
             existing_data_dir(dd)
-        if override is None and self.config().control.group is not None \
-                and os.geteuid() == 0:
+        group = self.config().control.group
+        if override is None and group is not None and os.geteuid() == 0:
             # control.group members read status from the start, not once a daemon ran.
             make_dir(dd, parents=True, exist_ok=True)
-            open_data_dir(dd, self.config().control.group)
+            open_data_dir(dd, group)
         return dd
 
 
@@ -215,7 +216,7 @@ def _human(n: int) -> str:
 def volume_delete(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None:
     """Delete a volume and its journal.  A volume a running `nbdgw serve` or daemon
     serves is withdrawn from it first (refused while a client still uses it)."""
-    from nbd_plugin.control import ControlError, request
+    from nbdgw_common.control_socket import ControlError, request
 
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
@@ -244,7 +245,7 @@ def volume_grow(obj: Ctx, name: str, size: str, data_dir: Path | None) -> None:
     """Grow a volume to SIZE (on its primary; replicas follow through the journal).
     Works while it is served: NBD clients see the new size when they reconnect."""
     from blockstore.volume import is_replica
-    from nbd_plugin.control import ControlError, request
+    from nbdgw_common.control_socket import ControlError, request
 
     dd = obj.data_dir(data_dir)
     info = find_volume(dd, name)
@@ -913,7 +914,9 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
                 volumes: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
-    from iscsi_bridge import Bridge, exports_from_config
+    from iscsi_bridge import Bridge
+
+    from .exports import exports_from_config
 
     cfg = obj.config().with_overrides(data_dir=data_dir)
     if not cfg.iscsi.enabled:

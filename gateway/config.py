@@ -26,6 +26,9 @@ import yaml
 
 from blockstore.errors import InvalidArgument
 from blockstore.volume import parse_size, validate_name
+from iscsi_bridge.errors import InvalidName
+from iscsi_bridge.names import target_iqn, validate_initiator, validate_iqn
+from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse, IscsiRoute
 from peerlink.ratelimit import parse_rate
 
 from .errors import ConfigError
@@ -211,48 +214,6 @@ class FailoverConfig:
     interval: float = 0.5
     timeout: float = 2.0
     fence_margin: float = 1.0
-
-
-class IscsiRoute(enum.Enum):
-    FILE = "file"  # tgtd on the FUSE file (O_DIRECT): full conformance
-    LOOP = "loop"  # tgtd on a direct-I/O loop device over it
-
-
-class IscsiFuse(enum.Enum):
-    NBDKIT = "nbdkit"  # served inside the volume's nbdkit (nbd_plugin/fusefile.py)
-    NBDGW = "nbdgw"  # iscsi_bridge/fused.py over NBD: parallel direct writes
-    NBDFUSE = "nbdfuse"  # libnbd's nbdfuse: FUSE serialises its writes
-
-
-@dataclass(frozen=True)
-class ChapConfig:
-    """One CHAP identity: the user name and the file holding its secret."""
-
-    user: str
-    secret_file: Path
-
-
-@dataclass(frozen=True)
-class IscsiConfig:
-    """The iSCSI bridge (iscsi_bridge/): tgtd in front of the NBD exports."""
-
-    enabled: bool = False
-    portal_host: str = "0.0.0.0"
-    portal_port: int = 3260
-    iqn: str | None = None  # base IQN, identical on every node; required when enabled
-    chap: ChapConfig | None = None  # initiators authenticate to the target
-    mutual_chap: ChapConfig | None = None  # the target authenticates to initiators
-    initiators: tuple[str, ...] = ()  # initiator names allowed; empty = any
-    allow: tuple[str, ...] = ()  # initiator addresses (CIDRs) allowed; empty = any
-    control_port: int = 3260  # tgtd's management socket /var/run/tgtd/socket.<N>
-    route: IscsiRoute = IscsiRoute.FILE  # how tgtd reaches the FUSE file
-    fuse: IscsiFuse = IscsiFuse.NBDKIT  # which FUSE server shows each export as a file
-    run_dir: Path = Path("/run/nbdgw/iscsi")  # FUSE mounts, tgtd pid and log
-
-    @property
-    def portal(self) -> str:
-        host = f"[{self.portal_host}]" if ":" in self.portal_host else self.portal_host
-        return f"{host}:{self.portal_port}"
 
 
 @dataclass(frozen=True)
@@ -661,9 +622,6 @@ def _chap(raw: Any, where: str) -> ChapConfig | None:
 
 
 def _iscsi(raw: Any) -> IscsiConfig:
-    from iscsi_bridge.errors import InvalidName
-    from iscsi_bridge.names import validate_initiator, validate_iqn
-
     s = _Section(raw, "iscsi", ("enabled", "portal", "iqn", "chap", "mutual_chap",
                                 "initiators", "allow", "control_port", "run_dir", "route",
                                 "fuse"))
@@ -713,9 +671,6 @@ def _iscsi(raw: Any) -> IscsiConfig:
 
 def check_iscsi_volumes(iscsi: IscsiConfig, volumes: tuple[VolumeConfig, ...]) -> None:
     """Every declared volume must make a valid target IQN when the bridge is on."""
-    from iscsi_bridge.errors import InvalidName
-    from iscsi_bridge.names import target_iqn
-
     if not iscsi.enabled or iscsi.iqn is None:
         return
     for i, v in enumerate(volumes):

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from blockstore.modes import open_to_group
-
-from .errors import GatewayError
+from nbdgw_common.errors import GatewayError
 
 CONTROL: Final = "daemon.sock"  # <data_dir>/run/daemon.sock: `nbdgw promote` asks here
 

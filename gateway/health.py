@@ -56,12 +56,13 @@ from typing import Any
 
 import structlog
 
+from blockstore.journal import segment_files
 from blockstore.space import free_bytes, reserve_bytes
 from blockstore.volume import list_volumes
+from nbdgw_common.errors import CommandError
+from nbdgw_common.proc import output
 
 from .config import HealthConfig, NodeConfig
-from .errors import CommandError
-from .proc import output
 
 log = structlog.get_logger(component="health")
 
@@ -639,7 +640,11 @@ def volume_spaces(data_dir: Path, journal_max: int) -> list[VolumeSpace]:
 
     out = []
     for info in list_volumes(data_dir):
-        journal = total((info.path / "journal").glob("seg-*.jnl"), blocks=False)
+        try:
+            segments = segment_files(info.path / "journal")
+        except FileNotFoundError:  # deleted meanwhile
+            segments = []
+        journal = total(segments, blocks=False)
         sdir = info.path / "snapshots"
         count = 0
         if sdir.is_dir():

@@ -36,9 +36,8 @@ import yaml
 
 from blockstore.meta import read_json, write_json
 from blockstore.volume import parse_size
-
-from .errors import CommandError, GatewayError
-from .proc import run
+from nbdgw_common.errors import CommandError, GatewayError
+from nbdgw_common.proc import run
 
 LAB_KIND: Final = "lab"
 LAB_VERSION: Final = 1

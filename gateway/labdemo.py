@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nbdgw_common.errors import GatewayError
+from nbdgw_common.proc import run
+
 from . import lab
 from .demo import say
-from .errors import GatewayError
-from .proc import run
 
 PAYLOAD = 16 << 20
 FAILOVER_TIMEOUT = 30.0

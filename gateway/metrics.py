@@ -10,12 +10,10 @@ Grafana dashboard is ``deploy/grafana/nbdgw.json``.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import structlog
 from prometheus_client.core import (
@@ -28,15 +26,15 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from blockstore.errors import BlockstoreError
 from blockstore.volume import list_volumes
-from nbd_plugin.control import ControlError, request
 from nbd_plugin.iostats import OPS
+from nbdgw_common.errors import GatewayError
 
 from .config import NodeConfig
-from .errors import GatewayError
+from .live import io_stats
+from .status import failover_report, volume_report
 
 log = structlog.get_logger(component="metrics")
 
-STATS_TIMEOUT: Final = 2.0
 # Latency buckets: powers of two of nanoseconds, 2^10 ns (1.0 us) .. 2^30 ns (1.07 s);
 # iostats counts by bit length, so these bounds are exact, not interpolated.
 BUCKET_BITS: Final = range(10, 31)
@@ -52,42 +50,6 @@ def transition(old: str, new: str) -> None:
     if old != new:
         with _transitions_lock:
             _transitions[(old, new)] = _transitions.get((old, new), 0) + 1
-
-
-def io_stats(data_dir: Path, timeout: float = STATS_TIMEOUT) -> dict[str, Any] | None:
-    """The serving nbdkit's per-export counters ({export: iostats snapshot}), asked on
-    the first volume control socket that answers; None when no nbdkit serves here."""
-    for info in list_volumes(data_dir):
-        if not (info.path / "control.sock").exists():
-            continue
-        with contextlib.suppress(ControlError, OSError, ValueError):
-            reply = request(info.path, {"op": "stats"}, timeout)
-            exports: dict[str, Any] = reply["exports"]
-            return exports
-    return None
-
-
-def iscsi_sessions(cfg: NodeConfig) -> dict[str, int] | None:
-    """Sessions per exported volume (by target IQN), or None without a running tgtd."""
-    if not cfg.iscsi.enabled or cfg.iscsi.iqn is None:
-        return None
-    from iscsi_bridge import Bridge
-    from iscsi_bridge.errors import InvalidName
-    from iscsi_bridge.names import target_iqn
-
-    try:
-        report = Bridge(cfg.iscsi, lambda e: "").status()
-    except (GatewayError, OSError) as e:  # tgtadm trouble must not break a scrape
-        log.warning("iscsi_status_failed", error=str(e))
-        return None
-    if report.get("tgtd") != "up":
-        return None
-    by_iqn = {str(t["iqn"]): len(t["sessions"]) for t in report["targets"]}  # type: ignore[attr-defined]
-    out = {}
-    for info in list_volumes(cfg.data_dir):
-        with contextlib.suppress(InvalidName):
-            out[info.name] = by_iqn.get(target_iqn(cfg.iscsi.iqn, info.name), 0)
-    return out
 
 
 def histogram_buckets(hist: list[int]) -> list[tuple[str, float]]:
@@ -109,8 +71,6 @@ class NodeCollector(Collector):
         self.cfg = cfg
 
     def collect(self) -> Iterator[Metric]:  # noqa: PLR0912, PLR0915 - one family after another
-        from .status import failover_report, volume_report
-
         cfg = self.cfg
         now = time.time()
         node = cfg.name
@@ -319,10 +279,10 @@ def health_families(cfg: NodeConfig) -> Iterator[Metric]:
                                "take before journal.max_bytes", labels=["volume"])
     alloc = GaugeMetricFamily("nbdgw_volume_allocated_bytes", "Bytes of the sparse store "
                               "allocated on disk", labels=["volume"])
-    for v in r.volumes:
-        snap_b.add_metric([v.name], float(v.snapshot_bytes))
-        j_room.add_metric([v.name], float(v.journal_may_grow_bytes))
-        alloc.add_metric([v.name], float(v.allocated_bytes))
+    for vs in r.volumes:
+        snap_b.add_metric([vs.name], float(vs.snapshot_bytes))
+        j_room.add_metric([vs.name], float(vs.journal_may_grow_bytes))
+        alloc.add_metric([vs.name], float(vs.allocated_bytes))
     yield from (level, fs_size, fs_free, fs_ratio, fs_reserve, md_state, md_sync, md_devs,
                 smart, realloc, pending, media, temp, snap_b, j_room, alloc)
 

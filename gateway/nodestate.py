@@ -17,29 +17,13 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from blockstore.errors import FormatError
-from blockstore.meta import read_json, write_json
+from blockstore.meta import write_json
 from blockstore.modes import make_dir
+from blockstore.node_state import FILE, KIND, VERSION, load
 
 from .config import NodeConfig, Role, Topology
 from .nodecore import HardState
-
-KIND = "node-state"
-VERSION = 2
-FILE = "node-state.json"
-
-
-def load(data_dir: Path) -> dict[str, Any] | None:
-    path = data_dir / FILE
-    if not path.exists():
-        return None
-    try:
-        return read_json(path, KIND, VERSION)
-    except FormatError:
-        old = read_json(path, KIND, 1)  # migrated on the next save
-        return {**old, "version": VERSION}
 
 
 def save(data_dir: Path, role: Role, epoch: int, why: str,
@@ -89,11 +73,6 @@ def load_hard(cfg: NodeConfig) -> HardState:
 def quorum_exempt(data_dir: Path) -> bool:
     st = load(data_dir)
     return bool(st and st.get("quorum_exempt"))
-
-
-def epoch(data_dir: Path) -> int:
-    st = load(data_dir)
-    return int(st["epoch"]) if st else 0
 
 
 def installed_primary(cfg: NodeConfig) -> str | None:

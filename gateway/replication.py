@@ -20,7 +20,8 @@ One process (asyncio + uvloop) per node runs every replication link the config a
 
 ``outdated.json`` (``<data_dir>/run/``): the peers the daemon has had the cluster's
 witness record as outdated, so that they can no longer be promoted; only those may be
-degraded.  ``write_outdated``/``read_outdated`` are its one definition.
+degraded.  ``blockstore.node_state.write_outdated``/``read_outdated`` are its one
+definition (the nbdkit plugin reads it too).
 """
 
 from __future__ import annotations
@@ -36,63 +37,28 @@ from typing import Any, Final
 
 import structlog
 
-from blockstore.errors import FormatError
-from blockstore.meta import read_json, write_json
 from blockstore.modes import make_dir
+from blockstore.node_state import read_outdated
 from blockstore.volume import VolumeInfo, is_replica, list_volumes
 from nbd_plugin.control import bind_private
+from nbdgw_common.errors import GatewayError
 from peerlink import admin
 from peerlink.__main__ import read_secret
 from peerlink.receiver import Receiver, ReceiverServer
 from peerlink.sender import Sender, SenderConfig, VerifyError
 from peerlink.tls import client_context, server_context
 
-from . import nodestate
 from .config import Compression, NodeConfig, PeerMode, Role
-from .errors import GatewayError
 
 log = structlog.get_logger(component="replication")
 
 GATE_NAME: Final = "peerlink.sock"
 GATE_LINE_MAX: Final = 4096
 GATE_BACKLOG: Final = 100  # asyncio.start_unix_server's default
-OUTDATED_NAME: Final = "outdated.json"
-OUTDATED_KIND: Final = "outdated"
-OUTDATED_VERSION: Final = 1
 
 
 def gate_path(data_dir: Path) -> Path:
     return data_dir / "run" / GATE_NAME
-
-
-def outdated_path(data_dir: Path) -> Path:
-    return data_dir / "run" / OUTDATED_NAME
-
-
-def write_outdated(data_dir: Path, epoch: int, peers: list[str] | set[str]) -> None:
-    """Record (atomically) that the witness holds ``peers`` as outdated at ``epoch``:
-    peerlink may then degrade them when they stall (they cannot be promoted)."""
-    path = outdated_path(data_dir)
-    make_dir(path.parent, parents=True, exist_ok=True)
-    write_json(path, {"kind": OUTDATED_KIND, "version": OUTDATED_VERSION, "epoch": epoch,
-                      "peers": sorted(set(peers))})
-
-
-def read_outdated(data_dir: Path) -> set[str]:
-    """The peers this node may degrade: those of ``outdated.json``, unless it was written
-    in an epoch older than this node's (a failover since: it speaks of another primary's
-    peers).  No file: none."""
-    path = outdated_path(data_dir)
-    try:
-        rec = read_json(path, OUTDATED_KIND, OUTDATED_VERSION)
-    except FileNotFoundError:
-        return set()
-    epoch, peers = rec.get("epoch"), rec.get("peers")
-    if type(epoch) is not int or not isinstance(peers, list):
-        raise FormatError(f"{path}: expected an integer epoch and a list of peers")
-    if epoch < nodestate.epoch(data_dir):
-        return set()
-    return {str(p) for p in peers}
 
 
 def has_failover_core(cfg: NodeConfig) -> bool:
@@ -143,7 +109,8 @@ def plan(cfg: NodeConfig) -> Plan:
     return out
 
 
-def _secret(cfg: NodeConfig) -> bytes | None:
+def peer_secret(cfg: NodeConfig) -> bytes | None:
+    """The shared secret of peerlink.secret_file (None without one): links and heartbeats."""
     f = cfg.peerlink.secret_file
     return read_secret(f) if f is not None else None
 
@@ -173,7 +140,7 @@ class Replication:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.plan = plan(cfg)
-        self.secret = _secret(cfg)
+        self.secret = peer_secret(cfg)
         self.senders: dict[str, list[Sender]] = {}
         self.server: ReceiverServer | None = None
         self.gate: asyncio.AbstractServer | None = None

@@ -22,10 +22,10 @@ import structlog
 from blockstore.errors import BlockstoreError, NoSpace
 from blockstore.volume import Volume, is_replica, list_volumes
 from nbd_plugin import PLUGIN_PATH
+from nbdgw_common.errors import GatewayError
+from nbdgw_common.logs import LOGGED_MARK
 
 from .config import Listen, NodeConfig, PeerMode, TlsMode
-from .errors import GatewayError
-from .logs import LOGGED_MARK
 from .replication import gate_path, has_failover_core, sync_timeout
 
 log = structlog.get_logger(component="serve")

@@ -28,10 +28,10 @@ import structlog
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import MAX_SNAPSHOTS
 from blockstore.volume import is_replica, list_volumes
+from nbdgw_common.errors import GatewayError
 
 from . import snapshots
 from .config import Every, NodeConfig, SnapshotSchedule
-from .errors import GatewayError
 
 log = structlog.get_logger(component="snapshot_schedule")
 

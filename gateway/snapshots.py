@@ -14,9 +14,9 @@ from typing import Any
 from blockstore.errors import VolumeInUse
 from blockstore.snapshot import list_rows, read_index
 from blockstore.volume import Volume, find_volume
-from nbd_plugin.control import ControlError, create_group, request, snapshot_row
-
-from .errors import GatewayError
+from nbd_plugin.control import create_group, snapshot_row
+from nbdgw_common.control_socket import ControlError, request
+from nbdgw_common.errors import GatewayError
 
 
 class SnapshotOpError(GatewayError):

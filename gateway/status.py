@@ -81,6 +81,7 @@ from typing import Any
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import bytes_after, journal_bounds
 from blockstore.meta import read_json
+from blockstore.node_state import node_epoch
 from blockstore.peers import known_peers, read_dirty, read_refused
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
 
@@ -190,7 +191,7 @@ def _diverged(info: VolumeInfo, entries: list[dict[str, Any]]) -> list[dict[str,
 
 
 def _generation(info: VolumeInfo) -> dict[str, Any] | None:
-    from peerlink.receiver import replica_history
+    from peerlink.handshake import replica_history
 
     try:
         hist = replica_history(info)
@@ -302,7 +303,7 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
 
     report["role"] = {"configured": cfg.role.value,
                       "effective": nodestate.effective_config(cfg).role.value,
-                      "epoch": nodestate.epoch(data_dir)}
+                      "epoch": node_epoch(data_dir)}
     if fo is not None:
         stale = fo["age_s"] > LIVE_FRESH_S
         heard = 0 if stale else sum(
@@ -312,7 +313,7 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
                         "majority": not stale and 1 + heard >= majority_of(sites)}
     if live:
         from . import health
-        from .metrics import io_stats, iscsi_sessions
+        from .live import io_stats, iscsi_sessions
 
         report["health"] = health.check(cfg.with_overrides(data_dir=data_dir)).to_json()
 

@@ -248,7 +248,10 @@ def progress(description: str, total: float | None, enabled: bool,
     """A progress bar with rate and ETA for long CLI work, on stderr when it is a
     terminal (``enabled``), else nothing.  Yields ``update(done, total)``."""
     if not enabled:
-        yield lambda done, total=None: None
+        def ignore(done: float, total: float | None = None) -> None:
+            return None
+
+        yield ignore
         return
     with _bars(Console(stderr=True)) as bars:
         task = bars.add_task(description, total=total, unit=unit)

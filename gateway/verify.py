@@ -11,9 +11,9 @@ from typing import Any
 
 from blockstore.peers import DIRTY_VERIFY, read_dirty
 from blockstore.volume import find_volume
+from nbdgw_common.errors import GatewayError
 
 from .control import ask
-from .errors import GatewayError
 from .replication import gate_path
 
 POLL = 0.2

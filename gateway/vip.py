@@ -14,8 +14,8 @@ from typing import Final
 
 import structlog
 
-from .errors import CommandError
-from .proc import run
+from nbdgw_common.errors import CommandError
+from nbdgw_common.proc import run
 
 log = structlog.get_logger(component="vip")
 

@@ -6,8 +6,8 @@
 names.py for how target names and SCSI identities are derived.
 """
 
-from .bridge import Bridge, Export, Report, exports_from_config
+from .bridge import Bridge, Export, Report
 from .errors import BridgeError, FuseError, InvalidName, TgtdError
 
 __all__ = ["Bridge", "BridgeError", "Export", "FuseError", "InvalidName", "Report",
-           "TgtdError", "exports_from_config"]
+           "TgtdError"]

@@ -29,12 +29,11 @@ from pathlib import Path
 
 import structlog
 
-from gateway.config import ChapConfig, IscsiConfig, NodeConfig, Role
-
 from . import loop
 from .errors import BridgeError, InvalidName
 from .fuse import FuseMount
 from .names import DISK_LUN, scsi_id, scsi_sn, split_export, target_iqn, target_tid
+from .settings import ChapConfig, IscsiConfig
 from .tgt import TargetState, Tgtd, private_run_dir
 
 log = structlog.get_logger(component="iscsi")
@@ -97,29 +96,6 @@ def read_secret(chap: ChapConfig, where: str) -> str:
             f"{CHAP_MIN} to {CHAP_MAX} characters without spaces (Windows initiators "
             "accept at most 16)")
     return secret
-
-
-def exports_from_config(cfg: NodeConfig, primary: bool | None = None,
-                        snapshots: Iterable[str] = ()) -> list[Export]:
-    """The exports a node serves over iSCSI: its volumes when primary, plus snapshots.
-
-    Volumes are the config's `volumes` list, or every non-replica volume in data_dir
-    when the list is empty (as `nbdgw serve` does).  Only the primary exposes
-    writable LUNs (``primary`` defaults to node.role); snapshots are read-only
-    wherever they are exported.
-    """
-    from blockstore.volume import is_replica, list_volumes
-
-    if primary is None:
-        primary = cfg.role is Role.PRIMARY
-    out: list[Export] = []
-    if primary:
-        if cfg.volumes:
-            out += [Export(v.name, v.read_only) for v in cfg.volumes]
-        else:
-            out += [Export(v.name) for v in list_volumes(cfg.data_dir) if not is_replica(v)]
-    out += [Export(s, read_only=True) for s in snapshots]
-    return out
 
 
 class Bridge:

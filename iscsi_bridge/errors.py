@@ -1,8 +1,8 @@
-"""The iSCSI bridge's exceptions: one base class, under the gateway's."""
+"""The iSCSI bridge's exceptions: one base class, under nbdgw_common.errors.GatewayError."""
 
 from __future__ import annotations
 
-from gateway.errors import GatewayError
+from nbdgw_common.errors import GatewayError
 
 
 class BridgeError(GatewayError):

@@ -33,8 +33,9 @@ from pathlib import Path
 import structlog
 
 from blockstore.modes import make_dir
-from gateway.errors import CommandError
-from gateway.proc import run
+from nbdgw_common.control_socket import ControlError, request
+from nbdgw_common.errors import CommandError
+from nbdgw_common.proc import run
 
 from . import fused
 from .errors import FuseError
@@ -138,8 +139,6 @@ class FuseMount:
 
     def _start_in_nbdkit(self, timeout: float) -> None:
         """Mount, and hand the connection to the nbdkit serving the volume."""
-        from nbd_plugin.control import ControlError, request
-
         fd = -1
         try:
             fd = fused.open_and_mount(self.dir, self.read_only)
@@ -173,8 +172,6 @@ class FuseMount:
     def _wait_released(self, timeout: float) -> None:
         """Until nbdkit has let go of the export (its workers saw the unmount and the
         handle is closed): a snapshot withdrawn can then be deleted at once."""
-        from nbd_plugin.control import ControlError, request
-
         if not self.source:
             return  # a stray mount: which volume serves it is not known
         deadline = time.monotonic() + timeout

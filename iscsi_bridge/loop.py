@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from gateway.errors import CommandError
-from gateway.proc import run
+from nbdgw_common.errors import CommandError
+from nbdgw_common.proc import run
 
 from .errors import BridgeError
 

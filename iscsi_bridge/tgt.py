@@ -1,7 +1,7 @@
 """tgtd and tgtadm: start and stop the daemon, read its state, change it.
 
 `parse_show` is pure (text of ``tgtadm --mode target --op show`` in, TargetState out);
-`Tgtadm` runs tgtadm through gateway.proc.run, always with our own control port, so a
+`Tgtadm` runs tgtadm through nbdgw_common.proc.run, always with our own control port, so a
 system tgtd (control port 0) or another node's bridge on the same host is never touched.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import structlog
 
 from blockstore.modes import NotOwned, make_own_dir
-from gateway.errors import CommandError
-from gateway.proc import run
+from nbdgw_common.errors import CommandError
+from nbdgw_common.proc import run
 
 from .errors import BridgeError, TgtdError
 

@@ -22,7 +22,9 @@ all of them, taken in name order), the lock every NBD request takes for its volu
 operation, so no write lands between the MARKs of a group: the group is one instant of
 every volume.
 Paths are reached through ``/proc/self/fd/<dirfd>/`` so that the 108-byte limit of unix
-socket addresses does not limit where data directories live.
+socket addresses does not limit where data directories live.  This is the server; the
+client (``request``, ``hold``), the socket's name and the line framing are
+nbdgw_common/control_socket.py, which the gateway and the iSCSI bridge use.
 """
 
 from __future__ import annotations
@@ -43,18 +45,11 @@ import structlog
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import Snapshot, SnapshotError
 from blockstore.volume import Volume
+from nbdgw_common.control_socket import MAX_REQUEST, SOCKET_NAME, ControlError, recv_line
 
 from . import iostats
 
 log = structlog.get_logger(component="snapshot_control")
-
-SOCKET_NAME = "control.sock"
-MAX_REQUEST = 64 << 10
-
-
-class ControlError(Exception):
-    """The control socket could not be reached, or it answered with an error."""
-
 
 def default_name(now: float | None = None) -> str:
     """A snapshot name from the time (UTC, to the second)."""
@@ -164,7 +159,7 @@ class ControlServer:
                 try:
                     conn.settimeout(10)
                     first, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 1)
-                    req = json.loads(_recv_line(conn, first))
+                    req = json.loads(recv_line(conn, first))
                     op = req.get("op") if isinstance(req, dict) else None
                     if op == "hold":
                         self._hold(conn, req)
@@ -315,74 +310,3 @@ def bind_private(path: Path, backlog: int = 8) -> socket.socket:
     finally:
         os.close(dfd)
 
-
-def _recv_line(conn: socket.socket, buf: bytes = b"") -> bytes:
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-        if len(buf) > MAX_REQUEST:
-            raise ControlError("request too long")
-    return buf
-
-
-# -- client side ---------------------------------------------------------------------------
-
-def hold(volume_dir: Path, max_s: float) -> tuple[socket.socket, dict[str, int]]:
-    """Hold client I/O of the nbdkit process serving ``volume_dir`` (ControlServer._hold):
-    returns the open connection (close it, or send ``release``, to let I/O go on) and
-    each served volume's journal end, durable."""
-    dfd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(30)
-        try:
-            s.connect(f"/proc/self/fd/{dfd}/{SOCKET_NAME}")
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(f"nothing serves volume {volume_dir.name} here") from None
-        s.sendall(json.dumps({"op": "hold", "max_s": max_s}).encode() + b"\n")
-        reply = json.loads(_recv_line(s) or b"null")
-        if not isinstance(reply, dict) or not reply.get("ok"):
-            raise ControlError(str(reply.get("error") if isinstance(reply, dict) else
-                                   "no answer to hold"))
-        return s, {str(k): int(v) for k, v in reply["seqs"].items()}
-    except BaseException:
-        s.close()
-        raise
-    finally:
-        os.close(dfd)
-
-
-def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600,
-            fds: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Send one request to the process serving the volume in ``volume_dir`` (with
-    descriptors ``fds``, which that process then holds copies of)."""
-    path = volume_dir / SOCKET_NAME
-    try:
-        dfd = os.open(volume_dir, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        raise ControlError(f"no volume directory {volume_dir}") from None
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect(f"/proc/self/fd/{dfd}/{SOCKET_NAME}")
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise ControlError(
-                    f"volume {volume_dir.name} is in use but nothing answers on {path} "
-                    "(is it held by a peerlink receiver, or by an nbdgw older than "
-                    "snapshots?)") from None
-            data = json.dumps(req).encode() + b"\n"
-            if fds:
-                socket.send_fds(s, [data], list(fds))
-            else:
-                s.sendall(data)
-            reply = json.loads(_recv_line(s) or b"null")
-    finally:
-        os.close(dfd)
-    if not isinstance(reply, dict):
-        raise ControlError(f"no answer on {path}")
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error")))
-    return reply

@@ -3,7 +3,7 @@
 The bridge mounts a FUSE file system for an export (mount(2), as root) and hands the
 /dev/fuse descriptor to the nbdkit process serving the volume, over the volume's control
 socket (control.py, op ``fuse``, the descriptor as SCM_RIGHTS).  Here WORKERS threads
-answer the kernel's requests with iscsi_bridge.fused's protocol code, on the volume
+answer the kernel's requests with nbdgw_common.fuse_protocol (as nbdgw-fuse does), on the volume
 itself: a write from tgtd is ``Volume.write`` under the same lock, write lease, journal
 and sync gate as an NBD write, counted in the export's I/O counters like one, without
 an NBD round trip (no libnbd client, no socket, no second process).
@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import structlog
 
-from iscsi_bridge import fused
+from nbdgw_common import fuse_protocol
 
 from . import iostats
-from .server import Handle
+from .handle import Handle
 
 log = structlog.get_logger(component="nbd_plugin")
 
@@ -38,7 +38,7 @@ _clock = time.monotonic_ns
 
 
 class VolumeFile:
-    """fused.Backend on a connection handle: every call under its volume's lock (the
+    """fuse_protocol.Backend on a connection handle: every call under its volume's lock (the
     WORKERS threads share the handle, so they count under it too)."""
 
     def __init__(self, h: Handle) -> None:
@@ -67,7 +67,7 @@ class VolumeFile:
         self.h.check_lease()
         with self.lock:
             self._open()
-            seq = self.h.vol.write(buf, offset)
+            seq = self.h.writable.write(buf, offset)
             if self.h.gate is None:
                 iostats.count(self.h.io[iostats.WRITE], len(buf), _clock() - t)
                 return
@@ -77,7 +77,7 @@ class VolumeFile:
         t = _clock()
         with self.lock:
             self._open()
-            seq = self.h.vol.last_seq if self.h.gate is not None else 0
+            seq = self.h.writable.last_seq if self.h.gate is not None else 0
         self.h.vol.flush()  # outside the lock, as an NBD FLUSH (server.Handle.flushed)
         self._replicated(iostats.FLUSH, 0, seq, t)
 
@@ -89,10 +89,10 @@ class VolumeFile:
             iostats.count(self.h.io[op], nbytes, _clock() - t)
 
     def trim(self, count: int, offset: int) -> None:
-        self._range_op(iostats.TRIM, self.h.vol.trim, count, offset)
+        self._range_op(iostats.TRIM, self.h.writable.trim, count, offset)
 
     def zero(self, count: int, offset: int) -> None:
-        self._range_op(iostats.ZERO, self.h.vol.zero, count, offset)
+        self._range_op(iostats.ZERO, self.h.writable.zero, count, offset)
 
     def _range_op(self, op: int, fn: Callable[[int, int], int], count: int,
                   offset: int) -> None:
@@ -121,7 +121,7 @@ class Attachment:
         self.on_end = on_end
         os.set_blocking(fd, True)
         os.set_inheritable(fd, False)  # no child may keep the connection alive past us
-        self.server = fused.Server([self.file] * WORKERS, "disk", h.readonly)
+        self.server = fuse_protocol.Server([self.file] * WORKERS, "disk", h.readonly)
         self.threads = self.server.serve(fd)
         threading.Thread(target=self._reap, daemon=True, name=f"fuse-reap-{export}").start()
         log.info("fuse_attached", export=export, read_only=h.readonly, workers=WORKERS)

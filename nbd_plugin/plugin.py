@@ -12,18 +12,23 @@ for _d in filter(None, os.environ.get("NBDGW_SITE", "").split(os.pathsep)):
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
-from gateway import logs  # noqa: E402
 from nbd_plugin import iostats  # noqa: E402
+from nbd_plugin.handle import Handle  # noqa: E402
 from nbd_plugin.server import Params, PluginError, Server  # noqa: E402
+from nbdgw_common import logs  # noqa: E402
 
 API_VERSION = 2
 
 _params = Params()
-_server = None
+_server: Server | None = None
 
 _FUA = nbdkit.FLAG_FUA
 _MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 _HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+_PARALLEL: int = nbdkit.THREAD_MODEL_PARALLEL
+_SERIALIZE_REQUESTS: int = nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+_FUA_NATIVE: int = nbdkit.FUA_NATIVE
+_CACHE_NONE: int = nbdkit.CACHE_NONE
 # I/O counters (nbd_plugin/iostats.py): a clock read before and Handle.count after each
 # successful request, on the connection's counters of that op (0 read, 1 write, 2 flush,
 # 3 trim, 4 zero, as iostats.OPS); connections counted in open/close.
@@ -37,17 +42,17 @@ _PASS = {errno.ENOSPC, errno.EIO, errno.EINVAL, errno.ENOMEM, errno.EPERM, errno
 _MAP = {errno.EDQUOT: errno.ENOSPC}
 
 
-def _fail(e):
+def _fail(e: BaseException) -> None:
     err = getattr(e, "errno", None) or errno.EIO
     err = _MAP.get(err, err)
     nbdkit.set_error(err if err in _PASS else errno.EIO)
 
 
-def config(key, value):
+def config(key: str, value: str) -> None:
     _params.set(key, value)
 
 
-def config_complete():
+def config_complete() -> None:
     global _server
     # Logs go to stderr as JSON lines: with `nbdkit -s` stdout carries the NBD protocol.
     logs.configure("json")
@@ -60,7 +65,7 @@ def config_complete():
         raise PluginError(f"cannot start: {e}") from e
 
 
-def thread_model():
+def thread_model() -> int:
     # nbdkit asks after config_complete.  Connections never wait for each other in
     # nbdkit (SERIALIZE_ALL_REQUESTS held its one lock across every handshake: a silent
     # connection froze every volume); each request takes its volume's lock for the
@@ -70,26 +75,31 @@ def thread_model():
     # ack: a connection's requests run in parallel, so that writes in flight wait
     # together (group commit), never one behind another.
     if _server is not None and _server.gate is not None:
-        return nbdkit.THREAD_MODEL_PARALLEL
-    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+        return _PARALLEL
+    return _SERIALIZE_REQUESTS
 
 
-def cleanup():
+def cleanup() -> None:
     if _server is not None:
         _server.close()
 
 
-def list_exports(readonly, is_tls):
-    return _server.list_exports()
+def _served() -> Server:
+    assert _server is not None, "nbdkit calls config_complete first"
+    return _server
 
 
-def default_export(readonly, is_tls):
-    return _server.default_export()
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    return _served().list_exports()
 
 
-def open(readonly):
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return _served().default_export()
+
+
+def open(readonly: bool) -> Handle:
     try:
-        h = _server.open(nbdkit.export_name(), readonly)
+        h = _served().open(nbdkit.export_name(), readonly)
     except OSError as e:
         _fail(e)
         raise
@@ -97,65 +107,65 @@ def open(readonly):
     return h
 
 
-def close(h):
+def close(h: Handle) -> None:
     iostats.closed(h.vol.name, h.io)
-    _server.close_handle(h)
+    _served().close_handle(h)
 
 
-def export_description(h):
+def export_description(h: Handle) -> str:
     return f"nbdgw {'snapshot' if '@' in h.vol.name else 'volume'} {h.vol.name}"
 
 
-def get_size(h):
+def get_size(h: Handle) -> int:
     return h.vol.size
 
 
-def block_size(h):
+def block_size(h: Handle) -> tuple[int, int, int]:
     return (1, 4096, 32 * 1024 * 1024)
 
 
-def is_rotational(h):
+def is_rotational(h: Handle) -> bool:
     return False
 
 
-def can_write(h):
+def can_write(h: Handle) -> bool:
     return not h.readonly
 
 
-def can_flush(h):
+def can_flush(h: Handle) -> bool:
     return True
 
 
-def can_trim(h):
+def can_trim(h: Handle) -> bool:
     return not h.readonly
 
 
-def can_zero(h):
+def can_zero(h: Handle) -> bool:
     return not h.readonly
 
 
-def can_fast_zero(h):
+def can_fast_zero(h: Handle) -> bool:
     return not h.readonly
 
 
-def can_fua(h):
-    return nbdkit.FUA_NATIVE
+def can_fua(h: Handle) -> int:
+    return _FUA_NATIVE
 
 
-def can_multi_conn(h):
+def can_multi_conn(h: Handle) -> bool:
     # Safe: every connection shares one Volume, and FLUSH syncs its one journal.
     return True
 
 
-def can_extents(h):
+def can_extents(h: Handle) -> bool:
     return True
 
 
-def can_cache(h):
-    return nbdkit.CACHE_NONE
+def can_cache(h: Handle) -> int:
+    return _CACHE_NONE
 
 
-def pread(h, buf, offset, flags):
+def pread(h: Handle, buf: bytearray, offset: int, flags: int) -> None:
     t = _clock()
     try:
         with h.lock:
@@ -169,12 +179,12 @@ def pread(h, buf, offset, flags):
 # Writes: the volume operation under the volume's lock; FUA's fdatasync and, with sync
 # peers (h.gate), the wait for their acks outside it (other requests go on meanwhile).
 
-def pwrite(h, buf, offset, flags):
+def pwrite(h: Handle, buf: bytes | memoryview, offset: int, flags: int) -> None:
     t = _clock()
     try:
         h.check_lease()
         with h.lock:
-            seq = h.vol.write(buf, offset)
+            seq = h.writable.write(buf, offset)
         h.written(seq, flags & _FUA)
     except OSError as e:
         _fail(e)
@@ -182,7 +192,7 @@ def pwrite(h, buf, offset, flags):
     h.count(1, len(buf), t)
 
 
-def flush(h, flags):
+def flush(h: Handle, flags: int) -> None:
     t = _clock()
     try:
         h.flushed()
@@ -192,12 +202,12 @@ def flush(h, flags):
     h.count(2, 0, t)
 
 
-def trim(h, count, offset, flags):
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
     t = _clock()
     try:
         h.check_lease()
         with h.lock:
-            seq = h.vol.trim(offset, count)
+            seq = h.writable.trim(offset, count)
         h.written(seq, flags & _FUA)
     except OSError as e:
         _fail(e)
@@ -205,12 +215,12 @@ def trim(h, count, offset, flags):
     h.count(3, count, t)
 
 
-def zero(h, count, offset, flags):
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
     t = _clock()
     try:
         h.check_lease()
         with h.lock:
-            seq = h.vol.zero(offset, count, flags & _MAY_TRIM)
+            seq = h.writable.zero(offset, count, flags & _MAY_TRIM)
         h.written(seq, flags & _FUA)
     except OSError as e:
         _fail(e)
@@ -218,7 +228,7 @@ def zero(h, count, offset, flags):
     h.count(4, count, t)
 
 
-def extents(h, count, offset, flags):
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     try:
         with h.lock:
             found = h.vol.extents(offset, count)

@@ -11,20 +11,18 @@ import errno
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
 from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.journal import DEFAULT_SEGMENT_BYTES
 from blockstore.snapshot import SnapshotView
 from blockstore.volume import (
     DEFAULT_AL_SLOTS,
     DEFAULT_JOURNAL_MAX_BYTES,
-    DEFAULT_SEGMENT_BYTES,
     Volume,
     is_replica,
     list_volumes,
@@ -34,14 +32,12 @@ from blockstore.volume import (
 
 from . import iostats
 from .control import ControlServer
+from .fusefile import Attachment
+from .handle import Handle
 from .lease import Lease
 from .syncgate import SyncGate
 
-if TYPE_CHECKING:
-    from .fusefile import Attachment
-
 log = structlog.get_logger(component="nbd_plugin")
-_clock = time.monotonic_ns
 
 
 def _test_sync_delay(text: str) -> dict[str, float]:
@@ -132,76 +128,6 @@ _SCALARS: dict[str, Callable[[str], object]] = {
 }
 
 
-class Handle:
-    """One client connection: the shared volume (or a snapshot of it, ``VOLUME@SNAP``,
-    always read-only), this connection's read-only bit, the lock of its volume (a
-    snapshot's is its volume's: writes copy pre-images into the snapshot store), the
-    sync gate (None without synchronous peers: then nothing ever waits), and its own I/O
-    counters (set by the plugin's open)."""
-
-    __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol")
-
-    def __init__(self, vol: Volume | SnapshotView, readonly: bool,
-                 gate: SyncGate | None = None, lease: Lease | None = None,
-                 lock: threading.Lock | None = None) -> None:
-        self.vol = vol
-        self.readonly = readonly
-        self.gate = gate
-        self.lease = lease
-        if lock is None:
-            assert isinstance(vol, Volume)
-            lock = vol.request_lock
-        self.lock = lock
-        # With a sync gate a connection's requests run in parallel and count under this.
-        self.count_lock = threading.Lock() if gate is not None else None
-        self.io: list[list[int]] = []
-
-    def check_lease(self) -> None:
-        """Before a write: refuse it if this node's write lease has expired."""
-        if self.lease is not None:
-            self.lease.check()
-
-    def count(self, op: int, nbytes: int, t: int) -> None:
-        """A request of ``op`` that started at ``t`` (monotonic ns) completed."""
-        if self.count_lock is None:
-            iostats.count(self.io[op], nbytes, _clock() - t)
-        else:
-            with self.count_lock:
-                iostats.count(self.io[op], nbytes, _clock() - t)
-
-    def written(self, seq: int, fua: int | bool) -> None:
-        """After a write, trim or zero (journal record ``seq``), outside the volume lock:
-        FUA makes the journal durable through it, then the sync peers' acks."""
-        if fua:
-            self.vol.flush()
-        if self.gate is not None:
-            self.replicated(seq)
-
-    def flushed(self) -> None:
-        """FLUSH, outside the volume lock: the journal's fdatasync (Journal.sync runs
-        alongside appends; other requests of this volume go on meanwhile), then the sync
-        peers' acks through what was written before the FLUSH arrived."""
-        vol = self.vol
-        seq = vol.last_seq if self.gate is not None else 0
-        vol.flush()
-        if self.gate is not None:
-            self.replicated(seq, write=False)
-
-    def replicated(self, seq: int, write: bool = True) -> None:
-        """After a write (``seq``: its journal record) or a FLUSH (``write`` False,
-        ``seq``: the journal's end when it arrived), outside the volume lock: wait until
-        every synchronous peer that holds waiters has the journal through ``seq``
-        durably.  A write that waits alone makes the local journal durable meanwhile
-        (Volume.sync_ahead): the FLUSH a database sends right after it then costs no
-        fdatasync of its own, so a commit costs one round trip, not a round trip plus an
-        fdatasync."""
-        if self.gate is None:
-            return
-        vol = self.vol
-        assert isinstance(vol, Volume)
-        self.gate.wait(vol.name, seq, (lambda: vol.sync_ahead(seq)) if write else None)
-
-
 class Server:
     """Opens (and recovers) every configured volume; hands out connection handles."""
 
@@ -226,7 +152,7 @@ class Server:
         self.discover = not params.volumes
         self.members = threading.Lock()  # adding and withdrawing volumes (not I/O)
         self.in_use: dict[str, int] = {}  # volume -> open handles (NBD and FUSE)
-        self.fuse: list[Attachment] = []  # fusefile.Attachment: exports mounted for the bridge
+        self.fuse: list[Attachment] = []  # exports mounted for the bridge (fusefile.py)
         self.control = ControlServer(self.volumes, self._snapshot_in_use,
                                      self.attach_fuse,
                                      lambda: sorted(a.export for a in list(self.fuse)),
@@ -395,8 +321,6 @@ class Server:
     def attach_fuse(self, export: str, fd: int, read_only: bool) -> None:
         """Serve the bridge's FUSE mount of ``export`` (its /dev/fuse descriptor ``fd``,
         now ours) from this process: nbd_plugin/fusefile.py."""
-        from . import fusefile
-
         try:
             h = self.open(export, read_only)
             if h.readonly and not read_only:
@@ -415,7 +339,7 @@ class Server:
                     self.fuse.remove(a)
 
         with self.lock:  # before ended() can run: it takes the lock
-            self.fuse.append(fusefile.Attachment(export, h, fd, ended))
+            self.fuse.append(Attachment(export, h, fd, ended))
 
     def close(self) -> None:
         control = getattr(self, "control", None)

@@ -41,6 +41,9 @@ from pathlib import Path
 
 import structlog
 
+from blockstore.errors import BlockstoreError
+from blockstore.node_state import read_outdated
+
 log = structlog.get_logger(component="nbd_plugin")
 
 RECONNECT_POLL = 0.05
@@ -195,9 +198,6 @@ class SyncGate:
                            "peers outdated)")
         if self.data_dir is not None and now - self.outdated_checked >= OUTDATED_POLL:
             self.outdated_checked = now
-            from blockstore.errors import BlockstoreError
-            from gateway.replication import read_outdated
-
             try:
                 outdated = read_outdated(self.data_dir)
             except (BlockstoreError, OSError, ValueError) as e:

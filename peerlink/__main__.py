@@ -25,7 +25,7 @@ import structlog
 import uvloop
 
 from blockstore.errors import BlockstoreError
-from gateway.logs import configure
+from nbdgw_common.logs import configure
 
 from .auth import MIN_SECRET
 from .errors import PeerlinkError

@@ -69,18 +69,18 @@ from blockstore.peers import (
     write_refused,
 )
 from blockstore.snapshot import MAX_SNAPSHOTS
-from blockstore.volume import Volume, VolumeInfo
+from blockstore.volume import Volume
 
 from .auth import make_nonce
 from .batch import payload_bytes
-from .errors import PeerlinkError, PeerProtocolError, PeerRefused
+from .errors import PeerlinkError, PeerProtocolError
+from .handshake import from_wire
 from .link import Link, LinkClosed, Refused, format_addr, session_ended
 from .messages import (
     Ack,
     Batch,
     ExtentData,
     Hello,
-    Message,
     Pong,
     Refuse,
     ResyncDone,
@@ -97,7 +97,6 @@ from .session import (
     ReplicaFacts,
     Send,
     TakeOver,
-    from_wire,
 )
 
 log = structlog.get_logger(component="peerlink")
@@ -114,13 +113,6 @@ class ReceiverError(PeerlinkError):
     """Local trouble on the receiving node (not a replica, apply failed)."""
 
 
-def replica_history(info: VolumeInfo) -> History:
-    """A replica's history as its receiver sees it, for a reader in the same process
-    (a cascading sender): the upstream binding gives the logical uuid."""
-    path = info.path / UPSTREAM_FILE
-    up = (str(read_json(path, UPSTREAM_KIND, UPSTREAM_VERSION)["upstream_uuid"])
-          if path.exists() else None)
-    return load_history(info.path, info.uuid, up)
 
 
 async def wait_connected(link: Link, timeout: float) -> bool:
@@ -134,15 +126,6 @@ async def wait_connected(link: Link, timeout: float) -> bool:
         link.connected.exception()  # retrieved: the reason is logged by the sender side
         return False
     return True
-
-
-def expect(msg: Message, cls: type[Any], where: str) -> None:
-    """Raise PeerRefused for a Refuse, PeerProtocolError for anything but ``cls``."""
-    if isinstance(msg, Refuse):
-        raise PeerRefused(msg.reason)
-    if not isinstance(msg, cls):
-        raise PeerProtocolError(
-            f"expected {cls.__name__} {where}, got {type(msg).__name__}")
 
 
 _Work = Batch | ResyncExtents | ExtentData | ResyncDone | Verify

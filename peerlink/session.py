@@ -33,12 +33,12 @@ from blockstore.generations import (
 from peerlink.auth import Prover, Transcript, proof, verify
 from peerlink.batch import check_batch, payload_bytes
 from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
+from peerlink.handshake import from_wire, wire_epochs, wire_generations
 from peerlink.messages import (
     PROTO_VERSION,
     Ack,
     Batch,
     ExtentData,
-    Generation,
     Hello,
     HelloOk,
     Message,
@@ -162,21 +162,6 @@ class Admitted:
 
 
 Output = Send | Refusal | PlanResync | Established | TakeOver | Admitted
-
-
-def wire_generations(history: History) -> tuple[Generation, ...]:
-    return tuple(Generation(g.gen_id, g.start_seq) for g in history.generations)
-
-
-def wire_epochs(history: History) -> tuple[int, ...]:
-    return tuple(g.epoch for g in history.generations)
-
-
-def from_wire(gens: tuple[Generation, ...], epochs: tuple[int, ...] | None
-              ) -> tuple[BGeneration, ...]:
-    """A Hello's history as ``blockstore.generations`` entries (epoch 0 when not sent)."""
-    eps = epochs if epochs is not None else (0,) * len(gens)
-    return tuple(BGeneration(g.gen_id, g.start_seq, e) for g, e in zip(gens, eps, strict=True))
 
 
 class _Session:

@@ -25,8 +25,8 @@ import pytest
 from blockstore.volume import volumes_dir
 from iscsi_bridge.errors import FuseError
 from iscsi_bridge.fuse import FuseMount, mounted
-from nbd_plugin import control
-from nbd_plugin.control import ControlError
+from nbdgw_common import control_socket as control
+from nbdgw_common.control_socket import ControlError
 from tests.conftest import Served
 from tests.integration.conftest import nbdfuse
 

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from blockstore.journal import journal_bounds
-from gateway.config import ChapConfig, IscsiConfig, IscsiFuse
 from iscsi_bridge import Bridge, Export, loop
 from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
+from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse
 from iscsi_bridge.tgt import Tgtadm
 from tests.conftest import NBDGW, Served, need, run_nbdgw
 from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture

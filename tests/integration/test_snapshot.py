@@ -24,7 +24,7 @@ import nbd
 import pytest
 
 from blockstore.volume import Volume
-from nbd_plugin.control import ControlError, request
+from nbdgw_common.control_socket import ControlError, request
 from tests.conftest import Served, run_nbdgw
 
 KiB, MiB = 1 << 10, 1 << 20

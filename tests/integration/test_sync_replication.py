@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from blockstore.node_state import write_outdated
 from blockstore.volume import Volume, volumes_dir
-from gateway.replication import write_outdated
 from tests.conftest import NBDGW, Served, run_nbdgw
 from tests.faultproxy import ThreadedProxy
 

@@ -30,7 +30,8 @@ from gateway.config import (
     parse_config,
     parse_listen,
 )
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError
+from nbdgw_common.errors import GatewayError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP = ("activity_log, control, failover, health, iscsi, journal, metrics, nbd, node, "

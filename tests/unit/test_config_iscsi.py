@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ChapConfig, IscsiConfig, IscsiFuse, IscsiRoute, parse_config
+from gateway.config import parse_config
 from gateway.errors import ConfigError
+from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse, IscsiRoute
 
 IQN = "iqn.2026-11.com.example:nbdgw"
 IQN_RULE = ("expected an IQN such as iqn.2026-11.com.example:nbdgw (iqn.YYYY-MM. and a "

@@ -1,6 +1,6 @@
-"""nbdgw-fuse's request handling (iscsi_bridge/fused.py), request bytes in, reply bytes
-out, over an in-memory stand-in for a libnbd handle.  The real server, mounted, is in
-tests/integration/test_fuse_server.py."""
+"""The FUSE protocol nbdgw-fuse and nbdkit speak (nbdgw_common/fuse_protocol.py), request
+bytes in, reply bytes out, over an in-memory stand-in for a libnbd handle.  The real
+server, mounted, is in tests/integration/test_fuse_server.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from iscsi_bridge import fused as F
+from nbdgw_common import fuse_protocol as F
 
 SIZE = 1 << 20
 

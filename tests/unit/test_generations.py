@@ -357,7 +357,7 @@ def test_a_peer_ahead_of_a_recovered_journal_is_resynced_from_the_recovery_point
     everything written since seq 5 is resynced as extents, nothing skipped."""
     from blockstore.journal import journal_bounds
     from blockstore.peers import DIRTY_HOT, write_dirty
-    from peerlink.sender import plan_resync
+    from blockstore.resync_plan import plan_resync
 
     primary_with_writes(tmp_path, 5)  # seqs 1..5 survived the cut
     info = find_volume(tmp_path, "v1")

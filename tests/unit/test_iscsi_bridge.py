@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ChapConfig, IscsiConfig, parse_config
-from iscsi_bridge import Bridge, BridgeError, Export, exports_from_config
+from gateway.config import parse_config
+from gateway.exports import exports_from_config
+from iscsi_bridge import Bridge, BridgeError, Export
 from iscsi_bridge.bridge import read_secret
+from iscsi_bridge.settings import ChapConfig, IscsiConfig
 
 BASE = "iqn.2026-11.com.example:nbdgw"
 

@@ -16,19 +16,13 @@ from typing import Any
 import pytest
 
 from blockstore.errors import FormatError
+from blockstore.node_state import outdated_path, read_outdated, write_outdated
 from blockstore.volume import create_volume
 from gateway import nodestate
 from gateway.config import Role, parse_config
-from gateway.replication import (
-    Replication,
-    gate_path,
-    has_failover_core,
-    outdated_path,
-    read_outdated,
-    write_outdated,
-)
+from gateway.replication import Replication, gate_path, has_failover_core
 from gateway.serve import nbdkit_argv
-from nbd_plugin.server import Handle
+from nbd_plugin.handle import Handle
 from nbd_plugin.syncgate import SyncGate
 
 

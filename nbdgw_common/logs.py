@@ -1,4 +1,5 @@
-"""structlog set-up, done once by each entry point (CLI, plugin)."""
+"""structlog set-up, done once by each entry point (CLI, plugin, peerlink), and the mark
+of an exception already logged as an event."""
 
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
 # What an exception already logged as a structured event is printed as by nbdkit; the
 # line is dropped from nbdkit's stderr by gateway/serve.py (NbdServer).
 LOGGED_MARK = "[logged by nbdgw]"
+LOGGED = "nbdgw_logged"  # attribute set on an exception already logged as an event
+
+
+def mark_logged(e: BaseException) -> None:
+    """``e`` was logged as a structured event where it happened: whoever prints
+    exceptions (nbdkit prints every one a plugin callback raises) need not again."""
+    setattr(e, LOGGED, True)
+
+
+def was_logged(e: BaseException) -> bool:
+    return bool(getattr(e, LOGGED, False))
 
 
 def quiet_logged_errors() -> None:
@@ -43,11 +55,9 @@ def quiet_logged_errors() -> None:
     ``traceback.format_exception`` (plugins/python/errors.c), and a failed request can
     only be reported by raising.  A write refused on a full disk is logged by the volume
     as a rate-limited ``write_failed`` event (blockstore.volume.FailureLog) and marked
-    (blockstore.errors.mark_logged); a client retrying it would otherwise add a
+    (mark_logged); a client retrying it would otherwise add a
     traceback per request.  Every other exception is formatted as before."""
     import traceback
-
-    from blockstore.errors import was_logged
 
     original = traceback.format_exception
     if getattr(original, "nbdgw_quiet", False):
