@@ -1,6 +1,6 @@
 """Sync mode end to end: a real `nbdgw serve` (nbdkit) and a real `nbdgw replicate` on the
 primary, a real receiver (`nbdgw replicate` on the secondary), a fault-injecting proxy
-between the two peerlink ends (peerlink/proxy.py: stall, fixed delay).  Every write, not
+between the two peerlink ends (tests/faultproxy.py: stall, fixed delay).  Every write, not
 only FLUSH and FUA, is acknowledged only once the sync peer has it durably; a stalled
 peer holds writes until the daemon's permission (outdated.json), or degrades by itself
 on a node without a failover core; writes in flight wait together."""

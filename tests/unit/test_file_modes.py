@@ -85,10 +85,10 @@ def test_a_volume_is_private_under_an_admins_umask(tmp_path: Path, umask_022: No
 
 
 def test_the_nodes_own_files_are_private(tmp_path: Path, umask_022: None) -> None:
+    from blockstore.node_state import write_outdated
     from gateway import audit, nodestate
     from gateway.events import EventLog
     from gateway.nodecore import HardState
-    from gateway.replication import write_outdated
     from gateway.serve import lease_path
     from nbd_plugin.lease import LeaseWriter
 
