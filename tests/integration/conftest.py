@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.conftest import run_nbdgw
+from tests.conftest import NBDGW, free_port, run_nbdgw
 
 TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
 
@@ -355,3 +357,31 @@ def world_dir() -> Iterator[Path]:
     finally:
         os.umask(old)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- a node with control.group (the daemon's socket opened to a group) ----------------------
+
+GROUP = "daemon"  # any group nobody is not in
+
+
+def group_node(prefix: str) -> Path:
+    """A node config with control.group GROUP, readable by nobody, and volume v1 created
+    by root (no daemon yet), in a fresh directory under /tmp; returns the config path."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)  # the config must be readable by nobody
+    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(base / "data")},
+           "nbd": {"listen": [f"tcp:127.0.0.1:{free_port()}"]},
+           "control": {"group": GROUP}}
+    path = base / "nbdgw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o644)
+    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "8M")
+    return path
+
+
+def as_nobody(config: Path, *args: str, groups: tuple[str, ...] = ()
+              ) -> subprocess.CompletedProcess[str]:
+    """`nbdgw -c CONFIG ARGS` as user nobody, in ``groups`` besides nogroup."""
+    return subprocess.run([NBDGW, "-c", str(config), *args], capture_output=True, text=True,
+                          timeout=60, check=False, user="nobody", group="nogroup",
+                          extra_groups=list(groups), cwd="/")

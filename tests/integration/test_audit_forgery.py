@@ -15,17 +15,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import NBDGW, run_nbdgw
-from tests.integration.test_control_access import GROUP, as_nobody
-from tests.integration.test_daemon_replication import free_port
+from tests.integration.conftest import GROUP, as_nobody, group_node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches to user nobody")
 
@@ -46,15 +43,8 @@ def as_nobody_py(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 def node() -> Iterator[Path]:
     """A node config with control.group, volume v1 created (by root, no daemon yet), and
     its daemon running; yields the config path."""
-    base = Path(tempfile.mkdtemp(prefix="nbdgw-audit-", dir="/tmp"))
-    base.chmod(0o755)
-    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(base / "data")},
-           "nbd": {"listen": [f"tcp:127.0.0.1:{free_port()}"]},
-           "control": {"group": GROUP}}
-    path = base / "nbdgw.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    path.chmod(0o644)
-    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "8M")
+    path = group_node("nbdgw-audit-")
+    base = path.parent
     sock = base / "data" / "run" / "daemon.sock"
     log = (base / "daemon.log").open("wb")
     proc = subprocess.Popen([NBDGW, "-c", str(path), "--log-format", "json", "daemon"],

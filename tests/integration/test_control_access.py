@@ -9,41 +9,24 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import NBDGW, run_nbdgw
-from tests.integration.test_daemon_replication import free_port
+from tests.integration.conftest import GROUP, as_nobody, group_node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switches to user nobody")
-GROUP = "daemon"  # any group nobody is not in
 
 
 @pytest.fixture
 def node() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="nbdgw-access-", dir="/tmp"))
-    base.chmod(0o755)  # the config must be readable by nobody
-    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(base / "data")},
-           "nbd": {"listen": [f"tcp:127.0.0.1:{free_port()}"]},
-           "control": {"group": GROUP}}
-    path = base / "nbdgw.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    path.chmod(0o644)
-    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "8M")
+    path = group_node("nbdgw-access-")
     yield path
-    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(path.parent, ignore_errors=True)
 
-
-def as_nobody(config: Path, *args: str, groups: tuple[str, ...] = ()
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([NBDGW, "-c", str(config), *args], capture_output=True, text=True,
-                          timeout=60, check=False, user="nobody", group="nogroup",
-                          extra_groups=list(groups), cwd="/")
 
 
 def test_no_daemon_one_line(node: Path) -> None:

@@ -16,18 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import NBDGW, run_nbdgw
+from tests.conftest import NBDGW, free_port, run_nbdgw
 
 SITES = (("main", "primary"), ("dc", "secondary"), ("dr", "dr"))
 SIZE = 64 << 20
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Node:

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
 from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse
 from iscsi_bridge.tgt import Tgtadm
-from tests.conftest import NBDGW, Served, need, run_nbdgw
+from tests.conftest import NBDGW, Served, free_port, need, run_nbdgw
 from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture
 
 MiB = 1 << 20
@@ -38,10 +37,6 @@ GOOD = "iqn.2026-11.com.example:good-host"
 BAD = "iqn.2026-11.com.example:bad-host"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_control_port() -> int:

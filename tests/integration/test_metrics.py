@@ -18,8 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import NBDGW, run_nbdgw
-from tests.integration.test_daemon_replication import free_port
+from tests.conftest import NBDGW, free_port, run_nbdgw
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

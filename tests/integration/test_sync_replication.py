@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -25,16 +24,12 @@ import yaml
 
 from blockstore.node_state import write_outdated
 from blockstore.volume import Volume, volumes_dir
-from tests.conftest import NBDGW, Served, run_nbdgw
+from tests.conftest import NBDGW, Served, free_port, run_nbdgw
 from tests.faultproxy import ThreadedProxy
 
 SIZE = 64 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Pair:

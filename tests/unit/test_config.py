@@ -32,6 +32,7 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from nbdgw_common.errors import GatewayError
+from tests.unit.conftest import refused, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP = ("activity_log, control, failover, health, iscsi, journal, metrics, nbd, node, "
@@ -79,23 +80,14 @@ def minimal(**sections: Any) -> dict[str, Any]:
     return {"version": 1, **sections}
 
 
-def refused(raw: Any) -> str:
-    """The message parse_config refuses ``raw`` with."""
-    with pytest.raises(ConfigError) as ei:
-        parse_config(raw)
-    return str(ei.value)
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "nbdgw.yaml"
-    p.write_text(text)
-    return p
 
 
 # -- valid configs -------------------------------------------------------------------
 
 def test_full_config(tmp_path: Path) -> None:
-    path = write(tmp_path, FULL_YAML)
+    path = write_config(tmp_path, FULL_YAML)
     cfg = load_config(path)
     assert cfg == NodeConfig(
         name="alpha",
@@ -137,7 +129,7 @@ def test_defaults() -> None:
 
 
 def test_empty_sections_take_defaults(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, "version: 1\nnode:\nnbd:\njournal:\nactivity_log:\n"))
+    cfg = load_config(write_config(tmp_path, "version: 1\nnode:\nnbd:\njournal:\nactivity_log:\n"))
     assert cfg == parse_config({"version": 1}, cfg.source)
 
 
@@ -147,7 +139,8 @@ def test_empty_sections_take_defaults(tmp_path: Path) -> None:
 def test_tls_mode_yaml_booleans(tmp_path: Path, text: str, mode: TlsMode) -> None:
     """YAML 1.1 reads a bare on/off as a boolean; the mode still means what was typed."""
     extra = "" if mode is TlsMode.OFF else "\n    psk_file: /etc/nbdgw/tls.psk"
-    cfg = load_config(write(tmp_path, f"version: 1\nnbd:\n  tls:\n    mode: {text}{extra}\n"))
+    cfg = load_config(write_config(
+        tmp_path, f"version: 1\nnbd:\n  tls:\n    mode: {text}{extra}\n"))
     assert cfg.nbd.tls.mode is mode
 
 
@@ -200,7 +193,7 @@ def test_top_level_not_a_mapping(raw: Any) -> None:
 
 
 def test_empty_document(tmp_path: Path) -> None:
-    path = write(tmp_path, "# nothing here\n")
+    path = write_config(tmp_path, "# nothing here\n")
     with pytest.raises(ConfigError) as ei:
         load_config(path)
     assert str(ei.value) == f"{path}: expected version: 1 at the top of the config"
@@ -469,7 +462,7 @@ def test_volume_errors(vols: list[Any], msg: str) -> None:
 ])
 def test_yaml_syntax_error_names_the_line(tmp_path: Path, text: str, line: int,
                                           col: int) -> None:
-    path = write(tmp_path, text)
+    path = write_config(tmp_path, text)
     with pytest.raises(ConfigError) as ei:
         load_config(path)
     assert str(ei.value) == f"{path}: not valid YAML at line {line}, column {col}"
@@ -477,7 +470,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path, text: str, line: int,
 
 def test_load_config_prefixes_the_path(tmp_path: Path) -> None:
     raw = FULL_YAML.replace("extents: 4096", "extents: 0")
-    path = write(tmp_path, raw)
+    path = write_config(tmp_path, raw)
     with pytest.raises(ConfigError) as ei:
         load_config(path)
     assert str(ei.value) == (

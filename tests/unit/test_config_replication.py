@@ -19,7 +19,7 @@ from gateway.config import (
     Topology,
     parse_config,
 )
-from gateway.errors import ConfigError
+from tests.unit.conftest import refused
 
 DC = {"name": "dc", "role": "secondary", "address": "192.0.2.12"}
 DR = {"name": "dr", "role": "dr", "address": "192.0.2.13"}
@@ -29,10 +29,6 @@ def cfg(**sections: Any) -> dict[str, Any]:
     return {"version": 1, "node": {"name": "main", "role": "primary"}, **sections}
 
 
-def refused(raw: Any) -> str:
-    with pytest.raises(ConfigError) as ei:
-        parse_config(raw)
-    return str(ei.value)
 
 
 def test_full_replication_config() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config import check_config_files, load_config, parse_config
 from gateway.errors import ConfigError
+from tests.unit.conftest import refused, write_config
 
 SECRET = b"0123456789abcdef0123456789abcdef\n"  # 32 bytes + newline
 CHAP = "chapsecret0123"  # 14 characters
@@ -25,16 +26,8 @@ DC = {"name": "dc", "role": "secondary", "address": "192.0.2.12"}
 NUMBER = "expected a number of seconds > 0 and at most 86400 for {}"
 
 
-def refused(raw: Any) -> str:
-    with pytest.raises(ConfigError) as ei:
-        parse_config(raw)
-    return str(ei.value)
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "nbdgw.yaml"
-    p.write_text(text)
-    return p
 
 
 def secret_file(path: Path, data: bytes = SECRET, mode: int = 0o600) -> Path:
@@ -52,7 +45,7 @@ def files_refused(raw: dict[str, Any]) -> str:
 # -- duplicate keys (point 7: "the last one wins") ----------------------------------------
 
 def test_duplicate_top_level_key(tmp_path: Path) -> None:
-    p = write(tmp_path, "version: 1\nfailover:\n  auto: false\nfailover:\n  auto: true\n")
+    p = write_config(tmp_path, "version: 1\nfailover:\n  auto: false\nfailover:\n  auto: true\n")
     with pytest.raises(ConfigError) as ei:
         load_config(p)
     assert str(ei.value) == (f"{p}: duplicate key 'failover' at line 4 (first at line 2): "
@@ -60,7 +53,7 @@ def test_duplicate_top_level_key(tmp_path: Path) -> None:
 
 
 def test_duplicate_nested_key(tmp_path: Path) -> None:
-    p = write(tmp_path, "version: 1\nfailover:\n  timeout: 10\n  interval: 1\n"
+    p = write_config(tmp_path, "version: 1\nfailover:\n  timeout: 10\n  interval: 1\n"
                         "  timeout: 0.1\n")
     with pytest.raises(ConfigError) as ei:
         load_config(p)
@@ -69,7 +62,7 @@ def test_duplicate_nested_key(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_in_a_list_item(tmp_path: Path) -> None:
-    p = write(tmp_path, "version: 1\nvolumes:\n  - name: a\n    size: 1G\n"
+    p = write_config(tmp_path, "version: 1\nvolumes:\n  - name: a\n    size: 1G\n"
                         "  - {name: b, size: 1G, size: 2G}\n")
     with pytest.raises(ConfigError) as ei:
         load_config(p)
@@ -79,7 +72,7 @@ def test_duplicate_key_in_a_list_item(tmp_path: Path) -> None:
 
 def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     """A YAML merge (``<<: *anchor``) overridden by an explicit key is intended."""
-    p = write(tmp_path, "version: 1\nvolumes:\n  - &v {name: a, size: 1G}\n"
+    p = write_config(tmp_path, "version: 1\nvolumes:\n  - &v {name: a, size: 1G}\n"
                         "  - <<: *v\n    name: b\n")
     assert [v.name for v in load_config(p).volumes] == ["a", "b"]
 
@@ -88,7 +81,7 @@ def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "-1", "0", "86401", "1e300"])
 def test_failover_timeout_must_be_finite_and_in_range(tmp_path: Path, value: str) -> None:
-    p = write(tmp_path, f"version: 1\nfailover:\n  timeout: {value}\n")
+    p = write_config(tmp_path, f"version: 1\nfailover:\n  timeout: {value}\n")
     with pytest.raises(ConfigError) as ei:
         load_config(p)
     assert str(ei.value) == f"{p}: " + NUMBER.format("failover.timeout")
@@ -290,7 +283,7 @@ def test_mutual_chap_secret_file(tmp_path: Path) -> None:
 
 def test_load_config_checks_files_when_asked(tmp_path: Path) -> None:
     missing = tmp_path / "peer.secret"
-    p = write(tmp_path, f"version: 1\npeers:\n  - {{name: dc, role: secondary, "
+    p = write_config(tmp_path, f"version: 1\npeers:\n  - {{name: dc, role: secondary, "
                         f"address: 192.0.2.12}}\npeerlink:\n  secret_file: {missing}\n")
     assert load_config(p).peerlink.secret_file == missing  # status, list: no file check
     with pytest.raises(ConfigError) as ei:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Every, SnapshotSchedule, SnapshotsConfig, load_config, parse_config
-from gateway.errors import ConfigError
+from tests.unit.conftest import refused
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -25,10 +25,6 @@ def cfg(*schedules: dict[str, Any]) -> dict[str, Any]:
     return {"version": 1, "snapshots": {"schedules": list(schedules)}}
 
 
-def refused(raw: Any) -> str:
-    with pytest.raises(ConfigError) as e:
-        parse_config(raw)
-    return str(e.value)
 
 
 def test_absent_section_means_no_schedules() -> None:

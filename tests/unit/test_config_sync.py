@@ -11,8 +11,8 @@ import yaml
 
 from gateway import lab, nodestate
 from gateway.config import PeerMode, Role, parse_config
-from gateway.errors import ConfigError
 from gateway.replication import sync_timeout
+from tests.unit.conftest import refused
 
 MAIN = {"name": "main", "role": "primary", "address": "192.0.2.11"}
 DC = {"name": "dc", "role": "secondary", "address": "192.0.2.12"}
@@ -25,10 +25,6 @@ def node(name: str, role: str, peers: list[dict[str, Any]], **extra: Any) -> dic
             "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"}, **extra}
 
 
-def refused(raw: Any) -> str:
-    with pytest.raises(ConfigError) as ei:
-        parse_config(raw)
-    return str(ei.value)
 
 
 def test_sync_between_the_main_site_nodes_both_ways() -> None:

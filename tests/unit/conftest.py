@@ -1,0 +1,25 @@
+"""Helpers the unit tests share (imported as ``tests.unit.conftest``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+
+
+def refused(raw: Any) -> str:
+    """The message parse_config refuses ``raw`` with."""
+    with pytest.raises(ConfigError) as ei:
+        parse_config(raw)
+    return str(ei.value)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    """``text`` as tmp_path/nbdgw.yaml."""
+    p = tmp_path / "nbdgw.yaml"
+    p.write_text(text)
+    return p
