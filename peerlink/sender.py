@@ -129,6 +129,7 @@ from .errors import PeerlinkError, PeerRefused
 from .frames import encode_frame
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
+    MAX_REASON,
     PROTO_VERSION,
     Ack,
     ExtentData,
@@ -144,6 +145,7 @@ from .messages import (
 from .ratelimit import TokenBucket, format_rate
 from .receiver import replica_history
 from .session import (
+    Authenticated,
     Established,
     Output,
     PlanResync,
@@ -976,7 +978,7 @@ class Sender:
 
     def _refuse(self, link: Link, reason: str) -> Refused:
         with contextlib.suppress(LinkClosed):
-            link.send(Refuse(reason))
+            link.send(Refuse(reason[:MAX_REASON]))
         link.close()
         return Refused(reason)
 
@@ -1037,6 +1039,7 @@ class Sender:
                                 window_bytes=self.cfg.window_bytes,
                                 window_batches=self.cfg.window_batches)
         self._perform(link, session.start())
+        self._perform(link, session.receive(await link.recv_within(t, "Challenge")))
         ask = self._perform(link, session.receive(await link.recv_within(t, "Hello")))
         assert isinstance(ask, PlanResync)
         plan, last = await self._plan(loop, ask.rel, ask.theirs, history, ask.applied,
@@ -1066,6 +1069,8 @@ class Sender:
         for out in outputs:
             if isinstance(out, Send):
                 link.send(out.msg)
+            elif isinstance(out, Authenticated):
+                link.authenticated()  # the receiver proved itself: lift the limits
             elif isinstance(out, Refusal):
                 raise self._refuse(link, out.reason)
             else:

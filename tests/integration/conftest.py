@@ -305,7 +305,7 @@ async def main(data_dir, node, secret_file, volumes):
     secret = Path(secret_file).read_bytes().strip()
     rxs = {v: Receiver(Path(data_dir), v, node=node, secret=secret, timeout=3)
            for v in volumes}
-    server = ReceiverServer(rxs, node=node, timeout=3)
+    server = ReceiverServer(rxs, node=node, timeout=3, secret=secret)
     _, port = await server.start("127.0.0.1", 0)
     print(f"listening {port}", flush=True)
     stop = asyncio.Event()
