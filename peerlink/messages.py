@@ -34,7 +34,9 @@ MAX_EXTENT_SHIFT: Final = 40
 # proportion to what an honest peer sends (PROTOCOL.md "Limits").
 MAX_GENERATIONS: Final = 64  # a Hello carries the newest 64 of a history
 MAX_CHANGED: Final = 1024  # Hello.changed extents (coarsened to fit: session.py)
-MAX_BATCH_RECORDS: Final = 1 << 17  # 8 x the sender's default batch_records
+# Batch records: twice the sender's default batch_records (a cascade flushes before it
+# would pass this).  Unpacking that many holds the GIL for ~20-30 ms, worker thread or not.
+MAX_BATCH_RECORDS: Final = 1 << 15
 MAX_RESYNC_EXTENTS: Final = 1 << 20  # blockstore.peers.dirty_shift: at most 2^20 extents
 MAX_REASON: Final = 2048  # characters of a Refuse reason
 _U8: Final = 0xFF

@@ -129,6 +129,7 @@ from .errors import PeerlinkError, PeerRefused
 from .frames import encode_frame
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
+    MAX_BATCH_RECORDS,
     MAX_REASON,
     PROTO_VERSION,
     Ack,
@@ -383,7 +384,9 @@ class Producer:
                 gbytes += REC_HEADER_SIZE + len(payload)
                 if hdr.op is not Op.MARK or not is_commit(payload):
                     continue
-                if not self.builder.empty and self.builder.size + gbytes > self.cfg.batch_bytes:
+                if not self.builder.empty and (
+                        self.builder.size + gbytes > self.cfg.batch_bytes
+                        or len(self.builder) + len(group) > MAX_BATCH_RECORDS):
                     out.append(self._flush())
                 for h, p in group:
                     if not self.builder.add(h, p):
