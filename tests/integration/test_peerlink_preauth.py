@@ -302,3 +302,63 @@ def test_a_stranger_cannot_tell_which_volumes_exist(
     assert held[-1] == unknown[-1]  # the same Refuse
     assert rx.stop() == 0
     assert {"v2", "no-such-volume"} <= {e.get("volume") for e in rx.events("peer_refused_by_us")}
+
+
+# -- what was refused cleanly before stays so -------------------------------------------------
+
+
+def test_junk_and_slow_connections_are_refused_and_replication_goes_on(
+        env: Env, rx_server: Callable[..., RxServer]) -> None:
+    """Random bytes, HTTP, a 4 GiB length, a wrong frame version, a version 1 Hello and
+    300 connections that send nothing: each closed (the version 1 sender told the
+    version spoken here, nothing else); past 8 from one address and 64 in all at once,
+    the others at the handshake deadline; the honest sender streams on."""
+    rx = rx_server(env.replica, "r1", secret_file(env))
+    w = start_streaming(env, rx.port, "r1", seed=34)
+    for junk in (secrets.token_bytes(64), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                 header((4 << 30) - 1), b"NGPL\x07" + bytes(11)):
+        with connect(rx.port) as s:
+            s.sendall(junk)
+            assert read_msgs(s) == [], junk
+    v1 = msgpack.packb([1, 1, "old", "v1", str(uuid.uuid4()), 64 * MiB, "primary", [], 0,
+                        bytes(32)], use_bin_type=True)
+    with connect(rx.port) as s:
+        s.sendall(raw_frame(v1))
+        answers = read_msgs(s)
+    assert [getattr(m, "reason", None) for m in answers] == [
+        "protocol-version: this node speaks peerlink protocol version 2"]
+    def still_open(socks: list[socket.socket]) -> int:
+        n = 0
+        for s in socks:
+            s.settimeout(0.05)
+            try:
+                n += s.recv(1) != b""
+            except TimeoutError:
+                n += 1
+            except ConnectionResetError:
+                pass
+        return n
+
+    slow: list[socket.socket] = []
+    try:
+        slow = [socket.create_connection(("127.0.0.1", rx.port), timeout=5,
+                                         source_address=("127.0.2.1", 0)) for _ in range(10)]
+        time.sleep(0.5)
+        assert still_open(slow) == 8  # per source address
+        slow += [socket.create_connection(("127.0.0.1", rx.port), timeout=5,
+                                          source_address=(f"127.0.1.{i % 40 + 1}", 0))
+                 for i in range(290)]
+        assert still_open(slow) <= 64  # in all (some may have reached their deadline)
+        time.sleep(3.5)  # past the handshake deadline (the receiver's timeout, 3 s)
+        assert still_open(slow) == 0
+    finally:
+        for s in slow:
+            s.close()
+    assert rx.proc.poll() is None
+    finish_streaming(env, w, "r1")
+    assert rx.stop() == 0
+    dropped = [e["reason"] for e in rx.events("peer_dropped")]
+    assert dropped.count("8 unauthenticated connections from 127.0.2.1 already (at most 8)") \
+        == 2
+    assert "64 unauthenticated connections already (at most 64)" in dropped
+    assert "the peer did not authenticate within 3 s of connecting" in dropped
