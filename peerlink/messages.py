@@ -497,17 +497,19 @@ _BY_TYPE: Final[dict[int, type[Message]]] = {
     c.TYPE: c for c in (Hello, HelloOk, Refuse, Batch, Ack, Ping, Pong, ResyncExtents,
                         ExtentData, ResyncDone, Verify, VerifyResult, Challenge, Proof)
 }
-# msgpack refuses longer containers before allocating them (the per-field bounds above
-# name the field; these bound what a field never seen would cost).
-_UNPACK_LIMITS: Final = {"max_array_len": MAX_RESYNC_EXTENTS + 8, "max_map_len": 64,
-                         "max_ext_len": 0}
+# msgpack refuses a container whose header declares more elements than the body has
+# bytes (each takes one at least) or than any field allows, before reading it (the
+# per-field bounds above then name the field).
+_MAX_ARRAY: Final = MAX_RESYNC_EXTENTS + 8
+_MAX_MAP: Final = 64
 
 
 def decode(body: bytes) -> Message:
     """Decode and check one message body; raise PeerProtocolError naming what is wrong."""
     try:
         obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True,
-                              **_UNPACK_LIMITS)
+                              max_array_len=min(len(body), _MAX_ARRAY),
+                              max_map_len=min(len(body) // 2, _MAX_MAP), max_ext_len=0)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         detail = str(e) or type(e).__name__
         raise PeerProtocolError(f"message body is not valid msgpack ({detail})") from None
