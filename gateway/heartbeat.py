@@ -180,7 +180,8 @@ def unseal(key: bytes, data: bytes) -> Sealed:
         raise BadBeat("mac", "heartbeat authentication failed (another secret, or forged)")
     try:
         fields = msgpack.unpackb(head[len(MAGIC):], raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as e:
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        # TypeError: a map key msgpack cannot hash (an array), which Python refuses
         raise BadBeat("malformed", f"heartbeat is not msgpack: {e}") from None
     if not isinstance(fields, list) or len(fields) != 5:
         raise BadBeat("malformed", "heartbeat: expected [version, node, boot, counter, body]")

@@ -159,7 +159,7 @@ class Replication:
                 await asyncio.gather(*(rx.close() for rx in receivers.values()))
                 raise
             self.server = ReceiverServer(receivers, node=self.cfg.name,
-                                         tls=_tls(self.cfg, True))
+                                         tls=_tls(self.cfg, True), secret=self.secret)
             self.bound = await self.server.start(self.cfg.peerlink.listen_host,
                                                  self.cfg.peerlink.listen_port)
         self._make_senders()

@@ -10,6 +10,10 @@ Little-endian.  ``flags`` bit 0 says the body is a zstd frame; the other bits an
 header bytes 0..12 followed by the body as sent, so a flipped flag or length is caught
 as well as a flipped body byte, and it is checked before any decompression.
 
+A decoder starts with the limits for a peer that has not authenticated yet when asked
+(``compressed=False`` and a small ``max_body``: the shell's pre-authentication limits) and
+``allow()`` raises them once the peer has proved itself.
+
 ``FrameDecoder`` follows h11: ``feed()`` bytes as they arrive, then call
 ``next_frame()`` until it returns ``NEED_DATA``.  It buffers in a bytearray with a read
 offset, so decoding a stream costs O(n) whatever the chunk sizes.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import enum
 import struct
 import threading
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import zstandard
 from crc32c import crc32c
@@ -38,6 +42,11 @@ _CRC_COVERS: Final = 12  # header bytes covered by the CRC (all but the CRC itse
 # record's payload is at most 64 MiB (blockstore.record.MAX_PAYLOAD); 1 MiB of slack
 # covers the msgpack envelope and per-record overhead of such a batch.
 DEFAULT_MAX_BODY: Final = 64 * 1024 * 1024 + 1024 * 1024
+# Before a peer has authenticated, a frame body is at most this many bytes and never
+# compressed: enough for the largest honest handshake message (messages.py bounds every
+# list in them; tests/unit/test_peerlink_frames.py builds the largest), and nothing more
+# is buffered, decompressed or decoded for a stranger.
+PREAUTH_MAX_BODY: Final = 16 * 1024
 DEFAULT_LEVEL: Final = 3
 MIN_LEVEL: Final = -7  # zstd's fast levels, for links faster than the CPU
 MAX_LEVEL: Final = 22
@@ -109,15 +118,22 @@ class FrameDecoder:
     The connection must then be closed: the decoder keeps raising the same error.
     """
 
-    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
-        if max_body < 1:
-            raise ValueError(f"max_body must be >= 1, got {max_body}")
-        self.max_body = max_body
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY, *, compressed: bool = True) -> None:
+        self.max_body = 0
+        self.compressed = compressed
+        self.allow(max_body, compressed)
         self._buf = bytearray()
         self._pos = 0  # start of the first unconsumed byte in _buf
         self._head: tuple[int, int, int] | None = None  # (flags, body_len, crc) once parsed
         self._error: PeerProtocolError | None = None
         self._dctx = zstandard.ZstdDecompressor()
+
+    def allow(self, max_body: int, compressed: bool) -> None:
+        """Set the limits for the frames whose header is not parsed yet: the largest body
+        and whether a compressed body is accepted (a peer that authenticated)."""
+        if max_body < 1:
+            raise ValueError(f"max_body must be >= 1, got {max_body}")
+        self.max_body, self.compressed = max_body, compressed
 
     @property
     def buffered(self) -> int:
@@ -130,6 +146,15 @@ class FrameDecoder:
 
     def next_frame(self) -> bytes | Literal[NeedData.NEED_DATA]:
         """Return the next frame's body (decompressed), or NEED_DATA."""
+        raw = self.next_raw()
+        if raw is NEED_DATA:
+            return raw
+        return self.unpack(raw)
+
+    def next_raw(self) -> RawFrame | Literal[NeedData.NEED_DATA]:
+        """Return the next frame as sent (its checksum checked, its declared size
+        within the limit), or NEED_DATA; ``unpack()`` makes it a body.  The shell
+        unpacks a large frame on a worker thread (``unpack_body``)."""
         if self._error is not None:
             raise self._error
         try:
@@ -138,7 +163,17 @@ class FrameDecoder:
             self._error = e
             raise
 
-    def _next(self) -> bytes | Literal[NeedData.NEED_DATA]:
+    def unpack(self, raw: RawFrame) -> bytes:
+        """The body of ``raw`` (decompressed with this decoder's context)."""
+        if not raw.compressed:
+            return raw.wire
+        try:
+            return _decompress(self._dctx, raw)
+        except PeerProtocolError as e:
+            self._error = e
+            raise
+
+    def _next(self) -> RawFrame | Literal[NeedData.NEED_DATA]:
         avail = len(self._buf) - self._pos
         if self._head is None:
             if avail < HEADER_SIZE:
@@ -159,9 +194,9 @@ class FrameDecoder:
                     f"frame checksum mismatch (crc32c of {body_len}-byte body)")
             body = bytes(mv[start:end])
         self._consume(end)
-        if flags & FLAG_ZSTD:
-            body = self._decompress(body)
-        return body
+        if not flags & FLAG_ZSTD:
+            return RawFrame(body, False, len(body))
+        return RawFrame(body, True, self._declared(body))
 
     def _parse_header(self) -> tuple[int, int, int]:
         magic, version, flags, reserved, body_len, crc = HEADER.unpack_from(self._buf, self._pos)
@@ -173,6 +208,9 @@ class FrameDecoder:
                 f"{VERSION})")
         if flags & ~FLAG_ZSTD:
             raise PeerProtocolError(f"reserved frame flag bits set (flags 0x{flags:02x})")
+        if flags & FLAG_ZSTD and not self.compressed:
+            raise PeerProtocolError(
+                "compressed frame before the peer authenticated (refused undecompressed)")
         if reserved:
             raise PeerProtocolError(f"reserved frame header field set (0x{reserved:04x})")
         if body_len > self.max_body:
@@ -193,9 +231,9 @@ class FrameDecoder:
         else:
             self._pos = end
 
-    def _decompress(self, body: bytes) -> bytes:
-        """Decompress one zstd frame, refusing before any allocation a declared size over
-        the maximum, an undeclared size (a bomb could hide behind it) and trailing data."""
+    def _declared(self, body: bytes) -> int:
+        """The decompressed size a zstd body declares, refusing before any allocation a
+        size over the maximum and an undeclared one (a bomb could hide behind it)."""
         try:
             size = zstandard.frame_content_size(body)
         except zstandard.ZstdError as e:
@@ -207,8 +245,32 @@ class FrameDecoder:
             raise PeerProtocolError(
                 f"compressed frame body would decompress to {size} bytes, over the maximum "
                 f"of {self.max_body}")
-        try:
-            # With a declared size, zstd allocates exactly that and fails on any mismatch.
-            return self._dctx.decompress(body, allow_extra_data=False)
-        except zstandard.ZstdError as e:
-            raise PeerProtocolError(f"frame body decompression failed ({e})") from None
+        return int(size)
+
+
+class RawFrame(NamedTuple):
+    """One frame as received: ``wire`` its body as sent, ``size`` the body's size once
+    unpacked (declared by the zstd frame, checked against the limit)."""
+
+    wire: bytes
+    compressed: bool
+    size: int
+
+
+def _decompress(dctx: zstandard.ZstdDecompressor, raw: RawFrame) -> bytes:
+    try:
+        # With a declared size, zstd allocates exactly that and fails on any mismatch;
+        # trailing bytes after the zstd frame fail too.
+        return dctx.decompress(raw.wire, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise PeerProtocolError(f"frame body decompression failed ({e})") from None
+
+
+def unpack_body(raw: RawFrame) -> bytes:
+    """``FrameDecoder.unpack`` for any thread (a decompression context per thread)."""
+    if not raw.compressed:
+        return raw.wire
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return _decompress(dctx, raw)

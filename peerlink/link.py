@@ -14,6 +14,15 @@ catches up, so a slow consumer bounds memory and TCP pushes back on the peer.
 Liveness is measured in whole frames (PROTOCOL.md): a corrupted length can make the
 decoder wait for bytes that never come, so ``watchdog()`` closes a link that delivered no
 complete frame for ``timeout`` seconds, however many bytes it received.
+
+Until the session says the peer has proved itself (``authenticated()``), a link does
+little for it: frames of at most ``PREAUTH_MAX_BODY`` bytes, none compressed, one message
+at a time (reading pauses while one waits for ``recv()``), no Pong; an accepting link is
+closed if it is not authenticated ``handshake_timeout`` seconds after it connected, and
+an ``AdmissionGate`` bounds how many unauthenticated connections one source address, and
+all together, may hold.  Afterwards a frame larger than ``OFFLOAD_BYTES`` is decompressed
+and decoded on a worker thread, in order, so that one large Batch does not hold the
+event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, cast
 
 import structlog
@@ -29,7 +39,16 @@ import structlog
 from blockstore.errors import BlockstoreError, JournalGap
 
 from .errors import PeerAuthError, PeerlinkError, PeerProtocolError, PeerRefused
-from .frames import FLAG_ZSTD, NEED_DATA, FrameDecoder, encode_frame
+from .frames import (
+    DEFAULT_MAX_BODY,
+    FLAG_ZSTD,
+    NEED_DATA,
+    PREAUTH_MAX_BODY,
+    FrameDecoder,
+    RawFrame,
+    encode_frame,
+    unpack_body,
+)
 from .messages import Message, Ping, Pong, decode
 
 log = structlog.get_logger(component="peerlink")
@@ -37,6 +56,61 @@ log = structlog.get_logger(component="peerlink")
 DEFAULT_MAX_QUEUED: Final = 96 << 20
 WRITE_HIGH: Final = 4 << 20  # transport buffer above which writers wait in drain()
 WRITE_LOW: Final = 1 << 20
+# A frame whose body is larger than this is unpacked and decoded on a worker thread: a
+# Batch of 16384 records takes tens of ms to check, a 64 MiB zstd body as long to inflate.
+OFFLOAD_BYTES: Final = 256 << 10
+# Unauthenticated connections an accepting side holds at once, per source address and in
+# all (more are closed at once; each holds at most one PREAUTH_MAX_BODY frame).
+PREAUTH_PER_SOURCE: Final = 8
+PREAUTH_TOTAL: Final = 64
+
+_decode_pool: ThreadPoolExecutor | None = None
+
+
+def _offload(raw: RawFrame) -> Message:
+    """Unpack and decode a large frame (worker thread)."""
+    return decode(unpack_body(raw))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _decode_pool  # one pool per process, made on first use
+    if _decode_pool is None:
+        _decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerlink-decode")
+    return _decode_pool
+
+
+class AdmissionGate:
+    """How many unauthenticated connections an accepting side holds: at most
+    ``per_source`` from one address and ``total`` in all (a link leaves when it
+    authenticates or closes)."""
+
+    def __init__(self, per_source: int = PREAUTH_PER_SOURCE,
+                 total: int = PREAUTH_TOTAL) -> None:
+        self.per_source = per_source
+        self.total = total
+        self.waiting: dict[str, set[Link]] = {}
+
+    def enter(self, link: Link, source: str) -> str | None:
+        """Admit ``link`` from ``source``; else why not."""
+        held = self.waiting.get(source, set())
+        if len(held) >= self.per_source:
+            return (f"{len(held)} unauthenticated connections from {source} already "
+                    f"(at most {self.per_source})")
+        if sum(len(x) for x in self.waiting.values()) >= self.total:
+            return f"{self.total} unauthenticated connections already (at most {self.total})"
+        self.waiting.setdefault(source, set()).add(link)
+        return None
+
+    def leave(self, link: Link, source: str) -> None:
+        held = self.waiting.get(source)
+        if held is not None:
+            held.discard(link)
+            if not held:
+                del self.waiting[source]
+
+    @property
+    def count(self) -> int:
+        return sum(len(x) for x in self.waiting.values())
 
 
 class LinkClosed(PeerlinkError):
@@ -84,12 +158,21 @@ def session_ended(logger: Any, exc: BaseException) -> bool:
 class Link(asyncio.Protocol):
     """One peerlink connection: frames in and out, with backpressure."""
 
-    def __init__(self, *, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
-        self.decoder = FrameDecoder()
+    def __init__(self, *, max_queued: int = DEFAULT_MAX_QUEUED,
+                 gate: AdmissionGate | None = None,
+                 handshake_timeout: float | None = None) -> None:
+        self.decoder = FrameDecoder(PREAUTH_MAX_BODY, compressed=False)
         self.transport: asyncio.Transport | None = None
         self.peername = "?"
+        self.peer_host = "?"
         self.max_queued = max_queued
-        self._queue: collections.deque[tuple[Message, int]] = collections.deque()
+        self.is_authenticated = False
+        self.gate = gate
+        self._gated = False
+        self.handshake_timeout = handshake_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+        self._queue: collections.deque[tuple[Message | asyncio.Future[Message], int]] = \
+            collections.deque()
         self._queued_bytes = 0
         self._reading_paused = False
         self._wakeup: asyncio.Event = asyncio.Event()
@@ -111,43 +194,93 @@ class Link(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
-            self.peername = f"{peer[0]}:{peer[1]}"
+            self.peername = format_addr(str(peer[0]), int(peer[1]))
+            self.peer_host = str(peer[0])
         self.last_frame = time.monotonic()
+        if self.gate is not None and not self.is_authenticated:
+            why = self.gate.enter(self, self.peer_host)
+            if why is not None:
+                log.warning("peer_dropped", peer_addr=self.peername, reason=why)
+                self._fail(LinkClosed(f"connection refused: {why}"))
+                return
+            self._gated = True
+        if self.handshake_timeout is not None and not self.is_authenticated:
+            self._deadline = asyncio.get_running_loop().call_later(
+                self.handshake_timeout, self._handshake_expired)
         if not self.connected.done():
             self.connected.set_result(None)
+
+    def _handshake_expired(self) -> None:
+        if not self.is_authenticated:
+            self._fail(LinkTimeout(f"the peer did not authenticate within "
+                                   f"{self.handshake_timeout:g} s of connecting"))
+
+    def authenticated(self) -> None:
+        """The session checked the peer's proof: raise the limits for this link."""
+        if self.is_authenticated:
+            return
+        self.is_authenticated = True
+        self.decoder.allow(DEFAULT_MAX_BODY, compressed=True)
+        self._leave_gate()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._pump()
+
+    def _leave_gate(self) -> None:
+        if self._gated and self.gate is not None:
+            self._gated = False
+            self.gate.leave(self, self.peer_host)
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
             return
         self.bytes_in += len(data)
+        self.decoder.feed(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Decode what is buffered into the queue; pause reading when it is full (before
+        authentication: as soon as one message waits)."""
+        if self._error is not None:
+            return
         try:
-            self.decoder.feed(data)
-            while True:
-                body = self.decoder.next_frame()
-                if body is NEED_DATA:
+            while self.is_authenticated or not self._queue:
+                raw = self.decoder.next_raw()
+                if raw is NEED_DATA:
                     break
                 self.last_frame = time.monotonic()
-                msg = decode(body)
-                if isinstance(msg, Ping):
+                if self.is_authenticated and raw.size > OFFLOAD_BYTES:
+                    fut = asyncio.get_running_loop().run_in_executor(_pool(), _offload, raw)
+                    fut.add_done_callback(_retrieve)
+                    self._queue.append((fut, raw.size))
+                    self._queued_bytes += raw.size
+                    continue
+                msg = decode(self.decoder.unpack(raw))
+                if isinstance(msg, Ping) and self.is_authenticated:
                     with contextlib.suppress(LinkClosed):
                         self.send(Pong(msg.t))
                     continue
-                self._queue.append((msg, len(body)))
-                self._queued_bytes += len(body)
+                self._queue.append((msg, raw.size))
+                self._queued_bytes += raw.size
         except PeerProtocolError as e:
             self._fail(e)
             return
         if self._queue:
             self._wakeup.set()
-        if self._queued_bytes > self.max_queued and not self._reading_paused:
+        full = (self._queued_bytes > self.max_queued if self.is_authenticated
+                else bool(self._queue))
+        if full and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
-            assert self.transport is not None
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_gate()
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self._error is None:
             why = f"connection lost ({exc})" if exc else "connection closed by peer"
             self._error = LinkClosed(why)
@@ -180,6 +313,7 @@ class Link(asyncio.Protocol):
         self._queued_bytes = 0
         self._wakeup.set()
         self._writing_allowed.set()
+        self._leave_gate()
         if self.transport is not None:
             self.transport.abort()
         else:
@@ -240,12 +374,25 @@ class Link(asyncio.Protocol):
                 raise self._error
             self._wakeup.clear()
             await self._wakeup.wait()
-        msg, n = self._queue.popleft()
+        item, n = self._queue[0]
+        if isinstance(item, asyncio.Future):
+            try:
+                msg = await asyncio.shield(item)
+            except PeerProtocolError as e:
+                self._fail(e)
+                raise
+            if self._error is not None:  # failed meanwhile: nothing more is handed out
+                raise self._error
+        else:
+            msg = item
+        self._queue.popleft()
         self._queued_bytes -= n
-        if self._reading_paused and self._queued_bytes <= self.max_queued // 2:
+        if self._reading_paused and (self._queued_bytes <= self.max_queued // 2
+                                     if self.is_authenticated else not self._queue):
             self._reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+            self._pump()  # what was buffered while paused
         return msg
 
     async def recv_within(self, timeout: float, what: str) -> Message:
@@ -270,6 +417,12 @@ class Link(asyncio.Protocol):
     async def wait_closed(self) -> None:
         with contextlib.suppress(Exception):
             await self.closed
+
+
+def _retrieve(fut: asyncio.Future[Message]) -> None:
+    """A decode whose link failed meanwhile is never awaited: consume its outcome."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def is_compressed(bufs: list[bytes | memoryview]) -> bool:

@@ -25,11 +25,20 @@ from blockstore.record import Op
 from .auth import NONCE_SIZE, PROOF_SIZE
 from .errors import PeerProtocolError
 
-PROTO_VERSION: Final = 1
+PROTO_VERSION: Final = 2  # 2: Challenge and Proof before the receiver's Hello
 ROLES: Final = ("primary", "secondary", "dr")
 MAX_NAME: Final = 255
 MIN_EXTENT_SHIFT: Final = 12
 MAX_EXTENT_SHIFT: Final = 40
+# Bounds on every list a message carries, so that decoding costs time and memory in
+# proportion to what an honest peer sends (PROTOCOL.md "Limits").
+MAX_GENERATIONS: Final = 64  # a Hello carries the newest 64 of a history
+MAX_CHANGED: Final = 1024  # Hello.changed extents (coarsened to fit: session.py)
+# Batch records: twice the sender's default batch_records (a cascade flushes before it
+# would pass this).  Unpacking that many holds the GIL for ~20-30 ms, worker thread or not.
+MAX_BATCH_RECORDS: Final = 1 << 15
+MAX_RESYNC_EXTENTS: Final = 1 << 20  # blockstore.peers.dirty_shift: at most 2^20 extents
+MAX_REASON: Final = 2048  # characters of a Refuse reason
 _U8: Final = 0xFF
 _U32: Final = 0xFFFF_FFFF
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -99,9 +108,11 @@ def _bytes(v: Any, field: str, sizes: tuple[int, ...] = ()) -> bytes:
     return v
 
 
-def _list(v: Any, field: str) -> list[Any]:
+def _list(v: Any, field: str, most: int | None = None) -> list[Any]:
     if not isinstance(v, list):
         raise _bad(field, "array", v)
+    if most is not None and len(v) > most:
+        raise PeerProtocolError(f"{field}: {len(v)} items, over the maximum of {most}")
     return v
 
 
@@ -162,7 +173,7 @@ class Hello(_Message):
                     f"Hello.changed: expected [extent_shift, extents], got {len(pair)} items")
             shift = _uint(pair[0], "Hello.changed.extent_shift", MAX_EXTENT_SHIFT,
                           MIN_EXTENT_SHIFT)
-            ext = _list(pair[1], "Hello.changed.extents")  # bounded by the frame size
+            ext = _list(pair[1], "Hello.changed.extents", MAX_CHANGED)
             changed = (shift, tuple(_uint(e, f"Hello.changed.extents[{i}]")
                                     for i, e in enumerate(ext)))
         vuuid = _str(f[3], "Hello.volume_uuid")
@@ -176,7 +187,7 @@ class Hello(_Message):
         if role not in ROLES:
             raise _bad("Hello.role", " or ".join(ROLES), role)
         gens: list[Generation] = []
-        for i, g in enumerate(_list(f[6], "Hello.generations")):
+        for i, g in enumerate(_list(f[6], "Hello.generations", MAX_GENERATIONS)):
             at = f"Hello.generations[{i}]"
             pair = _list(g, at)
             if len(pair) != 2:
@@ -230,7 +241,10 @@ class Refuse(_Message):
     @classmethod
     def _decode(cls, f: list[Any]) -> Self:
         _arity(cls, f, at_least=True)  # layout fixed across versions, like Hello
-        return cls(_str(f[0], "Refuse.reason"))
+        reason = _str(f[0], "Refuse.reason")
+        if len(reason) > MAX_REASON:
+            raise _bad("Refuse.reason", f"at most {MAX_REASON} characters", reason)
+        return cls(reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +265,8 @@ class Batch(_Message):
         if last < first:
             raise PeerProtocolError(f"Batch.last_seq: {last} is below first_seq {first}")
         return cls(_name(f[0], "Batch.volume"), first, last,
-                   tuple(_record(r, i) for i, r in enumerate(_list(f[3], "Batch.records"))))
+                   tuple(_record(r, i) for i, r in enumerate(
+                       _list(f[3], "Batch.records", MAX_BATCH_RECORDS))))
 
 
 def _record(r: Any, i: int) -> Record:
@@ -333,7 +348,7 @@ class ResyncExtents(_Message):
         _arity(cls, f)
         shift = _uint(f[1], "ResyncExtents.extent_shift", MAX_EXTENT_SHIFT, MIN_EXTENT_SHIFT)
         extents: list[int] = []
-        for i, v in enumerate(_list(f[2], "ResyncExtents.extents")):
+        for i, v in enumerate(_list(f[2], "ResyncExtents.extents", MAX_RESYNC_EXTENTS)):
             e = _uint(v, f"ResyncExtents.extents[{i}]")
             if extents and e <= extents[-1]:
                 raise PeerProtocolError(
@@ -440,23 +455,61 @@ class VerifyResult(_Message):
     def _decode(cls, f: list[Any]) -> Self:
         _arity(cls, f)
         diff = tuple(_uint(v, f"VerifyResult.differing[{i}]")
-                     for i, v in enumerate(_list(f[3], "VerifyResult.differing")))
+                     for i, v in enumerate(_list(f[3], "VerifyResult.differing",
+                                                 MAX_VERIFY_EXTENTS)))
         return cls(_name(f[0], "VerifyResult.volume"), _uint(f[1], "VerifyResult.token"),
                    _uint(f[2], "VerifyResult.applied_seq"), diff)
 
 
+@dataclass(frozen=True, slots=True)
+class Challenge(_Message):
+    """The receiver's first answer (version 2): its nonce, and nothing about itself, until
+    the sender has proved that it knows the shared secret (``Proof``)."""
+
+    TYPE: ClassVar[int] = 13
+    proto_version: int
+    auth_nonce: bytes
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_uint(f[0], "Challenge.proto_version", _U32),
+                   _bytes(f[1], "Challenge.auth_nonce", (NONCE_SIZE,)))
+
+
+@dataclass(frozen=True, slots=True)
+class Proof(_Message):
+    """The sender's answer to ``Challenge``: its proof over both nonces (empty when no
+    shared secret is configured)."""
+
+    TYPE: ClassVar[int] = 14
+    auth_proof: bytes
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f)
+        return cls(_bytes(f[0], "Proof.auth_proof", (0, PROOF_SIZE)))
+
+
 Message: TypeAlias = (Hello | HelloOk | Refuse | Batch | Ack | Ping | Pong | ResyncExtents
-                      | ExtentData | ResyncDone | Verify | VerifyResult)
+                      | ExtentData | ResyncDone | Verify | VerifyResult | Challenge | Proof)
 _BY_TYPE: Final[dict[int, type[Message]]] = {
     c.TYPE: c for c in (Hello, HelloOk, Refuse, Batch, Ack, Ping, Pong, ResyncExtents,
-                        ExtentData, ResyncDone, Verify, VerifyResult)
+                        ExtentData, ResyncDone, Verify, VerifyResult, Challenge, Proof)
 }
+# msgpack refuses a container whose header declares more elements than the body has
+# bytes (each takes one at least) or than any field allows, before reading it (the
+# per-field bounds above then name the field).
+_MAX_ARRAY: Final = MAX_RESYNC_EXTENTS + 8
+_MAX_MAP: Final = 64
 
 
 def decode(body: bytes) -> Message:
     """Decode and check one message body; raise PeerProtocolError naming what is wrong."""
     try:
-        obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+        obj = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True,
+                              max_array_len=min(len(body), _MAX_ARRAY),
+                              max_map_len=min(len(body) // 2, _MAX_MAP), max_ext_len=0)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         detail = str(e) or type(e).__name__
         raise PeerProtocolError(f"message body is not valid msgpack ({detail})") from None

@@ -36,6 +36,7 @@ import contextlib
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +75,9 @@ from blockstore.volume import Volume
 from .auth import make_nonce
 from .batch import payload_bytes
 from .errors import PeerlinkError, PeerProtocolError
-from .handshake import from_wire
-from .link import Link, LinkClosed, Refused, format_addr, session_ended
+from .link import AdmissionGate, Link, LinkClosed, Refused, format_addr, session_ended
 from .messages import (
+    MAX_REASON,
     Ack,
     Batch,
     ExtentData,
@@ -90,6 +91,7 @@ from .messages import (
 )
 from .session import (
     Admitted,
+    Authenticated,
     Output,
     Phase,
     ReceiverSession,
@@ -97,6 +99,7 @@ from .session import (
     ReplicaFacts,
     Send,
     TakeOver,
+    from_wire,
 )
 
 log = structlog.get_logger(component="peerlink")
@@ -126,6 +129,36 @@ async def wait_connected(link: Link, timeout: float) -> bool:
         link.connected.exception()  # retrieved: the reason is logged by the sender side
         return False
     return True
+
+
+def refuse(link: Link, out: Refusal) -> Refused:
+    """Send the peer what ``out`` tells it (a code only, before it authenticated), close,
+    and return the error carrying the full reason (logged as ``peer_refused_by_us``)."""
+    with contextlib.suppress(LinkClosed):
+        link.send(Refuse(out.told[:MAX_REASON]))
+    link.close()
+    return Refused(out.reason)
+
+
+async def perform(link: Link, outputs: list[Output], clog: Any,
+                  on_refusal: Callable[[Refusal, Any], Awaitable[None]] | None = None
+                  ) -> Output | None:
+    """Do what a ``ReceiverSession`` says: send, lift the link's limits once the peer
+    authenticated, refuse (``on_refusal`` first: a record for `nbdgw status`; then
+    raise ``Refused``).  Returns the output that asks the shell for more."""
+    asked: Output | None = None
+    for out in outputs:
+        if isinstance(out, Send):
+            link.send(out.msg)
+        elif isinstance(out, Authenticated):
+            link.authenticated()
+        elif isinstance(out, Refusal):
+            if on_refusal is not None:
+                await on_refusal(out, clog)
+            raise refuse(link, out)
+        else:
+            asked = out
+    return asked
 
 
 _Work = Batch | ResyncExtents | ExtentData | ResyncDone | Verify
@@ -184,6 +217,7 @@ class Receiver:
         self.takeover = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
         self.links: set[Link] = set()
+        self.gate = AdmissionGate()
         self.fatal: BaseException | None = None
         self.failed = asyncio.Event()  # set on a fatal error: the process should stop
         self.log = log.bind(volume=name, side="receiver", node=node)
@@ -204,7 +238,9 @@ class Receiver:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (0 = any free port); return the address bound."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._accept, host, port, ssl=self.tls)
+        self.server = await loop.create_server(
+            self._accept, host, port, ssl=self.tls,
+            ssl_handshake_timeout=self.timeout if self.tls is not None else None)
         self.live_task = loop.create_task(self._live_writer())
         sock = self.server.sockets[0].getsockname()
         self.log.info("listening", address=format_addr(sock[0], sock[1]))
@@ -235,7 +271,7 @@ class Receiver:
             await asyncio.sleep(LIVE_INTERVAL)
 
     def _accept(self) -> Link:
-        link = Link()
+        link = Link(gate=self.gate, handshake_timeout=self.timeout)
         self.links.add(link)
         self.adopt(link)
         return link
@@ -288,12 +324,6 @@ class Receiver:
             link.release(LinkClosed("session ended"))
             self.links.discard(link)
 
-    def _refuse(self, link: Link, reason: str) -> Refused:
-        with contextlib.suppress(LinkClosed):
-            link.send(Refuse(reason))
-        link.close()
-        return Refused(reason)
-
     def _upstream_uuid(self, offered: str) -> str:
         """The uuid this replica answers to: its binding, or (while still empty and
         unbound) the one the sender offers, else its own."""
@@ -324,20 +354,21 @@ class Receiver:
 
     async def _handshake_and_stream(self, link: Link, clog: Any,
                                     hello: Hello | None = None) -> None:
-        """The handshake (``ReceiverSession`` decides; this takes the replica over and
-        binds it), then the stream."""
+        """The handshake (``ReceiverSession`` decides; this reads the replica once the
+        sender proved itself, takes it over and binds it), then the stream."""
         t = self.timeout
         theirs = hello if hello is not None else await link.recv_within(t, "Hello")
-        facts = self._facts()
-        core = ReceiverSession(facts, secret=self.secret, nonce=make_nonce())
+        core = ReceiverSession(self.node, self.name, secret=self.secret, nonce=make_nonce())
         outs = core.receive(theirs)
         assert isinstance(theirs, Hello)  # else receive raised
         clog = clog.bind(peer=theirs.node)
+        await perform(link, outs, clog)
+        await perform(link, core.receive(await link.recv_within(t, "Proof")), clog)
+        facts = self._facts()  # the sender proved itself: now the replica is read
+        await perform(link, core.offer(facts), clog, self._history_refusals(theirs.node))
         if core.adopts:
             clog.warning("adopting_unrelated_history", peer=theirs.node, forked=core.fork)
-        await self._perform(link, outs, theirs.node, core, clog)
-        take = await self._perform(
-            link, core.receive(await link.recv_within(t, "HelloOk")), theirs.node, core, clog)
+        take = await perform(link, core.receive(await link.recv_within(t, "HelloOk")), clog)
         assert isinstance(take, TakeOver)
         theirs_gens = core.sender_history
         vuuid = facts.uuid if not facts.fresh else theirs.volume_uuid
@@ -349,10 +380,10 @@ class Receiver:
                                  pending is not None and not pending["done"])
             adm = next((o for o in outs if isinstance(o, Admitted)), None)
             if adm is None:
-                await self._perform(link, outs, theirs.node, core, clog)
+                await perform(link, outs, clog)
                 raise AssertionError("admitted() neither admitted nor refused")
             await self._bind(theirs, vuuid, adm.resume_from, clog, adm.newer)
-            await self._perform(link, outs, theirs.node, core, clog)
+            await perform(link, outs, clog)
             await asyncio.get_running_loop().run_in_executor(
                 None, clear_refused, self.vol.info, theirs.node)
             session = _Session(link, theirs.node, adm.resume_from, core)
@@ -375,22 +406,12 @@ class Receiver:
             clog.info("session_ended", applied_batches=session.applied_batches,
                       applied_bytes=session.applied_bytes, upstream_seq=self.vol.upstream_seq)
 
-    async def _perform(self, link: Link, outputs: list[Output], node: str,
-                       core: ReceiverSession, clog: Any) -> Output | None:
-        """Send what the session says; where it refuses, record a refusal by history
-        (for `nbdgw status`), send Refuse and raise ``Refused``.  Returns the output that
-        asks the shell for more."""
-        asked: Output | None = None
-        for out in outputs:
-            if isinstance(out, Send):
-                link.send(out.msg)
-            elif isinstance(out, Refusal):
-                if out.history:
-                    await self._record_refusal(node, out.reason, out.split_brain, clog)
-                raise self._refuse(link, out.reason)
-            else:
-                asked = out
-        return asked
+    def _history_refusals(self, node: str) -> Callable[[Refusal, Any], Awaitable[None]]:
+        """Keep a refusal by history where `nbdgw status` reads it."""
+        async def record(out: Refusal, clog: Any) -> None:
+            if out.history:
+                await self._record_refusal(node, out.reason, out.split_brain, clog)
+        return record
 
     async def _bind(self, theirs: Hello, vuuid: str, resume_from: int, clog: Any,
                     newer: bool) -> None:
@@ -702,18 +723,21 @@ class ReceiverServer:
 
     Each connection's first message (``Hello``) names the volume; the connection is
     handed to that volume's ``Receiver``, which runs the rest of the handshake.  A volume
-    this node holds no replica of is refused by name.  A receiver whose apply failed
-    (a full or failing disk) is closed and its volume refused from then on; the others
-    keep streaming.
+    this node holds no replica of is challenged all the same (a stranger cannot tell
+    which volumes exist) and refused, by name, only to a sender that proved it knows
+    ``secret``.  A receiver whose apply failed (a full or failing disk) is closed and its
+    volume refused from then on; the others keep streaming.
     """
 
     def __init__(self, receivers: dict[str, Receiver], *, node: str, timeout: float = 15.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, secret: bytes | None = None) -> None:
         self.receivers = dict(receivers)
         self.failed_volumes: dict[str, str] = {}
         self.node = node
         self.timeout = timeout
         self.tls = tls
+        self.secret = secret
+        self.gate = AdmissionGate()
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.pending: set[Link] = set()
@@ -721,7 +745,9 @@ class ReceiverServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._accept, host, port, ssl=self.tls)
+        self.server = await loop.create_server(
+            self._accept, host, port, ssl=self.tls,
+            ssl_handshake_timeout=self.timeout if self.tls is not None else None)
         sock = self.server.sockets[0].getsockname()
         self.log.info("listening", address=format_addr(sock[0], sock[1]),
                       volumes=sorted(self.receivers))
@@ -736,7 +762,7 @@ class ReceiverServer:
         task.add_done_callback(self.tasks.discard)
 
     def _accept(self) -> Link:
-        link = Link()
+        link = Link(gate=self.gate, handshake_timeout=self.timeout)
         self.pending.add(link)
         self._spawn(self._dispatch(link))
         return link
@@ -761,16 +787,29 @@ class ReceiverServer:
             return
         rx = self.receivers.get(hello.volume)
         if rx is None:
-            why = self.failed_volumes.get(hello.volume)
-            reason = (f"volume {hello.volume} on node {self.node!r} is stopped: {why}" if why
-                      else f"node {self.node!r} holds no replica of volume {hello.volume}")
-            self.log.warning("peer_refused", peer=hello.node, volume=hello.volume,
-                             reason=reason)
-            with contextlib.suppress(LinkClosed):
-                link.send(Refuse(reason))
-            link.close()
+            await self._decline(link, hello)
             return
         rx.adopt(link, hello)
+
+    async def _decline(self, link: Link, hello: Hello) -> None:
+        """A volume this node holds no replica of (or stopped): the same challenge as for
+        one it holds, then the refusal, with the reason only for a sender that proved
+        itself."""
+        why = self.failed_volumes.get(hello.volume)
+        reason = (f"volume {hello.volume} on node {self.node!r} is stopped: {why}" if why
+                  else f"node {self.node!r} holds no replica of volume {hello.volume}")
+        clog = self.log.bind(peer_addr=link.peername, peer=hello.node, volume=hello.volume)
+        core = ReceiverSession(self.node, hello.volume, secret=self.secret,
+                               nonce=make_nonce())
+        try:
+            await perform(link, core.receive(hello), clog)
+            await perform(link, core.receive(await link.recv_within(self.timeout, "Proof")),
+                          clog)
+            await perform(link, core.decline(reason), clog)
+        except PeerlinkError as e:
+            session_ended(clog, e)
+        finally:
+            link.release(LinkClosed("session ended"))
 
     async def _watch(self, name: str, rx: Receiver) -> None:
         await rx.failed.wait()

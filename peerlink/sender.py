@@ -125,9 +125,11 @@ from .auth import make_nonce
 from .batch import BatchBuilder, payload_bytes
 from .errors import PeerlinkError, PeerRefused
 from .frames import encode_frame
-from .handshake import from_wire, replica_history, wire_epochs, wire_generations
+from .handshake import replica_history
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
+    MAX_BATCH_RECORDS,
+    MAX_REASON,
     PROTO_VERSION,
     Ack,
     ExtentData,
@@ -142,12 +144,16 @@ from .messages import (
 )
 from .ratelimit import TokenBucket, format_rate
 from .session import (
+    Authenticated,
     Established,
     Output,
     PlanResync,
     Refusal,
     Send,
     SenderSession,
+    from_wire,
+    wire_epochs,
+    wire_generations,
 )
 from .syncstate import Standing, SyncEvent, SyncStanding
 
@@ -316,7 +322,9 @@ class Producer:
                 gbytes += REC_HEADER_SIZE + len(payload)
                 if hdr.op is not Op.MARK or not is_commit(payload):
                     continue
-                if not self.builder.empty and self.builder.size + gbytes > self.cfg.batch_bytes:
+                if not self.builder.empty and (
+                        self.builder.size + gbytes > self.cfg.batch_bytes
+                        or len(self.builder) + len(group) > MAX_BATCH_RECORDS):
                     out.append(self._flush())
                 for h, p in group:
                     if not self.builder.add(h, p):
@@ -911,7 +919,7 @@ class Sender:
 
     def _refuse(self, link: Link, reason: str) -> Refused:
         with contextlib.suppress(LinkClosed):
-            link.send(Refuse(reason))
+            link.send(Refuse(reason[:MAX_REASON]))
         link.close()
         return Refused(reason)
 
@@ -972,6 +980,7 @@ class Sender:
                                 window_bytes=self.cfg.window_bytes,
                                 window_batches=self.cfg.window_batches)
         self._perform(link, session.start())
+        self._perform(link, session.receive(await link.recv_within(t, "Challenge")))
         ask = self._perform(link, session.receive(await link.recv_within(t, "Hello")))
         assert isinstance(ask, PlanResync)
         plan, last = await self._plan(loop, ask.rel, ask.theirs, history, ask.applied,
@@ -1001,6 +1010,8 @@ class Sender:
         for out in outputs:
             if isinstance(out, Send):
                 link.send(out.msg)
+            elif isinstance(out, Authenticated):
+                link.authenticated()  # the receiver proved itself: lift the limits
             elif isinstance(out, Refusal):
                 raise self._refuse(link, out.reason)
             else:

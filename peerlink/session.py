@@ -3,11 +3,13 @@
 ``SenderSession`` and ``ReceiverSession`` are fed the messages their peer sent (and, where
 the protocol needs facts only the shell can read from disk, the shell's answers) and
 return what to do next as a list of outputs: send this message, refuse with this reason,
-plan a resync, take the replica over, stream.  They own the handshake order (Hello both
-ways, the sender's proof checked before anything else is accepted, the receiver's proof
-checked before any data is sent), the resume and refusal rules, the phases of a resync
-and of streaming as a transition table, the sender's window of unacknowledged batches and
-the verify tokens.  The asyncio ``Sender`` and ``Receiver`` read the journal and the
+plan a resync, take the replica over, stream.  They own the handshake order (the sender's
+Hello, the receiver's Challenge, the sender's Proof checked before the receiver reads or
+tells anything about its replica, the receiver's Hello, the resume point both ways, the
+receiver's proof checked before any data is sent), what may be told to a peer that has
+not authenticated (refusals by code only), the resume and refusal rules, the phases of a
+resync and of streaming as a transition table, the sender's window of unacknowledged
+batches and the verify tokens.  The asyncio ``Sender`` and ``Receiver`` read the journal and the
 volume, perform the outputs and reconnect; the rules are tested here, end against end,
 with no socket (tests/unit/test_peerlink_session.py).
 
@@ -33,15 +35,20 @@ from blockstore.generations import (
 from peerlink.auth import Prover, Transcript, proof, verify
 from peerlink.batch import check_batch, payload_bytes
 from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
-from peerlink.handshake import from_wire, wire_epochs, wire_generations
 from peerlink.messages import (
+    MAX_CHANGED,
+    MAX_EXTENT_SHIFT,
+    MAX_GENERATIONS,
     PROTO_VERSION,
     Ack,
     Batch,
+    Challenge,
     ExtentData,
+    Generation,
     Hello,
     HelloOk,
     Message,
+    Proof,
     Refuse,
     ResyncDone,
     ResyncExtents,
@@ -53,13 +60,19 @@ from peerlink.messages import (
 
 
 class Phase(enum.Enum):
-    """Where a session stands.  Sender: HELLO → PLAN → PROOF → STREAM.  Receiver: HELLO →
-    PROOF → ADMIT → OPEN | ANNOUNCE, then the resync and stream phases below."""
+    """Where a session stands.  Sender: CHALLENGE → FACTS → PLAN → PROOF → STREAM.
+    Receiver: HELLO → PROOF → FACTS → RESUME → ADMIT → OPEN | ANNOUNCE, then the resync and
+    stream phases below.  The receiver's peer is authenticated from FACTS on, the
+    sender's from STREAM on."""
 
-    HELLO = "hello"  # waiting for the peer's Hello (the sender sent its own first)
+    HELLO = "hello"  # receiver: waiting for the sender's Hello
+    CHALLENGE = "challenge"  # sender: its Hello sent, waiting for the receiver's Challenge
+    PROOF = "proof"  # waiting for the peer's proof (receiver: Proof; sender: HelloOk)
+    FACTS = "facts"  # receiver: the sender proved itself; the shell reads the replica
+    #                  sender: its Proof sent, waiting for the receiver's Hello
     PLAN = "plan"  # sender: the peer's Hello is accepted; the shell plans the resync
-    PROOF = "proof"  # waiting for the peer's HelloOk and its proof
-    ADMIT = "admit"  # receiver: the sender proved itself; the shell takes the replica over
+    RESUME = "resume"  # receiver: its Hello sent, waiting for the sender's HelloOk
+    ADMIT = "admit"  # receiver: the resume point came; the shell takes the replica over
     OPEN = "open"  # receiver: a resync (ResyncExtents) or the first Batch may come
     ANNOUNCE = "announce"  # receiver: a resync must begin (Verify may come before it)
     EXTENTS = "extents"  # receiver: ExtentData of the announced extents until ResyncDone
@@ -67,12 +80,14 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # refused or failed: nothing more
 
 
-# What a receiver accepts in each phase once it streams, and the phase it moves to.  The
-# handshake phases accept one message each (Hello, then HelloOk); ADMIT accepts nothing
-# (the shell must call ``admitted`` first).
+# What a receiver accepts in each phase, and the phase it moves to.  The handshake phases
+# accept one message each (Hello, Proof, HelloOk); FACTS and ADMIT accept nothing (the
+# shell must call ``offer`` or ``decline``, then ``admitted``, first).
 RECEIVER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
     Phase.HELLO: {Hello: Phase.PROOF},
-    Phase.PROOF: {HelloOk: Phase.ADMIT},
+    Phase.PROOF: {Proof: Phase.FACTS},
+    Phase.FACTS: {},
+    Phase.RESUME: {HelloOk: Phase.ADMIT},
     Phase.ADMIT: {},
     Phase.OPEN: {ResyncExtents: Phase.EXTENTS, Batch: Phase.STREAM, Verify: Phase.STREAM},
     Phase.ANNOUNCE: {Verify: Phase.ANNOUNCE, ResyncExtents: Phase.EXTENTS},
@@ -81,9 +96,11 @@ RECEIVER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
     Phase.CLOSED: {},
 }
 
-# What a sender accepts: the receiver's Hello, its HelloOk, then Acks and VerifyResults.
+# What a sender accepts: the receiver's Challenge, Hello and HelloOk, then Acks and
+# VerifyResults.
 SENDER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
-    Phase.HELLO: {Hello: Phase.PLAN},
+    Phase.CHALLENGE: {Challenge: Phase.FACTS},
+    Phase.FACTS: {Hello: Phase.PLAN},
     Phase.PLAN: {},
     Phase.PROOF: {HelloOk: Phase.STREAM},
     Phase.STREAM: {Ack: Phase.STREAM, VerifyResult: Phase.STREAM},
@@ -92,12 +109,25 @@ SENDER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
 
 # What each phase waits for, for the error when something else comes.
 RECEIVER_EXPECTS: Final = {
-    Phase.HELLO: "Hello to open the connection", Phase.PROOF: "HelloOk after Hello",
+    Phase.HELLO: "Hello to open the connection", Phase.PROOF: "Proof after Challenge",
+    Phase.RESUME: "HelloOk after Hello",
     Phase.OPEN: "Batch while streaming", Phase.ANNOUNCE: "ResyncExtents to begin a resync",
     Phase.EXTENTS: "ExtentData during a resync", Phase.STREAM: "Batch while streaming"}
 SENDER_EXPECTS: Final = {
-    Phase.HELLO: "Hello in answer to Hello", Phase.PROOF: "HelloOk after HelloOk",
-    Phase.STREAM: "Ack while streaming"}
+    Phase.CHALLENGE: "Challenge in answer to Hello", Phase.FACTS: "Hello after Proof",
+    Phase.PROOF: "HelloOk after HelloOk", Phase.STREAM: "Ack while streaming"}
+
+# What a receiver tells a peer that has not proved the secret when it refuses it: a code
+# and no identifier of this node (its name, volumes, uuids, sizes); the reason with the
+# details is logged here.  PROTOCOL.md lists the codes.
+REFUSE_VERSION: Final = "protocol-version"
+REFUSE_AUTH: Final = "auth-failed"
+PREAUTH_REFUSALS: Final = {
+    REFUSE_VERSION: f"{REFUSE_VERSION}: this node speaks peerlink protocol version "
+                    f"{PROTO_VERSION}",
+    REFUSE_AUTH: f"{REFUSE_AUTH}: peer authentication failed (the reason is logged on the "
+                 "receiving node)",
+}
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -112,12 +142,26 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Send ``Refuse(reason)`` and close.  ``history``: a refusal by generation history
-    (kept for `nbdgw status`); ``split_brain``: histories with no common future."""
+    """Log ``reason``, send ``Refuse(wire or reason)`` and close.  ``wire``: what a peer
+    that has not authenticated is told instead (a code).  ``history``: a refusal by
+    generation history (kept for `nbdgw status`); ``split_brain``: histories with no
+    common future."""
 
     reason: str
     history: bool = False
     split_brain: bool = False
+    wire: str | None = None
+
+    @property
+    def told(self) -> str:
+        """What the peer is sent."""
+        return self.wire if self.wire is not None else self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """The peer proved itself (receiver: its Proof checked; sender: the receiver's
+    HelloOk checked): the shell lifts the link's limits for strangers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +205,38 @@ class Admitted:
     resync: bool
 
 
-Output = Send | Refusal | PlanResync | Established | TakeOver | Admitted
+Output = Send | Refusal | Authenticated | PlanResync | Established | TakeOver | Admitted
+
+
+def wire_generations(history: History) -> tuple[Generation, ...]:
+    """A history as a Hello carries it: its newest MAX_GENERATIONS generations (a peer
+    more promotions behind than that finds no common generation and is refused)."""
+    return tuple(Generation(g.gen_id, g.start_seq)
+                 for g in history.generations[-MAX_GENERATIONS:])
+
+
+def wire_epochs(history: History) -> tuple[int, ...]:
+    return tuple(g.epoch for g in history.generations[-MAX_GENERATIONS:])
+
+
+def wire_changed(shift: int, extents: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
+    """``Hello.changed`` within MAX_CHANGED extents: coarser extents (each covering the
+    ones it merges) until they fit; None (unknown: every extent is compared) when even
+    2^MAX_EXTENT_SHIFT-byte extents are too many."""
+    out = tuple(sorted(set(extents)))
+    while len(out) > MAX_CHANGED:
+        if shift >= MAX_EXTENT_SHIFT:
+            return None
+        shift += 1
+        out = tuple(sorted({e >> 1 for e in out}))
+    return shift, out
+
+
+def from_wire(gens: tuple[Generation, ...], epochs: tuple[int, ...] | None
+              ) -> tuple[BGeneration, ...]:
+    """A Hello's history as ``blockstore.generations`` entries (epoch 0 when not sent)."""
+    eps = epochs if epochs is not None else (0,) * len(gens)
+    return tuple(BGeneration(g.gen_id, g.start_seq, e) for g, e in zip(gens, eps, strict=True))
 
 
 class _Session:
@@ -224,15 +299,20 @@ class SenderSession(_Session):
         self.inflight_bytes = 0
         self.resync_ack: int | None = None  # the Ack that says a resync is durable
         self.tokens: set[int] = set()  # Verify requests sent and not answered
+        self.their_nonce: bytes | None = None  # from the Challenge
 
     def start(self) -> list[Output]:
+        self.phase = Phase.CHALLENGE
         return [Send(self.mine)]
 
     # -- the handshake --------------------------------------------------------------------
 
     def receive(self, msg: Message) -> list[Output]:
-        """The peer's Hello, HelloOk, Ack or VerifyResult (a Pong is the shell's)."""
+        """The peer's Challenge, Hello, HelloOk, Ack or VerifyResult (a Pong is the
+        shell's)."""
         nxt = self._enter(msg)
+        if isinstance(msg, Challenge):
+            return self._challenge(msg, nxt)
         if isinstance(msg, Hello):
             return self._hello(msg)
         if isinstance(msg, HelloOk):
@@ -244,7 +324,20 @@ class SenderSession(_Session):
         self.on_verify_result(msg)
         return []
 
+    def _challenge(self, ch: Challenge, nxt: Phase) -> list[Output]:
+        """Prove this side over both nonces; the receiver tells nothing before."""
+        if ch.proto_version != PROTO_VERSION:
+            raise self._fail(PeerProtocolError(
+                f"Challenge for protocol version {ch.proto_version}, this node speaks "
+                f"{PROTO_VERSION}"))
+        self.their_nonce, self.phase = ch.auth_nonce, nxt
+        return [Send(Proof(proof(self.secret, Prover.SENDER, self._transcript())
+                           if self.secret else b""))]
+
     def _hello(self, theirs: Hello) -> list[Output]:
+        if theirs.auth_nonce != self.their_nonce:
+            raise self._fail(PeerProtocolError(
+                "Hello.auth_nonce: not the nonce of the Challenge"))
         refusal = check_hello(self.mine, theirs, sending=True)
         if refusal is None and theirs.node != self.peer:
             refusal = Refuse(f"connected to node {theirs.node!r}, but this sender ships to "
@@ -300,14 +393,15 @@ class SenderSession(_Session):
         assert self.theirs is not None
         self.resume = last + 1 if resync else self.applied + 1
         self.phase = Phase.PROOF
-        return [Send(HelloOk(self.node, self.resume,
-                             proof(self.secret, Prover.SENDER, self._transcript())
-                             if self.secret else b""))]
+        # The proof went in Proof; HelloOk carries the resume point only.
+        return [Send(HelloOk(self.node, self.resume, b""))]
 
     def _transcript(self) -> Transcript:
-        assert self.theirs is not None
-        return Transcript(PROTO_VERSION, self.node, self.theirs.node, self.mine.auth_nonce,
-                          self.theirs.auth_nonce)
+        """Both proofs cover the receiver's name as this sender knows it (``peer``): the
+        receiver does not name itself before the sender proved itself."""
+        assert self.their_nonce is not None
+        return Transcript(PROTO_VERSION, self.node, self.peer, self.mine.auth_nonce,
+                          self.their_nonce)
 
     def _hello_ok(self, ok: HelloOk, nxt: Phase) -> list[Output]:
         theirs = self.theirs
@@ -325,7 +419,7 @@ class SenderSession(_Session):
                 f"HelloOk: node {ok.node!r} resume {ok.resume_from_seq}, expected node "
                 f"{theirs.node!r} resume {self.resume}"))
         self.phase = nxt
-        return [Established(self.resume, self.applied, theirs.node)]
+        return [Authenticated(), Established(self.resume, self.applied, theirs.node)]
 
     # -- streaming: the window and verify tokens -------------------------------------------
 
@@ -414,15 +508,20 @@ class ReplicaFacts:
 
 class ReceiverSession(_Session):
     """The receiving end of one connection: the handshake, then every message checked
-    against the phase before the shell queues it for the applier."""
+    against the phase before the shell queues it for the applier.
+
+    Until the sender's Proof checks, the session knows nothing of the replica (no facts
+    are read for a stranger) and tells the peer its protocol version and a nonce only;
+    then the shell reads the replica's facts (``offer``) or declines the volume
+    (``decline``: this node holds no replica of it)."""
 
     TABLE = RECEIVER_TABLE
     EXPECTS = RECEIVER_EXPECTS
 
-    def __init__(self, facts: ReplicaFacts, *, secret: bytes | None, nonce: bytes) -> None:
-        super().__init__(facts.node, facts.volume, secret)
-        self.facts = facts
+    def __init__(self, node: str, volume: str, *, secret: bytes | None, nonce: bytes) -> None:
+        super().__init__(node, volume, secret)
         self.nonce = nonce
+        self.facts: ReplicaFacts | None = None
         self.theirs: Hello | None = None
         self.mine: Hello | None = None
         self.rel = Relation.SAME
@@ -432,7 +531,7 @@ class ReceiverSession(_Session):
         self.expect_seq = 0
         self.announced: frozenset[int] = frozenset()
         self.extent_shift = 0
-        self.size = facts.size  # the volume's size once the batches admitted are applied
+        self.size = 0  # the volume's size once the batches admitted are applied
 
     @property
     def sender_history(self) -> tuple[BGeneration, ...]:
@@ -440,32 +539,107 @@ class ReceiverSession(_Session):
         return from_wire(self.theirs.generations, self.theirs.epochs)
 
     def receive(self, msg: Message) -> list[Output]:
-        """Hello, HelloOk; once admitted, ``admit`` (it also returns the payload size)."""
+        """Hello, Proof, HelloOk; once admitted, ``admit`` (it also returns the payload
+        size)."""
         nxt = self._enter(msg)
         if isinstance(msg, Hello):
             return self._hello(msg, nxt)
+        if isinstance(msg, Proof):
+            return self._proof(msg, nxt)
         if isinstance(msg, HelloOk):
             return self._hello_ok(msg, nxt)
         raise self._fail(PeerProtocolError(
             f"{type(msg).__name__} must go through admit()"))  # pragma: no cover
 
+    def _guarded(self, code: str, reason: str) -> list[Output]:
+        """Refuse a peer that has not authenticated: ``reason`` is logged, the code sent."""
+        self.phase = Phase.CLOSED
+        return [Refusal(reason, wire=PREAUTH_REFUSALS[code])]
+
     # -- the handshake --------------------------------------------------------------------
+
+    def _hello(self, theirs: Hello, nxt: Phase) -> list[Output]:
+        """The sender's Hello: only its version is judged before it proves itself."""
+        self.theirs = theirs
+        if theirs.proto_version != PROTO_VERSION:
+            return self._guarded(REFUSE_VERSION, (
+                f"protocol version mismatch: peer {theirs.node!r} speaks version "
+                f"{theirs.proto_version}, this node ({self.node!r}) speaks version "
+                f"{PROTO_VERSION}"))
+        self.phase = nxt
+        return [Send(Challenge(PROTO_VERSION, self.nonce))]
+
+    def _transcript(self) -> Transcript:
+        assert self.theirs is not None
+        return Transcript(PROTO_VERSION, self.theirs.node, self.node, self.theirs.auth_nonce,
+                          self.nonce)
+
+    def _proof(self, msg: Proof, nxt: Phase) -> list[Output]:
+        theirs = self.theirs
+        assert theirs is not None
+        if self.secret is not None:
+            try:
+                verify(self.secret, Prover.SENDER, self._transcript(), msg.auth_proof)
+            except PeerAuthError as e:
+                return self._guarded(REFUSE_AUTH, (
+                    f"{e}; volume {theirs.volume!r} (a sender that knows node "
+                    f"{self.node!r} by another name fails this way too)"))
+        elif msg.auth_proof:
+            return self._guarded(REFUSE_AUTH, (
+                "peer authentication failed: the peer sent a proof but node "
+                f"{self.node!r} has no shared secret configured"))
+        self.phase = nxt
+        return [Authenticated()]
+
+    def decline(self, reason: str) -> list[Output]:
+        """The authenticated sender asked for a volume this node holds no replica of (or
+        one stopped): refuse it, saying why."""
+        self._facts_phase("decline")
+        return self._refuse(reason)
+
+    def _facts_phase(self, what: str) -> None:
+        if self.phase is not Phase.FACTS:
+            raise self._fail(PeerProtocolError(f"{what} in phase {self.phase.value}"))
+
+    def offer(self, facts: ReplicaFacts) -> list[Output]:
+        """The replica as it stands (read by the shell once the sender proved itself):
+        refuse the sender, or send this side's Hello."""
+        self._facts_phase("offer")
+        self.facts, self.size = facts, facts.size
+        theirs = self.theirs
+        assert theirs is not None
+        gens = self.sender_history
+        self.rel, self.fork, self.adopts = self._verdict(gens)
+        uuid = theirs.volume_uuid if facts.fresh else facts.uuid
+        mine = Hello(PROTO_VERSION, self.node, self.volume, uuid, facts.size, facts.role,
+                     wire_generations(facts.history), 0 if self.adopts else facts.applied,
+                     self.nonce, self.adopts, self._changed(), wire_epochs(facts.history))
+        refusal = check_hello(mine, theirs, sending=False)
+        if refusal is not None:
+            return self._refuse(refusal.reason)
+        why = self._history_refusal(gens)
+        if why is not None:
+            return self._refuse(why, history=True,
+                                split_brain=self.rel in (Relation.FORKED, Relation.UNRELATED))
+        self.mine, self.phase = mine, Phase.RESUME
+        return [Send(mine)]
 
     def _verdict(self, theirs: tuple[BGeneration, ...]) -> tuple[Relation, bool, bool]:
         """How the sender's history relates to this replica's: (rel, fork, adopts).  A
         split brain an operator resolved for the sender's side is adopted: its data is
         taken, compared then resynced, as if it were on a newer generation."""
         f = self.facts
+        assert f is not None and self.theirs is not None
         if f.fresh:
             return Relation.BEHIND, False, False
         rel, fork = decide(f.history.generations, theirs)
-        assert self.theirs is not None
         if rel in (Relation.UNRELATED, Relation.FORKED) and f.adopt_for == self.theirs.node:
             return Relation.BEHIND, fork, True
         return rel, fork, False
 
     def _history_refusal(self, theirs: tuple[BGeneration, ...]) -> str | None:
         f, node = self.facts, self.theirs.node if self.theirs else "?"
+        assert f is not None
         if self.fork and self.rel in (Relation.AHEAD, Relation.FORKED):
             return describe_fork(self.volume, node, theirs, self.node, f.history.generations)
         if self.rel is Relation.AHEAD:
@@ -483,39 +657,17 @@ class ReceiverSession(_Session):
 
     def _changed(self) -> tuple[int, tuple[int, ...]] | None:
         """For a sender on a newer generation: the extents this demoted primary changed
-        that the sender may lack (recorded at demotion for that node and generation)."""
-        f, rec = self.facts, self.facts.changed
-        assert self.theirs is not None
+        that the sender may lack (recorded at demotion for that node and generation),
+        within MAX_CHANGED extents (``wire_changed``)."""
+        f = self.facts
+        assert f is not None and self.theirs is not None
+        rec = f.changed
         if self.rel is not Relation.BEHIND or f.fresh or not isinstance(rec, dict):
             return None
         if rec.get("peer") != self.theirs.node or \
                 rec.get("generation") != f.history.current.gen_id:
             return None
-        return int(rec["extent_shift"]), tuple(int(e) for e in rec["extents"])
-
-    def _hello(self, theirs: Hello, nxt: Phase) -> list[Output]:
-        f = self.facts
-        self.theirs = theirs
-        gens = self.sender_history
-        self.rel, self.fork, self.adopts = self._verdict(gens)
-        uuid = theirs.volume_uuid if f.fresh else f.uuid
-        mine = Hello(PROTO_VERSION, self.node, self.volume, uuid, f.size, f.role,
-                     wire_generations(f.history), 0 if self.adopts else f.applied,
-                     self.nonce, self.adopts, self._changed(), wire_epochs(f.history))
-        refusal = check_hello(mine, theirs, sending=False)
-        if refusal is not None:
-            return self._refuse(refusal.reason)
-        why = self._history_refusal(gens)
-        if why is not None:
-            return self._refuse(why, history=True,
-                                split_brain=self.rel in (Relation.FORKED, Relation.UNRELATED))
-        self.mine, self.phase = mine, nxt
-        return [Send(mine)]
-
-    def _transcript(self) -> Transcript:
-        assert self.theirs is not None and self.mine is not None
-        return Transcript(PROTO_VERSION, self.theirs.node, self.node, self.theirs.auth_nonce,
-                          self.mine.auth_nonce)
+        return wire_changed(int(rec["extent_shift"]), tuple(int(e) for e in rec["extents"]))
 
     def _hello_ok(self, ok: HelloOk, nxt: Phase) -> list[Output]:
         theirs = self.theirs
@@ -523,14 +675,9 @@ class ReceiverSession(_Session):
         if ok.node != theirs.node:
             raise self._fail(PeerProtocolError(
                 f"HelloOk.node: {ok.node!r} is not the node that said Hello ({theirs.node!r})"))
-        if self.secret is not None:
-            try:
-                verify(self.secret, Prover.SENDER, self._transcript(), ok.auth_proof)
-            except PeerAuthError as e:
-                return self._refuse(str(e))
-        elif ok.auth_proof:
-            return self._refuse("peer authentication failed: the peer sent a proof but "
-                                f"node {self.node!r} has no shared secret configured")
+        if ok.auth_proof:
+            raise self._fail(PeerProtocolError(
+                "HelloOk.auth_proof: a sender proves itself in Proof, not in HelloOk"))
         self.resume_from, self.phase = ok.resume_from_seq, nxt
         return [TakeOver(theirs.volume_size)]
 
@@ -554,7 +701,6 @@ class ReceiverSession(_Session):
         resync = newer or self.resume_from > applied + 1 or resync_pending
         self.phase = Phase.ANNOUNCE if resync else Phase.OPEN
         self.expect_seq = self.resume_from
-        assert self.theirs is not None
         return [Send(HelloOk(self.node, self.resume_from,
                              proof(self.secret, Prover.RECEIVER, self._transcript())
                              if self.secret else b"")),

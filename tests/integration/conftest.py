@@ -1,7 +1,8 @@
 """Helpers shared by the three-site lab tests (test_lab, test_failover, test_rejoin,
 test_failover_faults): start and stop a lab, run clients in its client namespace, read
 what each site's daemon published, wait for cluster outcomes; and the file-system stack
-the FUSE and ext4 tests build (nbdfuse, a loop device, a mount).
+the FUSE and ext4 tests build (nbdfuse, a loop device, a mount); and a real peerlink
+``ReceiverServer`` process for the tests of what strangers can make it do.
 
 Sites are named main, dc and dr; ``lab`` is the JSON that `nbdgw lab up` printed.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import NBDGW, free_port, run_nbdgw
+from tests.integration.test_peerlink import env  # noqa: F401 - the fixture, for every module
 
 TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
 
@@ -385,3 +388,92 @@ def as_nobody(config: Path, *args: str, groups: tuple[str, ...] = ()
     return subprocess.run([NBDGW, "-c", str(config), *args], capture_output=True, text=True,
                           timeout=60, check=False, user="nobody", group="nogroup",
                           extra_groups=list(groups), cwd="/")
+
+
+# -- a real ReceiverServer process (the daemon's receiving side, one port for every volume) --
+
+# Serves the replica volumes named in argv[4:] of the data directory argv[1] as node argv[2]
+# with the secret in the file argv[3]; prints "listening PORT"; stops on SIGTERM.
+RX_SERVER = r"""
+import asyncio, signal, sys
+from pathlib import Path
+import uvloop
+from nbdgw_common.logs import configure
+from peerlink.receiver import Receiver, ReceiverServer
+
+async def main(data_dir, node, secret_file, volumes):
+    secret = Path(secret_file).read_bytes().strip()
+    rxs = {v: Receiver(Path(data_dir), v, node=node, secret=secret, timeout=3)
+           for v in volumes}
+    server = ReceiverServer(rxs, node=node, timeout=3, secret=secret)
+    _, port = await server.start("127.0.0.1", 0)
+    print(f"listening {port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.close()
+
+configure(fmt="json")
+uvloop.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]))
+"""
+
+
+class RxServer:
+    """A `ReceiverServer` in its own process: its port, RSS and JSON log events."""
+
+    def __init__(self, data_dir: Path, node: str, secret_file: Path, volumes: list[str],
+                 log: Path) -> None:
+        self.log = log
+        self.logf = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RX_SERVER, str(data_dir), node, str(secret_file),
+             *volumes], stdout=subprocess.PIPE, stderr=self.logf, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("listening "), f"{line!r}\n{log.read_text()}"
+        self.port = int(line.split()[1])
+
+    def rss(self) -> int:
+        """Resident set size in bytes (VmRSS)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in (json.loads(x) for x in self.log.read_text().splitlines()
+                            if x.startswith("{")) if e.get("event") == name]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError("ReceiverServer ignored SIGTERM") from None
+        self.logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def rx_server(tmp_path: Path) -> Iterator[Callable[..., RxServer]]:
+    """Factory: ``rx_server(data_dir, node, secret_file, volumes)`` starts a real
+    ReceiverServer process; killed at teardown if the test did not stop it."""
+    started: list[RxServer] = []
+
+    def start(data_dir: Path, node: str, secret_file: Path,
+              volumes: tuple[str, ...] = ("v1",)) -> RxServer:
+        s = RxServer(data_dir, node, secret_file, list(volumes),
+                     tmp_path / f"rx-server-{len(started)}.log")
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+        if not s.logf.closed:
+            s.logf.close()

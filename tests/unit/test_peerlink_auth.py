@@ -67,8 +67,9 @@ def test_reflected_proof_fails() -> None:
 def test_tampered_transcript_fails(field: str) -> None:
     """A proof is bound to every transcript field: another nonce (a replay on a new
     connection), node name or version makes it fail."""
-    other: dict[str, Any] = {"proto_version": 2, "sender": "dc9", "receiver": "dr1",
-             "sender_nonce": b"S" * NONCE_SIZE, "receiver_nonce": b"R" * NONCE_SIZE}
+    other: dict[str, Any] = {"proto_version": T.proto_version + 1, "sender": "dc9",
+                             "receiver": "dr1", "sender_nonce": b"S" * NONCE_SIZE,
+                             "receiver_nonce": b"R" * NONCE_SIZE}
     tampered = T._replace(**{field: other[field]})
     p = proof(SECRET, Prover.SENDER, tampered)
     assert p != proof(SECRET, Prover.SENDER, T)

@@ -29,15 +29,25 @@ from peerlink.frames import (
     MAGIC,
     MIN_COMPRESS,
     NEED_DATA,
+    PREAUTH_MAX_BODY,
     VERSION,
     FrameDecoder,
     encode_frame,
 )
+from peerlink.link import is_compressed
 from peerlink.messages import (
+    MAX_BATCH_RECORDS,
+    MAX_CHANGED,
+    MAX_EXTENT_SHIFT,
+    MAX_GENERATIONS,
+    MAX_NAME,
+    MAX_REASON,
+    MAX_RESYNC_EXTENTS,
     PROTO_VERSION,
     ROLES,
     Ack,
     Batch,
+    Challenge,
     ExtentData,
     Generation,
     Hello,
@@ -45,6 +55,7 @@ from peerlink.messages import (
     Message,
     Ping,
     Pong,
+    Proof,
     Record,
     Refuse,
     ResyncDone,
@@ -368,8 +379,8 @@ NONCE = bytes(32)
 UUID = "0b7e3a52-8f3c-4c4e-9a51-2f1d0c6a9e10"
 HELLO = Hello(PROTO_VERSION, "dc1", "v1", UUID, 64 << 20, "primary",
               (Generation(7, 1), Generation(9, 100)), 123, NONCE)
-HELLO_FIELDS: list[Any] = [1, "dc1", "v1", UUID, 64 << 20, "primary", [[7, 1], [9, 100]], 123,
-                           NONCE]
+HELLO_FIELDS: list[Any] = [PROTO_VERSION, "dc1", "v1", UUID, 64 << 20, "primary",
+                           [[7, 1], [9, 100]], 123, NONCE]
 
 
 def why(*items: Any) -> str:
@@ -534,12 +545,12 @@ def test_check_hello_accepts_a_matching_peer() -> None:
 
 
 def test_version_mismatch_from_a_newer_peer_is_refused_naming_both() -> None:
-    """A v2 Hello (with an appended field) is readable here, and refused cleanly."""
-    v2 = decode(msgpack.packb([1, 2, *HELLO_FIELDS[1:], "v2 extra"]))
-    assert isinstance(v2, Hello)
-    assert check_hello(replica(), v2) == Refuse(
-        "protocol version mismatch: peer 'dc1' speaks version 2, this node ('dc2') speaks "
-        "version 1")
+    """A v3 Hello (with an appended field) is readable here, and refused cleanly."""
+    v3 = decode(msgpack.packb([1, 3, *HELLO_FIELDS[1:], "v3 extra"]))
+    assert isinstance(v3, Hello)
+    assert check_hello(replica(), v3) == Refuse(
+        "protocol version mismatch: peer 'dc1' speaks version 3, this node ('dc2') speaks "
+        "version 2")
 
 
 def test_check_hello_refusals() -> None:
@@ -563,3 +574,66 @@ def test_check_resume() -> None:
     assert check_resume(100, 100) == Refuse(
         "resume from seq 100 would re-apply records this replica already has (applied "
         "through seq 100)")
+
+
+# -- before authentication: small frames, none compressed; bounded lists everywhere ----------
+
+
+def test_before_authentication_frames_are_small_and_never_compressed() -> None:
+    d = FrameDecoder(PREAUTH_MAX_BODY, compressed=False)
+    bomb = encode_frame(msgpack.packb([1, [0] * 100_000]), 19)
+    assert is_compressed(bomb)
+    d.feed(bytes(bomb[0]))  # the header alone is refused: nothing is read further
+    with pytest.raises(PeerProtocolError, match=r"^compressed frame before the peer "
+                       r"authenticated \(refused undecompressed\)$"):
+        d.next_frame()
+    d = FrameDecoder(PREAUTH_MAX_BODY, compressed=False)
+    d.feed(bytes(encode_frame(bytes(PREAUTH_MAX_BODY + 1))[0]))
+    with pytest.raises(PeerProtocolError, match=r"^frame body of 16385 bytes exceeds the "
+                       r"maximum of 16384$"):
+        d.next_frame()
+    d = FrameDecoder(PREAUTH_MAX_BODY, compressed=False)
+    big = encode_frame(bytes(1 << 20), 3)
+    d.allow(DEFAULT_MAX_BODY, compressed=True)  # the peer authenticated
+    d.feed(b"".join(bytes(b) for b in big))
+    assert d.next_frame() == bytes(1 << 20)
+
+
+def test_the_largest_honest_handshake_messages_fit_before_authentication() -> None:
+    """Names of 255 four-byte characters, MAX_GENERATIONS generations with 64-bit ids,
+    seqs and epochs, MAX_CHANGED 64-bit extents: the largest Hello an honest node
+    sends; a Refuse of MAX_REASON four-byte characters."""
+    name = "\U0001f600" * MAX_NAME
+    top = 2**64 - 1
+    hello = Hello(PROTO_VERSION, name, name, UUID, top, "secondary",
+                  tuple(Generation(top - i, top) for i in range(MAX_GENERATIONS)), top,
+                  bytes(32), True, (MAX_EXTENT_SHIFT, tuple(range(top - MAX_CHANGED, top))),
+                  (top,) * MAX_GENERATIONS)
+    assert decode(hello.encode()) == hello
+    sizes = {type(m).__name__: len(m.encode()) for m in (
+        hello, HelloOk(name, top, bytes(32)), Challenge(PROTO_VERSION, bytes(32)),
+        Proof(bytes(32)), Refuse("\U0001f600" * MAX_REASON))}
+    assert max(sizes.values()) <= PREAUTH_MAX_BODY, sizes
+    assert sizes["Hello"] > PREAUTH_MAX_BODY * 3 // 4  # the bound is not loose either
+
+
+def test_every_list_is_bounded() -> None:
+    gens = [[i, 1] for i in range(MAX_GENERATIONS + 1)]
+    assert hello_with(6, gens) == (
+        f"Hello.generations: {MAX_GENERATIONS + 1} items, over the maximum of "
+        f"{MAX_GENERATIONS}")
+    assert decode_refusal(msgpack.packb(
+        [1, *HELLO_FIELDS, False, [16, [0] * (MAX_CHANGED + 1)]])) == (
+        f"Hello.changed.extents: {MAX_CHANGED + 1} items, over the maximum of {MAX_CHANGED}")
+    assert decode_refusal(msgpack.packb([4, "v1", 1, 1, [[3, 0, 0, 0, b""]] * (
+        MAX_BATCH_RECORDS + 1)])) == (
+        f"Batch.records: {MAX_BATCH_RECORDS + 1} items, over the maximum of "
+        f"{MAX_BATCH_RECORDS}")
+    assert decode_refusal(msgpack.packb([12, "v1", 1, 1, [0] * 4097])) == (
+        "VerifyResult.differing: 4097 items, over the maximum of 4096")
+    assert decode_refusal(msgpack.packb([3, "x" * (MAX_REASON + 1)])) == (
+        f"Refuse.reason: expected at most {MAX_REASON} characters, got a "
+        f"{MAX_REASON + 1}-character string")
+    # Past what any field allows, msgpack refuses before building the list at all.
+    assert decode_refusal(msgpack.packb([8, "v1", 16, [0] * (MAX_RESYNC_EXTENTS + 9)])) \
+        .startswith("message body is not valid msgpack")

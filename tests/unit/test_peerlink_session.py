@@ -1,8 +1,8 @@
 """The peerlink sessions end against end, with no socket: a ``SenderSession`` talks to a
 ``ReceiverSession`` through encoded frames, through every handshake outcome (resume,
 fresh replica, resync after a failover, forked and unrelated histories, wrong node,
-missing or wrong secrets), the receiver's resync and stream phases, and the sender's
-window and verify tokens."""
+missing or wrong secrets, what a peer is told before it proved the secret), the
+receiver's resync and stream phases, and the sender's window and verify tokens."""
 
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ from peerlink.auth import NONCE_SIZE, make_nonce
 from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
 from peerlink.frames import NEED_DATA, FrameDecoder, encode_frame
 from peerlink.messages import (
+    MAX_CHANGED,
     PROTO_VERSION,
     Ack,
     Batch,
+    Challenge,
     ExtentData,
     Hello,
     HelloOk,
     Message,
     Ping,
+    Proof,
     Record,
     Refuse,
     ResyncDone,
@@ -35,9 +38,11 @@ from peerlink.messages import (
     decode,
 )
 from peerlink.session import (
+    PREAUTH_REFUSALS,
     RECEIVER_TABLE,
     SENDER_TABLE,
     Admitted,
+    Authenticated,
     Established,
     Output,
     Phase,
@@ -48,6 +53,7 @@ from peerlink.session import (
     Send,
     SenderSession,
     TakeOver,
+    wire_changed,
     wire_epochs,
     wire_generations,
 )
@@ -80,12 +86,20 @@ def sender(history: tuple[BGen, ...] = (G0,), last: int = 900, *, peer: str = "d
     return SenderSession(mine, h, peer=peer, secret=secret, **kw)
 
 
+class Receiver(ReceiverSession):
+    """A receiver session with the facts its shell would read once the sender proved
+    itself (``given``)."""
+
+    def __init__(self, facts: ReplicaFacts, secret: bytes | None) -> None:
+        super().__init__(facts.node, facts.volume, secret=secret, nonce=make_nonce())
+        self.given = facts
+
+
 def receiver(history: tuple[BGen, ...] = (G0,), applied: int = 640, *,
-             secret: bytes | None = SECRET, fresh: bool = False, **kw: Any
-             ) -> ReceiverSession:
+             secret: bytes | None = SECRET, fresh: bool = False, **kw: Any) -> Receiver:
     facts = ReplicaFacts(node="dc2", volume="v1", role="secondary", size=SIZE, uuid=UUID,
                          history=History(UUID, history), applied=applied, fresh=fresh)
-    return ReceiverSession(replace(facts, **kw), secret=secret, nonce=make_nonce())
+    return Receiver(replace(facts, **kw), secret)
 
 
 class Refused(Exception):
@@ -104,15 +118,31 @@ def one(outs: list[Output], kind: type[Any]) -> Any:
     return found[0]
 
 
-def handshake(s: SenderSession, r: ReceiverSession, *, resync: bool = False,
-              applied_now: int | None = None, pending: bool = False
-              ) -> tuple[Established, Admitted, PlanResync]:
-    """Run the handshake the way the shells do; raise Refused where a side refuses."""
+def refused(side: str, outs: list[Output]) -> None:
+    if any(isinstance(o, Refusal) for o in outs):
+        raise Refused(side, one(outs, Refusal))
+
+
+def to_proof(s: SenderSession, r: Receiver) -> list[Output]:
+    """Hello, Challenge, Proof: what the receiver does with the proof."""
     hello = sends(s.start())
     assert len(hello) == 1
     outs = r.receive(hello[0])
-    if any(isinstance(o, Refusal) for o in outs):
-        raise Refused("receiver", one(outs, Refusal))
+    refused("receiver", outs)
+    challenge = sends(outs)
+    assert [type(m) for m in challenge] == [Challenge]
+    return r.receive(sends(s.receive(challenge[0]))[0])
+
+
+def handshake(s: SenderSession, r: Receiver, *, resync: bool = False,
+              applied_now: int | None = None, pending: bool = False
+              ) -> tuple[Established, Admitted, PlanResync]:
+    """Run the handshake the way the shells do; raise Refused where a side refuses."""
+    outs = to_proof(s, r)
+    refused("receiver", outs)
+    assert outs == [Authenticated()] and r.facts is None  # nothing read before the proof
+    outs = r.offer(r.given)
+    refused("receiver", outs)
     outs = s.receive(sends(outs)[0])
     if any(isinstance(o, Refusal) for o in outs):
         raise Refused("sender", one(outs, Refusal))
@@ -127,8 +157,9 @@ def handshake(s: SenderSession, r: ReceiverSession, *, resync: bool = False,
     if any(isinstance(o, Refusal) for o in outs):
         raise Refused("receiver", one(outs, Refusal))
     admitted = one(outs, Admitted)
-    est = one(s.receive(sends(outs)[0]), Established)
-    return est, admitted, plan
+    outs = s.receive(sends(outs)[0])
+    assert isinstance(outs[0], Authenticated)
+    return one(outs, Established), admitted, plan
 
 
 # -- the handshake ----------------------------------------------------------------------
@@ -179,9 +210,14 @@ def test_a_stale_sender_is_refused_by_both_ends() -> None:
     assert "older than this replica's" in ei.value.out.reason
     # The sender's own check, for a receiver that would not refuse (any version).
     s = sender((G0,), 900)
-    r_hello = receiver((G0, G1), 100)
-    r_hello.receive(sends(s.start())[0])
-    assert r_hello.phase is Phase.CLOSED
+    s.start()
+    nonce = make_nonce()
+    s.receive(Challenge(PROTO_VERSION, nonce))
+    theirs = Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
+                   wire_generations(History(UUID, (G0, G1))), 100, nonce)
+    out = one(s.receive(theirs), Refusal)
+    assert "a failover happened and this copy is stale" in out.reason
+    assert s.phase is Phase.CLOSED
 
 
 def test_a_fork_on_one_epoch_is_a_split_brain_refused() -> None:
@@ -223,8 +259,14 @@ def test_unrelated_histories_are_refused_unless_adopted() -> None:
 
 
 def test_the_wrong_node_answering_is_refused_by_the_sender() -> None:
+    """With a secret the proofs name the receiver as the sender knows it: the wrong node
+    fails the sender's proof.  Without one the sender refuses it by name."""
     with pytest.raises(Refused) as ei:
         handshake(sender(peer="dr1"), receiver())
+    assert ei.value.side == "receiver" and ei.value.out.wire == PREAUTH_REFUSALS["auth-failed"]
+    assert "a sender that knows node 'dc2' by another name" in ei.value.out.reason
+    with pytest.raises(Refused) as ei:
+        handshake(sender(peer="dr1", secret=None), receiver(secret=None))
     assert ei.value.side == "sender"
     assert ei.value.out.reason == ("connected to node 'dc2', but this sender ships to peer "
                                    "'dr1' (wrong address?)")
@@ -259,6 +301,9 @@ def test_a_wrong_sender_secret_is_refused_before_the_takeover() -> None:
         handshake(sender(secret=b"an impostor's secret key"), receiver())
     assert ei.value.side == "receiver"
     assert ei.value.out.reason.startswith("peer authentication failed: the sender proof ")
+    # The peer is told a code, nothing of this node (its name, its volume).
+    assert ei.value.out.told == ("auth-failed: peer authentication failed (the reason is "
+                                 "logged on the receiving node)")
 
 
 def test_an_unauthenticated_sender_is_refused() -> None:
@@ -269,12 +314,16 @@ def test_an_unauthenticated_sender_is_refused() -> None:
 
 def test_a_wrong_receiver_secret_fails_at_the_sender_before_any_data() -> None:
     s, r = sender(), receiver(secret=b"an impostor's secret key")
-    r_hello = r.receive(sends(s.start())[0])
-    s.receive(sends(r_hello)[0])
-    ok = s.planned(False, 900)
-    # The impostor cannot check the sender's proof: it refuses.  One that skips the check
-    # and answers with its own proof fails at the sender, which never streams.
-    assert isinstance(one(r.receive(sends(ok)[0]), Refusal), Refusal)
+    # The impostor cannot check the sender's proof: it refuses.
+    assert isinstance(one(to_proof(s, r), Refusal), Refusal)
+    # One that skips the check and answers with its own proof fails at the sender,
+    # which never streams.
+    s, r = sender(), receiver(secret=None)
+    s.start()
+    s.receive(Challenge(PROTO_VERSION, r.nonce))
+    s.receive(Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
+                    wire_generations(History(UUID, (G0,))), 640, r.nonce))
+    s.planned(False, 900)
     forged = HelloOk("dc2", 641, b"\x00" * 32)
     with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the receiver "):
         s.receive(forged)
@@ -296,31 +345,93 @@ def test_without_secrets_on_both_ends_the_handshake_completes() -> None:
 
 
 def test_nothing_is_admitted_before_the_sender_proved_itself() -> None:
-    """The reordered handshake: data (or a HelloOk out of turn) before the proof."""
+    """Data, or a HelloOk out of turn, before the proof."""
     s, r = sender(), receiver()
     batch = Batch("v1", 641, 641, (Record(Op.WRITE, 0, 0, 4096, b"x" * 4096),))
     with pytest.raises(PeerProtocolError, match=r"^expected Hello to open the connection"):
         r.admit(batch, SIZE)
     r = receiver()
     r.receive(sends(s.start())[0])
-    with pytest.raises(PeerProtocolError, match=r"^expected HelloOk after Hello, got Batch"):
+    with pytest.raises(PeerProtocolError, match=r"^expected Proof after Challenge, got Batch"):
         r.admit(batch, SIZE)
     assert r.phase is Phase.CLOSED
+    r = receiver()
+    r.receive(sends(sender().start())[0])
+    with pytest.raises(PeerProtocolError, match=r"^expected Proof after Challenge, got HelloOk"):
+        r.receive(HelloOk("dc1", 641, b""))
+    r = receiver()
+    r.receive(sends(sender().start())[0])
+    with pytest.raises(PeerProtocolError, match=r"^offer in phase proof$"):
+        r.offer(r.given)  # the shell reads nothing for a peer that did not prove itself
+
+
+def test_before_the_proof_a_receiver_tells_its_version_and_nonce_only() -> None:
+    """Whatever a stranger offers (the right uuid and history included), the receiver
+    answers with a Challenge; a wrong proof, or a wrong version, gets a code."""
+    s, r = sender(), receiver()
+    outs = r.receive(sends(s.start())[0])
+    assert sends(outs) == [Challenge(PROTO_VERSION, r.nonce)]
+    stranger = Hello(1, "x", "v1", UUID, SIZE, "primary", (), 1, make_nonce())
+    outs = receiver().receive(stranger)
+    out = one(outs, Refusal)
+    assert out.told == "protocol-version: this node speaks peerlink protocol version 2"
+    assert out.reason == ("protocol version mismatch: peer 'x' speaks version 1, this node "
+                          "('dc2') speaks version 2")
+    r = receiver()
+    r.receive(replace(stranger, proto_version=PROTO_VERSION))
+    out = one(r.receive(Proof(bytes(32))), Refusal)
+    assert "dc2" not in out.told and "v1" not in out.told and UUID not in out.told
+
+
+def test_a_node_without_the_volume_declines_only_after_the_proof() -> None:
+    """ReceiverServer's rule for a volume it holds no replica of: the same Challenge, then
+    the reason for an authenticated sender, a code for anyone else."""
+    s = sender()
+    r = ReceiverSession("dc2", "v9", secret=SECRET, nonce=make_nonce())
+    assert one(to_proof(s, r), Authenticated)  # type: ignore[arg-type]
+    out = one(r.decline("node 'dc2' holds no replica of volume v9"), Refusal)
+    assert out.told == out.reason and r.phase is Phase.CLOSED
+    r = ReceiverSession("dc2", "v9", secret=SECRET, nonce=make_nonce())
+    out = one(to_proof(sender(secret=b"not the secret at all!!"), r), Refusal)  # type: ignore[arg-type]
+    assert out.told == PREAUTH_REFUSALS["auth-failed"]
 
 
 def test_the_sender_streams_nothing_before_the_receivers_proof() -> None:
-    s, r = sender(), receiver()
-    s.receive(sends(r.receive(sends(s.start())[0]))[0])
-    s.planned(False, 900)
-    assert s.phase is Phase.PROOF
+    def planned() -> SenderSession:
+        s, r = sender(), receiver()
+        assert one(to_proof(s, r), Authenticated)
+        s.receive(sends(r.offer(r.given))[0])
+        s.planned(False, 900)
+        assert s.phase is Phase.PROOF
+        return s
+
+    s = planned()
     with pytest.raises(PeerProtocolError, match="not authenticated yet"):
         s.sent(641, 100)
     assert s.phase is Phase.CLOSED  # and the shell drops the link
-    s, r = sender(), receiver()
-    s.receive(sends(r.receive(sends(s.start())[0]))[0])
-    s.planned(False, 900)
     with pytest.raises(PeerProtocolError, match=r"^expected HelloOk after HelloOk, got Ack"):
-        s.receive(Ack("v1", 641))
+        planned().receive(Ack("v1", 641))
+
+
+def test_the_receivers_hello_must_carry_the_challenges_nonce() -> None:
+    s = sender()
+    s.start()
+    s.receive(Challenge(PROTO_VERSION, make_nonce()))
+    theirs = Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
+                   wire_generations(History(UUID, (G0,))), 640, make_nonce())
+    with pytest.raises(PeerProtocolError, match="not the nonce of the Challenge"):
+        s.receive(theirs)
+
+
+def test_changed_extents_are_coarsened_to_fit_a_hello() -> None:
+    """A demoted primary's changed extents, too many for a Hello: coarser extents that
+    cover them all; None (compare everything) past the coarsest extent."""
+    extents = tuple(range(3000))  # 3000 extents of 64 KiB: 750 of 256 KiB
+    shift, coarse = wire_changed(16, extents)  # type: ignore[misc]
+    assert len(coarse) <= MAX_CHANGED and shift == 18
+    assert {e >> 2 for e in extents} == set(coarse)
+    assert wire_changed(16, (1, 5)) == (16, (1, 5))
+    assert wire_changed(40, tuple(range(MAX_CHANGED + 1))) is None
 
 
 def test_a_refuse_from_the_peer_ends_the_session() -> None:
@@ -395,7 +506,7 @@ def test_every_phase_refuses_what_its_table_does_not_name() -> None:
         HelloOk("dc1", 641, b""), batch(641, 641), ResyncExtents("v1", 16, (0,)),
         ExtentData("v1", 0, 512, b"x" * 512), ResyncDone("v1", 900),
         Verify("v1", 1, 900, 16, (0,), (b"\0" * 32,)), Ack("v1", 1), Ping(1),
-        Refuse("no")]
+        Refuse("no"), Challenge(PROTO_VERSION, bytes(32)), Proof(b"")]
     for phase in (Phase.OPEN, Phase.ANNOUNCE, Phase.EXTENTS, Phase.STREAM):
         for msg in samples:
             if type(msg) in RECEIVER_TABLE[phase]:
@@ -405,7 +516,7 @@ def test_every_phase_refuses_what_its_table_does_not_name() -> None:
             with pytest.raises((PeerProtocolError, PeerRefused)):
                 r.admit(msg, SIZE)
             assert r.phase is Phase.CLOSED
-    for phase in (Phase.HELLO, Phase.PROOF, Phase.STREAM):
+    for phase in (Phase.CHALLENGE, Phase.FACTS, Phase.PROOF, Phase.STREAM):
         for msg in samples:
             if type(msg) in SENDER_TABLE[phase]:
                 continue
