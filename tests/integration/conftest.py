@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import NBDGW, free_port, run_nbdgw
-from tests.integration.test_peerlink import env  # noqa: F401 - the fixture, for every module
+from tests.conftest import NBDGW, Served, free_port, run_nbdgw
+from tests.integration.peerenv import Env
 
 TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
 
@@ -477,3 +477,23 @@ def rx_server(tmp_path: Path) -> Iterator[Callable[..., RxServer]]:
             s.proc.wait(10)
         if not s.logf.closed:
             s.logf.close()
+
+
+# -- peerlink end to end (tests/integration/peerenv.py) -------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path, data_dir: Path, volume: str, serve: Callable[..., Served]
+        ) -> Iterator[Env]:
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    run_nbdgw("volume", "create", "v1", "--size", "64M", "--replica", "--data-dir", str(replica))
+    e = Env(tmp_path, data_dir, replica, serve())
+    try:
+        yield e
+    finally:
+        for p in e.procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(10)
+            p.logf.close()

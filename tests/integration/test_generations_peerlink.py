@@ -40,12 +40,8 @@ from blockstore.volume import (
 )
 from gateway.rejoin import changed_extents
 from tests.conftest import run_nbdgw
-from tests.integration import test_peerlink
-from tests.integration.test_peerlink import Env, MiB, Writer, checksum, replica_state
+from tests.integration.peerenv import Env, MiB, Writer, checksum, replica_state
 from tests.integration.test_status_schema import VOLUME, check
-
-env = test_peerlink.env  # the fixture: a served primary v1 and an empty replica
-
 
 def synced_then_promoted(env: Env, epoch: int | None = None) -> None:
     """The replica catches up, then the primary stops and the replica is promoted."""

@@ -29,7 +29,7 @@ from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
 from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse
 from iscsi_bridge.tgt import Tgtadm
 from tests.conftest import NBDGW, Served, free_port, need, run_nbdgw
-from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture
+from tests.integration.peerenv import Env
 
 MiB = 1 << 20
 BASE = "iqn.2026-11.com.example:nbdgw"
@@ -179,7 +179,7 @@ def test_write_over_iscsi_read_over_nbd_and_back(tmp_path: Path, iscsi: Callable
         == hashlib.sha256(expect).hexdigest()
 
 
-def test_iscsi_writes_reach_the_replica(env: Env, iscsi: Callable[..., IscsiEnv],  # noqa: F811
+def test_iscsi_writes_reach_the_replica(env: Env, iscsi: Callable[..., IscsiEnv],
                                         tmp_path: Path) -> None:
     """Written over iSCSI on the primary, the replica has the same bytes (checksum)."""
     receiver = env.receiver(0, "--secret-file", str(_secret(tmp_path)))

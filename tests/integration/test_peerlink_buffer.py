@@ -25,7 +25,7 @@ import pytest
 
 from blockstore.journal import journal_bounds
 from tests.conftest import Served, run_nbdgw
-from tests.integration.test_peerlink import Env, Writer, replica_state
+from tests.integration.peerenv import Env, Writer, replica_state
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -34,7 +34,7 @@ from peerlink.frames import NEED_DATA, FrameDecoder, encode_frame
 from peerlink.messages import PROTO_VERSION, Message, decode
 from tests.conftest import run_nbdgw
 from tests.integration.conftest import RxServer
-from tests.integration.test_peerlink import SECRET, Env, Writer
+from tests.integration.peerenv import SECRET, Env, Writer
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -14,7 +14,7 @@ import time
 import nbd
 import pytest
 
-from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture
+from tests.integration.peerenv import Env
 
 MiB = 1 << 20
 RATE = 2 * MiB
@@ -42,7 +42,7 @@ def timed_catch_up(e: Env, start: int, n_mib: int) -> float:
 
 
 @pytest.mark.timeout(90)
-def test_rate_limit_paces_the_replication(env: Env) -> None:  # noqa: F811
+def test_rate_limit_paces_the_replication(env: Env) -> None:
     rx = env.receiver()
     tx = env.sender(rx.port, "--rate-limit", "2M", "--compress", "0")
     assert tx.wait_event("rate_limit") | {"timestamp": None} == {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_peerlink import Env, env, replica_state  # noqa: F401 - fixture
+from tests.integration.peerenv import Env, replica_state
 from tests.integration.test_security import issue, make_ca
 
 MiB = 1 << 20
@@ -35,7 +35,7 @@ def tls_args(certs: dict[str, Path], stem: str) -> list[str]:
             "--tls-ca", str(certs["ca"])]
 
 
-def test_mutual_tls_replicates(env: Env, certs: dict[str, Path]) -> None:  # noqa: F811
+def test_mutual_tls_replicates(env: Env, certs: dict[str, Path]) -> None:
     rx = env.receiver(0, *tls_args(certs, "receiver"))
     tx = env.sender(rx.port, *tls_args(certs, "sender"))
     h = env.served.connect("v1")
@@ -48,7 +48,7 @@ def test_mutual_tls_replicates(env: Env, certs: dict[str, Path]) -> None:  # noq
 
 
 @pytest.mark.parametrize("who", ["rogue", "plaintext"])
-def test_sender_outside_the_ca_is_refused(env: Env, certs: dict[str, Path],  # noqa: F811
+def test_sender_outside_the_ca_is_refused(env: Env, certs: dict[str, Path],
                                           who: str) -> None:
     rx = env.receiver(0, *tls_args(certs, "receiver"))
     extra = [] if who == "plaintext" else tls_args(certs, "rogue")

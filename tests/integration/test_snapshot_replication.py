@@ -13,11 +13,7 @@ from typing import Any
 
 from blockstore.volume import Volume
 from tests.conftest import run_nbdgw
-from tests.integration.test_peerlink import (  # noqa: F401 - env is a fixture
-    Env,
-    Writer,
-    env,
-)
+from tests.integration.peerenv import Env, Writer
 
 
 def snapshots_by_hash(data_dir: Path) -> dict[str, str]:
@@ -39,7 +35,7 @@ def acked(e: Env, peer: str) -> int:
     return int(json.loads(path.read_text())["acked_seq"]) if path.exists() else -1
 
 
-def test_snapshots_reach_secondary_and_dr_identical(env: Env, tmp_path: Path  # noqa: F811
+def test_snapshots_reach_secondary_and_dr_identical(env: Env, tmp_path: Path
                                                      ) -> None:
     dr = tmp_path / "dr"
     dr.mkdir()

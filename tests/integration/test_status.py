@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from tests.conftest import run_nbdgw
-from tests.integration.test_peerlink import Env, env  # noqa: F401 - the fixture
+from tests.integration.peerenv import Env
 
 MiB = 1 << 20
 
@@ -17,7 +17,7 @@ def status(data_dir: Path) -> dict:
     return json.loads(run_nbdgw("status", "--json", "--data-dir", str(data_dir)).stdout)
 
 
-def test_status_in_sync_then_lagging(env: Env) -> None:  # noqa: F811 - fixture by name
+def test_status_in_sync_then_lagging(env: Env) -> None:
     fresh = status(env.primary)
     assert fresh["version"] == 1
     (v,) = fresh["volumes"]
@@ -60,7 +60,7 @@ def test_status_in_sync_then_lagging(env: Env) -> None:  # noqa: F811 - fixture 
     assert (rv["role"], rv["inconsistent"], rv["upstream_seq"]) == ("replica", False, last)
 
 
-def test_primary_and_replica_agree_once_idle(env: Env) -> None:  # noqa: F811 - fixture
+def test_primary_and_replica_agree_once_idle(env: Env) -> None:
     """The replica shows its source, link state and applied seq (before: only the seq of
     its last state save, 191 against the primary's acked 306), equal to what the primary
     shows as acknowledged; and no clients (a replica is not served)."""
