@@ -43,6 +43,7 @@ from tests.conftest import run_nbdgw
 from tests.integration.peerenv import Env, MiB, Writer, checksum, replica_state
 from tests.integration.test_status_schema import VOLUME, check
 
+
 def synced_then_promoted(env: Env, epoch: int | None = None) -> None:
     """The replica catches up, then the primary stops and the replica is promoted."""
     w = Writer(env.served, seed=11, max_ops=40)
