@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -497,3 +498,61 @@ def env(tmp_path: Path, data_dir: Path, volume: str, serve: Callable[..., Served
                 p.proc.kill()
                 p.proc.wait(10)
             p.logf.close()
+
+
+# -- a daemon serving one volume, with a peer away and metrics on (test_metrics, the
+# status schema) ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    data = tmp_path / "data"
+    sock = tmp_path / "nbd.sock"
+    port = free_port()
+    secret = tmp_path / "peer.secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)  # config check refuses a secret others can read
+    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(data), "role": "primary"},
+           "nbd": {"listen": [f"unix:{sock}"]}, "failover": {"auto": False},
+           "peerlink": {"listen": f"127.0.0.1:{free_port()}", "secret_file": str(secret)},
+           "peers": [{"name": "dc", "role": "secondary", "address": "127.0.0.1",
+                      "port": free_port()}],  # nobody listens: the peer is away
+           "metrics": {"listen": f"127.0.0.1:{port}"}}
+    path = tmp_path / "nbdgw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "32M")
+    log = (tmp_path / "daemon.log").open("wb")
+    proc = subprocess.Popen([NBDGW, "-c", str(path), "--log-format", "json", "daemon"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (sock.exists() and (data / "volumes" / "v1" / "control.sock").exists()):
+        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+        time.sleep(0.1)
+    yield {"port": port, "sock": sock, "config": path, "data": data, "proc": proc}
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+# -- files of known content on a file system (test_filesystem, snapshots of it) ------------
+
+# What the file-system tests need: root, FUSE and loop devices.
+FS_MARKS = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, losetup, mount)"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is not available"),
+    pytest.mark.skipif(not os.path.exists("/dev/loop-control"),
+                       reason="loop devices are not available (/dev/loop-control missing)"),
+]
+
+
+def make_files(rng: random.Random) -> dict[str, bytes]:
+    """A few files of known content, from empty to several MiB, some in a subdirectory."""
+    sizes = {"empty": 0, "one-byte": 1, "odd.bin": 12_345, "four-k": 4096,
+             "dir/two-mib": 2 * (1 << 20), "dir/sub/three-mib-plus": 3 * (1 << 20) + 17,
+             "big.bin": 5 * (1 << 20)}
+    return {name: rng.randbytes(n) for name, n in sizes.items()}

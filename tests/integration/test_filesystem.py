@@ -17,16 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Served, need, run_nbdgw
-from tests.integration.conftest import loop_device, mounted, nbdfuse, run
+from tests.integration.conftest import FS_MARKS, loop_device, make_files, mounted, nbdfuse, run
 
 MiB = 1 << 20
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, losetup, mount)"),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is not available"),
-    pytest.mark.skipif(not os.path.exists("/dev/loop-control"),
-                       reason="loop devices are not available (/dev/loop-control missing)"),
-]
+pytestmark = FS_MARKS
 
 
 @pytest.fixture(autouse=True)
@@ -41,14 +36,6 @@ def checksum(data_dir: Path, name: str) -> tuple[str, str]:
     digest, vol = p.stdout.split()
     assert vol == name
     return digest, p.stderr
-
-
-def make_files(rng: random.Random) -> dict[str, bytes]:
-    """A few files of known content, from empty to several MiB, some in a subdirectory."""
-    sizes = {"empty": 0, "one-byte": 1, "odd.bin": 12_345, "four-k": 4096,
-             "dir/two-mib": 2 * MiB, "dir/sub/three-mib-plus": 3 * MiB + 17,
-             "big.bin": 5 * MiB}
-    return {name: rng.randbytes(n) for name, n in sizes.items()}
 
 
 def test_ext4_on_nbdfuse_loop_survives_restart(data_dir: Path, tmp_path: Path,

@@ -41,7 +41,7 @@ from blockstore.volume import (
 from gateway.rejoin import changed_extents
 from tests.conftest import run_nbdgw
 from tests.integration.peerenv import Env, MiB, Writer, checksum, replica_state
-from tests.integration.test_status_schema import VOLUME, check
+from tests.statusschema import VOLUME, check
 
 
 def synced_then_promoted(env: Env, epoch: int | None = None) -> None:

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import NBDGW, free_port, run_nbdgw
+from tests.conftest import run_nbdgw
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -30,41 +25,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    data = tmp_path / "data"
-    sock = tmp_path / "nbd.sock"
-    port = free_port()
-    secret = tmp_path / "peer.secret"
-    secret.write_text(os.urandom(32).hex())
-    secret.chmod(0o600)  # config check refuses a secret others can read
-    cfg = {"version": 1, "node": {"name": "main", "data_dir": str(data), "role": "primary"},
-           "nbd": {"listen": [f"unix:{sock}"]}, "failover": {"auto": False},
-           "peerlink": {"listen": f"127.0.0.1:{free_port()}", "secret_file": str(secret)},
-           "peers": [{"name": "dc", "role": "secondary", "address": "127.0.0.1",
-                      "port": free_port()}],  # nobody listens: the peer is away
-           "metrics": {"listen": f"127.0.0.1:{port}"}}
-    path = tmp_path / "nbdgw.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run_nbdgw("-c", str(path), "volume", "create", "v1", "--size", "32M")
-    log = (tmp_path / "daemon.log").open("wb")
-    proc = subprocess.Popen([NBDGW, "-c", str(path), "--log-format", "json", "daemon"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not (sock.exists() and (data / "volumes" / "v1" / "control.sock").exists()):
-        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-        assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
-        time.sleep(0.1)
-    yield {"port": port, "sock": sock, "config": path, "data": data, "proc": proc}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(40)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
 
 
 def test_metrics_scraped_and_parsed(daemon: dict[str, Any]) -> None:

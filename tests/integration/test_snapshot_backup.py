@@ -22,11 +22,10 @@ import pytest
 
 from gateway import snapshots
 from tests.conftest import Served, need, run_nbdgw
-from tests.integration.test_filesystem import (
+from tests.integration.conftest import (
     loop_device,
     mounted,
     nbdfuse,
-    pytestmark,  # noqa: F401 - the same root/FUSE/loop requirements
     run,
 )
 

@@ -10,11 +10,16 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.conftest import Served, run_nbdgw
-from tests.integration.conftest import loop_device, mounted, nbdfuse, run
-from tests.integration.test_filesystem import (
+from tests.integration.conftest import (
+    FS_MARKS,
+    loop_device,
     make_files,
-    pytestmark,  # noqa: F401 - the same root/FUSE/loop requirements
+    mounted,
+    nbdfuse,
+    run,
 )
+
+pytestmark = FS_MARKS  # the same root/FUSE/loop requirements
 
 
 def test_snapshot_of_ext4_mounts_read_only_with_the_old_files(data_dir: Path, tmp_path: Path,

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from gateway import health as H
 from gateway.config import HealthConfig, NodeConfig
 from gateway.health import Disk, Level, MdArray, MdMember, MdSync, Problem
-from tests.integration.test_status_schema import HEALTH, check
+from tests.statusschema import HEALTH, check
 
 DATA = Path(__file__).parent / "health_data"
 GiB = 1 << 30
