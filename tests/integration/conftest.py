@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,7 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
+from iscsi_bridge import Export
 from tests.conftest import NBDGW, Served, free_port, run_nbdgw
+from tests.integration.cluster import SITES, SIZE, Node
+from tests.integration.iscsienv import IscsiEnv
 from tests.integration.peerenv import Env
 
 TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
@@ -556,3 +560,53 @@ def make_files(rng: random.Random) -> dict[str, bytes]:
              "dir/two-mib": 2 * (1 << 20), "dir/sub/three-mib-plus": 3 * (1 << 20) + 17,
              "big.bin": 5 * (1 << 20)}
     return {name: rng.randbytes(n) for name, n in sizes.items()}
+
+
+# -- a cluster of three real daemons (tests/integration/cluster.py) ------------------------
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Any]:
+    made: list[Node] = []
+
+    def make(topology: str = "fanout", modes: dict[str, str] | None = None,
+             sync_timeout: float = 2.0) -> list[Node]:
+        secret = tmp_path / "peer.secret"
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)  # config check refuses a secret others can read
+        nodes = [Node(tmp_path, n, r, free_port()) for n, r in SITES]
+        for n in nodes:
+            n.write_config(nodes, topology, modes or {}, secret, sync_timeout)
+            n.nbdgw("volume", "create", "v1", "--size", str(SIZE),
+                    *(["--replica"] if n.role != "primary" else []))
+        made.extend(nodes)
+        return nodes
+
+    yield make
+    for n in made:
+        if n.proc is not None:
+            with __import__("contextlib").suppress(Exception):
+                n.stop(signal.SIGKILL)
+
+
+# -- the iSCSI bridge in front of one nbdgw serve (tests/integration/iscsienv.py) --------
+
+
+@pytest.fixture
+def iscsi(tmp_path: Path, volume: str, serve: Callable[..., Served]
+          ) -> Iterator[Callable[..., IscsiEnv]]:
+    """Factory: ``iscsi(exports=[...], served=..., **IscsiConfig fields)`` -> reconciled env."""
+    made: list[IscsiEnv] = []
+
+    def make(exports: list[Export] | None = None, served: Served | None = None,
+             nbd_uri: Callable[[str], str] | None = None, route: str | None = None,
+             **kw: Any) -> IscsiEnv:
+        e = IscsiEnv(tmp_path, served or serve(), exports or [Export("v1")], nbd_uri, route,
+                     **kw)
+        made.append(e)
+        e.reconcile()
+        return e
+
+    yield make
+    for e in made:
+        e.cleanup()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import NBDGW, Served, run_nbdgw
-from tests.integration.test_iscsi import free_control_port
+from tests.integration.iscsienv import free_control_port
 
 
 def refused(p: subprocess.CompletedProcess[str], message: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import NBDGW, free_port, need, run_nbdgw
-from tests.integration.test_iscsi import BASE, free_control_port, sh
+from tests.integration.iscsienv import BASE, free_control_port, sh
 
 
 def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:

@@ -8,16 +8,15 @@ import json
 import threading
 from typing import Any
 
-from tests.integration.test_daemon_replication import (  # the cluster of real daemons
+from tests.integration.cluster import (  # the cluster of real daemons
     SIZE,
     connect,
     in_sync,
-    make_cluster,  # noqa: F401 - the fixture
     wait_for,
 )
 
 
-def test_grow_a_replicated_volume_under_load(make_cluster: Any) -> None:  # noqa: F811, PLR0915
+def test_grow_a_replicated_volume_under_load(make_cluster: Any) -> None:  # noqa: PLR0915
     main, dc, dr = make_cluster("fanout")
     for n in (dc, dr, main):
         n.start()

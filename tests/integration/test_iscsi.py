@@ -8,15 +8,13 @@ the bridge (delete system, unmount) and then kills whatever is left, even on fai
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,101 +24,20 @@ from blockstore.journal import journal_bounds
 from iscsi_bridge import Bridge, Export, loop
 from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
-from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse
+from iscsi_bridge.settings import ChapConfig, IscsiFuse
 from iscsi_bridge.tgt import Tgtadm
-from tests.conftest import NBDGW, Served, free_port, need, run_nbdgw
+from tests.conftest import NBDGW, Served, free_port, run_nbdgw
+from tests.integration.iscsienv import BASE, IscsiEnv, free_control_port, sh
 from tests.integration.peerenv import Env
 
 MiB = 1 << 20
-BASE = "iqn.2026-11.com.example:nbdgw"
 GOOD = "iqn.2026-11.com.example:good-host"
 BAD = "iqn.2026-11.com.example:bad-host"
 
 
 
 
-def free_control_port() -> int:
-    """A tgtd control port (1..32767) no tgtd on this host uses: no socket file for it."""
-    for _ in range(1000):
-        n = random.randint(20000, 32767)  # noqa: S311 - not a secret
-        if not Path(f"/var/run/tgtd/socket.{n}").exists():
-            return n
-    raise AssertionError("no free tgtd control port")
 
-
-def sh(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
-                       timeout=timeout, check=False)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
-    return p
-
-
-class IscsiEnv:
-    """A Bridge in front of one `nbdgw serve`, on its own port and control port."""
-
-    def __init__(self, tmp: Path, served: Served, exports: list[Export],
-                 nbd_uri: Callable[[str], str] | None = None, route: str | None = None,
-                 **kw: Any) -> None:
-        for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
-            need(tool)
-        self.port = free_port()
-        self.cfg = IscsiConfig(enabled=True, portal_host="127.0.0.1", portal_port=self.port,
-                               iqn=BASE, control_port=free_control_port(),
-                               run_dir=tmp / f"iscsi-{self.port}",
-                               **kw)
-        self.served = served
-        self.exports = exports
-        self.bridge = Bridge(self.cfg, nbd_uri or served.uri, route, served.data_dir)
-
-    def reconcile(self, exports: list[Export] | None = None) -> Any:
-        return self.bridge.reconcile(self.exports if exports is None else exports)
-
-    def url(self, export: str = "v1", chap: tuple[str, str] | None = None,
-            target: tuple[str, str] | None = None) -> str:
-        auth = f"{chap[0]}%{chap[1]}@" if chap else ""
-        iqn = f"{BASE}:{export.replace('@', ':')}"
-        url = f"iscsi://{auth}127.0.0.1:{self.port}/{iqn}/{DISK_LUN}"
-        if target:
-            url += f"?target_user={target[0]}&target_password={target[1]}"
-        return url
-
-    def inq(self, *args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
-        return sh("iscsi-inq", *args, url or self.url(), timeout=30, check=False)
-
-    def cleanup(self) -> None:
-        try:
-            self.bridge.stop()
-        finally:  # whatever survived a failed stop: kill it, unmount it
-            run_dir = self.cfg.run_dir
-            for pid_file in [run_dir / "tgtd.pid", *run_dir.glob("mnt/*.pid")]:
-                with contextlib.suppress(OSError, ValueError):
-                    pid = int(pid_file.read_text().split()[0])
-                    if Path(f"/proc/{pid}/comm").read_text().strip() != "nbdkit":
-                        os.kill(pid, signal.SIGKILL)  # nbdkit is the serve fixture's
-            for d in run_dir.glob("mnt/*"):
-                if d.is_dir() and mounted(d):
-                    sh("fusermount3", "-u", "-z", str(d), check=False)
-
-
-@pytest.fixture
-def iscsi(tmp_path: Path, volume: str, serve: Callable[..., Served]
-          ) -> Iterator[Callable[..., IscsiEnv]]:
-    """Factory: ``iscsi(exports=[...], served=..., **IscsiConfig fields)`` -> reconciled env."""
-    made: list[IscsiEnv] = []
-
-    def make(exports: list[Export] | None = None, served: Served | None = None,
-             nbd_uri: Callable[[str], str] | None = None, route: str | None = None,
-             **kw: Any) -> IscsiEnv:
-        e = IscsiEnv(tmp_path, served or serve(), exports or [Export("v1")], nbd_uri, route,
-                     **kw)
-        made.append(e)
-        e.reconcile()
-        return e
-
-    yield make
-    for e in made:
-        e.cleanup()
 
 
 def nbd_read(served: Served, offset: int, length: int, export: str = "v1") -> bytes:

@@ -24,7 +24,7 @@ import pytest
 from iscsi_bridge import Export
 from iscsi_bridge.tgt import Tgtadm
 from tests.conftest import Served
-from tests.integration.test_iscsi import BASE, IscsiEnv, iscsi  # noqa: F401 - fixture
+from tests.integration.iscsienv import IscsiEnv
 
 PLAIN_IQN = "iqn.2026-11.com.example:plain-file"
 PLAIN_TID = 1  # names.target_tid never returns 1 for the bridge's targets here
@@ -68,7 +68,7 @@ def plain_target(tmp_path: Path, e: IscsiEnv, size: int) -> str:
     return f"iscsi://127.0.0.1:{e.port}/{PLAIN_IQN}/1"
 
 
-def compare(tmp_path: Path, iscsi: Callable[..., IscsiEnv],  # noqa: F811
+def compare(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
             tests: list[str], timeout: float, route: str = "file"
             ) -> tuple[set[str], set[str], int]:
     e = iscsi(exports=[Export("v1")], route=route)
@@ -81,7 +81,7 @@ def compare(tmp_path: Path, iscsi: Callable[..., IscsiEnv],  # noqa: F811
 
 
 @pytest.mark.parametrize("route", ["file", "loop"])
-def test_scsi_and_iscsi_families(tmp_path: Path, iscsi: Callable[..., IscsiEnv],  # noqa: F811
+def test_scsi_and_iscsi_families(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
                                  serve: Callable[..., Served], route: str) -> None:
     tests = [f"SCSI.{s}" for s in suites("SCSI") if s not in SLOW_SUITES]
     tests += [f"iSCSI.{s}" for s in suites("iSCSI")]
@@ -99,7 +99,7 @@ def test_scsi_and_iscsi_families(tmp_path: Path, iscsi: Callable[..., IscsiEnv],
 
 
 @pytest.mark.slow
-def test_write_same(tmp_path: Path, iscsi: Callable[..., IscsiEnv]) -> None:  # noqa: F811
+def test_write_same(tmp_path: Path, iscsi: Callable[..., IscsiEnv]) -> None:
     bridge_failed, plain_failed, ran = compare(
         tmp_path, iscsi, [f"SCSI.{s}" for s in sorted(SLOW_SUITES)], timeout=400)
     assert ran >= 10

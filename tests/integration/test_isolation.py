@@ -22,7 +22,7 @@ import nbd
 import pytest
 
 from tests.conftest import Served, run_nbdgw
-from tests.integration.test_security import psk_file
+from tests.integration.tlsfiles import psk_file
 
 MiB = 1 << 20
 BOUND = 0.2

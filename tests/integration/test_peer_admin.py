@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.integration.test_daemon_replication import (  # the cluster of real daemons
+from tests.integration.cluster import (  # the cluster of real daemons
     connect,
     in_sync,
-    make_cluster,  # noqa: F401 - the fixture
     peer_state,
     wait_for,
     write_pattern,
@@ -25,7 +24,7 @@ def live(node: Any, peer: str) -> dict[str, Any]:
         return {}
 
 
-def test_pause_resume_disconnect_connect_and_a_full_resync(make_cluster: Any) -> None:  # noqa: F811
+def test_pause_resume_disconnect_connect_and_a_full_resync(make_cluster: Any) -> None:
     main, dc, dr = make_cluster("fanout")
     for n in (dc, dr, main):
         n.start()
@@ -71,7 +70,7 @@ def test_pause_resume_disconnect_connect_and_a_full_resync(make_cluster: Any) ->
         assert what in audit
 
 
-def test_unknown_peer_and_action_are_clear_errors(make_cluster: Any) -> None:  # noqa: F811
+def test_unknown_peer_and_action_are_clear_errors(make_cluster: Any) -> None:
     main, _dc, _dr = make_cluster("fanout")
     p = main.nbdgw("peer", "pause", "nosuch", check=False)
     assert p.returncode != 0 and "'nosuch' is not a peer of main" in p.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.peerenv import Env, replica_state
-from tests.integration.test_security import issue, make_ca
+from tests.integration.tlsfiles import issue, make_ca
 
 MiB = 1 << 20
 

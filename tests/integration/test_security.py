@@ -8,7 +8,6 @@ with TCP clients whose source address the test picks inside 127.0.0.0/8 (loopbac
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -20,6 +19,7 @@ import nbd
 import pytest
 
 from tests.conftest import NBDGW, Served, run_nbdgw
+from tests.integration.tlsfiles import issue, make_ca, psk_file
 
 MiB = 1 << 20
 VOL_SIZE = 64 * MiB
@@ -55,13 +55,6 @@ def attempt(connect: Callable[[nbd.NBD], None], tag: int = 0) -> str | None:
 
 
 # -- PSK ------------------------------------------------------------------------------
-
-
-def psk_file(path: Path, user: str = "alice") -> Path:
-    """A key file in nbdkit's --tls-psk format: ``username:hexkey`` lines."""
-    path.write_text(f"{user}:{os.urandom(32).hex()}\n")
-    path.chmod(0o600)
-    return path
 
 
 def test_tls_psk_require(data_dir: Path, volume: str, tmp_path: Path, serve) -> None:
@@ -110,37 +103,6 @@ def test_tls_missing_psk_file_fails_serve(data_dir: Path, volume: str, tmp_path:
 
 
 # -- X.509 ----------------------------------------------------------------------------
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    p = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=60, check=False)
-    assert p.returncode == 0, f"openssl {' '.join(args)} failed:\n{p.stderr}"
-
-
-def make_ca(d: Path, name: str) -> None:
-    """A self-signed CA (EC P-256, valid 2 days) as d/ca-cert.pem + d/ca-key.pem."""
-    d.mkdir(parents=True, exist_ok=True)
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
-            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def issue(ca: Path, out: Path, stem: str, cn: str, usage: str) -> None:
-    """out/<stem>-cert.pem + out/<stem>-key.pem signed by the CA in ``ca``."""
-    out.mkdir(parents=True, exist_ok=True)
-    ext = out / f"{stem}.ext"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                   "keyUsage=critical,digitalSignature\n"
-                   f"extendedKeyUsage={usage}\n")
-    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", f"{stem}-key.pem", "-out", f"{stem}.csr",
-            "-subj", f"/CN={cn}", cwd=out)
-    openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", str(ca / "ca-cert.pem"),
-            "-CAkey", str(ca / "ca-key.pem"), "-CAcreateserial", "-days", "2",
-            "-extfile", str(ext), "-out", f"{stem}-cert.pem", cwd=out)
-    (out / f"{stem}-key.pem").chmod(0o600)
 
 
 @pytest.fixture
