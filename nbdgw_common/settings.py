@@ -105,6 +105,9 @@ class Keys:
     def __getitem__(self, name: str) -> Setting:
         return self._by_name[name]
 
+    def get(self, name: str) -> Setting | None:
+        return self._by_name.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 
