@@ -71,6 +71,8 @@ class Setting:
         show = size_text if self.kind is Kind.SIZE else str
         lo = None if self.minimum is None else show(self.minimum)
         hi = None if self.maximum is None else show(self.maximum)
+        if lo is not None and lo == hi:
+            return f"{text} {lo}"
         if lo is not None and hi is not None:
             return f"{text} {lo}..{hi}"
         if lo is not None:
@@ -143,6 +145,16 @@ def walk(keys: Keys, path: str = "") -> Iterator[tuple[str, Setting]]:
         yield where, s
         if s.keys is not None:
             yield from walk(s.keys, f"{where}[]" if s.kind is Kind.LIST else where)
+
+
+def describe(keys: Keys) -> list[str]:
+    """One line per key under ``keys``: dotted path, type and range, default, help."""
+    rows = [(path, s.type_text(), s.default_text(), s.help) for path, s in walk(keys)
+            if s.kind is not Kind.SECTION]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows if len(r[1]) <= 24)
+    w2 = max(len(r[2]) for r in rows if len(r[2]) <= 20)
+    return [f"{p:<{w0}}  {t:<{w1}}  {d:<{w2}}  {h}".rstrip() for p, t, d, h in rows]
 
 
 _UNITS = ((50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K"))

@@ -184,3 +184,14 @@ def test_config_check_accepts_the_example(example: Path):
     r = CliRunner().invoke(cli, ["-c", str(example), "config", "check"])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("config ok: node alpha, data_dir /var/lib/nbdgw, 3 volume(s)")
+
+
+def test_config_keys_lists_every_key_with_type_default_and_help():
+    r = CliRunner().invoke(cli, ["config", "keys"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        p for p, st in DECLARED.items() if st.kind is not Kind.SECTION]
+    seg = next(line for line in lines if line.startswith("journal.segment_bytes "))
+    assert seg.split()[1:5] == ["size", "1M..1G", "64M", "one"]
+    assert "required" in next(line for line in lines if line.startswith("peers[].name "))
