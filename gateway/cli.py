@@ -29,10 +29,12 @@ from blockstore.volume import (
 )
 from nbdgw_common import logs
 from nbdgw_common.errors import GatewayError
+from nbdgw_common.settings import describe
 
 from . import audit
 from .config import (
     DEFAULT_CONFIG_PATH,
+    TOP,
     NodeConfig,
     TlsConfig,
     TlsMode,
@@ -624,7 +626,7 @@ def snapshot_rollback(obj: Ctx, volume: str, name: str, data_dir: Path | None,
 
 @cli.group(cls=Group)
 def config() -> None:
-    """Check the node config."""
+    """Check the node config; list its keys."""
 
 
 @config.command("check")
@@ -641,6 +643,14 @@ def config_check(obj: Ctx, path: Path | None) -> None:
         click.echo(f"role {cfg.role.value}, {cfg.peerlink.topology.value}: sends to {sends}"
                    + (f"; receives on {cfg.peerlink.listen_host}:{cfg.peerlink.listen_port}"
                       if cfg.receives() else ""))
+
+
+@config.command("keys")
+def config_keys() -> None:
+    """Every config key: its type and range, default and meaning (from the declarations
+    in the code; examples/nbdgw.yaml explains them at length)."""
+    for line in describe(TOP):
+        click.echo(line)
 
 
 @cli.command()

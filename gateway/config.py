@@ -1,12 +1,16 @@
 """The node config: one YAML file per node, validated into frozen dataclasses.
 
-Every key has a type, a range and a default.  Messages name the key by its dotted path
-and say what was expected, word for word as tests/unit/test_config.py checks them::
+Every key is declared once, in the `Keys` table of its section (nbdgw_common/settings.py):
+its type, range, default and help.  The table gives the keys a section accepts, the
+defaults of the section's dataclass, the checks by type (`_Section.value`) and
+`nbdgw config keys`; checks across keys are code after them.  Messages name the key by
+its dotted path and say what was expected, word for word as tests/unit/test_config.py
+checks them::
 
     expected integer >= 1 for activity_log.extents
     unknown key 'colour' in nbd (known: allow, default_export, listen, tls)
 
-`examples/nbdgw.yaml` documents every key.
+`examples/nbdgw.yaml` documents every key (tests/unit/test_config_keys.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,8 @@ from blockstore.errors import InvalidArgument
 from blockstore.volume import parse_size, validate_name
 from iscsi_bridge.errors import InvalidName
 from iscsi_bridge.names import target_iqn, validate_initiator, validate_iqn
-from iscsi_bridge.settings import ChapConfig, IscsiConfig, IscsiFuse, IscsiRoute
+from iscsi_bridge.settings import CHAP, ISCSI, ChapConfig, IscsiConfig
+from nbdgw_common.settings import Keys, Kind, Setting, default_of, size_text
 from peerlink.ratelimit import parse_rate
 
 from .errors import ConfigError
@@ -85,33 +91,76 @@ def parse_listen(text: str, where: str = "listen") -> Listen:
     raise ConfigError(f"expected 'tcp:HOST:PORT' or 'unix:PATH' for {where}, got {text!r}")
 
 
+NBD_TLS = Keys(
+    Setting("mode", Kind.CHOICE, TlsMode.OFF,
+            "off | on (TLS offered, plaintext allowed) | require (plaintext refused)"),
+    Setting("psk_file", Kind.PATH, None, "nbdkit --tls-psk file (mode 0600); with mode on "
+            "or require, exactly one of psk_file and certificates_dir"),
+    Setting("certificates_dir", Kind.PATH, None,
+            "directory with ca-cert.pem, server-cert.pem, server-key.pem (mode 0600)"),
+    Setting("verify_peer", Kind.BOOLEAN, False,
+            "clients present a certificate signed by the CA; needs certificates_dir"),
+)
+
+
 @dataclass(frozen=True)
 class TlsConfig:
-    mode: TlsMode = TlsMode.OFF
-    psk_file: Path | None = None
-    certificates_dir: Path | None = None
-    verify_peer: bool = False
+    mode: TlsMode = default_of(NBD_TLS, "mode")
+    psk_file: Path | None = default_of(NBD_TLS, "psk_file")
+    certificates_dir: Path | None = default_of(NBD_TLS, "certificates_dir")
+    verify_peer: bool = default_of(NBD_TLS, "verify_peer")
+
+
+NBD = Keys(
+    Setting("listen", Kind.LIST, (parse_listen(DEFAULT_LISTEN),),
+            "where nbdkit listens: tcp:HOST:PORT (HOST an IP address) and unix:/PATH"),
+    Setting("default_export", Kind.STRING, None,
+            "the volume a client naming no export gets; none: such a client is refused"),
+    Setting("allow", Kind.LIST, (), "client addresses or CIDRs; empty: anyone"),
+    Setting("tls", Kind.SECTION, keys=NBD_TLS, help="TLS for NBD clients"),
+)
 
 
 @dataclass(frozen=True)
 class NbdConfig:
-    listen: tuple[Listen, ...] = (parse_listen(DEFAULT_LISTEN),)
+    listen: tuple[Listen, ...] = default_of(NBD, "listen")
     tls: TlsConfig = TlsConfig()
-    allow: tuple[str, ...] = ()  # client allow-list (CIDRs); empty = anyone
-    default_export: str | None = None  # what a client naming no export gets (None: refused)
+    allow: tuple[str, ...] = default_of(NBD, "allow")
+    default_export: str | None = default_of(NBD, "default_export")
+
+
+JOURNAL = Keys(
+    Setting("max_bytes", Kind.SIZE, 1 << 30, "journal bytes kept per volume, at least "
+            "segment_bytes; past it the oldest segments go (then a dirty-extent resync)"),
+    Setting("segment_bytes", Kind.SIZE, 64 << 20, "one journal segment; the store is "
+            "checkpointed as each fills", minimum=1 << 20, maximum=1 << 30),
+)
 
 
 @dataclass(frozen=True)
 class JournalConfig:
-    max_bytes: int = 1 << 30
-    segment_bytes: int = 64 << 20
+    max_bytes: int = default_of(JOURNAL, "max_bytes")
+    segment_bytes: int = default_of(JOURNAL, "segment_bytes")
+
+
+ACTIVITY_LOG = Keys(
+    Setting("extents", Kind.INTEGER, 1024, "4 MiB extents kept hot (resent to the peers "
+            "after a crash)", minimum=1, maximum=65536),
+)
+
+VOLUME = Keys(
+    Setting("name", Kind.STRING, required=True,
+            help="1-63 of letters, digits, '.', '_', '-'; starts with a letter or digit"),
+    Setting("size", Kind.SIZE, required=True, help="a multiple of 4096"),
+    Setting("read_only", Kind.BOOLEAN, False, "served read-only"),
+)
 
 
 @dataclass(frozen=True)
 class VolumeConfig:
     name: str
     size: int
-    read_only: bool = False
+    read_only: bool = default_of(VOLUME, "read_only")
 
 
 class Role(enum.Enum):
@@ -140,12 +189,26 @@ class Compression(enum.Enum):
 DEFAULT_PEER_PORT = 7789
 
 
+SERVICE = Keys(
+    Setting("address", Kind.STRING, None, "the address clients use, with its prefix length "
+            "(192.0.2.10/24); it moves to the primary on failover"),
+    Setting("interface", Kind.STRING, None, "the interface the address is added to"),
+)
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """The address clients use; it moves to the new primary on failover."""
 
-    address: str | None = None  # interface form, "192.0.2.10/24"
-    interface: str | None = None
+    address: str | None = default_of(SERVICE, "address")  # interface form, "192.0.2.10/24"
+    interface: str | None = default_of(SERVICE, "interface")
+
+
+PEERLINK_TLS = Keys(
+    Setting("cert_file", Kind.PATH, required=True, help="this node's certificate"),
+    Setting("key_file", Kind.PATH, required=True, help="its private key (mode 0600)"),
+    Setting("ca_file", Kind.PATH, required=True, help="the CA that signs every peer's"),
+)
 
 
 @dataclass(frozen=True)
@@ -155,14 +218,47 @@ class PeerlinkTlsConfig:
     ca_file: Path
 
 
+PEERLINK = Keys(
+    Setting("listen", Kind.HOST_PORT, ("0.0.0.0", DEFAULT_PEER_PORT),
+            "where this node's replication receiver listens (HOST an IP address)"),
+    Setting("topology", Kind.CHOICE, Topology.FANOUT, "fanout: the primary ships to every "
+            "peer; cascade: primary -> secondary -> dr"),
+    Setting("secret_file", Kind.PATH, None, "shared secret (>= 16 bytes, mode 0600) both "
+            "ends prove before any data; authenticates heartbeats"),
+    Setting("tls", Kind.SECTION, keys=PEERLINK_TLS,
+            help="mutual TLS between peers: all three files or none"),
+    Setting("insecure", Kind.BOOLEAN, False,
+            "true: peers with neither secret_file nor tls are accepted (a closed lab only)"),
+)
+
+
 @dataclass(frozen=True)
 class PeerlinkConfig:
-    listen_host: str = "0.0.0.0"
-    listen_port: int = DEFAULT_PEER_PORT
-    topology: Topology = Topology.FANOUT
-    secret_file: Path | None = None
+    listen_host: str = default_of(PEERLINK, "listen")[0]
+    listen_port: int = default_of(PEERLINK, "listen")[1]
+    topology: Topology = default_of(PEERLINK, "topology")
+    secret_file: Path | None = default_of(PEERLINK, "secret_file")
     tls: PeerlinkTlsConfig | None = None
-    insecure: bool = False  # peers without secret and TLS: said in so many words
+    insecure: bool = default_of(PEERLINK, "insecure")
+
+
+PEER = Keys(
+    Setting("name", Kind.STRING, required=True, help="the peer's node.name"),
+    Setting("role", Kind.CHOICE, choices=Role, required=True, help="the peer's node.role"),
+    Setting("address", Kind.ADDRESS, required=True,
+            help="the IP address of the peer's peerlink.listen"),
+    Setting("port", Kind.INTEGER, DEFAULT_PEER_PORT, "the port of the peer's peerlink.listen",
+            minimum=1, maximum=65535),
+    Setting("heartbeat_addresses", Kind.LIST, (),
+            "IP addresses of second paths for heartbeats only"),
+    Setting("mode", Kind.CHOICE, PeerMode.ASYNC, "sync: a write completes once this peer "
+            "has it durable (the main-site pair only)"),
+    Setting("sync_timeout", Kind.SECONDS, 5.0,
+            "how long a sync peer may leave a write unacknowledged before it is stalled"),
+    Setting("rate_limit", Kind.RATE, 0,
+            "bytes per second on the wire, with K, M, G units; 0: unlimited"),
+    Setting("compression", Kind.CHOICE, Compression.ZSTD, "compression on the wire"),
+)
 
 
 @dataclass(frozen=True)
@@ -170,12 +266,12 @@ class PeerConfig:
     name: str
     role: Role
     address: str
-    port: int = DEFAULT_PEER_PORT
-    heartbeat_addresses: tuple[str, ...] = ()  # second paths for heartbeats only
-    mode: PeerMode = PeerMode.ASYNC
-    sync_timeout: float = 5.0
-    rate_limit: int = 0  # bytes per second on the wire; 0 = unlimited
-    compression: Compression = Compression.ZSTD
+    port: int = default_of(PEER, "port")
+    heartbeat_addresses: tuple[str, ...] = default_of(PEER, "heartbeat_addresses")
+    mode: PeerMode = default_of(PEER, "mode")
+    sync_timeout: float = default_of(PEER, "sync_timeout")
+    rate_limit: int = default_of(PEER, "rate_limit")  # bytes per second on the wire; 0 = unlimited
+    compression: Compression = default_of(PEER, "compression")
 
 
 class Every(enum.Enum):
@@ -187,6 +283,24 @@ class Every(enum.Enum):
     WEEKLY = "weekly"
 
 
+MAX_SNAPSHOTS_PER_VOLUME = 512  # blockstore.snapshot.MAX_SNAPSHOTS
+
+SCHEDULE = Keys(
+    Setting("name", Kind.TEXT, required=True,
+            help="1-32 of letters, digits, '_', '-'; starts with a letter or digit; unique"),
+    Setting("every", Kind.TEXT, required=True,
+            help="Nm (N minutes, 1..10080) | hourly | daily | weekly, in UTC"),
+    Setting("keep", Kind.INTEGER, required=True, minimum=1, maximum=MAX_SNAPSHOTS_PER_VOLUME,
+            help="snapshots kept; all schedules of a volume keep at most 512 together"),
+    Setting("volumes", Kind.LIST, (), "volumes snapshotted together at one instant; "
+            "key absent: every volume"),
+)
+
+SNAPSHOTS = Keys(
+    Setting("schedules", Kind.LIST, (), "timed snapshots, run by the daemon", keys=SCHEDULE),
+)
+
+
 @dataclass(frozen=True)
 class SnapshotSchedule:
     """One timed snapshot schedule: snapshots named ``<name>-<UTC slot time>``."""
@@ -195,12 +309,25 @@ class SnapshotSchedule:
     every: Every
     minutes: int  # the period in minutes (60 hourly, 1440 daily, 10080 weekly)
     keep: int
-    volumes: tuple[str, ...] = ()  # empty: every volume of the node, as one group
+    volumes: tuple[str, ...] = default_of(SCHEDULE, "volumes")  # empty: every volume, one group
 
 
 @dataclass(frozen=True)
 class SnapshotsConfig:
-    schedules: tuple[SnapshotSchedule, ...] = ()
+    schedules: tuple[SnapshotSchedule, ...] = default_of(SNAPSHOTS, "schedules")
+
+
+FAILOVER = Keys(
+    Setting("auto", Kind.BOOLEAN, True, "automatic failover (needs peerlink.secret_file); "
+            "false: roles never move by themselves"),
+    Setting("heartbeat_port", Kind.INTEGER, 7790, "UDP port of the heartbeats, the same on "
+            "every site", minimum=1, maximum=65535),
+    Setting("interval", Kind.SECONDS, 0.5, "between two heartbeats"),
+    Setting("timeout", Kind.SECONDS, 2.0, "silence after which a site counts as gone; at "
+            "least 3 x interval"),
+    Setting("fence_margin", Kind.SECONDS, 1.0, "time for a cut-off primary to fence itself "
+            "before the secondary may promote"),
+)
 
 
 @dataclass(frozen=True)
@@ -209,18 +336,35 @@ class FailoverConfig:
     dead primary is replaced in about 4 s: ``timeout`` of silence, ``fence_margin`` for
     the old primary to have fenced itself, then the promotion."""
 
-    auto: bool = True
-    heartbeat_port: int = 7790
-    interval: float = 0.5
-    timeout: float = 2.0
-    fence_margin: float = 1.0
+    auto: bool = default_of(FAILOVER, "auto")
+    heartbeat_port: int = default_of(FAILOVER, "heartbeat_port")
+    interval: float = default_of(FAILOVER, "interval")
+    timeout: float = default_of(FAILOVER, "timeout")
+    fence_margin: float = default_of(FAILOVER, "fence_margin")
+
+
+METRICS = Keys(
+    Setting("listen", Kind.HOST_PORT, None, "the Prometheus endpoint of the daemon "
+            "(HOST an IP address); none: no endpoint"),
+)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """The Prometheus endpoint of `nbdgw daemon` (gateway/metrics.py); off without listen."""
 
-    listen: tuple[str, int] | None = None
+    listen: tuple[str, int] | None = default_of(METRICS, "listen")
+
+
+HEALTH = Keys(
+    Setting("warn_free_percent", Kind.PERCENT, 15.0,
+            "free space of data_dir's file system below which it is a warning"),
+    Setting("critical_free_percent", Kind.PERCENT, 5.0,
+            "... and critical; at most warn_free_percent"),
+    Setting("interval", Kind.SECONDS, 60.0, "between the daemon's checks"),
+    Setting("max_disk_temperature", Kind.INTEGER, 60, "Celsius at which a disk warns",
+            minimum=30, maximum=100),
+)
 
 
 @dataclass(frozen=True)
@@ -229,32 +373,69 @@ class HealthConfig:
     of data_dir is a warning and critical, how often the daemon checks (SMART and mdadm
     answers are reused for as long), and the disk temperature that warns."""
 
-    warn_free_percent: float = 15.0
-    critical_free_percent: float = 5.0
-    interval: float = 60.0
-    max_disk_temperature: int = 60
+    warn_free_percent: float = default_of(HEALTH, "warn_free_percent")
+    critical_free_percent: float = default_of(HEALTH, "critical_free_percent")
+    interval: float = default_of(HEALTH, "interval")
+    max_disk_temperature: int = default_of(HEALTH, "max_disk_temperature")
+
+
+CONTROL = Keys(
+    Setting("group", Kind.STRING, None, "a group whose members may use the daemon's control "
+            "socket besides root (it must exist); none: root only"),
+)
 
 
 @dataclass(frozen=True)
 class ControlConfig:
     """Who may use the daemon's control socket besides root: members of ``group``."""
 
-    group: str | None = None
+    group: str | None = default_of(CONTROL, "group")
+
+
+NODE = Keys(
+    Setting("name", Kind.STRING, os.uname().nodename, "shown in logs and status; differs "
+            "from every peers[].name", shown_default="the host name"),
+    Setting("data_dir", Kind.PATH, DEFAULT_DATA_DIR, "volumes live in <data_dir>/volumes/"),
+    Setting("role", Kind.CHOICE, Role.PRIMARY, "the default role of this node's volumes"),
+)
+
+TOP = Keys(
+    Setting("version", Kind.INTEGER, required=True, minimum=CONFIG_VERSION,
+            maximum=CONFIG_VERSION, help="the config format version"),
+    Setting("node", Kind.SECTION, keys=NODE, help="this node"),
+    Setting("service", Kind.SECTION, keys=SERVICE, help="the address that follows the "
+            "primary"),
+    Setting("peerlink", Kind.SECTION, keys=PEERLINK, help="replication between sites"),
+    Setting("peers", Kind.LIST, (), "the other sites, the same list on every node",
+            keys=PEER),
+    Setting("failover", Kind.SECTION, keys=FAILOVER, help="heartbeats and automatic failover"),
+    Setting("nbd", Kind.SECTION, keys=NBD, help="the NBD server (nbdkit)"),
+    Setting("journal", Kind.SECTION, keys=JOURNAL, help="each volume's write journal"),
+    Setting("activity_log", Kind.SECTION, keys=ACTIVITY_LOG, help="DRBD's al-extents"),
+    Setting("volumes", Kind.LIST, (), "volumes this node serves; empty: every volume in "
+            "data_dir", keys=VOLUME),
+    Setting("snapshots", Kind.SECTION, keys=SNAPSHOTS, help="timed snapshots"),
+    Setting("iscsi", Kind.SECTION, keys=ISCSI, help="the iSCSI bridge (tgtd)"),
+    Setting("metrics", Kind.SECTION, keys=METRICS, help="Prometheus metrics"),
+    Setting("control", Kind.SECTION, keys=CONTROL, help="the daemon's control socket"),
+    Setting("health", Kind.SECTION, keys=HEALTH, help="store health checks"),
+)
+TOP_KEYS = TOP.known
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    name: str = os.uname().nodename
-    data_dir: Path = DEFAULT_DATA_DIR
+    name: str = default_of(NODE, "name")
+    data_dir: Path = default_of(NODE, "data_dir")
     nbd: NbdConfig = NbdConfig()
     journal: JournalConfig = JournalConfig()
-    al_extents: int = 1024
-    volumes: tuple[VolumeConfig, ...] = ()
-    source: Path | None = None
-    role: Role = Role.PRIMARY
+    al_extents: int = default_of(ACTIVITY_LOG, "extents")
+    volumes: tuple[VolumeConfig, ...] = default_of(TOP, "volumes")
+    source: Path | None = None  # the file it was read from
+    role: Role = default_of(NODE, "role")
     service: ServiceConfig = ServiceConfig()
     peerlink: PeerlinkConfig = PeerlinkConfig()
-    peers: tuple[PeerConfig, ...] = ()
+    peers: tuple[PeerConfig, ...] = default_of(TOP, "peers")
     failover: FailoverConfig = FailoverConfig()
     snapshots: SnapshotsConfig = SnapshotsConfig()
     iscsi: IscsiConfig = IscsiConfig()
@@ -288,15 +469,21 @@ class NodeConfig:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
-class _Section:
-    """Reads one mapping, remembering which keys were used so leftovers are reported."""
+MAX_SECONDS = 86400  # no duration in the config means more than a day; .inf never does
 
-    def __init__(self, raw: Any, path: str, known: tuple[str, ...]) -> None:
+class _Section:
+    """Reads one mapping against its declared keys (`Keys`): a key not declared is
+    refused by name; `value` reads and checks a key by its declared kind, range and
+    default; the section's code does the rest (lists, sub-sections, checks across keys).
+    Reading a key the table does not declare is a KeyError: code and table cannot drift."""
+
+    def __init__(self, raw: Any, path: str, keys: Keys) -> None:
         where = path or "the config file"
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"expected a mapping for {where}")
+        known = keys.known
         for key in raw:
             if key not in known:
                 raise ConfigError(
@@ -304,15 +491,62 @@ class _Section:
                 )
         self.raw = raw
         self.path = path
+        self.keys = keys
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
     def has(self, name: str) -> bool:
-        return name in self.raw
+        return self.keys[name].name in self.raw
 
     def get(self, name: str) -> Any:
-        return self.raw.get(name)
+        return self.raw.get(self.keys[name].name)
+
+    def require(self, *names: str) -> None:
+        """Refuse the first of ``names`` (each declared required) that is absent."""
+        for name in names:
+            assert self.keys[name].required, name
+            if name not in self.raw:
+                raise ConfigError(f"missing key '{name}' in {self.path}")
+
+    def value(self, name: str) -> Any:
+        """``name`` read and checked by its declaration (its default when absent)."""
+        st = self.keys[name]
+        read = _READ_BY_KIND.get(st.kind)
+        if read is None:
+            raise TypeError(f"{self.key(name)} ({st.kind.value}) is read by its section's code")
+        return read(self, st)
+
+    def _integer(self, st: Setting) -> int:
+        assert isinstance(st.minimum, int) and not isinstance(st.maximum, float), st.name
+        return self.integer(st.name, st.default, st.minimum, st.maximum)
+
+    def _size(self, st: Setting) -> int:
+        v = self.size(st.name, st.default)
+        if st.minimum is not None and v < st.minimum:
+            raise ConfigError(f"expected at least {size_text(st.minimum)} for {self.key(st.name)}")
+        if st.maximum is not None and v > st.maximum:
+            raise ConfigError(f"expected at most {size_text(st.maximum)} for {self.key(st.name)}")
+        return v
+
+    def _choice(self, st: Setting) -> Any:
+        assert st.choices is not None
+        return self.enum(st.name, st.choices, st.default)
+
+    def _host_port(self, st: Setting) -> tuple[str, int] | None:
+        default: tuple[str, int] | None = st.default
+        if st.name not in self.raw:
+            return default
+        v = self.raw[st.name]
+        if v is None and st.default is None:  # an endpoint that is off by default
+            return None
+        return parse_host_port(v, self.key(st.name))
+
+    def values(self, *skip: str) -> dict[str, Any]:
+        """`value` of every declared key of a kind read by declaration alone, except
+        ``skip``: the keyword arguments of a section's dataclass."""
+        return {st.name: self.value(st.name) for st in self.keys
+                if st.kind in _READ_BY_KIND and st.name not in skip}
 
     def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
         v = self.raw.get(name, default)
@@ -353,8 +587,14 @@ class _Section:
             raise ConfigError(f"expected an absolute path for {self.key(name)}")
         return Path(v)
 
-    def enum(self, name: str, cls: type[enum.Enum], default: enum.Enum) -> Any:
-        v = self.raw.get(name, default.value)
+    def percent(self, name: str, default: float) -> float:
+        v = self.raw.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 100:
+            raise ConfigError(f"expected a percentage >= 0 and < 100 for {self.key(name)}")
+        return float(v)
+
+    def enum(self, name: str, cls: type[enum.Enum], default: enum.Enum | None) -> Any:
+        v = self.raw.get(name, None if default is None else default.value)
         if v is False:  # YAML 1.1 reads a bare `off` as false
             v = "off"
         if v is True:
@@ -366,21 +606,28 @@ class _Section:
             raise ConfigError(f"expected one of {choices} for {self.key(name)}") from None
 
     def listing(self, name: str) -> list[Any]:
-        v = self.raw.get(name, [])
+        v = self.raw.get(self.keys[name].name, [])
         if not isinstance(v, list):
             raise ConfigError(f"expected a list for {self.key(name)}")
         return v
 
 
+# How `_Section.value` reads each kind it can read by the declaration alone.
+_READ_BY_KIND: dict[Kind, Callable[[_Section, Setting], Any]] = {
+    Kind.INTEGER: _Section._integer,
+    Kind.SIZE: _Section._size,
+    Kind.SECONDS: lambda s, st: _number(s, st.name, st.default),
+    Kind.PERCENT: lambda s, st: s.percent(st.name, st.default),
+    Kind.BOOLEAN: lambda s, st: s.boolean(st.name, st.default),
+    Kind.STRING: lambda s, st: s.string(st.name, st.default),
+    Kind.PATH: lambda s, st: s.path_(st.name, st.default),
+    Kind.CHOICE: _Section._choice,
+    Kind.HOST_PORT: _Section._host_port,
+}
+
+
 def _tls(raw: Any) -> TlsConfig:
-    s = _Section(raw, "nbd.tls", ("mode", "psk_file", "certificates_dir", "verify_peer"))
-    tls = TlsConfig(
-        mode=s.enum("mode", TlsMode, TlsMode.OFF),
-        psk_file=s.path_("psk_file", None),
-        certificates_dir=s.path_("certificates_dir", None),
-        verify_peer=s.boolean("verify_peer", False),
-    )
-    return check_tls(tls)
+    return check_tls(TlsConfig(**_Section(raw, "nbd.tls", NBD_TLS).values()))
 
 
 def check_tls(tls: TlsConfig) -> TlsConfig:
@@ -405,14 +652,14 @@ def parse_cidr(v: Any, where: str) -> str:
 
 
 def _nbd(raw: Any) -> NbdConfig:
-    s = _Section(raw, "nbd", ("listen", "tls", "allow", "default_export"))
+    s = _Section(raw, "nbd", NBD)
     listen = tuple(parse_listen(x, f"nbd.listen[{i}]") for i, x in enumerate(s.listing("listen")))
     if not s.has("listen"):
-        listen = NbdConfig().listen
+        listen = default_of(NBD, "listen")
     if not listen:
         raise ConfigError("expected at least one address in nbd.listen")
     allow = tuple(parse_cidr(x, f"nbd.allow[{i}]") for i, x in enumerate(s.listing("allow")))
-    default = s.string("default_export", None)
+    default = s.value("default_export")
     if default is not None:
         try:
             validate_name(default)
@@ -425,19 +672,18 @@ def _nbd(raw: Any) -> NbdConfig:
 def _volumes(items: list[Any]) -> tuple[VolumeConfig, ...]:
     out: list[VolumeConfig] = []
     for i, raw in enumerate(items):
-        s = _Section(raw, f"volumes[{i}]", ("name", "size", "read_only"))
-        name = s.string("name", None)
+        s = _Section(raw, f"volumes[{i}]", VOLUME)
+        name = s.value("name")
         if name is None:
             raise ConfigError(f"missing key 'name' in volumes[{i}]")
         try:
             validate_name(name)
         except InvalidArgument as e:
             raise ConfigError(f"{e} in volumes[{i}].name") from None
-        if not s.has("size"):
-            raise ConfigError(f"missing key 'size' in volumes[{i}]")
+        s.require("size")
         if any(v.name == name for v in out):
             raise ConfigError(f"volume {name} is listed twice in volumes")
-        out.append(VolumeConfig(name, s.size("size", 0), s.boolean("read_only", False)))
+        out.append(VolumeConfig(name, s.value("size"), s.value("read_only")))
     return tuple(out)
 
 
@@ -460,8 +706,8 @@ def parse_host_port(v: Any, where: str) -> tuple[str, int]:
 
 
 def _service(raw: Any) -> ServiceConfig:
-    s = _Section(raw, "service", ("address", "interface"))
-    address = s.string("address", None)
+    s = _Section(raw, "service", SERVICE)
+    address = s.value("address")
     if address is not None:
         try:
             iface = ipaddress.ip_interface(address)
@@ -472,18 +718,16 @@ def _service(raw: Any) -> ServiceConfig:
             raise ConfigError(f"expected an address with a prefix length such as "
                               f"192.0.2.10/24 for service.address, got {address!r}")
         address = str(iface)
-    return ServiceConfig(address=address, interface=s.string("interface", None))
+    return ServiceConfig(address=address, interface=s.value("interface"))
 
 
 def _peerlink(raw: Any) -> PeerlinkConfig:
-    s = _Section(raw, "peerlink", ("listen", "topology", "secret_file", "tls", "insecure"))
-    host, port = PeerlinkConfig.listen_host, PeerlinkConfig.listen_port
-    if s.has("listen"):
-        host, port = parse_host_port(s.get("listen"), "peerlink.listen")
+    s = _Section(raw, "peerlink", PEERLINK)
+    host, port = s.value("listen")
     tls = None
     if s.has("tls"):
-        t = _Section(s.get("tls"), "peerlink.tls", ("cert_file", "key_file", "ca_file"))
-        files = [t.path_(k, None) for k in ("cert_file", "key_file", "ca_file")]
+        t = _Section(s.get("tls"), "peerlink.tls", PEERLINK_TLS)
+        files = [t.value(k) for k in ("cert_file", "key_file", "ca_file")]
         missing = [k for k, f in zip(("cert_file", "key_file", "ca_file"), files, strict=True)
                    if f is None]
         if missing:
@@ -491,17 +735,11 @@ def _peerlink(raw: Any) -> PeerlinkConfig:
                               f"needs cert_file, key_file and ca_file)")
         cert, key, ca = (f for f in files if f is not None)
         tls = PeerlinkTlsConfig(cert, key, ca)
-    return PeerlinkConfig(listen_host=host, listen_port=port,
-                          topology=s.enum("topology", Topology, Topology.FANOUT),
-                          secret_file=s.path_("secret_file", None), tls=tls,
-                          insecure=s.boolean("insecure", False))
-
-
-MAX_SECONDS = 86400  # no duration in the config means more than a day; .inf never does
+    return PeerlinkConfig(listen_host=host, listen_port=port, tls=tls, **s.values("listen"))
 
 
 def _number(s: _Section, name: str, default: float) -> float:
-    v = s.get(name) if s.has(name) else default
+    v = s.raw.get(name, default)
     if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
             or not 0 < v <= MAX_SECONDS):
         raise ConfigError(f"expected a number of seconds > 0 and at most {MAX_SECONDS} "
@@ -511,15 +749,11 @@ def _number(s: _Section, name: str, default: float) -> float:
 
 def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
     out: list[PeerConfig] = []
-    keys = ("name", "role", "address", "port", "mode", "sync_timeout", "rate_limit",
-            "compression", "heartbeat_addresses")
     for i, raw in enumerate(items):
         where = f"peers[{i}]"
-        s = _Section(raw, where, keys)
-        for k in ("name", "role", "address"):
-            if not s.has(k):
-                raise ConfigError(f"missing key '{k}' in {where}")
-        name = s.string("name", None)
+        s = _Section(raw, where, PEER)
+        s.require("name", "role", "address")
+        name = s.value("name")
         assert name is not None
         try:
             validate_name(name)
@@ -535,7 +769,7 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
         except ValueError:
             raise ConfigError(f"expected an IP address for {where}.address, "
                               f"got {address!r}") from None
-        rate = s.get("rate_limit") if s.has("rate_limit") else 0
+        rate = s.get("rate_limit") if s.has("rate_limit") else default_of(PEER, "rate_limit")
         if isinstance(rate, bool) or not isinstance(rate, int | str):
             raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
                               f"{where}.rate_limit")
@@ -553,12 +787,12 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
                                   f"{where}.heartbeat_addresses[{j}], got {a!r}") from None
         out.append(PeerConfig(
             heartbeat_addresses=tuple(extra),
-            name=name, role=s.enum("role", Role, Role.SECONDARY), address=address,
-            port=s.integer("port", DEFAULT_PEER_PORT, 1, 65535),
-            mode=s.enum("mode", PeerMode, PeerMode.ASYNC),
-            sync_timeout=_number(s, "sync_timeout", PeerConfig.sync_timeout),
+            name=name, role=s.value("role"), address=address,
+            port=s.value("port"),
+            mode=s.value("mode"),
+            sync_timeout=s.value("sync_timeout"),
             rate_limit=rate,
-            compression=s.enum("compression", Compression, Compression.ZSTD)))
+            compression=s.value("compression")))
     return tuple(out)
 
 
@@ -592,14 +826,7 @@ def check_sync(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
 
 
 def _failover(raw: Any) -> FailoverConfig:
-    s = _Section(raw, "failover", ("auto", "heartbeat_port", "interval", "timeout",
-                                   "fence_margin"))
-    f = FailoverConfig(
-        auto=s.boolean("auto", True),
-        heartbeat_port=s.integer("heartbeat_port", FailoverConfig.heartbeat_port, 1, 65535),
-        interval=_number(s, "interval", FailoverConfig.interval),
-        timeout=_number(s, "timeout", FailoverConfig.timeout),
-        fence_margin=_number(s, "fence_margin", FailoverConfig.fence_margin))
+    f = FailoverConfig(**_Section(raw, "failover", FAILOVER).values())
     if f.timeout < 3 * f.interval:
         raise ConfigError("failover.timeout must be at least 3 x failover.interval (a "
                           "single lost heartbeat must not look like a dead node)")
@@ -609,25 +836,21 @@ def _failover(raw: Any) -> FailoverConfig:
 def _chap(raw: Any, where: str) -> ChapConfig | None:
     if raw is None:
         return None
-    s = _Section(raw, where, ("user", "secret_file"))
-    user = s.string("user", None)
+    s = _Section(raw, where, CHAP)
+    user = s.value("user")
     if user is None:
         raise ConfigError(f"missing key 'user' in {where}")
     if any(c.isspace() for c in user):
         raise ConfigError(f"expected a user name without spaces for {where}.user")
-    secret_file = s.path_("secret_file", None)
+    secret_file = s.value("secret_file")
     if secret_file is None:
         raise ConfigError(f"missing key 'secret_file' in {where}")
     return ChapConfig(user, secret_file)
 
 
 def _iscsi(raw: Any) -> IscsiConfig:
-    s = _Section(raw, "iscsi", ("enabled", "portal", "iqn", "chap", "mutual_chap",
-                                "initiators", "allow", "control_port", "run_dir", "route",
-                                "fuse"))
-    default = IscsiConfig()
-    host, port = parse_host_port(s.get("portal") if s.has("portal") else default.portal,
-                                 "iscsi.portal")
+    s = _Section(raw, "iscsi", ISCSI)
+    host, port = s.value("portal")
     iqn = s.get("iqn")
     if iqn is not None:
         try:
@@ -642,7 +865,7 @@ def _iscsi(raw: Any) -> IscsiConfig:
             raise ConfigError(f"{e} in iscsi.initiators[{i}]") from None
     allow = tuple(parse_cidr(x, f"iscsi.allow[{i}]") for i, x in enumerate(s.listing("allow")))
     cfg = IscsiConfig(
-        enabled=s.boolean("enabled", False),
+        enabled=s.value("enabled"),
         portal_host=host,
         portal_port=port,
         iqn=iqn,
@@ -650,10 +873,10 @@ def _iscsi(raw: Any) -> IscsiConfig:
         mutual_chap=_chap(s.get("mutual_chap"), "iscsi.mutual_chap"),
         initiators=tuple(initiators),
         allow=allow,
-        control_port=s.integer("control_port", default.control_port, 1, 32767),
-        run_dir=s.path_("run_dir", default.run_dir) or default.run_dir,
-        route=s.enum("route", IscsiRoute, default.route),
-        fuse=s.enum("fuse", IscsiFuse, default.fuse),
+        control_port=s.value("control_port"),
+        run_dir=s.value("run_dir"),
+        route=s.value("route"),
+        fuse=s.value("fuse"),
     )
     if cfg.enabled and cfg.iqn is None:
         raise ConfigError("missing key 'iqn' in iscsi (required when iscsi.enabled is true)")
@@ -680,11 +903,6 @@ def check_iscsi_volumes(iscsi: IscsiConfig, volumes: tuple[VolumeConfig, ...]) -
             raise ConfigError(f"{e} (volumes[{i}].name, exported by iscsi)") from None
 
 
-TOP_KEYS = ("version", "node", "nbd", "journal", "activity_log", "volumes", "service",
-            "peerlink", "peers", "failover", "snapshots", "iscsi", "metrics", "control",
-            "health")
-
-MAX_SNAPSHOTS_PER_VOLUME = 512  # blockstore.snapshot.MAX_SNAPSHOTS
 _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _EVERY_MINUTES = re.compile(r"^([0-9]+)m$")
 _EVERY = {"hourly": (Every.HOURLY, 60), "daily": (Every.DAILY, 1440),
@@ -704,14 +922,12 @@ def _every(v: Any, where: str) -> tuple[Every, int]:
 
 
 def _snapshots(raw: Any) -> SnapshotsConfig:
-    s = _Section(raw, "snapshots", ("schedules",))
+    s = _Section(raw, "snapshots", SNAPSHOTS)
     out: list[SnapshotSchedule] = []
     for i, item in enumerate(s.listing("schedules")):
         where = f"snapshots.schedules[{i}]"
-        sec = _Section(item, where, ("name", "volumes", "every", "keep"))
-        for key in ("name", "every", "keep"):
-            if not sec.has(key):
-                raise ConfigError(f"missing key '{key}' in {where}")
+        sec = _Section(item, where, SCHEDULE)
+        sec.require("name", "every", "keep")
         name = sec.get("name")
         if not isinstance(name, str) or not _SCHEDULE_NAME.fullmatch(name):
             raise ConfigError(f"expected 1-32 letters, digits, '_' or '-', starting with a "
@@ -719,7 +935,7 @@ def _snapshots(raw: Any) -> SnapshotsConfig:
         if any(x.name == name for x in out):
             raise ConfigError(f"schedule {name} is listed twice in snapshots.schedules")
         every, minutes = _every(sec.get("every"), f"{where}.every")
-        keep = sec.integer("keep", 0, 1, MAX_SNAPSHOTS_PER_VOLUME)
+        keep = sec.value("keep")
         vols: list[str] = []
         for j, v in enumerate(sec.listing("volumes")):
             try:
@@ -745,14 +961,11 @@ def _snapshots(raw: Any) -> SnapshotsConfig:
 
 
 def _metrics(raw: Any) -> MetricsConfig:
-    s = _Section(raw, "metrics", ("listen",))
-    v = s.get("listen")
-    return MetricsConfig(listen=None if v is None else parse_host_port(v, "metrics.listen"))
+    return MetricsConfig(**_Section(raw, "metrics", METRICS).values())
 
 
 def _control(raw: Any) -> ControlConfig:
-    s = _Section(raw, "control", ("group",))
-    group = s.string("group", None)
+    group = _Section(raw, "control", CONTROL).value("group")
     if group is not None:
         try:
             grp.getgrnam(group)
@@ -763,22 +976,7 @@ def _control(raw: Any) -> ControlConfig:
 
 
 def _health(raw: Any) -> HealthConfig:
-    s = _Section(raw, "health", ("warn_free_percent", "critical_free_percent", "interval",
-                                 "max_disk_temperature"))
-    d = HealthConfig()
-
-    def percent(name: str, default: float) -> float:
-        v = s.get(name) if s.has(name) else default
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 100:
-            raise ConfigError(f"expected a percentage >= 0 and < 100 for health.{name}")
-        return float(v)
-
-    h = HealthConfig(
-        warn_free_percent=percent("warn_free_percent", d.warn_free_percent),
-        critical_free_percent=percent("critical_free_percent", d.critical_free_percent),
-        interval=_number(s, "interval", d.interval),
-        max_disk_temperature=s.integer("max_disk_temperature", d.max_disk_temperature, 30,
-                                       100))
+    h = HealthConfig(**_Section(raw, "health", HEALTH).values())
     if h.critical_free_percent > h.warn_free_percent:
         raise ConfigError("health.critical_free_percent must be at most "
                           "health.warn_free_percent")
@@ -787,25 +985,17 @@ def _health(raw: Any) -> HealthConfig:
 
 def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     """Validate a loaded YAML document into a NodeConfig; raise ConfigError."""
-    top = _Section(raw, "", TOP_KEYS)
+    top = _Section(raw, "", TOP)
     version = top.get("version")
     if type(version) is not int or version != CONFIG_VERSION:
         raise ConfigError(f"expected version: {CONFIG_VERSION} at the top of the config")
-    node = _Section(top.get("node"), "node", ("name", "data_dir", "role"))
-    j = _Section(top.get("journal"), "journal", ("max_bytes", "segment_bytes"))
-    al = _Section(top.get("activity_log"), "activity_log", ("extents",))
-    journal = JournalConfig(
-        max_bytes=j.size("max_bytes", JournalConfig.max_bytes),
-        segment_bytes=j.size("segment_bytes", JournalConfig.segment_bytes),
-    )
-    if journal.segment_bytes < 1 << 20:
-        raise ConfigError("expected at least 1M for journal.segment_bytes")
-    if journal.segment_bytes > 1 << 30:
-        raise ConfigError("expected at most 1G for journal.segment_bytes")
+    node = _Section(top.get("node"), "node", NODE)
+    al = _Section(top.get("activity_log"), "activity_log", ACTIVITY_LOG)
+    journal = JournalConfig(**_Section(top.get("journal"), "journal", JOURNAL).values())
     if journal.max_bytes < journal.segment_bytes:
         raise ConfigError("journal.max_bytes must be at least journal.segment_bytes")
-    name = node.string("name", None) or NodeConfig.name
-    role = node.enum("role", Role, Role.PRIMARY)
+    name = node.value("name") or default_of(NODE, "name")  # `name:` with no value: the default
+    role = node.value("role")
     peers = _peers(top.listing("peers"), name)
     check_roles(role, name, peers)
     check_sync(role, name, peers)
@@ -816,10 +1006,10 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         peers=peers,
         failover=_failover(top.get("failover")),
         name=name,
-        data_dir=node.path_("data_dir", DEFAULT_DATA_DIR) or DEFAULT_DATA_DIR,
+        data_dir=node.value("data_dir"),
         nbd=_nbd(top.get("nbd")),
         journal=journal,
-        al_extents=al.integer("extents", 1024, 1, 65536),
+        al_extents=al.value("extents"),
         volumes=_volumes(top.listing("volumes")),
         source=source,
         snapshots=_snapshots(top.get("snapshots")),
