@@ -163,6 +163,7 @@ class PeerlinkConfig:
     secret_file: Path | None = None
     tls: PeerlinkTlsConfig | None = None
     insecure: bool = False  # peers without secret and TLS: said in so many words
+    next_secret_file: Path | None = None  # accepted besides secret_file: a rotation
 
 
 @dataclass(frozen=True)
@@ -476,7 +477,8 @@ def _service(raw: Any) -> ServiceConfig:
 
 
 def _peerlink(raw: Any) -> PeerlinkConfig:
-    s = _Section(raw, "peerlink", ("listen", "topology", "secret_file", "tls", "insecure"))
+    s = _Section(raw, "peerlink", ("listen", "topology", "secret_file", "next_secret_file",
+                                   "tls", "insecure"))
     host, port = PeerlinkConfig.listen_host, PeerlinkConfig.listen_port
     if s.has("listen"):
         host, port = parse_host_port(s.get("listen"), "peerlink.listen")
@@ -491,9 +493,15 @@ def _peerlink(raw: Any) -> PeerlinkConfig:
                               f"needs cert_file, key_file and ca_file)")
         cert, key, ca = (f for f in files if f is not None)
         tls = PeerlinkTlsConfig(cert, key, ca)
+    secret_file = s.path_("secret_file", None)
+    next_secret_file = s.path_("next_secret_file", None)
+    if next_secret_file is not None and secret_file is None:
+        raise ConfigError("peerlink.next_secret_file needs peerlink.secret_file: a node "
+                          "proves itself with the current secret and accepts the next one "
+                          "besides it (rotating the secret: SECURITY.md)")
     return PeerlinkConfig(listen_host=host, listen_port=port,
                           topology=s.enum("topology", Topology, Topology.FANOUT),
-                          secret_file=s.path_("secret_file", None), tls=tls,
+                          secret_file=secret_file, next_secret_file=next_secret_file, tls=tls,
                           insecure=s.boolean("insecure", False))
 
 
@@ -915,12 +923,15 @@ def check_files(cfg: NodeConfig) -> None:
     only their owner (root or the user running nbdgw) can read, and hold a secret of
     an acceptable length.  Certificates and CA files may be world-readable."""
     pl = cfg.peerlink
-    if pl.secret_file is not None:
-        data = _secret_file(pl.secret_file, "peerlink.secret_file")
+    for key, path in (("secret_file", pl.secret_file),
+                      ("next_secret_file", pl.next_secret_file)):
+        if path is None:
+            continue
+        data = _secret_file(path, f"peerlink.{key}")
         from peerlink.auth import MIN_SECRET
 
         if len(data.strip()) < MIN_SECRET:
-            raise ConfigError(f"peerlink.secret_file {pl.secret_file}: the secret must be at "
+            raise ConfigError(f"peerlink.{key} {path}: the secret must be at "
                               f"least {MIN_SECRET} bytes, got {len(data.strip())}")
     if pl.tls is not None:
         _public_file(pl.tls.cert_file, "peerlink.tls.cert_file")
