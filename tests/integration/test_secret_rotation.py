@@ -181,6 +181,9 @@ def reload_site(lab_dir: Path, name: str, peerlink: dict[str, Any]) -> None:
     offsets = hup_with(lab_dir, name, peerlink)
     changed = events_since(lab_dir, name, offsets[name], "heartbeat_keys_changed")
     assert [e["next_secret"] for e in changed] == ["next_secret_file" in peerlink], changed
+    if "next_secret_file" in peerlink:  # the restarted peerlink process says so
+        wait_event(lab_dir, name, offsets[name], "peer_secret_rotation",
+                   lambda e: e.get("event") == "peer_secret_rotation")
     for peer in ((name,) if name != "main" else ("dc", "dr")):
         wait_event(lab_dir, "main", offsets["main"], f"stream to {peer}",
                    lambda e, p=peer: e.get("event") in ("streaming", "resync")
