@@ -227,6 +227,8 @@ PEERLINK = Keys(
             "ends prove before any data; authenticates heartbeats"),
     Setting("tls", Kind.SECTION, keys=PEERLINK_TLS,
             help="mutual TLS between peers: all three files or none"),
+    Setting("next_secret_file", Kind.PATH, None, "while the secret is rotated: proofs under "
+            "this secret are accepted too (mode 0600); needs secret_file"),
     Setting("insecure", Kind.BOOLEAN, False,
             "true: peers with neither secret_file nor tls are accepted (a closed lab only)"),
 )
@@ -240,6 +242,7 @@ class PeerlinkConfig:
     secret_file: Path | None = default_of(PEERLINK, "secret_file")
     tls: PeerlinkTlsConfig | None = None
     insecure: bool = default_of(PEERLINK, "insecure")
+    next_secret_file: Path | None = default_of(PEERLINK, "next_secret_file")
 
 
 PEER = Keys(
@@ -735,7 +738,12 @@ def _peerlink(raw: Any) -> PeerlinkConfig:
                               f"needs cert_file, key_file and ca_file)")
         cert, key, ca = (f for f in files if f is not None)
         tls = PeerlinkTlsConfig(cert, key, ca)
-    return PeerlinkConfig(listen_host=host, listen_port=port, tls=tls, **s.values("listen"))
+    cfg = PeerlinkConfig(listen_host=host, listen_port=port, tls=tls, **s.values("listen"))
+    if cfg.next_secret_file is not None and cfg.secret_file is None:
+        raise ConfigError("peerlink.next_secret_file needs peerlink.secret_file: a node "
+                          "proves itself with the current secret and accepts the next one "
+                          "besides it (rotating the secret: SECURITY.md)")
+    return cfg
 
 
 def _number(s: _Section, name: str, default: float) -> float:
@@ -1105,12 +1113,15 @@ def check_files(cfg: NodeConfig) -> None:
     only their owner (root or the user running nbdgw) can read, and hold a secret of
     an acceptable length.  Certificates and CA files may be world-readable."""
     pl = cfg.peerlink
-    if pl.secret_file is not None:
-        data = _secret_file(pl.secret_file, "peerlink.secret_file")
+    for key, path in (("secret_file", pl.secret_file),
+                      ("next_secret_file", pl.next_secret_file)):
+        if path is None:
+            continue
+        data = _secret_file(path, f"peerlink.{key}")
         from peerlink.auth import MIN_SECRET
 
         if len(data.strip()) < MIN_SECRET:
-            raise ConfigError(f"peerlink.secret_file {pl.secret_file}: the secret must be at "
+            raise ConfigError(f"peerlink.{key} {path}: the secret must be at "
                               f"least {MIN_SECRET} bytes, got {len(data.strip())}")
     if pl.tls is not None:
         _public_file(pl.tls.cert_file, "peerlink.tls.cert_file")

@@ -3,7 +3,9 @@
 A beat is ``MAGIC + msgpack([VERSION, node, boot, counter, body]) + MAC`` where MAC is
 HMAC-SHA256 (truncated to 16 bytes) over everything before it, keyed with a key derived
 from ``peerlink.secret_file`` (never the secret itself: the same secret proves peers on
-the replication links).  A secret is required whenever failover is automatic
+the replication links); while the secret is rotated, a beat under the key of
+``peerlink.next_secret_file`` is accepted too (``BeatKeys``; the daemon re-reads both on
+SIGHUP).  A secret is required whenever failover is automatic
 (gateway/config.py refuses the config otherwise): an unauthenticated beat could fence a
 primary or elect a node that does not exist.
 
@@ -170,13 +172,16 @@ def seal(key: bytes, node: str, boot: bytes, counter: int, body: BeatBody) -> by
     return head + hmac.new(key, head, hashlib.sha256).digest()[:MAC_SIZE]
 
 
-def unseal(key: bytes, data: bytes) -> Sealed:
+def unseal(key: bytes, data: bytes, next_key: bytes | None = None) -> Sealed:
+    """The beat in ``data`` if its MAC is under ``key`` or, during a rotation of the peer
+    secret, under ``next_key``; else BadBeat."""
     if len(data) > MAX_BEAT or len(data) < len(MAGIC) + MAC_SIZE + 1:
         raise BadBeat("size", f"a datagram of {len(data)} bytes is no heartbeat")
     if not data.startswith(MAGIC):
         raise BadBeat("magic", "not a heartbeat (bad magic)")
     head, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.new(key, head, hashlib.sha256).digest()[:MAC_SIZE]):
+    if not any(hmac.compare_digest(mac, hmac.new(k, head, hashlib.sha256).digest()[:MAC_SIZE])
+               for k in (key, next_key) if k is not None):
         raise BadBeat("mac", "heartbeat authentication failed (another secret, or forged)")
     try:
         fields = msgpack.unpackb(head[len(MAGIC):], raw=False, strict_map_key=False)
@@ -192,6 +197,26 @@ def unseal(key: bytes, data: bytes) -> Sealed:
         raise BadBeat("malformed", "heartbeat: bad boot nonce")
     return Sealed(_name(fields[1], "node"), boot, _uint(fields[3], "counter"),
                   body_from_wire(fields[4]))
+
+
+@dataclass(frozen=True)
+class BeatKeys:
+    """The keys of one node's beats: sealed under ``current`` (from
+    ``peerlink.secret_file``), accepted under ``current`` or, while a rotation of the
+    secret configures ``peerlink.next_secret_file``, ``next`` (SECURITY.md)."""
+
+    current: bytes
+    next: bytes | None = None
+
+    @classmethod
+    def derive(cls, secret: bytes, next_secret: bytes | None = None) -> BeatKeys:
+        return cls(derive_key(secret), None if next_secret is None else derive_key(next_secret))
+
+    def seal(self, node: str, boot: bytes, counter: int, body: BeatBody) -> bytes:
+        return seal(self.current, node, boot, counter, body)
+
+    def unseal(self, data: bytes) -> Sealed:
+        return unseal(self.current, data, self.next)
 
 
 class BeatGuard:
@@ -236,11 +261,11 @@ class Heartbeat:
     """Receive beats on a thread and hand what the guard admits to ``deliver``; send
     what the main loop asks.  No decision is made here."""
 
-    def __init__(self, *, me: str, key: bytes, bind: tuple[str, int],
+    def __init__(self, *, me: str, keys: BeatKeys, bind: tuple[str, int],
                  targets: Mapping[str, list[tuple[str, int]]],
                  deliver: Callable[[BeatIn], None]) -> None:
         self.me = me
-        self.key = key
+        self.keys = keys  # replaced whole on reload (set_keys): one read per use
         self.targets = targets
         self.deliver = deliver
         self.guard = BeatGuard({p: frozenset(a for a, _ in addrs)
@@ -262,8 +287,12 @@ class Heartbeat:
         self.thread.join(5)
         self.sock.close()
 
+    def set_keys(self, keys: BeatKeys) -> None:
+        """A reload changed the peer secrets: seal and check with these from now on."""
+        self.keys = keys
+
     def send(self, boot: bytes, counter: int, body: BeatBody) -> None:
-        data = seal(self.key, self.me, boot, counter, body)
+        data = self.keys.seal(self.me, boot, counter, body)
         with self.send_lock:
             for addrs in self.targets.values():
                 for addr in addrs:
@@ -287,7 +316,7 @@ class Heartbeat:
                 return
             src = str(addr[0])
             try:
-                s = unseal(self.key, data)
+                s = self.keys.unseal(data)
                 self.guard.admit(s, src)
             except BadBeat as e:
                 self._reject(e, src)

@@ -115,6 +115,13 @@ def peer_secret(cfg: NodeConfig) -> bytes | None:
     return read_secret(f) if f is not None else None
 
 
+def next_peer_secret(cfg: NodeConfig) -> bytes | None:
+    """The secret of peerlink.next_secret_file (None without one): while the shared secret
+    is rotated, peers' proofs and beats are accepted under it too (SECURITY.md)."""
+    f = cfg.peerlink.next_secret_file
+    return read_secret(f) if f is not None else None
+
+
 def _tls(cfg: NodeConfig, server: bool) -> ssl.SSLContext | None:
     t = cfg.peerlink.tls
     if t is None:
@@ -141,6 +148,7 @@ class Replication:
         self.cfg = cfg
         self.plan = plan(cfg)
         self.secret = peer_secret(cfg)
+        self.next_secret = next_peer_secret(cfg)
         self.senders: dict[str, list[Sender]] = {}
         self.server: ReceiverServer | None = None
         self.gate: asyncio.AbstractServer | None = None
@@ -148,18 +156,23 @@ class Replication:
         self.bound: tuple[str, int] | None = None
 
     async def start(self) -> None:
+        if self.next_secret is not None:
+            log.info("peer_secret_rotation", note="peers may prove themselves with "
+                     "peerlink.next_secret_file too; this node proves with secret_file")
         if self.plan.receivers:
             role = "dr" if self.cfg.role is Role.DR else "secondary"
             receivers: dict[str, Receiver] = {}
             try:
                 for name in self.plan.receivers:
                     receivers[name] = Receiver(self.cfg.data_dir, name, node=self.cfg.name,
-                                               role=role, secret=self.secret)
+                                               role=role, secret=self.secret,
+                                               next_secret=self.next_secret)
             except BaseException:
                 await asyncio.gather(*(rx.close() for rx in receivers.values()))
                 raise
             self.server = ReceiverServer(receivers, node=self.cfg.name,
-                                         tls=_tls(self.cfg, True), secret=self.secret)
+                                         tls=_tls(self.cfg, True), secret=self.secret,
+                                         next_secret=self.next_secret)
             self.bound = await self.server.start(self.cfg.peerlink.listen_host,
                                                  self.cfg.peerlink.listen_port)
         self._make_senders()
@@ -191,7 +204,8 @@ class Replication:
                 max_backoff=2.0)
             rx = replicas.get(vol)
             tx = Sender(cfg.data_dir, vol, node=cfg.name, peer=peer.name, host=peer.address,
-                        port=peer.port, secret=self.secret, config=sc, tls=_tls(cfg, False),
+                        port=peer.port, secret=self.secret, next_secret=self.next_secret,
+                        config=sc, tls=_tls(cfg, False),
                         source=rx.vol if rx is not None else None,
                         outdated=outdated)
             tx.on_change = self._kick

@@ -189,8 +189,8 @@ class Receiver:
     """Listen for a sender and apply its batches to the replica volume ``name``."""
 
     def __init__(self, data_dir: Path, name: str, *, node: str, role: str = "secondary",
-                 secret: bytes | None = None, timeout: float = 15.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 secret: bytes | None = None, next_secret: bytes | None = None,
+                 timeout: float = 15.0, tls: ssl.SSLContext | None = None) -> None:
         if role not in ("secondary", "dr"):
             raise ValueError(f"receiver role must be secondary or dr, got {role!r}")
         self.data_dir = Path(data_dir)
@@ -198,6 +198,7 @@ class Receiver:
         self.node = node
         self.role = role
         self.secret = secret
+        self.next_secret = next_secret  # accepted besides secret during a rotation
         self.timeout = timeout
         self.tls = tls
         self.vol = Volume.open(self.data_dir, name)  # takes the volume's lock
@@ -358,7 +359,8 @@ class Receiver:
         sender proved itself, takes it over and binds it), then the stream."""
         t = self.timeout
         theirs = hello if hello is not None else await link.recv_within(t, "Hello")
-        core = ReceiverSession(self.node, self.name, secret=self.secret, nonce=make_nonce())
+        core = ReceiverSession(self.node, self.name, secret=self.secret, nonce=make_nonce(),
+                               next_secret=self.next_secret)
         outs = core.receive(theirs)
         assert isinstance(theirs, Hello)  # else receive raised
         clog = clog.bind(peer=theirs.node)
@@ -730,13 +732,15 @@ class ReceiverServer:
     """
 
     def __init__(self, receivers: dict[str, Receiver], *, node: str, timeout: float = 15.0,
-                 tls: ssl.SSLContext | None = None, secret: bytes | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, secret: bytes | None = None,
+                 next_secret: bytes | None = None) -> None:
         self.receivers = dict(receivers)
         self.failed_volumes: dict[str, str] = {}
         self.node = node
         self.timeout = timeout
         self.tls = tls
         self.secret = secret
+        self.next_secret = next_secret
         self.gate = AdmissionGate()
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -800,7 +804,7 @@ class ReceiverServer:
                   else f"node {self.node!r} holds no replica of volume {hello.volume}")
         clog = self.log.bind(peer_addr=link.peername, peer=hello.node, volume=hello.volume)
         core = ReceiverSession(self.node, hello.volume, secret=self.secret,
-                               nonce=make_nonce())
+                               nonce=make_nonce(), next_secret=self.next_secret)
         try:
             await perform(link, core.receive(hello), clog)
             await perform(link, core.receive(await link.recv_within(self.timeout, "Proof")),

@@ -423,7 +423,7 @@ class Sender:
     """Ship volume ``name``'s journal to peer ``peer`` at host:port, reconnecting forever."""
 
     def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
-                 port: int, secret: bytes | None = None,
+                 port: int, secret: bytes | None = None, next_secret: bytes | None = None,
                  config: SenderConfig | None = None, tls: ssl.SSLContext | None = None,
                  source: Volume | None = None,
                  outdated: Callable[[], set[str]] | None = None) -> None:
@@ -450,6 +450,7 @@ class Sender:
         self.peer = peer
         self.host, self.port = host, port
         self.secret = secret
+        self.next_secret = next_secret  # accepted besides secret during a rotation
         self.journal_dir = self.info.path / "journal"
         self.tail = JournalTail(self.journal_dir, uuid.UUID(self.info.uuid).bytes)
         self.peer_path = self.info.path / "peers" / f"{peer}.json"
@@ -977,6 +978,7 @@ class Sender:
                      self.role, wire_generations(history), last, make_nonce(),
                      epochs=wire_epochs(history))
         session = SenderSession(mine, history, peer=self.peer, secret=self.secret,
+                                next_secret=self.next_secret,
                                 window_bytes=self.cfg.window_bytes,
                                 window_batches=self.cfg.window_batches)
         self._perform(link, session.start())

@@ -245,11 +245,28 @@ class _Session:
     TABLE: dict[Phase, dict[type[Message], Phase]]
     EXPECTS: dict[Phase, str]
 
-    def __init__(self, node: str, volume: str, secret: bytes | None) -> None:
+    def __init__(self, node: str, volume: str, secret: bytes | None,
+                 next_secret: bytes | None = None) -> None:
+        if next_secret is not None and secret is None:
+            raise ValueError("a next secret without a current one")
         self.node = node
         self.volume = volume
-        self.secret = secret
+        self.secret = secret  # this side proves itself with it
+        self.next_secret = next_secret  # during a rotation: the peer's proof may use it
         self.phase = Phase.HELLO
+
+    def _verify(self, prover: Prover, t: Transcript, presented: bytes) -> None:
+        """Raise PeerAuthError unless ``presented`` is ``prover``'s proof under the
+        current secret or, while a rotation configures one, the next (SECURITY.md
+        "Rotating the peer secret"): a peer one step ahead in the rotation proves itself
+        with the secret that is next here."""
+        assert self.secret is not None
+        try:
+            verify(self.secret, prover, t, presented)
+        except PeerAuthError:
+            if self.next_secret is None:
+                raise
+            verify(self.next_secret, prover, t, presented)
 
     def _enter(self, msg: Message) -> Phase:
         """The phase ``msg`` leads to; raises (and closes) when it is out of place: a
@@ -285,8 +302,9 @@ class SenderSession(_Session):
     EXPECTS = SENDER_EXPECTS
 
     def __init__(self, mine: Hello, history: History, *, peer: str, secret: bytes | None,
-                 window_bytes: int = 1 << 62, window_batches: int = 1 << 62) -> None:
-        super().__init__(mine.node, mine.volume, secret)
+                 next_secret: bytes | None = None, window_bytes: int = 1 << 62,
+                 window_batches: int = 1 << 62) -> None:
+        super().__init__(mine.node, mine.volume, secret, next_secret)
         self.mine = mine
         self.history = history
         self.peer = peer
@@ -408,7 +426,7 @@ class SenderSession(_Session):
         assert theirs is not None
         if self.secret is not None:
             try:
-                verify(self.secret, Prover.RECEIVER, self._transcript(), ok.auth_proof)
+                self._verify(Prover.RECEIVER, self._transcript(), ok.auth_proof)
             except PeerAuthError as e:
                 raise self._fail(e) from None
         elif ok.auth_proof:
@@ -518,8 +536,9 @@ class ReceiverSession(_Session):
     TABLE = RECEIVER_TABLE
     EXPECTS = RECEIVER_EXPECTS
 
-    def __init__(self, node: str, volume: str, *, secret: bytes | None, nonce: bytes) -> None:
-        super().__init__(node, volume, secret)
+    def __init__(self, node: str, volume: str, *, secret: bytes | None, nonce: bytes,
+                 next_secret: bytes | None = None) -> None:
+        super().__init__(node, volume, secret, next_secret)
         self.nonce = nonce
         self.facts: ReplicaFacts | None = None
         self.theirs: Hello | None = None
@@ -579,7 +598,7 @@ class ReceiverSession(_Session):
         assert theirs is not None
         if self.secret is not None:
             try:
-                verify(self.secret, Prover.SENDER, self._transcript(), msg.auth_proof)
+                self._verify(Prover.SENDER, self._transcript(), msg.auth_proof)
             except PeerAuthError as e:
                 return self._guarded(REFUSE_AUTH, (
                     f"{e}; volume {theirs.volume!r} (a sender that knows node "

@@ -156,7 +156,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
                 "read_only", "role", "service", "address", "interface", "peerlink",
                 "topology", "secret_file", "peers", "port", "sync_timeout", "rate_limit",
                 "compression", "failover", "auto", "heartbeat_port", "interval", "timeout",
-                "fence_margin", "heartbeat_addresses", "insecure"):
+                "fence_margin", "heartbeat_addresses", "insecure", "next_secret_file"):
         assert f"{key}:" in text, f"examples/nbdgw.yaml does not document {key}"
 
 

@@ -181,6 +181,49 @@ def test_good_secret_file_passes(tmp_path: Path) -> None:
     check_config_files(parse_config(peerlink_cfg(secret_file(tmp_path / "peer.secret"))))
 
 
+# -- peerlink.next_secret_file: the second secret of a rotation (SECURITY.md) -------------
+
+def next_cfg(secret: Path, next_secret: Path) -> dict[str, Any]:
+    raw = peerlink_cfg(secret)
+    raw["peerlink"]["next_secret_file"] = str(next_secret)
+    return raw
+
+
+def test_next_secret_file_has_the_checks_of_secret_file(tmp_path: Path) -> None:
+    cur = secret_file(tmp_path / "peer.secret")
+    p = tmp_path / "next.secret"
+    assert files_refused(next_cfg(cur, p)) == f"peerlink.next_secret_file {p} does not exist"
+    secret_file(p, mode=0o640)
+    assert files_refused(next_cfg(cur, p)) == (
+        f"peerlink.next_secret_file {p} is accessible by group or others (mode 0640): "
+        f"chmod 600 {p}")
+    p.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(p, 4242, -1)
+        assert files_refused(next_cfg(cur, p)) == (
+            f"peerlink.next_secret_file {p} is owned by uid 4242: it must belong to root or "
+            f"to the user running nbdgw (uid {os.geteuid()})")
+        os.chown(p, 0, -1)
+    assert files_refused(next_cfg(cur, tmp_path)) == (
+        f"peerlink.next_secret_file {tmp_path} is not a regular file")
+    secret_file(p, b"  short  \n")
+    assert files_refused(next_cfg(cur, p)) == (
+        f"peerlink.next_secret_file {p}: the secret must be at least 16 bytes, got 5")
+    secret_file(p, b"another secret of 32 bytes......\n")
+    cfg = parse_config(next_cfg(cur, p))
+    check_config_files(cfg)
+    assert (cfg.peerlink.secret_file, cfg.peerlink.next_secret_file) == (cur, p)
+
+
+def test_next_secret_file_needs_secret_file() -> None:
+    raw = {"version": 1, "peers": [DC], "peerlink": {
+        "next_secret_file": "/etc/nbdgw/next.secret", "insecure": True}}
+    assert refused(raw) == (
+        "peerlink.next_secret_file needs peerlink.secret_file: a node proves itself with "
+        "the current secret and accepts the next one besides it (rotating the secret: "
+        "SECURITY.md)")
+
+
 def tls_cfg(tmp_path: Path, **override: str) -> dict[str, Any]:
     files = {"cert_file": tmp_path / "node.crt", "key_file": tmp_path / "node.key",
              "ca_file": tmp_path / "ca.crt"}

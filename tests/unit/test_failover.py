@@ -12,6 +12,7 @@ from gateway.heartbeat import (
     MAGIC,
     BadBeat,
     BeatGuard,
+    BeatKeys,
     body_from_wire,
     body_to_wire,
     derive_key,
@@ -97,6 +98,35 @@ def test_a_beat_sealed_with_another_secret_is_refused() -> None:
     with pytest.raises(BadBeat, match="authentication failed") as e:
         unseal(KEY, data)
     assert e.value.reason == "mac"
+
+
+# Rotating the peer secret (SECURITY.md): the current secret, the next one, a stranger's.
+OLD, NEW, STRANGER = b"s" * 32, b"the next secret, at least 16 bytes", b"an impostor's key!"
+
+
+def test_a_beat_under_the_next_secret_is_accepted_only_while_it_is_configured() -> None:
+    data = BeatKeys.derive(NEW).seal("main", BOOT, 1, body())
+    for keys in (BeatKeys.derive(OLD, NEW), BeatKeys.derive(NEW), BeatKeys.derive(NEW, OLD)):
+        assert keys.unseal(data).counter == 1
+    assert unseal(KEY, data, next_key=derive_key(NEW)).node == "main"
+    with pytest.raises(BadBeat, match="authentication failed") as e:
+        BeatKeys.derive(OLD).unseal(data)  # next_secret_file removed (or never set)
+    assert e.value.reason == "mac"
+
+
+def test_an_unrelated_secret_is_refused_during_a_rotation() -> None:
+    data = seal(derive_key(STRANGER), "main", BOOT, 1, body())
+    for keys in (BeatKeys.derive(OLD, NEW), BeatKeys.derive(NEW, OLD)):
+        with pytest.raises(BadBeat, match="authentication failed") as e:
+            keys.unseal(data)
+        assert e.value.reason == "mac"
+
+
+def test_beats_are_sealed_with_the_current_secret_not_the_next() -> None:
+    data = BeatKeys.derive(OLD, NEW).seal("main", BOOT, 7, body())
+    assert unseal(derive_key(OLD), data).counter == 7
+    with pytest.raises(BadBeat, match="authentication failed"):
+        unseal(derive_key(NEW), data)
 
 
 @pytest.mark.parametrize(("data", "reason"), [

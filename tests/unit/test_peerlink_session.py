@@ -14,7 +14,7 @@ import pytest
 from blockstore.generations import Generation as BGen
 from blockstore.generations import History, Relation
 from blockstore.record import Op
-from peerlink.auth import NONCE_SIZE, make_nonce
+from peerlink.auth import NONCE_SIZE, Prover, Transcript, make_nonce, proof
 from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
 from peerlink.frames import NEED_DATA, FrameDecoder, encode_frame
 from peerlink.messages import (
@@ -90,16 +90,19 @@ class Receiver(ReceiverSession):
     """A receiver session with the facts its shell would read once the sender proved
     itself (``given``)."""
 
-    def __init__(self, facts: ReplicaFacts, secret: bytes | None) -> None:
-        super().__init__(facts.node, facts.volume, secret=secret, nonce=make_nonce())
+    def __init__(self, facts: ReplicaFacts, secret: bytes | None,
+                 next_secret: bytes | None = None) -> None:
+        super().__init__(facts.node, facts.volume, secret=secret, nonce=make_nonce(),
+                         next_secret=next_secret)
         self.given = facts
 
 
 def receiver(history: tuple[BGen, ...] = (G0,), applied: int = 640, *,
-             secret: bytes | None = SECRET, fresh: bool = False, **kw: Any) -> Receiver:
+             secret: bytes | None = SECRET, next_secret: bytes | None = None,
+             fresh: bool = False, **kw: Any) -> Receiver:
     facts = ReplicaFacts(node="dc2", volume="v1", role="secondary", size=SIZE, uuid=UUID,
                          history=History(UUID, history), applied=applied, fresh=fresh)
-    return Receiver(replace(facts, **kw), secret)
+    return Receiver(replace(facts, **kw), secret, next_secret)
 
 
 class Refused(Exception):
@@ -342,6 +345,86 @@ def test_a_proof_where_no_secret_is_configured_is_refused() -> None:
 def test_without_secrets_on_both_ends_the_handshake_completes() -> None:
     est, _, _ = handshake(sender(secret=None), receiver(secret=None))
     assert est.resume == 641
+
+
+# -- rotating the secret (SECURITY.md "Rotating the peer secret") ----------------------
+
+NEW = b"the next secret, at least 16 bytes"
+STRANGER = b"an impostor's secret key"
+# What a node holds, (secret_file, next_secret_file), at each step of a rotation: before,
+# after step 1 (the new secret as next), after step 2 (swapped), after step 3 (next gone).
+BEFORE, STEP1, STEP2, AFTER = (SECRET, None), (SECRET, NEW), (NEW, SECRET), (NEW, None)
+Keys = tuple[bytes, bytes | None]
+
+
+def rotating(s: Keys, r: Keys) -> tuple[SenderSession, Receiver]:
+    return sender(secret=s[0], next_secret=s[1]), receiver(secret=r[0], next_secret=r[1])
+
+
+# Each step is done on one node after the other: a node one step ahead of another.
+@pytest.mark.parametrize(("a", "b"), [
+    (BEFORE, BEFORE), (BEFORE, STEP1), (STEP1, STEP1), (STEP1, STEP2), (STEP2, STEP2),
+    (STEP2, AFTER), (AFTER, AFTER)])
+def test_nodes_one_step_apart_in_a_rotation_authenticate_both_ways(a: Keys, b: Keys) -> None:
+    for s_keys, r_keys in ((a, b), (b, a)):
+        est, _, _ = handshake(*rotating(s_keys, r_keys))
+        assert est.resume == 641
+
+
+def test_a_step_done_before_the_previous_one_finished_everywhere_fails() -> None:
+    """Step 2 on a node whose peer has not had step 1: its proof is under a secret the
+    peer does not know yet (the procedure says to finish each step everywhere first)."""
+    with pytest.raises(Refused) as ei:
+        handshake(*rotating(STEP2, BEFORE))
+    assert ei.value.side == "receiver"
+    with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the receiver "):
+        handshake(*rotating(BEFORE, STEP2))
+
+
+def test_a_proof_under_the_next_secret_counts_only_while_it_is_configured() -> None:
+    # The sender's proof, at the receiver: under its next secret, its current one, then
+    # once next_secret_file is removed there.
+    for r in (receiver(secret=SECRET, next_secret=NEW), receiver(secret=NEW)):
+        assert one(to_proof(sender(secret=NEW), r), Authenticated)
+    out = one(to_proof(sender(secret=NEW), receiver(secret=SECRET)), Refusal)
+    assert out.reason.startswith("peer authentication failed: the sender proof ")
+    # The receiver's proof (under NEW, its current), at the sender, alike.
+    handshake(sender(secret=SECRET, next_secret=NEW), receiver(secret=NEW, next_secret=SECRET))
+    with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the receiver "):
+        handshake(sender(secret=SECRET), receiver(secret=NEW, next_secret=SECRET))
+
+
+def test_an_unrelated_secret_is_still_refused_during_a_rotation() -> None:
+    with pytest.raises(Refused) as ei:
+        handshake(sender(secret=STRANGER), receiver(secret=SECRET, next_secret=NEW))
+    assert ei.value.out.told == ("auth-failed: peer authentication failed (the reason is "
+                                 "logged on the receiving node)")
+    s = sender(secret=SECRET, next_secret=NEW)
+    with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the receiver "):
+        handshake(s, receiver(secret=STRANGER, next_secret=SECRET))
+    assert s.phase is Phase.CLOSED
+
+
+def test_both_provers_use_the_current_secret_not_the_next() -> None:
+    s, r = rotating(STEP1, STEP2)
+    challenge = sends(r.receive(sends(s.start())[0]))[0]
+    sender_proof = sends(s.receive(challenge))[0]
+    t = Transcript(PROTO_VERSION, "dc1", "dc2", s.mine.auth_nonce, r.nonce)
+    assert isinstance(sender_proof, Proof)
+    assert sender_proof.auth_proof == proof(SECRET, Prover.SENDER, t)
+    assert r.receive(sender_proof) == [Authenticated()]
+    s.receive(sends(r.offer(r.given))[0])
+    r.receive(sends(s.planned(False, 900))[0])
+    ok = sends(r.admitted(640, False, False))[0]
+    assert isinstance(ok, HelloOk) and ok.auth_proof == proof(NEW, Prover.RECEIVER, t)
+    assert isinstance(s.receive(ok)[0], Authenticated)
+
+
+def test_a_next_secret_without_a_current_one_is_misuse() -> None:
+    with pytest.raises(ValueError, match="a next secret without a current one"):
+        sender(secret=None, next_secret=NEW)
+    with pytest.raises(ValueError, match="a next secret without a current one"):
+        receiver(secret=None, next_secret=NEW)
 
 
 def test_nothing_is_admitted_before_the_sender_proved_itself() -> None:
