@@ -675,15 +675,8 @@ class Receiver:
                 durable, consistent = await loop.run_in_executor(self.executor, self._work,
                                                                  item, s)
             except Exception as e:
-                self.fatal = e
-                self.failed.set()
-                what = type(item).__name__
-                clog.error("apply_failed", what=what, error=str(e))
-                s.link.abort(LinkClosed("apply failed on the receiver"))
-                raise ReceiverError(f"apply of {what} failed: {e}") from e
-            s.queued_bytes -= n
-            s.space.set()
-            s.applied_bytes += n
+                raise self._apply_failed(s, clog, type(item).__name__, e) from e
+            self._applied(s, n)
             if isinstance(item, ResyncExtents):
                 clog.info("resync_started", extents=len(item.extents),
                           extent_shift=item.extent_shift)
@@ -697,6 +690,23 @@ class Receiver:
                 with contextlib.suppress(LinkClosed):
                     s.link.send(Ack(self.name, durable))
 
+    def _apply_failed(self, s: _Session, clog: Any, what: str, e: Exception
+                      ) -> ReceiverError:
+        """An apply failed (a full or failing disk): fatal for this receiver (module
+        docstring); the link is dropped and the error to raise returned."""
+        self.fatal = e
+        self.failed.set()
+        clog.error("apply_failed", what=what, error=str(e))
+        s.link.abort(LinkClosed("apply failed on the receiver"))
+        return ReceiverError(f"apply of {what} failed: {e}")
+
+    @staticmethod
+    def _applied(s: _Session, n: int) -> None:
+        """``n`` payload bytes left the queue into the replica: room for more."""
+        s.queued_bytes -= n
+        s.space.set()
+        s.applied_bytes += n
+
     async def _apply_group(self, s: _Session, clog: Any, group: list[Batch]) -> None:
         """Apply queued batches with one fdatasync and one Ack for the last of them (sent
         by ``_apply`` once they are committed)."""
@@ -705,15 +715,9 @@ class Receiver:
         try:
             _, consistent = await loop.run_in_executor(self.executor, self._work, group, s)
         except Exception as e:
-            self.fatal = e
-            self.failed.set()
             what = f"batch {group[0].first_seq}-{group[-1].last_seq}"
-            clog.error("apply_failed", what=what, error=str(e))
-            s.link.abort(LinkClosed("apply failed on the receiver"))
-            raise ReceiverError(f"apply of {what} failed: {e}") from e
-        s.queued_bytes -= n
-        s.space.set()
-        s.applied_bytes += n
+            raise self._apply_failed(s, clog, what, e) from e
+        self._applied(s, n)
         s.applied_batches += len(group)
         if consistent:
             clog.info("replica_consistent", reason="resync complete",

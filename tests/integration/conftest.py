@@ -30,7 +30,7 @@ from iscsi_bridge import Export
 from tests.conftest import NBDGW, Served, free_port, run_nbdgw
 from tests.integration.cluster import SITES, SIZE, Node
 from tests.integration.iscsienv import IscsiEnv
-from tests.integration.peerenv import Env
+from tests.integration.peerenv import Env, stop_process
 
 TIMEOUT = 2.0 + 1.0  # failover.timeout + fence_margin (the defaults)
 
@@ -450,16 +450,7 @@ class RxServer:
                             if x.startswith("{")) if e.get("event") == name]
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError("ReceiverServer ignored SIGTERM") from None
-        self.logf.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.logf, "ReceiverServer")
 
 
 @pytest.fixture
@@ -497,11 +488,7 @@ def env(tmp_path: Path, data_dir: Path, volume: str, serve: Callable[..., Served
     try:
         yield e
     finally:
-        for p in e.procs:
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait(10)
-            p.logf.close()
+        e.kill_all()
 
 
 # -- a daemon serving one volume, with a peer away and metrics on (test_metrics, the
@@ -610,3 +597,20 @@ def iscsi(tmp_path: Path, volume: str, serve: Callable[..., Served]
     yield make
     for e in made:
         e.cleanup()
+
+
+# -- a small file system that fills up (full disks, store health) --------------------------
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` for the duration (unmounted lazily even on
+    failure, so that a process still holding a file cannot keep it mounted)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True, capture_output=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True,
+                       timeout=30)

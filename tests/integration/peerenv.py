@@ -39,6 +39,21 @@ SECRET = b"a shared secret of 32 bytes....."
 
 # -- processes ----------------------------------------------------------------------------
 
+def stop_process(proc: subprocess.Popen[str], logf: Any, what: str) -> int:
+    """SIGTERM, a bounded wait (a process that ignores it is killed and the test fails),
+    the log file closed; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"{what} ignored SIGTERM") from None
+    logf.close()
+    return proc.returncode
+
+
 class PeerProc:
     """One `python -m peerlink ...` process: first stdout line awaited, JSON logs kept."""
 
@@ -96,16 +111,7 @@ class PeerProc:
         self.logf.close()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"peerlink {self.args[0]} ignored SIGTERM") from None
-        self.logf.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.logf, f"peerlink {self.args[0]}")
 
 
 @dataclass
@@ -118,6 +124,14 @@ class Env:
     served: Served
     procs: list[PeerProc] = field(default_factory=list)
     logs: int = 0
+
+    def kill_all(self) -> None:
+        """Kill every peerlink process still running (teardown, also after a failure)."""
+        for p in self.procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(10)
+            p.logf.close()
 
     def _log(self, what: str) -> Path:
         self.logs += 1

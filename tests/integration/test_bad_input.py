@@ -29,6 +29,7 @@ from blockstore.record import (
     decode_header,
 )
 from tests.conftest import Served, run_nbdgw
+from tests.integration.conftest import tmpfs
 
 MiB = 1 << 20
 EXTENT_SHIFT = 22
@@ -38,16 +39,6 @@ NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter o
 # -- helpers -----------------------------------------------------------------------
 
 
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted at ``path`` for the duration (unmounted even on failure)."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True, capture_output=True, timeout=30)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True, capture_output=True, timeout=30)
 
 
 @contextmanager

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import struct
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -31,6 +30,7 @@ import nbd
 import pytest
 
 from tests.conftest import Served, run_nbdgw
+from tests.integration.conftest import tmpfs
 
 MiB = 1 << 20
 VOL = 128 * MiB
@@ -39,16 +39,6 @@ pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")]
 
 
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True, capture_output=True, timeout=30)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True,
-                       timeout=30)
 
 
 def chunk(i: int) -> bytes:

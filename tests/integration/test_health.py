@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from gateway import health as H
 from gateway.config import NodeConfig
 from gateway.health import Level
 from tests.conftest import run_nbdgw
+from tests.integration.conftest import tmpfs
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -28,16 +26,6 @@ pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")]
 
 
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True, capture_output=True, timeout=30)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True,
-                       timeout=30)
 
 
 def leave_free(filler: Path, free: int) -> None:

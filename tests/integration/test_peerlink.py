@@ -297,11 +297,7 @@ def test_resync_when_the_journal_was_released(tmp_path: Path, data_dir: Path, vo
     try:
         _resync_scenario(env)
     finally:
-        for p in env.procs:
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait(10)
-            p.logf.close()
+        env.kill_all()
 
 
 def _resync_scenario(env: Env) -> None:

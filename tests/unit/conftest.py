@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_config
+from gateway.config import NodeConfig, parse_config
 from gateway.errors import ConfigError
 
 
@@ -23,3 +23,13 @@ def write_config(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "nbdgw.yaml"
     p.write_text(text)
     return p
+
+
+def config_of(**top: Any) -> NodeConfig:
+    """The node config of ``{"version": 1, **top}``."""
+    return parse_config({"version": 1, **top})
+
+
+def refused_top(**top: Any) -> str:
+    """The message parse_config refuses ``{"version": 1, **top}`` with."""
+    return refused({"version": 1, **top})

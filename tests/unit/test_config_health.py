@@ -8,20 +8,14 @@ from typing import Any
 
 import pytest
 
-from gateway.config import HealthConfig, NodeConfig, load_config, parse_config
-from gateway.errors import ConfigError
+from gateway.config import HealthConfig, load_config
+from tests.unit.conftest import config_of, refused_top
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cfg(**top: Any) -> NodeConfig:
-    return parse_config({"version": 1, **top})
-
-
-def refused(**top: Any) -> str:
-    with pytest.raises(ConfigError) as e:
-        cfg(**top)
-    return str(e.value)
+cfg = config_of
+refused = refused_top
 
 
 def test_defaults_and_values() -> None:

@@ -6,18 +6,11 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ControlConfig, MetricsConfig, NodeConfig, parse_config
-from gateway.errors import ConfigError
+from gateway.config import ControlConfig, MetricsConfig
+from tests.unit.conftest import config_of, refused_top
 
-
-def cfg(**top: Any) -> NodeConfig:
-    return parse_config({"version": 1, **top})
-
-
-def refused(**top: Any) -> str:
-    with pytest.raises(ConfigError) as e:
-        cfg(**top)
-    return str(e.value)
+cfg = config_of
+refused = refused_top
 
 
 def test_defaults() -> None:
