@@ -35,7 +35,7 @@ import structlog
 from blockstore.modes import make_dir
 from nbdgw_common.control_socket import ControlError, request
 from nbdgw_common.errors import CommandError
-from nbdgw_common.proc import run
+from nbdgw_common.proc import run, spawn
 
 from . import fused
 from .errors import FuseError
@@ -116,14 +116,8 @@ class FuseMount:
                     "-o", "auto_unmount", "-o", "default_permissions", *ro,
                     str(self.file), self.source]
         log.info("fuse_starting", export=self.export, server=self.comm, argv=argv)
-        with open(self.log_file, "ab") as logf:
-            try:
-                self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf,
-                                             stdin=subprocess.DEVNULL, cwd="/",
-                                             start_new_session=True)
-            except FileNotFoundError:
-                raise FuseError("nbdfuse: command not found (apt-get install "
-                                "libnbd-bin fuse3)") from None
+        self.proc = spawn(argv, self.log_file, FuseError(
+            "nbdfuse: command not found (apt-get install libnbd-bin fuse3)"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

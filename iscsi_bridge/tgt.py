@@ -21,7 +21,7 @@ import structlog
 
 from blockstore.modes import NotOwned, make_own_dir
 from nbdgw_common.errors import CommandError
-from nbdgw_common.proc import run
+from nbdgw_common.proc import run, spawn
 
 from .errors import BridgeError, TgtdError
 
@@ -388,13 +388,8 @@ class Tgtd:
         argv = ["tgtd", "-f", "-C", str(self.adm.control_port), "--iscsi",
                 f"portal={self.portal}"]
         log.info("tgtd_starting", argv=argv)
-        with open(self.log_file, "ab") as logf:
-            try:
-                self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf,
-                                             stdin=subprocess.DEVNULL, cwd="/",
-                                             start_new_session=True)
-            except FileNotFoundError:
-                raise TgtdError("tgtd: command not found (apt-get install tgt)") from None
+        self.proc = spawn(argv, self.log_file,
+                          TgtdError("tgtd: command not found (apt-get install tgt)"))
         self.pid_file.write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

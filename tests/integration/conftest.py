@@ -9,6 +9,7 @@ Sites are named main, dc and dr; ``lab`` is the JSON that `nbdgw lab up` printed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -614,3 +615,17 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True,
                        timeout=30)
+
+
+@contextmanager
+def connected(s: Served, export: str = "v1") -> Iterator[Any]:
+    """A libnbd handle on ``export`` of ``s``, shut down on exit (nbdkit waits for
+    connected clients when it stops)."""
+    import nbd
+
+    h = s.connect(export)
+    try:
+        yield h
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()

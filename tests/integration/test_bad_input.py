@@ -13,10 +13,7 @@ import json
 import os
 import struct
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import nbd
 import pytest
@@ -28,8 +25,8 @@ from blockstore.record import (
     check_payload,
     decode_header,
 )
-from tests.conftest import Served, run_nbdgw
-from tests.integration.conftest import tmpfs
+from tests.conftest import run_nbdgw
+from tests.integration.conftest import connected, tmpfs
 
 MiB = 1 << 20
 EXTENT_SHIFT = 22
@@ -41,15 +38,6 @@ NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter o
 
 
 
-@contextmanager
-def connected(s: Served, export: str = "v1") -> Iterator[Any]:
-    """A libnbd handle disconnected on exit (nbdkit waits for connected clients on stop)."""
-    h = s.connect(export)
-    try:
-        yield h
-    finally:
-        with suppress(nbd.Error):
-            h.shutdown()
 
 
 def chunk(i: int) -> bytes:

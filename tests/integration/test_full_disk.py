@@ -21,8 +21,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import nbd
 import pytest
 
 from tests.conftest import Served, run_nbdgw
-from tests.integration.conftest import tmpfs
+from tests.integration.conftest import connected, tmpfs
 
 MiB = 1 << 20
 VOL = 128 * MiB
@@ -45,14 +44,6 @@ def chunk(i: int) -> bytes:
     return struct.pack("<QQ", 0xF011_D15C, i) * (MiB // 16)
 
 
-@contextmanager
-def client(s: Served, export: str = "v1") -> Iterator[Any]:
-    h = s.connect(export)
-    try:
-        yield h
-    finally:
-        with suppress(nbd.Error):
-            h.shutdown()
 
 
 def events(s: Served, name: str) -> list[dict[str, Any]]:
@@ -105,7 +96,7 @@ def write_past_full(dd: Path, logs: Path, failures_wanted: int = 25
     acked: list[int] = []
     errors: list[nbd.Error] = []
     try:
-        with client(s) as h:
+        with connected(s) as h:
             for i in range(VOL // MiB):
                 try:
                     h.pwrite(chunk(i), i * MiB)
@@ -147,7 +138,7 @@ def check_failures_logged(s: Served, dd: Path, failures: int) -> None:
 def read_only_and_checksum(dd: Path, logs: Path, acked: list[int], digest: str) -> None:
     s = Served(dd, ["--read-only"], log_dir=logs)
     try:
-        with client(s) as h:
+        with connected(s) as h:
             for i in acked:
                 assert h.pread(MiB, i * MiB) == chunk(i)
     finally:
@@ -175,7 +166,7 @@ def test_full_disk_cycle(tmp_path: Path) -> None:
         # 2. Restart read-write on the full disk: reads work, writes are ENOSPC.
         s = Served(dd, [], log_dir=logs)
         try:
-            with client(s) as h:
+            with connected(s) as h:
                 assert h.pread(MiB, acked[-1] * MiB) == chunk(acked[-1])
                 with pytest.raises(nbd.Error) as ei:
                     h.pwrite(chunk(100), 100 * MiB)
@@ -191,7 +182,7 @@ def test_full_disk_cycle(tmp_path: Path) -> None:
         s = Served(dd, [], log_dir=logs)
         try:
             fill_up(dd / "filler")
-            with client(s) as h:
+            with connected(s) as h:
                 with pytest.raises(nbd.Error):
                     h.pwrite(chunk(101), 101 * MiB)
                 assert h.pread(MiB, acked[0] * MiB) == chunk(acked[0])
@@ -205,7 +196,7 @@ def test_full_disk_cycle(tmp_path: Path) -> None:
         (dd / "filler").unlink()
         s = Served(dd, [], log_dir=logs)
         try:
-            with client(s) as h:
+            with connected(s) as h:
                 gone = acked[-4:-1]
                 h.trim(4 * MiB, gone[0] * MiB)
                 h.pwrite(chunk(acked[-1]), acked[-1] * MiB)
