@@ -68,6 +68,15 @@ from .journal import (
     record_headers,
     segment_files,
 )
+from .marks import (
+    COMMIT_EVENT,
+    GROW_EVENT,
+    SNAP_DELETE_EVENT,
+    SNAP_EVENT,
+    SNAP_ROLLBACK_EVENT,
+    UpstreamBatch,
+    grow_size,
+)
 from .meta import fsync_dir, read_json, write_json
 from .modes import create_file, make_dir, tighten_dir, tighten_tree
 from .peers import (
@@ -101,11 +110,6 @@ DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
 DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
 _log = structlog.get_logger(component="blockstore")
 _FUA = int(Flag.FUA)
-COMMIT_EVENT = "peerlink-commit"  # MARK body event closing a replicated batch
-SNAP_EVENT = "snapshot"  # MARK body events of snapshots (see snapshot.py)
-SNAP_DELETE_EVENT = "snapshot-delete"
-GROW_EVENT = "grow"  # MARK body event: the volume grows to {"size"} from this record on
-SNAP_ROLLBACK_EVENT = "snapshot-rollback"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -148,7 +152,6 @@ def volumes_dir(data_dir: Path) -> Path:
 
 # One upstream batch for a replica: (first_seq, last_seq, records, commit meta); records
 # are (op, flags, offset, length, data).
-UpstreamBatch = tuple[int, int, list[tuple[int, int, int, int, bytes]], dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -405,17 +408,6 @@ def volume_status(info: VolumeInfo) -> dict[str, Any]:
         "allocated_bytes": (info.path / "store").stat().st_blocks * 512,
         "diverged": read_diverged(info),
     }
-
-
-def grow_size(payload: bytes | memoryview) -> int | None:
-    """The size a grow MARK's body sets (None: another kind of MARK)."""
-    try:
-        body = msgpack.unpackb(payload)
-    except (ValueError, msgpack.ExtraData):
-        return None
-    if isinstance(body, dict) and body.get("event") == GROW_EVENT:
-        return int(body["size"])
-    return None
 
 
 def _journal_end(jdir: Path, saved: int) -> int:

@@ -21,9 +21,9 @@ import bisect
 from dataclasses import dataclass
 from typing import Final
 
+from blockstore.marks import grow_size
 from blockstore.record import Op, RecordHeader
 from blockstore.volume import MAX_SIZE as MAX_VOLUME_SIZE
-from blockstore.volume import grow_size
 
 from .errors import PeerProtocolError, SequenceGap
 from .messages import Batch, Record

@@ -90,6 +90,7 @@ from blockstore.journal import (
     journal_bounds,
     retained_extents,
 )
+from blockstore.marks import COMMIT_EVENT
 from blockstore.meta import read_json, write_json
 from blockstore.modes import make_dir
 from blockstore.peers import (
@@ -113,7 +114,6 @@ from blockstore.record import (
 from blockstore.resync_plan import ResyncPlan, plan_resync
 from blockstore.store import Store, extent_digest
 from blockstore.volume import (
-    COMMIT_EVENT,
     Volume,
     find_volume,
     is_replica,

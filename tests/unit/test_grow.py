@@ -12,8 +12,9 @@ import msgpack
 import pytest
 
 from blockstore.errors import InvalidArgument
+from blockstore.marks import GROW_EVENT, grow_size
 from blockstore.record import Op
-from blockstore.volume import GROW_EVENT, Volume, create_volume, find_volume, grow_size
+from blockstore.volume import Volume, create_volume, find_volume
 from peerlink.batch import check_batch
 from peerlink.errors import PeerProtocolError
 from peerlink.messages import Batch, Record

@@ -10,8 +10,9 @@ import msgpack
 import pytest
 
 from blockstore.errors import InvalidArgument
+from blockstore.marks import COMMIT_EVENT
 from blockstore.record import Op
-from blockstore.volume import COMMIT_EVENT, Volume, create_volume
+from blockstore.volume import Volume, create_volume
 
 SIZE = 16 << 20
 

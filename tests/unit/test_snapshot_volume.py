@@ -15,11 +15,10 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from blockstore.marks import COMMIT_EVENT, SNAP_EVENT
 from blockstore.record import Op
 from blockstore.snapshot import MAX_SNAPSHOTS, SnapshotError, SnapshotStore
 from blockstore.volume import (
-    COMMIT_EVENT,
-    SNAP_EVENT,
     Volume,
     create_volume,
 )
