@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import json
 import os
 import socket
 import stat
@@ -13,8 +12,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from blockstore.modes import open_to_group
+from nbdgw_common import jsonline
 from nbdgw_common.errors import GatewayError
 
+# An answer may list extents (verify): bounded, but far above any request.
+MAX_ANSWER: Final = 64 << 20
 CONTROL: Final = "daemon.sock"  # <data_dir>/run/daemon.sock: `nbdgw promote` asks here
 
 
@@ -43,15 +45,16 @@ def ask(path: Path, request: dict[str, Any], timeout: float, *, who: str,
             cls = NoDaemon if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else GatewayError
             raise cls(f"cannot reach {who} at {path} ({e.strerror or e}): "
                       f"{unreachable_hint}") from None
-        s.sendall(json.dumps(request).encode() + b"\n")
-        line = s.makefile("rb").readline()
+        jsonline.send(s, request)
+        reply = jsonline.receive(s, limit=MAX_ANSWER)
     except TimeoutError:
         raise GatewayError(f"no answer from {who} in {timeout:g} s") from None
     finally:
         s.close()
-    if not line:
+    if reply is None:
         raise GatewayError(f"{who} closed the connection {closed_hint}")
-    reply: dict[str, Any] = json.loads(line)
+    if not isinstance(reply, dict):
+        raise GatewayError(f"{who} answered with something other than an object")
     return reply
 
 

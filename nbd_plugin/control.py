@@ -45,6 +45,7 @@ import structlog
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import Snapshot, SnapshotError
 from blockstore.volume import Volume
+from nbdgw_common import jsonline
 from nbdgw_common.control_socket import MAX_REQUEST, SOCKET_NAME, ControlError, recv_line
 
 from . import iostats
@@ -181,7 +182,7 @@ class ControlServer:
                     for fd in fds:
                         os.close(fd)
                 with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    jsonline.send(conn, reply)
 
     def _fuse(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Serve a FUSE mount of ``req["export"]`` on the descriptor passed with it
@@ -217,11 +218,10 @@ class ControlServer:
                 for name, vol in self.volumes.items():
                     vol.sync()
                     seqs[name] = vol.last_seq
-                conn.sendall(json.dumps({"ok": True, "seqs": seqs}).encode() + b"\n")
+                jsonline.send(conn, {"ok": True, "seqs": seqs})
             except OSError as e:
                 with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps({"ok": False, "error": f"hold failed: {e}"})
-                                 .encode() + b"\n")
+                    jsonline.send(conn, {"ok": False, "error": f"hold failed: {e}"})
                 return
             log.warning("io_held", volumes=sorted(seqs), seqs=seqs)
             conn.settimeout(0.25)

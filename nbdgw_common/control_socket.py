@@ -8,11 +8,12 @@ socket addresses does not limit where data directories live.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
+
+from . import jsonline
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 << 10
@@ -23,15 +24,11 @@ class ControlError(Exception):
 
 
 def recv_line(conn: socket.socket, buf: bytes = b"") -> bytes:
-    """One JSON line (what was read of it so far: ``buf``), at most MAX_REQUEST bytes."""
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-        if len(buf) > MAX_REQUEST:
-            raise ControlError("request too long")
-    return buf
+    """One request line (what was read of it so far: ``buf``), at most MAX_REQUEST bytes."""
+    try:
+        return jsonline.recv_line(conn, buf, MAX_REQUEST)
+    except jsonline.LineTooLong:
+        raise ControlError("request too long") from None
 
 
 def hold(volume_dir: Path, max_s: float) -> tuple[socket.socket, dict[str, int]]:
@@ -46,8 +43,8 @@ def hold(volume_dir: Path, max_s: float) -> tuple[socket.socket, dict[str, int]]
             s.connect(f"/proc/self/fd/{dfd}/{SOCKET_NAME}")
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(f"nothing serves volume {volume_dir.name} here") from None
-        s.sendall(json.dumps({"op": "hold", "max_s": max_s}).encode() + b"\n")
-        reply = json.loads(recv_line(s) or b"null")
+        jsonline.send(s, {"op": "hold", "max_s": max_s})
+        reply = jsonline.receive(s, limit=MAX_REQUEST)
         if not isinstance(reply, dict) or not reply.get("ok"):
             raise ControlError(str(reply.get("error") if isinstance(reply, dict) else
                                    "no answer to hold"))
@@ -78,12 +75,8 @@ def request(volume_dir: Path, req: dict[str, Any], timeout: float = 600,
                     f"volume {volume_dir.name} is in use but nothing answers on {path} "
                     "(is it held by a peerlink receiver, or by an nbdgw older than "
                     "snapshots?)") from None
-            data = json.dumps(req).encode() + b"\n"
-            if fds:
-                socket.send_fds(s, [data], list(fds))
-            else:
-                s.sendall(data)
-            reply = json.loads(recv_line(s) or b"null")
+            jsonline.send(s, req, fds)
+            reply = jsonline.receive(s, limit=MAX_REQUEST)
     finally:
         os.close(dfd)
     if not isinstance(reply, dict):
