@@ -657,3 +657,75 @@ def test_verify_results_must_answer_a_request() -> None:
     assert s.receive(wire(result)) == []
     with pytest.raises(PeerProtocolError, match="token 7 for volume 'v1' matches no request"):
         s.on_verify_result(result)  # answered once only
+
+
+# -- what a sender tells a receiver that has not proved the secret (issue 20) -----------
+
+
+def leaves(v: Any) -> list[Any]:
+    """Every value a message carries, nested tuples and dataclasses opened."""
+    if isinstance(v, (tuple, list)):
+        return [x for item in v for x in leaves(item)]
+    if hasattr(v, "__dataclass_fields__") or hasattr(v, "_fields"):
+        names = getattr(v, "_fields", None) or v.__dataclass_fields__
+        return [x for n in names for x in leaves(getattr(v, n))]
+    return [v]
+
+
+def assert_no_facts(told: list[Message], s: SenderSession) -> None:
+    """None of the sender's facts (volume uuid, size, generations, journal last seq) in
+    anything it sent: not a Hello, not a field value, not the uuid's bytes anywhere."""
+    facts = {s.mine.volume_size, s.mine.last_applied_seq,
+             *(g.gen_id for g in s.mine.generations)}
+    for msg in told:
+        assert not isinstance(msg, Hello), f"the sender told its facts: {msg}"
+        assert s.mine.volume_uuid.encode() not in msg.encode(), msg
+        assert not facts & {x for x in leaves(msg) if isinstance(x, int)
+                            and not isinstance(x, bool)}, msg
+
+
+def impostor_answers(r_nonce: bytes) -> dict[str, list[Message]]:
+    """What a listener that cannot prove the secret may answer a sender's Proof with."""
+    theirs = Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
+                   wire_generations(History(UUID, (G0,))), 640, r_nonce)
+    return {"a forged proof": [Proof(b"\x00" * 32)], "no proof": [Proof(b"")],
+            "its Hello, skipping the proof": [theirs],
+            "a forged HelloOk": [theirs, HelloOk("dc2", 641, b"\x00" * 32)]}
+
+
+@pytest.mark.parametrize("answer", ["a forged proof", "no proof",
+                                    "its Hello, skipping the proof", "a forged HelloOk"])
+def test_a_sender_tells_no_facts_to_a_receiver_that_cannot_prove(answer: str) -> None:
+    """A listener at the peer address without the secret: whatever it answers, every
+    message the sender sends (inspected Send by Send) holds none of its facts, and the
+    session ends without streaming."""
+    s = sender(last=987_654_321, history=(G0, G1))
+    told: list[Message] = []
+
+    def feed(outs: list[Output]) -> None:
+        told.extend(sends(outs))
+
+    feed(s.start())
+    r_nonce = make_nonce()
+    try:
+        feed(s.receive(Challenge(PROTO_VERSION, r_nonce)))
+        for msg in impostor_answers(r_nonce)[answer]:
+            outs = s.receive(msg)
+            feed(outs)
+            if any(isinstance(o, PlanResync) for o in outs):
+                feed(s.planned(False, s.mine.last_applied_seq))
+    except (PeerAuthError, PeerProtocolError):
+        pass
+    assert_no_facts(told, s)
+    assert s.phase is not Phase.STREAM
+
+
+def test_a_sender_tells_no_facts_to_a_receiver_with_the_wrong_secret() -> None:
+    """A real receiver session under another secret: it refuses the sender's proof; the
+    sender told it nothing but its version, name, the volume's name and a nonce."""
+    s, r = sender(last=987_654_321, history=(G0, G1)), receiver(secret=STRANGER)
+    told = sends(s.start())
+    outs = r.receive(told[0])
+    told += sends(s.receive(sends(outs)[0]))
+    assert isinstance(one(r.receive(told[-1]), Refusal), Refusal)
+    assert_no_facts(told, s)
