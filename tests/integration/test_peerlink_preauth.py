@@ -62,6 +62,12 @@ def hello_body(volume: str = "v1", vuuid: str | None = None,
     return msgpack.packb([1, *fields], use_bin_type=True)
 
 
+def intro_body(volume: str = "v1", node: str = "stranger") -> bytes:
+    """An Intro body (the sender's first message in version 2)."""
+    return msgpack.packb([15, PROTO_VERSION, node, volume, secrets.token_bytes(32)],
+                         use_bin_type=True)
+
+
 def raw_frame(body: bytes, compress: int = 0) -> bytes:
     return b"".join(bytes(b) for b in encode_frame(body, compress))
 
@@ -144,7 +150,7 @@ def test_a_decompression_bomb_does_not_stall_the_receiver(
             b.sendall(bomb)
             time.sleep(0.05)  # the bomb is being read
             t0 = time.monotonic()
-            probe.sendall(raw_frame(hello_body()))
+            probe.sendall(raw_frame(intro_body()))
             waits.append(first_answer_after(probe, t0))
     print(f"answer after a bomb: {[round(x * 1000, 1) for x in waits]} ms")
     assert sorted(waits)[1] < STALL_LIMIT, f"receiver stalled: {waits}"
@@ -242,7 +248,8 @@ def _history(env: Env) -> list[list[int]]:
 
 
 def _probe(port: int, body: bytes) -> list[Message]:
-    """Send a Hello, then (if challenged) a made-up proof; every answer."""
+    """Send an Intro (or an older Hello), then (if challenged) a made-up proof; every
+    answer."""
     with connect(port) as s:
         s.sendall(raw_frame(body))
         s.settimeout(10)
@@ -271,34 +278,36 @@ def _assert_tells_nothing(answers: list[Message], secrets_: list[str]) -> None:
 
 def test_a_stranger_learns_nothing_about_the_replica(env: Env) -> None:
     """`python -m peerlink receive` with a secret, bound to the primary's volume (it
-    streamed): a stranger offering a wrong uuid, and one offering the right uuid and
-    generation history, get the protocol version and a nonce, then "auth-failed"."""
+    streamed): a stranger's Intro gets the protocol version and a nonce, then
+    "auth-failed"; one opening with a Hello that offers the right uuid and generation
+    history (the layout before version 2) gets the version code only."""
     node = "dc-hidden-node"
     sf = secret_file(env)
     rx = env.receiver(0, "--secret-file", str(sf), node=node)
     w = start_streaming(env, rx.port, node, seed=33)
     vuuid = json.loads((env.primary / "volumes/v1/volume.json").read_text())["uuid"]
-    wrong = _probe(rx.port, hello_body())
-    right = _probe(rx.port, hello_body(vuuid=vuuid, gens=_history(env), last=10**9))
-    for answers in (wrong, right):
-        _assert_tells_nothing(answers, _identifiers(env, node))
-        assert [type(m).__name__ for m in answers] == ["Challenge", "Refuse"], answers
-        assert answers[1].reason.startswith("auth-failed"), answers  # type: ignore[union-attr]
+    answers = _probe(rx.port, intro_body())
+    _assert_tells_nothing(answers, _identifiers(env, node))
+    assert [type(m).__name__ for m in answers] == ["Challenge", "Refuse"], answers
+    assert answers[1].reason.startswith("auth-failed"), answers  # type: ignore[union-attr]
+    old = _probe(rx.port, hello_body(vuuid=vuuid, gens=_history(env), last=10**9))
+    assert [getattr(m, "reason", None) for m in old] == [
+        "protocol-version: this node speaks peerlink protocol version 2"], old
     refused = rx.events("peer_refused_by_us")
-    assert refused and "sender proof from 'stranger' does not match" in refused[-1]["reason"]
+    assert any("sender proof from 'stranger' does not match" in e["reason"] for e in refused)
     finish_streaming(env, w, node)
 
 
 def test_a_stranger_cannot_tell_which_volumes_exist(
         env: Env, rx_server: Callable[..., RxServer]) -> None:
-    """A ReceiverServer answers a Hello for a volume it holds and one it does not alike:
+    """A ReceiverServer answers an Intro for a volume it holds and one it does not alike:
     Challenge, then "auth-failed"; it logs the detail."""
     node = "dc-hidden-node"
     run_nbdgw("volume", "create", "v2", "--size", "64M", "--replica", "--data-dir",
               str(env.replica))
     rx = rx_server(env.replica, node, secret_file(env), ("v1", "v2"))
-    held = _probe(rx.port, hello_body(volume="v2"))
-    unknown = _probe(rx.port, hello_body(volume="no-such-volume"))
+    held = _probe(rx.port, intro_body(volume="v2"))
+    unknown = _probe(rx.port, intro_body(volume="no-such-volume"))
     secrets_ = [*_identifiers(env, node), "v2", "no-such-volume", "replica"]
     for answers in (held, unknown):
         _assert_tells_nothing(answers, secrets_)
