@@ -1,6 +1,7 @@
 """HMAC-SHA256 challenge-response on a shared secret (pure functions).
 
-Each side puts a fresh random nonce in its ``Hello``.  Each then proves knowledge of the
+Each side puts a fresh random nonce in its first message (the sender's ``Intro``, the
+receiver's ``Challenge``).  Each then proves knowledge of the
 secret with an HMAC over the whole handshake transcript: protocol version, both node
 names, both nonces, and a label saying which side is proving (the data sender or the
 receiver).  So a proof is good for one connection only (the other side's nonce is fresh),
@@ -36,7 +37,7 @@ class Prover(enum.Enum):
 
 
 class Transcript(NamedTuple):
-    """What both sides know after exchanging Hello; both proofs cover all of it."""
+    """What both sides know after Intro and Challenge; both proofs cover all of it."""
 
     proto_version: int
     sender: str
@@ -46,7 +47,7 @@ class Transcript(NamedTuple):
 
 
 def make_nonce() -> bytes:
-    """A fresh random nonce for this node's Hello."""
+    """A fresh random nonce for this side's Intro or Challenge."""
     return secrets.token_bytes(NONCE_SIZE)
 
 

@@ -25,7 +25,7 @@ from blockstore.record import Op
 from .auth import NONCE_SIZE, PROOF_SIZE
 from .errors import PeerProtocolError
 
-PROTO_VERSION: Final = 2  # 2: Challenge and Proof before the receiver's Hello
+PROTO_VERSION: Final = 2  # 2: Intro, Challenge, Proof both ways, then the Hellos
 ROLES: Final = ("primary", "secondary", "dr")
 MAX_NAME: Final = 255
 MIN_EXTENT_SHIFT: Final = 12
@@ -217,12 +217,13 @@ class Hello(_Message):
 
 @dataclass(frozen=True, slots=True)
 class HelloOk(_Message):
-    """Accept the peer's Hello: where streaming resumes, and this side's auth proof."""
+    """Accept the peer's Hello: where streaming resumes.  ``auth_proof`` is empty in
+    version 2 (both sides proved themselves in ``Proof`` before the Hellos)."""
 
     TYPE: ClassVar[int] = 2
     node: str
     resume_from_seq: int  # first seq of the first Batch (the sender decides, receiver echoes)
-    auth_proof: bytes  # PROOF_SIZE bytes, or empty when no shared secret is configured
+    auth_proof: bytes  # empty (version 2); a session refuses any other
 
     @classmethod
     def _decode(cls, f: list[Any]) -> Self:
@@ -479,8 +480,9 @@ class Challenge(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Proof(_Message):
-    """The sender's answer to ``Challenge``: its proof over both nonces (empty when no
-    shared secret is configured)."""
+    """A proof over both nonces (empty when no shared secret is configured): the
+    sender's answer to ``Challenge``, then the receiver's answer to the sender's
+    ``Proof``, before either side tells anything about its volume."""
 
     TYPE: ClassVar[int] = 14
     auth_proof: bytes
@@ -491,11 +493,32 @@ class Proof(_Message):
         return cls(_bytes(f[0], "Proof.auth_proof", (0, PROOF_SIZE)))
 
 
+@dataclass(frozen=True, slots=True)
+class Intro(_Message):
+    """The sender's first message (version 2): only what the receiver needs to choose
+    the volume and challenge it; the sender's facts (uuid, size, generations, journal
+    seq) go in its ``Hello`` once the receiver proved the secret too."""
+
+    TYPE: ClassVar[int] = 15
+    proto_version: int
+    node: str
+    volume: str
+    auth_nonce: bytes
+
+    @classmethod
+    def _decode(cls, f: list[Any]) -> Self:
+        _arity(cls, f, at_least=True)  # later versions may append fields
+        return cls(_uint(f[0], "Intro.proto_version", _U32), _name(f[1], "Intro.node"),
+                   _name(f[2], "Intro.volume"), _bytes(f[3], "Intro.auth_nonce", (NONCE_SIZE,)))
+
+
 Message: TypeAlias = (Hello | HelloOk | Refuse | Batch | Ack | Ping | Pong | ResyncExtents
-                      | ExtentData | ResyncDone | Verify | VerifyResult | Challenge | Proof)
+                      | ExtentData | ResyncDone | Verify | VerifyResult | Challenge | Proof
+                      | Intro)
 _BY_TYPE: Final[dict[int, type[Message]]] = {
     c.TYPE: c for c in (Hello, HelloOk, Refuse, Batch, Ack, Ping, Pong, ResyncExtents,
-                        ExtentData, ResyncDone, Verify, VerifyResult, Challenge, Proof)
+                        ExtentData, ResyncDone, Verify, VerifyResult, Challenge, Proof,
+                        Intro)
 }
 # msgpack refuses a container whose header declares more elements than the body has
 # bytes (each takes one at least) or than any field allows, before reading it (the

@@ -1,8 +1,9 @@
 """The receiving end of peerlink: owns a replica volume and applies batches to it.
 
 One ``Receiver`` per replica volume.  It listens; a sender connects and the handshake of
-PROTOCOL.md runs (Hello both ways, ``check_hello``, HelloOk with HMAC proofs when a shared
-secret is configured; this side proves itself only after the sender did).  Then each
+PROTOCOL.md runs (the sender's Intro, a Challenge, HMAC proofs both ways when a shared
+secret is configured, this side's only after the sender's checked, then Hello both ways,
+``check_hello``, HelloOk).  Then each
 ``Batch`` is checked (``check_batch``: the next seq exactly, inside the volume) and handed
 to one applier task, which runs ``Volume.apply_batches`` on a single worker thread (it ends
 in an fdatasync) strictly in order and acknowledges the durable seq as soon as that
@@ -82,6 +83,7 @@ from .messages import (
     Batch,
     ExtentData,
     Hello,
+    Intro,
     Pong,
     Refuse,
     ResyncDone,
@@ -277,7 +279,7 @@ class Receiver:
         self.adopt(link)
         return link
 
-    def adopt(self, link: Link, hello: Hello | None = None) -> None:
+    def adopt(self, link: Link, hello: Intro | Hello | None = None) -> None:
         """Serve ``link`` as one of this receiver's connections (``close`` waits for it)."""
         self.links.add(link)
         task = asyncio.get_running_loop().create_task(self._connection(link, hello))
@@ -307,8 +309,9 @@ class Receiver:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def _connection(self, link: Link, hello: Hello | None = None) -> None:
-        """Serve one connection; ``hello`` when a ``ReceiverServer`` already read it."""
+    async def _connection(self, link: Link, hello: Intro | Hello | None = None) -> None:
+        """Serve one connection; ``hello`` (its first message) when a ``ReceiverServer``
+        already read it."""
         if hello is None and not await wait_connected(link, self.timeout):
             self.links.discard(link)
             return
@@ -354,18 +357,22 @@ class Receiver:
             diverged_blocked=name if full else None, max_snapshots=MAX_SNAPSHOTS)
 
     async def _handshake_and_stream(self, link: Link, clog: Any,
-                                    hello: Hello | None = None) -> None:
+                                    hello: Intro | Hello | None = None) -> None:
         """The handshake (``ReceiverSession`` decides; this reads the replica once the
-        sender proved itself, takes it over and binds it), then the stream."""
+        sender proved itself and said Hello, takes it over and binds it), then the
+        stream."""
         t = self.timeout
-        theirs = hello if hello is not None else await link.recv_within(t, "Hello")
+        first = hello if hello is not None else await link.recv_within(t, "Intro")
         core = ReceiverSession(self.node, self.name, secret=self.secret, nonce=make_nonce(),
                                next_secret=self.next_secret)
-        outs = core.receive(theirs)
-        assert isinstance(theirs, Hello)  # else receive raised
-        clog = clog.bind(peer=theirs.node)
-        await perform(link, outs, clog)
+        outs = core.receive(first)
+        clog = clog.bind(peer=getattr(first, "node", None))
+        await perform(link, outs, clog)  # a Challenge, or a refusal by code
+        # The sender's Proof; once it checks, this side's Proof, then the sender's Hello.
         await perform(link, core.receive(await link.recv_within(t, "Proof")), clog)
+        theirs = await link.recv_within(t, "Hello")
+        await perform(link, core.receive(theirs), clog)
+        assert isinstance(theirs, Hello)  # else receive raised
         facts = self._facts()  # the sender proved itself: now the replica is read
         await perform(link, core.offer(facts), clog, self._history_refusals(theirs.node))
         if core.adopts:
@@ -727,7 +734,7 @@ class Receiver:
 class ReceiverServer:
     """One listening port for every replica volume of a node.
 
-    Each connection's first message (``Hello``) names the volume; the connection is
+    Each connection's first message (``Intro``) names the volume; the connection is
     handed to that volume's ``Receiver``, which runs the rest of the handshake.  A volume
     this node holds no replica of is challenged all the same (a stranger cannot tell
     which volumes exist) and refused, by name, only to a sender that proved it knows
@@ -780,39 +787,41 @@ class ReceiverServer:
             if not await wait_connected(link, self.timeout):
                 return
             try:
-                hello = await link.recv_within(self.timeout, "Hello")
+                hello = await link.recv_within(self.timeout, "Intro")
             except PeerlinkError as e:
                 self.log.warning("peer_dropped", peer_addr=link.peername, reason=str(e))
-                link.release(LinkClosed("no Hello"))
+                link.release(LinkClosed("no Intro"))
                 return
         finally:
             self.pending.discard(link)
-        if not isinstance(hello, Hello):
+        if not isinstance(hello, (Intro, Hello)):  # a Hello: an older version's, refused
             link.abort(PeerProtocolError(
-                f"expected Hello to open the connection, got {type(hello).__name__}"))
+                f"expected Intro to open the connection, got {type(hello).__name__}"))
             self.log.warning("peer_dropped", peer_addr=link.peername,
-                             reason=f"{type(hello).__name__} before Hello")
+                             reason=f"{type(hello).__name__} before Intro")
             return
         rx = self.receivers.get(hello.volume)
-        if rx is None:
+        if rx is None or isinstance(hello, Hello):
             await self._decline(link, hello)
             return
         rx.adopt(link, hello)
 
-    async def _decline(self, link: Link, hello: Hello) -> None:
+    async def _decline(self, link: Link, hello: Intro | Hello) -> None:
         """A volume this node holds no replica of (or stopped): the same challenge as for
         one it holds, then the refusal, with the reason only for a sender that proved
-        itself."""
+        itself (after its Hello, as for a volume held).  A Hello first is refused by code
+        (an older version)."""
         why = self.failed_volumes.get(hello.volume)
         reason = (f"volume {hello.volume} on node {self.node!r} is stopped: {why}" if why
                   else f"node {self.node!r} holds no replica of volume {hello.volume}")
         clog = self.log.bind(peer_addr=link.peername, peer=hello.node, volume=hello.volume)
         core = ReceiverSession(self.node, hello.volume, secret=self.secret,
                                nonce=make_nonce(), next_secret=self.next_secret)
+        t = self.timeout
         try:
             await perform(link, core.receive(hello), clog)
-            await perform(link, core.receive(await link.recv_within(self.timeout, "Proof")),
-                          clog)
+            await perform(link, core.receive(await link.recv_within(t, "Proof")), clog)
+            await perform(link, core.receive(await link.recv_within(t, "Hello")), clog)
             await perform(link, core.decline(reason), clog)
         except PeerlinkError as e:
             session_ended(clog, e)

@@ -918,9 +918,11 @@ class Sender:
             self.log.error("split_brain", reason=e.reason,
                            settle=[c["command"] for c in settle_commands(self.node, self.peer)])
 
-    def _refuse(self, link: Link, reason: str) -> Refused:
+    def _refuse(self, link: Link, reason: str, told: str | None = None) -> Refused:
+        """Send the peer ``told`` (a code only, before it proved itself) or ``reason``,
+        close, and return the error carrying the full reason (logged here)."""
         with contextlib.suppress(LinkClosed):
-            link.send(Refuse(reason[:MAX_REASON]))
+            link.send(Refuse((reason if told is None else told)[:MAX_REASON]))
         link.close()
         return Refused(reason)
 
@@ -983,6 +985,8 @@ class Sender:
                                 window_batches=self.cfg.window_batches)
         self._perform(link, session.start())
         self._perform(link, session.receive(await link.recv_within(t, "Challenge")))
+        # The receiver's Proof: checked before this node's Hello (its facts) goes out.
+        self._perform(link, session.receive(await link.recv_within(t, "Proof")))
         ask = self._perform(link, session.receive(await link.recv_within(t, "Hello")))
         assert isinstance(ask, PlanResync)
         plan, last = await self._plan(loop, ask.rel, ask.theirs, history, ask.applied,
@@ -1015,7 +1019,7 @@ class Sender:
             elif isinstance(out, Authenticated):
                 link.authenticated()  # the receiver proved itself: lift the limits
             elif isinstance(out, Refusal):
-                raise self._refuse(link, out.reason)
+                raise self._refuse(link, out.reason, out.told)
             else:
                 asked = out
         return asked

@@ -4,10 +4,11 @@
 the protocol needs facts only the shell can read from disk, the shell's answers) and
 return what to do next as a list of outputs: send this message, refuse with this reason,
 plan a resync, take the replica over, stream.  They own the handshake order (the sender's
-Hello, the receiver's Challenge, the sender's Proof checked before the receiver reads or
-tells anything about its replica, the receiver's Hello, the resume point both ways, the
-receiver's proof checked before any data is sent), what may be told to a peer that has
-not authenticated (refusals by code only), the resume and refusal rules, the phases of a
+Intro, the receiver's Challenge, the sender's Proof checked before the receiver reads or
+tells anything about its replica, the receiver's Proof checked before the sender tells
+anything about its volume, then the sender's Hello, the receiver's Hello, the resume
+point both ways), what may be told to a peer that has not authenticated (refusals by
+code only, either way), the resume and refusal rules, the phases of a
 resync and of streaming as a transition table, the sender's window of unacknowledged
 batches and the verify tokens.  The asyncio ``Sender`` and ``Receiver`` read the journal and the
 volume, perform the outputs and reconnect; the rules are tested here, end against end,
@@ -47,6 +48,7 @@ from peerlink.messages import (
     Generation,
     Hello,
     HelloOk,
+    Intro,
     Message,
     Proof,
     Refuse,
@@ -60,18 +62,20 @@ from peerlink.messages import (
 
 
 class Phase(enum.Enum):
-    """Where a session stands.  Sender: CHALLENGE → FACTS → PLAN → PROOF → STREAM.
-    Receiver: HELLO → PROOF → FACTS → RESUME → ADMIT → OPEN | ANNOUNCE, then the resync and
-    stream phases below.  The receiver's peer is authenticated from FACTS on, the
-    sender's from STREAM on."""
+    """Where a session stands.  Sender: CHALLENGE → PROOF → FACTS → PLAN → RESUME →
+    STREAM.  Receiver: INTRO → PROOF → HELLO → FACTS → RESUME → ADMIT → OPEN | ANNOUNCE,
+    then the resync and stream phases below.  Each side's peer is authenticated once
+    its Proof checked: the receiver's from HELLO on, the sender's from FACTS on; no
+    Hello (uuid, size, generations, seq) goes out before."""
 
-    HELLO = "hello"  # receiver: waiting for the sender's Hello
-    CHALLENGE = "challenge"  # sender: its Hello sent, waiting for the receiver's Challenge
-    PROOF = "proof"  # waiting for the peer's proof (receiver: Proof; sender: HelloOk)
-    FACTS = "facts"  # receiver: the sender proved itself; the shell reads the replica
-    #                  sender: its Proof sent, waiting for the receiver's Hello
+    INTRO = "intro"  # receiver: waiting for the sender's Intro
+    CHALLENGE = "challenge"  # sender: its Intro sent, waiting for the receiver's Challenge
+    PROOF = "proof"  # its Challenge (receiver) or Proof (sender) sent: the peer's Proof
+    HELLO = "hello"  # receiver: both proved; its Proof sent, waiting for the sender's Hello
+    FACTS = "facts"  # receiver: the sender's Hello came; the shell reads the replica
+    #                  sender: its Hello sent, waiting for the receiver's Hello
     PLAN = "plan"  # sender: the peer's Hello is accepted; the shell plans the resync
-    RESUME = "resume"  # receiver: its Hello sent, waiting for the sender's HelloOk
+    RESUME = "resume"  # its Hello (receiver) or HelloOk (sender) sent: the peer's HelloOk
     ADMIT = "admit"  # receiver: the resume point came; the shell takes the replica over
     OPEN = "open"  # receiver: a resync (ResyncExtents) or the first Batch may come
     ANNOUNCE = "announce"  # receiver: a resync must begin (Verify may come before it)
@@ -81,11 +85,13 @@ class Phase(enum.Enum):
 
 
 # What a receiver accepts in each phase, and the phase it moves to.  The handshake phases
-# accept one message each (Hello, Proof, HelloOk); FACTS and ADMIT accept nothing (the
-# shell must call ``offer`` or ``decline``, then ``admitted``, first).
+# accept one message each (Intro, Proof, Hello, HelloOk; a Hello first is an older
+# version's, refused by code); FACTS and ADMIT accept nothing (the shell must call
+# ``offer`` or ``decline``, then ``admitted``, first).
 RECEIVER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
-    Phase.HELLO: {Hello: Phase.PROOF},
-    Phase.PROOF: {Proof: Phase.FACTS},
+    Phase.INTRO: {Intro: Phase.PROOF, Hello: Phase.CLOSED},
+    Phase.PROOF: {Proof: Phase.HELLO},
+    Phase.HELLO: {Hello: Phase.FACTS},
     Phase.FACTS: {},
     Phase.RESUME: {HelloOk: Phase.ADMIT},
     Phase.ADMIT: {},
@@ -96,37 +102,43 @@ RECEIVER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
     Phase.CLOSED: {},
 }
 
-# What a sender accepts: the receiver's Challenge, Hello and HelloOk, then Acks and
-# VerifyResults.
+# What a sender accepts: the receiver's Challenge, Proof, Hello and HelloOk, then Acks
+# and VerifyResults.
 SENDER_TABLE: Final[dict[Phase, dict[type[Message], Phase]]] = {
-    Phase.CHALLENGE: {Challenge: Phase.FACTS},
+    Phase.CHALLENGE: {Challenge: Phase.PROOF},
+    Phase.PROOF: {Proof: Phase.FACTS},
     Phase.FACTS: {Hello: Phase.PLAN},
     Phase.PLAN: {},
-    Phase.PROOF: {HelloOk: Phase.STREAM},
+    Phase.RESUME: {HelloOk: Phase.STREAM},
     Phase.STREAM: {Ack: Phase.STREAM, VerifyResult: Phase.STREAM},
     Phase.CLOSED: {},
 }
 
 # What each phase waits for, for the error when something else comes.
 RECEIVER_EXPECTS: Final = {
-    Phase.HELLO: "Hello to open the connection", Phase.PROOF: "Proof after Challenge",
-    Phase.RESUME: "HelloOk after Hello",
+    Phase.INTRO: "Intro to open the connection", Phase.PROOF: "Proof after Challenge",
+    Phase.HELLO: "Hello after Proof", Phase.RESUME: "HelloOk after Hello",
     Phase.OPEN: "Batch while streaming", Phase.ANNOUNCE: "ResyncExtents to begin a resync",
     Phase.EXTENTS: "ExtentData during a resync", Phase.STREAM: "Batch while streaming"}
 SENDER_EXPECTS: Final = {
-    Phase.CHALLENGE: "Challenge in answer to Hello", Phase.FACTS: "Hello after Proof",
-    Phase.PROOF: "HelloOk after HelloOk", Phase.STREAM: "Ack while streaming"}
+    Phase.CHALLENGE: "Challenge in answer to Intro", Phase.PROOF: "Proof after Proof",
+    Phase.FACTS: "Hello after Hello", Phase.RESUME: "HelloOk after HelloOk",
+    Phase.STREAM: "Ack while streaming"}
 
-# What a receiver tells a peer that has not proved the secret when it refuses it: a code
-# and no identifier of this node (its name, volumes, uuids, sizes); the reason with the
+# What a side tells a peer that has not proved the secret when it refuses it: a code and
+# no identifier of this node (its name, volumes, uuids, sizes); the reason with the
 # details is logged here.  PROTOCOL.md lists the codes.
 REFUSE_VERSION: Final = "protocol-version"
 REFUSE_AUTH: Final = "auth-failed"
-PREAUTH_REFUSALS: Final = {
+PREAUTH_REFUSALS: Final = {  # the receiver's
     REFUSE_VERSION: f"{REFUSE_VERSION}: this node speaks peerlink protocol version "
                     f"{PROTO_VERSION}",
     REFUSE_AUTH: f"{REFUSE_AUTH}: peer authentication failed (the reason is logged on the "
                  "receiving node)",
+}
+SENDER_PREAUTH_REFUSALS: Final = {
+    REFUSE_AUTH: f"{REFUSE_AUTH}: peer authentication failed (the reason is logged on the "
+                 "sending node)",
 }
 
 
@@ -160,8 +172,8 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
-    """The peer proved itself (receiver: its Proof checked; sender: the receiver's
-    HelloOk checked): the shell lifts the link's limits for strangers."""
+    """The peer proved itself (its Proof checked, either side): the shell lifts the
+    link's limits for strangers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +256,7 @@ class _Session:
 
     TABLE: dict[Phase, dict[type[Message], Phase]]
     EXPECTS: dict[Phase, str]
+    PREAUTH: dict[str, str]  # what this side tells a peer that has not proved itself
 
     def __init__(self, node: str, volume: str, secret: bytes | None,
                  next_secret: bytes | None = None) -> None:
@@ -253,7 +266,7 @@ class _Session:
         self.volume = volume
         self.secret = secret  # this side proves itself with it
         self.next_secret = next_secret  # during a rotation: the peer's proof may use it
-        self.phase = Phase.HELLO
+        self.phase = Phase.INTRO
 
     def _verify(self, prover: Prover, t: Transcript, presented: bytes) -> None:
         """Raise PeerAuthError unless ``presented`` is ``prover``'s proof under the
@@ -287,6 +300,12 @@ class _Session:
         self.phase = Phase.CLOSED
         return [Refusal(reason, history, split_brain)]
 
+    def _guarded(self, code: str, reason: str) -> list[Output]:
+        """Refuse a peer that has not authenticated: ``reason`` is logged, the code sent."""
+        self.phase = Phase.CLOSED
+        return [Refusal(reason, wire=self.PREAUTH[code])]
+
+
     def _fail(self, e: PeerProtocolError) -> PeerProtocolError:
         self.phase = Phase.CLOSED
         return e
@@ -296,10 +315,13 @@ class SenderSession(_Session):
     """The sending end of one connection.
 
     ``mine`` is the Hello this node sends (built by the shell from the journal's end and
-    the volume's history); ``peer`` the node this sender ships to."""
+    the volume's history) once the receiver proved itself; before, only an Intro (its
+    version, node and volume names and nonce) and its own Proof go out.  ``peer``: the
+    node this sender ships to."""
 
     TABLE = SENDER_TABLE
     EXPECTS = SENDER_EXPECTS
+    PREAUTH = SENDER_PREAUTH_REFUSALS
 
     def __init__(self, mine: Hello, history: History, *, peer: str, secret: bytes | None,
                  next_secret: bytes | None = None, window_bytes: int = 1 << 62,
@@ -320,17 +342,21 @@ class SenderSession(_Session):
         self.their_nonce: bytes | None = None  # from the Challenge
 
     def start(self) -> list[Output]:
+        """The Intro: version, names and nonce; the facts wait for the receiver's Proof."""
         self.phase = Phase.CHALLENGE
-        return [Send(self.mine)]
+        m = self.mine
+        return [Send(Intro(m.proto_version, m.node, m.volume, m.auth_nonce))]
 
     # -- the handshake --------------------------------------------------------------------
 
     def receive(self, msg: Message) -> list[Output]:
-        """The peer's Challenge, Hello, HelloOk, Ack or VerifyResult (a Pong is the
+        """The peer's Challenge, Proof, Hello, HelloOk, Ack or VerifyResult (a Pong is the
         shell's)."""
         nxt = self._enter(msg)
         if isinstance(msg, Challenge):
             return self._challenge(msg, nxt)
+        if isinstance(msg, Proof):
+            return self._their_proof(msg, nxt)
         if isinstance(msg, Hello):
             return self._hello(msg)
         if isinstance(msg, HelloOk):
@@ -351,6 +377,23 @@ class SenderSession(_Session):
         self.their_nonce, self.phase = ch.auth_nonce, nxt
         return [Send(Proof(proof(self.secret, Prover.SENDER, self._transcript())
                            if self.secret else b""))]
+
+    def _their_proof(self, msg: Proof, nxt: Phase) -> list[Output]:
+        """The receiver's Proof, checked before this side tells anything of its volume:
+        then its Hello.  A wrong proof raises PeerAuthError (the shell logs it and drops
+        the link, telling nothing); a proof where this node has no secret is refused by
+        code."""
+        if self.secret is not None:
+            try:
+                self._verify(Prover.RECEIVER, self._transcript(), msg.auth_proof)
+            except PeerAuthError as e:
+                raise self._fail(e) from None
+        elif msg.auth_proof:
+            return self._guarded(REFUSE_AUTH, (
+                "peer authentication failed: the peer sent a proof but node "
+                f"{self.node!r} has no shared secret configured"))
+        self.phase = nxt
+        return [Authenticated(), Send(self.mine)]
 
     def _hello(self, theirs: Hello) -> list[Output]:
         if theirs.auth_nonce != self.their_nonce:
@@ -410,8 +453,8 @@ class SenderSession(_Session):
             raise self._fail(PeerProtocolError(f"planned in phase {self.phase.value}"))
         assert self.theirs is not None
         self.resume = last + 1 if resync else self.applied + 1
-        self.phase = Phase.PROOF
-        # The proof went in Proof; HelloOk carries the resume point only.
+        self.phase = Phase.RESUME
+        # The proofs went in Proof both ways; HelloOk carries the resume point only.
         return [Send(HelloOk(self.node, self.resume, b""))]
 
     def _transcript(self) -> Transcript:
@@ -424,20 +467,15 @@ class SenderSession(_Session):
     def _hello_ok(self, ok: HelloOk, nxt: Phase) -> list[Output]:
         theirs = self.theirs
         assert theirs is not None
-        if self.secret is not None:
-            try:
-                self._verify(Prover.RECEIVER, self._transcript(), ok.auth_proof)
-            except PeerAuthError as e:
-                raise self._fail(e) from None
-        elif ok.auth_proof:
-            return self._refuse("peer authentication failed: the peer sent a proof but "
-                                f"node {self.node!r} has no shared secret configured")
+        if ok.auth_proof:
+            raise self._fail(PeerProtocolError(
+                "HelloOk.auth_proof: a receiver proves itself in Proof, not in HelloOk"))
         if ok.node != theirs.node or ok.resume_from_seq != self.resume:
             raise self._fail(PeerProtocolError(
                 f"HelloOk: node {ok.node!r} resume {ok.resume_from_seq}, expected node "
                 f"{theirs.node!r} resume {self.resume}"))
         self.phase = nxt
-        return [Authenticated(), Established(self.resume, self.applied, theirs.node)]
+        return [Established(self.resume, self.applied, theirs.node)]
 
     # -- streaming: the window and verify tokens -------------------------------------------
 
@@ -530,17 +568,20 @@ class ReceiverSession(_Session):
 
     Until the sender's Proof checks, the session knows nothing of the replica (no facts
     are read for a stranger) and tells the peer its protocol version and a nonce only;
-    then the shell reads the replica's facts (``offer``) or declines the volume
-    (``decline``: this node holds no replica of it)."""
+    then it proves itself (``Proof``), the sender's Hello comes, and the shell reads the
+    replica's facts (``offer``) or declines the volume (``decline``: this node holds no
+    replica of it)."""
 
     TABLE = RECEIVER_TABLE
     EXPECTS = RECEIVER_EXPECTS
+    PREAUTH = PREAUTH_REFUSALS
 
     def __init__(self, node: str, volume: str, *, secret: bytes | None, nonce: bytes,
                  next_secret: bytes | None = None) -> None:
         super().__init__(node, volume, secret, next_secret)
         self.nonce = nonce
         self.facts: ReplicaFacts | None = None
+        self.intro: Intro | None = None
         self.theirs: Hello | None = None
         self.mine: Hello | None = None
         self.rel = Relation.SAME
@@ -558,9 +599,11 @@ class ReceiverSession(_Session):
         return from_wire(self.theirs.generations, self.theirs.epochs)
 
     def receive(self, msg: Message) -> list[Output]:
-        """Hello, Proof, HelloOk; once admitted, ``admit`` (it also returns the payload
-        size)."""
+        """Intro, Proof, Hello, HelloOk; once admitted, ``admit`` (it also returns the
+        payload size)."""
         nxt = self._enter(msg)
+        if isinstance(msg, Intro):
+            return self._intro(msg, nxt)
         if isinstance(msg, Hello):
             return self._hello(msg, nxt)
         if isinstance(msg, Proof):
@@ -570,45 +613,61 @@ class ReceiverSession(_Session):
         raise self._fail(PeerProtocolError(
             f"{type(msg).__name__} must go through admit()"))  # pragma: no cover
 
-    def _guarded(self, code: str, reason: str) -> list[Output]:
-        """Refuse a peer that has not authenticated: ``reason`` is logged, the code sent."""
-        self.phase = Phase.CLOSED
-        return [Refusal(reason, wire=PREAUTH_REFUSALS[code])]
-
     # -- the handshake --------------------------------------------------------------------
 
-    def _hello(self, theirs: Hello, nxt: Phase) -> list[Output]:
-        """The sender's Hello: only its version is judged before it proves itself."""
-        self.theirs = theirs
-        if theirs.proto_version != PROTO_VERSION:
+    def _intro(self, intro: Intro, nxt: Phase) -> list[Output]:
+        """The sender's Intro: only its version is judged before it proves itself."""
+        self.intro = intro
+        if intro.proto_version != PROTO_VERSION:
             return self._guarded(REFUSE_VERSION, (
-                f"protocol version mismatch: peer {theirs.node!r} speaks version "
-                f"{theirs.proto_version}, this node ({self.node!r}) speaks version "
+                f"protocol version mismatch: peer {intro.node!r} speaks version "
+                f"{intro.proto_version}, this node ({self.node!r}) speaks version "
                 f"{PROTO_VERSION}"))
         self.phase = nxt
         return [Send(Challenge(PROTO_VERSION, self.nonce))]
 
     def _transcript(self) -> Transcript:
-        assert self.theirs is not None
-        return Transcript(PROTO_VERSION, self.theirs.node, self.node, self.theirs.auth_nonce,
+        assert self.intro is not None
+        return Transcript(PROTO_VERSION, self.intro.node, self.node, self.intro.auth_nonce,
                           self.nonce)
 
     def _proof(self, msg: Proof, nxt: Phase) -> list[Output]:
-        theirs = self.theirs
-        assert theirs is not None
+        """The sender's Proof; once it checks, this side proves itself in turn."""
+        intro = self.intro
+        assert intro is not None
         if self.secret is not None:
             try:
                 self._verify(Prover.SENDER, self._transcript(), msg.auth_proof)
             except PeerAuthError as e:
                 return self._guarded(REFUSE_AUTH, (
-                    f"{e}; volume {theirs.volume!r} (a sender that knows node "
+                    f"{e}; volume {intro.volume!r} (a sender that knows node "
                     f"{self.node!r} by another name fails this way too)"))
         elif msg.auth_proof:
             return self._guarded(REFUSE_AUTH, (
                 "peer authentication failed: the peer sent a proof but node "
                 f"{self.node!r} has no shared secret configured"))
         self.phase = nxt
-        return [Authenticated()]
+        return [Authenticated(), Send(Proof(proof(self.secret, Prover.RECEIVER,
+                                                  self._transcript())
+                                            if self.secret else b""))]
+
+    def _hello(self, theirs: Hello, nxt: Phase) -> list[Output]:
+        """The sender's Hello: first (an older version's opening), refused by code; after
+        both proofs, its facts, which must match its Intro."""
+        intro = self.intro
+        if intro is None:
+            return self._guarded(REFUSE_VERSION, (
+                f"protocol version mismatch: peer {theirs.node!r} opened with a Hello "
+                f"(protocol version {theirs.proto_version}, or an unreleased layout of "
+                f"version 2), this node ({self.node!r}) speaks version {PROTO_VERSION}"))
+        if (theirs.proto_version, theirs.node, theirs.volume, theirs.auth_nonce) != (
+                intro.proto_version, intro.node, intro.volume, intro.auth_nonce):
+            raise self._fail(PeerProtocolError(
+                f"Hello: version {theirs.proto_version}, node {theirs.node!r}, volume "
+                f"{theirs.volume!r} or nonce differ from the Intro's (version "
+                f"{intro.proto_version}, node {intro.node!r}, volume {intro.volume!r})"))
+        self.theirs, self.phase = theirs, nxt
+        return []
 
     def decline(self, reason: str) -> list[Output]:
         """The authenticated sender asked for a volume this node holds no replica of (or
@@ -720,9 +779,7 @@ class ReceiverSession(_Session):
         resync = newer or self.resume_from > applied + 1 or resync_pending
         self.phase = Phase.ANNOUNCE if resync else Phase.OPEN
         self.expect_seq = self.resume_from
-        return [Send(HelloOk(self.node, self.resume_from,
-                             proof(self.secret, Prover.RECEIVER, self._transcript())
-                             if self.secret else b"")),
+        return [Send(HelloOk(self.node, self.resume_from, b"")),
                 Admitted(self.resume_from, newer, self.fork and newer, resync)]
 
     # -- streaming --------------------------------------------------------------------------

@@ -12,6 +12,9 @@ streaming from a served primary meanwhile, and hostile clients on raw sockets.
 - Before the proof a receiver answers with its protocol version and a nonce only: no
   volume uuid, size, generations or seq, no node or volume name, and the same answer
   for a volume it holds and one it does not.
+- And the other way: a sender tells a listener at its peer address that has not proved
+  the secret (a forged proof, none, or a Hello without one) nothing of its volume: no
+  uuid, size, generation ids or journal seq.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import secrets
 import socket
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -56,6 +60,12 @@ def hello_body(volume: str = "v1", vuuid: str | None = None,
                          "primary", gens if gens is not None else [[secrets.randbits(63), 1]],
                          last, secrets.token_bytes(32), False, changed]
     return msgpack.packb([1, *fields], use_bin_type=True)
+
+
+def intro_body(volume: str = "v1", node: str = "stranger") -> bytes:
+    """An Intro body (the sender's first message in version 2)."""
+    return msgpack.packb([15, PROTO_VERSION, node, volume, secrets.token_bytes(32)],
+                         use_bin_type=True)
 
 
 def raw_frame(body: bytes, compress: int = 0) -> bytes:
@@ -140,7 +150,7 @@ def test_a_decompression_bomb_does_not_stall_the_receiver(
             b.sendall(bomb)
             time.sleep(0.05)  # the bomb is being read
             t0 = time.monotonic()
-            probe.sendall(raw_frame(hello_body()))
+            probe.sendall(raw_frame(intro_body()))
             waits.append(first_answer_after(probe, t0))
     print(f"answer after a bomb: {[round(x * 1000, 1) for x in waits]} ms")
     assert sorted(waits)[1] < STALL_LIMIT, f"receiver stalled: {waits}"
@@ -238,7 +248,8 @@ def _history(env: Env) -> list[list[int]]:
 
 
 def _probe(port: int, body: bytes) -> list[Message]:
-    """Send a Hello, then (if challenged) a made-up proof; every answer."""
+    """Send an Intro (or an older Hello), then (if challenged) a made-up proof; every
+    answer."""
     with connect(port) as s:
         s.sendall(raw_frame(body))
         s.settimeout(10)
@@ -267,34 +278,36 @@ def _assert_tells_nothing(answers: list[Message], secrets_: list[str]) -> None:
 
 def test_a_stranger_learns_nothing_about_the_replica(env: Env) -> None:
     """`python -m peerlink receive` with a secret, bound to the primary's volume (it
-    streamed): a stranger offering a wrong uuid, and one offering the right uuid and
-    generation history, get the protocol version and a nonce, then "auth-failed"."""
+    streamed): a stranger's Intro gets the protocol version and a nonce, then
+    "auth-failed"; one opening with a Hello that offers the right uuid and generation
+    history (the layout before version 2) gets the version code only."""
     node = "dc-hidden-node"
     sf = secret_file(env)
     rx = env.receiver(0, "--secret-file", str(sf), node=node)
     w = start_streaming(env, rx.port, node, seed=33)
     vuuid = json.loads((env.primary / "volumes/v1/volume.json").read_text())["uuid"]
-    wrong = _probe(rx.port, hello_body())
-    right = _probe(rx.port, hello_body(vuuid=vuuid, gens=_history(env), last=10**9))
-    for answers in (wrong, right):
-        _assert_tells_nothing(answers, _identifiers(env, node))
-        assert [type(m).__name__ for m in answers] == ["Challenge", "Refuse"], answers
-        assert answers[1].reason.startswith("auth-failed"), answers  # type: ignore[union-attr]
+    answers = _probe(rx.port, intro_body())
+    _assert_tells_nothing(answers, _identifiers(env, node))
+    assert [type(m).__name__ for m in answers] == ["Challenge", "Refuse"], answers
+    assert answers[1].reason.startswith("auth-failed"), answers  # type: ignore[union-attr]
+    old = _probe(rx.port, hello_body(vuuid=vuuid, gens=_history(env), last=10**9))
+    assert [getattr(m, "reason", None) for m in old] == [
+        "protocol-version: this node speaks peerlink protocol version 2"], old
     refused = rx.events("peer_refused_by_us")
-    assert refused and "sender proof from 'stranger' does not match" in refused[-1]["reason"]
+    assert any("sender proof from 'stranger' does not match" in e["reason"] for e in refused)
     finish_streaming(env, w, node)
 
 
 def test_a_stranger_cannot_tell_which_volumes_exist(
         env: Env, rx_server: Callable[..., RxServer]) -> None:
-    """A ReceiverServer answers a Hello for a volume it holds and one it does not alike:
+    """A ReceiverServer answers an Intro for a volume it holds and one it does not alike:
     Challenge, then "auth-failed"; it logs the detail."""
     node = "dc-hidden-node"
     run_nbdgw("volume", "create", "v2", "--size", "64M", "--replica", "--data-dir",
               str(env.replica))
     rx = rx_server(env.replica, node, secret_file(env), ("v1", "v2"))
-    held = _probe(rx.port, hello_body(volume="v2"))
-    unknown = _probe(rx.port, hello_body(volume="no-such-volume"))
+    held = _probe(rx.port, intro_body(volume="v2"))
+    unknown = _probe(rx.port, intro_body(volume="no-such-volume"))
     secrets_ = [*_identifiers(env, node), "v2", "no-such-volume", "replica"]
     for answers in (held, unknown):
         _assert_tells_nothing(answers, secrets_)
@@ -362,3 +375,102 @@ def test_junk_and_slow_connections_are_refused_and_replication_goes_on(
         == 2
     assert "64 unauthenticated connections already (at most 64)" in dropped
     assert "the peer did not authenticate within 3 s of connecting" in dropped
+
+
+# -- 3: what a sender tells a listener that has not proved the secret ------------------------
+
+IMPOSTOR_ANSWERS = ("a forged proof", "no proof", "a Hello without a proof")
+
+
+class FakeListener(threading.Thread):
+    """A plain socket server on the sender's peer address that does not know the secret:
+    it answers the first message with a Challenge, the sender's next with one of
+    ``IMPOSTOR_ANSWERS`` (one per connection, in turn), and records every byte and every
+    message the sender sends it."""
+
+    def __init__(self, vuuid: str, gens: list[list[int]]) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.vuuid, self.gens = vuuid, gens
+        self.raw: list[bytes] = []
+        self.told: list[list[Message]] = []  # per connection
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        self.sock.settimeout(30)
+        with self.sock:
+            for answer in IMPOSTOR_ANSWERS:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    break
+                with conn:
+                    self.told.append(self._serve(conn, answer))
+        self.done.set()
+
+    def _serve(self, conn: socket.socket, answer: str) -> list[Message]:
+        d, msgs = FrameDecoder(), []
+        conn.settimeout(5)
+        replies = [msgpack.packb([13, PROTO_VERSION, secrets.token_bytes(32)],
+                                 use_bin_type=True)]
+        if answer == "a forged proof":
+            replies.append(msgpack.packb([14, secrets.token_bytes(32)], use_bin_type=True))
+        elif answer == "no proof":
+            replies.append(msgpack.packb([14, b""], use_bin_type=True))
+        else:
+            replies.append(msgpack.packb(
+                [1, PROTO_VERSION, "r1", "v1", str(uuid.uuid4()), 64 * MiB, "secondary",
+                 [[secrets.randbits(63), 1]], 0, secrets.token_bytes(32)], use_bin_type=True))
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                self.raw.append(chunk)
+                d.feed(chunk)
+                while (body := d.next_frame()) is not NEED_DATA:
+                    msgs.append(decode(body))
+                    if replies:
+                        conn.sendall(raw_frame(replies.pop(0)))
+        return msgs
+
+
+def _ints(v: Any) -> set[int]:
+    if isinstance(v, (tuple, list)):
+        return {x for item in v for x in _ints(item)}
+    if hasattr(v, "__dataclass_fields__") or hasattr(v, "_fields"):
+        names = getattr(v, "_fields", None) or v.__dataclass_fields__
+        return {x for n in names for x in _ints(getattr(v, n))}
+    return {v} if isinstance(v, int) and not isinstance(v, bool) else set()
+
+
+def test_a_sender_tells_a_listener_that_cannot_prove_nothing_of_its_volume(env: Env) -> None:
+    """`python -m peerlink send` with a secret, its peer address taken by a listener
+    without it: over three connections (a forged proof, no proof, a Hello without a
+    proof) it sends its version, names and nonce and its own proof only: not the volume
+    uuid (as text or bytes), nor its size, generation ids or journal seq; it never
+    streams, and says why in its own log."""
+    w = Writer(env.served, seed=35, pause=0.002, max_ops=50)
+    w.start()
+    w.join(60)
+    vuuid = json.loads((env.primary / "volumes/v1/volume.json").read_text())["uuid"]
+    gens = _history(env)
+    last = env.last_seq()
+    assert last > 0
+    fake = FakeListener(vuuid, gens)
+    fake.start()
+    tx = env.sender(fake.port, "--secret-file", str(secret_file(env)), peer="r1")
+    assert fake.done.wait(60), f"the sender connected {len(fake.told)} times only"
+    assert tx.stop() == 0
+    raw = b"".join(fake.raw)
+    assert raw, "the sender sent nothing"
+    assert vuuid.encode() not in raw and uuid.UUID(vuuid).bytes not in raw
+    facts = {64 * MiB, last, *(g for g, _ in gens)}
+    for answer, msgs in zip(IMPOSTOR_ANSWERS, fake.told, strict=True):
+        names = [type(m).__name__ for m in msgs]
+        assert "Hello" not in names and "Batch" not in names, (answer, msgs)
+        assert names[1:2] == ["Proof"], (answer, msgs)  # it did prove itself
+        for m in msgs:
+            assert vuuid not in repr(m), (answer, m)
+            assert not facts & _ints(m), (answer, m)
+    failed = [e.get("reason", "") for e in tx.events()
+              if e.get("event") in ("auth_failed", "protocol_error", "peer_refused_by_us")]
+    assert failed, tx.log.read_text()[-4000:]

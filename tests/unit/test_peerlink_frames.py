@@ -52,6 +52,7 @@ from peerlink.messages import (
     Generation,
     Hello,
     HelloOk,
+    Intro,
     Message,
     Ping,
     Pong,
@@ -333,6 +334,7 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
               st.sets(U64, max_size=10).map(lambda s: tuple(sorted(s)))),
     extent_data(),
     st.builds(ResyncDone, NAMES, U64),
+    st.builds(Intro, U32, NAMES, NAMES, st.binary(min_size=32, max_size=32)),
 )
 
 
@@ -612,7 +614,8 @@ def test_the_largest_honest_handshake_messages_fit_before_authentication() -> No
     assert decode(hello.encode()) == hello
     sizes = {type(m).__name__: len(m.encode()) for m in (
         hello, HelloOk(name, top, bytes(32)), Challenge(PROTO_VERSION, bytes(32)),
-        Proof(bytes(32)), Refuse("\U0001f600" * MAX_REASON))}
+        Proof(bytes(32)), Refuse("\U0001f600" * MAX_REASON),
+        Intro(PROTO_VERSION, name, name, bytes(32)))}
     assert max(sizes.values()) <= PREAUTH_MAX_BODY, sizes
     assert sizes["Hello"] > PREAUTH_MAX_BODY * 3 // 4  # the bound is not loose either
 
@@ -637,3 +640,14 @@ def test_every_list_is_bounded() -> None:
     # Past what any field allows, msgpack refuses before building the list at all.
     assert decode_refusal(msgpack.packb([8, "v1", 16, [0] * (MAX_RESYNC_EXTENTS + 9)])) \
         .startswith("message body is not valid msgpack")
+
+
+def test_an_intro_names_its_bad_field_and_takes_later_fields() -> None:
+    """The sender's first message: a short nonce is refused by name; a field appended by
+    a later version is ignored (its layout only grows, like Hello's)."""
+    body = msgpack.packb([15, PROTO_VERSION, "dc1", "v1", bytes(31)], use_bin_type=True)
+    with pytest.raises(PeerProtocolError, match=r"^Intro.auth_nonce: "):
+        decode(body)
+    later = msgpack.packb([15, PROTO_VERSION + 1, "dc1", "v1", bytes(32), "more"],
+                          use_bin_type=True)
+    assert decode(later) == Intro(PROTO_VERSION + 1, "dc1", "v1", bytes(32))

@@ -26,6 +26,7 @@ from peerlink.messages import (
     ExtentData,
     Hello,
     HelloOk,
+    Intro,
     Message,
     Ping,
     Proof,
@@ -127,14 +128,32 @@ def refused(side: str, outs: list[Output]) -> None:
 
 
 def to_proof(s: SenderSession, r: Receiver) -> list[Output]:
-    """Hello, Challenge, Proof: what the receiver does with the proof."""
-    hello = sends(s.start())
-    assert len(hello) == 1
-    outs = r.receive(hello[0])
+    """Intro, Challenge, Proof: what the receiver does with the proof."""
+    intro = sends(s.start())
+    assert [type(m) for m in intro] == [Intro]
+    outs = r.receive(intro[0])
     refused("receiver", outs)
     challenge = sends(outs)
     assert [type(m) for m in challenge] == [Challenge]
     return r.receive(sends(s.receive(challenge[0]))[0])
+
+
+def receiver_proved(s: SenderSession, nonce: bytes, secret: bytes | None = SECRET
+                    ) -> list[Output]:
+    """Drive ``s`` through Intro, Challenge (``nonce``) and a good receiver Proof:
+    what it does then (its Hello)."""
+    s.start()
+    s.receive(Challenge(PROTO_VERSION, nonce))
+    t = Transcript(PROTO_VERSION, s.node, s.peer, s.mine.auth_nonce, nonce)
+    return s.receive(Proof(proof(secret, Prover.RECEIVER, t) if secret else b""))
+
+
+def both_proved(s: SenderSession, r: Receiver) -> None:
+    """Intro, Challenge, Proof both ways, the sender's Hello: the receiver in FACTS."""
+    outs = to_proof(s, r)
+    assert one(outs, Authenticated)
+    assert r.receive(sends(s.receive(one(sends(outs), Proof)))[0]) == []
+    assert r.phase is Phase.FACTS
 
 
 def handshake(s: SenderSession, r: Receiver, *, resync: bool = False,
@@ -143,7 +162,13 @@ def handshake(s: SenderSession, r: Receiver, *, resync: bool = False,
     """Run the handshake the way the shells do; raise Refused where a side refuses."""
     outs = to_proof(s, r)
     refused("receiver", outs)
-    assert outs == [Authenticated()] and r.facts is None  # nothing read before the proof
+    assert one(outs, Authenticated) and r.facts is None  # nothing read before the proof
+    outs = s.receive(one(sends(outs), Proof))  # the receiver's proof, checked
+    refused("sender", outs)
+    assert isinstance(outs[0], Authenticated)
+    told = sends(outs)
+    assert [type(m) for m in told] == [Hello]  # the sender's facts, only now
+    assert r.receive(told[0]) == [] and r.facts is None
     outs = r.offer(r.given)
     refused("receiver", outs)
     outs = s.receive(sends(outs)[0])
@@ -160,8 +185,9 @@ def handshake(s: SenderSession, r: Receiver, *, resync: bool = False,
     if any(isinstance(o, Refusal) for o in outs):
         raise Refused("receiver", one(outs, Refusal))
     admitted = one(outs, Admitted)
-    outs = s.receive(sends(outs)[0])
-    assert isinstance(outs[0], Authenticated)
+    ok = sends(outs)[0]
+    assert isinstance(ok, HelloOk) and ok.auth_proof == b""  # the proofs went in Proof
+    outs = s.receive(ok)
     return one(outs, Established), admitted, plan
 
 
@@ -213,9 +239,8 @@ def test_a_stale_sender_is_refused_by_both_ends() -> None:
     assert "older than this replica's" in ei.value.out.reason
     # The sender's own check, for a receiver that would not refuse (any version).
     s = sender((G0,), 900)
-    s.start()
     nonce = make_nonce()
-    s.receive(Challenge(PROTO_VERSION, nonce))
+    receiver_proved(s, nonce)
     theirs = Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
                    wire_generations(History(UUID, (G0, G1))), 100, nonce)
     out = one(s.receive(theirs), Refusal)
@@ -319,15 +344,12 @@ def test_a_wrong_receiver_secret_fails_at_the_sender_before_any_data() -> None:
     s, r = sender(), receiver(secret=b"an impostor's secret key")
     # The impostor cannot check the sender's proof: it refuses.
     assert isinstance(one(to_proof(s, r), Refusal), Refusal)
-    # One that skips the check and answers with its own proof fails at the sender,
-    # which never streams.
+    # One that skips the check and answers with a proof of its own fails at the sender,
+    # which never tells its facts nor streams.
     s, r = sender(), receiver(secret=None)
     s.start()
     s.receive(Challenge(PROTO_VERSION, r.nonce))
-    s.receive(Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
-                    wire_generations(History(UUID, (G0,))), 640, r.nonce))
-    s.planned(False, 900)
-    forged = HelloOk("dc2", 641, b"\x00" * 32)
+    forged = Proof(b"\x00" * 32)
     with pytest.raises(PeerAuthError, match=r"^peer authentication failed: the receiver "):
         s.receive(forged)
     assert s.phase is Phase.CLOSED
@@ -412,12 +434,11 @@ def test_both_provers_use_the_current_secret_not_the_next() -> None:
     t = Transcript(PROTO_VERSION, "dc1", "dc2", s.mine.auth_nonce, r.nonce)
     assert isinstance(sender_proof, Proof)
     assert sender_proof.auth_proof == proof(SECRET, Prover.SENDER, t)
-    assert r.receive(sender_proof) == [Authenticated()]
-    s.receive(sends(r.offer(r.given))[0])
-    r.receive(sends(s.planned(False, 900))[0])
-    ok = sends(r.admitted(640, False, False))[0]
-    assert isinstance(ok, HelloOk) and ok.auth_proof == proof(NEW, Prover.RECEIVER, t)
-    assert isinstance(s.receive(ok)[0], Authenticated)
+    outs = r.receive(sender_proof)
+    assert outs[0] == Authenticated()
+    receiver_proof = one(sends(outs), Proof)
+    assert receiver_proof.auth_proof == proof(NEW, Prover.RECEIVER, t)
+    assert isinstance(s.receive(receiver_proof)[0], Authenticated)
 
 
 def test_a_next_secret_without_a_current_one_is_misuse() -> None:
@@ -431,7 +452,7 @@ def test_nothing_is_admitted_before_the_sender_proved_itself() -> None:
     """Data, or a HelloOk out of turn, before the proof."""
     s, r = sender(), receiver()
     batch = Batch("v1", 641, 641, (Record(Op.WRITE, 0, 0, 4096, b"x" * 4096),))
-    with pytest.raises(PeerProtocolError, match=r"^expected Hello to open the connection"):
+    with pytest.raises(PeerProtocolError, match=r"^expected Intro to open the connection"):
         r.admit(batch, SIZE)
     r = receiver()
     r.receive(sends(s.start())[0])
@@ -446,6 +467,10 @@ def test_nothing_is_admitted_before_the_sender_proved_itself() -> None:
     r.receive(sends(sender().start())[0])
     with pytest.raises(PeerProtocolError, match=r"^offer in phase proof$"):
         r.offer(r.given)  # the shell reads nothing for a peer that did not prove itself
+    s, r = sender(), receiver()
+    r.receive(sends(s.start())[0])
+    with pytest.raises(PeerProtocolError, match=r"^expected Proof after Challenge, got Hello"):
+        r.receive(s.mine)  # its facts before its proof
 
 
 def test_before_the_proof_a_receiver_tells_its_version_and_nonce_only() -> None:
@@ -454,7 +479,7 @@ def test_before_the_proof_a_receiver_tells_its_version_and_nonce_only() -> None:
     s, r = sender(), receiver()
     outs = r.receive(sends(s.start())[0])
     assert sends(outs) == [Challenge(PROTO_VERSION, r.nonce)]
-    stranger = Hello(1, "x", "v1", UUID, SIZE, "primary", (), 1, make_nonce())
+    stranger = Intro(1, "x", "v1", make_nonce())
     outs = receiver().receive(stranger)
     out = one(outs, Refusal)
     assert out.told == "protocol-version: this node speaks peerlink protocol version 2"
@@ -464,6 +489,12 @@ def test_before_the_proof_a_receiver_tells_its_version_and_nonce_only() -> None:
     r.receive(replace(stranger, proto_version=PROTO_VERSION))
     out = one(r.receive(Proof(bytes(32))), Refusal)
     assert "dc2" not in out.told and "v1" not in out.told and UUID not in out.told
+    # An older sender opens with its Hello: the version code, nothing else.
+    for version in (1, PROTO_VERSION):
+        old = Hello(version, "x", "v1", UUID, SIZE, "primary", (), 1, make_nonce())
+        out = one(receiver().receive(old), Refusal)
+        assert out.told == PREAUTH_REFUSALS["protocol-version"]
+        assert "opened with a Hello" in out.reason
 
 
 def test_a_node_without_the_volume_declines_only_after_the_proof() -> None:
@@ -471,7 +502,7 @@ def test_a_node_without_the_volume_declines_only_after_the_proof() -> None:
     the reason for an authenticated sender, a code for anyone else."""
     s = sender()
     r = ReceiverSession("dc2", "v9", secret=SECRET, nonce=make_nonce())
-    assert one(to_proof(s, r), Authenticated)  # type: ignore[arg-type]
+    both_proved(s, r)  # type: ignore[arg-type]
     out = one(r.decline("node 'dc2' holds no replica of volume v9"), Refusal)
     assert out.told == out.reason and r.phase is Phase.CLOSED
     r = ReceiverSession("dc2", "v9", secret=SECRET, nonce=make_nonce())
@@ -479,13 +510,13 @@ def test_a_node_without_the_volume_declines_only_after_the_proof() -> None:
     assert out.told == PREAUTH_REFUSALS["auth-failed"]
 
 
-def test_the_sender_streams_nothing_before_the_receivers_proof() -> None:
+def test_the_sender_streams_nothing_before_the_receivers_hello_ok() -> None:
     def planned() -> SenderSession:
         s, r = sender(), receiver()
-        assert one(to_proof(s, r), Authenticated)
+        both_proved(s, r)
         s.receive(sends(r.offer(r.given))[0])
         s.planned(False, 900)
-        assert s.phase is Phase.PROOF
+        assert s.phase is Phase.RESUME
         return s
 
     s = planned()
@@ -498,12 +529,36 @@ def test_the_sender_streams_nothing_before_the_receivers_proof() -> None:
 
 def test_the_receivers_hello_must_carry_the_challenges_nonce() -> None:
     s = sender()
-    s.start()
-    s.receive(Challenge(PROTO_VERSION, make_nonce()))
+    receiver_proved(s, make_nonce())
     theirs = Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
                    wire_generations(History(UUID, (G0,))), 640, make_nonce())
     with pytest.raises(PeerProtocolError, match="not the nonce of the Challenge"):
         s.receive(theirs)
+
+
+def test_the_senders_hello_must_match_its_intro() -> None:
+    """After both proofs the sender's Hello must say what its Intro said (version, node,
+    volume, nonce)."""
+    for change in ({"node": "dc9"}, {"volume": "v9"}, {"auth_nonce": make_nonce()}):
+        s, r = sender(), receiver()
+        outs = to_proof(s, r)
+        hello = sends(s.receive(one(sends(outs), Proof)))[0]
+        with pytest.raises(PeerProtocolError, match=r"differ from the Intro's"):
+            r.receive(replace(hello, **change))
+        assert r.phase is Phase.CLOSED
+
+
+def test_a_sender_without_a_secret_refuses_a_receivers_proof_by_code() -> None:
+    """Nothing can be proved without a secret (the facts go out after an empty Proof, as
+    before); a proof where none is configured is refused with a code, the reason logged."""
+    s = sender(secret=None)
+    out = one(receiver_proved(s, make_nonce(), SECRET), Refusal)
+    assert out.told == "auth-failed: peer authentication failed (the reason is logged on " \
+        "the sending node)"
+    assert "node 'dc1' has no shared secret configured" in out.reason
+    assert s.phase is Phase.CLOSED
+    outs = receiver_proved(sender(secret=None), make_nonce(), None)
+    assert isinstance(outs[0], Authenticated) and isinstance(one(sends(outs), Hello), Hello)
 
 
 def test_changed_extents_are_coarsened_to_fit_a_hello() -> None:
@@ -589,7 +644,8 @@ def test_every_phase_refuses_what_its_table_does_not_name() -> None:
         HelloOk("dc1", 641, b""), batch(641, 641), ResyncExtents("v1", 16, (0,)),
         ExtentData("v1", 0, 512, b"x" * 512), ResyncDone("v1", 900),
         Verify("v1", 1, 900, 16, (0,), (b"\0" * 32,)), Ack("v1", 1), Ping(1),
-        Refuse("no"), Challenge(PROTO_VERSION, bytes(32)), Proof(b"")]
+        Refuse("no"), Challenge(PROTO_VERSION, bytes(32)), Proof(b""),
+        Intro(PROTO_VERSION, "dc1", "v1", bytes(32))]
     for phase in (Phase.OPEN, Phase.ANNOUNCE, Phase.EXTENTS, Phase.STREAM):
         for msg in samples:
             if type(msg) in RECEIVER_TABLE[phase]:
@@ -599,7 +655,7 @@ def test_every_phase_refuses_what_its_table_does_not_name() -> None:
             with pytest.raises((PeerProtocolError, PeerRefused)):
                 r.admit(msg, SIZE)
             assert r.phase is Phase.CLOSED
-    for phase in (Phase.CHALLENGE, Phase.FACTS, Phase.PROOF, Phase.STREAM):
+    for phase in (Phase.CHALLENGE, Phase.PROOF, Phase.FACTS, Phase.RESUME, Phase.STREAM):
         for msg in samples:
             if type(msg) in SENDER_TABLE[phase]:
                 continue
@@ -657,3 +713,75 @@ def test_verify_results_must_answer_a_request() -> None:
     assert s.receive(wire(result)) == []
     with pytest.raises(PeerProtocolError, match="token 7 for volume 'v1' matches no request"):
         s.on_verify_result(result)  # answered once only
+
+
+# -- what a sender tells a receiver that has not proved the secret (issue 20) -----------
+
+
+def leaves(v: Any) -> list[Any]:
+    """Every value a message carries, nested tuples and dataclasses opened."""
+    if isinstance(v, (tuple, list)):
+        return [x for item in v for x in leaves(item)]
+    if hasattr(v, "__dataclass_fields__") or hasattr(v, "_fields"):
+        names = getattr(v, "_fields", None) or v.__dataclass_fields__
+        return [x for n in names for x in leaves(getattr(v, n))]
+    return [v]
+
+
+def assert_no_facts(told: list[Message], s: SenderSession) -> None:
+    """None of the sender's facts (volume uuid, size, generations, journal last seq) in
+    anything it sent: not a Hello, not a field value, not the uuid's bytes anywhere."""
+    facts = {s.mine.volume_size, s.mine.last_applied_seq,
+             *(g.gen_id for g in s.mine.generations)}
+    for msg in told:
+        assert not isinstance(msg, Hello), f"the sender told its facts: {msg}"
+        assert s.mine.volume_uuid.encode() not in msg.encode(), msg
+        assert not facts & {x for x in leaves(msg) if isinstance(x, int)
+                            and not isinstance(x, bool)}, msg
+
+
+def impostor_answers(r_nonce: bytes) -> dict[str, list[Message]]:
+    """What a listener that cannot prove the secret may answer a sender's Proof with."""
+    theirs = Hello(PROTO_VERSION, "dc2", "v1", UUID, SIZE, "secondary",
+                   wire_generations(History(UUID, (G0,))), 640, r_nonce)
+    return {"a forged proof": [Proof(b"\x00" * 32)], "no proof": [Proof(b"")],
+            "its Hello, skipping the proof": [theirs],
+            "a forged HelloOk": [theirs, HelloOk("dc2", 641, b"\x00" * 32)]}
+
+
+@pytest.mark.parametrize("answer", ["a forged proof", "no proof",
+                                    "its Hello, skipping the proof", "a forged HelloOk"])
+def test_a_sender_tells_no_facts_to_a_receiver_that_cannot_prove(answer: str) -> None:
+    """A listener at the peer address without the secret: whatever it answers, every
+    message the sender sends (inspected Send by Send) holds none of its facts, and the
+    session ends without streaming."""
+    s = sender(last=987_654_321, history=(G0, G1))
+    told: list[Message] = []
+
+    def feed(outs: list[Output]) -> None:
+        told.extend(sends(outs))
+
+    feed(s.start())
+    r_nonce = make_nonce()
+    try:
+        feed(s.receive(Challenge(PROTO_VERSION, r_nonce)))
+        for msg in impostor_answers(r_nonce)[answer]:
+            outs = s.receive(msg)
+            feed(outs)
+            if any(isinstance(o, PlanResync) for o in outs):
+                feed(s.planned(False, s.mine.last_applied_seq))
+    except (PeerAuthError, PeerProtocolError):
+        pass
+    assert_no_facts(told, s)
+    assert s.phase is not Phase.STREAM
+
+
+def test_a_sender_tells_no_facts_to_a_receiver_with_the_wrong_secret() -> None:
+    """A real receiver session under another secret: it refuses the sender's proof; the
+    sender told it nothing but its version, name, the volume's name and a nonce."""
+    s, r = sender(last=987_654_321, history=(G0, G1)), receiver(secret=STRANGER)
+    told = sends(s.start())
+    outs = r.receive(told[0])
+    told += sends(s.receive(sends(outs)[0]))
+    assert isinstance(one(r.receive(told[-1]), Refusal), Refusal)
+    assert_no_facts(told, s)
