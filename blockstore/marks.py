@@ -13,6 +13,7 @@ SNAP_EVENT = "snapshot"  # snapshots (see snapshot.py)
 SNAP_DELETE_EVENT = "snapshot-delete"
 GROW_EVENT = "grow"  # the volume grows to {"size"} from this record on
 SNAP_ROLLBACK_EVENT = "snapshot-rollback"
+TIME_EVENT = "time"  # CDP: the time index ({"t": unix ns, "flush": a consistency point})
 
 # A batch from upstream as a replica applies it: (first_seq, last_seq, records as (op,
 # flags, offset, length, data), metadata for its commit MARK).

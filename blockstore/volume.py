@@ -50,6 +50,7 @@ import structlog
 from nbdgw_common.logs import mark_logged
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
+from .cdp import BASES_DIR, CDP_DIR, Cdp, read_policy
 from .diverged import read_diverged
 from .errors import (
     BlockstoreError,
@@ -518,7 +519,7 @@ class Checkpointer:
         if journal is None:
             return False
         retained = journal.retained_bytes()
-        cap = self.vol.journal_max_bytes
+        cap = self.vol.journal_cap
         return retained > cap or retained > self.retained_after + cap * self.URGENT_FRACTION
 
     def _next_job(self, last: float) -> tuple[bool, int | None] | None:
@@ -596,6 +597,7 @@ class Volume:
         self.al: ActivityLog | None = None
         self.checkpointer: Checkpointer | None = None
         self.snaps: SnapshotStore | None = None  # opened when the volume has snapshots
+        self.cdp: Cdp | None = None  # history kept for CDP (cdp.py), when a policy says so
         self.request_lock = threading.Lock()  # see the class docstring
         self.state_lock = threading.Lock()
         self.release_lock = threading.Lock()  # one journal release at a time
@@ -643,6 +645,10 @@ class Volume:
         scan = self.journal.open(cut_torn=not state["clean"] and not self.readonly)
         if (p / "snapshots").is_dir():
             self.snaps = SnapshotStore(p / "snapshots", self.size, readonly=self.readonly)
+        policy = read_policy(p)
+        if policy is not None and not (self.readonly and not (p / CDP_DIR / BASES_DIR).is_dir()):
+            self.cdp = Cdp(p, uuid.UUID(self.info.uuid).bytes, self.size, policy,
+                           readonly=self.readonly)
         if self.readonly:
             # Read-only opens (checksums, exports of a stopped volume) change nothing.
             self.recovery = RecoveryReport(not state["clean"], 0, 0, 0, scan.last_seq)
@@ -796,6 +802,8 @@ class Volume:
                                  REC_HEADER_SIZE if flags & Flag.MAY_TRIM else
                                  length + REC_HEADER_SIZE)
             self._activate(offset, length)
+            if self.cdp is not None:
+                self.cdp.before_write(self)  # a TIME mark at most once a second
             self._cow(offset, length)
             try:
                 seq = self.journal.append(op, flags, offset, length, payload,
@@ -812,6 +820,8 @@ class Volume:
             mark_logged(e)
             raise
         if flags & _FUA:  # a plain int: IntFlag's & costs microseconds per request
+            if self.cdp is not None:
+                self.cdp.flush_mark(self)  # durable with the record, by the same sync
             self.journal.sync()
         return seq
 
@@ -860,6 +870,11 @@ class Volume:
             applied = last_seq
         assert self.journal is not None and self.store is not None
         self._check_batch_ranges(batches)
+        cdp = self.cdp
+        if (cdp is not None and not self.inconsistent and not self.unapplied_commit
+                and self.applied_seq == self.journal.last_seq
+                and time.monotonic() >= cdp.next_check):
+            cdp.housekeep(self)  # between batches: the store holds every record
         before = self.journal.last_seq
         commits: list[tuple[int, int]] = []  # (journal seq before the batch, its commit)
         try:
@@ -920,6 +935,8 @@ class Volume:
         stream.  Inconsistent, durably, and checkpointed, so that no redo of older
         batches ever lands on top of extent data."""
         self.inconsistent = True
+        if self.cdp is not None:
+            self.cdp.reset(self, "resync")
         self.checkpoint()
 
     def write_extent(self, offset: int, length: int, data: bytes) -> None:
@@ -964,6 +981,11 @@ class Volume:
         """Make every completed write durable (the journal is the durable copy); no
         fdatasync when ``sync_ahead`` already made all of it durable."""
         j = self.journal
+        cdp = self.cdp
+        if cdp is not None and cdp.dirty and not self.readonly:
+            # A consistency point, made durable by the fdatasync below (CDP).
+            with self.request_lock:
+                cdp.flush_mark(self)
         if j is not None and not self.readonly and (
                 j.synced_seq < j.last_seq or j.sync_error is not None):
             j.sync()
@@ -1026,6 +1048,8 @@ class Volume:
             self.store.size = size
         if self.snaps is not None:
             self.snaps.size = size
+        if self.cdp is not None:
+            self.cdp.bases.size = size
 
     def _finish_grow(self) -> None:
         """A store larger than volume.json is a grow cut short after its store step."""
@@ -1063,15 +1087,16 @@ class Volume:
         newest snapshot (during redo: the newest taken before ``seq``) does not own yet,
         durably.  One dict lookup per extent when there is nothing to do."""
         snaps = self.snaps
-        if snaps is None:
-            return
-        target = snaps.index.newest if seq is None else snaps.index.target_before(seq)
-        if target is None:
-            return
-        todo = snaps.unpreserved(target, offset, length)
-        if todo:
+        if snaps is not None:
+            target = snaps.index.newest if seq is None else snaps.index.target_before(seq)
+            if target is not None:
+                todo = snaps.unpreserved(target, offset, length)
+                if todo:
+                    assert self.store is not None
+                    snaps.preserve(target, todo, self.store)
+        if self.cdp is not None:
             assert self.store is not None
-            snaps.preserve(target, todo, self.store)
+            self.cdp.cow(self.store, offset, length, seq)
 
     def _redo(self, hdr: RecordHeader, payload: bytes) -> None:
         """Replay one journal record after a crash.  Snapshot MARKs are taken again if
@@ -1297,7 +1322,7 @@ class Volume:
         if self.checkpointer is None:
             self.checkpoint()
         elif self.journal.retained_bytes() > (
-                self.journal_max_bytes + 2 * self.journal.segment_bytes):
+                self.journal_cap + 2 * self.journal.segment_bytes):
             # The store durable and the redo point moved is all a release needs: no
             # journal fdatasync here (FLUSH does it; released segments need none).
             self.checkpoint_through(self._applied())
@@ -1328,6 +1353,11 @@ class Volume:
         self._write_state(clean=False)
         self.release_journal()
 
+    @property
+    def journal_cap(self) -> int:
+        """The journal's bound: journal.max_bytes, plus what a CDP window may hold."""
+        return self.journal_max_bytes + (self.cdp.policy.max_bytes if self.cdp else 0)
+
     def release_journal(self) -> int:
         """Release the journal segments the peers no longer need; return bytes freed.
 
@@ -1342,13 +1372,17 @@ class Volume:
         assert journal is not None
         with self.release_lock:
             peers = known_peers(self.info)
+            # CDP (DESIGN.md "CDP"): every record after the oldest base stays.
+            floor = self.cdp.floor if self.cdp is not None else None
+            keep_after = self.checkpoint_seq if floor is None else min(
+                self.checkpoint_seq, floor)
             freed = 0
             if peers:
-                freed += journal.release_through(min(self.checkpoint_seq, *peers.values()))
+                freed += journal.release_through(min(keep_after, *peers.values()))
             excess = journal.retained_bytes() - self.journal_max_bytes
             doomed: list[tuple[Path, int, int]] = []  # (path, first seq, last seq)
             for seg, last in journal.sealed():
-                if excess <= 0 or last > self.checkpoint_seq:
+                if excess <= 0 or last > keep_after:
                     break
                 doomed.append((seg.path, seg.first_seq, last))
                 excess -= seg.path.stat().st_size
@@ -1391,7 +1425,7 @@ class Volume:
         return self.journal.last_seq
 
     def _close_files(self) -> None:
-        for part in (self.al, self.journal, self.store, self.snaps):
+        for part in (self.al, self.journal, self.store, self.snaps, self.cdp):
             if part is not None:
                 part.close()
 
