@@ -350,6 +350,21 @@ def summary(vol_path: Path, replica: bool) -> dict[str, Any] | None:
     }
 
 
+def status(vol_path: Path) -> dict[str, Any] | None:
+    """The window for `nbdgw status` (None: no policy), cheap: no journal scan.  The
+    oldest point is the oldest base (the oldest state that can be rebuilt)."""
+    policy = read_policy(vol_path)
+    if policy is None:
+        return None
+    bases = bases_of(vol_path)
+    jbytes, bbytes = held_bytes(vol_path, bases[0].mark_seq if bases else None)
+    return {"window_seconds": policy.window, "max_bytes": policy.max_bytes,
+            "bytes_held": jbytes + bbytes, "bases": len(bases),
+            "oldest_point": ({"seq": bases[0].mark_seq, "time": bases[0].created}
+                             if bases else None),
+            "exports": read_exports(vol_path)}
+
+
 def read_exports(vol_path: Path) -> list[str]:
     path = vol_path / CDP_DIR / EXPORTS_FILE
     if not path.exists():

@@ -585,6 +585,80 @@ def snapshot_list(obj: Ctx, volume: str, data_dir: Path | None, as_json: bool) -
                    f"{r['seq']:>10}  {r['group'] or '-'}")
 
 
+@cli.group(cls=Group)
+def cdp() -> None:
+    """Continuous data protection: the history window, any instant as a read-only export."""
+
+
+@cdp.command("list")
+@click.argument("volume")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def cdp_list(obj: Ctx, volume: str, data_dir: Path | None, as_json: bool) -> None:
+    """VOLUME's history here: the window, its oldest point, the bytes held, and the
+    consistency points (completed FLUSHes) with their times."""
+    from . import cdp as cdp_ops
+
+    w = cdp_ops.window(obj.data_dir(data_dir), volume)
+    if as_json:
+        click.echo(json.dumps(w, indent=2))
+        return
+    oldest = w["oldest_point"]
+    click.echo(f"volume {volume}: window {w['window_seconds']:g} s, "
+               f"{_human(w['bytes_held'])} held of {_human(w['max_bytes'])} "
+               f"({len(w['bases'])} bases), oldest point "
+               + (f"seq {oldest['seq']} at {oldest['time']}" if oldest else "none"))
+    flushes = [p for p in w["points"] if p["flush"]]
+    click.echo(f"{'TIME (UTC)':<26} {'SEQ':>12}  consistency points ({len(flushes)})")
+    for p in flushes:
+        click.echo(f"{p['time']:<26} {p['seq']:>12}")
+    for e in w["exports"]:
+        click.echo(f"exported: {e}")
+
+
+@cdp.command("export")
+@click.argument("volume")
+@click.option("--at", "at", default=None,
+              help="An instant (ISO 8601, UTC: 2026-12-02T10:15:03Z): the last FLUSH at "
+                   "or before it.")
+@click.option("--seq", type=int, default=None, help="A point's journal seq.")
+@click.option("--before-last-flush", is_flag=True,
+              help="The consistency point before the newest one.")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@audit.audited("cdp export")
+def cdp_export(obj: Ctx, volume: str, at: str | None, seq: int | None,
+               before_last_flush: bool, data_dir: Path | None, as_json: bool) -> None:
+    """Export VOLUME as of a point, read-only: prints the NBD export name."""
+    from . import cdp as cdp_ops
+
+    r = cdp_ops.export(obj.data_dir(data_dir), volume, at, seq, before_last_flush)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(r["export"])
+    click.echo(f"nbdgw: {r['export']} is volume {volume} at journal seq {r['seq']} "
+               f"({'FLUSH' if r['flush'] else 'point'} at {r['time']}), read-only",
+               err=True)
+
+
+@cdp.command("unexport")
+@click.argument("volume")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("cdp unexport")
+def cdp_unexport(obj: Ctx, volume: str, name: str, data_dir: Path | None) -> None:
+    """Stop offering point export NAME (VOLUME@POINT) to new clients."""
+    from . import cdp as cdp_ops
+
+    if not cdp_ops.unexport(obj.data_dir(data_dir), volume, name):
+        _fail(f"{name} is not exported")
+    click.echo(f"unexported {name}")
+
+
 @snapshot.command("delete")
 @click.argument("volume")
 @click.argument("name")

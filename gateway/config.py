@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from blockstore.cdp import parse_duration
 from blockstore.errors import InvalidArgument
 from blockstore.volume import parse_size, validate_name
 from iscsi_bridge.errors import InvalidName
@@ -148,11 +149,29 @@ ACTIVITY_LOG = Keys(
             "after a crash)", minimum=1, maximum=65536),
 )
 
+CDP = Keys(
+    Setting("window", Kind.TEXT, 0, "history kept: a duration (30m, 24h, 7d; 0: none); "
+            "any instant inside it can be exported read-only (nbdgw cdp)"),
+    Setting("max_bytes", Kind.SIZE, 200 << 30, "history kept at most (journal bytes and "
+            "bases); past it the oldest goes first, with a warning event"),
+)
+
+
+@dataclass(frozen=True)
+class CdpConfig:
+    """A continuous-data-protection window (blockstore/cdp.py); 0 seconds: off."""
+
+    window: float = 0.0
+    max_bytes: int = default_of(CDP, "max_bytes")
+
+
 VOLUME = Keys(
     Setting("name", Kind.STRING, required=True,
             help="1-63 of letters, digits, '.', '_', '-'; starts with a letter or digit"),
     Setting("size", Kind.SIZE, required=True, help="a multiple of 4096"),
     Setting("read_only", Kind.BOOLEAN, False, "served read-only"),
+    Setting("cdp", Kind.SECTION, keys=CDP, help="this volume's own history window, "
+            "instead of the top-level cdp"),
 )
 
 
@@ -161,6 +180,7 @@ class VolumeConfig:
     name: str
     size: int
     read_only: bool = default_of(VOLUME, "read_only")
+    cdp: CdpConfig | None = None  # None: the node's (top-level) cdp
 
 
 class Role(enum.Enum):
@@ -418,6 +438,8 @@ TOP = Keys(
     Setting("volumes", Kind.LIST, (), "volumes this node serves; empty: every volume in "
             "data_dir", keys=VOLUME),
     Setting("snapshots", Kind.SECTION, keys=SNAPSHOTS, help="timed snapshots"),
+    Setting("cdp", Kind.SECTION, keys=CDP, help="continuous data protection: the history "
+            "window of every volume this site holds, replicas too (each site its own)"),
     Setting("iscsi", Kind.SECTION, keys=ISCSI, help="the iSCSI bridge (tgtd)"),
     Setting("metrics", Kind.SECTION, keys=METRICS, help="Prometheus metrics"),
     Setting("control", Kind.SECTION, keys=CONTROL, help="the daemon's control socket"),
@@ -441,6 +463,7 @@ class NodeConfig:
     peers: tuple[PeerConfig, ...] = default_of(TOP, "peers")
     failover: FailoverConfig = FailoverConfig()
     snapshots: SnapshotsConfig = SnapshotsConfig()
+    cdp: CdpConfig = CdpConfig()
     iscsi: IscsiConfig = IscsiConfig()
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
@@ -448,6 +471,11 @@ class NodeConfig:
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
+
+    def cdp_of(self, name: str) -> CdpConfig:
+        """The history window of volume ``name`` here: its own, else the node's."""
+        v = self.volume(name)
+        return v.cdp if v is not None and v.cdp is not None else self.cdp
 
     def peer(self, name: str) -> PeerConfig | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -686,8 +714,19 @@ def _volumes(items: list[Any]) -> tuple[VolumeConfig, ...]:
         s.require("size")
         if any(v.name == name for v in out):
             raise ConfigError(f"volume {name} is listed twice in volumes")
-        out.append(VolumeConfig(name, s.value("size"), s.value("read_only")))
+        cdp = _cdp(s.get("cdp"), f"volumes[{i}].cdp") if s.has("cdp") else None
+        out.append(VolumeConfig(name, s.value("size"), s.value("read_only"), cdp))
     return tuple(out)
+
+
+def _cdp(raw: Any, where: str) -> CdpConfig:
+    s = _Section(raw, where, CDP)
+    try:
+        window = parse_duration(s.get("window") if s.has("window") else 0)
+    except InvalidArgument:
+        raise ConfigError(f"expected a duration (30m, 24h, 7d; 0: none) for "
+                          f"{s.key('window')}") from None
+    return CdpConfig(window, s.value("max_bytes"))
 
 
 def parse_host_port(v: Any, where: str) -> tuple[str, int]:
@@ -1021,6 +1060,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         volumes=_volumes(top.listing("volumes")),
         source=source,
         snapshots=_snapshots(top.get("snapshots")),
+        cdp=_cdp(top.get("cdp"), "cdp"),
         iscsi=_iscsi(top.get("iscsi")),
         metrics=_metrics(top.get("metrics")),
         control=_control(top.get("control")),

@@ -25,6 +25,7 @@ from nbd_plugin import PLUGIN_PATH
 from nbdgw_common.errors import GatewayError
 from nbdgw_common.logs import LOGGED_MARK
 
+from .cdp import apply_policies
 from .config import Listen, NodeConfig, PeerMode, TlsMode
 from .replication import gate_path, has_failover_core, sync_timeout
 
@@ -53,6 +54,7 @@ def precheck_volumes(cfg: NodeConfig, names: list[str] | None,
     One that was not is recovered first; if even that fails for lack of space it is
     served as its store stands, with a warning (what the journal holds past the last
     checkpoint is not in it after a power loss)."""
+    apply_policies(cfg)  # CDP windows, read by each volume's next open
     if names is None:
         names = [v.name for v in cfg.volumes] or [
             v.name for v in list_volumes(cfg.data_dir) if not is_replica(v)]

@@ -78,6 +78,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockstore.cdp import status as cdp_status
 from blockstore.errors import BlockstoreError, FormatError
 from blockstore.journal import bytes_after, journal_bounds
 from blockstore.meta import read_json
@@ -265,7 +266,16 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
         "upstream": upstream_report(info, st, now),
         "snapshots": _snapshots(info),
         "diverged": _diverged(info, st["diverged"]), "peers": peers,
+        "cdp": _cdp(info),
     }
+
+
+def _cdp(info: VolumeInfo) -> dict[str, Any] | None:
+    """The volume's CDP window here (blockstore/cdp.py), None without one."""
+    try:
+        return cdp_status(info.path)
+    except (BlockstoreError, OSError):
+        return None
 
 
 def failover_report(data_dir: Path, now: float) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ import errno
 import threading
 import time
 
+from blockstore.cdp import PointView
 from blockstore.snapshot import SnapshotView
 from blockstore.volume import Volume
 
@@ -26,7 +27,7 @@ class Handle:
 
     __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol")
 
-    def __init__(self, vol: Volume | SnapshotView, readonly: bool,
+    def __init__(self, vol: Volume | SnapshotView | PointView, readonly: bool,
                  gate: SyncGate | None = None, lease: Lease | None = None,
                  lock: threading.Lock | None = None) -> None:
         self.vol = vol

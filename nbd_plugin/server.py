@@ -35,6 +35,7 @@ from .control import ControlServer
 from .fusefile import Attachment
 from .handle import Handle
 from .lease import Lease
+from .points import close_point, is_point_export, open_point_export, point_exports
 from .syncgate import SyncGate
 
 log = structlog.get_logger(component="nbd_plugin")
@@ -256,6 +257,7 @@ class Server:
                 snaps = v.snapshot_list()
             out += [(f"{n}@{r['name']}", f"nbdgw snapshot {r['name']} of volume {n}, "
                      "read-only") for r in snaps]
+            out += point_exports(v)
         return out
 
     def default_export(self) -> str:
@@ -265,6 +267,9 @@ class Server:
 
     def open(self, name: str, readonly: bool) -> Handle:
         if "@" in name:
+            vol = self.volumes.get(name.partition("@")[0])
+            if is_point_export(vol, name.partition("@")[2]):  # CDP (nbd_plugin/points.py)
+                return open_point_export(vol, name)
             return self._open_snapshot(name)
         name = name or self.params.default_export  # nbdkit passes the client's own name
         if not name:
@@ -298,6 +303,8 @@ class Server:
         return Handle(view, True, lock=vol.request_lock)
 
     def close_handle(self, h: Handle) -> None:
+        if close_point(h):
+            return
         if not isinstance(h.vol, SnapshotView):
             with self.lock:
                 self.in_use[h.vol.name] = max(0, self.in_use.get(h.vol.name, 1) - 1)

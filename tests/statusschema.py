@@ -29,7 +29,12 @@ VOLUME = {"name": str, "size": int, "role": str, "in_use": bool, "clean": bool,
                                     "since": (type(None), int, float), "receiver": str}),
           "snapshots": {"count": int, "latest": (type(None), {"name": str,
                                                               "time": (int, float)})},
-          "diverged": [DIVERGED], "peers": [PEER]}
+          "diverged": [DIVERGED], "peers": [PEER],
+          "cdp": (type(None), {"window_seconds": (int, float), "max_bytes": int,
+                               "bytes_held": int, "bases": int,
+                               "oldest_point": (type(None), {"seq": int,
+                                                             "time": (int, float)}),
+                               "exports": [str]})}
 HEALTH = {"level": str, "checked": (int, float),
           "filesystem": (type(None), {"path": str, "mount": str, "source": str,
                                       "fstype": str, "size_bytes": int, "free_bytes": int,

@@ -12,6 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 
 import blockstore.cdp as cdp_mod
 from blockstore.cdp import (
@@ -264,22 +266,23 @@ def test_bases_rotate_with_the_window_and_the_journal_is_released(tmp_path: Path
 
 
 def test_max_bytes_drops_the_oldest_history_and_never_fails_a_write(
-        tmp_path: Path, clock: Clock, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, clock: Clock) -> None:
     make(tmp_path, window=10_000.0, max_bytes=3 * MiB)
     vol = Volume.open(tmp_path, "v1", segment_bytes=1 * MiB, journal_max_bytes=1 * MiB)
     model = Model(vol, 9)
-    for _ in range(60):
-        for _ in range(4):
-            model.step()
-        vol.flush()
-        clock.tick(1000)  # a base every round (window/4 = 2500 s: every 3rd round)
-        vol.checkpoint()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(60):
+            for _ in range(4):
+                model.step()
+            vol.flush()
+            clock.tick(1000)  # a base every 3rd round (window/4 = 2500 s)
+            vol.checkpoint()
     info = summary(vol.info.path, False)
     assert info is not None
     # Bounded: the budget plus what one housekeeping period may add.
     assert info["bytes_held"] <= 3 * MiB + 2 * MiB
-    out = capsys.readouterr()
-    assert "cdp_history_dropped" in out.out + out.err
+    dropped = [e for e in logs if e["event"] == "cdp_history_dropped"]
+    assert dropped and all(e["reason"] == "max_bytes" for e in dropped)
     last = info["points"][-1]
     assert read_point(vol, f"seq-{last['seq']}") == bytes(model.img)
     vol.close()

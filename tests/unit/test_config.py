@@ -35,7 +35,7 @@ from nbdgw_common.errors import GatewayError
 from tests.unit.conftest import refused, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = ("activity_log, control, failover, health, iscsi, journal, metrics, nbd, node, "
+TOP = ("activity_log, cdp, control, failover, health, iscsi, journal, metrics, nbd, node, "
        "peerlink, peers, service, snapshots, version, volumes")
 NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TLS_ONE_OF = ("nbd.tls.mode is on or require: set exactly one of nbd.tls.psk_file and "
@@ -213,7 +213,7 @@ def test_empty_document(tmp_path: Path) -> None:
     (minimal(activity_log={"slots": 1}),
      "unknown key 'slots' in activity_log (known: extents)"),
     (minimal(volumes=[{"name": "a", "size": "1G"}, {"name": "b", "size": "1G", "rw": True}]),
-     "unknown key 'rw' in volumes[1] (known: name, read_only, size)"),
+     "unknown key 'rw' in volumes[1] (known: cdp, name, read_only, size)"),
 ])
 def test_unknown_keys(raw: dict[str, Any], msg: str) -> None:
     assert refused(raw) == msg
