@@ -58,9 +58,12 @@ CDP_DIR = "cdp"
 BASES_DIR = "bases"
 POLICY_FILE = "policy.json"
 EXPORTS_FILE = "exports.json"
+RESTORE_FILE = "restore.json"  # a restore in progress (finished by the next open)
+RESTORE_EVENT = "cdp-restore"
 MARK_EVERY_NS = 1_000_000_000  # a TIME mark before a write at most this long after the last
 HOUSEKEEP_EVERY = 1.0  # seconds between checks of the bases and the byte budget
-_CHUNK = 1 << 20  # record headers are read in chunks this large
+_CHUNK = 64 << 10  # record headers are read in chunks this large (a large record's
+# payload is skipped: its next header is read with the next chunk)
 
 _SEQ_RE = re.compile(r"^seq-(\d{1,19})$")
 _AT_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
@@ -248,9 +251,18 @@ def points(vol_path: Path, from_seq: int, replica: bool) -> list[Point]:
     """The TIME marks of the journal from ``from_seq`` on, oldest first.  On a replica
     only those of committed batches (a commit MARK follows them): an uncommitted tail
     may be cut by recovery and its seqs reused."""
+    return points_from(vol_path, from_seq, replica)[0]
+
+
+def points_from(vol_path: Path, from_seq: int, replica: bool) -> tuple[list[Point], int]:
+    """``points`` and the seq the next incremental scan starts after (the last record
+    read on a primary; on a replica the last commit MARK)."""
     out: list[Point] = []
     pending: list[Point] = []
+    resume = from_seq - 1
     for seq, op, _f, _o, _l, _at, raw in scan(vol_path / "journal", from_seq):
+        if not replica:
+            resume = seq
         if op != Op.MARK:
             continue
         body = _body(raw)
@@ -263,7 +275,8 @@ def points(vol_path: Path, from_seq: int, replica: bool) -> list[Point]:
         elif ev == COMMIT_EVENT:
             out += pending
             pending = []
-    return out
+            resume = seq
+    return out, resume
 
 
 def resolve(pts: list[Point], kind: str, value: int, floor: int) -> Point:
@@ -399,6 +412,8 @@ class Cdp:
         self.dirty = False  # writes since the last TIME mark
         self.next_check = 0.0  # monotonic time of the next housekeeping
         self.pins: dict[int, int] = {}  # base id -> open point views reading it
+        self.known: list[Point] = []  # the points found so far (see known_points)
+        self.scanned = 0  # the journal seq known_points scans after next time
 
     def close(self) -> None:
         self.bases.close()
@@ -518,6 +533,18 @@ class Cdp:
         self.pins[base.id] = self.pins.get(base.id, 0) + 1
         return view
 
+    def known_points(self, vol: Volume) -> list[Point]:
+        """The points from the oldest base on, scanning only the records appended since
+        the last call (under the request lock)."""
+        floor = self.floor
+        if floor is None:
+            return []
+        if self.scanned < floor:
+            self.known, self.scanned = [], floor
+        new, self.scanned = points_from(vol.info.path, self.scanned + 1, vol.replica)
+        self.known = [p for p in self.known if p.seq > floor] + new
+        return self.known
+
     def unpin(self, base_id: int) -> None:
         n = self.pins.get(base_id, 0) - 1
         if n > 0:
@@ -634,11 +661,13 @@ class PointView:
         firsts = segment_firsts(jdir)
         opened: dict[int, int] = {}  # segment first seq -> index in self.fds
         lo = self.base.mark_seq + 1
+        found = False
         for seq, op, flags, offset, length, at, raw in scan(jdir, lo, self.point.seq):
             if op == Op.MARK:
                 body = _body(raw)
                 if body.get("event") == GROW_EVENT:
                     self.size = max(self.size, int(body["size"]))
+                found = seq == self.point.seq and body.get("event") == TIME_EVENT
                 continue
             first = firsts[bisect.bisect_right(firsts, seq) - 1]
             if first not in opened:
@@ -649,6 +678,8 @@ class PointView:
             else:  # TRIM and ZERO read as zeros
                 self.overlay.put(offset, offset + length, None)
             del flags
+        if not found and self.point.seq > self.base.mark_seq:
+            raise CdpError(f"no point at seq {self.point.seq} (not a TIME mark)")
 
     def _check(self) -> None:
         if self.closed or self.cdp.bases.index.snaps.get(self.base.id) is not self.base:
@@ -705,6 +736,89 @@ def open_point(vol: Volume, text: str) -> PointView:
     floor = cdp.floor
     if floor is None:
         raise CdpError(f"volume {vol.name} holds no history yet")
-    point = resolve(points(vol.info.path, floor + 1, vol.replica), kind, value, floor)
+    if kind == "seq" and not vol.replica and floor < value <= vol.last_seq:
+        # No index needed: the view's own scan checks that seq N is a TIME mark.
+        point = Point(value, 0, False)
+    else:
+        point = resolve(cdp.known_points(vol), kind, value, floor)
     assert vol.store is not None
     return cdp.view(vol, vol.store, point, f"{vol.name}@{text}")
+
+
+# -- restore ----------------------------------------------------------------------------------
+
+def restore(vol: Volume, text: str, snapshot: str) -> dict[str, Any]:
+    """Make the live volume its image as of point ``text`` (``seq-N`` or an instant),
+    keeping the state before as snapshot ``snapshot`` (journaled: replicas take it and
+    follow the restore's writes).  A restore.json intent, written after the snapshot
+    and before the first write, makes it all-or-nothing across a crash: the next open
+    finishes it (idempotent: extents already equal are skipped).  Under the request
+    lock (or on an idle volume)."""
+    cdp = vol.cdp
+    if cdp is None:
+        raise CdpError(f"volume {vol.name} keeps no history (no cdp window)")
+    if vol.replica:
+        raise CdpError(f"volume {vol.name} is a replica: restore its primary")
+    view = open_point(vol, text)  # resolves (and checks) the point first
+    try:
+        seq = view.point.seq
+        vol.check_snapshot(snapshot)
+        vol.snapshot_create(snapshot)
+        write_json(cdp.path / RESTORE_FILE, {"kind": "cdp-restore", "version": 1,
+                                             "seq": seq, "point": text,
+                                             "snapshot": snapshot, "started": time.time()})
+    finally:
+        view.close()
+    written = finish_restore(vol)
+    return {"seq": seq, "snapshot": snapshot, "bytes_written": written}
+
+
+def pending_restore(vol_path: Path) -> bool:
+    return (vol_path / CDP_DIR / RESTORE_FILE).exists()
+
+
+def finish_restore(vol: Volume) -> int:
+    """Write, through the journal, every extent where the live volume differs from the
+    point restore.json names; then drop the intent.  Return the bytes written."""
+    cdp = vol.cdp
+    assert cdp is not None and vol.store is not None and vol.journal is not None
+    path = cdp.path / RESTORE_FILE
+    intent = read_json(path, "cdp-restore", 1)
+    seq = int(intent["seq"])
+    view = open_point(vol, f"seq-{seq}")
+    try:
+        vol.mark({"event": RESTORE_EVENT, "seq": seq, "phase": "begin"})
+        shift = cdp.bases.shift
+        ext = 1 << shift
+        changed = cdp.bases.index.changed_since(view.base.id)
+        for s_, e_, _src in view.overlay.covering(0, vol.size):
+            changed.update(range(s_ >> shift, ((e_ - 1) >> shift) + 1))
+        if view.size < vol.size:  # grown since the point: that space was not there
+            changed.update(range(view.size >> shift, ((vol.size - 1) >> shift) + 1))
+        written = 0
+        for e in sorted(changed):
+            off = e << shift
+            n = min(ext, vol.size - off)
+            if n <= 0:
+                continue
+            want = bytearray(n)
+            inside = max(0, min(n, view.size - off))
+            if inside:
+                view.read_into(memoryview(want)[:inside], off)
+            live = bytearray(n)
+            vol.read_into(live, off)
+            if live == want:
+                continue
+            if want == bytes(n):
+                vol.zero(off, n, may_trim=True)
+            else:
+                vol.write(bytes(want), off)
+            written += n
+        vol.mark({"event": RESTORE_EVENT, "seq": seq, "phase": "done", "bytes": written})
+        vol.journal.sync()
+    finally:
+        view.close()
+    path.unlink()
+    _log.warning("cdp_restored", volume=vol.name, seq=seq, snapshot=intent["snapshot"],
+                 bytes_written=written)
+    return written

@@ -50,7 +50,7 @@ import structlog
 from nbdgw_common.logs import mark_logged
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
-from .cdp import BASES_DIR, CDP_DIR, Cdp, read_policy
+from .cdp import BASES_DIR, CDP_DIR, Cdp, finish_restore, pending_restore, read_policy
 from .diverged import read_diverged
 from .errors import (
     BlockstoreError,
@@ -671,6 +671,8 @@ class Volume:
         self.checkpointer = Checkpointer(self)
         if self.snaps is not None and (self.snaps.dir / ROLLBACK_FILE).exists():
             self._finish_rollback()
+        if self.cdp is not None and pending_restore(p):
+            finish_restore(self)  # a CDP restore cut short (cdp.py)
 
     def _recover(self, torn: int) -> RecoveryReport:
         """Redo from the checkpoint; record hot extents for resync to peers.

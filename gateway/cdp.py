@@ -8,6 +8,7 @@ opens the views (nbd_plugin/points.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ from blockstore.cdp import (
     write_exports,
     write_policy,
 )
-from blockstore.volume import find_volume, is_replica, list_volumes
+from blockstore.cdp import restore as blockstore_restore
+from blockstore.errors import VolumeInUse
+from blockstore.volume import Volume, find_volume, is_replica, list_volumes
+from nbdgw_common.control_socket import ControlError, request
 
 from .config import NodeConfig
 
@@ -78,23 +82,53 @@ def export(data_dir: Path, volume: str, at: str | None = None, seq: int | None =
     """Resolve a point and export it: ``--at`` names the instant (resolved, when a
     client opens it, to the last FLUSH point at or before it), ``--seq`` and
     ``--before-last-flush`` a journal seq."""
+    point = export_point(data_dir, volume, at, seq, before_last_flush)
+    name = (f"{volume}@{format_instant(parse_instant(at))}" if at is not None
+            else f"{volume}@seq-{point['seq']}")
+    info = find_volume(data_dir, volume)
+    write_exports(info.path, [*read_exports(info.path), name])
+    return {"export": name, **point}
+
+
+def export_point(data_dir: Path, volume: str, at: str | None, seq: int | None,
+                 before_last_flush: bool) -> dict[str, Any]:
+    """The point the options name (what ``export`` would serve), not exported."""
     if sum(x is not None and x is not False for x in (at, seq, before_last_flush)) != 1:
         raise CdpError("name exactly one of --at, --seq, --before-last-flush")
     pts, floor = _points(data_dir, volume)
     if at is not None:
-        t = parse_instant(at)
-        point = resolve(pts, "at", t, floor)
-        name = f"{volume}@{format_instant(t)}"
+        point = resolve(pts, "at", parse_instant(at), floor)
     elif seq is not None:
         point = resolve(pts, "seq", seq, floor)
-        name = f"{volume}@seq-{point.seq}"
     else:
         point = resolve(pts, "before-last-flush", 0, floor)
-        name = f"{volume}@seq-{point.seq}"
-    info = find_volume(data_dir, volume)
-    write_exports(info.path, [*read_exports(info.path), name])
-    return {"export": name, "volume": volume, "seq": point.seq,
-            "time": format_instant(point.t), "flush": point.flush}
+    return {"volume": volume, "seq": point.seq, "time": format_instant(point.t),
+            "flush": point.flush}
+
+
+def restore(data_dir: Path, volume: str, at: str | None = None, seq: int | None = None,
+            before_last_flush: bool = False, snapshot: str | None = None
+            ) -> dict[str, Any]:
+    """Roll the live volume back to a point (through the journal: replicas follow),
+    keeping the state before as a snapshot; on an idle volume here, on a served one
+    through its nbdkit process (the control socket)."""
+    point = export_point(data_dir, volume, at, seq, before_last_flush)
+    snapshot = snapshot or "pre-restore-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        vol = Volume(find_volume(data_dir, volume))
+    except VolumeInUse:
+        try:
+            reply = request(find_volume(data_dir, volume).path,
+                            {"op": "cdp-restore", "volume": volume,
+                             "point": f"seq-{point['seq']}", "name": snapshot})
+        except ControlError as e:
+            raise CdpError(str(e)) from None
+    else:
+        try:
+            reply = blockstore_restore(vol, f"seq-{point['seq']}", snapshot)
+        finally:
+            vol.close()
+    return {**point, "snapshot": reply["snapshot"], "bytes_written": reply["bytes_written"]}
 
 
 def unexport(data_dir: Path, volume: str, name: str) -> bool:

@@ -644,6 +644,41 @@ def cdp_export(obj: Ctx, volume: str, at: str | None, seq: int | None,
                err=True)
 
 
+@cdp.command("restore")
+@click.argument("volume")
+@click.option("--at", "at", default=None,
+              help="An instant (ISO 8601, UTC): the last FLUSH at or before it.")
+@click.option("--seq", type=int, default=None, help="A point's journal seq.")
+@click.option("--before-last-flush", is_flag=True,
+              help="The consistency point before the newest one.")
+@click.option("--snapshot", default=None,
+              help="Name of the snapshot keeping the state before (default "
+                   "pre-restore-<UTC time>).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@audit.audited("cdp restore")
+def cdp_restore(obj: Ctx, volume: str, at: str | None, seq: int | None,
+                before_last_flush: bool, snapshot: str | None, yes: bool,
+                data_dir: Path | None, as_json: bool) -> None:
+    """Roll VOLUME back to a point of its history (through the journal: replicas
+    follow; the state before is kept as a snapshot; all or nothing across a crash)."""
+    from . import cdp as cdp_ops
+
+    dd = obj.data_dir(data_dir)
+    point = cdp_ops.export_point(dd, volume, at, seq, before_last_flush)
+    _confirm(yes, f"roll volume {volume} back to seq {point['seq']} ({point['time']})? "
+                  "Clients see the data change under them (unmount first)")
+    r = cdp_ops.restore(dd, volume, None, point["seq"], False, snapshot)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"restored volume {volume} to seq {r['seq']} ({r['time']}), "
+               f"{_human(r['bytes_written'])} written; the state before is snapshot "
+               f"{r['snapshot']}")
+
+
 @cdp.command("unexport")
 @click.argument("volume")
 @click.argument("name")

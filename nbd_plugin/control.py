@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from blockstore.cdp import restore as cdp_restore
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import Snapshot, SnapshotError
 from blockstore.volume import Volume
@@ -272,6 +273,8 @@ class ControlServer:
                     return {"ok": True}
                 if op == "rollback":
                     return {"ok": True, "bytes_written": vol.snapshot_rollback(name)}
+                if op == "cdp-restore":  # blockstore/cdp.py: to a point, snapshot first
+                    return {"ok": True, **cdp_restore(vol, str(req["point"]), name)}
                 raise ControlError(f"unknown control op {op!r}")
         except (ControlError, BlockstoreError) as e:
             return {"ok": False, "error": str(e)}

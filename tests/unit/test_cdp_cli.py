@@ -87,3 +87,28 @@ def test_windows_from_the_config(tmp_path: Path) -> None:
     assert read_policy(tmp_path / "volumes" / "a") is None
     with pytest.raises(ConfigError, match=r"expected a duration .* for cdp.window"):
         parse_config({"version": 1, "cdp": {"window": "soon"}})
+
+
+def test_restore_on_an_idle_volume(tmp_path: Path, clock: Clock) -> None:
+    info = create_volume(tmp_path, "v1", 1 << 20)
+    write_policy(info.path, CdpPolicy(3600, 1 << 30))
+    vol = Volume.open(tmp_path, "v1")
+    vol.write(b"\x01" * 8192, 0)
+    vol.flush()
+    clock.tick(5)
+    vol.write(b"\x02" * 4096, 4096)
+    vol.flush()
+    vol.close()
+    dd = str(tmp_path)
+    code, out = run("cdp", "restore", "v1", "--before-last-flush", "--snapshot", "oops",
+                    "--yes", "--data-dir", dd, "--json")
+    assert code == 0, out
+    r = json.loads(out[out.index("{\n"):])  # after the events it logged
+    assert r["snapshot"] == "oops" and r["bytes_written"] == 64 << 10
+    vol = Volume.open(tmp_path, "v1")
+    buf = bytearray(8192)
+    vol.read_into(buf, 0)
+    assert bytes(buf) == b"\x01" * 8192
+    vol.snapshot_view("oops").read_into(buf, 0)
+    assert bytes(buf) == b"\x01" * 4096 + b"\x02" * 4096
+    vol.close()
