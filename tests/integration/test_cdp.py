@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 
 from blockstore.cdp import CdpPolicy, format_instant, open_point, points, write_policy
 from blockstore.volume import Volume
-from tests.conftest import Served, run_nbdgw
+from tests.conftest import NBDGW, Served, run_nbdgw
 from tests.integration.peerenv import Env
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -160,3 +161,46 @@ def test_the_replica_holds_the_same_instants(cdp_env: Env) -> None:
             assert bytes(buf) == img
     finally:
         vol.close()
+
+
+def test_restore_cut_by_kill9_is_finished_on_restart(data_dir: Path, volume: str,
+                                                     serve: Callable[..., Served],
+                                                     tmp_path: Path) -> None:
+    """`nbdgw cdp restore` of a served volume, nbdkit killed with -9 once the restore's
+    intent is on disk: the next `nbdgw serve` finishes it; the volume reads exactly the
+    point, and the snapshot the state before."""
+    config = tmp_path / "nbdgw.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "node": {"data_dir": str(data_dir)},
+                                      "cdp": {"window": "1h"}}))
+    s = serve(config=config)
+    dd = str(data_dir)
+    rng = random.Random(23)
+    a, b = rng.randbytes(32 * MiB), rng.randbytes(32 * MiB)
+    h = connect(s, "v1")
+    h.pwrite(a, 0)
+    h.flush()
+    time.sleep(1.2)
+    h.pwrite(b, 0)
+    h.flush()
+    h.shutdown()
+    intent = data_dir / "volumes/v1/cdp/restore.json"
+    proc = subprocess.Popen([NBDGW, "cdp", "restore", "v1", "--before-last-flush", "--yes",
+                             "--snapshot", "before-restore", "--data-dir", dd],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not intent.exists():
+        assert proc.poll() is None, f"restore ended before its intent was seen: " \
+                                    f"{proc.communicate()[0]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    s.kill9_nbdkit()
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode != 0, out  # cut short: it did not report success
+    s = serve(config=config)
+    assert not intent.exists()
+    h = connect(s, "v1")
+    assert h.pread(32 * MiB, 0) == a
+    h.shutdown()
+    h = connect(s, "v1@before-restore")
+    assert h.pread(32 * MiB, 0) == b
+    h.shutdown()
