@@ -269,7 +269,11 @@ class Server:
         if "@" in name:
             vol = self.volumes.get(name.partition("@")[0])
             if is_point_export(vol, name.partition("@")[2]):  # CDP (nbd_plugin/points.py)
-                return open_point_export(vol, name)
+                h = open_point_export(vol, name)
+                volume = name.partition("@")[0]
+                with self.lock:  # a client of its volume: withdraw waits for it
+                    self.in_use[volume] = self.in_use.get(volume, 0) + 1
+                return h
             return self._open_snapshot(name)
         name = name or self.params.default_export  # nbdkit passes the client's own name
         if not name:
@@ -304,6 +308,9 @@ class Server:
 
     def close_handle(self, h: Handle) -> None:
         if close_point(h):
+            volume = h.vol.name.partition("@")[0]
+            with self.lock:
+                self.in_use[volume] = max(0, self.in_use.get(volume, 1) - 1)
             return
         if not isinstance(h.vol, SnapshotView):
             with self.lock:
