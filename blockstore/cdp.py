@@ -561,7 +561,47 @@ def _base_size(base: Snapshot, default: int) -> int:
 
 class Overlay:
     """Non-overlapping byte ranges -> where their newest content is: (segment file
-    index, position of the byte at the range's start) or None for zeros."""
+    index, position of the byte at the range's start) or None for zeros.  Kept per
+    bucket of 2^shift bytes of the volume (a range crossing buckets is cut), so that an
+    insert shifts the entries of one bucket only: one sorted list for the whole volume
+    made opening an instant quadratic (1 GiB of 4 KiB records: 12.6 s, against 0.86 s
+    for 256 MiB; bench/cdp)."""
+
+    def __init__(self, shift: int = 26) -> None:
+        self.shift = shift
+        self.buckets: dict[int, _Runs] = {}
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.buckets.values())
+
+    def put(self, start: int, end: int, src: tuple[int, int] | None) -> None:
+        """[start, end) now reads from ``src`` (later puts win)."""
+        shift = self.shift
+        pos = start
+        while pos < end:
+            k = pos >> shift
+            stop = min(end, (k + 1) << shift)
+            runs = self.buckets.get(k)
+            if runs is None:
+                runs = self.buckets[k] = _Runs()
+            runs.put(pos, stop, _advance(src, pos - start))
+            pos = stop
+
+    def covering(self, start: int, end: int) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+        """The ranges (clipped) that overlap [start, end), in order."""
+        if end <= start:
+            return
+        first, last = start >> self.shift, (end - 1) >> self.shift
+        keys = (range(first, last + 1) if last - first < 4 * len(self.buckets) + 4
+                else sorted(k for k in self.buckets if first <= k <= last))
+        for k in keys:
+            runs = self.buckets.get(k)
+            if runs is not None:
+                yield from runs.covering(start, end)
+
+
+class _Runs:
+    """One bucket of an Overlay: sorted, non-overlapping ranges."""
 
     def __init__(self) -> None:
         self.starts: list[int] = []
