@@ -413,6 +413,7 @@ class Cdp:
         self.next_check = 0.0  # monotonic time of the next housekeeping
         self.pins: dict[int, int] = {}  # base id -> open point views reading it
         self.known: list[Point] = []  # the points found so far (see known_points)
+        self.built: dict[tuple[int, int], _Built] = {}  # (base id, seq) -> open views' map
         self.scanned = 0  # the journal seq known_points scans after next time
 
     def close(self) -> None:
@@ -528,10 +529,14 @@ class Cdp:
                 base = b
         if base is None:
             raise CdpError(f"point seq {point.seq} is older than the window")
-        view = PointView(self, store, base, point, vol.info.path / "journal", name,
-                         _base_size(base, vol.size))
+        key = (base.id, point.seq)
+        built = self.built.get(key)
+        if built is None:  # else shared with the open views of the same point (multi-conn)
+            built = _build(vol.info.path / "journal", base, point, _base_size(base, vol.size))
+            self.built[key] = built
+        built.refs += 1
         self.pins[base.id] = self.pins.get(base.id, 0) + 1
-        return view
+        return PointView(self, store, base, point, name, built)
 
     def known_points(self, vol: Volume) -> list[Point]:
         """The points from the oldest base on, scanning only the records appended since
@@ -673,6 +678,52 @@ def _advance(src: tuple[int, int] | None, n: int) -> tuple[int, int] | None:
     return None if src is None else (src[0], src[1] + n)
 
 
+@dataclass
+class _Built:
+    """What opening a point built: the overlay, the segment files it reads, the size."""
+
+    overlay: Overlay
+    fds: list[int]
+    size: int
+    refs: int = 0
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _build(jdir: Path, base: Snapshot, point: Point, base_size: int) -> _Built:
+    """Scan the records after ``base`` up to ``point`` into an overlay."""
+    built = _Built(Overlay(), [], base_size)
+    try:
+        firsts = segment_firsts(jdir)
+        opened: dict[int, int] = {}  # segment first seq -> index in built.fds
+        found = False
+        for seq, op, _flags, offset, length, at, raw in scan(jdir, base.mark_seq + 1,
+                                                             point.seq):
+            if op == Op.MARK:
+                body = _body(raw)
+                if body.get("event") == GROW_EVENT:
+                    built.size = max(built.size, int(body["size"]))
+                found = seq == point.seq and body.get("event") == TIME_EVENT
+                continue
+            first = firsts[bisect.bisect_right(firsts, seq) - 1]
+            if first not in opened:
+                built.fds.append(os.open(jdir / segment_name(first), os.O_RDONLY))
+                opened[first] = len(built.fds) - 1
+            if op == Op.WRITE:
+                built.overlay.put(offset, offset + length, (opened[first], at))
+            else:  # TRIM and ZERO read as zeros
+                built.overlay.put(offset, offset + length, None)
+        if not found and point.seq > base.mark_seq:
+            raise CdpError(f"no point at seq {point.seq} (not a TIME mark)")
+    except BaseException:
+        built.close()
+        raise
+    return built
+
+
 class PointView:
     """The volume as of a point, read-only (what a ``VOLUME@<instant>`` export reads):
     the base's image, with the journal's records after the base up to the point laid
@@ -680,46 +731,18 @@ class PointView:
 
     readonly = True
 
-    def __init__(self, cdp: Cdp, store: Store, base: Snapshot, point: Point, jdir: Path,
-                 name: str, base_size: int) -> None:
+    def __init__(self, cdp: Cdp, store: Store, base: Snapshot, point: Point, name: str,
+                 built: _Built) -> None:
         self.cdp = cdp
         self.store = store
         self.base = base
         self.point = point
         self.name = name
-        self.fds: list[int] = []
-        self.size = base_size
-        self.overlay = Overlay()
+        self.built = built
+        self.overlay = built.overlay
+        self.fds = built.fds
+        self.size = built.size
         self.closed = False
-        try:
-            self._build(jdir)
-        except BaseException:
-            self._close_fds()
-            raise
-
-    def _build(self, jdir: Path) -> None:
-        firsts = segment_firsts(jdir)
-        opened: dict[int, int] = {}  # segment first seq -> index in self.fds
-        lo = self.base.mark_seq + 1
-        found = False
-        for seq, op, flags, offset, length, at, raw in scan(jdir, lo, self.point.seq):
-            if op == Op.MARK:
-                body = _body(raw)
-                if body.get("event") == GROW_EVENT:
-                    self.size = max(self.size, int(body["size"]))
-                found = seq == self.point.seq and body.get("event") == TIME_EVENT
-                continue
-            first = firsts[bisect.bisect_right(firsts, seq) - 1]
-            if first not in opened:
-                self.fds.append(os.open(jdir / segment_name(first), os.O_RDONLY))
-                opened[first] = len(self.fds) - 1
-            if op == Op.WRITE:
-                self.overlay.put(offset, offset + length, (opened[first], at))
-            else:  # TRIM and ZERO read as zeros
-                self.overlay.put(offset, offset + length, None)
-            del flags
-        if not found and self.point.seq > self.base.mark_seq:
-            raise CdpError(f"no point at seq {self.point.seq} (not a TIME mark)")
 
     def _check(self) -> None:
         if self.closed or self.cdp.bases.index.snaps.get(self.base.id) is not self.base:
@@ -754,15 +777,15 @@ class PointView:
     def flush(self) -> None:
         """Nothing to make durable: a point is never written."""
 
-    def _close_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._close_fds()
+            self.built.refs -= 1
+            if self.built.refs == 0:
+                self.built.close()
+                key = (self.base.id, self.point.seq)
+                if self.cdp.built.get(key) is self.built:
+                    del self.cdp.built[key]
             self.cdp.unpin(self.base.id)
 
 

@@ -375,3 +375,28 @@ def test_restore_to_a_point_keeps_the_state_before_and_survives_a_crash(
     vol.snapshot_view("pre-restore").read_into(snap, 0)
     assert bytes(snap) == before
     vol.close()
+
+
+def test_connections_to_one_point_share_its_overlay(tmp_path: Path, clock: Clock) -> None:
+    make(tmp_path)
+    vol = Volume.open(tmp_path, "v1")
+    model = Model(vol, 17)
+    for _ in range(20):
+        model.step()
+    vol.flush()
+    seq = [p for p in points(vol.info.path, 1, False) if p.flush][-1].seq
+    want = bytes(model.img)
+    a = open_point(vol, f"seq-{seq}")
+    b = open_point(vol, f"seq-{seq}")  # a second connection (multi-conn): no new scan
+    assert b.overlay is a.overlay
+    a.close()
+    for _ in range(20):
+        model.step()
+    buf = bytearray(b.size)
+    b.read_into(buf, 0)
+    assert bytes(buf) == want
+    b.close()
+    assert vol.cdp is not None and vol.cdp.built == {} and vol.cdp.pins == {}
+    with pytest.raises(OSError, match="no longer held"):
+        b.read_into(buf, 0)
+    vol.close()
