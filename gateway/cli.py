@@ -491,12 +491,15 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
               show_default=True, help="Replication mode of the secondary dc.")
 @click.option("--iscsi", is_flag=True, help="Every site runs the iSCSI bridge too (portal: "
               "the service address, port 3260; one target IQN).")
+@click.option("--dns", is_flag=True, help="Clients in another subnet behind a router find "
+              "the primary by the name db.nbdgw.lab, which a BIND server in the lab holds "
+              "(RFC 2136 updates with TSIG) instead of a service address.")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool) -> None:
+           iscsi: bool, dns: bool) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi),
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns),
                           indent=2))
 
 

@@ -37,6 +37,7 @@ from iscsi_bridge.settings import CHAP, ISCSI, ChapConfig, IscsiConfig
 from nbdgw_common.settings import Keys, Kind, Setting, default_of, size_text
 from peerlink.ratelimit import parse_rate
 
+from .dnsname import DnsError, load_key, parse_server
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -189,11 +190,40 @@ class Compression(enum.Enum):
 DEFAULT_PEER_PORT = 7789
 
 
+SERVICE_DNS = Keys(
+    Setting("name", Kind.STRING, required=True, help="the name clients use "
+            "(db.branch1.example.com); the primary publishes its address under it"),
+    Setting("zone", Kind.STRING, required=True, help="the zone that holds the name, "
+            "updated dynamically (RFC 2136)"),
+    Setting("servers", Kind.LIST, None, "the zone's primary server(s), IP[:PORT]; the "
+            "first that answers takes the update", required=True),
+    Setting("key_file", Kind.PATH, required=True, help="the TSIG key as tsig-keygen "
+            "writes it (mode 0600); the server's update-policy must grant it the name"),
+    Setting("address", Kind.ADDRESS, required=True, help="this node's address to "
+            "publish (the one its clients reach it by)"),
+    Setting("ttl", Kind.INTEGER, 30, "the record's TTL in seconds: clients follow a "
+            "failover within failover time + TTL", minimum=1, maximum=86400),
+)
+
 SERVICE = Keys(
     Setting("address", Kind.STRING, None, "the address clients use, with its prefix length "
             "(192.0.2.10/24); it moves to the primary on failover"),
     Setting("interface", Kind.STRING, None, "the interface the address is added to"),
+    Setting("dns", Kind.SECTION, keys=SERVICE_DNS, help="a DNS name that follows the "
+            "primary across subnets (RFC 2136 updates signed with TSIG)"),
 )
+
+
+@dataclass(frozen=True)
+class ServiceDnsConfig:
+    """A DNS name the primary publishes its address under (gateway/dnsname.py)."""
+
+    name: str
+    zone: str
+    servers: tuple[str, ...]
+    key_file: Path
+    address: str
+    ttl: int = default_of(SERVICE_DNS, "ttl")
 
 
 @dataclass(frozen=True)
@@ -202,6 +232,7 @@ class ServiceConfig:
 
     address: str | None = default_of(SERVICE, "address")  # interface form, "192.0.2.10/24"
     interface: str | None = default_of(SERVICE, "interface")
+    dns: ServiceDnsConfig | None = None
 
 
 PEERLINK_TLS = Keys(
@@ -721,7 +752,36 @@ def _service(raw: Any) -> ServiceConfig:
             raise ConfigError(f"expected an address with a prefix length such as "
                               f"192.0.2.10/24 for service.address, got {address!r}")
         address = str(iface)
-    return ServiceConfig(address=address, interface=s.value("interface"))
+    dns = _service_dns(s.get("dns")) if s.has("dns") else None
+    return ServiceConfig(address=address, interface=s.value("interface"), dns=dns)
+
+
+def _service_dns(raw: Any) -> ServiceDnsConfig:
+    s = _Section(raw, "service.dns", SERVICE_DNS)
+    s.require("name", "zone", "servers", "key_file", "address")
+    name, zone = s.value("name").rstrip("."), s.value("zone").rstrip(".")
+    s.value("key_file")
+    s.value("ttl")
+    if name == zone or not name.endswith("." + zone):
+        raise ConfigError(f"service.dns.name {name!r} is not inside service.dns.zone {zone!r}")
+    servers = []
+    for i, text in enumerate(s.listing("servers")):
+        try:
+            servers.append(str(parse_server(str(text))))
+        except ValueError:
+            raise ConfigError(f"expected IP or IP:PORT for service.dns.servers[{i}], "
+                              f"got {text!r}") from None
+    if not servers:
+        raise ConfigError("expected at least one server in service.dns.servers")
+    address = s.get("address")
+    try:
+        address = str(ipaddress.ip_address(address))
+    except ValueError:
+        raise ConfigError(f"expected an IP address for service.dns.address, "
+                          f"got {address!r}") from None
+    return ServiceDnsConfig(name=name, zone=zone, servers=tuple(servers),
+                            key_file=s.value("key_file"),
+                            address=address, ttl=s.value("ttl"))
 
 
 def _peerlink(raw: Any) -> PeerlinkConfig:
@@ -1138,6 +1198,13 @@ def check_files(cfg: NodeConfig) -> None:
         where = f"nbd.tls.certificates_dir {d}:"
         _public_file(d / "server-cert.pem", where)
         _secret_file(d / "server-key.pem", where)
+    dns = cfg.service.dns
+    if dns is not None:
+        _secret_file(dns.key_file, "service.dns.key_file")
+        try:
+            load_key(dns.key_file)
+        except DnsError as e:
+            raise ConfigError(str(e)) from None
     for chap, where in ((cfg.iscsi.chap, "iscsi.chap"),
                         (cfg.iscsi.mutual_chap, "iscsi.mutual_chap")):
         if chap is not None:
