@@ -35,7 +35,8 @@ from iscsi_bridge.errors import InvalidName
 from iscsi_bridge.names import target_iqn, validate_initiator, validate_iqn
 from iscsi_bridge.settings import CHAP, ISCSI, ChapConfig, IscsiConfig
 from nbdgw_common.settings import Keys, Kind, Setting, default_of, size_text
-from peerlink.ratelimit import parse_rate
+from peerlink.ratelimit import RateWindow, parse_rate
+from peerlink.ratelimit import window as rate_window
 
 from .dnsname import DnsError, load_key, parse_server
 from .errors import ConfigError
@@ -276,6 +277,14 @@ class PeerlinkConfig:
     next_secret_file: Path | None = default_of(PEERLINK, "next_secret_file")
 
 
+RATE_WINDOW = Keys(
+    Setting("days", Kind.TEXT, "daily", "mon-fri, sat,sun, fri-mon, daily"),
+    Setting("from", Kind.TEXT, required=True, help="HH:MM, local time"),
+    Setting("to", Kind.TEXT, required=True, help="HH:MM (24:00: midnight); before "
+            "`from`: the window runs past midnight"),
+    Setting("rate", Kind.RATE, required=True, help="the cap inside the window; 0: unlimited"),
+)
+
 PEER = Keys(
     Setting("name", Kind.STRING, required=True, help="the peer's node.name"),
     Setting("role", Kind.CHOICE, choices=Role, required=True, help="the peer's node.role"),
@@ -291,6 +300,8 @@ PEER = Keys(
             "how long a sync peer may leave a write unacknowledged before it is stalled"),
     Setting("rate_limit", Kind.RATE, 0,
             "bytes per second on the wire, with K, M, G units; 0: unlimited"),
+    Setting("rate_schedule", Kind.LIST, (), "other caps by local time of day: the first "
+            "window that covers the minute wins, rate_limit outside them", keys=RATE_WINDOW),
     Setting("compression", Kind.CHOICE, Compression.ZSTD, "compression on the wire"),
 )
 
@@ -306,6 +317,7 @@ class PeerConfig:
     sync_timeout: float = default_of(PEER, "sync_timeout")
     rate_limit: int = default_of(PEER, "rate_limit")  # bytes per second on the wire; 0 = unlimited
     compression: Compression = default_of(PEER, "compression")
+    rate_schedule: tuple[RateWindow, ...] = default_of(PEER, "rate_schedule")
 
 
 class Every(enum.Enum):
@@ -846,6 +858,22 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
         except ValueError:
             raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
                               f"{where}.rate_limit, got {rate!r}") from None
+        schedule = []
+        for j, item in enumerate(s.listing("rate_schedule")):
+            w = _Section(item, f"{where}.rate_schedule[{j}]", RATE_WINDOW)
+            w.require("from", "to", "rate")
+            got = {k: w.get(k) for k in ("from", "to", "rate")}
+            if any(isinstance(v, bool) or not isinstance(v, int | str) for v in got.values()):
+                raise ConfigError(f"expected from: HH:MM, to: HH:MM and a rate such as 20M "
+                                  f"in {w.path}")
+            # YAML 1.1 reads an unquoted 18:00 as the sexagesimal 1080: minutes, as meant.
+            start, end = (f"{v // 60:02d}:{v % 60:02d}" if isinstance(v, int) else v
+                          for v in (got["from"], got["to"]))
+            days = w.get("days") if w.has("days") else default_of(RATE_WINDOW, "days")
+            try:
+                schedule.append(rate_window(str(days), start, end, str(got["rate"])))
+            except ValueError as e:
+                raise ConfigError(f"{e} in {w.path}") from None
         extra = []
         for j, a in enumerate(s.listing("heartbeat_addresses")):
             try:
@@ -860,6 +888,7 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
             mode=s.value("mode"),
             sync_timeout=s.value("sync_timeout"),
             rate_limit=rate,
+            rate_schedule=tuple(schedule),
             compression=s.value("compression")))
     return tuple(out)
 

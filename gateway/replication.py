@@ -44,6 +44,7 @@ from nbd_plugin.control import bind_private
 from nbdgw_common.errors import GatewayError
 from peerlink import admin
 from peerlink.__main__ import read_secret
+from peerlink.ratelimit import RateSchedule
 from peerlink.receiver import Receiver, ReceiverServer
 from peerlink.sender import Sender, SenderConfig, VerifyError
 from peerlink.tls import client_context, server_context
@@ -199,6 +200,8 @@ class Replication:
             assert peer is not None
             sc = SenderConfig(
                 rate_limit=peer.rate_limit,
+                rate_schedule=(RateSchedule(peer.rate_schedule, peer.rate_limit)
+                               if peer.rate_schedule else None),
                 compress=SenderConfig.compress if peer.compression is Compression.ZSTD else 0,
                 sync=peer.mode is PeerMode.SYNC, sync_timeout=peer.sync_timeout,
                 max_backoff=2.0)

@@ -35,6 +35,8 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
           "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
           "dirty_extents", "progress": null | {"phase": "compare"|"resync", "done",
           "total", "unit"}, "sender": "running"|"stopped"|"unknown",
+          "rate_limit": int|null (the cap in bytes/s in effect now, rate_schedule
+                        included; 0 unlimited; null while no sender runs),
           "data_loss_window": {"bytes": int, "seconds": float|null},
           "refused": null | {"reason", "by": "this node"|"peer", "side", "split_brain":
                              bool, "settle": null | [{"keeps", "command"}], "since",
@@ -249,6 +251,7 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
             "dirty_extents": dirty,
             "progress": live.get("progress") if live and fresh else None,
             "sender": "running" if fresh else ("stopped" if live is not None else "unknown"),
+            "rate_limit": live.get("rate_limit") if live and fresh else None,
             "refused": _refusal(refusals.get(name))})
         p = peers[-1]
         safe = p["mode"] == "sync" and not p["degraded"] and p["state"] != "disconnected"

@@ -142,7 +142,7 @@ from .messages import (
     Verify,
     VerifyResult,
 )
-from .ratelimit import TokenBucket, format_rate
+from .ratelimit import RateSchedule, TokenBucket, format_rate
 from .session import (
     Authenticated,
     Established,
@@ -205,6 +205,7 @@ class SenderConfig:
     max_backoff: float = 10.0
     rate_limit: int = 0  # bytes per second on the wire, 0 = unlimited
     rate_burst: int | None = None  # None: ratelimit.default_burst(rate_limit)
+    rate_schedule: RateSchedule | None = None  # caps by local time (rate_limit outside)
     sync: bool = False  # a synchronous peer: every write waits for its ack (syncstate.py)
     sync_timeout: float = 5.0  # ... until it is overdue this long: then it is stalled
 
@@ -721,7 +722,8 @@ class Sender:
                 "lag_seconds": round(self.lag_seconds(), 3),
                 "address": format_addr(self.host, self.port), "pid": os.getpid(),
                 "updated": time.time(), "stats": dict(self.stats),
-                "progress": self.progress, "admin": self.admin}
+                "progress": self.progress, "admin": self.admin,
+                "rate_limit": self.bucket.rate}
 
     # -- the sync gate ------------------------------------------------------------------------
 
@@ -834,9 +836,14 @@ class Sender:
         watch = (asyncio.get_running_loop().create_task(self._sync_watch())
                  if self.standing is not None else None)
         backoff = self.cfg.min_backoff
+        schedule = self.cfg.rate_schedule
+        if schedule is not None:
+            self._apply_schedule(schedule)
         self.log.info("rate_limit", bytes_per_s=self.bucket.rate,
                       burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
                       rate=format_rate(self.bucket.rate))
+        scheduler = (asyncio.get_running_loop().create_task(self._follow_schedule(schedule))
+                     if schedule is not None else None)
         try:
             while not stop.is_set():
                 if self.admin == "disconnected":
@@ -859,7 +866,7 @@ class Sender:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, self.cfg.max_backoff)
         finally:
-            helpers = [persister, live, *([watch] if watch is not None else [])]
+            helpers = [persister, live, *(t for t in (watch, scheduler) if t is not None)]
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -1225,6 +1232,26 @@ class Sender:
         finally:
             timer.cancel()
             self.wakeup = None
+
+    def _apply_schedule(self, schedule: RateSchedule) -> bool:
+        """The cap of the window local time is in now; True if it changed."""
+        t = time.localtime()
+        rate = schedule.rate_at(t.tm_wday, t.tm_hour * 60 + t.tm_min)
+        if rate == self.bucket.rate:
+            return False
+        self.bucket.set_rate(rate)
+        return True
+
+    async def _follow_schedule(self, schedule: RateSchedule) -> None:
+        """Re-check the schedule at every minute boundary of local time (so a clock or
+        time-zone change is followed within a minute)."""
+        while True:
+            await asyncio.sleep(60.05 - time.time() % 60)
+            if self._apply_schedule(schedule):
+                self.log.info("rate_limit", bytes_per_s=self.bucket.rate, scheduled=True,
+                              burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
+                              rate=format_rate(self.bucket.rate))
+                self.live_event.set()
 
     async def _throttle(self, wire_bytes: int) -> None:
         """Wait until the bandwidth cap allows ``wire_bytes`` more on the link."""
