@@ -285,6 +285,22 @@ RATE_WINDOW = Keys(
     Setting("rate", Kind.RATE, required=True, help="the cap inside the window; 0: unlimited"),
 )
 
+RPO = Keys(
+    Setting("seconds", Kind.SECONDS, None, "alert when the peer's data-loss window (the "
+            "age of its oldest unacknowledged write) passes this"),
+    Setting("bytes", Kind.SIZE, None, "alert when the bytes it lacks pass this"),
+)
+
+
+@dataclass(frozen=True)
+class RpoConfig:
+    """A recovery-point bound on one link: passing it is an event, a metric and a log
+    line, never a change in what the primary does."""
+
+    seconds: float | None = None
+    bytes: int | None = None
+
+
 PEER = Keys(
     Setting("name", Kind.STRING, required=True, help="the peer's node.name"),
     Setting("role", Kind.CHOICE, choices=Role, required=True, help="the peer's node.role"),
@@ -303,6 +319,8 @@ PEER = Keys(
     Setting("rate_schedule", Kind.LIST, (), "other caps by local time of day: the first "
             "window that covers the minute wins, rate_limit outside them", keys=RATE_WINDOW),
     Setting("compression", Kind.CHOICE, Compression.ZSTD, "compression on the wire"),
+    Setting("rpo", Kind.SECTION, keys=RPO, help="recovery-point alert bounds of this link "
+            "(each volume's lag against them); none by default"),
 )
 
 
@@ -318,6 +336,7 @@ class PeerConfig:
     rate_limit: int = default_of(PEER, "rate_limit")  # bytes per second on the wire; 0 = unlimited
     compression: Compression = default_of(PEER, "compression")
     rate_schedule: tuple[RateWindow, ...] = default_of(PEER, "rate_schedule")
+    rpo: RpoConfig = RpoConfig()
 
 
 class Every(enum.Enum):
@@ -818,6 +837,12 @@ def _peerlink(raw: Any) -> PeerlinkConfig:
     return cfg
 
 
+def _rpo(raw: Any, where: str) -> RpoConfig:
+    s = _Section(raw, where, RPO)
+    return RpoConfig(seconds=s.value("seconds") if s.has("seconds") else None,
+                     bytes=s.value("bytes") if s.has("bytes") else None)
+
+
 def _number(s: _Section, name: str, default: float) -> float:
     v = s.raw.get(name, default)
     if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
@@ -889,6 +914,7 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
             sync_timeout=s.value("sync_timeout"),
             rate_limit=rate,
             rate_schedule=tuple(schedule),
+            rpo=_rpo(s.get("rpo"), f"{where}.rpo") if s.has("rpo") else RpoConfig(),
             compression=s.value("compression")))
     return tuple(out)
 

@@ -104,3 +104,17 @@ def test_refusals_name_the_window(item: dict[str, object], message: str) -> None
             "rate_schedule": [item]}
     assert message in refused_top(peers=[peer], peerlink={"insecure": True},
                                   failover={"auto": False})
+
+
+def test_the_config_reads_rpo_bounds() -> None:
+    from gateway.config import RpoConfig
+
+    base = {"name": "dc", "role": "secondary", "address": "192.0.2.2"}
+    ctx = {"peerlink": {"insecure": True}, "failover": {"auto": False}}
+    p = config_of(peers=[{**base, "rpo": {"seconds": 300, "bytes": "2G"}}], **ctx).peers[0]
+    assert p.rpo == RpoConfig(seconds=300.0, bytes=2 << 30)
+    assert config_of(peers=[base], **ctx).peers[0].rpo == RpoConfig()
+    assert "expected a number of seconds > 0" in refused_top(
+        peers=[{**base, "rpo": {"seconds": 0}}], **ctx)
+    assert "unknown key 'records' in peers[0].rpo" in refused_top(
+        peers=[{**base, "rpo": {"records": 5}}], **ctx)
