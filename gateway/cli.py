@@ -378,8 +378,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     for name in pre.served:
         click.echo(f"nbdgw: export {name}: {uri(server.addresses[0], name, tls_on)}")
     sys.stdout.flush()
-    assert server.proc is not None
-    while not stop.is_set() and server.proc.poll() is None:
+    while not stop.is_set() and server.poll() is None:
         stop.wait(0.2)
     if stop.is_set():
         click.echo("nbdgw: stopping (volumes are closed cleanly)")
