@@ -39,7 +39,7 @@ class BytesBase:
 
 
 def make(tmp_path: Path, seed: int = 1) -> tuple[Clone, BytesBase, bytearray]:
-    base = BytesBase(random.Random(seed).randbytes(SIZE)  # noqa: S311 - test data)
+    base = BytesBase(random.Random(seed).randbytes(SIZE))  # noqa: S311 - test data
     info = create_clone(tmp_path, "c1", "v1", "s1", SIZE)
     return Clone(info, base), base, bytearray(base.data)
 
