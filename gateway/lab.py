@@ -524,9 +524,11 @@ class Lab:
         zone = labdns.Zone(Path(dns["dir"]), dns["zone"], dns["address"])
         zone.write()
         p = dns["proc"]
-        proc = labdns.start(zone, dns["netns"], Path(p["log"]))
-        p["pid"], p["start_time"] = proc.pid, proc_start_time(proc.pid)
-        proc.returncode = 0  # detached: not ours to reap
+        child = labdns.start(zone, dns["netns"], Path(p["log"]))
+        assert child.proc is not None
+        pid = child.proc.pid
+        p["pid"], p["start_time"] = pid, proc_start_time(pid)
+        child.proc.returncode = 0  # detached (its own session): not ours to reap
         self.save()
 
     def remove_netns_etc(self) -> None:

@@ -8,13 +8,12 @@ administrator's (README, "Service names by DNS").
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from nbdgw_common.errors import GatewayError
-from nbdgw_common.proc import run, spawn
+from nbdgw_common.proc import run
+from nbdgw_common.supervise import ChildProcess, NotReady
 
 NAMED = "/usr/sbin/named"
 UPDATE_KEY = "nbdgw-update"
@@ -104,8 +103,7 @@ zone "{self.zone}" {{
         return [NAMED, "-g", "-c", str(self.conf)]
 
 
-def start(zone: Zone, netns: str | None, log: Path, timeout: float = 20.0
-          ) -> subprocess.Popen[bytes]:
+def start(zone: Zone, netns: str | None, log: Path, timeout: float = 20.0) -> ChildProcess:
     """Start named (in ``netns`` if given) and wait until it has loaded the zone."""
     missing = DnsLabError("named is not installed: apt install bind9 (make setup does)")
     if not Path(NAMED).exists():
@@ -113,25 +111,21 @@ def start(zone: Zone, netns: str | None, log: Path, timeout: float = 20.0
     argv = zone.argv()
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
-    proc = spawn(argv, log, missing)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    child = ChildProcess(argv, name="named", log_file=log, new_session=True,
+                         not_found=missing)
+    child.start()
+
+    def loaded() -> bool:
         text = log.read_text(errors="replace")
-        if "running" in text and "all zones loaded" in text:
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    stop(proc)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
-    raise DnsLabError(f"named did not start ({zone.conf}):\n{tail}")
+        return "running" in text and "all zones loaded" in text
+
+    try:
+        child.wait_ready(loaded, timeout)
+    except NotReady as e:
+        child.stop(10)
+        raise DnsLabError(f"named did not start ({zone.conf}): {e}") from None
+    return child
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def stop(child: ChildProcess) -> None:
+    child.stop(10)
