@@ -185,8 +185,8 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 DELETE = object()
 # A TSIG key as `tsig-keygen -a hmac-sha256 nbdgw-update` writes it (a made-up secret).
-TSIG_KEY = ('key "nbdgw-update" {\n\talgorithm hmac-sha256;\n'
-            '\tsecret "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n";\n};\n')
+TSIG_SECRET = "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n"  # noqa: S105 (made up)
+TSIG_KEY = f'key "nbdgw-update" {{\n\talgorithm hmac-sha256;\n\tsecret "{TSIG_SECRET}";\n}};\n'
 DNS = {"nbdgw_service_dns_name": "db.branch1.example.com",
        "nbdgw_service_dns_zone": "example.com",
        "nbdgw_service_dns_servers": ["192.0.2.53"],
@@ -261,7 +261,7 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         PLACEHOLDER.format("nbdgw_service_dns_key")),
     "dns_key_only_the_secret": (
         [*DNS_ONLY,
-         _set("nbdgw_service_dns_key", "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n")],
+         _set("nbdgw_service_dns_key", TSIG_SECRET)],
         "nbdgw_service_dns_key is not a TSIG key as tsig-keygen writes it: expected the "
         'whole output of tsig-keygen -a hmac-sha256 NAME, key "NAME" {{ algorithm '
         'hmac-sha256; secret "..."; }};'),  # braces doubled: the messages are formatted
@@ -425,7 +425,7 @@ def test_dns_key_messages_do_not_show_the_key(validation: tuple[Path, Run]) -> N
     _, run = validation
     assert run.failures("case_dns_key_only_the_secret")
     assert run.failures("case_dns_ttl_zero")  # a host whose key is good and is refused later
-    assert "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n" not in run.proc.stdout + run.proc.stderr
+    assert TSIG_SECRET not in run.proc.stdout + run.proc.stderr
 
 
 def test_a_role_change_is_refused(tmp_path: Path) -> None:
@@ -636,7 +636,7 @@ def test_a_dns_name_renders_in_the_documented_shape(tmp_path: Path) -> None:
     assert cfg["service"] == {"dns": {
         "name": "db.branch1.example.com", "zone": "example.com", "servers": ["192.0.2.53"],
         "key_file": f"{etc}/dns.key", "address": "127.0.0.1", "ttl": 10}}
-    assert "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n" not in cfg["__path"].read_text()
+    assert TSIG_SECRET not in cfg["__path"].read_text()
     config_check(cfg["__path"])
 
 
@@ -651,6 +651,49 @@ def test_a_dns_name_and_a_service_address_render_together(tmp_path: Path) -> Non
     assert cfg["service"]["dns"]["servers"] == ["192.0.2.53:5353", "[2001:db8::53]:53"]
     assert cfg["service"]["dns"]["ttl"] == 30
     config_check(cfg["__path"])
+
+
+CONFIG_PLAYBOOK = """
+- name: The role's checks and its config step only (no package, no venv, no unit)
+  hosts: nbdgw
+  gather_facts: false
+  tasks:
+    - name: The role's checks, with its variables made visible to the play
+      ansible.builtin.include_role:
+        name: nbdgw
+        tasks_from: checks.yml
+        public: true
+    - name: The role's config step
+      ansible.builtin.include_role:
+        name: nbdgw
+        tasks_from: config.yml
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the key file root's")
+def test_the_dns_key_lands_as_a_root_only_file_the_config_check_reads(tmp_path: Path) -> None:
+    """The role's own config step: the key from the inventory becomes dns.key (root, 0600),
+    the config is validated by `nbdgw config check` reading that file (this venv's nbdgw
+    stands in for the host's), and the key is in neither the config nor the output."""
+    group = site_vars() | DNS | {"nbdgw_service_start": False}
+    del group["nbdgw_service_address"]
+    inv = write_inventory(tmp_path, ("main",), group)
+    venv = tmp_path / "main" / "venv_dir" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "nbdgw").symlink_to(VENV_BIN / "nbdgw")
+    playbook = tmp_path / "config.yml"
+    playbook.write_text(CONFIG_PLAYBOOK)
+    run = run_playbook(str(playbook), inv, timeout=180)
+    assert run.rc == 0, run
+    etc = tmp_path / "main" / "config_dir"
+    key = etc / "dns.key"
+    assert key.read_text() == TSIG_KEY
+    st = key.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o600)
+    assert yaml.safe_load((etc / "nbdgw.yaml").read_text())["service"]["dns"]["key_file"] == \
+        str(key)
+    assert TSIG_SECRET not in (etc / "nbdgw.yaml").read_text()
+    assert TSIG_SECRET not in run.proc.stdout + run.proc.stderr
 
 
 def test_without_snapshots_and_iscsi_the_sections_are_absent(tmp_path: Path) -> None:
