@@ -793,7 +793,7 @@ def _service_dns(raw: Any) -> ServiceDnsConfig:
     name, zone = s.value("name").rstrip("."), s.value("zone").rstrip(".")
     s.value("key_file")
     s.value("ttl")
-    if name == zone or not name.endswith("." + zone):
+    if name.lower() == zone.lower() or not name.lower().endswith("." + zone.lower()):
         raise ConfigError(f"service.dns.name {name!r} is not inside service.dns.zone {zone!r}")
     servers = []
     for i, text in enumerate(s.listing("servers")):

@@ -39,6 +39,8 @@ def test_a_complete_section_is_read(tmp_path: Path) -> None:
         "db.branch1.example.com", "example.com", 15, "198.51.100.7")
     assert cfg.servers == ("192.0.2.53:53", "192.0.2.54:5353")
     assert config_of(service=dns(tmp_path)).service.dns.ttl == 30  # type: ignore[union-attr]
+    # DNS names are case-insensitive: DB.Branch1.Example.COM is inside example.com.
+    assert config_of(service=dns(tmp_path, name="DB.Branch1.Example.COM")).service.dns
     assert config_of().service.dns is None
 
 
