@@ -1,0 +1,132 @@
+"""Readable replicas: a replica's snapshot is served over NBD (`nbdgw serve` on the
+replica's data dir, real nbdkit, libnbd) while its receiver goes on applying the
+primary's writes.  Every MiB read equals the primary's snapshot; writes are refused;
+the replica's lag with a reader stays within 2x of its lag without one; the snapshot
+deleted on the primary fails the reader with ESHUTDOWN; checksums equal at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+
+import nbd
+import pytest
+
+from blockstore.snapshot import read_index
+from tests.conftest import Served, run_nbdgw
+from tests.integration.conftest import connected
+from tests.integration.peerenv import VOL_SIZE, Env, Writer
+
+MiB = 1 << 20
+PHASE_S = 6.0
+
+
+def replica_snapshots(env: Env) -> list[str]:
+    path = env.replica / "volumes/v1/snapshots/index"
+    if not path.exists():
+        return []
+    _shift, index = read_index(path)
+    return [index.snaps[i].name for i in index.order]
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.05)
+
+
+def image_hashes(s: Served, export: str) -> list[bytes]:
+    """blake2b of every MiB of ``export``."""
+    with connected(s, export) as h:
+        return [hashlib.blake2b(h.pread(MiB, o)).digest() for o in range(0, VOL_SIZE, MiB)]
+
+
+def export_names(s: Served) -> list[str]:
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(s.uri())
+    names: list[str] = []
+    h.opt_list(lambda name, _desc: names.append(name) or 0)
+    h.opt_abort()
+    return names
+
+
+def lag_samples(env: Env, seconds: float, during: Callable[[], None] | None = None
+                ) -> list[int]:
+    """The replica's lag in records (primary's last seq - persisted ack), every 0.1 s;
+    ``during`` runs between samples (a reader's step)."""
+    out = []
+    end = time.monotonic() + seconds
+    nxt = 0.0
+    while time.monotonic() < end:
+        if time.monotonic() >= nxt:
+            out.append(env.last_seq() - env.acked())
+            nxt = time.monotonic() + 0.1
+        if during is not None:
+            during()
+        else:
+            time.sleep(0.02)
+    return out
+
+
+def test_replica_snapshot_is_read_while_the_replica_keeps_receiving(
+        env: Env, serve: Callable[..., Served]) -> None:
+    rx = env.receiver()
+    env.sender(rx.port)
+    w = Writer(env.served, seed=21, pause=0.001)
+    w.start()
+    try:
+        w.halt.wait(1.0)
+        run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(env.primary))
+        want = image_hashes(env.served, "v1@s1")
+        wait_for("the replica takes s1", lambda: "s1" in replica_snapshots(env))
+        without = lag_samples(env, PHASE_S)  # the lag with no reader
+
+        rs = serve(data_dir_=env.replica)  # nbdgw serve of the replica's data dir
+        assert any("export v1@s1:" in line for line in rs.lines)
+        assert export_names(rs) == ["v1@s1"]  # the replica itself is not served
+        reads = [0]
+        h = rs.connect("v1@s1")
+        assert isinstance(h, nbd.NBD)
+        assert h.is_read_only()
+        assert h.get_size() == VOL_SIZE
+
+        def read_one() -> None:  # 1 MiB sequential reads, wrapping at the end
+            i = reads[0] % (VOL_SIZE // MiB)
+            got = hashlib.blake2b(h.pread(MiB, i * MiB)).digest()
+            assert got == want[i], f"MiB {i} of v1@s1 on the replica differs (read {reads[0]})"
+            reads[0] += 1
+
+        with_reader = lag_samples(env, PHASE_S, read_one)
+        assert reads[0] >= 64, f"only {reads[0]} MiB read in {PHASE_S} s"
+        with pytest.raises(nbd.Error) as e:
+            h.pwrite(b"x" * 4096, 0)
+        assert e.value.errnum in (errno.EPERM, errno.EROFS), e.value
+        avg0, avg1 = statistics.mean(without), statistics.mean(with_reader)
+        print(f"replica lag (records) without a reader: mean {avg0:.1f} max {max(without)}; "
+              f"with a 1 MiB sequential reader: mean {avg1:.1f} max {max(with_reader)}; "
+              f"{reads[0]} MiB read ({reads[0] / PHASE_S:.0f} MiB/s)")
+        # Within 2x (a few records of slack: the lag is tens of records and jitters).
+        assert avg1 <= 2 * avg0 + 5, (avg0, avg1)
+
+        # The primary deletes s1 (no client of its own reads it): the replica follows,
+        # and its reader gets ESHUTDOWN, never other bytes.
+        run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(env.primary))
+        wait_for("the replica deletes s1", lambda: "s1" not in replica_snapshots(env))
+        with pytest.raises(nbd.Error) as e:
+            read_one()
+        assert e.value.errnum == errno.ESHUTDOWN, e.value
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+    finally:
+        w.stop()
+    env.wait_caught_up()
+    for p in env.procs:
+        assert p.stop() == 0
+    primary, replica = env.checksums()
+    assert primary == replica
