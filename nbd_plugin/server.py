@@ -182,6 +182,8 @@ class Server:
             detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
             raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
         self.control.start()
+        for info in self._replicas():  # the iSCSI bridge mounts their snapshots through it
+            self.control.add_replica(info.name, info.path)
 
     def _primaries(self) -> list[str]:
         assert self.params.data_dir is not None
@@ -279,6 +281,8 @@ class Server:
             for name in self._primaries():
                 if name not in self.volumes:
                     self._add(name)
+            for info in self._replicas():
+                self.control.add_replica(info.name, info.path)
 
     def list_exports(self) -> list[tuple[str, str]]:
         out = []

@@ -12,13 +12,17 @@ import hashlib
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import nbd
 import pytest
 
 from blockstore.snapshot import read_index
+from iscsi_bridge import Export
+from iscsi_bridge.names import DISK_LUN
 from tests.conftest import Served, run_nbdgw
 from tests.integration.conftest import connected
+from tests.integration.iscsienv import BASE, IscsiEnv, sh
 from tests.integration.peerenv import VOL_SIZE, Env, Writer
 
 MiB = 1 << 20
@@ -128,5 +132,41 @@ def test_replica_snapshot_is_read_while_the_replica_keeps_receiving(
     env.wait_caught_up()
     for p in env.procs:
         assert p.stop() == 0
+    primary, replica = env.checksums()
+    assert primary == replica
+
+
+def test_replica_snapshot_as_an_iscsi_lun_while_the_replica_keeps_receiving(
+        env: Env, serve: Callable[..., Served], iscsi: Callable[..., IscsiEnv],
+        tmp_path: Path) -> None:
+    """The bridge mounts v1@s1 through the replica's nbdkit (its control socket, FUSE
+    served inside nbdkit) and tgtd serves it read-only; a qemu-img copy of the LUN taken
+    while the primary writes is the primary's s1, byte for byte."""
+    rx = env.receiver()
+    env.sender(rx.port)
+    w = Writer(env.served, seed=22, pause=0.001)
+    w.start()
+    try:
+        w.halt.wait(0.5)
+        run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(env.primary))
+        want = image_hashes(env.served, "v1@s1")
+        wait_for("the replica takes s1", lambda: "s1" in replica_snapshots(env))
+        rs = serve(data_dir_=env.replica)
+        e = iscsi(exports=[Export("v1@s1")], served=rs)
+        url = f"iscsi://127.0.0.1:{e.port}/{BASE}:v1:s1/{DISK_LUN}"
+        out = tmp_path / "lun.img"
+        sh("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out), timeout=120)
+        with open(out, "rb") as f:
+            got = [hashlib.blake2b(f.read(MiB)).digest() for _ in range(VOL_SIZE // MiB)]
+        assert got == want
+        p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(out), url,
+               check=False, timeout=120)
+        assert p.returncode != 0  # read-only LUN
+        assert e.bridge.withdraw("v1@s1")
+    finally:
+        w.stop()
+    env.wait_caught_up()
+    for proc in env.procs:
+        assert proc.stop() == 0
     primary, replica = env.checksums()
     assert primary == replica

@@ -5,6 +5,7 @@ applies batches; the replica itself is not served; writes are refused."""
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from blockstore.record import Op
 from blockstore.snapshot import FollowedSnapshotView
 from blockstore.volume import Volume, create_volume
 from nbd_plugin.server import Params, PluginError, Server
+from nbdgw_common.control_socket import ControlError, request
 
 MiB = 1 << 20
 SIZE = 2 * MiB
@@ -96,3 +98,22 @@ def test_a_replica_named_with_no_snapshots_is_not_an_error(tmp_path: Path) -> No
 def test_no_volume_and_no_replica_is_still_refused(tmp_path: Path) -> None:
     with pytest.raises(PluginError, match="no volume can be served"):
         server(tmp_path, "nope")
+
+
+def test_the_replica_control_socket_serves_fuse_and_stats_only(tmp_path: Path,
+                                                               receiver: Volume) -> None:
+    s = server(tmp_path)
+    vdir = tmp_path / "volumes" / "r1"
+    try:
+        assert request(vdir, {"op": "stats"}, timeout=10)["ok"]
+        with pytest.raises(ControlError, match="r1 is a replica here"):
+            request(vdir, {"op": "create", "volumes": ["r1"], "name": "x"}, timeout=10)
+        with pytest.raises(ControlError, match="r1 is a replica here"):
+            request(vdir, {"op": "delete", "volume": "r1", "name": "s1"}, timeout=10)
+        # A FUSE mount of a replica snapshot is attached through the same open as an NBD
+        # client's (a real mount: tests/integration/test_replica_read.py).
+        with pytest.raises(ControlError, match="no snapshot named 'none'"):
+            request(vdir, {"op": "fuse", "export": "r1@none", "read_only": True},
+                    timeout=10, fds=(os.open(os.devnull, os.O_RDONLY),))
+    finally:
+        s.close()
