@@ -736,6 +736,8 @@ class SnapshotFollower:
         self.data_fd = os.open(directory / "data", os.O_RDONLY)
         self.reloads = 0
         self.rechecked = 0  # extents found owned only by step 3 (tests, curiosity)
+        self.gone = False  # the volume was deleted (or re-created): nothing more to read
+        self.uuid = b""
         try:
             self._load()
         except BaseException:
@@ -769,12 +771,35 @@ class SnapshotFollower:
         if self.index_fd >= 0:
             os.close(self.index_fd)
         self.index_fd, self.ino, self.pos = fd, os.fstat(fd).st_ino, end
+        vuuid = decode_header(buf)[1]
+        if self.uuid and (vuuid != self.uuid or self._replaced()):
+            self._gone("re-created")
+        self.uuid = vuuid
         self.shift, self.ext, self.index = shift, 1 << shift, index
         self.reloads += 1
 
+    def _replaced(self) -> bool:
+        """Whether the data file or the store is another file than the ones open."""
+        try:
+            return (os.stat(self.dir / "data").st_ino != os.fstat(self.data_fd).st_ino
+                    or os.stat(self.store.path).st_ino != os.fstat(self.store.fd).st_ino)
+        except FileNotFoundError:
+            return True
+
+    def _gone(self, how: str) -> None:
+        self.gone = True
+        raise OSError(errno.ESHUTDOWN, f"volume {self.volume} was {how} on this node: "
+                      "its snapshots served before are gone, reconnect")
+
     def refresh(self) -> None:
         """Take in every record appended (or compaction made) before this call."""
-        if os.stat(self.dir / "index").st_ino != self.ino:
+        if self.gone:
+            self._gone("deleted or re-created")
+        try:
+            ino = os.stat(self.dir / "index").st_ino
+        except FileNotFoundError:
+            self._gone("deleted")
+        if ino != self.ino:
             self._load()  # compacted: the old file (our fd) may lack the last records
             return
         size = os.fstat(self.index_fd).st_size

@@ -358,6 +358,12 @@ class Server:
         (blockstore/snapshot.py SnapshotFollower has the protocol)."""
         with self.members:
             got = self.followers.get(volume)
+            if got is not None and got[0].gone:  # deleted, perhaps created again since
+                self.followers.pop(volume)
+                with got[1]:  # its views fail from now on, before any read (ESHUTDOWN)
+                    got[0].store.close()
+                    got[0].close()
+                got = None
             if got is None:
                 assert self.params.data_dir is not None
                 info = find_volume(self.params.data_dir, volume)

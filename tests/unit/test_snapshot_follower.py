@@ -27,7 +27,7 @@ from blockstore.snapshot import (
     encode_cow,
 )
 from blockstore.store import Store
-from blockstore.volume import Volume, create_volume
+from blockstore.volume import Volume, create_volume, delete_volume
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 4 * MiB
@@ -283,3 +283,37 @@ def test_a_writer_process_racing_a_reader_process(tmp_path: Path) -> None:
     print(f"reads {reads}, re-checked extents {rechecked}, index reloads {reloads}")
     assert reads >= 50
     assert reloads >= 2  # compactions were followed
+
+
+def test_a_volume_deleted_or_created_again_ends_its_readers(tmp_path: Path) -> None:
+    create_volume(tmp_path, "v1", SIZE)
+    v = Volume.open(tmp_path, "v1")
+    v.write(pattern(1), 0)
+    v.snapshot_create("s")
+    v.close()
+    f = follower(tmp_path)
+    view = FollowedSnapshotView(f, "s")
+    assert read_all(view, MiB) == pattern(1)[:MiB]
+    delete_volume(tmp_path, "v1")
+    with pytest.raises(OSError, match="was deleted") as e:
+        read_all(view, MiB)
+    assert e.value.errno == errno.ESHUTDOWN
+    f.close()
+    f.store.close()
+
+    create_volume(tmp_path, "v1", SIZE)  # a new v1 with a snapshot of the same name
+    v = Volume.open(tmp_path, "v1")
+    v.write(pattern(1), 0)
+    v.snapshot_create("s")
+    f = follower(tmp_path)
+    view = FollowedSnapshotView(f, "s")
+    v.close()
+    delete_volume(tmp_path, "v1")
+    create_volume(tmp_path, "v1", SIZE)
+    v = Volume.open(tmp_path, "v1")
+    v.write(pattern(2), 0)
+    v.snapshot_create("s")
+    v.close()
+    with pytest.raises(OSError, match="re-created") as e:
+        read_all(view, MiB)
+    assert e.value.errno == errno.ESHUTDOWN and f.gone
