@@ -950,13 +950,16 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
 @click.option("--nbd-socket", type=click.Path(path_type=Path), default=None,
               help="Unix socket of the running `nbdgw serve` (default: from nbd.listen).")
 @click.option("--volume", "volumes", multiple=True, help="Export only these volumes.")
+@click.option("--snapshot", "snapshots", multiple=True, metavar="VOLUME@SNAP",
+              help="Also export this snapshot, read-only (a replica's too: on a secondary "
+                   "or DR node, served by `nbdgw serve` there).")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="Seconds between reconciles (repairs a restarted tgtd or a lost target).")
 @click.pass_obj
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
-                volumes: tuple[str, ...], interval: float) -> None:
+                volumes: tuple[str, ...], snapshots: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
-    from iscsi_bridge import Bridge
+    from iscsi_bridge import Bridge, Export
 
     from .exports import exports_from_config
 
@@ -966,6 +969,10 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
     exports = exports_from_config(cfg)
     if volumes:
         exports = [e for e in exports if e.name in volumes]
+    for name in snapshots:
+        if not Export(name).is_snapshot:
+            _fail(f"--snapshot {name}: expected VOLUME@SNAP")
+        exports.append(Export(name, read_only=True))
     if not exports:
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
     bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)

@@ -9,20 +9,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import nbd
 import pytest
 
 from blockstore.snapshot import read_index
-from iscsi_bridge import Export
 from iscsi_bridge.names import DISK_LUN
-from tests.conftest import Served, run_nbdgw
+from tests.conftest import NBDGW, Served, free_port, need, run_nbdgw
 from tests.integration.conftest import connected
-from tests.integration.iscsienv import BASE, IscsiEnv, sh
+from tests.integration.iscsienv import BASE, free_control_port, sh
 from tests.integration.peerenv import VOL_SIZE, Env, Writer
 
 MiB = 1 << 20
@@ -137,23 +139,43 @@ def test_replica_snapshot_is_read_while_the_replica_keeps_receiving(
 
 
 def test_replica_snapshot_as_an_iscsi_lun_while_the_replica_keeps_receiving(
-        env: Env, serve: Callable[..., Served], iscsi: Callable[..., IscsiEnv],
-        tmp_path: Path) -> None:
-    """The bridge mounts v1@s1 through the replica's nbdkit (its control socket, FUSE
-    served inside nbdkit) and tgtd serves it read-only; a qemu-img copy of the LUN taken
-    while the primary writes is the primary's s1, byte for byte."""
+        env: Env, serve: Callable[..., Served], tmp_path: Path) -> None:
+    """`nbdgw iscsi serve --snapshot v1@s1` on the replica's node: the bridge mounts the
+    snapshot through the replica's nbdkit (its control socket, FUSE served inside nbdkit)
+    and tgtd serves it read-only; a qemu-img copy of the LUN taken while the primary
+    writes is the primary's s1, byte for byte."""
+    for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
+        need(tool)
     rx = env.receiver()
     env.sender(rx.port)
     w = Writer(env.served, seed=22, pause=0.001)
     w.start()
+    port = free_port()
+    cfg = tmp_path / "replica.yaml"
+    cfg.write_text(f"""version: 1
+node: {{data_dir: {env.replica}}}
+iscsi:
+  enabled: true
+  portal: 127.0.0.1:{port}
+  iqn: {BASE}
+  control_port: {free_control_port()}
+  run_dir: {tmp_path / 'iscsi'}
+""")
+    proc = None
+    log = open(tmp_path / "iscsi-serve.log", "w+")  # noqa: SIM115
     try:
         w.halt.wait(0.5)
         run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(env.primary))
         want = image_hashes(env.served, "v1@s1")
         wait_for("the replica takes s1", lambda: "s1" in replica_snapshots(env))
         rs = serve(data_dir_=env.replica)
-        e = iscsi(exports=[Export("v1@s1")], served=rs)
-        url = f"iscsi://127.0.0.1:{e.port}/{BASE}:v1:s1/{DISK_LUN}"
+        proc = subprocess.Popen([NBDGW, "--log-format", "json", "-c", str(cfg), "iscsi",
+                                 "serve", "--nbd-socket", str(rs.sock), "--snapshot", "v1@s1"],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        assert proc.stdout is not None
+        url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/{DISK_LUN}"
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[1] == f"nbdgw: iscsi target v1@s1: {url}\n", (lines, log_text(log))
         out = tmp_path / "lun.img"
         sh("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out), timeout=120)
         with open(out, "rb") as f:
@@ -161,12 +183,24 @@ def test_replica_snapshot_as_an_iscsi_lun_while_the_replica_keeps_receiving(
         assert got == want
         p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(out), url,
                check=False, timeout=120)
-        assert p.returncode != 0  # read-only LUN
-        assert e.bridge.withdraw("v1@s1")
+        assert p.returncode != 0  # a read-only LUN
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
     finally:
         w.stop()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        run_nbdgw("-c", str(cfg), "iscsi", "down", check=False)
+        log.close()
     env.wait_caught_up()
-    for proc in env.procs:
-        assert proc.stop() == 0
+    for pp in env.procs:
+        assert pp.stop() == 0
     primary, replica = env.checksums()
     assert primary == replica
+
+
+def log_text(f: IO[str]) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read()
