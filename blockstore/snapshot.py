@@ -55,7 +55,7 @@ from crc32c import crc32c
 from .errors import FormatError, InvalidArgument
 from .meta import fsync_dir
 from .modes import create_file, make_dir
-from .store import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Store, fallocate
+from .store import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Store, fallocate, open_noatime
 
 INDEX_MAGIC = b"NBDGWSNP"
 INDEX_VERSION = 1
@@ -733,7 +733,7 @@ class SnapshotFollower:
         self.volume = volume
         self.size = store.size
         self.index_fd = -1
-        self.data_fd = os.open(directory / "data", os.O_RDONLY)
+        self.data_fd = open_noatime(directory / "data")
         self.reloads = 0
         self.rechecked = 0  # extents found owned only by step 3 (tests, curiosity)
         self.gone = False  # the volume was deleted (or re-created): nothing more to read
@@ -754,7 +754,7 @@ class SnapshotFollower:
     # -- following the index -------------------------------------------------------------
 
     def _load(self) -> None:
-        fd = os.open(self.dir / "index", os.O_RDONLY)
+        fd = open_noatime(self.dir / "index")
         try:
             buf = _read_all(fd)
             shift, _ = decode_header(buf)

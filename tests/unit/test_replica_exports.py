@@ -4,8 +4,10 @@ applies batches; the replica itself is not served; writes are refused."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from blockstore.marks import SNAP_EVENT
 from blockstore.record import Op
 from blockstore.snapshot import FollowedSnapshotView
 from blockstore.volume import Volume, create_volume
-from nbd_plugin.server import Params, PluginError, Server
+from nbd_plugin.server import READER_NICE, Params, PluginError, Server
 from nbdgw_common.control_socket import ControlError, request
 
 MiB = 1 << 20
@@ -30,6 +32,16 @@ def snap_mark(sid: int, name: str) -> tuple[int, int, int, int, bytes]:
 
 def write(offset: int, byte: int, n: int = 64 * 1024) -> tuple[int, int, int, int, bytes]:
     return (Op.WRITE, 0, offset, n, bytes([byte]) * n)
+
+
+@pytest.fixture(autouse=True)
+def _nice_again() -> Iterator[None]:
+    """Reads here run in the test's thread, which they renice: back after each test."""
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    yield
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
 @pytest.fixture
@@ -115,5 +127,35 @@ def test_the_replica_control_socket_serves_fuse_and_stats_only(tmp_path: Path,
         with pytest.raises(ControlError, match="no snapshot named 'none'"):
             request(vdir, {"op": "fuse", "export": "r1@none", "read_only": True},
                     timeout=10, fds=(os.open(os.devnull, os.O_RDONLY),))
+    finally:
+        s.close()
+
+
+def test_replica_snapshot_reads_yield_the_cpu_and_leave_atime(tmp_path: Path,
+                                                              receiver: Volume) -> None:
+    """A replica snapshot's reader runs at nice READER_NICE (its own thread: nbdkit and
+    the FUSE server give each connection and mount one) and never dirties the store's
+    inode the receiver syncs (O_NOATIME)."""
+    s = server(tmp_path)
+    store = tmp_path / "volumes" / "r1" / "store"
+    old = store.stat().st_atime_ns - 10**9
+    os.utime(store, ns=(old, store.stat().st_mtime_ns))  # relatime would update it
+    try:
+        h = s.open("r1@s1", True)
+        done: list[int] = []
+
+        def read() -> None:
+            buf = bytearray(4096)
+            with h.lock:
+                h.vol.read_into(buf, MiB)  # read through to the live store
+            done.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+        t = threading.Thread(target=read)
+        t.start()
+        t.join(10)
+        assert done == [READER_NICE]
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < READER_NICE
+        assert store.stat().st_atime_ns == old
+        s.close_handle(h)
     finally:
         s.close()
