@@ -183,6 +183,8 @@ class ControlServer:
                         reply, fds = self._fuse(req, fds), []
                     elif volume in self.replicas and req != {"op": "stats"}:
                         reply = {"ok": False, "error": (
+                            f"volume {volume} is a replica here, held by its receiver "
+                            "(stop replicating it first)" if op == "withdraw" else
                             f"volume {volume} is a replica here: its snapshots are taken "
                             "and deleted on its primary, and reach it through the journal")}
                     elif op == "withdraw":

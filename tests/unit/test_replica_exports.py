@@ -122,6 +122,8 @@ def test_the_replica_control_socket_serves_fuse_and_stats_only(tmp_path: Path,
             request(vdir, {"op": "create", "volumes": ["r1"], "name": "x"}, timeout=10)
         with pytest.raises(ControlError, match="r1 is a replica here"):
             request(vdir, {"op": "delete", "volume": "r1", "name": "s1"}, timeout=10)
+        with pytest.raises(ControlError, match=r"held by its receiver \(stop replicating"):
+            request(vdir, {"op": "withdraw"}, timeout=10)  # nbdgw volume delete asks this
         # A FUSE mount of a replica snapshot is attached through the same open as an NBD
         # client's (a real mount: tests/integration/test_replica_read.py).
         with pytest.raises(ControlError, match="no snapshot named 'none'"):
