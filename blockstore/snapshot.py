@@ -905,6 +905,9 @@ class SnapshotFollower:
             self.refresh()  # step 3
             self._alive(snap)
             if self.redo_token() != token:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EIO, f"volume {self.volume} is recovering (redo "
+                                  "after a crash of its receiver): try again")
                 continue  # a redo ran meanwhile: the live reads may have seen it
             for e in live:
                 slot = self.index.owner_slot(snap.id, e)
@@ -934,6 +937,9 @@ class SnapshotFollower:
             self.refresh()
             self._alive(snap)
             if self.redo_token() != token:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EIO, f"volume {self.volume} is recovering (redo "
+                                  "after a crash of its receiver): try again")
                 continue
             out: list[tuple[int, int, bool]] = []
             for s, t, planned in plan:

@@ -80,6 +80,23 @@ def test_a_write_landing_between_plan_and_read_is_caught_by_the_recheck(
     assert read_all(view) == pattern(1)  # now planned from the pre-images at once
 
 
+def test_block_status_racing_a_trim_is_caught_by_the_recheck(vol: Volume,
+                                                             tmp_path: Path) -> None:
+    vol.snapshot_create("s")
+    f = follower(tmp_path)
+    view = FollowedSnapshotView(f, "s")
+    real = f.store.extents
+
+    def racing_extents(offset: int, count: int) -> list[tuple[int, int, bool]]:
+        vol.trim(offset, count)  # preserved first, then punched: a hole in the store
+        return real(offset, count)
+
+    f.store.extents = racing_extents  # type: ignore[method-assign]
+    assert view.extents(0, 4 * EXT) == [(0, 4 * EXT, True)]
+    assert real(0, 4 * EXT) == [(0, 4 * EXT, False)]
+    assert read_all(view, 4 * EXT) == pattern(1)[:4 * EXT]
+
+
 def test_new_snapshots_deletions_and_compaction_are_followed(vol: Volume,
                                                              tmp_path: Path) -> None:
     vol.snapshot_create("a")
@@ -258,6 +275,8 @@ def race(tmp_path: Path, seconds: float) -> tuple[int, int, int]:
             off = rng.randrange(0, SIZE // 4096) * 4096
             n = min(rng.choice([4 * KiB, 100 * KiB, MiB, SIZE]), SIZE - off)
             assert read_all(s, n, off) == want[off:off + n], f"read [{off}, +{n})"
+            if reads % 8 == 0:  # s has no hole: the writer's trims must not show through
+                assert all(alloc for _o, _n, alloc in s.extents(off, n)), (off, n)
             try:  # deleted under the reader: ESHUTDOWN, never other bytes
                 got = read_all(gone, n, off)
             except OSError as e:
