@@ -91,6 +91,7 @@ from .record import REC_HEADER_SIZE, Flag, Op, RecordHeader
 from .snapshot import (
     MAX_SNAPSHOTS,
     ROLLBACK_FILE,
+    RedoFence,
     Snapshot,
     SnapshotError,
     SnapshotStore,
@@ -680,6 +681,11 @@ class Volume:
                 f"but the journal begins at seq {first}")
         pending: list[tuple[RecordHeader, bytes]] = []
         committed_seq = self.checkpoint_seq
+        # Readers of the snapshots in other processes (a replica's exports) must not take
+        # the older contents redo passes through for the snapshot's (snapshot.py).
+        fence = RedoFence(self.snaps.dir) if self.snaps is not None else None
+        if fence is not None:
+            fence.begin()
         for hdr, payload in self.journal.records(self.checkpoint_seq + 1):
             if self.replica:
                 pending.append((hdr, payload))
@@ -696,6 +702,8 @@ class Volume:
             for h, p in batch:
                 self._redo(h, p)
                 replayed += 1
+        if fence is not None:
+            fence.end()
         if self.replica:
             torn += self.journal.truncate_after(committed_seq)
         hot = self.al.extents()

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -351,17 +352,21 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
     check_config_files(cfg)  # the same checks as `config check`, with the flags applied
     existing_data_dir(cfg.data_dir)
-    pre = precheck_volumes(cfg, list(volumes) or None, all_readonly=read_only)
+    # Replicas (their receiver holds them): only their snapshots, read-only, REPLICA@SNAP.
+    named = list(volumes) or [v.name for v in cfg.volumes]
+    replicas = _replicas(cfg.data_dir, named)
+    others = [n for n in named if n not in replicas]
+    pre = precheck_volumes(cfg, others if named else None, all_readonly=read_only)
     for name, err in pre.failed.items():
         click.echo(f"nbdgw: error: volume {name} not served: {err}", err=True)
-    if not pre.served:
+    if not pre.served and not replicas:
         _fail("no volume to serve" + ("" if pre.failed else
                                       f" in {cfg.data_dir} (create one with "
                                       "'nbdgw volume create NAME --size SIZE')"))
     # Without a volume named (here or in the config), volumes created while it runs are
     # served too, and deleted ones withdrawn.
     warn_if_open(cfg)
-    server = NbdServer(cfg, pre.served, all_readonly=read_only,
+    server = NbdServer(cfg, pre.served + replicas, all_readonly=read_only,
                        discover=not volumes and not cfg.volumes)
     stop = threading.Event()
 
@@ -377,6 +382,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         click.echo(f"nbdgw: listening on {a}")
     for name in pre.served:
         click.echo(f"nbdgw: export {name}: {uri(server.addresses[0], name, tls_on)}")
+    _echo_replica_exports(cfg.data_dir, replicas, lambda e: uri(server.addresses[0], e, tls_on))
     sys.stdout.flush()
     while not stop.is_set() and server.poll() is None:
         stop.wait(0.2)
@@ -385,6 +391,32 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     rc = server.stop()
     if not stop.is_set():
         _fail(f"nbdkit exited unexpectedly with status {rc}")
+
+
+def _replicas(data_dir: Path, named: list[str]) -> list[str]:
+    """The replicas among ``named`` (every replica in data_dir when none is named)."""
+    from blockstore.volume import is_replica
+
+    return [v.name for v in list_volumes(data_dir)
+            if is_replica(v) and (not named or v.name in named)]
+
+
+def _echo_replica_exports(data_dir: Path, replicas: list[str],
+                          uri_of: Callable[[str], str]) -> None:
+    """An export line per snapshot of each replica served (more appear as they come)."""
+    from blockstore.snapshot import read_index
+
+    for name in replicas:
+        try:
+            _shift, index = read_index(find_volume(data_dir, name).path / "snapshots/index")
+            snaps = [index.snaps[i].name for i in index.order]
+        except (BlockstoreError, OSError):
+            snaps = []
+        for snap in snaps:
+            click.echo(f"nbdgw: export {name}@{snap}: {uri_of(f'{name}@{snap}')} (read-only)")
+        if not snaps:
+            click.echo(f"nbdgw: replica {name}: its snapshots are exported read-only as "
+                       f"{name}@SNAPSHOT (none yet)")
 
 
 @cli.command()
@@ -920,13 +952,16 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
 @click.option("--nbd-socket", type=click.Path(path_type=Path), default=None,
               help="Unix socket of the running `nbdgw serve` (default: from nbd.listen).")
 @click.option("--volume", "volumes", multiple=True, help="Export only these volumes.")
+@click.option("--snapshot", "snapshots", multiple=True, metavar="VOLUME@SNAP",
+              help="Also export this snapshot, read-only (a replica's too: on a secondary "
+                   "or DR node, served by `nbdgw serve` there).")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="Seconds between reconciles (repairs a restarted tgtd or a lost target).")
 @click.pass_obj
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
-                volumes: tuple[str, ...], interval: float) -> None:
+                volumes: tuple[str, ...], snapshots: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
-    from iscsi_bridge import Bridge
+    from iscsi_bridge import Bridge, Export
 
     from .exports import exports_from_config
 
@@ -936,6 +971,10 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
     exports = exports_from_config(cfg)
     if volumes:
         exports = [e for e in exports if e.name in volumes]
+    for name in snapshots:
+        if not Export(name).is_snapshot:
+            _fail(f"--snapshot {name}: expected VOLUME@SNAP")
+        exports.append(Export(name, read_only=True))
     if not exports:
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
     bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)
