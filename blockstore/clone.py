@@ -20,7 +20,9 @@ is for mounting, testing and throwing away.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import threading
 import time
@@ -132,10 +134,21 @@ def clones_of(data_dir: Path, volume: str, snapshot: str | None = None) -> list[
 
 
 def delete_clone(data_dir: Path, name: str) -> None:
-    """Remove a clone and everything it wrote (the caller checked nobody serves it)."""
+    """Remove a clone and everything it wrote; refused while a server has it open (an
+    open clone holds a shared lock on its data file)."""
     info = find_clone(data_dir, name)
     if info is None:
         raise CloneError(f"no clone named {name}")
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(info.data, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CloneError(f"clone {name} is in use (served to NBD or iSCSI "
+                                 "clients): disconnect them first") from None
+        finally:
+            os.close(fd)
     (info.path / "clone.json").unlink()  # first: a half-deleted clone is no clone
     info.data.unlink(missing_ok=True)
     info.path.rmdir()
@@ -160,6 +173,7 @@ class Clone:
         self.base = base
         self.readonly = readonly
         self.fd = os.open(info.data, os.O_RDONLY if readonly else os.O_RDWR)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)  # delete_clone waits for nobody: it refuses
         self.block = max(MIN_BLOCK, os.fstat(self.fd).st_blksize)
         self.lock = threading.Lock()  # read-modify-write of a block's unwritten rest
 
@@ -246,13 +260,19 @@ class Clone:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
 
-    def write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
+    # The volume's write interface (nbd_plugin's handle calls these alike): a clone has
+    # no journal, so there is no sequence number to return (0) and nothing to replicate.
+    last_seq = 0
+
+    def write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> int:
         self._writable(offset, len(buf))
         self._write_blocks(buf, offset)
         if fua:
             self.flush()
+        return 0
 
-    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+    def zero(self, offset: int, length: int, may_trim: bool | int = False,
+             fua: bool = False) -> int:
         """TRIM and ZERO: zeros written (a hole would show the base again)."""
         self._writable(offset, length)
         step = 1 << 20
@@ -261,6 +281,14 @@ class Clone:
             self._write_blocks(bytes(n), pos)
         if fua:
             self.flush()
+        return 0
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> int:
+        return self.zero(offset, length, fua=fua)
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
+        """Everything reads as data (the base's holes are not worth a lookup here)."""
+        return [(offset, count, True)]
 
     def flush(self) -> None:
         if not self.readonly:

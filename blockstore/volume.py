@@ -50,6 +50,7 @@ import structlog
 from nbdgw_common.logs import mark_logged
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
+from .clone import clones_of, find_clone
 from .diverged import read_diverged
 from .errors import (
     BlockstoreError,
@@ -250,6 +251,9 @@ def create_volume(data_dir: Path, name: str, size: int, replica: bool = False) -
     final = vdir / name
     if final.exists():
         raise VolumeExists(f"volume {name} already exists in {data_dir}")
+    if find_clone(data_dir, name) is not None:
+        raise VolumeExists(f"a clone named {name} exists in {data_dir} (clones and volumes "
+                           "share the export names)")
     tmp = vdir / f".creating-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     make_dir(tmp)
@@ -1212,6 +1216,12 @@ class Volume:
         if self.snaps is None:
             raise SnapshotError(f"volume {self.name} has no snapshot named {name!r}")
         snap = self.snaps.index.get(name)
+        users = clones_of(self.info.path.parent.parent, self.name, name)
+        if users:
+            raise SnapshotError(
+                f"snapshot {name} of volume {self.name} is the base of clone"
+                f"{'s' if len(users) > 1 else ''} {', '.join(users)}: delete "
+                f"{'them' if len(users) > 1 else 'it'} first (nbdgw clone delete NAME)")
         assert self.journal is not None
         self.mark({"event": SNAP_DELETE_EVENT, "id": snap.id, "name": name})
         self.journal.sync()

@@ -633,6 +633,62 @@ def snapshot_delete(obj: Ctx, volume: str, name: str, data_dir: Path | None) -> 
     click.echo(f"deleted snapshot {name} of volume {volume}")
 
 
+@cli.group(cls=Group)
+def clone() -> None:
+    """Writable clones of snapshots, on any site: for mounting, reports, DR drills."""
+
+
+@clone.command("create")
+@click.argument("source", metavar="VOLUME@SNAPSHOT")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("clone create")
+def clone_create(obj: Ctx, source: str, name: str, data_dir: Path | None) -> None:
+    """A writable clone NAME of SOURCE: it stores only its own writes, is never
+    replicated, and is served as NBD export NAME (and an iSCSI LUN) by this node's
+    nbdgw serve. The snapshot cannot be deleted while the clone exists."""
+    from . import clones
+
+    info = clones.create(obj.data_dir(data_dir), source, name)
+    click.echo(f"created clone {info.name} of {info.volume}@{info.snapshot} "
+               f"(export {info.name}, {_human(info.size)})")
+
+
+@clone.command("list")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def clone_list(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """The clones of this node: base, size, and the space their writes take."""
+    from blockstore.clone import list_clones
+
+    rows = [c.to_json() for c in list_clones(obj.data_dir(data_dir))]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no clones")
+        return
+    click.echo(f"{'NAME':<24} {'BASE':<40} {'SIZE':>10} {'WRITTEN':>10}")
+    for r in rows:
+        click.echo(f"{r['name']:<24} {r['volume'] + '@' + r['snapshot']:<40} "
+                   f"{_human(r['size']):>10} {_human(r['allocated_bytes']):>10}")
+
+
+@clone.command("delete")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("clone delete")
+def clone_delete(obj: Ctx, name: str, data_dir: Path | None) -> None:
+    """Delete clone NAME and everything written to it (refused while it is served)."""
+    from blockstore.clone import delete_clone
+
+    delete_clone(obj.data_dir(data_dir), name)
+    click.echo(f"deleted clone {name}")
+
+
 @snapshot.command("rollback")
 @click.argument("volume")
 @click.argument("name")

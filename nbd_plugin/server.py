@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from blockstore.clone import Clone, CloneInfo, find_clone, list_clones
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.journal import DEFAULT_SEGMENT_BYTES
 from blockstore.snapshot import FollowedSnapshotView, SnapshotFollower, SnapshotView, read_index
@@ -193,6 +194,9 @@ class Server:
         # Replicas: their receiver holds them; their snapshots are read here through a
         # SnapshotFollower each (blockstore/snapshot.py), one lock per replica.
         self.followers: dict[str, tuple[SnapshotFollower, threading.Lock]] = {}
+        # Clones (blockstore/clone.py) open now: name -> (clone, its base's handle, the
+        # handles open on it).  The base handle pins the snapshot while the clone is served.
+        self.clones: dict[str, tuple[Clone, Handle, int]] = {}
         self.replica_names = {n for n in params.volumes if self._replica(n)}
         self.control = ControlServer(self.volumes, self._snapshot_in_use,
                                      self.attach_fuse,
@@ -321,6 +325,9 @@ class Server:
                 snaps = v.snapshot_list()
             out += [(f"{n}@{r['name']}", f"nbdgw snapshot {r['name']} of volume {n}, "
                      "read-only") for r in snaps]
+        assert self.params.data_dir is not None
+        out += [(c.name, f"nbdgw clone {c.name} of {c.volume}@{c.snapshot}, writable")
+                for c in list_clones(self.params.data_dir)]
         for info in self._replicas():
             if info.name in served_names(served):
                 continue  # promoted since: served above
@@ -352,6 +359,10 @@ class Server:
         vol = self.volumes.get(name)
         if vol is None and self.discover and self._exists(name):
             vol = self._add(name)  # created (or promoted) after this process started
+        if vol is None and self.params.data_dir is not None:
+            clone = find_clone(self.params.data_dir, name) if self._valid(name) else None
+            if clone is not None:
+                return self._open_clone(clone, readonly)
         if vol is None:
             if name in self.replica_names:
                 raise FileNotFoundError(_REPLICA.format(name=name))
@@ -378,6 +389,52 @@ class Server:
         with self.lock:
             self.snapshot_handles[export] = self.snapshot_handles.get(export, 0) + 1
         return Handle(view, True, lock=vol.request_lock)
+
+    @staticmethod
+    def _valid(name: str) -> bool:
+        try:
+            validate_name(name)
+        except InvalidArgument:
+            return False
+        return True
+
+    def _open_clone(self, info: CloneInfo, readonly: bool) -> Handle:
+        """A writable clone of a snapshot (this node's volume's, or a replica's): its
+        writes in its own file, the rest read from the snapshot, under the snapshot's
+        lock (blockstore/clone.py)."""
+        with self.members:
+            got = self.clones.get(info.name)
+            if got is None:
+                base = f"{info.volume}@{info.snapshot}"
+                try:
+                    base_h = self._open_snapshot(base)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"clone {info.name}: its base {base} cannot be "
+                                            f"read: {e}") from None
+                try:
+                    clone = Clone(info, base_h.vol)
+                except BaseException:
+                    self.close_handle(base_h)
+                    raise
+                got = (clone, base_h, 0)
+                log.info("clone_opened", clone=info.name, base=base)
+            clone, base_h, n = got
+            self.clones[info.name] = (clone, base_h, n + 1)
+        return Handle(clone, readonly, lock=base_h.lock)
+
+    def _close_clone(self, name: str) -> None:
+        with self.members:
+            got = self.clones.get(name)
+            if got is None:
+                return
+            clone, base_h, n = got
+            if n > 1:
+                self.clones[name] = (clone, base_h, n - 1)
+                return
+            del self.clones[name]
+        with base_h.lock:
+            clone.close()
+        self.close_handle(base_h)
 
     def _open_replica_snapshot(self, volume: str, snap: str, export: str) -> Handle:
         """A replica's snapshot, read while its receiver goes on writing the replica
@@ -417,6 +474,9 @@ class Server:
         return Handle(view, True, lock=lock)
 
     def close_handle(self, h: Handle) -> None:
+        if isinstance(h.vol, Clone):
+            self._close_clone(h.vol.name)
+            return
         if not isinstance(h.vol, SnapshotView):
             with self.lock:
                 self.in_use[h.vol.name] = max(0, self.in_use.get(h.vol.name, 1) - 1)
