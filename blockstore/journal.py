@@ -295,8 +295,9 @@ class Journal:
         # fdatasync); an error sync_ahead met is raised by the next sync().
         self.synced_seq = 0
         self.sync_error: OSError | None = None
-        # Test hook (NBDGW_TEST_SYNC_DELAY, set by the plugin): seconds every sync
-        # sleeps where its fdatasync is, under the same locks, to stand for a slow disk.
+        # Test hook (NBDGW_TEST_SYNC_DELAY, set by the plugin and the receiver): seconds
+        # every sync sleeps where its fdatasync is, under the same locks, to stand for a
+        # slow disk.
         self.sync_delay = 0.0
 
     # -- opening ---------------------------------------------------------------
@@ -767,6 +768,17 @@ def record_headers(path: Path, first_seq: int, through_seq: int) -> Iterator[Rec
             seq += 1
     finally:
         os.close(fd)
+
+
+def sync_delays_for_tests(text: str) -> dict[str, float]:
+    """NBDGW_TEST_SYNC_DELAY="VOLUME=SECONDS,...": the test hook that makes each journal
+    sync of those volumes take that much longer (``Journal.sync_delay``; read by the
+    nbdkit plugin for primaries, by the receiver for replicas)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, secs = item.partition("=")
+        out[name] = float(secs)
+    return out
 
 
 class JournalTail:
