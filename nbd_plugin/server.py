@@ -20,7 +20,7 @@ import structlog
 
 from blockstore.clone import Clone, CloneInfo, find_clone, list_clones
 from blockstore.errors import BlockstoreError, InvalidArgument
-from blockstore.journal import DEFAULT_SEGMENT_BYTES
+from blockstore.journal import DEFAULT_SEGMENT_BYTES, sync_delays_for_tests
 from blockstore.snapshot import FollowedSnapshotView, SnapshotFollower, SnapshotView, read_index
 from blockstore.store import Store
 from blockstore.volume import (
@@ -45,17 +45,8 @@ from .syncgate import SyncGate
 log = structlog.get_logger(component="nbd_plugin")
 
 
-def _test_sync_delay(text: str) -> dict[str, float]:
-    """NBDGW_TEST_SYNC_DELAY="VOLUME=SECONDS,...": a test hook that makes each journal
-    sync of those volumes take that much longer (tests/integration/test_isolation.py)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        name, _, secs = item.partition("=")
-        out[name] = float(secs)
-    return out
-
-
-_TEST_SYNC_DELAY = _test_sync_delay(os.environ.get("NBDGW_TEST_SYNC_DELAY", ""))
+# A test hook (tests/integration/test_isolation.py): journal syncs made slower.
+_TEST_SYNC_DELAY = sync_delays_for_tests(os.environ.get("NBDGW_TEST_SYNC_DELAY", ""))
 
 
 class PluginError(Exception):

@@ -277,17 +277,18 @@ class Producer:
         return Frame(batch.first_seq, batch.last_seq, bufs, sum(len(b) for b in bufs),
                      payload_bytes(batch.records), is_compressed(bufs))
 
-    def step(self, urgent: bool = False, budget: int | None = None
-             ) -> tuple[list[Frame], bool]:
-        """Read what the journal has (up to ``budget``, default ``read_bytes``); return the
-        frames closed and whether more records are waiting (then the caller should not
-        sleep).  ``urgent``: a client waits for a record not sent yet, so the open batch
-        closes now."""
+    def step(self, urgent: bool = False, budget: int | None = None,
+             through: int | None = None) -> tuple[list[Frame], bool]:
+        """Read what the journal has (up to ``budget``, default ``read_bytes``; with
+        ``through``, no record past it); return the frames closed and whether more
+        records are waiting (then the caller should not sleep).  ``urgent``: a client
+        waits for a record not sent yet, so the open batch closes now."""
         out: list[Frame] = []
         if self.limit is not None:
             return self._step_groups(out)
         budget = budget or self.cfg.read_bytes
-        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read, budget)
+        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read, budget,
+                                                                 through)
         for hdr, payload in recs:
             if not self.builder.add(hdr, payload):
                 out.append(self._flush())
@@ -1171,8 +1172,10 @@ class Sender:
             if urgent and self.source is None and (
                     self.want_seq - self.sent_through <= INLINE_RECORDS):
                 # A client waits for a few records: read, framed and sent right here (two
-                # thread hops less on every synchronous write's round trip).
-                frames, more = producer.step(True, INLINE_READ)
+                # thread hops less on every synchronous write's round trip), and only
+                # through the one waited for: it is written, so the end of the journal is
+                # not probed (newer records come with their own ``want``, or by polling).
+                frames, more = producer.step(True, INLINE_READ, self.want_seq)
             else:  # a backlog (catching up): read in large steps off the event loop
                 frames, more = await loop.run_in_executor(self.executor, producer.step,
                                                           urgent)
