@@ -55,7 +55,7 @@ from crc32c import crc32c
 from .errors import FormatError, InvalidArgument
 from .meta import fsync_dir
 from .modes import create_file, make_dir
-from .store import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Store, fallocate
+from .store import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Store, fallocate, open_noatime
 
 INDEX_MAGIC = b"NBDGWSNP"
 INDEX_VERSION = 1
@@ -660,3 +660,313 @@ def list_rows(index: SnapshotIndex, shift: int) -> list[dict[str, Any]]:
 
 
 ROLLBACK_FILE = "rollback.json"
+
+
+# -- reading from another process (a replica's snapshots while its receiver writes) ------------
+
+REDO_FILE = "redo"  # "R <token>" while redo rewrites the store, "D <token>" after
+_REDO_LEN = 18
+REDO_WAIT = 10.0  # seconds a read waits for the writer's redo to finish, then EIO
+
+
+class RedoFence:
+    """The writer's side of the one case the COW order does not cover: redo after a
+    crash replays records older than a snapshot's MARK into the store, so an extent a
+    snapshot reads through the live store passes through older contents for a while.
+    ``begin`` before redo writes the store, ``end`` after; each writes a fresh token, so a
+    reader that sees the same "D" token before and after its read knows no redo ran in
+    between (SnapshotFollower).  Not made durable: readers of a crashed machine are gone."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / REDO_FILE
+
+    def _put(self, state: bytes) -> None:
+        fd = create_file(self.path, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, state + b" " + os.urandom(8).hex().encode(), 0)
+        finally:
+            os.close(fd)
+
+    def begin(self) -> None:
+        self._put(b"R")
+
+    def end(self) -> None:
+        self._put(b"D")
+
+
+class SnapshotFollower:
+    """Read-only snapshots of a volume another process writes (a replica's receiver):
+    the index is followed, not owned, and every read runs the protocol below.
+
+    Following: the index file is append-only between compactions; ``refresh`` decodes
+    the whole records appended since the last one (a record being appended fails its CRC
+    and is picked up next time), and reloads the file when it was replaced (compaction
+    renames a new index over it: another inode), truncated (a failed append cut), or
+    when what follows does not decode.  After ``refresh`` returns, the index holds every
+    record appended before it began.
+
+    Reading snapshot S at [offset, +n) (``read_into``, ``extents``):
+
+    1. refresh; S must still exist (else ESHUTDOWN);
+    2. plan each COW extent from the index: a pre-image slot, zeros, or the live store;
+       read them;
+    3. refresh again; S must still exist; each extent read from the live store that a
+       snapshot at or after S owns now is read again from its pre-image.
+
+    Why that is S's image: the writer makes a pre-image durable, then appends its COW
+    record, and only then writes the store (volume.py ``_cow``).  If the store read of
+    extent e in step 2 saw anything written after S was taken, the COW record that gave
+    e to a snapshot >= S was appended before that write began, so before step 3's refresh:
+    step 3 finds it and reads the preserved copy.  If step 3 finds no owner, nothing wrote
+    e since S before the store read ended, so the store held S's image of e.  Pre-image
+    slots never change while they are owned, and stay owned by a snapshot S reads
+    through while S exists (a deleted later snapshot hands them back); a slot is reused
+    only after a durable DELETE of its last reader, which step 3 sees: ESHUTDOWN, never
+    another snapshot's bytes.  Redo is the exception (RedoFence): a read that saw the
+    fence change, or in progress, is retried (up to REDO_WAIT seconds).
+
+    Not thread-safe: one lock around each call (the caller's)."""
+
+    def __init__(self, directory: Path, store: Store, volume: str) -> None:
+        self.dir = directory
+        self.store = store
+        self.volume = volume
+        self.size = store.size
+        self.index_fd = -1
+        self.data_fd = open_noatime(directory / "data")
+        self.reloads = 0
+        self.rechecked = 0  # extents found owned only by step 3 (tests, curiosity)
+        self.gone = False  # the volume was deleted (or re-created): nothing more to read
+        self.uuid = b""
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for name in ("index_fd", "data_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    # -- following the index -------------------------------------------------------------
+
+    def _load(self) -> None:
+        fd = open_noatime(self.dir / "index")
+        try:
+            buf = _read_all(fd)
+            shift, _ = decode_header(buf)
+            records, end, _torn = scan_records(buf)
+            index = SnapshotIndex()
+            for rtype, body in records:
+                index.apply(rtype, body)
+        except FormatError as e:
+            os.close(fd)
+            raise OSError(errno.EIO, f"{self.dir / 'index'}: {e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if self.index_fd >= 0:
+            os.close(self.index_fd)
+        self.index_fd, self.ino, self.pos = fd, os.fstat(fd).st_ino, end
+        vuuid = decode_header(buf)[1]
+        if self.uuid and (vuuid != self.uuid or self._replaced()):
+            self._gone("re-created")
+        self.uuid = vuuid
+        self.shift, self.ext, self.index = shift, 1 << shift, index
+        self.reloads += 1
+
+    def _replaced(self) -> bool:
+        """Whether the data file or the store is another file than the ones open."""
+        try:
+            return (os.stat(self.dir / "data").st_ino != os.fstat(self.data_fd).st_ino
+                    or os.stat(self.store.path).st_ino != os.fstat(self.store.fd).st_ino)
+        except FileNotFoundError:
+            return True
+
+    def _gone(self, how: str) -> None:
+        self.gone = True
+        raise OSError(errno.ESHUTDOWN, f"volume {self.volume} was {how} on this node: "
+                      "its snapshots served before are gone, reconnect")
+
+    def refresh(self) -> None:
+        """Take in every record appended (or compaction made) before this call."""
+        if self.gone:
+            self._gone("deleted or re-created")
+        try:
+            ino = os.stat(self.dir / "index").st_ino
+        except FileNotFoundError:
+            self._gone("deleted")
+        if ino != self.ino:
+            self._load()  # compacted: the old file (our fd) may lack the last records
+            return
+        size = os.fstat(self.index_fd).st_size
+        if size < self.pos:
+            self._load()
+            return
+        if size == self.pos:
+            return
+        buf = os.pread(self.index_fd, size - self.pos, self.pos)
+        pos = 0
+        try:
+            while pos < len(buf):
+                try:
+                    rtype, body, nxt = _decode_at(buf, pos)
+                except FormatError:
+                    # Being appended (wait for it), or replaced after a failed append.
+                    if buf.find(struct.pack("<I", REC_MAGIC), pos + 1) >= 0:
+                        self._load()
+                        return
+                    break
+                self.index.apply(rtype, body)
+                pos = nxt
+        except FormatError:
+            self._load()
+            return
+        self.pos += pos
+
+    def redo_token(self) -> bytes:
+        """The writer's RedoFence state (b"" when it never ran a redo)."""
+        try:
+            with open(self.dir / REDO_FILE, "rb") as f:
+                return f.read(_REDO_LEN)
+        except FileNotFoundError:
+            return b""
+
+    # -- the protocol --------------------------------------------------------------------
+
+    def snapshot(self, name: str) -> Snapshot:
+        self.refresh()
+        return self.index.get(name)
+
+    def _alive(self, snap: Snapshot) -> None:
+        now = self.index.snaps.get(snap.id)
+        if now is None or now.name != snap.name:
+            raise OSError(errno.ESHUTDOWN, f"snapshot {self.volume}@{snap.name} was deleted "
+                          "(on the primary): reconnect to another snapshot")
+
+    def _settled(self, deadline: float) -> bytes:
+        """The redo token once no redo runs (waits until ``deadline``, then EIO)."""
+        while True:
+            token = self.redo_token()
+            if not token.startswith(b"R"):
+                return token
+            if time.monotonic() >= deadline:
+                raise OSError(errno.EIO, f"volume {self.volume} is recovering (redo after a "
+                              "crash of its receiver): try again")
+            time.sleep(0.05)
+
+    def _read_slot(self, slot: int, extent: int) -> bytes:
+        n = min(self.ext, self.size - (extent << self.shift))
+        data = os.pread(self.data_fd, n, slot << self.shift)
+        if len(data) != n or crc32c(data) != self.index.slot_crc.get(slot):
+            raise OSError(errno.EIO, f"snapshot pre-image of extent {extent} (slot {slot}) "
+                          "fails its checksum")
+        return data
+
+    def _fill(self, view: memoryview, offset: int, e: int, slot: int) -> None:
+        """Extent ``e``'s part of ``view`` (which starts at ``offset``) from a pre-image."""
+        lo = max(offset, e << self.shift)
+        hi = min(offset + len(view), (e + 1) << self.shift)
+        if slot == ZERO_SLOT:
+            view[lo - offset:hi - offset] = bytes(hi - lo)
+        else:
+            base = e << self.shift
+            view[lo - offset:hi - offset] = self._read_slot(slot, e)[lo - base:hi - base]
+
+    def read_into(self, snap: Snapshot, buf: bytearray | memoryview, offset: int) -> None:
+        """Snapshot ``snap`` at [offset, +len(buf)) into ``buf`` (the class doc's steps)."""
+        if offset < 0 or offset + len(buf) > self.size:
+            raise OSError(errno.EINVAL, f"read [{offset}, +{len(buf)}) outside {self.size}")
+        view = memoryview(buf)
+        deadline = time.monotonic() + REDO_WAIT
+        while True:
+            token = self._settled(deadline)
+            self.refresh()  # step 1
+            self._alive(snap)
+            live: list[int] = []  # step 2
+            pos, end = offset, offset + len(buf)
+            while pos < end:
+                e = pos >> self.shift
+                e_end = min((e + 1) << self.shift, end)
+                slot = self.index.owner_slot(snap.id, e)
+                if slot is None:
+                    live.append(e)
+                    while e_end < end and self.index.owner_slot(
+                            snap.id, e_end >> self.shift) is None:
+                        live.append(e_end >> self.shift)
+                        e_end = min(e_end + self.ext, end)
+                    self.store.pread_into(view[pos - offset:e_end - offset], pos)
+                else:
+                    self._fill(view, offset, e, slot)
+                pos = e_end
+            self.refresh()  # step 3
+            self._alive(snap)
+            if self.redo_token() != token:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EIO, f"volume {self.volume} is recovering (redo "
+                                  "after a crash of its receiver): try again")
+                continue  # a redo ran meanwhile: the live reads may have seen it
+            for e in live:
+                slot = self.index.owner_slot(snap.id, e)
+                if slot is not None:
+                    self.rechecked += 1
+                    self._fill(view, offset, e, slot)
+            return
+
+    def extents(self, snap: Snapshot, offset: int, count: int
+                ) -> list[tuple[int, int, bool]]:
+        """Allocated and hole runs of ``snap`` from ``offset`` (at most 64 MiB), by the
+        same protocol: runs from the live store are dropped for extents owned by step 3."""
+        end = min(offset + count, self.size, offset + (64 << 20))
+        deadline = time.monotonic() + REDO_WAIT
+        while True:
+            token = self._settled(deadline)
+            self.refresh()
+            self._alive(snap)
+            plan: list[tuple[int, int, int | None]] = []  # (start, end, slot or None)
+            pos = offset
+            while pos < end:
+                e = pos >> self.shift
+                e_end = min((e + 1) << self.shift, end)
+                plan.append((pos, e_end, self.index.owner_slot(snap.id, e)))
+                pos = e_end
+            found = {s: self.store.extents(s, t - s) for s, t, slot in plan if slot is None}
+            self.refresh()
+            self._alive(snap)
+            if self.redo_token() != token:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EIO, f"volume {self.volume} is recovering (redo "
+                                  "after a crash of its receiver): try again")
+                continue
+            out: list[tuple[int, int, bool]] = []
+            for s, t, planned in plan:
+                slot = planned if planned is not None else self.index.owner_slot(
+                    snap.id, s >> self.shift)
+                runs = found[s] if slot is None else [(s, t - s, slot != ZERO_SLOT)]
+                for o, n, alloc in runs:
+                    if out and out[-1][2] == alloc and out[-1][0] + out[-1][1] == o:
+                        out[-1] = (out[-1][0], out[-1][1] + n, alloc)
+                    else:
+                        out.append((o, n, alloc))
+            return out
+
+
+class FollowedSnapshotView(SnapshotView):
+    """Snapshot ``snap_name`` of a volume another process writes, read-only, through a
+    SnapshotFollower (what ``REPLICA@SNAP`` exports read on a replica's node).  A
+    snapshot deleted under it (the primary deleted it) fails reads with ESHUTDOWN."""
+
+    def __init__(self, follower: SnapshotFollower, snap_name: str) -> None:
+        self.follower = follower
+        self.snap = follower.snapshot(snap_name)
+        self.name = f"{follower.volume}@{snap_name}"
+        self.size = follower.size
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        self.follower.read_into(self.snap, buf, offset)
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
+        return self.follower.extents(self.snap, offset, count)

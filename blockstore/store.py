@@ -81,13 +81,25 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def open_noatime(path: str | os.PathLike[str]) -> int:
+    """Open read-only without updating the access time (a reader in another process
+    must not dirty the inode the writer syncs), or plainly where that is not allowed
+    (O_NOATIME needs the file's owner or CAP_FOWNER)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 class Store:
     """A fixed-size byte range on a file descriptor."""
 
-    def __init__(self, path: str, size: int, readonly: bool = False) -> None:
+    def __init__(self, path: str, size: int, readonly: bool = False,
+                 noatime: bool = False) -> None:
         self.path = path
         self.size = size
-        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        self.fd = open_noatime(path) if noatime else os.open(
+            path, os.O_RDONLY if readonly else os.O_RDWR)
         actual = os.fstat(self.fd).st_size
         if actual != size:
             os.close(self.fd)

@@ -51,6 +51,7 @@ from nbdgw_common.logs import mark_logged
 
 from .activity_log import DEFAULT_EXTENT_SHIFT, ActivityLog
 from .cdp import BASES_DIR, CDP_DIR, Cdp, finish_restore, pending_restore, read_policy
+from .clone import clones_of, find_clone
 from .diverged import read_diverged
 from .errors import (
     BlockstoreError,
@@ -92,6 +93,7 @@ from .record import REC_HEADER_SIZE, Flag, Op, RecordHeader
 from .snapshot import (
     MAX_SNAPSHOTS,
     ROLLBACK_FILE,
+    RedoFence,
     Snapshot,
     SnapshotError,
     SnapshotStore,
@@ -250,6 +252,9 @@ def create_volume(data_dir: Path, name: str, size: int, replica: bool = False) -
     final = vdir / name
     if final.exists():
         raise VolumeExists(f"volume {name} already exists in {data_dir}")
+    if find_clone(data_dir, name) is not None:
+        raise VolumeExists(f"a clone named {name} exists in {data_dir} (clones and volumes "
+                           "share the export names)")
     tmp = vdir / f".creating-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     make_dir(tmp)
@@ -688,6 +693,11 @@ class Volume:
                 f"but the journal begins at seq {first}")
         pending: list[tuple[RecordHeader, bytes]] = []
         committed_seq = self.checkpoint_seq
+        # Readers of the snapshots in other processes (a replica's exports) must not take
+        # the older contents redo passes through for the snapshot's (snapshot.py).
+        fence = RedoFence(self.snaps.dir) if self.snaps is not None else None
+        if fence is not None:
+            fence.begin()
         for hdr, payload in self.journal.records(self.checkpoint_seq + 1):
             if self.replica:
                 pending.append((hdr, payload))
@@ -704,6 +714,8 @@ class Volume:
             for h, p in batch:
                 self._redo(h, p)
                 replayed += 1
+        if fence is not None:
+            fence.end()
         if self.replica:
             torn += self.journal.truncate_after(committed_seq)
         hot = self.al.extents()
@@ -1231,6 +1243,12 @@ class Volume:
         if self.snaps is None:
             raise SnapshotError(f"volume {self.name} has no snapshot named {name!r}")
         snap = self.snaps.index.get(name)
+        users = clones_of(self.info.path.parent.parent, self.name, name)
+        if users:
+            raise SnapshotError(
+                f"snapshot {name} of volume {self.name} is the base of clone"
+                f"{'s' if len(users) > 1 else ''} {', '.join(users)}: delete "
+                f"{'them' if len(users) > 1 else 'it'} first (nbdgw clone delete NAME)")
         assert self.journal is not None
         self.mark({"event": SNAP_DELETE_EVENT, "id": snap.id, "name": name})
         self.journal.sync()

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -351,17 +352,21 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
     check_config_files(cfg)  # the same checks as `config check`, with the flags applied
     existing_data_dir(cfg.data_dir)
-    pre = precheck_volumes(cfg, list(volumes) or None, all_readonly=read_only)
+    # Replicas (their receiver holds them): only their snapshots, read-only, REPLICA@SNAP.
+    named = list(volumes) or [v.name for v in cfg.volumes]
+    replicas = _replicas(cfg.data_dir, named)
+    others = [n for n in named if n not in replicas]
+    pre = precheck_volumes(cfg, others if named else None, all_readonly=read_only)
     for name, err in pre.failed.items():
         click.echo(f"nbdgw: error: volume {name} not served: {err}", err=True)
-    if not pre.served:
+    if not pre.served and not replicas:
         _fail("no volume to serve" + ("" if pre.failed else
                                       f" in {cfg.data_dir} (create one with "
                                       "'nbdgw volume create NAME --size SIZE')"))
     # Without a volume named (here or in the config), volumes created while it runs are
     # served too, and deleted ones withdrawn.
     warn_if_open(cfg)
-    server = NbdServer(cfg, pre.served, all_readonly=read_only,
+    server = NbdServer(cfg, pre.served + replicas, all_readonly=read_only,
                        discover=not volumes and not cfg.volumes)
     stop = threading.Event()
 
@@ -377,15 +382,41 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         click.echo(f"nbdgw: listening on {a}")
     for name in pre.served:
         click.echo(f"nbdgw: export {name}: {uri(server.addresses[0], name, tls_on)}")
+    _echo_replica_exports(cfg.data_dir, replicas, lambda e: uri(server.addresses[0], e, tls_on))
     sys.stdout.flush()
-    assert server.proc is not None
-    while not stop.is_set() and server.proc.poll() is None:
+    while not stop.is_set() and server.poll() is None:
         stop.wait(0.2)
     if stop.is_set():
         click.echo("nbdgw: stopping (volumes are closed cleanly)")
     rc = server.stop()
     if not stop.is_set():
         _fail(f"nbdkit exited unexpectedly with status {rc}")
+
+
+def _replicas(data_dir: Path, named: list[str]) -> list[str]:
+    """The replicas among ``named`` (every replica in data_dir when none is named)."""
+    from blockstore.volume import is_replica
+
+    return [v.name for v in list_volumes(data_dir)
+            if is_replica(v) and (not named or v.name in named)]
+
+
+def _echo_replica_exports(data_dir: Path, replicas: list[str],
+                          uri_of: Callable[[str], str]) -> None:
+    """An export line per snapshot of each replica served (more appear as they come)."""
+    from blockstore.snapshot import read_index
+
+    for name in replicas:
+        try:
+            _shift, index = read_index(find_volume(data_dir, name).path / "snapshots/index")
+            snaps = [index.snaps[i].name for i in index.order]
+        except (BlockstoreError, OSError):
+            snaps = []
+        for snap in snaps:
+            click.echo(f"nbdgw: export {name}@{snap}: {uri_of(f'{name}@{snap}')} (read-only)")
+        if not snaps:
+            click.echo(f"nbdgw: replica {name}: its snapshots are exported read-only as "
+                       f"{name}@SNAPSHOT (none yet)")
 
 
 @cli.command()
@@ -491,12 +522,15 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
               show_default=True, help="Replication mode of the secondary dc.")
 @click.option("--iscsi", is_flag=True, help="Every site runs the iSCSI bridge too (portal: "
               "the service address, port 3260; one target IQN).")
+@click.option("--dns", is_flag=True, help="Clients in another subnet behind a router find "
+              "the primary by the name db.nbdgw.lab, which a BIND server in the lab holds "
+              "(RFC 2136 updates with TSIG) instead of a service address.")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool) -> None:
+           iscsi: bool, dns: bool) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi),
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns),
                           indent=2))
 
 
@@ -706,6 +740,62 @@ def snapshot_delete(obj: Ctx, volume: str, name: str, data_dir: Path | None) -> 
 
     snapshots.delete(obj.data_dir(data_dir), volume, name)
     click.echo(f"deleted snapshot {name} of volume {volume}")
+
+
+@cli.group(cls=Group)
+def clone() -> None:
+    """Writable clones of snapshots, on any site: for mounting, reports, DR drills."""
+
+
+@clone.command("create")
+@click.argument("source", metavar="VOLUME@SNAPSHOT")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("clone create")
+def clone_create(obj: Ctx, source: str, name: str, data_dir: Path | None) -> None:
+    """A writable clone NAME of SOURCE: it stores only its own writes, is never
+    replicated, and is served as NBD export NAME (and an iSCSI LUN) by this node's
+    nbdgw serve. The snapshot cannot be deleted while the clone exists."""
+    from . import clones
+
+    info = clones.create(obj.data_dir(data_dir), source, name)
+    click.echo(f"created clone {info.name} of {info.volume}@{info.snapshot} "
+               f"(export {info.name}, {_human(info.size)})")
+
+
+@clone.command("list")
+@data_dir_opt
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def clone_list(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
+    """The clones of this node: base, size, and the space their writes take."""
+    from blockstore.clone import list_clones
+
+    rows = [c.to_json() for c in list_clones(obj.data_dir(data_dir))]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no clones")
+        return
+    click.echo(f"{'NAME':<24} {'BASE':<40} {'SIZE':>10} {'WRITTEN':>10}")
+    for r in rows:
+        click.echo(f"{r['name']:<24} {r['volume'] + '@' + r['snapshot']:<40} "
+                   f"{_human(r['size']):>10} {_human(r['allocated_bytes']):>10}")
+
+
+@clone.command("delete")
+@click.argument("name")
+@data_dir_opt
+@click.pass_obj
+@audit.audited("clone delete")
+def clone_delete(obj: Ctx, name: str, data_dir: Path | None) -> None:
+    """Delete clone NAME and everything written to it (refused while it is served)."""
+    from blockstore.clone import delete_clone
+
+    delete_clone(obj.data_dir(data_dir), name)
+    click.echo(f"deleted clone {name}")
 
 
 @snapshot.command("rollback")
@@ -1027,13 +1117,16 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
 @click.option("--nbd-socket", type=click.Path(path_type=Path), default=None,
               help="Unix socket of the running `nbdgw serve` (default: from nbd.listen).")
 @click.option("--volume", "volumes", multiple=True, help="Export only these volumes.")
+@click.option("--snapshot", "snapshots", multiple=True, metavar="VOLUME@SNAP",
+              help="Also export this snapshot, read-only (a replica's too: on a secondary "
+                   "or DR node, served by `nbdgw serve` there).")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="Seconds between reconciles (repairs a restarted tgtd or a lost target).")
 @click.pass_obj
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
-                volumes: tuple[str, ...], interval: float) -> None:
+                volumes: tuple[str, ...], snapshots: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
-    from iscsi_bridge import Bridge
+    from iscsi_bridge import Bridge, Export
 
     from .exports import exports_from_config
 
@@ -1043,6 +1136,10 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
     exports = exports_from_config(cfg)
     if volumes:
         exports = [e for e in exports if e.name in volumes]
+    for name in snapshots:
+        if not Export(name).is_snapshot:
+            _fail(f"--snapshot {name}: expected VOLUME@SNAP")
+        exports.append(Export(name, read_only=True))
     if not exports:
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
     bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)

@@ -36,8 +36,10 @@ from iscsi_bridge.errors import InvalidName
 from iscsi_bridge.names import target_iqn, validate_initiator, validate_iqn
 from iscsi_bridge.settings import CHAP, ISCSI, ChapConfig, IscsiConfig
 from nbdgw_common.settings import Keys, Kind, Setting, default_of, size_text
-from peerlink.ratelimit import parse_rate
+from peerlink.ratelimit import RateWindow, parse_rate
+from peerlink.ratelimit import window as rate_window
 
+from .dnsname import DnsError, load_key, parse_server
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -209,11 +211,40 @@ class Compression(enum.Enum):
 DEFAULT_PEER_PORT = 7789
 
 
+SERVICE_DNS = Keys(
+    Setting("name", Kind.STRING, required=True, help="the name clients use "
+            "(db.branch1.example.com); the primary publishes its address under it"),
+    Setting("zone", Kind.STRING, required=True, help="the zone that holds the name, "
+            "updated dynamically (RFC 2136)"),
+    Setting("servers", Kind.LIST, None, "the zone's primary server(s), IP[:PORT]; the "
+            "first that answers takes the update", required=True),
+    Setting("key_file", Kind.PATH, required=True, help="the TSIG key as tsig-keygen "
+            "writes it (mode 0600); the server's update-policy must grant it the name"),
+    Setting("address", Kind.ADDRESS, required=True, help="this node's address to "
+            "publish (the one its clients reach it by)"),
+    Setting("ttl", Kind.INTEGER, 30, "the record's TTL in seconds: clients follow a "
+            "failover within failover time + TTL", minimum=1, maximum=86400),
+)
+
 SERVICE = Keys(
     Setting("address", Kind.STRING, None, "the address clients use, with its prefix length "
             "(192.0.2.10/24); it moves to the primary on failover"),
     Setting("interface", Kind.STRING, None, "the interface the address is added to"),
+    Setting("dns", Kind.SECTION, keys=SERVICE_DNS, help="a DNS name that follows the "
+            "primary across subnets (RFC 2136 updates signed with TSIG)"),
 )
+
+
+@dataclass(frozen=True)
+class ServiceDnsConfig:
+    """A DNS name the primary publishes its address under (gateway/dnsname.py)."""
+
+    name: str
+    zone: str
+    servers: tuple[str, ...]
+    key_file: Path
+    address: str
+    ttl: int = default_of(SERVICE_DNS, "ttl")
 
 
 @dataclass(frozen=True)
@@ -222,6 +253,7 @@ class ServiceConfig:
 
     address: str | None = default_of(SERVICE, "address")  # interface form, "192.0.2.10/24"
     interface: str | None = default_of(SERVICE, "interface")
+    dns: ServiceDnsConfig | None = None
 
 
 PEERLINK_TLS = Keys(
@@ -265,6 +297,30 @@ class PeerlinkConfig:
     next_secret_file: Path | None = default_of(PEERLINK, "next_secret_file")
 
 
+RATE_WINDOW = Keys(
+    Setting("days", Kind.TEXT, "daily", "mon-fri, sat,sun, fri-mon, daily"),
+    Setting("from", Kind.TEXT, required=True, help="HH:MM, local time"),
+    Setting("to", Kind.TEXT, required=True, help="HH:MM (24:00: midnight); before "
+            "`from`: the window runs past midnight"),
+    Setting("rate", Kind.RATE, required=True, help="the cap inside the window; 0: unlimited"),
+)
+
+RPO = Keys(
+    Setting("seconds", Kind.SECONDS, None, "alert when the peer's data-loss window (the "
+            "age of its oldest unacknowledged write) passes this"),
+    Setting("bytes", Kind.SIZE, None, "alert when the bytes it lacks pass this"),
+)
+
+
+@dataclass(frozen=True)
+class RpoConfig:
+    """A recovery-point bound on one link: passing it is an event, a metric and a log
+    line, never a change in what the primary does."""
+
+    seconds: float | None = None
+    bytes: int | None = None
+
+
 PEER = Keys(
     Setting("name", Kind.STRING, required=True, help="the peer's node.name"),
     Setting("role", Kind.CHOICE, choices=Role, required=True, help="the peer's node.role"),
@@ -280,7 +336,11 @@ PEER = Keys(
             "how long a sync peer may leave a write unacknowledged before it is stalled"),
     Setting("rate_limit", Kind.RATE, 0,
             "bytes per second on the wire, with K, M, G units; 0: unlimited"),
+    Setting("rate_schedule", Kind.LIST, (), "other caps by local time of day: the first "
+            "window that covers the minute wins, rate_limit outside them", keys=RATE_WINDOW),
     Setting("compression", Kind.CHOICE, Compression.ZSTD, "compression on the wire"),
+    Setting("rpo", Kind.SECTION, keys=RPO, help="recovery-point alert bounds of this link "
+            "(each volume's lag against them); none by default"),
 )
 
 
@@ -295,6 +355,8 @@ class PeerConfig:
     sync_timeout: float = default_of(PEER, "sync_timeout")
     rate_limit: int = default_of(PEER, "rate_limit")  # bytes per second on the wire; 0 = unlimited
     compression: Compression = default_of(PEER, "compression")
+    rate_schedule: tuple[RateWindow, ...] = default_of(PEER, "rate_schedule")
+    rpo: RpoConfig = RpoConfig()
 
 
 class Every(enum.Enum):
@@ -760,7 +822,36 @@ def _service(raw: Any) -> ServiceConfig:
             raise ConfigError(f"expected an address with a prefix length such as "
                               f"192.0.2.10/24 for service.address, got {address!r}")
         address = str(iface)
-    return ServiceConfig(address=address, interface=s.value("interface"))
+    dns = _service_dns(s.get("dns")) if s.has("dns") else None
+    return ServiceConfig(address=address, interface=s.value("interface"), dns=dns)
+
+
+def _service_dns(raw: Any) -> ServiceDnsConfig:
+    s = _Section(raw, "service.dns", SERVICE_DNS)
+    s.require("name", "zone", "servers", "key_file", "address")
+    name, zone = s.value("name").rstrip("."), s.value("zone").rstrip(".")
+    s.value("key_file")
+    s.value("ttl")
+    if name.lower() == zone.lower() or not name.lower().endswith("." + zone.lower()):
+        raise ConfigError(f"service.dns.name {name!r} is not inside service.dns.zone {zone!r}")
+    servers = []
+    for i, text in enumerate(s.listing("servers")):
+        try:
+            servers.append(str(parse_server(str(text))))
+        except ValueError:
+            raise ConfigError(f"expected IP or IP:PORT for service.dns.servers[{i}], "
+                              f"got {text!r}") from None
+    if not servers:
+        raise ConfigError("expected at least one server in service.dns.servers")
+    address = s.get("address")
+    try:
+        address = str(ipaddress.ip_address(address))
+    except ValueError:
+        raise ConfigError(f"expected an IP address for service.dns.address, "
+                          f"got {address!r}") from None
+    return ServiceDnsConfig(name=name, zone=zone, servers=tuple(servers),
+                            key_file=s.value("key_file"),
+                            address=address, ttl=s.value("ttl"))
 
 
 def _peerlink(raw: Any) -> PeerlinkConfig:
@@ -783,6 +874,12 @@ def _peerlink(raw: Any) -> PeerlinkConfig:
                           "proves itself with the current secret and accepts the next one "
                           "besides it (rotating the secret: SECURITY.md)")
     return cfg
+
+
+def _rpo(raw: Any, where: str) -> RpoConfig:
+    s = _Section(raw, where, RPO)
+    return RpoConfig(seconds=s.value("seconds") if s.has("seconds") else None,
+                     bytes=s.value("bytes") if s.has("bytes") else None)
 
 
 def _number(s: _Section, name: str, default: float) -> float:
@@ -825,6 +922,22 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
         except ValueError:
             raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
                               f"{where}.rate_limit, got {rate!r}") from None
+        schedule = []
+        for j, item in enumerate(s.listing("rate_schedule")):
+            w = _Section(item, f"{where}.rate_schedule[{j}]", RATE_WINDOW)
+            w.require("from", "to", "rate")
+            got = {k: w.get(k) for k in ("from", "to", "rate")}
+            if any(isinstance(v, bool) or not isinstance(v, int | str) for v in got.values()):
+                raise ConfigError(f"expected from: HH:MM, to: HH:MM and a rate such as 20M "
+                                  f"in {w.path}")
+            # YAML 1.1 reads an unquoted 18:00 as the sexagesimal 1080: minutes, as meant.
+            start, end = (f"{v // 60:02d}:{v % 60:02d}" if isinstance(v, int) else v
+                          for v in (got["from"], got["to"]))
+            days = w.get("days") if w.has("days") else default_of(RATE_WINDOW, "days")
+            try:
+                schedule.append(rate_window(str(days), start, end, str(got["rate"])))
+            except ValueError as e:
+                raise ConfigError(f"{e} in {w.path}") from None
         extra = []
         for j, a in enumerate(s.listing("heartbeat_addresses")):
             try:
@@ -839,6 +952,8 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
             mode=s.value("mode"),
             sync_timeout=s.value("sync_timeout"),
             rate_limit=rate,
+            rate_schedule=tuple(schedule),
+            rpo=_rpo(s.get("rpo"), f"{where}.rpo") if s.has("rpo") else RpoConfig(),
             compression=s.value("compression")))
     return tuple(out)
 
@@ -1178,6 +1293,13 @@ def check_files(cfg: NodeConfig) -> None:
         where = f"nbd.tls.certificates_dir {d}:"
         _public_file(d / "server-cert.pem", where)
         _secret_file(d / "server-key.pem", where)
+    dns = cfg.service.dns
+    if dns is not None:
+        _secret_file(dns.key_file, "service.dns.key_file")
+        try:
+            load_key(dns.key_file)
+        except DnsError as e:
+            raise ConfigError(str(e)) from None
     for chap, where in ((cfg.iscsi.chap, "iscsi.chap"),
                         (cfg.iscsi.mutual_chap, "iscsi.mutual_chap")):
         if chap is not None:

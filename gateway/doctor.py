@@ -65,6 +65,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("iscsi-inq", "libiscsi-bin", "iSCSI client tools and conformance suite",
                 "tests"),
     Requirement("fio", "fio", "load and benchmarks", "tests"),
+    Requirement("named", "bind9", "the DNS server of the lab and the service-name tests",
+                "tests", "/usr/sbin/named"),
+    Requirement("tsig-keygen", "bind9", "TSIG keys for dynamic DNS updates", "tests",
+                "/usr/sbin/tsig-keygen"),
     Requirement("mkfs.ext4", "e2fsprogs", "file systems on volumes", "tests"),
     Requirement("e2fsck", "e2fsprogs", "file system checks after faults", "tests"),
 )

@@ -10,7 +10,9 @@ as ``exists`` events (like ``drbdsetup events2 --now``), then follows the file.
 Every event is a flat object: ``{"seq", "time", "event", ...}`` with ``event`` one of
 ``node`` (state, epoch, primary), ``peer`` (volume, peer, state, old), ``progress``
 (volume, peer, phase, percent), ``split-brain`` (other, or null when settled),
-``snapshot`` (volume, name, change: created|deleted), ``health`` (level, detail) and
+``snapshot`` (volume, name, change: created|deleted), ``health`` (level, detail),
+``rpo`` (volume, peer, state: exceeded|ok, lag_seconds, lag_bytes, bound_seconds,
+bound_bytes: a link's ``rpo`` bound passed, or back within it) and
 ``exists`` (kind and the fields of that kind).  ``diff()`` is pure.
 """
 
@@ -27,18 +29,20 @@ from typing import Any, Final
 from blockstore.errors import BlockstoreError
 from blockstore.modes import create_file
 
+from .config import NodeConfig
+
 FILE: Final = "events.jsonl"
 MAX_BYTES: Final = 4 << 20
 PROGRESS_STEP: Final = 10  # percent
 
 
-def node_summary(data_dir: Path) -> dict[str, Any]:
+def node_summary(data_dir: Path, cfg: NodeConfig | None = None) -> dict[str, Any]:
     """The summary of the node in ``data_dir`` (its `nbdgw status` report, read from
-    disk, plus the snapshot names)."""
+    disk, plus the snapshot names; with ``cfg``, the links' RPO bounds too)."""
     from .snapshots import listing
     from .status import node_report
 
-    report = node_report("", data_dir)
+    report = node_report("", data_dir, cfg, live=False)
     for v in report["volumes"]:
         try:
             v["snapshot_names"] = [r["name"] for r in listing(data_dir, v["name"])]
@@ -59,8 +63,16 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             pct = None
             if prog and prog.get("total"):
                 pct = int(100 * prog["done"] / prog["total"]) // PROGRESS_STEP * PROGRESS_STEP
+            rpo = p.get("rpo")
             peers[p["name"]] = {"state": p["state"],
-                                "phase": prog.get("phase") if prog else None, "percent": pct}
+                                "phase": prog.get("phase") if prog else None, "percent": pct,
+                                "rpo": None if rpo is None else (
+                                    "exceeded" if rpo["exceeded"] else "ok"),
+                                "rpo_detail": None if rpo is None else {
+                                    "lag_seconds": p["data_loss_window"]["seconds"],
+                                    "lag_bytes": p["data_loss_window"]["bytes"],
+                                    "bound_seconds": rpo["seconds"],
+                                    "bound_bytes": rpo["bytes"]}}
         vols[v["name"]] = {"role": v["role"], "peers": peers,
                            "snapshots": sorted(s for s in v.get("snapshot_names", []))}
     sb = report.get("split_brain")
@@ -91,6 +103,11 @@ def diff(old: dict[str, Any] | None, new: dict[str, Any]) -> list[dict[str, Any]
             if p["state"] != op["state"]:
                 out.append({"event": "peer", "volume": name, "peer": peer,
                             "state": p["state"], "old": op["state"]})
+            old_rpo = op.get("rpo")
+            if p.get("rpo") != old_rpo and (p.get("rpo") == "exceeded"
+                                            or old_rpo == "exceeded"):
+                out.append({"event": "rpo", "volume": name, "peer": peer,
+                            "state": p["rpo"] or "ok", **(p.get("rpo_detail") or {})})
             if p["percent"] is not None and (p["phase"], p["percent"]) != (
                     op["phase"], op["percent"]):
                 out.append({"event": "progress", "volume": name, "peer": peer,
@@ -115,7 +132,7 @@ def exists(s: dict[str, Any]) -> list[dict[str, Any]]:
                     "snapshots": len(v["snapshots"])})
         for peer, p in v["peers"].items():
             out.append({"event": "exists", "kind": "peer", "volume": name, "peer": peer,
-                        **p})
+                        **{k: x for k, x in p.items() if k != "rpo_detail"}})
     return out
 
 

@@ -10,6 +10,13 @@ out from the primary to both replicas, or cascaded (main -> dc -> dr) with
 ``--iscsi`` every site runs the iSCSI bridge too: one target IQN, the portal on the
 service address, a tgtd control port and run directory of its own per site.
 
+With ``--dns`` the clients live in another subnet (``DNS_CLIENT_SUBNET``), behind the
+bridge namespace acting as a router, where no address can move: a BIND server in a
+namespace of its own serves the dynamic zone ``nbdgw.lab``, every site's config has
+``service.dns`` (its own address, the lab's TSIG key) instead of the service address, and
+clients reach the primary as ``db.nbdgw.lab`` through the server (``/etc/netns/<client
+namespace>/resolv.conf``, which ``ip netns exec`` mounts over /etc/resolv.conf).
+
 Everything the other verbs need (namespaces, argv, pids with their start times so that a
 recycled pid is never killed) is in ``DIR/lab.json``; processes run detached in their own
 sessions, so ``kill`` can take down a whole site (a power cut) from another process.
@@ -39,6 +46,8 @@ from blockstore.volume import parse_size
 from nbdgw_common.errors import CommandError, GatewayError
 from nbdgw_common.proc import run
 
+from . import labdns
+
 LAB_KIND: Final = "lab"
 LAB_VERSION: Final = 1
 MAIN_SITE: Final = frozenset({"primary", "secondary"})
@@ -53,12 +62,18 @@ SITES: Final = (("main", "primary"), ("dc", "secondary"), ("dr", "dr"))
 PRIMARY: Final = "main"
 CLIENT: Final = "client"
 BRIDGE: Final = "br0"
+CLIENT_BRIDGE: Final = "br1"  # --dns: the clients' subnet
 READY_TIMEOUT: Final = 30.0  # each wait of up/start (export, listener, streaming)
 STOP_TIMEOUT: Final = 15.0  # down: SIGTERM, then SIGKILL after this
 ISCSI_PORT: Final = 3260
 ISCSI_IQN: Final = "iqn.2026-11.org.example:nbdgw-lab"  # + "-<id>"; volume v1 is "...:v1"
 TGTD_SOCKET_DIR: Final = Path("/var/run/tgtd")  # tgtd's control sockets (host-wide)
 TGTD_PORTS: Final = (20000, 32767)  # control ports the lab picks from (tgtd allows 1..32767)
+DNS_CLIENT_SUBNET: Final = "198.51.100.0/24"  # TEST-NET-2: the clients' subnet with --dns
+DNS_ZONE: Final = "nbdgw.lab"
+DNS_NAME: Final = f"db.{DNS_ZONE}"
+DNS_TTL: Final = 5
+NETNS_ETC: Final = Path("/etc/netns")  # per-namespace /etc files of `ip netns exec`
 
 
 class LabError(GatewayError):
@@ -87,6 +102,17 @@ def precheck() -> None:
         run(["ip", "netns", "list"], timeout=10)
     except CommandError as e:
         raise LabError(f"'ip netns' is unavailable: {e}") from None
+
+
+def precheck_dns() -> None:
+    """--dns needs BIND's named and tsig-keygen."""
+    from .doctor import MissingTool, require
+
+    for tool in ("named", "tsig-keygen"):
+        try:
+            require(tool)
+        except MissingTool as e:
+            raise LabError(f"--dns: {e}") from None
 
 
 def precheck_iscsi() -> None:
@@ -219,8 +245,10 @@ class Lab:
                        + ", ".join(n["name"] for n in self.state["nodes"]) + ")")
 
     def all_netns(self) -> list[str]:
+        dns = self.state.get("dns")
         return [n["netns"] for n in self.state["nodes"]] + [
-            self.state["client_netns"], self.state["bridge_netns"]]
+            self.state["client_netns"], self.state["bridge_netns"],
+            *([dns["netns"]] if dns else [])]
 
     def summary(self) -> dict[str, Any]:
         """The JSON that `lab up` prints (the shape scripts rely on)."""
@@ -237,6 +265,9 @@ class Lab:
             "volumes": [VOLUME],
             "topology": s.get("topology", "fanout"), "mode": s.get("mode", "async"),
             "iscsi": s.get("iscsi"),
+            "dns": ({k: s["dns"][k] for k in ("name", "zone", "server", "ttl",
+                                               "client_subnet", "netns")}
+                    if s.get("dns") else None),
             "nodes": [{k: n[k] for k in ("name", "role", "netns", "address", "config",
                                          "data_dir")} for n in s["nodes"]],
         }
@@ -360,7 +391,9 @@ class Lab:
 
     def wait_export(self) -> None:
         """Until the export answers an NBD handshake from the client namespace."""
-        uri = f"nbd://{self.state['service_address']}:{NBD_PORT}/{VOLUME}"
+        host = self.state["dns"]["name"] if self.state.get("dns") else self.state[
+            "service_address"]
+        uri = f"nbd://{host}:{NBD_PORT}/{VOLUME}"
         script = (
             "import sys, time, nbd\n"
             "deadline = time.monotonic() + float(sys.argv[2]); err = ''\n"
@@ -472,11 +505,38 @@ class Lab:
                 time.sleep(0.05)
         for n in self.state["nodes"]:
             self.kill_node(n["name"])
-        for ns in (self.state["client_netns"], self.state["bridge_netns"]):
+        dns = self.state.get("dns")
+        if dns and alive(dns["proc"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(dns["proc"]["pid"], signal.SIGTERM)
+        for ns in (self.state["client_netns"], self.state["bridge_netns"],
+                   *([dns["netns"]] if dns else [])):
             for pid in netns_pids(ns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         return [f"{name}/{p['name']}" for name, p in running]
+
+    def start_dns(self) -> None:
+        """With --dns: the zone's files and named in its namespace."""
+        dns = self.state.get("dns")
+        if not dns:
+            return
+        zone = labdns.Zone(Path(dns["dir"]), dns["zone"], dns["address"])
+        zone.write()
+        p = dns["proc"]
+        child = labdns.start(zone, dns["netns"], Path(p["log"]))
+        assert child.proc is not None
+        pid = child.proc.pid
+        p["pid"], p["start_time"] = pid, proc_start_time(pid)
+        child.proc.returncode = 0  # detached (its own session): not ours to reap
+        self.save()
+
+    def remove_netns_etc(self) -> None:
+        """The resolv.conf files `ip netns exec` mounts for the lab's namespaces."""
+        for ns in self.all_netns():
+            d = NETNS_ETC / ns
+            if d.is_dir():
+                shutil.rmtree(d)
 
     def delete_netns(self) -> list[str]:
         removed = []
@@ -507,7 +567,7 @@ def tgtd_control_ports(lab_id: str, count: int) -> list[int]:
 
 
 def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
-         mode: str = "async", iscsi: bool = False) -> dict[str, Any]:
+         mode: str = "async", iscsi: bool = False, dns: bool = False) -> dict[str, Any]:
     """The lab's description before anything exists: names, addresses, paths, argv."""
     try:
         net = ipaddress.ip_network(subnet, strict=False)
@@ -518,7 +578,13 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
         raise LabError(f"--subnet: expected an IPv4 network of at least 8 addresses (/29), "
                        f"got {subnet}")
     nbytes = parse_size(size)
-    hosts = list(net.hosts())[:5]  # main, dc, dr, client, the service address
+    if dns and (net.num_addresses < 16
+                or net.overlaps(ipaddress.ip_network(DNS_CLIENT_SUBNET))):
+        raise LabError(f"--subnet with --dns: expected an IPv4 network of at least 16 "
+                       f"addresses (/28) apart from the clients' {DNS_CLIENT_SUBNET}, "
+                       f"got {subnet}")
+    # main, dc, dr, client, the service address; with --dns the server and the router
+    hosts = list(net.hosts())[:7]
     lab_id = secrets.token_hex(3)
     prefix = f"nbdgw-{lab_id}"
     nbdgw = nbdgw_argv()
@@ -541,11 +607,27 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
                       "procs": procs,
                       **({"tgtd_control_port": port, "iscsi_run_dir": str(site / "iscsi")}
                          if iscsi else {})})
+    dns_plan = None
+    client_address = str(hosts[3])
+    if dns:
+        cnet = ipaddress.ip_network(DNS_CLIENT_SUBNET)
+        router_b, client_b = list(cnet.hosts())[:2]
+        client_address = str(client_b)
+        ddir = lab_dir / "dns"
+        dns_plan = {
+            "netns": f"{prefix}-dns", "address": str(hosts[5]), "zone": DNS_ZONE,
+            "name": DNS_NAME, "ttl": DNS_TTL, "server": f"{hosts[5]}:53",
+            "dir": str(ddir), "key_file": str(ddir / f"{labdns.UPDATE_KEY}.key"),
+            "router": str(hosts[6]), "client_subnet": str(cnet),
+            "client_prefixlen": cnet.prefixlen, "client_router": str(router_b),
+            "proc": {"name": "named", "log": str(lab_dir / "named.log"), "pid": None,
+                     "start_time": None}}
     return {
         "kind": LAB_KIND, "version": LAB_VERSION, "id": lab_id, "dir": str(lab_dir),
         "subnet": str(net), "prefixlen": net.prefixlen, "size": nbytes,
         "service_address": str(hosts[4]),  # held by whichever site is primary
-        "client_netns": f"{prefix}-{CLIENT}", "client_address": str(hosts[3]),
+        "client_netns": f"{prefix}-{CLIENT}", "client_address": client_address,
+        "dns": dns_plan,
         "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
         "topology": topology, "mode": mode,
         "iscsi": ({"portal": f"{hosts[4]}:{ISCSI_PORT}", "iqn": f"{ISCSI_IQN}-{lab_id}"}
@@ -560,16 +642,38 @@ def build_network(s: dict[str, Any]) -> None:
     run(["ip", "netns", "add", br])
     run(["ip", "-n", br, "link", "add", BRIDGE, "type", "bridge"])
     run(["ip", "-n", br, "link", "set", BRIDGE, "up"])
-    ends = [(n["netns"], n["veth"], n["address"]) for n in s["nodes"]]
-    ends.append((s["client_netns"], f"v-{CLIENT}", s["client_address"]))
-    for ns, veth, addr in ends:
+    dns = s.get("dns")
+    ends = [(n["netns"], n["veth"], n["address"], BRIDGE, s["prefixlen"]) for n in s["nodes"]]
+    if dns:
+        # The clients' subnet on a second bridge; the bridge namespace routes between.
+        run(["ip", "-n", br, "link", "add", CLIENT_BRIDGE, "type", "bridge"])
+        run(["ip", "-n", br, "link", "set", CLIENT_BRIDGE, "up"])
+        run(["ip", "-n", br, "addr", "add", f"{dns['router']}/{s['prefixlen']}", "dev",
+             BRIDGE])
+        run(["ip", "-n", br, "addr", "add",
+             f"{dns['client_router']}/{dns['client_prefixlen']}", "dev", CLIENT_BRIDGE])
+        run(["ip", "netns", "exec", br, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        ends.append((dns["netns"], "v-dns", dns["address"], BRIDGE, s["prefixlen"]))
+        ends.append((s["client_netns"], f"v-{CLIENT}", s["client_address"], CLIENT_BRIDGE,
+                     dns["client_prefixlen"]))
+    else:
+        ends.append((s["client_netns"], f"v-{CLIENT}", s["client_address"], BRIDGE,
+                     s["prefixlen"]))
+    for ns, veth, addr, bridge, prefixlen in ends:
         run(["ip", "netns", "add", ns])
         run(["ip", "-n", br, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
              "netns", ns])
-        run(["ip", "-n", br, "link", "set", veth, "master", BRIDGE, "up"])
+        run(["ip", "-n", br, "link", "set", veth, "master", bridge, "up"])
         run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        run(["ip", "-n", ns, "addr", "add", f"{addr}/{s['prefixlen']}", "dev", "eth0"])
+        run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefixlen}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        if dns:
+            gw = dns["client_router"] if bridge == CLIENT_BRIDGE else dns["router"]
+            run(["ip", "-n", ns, "route", "add", "default", "via", gw])
+    if dns:
+        etc = NETNS_ETC / s["client_netns"]
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"nameserver {dns['address']}\n")
 
 
 def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
@@ -580,8 +684,12 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         "version": 1,
         "node": {"name": node["name"], "data_dir": node["data_dir"], "role": node["role"]},
         "nbd": {"listen": [f"tcp:0.0.0.0:{NBD_PORT}"]},
-        "service": {"address": f"{s['service_address']}/{s['prefixlen']}",
-                    "interface": "eth0"},
+        "service": ({"dns": {"name": s["dns"]["name"], "zone": s["dns"]["zone"],
+                             "servers": [s["dns"]["server"]], "ttl": s["dns"]["ttl"],
+                             "key_file": str(site / "dns.key"), "address": node["address"]}}
+                    if s.get("dns") else
+                    {"address": f"{s['service_address']}/{s['prefixlen']}",
+                     "interface": "eth0"}),
         "peerlink": {"listen": f"{node['address']}:{PEER_PORT}",
                      "topology": s.get("topology", "fanout"), "secret_file": node["secret"]},
         # Sync is a property of the main-site pair: each names the other with the
@@ -606,12 +714,15 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
     fd = os.open(node["secret"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret)
+    if s.get("dns"):
+        labdns.write_key(site / "dns.key", Path(s["dns"]["key_file"]).read_text())
     replica = ["--replica"] if node["role"] != "primary" else []
     run([*nbdgw_argv(), "-c", node["config"], "volume", "create", VOLUME, *replica])
 
 
 def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
-       topology: str = "fanout", mode: str = "async", iscsi: bool = False) -> dict[str, Any]:
+       topology: str = "fanout", mode: str = "async", iscsi: bool = False,
+       dns: bool = False) -> dict[str, Any]:
     """Build and start the lab; return the summary JSON.  On failure, undo it."""
     precheck()
     lab_dir = lab_dir.resolve()
@@ -623,7 +734,12 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
         raise LabError(f"{lab_dir} is not empty; give an empty or new --dir")
     if iscsi:
         precheck_iscsi()
-    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode, iscsi))
+    if dns:
+        precheck_dns()
+        if iscsi:
+            raise LabError("--dns with --iscsi: not supported (the lab's iSCSI portal is "
+                           "the service address, which --dns replaces)")
+    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode, iscsi, dns))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:
@@ -632,6 +748,7 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
             fd = os.open(lab.state["secret"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secret)
+            lab.start_dns()
             for node in lab.nodes:
                 write_site(lab.state, node, secret)
             for name, _ in SITES[1:]:
@@ -650,6 +767,8 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
                 lab.delete_netns()
             with contextlib.suppress(Exception):
                 lab.remove_tgtd_sockets()
+            with contextlib.suppress(Exception):
+                lab.remove_netns_etc()
             lab.state["state"] = "failed"
             lab.save()
             raise
@@ -694,6 +813,7 @@ def down(lab_dir: Path) -> dict[str, Any]:
         stopped = lab.stop_all(graceful=True)
         lab.remove_tgtd_sockets()  # every process of the lab is gone: they are stale
         removed = lab.delete_netns()
+        lab.remove_netns_etc()
         lab.state["state"] = "down"
         lab.save()
         return {"id": lab.state["id"], "stopped": stopped, "removed_netns": removed,

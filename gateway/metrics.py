@@ -31,7 +31,7 @@ from nbdgw_common.errors import GatewayError
 
 from .config import NodeConfig
 from .live import io_stats
-from .status import failover_report, volume_report
+from .status import failover_report, rpo_state, volume_report
 
 log = structlog.get_logger(component="metrics")
 
@@ -159,6 +159,13 @@ class NodeCollector(Collector):
                                  "last acknowledged", labels=["volume", "peer"])
         pdirty = GaugeMetricFamily("nbdgw_peer_dirty_extents", "Extents waiting for a "
                                    "resync to the peer", labels=["volume", "peer"])
+        rpo_over = GaugeMetricFamily("nbdgw_peer_rpo_exceeded", "1 while the peer's "
+                                     "data-loss window is past its link's rpo bound (only "
+                                     "links with a bound)", labels=["volume", "peer"])
+        rpo_s = GaugeMetricFamily("nbdgw_peer_rpo_bound_seconds", "The link's rpo.seconds",
+                                  labels=["volume", "peer"])
+        rpo_b = GaugeMetricFamily("nbdgw_peer_rpo_bound_bytes", "The link's rpo.bytes",
+                                  labels=["volume", "peer"])
         drecs = GaugeMetricFamily("nbdgw_diverged_records", "Records of this node's "
                                   "acknowledged writes the current primary lacks, kept in "
                                   "the snapshot (absent when their number is unknown)",
@@ -196,6 +203,14 @@ class NodeCollector(Collector):
                 if p["last_ack_age_s"] is not None:
                     pack.add_metric(labels, float(p["last_ack_age_s"]))
                 pdirty.add_metric(labels, float(p["dirty_extents"]))
+                link = cfg.peer(p["name"])
+                rpo = rpo_state(p["data_loss_window"], link.rpo if link else None)
+                if rpo is not None:
+                    rpo_over.add_metric(labels, 1.0 if rpo["exceeded"] else 0.0)
+                    if rpo["seconds"] is not None:
+                        rpo_s.add_metric(labels, float(rpo["seconds"]))
+                    if rpo["bytes"] is not None:
+                        rpo_b.add_metric(labels, float(rpo["bytes"]))
         for export, st in sorted(io.items()):
             conns.add_metric([export], float(st["connections"]))
             conns_total.add_metric([export], float(st["connections_total"]))
@@ -207,7 +222,7 @@ class NodeCollector(Collector):
                                sum_value=c["ns"] / 1e9)
         yield from (size, conns, conns_total, reqs, nbytes, lat, jbytes, jfill, jseq,
                     inconsistent, snaps, snap_t, pstate, plag, plagb, plags, pack, pdirty,
-                    drecs, dbytes)
+                    rpo_over, rpo_s, rpo_b, drecs, dbytes)
         yield from health_families(cfg)
 
 

@@ -44,6 +44,7 @@ from nbd_plugin.control import bind_private
 from nbdgw_common.errors import GatewayError
 from peerlink import admin
 from peerlink.__main__ import read_secret
+from peerlink.ratelimit import RateSchedule
 from peerlink.receiver import Receiver, ReceiverServer
 from peerlink.sender import Sender, SenderConfig, VerifyError
 from peerlink.tls import client_context, server_context
@@ -199,6 +200,8 @@ class Replication:
             assert peer is not None
             sc = SenderConfig(
                 rate_limit=peer.rate_limit,
+                rate_schedule=(RateSchedule(peer.rate_schedule, peer.rate_limit)
+                               if peer.rate_schedule else None),
                 compress=SenderConfig.compress if peer.compression is Compression.ZSTD else 0,
                 sync=peer.mode is PeerMode.SYNC, sync_timeout=peer.sync_timeout,
                 max_backoff=2.0)
@@ -256,12 +259,32 @@ class Replication:
             tx.want(seq)
         if seq > conn.want.get(volume, 0):
             conn.want[volume] = seq
-            conn.changed.set()
+            self._tell(conn, volume)  # durable already when no sync peer holds waiters
 
     def _kick(self) -> None:
-        """A sync peer's ack or standing moved: every connection re-checks its waits."""
+        """A sync peer's ack or standing moved: every connection is told, right here (the
+        ack's own turn of the loop, no task to wake), how far what it waits for is
+        durable now."""
         for conn in self.gate_conns:
-            conn.changed.set()
+            for volume in conn.want:
+                self._tell(conn, volume)
+
+    def _tell(self, conn: _GateConn, volume: str) -> None:
+        """Tell ``conn`` how far ``volume`` is durable, if that moved past what it was
+        told and it waits for more (one line can release many waiters).  Written at once
+        (a few dozen bytes, sent without waiting while the plugin reads); only a backlog
+        wakes ``_notify`` to drain it."""
+        want, told = conn.want[volume], conn.told.get(volume, 0)
+        if want <= told or conn.writer.is_closing():
+            return
+        through, degraded = self.durable_through(volume, want)
+        if through > told:
+            conn.told[volume] = through
+            conn.writer.write(json.dumps({
+                "op": "durable", "volume": volume, "through": through,
+                "degraded": degraded}).encode() + b"\n")
+            if conn.writer.transport.get_write_buffer_size():
+                conn.changed.set()
 
     def durable_through(self, volume: str, want: int) -> tuple[int, list[str]]:
         """The seq through which every sync peer of ``volume`` that holds waiters (ok
@@ -273,21 +296,12 @@ class Replication:
                 [tx.peer for tx in txs if not tx.holds])
 
     async def _notify(self, conn: _GateConn) -> None:
-        """Tell ``conn`` how far each volume it waits for is durable, whenever that
-        moves past what it was told (one line can release many waiters)."""
+        """Drain what ``_tell`` could not send at once.  The backlog is bounded: a line
+        is written only when the durable point moves past what the plugin was told and
+        it waits for more, i.e. at most one per ``written`` notice it sent."""
         while True:
             await conn.changed.wait()
             conn.changed.clear()
-            for volume, want in list(conn.want.items()):
-                told = conn.told.get(volume, 0)
-                if want <= told:
-                    continue
-                through, degraded = self.durable_through(volume, want)
-                if through > told:
-                    conn.told[volume] = through
-                    conn.writer.write(json.dumps({
-                        "op": "durable", "volume": volume, "through": through,
-                        "degraded": degraded}).encode() + b"\n")
             await conn.writer.drain()
 
     def _peer_admin(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import structlog
 
@@ -24,6 +22,7 @@ from blockstore.volume import Volume, is_replica, list_volumes
 from nbd_plugin import PLUGIN_PATH
 from nbdgw_common.errors import GatewayError
 from nbdgw_common.logs import LOGGED_MARK
+from nbdgw_common.supervise import ChildProcess, NotReady
 
 from .cdp import apply_policies
 from .config import Listen, NodeConfig, PeerMode, TlsMode
@@ -276,22 +275,17 @@ def disconnect_clients(pid: int) -> int:
     return count
 
 
-def forward_stderr(pipe: IO[bytes]) -> None:
-    """Copy nbdkit's stderr to ours line by line, less the lines nbdkit prints for a
-    request whose failure the plugin logged already as a structured, rate-limited
-    event (logs.quiet_logged_errors: one marked line each, a client retrying writes on
-    a full disk would print one per request)."""
-    mark = LOGGED_MARK.encode()
-    with pipe:
-        for line in pipe:
-            if mark in line:
-                continue
-            view = memoryview(line)
-            try:
-                while view:
-                    view = view[os.write(2, view):]
-            except OSError:
-                continue  # our stderr is gone: keep draining so nbdkit never blocks
+def forward_stderr(line: bytes) -> None:
+    """Copy a line of nbdkit's stderr to ours, unless nbdkit printed it for a request
+    whose failure the plugin logged already as a structured, rate-limited event
+    (logs.quiet_logged_errors: one marked line each, a client retrying writes on a full
+    disk would print one per request)."""
+    if LOGGED_MARK.encode() in line:
+        return
+    view = memoryview(line)
+    with contextlib.suppress(OSError):  # our stderr is gone: nbdkit's is drained all the same
+        while view:
+            view = view[os.write(2, view):]
 
 
 class NbdServer:
@@ -305,9 +299,8 @@ class NbdServer:
         self.volumes = volumes
         self.all_readonly = all_readonly
         self.discover = discover
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: ChildProcess | None = None  # a new one each start: new sockets
         self.addresses: list[Listen] = []
-        self.stderr_thread: threading.Thread | None = None
 
     def start(self) -> None:
         socks = [bind(x, self.cfg.nbd.allow) for x in self.cfg.nbd.listen]
@@ -319,42 +312,40 @@ class NbdServer:
                              self.all_readonly)]
         env = dict(os.environ, NBDGW_SITE=plugin_site_dirs())
         log.info("nbdkit_starting", argv=argv[4:])
+        self.child = ChildProcess(argv, name="nbdkit", env=env, pass_fds=fds,
+                                  on_stderr=forward_stderr)
         try:
-            self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, cwd="/",
-                                         stderr=subprocess.PIPE)
+            self.child.start()
         finally:
             for s in socks:
                 s.close()
-        assert self.proc.stderr is not None
-        self.stderr_thread = threading.Thread(target=forward_stderr, args=(self.proc.stderr,),
-                                              name="nbdkit-stderr", daemon=True)
-        self.stderr_thread.start()
 
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM nbdkit (it closes every volume cleanly) and wait for it."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                # nbdkit answers requests with ESHUTDOWN after SIGTERM but only exits
-                # (and runs the plugin's cleanup) once every client has disconnected.
-                try:
-                    self.proc.wait(2)
-                except subprocess.TimeoutExpired:
-                    n = disconnect_clients(self.proc.pid)
-                    log.warning("nbdkit_clients_disconnected", clients=n)
-                    self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.error("nbdkit_kill", reason=f"no exit {timeout} s after SIGTERM")
-                self.proc.kill()
-                self.proc.wait()
+    def poll(self) -> int | None:
+        return None if self.child is None else self.child.returncode
+
+    def kill(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM nbdkit (it closes every volume cleanly) and wait for it; its exit
+        status (None: it never ran, or outlived SIGKILL)."""
+        child = self.child
+        if child is None:
+            return None
+        if (pid := child.pid) is not None:
+            child.send_signal(signal.SIGTERM)
+            # nbdkit answers requests with ESHUTDOWN after SIGTERM but only exits (and
+            # runs the plugin's cleanup) once every client has disconnected.
+            if child.wait(2) is None:
+                n = disconnect_clients(pid)
+                log.warning("nbdkit_clients_disconnected", clients=n)
+        rc = child.stop(timeout, sig=None, on_kill=lambda: log.error(
+            "nbdkit_kill", reason=f"no exit {timeout} s after SIGTERM"))
         for a in self.addresses:
             if a.kind == "unix":
                 Path(a.path).unlink(missing_ok=True)
-        if self.stderr_thread is not None:
-            self.stderr_thread.join(5)  # nbdkit's last lines (volume close events)
-        return self.proc.returncode
+        return rc
 
     def wait_ready(self, timeout: float = 15) -> None:
         """Return once nbdkit answers (or raise if it died).
@@ -363,21 +354,16 @@ class NbdServer:
         without one, or when TLS is required (no client key here), it can only check
         that nbdkit stays up: the sockets are bound already, so clients queue meanwhile.
         """
-        deadline = time.monotonic() + timeout
         import nbd  # python3-libnbd, through --system-site-packages
 
         unix = [a for a in self.addresses if a.kind == "unix"]
         tcp = [a for a in self.addresses if a.kind == "tcp"]
         can_probe = self.cfg.nbd.tls.mode is not TlsMode.REQUIRE and (
             unix or not self.cfg.nbd.allow)
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise GatewayError(f"nbdkit exited with status {self.proc.returncode}")
-            if not can_probe:
-                time.sleep(0.3)
-                if self.proc is not None and self.proc.poll() is None:
-                    return
-                continue
+
+        def answers() -> bool:
+            if not can_probe:  # up for 0.3 s
+                return child.alive and time.monotonic() - t0 >= 0.3
             h = nbd.NBD()
             try:
                 h.set_opt_mode(True)
@@ -388,9 +374,17 @@ class NbdServer:
                     host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
                     h.connect_tcp(host, str(a.port))
                 h.opt_abort()
-                return
+                return True
             except nbd.Error:
-                time.sleep(0.05)
+                return False
             finally:
                 del h
-        raise GatewayError(f"nbdkit did not become ready in {timeout} s")
+
+        t0 = time.monotonic()
+        # None: its start failed; the daemon may start it again meanwhile (probe on)
+        child = self.child or ChildProcess(["nbdkit"])
+        try:
+            child.wait_ready(answers, timeout)
+        except NotReady as e:
+            raise GatewayError(f"nbdkit exited with status {e.status}" if e.status is not None
+                               else f"nbdkit did not become ready in {timeout} s") from None

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from blockstore.clone import clones_of
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import MAX_SNAPSHOTS
 from blockstore.volume import is_replica, list_volumes
@@ -154,6 +155,11 @@ class Scheduler:
     def _prune(self, vols: list[str], names: tuple[str, ...]) -> list[str]:
         done = []
         for name in names:
+            users = [c for v in vols for c in clones_of(self.data_dir, v, name)]
+            if users:  # a clone's base stays until the clone is deleted
+                log.warning("snapshot_kept_for_clone", snapshot=name, volumes=vols,
+                            clones=users)
+                continue
             for v in vols:
                 if name in {r["name"] for r in snapshots.listing(self.data_dir, v)}:
                     snapshots.delete(self.data_dir, v, name)

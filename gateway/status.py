@@ -35,6 +35,10 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
           "acked_seq", "lag_records", "lag_bytes", "lag_seconds", "last_ack_age_s",
           "dirty_extents", "progress": null | {"phase": "compare"|"resync", "done",
           "total", "unit"}, "sender": "running"|"stopped"|"unknown",
+          "rate_limit": int|null (the cap in bytes/s in effect now, rate_schedule
+                        included; 0 unlimited; null while no sender runs),
+          "rpo": null (no bound on the link) | {"seconds": float|null, "bytes": int|null,
+                  "exceeded": bool (data_loss_window past either bound)},
           "data_loss_window": {"bytes": int, "seconds": float|null},
           "refused": null | {"reason", "by": "this node"|"peer", "side", "split_brain":
                              bool, "settle": null | [{"keeps", "command"}], "since",
@@ -86,7 +90,7 @@ from blockstore.node_state import node_epoch
 from blockstore.peers import known_peers, read_dirty, read_refused
 from blockstore.volume import VolumeInfo, list_volumes, volume_status
 
-from .config import NodeConfig
+from .config import NodeConfig, RpoConfig
 from .nodecore import majority_of
 from .rejoin import split_brain
 
@@ -250,11 +254,13 @@ def volume_report(info: VolumeInfo, now: float) -> dict[str, Any]:
             "dirty_extents": dirty,
             "progress": live.get("progress") if live and fresh else None,
             "sender": "running" if fresh else ("stopped" if live is not None else "unknown"),
+            "rate_limit": live.get("rate_limit") if live and fresh else None,
             "refused": _refusal(refusals.get(name))})
         p = peers[-1]
         safe = p["mode"] == "sync" and not p["degraded"] and p["state"] != "disconnected"
         p["data_loss_window"] = {"bytes": 0 if safe else p["lag_bytes"],
                                  "seconds": 0.0 if safe else p["lag_seconds"]}
+        p["rpo"] = None  # node_report fills it in from the config's bounds
     return {
         "name": info.name, "size": info.size, "role": st["role"], "in_use": st["in_use"],
         "clean": st["clean"], "inconsistent": st["inconsistent"],
@@ -296,6 +302,16 @@ def failover_report(data_dir: Path, now: float) -> dict[str, Any] | None:
             "beats_rejected": st.get("beats_rejected", {})}
 
 
+def rpo_state(window: dict[str, Any], bound: RpoConfig | None) -> dict[str, Any] | None:
+    """A peer's data-loss window against its link's ``rpo`` bounds (None: no bound)."""
+    if bound is None or (bound.seconds is None and bound.bytes is None):
+        return None
+    over_s = (bound.seconds is not None and window["seconds"] is not None
+              and window["seconds"] > bound.seconds)
+    over_b = bound.bytes is not None and window["bytes"] > bound.bytes
+    return {"seconds": bound.seconds, "bytes": bound.bytes, "exceeded": over_s or over_b}
+
+
 def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
                 live: bool = True) -> dict[str, Any]:
     """The whole report; with ``cfg``, also the roles, the quorum view and (``live``)
@@ -311,6 +327,10 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
         return report
     from . import nodestate
 
+    for v in report["volumes"]:
+        for p in v["peers"]:
+            peer = cfg.peer(p["name"])
+            p["rpo"] = rpo_state(p["data_loss_window"], peer.rpo if peer else None)
     report["role"] = {"configured": cfg.role.value,
                       "effective": nodestate.effective_config(cfg).role.value,
                       "epoch": node_epoch(data_dir)}

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,11 +33,11 @@ import structlog
 from blockstore.modes import make_dir
 from nbdgw_common.control_socket import ControlError, request
 from nbdgw_common.errors import CommandError
-from nbdgw_common.proc import run, spawn
+from nbdgw_common.proc import run
+from nbdgw_common.supervise import ChildProcess, NotReady, pid_from_file
 
 from . import fused
 from .errors import FuseError
-from .tgt import live_pid
 
 log = structlog.get_logger(component="iscsi")
 
@@ -85,10 +83,24 @@ class FuseMount:
         self.file = mount_dir / FILE_NAME
         self.pid_file = mount_dir.parent / f"{mount_dir.name}.pid"
         self.log_file = mount_dir.parent / f"{mount_dir.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        ro = ["-r"] if read_only else []
+        if server == "nbdgw":
+            argv = [sys.executable, "-m", "iscsi_bridge.fused", "-P", str(self.pid_file),
+                    "--file", FILE_NAME, *ro, str(self.dir), source]
+        else:
+            argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
+                    "-o", "auto_unmount", "-o", "default_permissions", *ro,
+                    str(self.file), source]
+        #: our child, the FUSE server (none for nbdkit: it runs already, and serves)
+        self.child = None if server == "nbdkit" else ChildProcess(
+            argv, name=self.comm, log_file=self.log_file, new_session=True,
+            pid_file=self.pid_file,
+            not_found=FuseError("nbdfuse: command not found (apt-get install libnbd-bin fuse3)"))
 
     def pid(self) -> int | None:
-        return live_pid(self.proc, self.pid_file, self.comm)
+        if self.child is None:
+            return pid_from_file(self.pid_file, self.comm)
+        return self.child.pid
 
     def healthy(self) -> bool:
         """Server alive, mounted, and the file answers stat (a dead FUSE gives ENOTCONN)."""
@@ -104,32 +116,24 @@ class FuseMount:
         self.stop()
         make_dir(self.dir, exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
-        if self.server == "nbdkit":
+        if self.child is None:
             self._start_in_nbdkit(timeout)
             return
-        ro = ["-r"] if self.read_only else []
-        if self.server == "nbdgw":
-            argv = [sys.executable, "-m", "iscsi_bridge.fused", "-P", str(self.pid_file),
-                    "--file", FILE_NAME, *ro, str(self.dir), self.source]
-        else:
-            argv = ["nbdfuse", "-C", str(CONNECTIONS), "-P", str(self.pid_file),
-                    "-o", "auto_unmount", "-o", "default_permissions", *ro,
-                    str(self.file), self.source]
-        log.info("fuse_starting", export=self.export, server=self.comm, argv=argv)
-        self.proc = spawn(argv, self.log_file, FuseError(
-            "nbdfuse: command not found (apt-get install libnbd-bin fuse3)"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        if self.child.alive:  # it outlived SIGKILL (stuck in the kernel): no second one
+            raise FuseError(f"{self.comm} for {self.export} (pid {self.child.pid}) is still "
+                            "running after SIGKILL")
+        log.info("fuse_starting", export=self.export, server=self.comm, argv=self.child.argv)
+        self.child.start()
+        try:
+            self.child.wait_ready(lambda: self.pid_file.exists() and self.healthy(), timeout)
+        except NotReady as e:
+            if e.status is not None:
                 raise FuseError(f"{self.comm} for {self.export} exited with status "
-                                f"{self.proc.returncode}: {_tail(self.log_file)}")
-            if self.pid_file.exists() and self.healthy():
-                log.info("fuse_started", export=self.export, server=self.comm,
-                         pid=self.proc.pid)
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise FuseError(f"{self.comm} for {self.export} was not ready within {timeout} s")
+                                f"{e.status}: {e.tail}") from None
+            self.stop()
+            raise FuseError(f"{self.comm} for {self.export} was not ready within {timeout} s"
+                            ) from None
+        log.info("fuse_started", export=self.export, server=self.comm, pid=self.child.pid)
 
     def _start_in_nbdkit(self, timeout: float) -> None:
         """Mount, and hand the connection to the nbdkit serving the volume."""
@@ -191,30 +195,13 @@ class FuseMount:
                 run(["fusermount3", "-u", "-z", str(self.dir)], timeout=timeout)
             except CommandError as e:
                 log.warning("fusermount_failed", export=self.export, error=str(e))
-        if pid is not None and self.server == "nbdkit":
-            self._wait_released(timeout)
-        elif pid is not None:
-            deadline = time.monotonic() + timeout
-            while self.pid() is not None and time.monotonic() < deadline:
-                if self.proc is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.proc.wait(0.05)
-                else:
-                    time.sleep(0.05)
-            if self.pid() is not None:
-                log.error("fuse_kill", export=self.export, server=self.comm, pid=pid)
-                os.kill(pid, signal.SIGKILL)
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-            self.proc = None
+        if self.child is None:
+            if pid is not None:
+                self._wait_released(timeout)
+        else:  # unmounted, it exits by itself (or is reaped, if it had)
+            self.child.stop(timeout, sig=None, on_kill=lambda: log.error(
+                "fuse_kill", export=self.export, server=self.comm, pid=pid))
         self.pid_file.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
 
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -8,11 +8,8 @@ system tgtd (control port 0) or another node's bridge on the same host is never 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import struct
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,8 @@ import structlog
 
 from blockstore.modes import NotOwned, make_own_dir
 from nbdgw_common.errors import CommandError
-from nbdgw_common.proc import run, spawn
+from nbdgw_common.proc import run
+from nbdgw_common.supervise import KILL_WAIT, ChildProcess, NotReady
 
 from .errors import BridgeError, TgtdError
 
@@ -375,33 +373,29 @@ class Tgtd:
         self.portal = portal
         self.run_dir = run_dir
         self.pid_file = run_dir / "tgtd.pid"
-        self.log_file = run_dir / "tgtd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child = ChildProcess(
+            ["tgtd", "-f", "-C", str(control_port), "--iscsi", f"portal={portal}"],
+            log_file=run_dir / "tgtd.log", new_session=True, pid_file=self.pid_file,
+            not_found=TgtdError("tgtd: command not found (apt-get install tgt)"))
 
     def pid(self) -> int | None:
-        return live_pid(self.proc, self.pid_file, "tgtd")
+        return self.child.pid
 
     def start(self, timeout: float = 15) -> None:
         """Start tgtd and wait until it answers on its control port."""
         private_run_dir(self.run_dir)
-        self._reap()
-        argv = ["tgtd", "-f", "-C", str(self.adm.control_port), "--iscsi",
-                f"portal={self.portal}"]
-        log.info("tgtd_starting", argv=argv)
-        self.proc = spawn(argv, self.log_file,
-                          TgtdError("tgtd: command not found (apt-get install tgt)"))
-        self.pid_file.write_text(f"{self.proc.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise TgtdError(f"tgtd exited with status {self.proc.returncode} at start: "
-                                f"{_tail(self.log_file)}")
-            if self.adm.alive():
-                log.info("tgtd_started", pid=self.proc.pid, portal=self.portal)
-                return
-            time.sleep(0.05)
-        raise TgtdError(f"tgtd did not answer on control port {self.adm.control_port} "
-                        f"within {timeout} s")
+        log.info("tgtd_starting", argv=self.child.argv)
+        self.child.start()
+        self.pid_file.write_text(f"{self.child.pid}\n")
+        try:
+            self.child.wait_ready(self.adm.alive, timeout)
+        except NotReady as e:
+            if e.status is not None:
+                raise TgtdError(f"tgtd exited with status {e.status} at start: {e.tail}"
+                                ) from None
+            raise TgtdError(f"tgtd did not answer on control port {self.adm.control_port} "
+                            f"within {timeout} s") from None
+        log.info("tgtd_started", pid=self.child.pid, portal=self.portal)
 
     def stop(self, timeout: float = 15) -> None:
         """`tgtadm --op delete --mode system` (the way tgtd stops), then wait for it."""
@@ -413,65 +407,13 @@ class Tgtd:
                 self.adm.delete_system()
             except CommandError as e:
                 log.warning("tgtd_delete_system_failed", error=str(e))
-        if pid is not None:
-            _wait_gone(pid, timeout)
-        self._reap()
+        self.child.stop(timeout, sig=None, on_kill=lambda: log.error(
+            "tgtd_kill", pid=pid, reason=f"still running {timeout} s after delete system"))
+        if self.child.alive:
+            raise TgtdError(f"tgtd (pid {pid}) survived SIGKILL for {KILL_WAIT:g} s")
         self.pid_file.unlink(missing_ok=True)
         if pid is not None:  # tgtd leaves its control socket and lock file behind
             for suffix in ("", ".lock"):
                 (TGTD_SOCKET_DIR / f"socket.{self.adm.control_port}{suffix}").unlink(
                     missing_ok=True)
         log.info("tgtd_stopped", pid=pid)
-
-    def _reap(self) -> None:
-        if self.proc is not None:
-            try:
-                self.proc.wait(0)
-            except subprocess.TimeoutExpired:
-                return
-            self.proc = None
-
-
-def live_pid(proc: subprocess.Popen[bytes] | None, pid_file: Path, comm: str) -> int | None:
-    """The pid of our child ``proc`` while it runs, else the live ``comm`` process that
-    ``pid_file`` names (one an earlier bridge started), else None."""
-    if proc is not None and proc.poll() is None:
-        return proc.pid
-    try:
-        pid = int(pid_file.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if _running(pid, comm) else None
-
-
-def _running(pid: int, comm: str) -> bool:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == comm and \
-            "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[:1]
-    except OSError:
-        return False
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running(pid, "tgtd"):
-            return
-        time.sleep(0.05)
-    log.error("tgtd_kill", pid=pid, reason=f"still running {timeout} s after delete system")
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 5
-    while _running(pid, "tgtd"):
-        if time.monotonic() > deadline:
-            raise TgtdError(f"tgtd (pid {pid}) survived SIGKILL for 5 s")
-        time.sleep(0.05)
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        return " / ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -110,6 +110,7 @@ class ControlServer:
         self.fuse_mounts = fuse_mounts  # the exports whose FUSE mounts are served here
         self.stopping = threading.Event()
         self.socks: dict[str, tuple[socket.socket, Path, threading.Thread]] = {}
+        self.replicas: set[str] = set()  # sockets of replicas (add_replica)
         self.started = False
 
     def start(self) -> None:
@@ -119,10 +120,23 @@ class ControlServer:
 
     def add(self, name: str, vol: Volume) -> None:
         """Listen on a volume's control socket (a volume served from now on)."""
+        if name in self.replicas:  # promoted since: a volume's socket from now on
+            self.remove(name)
+        self._listen(name, vol.info.path)
+
+    def add_replica(self, name: str, path: Path) -> None:
+        """Listen on a replica's control socket (directory ``path``), for the FUSE
+        mounts of its snapshots and stats only: its receiver holds the replica."""
+        if self.started and name not in self.socks:
+            self.replicas.add(name)
+            self._listen(name, path)
+
+    def _listen(self, name: str, directory: Path) -> None:
         if not self.started or name in self.socks:
             return
-        path = vol.info.path / SOCKET_NAME
+        path = directory / SOCKET_NAME
         s = bind_private(path)
+        s.settimeout(0.25)  # here: a stop() right after may close it before the thread runs
         t = threading.Thread(target=self._serve, args=(s, name), daemon=True,
                              name=f"nbdgw-control-{name}")
         self.socks[name] = (s, path, t)
@@ -131,6 +145,7 @@ class ControlServer:
     def remove(self, name: str) -> None:
         """Stop listening for a withdrawn volume (its socket goes; the reply to the
         request that withdrew it is sent by the thread that serves it)."""
+        self.replicas.discard(name)
         entry = self.socks.pop(name, None)
         if entry is not None:
             s, path, _ = entry
@@ -148,7 +163,6 @@ class ControlServer:
         self.socks.clear()
 
     def _serve(self, s: socket.socket, volume: str) -> None:
-        s.settimeout(0.25)
         while not self.stopping.is_set():
             try:
                 conn, _ = s.accept()
@@ -168,6 +182,12 @@ class ControlServer:
                         continue
                     if op == "fuse":
                         reply, fds = self._fuse(req, fds), []
+                    elif volume in self.replicas and req != {"op": "stats"}:
+                        reply = {"ok": False, "error": (
+                            f"volume {volume} is a replica here, held by its receiver "
+                            "(stop replicating it first)" if op == "withdraw" else
+                            f"volume {volume} is a replica here: its snapshots are taken "
+                            "and deleted on its primary, and reach it through the journal")}
                     elif op == "withdraw":
                         why = self.withdraw(volume) if self.withdraw is not None else (
                             "this server cannot withdraw volumes")

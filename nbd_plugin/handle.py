@@ -8,6 +8,7 @@ import threading
 import time
 
 from blockstore.cdp import PointView
+from blockstore.clone import Clone
 from blockstore.snapshot import SnapshotView
 from blockstore.volume import Volume
 
@@ -27,7 +28,7 @@ class Handle:
 
     __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol")
 
-    def __init__(self, vol: Volume | SnapshotView | PointView, readonly: bool,
+    def __init__(self, vol: Volume | SnapshotView | PointView | Clone, readonly: bool,
                  gate: SyncGate | None = None, lease: Lease | None = None,
                  lock: threading.Lock | None = None) -> None:
         self.vol = vol
@@ -43,12 +44,12 @@ class Handle:
         self.io: list[list[int]] = []
 
     @property
-    def writable(self) -> Volume:
-        """The volume, for a write, trim or zero, or the journal's end: never a snapshot
-        (its handles are read-only, so nbdkit and the FUSE server refuse writes to it
-        before they get here, and have no sync gate)."""
+    def writable(self) -> Volume | Clone:
+        """The volume (or a clone), for a write, trim or zero, or the journal's end:
+        never a snapshot (its handles are read-only, so nbdkit and the FUSE server refuse
+        writes to it before they get here, and have no sync gate)."""
         vol = self.vol
-        if not isinstance(vol, Volume):
+        if not isinstance(vol, Volume | Clone):
             raise PermissionError(errno.EROFS, f"export {vol.name} is read-only")
         return vol
 
@@ -93,4 +94,5 @@ class Handle:
         if self.gate is None:
             return
         vol = self.writable
+        assert isinstance(vol, Volume)  # a clone's handle has no gate: never replicated
         self.gate.wait(vol.name, seq, (lambda: vol.sync_ahead(seq)) if write else None)

@@ -12,6 +12,7 @@ for _d in filter(None, os.environ.get("NBDGW_SITE", "").split(os.pathsep)):
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
+from blockstore.clone import Clone  # noqa: E402
 from nbd_plugin import iostats  # noqa: E402
 from nbd_plugin.handle import Handle  # noqa: E402
 from nbd_plugin.server import Params, PluginError, Server  # noqa: E402
@@ -113,7 +114,9 @@ def close(h: Handle) -> None:
 
 
 def export_description(h: Handle) -> str:
-    return f"nbdgw {'snapshot' if '@' in h.vol.name else 'volume'} {h.vol.name}"
+    kind = ("clone" if isinstance(h.vol, Clone) else
+            "snapshot" if "@" in h.vol.name else "volume")
+    return f"nbdgw {kind} {h.vol.name}"
 
 
 def get_size(h: Handle) -> int:
@@ -145,7 +148,8 @@ def can_zero(h: Handle) -> bool:
 
 
 def can_fast_zero(h: Handle) -> bool:
-    return not h.readonly
+    # A clone writes its zeros (a hole would show its base): not fast.
+    return not h.readonly and not isinstance(h.vol, Clone)
 
 
 def can_fua(h: Handle) -> int:

@@ -16,9 +16,9 @@ from .handle import Handle
 
 def is_point_export(vol: Volume | None, point: str) -> bool:
     """Whether ``VOLUME@point`` names a CDP point rather than a snapshot."""
-    if not is_point_name(point):
-        return False
-    return vol is None or vol.snaps is None or point not in vol.snaps.index.by_name
+    if vol is None or not is_point_name(point):
+        return False  # not served here (a replica's snapshots are opened as such)
+    return vol.snaps is None or point not in vol.snaps.index.by_name
 
 
 def open_point_export(vol: Volume | None, export: str) -> Handle:

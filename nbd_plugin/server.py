@@ -7,6 +7,7 @@ connection durable (which is what makes multi-conn safe to advertise).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -17,13 +18,17 @@ from pathlib import Path
 
 import structlog
 
+from blockstore.clone import Clone, CloneInfo, find_clone, list_clones
 from blockstore.errors import BlockstoreError, InvalidArgument
-from blockstore.journal import DEFAULT_SEGMENT_BYTES
-from blockstore.snapshot import SnapshotView
+from blockstore.journal import DEFAULT_SEGMENT_BYTES, sync_delays_for_tests
+from blockstore.snapshot import FollowedSnapshotView, SnapshotFollower, SnapshotView, read_index
+from blockstore.store import Store
 from blockstore.volume import (
     DEFAULT_AL_SLOTS,
     DEFAULT_JOURNAL_MAX_BYTES,
     Volume,
+    VolumeInfo,
+    find_volume,
     is_replica,
     list_volumes,
     parse_size,
@@ -41,17 +46,8 @@ from .syncgate import SyncGate
 log = structlog.get_logger(component="nbd_plugin")
 
 
-def _test_sync_delay(text: str) -> dict[str, float]:
-    """NBDGW_TEST_SYNC_DELAY="VOLUME=SECONDS,...": a test hook that makes each journal
-    sync of those volumes take that much longer (tests/integration/test_isolation.py)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        name, _, secs = item.partition("=")
-        out[name] = float(secs)
-    return out
-
-
-_TEST_SYNC_DELAY = _test_sync_delay(os.environ.get("NBDGW_TEST_SYNC_DELAY", ""))
+# A test hook (tests/integration/test_isolation.py): journal syncs made slower.
+_TEST_SYNC_DELAY = sync_delays_for_tests(os.environ.get("NBDGW_TEST_SYNC_DELAY", ""))
 
 
 class PluginError(Exception):
@@ -129,6 +125,39 @@ _SCALARS: dict[str, Callable[[str], object]] = {
 }
 
 
+# Readers of a replica's snapshots yield the CPU to its receiver: the thread that serves
+# them (each NBD connection and each FUSE mount has its own) runs at this nice value.
+READER_NICE = 10
+
+
+def _yield_to_receiver() -> None:
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, tid) < READER_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, READER_NICE)
+
+
+class ReplicaSnapshotView(FollowedSnapshotView):
+    """A replica's snapshot as nbdkit serves it: read at a lower CPU priority, so
+    that a reader never slows the receiver applying the primary's writes."""
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        _yield_to_receiver()
+        super().read_into(buf, offset)
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
+        _yield_to_receiver()
+        return super().extents(offset, count)
+
+
+_REPLICA = ("volume {name} is a replica: it is written by peerlink and cannot be served "
+            "until promoted (its snapshots are: {name}@SNAPSHOT, read-only)")
+
+
+def served_names(served: list[tuple[str, Volume]]) -> set[str]:
+    return {n for n, _v in served}
+
+
 class Server:
     """Opens (and recovers) every configured volume; hands out connection handles."""
 
@@ -154,22 +183,50 @@ class Server:
         self.members = threading.Lock()  # adding and withdrawing volumes (not I/O)
         self.in_use: dict[str, int] = {}  # volume -> open handles (NBD and FUSE)
         self.fuse: list[Attachment] = []  # exports mounted for the bridge (fusefile.py)
+        # Replicas: their receiver holds them; their snapshots are read here through a
+        # SnapshotFollower each (blockstore/snapshot.py), one lock per replica.
+        self.followers: dict[str, tuple[SnapshotFollower, threading.Lock]] = {}
+        # Clones (blockstore/clone.py) open now: name -> (clone, its base's handle, the
+        # handles open on it).  The base handle pins the snapshot while the clone is served.
+        self.clones: dict[str, tuple[Clone, Handle, int]] = {}
+        self.replica_names = {n for n in params.volumes if self._replica(n)}
         self.control = ControlServer(self.volumes, self._snapshot_in_use,
                                      self.attach_fuse,
                                      lambda: sorted(a.export for a in list(self.fuse)),
                                      self.withdraw)
-        # Replicas are written by peerlink only; serving them needs a promotion first.
-        names = params.volumes or self._primaries()
+        # Replicas are written by peerlink only: their snapshots are served read-only
+        # (REPLICA@SNAP), the replica itself only once promoted.
+        names = [n for n in params.volumes if n not in self.replica_names] or (
+            [] if params.volumes else self._primaries())
         for name in names:
             self._add(name, quiet=False)
-        if not self.volumes and not self.discover:
+        if not self.volumes and not self.discover and not self.replica_names:
             detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
             raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
         self.control.start()
+        for info in self._replicas():  # the iSCSI bridge mounts their snapshots through it
+            self.control.add_replica(info.name, info.path)
 
     def _primaries(self) -> list[str]:
         assert self.params.data_dir is not None
         return [v.name for v in list_volumes(self.params.data_dir) if not is_replica(v)]
+
+    def _replica(self, name: str) -> VolumeInfo | None:
+        """Volume ``name``'s info when it is a replica on this node (else None)."""
+        assert self.params.data_dir is not None
+        try:
+            info = find_volume(self.params.data_dir, name)
+        except (BlockstoreError, OSError):
+            return None
+        return info if is_replica(info) else None
+
+    def _replicas(self) -> list[VolumeInfo]:
+        """The replicas whose snapshots this process serves: those named, or with no
+        volume named, every replica in data_dir."""
+        assert self.params.data_dir is not None
+        if not self.discover:
+            return [i for n in sorted(self.replica_names) if (i := self._replica(n))]
+        return [v for v in list_volumes(self.params.data_dir) if is_replica(v)]
 
     def _add(self, name: str, quiet: bool = True) -> Volume | None:
         """Open volume ``name`` and serve it from now on (None when it cannot be)."""
@@ -180,13 +237,14 @@ class Server:
                 return self.volumes[name]
             ro = p.all_readonly or name in p.readonly
             try:
+                if self._replica(name):  # held by its receiver: do not even try
+                    raise InvalidArgument(_REPLICA.format(name=name))
                 vol = Volume.open(p.data_dir, name, readonly=ro, al_slots=p.al_slots,
                                   journal_max_bytes=p.journal_max_bytes,
                                   segment_bytes=p.segment_bytes)
                 if vol.replica:
                     vol.close()
-                    raise InvalidArgument(f"volume {name} is a replica: it is written by "
-                                          "peerlink and cannot be served until promoted")
+                    raise InvalidArgument(_REPLICA.format(name=name))
             except (BlockstoreError, OSError) as e:
                 if self.failed.get(name) != str(e):
                     log.error("volume_not_served", volume=name, error=str(e))
@@ -245,6 +303,8 @@ class Server:
             for name in self._primaries():
                 if name not in self.volumes:
                     self._add(name)
+            for info in self._replicas():
+                self.control.add_replica(info.name, info.path)
 
     def list_exports(self) -> list[tuple[str, str]]:
         out = []
@@ -258,6 +318,22 @@ class Server:
             out += [(f"{n}@{r['name']}", f"nbdgw snapshot {r['name']} of volume {n}, "
                      "read-only") for r in snaps]
             out += point_exports(v)
+        assert self.params.data_dir is not None
+        out += [(c.name, f"nbdgw clone {c.name} of {c.volume}@{c.snapshot}, writable")
+                for c in list_clones(self.params.data_dir)]
+        for info in self._replicas():
+            if info.name in served_names(served):
+                continue  # promoted since: served above
+            try:
+                _shift, index = read_index(info.path / "snapshots" / "index")
+            except FileNotFoundError:
+                continue
+            except (BlockstoreError, OSError) as e:
+                log.error("replica_snapshots_unreadable", volume=info.name, error=str(e))
+                continue
+            out += [(f"{info.name}@{index.snaps[i].name}",
+                     f"nbdgw snapshot {index.snaps[i].name} of replica {info.name}, "
+                     "read-only") for i in index.order]
         return out
 
     def default_export(self) -> str:
@@ -283,7 +359,13 @@ class Server:
         vol = self.volumes.get(name)
         if vol is None and self.discover and self._exists(name):
             vol = self._add(name)  # created (or promoted) after this process started
+        if vol is None and self.params.data_dir is not None:
+            clone = find_clone(self.params.data_dir, name) if self._valid(name) else None
+            if clone is not None:
+                return self._open_clone(clone, readonly)
         if vol is None:
+            if name in self.replica_names:
+                raise FileNotFoundError(_REPLICA.format(name=name))
             if name in self.failed:
                 raise FileNotFoundError(f"volume {name} is not served: {self.failed[name]}")
             raise FileNotFoundError(f"no export named {name!r}")
@@ -295,6 +377,8 @@ class Server:
         volume, _, snap = export.partition("@")
         vol = self.volumes.get(volume)
         if vol is None:
+            if (self.discover or volume in self.replica_names) and self._replica(volume):
+                return self._open_replica_snapshot(volume, snap, export)
             raise FileNotFoundError(f"no export named {export!r} (volume {volume} is not "
                                     "served here)")
         with vol.request_lock:
@@ -306,11 +390,97 @@ class Server:
             self.snapshot_handles[export] = self.snapshot_handles.get(export, 0) + 1
         return Handle(view, True, lock=vol.request_lock)
 
+    @staticmethod
+    def _valid(name: str) -> bool:
+        try:
+            validate_name(name)
+        except InvalidArgument:
+            return False
+        return True
+
+    def _open_clone(self, info: CloneInfo, readonly: bool) -> Handle:
+        """A writable clone of a snapshot (this node's volume's, or a replica's): its
+        writes in its own file, the rest read from the snapshot, under the snapshot's
+        lock (blockstore/clone.py)."""
+        with self.members:
+            got = self.clones.get(info.name)
+            if got is None:
+                base = f"{info.volume}@{info.snapshot}"
+                try:
+                    base_h = self._open_snapshot(base)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"clone {info.name}: its base {base} cannot be "
+                                            f"read: {e}") from None
+                try:
+                    clone = Clone(info, base_h.vol)
+                except BaseException:
+                    self.close_handle(base_h)
+                    raise
+                got = (clone, base_h, 0)
+                log.info("clone_opened", clone=info.name, base=base)
+            clone, base_h, n = got
+            self.clones[info.name] = (clone, base_h, n + 1)
+        return Handle(clone, readonly, lock=base_h.lock)
+
+    def _close_clone(self, name: str) -> None:
+        with self.members:
+            got = self.clones.get(name)
+            if got is None:
+                return
+            clone, base_h, n = got
+            if n > 1:
+                self.clones[name] = (clone, base_h, n - 1)
+                return
+            del self.clones[name]
+        with base_h.lock:
+            clone.close()
+        self.close_handle(base_h)
+
+    def _open_replica_snapshot(self, volume: str, snap: str, export: str) -> Handle:
+        """A replica's snapshot, read while its receiver goes on writing the replica
+        (blockstore/snapshot.py SnapshotFollower has the protocol)."""
+        with self.members:
+            got = self.followers.get(volume)
+            if got is not None and got[0].gone:  # deleted, perhaps created again since
+                self.followers.pop(volume)
+                with got[1]:  # its views fail from now on, before any read (ESHUTDOWN)
+                    got[0].store.close()
+                    got[0].close()
+                got = None
+            if got is None:
+                assert self.params.data_dir is not None
+                info = find_volume(self.params.data_dir, volume)
+                if not (info.path / "snapshots" / "index").exists():
+                    raise FileNotFoundError(f"no export named {export!r}: replica {volume} "
+                                            "has no snapshots")
+                store = Store(str(info.path / "store"), info.size, readonly=True,
+                              noatime=True)
+                try:
+                    got = (SnapshotFollower(info.path / "snapshots", store, volume),
+                           threading.Lock())
+                except BaseException:
+                    store.close()
+                    raise
+                self.followers[volume] = got
+        follower, lock = got
+        with lock:
+            try:
+                view = ReplicaSnapshotView(follower, snap)
+            except BlockstoreError as e:
+                raise FileNotFoundError(f"no export named {export!r}: {e}") from None
+        with self.lock:
+            self.snapshot_handles[export] = self.snapshot_handles.get(export, 0) + 1
+        log.info("replica_snapshot_opened", export=export)
+        return Handle(view, True, lock=lock)
+
     def close_handle(self, h: Handle) -> None:
         if close_point(h):
             volume = h.vol.name.partition("@")[0]
             with self.lock:
                 self.in_use[volume] = max(0, self.in_use.get(volume, 1) - 1)
+            return
+        if isinstance(h.vol, Clone):
+            self._close_clone(h.vol.name)
             return
         if not isinstance(h.vol, SnapshotView):
             with self.lock:
@@ -371,3 +541,6 @@ class Server:
             except (BlockstoreError, OSError) as e:
                 log.error("volume_close_failed", volume=name, error=str(e))
         self.volumes.clear()
+        for follower, _lock in getattr(self, "followers", {}).values():
+            follower.store.close()
+            follower.close()

@@ -1,10 +1,10 @@
-"""The one way nbdgw runs external commands: argv lists, never shell strings."""
+"""The one way nbdgw runs external commands: argv lists, never shell strings.  A
+long-running one (a server, a daemon) is a supervise.ChildProcess."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
 
 from .errors import CommandError
 
@@ -38,16 +38,3 @@ def output(argv: Sequence[str], *, timeout: float = 60) -> tuple[int, str, str]:
         raise CommandError(argv, -1, f"timed out after {timeout} s") from None
     return (p.returncode, p.stdout.decode(errors="replace"),
             p.stderr.decode(errors="replace"))
-
-
-def spawn(argv: Sequence[str], log_file: Path, not_found: Exception
-          ) -> subprocess.Popen[bytes]:
-    """Start a long-running helper (tgtd, nbdfuse) in its own session, stdout and stderr
-    appended to ``log_file``, stdin closed, in /.  A program that is not installed
-    raises ``not_found`` (the caller's error, saying which package brings it)."""
-    with open(log_file, "ab") as logf:
-        try:
-            return subprocess.Popen(list(argv), stdout=logf, stderr=logf,
-                                    stdin=subprocess.DEVNULL, cwd="/", start_new_session=True)
-        except FileNotFoundError:
-            raise not_found from None

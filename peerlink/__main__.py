@@ -30,7 +30,7 @@ from nbdgw_common.logs import configure
 from .auth import MIN_SECRET
 from .errors import PeerlinkError
 from .link import format_addr, parse_addr
-from .ratelimit import parse_rate
+from .ratelimit import RateSchedule, RateWindow, parse_rate, window
 from .receiver import Receiver
 from .sender import Sender, SenderConfig
 from .tls import client_context, server_context
@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                         "optional binary unit K, M, G (K = 1024), '/s' optional, any value "
                         "(no 4096 multiple needed), e.g. 10M or 512K/s; 0 = unlimited "
                         "(default); counted after compression")
+    s.add_argument("--rate-window", type=_rate_window, action="append", default=[],
+                   metavar="'DAYS HH:MM-HH:MM RATE'",
+                   help="another cap inside a window of local time, e.g. 'mon-fri "
+                        "08:00-18:00 20M' (repeatable; the first that covers the minute "
+                        "wins; --rate-limit outside them)")
     s.add_argument("--rate-burst", type=_rate, default=None, metavar="SIZE",
                    help="token bucket size in bytes, same units (default: a quarter second "
                         "of the rate, at least 64K)")
@@ -99,6 +104,17 @@ def _rate(text: str) -> int:
         return parse_rate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _rate_window(text: str) -> RateWindow:
+    try:
+        days, span, rate = text.split()
+        start, _, end = span.partition("-")
+        return window(days, start, end, rate)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"--rate-window {text!r}: {e} (expected 'DAYS HH:MM-HH:MM RATE', e.g. "
+            f"'mon-fri 08:00-18:00 20M')") from None
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -134,7 +150,9 @@ async def send(args: argparse.Namespace, secret: bytes | None) -> int:
     cfg = SenderConfig(timeout=args.timeout, ping_interval=min(2.0, args.timeout / 3),
                        batch_bytes=args.batch_bytes, window_bytes=args.window_bytes,
                        compress=args.compress, max_backoff=args.max_backoff,
-                       rate_limit=args.rate_limit, rate_burst=args.rate_burst or None)
+                       rate_limit=args.rate_limit, rate_burst=args.rate_burst or None,
+                       rate_schedule=(RateSchedule(tuple(args.rate_window), args.rate_limit)
+                                      if args.rate_window else None))
     stop = asyncio.Event()
     _stop_on_signals(stop)
     tx = Sender(args.data_dir, args.volume, node=args.node, peer=name, host=host, port=port,

@@ -56,6 +56,7 @@ from blockstore.generations import (
     save_history,
     settle_commands,
 )
+from blockstore.journal import sync_delays_for_tests
 from blockstore.meta import read_json, write_json
 from blockstore.peers import (
     ADOPT_KEY,
@@ -209,6 +210,9 @@ class Receiver:
             raise ReceiverError(
                 f"volume {name} is not a replica (create it with 'nbdgw volume create "
                 f"{name} --replica')")
+        delay = sync_delays_for_tests(os.environ.get("NBDGW_TEST_SYNC_DELAY", "")).get(name)
+        if delay and self.vol.journal is not None:  # a test hook: a slow replica disk
+            self.vol.journal.sync_delay = delay
         self.upstream_path = self.vol.info.path / UPSTREAM_FILE
         self.upstream: dict[str, Any] | None = (
             read_json(self.upstream_path, UPSTREAM_KIND, UPSTREAM_VERSION)

@@ -142,7 +142,7 @@ from .messages import (
     Verify,
     VerifyResult,
 )
-from .ratelimit import TokenBucket, format_rate
+from .ratelimit import RateSchedule, TokenBucket, format_rate
 from .session import (
     Authenticated,
     Established,
@@ -205,6 +205,7 @@ class SenderConfig:
     max_backoff: float = 10.0
     rate_limit: int = 0  # bytes per second on the wire, 0 = unlimited
     rate_burst: int | None = None  # None: ratelimit.default_burst(rate_limit)
+    rate_schedule: RateSchedule | None = None  # caps by local time (rate_limit outside)
     sync: bool = False  # a synchronous peer: every write waits for its ack (syncstate.py)
     sync_timeout: float = 5.0  # ... until it is overdue this long: then it is stalled
 
@@ -276,17 +277,18 @@ class Producer:
         return Frame(batch.first_seq, batch.last_seq, bufs, sum(len(b) for b in bufs),
                      payload_bytes(batch.records), is_compressed(bufs))
 
-    def step(self, urgent: bool = False, budget: int | None = None
-             ) -> tuple[list[Frame], bool]:
-        """Read what the journal has (up to ``budget``, default ``read_bytes``); return the
-        frames closed and whether more records are waiting (then the caller should not
-        sleep).  ``urgent``: a client waits for a record not sent yet, so the open batch
-        closes now."""
+    def step(self, urgent: bool = False, budget: int | None = None,
+             through: int | None = None) -> tuple[list[Frame], bool]:
+        """Read what the journal has (up to ``budget``, default ``read_bytes``; with
+        ``through``, no record past it); return the frames closed and whether more
+        records are waiting (then the caller should not sleep).  ``urgent``: a client
+        waits for a record not sent yet, so the open batch closes now."""
         out: list[Frame] = []
         if self.limit is not None:
             return self._step_groups(out)
         budget = budget or self.cfg.read_bytes
-        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read, budget)
+        recs: list[tuple[RecordHeader, bytes]] = self.tail.read(self.next_read, budget,
+                                                                 through)
         for hdr, payload in recs:
             if not self.builder.add(hdr, payload):
                 out.append(self._flush())
@@ -721,7 +723,8 @@ class Sender:
                 "lag_seconds": round(self.lag_seconds(), 3),
                 "address": format_addr(self.host, self.port), "pid": os.getpid(),
                 "updated": time.time(), "stats": dict(self.stats),
-                "progress": self.progress, "admin": self.admin}
+                "progress": self.progress, "admin": self.admin,
+                "rate_limit": self.bucket.rate}
 
     # -- the sync gate ------------------------------------------------------------------------
 
@@ -834,9 +837,14 @@ class Sender:
         watch = (asyncio.get_running_loop().create_task(self._sync_watch())
                  if self.standing is not None else None)
         backoff = self.cfg.min_backoff
+        schedule = self.cfg.rate_schedule
+        if schedule is not None:
+            self._apply_schedule(schedule)
         self.log.info("rate_limit", bytes_per_s=self.bucket.rate,
                       burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
                       rate=format_rate(self.bucket.rate))
+        scheduler = (asyncio.get_running_loop().create_task(self._follow_schedule(schedule))
+                     if schedule is not None else None)
         try:
             while not stop.is_set():
                 if self.admin == "disconnected":
@@ -859,7 +867,7 @@ class Sender:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, self.cfg.max_backoff)
         finally:
-            helpers = [persister, live, *([watch] if watch is not None else [])]
+            helpers = [persister, live, *(t for t in (watch, scheduler) if t is not None)]
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -1164,8 +1172,10 @@ class Sender:
             if urgent and self.source is None and (
                     self.want_seq - self.sent_through <= INLINE_RECORDS):
                 # A client waits for a few records: read, framed and sent right here (two
-                # thread hops less on every synchronous write's round trip).
-                frames, more = producer.step(True, INLINE_READ)
+                # thread hops less on every synchronous write's round trip), and only
+                # through the one waited for: it is written, so the end of the journal is
+                # not probed (newer records come with their own ``want``, or by polling).
+                frames, more = producer.step(True, INLINE_READ, self.want_seq)
             else:  # a backlog (catching up): read in large steps off the event loop
                 frames, more = await loop.run_in_executor(self.executor, producer.step,
                                                           urgent)
@@ -1225,6 +1235,26 @@ class Sender:
         finally:
             timer.cancel()
             self.wakeup = None
+
+    def _apply_schedule(self, schedule: RateSchedule) -> bool:
+        """The cap of the window local time is in now; True if it changed."""
+        t = time.localtime()
+        rate = schedule.rate_at(t.tm_wday, t.tm_hour * 60 + t.tm_min)
+        if rate == self.bucket.rate:
+            return False
+        self.bucket.set_rate(rate)
+        return True
+
+    async def _follow_schedule(self, schedule: RateSchedule) -> None:
+        """Re-check the schedule at every minute boundary of local time (so a clock or
+        time-zone change is followed within a minute)."""
+        while True:
+            await asyncio.sleep(60.05 - time.time() % 60)
+            if self._apply_schedule(schedule):
+                self.log.info("rate_limit", bytes_per_s=self.bucket.rate, scheduled=True,
+                              burst_bytes=0 if self.bucket.unlimited else self.bucket.burst,
+                              rate=format_rate(self.bucket.rate))
+                self.live_event.set()
 
     async def _throttle(self, wire_bytes: int) -> None:
         """Wait until the bandwidth cap allows ``wire_bytes`` more on the link."""

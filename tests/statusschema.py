@@ -11,6 +11,8 @@ OPT_STR = (str, type(None))
 PEER = {"name": str, "mode": OPT_STR, "state": str, "degraded": OPT_STR, "acked_seq": int,
         "lag_records": int, "lag_bytes": int, "lag_seconds": OPT_NUM,
         "last_ack_age_s": OPT_NUM, "dirty_extents": int, "sender": str,
+        "rate_limit": OPT_INT,
+        "rpo": (type(None), {"seconds": OPT_NUM, "bytes": OPT_INT, "exceeded": bool}),
         "data_loss_window": {"bytes": int, "seconds": OPT_NUM},
         "progress": (type(None), dict),
         "refused": (type(None), {"reason": str, "by": str, "side": str, "split_brain": bool,

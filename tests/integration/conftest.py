@@ -260,8 +260,15 @@ def nbdfuse(mountdir: Path, uri: str, readonly: bool = False) -> Iterator[Path]:
             time.sleep(0.05)
         yield image
     finally:
-        if os.path.ismount(mountdir):
-            subprocess.run(["fusermount3", "-u", str(mountdir)], check=False, timeout=30)
+        # A loop device detached a moment ago may still hold the file (udev probes it
+        # after the unmount; longer on a busy machine): "busy" is retried, bounded.
+        deadline = time.monotonic() + 15
+        while os.path.ismount(mountdir):
+            p = subprocess.run(["fusermount3", "-u", str(mountdir)], check=False,
+                               timeout=30, capture_output=True, text=True)
+            if p.returncode == 0 or "busy" not in p.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:

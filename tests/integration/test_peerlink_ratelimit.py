@@ -69,3 +69,19 @@ def test_rate_limit_paces_the_replication(env: Env) -> None:
     assert (tx.stop(), rx.stop()) == (0, 0)
     p, r = env.checksums()
     assert p == r
+
+
+@pytest.mark.timeout(90)
+def test_a_rate_schedule_window_paces_the_link(env: Env) -> None:
+    """A window covering every minute of every day (2 MiB/s) over an unlimited
+    rate_limit: the link is paced as by --rate-limit 2M, and says so."""
+    rx = env.receiver()
+    tx = env.sender(rx.port, "--rate-window", "daily 00:00-24:00 2M", "--compress", "0")
+    assert tx.wait_event("rate_limit")["rate"] == "2 MiB/s"
+    tx.wait_event("streaming")
+    capped = timed_catch_up(env, 0, 8)
+    floor = (8 * MiB - BURST) / RATE
+    assert capped >= floor - 0.1, f"8 MiB in a 2 MiB/s window caught up in {capped:.2f} s"
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    p, r = env.checksums()
+    assert p == r

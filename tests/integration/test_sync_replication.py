@@ -35,7 +35,8 @@ SIZE = 64 << 20
 class Pair:
     """main (primary: nbdkit + peerlink) -> proxy -> dc (receiver), dc in sync mode."""
 
-    def __init__(self, root: Path, auto: bool, sync_timeout: float) -> None:
+    def __init__(self, root: Path, auto: bool, sync_timeout: float,
+                 dc_env: dict[str, str] | None = None) -> None:
         self.root = root
         self.auto = auto
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -53,7 +54,7 @@ class Pair:
                            "port": main_port, "mode": "sync"})
         run_nbdgw("-c", str(self.dc / "nbdgw.yaml"), "volume", "create", "v1", "--size",
                   str(SIZE), "--replica")
-        self.dc_rep = self.start(self.dc, "replicate")
+        self.dc_rep = self.start(self.dc, "replicate", env=dc_env)
         self.proxy = ThreadedProxy(("127.0.0.1", dc_port))
         self.write_config(self.main, "main", "primary", main_port, secret,
                           {"name": "dc", "role": "secondary", "address": "127.0.0.1",
@@ -76,11 +77,12 @@ class Pair:
                "failover": {"auto": self.auto}, "peers": [peer]}
         (site / "nbdgw.yaml").write_text(yaml.safe_dump(cfg))
 
-    def start(self, site: Path, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, site: Path, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
         log = open(site / f"{args[0]}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         p = subprocess.Popen([NBDGW, "-c", str(site / "nbdgw.yaml"), "--log-format", "json",
                               *args], stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, **(env or {})})
         self.procs.append(p)
         return p
 
@@ -136,8 +138,9 @@ class Pair:
 def make_pair(tmp_path: Path) -> Iterator[Any]:
     pairs: list[Pair] = []
 
-    def make(auto: bool = True, sync_timeout: float = 1.0) -> Pair:
-        p = Pair(tmp_path / f"pair{len(pairs)}", auto, sync_timeout)
+    def make(auto: bool = True, sync_timeout: float = 1.0,
+             dc_env: dict[str, str] | None = None) -> Pair:
+        p = Pair(tmp_path / f"pair{len(pairs)}", auto, sync_timeout, dc_env)
         pairs.append(p)
         return p
 
@@ -173,6 +176,28 @@ def test_a_plain_write_waits_for_a_stalled_sync_peer(make_pair: Any) -> None:
     assert completes(h, cookie, 5.0)
     pair.wait_live(lambda x: x["sync"] == "ok", 5, "dc ok again")
     assert "sync_degraded" not in pair.log("main")
+    h.shutdown()
+
+
+def test_a_commit_waits_for_the_replicas_fdatasync(make_pair: Any) -> None:
+    """dc's journal sync takes 0.6 s longer (the test hook NBDGW_TEST_SYNC_DELAY, a sleep
+    where its fdatasync is): a write, and a FLUSH sent while that write is in flight
+    (written on the primary, not answered: NBD has the FLUSH cover it), are neither
+    answered before dc's sync returned (its Ack follows the fdatasync, the gate follows
+    the Ack), however the sender, the gate and the plugin's own fdatasync overlap their
+    work; then both are."""
+    delay = 0.6
+    pair = make_pair(sync_timeout=30.0, dc_env={"NBDGW_TEST_SYNC_DELAY": f"v1={delay}"})
+    h = pair.connect()
+    for i in range(3):
+        t = time.monotonic()
+        write = h.aio_pwrite(os.urandom(4096), i * 4096)
+        assert not completes(h, write, 0.2), f"commit {i}: write answered early"
+        flush = h.aio_flush()
+        assert not completes(h, flush, delay - 0.2 - 0.1), f"commit {i}: FLUSH answered early"
+        assert not h.aio_command_completed(write), f"commit {i}: write answered early"
+        assert completes(h, write, 10.0) and completes(h, flush, 10.0)
+        assert time.monotonic() - t >= delay
     h.shutdown()
 
 

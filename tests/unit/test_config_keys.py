@@ -29,6 +29,10 @@ MINIMAL_ITEM: dict[str, dict[str, Any]] = {
     "peerlink.tls": {"cert_file": "/c", "key_file": "/k", "ca_file": "/ca"},
     "iscsi.chap": {"user": "u", "secret_file": "/etc/nbdgw/chap"},
     "iscsi.mutual_chap": {"user": "m", "secret_file": "/etc/nbdgw/mutual"},
+    "peers[].rate_schedule[]": {"from": "08:00", "to": "18:00", "rate": "20M"},
+    "service.dns": {"name": "db.example.com", "zone": "example.com",
+                    "servers": ["192.0.2.53"], "key_file": "/etc/nbdgw/dns.key",
+                    "address": "192.0.2.10"},
 }
 # Keys that need another key to be read at all.
 CONTEXT: dict[str, dict[str, Any]] = {

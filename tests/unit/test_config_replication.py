@@ -119,7 +119,7 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
      "expected one of zstd, none for peers[0].compression"),
     (cfg(peers=[{**DC, "colour": "red"}]),
      "unknown key 'colour' in peers[0] (known: address, compression, heartbeat_addresses, "
-     "mode, name, port, rate_limit, role, sync_timeout)"),
+     "mode, name, port, rate_limit, rate_schedule, role, rpo, sync_timeout)"),
     (cfg(peers=[{**DC, "heartbeat_addresses": ["10.9.0.2", "x"]}]),
      "expected an IP address for peers[0].heartbeat_addresses[1], got 'x'"),
     (cfg(failover={"interval": 1, "timeout": 2}),

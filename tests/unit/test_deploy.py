@@ -184,6 +184,17 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 DELETE = object()
+# A TSIG key as `tsig-keygen -a hmac-sha256 nbdgw-update` writes it (a made-up secret).
+TSIG_SECRET = "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n"  # noqa: S105 (made up)
+TSIG_KEY = f'key "nbdgw-update" {{\n\talgorithm hmac-sha256;\n\tsecret "{TSIG_SECRET}";\n}};\n'
+DNS = {"nbdgw_service_dns_name": "db.branch1.example.com",
+       "nbdgw_service_dns_zone": "example.com",
+       "nbdgw_service_dns_servers": ["192.0.2.53"],
+       "nbdgw_service_dns_key": TSIG_KEY}
+DNS_ONLY = [_set(k, v) for k, v in DNS.items()] + [_set("nbdgw_service_address", DELETE)]
+DNS_NEEDS = ("{} is not set: a DNS name (nbdgw_service_dns_name) needs "
+             "nbdgw_service_dns_zone, nbdgw_service_dns_servers and nbdgw_service_dns_key "
+             "(the TSIG key the zone's server grants the name)")
 CHAP = {"nbdgw_iscsi_enabled": True, "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw",
         "nbdgw_iscsi_chap_user": "sql"}
 
@@ -191,15 +202,69 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
     "no_service_address": (
         [_set("nbdgw_service_address", DELETE)],
         "nbdgw_service_address is not set: the address clients use, with its prefix length, "
-        "e.g. 192.0.2.10/24"),
+        "e.g. 192.0.2.10/24; or, across subnets, nbdgw_service_dns_name (a DNS name that "
+        "follows the primary)"),
     "empty_service_address": (
         [_set("nbdgw_service_address", "")],
         "nbdgw_service_address is not set: the address clients use, with its prefix length, "
-        "e.g. 192.0.2.10/24"),
+        "e.g. 192.0.2.10/24; or, across subnets, nbdgw_service_dns_name (a DNS name that "
+        "follows the primary)"),
     "service_address_without_prefix": (
         [_set("nbdgw_service_address", "192.0.2.10")],
         'nbdgw_service_address "192.0.2.10" has no prefix length: write it as ADDRESS/PREFIX, '
         "e.g. 192.0.2.10/24"),
+    "dns_service_address_without_prefix": (
+        [*DNS_ONLY, _set("nbdgw_service_address", "192.0.2.10")],
+        'nbdgw_service_address "192.0.2.10" has no prefix length: write it as ADDRESS/PREFIX, '
+        "e.g. 192.0.2.10/24"),
+    "dns_without_zone": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_zone", DELETE)],
+        DNS_NEEDS.format("nbdgw_service_dns_zone")),
+    "dns_without_servers": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_servers", [])],
+        DNS_NEEDS.format("nbdgw_service_dns_servers")),
+    "dns_without_key": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_key", "")],
+        DNS_NEEDS.format("nbdgw_service_dns_key")),
+    "dns_zone_without_name": (
+        [_set(k, v) for k, v in DNS.items() if k != "nbdgw_service_dns_name"],
+        "nbdgw_service_dns_name is not set, but nbdgw_service_dns_zone, _servers or _key "
+        "is: name the record to publish (e.g. db.branch1.example.com), or unset them"),
+    "dns_name_outside_zone": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_name", "db.branch1.example.org")],
+        'nbdgw_service_dns_name "db.branch1.example.org" is not inside '
+        'nbdgw_service_dns_zone "example.com": the name must belong to the zone the server '
+        "updates, e.g. db.branch1.example.com in example.com"),
+    "dns_name_is_the_zone": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_name", "example.com.")],
+        'nbdgw_service_dns_name "example.com." is not inside nbdgw_service_dns_zone '
+        '"example.com": the name must belong to the zone the server updates, e.g. '
+        "db.branch1.example.com in example.com"),
+    "dns_servers_a_string": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_servers", "192.0.2.53")],
+        'nbdgw_service_dns_servers is "192.0.2.53": expected a list of the zone\'s primary '
+        "server(s), e.g. [192.0.2.53]"),
+    "dns_server_a_hostname": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_servers", ["192.0.2.53", "ns1.example.com"])],
+        'nbdgw_service_dns_servers[1] is "ns1.example.com": expected an IP address or '
+        "IP:PORT (updating the name must not depend on resolving another)"),
+    "dns_address_not_an_ip": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_address", "branch1.example.com")],
+        'nbdgw_service_dns_address is "branch1.example.com": expected the IP address this '
+        "host's clients reach it by (default: its address in nbdgw_sites)"),
+    "dns_ttl_zero": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_ttl", 0)],
+        'nbdgw_service_dns_ttl is "0": expected whole seconds from 1 to 86400 (clients '
+        "follow a failover within the failover time plus the TTL)"),
+    "dns_key_placeholder": (
+        [*DNS_ONLY, _set("nbdgw_service_dns_key", "CHANGE-ME")],
+        PLACEHOLDER.format("nbdgw_service_dns_key")),
+    "dns_key_only_the_secret": (
+        [*DNS_ONLY,
+         _set("nbdgw_service_dns_key", TSIG_SECRET)],
+        "nbdgw_service_dns_key is not a TSIG key as tsig-keygen writes it: expected the "
+        'whole output of tsig-keygen -a hmac-sha256 NAME, key "NAME" {{ algorithm '
+        'hmac-sha256; secret "..."; }};'),  # braces doubled: the messages are formatted
     "two_primaries": (
         [_set("nbdgw_sites.1.role", "primary")],
         "nbdgw_sites: two primaries, main and dc; exactly one site is primary"),
@@ -356,6 +421,13 @@ def test_placeholder_message_does_not_show_the_value(validation: tuple[Path, Run
     assert "replace_me_with_32_random_bytes" not in run.proc.stdout + run.proc.stderr
 
 
+def test_dns_key_messages_do_not_show_the_key(validation: tuple[Path, Run]) -> None:
+    _, run = validation
+    assert run.failures("case_dns_key_only_the_secret")
+    assert run.failures("case_dns_ttl_zero")  # a host whose key is good and is refused later
+    assert TSIG_SECRET not in run.proc.stdout + run.proc.stderr
+
+
 def test_a_role_change_is_refused(tmp_path: Path) -> None:
     """A node whose config on disk says secondary is not made primary by site.yml: roles
     move with switchover.yml and promote-dr.yml."""
@@ -488,7 +560,7 @@ def render_config(tmp_path: Path, group: dict[str, Any]) -> dict[str, Any]:
 FILE_KEYS = (("peerlink", "secret_file"), ("peerlink", "tls", "cert_file"),
              ("peerlink", "tls", "key_file"), ("peerlink", "tls", "ca_file"),
              ("nbd", "tls", "psk_file"), ("iscsi", "chap", "secret_file"),
-             ("iscsi", "mutual_chap", "secret_file"))
+             ("iscsi", "mutual_chap", "secret_file"), ("service", "dns", "key_file"))
 
 
 def with_local_files(path: Path) -> Path:
@@ -504,7 +576,8 @@ def with_local_files(path: Path) -> Path:
         if keys[-1] not in section:
             continue
         f = files / "-".join(keys)
-        f.write_text("a-test-secret-of-32-bytes-length\n" if "chap" not in keys[0] + keys[1]
+        f.write_text(TSIG_KEY if keys[1] == "dns"
+                     else "a-test-secret-of-32-bytes-length\n" if "chap" not in keys[0] + keys[1]
                      else f"chap-{keys[1]}-0123"[:16] + "\n")
         f.chmod(0o600)
         section[keys[-1]] = str(f)
@@ -551,10 +624,83 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
     config_check(cfg["__path"])
 
 
+def test_a_dns_name_renders_in_the_documented_shape(tmp_path: Path) -> None:
+    """A DNS name instead of the service address (a branch in its own subnet): service.dns
+    as README "Service names by DNS" shows it, the key a file the config names, the
+    address this site's own by default; `nbdgw config check` reads the key."""
+    group = site_vars() | DNS | {"nbdgw_service_dns_ttl": 10}
+    del group["nbdgw_service_address"]
+    del group["nbdgw_service_interface"]
+    cfg = render_config(tmp_path, group)
+    etc = tmp_path / "main" / "config_dir"
+    assert cfg["service"] == {"dns": {
+        "name": "db.branch1.example.com", "zone": "example.com", "servers": ["192.0.2.53"],
+        "key_file": f"{etc}/dns.key", "address": "127.0.0.1", "ttl": 10}}
+    assert TSIG_SECRET not in cfg["__path"].read_text()
+    config_check(cfg["__path"])
+
+
+def test_a_dns_name_and_a_service_address_render_together(tmp_path: Path) -> None:
+    group = site_vars() | DNS | {"nbdgw_service_dns_address": "203.0.113.11",
+                                 "nbdgw_service_dns_servers": ["192.0.2.53:5353",
+                                                               "[2001:db8::53]:53"]}
+    cfg = render_config(tmp_path, group)
+    assert cfg["service"]["address"] == "192.0.2.10/24"
+    assert cfg["service"]["interface"] == "lo"
+    assert cfg["service"]["dns"]["address"] == "203.0.113.11"
+    assert cfg["service"]["dns"]["servers"] == ["192.0.2.53:5353", "[2001:db8::53]:53"]
+    assert cfg["service"]["dns"]["ttl"] == 30
+    config_check(cfg["__path"])
+
+
+CONFIG_PLAYBOOK = """
+- name: The role's checks and its config step only (no package, no venv, no unit)
+  hosts: nbdgw
+  gather_facts: false
+  tasks:
+    - name: The role's checks, with its variables made visible to the play
+      ansible.builtin.include_role:
+        name: nbdgw
+        tasks_from: checks.yml
+        public: true
+    - name: The role's config step
+      ansible.builtin.include_role:
+        name: nbdgw
+        tasks_from: config.yml
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the key file root's")
+def test_the_dns_key_lands_as_a_root_only_file_the_config_check_reads(tmp_path: Path) -> None:
+    """The role's own config step: the key from the inventory becomes dns.key (root, 0600),
+    the config is validated by `nbdgw config check` reading that file (this venv's nbdgw
+    stands in for the host's), and the key is in neither the config nor the output."""
+    group = site_vars() | DNS | {"nbdgw_service_start": False}
+    del group["nbdgw_service_address"]
+    inv = write_inventory(tmp_path, ("main",), group)
+    venv = tmp_path / "main" / "venv_dir" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "nbdgw").symlink_to(VENV_BIN / "nbdgw")
+    playbook = tmp_path / "config.yml"
+    playbook.write_text(CONFIG_PLAYBOOK)
+    run = run_playbook(str(playbook), inv, timeout=180)
+    assert run.rc == 0, run
+    etc = tmp_path / "main" / "config_dir"
+    key = etc / "dns.key"
+    assert key.read_text() == TSIG_KEY
+    st = key.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o600)
+    assert yaml.safe_load((etc / "nbdgw.yaml").read_text())["service"]["dns"]["key_file"] == \
+        str(key)
+    assert TSIG_SECRET not in (etc / "nbdgw.yaml").read_text()
+    assert TSIG_SECRET not in run.proc.stdout + run.proc.stderr
+
+
 def test_without_snapshots_and_iscsi_the_sections_are_absent(tmp_path: Path) -> None:
     cfg = render_config(tmp_path, site_vars())
     assert "snapshots" not in cfg
     assert "iscsi" not in cfg
+    assert cfg["service"] == {"address": "192.0.2.10/24", "interface": "lo"}  # no dns
     assert cfg["volumes"] == [{"name": "v1", "size": "64M", "read_only": False},
                               {"name": "v2", "size": 16777216, "read_only": False}]
 
@@ -582,6 +728,41 @@ def test_the_example_inventory_renders_three_coherent_configs(tmp_path: Path) ->
         "main": "sync", "dr": "async"}
     assert [p.get("mode") for p in cfgs["dr"]["peers"]] == [None, None]
     for cfg in cfgs.values():
+        config_check(cfg["__path"])
+
+
+def test_the_branch_example_refuses_its_placeholder_secrets(tmp_path: Path) -> None:
+    """deploy/examples/branch as shipped stops at its vault placeholders, the DNS key's
+    among them (connection and paths forced local, as for the main example)."""
+    extra = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+             "ansible_become": False, "nbdgw_sysctl_apply": False}
+    for v in PATH_VARS:
+        extra[f"nbdgw_{v}"] = str(tmp_path / v)
+    run = run_playbook("site.yml", DEPLOY / "examples" / "branch" / "inventory.yml", "-e",
+                       json.dumps(extra), timeout=180)
+    assert run.rc != 0, run
+    assert sorted(set(run.failures())) == [
+        f"{name} is still a placeholder: put the real value in Ansible Vault "
+        "(ansible-vault encrypt_string) before deploying"
+        for name in ("nbdgw_peer_secret", "nbdgw_service_dns_key")], run
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_branch_example_renders_a_dns_name_for_every_site(tmp_path: Path) -> None:
+    """deploy/examples/branch with its placeholders replaced: no service address, the DNS
+    name on every site, each publishing its own address, and `nbdgw config check` passes."""
+    extra = {"vault_nbdgw_peer_secret": "0123456789abcdef0123456789abcdef",
+             "vault_nbdgw_service_dns_key": TSIG_KEY}
+    cfgs = render_configs(tmp_path, DEPLOY / "examples" / "branch" / "inventory.yml", "-e",
+                          json.dumps(extra))
+    assert sorted(cfgs) == ["branch1", "dc", "dr"]
+    addresses = {"branch1": "203.0.113.11", "dc": "192.0.2.12", "dr": "198.51.100.20"}
+    for host, cfg in cfgs.items():
+        assert cfg["service"] == {"dns": {
+            "name": "db.branch1.example.com", "zone": "example.com",
+            "servers": ["192.0.2.53"], "key_file": "/etc/nbdgw/dns.key",
+            "address": addresses[host], "ttl": 30}}
+        assert cfg["nbd"]["allow"] == ["203.0.113.0/24"]
         config_check(cfg["__path"])
 
 

@@ -182,3 +182,28 @@ def test_reads_while_another_process_writes(tmp_path: Path) -> None:
     got += seqs(t.read(len(got) + 1)) if len(got) < 2000 else []
     assert got == list(range(1, 2001))
     t.close()
+
+
+def test_read_through_a_known_record_does_not_probe_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync waiter's step reads through the record it waits for and stops there: no
+    record past it, and no look for newer segments (the listing that made a third of a
+    small step's cost), also across a rotation."""
+    j = make(tmp_path, segment_bytes=8192)
+    t = JournalTail(j.dir, JID)
+    for i in range(3):
+        j.append(Op.WRITE, 0, 0, 1000, payload(i))
+    assert seqs(t.read(1, through=2)) == [1, 2]
+    listed: list[int] = []
+    real = t._segments
+    monkeypatch.setattr(t, "_segments", lambda: listed.append(1) or real())
+    assert seqs(t.read(3, through=3)) == [3]
+    assert listed == [], "read through a written record listed the segments"
+    assert t.read(4, through=3) == []
+    assert listed == []
+    for i in range(3, 20):  # rotates: the records waited for are in a later segment
+        j.append(Op.WRITE, 0, 0, 1000, payload(i))
+    assert seqs(t.read(4, through=20)) == list(range(4, 21))
+    assert seqs(t.read(21)) == [], "without through the end is probed as before"
+    t.close()
+    j.close()

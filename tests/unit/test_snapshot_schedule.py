@@ -117,3 +117,19 @@ def test_slot_boundaries_are_slots_of_their_own(every: Every) -> None:
     start = slot_start(s, t("2026-11-22 10:30:00"))
     assert slot_start(s, start) == start
     assert slot_start(s, start - 1) == start - minutes * 60
+
+
+def test_pruning_keeps_a_snapshot_a_clone_is_made_of(tmp_path: Path) -> None:
+    from blockstore.clone import create_clone
+
+    create_volume(tmp_path, "a", 1 << 20)
+    keep1 = SnapshotSchedule("h", Every.HOURLY, 60, 1)
+    sched = Scheduler(NodeConfig(data_dir=tmp_path, snapshots=SnapshotsConfig((keep1,))))
+    sched.run_once(float(t("2026-11-22 10:00:00")))
+    create_clone(tmp_path, "drill", "a", "h-20261122T1000Z", 1 << 20)
+    with structlog.testing.capture_logs() as logs:
+        sched.run_once(float(t("2026-11-22 11:00:00")))
+    assert [r["name"] for r in snapshots.listing(tmp_path, "a")] == [
+        "h-20261122T1000Z", "h-20261122T1100Z"]  # the clone's base stays
+    assert any(e["event"] == "snapshot_kept_for_clone" and e["clones"] == ["drill"]
+               for e in logs)
