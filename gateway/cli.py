@@ -36,6 +36,7 @@ from .config import (
     DEFAULT_CONFIG_PATH,
     TOP,
     NodeConfig,
+    Role,
     TlsConfig,
     TlsMode,
     check_config_files,
@@ -349,6 +350,9 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         certs = tls_certificates or (None if tls_psk else t.certificates_dir)
         nbd_cfg = replace(nbd_cfg, tls=check_tls(TlsConfig(mode, psk, certs, t.verify_peer)))
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
+    if cfg.role is Role.WITNESS:
+        _fail(f"node {cfg.name} is a witness: it holds no data and serves nothing "
+              "(run 'nbdgw witness')")
     check_config_files(cfg)  # the same checks as `config check`, with the flags applied
     existing_data_dir(cfg.data_dir)
     pre = precheck_volumes(cfg, list(volumes) or None, all_readonly=read_only)
@@ -881,6 +885,24 @@ def daemon(obj: Ctx) -> None:
 
     fmt = "json" if obj.log_format == "auto" else obj.log_format
     sys.exit(Daemon(obj.config(files=True), obj.config_path, fmt).run())
+
+
+@cli.command()
+@click.pass_obj
+def witness(obj: Ctx) -> None:
+    """Run this node as the witness of a pair (node.role: witness), until SIGTERM.
+
+    The daemon of a node that holds no data: heartbeats, votes, outdated marks and the
+    control socket; no volume, nbdkit, peerlink or iSCSI.  The same as `nbdgw daemon`,
+    but refuses a config whose node.role is not witness."""
+    from .daemon import Daemon
+
+    cfg = obj.config(files=True)
+    if cfg.role is not Role.WITNESS:
+        _fail(f"node {cfg.name} is {cfg.role.value}, not a witness (node.role: witness); "
+              "run 'nbdgw daemon'")
+    fmt = "json" if obj.log_format == "auto" else obj.log_format
+    sys.exit(Daemon(cfg, obj.config_path, fmt).run())
 
 
 def die_with_parent() -> None:

@@ -65,6 +65,8 @@ CAMPAIGN_TIMEOUT_FACTOR: Final = 2.0  # a campaign without a majority ends after
 ECHO_AT_ONCE_EVERY: Final = 0.2  # x interval: how often a supporter may answer out of turn
 
 MAIN_SITE: Final = ("primary", "secondary")
+WITNESS_ROLE: Final = "witness"  # votes and records outdated marks; holds no data
+REPLICA_ROLES: Final = ("dr", WITNESS_ROLE)  # never campaign on their own: State.WITNESS
 # A node in one of these states is on its way to serving: not a reason to campaign.
 BUSY_STATES: Final = frozenset({"starting", "promoting", "reclaiming"})
 
@@ -78,7 +80,7 @@ def majority_of(sites: int) -> int:
 @dataclass(frozen=True)
 class CoreConfig:
     me: str
-    role: str  # installed role: "primary", "secondary" or "dr"
+    role: str  # installed role: "primary", "secondary", "dr" or "witness"
     peers: Mapping[str, str]  # peer name -> installed role
     sync_peers: frozenset[str] = frozenset()  # shipped to synchronously when primary
     timeout: float = 2.0
@@ -94,9 +96,15 @@ class CoreConfig:
     def majority(self) -> int:
         return majority_of(len(self.peers) + 1)
 
+    def role_of(self, node: str) -> str | None:
+        return self.role if node == self.me else self.peers.get(node)
+
     def may_campaign(self, node: str) -> bool:
-        role = self.role if node == self.me else self.peers.get(node)
-        return role in MAIN_SITE
+        return self.role_of(node) in MAIN_SITE
+
+    def holds_data(self, node: str) -> bool:
+        """A witness holds no data: it is never a candidate, target or primary."""
+        return self.role_of(node) != WITNESS_ROLE
 
 
 @dataclass(frozen=True)
@@ -290,7 +298,7 @@ class NodeCore:
         self.split_brain_with: str | None = None
         if not cfg.auto:
             self.state = (State.PRIMARY if hard.role == "primary" else
-                          State.WITNESS if cfg.role == "dr" else State.STANDBY)
+                          State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY)
         elif split_brain:
             self.state = State.STALE
         elif hard.role == "primary" and hard.primary not in (None, cfg.me):
@@ -301,7 +309,7 @@ class NodeCore:
         elif hard.role == "primary":
             self.state = State.STARTING
         else:
-            self.state = State.WITNESS if cfg.role == "dr" else State.STANDBY
+            self.state = State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY
         self._ready = Ready()
 
     # -- the entry point ----------------------------------------------------------------
@@ -567,6 +575,8 @@ class NodeCore:
                       epoch: int | None = None) -> str | None:
         h = self.hard
         e = b.campaign if epoch is None else epoch
+        if not self.cfg.holds_data(cand):
+            return f"{cand} is a witness: it holds no data"
         handover = self._handover_from_primary() == cand or self._resigned_for(cand, e)
         if cand in h.outdated:
             return f"{cand} is outdated (it lacks writes acknowledged on epoch {h.epoch})"
@@ -788,7 +798,8 @@ class NodeCore:
     def _campaign_reason(self) -> str | None:  # noqa: PLR0911
         """Why this node should campaign now (None: it should not).  A campaign is a
         vote for itself: the node it backs must be gone, as for any vote."""
-        if self.now < self.campaign_after or self.now < self.promote_blocked_until:
+        if self.now < self.campaign_after or self.now < self.promote_blocked_until \
+                or not self.cfg.holds_data(self.cfg.me):
             return None
         s, h = self.state, self.hard
         handover = self._handover_from_primary() == self.cfg.me
@@ -1071,6 +1082,10 @@ class NodeCore:
     def _operator_promote(self, r: Request) -> None:
         force = bool(r.args.get("force"))
         me = self.cfg.me
+        if not self.cfg.holds_data(me):
+            self._reply(r.req_id, {"error": f"node {me} is a witness: it holds no data, so "
+                                            "it can never be promoted; promote a data site"})
+            return
         if self.state not in (State.WITNESS, State.STANDBY):
             self._reply(r.req_id, {"error": f"node {me} is {self.state.value}: only a "
                                             "standby or witness site can be promoted"})
@@ -1106,6 +1121,9 @@ class NodeCore:
 
     def _switchover_refusal(self, target: str) -> str | None:  # noqa: PLR0911
         me = self.cfg.me
+        if not self.cfg.holds_data(target):
+            return (f"{target} is a witness: it holds no data and can never take over; "
+                    "switch over to a data site")
         if self.state is not State.PRIMARY:
             return (f"node {me} is {self.state.value}, not the serving primary: run "
                     f"switchover on the primary ({self.hard.primary or 'unknown'})")
