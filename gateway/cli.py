@@ -476,7 +476,8 @@ def peerlink(args: tuple[str, ...]) -> None:
 
 @cli.group(cls=Group)
 def lab() -> None:
-    """A three-site lab in network namespaces: primary main, secondary dc, DR dr."""
+    """A three-site lab in network namespaces: primary main, secondary dc, DR dr (or
+    witness wit with --witness)."""
 
 
 lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), required=True,
@@ -498,13 +499,15 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
 @click.option("--dns", is_flag=True, help="Clients in another subnet behind a router find "
               "the primary by the name db.nbdgw.lab, which a BIND server in the lab holds "
               "(RFC 2136 updates with TSIG) instead of a service address.")
+@click.option("--witness", is_flag=True, help="A witness site wit (no data: heartbeats and "
+              "votes only, `nbdgw witness`) instead of the DR site dr: a pair and a witness.")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool, dns: bool) -> None:
+           iscsi: bool, dns: bool, witness: bool) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns),
-                          indent=2))
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns,
+                                     witness), indent=2))
 
 
 @lab.command("kill")
