@@ -732,8 +732,21 @@ class NodeCore:
                 self._feed(Event.QUORUM_OK)
         elif s is State.STALE and self.rejoin_at is not None and self.now >= self.rejoin_at:
             self._try_rejoin()
+        elif s is State.STANDBY:
+            self._release_own_vote()
         self._campaign_step()
         self._pending_replies()
+
+    def _release_own_vote(self) -> None:
+        """A standby's own campaign ended without a promotion (it timed out, or a former
+        primary learned of a newer one and rejoined): release the nodes that voted for
+        it, as after a restart mid-campaign.  Until it votes past that epoch they must
+        assume it may have served there and refuse any candidate whose data is older
+        (seed 10367 of the witness soak: the only current candidate stayed blocked)."""
+        h = self.hard
+        if not self.campaign and not self.precampaign and h.vote_for == self.cfg.me \
+                and h.vote_epoch > h.epoch:
+            self._resign("its own campaign ended without a promotion")
 
     def _real_majority(self) -> bool:
         n = sum(1 for v in self.peers.values() if v.body is not None and self._fresh_of(v)
