@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     up,
     wait_states,
 )
+from tests.statusschema import SCHEMA, check
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
 
@@ -73,6 +74,14 @@ def test_power_cut_of_main_with_a_sync_secondary_and_a_witness(lab_dir: Path) ->
     assert wit["primary"] == "dc" and wit["epoch"] == 1, wit
     assert wit["vote"] == {"epoch": 1, "for": "dc"}, wit  # its vote elected dc
     holds_no_data(lab)
+    text = run_nbdgw("-c", cfg(lab, "wit"), "status").stdout
+    assert "role witness, epoch 1" in text and "no volumes" in text, text
+    assert "witness: holds no data; last vote epoch 1 for dc; outdated marks: none" in text
+    report = json.loads(run_nbdgw("-c", cfg(lab, "wit"), "status", "--json").stdout)
+    check(report, SCHEMA)
+    assert report["volumes"] == [] and report["failover"]["roles"] == {
+        "wit": "witness", "main": "primary", "dc": "secondary"}
+    assert "wit (witness)" in run_nbdgw("-c", cfg(lab, "dc"), "status").stdout
     lab_cmd("start", "main", "--dir", str(lab_dir))
     wait_states(lab, {"main": "standby"}, 20)  # it hears dc's newer epoch and rejoins
     assert one_primary(lab) == "dc"
