@@ -38,6 +38,11 @@ win an election: the primary lists it as outdated in its beats, supporters recor
 mark (echoing a beat that carried it) does the primary let peerlink degrade the peer.
 The mark goes once the peer has caught up.
 
+*The witness.*  A node of role ``witness`` holds no data: it votes, backs the primary
+and records outdated marks as the DR site does, but is never a candidate, a switchover
+target or an operator's promotion (``CoreConfig.holds_data``).  Nothing above needs the
+third site's data, only what it heard and granted, which is its hard state.
+
 *Histories.*  Each promotion starts a new generation on its epoch (blockstore); a
 former primary that learns of a higher epoch goes STALE and rejoins as a replica of the
 new primary (keeping what only it had as a ``diverged-*`` snapshot); if it held a valid
