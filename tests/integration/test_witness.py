@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tests.integration.conftest import (
     cfg,
     check_blocks,
     client,
+    failover_state,
     in_ns,
     lab_cmd,
     node_dir,
@@ -159,4 +162,80 @@ def test_main_and_dc_cut_from_each_other_keep_exactly_one_primary(lab_dir: Path)
     transitions = {n: (lab_dir / n / "daemon.log").read_text().count('"failover_transition"')
                    for n in ("main", "dc", "wit")}
     assert transitions == {"main": 1, "dc": 0, "wit": 0}
+    holds_no_data(lab)
+
+
+def replication_cut(peer: str) -> list[list[str]]:
+    """iptables rules (for main's namespace) that stall peerlink to ``peer`` (TCP 7789)
+    while heartbeats (UDP 7790) still pass."""
+    return [["iptables", "-I", "OUTPUT", "-d", peer, "-p", "tcp", "--dport", "7789", "-j",
+             "DROP"],
+            ["iptables", "-I", "INPUT", "-s", peer, "-p", "tcp", "--sport", "7789", "-j",
+             "DROP"]]
+
+
+def last_flushed(lines: queue.Queue[str], flushed: int) -> int:
+    while not lines.empty():
+        line = lines.get()
+        if line.startswith("flushed "):
+            flushed = int(line.split()[1])
+    return flushed
+
+
+def test_a_stalled_sync_secondary_is_outdated_by_the_witness_and_never_elected(
+        lab_dir: Path) -> None:
+    """Sync mode, dc's replication link cut (heartbeats still pass): main has the
+    witness record dc as outdated before it acknowledges writes without dc; main's power
+    cut then elects nobody (dc lacks acknowledged writes, the witness refuses it its
+    vote); main back: it serves again with every flushed write, dc catches up and the
+    mark goes."""
+    lab = up(lab_dir.parent, "--witness", "--mode", "sync")
+    writer = client(lab, STAMPER, f"nbd://{lab['service_address']}:10809/v1")
+    assert writer.stdout is not None
+    flushed = 0
+    while flushed < 40:
+        line = writer.stdout.readline()
+        assert line.startswith("flushed "), line
+        flushed = int(line.split()[1])
+    rules = replication_cut(addr(lab, "dc"))
+    for r in rules:
+        in_ns(lab, "main", *r)
+    cut_at = flushed
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in writer.stdout or ()],
+                              daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 40  # sync_timeout 5 s, then the witness's confirmation
+    while flushed < cut_at + 200:  # writes go on without dc once the witness confirmed
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"writes stuck at {flushed} after the cut at {cut_at}; "
+                                 f"the witness holds {failover_state(lab, 'wit')}") from None
+        assert line.startswith("flushed "), line
+        flushed = int(line.split()[1])
+    assert '"outdated_marks"' in (lab_dir / "wit" / "daemon.log").read_text()
+    deadline = time.monotonic() + 5  # the daemon publishes failover.json each second
+    while failover_state(lab, "wit")["outdated"] != ["dc"]:
+        assert time.monotonic() < deadline, failover_state(lab, "wit")
+        time.sleep(0.2)
+    t0 = float(json.loads(lab_cmd("kill", "main", "--dir", str(lab_dir)))["at"])
+    writer.wait(30)
+    reader.join(10)
+    flushed = last_flushed(lines, flushed)  # what it saw before its server vanished
+    deadline = time.monotonic() + 4 * TIMEOUT
+    while time.monotonic() < deadline:  # dc lacks acknowledged writes: never elected
+        assert states(lab)["dc"] == "standby", states(lab)
+        time.sleep(0.2)
+    for r in rules:
+        in_ns(lab, "main", *[("-D" if a == "-I" else a) for a in r])
+    lab_cmd("start", "main", "--dir", str(lab_dir))
+    wait_states(lab, FORMED, 20)
+    result = check_blocks(lab, flushed, t0)
+    assert result["bad"] == [], result
+    deadline = time.monotonic() + 60
+    while failover_state(lab, "wit")["outdated"]:
+        assert time.monotonic() < deadline, "the witness kept dc's mark after it caught up"
+        time.sleep(0.5)
+    print(f"dc outdated by the witness after the cut; {flushed} flushed blocks intact")
     holds_no_data(lab)
