@@ -159,6 +159,9 @@ def volume() -> None:
 def volume_create(obj: Ctx, name: str, size: str | None, replica: bool,
                   data_dir: Path | None) -> None:
     """Create an empty (sparse) volume."""
+    if data_dir is None and obj.config().role is Role.WITNESS:
+        _fail(f"node {obj.config().name} is a witness: it holds no data (no volume in its "
+              "data_dir)")
     if size is None:
         declared = obj.config().volume(name)
         if declared is None:

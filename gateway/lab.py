@@ -370,10 +370,18 @@ class Lab:
             time.sleep(0.05)
 
     def wait_heartbeats(self, node: str) -> None:
-        """A witness runs no receiver: until its daemon beats."""
+        """A witness runs no receiver: until its daemon beats and has published its
+        failover state."""
         self._wait_event(node, self.proc(node, "daemon")["log_offset"],
                          "the daemon did not start its heartbeats",
                          lambda e: e.get("event") == "heartbeat_started")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.failover_state(node).get("state"):
+            self._check_running(node, self.proc(node, "daemon"))
+            if time.monotonic() > deadline:
+                raise LabError(f"node {node}: no failover state published within "
+                               f"{READY_TIMEOUT:g} s")
+            time.sleep(0.05)
 
     def wait_listening(self, node: str) -> None:
         self._wait_event(node, self.proc(node, "daemon")["log_offset"],
