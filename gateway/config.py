@@ -920,10 +920,16 @@ def _site(role: Role) -> str:
 
 
 def check_witness(cfg: NodeConfig) -> None:
-    """A witness holds no data: volumes named in its config would never be served."""
-    if cfg.role is Role.WITNESS and cfg.volumes:
+    """A witness holds no data: volumes named in its config would never be served; and
+    it does nothing but vote, so automatic failover must be on."""
+    if cfg.role is not Role.WITNESS:
+        return
+    if cfg.volumes:
         raise ConfigError(f"volumes: node {cfg.name} is a witness: it holds no volume "
                           "(remove the list)")
+    if not cfg.failover.auto:
+        raise ConfigError(f"failover.auto: node {cfg.name} is a witness: it only votes, "
+                          "so failover.auto must be true")
 
 
 def _failover(raw: Any) -> FailoverConfig:

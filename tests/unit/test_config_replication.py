@@ -220,6 +220,9 @@ def test_a_witness_takes_the_dr_sites_place() -> None:
     ({"version": 1, "node": {"name": "wit", "role": "witness"}, "peerlink": SECRET,
       "peers": [MAIN, DC], "volumes": [{"name": "v1", "size": "1G"}]},
      "volumes: node wit is a witness: it holds no volume (remove the list)"),
+    ({"version": 1, "node": {"name": "wit", "role": "witness"}, "peerlink": SECRET,
+      "peers": [MAIN, DC], "failover": {"auto": False}},
+     "failover.auto: node wit is a witness: it only votes, so failover.auto must be true"),
 ])
 def test_witness_refusals(raw: dict[str, Any], msg: str) -> None:
     assert refused(raw) == msg
