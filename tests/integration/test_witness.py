@@ -74,8 +74,11 @@ def test_power_cut_of_main_with_a_sync_secondary_and_a_witness(lab_dir: Path) ->
     print(f"witness failover: first read {result['first_read_s']} s after the power cut, "
           f"{flushed} flushed blocks intact")
     wait_states(lab, {"dc": "primary", "wit": "witness"}, 10)
-    wit = json.loads((node_dir(lab, "wit") / "run" / "failover.json").read_text())
-    assert wit["primary"] == "dc" and wit["epoch"] == 1, wit
+    deadline = time.monotonic() + 5  # the witness publishes failover.json each second
+    while (wit := failover_state(lab, "wit")).get("primary") != "dc":
+        assert time.monotonic() < deadline, wit
+        time.sleep(0.2)
+    assert wit["epoch"] == 1, wit
     assert wit["vote"] == {"epoch": 1, "for": "dc"}, wit  # its vote elected dc
     holds_no_data(lab)
     text = run_nbdgw("-c", cfg(lab, "wit"), "status").stdout
