@@ -37,6 +37,7 @@ from .config import (
     DEFAULT_CONFIG_PATH,
     TOP,
     NodeConfig,
+    Role,
     TlsConfig,
     TlsMode,
     check_config_files,
@@ -159,6 +160,9 @@ def volume() -> None:
 def volume_create(obj: Ctx, name: str, size: str | None, replica: bool,
                   data_dir: Path | None) -> None:
     """Create an empty (sparse) volume."""
+    if data_dir is None and obj.config().role is Role.WITNESS:
+        _fail(f"node {obj.config().name} is a witness: it holds no data (no volume in its "
+              "data_dir)")
     if size is None:
         declared = obj.config().volume(name)
         if declared is None:
@@ -350,6 +354,9 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
         certs = tls_certificates or (None if tls_psk else t.certificates_dir)
         nbd_cfg = replace(nbd_cfg, tls=check_tls(TlsConfig(mode, psk, certs, t.verify_peer)))
     cfg = cfg.with_overrides(data_dir=data_dir, nbd=nbd_cfg)
+    if cfg.role is Role.WITNESS:
+        _fail(f"node {cfg.name} is a witness: it holds no data and serves nothing "
+              "(run 'nbdgw witness')")
     check_config_files(cfg)  # the same checks as `config check`, with the flags applied
     existing_data_dir(cfg.data_dir)
     # Replicas (their receiver holds them): only their snapshots, read-only, REPLICA@SNAP.
@@ -503,7 +510,8 @@ def peerlink(args: tuple[str, ...]) -> None:
 
 @cli.group(cls=Group)
 def lab() -> None:
-    """A three-site lab in network namespaces: primary main, secondary dc, DR dr."""
+    """A three-site lab in network namespaces: primary main, secondary dc, DR dr (or
+    witness wit with --witness)."""
 
 
 lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), required=True,
@@ -525,13 +533,15 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
 @click.option("--dns", is_flag=True, help="Clients in another subnet behind a router find "
               "the primary by the name db.nbdgw.lab, which a BIND server in the lab holds "
               "(RFC 2136 updates with TSIG) instead of a service address.")
+@click.option("--witness", is_flag=True, help="A witness site wit (no data: heartbeats and "
+              "votes only, `nbdgw witness`) instead of the DR site dr: a pair and a witness.")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool, dns: bool) -> None:
+           iscsi: bool, dns: bool, witness: bool) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
-    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns),
-                          indent=2))
+    click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns,
+                                     witness), indent=2))
 
 
 @lab.command("kill")
@@ -1077,6 +1087,24 @@ def daemon(obj: Ctx) -> None:
 
     fmt = "json" if obj.log_format == "auto" else obj.log_format
     sys.exit(Daemon(obj.config(files=True), obj.config_path, fmt).run())
+
+
+@cli.command()
+@click.pass_obj
+def witness(obj: Ctx) -> None:
+    """Run this node as the witness of a pair (node.role: witness), until SIGTERM.
+
+    The daemon of a node that holds no data: heartbeats, votes, outdated marks and the
+    control socket; no volume, nbdkit, peerlink or iSCSI.  The same as `nbdgw daemon`,
+    but refuses a config whose node.role is not witness."""
+    from .daemon import Daemon
+
+    cfg = obj.config(files=True)
+    if cfg.role is not Role.WITNESS:
+        _fail(f"node {cfg.name} is {cfg.role.value}, not a witness (node.role: witness); "
+              "run 'nbdgw daemon'")
+    fmt = "json" if obj.log_format == "auto" else obj.log_format
+    sys.exit(Daemon(cfg, obj.config_path, fmt).run())
 
 
 def die_with_parent() -> None:

@@ -191,6 +191,9 @@ class Role(enum.Enum):
     PRIMARY = "primary"
     SECONDARY = "secondary"
     DR = "dr"
+    # A third voter that holds no data: heartbeats, votes and outdated marks only (no
+    # volume, nbdkit, peerlink or iSCSI); never primary, never shipped to.
+    WITNESS = "witness"
 
 
 class Topology(enum.Enum):
@@ -481,7 +484,8 @@ NODE = Keys(
     Setting("name", Kind.STRING, os.uname().nodename, "shown in logs and status; differs "
             "from every peers[].name", shown_default="the host name"),
     Setting("data_dir", Kind.PATH, DEFAULT_DATA_DIR, "volumes live in <data_dir>/volumes/"),
-    Setting("role", Kind.CHOICE, Role.PRIMARY, "the default role of this node's volumes"),
+    Setting("role", Kind.CHOICE, Role.PRIMARY, "the default role of this node's volumes: "
+            "primary, secondary, dr; witness: a voter that holds no data"),
 )
 
 TOP = Keys(
@@ -547,7 +551,8 @@ class NodeConfig:
         cascade = self.peerlink.topology is Topology.CASCADE
         if self.role is Role.PRIMARY:
             if not cascade:
-                return tuple(p for p in self.peers if p.role is not Role.PRIMARY)
+                return tuple(p for p in self.peers
+                             if p.role not in (Role.PRIMARY, Role.WITNESS))
             seconds = tuple(p for p in self.peers if p.role is Role.SECONDARY)
             return seconds or tuple(p for p in self.peers if p.role is Role.DR)
         if self.role is Role.SECONDARY and cascade:
@@ -556,7 +561,7 @@ class NodeConfig:
 
     def receives(self) -> bool:
         """Whether this node holds replicas (runs a peerlink receiver)."""
-        return self.role is not Role.PRIMARY
+        return self.role not in (Role.PRIMARY, Role.WITNESS)
 
     def with_overrides(self, **kw: Any) -> NodeConfig:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -959,14 +964,30 @@ def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
 
 
 def check_roles(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
-    """At most one primary among the sites; exactly one once peers are listed."""
-    primaries = ([f"{name} (node.role)"] if role is Role.PRIMARY else []) + [
-        f"{p.name} (peers[{i}].role)" for i, p in enumerate(peers) if p.role is Role.PRIMARY]
+    """At most one primary among the sites; exactly one once peers are listed.  A witness
+    (a voter without data) takes the third site's place: primary + secondary + witness,
+    as primary + secondary + dr; a DR site and a witness together are refused for now
+    (the DR site votes already, and a fourth voter would make the majority three)."""
+    def named(r: Role) -> list[str]:
+        return ([f"{name} (node.role)"] if role is r else []) + [
+            f"{p.name} (peers[{i}].role)" for i, p in enumerate(peers) if p.role is r]
+
+    primaries = named(Role.PRIMARY)
     if len(primaries) > 1:
         raise ConfigError(f"two primaries: {' and '.join(primaries[:2])}; a volume has "
                           f"one primary site")
     if peers and not primaries:
         raise ConfigError("no primary: neither node.role nor any peers[].role is primary")
+    witnesses, drs = named(Role.WITNESS), named(Role.DR)
+    if len(witnesses) > 1:
+        raise ConfigError(f"two witnesses: {' and '.join(witnesses[:2])}; one witness "
+                          "votes for a pair")
+    if witnesses and drs:
+        raise ConfigError(f"a witness ({witnesses[0]}) and a DR site ({drs[0]}) together: "
+                          "the third voter is one or the other, not both")
+    if witnesses and not named(Role.SECONDARY):
+        raise ConfigError(f"a witness ({witnesses[0]}) without a secondary: it votes for a "
+                          "pair of data sites (primary and secondary)")
 
 
 SYNC_PAIR_ONLY = ("mode: sync is allowed only between the two main-site nodes (primary "
@@ -980,11 +1001,29 @@ def check_sync(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
     for i, p in enumerate(peers):
         if p.mode is not PeerMode.SYNC:
             continue
-        if role is Role.DR:
-            raise ConfigError(f"{SYNC_PAIR_ONLY}: this node ({name}) is a DR site, so "
-                              f"peers[{i}] ({p.name}) cannot be sync")
-        if p.role is Role.DR:
-            raise ConfigError(f"{SYNC_PAIR_ONLY}: peers[{i}] ({p.name}) is a DR site")
+        if role in (Role.DR, Role.WITNESS):
+            raise ConfigError(f"{SYNC_PAIR_ONLY}: this node ({name}) is a {_site(role)}, "
+                              f"so peers[{i}] ({p.name}) cannot be sync")
+        if p.role in (Role.DR, Role.WITNESS):
+            raise ConfigError(f"{SYNC_PAIR_ONLY}: peers[{i}] ({p.name}) is a "
+                              f"{_site(p.role)}")
+
+
+def _site(role: Role) -> str:
+    return "DR site" if role is Role.DR else "witness (it holds no data)"
+
+
+def check_witness(cfg: NodeConfig) -> None:
+    """A witness holds no data: volumes named in its config would never be served; and
+    it does nothing but vote, so automatic failover must be on."""
+    if cfg.role is not Role.WITNESS:
+        return
+    if cfg.volumes:
+        raise ConfigError(f"volumes: node {cfg.name} is a witness: it holds no volume "
+                          "(remove the list)")
+    if not cfg.failover.auto:
+        raise ConfigError(f"failover.auto: node {cfg.name} is a witness: it only votes, "
+                          "so failover.auto must be true")
 
 
 def _failover(raw: Any) -> FailoverConfig:
@@ -1182,6 +1221,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         health=_health(top.get("health")),
     )
     check_iscsi_volumes(cfg.iscsi, cfg.volumes)
+    check_witness(cfg)
     check_peerlink_auth(cfg)
     check_failover_secret(cfg)
     return cfg

@@ -12,7 +12,8 @@ States:
 - PRIMARY: holds a write lease granted by a majority and serves.
 - FENCED: a primary without a lease: not serving (nbdkit killed, address released).
 - STANDBY: the secondary: receives, votes, may campaign for a new epoch.
-- WITNESS: the DR site: receives, votes, never campaigns on its own.
+- WITNESS: the DR site: receives, votes, never campaigns on its own; and a witness
+  node (role witness: no data), which stays here for good.
 - PROMOTING: elected (or promoted by an operator): replicas become primary volumes.
 - RECLAIMING: a former primary whose supporters moved to a newer epoch that never got
   a primary, elected again: its volumes start a new generation on the new epoch.

@@ -1,6 +1,7 @@
 """`nbdgw lab`: a three-site lab on one machine, in network namespaces.
 
-Sites: primary ``main``, secondary ``dc`` and DR ``dr``, plus a ``client`` namespace,
+Sites: primary ``main``, secondary ``dc`` and DR ``dr`` (or, with ``--witness``, a
+witness ``wit`` that holds no data in dr's place: the lab's *shape*), plus a ``client`` namespace,
 each with one veth on a bridge that lives in a namespace of its own (nothing touches
 the host's interfaces).  Every namespace is named ``nbdgw-<id>-<site>`` so that two labs
 coexist.  Each site runs ``nbdgw daemon`` from its own node config (role, peers, the
@@ -57,8 +58,14 @@ NBD_PORT: Final = 10809
 PEER_PORT: Final = 7789
 METRICS_PORT: Final = 9810  # each site's Prometheus endpoint, on its own address
 VOLUME: Final = "v1"
-# (site, role); the primary ships to every other site (fan-out).
-SITES: Final = (("main", "primary"), ("dc", "secondary"), ("dr", "dr"))
+# The lab's shapes: (site, role) each; the primary ships to every other data site
+# (fan-out).  A witness runs `nbdgw witness`: no volume, no nbdkit, no peerlink.
+SHAPES: Final = {
+    "dr": (("main", "primary"), ("dc", "secondary"), ("dr", "dr")),
+    "witness": (("main", "primary"), ("dc", "secondary"), ("wit", "witness")),
+}
+SITES: Final = SHAPES["dr"]
+WITNESS: Final = "witness"  # the role of a site without data
 PRIMARY: Final = "main"
 CLIENT: Final = "client"
 BRIDGE: Final = "br0"
@@ -237,6 +244,16 @@ class Lab:
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.state["nodes"])
 
+    def names(self, *, data: bool | None = None, primary: bool = True) -> list[str]:
+        """The sites in order; ``data``: only those with (True) or without (False)
+        volumes; ``primary=False``: not the installed primary."""
+        return [n["name"] for n in self.state["nodes"]
+                if (data is None or (n["role"] != WITNESS) is data)
+                and (primary or n["name"] != PRIMARY)]
+
+    def is_witness(self, name: str) -> bool:
+        return bool(self.node(name)["role"] == WITNESS)
+
     def node(self, name: str) -> dict[str, Any]:
         for n in self.state["nodes"]:
             if n["name"] == name:
@@ -264,6 +281,7 @@ class Lab:
             "bridge_netns": s["bridge_netns"],
             "volumes": [VOLUME],
             "topology": s.get("topology", "fanout"), "mode": s.get("mode", "async"),
+            "shape": s.get("shape", "dr"),
             "iscsi": s.get("iscsi"),
             "dns": ({k: s["dns"][k] for k in ("name", "zone", "server", "ttl",
                                                "client_subnet", "netns")}
@@ -349,6 +367,20 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(f"node {node}: {what} within {READY_TIMEOUT:g} s; "
                                f"{p['log']}: {tail(Path(p['log']))}")
+            time.sleep(0.05)
+
+    def wait_heartbeats(self, node: str) -> None:
+        """A witness runs no receiver: until its daemon beats and has published its
+        failover state."""
+        self._wait_event(node, self.proc(node, "daemon")["log_offset"],
+                         "the daemon did not start its heartbeats",
+                         lambda e: e.get("event") == "heartbeat_started")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.failover_state(node).get("state"):
+            self._check_running(node, self.proc(node, "daemon"))
+            if time.monotonic() > deadline:
+                raise LabError(f"node {node}: no failover state published within "
+                               f"{READY_TIMEOUT:g} s")
             time.sleep(0.05)
 
     def wait_listening(self, node: str) -> None:
@@ -470,15 +502,14 @@ class Lab:
                                f"within {READY_TIMEOUT:g} s")
             time.sleep(0.05)
         state = self.failover_state(name).get("state")
-        if state in ("stale", "fenced"):
-            return  # a former primary: it serves nothing until an operator rejoins it
+        if state in ("stale", "fenced") or self.is_witness(name):
+            return  # a former primary serves nothing until it rejoins; a witness, never
         if state == "primary":
             self.wait_export()
             self.wait_iscsi()
         else:
             self.wait_listening(name)
-        for n in self.nodes:
-            peer = n["name"]
+        for peer in self.names(data=True):
             if peer == self.current_primary() or self.failover_state(peer).get(
                     "state") in ("stale", "fenced"):
                 continue
@@ -567,8 +598,15 @@ def tgtd_control_ports(lab_id: str, count: int) -> list[int]:
 
 
 def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
-         mode: str = "async", iscsi: bool = False, dns: bool = False) -> dict[str, Any]:
+         mode: str = "async", iscsi: bool = False, dns: bool = False,
+         shape: str = "dr") -> dict[str, Any]:
     """The lab's description before anything exists: names, addresses, paths, argv."""
+    if shape not in SHAPES:
+        raise LabError(f"unknown lab shape {shape!r} (known: {', '.join(SHAPES)})")
+    if shape == WITNESS and topology == "cascade":
+        raise LabError("--witness with --topology cascade: a cascade ships through dc to "
+                       "a DR site, and a witness holds no data")
+    sites = SHAPES[shape]
     try:
         net = ipaddress.ip_network(subnet, strict=False)
     except ValueError:
@@ -583,22 +621,23 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
         raise LabError(f"--subnet with --dns: expected an IPv4 network of at least 16 "
                        f"addresses (/28) apart from the clients' {DNS_CLIENT_SUBNET}, "
                        f"got {subnet}")
-    # main, dc, dr, client, the service address; with --dns the server and the router
+    # three sites, client, the service address; with --dns the server and the router
     hosts = list(net.hosts())[:7]
     lab_id = secrets.token_hex(3)
     prefix = f"nbdgw-{lab_id}"
     nbdgw = nbdgw_argv()
     secret = lab_dir / "peer.secret"
-    ports = tgtd_control_ports(lab_id, len(SITES)) if iscsi else [0] * len(SITES)
+    ports = tgtd_control_ports(lab_id, len(sites)) if iscsi else [0] * len(sites)
     nodes = []
-    for (name, role), addr, port in zip(SITES, hosts, ports, strict=False):
+    for (name, role), addr, port in zip(sites, hosts, ports, strict=False):
         site = lab_dir / name
         data = site / "data"
         cfg = site / "nbdgw.yaml"
         node_secret = site / "peer.secret"
+        verb = "witness" if role == WITNESS else "daemon"  # the same daemon, checked role
         procs: list[dict[str, Any]] = [
             {"name": "daemon", "log": str(site / "daemon.log"),
-             "argv": [*nbdgw, "-c", str(cfg), "--log-format", "json", "daemon"]}]
+             "argv": [*nbdgw, "-c", str(cfg), "--log-format", "json", verb]}]
         for p in procs:
             p.update(pid=None, start_time=None, log_offset=0)
         nodes.append({"name": name, "role": role, "netns": f"{prefix}-{name}",
@@ -606,7 +645,7 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
                       "data_dir": str(data), "config": str(cfg), "secret": str(node_secret),
                       "procs": procs,
                       **({"tgtd_control_port": port, "iscsi_run_dir": str(site / "iscsi")}
-                         if iscsi else {})})
+                         if iscsi and role != WITNESS else {})})
     dns_plan = None
     client_address = str(hosts[3])
     if dns:
@@ -629,7 +668,7 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
         "client_netns": f"{prefix}-{CLIENT}", "client_address": client_address,
         "dns": dns_plan,
         "bridge_netns": f"{prefix}-br", "secret": str(secret), "state": "building",
-        "topology": topology, "mode": mode,
+        "topology": topology, "mode": mode, "shape": shape,
         "iscsi": ({"portal": f"{hosts[4]}:{ISCSI_PORT}", "iqn": f"{ISCSI_IQN}-{lab_id}"}
                   if iscsi else None),
         "nodes": nodes,
@@ -677,7 +716,8 @@ def build_network(s: dict[str, Any]) -> None:
 
 
 def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
-    """The site's directory, node config, secret and volume (replica on dc and dr)."""
+    """The site's directory, node config, secret and volume (replica on dc and dr; a
+    witness has none: its config names no volume, NBD, service or iSCSI)."""
     site = Path(node["dir"])
     Path(node["data_dir"]).mkdir(parents=True)
     cfg = {
@@ -702,7 +742,11 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         "volumes": [{"name": VOLUME, "size": s["size"]}],
         "metrics": {"listen": f"{node['address']}:{METRICS_PORT}"},
     }
-    if s.get("iscsi"):
+    witness = node["role"] == WITNESS
+    if witness:
+        for key in ("nbd", "service", "volumes"):
+            del cfg[key]
+    if s.get("iscsi") and not witness:
         # The FUSE file is served inside nbdkit; the mounts live in the daemon's mount
         # namespace (`ip netns exec` makes one), so they die with the site.
         cfg["iscsi"] = {"enabled": True, "portal": s["iscsi"]["portal"],
@@ -716,13 +760,15 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         f.write(secret)
     if s.get("dns"):
         labdns.write_key(site / "dns.key", Path(s["dns"]["key_file"]).read_text())
+    if witness:
+        return
     replica = ["--replica"] if node["role"] != "primary" else []
     run([*nbdgw_argv(), "-c", node["config"], "volume", "create", VOLUME, *replica])
 
 
 def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
        topology: str = "fanout", mode: str = "async", iscsi: bool = False,
-       dns: bool = False) -> dict[str, Any]:
+       dns: bool = False, witness: bool = False) -> dict[str, Any]:
     """Build and start the lab; return the summary JSON.  On failure, undo it."""
     precheck()
     lab_dir = lab_dir.resolve()
@@ -739,7 +785,8 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
         if iscsi:
             raise LabError("--dns with --iscsi: not supported (the lab's iSCSI portal is "
                            "the service address, which --dns replaces)")
-    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode, iscsi, dns))
+    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode, iscsi, dns,
+                            shape=WITNESS if witness else "dr"))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:
@@ -751,14 +798,16 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
             lab.start_dns()
             for node in lab.nodes:
                 write_site(lab.state, node, secret)
-            for name, _ in SITES[1:]:
+            for name in lab.names(primary=False):
                 lab.start_node(name)
-            for name, _ in SITES[1:]:
+            for name in lab.names(data=True, primary=False):
                 lab.wait_listening(name)
+            for name in lab.names(data=False):
+                lab.wait_heartbeats(name)
             lab.start_node(PRIMARY)
             lab.wait_export()
             lab.wait_iscsi()
-            for name, _ in SITES[1:]:
+            for name in lab.names(data=True, primary=False):
                 lab.wait_streaming(name)
         except BaseException:
             with contextlib.suppress(Exception):

@@ -38,6 +38,11 @@ win an election: the primary lists it as outdated in its beats, supporters recor
 mark (echoing a beat that carried it) does the primary let peerlink degrade the peer.
 The mark goes once the peer has caught up.
 
+*The witness.*  A node of role ``witness`` holds no data: it votes, backs the primary
+and records outdated marks as the DR site does, but is never a candidate, a switchover
+target or an operator's promotion (``CoreConfig.holds_data``).  Nothing above needs the
+third site's data, only what it heard and granted, which is its hard state.
+
 *Histories.*  Each promotion starts a new generation on its epoch (blockstore); a
 former primary that learns of a higher epoch goes STALE and rejoins as a replica of the
 new primary (keeping what only it had as a ``diverged-*`` snapshot); if it held a valid
@@ -65,6 +70,8 @@ CAMPAIGN_TIMEOUT_FACTOR: Final = 2.0  # a campaign without a majority ends after
 ECHO_AT_ONCE_EVERY: Final = 0.2  # x interval: how often a supporter may answer out of turn
 
 MAIN_SITE: Final = ("primary", "secondary")
+WITNESS_ROLE: Final = "witness"  # votes and records outdated marks; holds no data
+REPLICA_ROLES: Final = ("dr", WITNESS_ROLE)  # never campaign on their own: State.WITNESS
 # A node in one of these states is on its way to serving: not a reason to campaign.
 BUSY_STATES: Final = frozenset({"starting", "promoting", "reclaiming"})
 
@@ -78,7 +85,7 @@ def majority_of(sites: int) -> int:
 @dataclass(frozen=True)
 class CoreConfig:
     me: str
-    role: str  # installed role: "primary", "secondary" or "dr"
+    role: str  # installed role: "primary", "secondary", "dr" or "witness"
     peers: Mapping[str, str]  # peer name -> installed role
     sync_peers: frozenset[str] = frozenset()  # shipped to synchronously when primary
     timeout: float = 2.0
@@ -94,9 +101,15 @@ class CoreConfig:
     def majority(self) -> int:
         return majority_of(len(self.peers) + 1)
 
+    def role_of(self, node: str) -> str | None:
+        return self.role if node == self.me else self.peers.get(node)
+
     def may_campaign(self, node: str) -> bool:
-        role = self.role if node == self.me else self.peers.get(node)
-        return role in MAIN_SITE
+        return self.role_of(node) in MAIN_SITE
+
+    def holds_data(self, node: str) -> bool:
+        """A witness holds no data: it is never a candidate, target or primary."""
+        return self.role_of(node) != WITNESS_ROLE
 
 
 @dataclass(frozen=True)
@@ -290,7 +303,7 @@ class NodeCore:
         self.split_brain_with: str | None = None
         if not cfg.auto:
             self.state = (State.PRIMARY if hard.role == "primary" else
-                          State.WITNESS if cfg.role == "dr" else State.STANDBY)
+                          State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY)
         elif split_brain:
             self.state = State.STALE
         elif hard.role == "primary" and hard.primary not in (None, cfg.me):
@@ -301,7 +314,7 @@ class NodeCore:
         elif hard.role == "primary":
             self.state = State.STARTING
         else:
-            self.state = State.WITNESS if cfg.role == "dr" else State.STANDBY
+            self.state = State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY
         self._ready = Ready()
 
     # -- the entry point ----------------------------------------------------------------
@@ -567,6 +580,8 @@ class NodeCore:
                       epoch: int | None = None) -> str | None:
         h = self.hard
         e = b.campaign if epoch is None else epoch
+        if not self.cfg.holds_data(cand):
+            return f"{cand} is a witness: it holds no data"
         handover = self._handover_from_primary() == cand or self._resigned_for(cand, e)
         if cand in h.outdated:
             return f"{cand} is outdated (it lacks writes acknowledged on epoch {h.epoch})"
@@ -722,8 +737,21 @@ class NodeCore:
                 self._feed(Event.QUORUM_OK)
         elif s is State.STALE and self.rejoin_at is not None and self.now >= self.rejoin_at:
             self._try_rejoin()
+        elif s is State.STANDBY:
+            self._release_own_vote()
         self._campaign_step()
         self._pending_replies()
+
+    def _release_own_vote(self) -> None:
+        """A standby's own campaign ended without a promotion (it timed out, or a former
+        primary learned of a newer one and rejoined): release the nodes that voted for
+        it, as after a restart mid-campaign.  Until it votes past that epoch they must
+        assume it may have served there and refuse any candidate whose data is older
+        (seed 10367 of the witness soak: the only current candidate stayed blocked)."""
+        h = self.hard
+        if not self.campaign and not self.precampaign and h.vote_for == self.cfg.me \
+                and h.vote_epoch > h.epoch:
+            self._resign("its own campaign ended without a promotion")
 
     def _real_majority(self) -> bool:
         n = sum(1 for v in self.peers.values() if v.body is not None and self._fresh_of(v)
@@ -788,7 +816,8 @@ class NodeCore:
     def _campaign_reason(self) -> str | None:  # noqa: PLR0911
         """Why this node should campaign now (None: it should not).  A campaign is a
         vote for itself: the node it backs must be gone, as for any vote."""
-        if self.now < self.campaign_after or self.now < self.promote_blocked_until:
+        if self.now < self.campaign_after or self.now < self.promote_blocked_until \
+                or not self.cfg.holds_data(self.cfg.me):
             return None
         s, h = self.state, self.hard
         handover = self._handover_from_primary() == self.cfg.me
@@ -1071,6 +1100,10 @@ class NodeCore:
     def _operator_promote(self, r: Request) -> None:
         force = bool(r.args.get("force"))
         me = self.cfg.me
+        if not self.cfg.holds_data(me):
+            self._reply(r.req_id, {"error": f"node {me} is a witness: it holds no data, so "
+                                            "it can never be promoted; promote a data site"})
+            return
         if self.state not in (State.WITNESS, State.STANDBY):
             self._reply(r.req_id, {"error": f"node {me} is {self.state.value}: only a "
                                             "standby or witness site can be promoted"})
@@ -1106,6 +1139,9 @@ class NodeCore:
 
     def _switchover_refusal(self, target: str) -> str | None:  # noqa: PLR0911
         me = self.cfg.me
+        if not self.cfg.holds_data(target):
+            return (f"{target} is a witness: it holds no data and can never take over; "
+                    "switch over to a data site")
         if self.state is not State.PRIMARY:
             return (f"node {me} is {self.state.value}, not the serving primary: run "
                     f"switchover on the primary ({self.hard.primary or 'unknown'})")

@@ -15,7 +15,8 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
                          "vote": null | {"epoch", "for"}, "lease_s": float,
                          "outdated": [node], "degraded": [node], "campaign": int|null,
                          "quorum_exempt": bool, "beats_rejected": {reason: int},
-                         "quorum": {"sites": int, "heard": int, "majority": bool}},
+                         "quorum": {"sites": int, "heard": int, "majority": bool},
+                         "roles": {node: "primary"|"secondary"|"dr"|"witness"}},
      "volumes": [
       {"name", "size", "role": "primary"|"replica", "in_use", "clean", "inconsistent",
        "upstream_seq", "journal_first_seq", "journal_last_seq", "journal_bytes",
@@ -52,7 +53,9 @@ bridge.  ``generation`` is the volume's current generation (DESIGN.md §5; ``cou
 many its history holds).  ``data_loss_window`` is what this node's death would lose
 for that peer now: nothing for a sync peer that is not degraded (a write is
 acknowledged durable only once the peer has it), else the lag.  ``quorum`` counts this
-node and the peers the daemon heard in time (``failover.timeout``).
+node and the peers the daemon heard in time (``failover.timeout``); ``roles`` are the
+installed roles of this node and its peers (a ``witness`` holds no data: on a witness
+``volumes`` is empty and ``vote`` and ``outdated`` are what it stores).
 
 ``state`` comes from the sender's live file (``peers/<peer>.live.json``, rewritten every
 second while it runs): ``streaming``, ``initial-sync``, ``comparing`` (a peer on an older
@@ -341,6 +344,8 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
         sites = 1 + len(cfg.peers)
         fo["quorum"] = {"sites": sites, "heard": 0 if stale else 1 + heard,
                         "majority": not stale and 1 + heard >= majority_of(sites)}
+        fo["roles"] = {cfg.name: cfg.role.value,
+                       **{p.name: p.role.value for p in cfg.peers}}
     if live:
         from . import health
         from .live import io_stats, iscsi_sessions
@@ -377,14 +382,7 @@ def render_text(report: dict[str, Any]) -> list[str]:
         out[0] += (f"  role {role['effective']}" + (f" (configured {role['configured']})"
                    if role["configured"] != role["effective"] else "")
                    + f", epoch {role['epoch']}")
-    fo = report.get("failover")
-    if fo is not None:
-        stale = f" (daemon silent for {fo['age_s']} s)" if fo["age_s"] > 5 else ""
-        heard = ", ".join(f"{p} {v['heard_s_ago']} s ago" for p, v in
-                          sorted(fo["peers"].items())) or "no peer heard"
-        out.append(f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
-                   f"{fo['primary']}{stale}; heard: {heard}")
-        out += quorum_lines(fo)
+    out += failover_lines(report)
     out += health_lines(report)
     sb = report.get("split_brain")
     if sb is not None:
@@ -487,6 +485,33 @@ def refusal_lines(p: dict[str, Any]) -> list[str]:
                        f"'{c['command']}' keeps {c['keeps']}'s data"
                        for c in r["settle"] or []))
     return out
+
+
+def failover_lines(report: dict[str, Any]) -> list[str]:
+    """The daemon's failover view: state, peers heard (a witness so named), quorum; on a
+    witness, what it stores (its last vote and the outdated marks)."""
+    fo = report.get("failover")
+    if fo is None:
+        return []
+    stale = f" (daemon silent for {fo['age_s']} s)" if fo["age_s"] > 5 else ""
+    roles = fo.get("roles") or {}
+    heard = ", ".join(f"{p}{' (witness)' if roles.get(p) == 'witness' else ''} "
+                      f"{v['heard_s_ago']} s ago" for p, v in
+                      sorted(fo["peers"].items())) or "no peer heard"
+    out = [f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
+           f"{fo['primary']}{stale}; heard: {heard}"]
+    out += quorum_lines(fo)
+    if roles.get(report["node"]) == "witness":
+        out += witness_lines(fo)
+    return out
+
+
+def witness_lines(fo: dict[str, Any]) -> list[str]:
+    """A witness stores only its votes and the outdated marks it recorded."""
+    v = fo.get("vote")
+    vote = "none yet" if not v else f"epoch {v['epoch']} for {v['for'] or 'nobody'}"
+    marks = ", ".join(fo.get("outdated") or []) or "none"
+    return [f"witness: holds no data; last vote {vote}; outdated marks: {marks}"]
 
 
 def quorum_lines(fo: dict[str, Any]) -> list[str]:

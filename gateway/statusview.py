@@ -65,11 +65,17 @@ def _header(report: dict[str, Any]) -> Text:
         t.append(f"  quorum {q['heard']}/{q['sites']} ")
         t.append("majority" if q["majority"] else "NO MAJORITY",
                  style="green" if q["majority"] else "bold red")
-    heard = ", ".join(f"{p} {v['heard_s_ago']} s" for p, v in sorted(fo["peers"].items()))
+    roles = fo.get("roles") or {}
+    heard = ", ".join(f"{p}{' (witness)' if roles.get(p) == 'witness' else ''} "
+                      f"{v['heard_s_ago']} s" for p, v in sorted(fo["peers"].items()))
     if heard:
         t.append(f"  heard: {heard}", style="dim")
     if fo.get("lease_s"):
         t.append(f"  lease {fo['lease_s']:.1f} s", style="dim")
+    if roles.get(report["node"]) == "witness":
+        v = fo.get("vote")
+        t.append("  witness, no data; last vote "
+                 + (f"epoch {v['epoch']} for {v['for'] or 'nobody'}" if v else "none yet"))
     if fo.get("outdated"):
         t.append(f"  outdated: {', '.join(fo['outdated'])} (not promotable until caught up)",
                  style="yellow")

@@ -65,7 +65,8 @@ SCHEMA = {"version": int, "node": str, "data_dir": str, "split_brain": (type(Non
                        "vote": (type(None), {"epoch": int, "for": OPT_STR}),
                        "lease_s": (int, float), "outdated": [str], "degraded": [str],
                        "campaign": OPT_INT, "quorum_exempt": bool, "beats_rejected": dict,
-                       "quorum": {"sites": int, "heard": int, "majority": bool}},
+                       "quorum": {"sites": int, "heard": int, "majority": bool},
+                       "roles": dict},
           "volumes": [VOLUME]}
 
 

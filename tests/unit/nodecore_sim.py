@@ -1,6 +1,7 @@
 """A simulated three-site cluster of node cores (gateway/nodecore.py) for model checking.
 
-Three ``NodeCore``s (main: primary, dc: secondary, dr: DR) exchange real sealed beats
+Three ``NodeCore``s (main: primary, dc: secondary, and a third site: dr, a DR site with a
+replica, or wit, a witness that holds no data: ``Sim(topology=...)``) exchange real sealed beats
 (gateway/heartbeat.py ``seal``/``unseal`` and ``BeatGuard``) through a network that
 drops, delays, duplicates and reorders them, where links can be cut one way or both,
 and where an attacker records every datagram and plays old ones again (from their
@@ -11,6 +12,10 @@ it expires), and has a tiny shell that performs actions (promotions take time an
 fail).  A write stream models acknowledged writes: the primary acknowledges a write only
 with a valid lease and, for its sync peer, once that peer has it or is confirmed
 outdated.
+
+A witness must never be needed for its data: it is never shipped to, never a candidate
+or a switchover target, never promoted; operator requests to make it primary are
+refused; the model checks all of that at every step (``Violation`` otherwise).
 
 ``Sim.run(seed)`` draws a fault schedule from the seed, checks the safety invariants at
 every step, heals everything, and checks that the cluster converged.  A failure raises
@@ -36,8 +41,12 @@ from gateway.nodecore import (
     Tick,
 )
 
-SITES = {"main": "primary", "dc": "secondary", "dr": "dr"}
-ADDR = {"main": "10.0.0.1", "dc": "10.0.0.2", "dr": "10.0.0.3"}
+TOPOLOGIES = {
+    "dr": {"main": "primary", "dc": "secondary", "dr": "dr"},
+    "witness": {"main": "primary", "dc": "secondary", "wit": "witness"},
+}
+THIRD = {"dr": "dr", "witness": "wit"}  # the third site's name in each topology
+ADDR = {"main": "10.0.0.1", "dc": "10.0.0.2", "dr": "10.0.0.3", "wit": "10.0.0.4"}
 ATTACKER = "10.0.0.66"
 DT = 0.05
 SYNC_TIMEOUT = 1.0
@@ -87,15 +96,18 @@ class Msg:
 
 class Sim:
     def __init__(self, seed: int, *, sync: bool = True, guard: bool = True,
-                 trace: bool = False, promote_failure: float = 0.0) -> None:
+                 trace: bool = False, promote_failure: float = 0.0,
+                 topology: str = "dr") -> None:
         self.rng = random.Random(seed)  # noqa: S311 - a replayable schedule, not a secret
         self.seed = seed
+        self.topology = topology
+        self.sites = TOPOLOGIES[topology]
         self.sync = sync
         self.use_guard = guard
         self.t = 0.0
         self.key = derive_key(b"x" * 32)
-        self.links: dict[tuple[str, str], bool] = {(a, b): True for a in SITES for b in SITES
-                                                   if a != b}
+        self.links: dict[tuple[str, str], bool] = {(a, b): True for a in self.sites
+                                                   for b in self.sites if a != b}
         self.inflight: list[Msg] = []
         self.recorded: list[Msg] = []
         self.attack = False
@@ -104,8 +116,8 @@ class Sim:
         self.max_delay = 0.02
         self.log: list[str] = []
         self.trace = trace
-        self.guards = {n: BeatGuard({p: frozenset({ADDR[p]}) for p in SITES if p != n})
-                       for n in SITES}
+        self.guards = {n: BeatGuard({p: frozenset({ADDR[p]}) for p in self.sites if p != n})
+                       for n in self.sites}
         self.next_write = 1
         self.acked: set[int] = set()  # writes acknowledged to a client, by any primary
         self.waiting: dict[str, list[int]] = {}  # primary -> writes waiting for its sync peer
@@ -115,10 +127,10 @@ class Sim:
         self.checked_epochs: set[int] = {0}  # epochs whose first lease was checked
         self.elected_data: dict[int, list[int]] = {}  # epoch -> its primary's data then
         self.forced_epochs: set[int] = set()
-        self.isolated_since: dict[str, float | None] = dict.fromkeys(SITES)
+        self.isolated_since: dict[str, float | None] = dict.fromkeys(self.sites)
         self.nodes: dict[str, Node] = {}
         self.promote_failure = promote_failure
-        for n, role in SITES.items():
+        for n, role in self.sites.items():
             hard = HardState(role=role, epoch=0, primary="main")
             node = Node(n, None, hard, offset=self.rng.uniform(0, 1000),
                         rate=1 + self.rng.uniform(-1e-3, 1e-3))
@@ -128,12 +140,15 @@ class Sim:
 
     # -- nodes ---------------------------------------------------------------------------
 
+    def is_witness(self, n: str) -> bool:
+        return self.sites[n] == "witness"
+
     def cfg(self, n: str) -> CoreConfig:
-        peers = {p: r for p, r in SITES.items() if p != n}
+        peers = {p: r for p, r in self.sites.items() if p != n}
         sync = frozenset()
         if self.sync and n in ("main", "dc"):
             sync = frozenset({"dc" if n == "main" else "main"})
-        return CoreConfig(me=n, role=SITES[n], peers=peers, sync_peers=sync,
+        return CoreConfig(me=n, role=self.sites[n], peers=peers, sync_peers=sync,
                           timeout=2.0, fence_margin=1.0, interval=0.5)
 
     def _boot(self, node: Node) -> None:
@@ -180,7 +195,7 @@ class Sim:
         node.lease_until_local = ready.lease_until
         if ready.beat is not None:
             data = seal(self.key, node.name, node.core.boot, node.core.seq, ready.beat)
-            for p in SITES:
+            for p in self.sites:
                 if p != node.name:
                     self._send(node.name, p, data, ADDR[node.name])
         for out in ready.actions:
@@ -193,6 +208,10 @@ class Sim:
                            + " ".join(f"{k}={v}" for k, v in args.items()
                                       if k not in ("event", "level")))
             return
+        if self.is_witness(node.name) and (kind in ("serve", "promote", "reclaim", "rejoin",
+                                                    "drain")
+                                           or (kind == "degrade" and args["peers"])):
+            raise Violation(f"witness {node.name} was told to {kind}: it holds no data")
         if kind == "serve":
             node.serving = True
         elif kind == "fence":
@@ -286,7 +305,9 @@ class Sim:
                     healthy.add(p)
                 elif w and self.t - self.write_at[w[0]] >= SYNC_TIMEOUT:
                     stalled.add(p)
-            streaming = {p for p in SITES if p != node.name and self._net_up(node.name, p)
+            # A witness has no replica: nothing streams to it (the daemon sees no link).
+            streaming = {p for p in self.sites if p != node.name
+                         and not self.is_witness(p) and self._net_up(node.name, p)
                          and self.nodes[p].data == node.data}
         self._step(node, Facts(node.local(self.t), node.consistent, data_epoch=node.data_epoch,
                                stalled=frozenset(stalled), healthy=frozenset(healthy),
@@ -329,7 +350,7 @@ class Sim:
         if not self.recorded:
             return
         old = self.rng.choice(self.recorded[:max(1, len(self.recorded) - 20)])
-        dst = self.rng.choice([n for n in SITES if n != old.src])
+        dst = self.rng.choice([n for n in self.sites if n != old.src])
         src_addr = old.src_addr if self.rng.random() < 0.5 else ATTACKER
         if self.use_guard and src_addr == ATTACKER:
             return  # the address check stops it; play it from the victim's address
@@ -379,7 +400,9 @@ class Sim:
                     continue
                 if other.hard.primary != n or not self._net_up(n, p):
                     continue
-                if p == "dr" and self.rng.random() < 0.5:
+                if self.is_witness(p):
+                    continue  # holds no data: never shipped to
+                if self.sites[p] == "dr" and self.rng.random() < 0.5:
                     continue  # async: it trails
                 if other.data != node.data[:len(other.data)]:
                     # a diverged replica: resync (its own tail was kept as a snapshot)
@@ -407,7 +430,7 @@ class Sim:
                 self._check_elected(self.nodes[n], e)
         for n in self.nodes:
             cut = all(not self.links[(n, p)] and not self.links[(p, n)]
-                      for p in SITES if p != n)
+                      for p in self.sites if p != n)
             if cut:
                 if self.isolated_since[n] is None:
                     self.isolated_since[n] = self.t
@@ -418,6 +441,15 @@ class Sim:
                                     "lease after the timeout")
             else:
                 self.isolated_since[n] = None
+        for n, node in self.nodes.items():
+            if not self.is_witness(n):
+                continue
+            st = node.core.state.value if node.core is not None else "witness"
+            if st != "witness" or node.data or node.hard.role != "witness" \
+                    or node.hard.vote_for == n:
+                raise Violation(f"witness {n} is {st} (role {node.hard.role}, vote for "
+                                f"{node.hard.vote_for}, {len(node.data)} writes): a "
+                                "witness holds no data and never stands")
 
     # -- running ----------------------------------------------------------------------------
 
@@ -454,7 +486,7 @@ class Sim:
         self.links[(a, b)] = up
 
     def isolate(self, n: str) -> None:
-        for p in SITES:
+        for p in self.sites:
             if p != n:
                 self.links[(n, p)] = self.links[(p, n)] = False
         self._note(f"isolate {n}")
@@ -464,7 +496,7 @@ class Sim:
             self.links[k] = True
         self.drop = self.dup = 0.0
         self.attack = False
-        for n in SITES:
+        for n in self.sites:
             self.restart(n)
             self.nodes[n].frozen_until = -math.inf
         self._note("heal")
@@ -502,11 +534,26 @@ class Sim:
 
 FAULTS = ("isolate", "cut_pair", "one_way", "heal_links", "crash", "restart", "freeze",
           "lossy", "switchover", "attack")
+# With a witness, operators also try to make it primary (refused, checked).
+WITNESS_FAULTS = (*FAULTS, "promote_witness")
 
 
-def apply_fault(sim: Sim, rng: random.Random, kind: str) -> None:
+def refused_for_witness(sim: Sim, n: str, op: str, **args: Any) -> None:
+    """A request that would make the witness primary: the core must refuse it at once,
+    saying why."""
+    node = sim.nodes[n]
+    if node.crashed or node.core is None:
+        return
+    before = len(node.replies)
+    sim.request(n, op, **args)
+    reply = node.replies[before] if len(node.replies) > before else {}
+    if "is a witness" not in str(reply.get("error")):
+        raise Violation(f"{op} {args} on {n} with a witness: not refused ({reply})")
+
+
+def apply_fault(sim: Sim, rng: random.Random, kind: str) -> None:  # noqa: PLR0912 - one branch a fault
     """One fault of the schedule (``kind`` from FAULTS), its targets drawn from ``rng``."""
-    a, b = rng.sample(list(SITES), 2)
+    a, b = rng.sample(list(sim.sites), 2)
     if kind == "isolate":
         sim.isolate(a)
     elif kind == "cut_pair":
@@ -534,24 +581,33 @@ def apply_fault(sim: Sim, rng: random.Random, kind: str) -> None:
         prim = [n for n, node in sim.nodes.items() if node.core is not None
                 and node.core.state.value == "primary"]
         if prim:
-            sim.request(prim[0], "switchover", to=rng.choice([n for n in SITES
-                                                               if n != prim[0]]), timeout=5)
+            to = rng.choice([n for n in sim.sites if n != prim[0]])
+            if sim.is_witness(to):
+                refused_for_witness(sim, prim[0], "switchover", to=to, timeout=5)
+            else:
+                sim.request(prim[0], "switchover", to=to, timeout=5)
     elif kind == "attack":
         sim.attack = True
         sim._note("attacker replays captured beats")
+    elif kind == "promote_witness":
+        w = THIRD[sim.topology]
+        refused_for_witness(sim, w, "promote", force=rng.random() < 0.5)
 
 
 def random_run(seed: int, *, duration: float = 40.0, faults: int = 8,
-               guard: bool = True, sync: bool = True, trace: bool = False) -> Sim:
+               guard: bool = True, sync: bool = True, trace: bool = False,
+               topology: str = "dr") -> Sim:
     """Draw ``faults`` faults at random times in ``duration`` seconds, then heal and
     check convergence.  Raises Violation (with the seed and the schedule) on failure."""
-    sim = Sim(seed, guard=guard, sync=sync, trace=trace, promote_failure=0.05)
+    sim = Sim(seed, guard=guard, sync=sync, trace=trace, promote_failure=0.05,
+              topology=topology)
+    kinds = WITNESS_FAULTS if topology == "witness" else FAULTS
     rng = random.Random(seed * 7919 + 1)  # noqa: S311 - replayable by seed
     try:
         sim.advance(5.0)  # the cluster forms
         for at in sorted(rng.uniform(5.0, duration) for _ in range(faults)):
             sim.advance(at)
-            apply_fault(sim, rng, rng.choice(FAULTS))
+            apply_fault(sim, rng, rng.choice(kinds))
         sim.advance(duration)
         sim.heal()
         deadline = sim.t + SETTLE

@@ -109,8 +109,8 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
      "expected an IP address for peers[0].address, got 'dc.example.com'"),
     (cfg(peers=[{**DC, "port": 0}]), "expected integer between 1 and 65535 for peers[0].port"),
     (cfg(peers=[{**DC, "mode": "semi"}]), "expected one of async, sync for peers[0].mode"),
-    (cfg(peers=[{**DC, "role": "witness"}]),
-     "expected one of primary, secondary, dr for peers[0].role"),
+    (cfg(peers=[{**DC, "role": "judge"}]),
+     "expected one of primary, secondary, dr, witness for peers[0].role"),
     (cfg(peers=[{**DC, "sync_timeout": 0}]),
      "expected a number of seconds > 0 and at most 86400 for peers[0].sync_timeout"),
     (cfg(peers=[{**DC, "rate_limit": "fast"}]),
@@ -129,7 +129,7 @@ def test_cascade_without_secondary_sends_to_dr() -> None:
      "expected a number of seconds > 0 and at most 86400 for failover.timeout"),
     (cfg(failover={"auto": "yes"}), "expected true or false for failover.auto"),
     (cfg(node={"name": "main", "role": "boss"}),
-     "expected one of primary, secondary, dr for node.role"),
+     "expected one of primary, secondary, dr, witness for node.role"),
     (cfg(service={"address": "192.0.2.10"}),
      "expected an address with a prefix length such as 192.0.2.10/24 for service.address, "
      "got '192.0.2.10'"),
@@ -167,3 +167,62 @@ def test_automatic_failover_needs_the_secret() -> None:
             "peerlink.secret_file, or failover.auto: false")
     parse_config(cfg(peerlink={"tls": tls}, peers=[DC, DR], failover={"auto": False}))
     parse_config(cfg())  # no peers: nothing to fail over
+
+
+# -- the witness: a third voter without data --------------------------------------------------
+
+WIT = {"name": "wit", "role": "witness", "address": "192.0.2.14"}
+MAIN = {"name": "main", "role": "primary", "address": "192.0.2.11"}
+SECRET = {"secret_file": "/etc/nbdgw/s"}
+
+
+@pytest.mark.parametrize(("me", "role", "peers", "sends", "receives"), [
+    ("main", "primary", [DC, WIT], ["dc"], False),
+    ("dc", "secondary", [MAIN, WIT], [], True),
+    ("wit", "witness", [MAIN, DC], [], False),
+])
+def test_a_witness_is_never_shipped_to_and_receives_nothing(
+        me: str, role: str, peers: list[dict[str, Any]], sends: list[str],
+        receives: bool) -> None:
+    for topology in ("fanout", "cascade"):
+        c = parse_config({"version": 1, "node": {"name": me, "role": role},
+                          "peerlink": {**SECRET, "topology": topology}, "peers": peers})
+        assert [p.name for p in c.send_to()] == sends
+        assert c.receives() is receives
+
+
+def test_a_witness_takes_the_dr_sites_place() -> None:
+    c = parse_config(cfg(peerlink=SECRET, peers=[DC, WIT]))
+    assert [p.role for p in c.peers] == [Role.SECONDARY, Role.WITNESS]
+    w = parse_config({"version": 1, "node": {"name": "wit", "role": "witness"},
+                      "peerlink": SECRET, "peers": [MAIN, DC]})
+    assert w.role is Role.WITNESS and w.volumes == ()
+    parse_config(cfg(peerlink=SECRET, peers=[DC, DR]))  # today's three sites still load
+
+
+@pytest.mark.parametrize(("raw", "msg"), [
+    (cfg(peerlink=SECRET, peers=[DC, DR, WIT]),
+     "a witness (wit (peers[2].role)) and a DR site (dr (peers[1].role)) together: the "
+     "third voter is one or the other, not both"),
+    (cfg(peerlink=SECRET, peers=[DC, WIT, {**WIT, "name": "wit2", "address": "192.0.2.15"}]),
+     "two witnesses: wit (peers[1].role) and wit2 (peers[2].role); one witness votes for a "
+     "pair"),
+    (cfg(peerlink=SECRET, peers=[WIT]),
+     "a witness (wit (peers[0].role)) without a secondary: it votes for a pair of data "
+     "sites (primary and secondary)"),
+    (cfg(peerlink=SECRET, peers=[DC, {**WIT, "mode": "sync"}]),
+     "mode: sync is allowed only between the two main-site nodes (primary and secondary): "
+     "peers[1] (wit) is a witness (it holds no data)"),
+    ({"version": 1, "node": {"name": "wit", "role": "witness"}, "peerlink": SECRET,
+      "peers": [{**MAIN, "mode": "sync"}, DC]},
+     "mode: sync is allowed only between the two main-site nodes (primary and secondary): "
+     "this node (wit) is a witness (it holds no data), so peers[0] (main) cannot be sync"),
+    ({"version": 1, "node": {"name": "wit", "role": "witness"}, "peerlink": SECRET,
+      "peers": [MAIN, DC], "volumes": [{"name": "v1", "size": "1G"}]},
+     "volumes: node wit is a witness: it holds no volume (remove the list)"),
+    ({"version": 1, "node": {"name": "wit", "role": "witness"}, "peerlink": SECRET,
+      "peers": [MAIN, DC], "failover": {"auto": False}},
+     "failover.auto: node wit is a witness: it only votes, so failover.auto must be true"),
+])
+def test_witness_refusals(raw: dict[str, Any], msg: str) -> None:
+    assert refused(raw) == msg

@@ -1,5 +1,10 @@
 """Model checking of the node core (gateway/nodecore.py) with three simulated sites.
 
+Every schedule runs in both topologies: main, dc and a DR site ``dr`` (a replica), and
+main, dc and a witness ``wit`` (no data: never shipped to, never a candidate, target or
+primary; requests to make it one are refused).  A pair with a witness must fail over as
+the three data sites do.
+
 tests/unit/nodecore_sim.py wires three cores through a network that drops, delays,
 duplicates, reorders and replays real sealed beats, with crashes, freezes, partitions,
 switchovers and clock drift, and checks at every step: never two valid write leases; an
@@ -19,7 +24,10 @@ import pytest
 
 from gateway import nodecore
 from gateway.nodecore import BeatIn, NodeCore
-from tests.unit.nodecore_sim import Sim, Violation, random_run
+from tests.unit.nodecore_sim import THIRD, Sim, Violation, random_run
+
+TOPOLOGIES = ("dr", "witness")
+topologies = pytest.mark.parametrize("topology", TOPOLOGIES)
 
 # -- scripted schedules ---------------------------------------------------------------------
 
@@ -49,18 +57,20 @@ def until(sim: Sim, cond: object, limit: float) -> float:
     raise AssertionError(f"not within {limit} s: {sim.states()}")
 
 
-def test_power_cut_of_the_primary_elects_the_secondary_within_bounds() -> None:
-    sim = formed()
+@topologies
+def test_power_cut_of_the_primary_elects_the_secondary_within_bounds(topology: str) -> None:
+    sim = formed(topology=topology)
     sim.crash("main")
     took = until(sim, lambda: primary(sim) == "dc", 8.0)
     # timeout + fence_margin, a vote round trip, the promotion (up to 1.5 s in the sim)
     assert took <= 2.0 + 1.0 + 1.0 + 1.5
 
 
-def test_promotion_right_after_start_needs_no_fixed_wait() -> None:
+@topologies
+def test_promotion_right_after_start_needs_no_fixed_wait(topology: str) -> None:
     """The old daemon waited 30 s after a failed promotion of a still-Inconsistent replica;
     a replica that becomes Consistent is promotable at once."""
-    sim = Sim(2)
+    sim = Sim(2, topology=topology)
     sim.nodes["dc"].consistent = False
     sim.advance(1.0)
     sim.nodes["dc"].consistent = True
@@ -69,8 +79,10 @@ def test_promotion_right_after_start_needs_no_fixed_wait() -> None:
     assert took < 8.0
 
 
-def test_an_isolated_primary_stops_within_the_timeout_and_the_other_takes_over() -> None:
-    sim = formed()
+@topologies
+def test_an_isolated_primary_stops_within_the_timeout_and_the_other_takes_over(
+        topology: str) -> None:
+    sim = formed(topology=topology)
     sim.isolate("main")
     t0 = sim.t
     until(sim, lambda: sim.nodes["main"].lease_until_local <= sim.nodes["main"].local(sim.t),
@@ -82,29 +94,32 @@ def test_an_isolated_primary_stops_within_the_timeout_and_the_other_takes_over()
     assert sim.nodes["main"].hard.primary == "dc"
 
 
-def test_replayed_beats_after_a_power_cut_delay_nothing() -> None:
+@topologies
+def test_replayed_beats_after_a_power_cut_delay_nothing(topology: str) -> None:
     """Beats of the dead primary played again from its own address (the attack that kept
     the old secondary from promoting) are refused; promotion takes as long as without."""
-    plain = formed(seed=3)
+    plain = formed(seed=3, topology=topology)
     plain.crash("main")
     base = until(plain, lambda: primary(plain) == "dc", 10.0)
-    sim = formed(seed=3)
+    sim = formed(seed=3, topology=topology)
     captured = [m for m in sim.recorded if m.src == "main"]
     sim.crash("main")
     for m in captured[-40:]:  # replayed over the next seconds, to both peers
-        for dst in ("dc", "dr"):
+        for dst in ("dc", THIRD[topology]):
             m2 = type(m)(sim.t + 0.1 * captured.index(m) % 4, m.src, dst, m.data, m.src_addr)
             sim.inflight.append(m2)
     took = until(sim, lambda: primary(sim) == "dc", 10.0)
     assert took <= base + 0.5
 
 
-def test_sync_stall_outdates_the_peer_which_then_cannot_be_elected() -> None:
-    sim = formed(seed=4)
+@topologies
+def test_sync_stall_outdates_the_peer_which_then_cannot_be_elected(topology: str) -> None:
+    sim = formed(seed=4, topology=topology)
     sim.set_link("main", "dc", False)
     sim.set_link("dc", "main", False)
     until(sim, lambda: "dc" in sim.nodes["main"].degraded, 5.0)
-    assert "dc" in sim.nodes["dr"].hard.outdated  # the witness recorded it first
+    # the third site (DR or witness) recorded it first
+    assert "dc" in sim.nodes[THIRD[topology]].hard.outdated
     written = sim.next_write
     until(sim, lambda: any(w >= written for w in sim.acked), 2.0)  # writes go on
     sim.crash("main")
@@ -117,10 +132,11 @@ def test_sync_stall_outdates_the_peer_which_then_cannot_be_elected() -> None:
     assert primary(sim) == "main"
 
 
-def test_switchover_then_power_cut_of_the_new_primary_then_of_the_old() -> None:
+@topologies
+def test_switchover_then_power_cut_of_the_new_primary_then_of_the_old(topology: str) -> None:
     """The issue's fork schedule: switchover main->dc, dc power-cut at once, then main
     power-cut; every step safe, and the three sites converge on one history."""
-    sim = formed(seed=5)
+    sim = formed(seed=5, topology=topology)
     sim.request("main", "switchover", to="dc", timeout=5)
     until(sim, lambda: sim.nodes["dc"].core is not None
           and sim.nodes["dc"].core.state.value in ("promoting", "primary"), 5.0)
@@ -135,8 +151,9 @@ def test_switchover_then_power_cut_of_the_new_primary_then_of_the_old() -> None:
         assert sim.nodes[n].data == p.data
 
 
-def test_switchover_whose_target_dies_returns_to_the_old_primary() -> None:
-    sim = formed(seed=6)
+@topologies
+def test_switchover_whose_target_dies_returns_to_the_old_primary(topology: str) -> None:
+    sim = formed(seed=6, topology=topology)
     sim.request("main", "switchover", to="dc", timeout=5)
     until(sim, lambda: sim.nodes["main"].core is not None
           and sim.nodes["main"].core.state.value in ("stale", "standby"), 5.0)
@@ -156,24 +173,89 @@ def test_operator_promotion_of_dr_is_refused_while_the_main_site_is_heard() -> N
     assert sim.nodes["dr"].replies[-1]["ok"]
 
 
+# -- the witness ---------------------------------------------------------------------------
+
+
+def test_the_witness_is_never_promoted_nor_a_switchover_target() -> None:
+    sim = formed(seed=7, topology="witness")
+    sim.request("wit", "promote", force=True)
+    assert sim.nodes["wit"].replies[-1]["error"] == (
+        "node wit is a witness: it holds no data, so it can never be promoted; promote a "
+        "data site")
+    sim.request("main", "switchover", to="wit", timeout=5)
+    assert sim.nodes["main"].replies[-1]["error"] == (
+        "wit is a witness: it holds no data and can never take over; switch over to a "
+        "data site")
+    sim.crash("main")
+    sim.crash("dc")  # both data sites gone: the witness has nothing to offer
+    sim.advance(sim.t + 3.0)
+    sim.request("wit", "promote", force=True)
+    assert "is a witness" in sim.nodes["wit"].replies[-1]["error"]
+    sim.advance(sim.t + 10.0)
+    assert primary(sim) is None
+
+
+def test_witness_down_changes_nothing() -> None:
+    """The pair still has a majority (main and dc): main keeps its lease throughout."""
+    sim = formed(seed=9, topology="witness")
+    sim.crash("wit")
+    t0 = sim.t
+    while sim.t - t0 < 10.0:
+        sim.advance(sim.t + 0.05)
+        assert primary(sim) == "main"
+    sim.restart("wit")
+    until(sim, lambda: sim.converged() is None, 10.0)
+
+
+def test_pair_cut_from_each_other_elects_exactly_one_primary() -> None:
+    """main and dc both hear the witness but not each other: the witness backs main
+    (it hears it), so main keeps serving and dc is never elected."""
+    sim = formed(seed=10, topology="witness")
+    sim.set_link("main", "dc", False)
+    sim.set_link("dc", "main", False)
+    t0 = sim.t
+    while sim.t - t0 < 15.0:
+        sim.advance(sim.t + 0.05)
+        assert primary(sim) in ("main", None)
+    assert primary(sim) == "main"
+    dc = sim.nodes["dc"].core
+    assert dc is not None and dc.state.value == "standby"
+    sim.heal()
+    until(sim, lambda: sim.converged() is None, 15.0)
+    assert primary(sim) == "main"
+
+
+def test_pair_cut_then_primary_dies_elects_the_secondary_through_the_witness() -> None:
+    sim = formed(seed=11, topology="witness", sync=False)
+    sim.set_link("main", "dc", False)
+    sim.set_link("dc", "main", False)
+    sim.advance(sim.t + 3.0)
+    sim.crash("main")
+    took = until(sim, lambda: primary(sim) == "dc", 10.0)
+    assert took <= 2.0 + 1.0 + 1.0 + 1.5
+
+
 # -- random schedules ------------------------------------------------------------------------
 
 
+@topologies
 @pytest.mark.parametrize("seed", range(120))
-def test_random_faults_bounded(seed: int) -> None:
-    random_run(seed, faults=10, duration=45.0)
+def test_random_faults_bounded(seed: int, topology: str) -> None:
+    random_run(seed, faults=10, duration=45.0, topology=topology)
 
 
+@topologies
 @pytest.mark.parametrize("seed", range(1000, 1030))
-def test_random_compound_faults_bounded(seed: int) -> None:
-    random_run(seed, faults=20, duration=70.0)
+def test_random_compound_faults_bounded(seed: int, topology: str) -> None:
+    random_run(seed, faults=20, duration=70.0, topology=topology)
 
 
 @pytest.mark.slow
+@topologies
 @pytest.mark.parametrize("block", range(20))
-def test_random_faults_soak(block: int) -> None:
+def test_random_faults_soak(block: int, topology: str) -> None:
     for seed in range(10_000 + block * 200, 10_000 + (block + 1) * 200):
-        random_run(seed, faults=24, duration=90.0)
+        random_run(seed, faults=24, duration=90.0, topology=topology)
 
 
 # -- the model catches the bugs it is for ----------------------------------------------------
@@ -208,8 +290,9 @@ def test_the_model_catches_a_core_that_trusts_replayed_beats(monkeypatch: pytest
     assert found, "the model did not catch a replayable core"
 
 
-def test_the_model_catches_a_core_that_forgets_outdated_marks(monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
+@topologies
+def test_the_model_catches_a_core_that_forgets_outdated_marks(monkeypatch: pytest.MonkeyPatch,
+                                                              topology: str) -> None:
     """Mutation check: votes that ignore the outdated marks elect a peer without
     acknowledged writes (the sync-mode loss of the issue)."""
     orig = nodecore.NodeCore._vote_refusal
@@ -222,7 +305,7 @@ def test_the_model_catches_a_core_that_forgets_outdated_marks(monkeypatch: pytes
     monkeypatch.setattr(nodecore.NodeCore, "_vote_refusal", forgetful)
 
     def stall_then_cut_power() -> None:
-        sim = formed(seed=4)
+        sim = formed(seed=4, topology=topology)
         sim.set_link("main", "dc", False)
         sim.set_link("dc", "main", False)
         until(sim, lambda: "dc" in sim.nodes["main"].degraded, 5.0)
@@ -232,6 +315,21 @@ def test_the_model_catches_a_core_that_forgets_outdated_marks(monkeypatch: pytes
 
     with pytest.raises(Violation, match="without acknowledged writes"):
         stall_then_cut_power()
+
+
+def test_the_model_catches_a_core_that_lets_the_witness_stand(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """Mutation check: a core that treats the witness as a DR site (it may be a
+    switchover's target) is caught by the random schedules."""
+    monkeypatch.setattr(nodecore.CoreConfig, "holds_data", lambda self, node: True)
+    found = []
+    for seed in range(60):
+        try:
+            random_run(seed, faults=16, duration=60.0, topology="witness")
+        except Violation as e:
+            found.append(str(e).splitlines()[0])
+            break
+    assert found, "the model did not catch a witness that stands for election"
 
 
 def test_lease_is_never_handed_to_nbdkit_unless_serving() -> None:
