@@ -41,7 +41,7 @@ import msgpack
 import structlog
 from crc32c import crc32c
 
-from .errors import FormatError, InvalidArgument
+from .errors import BlockstoreError, FormatError, InvalidArgument
 from .journal import segment_firsts, segment_name
 from .marks import COMMIT_EVENT, GROW_EVENT, TIME_EVENT
 from .meta import read_json, write_json
@@ -119,6 +119,16 @@ def read_policy(vol_path: Path) -> CdpPolicy | None:
     if float(d["window"]) <= 0:
         return None
     return CdpPolicy(float(d["window"]), int(d["max_bytes"]))
+
+
+def journal_cap_for(vol_path: Path, journal_max: int) -> int:
+    """The journal bound of the volume at ``vol_path``, as Volume.journal_cap computes it
+    for an open volume: journal.max_bytes plus what its CDP window may hold."""
+    try:
+        policy = read_policy(vol_path)
+    except (BlockstoreError, OSError, ValueError, KeyError):
+        policy = None
+    return journal_max + (policy.max_bytes if policy is not None else 0)
 
 
 def write_policy(vol_path: Path, policy: CdpPolicy | None) -> bool:

@@ -56,6 +56,7 @@ from typing import Any
 
 import structlog
 
+from blockstore.cdp import journal_cap_for
 from blockstore.journal import segment_files
 from blockstore.space import free_bytes, reserve_bytes
 from blockstore.volume import list_volumes
@@ -655,7 +656,8 @@ def volume_spaces(data_dir: Path, journal_max: int) -> list[VolumeSpace]:
         out.append(VolumeSpace(
             name=info.name, size=info.size,
             allocated_bytes=total([info.path / "store"], blocks=True),
-            journal_bytes=journal, journal_max_bytes=journal_max, snapshots=count,
+            journal_bytes=journal, journal_max_bytes=journal_cap_for(info.path, journal_max),
+            snapshots=count,
             snapshot_bytes=total(sdir.iterdir(), blocks=True) if sdir.is_dir() else 0))
     return out
 

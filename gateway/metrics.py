@@ -24,6 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from blockstore.cdp import journal_cap_for
 from blockstore.errors import BlockstoreError
 from blockstore.volume import list_volumes
 from nbd_plugin.iostats import OPS
@@ -136,8 +137,9 @@ class NodeCollector(Collector):
         jbytes = GaugeMetricFamily("nbdgw_journal_bytes", "Journal bytes on disk",
                                    labels=["volume"])
         jfill = GaugeMetricFamily("nbdgw_journal_fill_ratio", "Journal bytes / "
-                                  "journal.max_bytes (past 1 a lagging peer is tracked by "
-                                  "dirty extents)", labels=["volume"])
+                                  "journal.max_bytes (plus the CDP window's max_bytes; "
+                                  "past 1 a lagging peer is tracked by dirty extents)",
+                                  labels=["volume"])
         jseq = GaugeMetricFamily("nbdgw_journal_last_seq", "Last journal sequence number",
                                  labels=["volume"])
         inconsistent = GaugeMetricFamily("nbdgw_replica_inconsistent", "1 while a replica "
@@ -181,7 +183,8 @@ class NodeCollector(Collector):
             name = v.name
             size.add_metric([name, rep["role"]], float(rep["size"]))
             jbytes.add_metric([name], float(rep["journal_bytes"]))
-            jfill.add_metric([name], rep["journal_bytes"] / cfg.journal.max_bytes)
+            jfill.add_metric([name], rep["journal_bytes"] / journal_cap_for(
+                v.path, cfg.journal.max_bytes))
             jseq.add_metric([name], float(rep["journal_last_seq"]))
             inconsistent.add_metric([name], 1.0 if rep["inconsistent"] else 0.0)
             snaps.add_metric([name], float(rep["snapshots"]["count"]))

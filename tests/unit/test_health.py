@@ -384,3 +384,17 @@ def test_monitor_thread_checks_every_interval_and_survives_a_failing_check() -> 
         t.join(5)
     assert not t.is_alive()
     assert [e["event"] for e in logs] == ["health_check_failed"]
+
+
+def test_a_cdp_window_raises_the_journal_bound_health_measures_against(tmp_path) -> None:
+    """A volume keeping CDP history may hold journal.max_bytes plus its window's
+    max_bytes (Volume.journal_cap): health must not count that as over its bound."""
+    from blockstore.cdp import CdpPolicy, write_policy
+    from blockstore.volume import create_volume
+    from gateway.health import volume_spaces
+
+    create_volume(tmp_path, "plain", 1 << 20)
+    kept = create_volume(tmp_path, "kept", 1 << 20)
+    write_policy(kept.path, CdpPolicy(3600.0, 8 << 30))
+    caps = {v.name: v.journal_max_bytes for v in volume_spaces(tmp_path, 1 << 30)}
+    assert caps == {"plain": 1 << 30, "kept": (1 << 30) + (8 << 30)}
