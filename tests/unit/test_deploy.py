@@ -907,6 +907,46 @@ def test_the_branch_example_renders_a_dns_name_for_every_site(tmp_path: Path) ->
         config_check(cfg["__path"])
 
 
+def test_the_witness_example_refuses_its_placeholder_secrets(tmp_path: Path) -> None:
+    """deploy/examples/witness as shipped stops at its vault placeholders, on the witness
+    as on the data sites (connection and paths forced local)."""
+    extra = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+             "ansible_become": False, "nbdgw_sysctl_apply": False}
+    for v in PATH_VARS:
+        extra[f"nbdgw_{v}"] = str(tmp_path / v)
+    run = run_playbook("site.yml", DEPLOY / "examples" / "witness" / "inventory.yml", "-e",
+                       json.dumps(extra), timeout=180)
+    assert run.rc != 0, run
+    assert sorted(set(run.failures("wit"))) == sorted(set(run.failures())) == [
+        f"{name} is still a placeholder: put the real value in Ansible Vault "
+        "(ansible-vault encrypt_string) before deploying"
+        for name in ("nbdgw_peer_secret", "nbdgw_service_dns_key")], run
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_witness_example_renders_a_pair_and_a_witness(tmp_path: Path) -> None:
+    """deploy/examples/witness with its placeholders replaced: branch1 and dc hold the
+    volumes and publish the DNS name, each naming wit as `role: witness`; wit's config has
+    neither; all three pass `nbdgw config check`."""
+    extra = {"vault_nbdgw_peer_secret": "0123456789abcdef0123456789abcdef",
+             "vault_nbdgw_service_dns_key": TSIG_KEY}
+    cfgs = render_configs(tmp_path, DEPLOY / "examples" / "witness" / "inventory.yml", "-e",
+                          json.dumps(extra))
+    assert sorted(cfgs) == ["branch1", "dc", "wit"]
+    roles = {"branch1": "primary", "dc": "secondary", "wit": "witness"}
+    for host, cfg in cfgs.items():
+        assert cfg["node"]["role"] == roles[host]
+        assert {p["name"]: p["role"] for p in cfg["peers"]} == {
+            k: v for k, v in roles.items() if k != host}
+        config_check(cfg["__path"])
+    for host in ("branch1", "dc"):
+        assert cfgs[host]["service"]["dns"]["name"] == "db.branch1.example.com"
+        assert [v["name"] for v in cfgs[host]["volumes"]] == ["sql-data", "sql-log"]
+        assert {p["name"]: p.get("mode") for p in cfgs[host]["peers"]}["wit"] is None
+    assert not {"service", "volumes", "nbd", "snapshots", "iscsi"} & set(cfgs["wit"])
+    assert "--log-format json witness\n" in cfgs["wit"]["__unit"]
+
+
 def test_upgrade_never_restarts_a_main_site_node_while_the_other_is_down(
         tmp_path: Path) -> None:
     """upgrade.yml's guard, with systemd stood in for: `systemctl is-active nbdgw` says
