@@ -8,9 +8,11 @@ stops with the exact message and before anything was written.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -47,9 +49,10 @@ def site_vars() -> dict[str, Any]:
 
 
 def host_vars(root: Path, name: str) -> dict[str, Any]:
-    """Connection local, and every path under ``root/name`` (the host's /etc stays alone)."""
+    """Connection local, and every path under ``root/name`` (the host's /etc stays alone);
+    a site that is not one of SITES (a witness, ``wit``) gets 127.0.0.4."""
     prefix = root / name
-    i = SITES.index(name) + 1
+    i = SITES.index(name) + 1 if name in SITES else 4
     out: dict[str, Any] = {
         "ansible_connection": "local",
         "ansible_python_interpreter": "/usr/bin/python3",
@@ -177,9 +180,9 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         if value is DELETE:
             del node[last]
         elif isinstance(node, list) and int(last) == len(node):
-            node.append(value)
+            node.append(copy.deepcopy(value))
         else:
-            node[int(last) if isinstance(node, list) else last] = value
+            node[int(last) if isinstance(node, list) else last] = copy.deepcopy(value)
     return apply
 
 
@@ -197,6 +200,9 @@ DNS_NEEDS = ("{} is not set: a DNS name (nbdgw_service_dns_name) needs "
              "(the TSIG key the zone's server grants the name)")
 CHAP = {"nbdgw_iscsi_enabled": True, "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw",
         "nbdgw_iscsi_chap_user": "sql"}
+
+# A witness in place of the DR site (README "A pair and a witness").
+WITNESS_SITE = {"name": "wit", "role": "witness", "address": "127.0.0.4"}
 
 CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
     "no_service_address": (
@@ -280,7 +286,31 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         "every host, e.g. in group_vars"),
     "site_role_unknown": (
         [_set("nbdgw_sites.2.role", "backup")],
-        "nbdgw_sites[2].role is 'backup': expected primary, secondary or dr"),
+        "nbdgw_sites[2].role is 'backup': expected primary, secondary, dr or witness"),
+    "witness_and_dr": (
+        [_set("nbdgw_sites.3", WITNESS_SITE)],
+        "nbdgw_sites: a witness (wit) and a DR site (dr) together: the third voter is one "
+        "or the other, not both"),
+    "two_witnesses": (
+        [_set("nbdgw_sites.2", {"name": "wit1", "role": "witness", "address": "127.0.0.3"}),
+         _set("nbdgw_sites.3", WITNESS_SITE)],
+        "nbdgw_sites: two witnesses, wit1 and wit; one witness votes for a pair"),
+    "witness_without_secondary": (
+        [_set("nbdgw_sites", [{"name": "main", "role": "primary", "address": "127.0.0.1"},
+                              WITNESS_SITE])],
+        "nbdgw_sites: a witness (wit) without a secondary: it votes for a pair of data sites "
+        "(primary and secondary)"),
+    "witness_with_replication_keys": (
+        [_set("nbdgw_sites.2", WITNESS_SITE | {"mode": "async", "rate_limit": "50M"})],
+        "nbdgw_sites[2] is the witness wit: it holds no data and nothing is shipped to it; "
+        "remove its mode, rate_limit"),
+    "witness_without_automatic_failover": (
+        [_set("nbdgw_sites", [{"name": "dc", "role": "primary", "address": "127.0.0.2"},
+                              {"name": "dr", "role": "secondary", "address": "127.0.0.3"},
+                              {"name": "main", "role": "witness", "address": "127.0.0.1"}]),
+         _set("nbdgw_failover_auto", False)],
+        "nbdgw_failover_auto is false, but main is the witness: it only votes, so automatic "
+        "failover must be on (nbdgw_failover_auto: true)"),
     "site_without_address": (
         [_set("nbdgw_sites.1.address", DELETE)],
         "nbdgw_sites[1] has no address"),
@@ -502,6 +532,50 @@ def test_switchover_to_the_primary_is_refused(tmp_path: Path) -> None:
         "primary)"], run
 
 
+def witness_vars() -> dict[str, Any]:
+    """site_vars with the witness wit (127.0.0.4) in the DR site's place."""
+    group = site_vars()
+    group["nbdgw_sites"][2] = dict(WITNESS_SITE)
+    return group
+
+
+def test_switchover_to_the_witness_is_refused(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), witness_vars())
+    run = run_playbook("switchover.yml", inv, "-e", "nbdgw_switchover_to=wit", timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "nbdgw_switchover_to is 'wit': wit is the witness, which holds no data and is never "
+        "primary; expected one of dc (the sites that are not primary)"], run
+
+
+def test_promote_dr_refuses_the_witness(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), witness_vars())
+    run = run_playbook("promote-dr.yml", inv, "-e", "nbdgw_promote_dr_confirm=wit",
+                       timeout=120)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        "nbdgw_sites has no site with role dr: there is nothing to promote; wit is the "
+        "witness, which holds no data and is never primary (with the primary lost, the "
+        "secondary takes over by automatic failover)"], run
+
+
+@pytest.mark.parametrize("playbook", ["site.yml", "upgrade.yml"])
+def test_site_and_upgrade_deploy_the_witness(tmp_path: Path, playbook: str) -> None:
+    """The witness host is one of the hosts the role runs on (not left out as a role no
+    play names): its config on disk says otherwise, and the role's own refusal stops it."""
+    inv = write_inventory(tmp_path, ("wit",), witness_vars())
+    config = tmp_path / "wit" / "config_dir" / "nbdgw.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("version: 1\nnode: {name: wit, role: secondary}\n")
+    run = run_playbook(playbook, inv, timeout=180)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        f"nbdgw_sites gives wit the role witness but its config ({config}) says secondary: "
+        "roles move with switchover.yml or promote-dr.yml; set nbdgw_allow_role_change=true "
+        "to redefine the cluster on purpose"], run
+    assert run.changed() == [], run
+
+
 def test_upgrade_stops_without_systemd(tmp_path: Path) -> None:
     """Here systemd does not run: the rolling upgrade cannot see the other main-site node
     and must stop before touching anything (it never guesses)."""
@@ -529,12 +603,16 @@ RENDER_PLAYBOOK = """
         name: nbdgw
         tasks_from: checks.yml
         public: true
-    - name: Render the role's node config template
+    - name: Render the role's node config, firewall and unit templates
       ansible.builtin.template:
-        src: "{role}/templates/nbdgw.yaml.j2"
-        dest: "{dest}/{{{{ inventory_hostname }}}}.yaml"
+        src: "{role}/templates/{{{{ item.src }}}}"
+        dest: "{dest}/{{{{ inventory_hostname }}}}.{{{{ item.ext }}}}"
         mode: "0600"
       delegate_to: localhost
+      loop:
+        - {{src: nbdgw.yaml.j2, ext: yaml}}
+        - {{src: nbdgw.nft.j2, ext: nft}}
+        - {{src: nbdgw.service.j2, ext: service}}
 """
 
 
@@ -549,7 +627,9 @@ def render_configs(tmp_path: Path, inventory: Path, *args: str) -> dict[str, dic
     assert run.rc == 0, run
     out = {}
     for f in sorted(dest.glob("*.yaml")):
-        out[f.stem] = yaml.safe_load(f.read_text()) | {"__path": f}
+        out[f.stem] = yaml.safe_load(f.read_text()) | {
+            "__path": f, "__nft": f.with_suffix(".nft").read_text(),
+            "__unit": f.with_suffix(".service").read_text()}
     return out
 
 
@@ -651,6 +731,67 @@ def test_a_dns_name_and_a_service_address_render_together(tmp_path: Path) -> Non
     assert cfg["service"]["dns"]["servers"] == ["192.0.2.53:5353", "[2001:db8::53]:53"]
     assert cfg["service"]["dns"]["ttl"] == 30
     config_check(cfg["__path"])
+
+
+def test_a_witness_renders_in_the_documented_shape(tmp_path: Path) -> None:
+    """A pair and a witness (README "A pair and a witness"): the witness's config has no
+    volumes, service address or name, NBD, snapshots or iSCSI (the inventory's shared
+    variables set them all), automatic failover on, the data sites as its peers without
+    replication settings; the data sites name it `role: witness` with no mode and never
+    ship to it; its unit runs `nbdgw witness`; its firewall guards the heartbeat port
+    only; and every config passes `nbdgw config check`."""
+    from gateway.config import load_config
+
+    group = witness_vars() | DNS | {
+        "nbdgw_snapshot_schedules": [{"name": "nightly", "every": "daily", "keep": 14}],
+        "nbdgw_iscsi_enabled": True, "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw",
+        "nbdgw_peerlink_tls_cert": "", "nbdgw_nbd_tls_mode": "off"}
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, ("main", "dc", "wit"), group))
+    wit = cfgs["wit"]
+    prefix = tmp_path / "wit"
+    assert {k: v for k, v in wit.items() if not k.startswith("__")} == {
+        "version": 1,
+        "node": {"name": "wit", "data_dir": f"{prefix}/data_dir", "role": "witness"},
+        "peerlink": {"listen": "127.0.0.4:7789", "topology": "fanout",
+                     "secret_file": f"{prefix}/config_dir/peer.secret"},
+        "peers": [{"name": "main", "role": "primary", "address": "127.0.0.1"},
+                  {"name": "dc", "role": "secondary", "address": "127.0.0.2"}],
+        "failover": {"auto": True, "heartbeat_port": 7790, "interval": 0.5, "timeout": 2.0,
+                     "fence_margin": 1.0}}
+    assert "ExecStart=" in wit["__unit"]
+    assert "--log-format json witness\n" in wit["__unit"]
+    assert "--log-format json daemon\n" in cfgs["main"]["__unit"]
+    # The witness: heartbeats from both data sites; no peerlink, no NBD rule.
+    assert "elements = { 127.0.0.1, 127.0.0.2 }" in wit["__nft"]
+    assert "udp dport 7790 ip saddr != @sites4 drop" in wit["__nft"]
+    assert "tcp dport" not in wit["__nft"]
+    # A data site: peerlink from the other data site only, heartbeats from both others.
+    main_nft = cfgs["main"]["__nft"]
+    assert "set peers4 {\n        type ipv4_addr; flags interval;\n        elements = " \
+        "{ 127.0.0.2 }" in main_nft
+    assert "set sites4 {\n        type ipv4_addr; flags interval;\n        elements = " \
+        "{ 127.0.0.2, 127.0.0.4 }" in main_nft
+    assert "tcp dport 7789 ip saddr != @peers4 drop" in main_nft
+    assert "tcp dport { 10809 } ip saddr != @nbd_clients4 drop" in main_nft
+    assert {p["name"]: p for p in cfgs["main"]["peers"]}["wit"] == {
+        "name": "wit", "role": "witness", "address": "127.0.0.4"}
+    assert {p["name"]: p.get("mode") for p in cfgs["dc"]["peers"]} == {
+        "main": "sync", "wit": None}
+    for host, cfg in cfgs.items():
+        config_check(cfg["__path"])
+        if host != "wit":
+            assert cfg["volumes"] and cfg["service"]["dns"]["name"] == DNS[
+                "nbdgw_service_dns_name"]
+            local = cfg["__path"].parent / f"{host}-local.yaml"
+            assert [p.name for p in load_config(local).send_to()] == (
+                ["dc"] if host == "main" else [])
+    if os.geteuid() == 0 and shutil.which("nft"):
+        for host, cfg in cfgs.items():
+            nft = tmp_path / f"{host}.nft"
+            nft.write_text(cfg["__nft"])
+            check = subprocess.run(["nft", "--check", "--file", str(nft)],
+                                   capture_output=True, text=True, timeout=30, check=False)
+            assert check.returncode == 0, (host, check.stderr)
 
 
 CONFIG_PLAYBOOK = """
@@ -764,6 +905,46 @@ def test_the_branch_example_renders_a_dns_name_for_every_site(tmp_path: Path) ->
             "address": addresses[host], "ttl": 30}}
         assert cfg["nbd"]["allow"] == ["203.0.113.0/24"]
         config_check(cfg["__path"])
+
+
+def test_the_witness_example_refuses_its_placeholder_secrets(tmp_path: Path) -> None:
+    """deploy/examples/witness as shipped stops at its vault placeholders, on the witness
+    as on the data sites (connection and paths forced local)."""
+    extra = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+             "ansible_become": False, "nbdgw_sysctl_apply": False}
+    for v in PATH_VARS:
+        extra[f"nbdgw_{v}"] = str(tmp_path / v)
+    run = run_playbook("site.yml", DEPLOY / "examples" / "witness" / "inventory.yml", "-e",
+                       json.dumps(extra), timeout=180)
+    assert run.rc != 0, run
+    assert sorted(set(run.failures("wit"))) == sorted(set(run.failures())) == [
+        f"{name} is still a placeholder: put the real value in Ansible Vault "
+        "(ansible-vault encrypt_string) before deploying"
+        for name in ("nbdgw_peer_secret", "nbdgw_service_dns_key")], run
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_witness_example_renders_a_pair_and_a_witness(tmp_path: Path) -> None:
+    """deploy/examples/witness with its placeholders replaced: branch1 and dc hold the
+    volumes and publish the DNS name, each naming wit as `role: witness`; wit's config has
+    neither; all three pass `nbdgw config check`."""
+    extra = {"vault_nbdgw_peer_secret": "0123456789abcdef0123456789abcdef",
+             "vault_nbdgw_service_dns_key": TSIG_KEY}
+    cfgs = render_configs(tmp_path, DEPLOY / "examples" / "witness" / "inventory.yml", "-e",
+                          json.dumps(extra))
+    assert sorted(cfgs) == ["branch1", "dc", "wit"]
+    roles = {"branch1": "primary", "dc": "secondary", "wit": "witness"}
+    for host, cfg in cfgs.items():
+        assert cfg["node"]["role"] == roles[host]
+        assert {p["name"]: p["role"] for p in cfg["peers"]} == {
+            k: v for k, v in roles.items() if k != host}
+        config_check(cfg["__path"])
+    for host in ("branch1", "dc"):
+        assert cfgs[host]["service"]["dns"]["name"] == "db.branch1.example.com"
+        assert [v["name"] for v in cfgs[host]["volumes"]] == ["sql-data", "sql-log"]
+        assert {p["name"]: p.get("mode") for p in cfgs[host]["peers"]}["wit"] is None
+    assert not {"service", "volumes", "nbd", "snapshots", "iscsi"} & set(cfgs["wit"])
+    assert "--log-format json witness\n" in cfgs["wit"]["__unit"]
 
 
 def test_upgrade_never_restarts_a_main_site_node_while_the_other_is_down(
