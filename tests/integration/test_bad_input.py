@@ -150,7 +150,7 @@ CONFIG_CASES = {
     "malformed-yaml": ("version: 1\nnode:\n  name: a\n   data_dir: /x\n",
                        "not valid YAML at line 4, column 12"),
     "unknown-top-key": ("version: 1\nfoo: 1\n",
-                        "unknown key 'foo' in the config file (known: activity_log, control, "
+                        "unknown key 'foo' in the config file (known: activity_log, cdp, control, "
                         "failover, health, iscsi, journal, metrics, nbd, node, peerlink, "
                         "peers, service, snapshots, version, volumes)"),
     "unknown-nbd-key": ("version: 1\nnbd:\n  colour: blue\n",
