@@ -495,43 +495,6 @@ def test_the_example_inventory_refuses_its_placeholder_secrets(tmp_path: Path) -
 
 # --- the operations playbooks refuse without their confirmation -------------------------
 
-def test_promote_dr_refuses_without_confirmation(tmp_path: Path) -> None:
-    inv = write_inventory(tmp_path, ("main",), site_vars())
-    run = run_playbook("promote-dr.yml", inv, timeout=120)
-    assert run.rc != 0, run
-    assert run.failures() == [
-        "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
-        'with -e nbdgw_promote_dr_confirm=dr (got "nothing")'], run
-
-
-def test_promote_dr_refuses_a_wrong_confirmation(tmp_path: Path) -> None:
-    inv = write_inventory(tmp_path, ("main",), site_vars())
-    run = run_playbook("promote-dr.yml", inv, "-e", "nbdgw_promote_dr_confirm=yes",
-                       timeout=120)
-    assert run.rc != 0, run
-    assert run.failures() == [
-        "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
-        'with -e nbdgw_promote_dr_confirm=dr (got "yes")'], run
-
-
-def test_switchover_needs_a_target(tmp_path: Path) -> None:
-    inv = write_inventory(tmp_path, ("main",), site_vars())
-    run = run_playbook("switchover.yml", inv, timeout=120)
-    assert run.rc != 0, run
-    assert run.failures() == [
-        "nbdgw_switchover_to is not set: name the site that becomes primary, e.g. "
-        "-e nbdgw_switchover_to=dc"], run
-
-
-def test_switchover_to_the_primary_is_refused(tmp_path: Path) -> None:
-    inv = write_inventory(tmp_path, ("main",), site_vars())
-    run = run_playbook("switchover.yml", inv, "-e", "nbdgw_switchover_to=main", timeout=120)
-    assert run.rc != 0, run
-    assert run.failures() == [
-        "nbdgw_switchover_to is 'main': expected one of dc, dr (the sites that are not "
-        "primary)"], run
-
-
 def witness_vars() -> dict[str, Any]:
     """site_vars with the witness wit (127.0.0.4) in the DR site's place."""
     group = site_vars()
@@ -539,24 +502,40 @@ def witness_vars() -> dict[str, Any]:
     return group
 
 
-def test_switchover_to_the_witness_is_refused(tmp_path: Path) -> None:
-    inv = write_inventory(tmp_path, ("main",), witness_vars())
-    run = run_playbook("switchover.yml", inv, "-e", "nbdgw_switchover_to=wit", timeout=120)
-    assert run.rc != 0, run
-    assert run.failures() == [
-        "nbdgw_switchover_to is 'wit': wit is the witness, which holds no data and is never "
-        "primary; expected one of dc (the sites that are not primary)"], run
+REFUSALS = [  # (playbook, the sites' vars, extra arguments, the one failure it must print)
+    ("promote-dr.yml", site_vars, (),
+     "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
+     'with -e nbdgw_promote_dr_confirm=dr (got "nothing")'),
+    ("promote-dr.yml", site_vars, ("-e", "nbdgw_promote_dr_confirm=yes"),
+     "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
+     'with -e nbdgw_promote_dr_confirm=dr (got "yes")'),
+    ("switchover.yml", site_vars, (),
+     "nbdgw_switchover_to is not set: name the site that becomes primary, e.g. "
+     "-e nbdgw_switchover_to=dc"),
+    ("switchover.yml", site_vars, ("-e", "nbdgw_switchover_to=main"),
+     "nbdgw_switchover_to is 'main': expected one of dc, dr (the sites that are not "
+     "primary)"),
+    ("switchover.yml", witness_vars, ("-e", "nbdgw_switchover_to=wit"),
+     "nbdgw_switchover_to is 'wit': wit is the witness, which holds no data and is never "
+     "primary; expected one of dc (the sites that are not primary)"),
+    ("promote-dr.yml", witness_vars, ("-e", "nbdgw_promote_dr_confirm=wit"),
+     "nbdgw_sites has no site with role dr: there is nothing to promote; wit is the "
+     "witness, which holds no data and is never primary (with the primary lost, the "
+     "secondary takes over by automatic failover)"),
+]
 
 
-def test_promote_dr_refuses_the_witness(tmp_path: Path) -> None:
-    inv = write_inventory(tmp_path, ("main",), witness_vars())
-    run = run_playbook("promote-dr.yml", inv, "-e", "nbdgw_promote_dr_confirm=wit",
-                       timeout=120)
+@pytest.mark.parametrize(("playbook", "group", "args", "failure"), REFUSALS,
+                         ids=["promote-dr-unconfirmed", "promote-dr-wrong-confirmation",
+                              "switchover-no-target", "switchover-to-the-primary",
+                              "switchover-to-the-witness", "promote-dr-the-witness"])
+def test_operations_playbook_refuses(tmp_path: Path, playbook: str,
+                                     group: Callable[[], dict[str, Any]],
+                                     args: tuple[str, ...], failure: str) -> None:
+    inv = write_inventory(tmp_path, ("main",), group())
+    run = run_playbook(playbook, inv, *args, timeout=120)
     assert run.rc != 0, run
-    assert run.failures() == [
-        "nbdgw_sites has no site with role dr: there is nothing to promote; wit is the "
-        "witness, which holds no data and is never primary (with the primary lost, the "
-        "secondary takes over by automatic failover)"], run
+    assert run.failures() == [failure], run
 
 
 @pytest.mark.parametrize("playbook", ["site.yml", "upgrade.yml"])
