@@ -548,7 +548,8 @@ def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
 @click.argument("node")
 @lab_dir_opt
 def lab_kill(node: str, lab_dir: Path) -> None:
-    """SIGKILL every process of NODE at once (a power cut)."""
+    """SIGKILL every process of NODE at once (a power cut); `dns`: the lab's name
+    server (--dns), its zone files kept."""
     from . import lab as lab_mod
 
     click.echo(json.dumps(lab_mod.kill(lab_dir, node)))
@@ -558,7 +559,8 @@ def lab_kill(node: str, lab_dir: Path) -> None:
 @click.argument("node")
 @lab_dir_opt
 def lab_start(node: str, lab_dir: Path) -> None:
-    """Start NODE's processes again with the same arguments; wait until it is back."""
+    """Start NODE's processes again with the same arguments; wait until it is back
+    (`dns`: the name server, on the records it held)."""
     from . import lab as lab_mod
 
     click.echo(json.dumps(lab_mod.start(lab_dir, node)))

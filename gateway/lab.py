@@ -562,6 +562,40 @@ class Lab:
         child.proc.returncode = 0  # detached (its own session): not ours to reap
         self.save()
 
+    def _dns(self) -> dict[str, Any]:
+        dns = self.state.get("dns")
+        if not dns or self.state["state"] != "up":
+            raise LabError(f"the lab in {self.state['dir']} has no name server running "
+                           "(it was not built with --dns, or is not up)")
+        return dict(dns)
+
+    def kill_dns(self) -> list[str]:
+        """SIGKILL the name server (its zone and journal stay: a restart keeps the
+        records the sites published)."""
+        p = self._dns()["proc"]
+        if not alive(p):
+            return []
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while alive(p) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return ["named"]
+
+    def restart_dns(self) -> int:
+        """Start the name server again on its files as they are; its new pid."""
+        dns = self._dns()
+        if alive(dns["proc"]):
+            raise LabError("the name server is running; 'nbdgw lab kill dns' first")
+        zone = labdns.Zone(Path(dns["dir"]), dns["zone"], dns["address"])
+        child = labdns.start(zone, dns["netns"], Path(dns["proc"]["log"]))
+        assert child.proc is not None
+        pid = child.proc.pid
+        self.state["dns"]["proc"].update(pid=pid, start_time=proc_start_time(pid))
+        child.proc.returncode = 0  # detached (its own session): not ours to reap
+        self.save()
+        return pid
+
     def remove_netns_etc(self) -> None:
         """The resolv.conf files `ip netns exec` mounts for the lab's namespaces."""
         for ns in self.all_netns():
@@ -826,14 +860,19 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
         return lab.summary()
 
 
+DNS_SERVER: Final = "dns"  # `lab kill dns` / `lab start dns`: the name server (--dns)
+
+
 def kill(lab_dir: Path, name: str) -> dict[str, Any]:
-    """A power cut of one site: SIGKILL all its processes at once."""
+    """A power cut of one site (SIGKILL all its processes at once), or with ``dns`` of
+    the lab's name server."""
     precheck()
     lab_dir = lab_dir.resolve()
     with locked(lab_dir):
         lab = Lab.load(lab_dir)
         at = time.time()
-        return {"node": name, "killed": lab.kill_node(name), "at": round(at, 3)}
+        killed = lab.kill_dns() if name == DNS_SERVER else lab.kill_node(name)
+        return {"node": name, "killed": killed, "at": round(at, 3)}
 
 
 def start(lab_dir: Path, name: str) -> dict[str, Any]:
@@ -842,6 +881,8 @@ def start(lab_dir: Path, name: str) -> dict[str, Any]:
     lab_dir = lab_dir.resolve()
     with locked(lab_dir):
         lab = Lab.load(lab_dir)
+        if name == DNS_SERVER:
+            return {"node": name, "started": {"named": lab.restart_dns()}}
         if lab.state["state"] != "up" or not netns_exists(lab.node(name)["netns"]):
             raise LabError(f"the lab in {lab_dir} is {lab.state['state']}, not up")
         offsets = {n["name"]: log_size(Path(lab.proc(n["name"], "daemon")["log"]))

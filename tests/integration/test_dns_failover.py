@@ -110,3 +110,35 @@ def test_a_switchover_moves_the_name_and_the_old_holder_withdraws_nothing_of_the
     switchover(lab, "dc", "main")
     wait_states(lab, {"main": "primary"}, 60)
     assert write_through_name(lab, addr(lab, "main"), 2)["address"] == addr(lab, "main")
+
+
+def test_the_name_server_dead_across_a_power_cut(tmp_path: Path, lab_dir: Path) -> None:
+    """Two faults at once: the name server is down when the primary loses power.  dc is
+    elected and serves NBD at its own address, but says `serving` only once the name is
+    confirmed: it keeps trying the dead server, and when the server comes back (with the
+    old primary's record still in its zone) the name moves and clients follow it."""
+    lab = up(tmp_path, "--dns")
+    for i in range(2):
+        write_through_name(lab, addr(lab, "main"), i)
+    converge(lab)
+
+    lab_cmd("kill", "dns", "--dir", str(lab_dir))
+    lab_cmd("kill", "main", "--dir", str(lab_dir))
+    wait_states(lab, {"dc": "primary"}, 30)
+    deadline = time.monotonic() + 30
+    while not events(lab_dir, "dc", "service_name_failed"):
+        assert time.monotonic() < deadline, "dc never tried to publish the name"
+        time.sleep(0.2)
+    time.sleep(2 * lab["dns"]["ttl"])  # time enough to have said `serving` wrongly
+    assert not [e for e in events(lab_dir, "dc", "serving") if e.get("name")], \
+        "dc said serving under a name the server never confirmed"
+
+    lab_cmd("start", "dns", "--dir", str(lab_dir))
+    t0 = time.monotonic()
+    out = write_through_name(lab, addr(lab, "dc"), 2)
+    assert out["address"] == addr(lab, "dc")
+    assert time.monotonic() - t0 < 30 + lab["dns"]["ttl"], out
+    published = events(lab_dir, "dc", "service_name_published")
+    serving = [e for e in events(lab_dir, "dc", "serving") if e.get("name")]
+    assert published and serving, (published, serving)
+    assert published[-1]["timestamp"] <= serving[-1]["timestamp"]
