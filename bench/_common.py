@@ -28,7 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -345,28 +348,37 @@ class Bench:
 
     def nbdgw(self, label: str, data_dir: Path, volume: str, *,
               more_volumes: tuple[str, ...] = (), tcp: bool = False) -> Server:
-        """Serve ``volume`` (and ``more_volumes``, by the same process) exactly as
-        `nbdgw serve` does: precheck, then NbdServer with the node defaults (journal on,
-        1 GiB retention, env NBDGW_SITE from gateway.serve.plugin_site_dirs()),
-        socket-activated on a unix socket and, with ``tcp``, on a free 127.0.0.1 port."""
-        from gateway.config import NbdConfig, default_config, parse_listen
+        """Serve ``volume`` (and ``more_volumes``, by the same process) with the node
+        defaults (journal on, 1 GiB retention): `serve_config`."""
+        from gateway.config import default_config
+
+        return self.serve_config(label, default_config().with_overrides(data_dir=data_dir),
+                                 [volume, *more_volumes], tcp=tcp)
+
+    def serve_config(self, label: str, cfg: NodeConfig, volumes: list[str], *,
+                     tcp: bool = False) -> Server:
+        """Serve ``volumes`` of ``cfg`` exactly as `nbdgw serve -c CONFIG` does: precheck,
+        then NbdServer (env NBDGW_SITE from gateway.serve.plugin_site_dirs(), the sync
+        gate and lease the config implies), socket-activated on a unix socket instead of
+        the config's listeners and, with ``tcp``, on a free 127.0.0.1 port.  The export
+        is the first volume."""
+        from gateway.config import NbdConfig, parse_listen
         from gateway.serve import NbdServer, precheck_volumes
 
         sock = self.path(f"{label}.sock")
         listen = [parse_listen(f"unix:{sock}")]
         if tcp:
             listen.append(parse_listen("tcp:127.0.0.1:0"))
-        cfg = default_config().with_overrides(data_dir=data_dir, nbd=NbdConfig(tuple(listen)))
-        volumes = [volume, *more_volumes]
+        cfg = cfg.with_overrides(nbd=NbdConfig(tuple(listen)))
         pre = precheck_volumes(cfg, volumes)
         if pre.failed:
             raise BenchError(f"cannot be served: {pre.failed}")
         ns = NbdServer(cfg, pre.served)
         ns.start()
-        assert ns.proc is not None
+        assert ns.child is not None and ns.child.proc is not None
         tcp_addr = next(((a.host, a.port) for a in ns.addresses if a.kind == "tcp"), None)
         # gateway.sockact execs nbdkit in the same process, so this pid is nbdkit's.
-        server = Server(label, sock, ns.proc, export=volume, tcp=tcp_addr)
+        server = Server(label, sock, ns.child.proc, export=volumes[0], tcp=tcp_addr)
         self.servers.append(server)
         ns.wait_ready()
         return server

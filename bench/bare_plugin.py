@@ -21,13 +21,13 @@ _MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
 }
 
-_path = None
-_model = nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+_path: str | None = None
+_model: int = nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 _fd = -1
 _size = 0
 
 
-def config(key, value):
+def config(key: str, value: str) -> None:
     global _path, _model
     if key == "file":
         _path = value
@@ -39,7 +39,7 @@ def config(key, value):
         raise ValueError(f"unknown parameter {key!r} (known: file, thread_model)")
 
 
-def config_complete():
+def config_complete() -> None:
     global _fd, _size
     if _path is None:
         raise ValueError("missing required parameter file")
@@ -47,33 +47,33 @@ def config_complete():
     _size = os.fstat(_fd).st_size
 
 
-def thread_model():
+def thread_model() -> int:
     return _model
 
 
-def open(readonly):  # the callback's literal name
+def open(readonly: bool) -> int:  # the callback's literal name
     return _fd
 
 
-def get_size(h):
+def get_size(h: int) -> int:
     return _size
 
 
-def can_multi_conn(h):
+def can_multi_conn(h: int) -> bool:
     return True
 
 
-def pread(h, buf, offset, flags):
+def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
     if os.preadv(h, [buf], offset) != len(buf):
         nbdkit.set_error(errno.EIO)
         raise OSError(errno.EIO, "short read")
 
 
-def pwrite(h, buf, offset, flags):
+def pwrite(h: int, buf: bytes, offset: int, flags: int) -> None:
     if os.pwrite(h, buf, offset) != len(buf):
         nbdkit.set_error(errno.EIO)
         raise OSError(errno.EIO, "short write")
 
 
-def flush(h, flags):
+def flush(h: int, flags: int) -> None:
     os.fdatasync(h)
