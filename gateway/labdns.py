@@ -113,10 +113,13 @@ def start(zone: Zone, netns: str | None, log: Path, timeout: float = 20.0) -> Ch
         argv = ["ip", "netns", "exec", netns, *argv]
     child = ChildProcess(argv, name="named", log_file=log, new_session=True,
                          not_found=missing)
+    offset = log.stat().st_size if log.exists() else 0  # a restart appends to the log
     child.start()
 
     def loaded() -> bool:
-        text = log.read_text(errors="replace")
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
         return "running" in text and "all zones loaded" in text
 
     try:
