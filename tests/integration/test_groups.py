@@ -36,7 +36,7 @@ import yaml
 
 from gateway import lab as lab_mod
 from tests.conftest import run_nbdgw
-from tests.integration.conftest import CHECKER, STAMPER, TIMEOUT, client
+from tests.integration.conftest import CHECKER, STAMPER, client
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
 
@@ -48,6 +48,14 @@ GROUPS = {"g1": ("main", "dc", "v1", {"peerlink": 7801, "heartbeat": 7802, "nbd"
 FORMED = {"g1": {"main": "primary", "dc": "standby", "wit": "witness"},
           "g2": {"dc": "primary", "main": "standby", "wit": "witness"}}
 MAX_GAP_S = 3.0  # the longest pause g2's client may see while main is cut (async: none)
+# Failover timers: a longer timeout than the default 2 s.  While main is cut, g2's
+# primary dc is backed by the witness alone, and its write lease lasts 0.95 x timeout
+# from the send time of its last beat the witness echoed; on this shared 2-core host
+# (load average 10 from other labs) a daemon can stall for over a second, and with 2 s
+# g2's lease lapsed in 2 of 8 runs (its client got ESHUTDOWN, as designed: a write fails
+# rather than risk two writers).  The test is about groups, not lease margins.
+FAILOVER = {"interval": 0.5, "timeout": 4.0, "fence_margin": 1.0}
+GROUP_TIMEOUT = FAILOVER["timeout"] + FAILOVER["fence_margin"]
 
 
 class GroupsLab:
@@ -96,6 +104,7 @@ class GroupsLab:
         return {"version": 1,
                 "node": {"name": node["name"], "data_dir": node["data_dir"]},
                 "peerlink": {"secret_file": node["secret"]},
+                "failover": FAILOVER,
                 "sites": [{"name": n["name"], "address": n["address"]} for n in self.lab.nodes],
                 "groups": groups}
 
@@ -280,7 +289,7 @@ def test_the_shared_witness_down_moves_nothing_in_either_group(glab: GroupsLab) 
             w.wait_flushed(40, 60)
         lab_mod.kill(glab.dir, "wit")
         before = {g: w.flushed() for g, w in writers.items()}
-        deadline = time.monotonic() + 3 * TIMEOUT
+        deadline = time.monotonic() + 3 * GROUP_TIMEOUT
         while time.monotonic() < deadline:
             now = glab.states()
             assert (now["g1"]["main"], now["g2"]["dc"]) == ("primary", "primary"), now
@@ -310,7 +319,7 @@ def test_power_cut_of_main_fails_over_g1_only_and_main_rejoins(glab: GroupsLab) 
         # reads g1 back through its service address as soon as dc serves it
         checker = client(glab.summary, CHECKER, glab.uri("g1"), str(flushed), str(t0))
         # meanwhile g2's client writes to dc throughout: no error, no pause past MAX_GAP_S
-        deadline = cut + 2 * TIMEOUT + 5
+        deadline = cut + 2 * GROUP_TIMEOUT + 5
         while time.monotonic() < deadline:
             assert glab.states()["g2"]["dc"] == "primary", glab.states()
             assert not writers["g2"].errors(), writers["g2"].errors()
@@ -326,7 +335,8 @@ def test_power_cut_of_main_fails_over_g1_only_and_main_rejoins(glab: GroupsLab) 
         assert checker.returncode == 0, err
         result = json.loads(out)
         assert result["bad"] == [], result
-        assert result["first_read_s"] < 15, result  # as test_witness: target 5 s
+        # test_witness's bound (15 s for timeout + fence_margin = 3 s), with our 2 s more
+        assert result["first_read_s"] < 15 + GROUP_TIMEOUT - 3.0, result
         print(f"groups: g1 failed over, first read {result['first_read_s']} s after the "
               f"power cut, {flushed} flushed blocks intact; g2's longest pause "
               f"{gap:.2f} s while main was cut")
