@@ -37,6 +37,7 @@ import yaml
 from gateway import lab as lab_mod
 from tests.conftest import run_nbdgw
 from tests.integration.conftest import CHECKER, STAMPER, client
+from tests.statusschema import SCHEMA, check
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
 
@@ -243,8 +244,11 @@ def test_each_site_runs_one_daemon_per_group_from_this_tree(glab: GroupsLab) -> 
     assert sorted(p.name for p in wit.iterdir()) == ["g1", "g2"]
     assert not any((wit / g / "volumes").exists() for g in GROUPS)
     report = json.loads(glab.nbdgw("dc", "status", "--json").stdout)
-    assert [(r["group"], [v["name"] for v in r["volumes"]]) for r in report] == [
-        ("g1", ["v1"]), ("g2", ["v2"])]
+    assert [(r["group"], r["status"]["role"]["effective"],
+             [v["name"] for v in r["status"]["volumes"]]) for r in report] == [
+        ("g1", "secondary", ["v1"]), ("g2", "primary", ["v2"])]
+    for r in report:
+        check(r["status"], SCHEMA)
 
 
 def group_pids(glab: GroupsLab, site: str) -> dict[str, int]:
