@@ -12,8 +12,9 @@ through NBD to both groups at once.
 - main powered off: g1 fails over to dc within the lab's bounds with every flushed write
   (g1 replicates synchronously), while g2's client, writing to dc the whole time, sees
   no error and no pause past a bound (g2 is async: its writes wait for nobody); main
-  back: it rejoins g1 as a replica of dc and follows dc in g2, and each group's volume
-  is bit-identical on both sites.
+  back: it rejoins g1 as a replica of dc and follows dc in g2, each group's volume is
+  bit-identical on both sites, and `nbdgw --group g1 switchover --to main` gives g1
+  back to main while g2 stays on dc.
 """
 
 from __future__ import annotations
@@ -357,3 +358,9 @@ def test_power_cut_of_main_fails_over_g1_only_and_main_rejoins(glab: GroupsLab) 
         while (sums := {s: glab.checksum(g, s) for s in ("main", "dc")})["main"] != sums["dc"]:
             assert time.monotonic() < deadline, (g, sums)
             time.sleep(1)
+    # main gets g1 back by a planned switchover, an admin command of one group (--group)
+    sw = glab.nbdgw("dc", "--group", "g1", "switchover", "--to", "main")
+    assert sw.stdout.startswith("switched over from dc to main"), sw.stdout
+    glab.wait_states({"g1": {"main": "primary", "dc": "standby"},
+                      "g2": {"dc": "primary", "main": "standby"}}, 30)
+    assert glab.state("g2", "dc")["epoch"] == 0  # g2 never moved
