@@ -43,6 +43,8 @@ from .config import (
     check_config_files,
     check_tls,
     default_config,
+    group_config,
+    groups_of,
     load_config,
     parse_cidr,
     parse_listen,
@@ -54,15 +56,15 @@ log = structlog.get_logger(component="cli")
 
 
 class Ctx:
-    def __init__(self, config_path: Path | None) -> None:
+    def __init__(self, config_path: Path | None, group: str | None = None) -> None:
         self.config_path = config_path
+        self.group = group  # --group / NBDGW_GROUP
         self.log_format = "auto"
         self._cfg: NodeConfig | None = None
 
-    def config(self, files: bool = False) -> NodeConfig:
-        """The node config; with ``files``, the files it names are checked too (secret
-        files, keys, certificates: what `config check`, serve, replicate and the daemon
-        need; status and list commands do not read them)."""
+    def node_config(self, files: bool = False) -> NodeConfig:
+        """The config file as it is: with groups, every group of every site (what
+        `daemon`, `witness`, `status` and `config check` read without --group)."""
         if self._cfg is None:
             if self.config_path is not None:
                 self._cfg = load_config(self.config_path)
@@ -73,6 +75,24 @@ class Ctx:
         if files:
             check_config_files(self._cfg)
         return self._cfg
+
+    def config(self, files: bool = False) -> NodeConfig:
+        """The node config; with ``files``, the files it names are checked too (secret
+        files, keys, certificates: what `config check`, serve, replicate and the daemon
+        need; status and list commands do not read them).  On a config with groups, the
+        config of the group --group names (config.group_config): every command then acts
+        on that group, in its own data_dir."""
+        cfg = self.node_config(files)
+        if not cfg.groups:
+            if self.group is not None:
+                raise GatewayError(f"--group {self.group}: the config "
+                                   f"{cfg.source or '(defaults)'} has no groups")
+            return cfg
+        if self.group is None:
+            raise GatewayError(f"node {cfg.name}'s config has groups: name one with --group "
+                               f"GROUP (or NBDGW_GROUP=GROUP); this node is in "
+                               f"{group_roles(cfg)}")
+        return group_config(cfg, self.group)
 
     def data_dir(self, override: Path | None, must_exist: bool = True) -> Path:
         """--data-dir (made absolute already), else node.data_dir; one that does not exist
@@ -86,6 +106,12 @@ class Ctx:
             make_dir(dd, parents=True, exist_ok=True)
             open_data_dir(dd, group)
         return dd
+
+
+def group_roles(cfg: NodeConfig) -> str:
+    """``b1 (secondary), b2 (primary)``: this node's groups and its role in each."""
+    return ", ".join(f"{g.name} ({g.role_of(cfg.name).value})"  # type: ignore[union-attr]
+                     for g in groups_of(cfg)) or "no group"
 
 
 def existing_data_dir(dd: Path) -> Path:
@@ -135,12 +161,15 @@ data_dir_opt = click.option("--data-dir", type=click.Path(path_type=Path), defau
 @click.version_option(package_name="nbdgw", prog_name="nbdgw", message="%(prog)s %(version)s")
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
               help=f"Node config file (default: {DEFAULT_CONFIG_PATH} if it exists).")
+@click.option("--group", "group", envvar="NBDGW_GROUP", default=None, metavar="GROUP",
+              help="On a config with groups: act on this volume group (env NBDGW_GROUP).")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, log_format: str) -> None:
+def cli(ctx: click.Context, config_path: Path | None, group: str | None,
+        log_format: str) -> None:
     """nbdgw: journaled, replicated block volumes over NBD and iSCSI."""
     logs.configure(log_format)
-    ctx.obj = Ctx(config_path)
+    ctx.obj = Ctx(config_path, group or None)
     ctx.obj.log_format = log_format
 
 
@@ -171,10 +200,24 @@ def volume_create(obj: Ctx, name: str, size: str | None, replica: bool,
         nbytes = declared.size
     else:
         nbytes = parse_size(size)
+    if data_dir is None and obj.group is not None:
+        _unique_on_site(obj.node_config(), obj.group, name)
     info = create_volume(obj.data_dir(data_dir, must_exist=False), name, nbytes,
                          replica=replica)
     click.echo(f"created {'replica ' if replica else ''}volume {info.name}: "
                f"{info.size} bytes in {info.path}")
+
+
+def _unique_on_site(node: NodeConfig, group: str, name: str) -> None:
+    """Clients name exports by volume: a volume name is used by one group of a site."""
+    for g in groups_of(node):
+        if g.name == group:
+            continue
+        dd = group_config(node, g.name).data_dir
+        held = {v.name for v in list_volumes(dd)} if (dd / "volumes").is_dir() else set()
+        if name in held or any(v.name == name for v in g.volumes):
+            _fail(f"volume {name} belongs to group {g.name} on this site ({node.name}): "
+                  "volume names are unique on a site (clients name exports by volume)")
 
 
 @volume.command("list")
@@ -438,6 +481,10 @@ def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None
     """Node, role, quorum; volumes (clients, snapshots); how far each peer trails."""
     from .status import node_report
 
+    node = obj.node_config()
+    if node.groups and obj.group is None:
+        _status_of_groups(node, as_json, watch_s)
+        return
     cfg = obj.config()
     dd = obj.data_dir(data_dir)
     if not as_json and sys.stdout.isatty():
@@ -465,6 +512,42 @@ def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None
     except BrokenPipeError:
         # The reader is gone: no traceback, and nothing left to flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _status_of_groups(node: NodeConfig, as_json: bool, watch_s: float | None) -> None:
+    """`nbdgw status` on a config with groups, without --group: every group of this node,
+    a section each (`--json`: a list of the reports, each naming its group)."""
+    from .status import node_report, render_text
+
+    def reports() -> list[dict[str, Any]]:
+        out = []
+        for g in groups_of(node):
+            cfg = group_config(node, g.name)
+            if not cfg.data_dir.is_dir():  # never started, no volume created yet
+                out.append({"group": g.name, "node": cfg.name, "role": cfg.role.value,
+                            "error": f"data directory {cfg.data_dir} does not exist"})
+                continue
+            out.append({"group": g.name, **node_report(cfg.name, cfg.data_dir, cfg)})
+        return out
+
+    while True:
+        rs = reports()
+        if as_json:
+            sys.stdout.write(json.dumps(rs, indent=None if watch_s else 2) + "\n")
+        else:
+            for r in rs:
+                sys.stdout.write(f"group {r['group']}:\n")
+                lines = [r["error"]] if "error" in r else render_text(r)
+                sys.stdout.write("".join(f"  {line}\n" for line in lines))
+            if watch_s:
+                sys.stdout.write("\n")
+        sys.stdout.flush()
+        if watch_s is None:
+            return
+        try:
+            time.sleep(watch_s)
+        except KeyboardInterrupt:
+            return
 
 
 def _print_status(report: dict[str, Any], as_json: bool, indent: int | None) -> None:
@@ -850,7 +933,19 @@ def config() -> None:
 @click.pass_obj
 def config_check(obj: Ctx, path: Path | None) -> None:
     """Validate a config file and print what it means."""
-    cfg = load_config(path, files=True) if path else obj.config(files=True)
+    cfg = load_config(path, files=True) if path else obj.node_config(files=True)
+    if cfg.groups:
+        click.echo(f"config ok: node {cfg.name}, data_dir {cfg.data_dir}, "
+                   f"{len(cfg.groups)} group(s) of {len(cfg.sites)} site(s); this node is "
+                   f"in {group_roles(cfg)}")
+        for g in groups_of(cfg):
+            d = group_config(cfg, g.name)
+            sends = ", ".join(f"{p.name} ({p.mode.value})" for p in d.send_to()) or "nobody"
+            click.echo(f"group {g.name}: role {d.role.value}, data_dir {d.data_dir}, ports "
+                       + ", ".join(f"{k} {v}" for k, v in g.ports.named())
+                       + f"; sends to {sends}; "
+                       + f"{len(d.volumes)} volume(s) in the config")
+        return
     click.echo(f"config ok: node {cfg.name}, data_dir {cfg.data_dir}, "
                f"{len(cfg.volumes)} volume(s), listen "
                + ", ".join(str(x) for x in cfg.nbd.listen))
@@ -1090,10 +1185,26 @@ def audit_cmd(obj: Ctx, data_dir: Path | None, as_json: bool, verify: bool) -> N
 def daemon(obj: Ctx) -> None:
     """Run everything this node's role needs (nbdkit, peerlink), supervised, until
     SIGTERM.  This is what the systemd unit runs."""
-    from .daemon import Daemon
-
     fmt = "json" if obj.log_format == "auto" else obj.log_format
-    sys.exit(Daemon(obj.config(files=True), obj.config_path, fmt).run())
+    _run_daemon(obj, fmt, witness=False)
+
+
+def _run_daemon(obj: Ctx, fmt: str, witness: bool) -> None:
+    """The node daemon of a config of today's format or of one group (--group); on a
+    config with groups and no --group, the parent that runs one per group of the node."""
+    from .daemon import Daemon, GroupsDaemon
+
+    node = obj.node_config(files=True)
+    if node.groups and obj.group is None:
+        sys.exit(GroupsDaemon(node, obj.config_path, fmt).run())
+    cfg = obj.config()
+    if witness and cfg.role is not Role.WITNESS:
+        _fail(f"node {cfg.name} is {cfg.role.value}, not a witness"
+              + (f" of group {cfg.group}" if cfg.group else " (node.role: witness)")
+              + "; run 'nbdgw daemon'")
+    if os.environ.get("NBDGW_DIE_WITH_PARENT"):  # a group's daemon, under GroupsDaemon
+        die_with_parent()
+    sys.exit(Daemon(cfg, obj.config_path, fmt).run())
 
 
 @cli.command()
@@ -1103,15 +1214,11 @@ def witness(obj: Ctx) -> None:
 
     The daemon of a node that holds no data: heartbeats, votes, outdated marks and the
     control socket; no volume, nbdkit, peerlink or iSCSI.  The same as `nbdgw daemon`,
-    but refuses a config whose node.role is not witness."""
-    from .daemon import Daemon
-
-    cfg = obj.config(files=True)
-    if cfg.role is not Role.WITNESS:
-        _fail(f"node {cfg.name} is {cfg.role.value}, not a witness (node.role: witness); "
-              "run 'nbdgw daemon'")
+    but refuses a config whose node.role is not witness.  On a config with groups: with
+    --group, the witness of that group; without, the same parent as `nbdgw daemon`
+    (one process per group of this node)."""
     fmt = "json" if obj.log_format == "auto" else obj.log_format
-    sys.exit(Daemon(cfg, obj.config_path, fmt).run())
+    _run_daemon(obj, fmt, witness=True)
 
 
 def die_with_parent() -> None:
@@ -1121,7 +1228,7 @@ def die_with_parent() -> None:
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() == 1:
-        sys.exit("nbdgw replicate: the daemon that started it is gone")
+        sys.exit("nbdgw: the daemon that started this process is gone")
 
 
 @cli.group(cls=Group)

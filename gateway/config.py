@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -488,6 +488,68 @@ NODE = Keys(
             "primary, secondary, dr; witness: a voter that holds no data"),
 )
 
+# -- volume groups (a config with `sites` and `groups`) --------------------------------------
+
+SITE = Keys(
+    Setting("name", Kind.STRING, required=True, help="the site's node.name (1-63 of letters, "
+            "digits, '.', '_', '-')"),
+    Setting("address", Kind.ADDRESS, required=True, help="its IP address: the peerlink, "
+            "heartbeats and metrics of every group it is in"),
+    Setting("heartbeat_addresses", Kind.LIST, (),
+            "IP addresses of second paths for heartbeats only"),
+)
+
+GROUP_PORTS = Keys(
+    Setting("peerlink", Kind.INTEGER, required=True, minimum=1, maximum=65535,
+            help="TCP port of the group's replication on every site of it"),
+    Setting("heartbeat", Kind.INTEGER, required=True, minimum=1, maximum=65535,
+            help="UDP port of the group's heartbeats on every site of it"),
+    Setting("nbd", Kind.INTEGER, required=True, minimum=1, maximum=65535,
+            help="TCP port where the group's primary serves NBD (on every address)"),
+    Setting("metrics", Kind.INTEGER, None, "TCP port of the group's Prometheus endpoint on "
+            "each site's address; none: no endpoint", minimum=1, maximum=65535),
+)
+
+# The options of the link to one site: the same keys as a peers[] item's.
+LINK_KEYS = ("mode", "sync_timeout", "rate_limit", "rate_schedule", "compression", "rpo")
+
+REPLICA = Keys(
+    Setting("site", Kind.STRING, required=True, help="a data site of the group (primary, "
+            "secondary or dr): these options apply to whichever site ships to it"),
+    *(PEER[k] for k in LINK_KEYS),
+)
+
+GROUP_SERVICE_DNS = Keys(*(st for st in SERVICE_DNS if st.name != "address"))
+
+GROUP_SERVICE = Keys(
+    SERVICE["address"],
+    Setting("interface", Kind.STRING, None, "the interface the address is added to (the "
+            "same name on every data site of the group)"),
+    Setting("dns", Kind.SECTION, keys=GROUP_SERVICE_DNS, help="a DNS name that follows the "
+            "group's primary (each site publishes its sites[].address)"),
+)
+
+GROUP = Keys(
+    Setting("name", Kind.STRING, required=True, help="1-32 of a-z, 0-9, '-', starting with a "
+            "letter or digit; unique; the group's data is in <data_dir>/groups/<name>"),
+    Setting("primary", Kind.STRING, required=True, help="the site installed as primary"),
+    Setting("secondary", Kind.STRING, None, "the site that takes over (failover target)"),
+    Setting("dr", Kind.STRING, None, "a third data site that votes (or witness, not both)"),
+    Setting("witness", Kind.STRING, None, "a site that votes for the group and holds none "
+            "of its data; it may hold other groups' data"),
+    Setting("topology", Kind.CHOICE, Topology.FANOUT, "fanout: the primary ships to every "
+            "data site; cascade: primary -> secondary -> dr"),
+    Setting("replicas", Kind.LIST, (), "options of the link to each data site (default: "
+            "async, unlimited, zstd)", keys=REPLICA),
+    Setting("ports", Kind.SECTION, keys=GROUP_PORTS, required=True, help="the group's own "
+            "ports: distinct from every other group's on a site they share"),
+    Setting("service", Kind.SECTION, keys=GROUP_SERVICE, help="the address or DNS name that "
+            "follows the group's primary"),
+    Setting("volumes", Kind.LIST, (), "the group's volumes; empty: every volume in its "
+            "data_dir; names unique on every site", keys=VOLUME),
+    Setting("snapshots", Kind.SECTION, keys=SNAPSHOTS, help="the group's timed snapshots"),
+)
+
 TOP = Keys(
     Setting("version", Kind.INTEGER, required=True, minimum=CONFIG_VERSION,
             maximum=CONFIG_VERSION, help="the config format version"),
@@ -510,8 +572,70 @@ TOP = Keys(
     Setting("metrics", Kind.SECTION, keys=METRICS, help="Prometheus metrics"),
     Setting("control", Kind.SECTION, keys=CONTROL, help="the daemon's control socket"),
     Setting("health", Kind.SECTION, keys=HEALTH, help="store health checks"),
+    Setting("sites", Kind.LIST, (), "with groups: every site of the fleet, the same list "
+            "on every node", keys=SITE),
+    Setting("groups", Kind.LIST, (), "volume groups, each with its own roles, ports and "
+            "failover (instead of node.role, peers, service, volumes)", keys=GROUP),
 )
 TOP_KEYS = TOP.known
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    address: str
+    heartbeat_addresses: tuple[str, ...] = default_of(SITE, "heartbeat_addresses")
+
+
+@dataclass(frozen=True)
+class GroupPorts:
+    peerlink: int
+    heartbeat: int
+    nbd: int
+    metrics: int | None = None
+
+    def named(self) -> list[tuple[str, int]]:
+        return [(k, v) for k, v in (("peerlink", self.peerlink), ("heartbeat", self.heartbeat),
+                                    ("nbd", self.nbd), ("metrics", self.metrics))
+                if v is not None]
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """The options of the link to ``site`` (PeerConfig's, by LINK_KEYS)."""
+
+    site: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def get(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """A volume group: the unit of role, epoch, write order and failover.  Each site of
+    it runs the group as an ordinary node config (group_config) in its own processes."""
+
+    name: str
+    primary: str
+    ports: GroupPorts
+    secondary: str | None = None
+    dr: str | None = None
+    witness: str | None = None
+    topology: Topology = default_of(GROUP, "topology")
+    replicas: tuple[ReplicaConfig, ...] = ()
+    service: ServiceConfig = ServiceConfig()
+    volumes: tuple[VolumeConfig, ...] = ()
+    snapshots: SnapshotsConfig = SnapshotsConfig()
+
+    def members(self) -> list[tuple[str, Role]]:
+        """(site, role) of every site of the group, the primary first."""
+        return [(site, role) for site, role in (
+            (self.primary, Role.PRIMARY), (self.secondary, Role.SECONDARY),
+            (self.dr, Role.DR), (self.witness, Role.WITNESS)) if site is not None]
+
+    def role_of(self, site: str) -> Role | None:
+        return next((r for s, r in self.members() if s == site), None)
 
 
 @dataclass(frozen=True)
@@ -534,6 +658,11 @@ class NodeConfig:
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
     health: HealthConfig = HealthConfig()
+    # A config with groups: every site and group (this node runs group_config() of each
+    # group it is in); empty in a config of today's format and in a group's own config.
+    sites: tuple[SiteConfig, ...] = ()
+    groups: tuple[GroupConfig, ...] = ()
+    group: str | None = None  # a group's own config: the group's name
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -767,21 +896,21 @@ def _nbd(raw: Any) -> NbdConfig:
                      default_export=default)
 
 
-def _volumes(items: list[Any]) -> tuple[VolumeConfig, ...]:
+def _volumes(items: list[Any], where: str = "volumes") -> tuple[VolumeConfig, ...]:
     out: list[VolumeConfig] = []
     for i, raw in enumerate(items):
-        s = _Section(raw, f"volumes[{i}]", VOLUME)
+        s = _Section(raw, f"{where}[{i}]", VOLUME)
         name = s.value("name")
         if name is None:
-            raise ConfigError(f"missing key 'name' in volumes[{i}]")
+            raise ConfigError(f"missing key 'name' in {where}[{i}]")
         try:
             validate_name(name)
         except InvalidArgument as e:
-            raise ConfigError(f"{e} in volumes[{i}].name") from None
+            raise ConfigError(f"{e} in {where}[{i}].name") from None
         s.require("size")
         if any(v.name == name for v in out):
-            raise ConfigError(f"volume {name} is listed twice in volumes")
-        cdp = _cdp(s.get("cdp"), f"volumes[{i}].cdp") if s.has("cdp") else None
+            raise ConfigError(f"volume {name} is listed twice in {where}")
+        cdp = _cdp(s.get("cdp"), f"{where}[{i}].cdp") if s.has("cdp") else None
         out.append(VolumeConfig(name, s.value("size"), s.value("read_only"), cdp))
     return tuple(out)
 
@@ -814,46 +943,47 @@ def parse_host_port(v: Any, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _service(raw: Any) -> ServiceConfig:
-    s = _Section(raw, "service", SERVICE)
+def _service(raw: Any, where: str = "service", keys: Keys = SERVICE) -> ServiceConfig:
+    """service (and a group's, whose DNS name is published under each site's address)."""
+    s = _Section(raw, where, keys)
     address = s.value("address")
     if address is not None:
         try:
             iface = ipaddress.ip_interface(address)
         except ValueError:
             raise ConfigError(f"expected an address with a prefix length such as "
-                              f"192.0.2.10/24 for service.address, got {address!r}") from None
+                              f"192.0.2.10/24 for {where}.address, got {address!r}") from None
         if "/" not in address:
             raise ConfigError(f"expected an address with a prefix length such as "
-                              f"192.0.2.10/24 for service.address, got {address!r}")
+                              f"192.0.2.10/24 for {where}.address, got {address!r}")
         address = str(iface)
-    dns = _service_dns(s.get("dns")) if s.has("dns") else None
+    dns = (_service_dns(s.get("dns"), f"{where}.dns", keys["dns"].keys)
+           if s.has("dns") else None)
     return ServiceConfig(address=address, interface=s.value("interface"), dns=dns)
 
 
-def _service_dns(raw: Any) -> ServiceDnsConfig:
-    s = _Section(raw, "service.dns", SERVICE_DNS)
-    s.require("name", "zone", "servers", "key_file", "address")
+def _service_dns(raw: Any, where: str, keys: Keys | None) -> ServiceDnsConfig:
+    assert keys is not None
+    s = _Section(raw, where, keys)
+    s.require("name", "zone", "servers", "key_file",
+              *(("address",) if "address" in keys else ()))
     name, zone = s.value("name").rstrip("."), s.value("zone").rstrip(".")
     s.value("key_file")
     s.value("ttl")
     if name.lower() == zone.lower() or not name.lower().endswith("." + zone.lower()):
-        raise ConfigError(f"service.dns.name {name!r} is not inside service.dns.zone {zone!r}")
+        raise ConfigError(f"{where}.name {name!r} is not inside {where}.zone {zone!r}")
     servers = []
     for i, text in enumerate(s.listing("servers")):
         try:
             servers.append(str(parse_server(str(text))))
         except ValueError:
-            raise ConfigError(f"expected IP or IP:PORT for service.dns.servers[{i}], "
+            raise ConfigError(f"expected IP or IP:PORT for {where}.servers[{i}], "
                               f"got {text!r}") from None
     if not servers:
-        raise ConfigError("expected at least one server in service.dns.servers")
-    address = s.get("address")
-    try:
-        address = str(ipaddress.ip_address(address))
-    except ValueError:
-        raise ConfigError(f"expected an IP address for service.dns.address, "
-                          f"got {address!r}") from None
+        raise ConfigError(f"expected at least one server in {where}.servers")
+    address = ""  # a group's: each site's own address (group_config)
+    if "address" in keys:
+        address = _address(s.get("address"), f"{where}.address")
     return ServiceDnsConfig(name=name, zone=zone, servers=tuple(servers),
                             key_file=s.value("key_file"),
                             address=address, ttl=s.value("ttl"))
@@ -896,70 +1026,79 @@ def _number(s: _Section, name: str, default: float) -> float:
     return float(v)
 
 
+def _address(v: Any, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ConfigError(f"expected an IP address for {where}, got {v!r}") from None
+
+
+def _addresses(s: _Section, name: str) -> tuple[str, ...]:
+    """A list of IP addresses (heartbeat_addresses)."""
+    return tuple(_address(a, f"{s.key(name)}[{j}]") for j, a in enumerate(s.listing(name)))
+
+
+def _link_options(s: _Section) -> dict[str, Any]:
+    """The options of the link to one site (LINK_KEYS of a peers[] item or of a group's
+    replicas[] item): PeerConfig's keyword arguments."""
+    where = s.path
+    rate = s.get("rate_limit") if s.has("rate_limit") else default_of(PEER, "rate_limit")
+    if isinstance(rate, bool) or not isinstance(rate, int | str):
+        raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
+                          f"{where}.rate_limit")
+    try:
+        rate = parse_rate(str(rate))
+    except ValueError:
+        raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
+                          f"{where}.rate_limit, got {rate!r}") from None
+    schedule = []
+    for j, item in enumerate(s.listing("rate_schedule")):
+        w = _Section(item, f"{where}.rate_schedule[{j}]", RATE_WINDOW)
+        w.require("from", "to", "rate")
+        got = {k: w.get(k) for k in ("from", "to", "rate")}
+        if any(isinstance(v, bool) or not isinstance(v, int | str) for v in got.values()):
+            raise ConfigError(f"expected from: HH:MM, to: HH:MM and a rate such as 20M "
+                              f"in {w.path}")
+        # YAML 1.1 reads an unquoted 18:00 as the sexagesimal 1080: minutes, as meant.
+        start, end = (f"{v // 60:02d}:{v % 60:02d}" if isinstance(v, int) else v
+                      for v in (got["from"], got["to"]))
+        days = w.get("days") if w.has("days") else default_of(RATE_WINDOW, "days")
+        try:
+            schedule.append(rate_window(str(days), start, end, str(got["rate"])))
+        except ValueError as e:
+            raise ConfigError(f"{e} in {w.path}") from None
+    return {"mode": s.value("mode"), "sync_timeout": s.value("sync_timeout"),
+            "rate_limit": rate, "rate_schedule": tuple(schedule),
+            "rpo": _rpo(s.get("rpo"), f"{where}.rpo") if s.has("rpo") else RpoConfig(),
+            "compression": s.value("compression")}
+
+
+def _site_name(s: _Section, key: str = "name") -> str:
+    name = s.value(key)
+    assert name is not None
+    try:
+        validate_name(name)
+    except InvalidArgument as e:
+        raise ConfigError(f"{e} in {s.key(key)}") from None
+    return str(name)
+
+
 def _peers(items: list[Any], node_name: str) -> tuple[PeerConfig, ...]:
     out: list[PeerConfig] = []
     for i, raw in enumerate(items):
         where = f"peers[{i}]"
         s = _Section(raw, where, PEER)
         s.require("name", "role", "address")
-        name = s.value("name")
-        assert name is not None
-        try:
-            validate_name(name)
-        except InvalidArgument as e:
-            raise ConfigError(f"{e} in {where}.name") from None
+        name = _site_name(s)
         if name == node_name:
             raise ConfigError(f"peer {name} in {where} is this node (node.name)")
         if any(p.name == name for p in out):
             raise ConfigError(f"peer {name} is listed twice in peers")
-        address = s.get("address")
-        try:
-            address = str(ipaddress.ip_address(address))
-        except ValueError:
-            raise ConfigError(f"expected an IP address for {where}.address, "
-                              f"got {address!r}") from None
-        rate = s.get("rate_limit") if s.has("rate_limit") else default_of(PEER, "rate_limit")
-        if isinstance(rate, bool) or not isinstance(rate, int | str):
-            raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
-                              f"{where}.rate_limit")
-        try:
-            rate = parse_rate(str(rate))
-        except ValueError:
-            raise ConfigError(f"expected a rate such as 100M (bytes/s) or 0 for "
-                              f"{where}.rate_limit, got {rate!r}") from None
-        schedule = []
-        for j, item in enumerate(s.listing("rate_schedule")):
-            w = _Section(item, f"{where}.rate_schedule[{j}]", RATE_WINDOW)
-            w.require("from", "to", "rate")
-            got = {k: w.get(k) for k in ("from", "to", "rate")}
-            if any(isinstance(v, bool) or not isinstance(v, int | str) for v in got.values()):
-                raise ConfigError(f"expected from: HH:MM, to: HH:MM and a rate such as 20M "
-                                  f"in {w.path}")
-            # YAML 1.1 reads an unquoted 18:00 as the sexagesimal 1080: minutes, as meant.
-            start, end = (f"{v // 60:02d}:{v % 60:02d}" if isinstance(v, int) else v
-                          for v in (got["from"], got["to"]))
-            days = w.get("days") if w.has("days") else default_of(RATE_WINDOW, "days")
-            try:
-                schedule.append(rate_window(str(days), start, end, str(got["rate"])))
-            except ValueError as e:
-                raise ConfigError(f"{e} in {w.path}") from None
-        extra = []
-        for j, a in enumerate(s.listing("heartbeat_addresses")):
-            try:
-                extra.append(str(ipaddress.ip_address(a)))
-            except ValueError:
-                raise ConfigError(f"expected an IP address for "
-                                  f"{where}.heartbeat_addresses[{j}], got {a!r}") from None
-        out.append(PeerConfig(
-            heartbeat_addresses=tuple(extra),
-            name=name, role=s.value("role"), address=address,
-            port=s.value("port"),
-            mode=s.value("mode"),
-            sync_timeout=s.value("sync_timeout"),
-            rate_limit=rate,
-            rate_schedule=tuple(schedule),
-            rpo=_rpo(s.get("rpo"), f"{where}.rpo") if s.has("rpo") else RpoConfig(),
-            compression=s.value("compression")))
+        address = _address(s.get("address"), f"{where}.address")
+        options = _link_options(s)
+        out.append(PeerConfig(heartbeat_addresses=_addresses(s, "heartbeat_addresses"),
+                              name=name, role=s.value("role"), address=address,
+                              port=s.value("port"), **options))
     return tuple(out)
 
 
@@ -990,6 +1129,7 @@ def check_roles(role: Role, name: str, peers: tuple[PeerConfig, ...]) -> None:
                           "pair of data sites (primary and secondary)")
 
 
+MAIN_ROLES: Final = (Role.PRIMARY, Role.SECONDARY)
 SYNC_PAIR_ONLY = ("mode: sync is allowed only between the two main-site nodes (primary "
                   "and secondary)")
 
@@ -1122,11 +1262,11 @@ def _every(v: Any, where: str) -> tuple[Every, int]:
     return Every.MINUTES, int(m.group(1))
 
 
-def _snapshots(raw: Any) -> SnapshotsConfig:
-    s = _Section(raw, "snapshots", SNAPSHOTS)
+def _snapshots(raw: Any, where_: str = "snapshots") -> SnapshotsConfig:
+    s = _Section(raw, where_, SNAPSHOTS)
     out: list[SnapshotSchedule] = []
     for i, item in enumerate(s.listing("schedules")):
-        where = f"snapshots.schedules[{i}]"
+        where = f"{where_}.schedules[{i}]"
         sec = _Section(item, where, SCHEDULE)
         sec.require("name", "every", "keep")
         name = sec.get("name")
@@ -1134,7 +1274,7 @@ def _snapshots(raw: Any) -> SnapshotsConfig:
             raise ConfigError(f"expected 1-32 letters, digits, '_' or '-', starting with a "
                               f"letter or digit, for {where}.name")
         if any(x.name == name for x in out):
-            raise ConfigError(f"schedule {name} is listed twice in snapshots.schedules")
+            raise ConfigError(f"schedule {name} is listed twice in {where_}.schedules")
         every, minutes = _every(sec.get("every"), f"{where}.every")
         keep = sec.value("keep")
         vols: list[str] = []
@@ -1156,7 +1296,7 @@ def _snapshots(raw: Any) -> SnapshotsConfig:
         total = sum(x.keep for x in out if not x.volumes or vol in x.volumes)
         if total > MAX_SNAPSHOTS_PER_VOLUME:
             what = f"volume {vol}" if vol else "every volume"
-            raise ConfigError(f"snapshots.schedules keep {total} snapshots of {what} "
+            raise ConfigError(f"{where_}.schedules keep {total} snapshots of {what} "
                               f"together (at most {MAX_SNAPSHOTS_PER_VOLUME})")
     return SnapshotsConfig(tuple(out))
 
@@ -1196,6 +1336,8 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     if journal.max_bytes < journal.segment_bytes:
         raise ConfigError("journal.max_bytes must be at least journal.segment_bytes")
     name = node.value("name") or default_of(NODE, "name")  # `name:` with no value: the default
+    if top.has("sites") or top.has("groups"):
+        return _groups_config(top, node, name, journal, al.value("extents"), source)
     role = node.value("role")
     peers = _peers(top.listing("peers"), name)
     check_roles(role, name, peers)
@@ -1225,6 +1367,242 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
     check_peerlink_auth(cfg)
     check_failover_secret(cfg)
     return cfg
+
+
+# Keys of today's format that a config with groups takes per group (or not yet at all).
+NOT_WITH_GROUPS: Final = (
+    ("node", "role", "each site's role is per group (groups[].primary, secondary, dr, "
+                     "witness)"),
+    ("", "peers", "a group's sites are named in groups[] and described in sites"),
+    ("", "service", "each group has its own: groups[].service"),
+    ("", "volumes", "each group lists its own: groups[].volumes"),
+    ("", "snapshots", "each group has its own: groups[].snapshots"),
+    ("", "metrics", "each group has its own endpoint: groups[].ports.metrics"),
+    ("", "iscsi", "the iSCSI bridge is not supported with groups yet (NBD only); serve "
+                  "iSCSI from a node config without groups"),
+    ("peerlink", "listen", "each group listens on its own port: groups[].ports.peerlink"),
+    ("peerlink", "topology", "each group has its own: groups[].topology"),
+    ("failover", "heartbeat_port", "each group beats on its own port: "
+                                   "groups[].ports.heartbeat"),
+    ("nbd", "listen", "each group's primary serves on its own port: groups[].ports.nbd"),
+    ("nbd", "default_export", "not per group yet: clients name their export"),
+)
+_GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _groups_config(top: _Section, node: _Section, name: str, journal: JournalConfig,
+                   al_extents: int, source: Path | None) -> NodeConfig:
+    """A config with ``sites`` and ``groups``: what is node-wide is read as in today's
+    format; roles, peers, ports, service and volumes are per group (group_config)."""
+    if not (top.has("sites") and top.has("groups")):
+        raise ConfigError("sites and groups go together: a config with groups lists every "
+                          "site in sites")
+    for section, key, hint in NOT_WITH_GROUPS:
+        raw = top.get(section) if section else top.raw
+        if isinstance(raw, dict) and key in raw:
+            where = f"{section}.{key}" if section else key
+            raise ConfigError(f"{where} is not used in a config with groups: {hint}")
+    sites = _sites(top.listing("sites"))
+    if name not in {x.name for x in sites}:
+        raise ConfigError(f"node.name {name} is not one of sites[].name ("
+                          + ", ".join(x.name for x in sites) + ")")
+    cfg = NodeConfig(
+        name=name, data_dir=node.value("data_dir"), journal=journal, al_extents=al_extents,
+        peerlink=_peerlink(top.get("peerlink")), failover=_failover(top.get("failover")),
+        nbd=_nbd(top.get("nbd")), cdp=_cdp(top.get("cdp"), "cdp"),
+        control=_control(top.get("control")), health=_health(top.get("health")),
+        source=source, sites=sites, groups=_groups(top.listing("groups"), sites))
+    check_groups(cfg)
+    return cfg
+
+
+def _sites(items: list[Any]) -> tuple[SiteConfig, ...]:
+    out: list[SiteConfig] = []
+    for i, raw in enumerate(items):
+        s = _Section(raw, f"sites[{i}]", SITE)
+        s.require("name", "address")
+        name = _site_name(s)
+        if any(x.name == name for x in out):
+            raise ConfigError(f"site {name} is listed twice in sites")
+        out.append(SiteConfig(name, _address(s.get("address"), f"sites[{i}].address"),
+                              _addresses(s, "heartbeat_addresses")))
+    if not out:
+        raise ConfigError("expected at least one site in sites")
+    return tuple(out)
+
+
+def _groups(items: list[Any], sites: tuple[SiteConfig, ...]) -> tuple[GroupConfig, ...]:
+    known = [x.name for x in sites]
+    out: list[GroupConfig] = []
+    for i, raw in enumerate(items):
+        where = f"groups[{i}]"
+        s = _Section(raw, where, GROUP)
+        s.require("name", "primary", "ports")
+        name = s.value("name")
+        if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
+            raise ConfigError(f"expected 1-32 of a-z, 0-9 and '-', starting with a letter "
+                              f"or digit, for {where}.name")
+        if any(g.name == name for g in out):
+            raise ConfigError(f"group {name} is listed twice in groups")
+        members: dict[str, str] = {}
+        for key in ("primary", "secondary", "dr", "witness"):
+            site = s.value(key)
+            if site is None:
+                continue
+            if site not in known:
+                raise ConfigError(f"{where}.{key}: no site named {site!r} in sites "
+                                  f"(sites: {', '.join(known)})")
+            if site in members:
+                raise ConfigError(f"{where}: site {site} is both {members[site]} and {key}; "
+                                  "a site has one role in a group")
+            members[site] = key
+        replicas: list[ReplicaConfig] = []
+        for j, item in enumerate(s.listing("replicas")):
+            r = _Section(item, f"{where}.replicas[{j}]", REPLICA)
+            r.require("site")
+            site = r.value("site")
+            if members.get(site) not in ("primary", "secondary", "dr"):
+                raise ConfigError(f"{r.path}.site: {site!r} is not a data site of group "
+                                  f"{name} (its primary, secondary or dr)")
+            if any(x.site == site for x in replicas):
+                raise ConfigError(f"site {site} is listed twice in {where}.replicas")
+            if r.value("mode") is PeerMode.SYNC and members[site] == "dr":
+                raise ConfigError(f"{SYNC_PAIR_ONLY}: {r.path} ({site}) is the DR site "
+                                  f"of group {name}")
+            replicas.append(ReplicaConfig(site, tuple(_link_options(r).items())))
+        p = _Section(s.get("ports"), f"{where}.ports", GROUP_PORTS)
+        p.require("peerlink", "heartbeat", "nbd")
+        ports = GroupPorts(p.value("peerlink"), p.value("heartbeat"), p.value("nbd"),
+                           p.value("metrics") if p.get("metrics") is not None else None)
+        out.append(GroupConfig(
+            name=name, primary=s.value("primary"), secondary=s.value("secondary"),
+            dr=s.value("dr"), witness=s.value("witness"), topology=s.value("topology"),
+            replicas=tuple(replicas), ports=ports,
+            service=_service(s.get("service"), f"{where}.service", GROUP_SERVICE),
+            volumes=_volumes(s.listing("volumes"), f"{where}.volumes"),
+            snapshots=_snapshots(s.get("snapshots"), f"{where}.snapshots")))
+    if not out:
+        raise ConfigError("expected at least one group in groups")
+    return tuple(out)
+
+
+def check_groups(cfg: NodeConfig) -> None:
+    """Across groups: every site is in a group; a group's roles make sense (as today's
+    check_roles, check_sync, check_witness for each of its sites); the groups that share
+    a site use distinct ports there and distinct volume names."""
+    for i, site in enumerate(cfg.sites):
+        if not groups_of(cfg, site.name):
+            raise ConfigError(f"sites[{i}] ({site.name}) is in no group")
+    for i, g in enumerate(cfg.groups):
+        check_group(cfg, i, g)
+    for site in cfg.sites:
+        check_shared_site(cfg, site.name)
+
+
+def check_group(cfg: NodeConfig, i: int, g: GroupConfig) -> None:
+    where = f"groups[{i}] ({g.name})"
+    if g.witness is not None and g.dr is not None:
+        raise ConfigError(f"{where}: a witness ({g.witness}) and a DR site ({g.dr}) "
+                          "together: the third voter is one or the other, not both")
+    if g.witness is not None and g.secondary is None:
+        raise ConfigError(f"{where}: a witness ({g.witness}) without a secondary: it "
+                          "votes for a pair of data sites (primary and secondary)")
+    if cfg.failover.auto and len(g.members()) > 1 and (
+            g.secondary is None or (g.dr is None and g.witness is None)):
+        raise ConfigError(f"{where}: failover.auto needs three voters in every group "
+                          "with more than one site: a primary, a secondary and a dr or "
+                          "witness site (or failover.auto: false)")
+    used: dict[int, str] = {}
+    for key, port in g.ports.named():
+        if port in used:
+            raise ConfigError(f"groups[{i}].ports.{key} and .{used[port]} are both "
+                              f"{port}: a group's ports differ")
+        used[port] = key
+    for member, _role in g.members():  # today's checks, on each site's own config
+        try:
+            derived = group_config(cfg, g.name, member)
+            check_sync(derived.role, member, derived.peers)
+            check_witness(derived)
+            check_peerlink_auth(derived)
+            check_failover_secret(derived)
+        except ConfigError as e:
+            raise ConfigError(f"{where}, site {member}: {e}") from None
+
+
+def check_shared_site(cfg: NodeConfig, site: str) -> None:
+    """The groups ``site`` is in use ports of their own there, and volume names of
+    their own (clients name exports by volume)."""
+    ports: dict[int, str] = {}
+    volumes: dict[str, str] = {}
+    for g in groups_of(cfg, site):
+        i = cfg.groups.index(g)
+        for key, port in g.ports.named():
+            if port in ports:
+                raise ConfigError(f"groups[{i}].ports.{key} {port} is also {ports[port]} on "
+                                  f"site {site}: groups that share a site need ports of "
+                                  "their own")
+            ports[port] = f"groups[{i}].ports.{key}"
+        for v in g.volumes:
+            if v.name in volumes:
+                raise ConfigError(f"volume {v.name} is in groups {volumes[v.name]} and "
+                                  f"{g.name}, which share site {site}: volume names are "
+                                  "unique on a site (clients name exports by volume)")
+            volumes[v.name] = g.name
+
+
+def groups_of(cfg: NodeConfig, site: str | None = None) -> tuple[GroupConfig, ...]:
+    """The groups ``site`` (default: this node) is in, in config order."""
+    site = cfg.name if site is None else site
+    return tuple(g for g in cfg.groups if g.role_of(site) is not None)
+
+
+def find_group(cfg: NodeConfig, group: str) -> GroupConfig:
+    g = next((x for x in cfg.groups if x.name == group), None)
+    if g is None:
+        known = ", ".join(x.name for x in cfg.groups)
+        raise ConfigError(f"no group {group!r} in the config" + (
+            f" (groups: {known})" if known else " (it has no groups)"))
+    return g
+
+
+def group_config(cfg: NodeConfig, group: str, site: str | None = None) -> NodeConfig:
+    """Group ``group`` as site ``site`` (default: this node) runs it: an ordinary node
+    config whose role is the site's role in the group, whose peers are the group's other
+    sites (on the group's ports) and whose data_dir is ``<data_dir>/groups/<group>``.
+    Everything below the config (node state, lease, nbdkit, peerlink, the node core,
+    status) works on it unchanged, in processes of the group's own."""
+    g = find_group(cfg, group)
+    site = cfg.name if site is None else site
+    role = g.role_of(site)
+    if role is None:
+        raise ConfigError(f"site {site} is not in group {g.name} (its sites: "
+                          + ", ".join(s for s, _ in g.members()) + ")")
+    by_name = {x.name: x for x in cfg.sites}
+    # The options of the link to a site, as whoever ships to it uses them; sync only
+    # between the main-site pair (check_sync), never on a DR site's or witness's side.
+    links = {r.site: r.get() if role in MAIN_ROLES and g.role_of(r.site) in MAIN_ROLES
+             else {**r.get(), "mode": PeerMode.ASYNC} for r in g.replicas}
+    peers = tuple(PeerConfig(name=name, role=r, address=by_name[name].address,
+                             port=g.ports.peerlink,
+                             heartbeat_addresses=by_name[name].heartbeat_addresses,
+                             **links.get(name, {}))
+                  for name, r in g.members() if name != site)
+    witness = role is Role.WITNESS
+    service = ServiceConfig()
+    if not witness:
+        dns = g.service.dns
+        service = replace(g.service, dns=None if dns is None else replace(
+            dns, address=by_name[site].address))
+    metrics = MetricsConfig(None if g.ports.metrics is None
+                            else (by_name[site].address, g.ports.metrics))
+    return replace(
+        cfg, name=site, role=role, data_dir=cfg.data_dir / "groups" / g.name, peers=peers,
+        service=service, volumes=() if witness else g.volumes, snapshots=g.snapshots,
+        nbd=replace(cfg.nbd, listen=(Listen("tcp", host="0.0.0.0", port=g.ports.nbd),)),
+        peerlink=replace(cfg.peerlink, listen_host="0.0.0.0", listen_port=g.ports.peerlink,
+                         topology=g.topology),
+        failover=replace(cfg.failover, heartbeat_port=g.ports.heartbeat),
+        metrics=metrics, iscsi=IscsiConfig(), sites=(), groups=(), group=g.name)
 
 
 def check_peerlink_auth(cfg: NodeConfig) -> None:
@@ -1333,13 +1711,7 @@ def check_files(cfg: NodeConfig) -> None:
         where = f"nbd.tls.certificates_dir {d}:"
         _public_file(d / "server-cert.pem", where)
         _secret_file(d / "server-key.pem", where)
-    dns = cfg.service.dns
-    if dns is not None:
-        _secret_file(dns.key_file, "service.dns.key_file")
-        try:
-            load_key(dns.key_file)
-        except DnsError as e:
-            raise ConfigError(str(e)) from None
+    _check_dns_keys(cfg)
     for chap, where in ((cfg.iscsi.chap, "iscsi.chap"),
                         (cfg.iscsi.mutual_chap, "iscsi.mutual_chap")):
         if chap is not None:
@@ -1351,6 +1723,20 @@ def check_files(cfg: NodeConfig) -> None:
                 read_secret(chap, where)
             except BridgeError as e:
                 raise ConfigError(str(e)) from None
+
+
+def _check_dns_keys(cfg: NodeConfig) -> None:
+    """The TSIG key files of service.dns and of each group's."""
+    names = [("service.dns", cfg.service.dns)] + [
+        (f"groups[{i}].service.dns", g.service.dns) for i, g in enumerate(cfg.groups)]
+    for where, dns in names:
+        if dns is None:
+            continue
+        _secret_file(dns.key_file, f"{where}.key_file")
+        try:
+            load_key(dns.key_file)
+        except DnsError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _public_file(path: Path, where: str) -> os.stat_result:

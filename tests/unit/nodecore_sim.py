@@ -97,7 +97,10 @@ class Msg:
 class Sim:
     def __init__(self, seed: int, *, sync: bool = True, guard: bool = True,
                  trace: bool = False, promote_failure: float = 0.0,
-                 topology: str = "dr") -> None:
+                 topology: str = "dr",
+                 clocks: dict[str, tuple[float, float]] | None = None) -> None:
+        """``clocks``: a site's clock (offset, rate) when it is given, as cores of several
+        groups that run on one host share that host's (GroupsSim)."""
         self.rng = random.Random(seed)  # noqa: S311 - a replayable schedule, not a secret
         self.seed = seed
         self.topology = topology
@@ -132,8 +135,10 @@ class Sim:
         self.promote_failure = promote_failure
         for n, role in self.sites.items():
             hard = HardState(role=role, epoch=0, primary="main")
-            node = Node(n, None, hard, offset=self.rng.uniform(0, 1000),
-                        rate=1 + self.rng.uniform(-1e-3, 1e-3))
+            offset, rate = self.rng.uniform(0, 1000), 1 + self.rng.uniform(-1e-3, 1e-3)
+            if clocks is not None and n in clocks:
+                offset, rate = clocks[n]
+            node = Node(n, None, hard, offset=offset, rate=rate)
             node.data = []
             self.nodes[n] = node
             self._boot(node)
@@ -623,3 +628,122 @@ def random_run(seed: int, *, duration: float = 40.0, faults: int = 8,
             raise
         raise sim.fail(str(e)) from None
     return sim
+
+
+# -- two groups on three hosts, one witness for both -----------------------------------------
+
+# Volume groups (issue 22): each group runs its own core on each of its sites, as a
+# process of its own (`nbdgw --group G daemon`); the hosts are shared.  g1 is primary on
+# A with its secondary on B, g2 the other way round, and W hosts one witness core per
+# group.  A host's power cut, freeze or partition hits every core on it at once; beats of
+# the two groups are separate datagrams (their own ports), lost and delayed apart.
+HOSTS = ("A", "B", "W")
+GROUP_HOSTS = {"g1": {"main": "A", "dc": "B", "wit": "W"},
+               "g2": {"main": "B", "dc": "A", "wit": "W"}}
+
+
+class GroupsSim:
+    """Two witness-topology Sims (one per group) stepped side by side on one clock per
+    host; every invariant of Sim holds within each group (never two valid write leases
+    in a group, elected primaries hold every acknowledged write, the witness never
+    stands), and after healing each group converges on its own."""
+
+    def __init__(self, seed: int, **kw: Any) -> None:
+        rng = random.Random(seed)  # noqa: S311 - replayable by seed
+        clocks = {h: (rng.uniform(0, 1000), 1 + rng.uniform(-1e-3, 1e-3)) for h in HOSTS}
+        self.seed = seed
+        self.groups = {g: Sim(seed * 31 + i, topology="witness",
+                              clocks={site: clocks[h] for site, h in hosts.items()}, **kw)
+                       for i, (g, hosts) in enumerate(GROUP_HOSTS.items())}
+
+    @property
+    def t(self) -> float:
+        return self.groups["g1"].t
+
+    def site(self, group: str, host: str) -> str:
+        return next(s for s, h in GROUP_HOSTS[group].items() if h == host)
+
+    def each(self, host: str, what: str, *args: Any) -> None:
+        """``what`` (crash, restart, freeze, isolate) on every core of ``host``."""
+        for g, sim in self.groups.items():
+            getattr(sim, what)(self.site(g, host), *args)
+
+    def set_link(self, a: str, b: str, up: bool) -> None:
+        for g, sim in self.groups.items():
+            sim.set_link(self.site(g, a), self.site(g, b), up)
+
+    def advance(self, until: float) -> None:
+        while self.t < until:
+            step = round(self.t + DT, 6)
+            for g, sim in self.groups.items():
+                try:
+                    sim.advance(step)
+                except Violation as e:
+                    raise Violation(f"group {g}: {e}") from None
+
+    def primary(self, group: str) -> str | None:
+        """The host serving ``group`` with a valid lease (None: none or several)."""
+        sim = self.groups[group]
+        prim = [GROUP_HOSTS[group][n] for n, node in sim.nodes.items() if node.core is not None
+                and node.core.state.value == "primary"
+                and node.lease_until_local > node.local(sim.t)]
+        return prim[0] if len(prim) == 1 else None
+
+    def converged(self) -> str | None:
+        for g, sim in self.groups.items():
+            why = sim.converged()
+            if why is not None:
+                return f"group {g}: {why}"
+        return None
+
+    def fail(self, why: str) -> Violation:
+        logs = "\n".join(f"group {g}:\n  " + "\n  ".join(sim.log[-30:])
+                         for g, sim in self.groups.items())
+        states = "; ".join(f"{g}: {sim.states()}" for g, sim in self.groups.items())
+        return Violation(f"seed {self.seed}: {why}\n  states: {states}\n{logs}")
+
+
+def apply_host_fault(gs: GroupsSim, rng: random.Random, kind: str) -> None:
+    """One fault of a groups schedule: a host's (every core on it) or a link's (both
+    groups' beats), or an operator's request to one group."""
+    a, b = rng.sample(HOSTS, 2)
+    if kind in ("isolate", "crash", "restart"):
+        gs.each(a, kind)
+    elif kind == "freeze":
+        gs.each(a, "freeze", rng.uniform(0.5, 6.0))
+    elif kind in ("cut_pair", "one_way"):
+        gs.set_link(a, b, False)
+        if kind == "cut_pair":
+            gs.set_link(b, a, False)
+    elif kind in ("heal_links", "lossy", "attack"):
+        for sim in gs.groups.values():
+            apply_fault(sim, rng, kind)
+    else:  # switchover, promote_witness: one group's operator
+        apply_fault(gs.groups[rng.choice(list(GROUP_HOSTS))], rng, kind)
+
+
+def random_groups_run(seed: int, *, duration: float = 40.0, faults: int = 8) -> GroupsSim:
+    """random_run for two groups sharing hosts and a witness (WITNESS_FAULTS, by host)."""
+    gs = GroupsSim(seed, promote_failure=0.05)
+    rng = random.Random(seed * 7919 + 3)  # noqa: S311 - replayable by seed
+    try:
+        gs.advance(5.0)
+        for at in sorted(rng.uniform(5.0, duration) for _ in range(faults)):
+            gs.advance(at)
+            apply_host_fault(gs, rng, rng.choice(WITNESS_FAULTS))
+        gs.advance(duration)
+        for sim in gs.groups.values():
+            sim.heal()
+        deadline = gs.t + SETTLE
+        while gs.t < deadline:
+            gs.advance(gs.t + 1.0)
+            if gs.converged() is None:
+                break
+        why = gs.converged()
+        if why is not None:
+            raise gs.fail(f"did not converge within {SETTLE:g} s after healing: {why}")
+    except Violation as e:
+        if str(e).startswith("seed "):
+            raise
+        raise gs.fail(str(e)) from None
+    return gs

@@ -19,6 +19,7 @@ from nbdgw_common.settings import Keys, Kind, walk
 from .conftest import refused
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nbdgw.yaml"
+GROUPS_EXAMPLE = EXAMPLE.with_name("groups.yaml")  # the keys of a config with groups
 DECLARED = dict(walk(TOP))
 
 # The fewest keys that make an item of each list section (or a sub-section) valid.
@@ -33,11 +34,27 @@ MINIMAL_ITEM: dict[str, dict[str, Any]] = {
     "service.dns": {"name": "db.example.com", "zone": "example.com",
                     "servers": ["192.0.2.53"], "key_file": "/etc/nbdgw/dns.key",
                     "address": "192.0.2.10"},
+    "sites[]": {"name": "a", "address": "192.0.2.1"},
+    "groups[]": {"name": "g1", "primary": "a", "secondary": "b",
+                 "ports": {"peerlink": 7801, "heartbeat": 7802, "nbd": 10811}},
+    "groups[].replicas[]": {"site": "b"},
+    "groups[].replicas[].rate_schedule[]": {"from": "08:00", "to": "18:00", "rate": "20M"},
+    "groups[].volumes[]": {"name": "v1", "size": "1G"},
+    "groups[].snapshots.schedules[]": {"name": "s", "every": "daily", "keep": 1},
+    "groups[].service.dns": {"name": "db.example.com", "zone": "example.com",
+                             "servers": ["192.0.2.53"], "key_file": "/etc/nbdgw/dns.key"},
 }
+# A config with groups: two sites, one group of both (without failover: no third voter).
+GROUPS_CONTEXT: dict[str, Any] = {
+    "node": {"name": "a"}, "peerlink": {"insecure": True}, "failover": {"auto": False},
+    "sites": [{"name": "a", "address": "192.0.2.1"}, {"name": "b", "address": "192.0.2.2"}],
+    "groups": [MINIMAL_ITEM["groups[]"]]}
 # Keys that need another key to be read at all.
 CONTEXT: dict[str, dict[str, Any]] = {
     "peers[]": {"peerlink": {"insecure": True}, "failover": {"auto": False}},
     "iscsi.mutual_chap": {"iscsi": {"chap": MINIMAL_ITEM["iscsi.chap"]}},
+    "sites[]": GROUPS_CONTEXT,
+    "groups[]": GROUPS_CONTEXT,
 }
 
 
@@ -48,13 +65,17 @@ def config_with(path: str, value: Any) -> dict[str, Any]:
     for i in range(len(parents)):
         ctx = CONTEXT.get(".".join(parents[: i + 1]))
         for k, v in (ctx or {}).items():
-            raw.setdefault(k, {}).update(v)
+            if isinstance(v, list):
+                raw[k] = list(v)
+            else:
+                raw.setdefault(k, {}).update(v)
     node = raw
     for i, part in enumerate(parents):
         here = ".".join(parents[: i + 1])
         item = dict(MINIMAL_ITEM.get(here, {}))
         if part.endswith("[]"):
-            node[part[:-2]] = [item]
+            # the first item of the list (the context's others stay after it)
+            node[part[:-2]] = [item, *node.get(part[:-2], [])[1:]]
         else:
             node[part] = {**node.get(part, {}), **item}
         node = node[part[:-2]][0] if part.endswith("[]") else node[part]
@@ -147,9 +168,12 @@ def documented_paths(doc: Any, keys: Keys, path: str = "") -> set[str]:
     return out
 
 
-def test_the_example_documents_every_declared_key_and_no_other():
-    doc = yaml.safe_load(uncommented(EXAMPLE.read_text()))
-    documented = documented_paths(doc, TOP)
+def test_the_examples_document_every_declared_key_and_no_other():
+    """examples/nbdgw.yaml (today's format) and examples/groups.yaml (the keys of a
+    config with groups) together."""
+    documented = set()
+    for example in (EXAMPLE, GROUPS_EXAMPLE):
+        documented |= documented_paths(yaml.safe_load(uncommented(example.read_text())), TOP)
     assert sorted(set(DECLARED) - documented) == [], "declared but not in the example"
     assert sorted(documented - set(DECLARED)) == [], "in the example but not declared"
 
@@ -163,9 +187,13 @@ def test_uncommenting_finds_the_commented_keys():
 
 @pytest.fixture
 def example(tmp_path: Path) -> Path:
-    """examples/nbdgw.yaml with the files it names under /etc/nbdgw made in tmp_path,
+    return with_files(tmp_path, EXAMPLE)
+
+
+def with_files(tmp_path: Path, source: Path) -> Path:
+    """An example config with the files it names under /etc/nbdgw made in tmp_path,
     mode 0600 (secrets long enough for their checks)."""
-    text = EXAMPLE.read_text()
+    text = source.read_text()
     active = "\n".join(line.split("#")[0] for line in text.splitlines())
     for name in set(re.findall(r"/etc/nbdgw/([\w./-]+)", active)):
         f = tmp_path / "etc" / name
@@ -182,6 +210,15 @@ def test_the_example_is_a_valid_config(example: Path):
     assert cfg.name == "alpha"
     assert [p.name for p in cfg.peers] == ["beta", "gamma"]
     assert cfg.iscsi.chap is not None
+
+
+def test_config_check_accepts_the_groups_example(tmp_path: Path):
+    r = CliRunner().invoke(cli, ["-c", str(with_files(tmp_path, GROUPS_EXAMPLE)), "config",
+                                 "check"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == (
+        "config ok: node dc, data_dir /var/lib/nbdgw, 3 group(s) of 4 site(s); this "
+        "node is in b1 (secondary), b2 (secondary), core (primary)")
 
 
 def test_config_check_accepts_the_example(example: Path):
