@@ -1,5 +1,5 @@
 # nbdgw — see README.md.  `make demo` and `make test` work on a fresh Debian machine.
-.PHONY: setup doctor test test-unit test-integration demo bench lint clean
+.PHONY: setup doctor test test-unit test-integration demo demo-branches bench lint clean
 
 PY := .venv/bin/python
 PYTEST_ARGS ?=
@@ -21,6 +21,9 @@ test-integration: setup
 
 demo: setup
 	$(PY) -m gateway.demo
+
+demo-branches: setup
+	$(PY) -m gateway.demo --branches
 
 bench: setup
 	$(PY) bench/datapath

@@ -620,13 +620,18 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
               "(RFC 2136 updates with TSIG) instead of a service address.")
 @click.option("--witness", is_flag=True, help="A witness site wit (no data: heartbeats and "
               "votes only, `nbdgw witness`) instead of the DR site dr: a pair and a witness.")
+@click.option("--branches", type=click.IntRange(1, 9), default=None, metavar="N",
+              help="The fan-in shape of volume groups instead: N branch sites in subnets of "
+              "their own, each primary of its group bN (volume vN, name bN.nbdgw.lab), the "
+              "data centre dc holding every group's replica, dr fed by dc (or with "
+              "--witness a witness wit), a router and the name server.")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool, dns: bool, witness: bool) -> None:
+           iscsi: bool, dns: bool, witness: bool, branches: int | None) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
     click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns,
-                                     witness), indent=2))
+                                     witness, branches or 0), indent=2))
 
 
 @lab.command("kill")

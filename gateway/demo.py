@@ -222,9 +222,17 @@ def main() -> None:
                     "127.0.0.1 (0: any)")
     ap.add_argument("--loopback", action="store_true",
                     help="the single-node loopback demo even where namespaces work")
+    ap.add_argument("--branches", action="store_true",
+                    help="the fan-in story instead: three branches into one data centre, "
+                    "volume groups, failover by DNS (needs root and namespaces)")
     args = ap.parse_args()
-    from .labdemo import lab_demo, namespaces_unavailable
+    from .labdemo import branches_demo, lab_demo, namespaces_unavailable
 
+    if args.branches:
+        if (why := namespaces_unavailable()) is not None:
+            sys.exit(f"the fan-in story needs network namespaces: {why}")
+        branches_demo()
+        return
     why = "--loopback was given" if args.loopback or args.keep else namespaces_unavailable()
     if why is None:
         lab_demo()

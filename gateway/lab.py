@@ -270,6 +270,10 @@ class Lab:
     def summary(self) -> dict[str, Any]:
         """The JSON that `lab up` prints (the shape scripts rely on)."""
         s = self.state
+        if s.get("shape") == "branches":
+            from . import labbranches
+
+            return labbranches.summary(self)
         return {
             "id": s["id"],
             "dir": s["dir"],
@@ -800,11 +804,35 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
     run([*nbdgw_argv(), "-c", node["config"], "volume", "create", VOLUME, *replica])
 
 
+def start_sites(lab: Lab) -> None:
+    """The replicas and the witness first, then the primary; wait for its export and
+    for every link to stream."""
+    for name in lab.names(primary=False):
+        lab.start_node(name)
+    for name in lab.names(data=True, primary=False):
+        lab.wait_listening(name)
+    for name in lab.names(data=False):
+        lab.wait_heartbeats(name)
+    lab.start_node(PRIMARY)
+    lab.wait_export()
+    lab.wait_iscsi()
+    for name in lab.names(data=True, primary=False):
+        lab.wait_streaming(name)
+
+
 def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
        topology: str = "fanout", mode: str = "async", iscsi: bool = False,
-       dns: bool = False, witness: bool = False) -> dict[str, Any]:
-    """Build and start the lab; return the summary JSON.  On failure, undo it."""
+       dns: bool = False, witness: bool = False, branches: int = 0) -> dict[str, Any]:
+    """Build and start the lab; return the summary JSON.  On failure, undo it.
+    ``branches``: the fan-in shape of volume groups instead (gateway/labbranches.py)."""
+    from . import labbranches
+
     precheck()
+    if branches and (iscsi or topology != "fanout" or subnet != DEFAULT_SUBNET):
+        raise LabError("--branches builds its own subnets, topology (each branch group "
+                       "cascades through dc to dr) and DNS names; it takes --size, --mode "
+                       "and --witness only (no --iscsi, --topology or --subnet)")
+    dns = dns or bool(branches)  # across subnets, clients follow names
     lab_dir = lab_dir.resolve()
     if (lab_dir / "lab.json").exists():
         raise LabError(f"{lab_dir} already holds a lab (lab.json); 'nbdgw lab down --dir "
@@ -819,30 +847,21 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
         if iscsi:
             raise LabError("--dns with --iscsi: not supported (the lab's iSCSI portal is "
                            "the service address, which --dns replaces)")
-    lab = Lab(lab_dir, plan(lab_dir, subnet, size, topology, mode, iscsi, dns,
-                            shape=WITNESS if witness else "dr"))
+    lab = Lab(lab_dir, labbranches.plan(lab_dir, branches, parse_size(size), mode, witness)
+              if branches else plan(lab_dir, subnet, size, topology, mode, iscsi, dns,
+                                    shape=WITNESS if witness else "dr"))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:
-            build_network(lab.state)
+            (labbranches.build_network if branches else build_network)(lab.state)
             secret = secrets.token_hex(32).encode() + b"\n"
             fd = os.open(lab.state["secret"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secret)
             lab.start_dns()
             for node in lab.nodes:
-                write_site(lab.state, node, secret)
-            for name in lab.names(primary=False):
-                lab.start_node(name)
-            for name in lab.names(data=True, primary=False):
-                lab.wait_listening(name)
-            for name in lab.names(data=False):
-                lab.wait_heartbeats(name)
-            lab.start_node(PRIMARY)
-            lab.wait_export()
-            lab.wait_iscsi()
-            for name in lab.names(data=True, primary=False):
-                lab.wait_streaming(name)
+                (labbranches.write_site if branches else write_site)(lab.state, node, secret)
+            (labbranches.start_all if branches else start_sites)(lab)
         except BaseException:
             with contextlib.suppress(Exception):
                 lab.stop_all(graceful=False)
@@ -889,7 +908,12 @@ def start(lab_dir: Path, name: str) -> dict[str, Any]:
                    for n in lab.nodes}
         since = time.time()
         lab.start_node(name)
-        lab.wait_node_ready(name, offsets, since)
+        if lab.state.get("shape") == "branches":
+            from . import labbranches
+
+            labbranches.wait_site(lab, name, since)
+        else:
+            lab.wait_node_ready(name, offsets, since)
         node = lab.node(name)
         return {"node": name, "started": {p["name"]: p["pid"] for p in node["procs"]}}
 

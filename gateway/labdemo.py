@@ -176,3 +176,137 @@ def lab_demo() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ndemo complete: data intact after failover (main -> dc in {took:.1f} s), "
           f"snapshot kept, {time.monotonic() - t_start:.0f} s in all")
+
+
+# -- the fan-in story (`make demo-branches`) ---------------------------------------------
+
+BRANCH_PAYLOAD = 8 << 20
+
+# Like CLIENT, but the export is reached by the group's DNS name (argv: name, port,
+# export, file, write|read, the address the name must resolve to first or "").
+NAMED_CLIENT = r"""
+import hashlib, socket, sys, time, nbd
+name, port, export, path, what, want = sys.argv[1:7]
+data = open(path, "rb").read()
+deadline = time.monotonic() + 60
+while True:
+    try:
+        seen = socket.gethostbyname(name)
+        if want and seen != want:
+            raise OSError(f"{name} is still {seen}")
+        h = nbd.NBD(); h.connect_uri(f"nbd://{name}:{port}/{export}"); break
+    except (OSError, nbd.Error) as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"no answer from {name}: {e}")
+        time.sleep(0.1)
+if what == "write":
+    for off in range(0, len(data), 1 << 20):
+        h.pwrite(data[off:off + (1 << 20)], off)
+    h.flush()
+    got = data
+else:
+    got = b"".join(h.pread(1 << 20, off) for off in range(0, len(data), 1 << 20))
+print(seen, hashlib.sha256(got).hexdigest())
+h.shutdown()
+"""
+
+
+def named_client(summary: dict[str, Any], g: dict[str, Any], payload: Path, what: str,
+                 want: str = "") -> tuple[str, str]:
+    """(the address the name resolved to, the SHA-256 written or read)."""
+    out = run(["ip", "netns", "exec", summary["client_netns"], sys.executable, "-c",
+               NAMED_CLIENT, g["dns_name"], str(g["ports"]["nbd"]), g["volume"],
+               str(payload), what, want], timeout=120).strip()
+    seen, digest = out.split()
+    return seen, digest
+
+
+def wait_group_primary(lab_dir: Path, g: dict[str, Any], site: str) -> float:
+    from . import labbranches
+
+    t0 = time.monotonic()
+    the_lab = lab.Lab.load(lab_dir)
+    while labbranches.serving(the_lab, g) != site:
+        if time.monotonic() - t0 > FAILOVER_TIMEOUT:
+            raise GatewayError(f"{site} did not take over group {g['name']} in "
+                               f"{FAILOVER_TIMEOUT:g} s")
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def switchover_group(config: str, group: str, to: str) -> str:
+    """`nbdgw --group G switchover --to TO`, asked again while the rejoined site is still
+    finishing its resync (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return run([*lab.nbdgw_argv(), "-c", config, "--group", group, "switchover",
+                        "--to", to], timeout=180).strip()
+        except GatewayError as e:
+            if "is not streaming every volume" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def branches_demo() -> None:
+    t_start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="nbdgw-demo-branches-"))
+    lab_dir = tmp / "lab"
+    summary: dict[str, Any] | None = None
+    try:
+        say("Building three branch offices, each in its own subnet and primary of its own "
+            "volume group, replicating into one data centre 'dc' (fan-in), which cascades "
+            "them to 'dr'; clients in a fourth subnet find each group by its DNS name")
+        summary = lab.up(lab_dir, size="32M", branches=3)
+        nodes = {n["name"]: n for n in summary["nodes"]}
+        for g in summary["groups"]:
+            print(f"   group {g['name']}: {g['primary']} ({nodes[g['primary']]['address']}) "
+                  f"-> dc -> dr, clients use {g['uri']}")
+
+        say("Each branch's clients write 8 MiB of random data through the group's name")
+        digests = {}
+        for g in summary["groups"]:
+            payload = tmp / f"{g['name']}.bin"
+            payload.write_bytes(os.urandom(BRANCH_PAYLOAD))
+            seen, digests[g["name"]] = named_client(summary, g, payload, "write")
+            print(f"   {g['dns_name']} -> {seen}: written, SHA-256 {digests[g['name']][:16]}...")
+
+        say("Power cut of branch1: only its group fails over; dc promotes its replica of "
+            "b1 and publishes b1.nbdgw.lab with its own address")
+        b1, others = summary["groups"][0], summary["groups"][1:]
+        lab.kill(lab_dir, "branch1")
+        took = wait_group_primary(lab_dir, b1, "dc")
+        print(f"   dc serves b1 {took:.1f} s after the power cut")
+        seen, after = named_client(summary, b1, tmp / "b1.bin", "read",
+                                   nodes["dc"]["address"])
+        intact = after == digests["b1"]
+        print(f"   b1's clients: {b1['dns_name']} -> {seen} (dc), SHA-256 {after[:16]}... "
+              f"{'matches' if intact else 'DIFFERS'}")
+        untouched = True
+        for g in others:
+            seen, got = named_client(summary, g, tmp / f"{g['name']}.bin", "read")
+            same = seen == nodes[g["primary"]]["address"] and got == digests[g["name"]]
+            untouched = untouched and same
+            print(f"   {g['name']}'s clients: {g['dns_name']} -> {seen} ({g['primary']}), "
+                  f"{'untouched' if same else 'MOVED OR CHANGED'}")
+
+        say("branch1 comes back: it rejoins as b1's replica, then a switchover gives it "
+            "its role back and the name follows")
+        lab.start(lab_dir, "branch1")
+        print("   " + switchover_group(nodes["dc"]["config"], "b1", "branch1"))
+        wait_group_primary(lab_dir, b1, "branch1")
+        seen, back = named_client(summary, b1, tmp / "b1.bin", "read",
+                                  nodes["branch1"]["address"])
+        home = back == digests["b1"]
+        print(f"   {b1['dns_name']} -> {seen} (branch1), SHA-256 {back[:16]}... "
+              f"{'matches' if home else 'DIFFERS'}")
+        if not (intact and untouched and home):
+            sys.exit("demo failed: a group's data or name is not where it should be")
+    finally:
+        if summary is not None or (lab_dir / "lab.json").exists():
+            say("Tearing the lab down (processes, namespaces, data)")
+            with contextlib.suppress(GatewayError, OSError):
+                lab.down(lab_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\ndemo complete: branch1's group failed over to dc in {took:.1f} s and came "
+          f"home, the other branches untouched, {time.monotonic() - t_start:.0f} s in all")

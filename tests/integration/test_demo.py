@@ -42,3 +42,21 @@ def test_demo_loopback_fallback_to_data_intact() -> None:
     assert lines[-1] == "demo complete: data intact, replica identical"
     assert "   every acknowledged write is there after the crash: True" in lines
     assert "   replica identical to the primary: True" in lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fan-in story needs root (netns)")
+def test_make_demo_branches_moves_one_group_and_brings_it_home() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL",
+                                                             "MFLAGS")}
+    p = subprocess.run(["make", "demo-branches"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240, check=False, env=env)
+    assert p.returncode == 0, f"demo failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    lines = p.stdout.strip().splitlines()
+    assert re.fullmatch(r"demo complete: branch1's group failed over to dc in \d+\.\d s "
+                        r"and came home, the other branches untouched, \d+ s in all",
+                        lines[-1]), lines[-1]
+    assert any(ln.startswith("   b1's clients: b1.nbdgw.lab -> 192.0.2.1 (dc)")
+               and ln.endswith(" matches") for ln in lines), lines
+    for g in ("b2", "b3"):
+        assert any(ln.startswith(f"   {g}'s clients: ") and ln.endswith("untouched")
+                   for ln in lines), lines
