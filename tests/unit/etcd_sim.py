@@ -132,6 +132,7 @@ class EtcdSim(Sim):
     # Cut off from the other nodes but not from etcd, a primary rightly serves on (its
     # sync peer is outdated through etcd); cut off from etcd, it stops: _check.
     isolated_stop = math.inf
+    cut_stop = TTL * 0.95 - 0.5  # the lease span: cut off from etcd, it stops within this
 
     def __init__(self, seed: int, *, skew: float = 0.01, **kw: Any) -> None:
         rng = random.Random(seed * 31 + 7)  # noqa: S311 - replayable by seed
@@ -222,9 +223,8 @@ class EtcdSim(Sim):
             since = self.cut_since[n]
             if since is None:
                 self.cut_since[n] = since = self.t
-            span = TTL * 0.95 - 0.5
             if node.lease_until_local > node.local(self.t) and not node.crashed \
-                    and self.t - since > span / node.rate + 0.1:
+                    and self.t - since > self.cut_stop / node.rate + 0.1:
                 raise Violation(f"{n} cut off from etcd since t={since:.2f} still holds a "
                                 "write lease")
 
@@ -252,7 +252,7 @@ class EtcdSim(Sim):
     def states(self) -> str:
         return super().states() + f"; store rev {self.store.revision} keys " + ", ".join(
             f"{k.rsplit('/', 1)[-1]}={v.value}" for k, v in sorted(self.store.kv.items())
-            if not k.split("/")[-2] == "members")
+            if k.split("/")[-2] != "members")
 
 
 ETCD_FAULTS = ("isolate", "cut_store", "cut_pair", "heal_links", "crash", "restart",
