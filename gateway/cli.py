@@ -509,6 +509,27 @@ def peerlink(args: tuple[str, ...]) -> None:
 
 
 @cli.group(cls=Group)
+def fleet() -> None:
+    """Every volume group of the fleet, from etcd (coordinator.kind etcd)."""
+
+
+@fleet.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@click.pass_obj
+def fleet_status(obj: Ctx, as_json: bool) -> None:
+    """Each group's primary, its lease, epochs, outdated marks and members."""
+    from .etcdclient import EtcdUnavailable
+    from .fleet import fleet_status as report_of
+    from .fleet import render
+
+    try:
+        report = report_of(obj.config())
+    except EtcdUnavailable as e:
+        raise GatewayError(f"fleet status: {e}") from None
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+@cli.group(cls=Group)
 def lab() -> None:
     """A three-site lab in network namespaces: primary main, secondary dc, DR dr (or
     witness wit with --witness)."""
@@ -535,13 +556,16 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
               "(RFC 2136 updates with TSIG) instead of a service address.")
 @click.option("--witness", is_flag=True, help="A witness site wit (no data: heartbeats and "
               "votes only, `nbdgw witness`) instead of the DR site dr: a pair and a witness.")
+@click.option("--coordinator", type=click.Choice(["heartbeat", "etcd"]), default="heartbeat",
+              show_default=True, help="etcd: a three-member etcd cluster in namespaces of "
+              "its own (etcd1..3) decides who is primary (coordinator.kind etcd).")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool, dns: bool, witness: bool) -> None:
+           iscsi: bool, dns: bool, witness: bool, coordinator: str) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
     click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns,
-                                     witness), indent=2))
+                                     witness, coordinator), indent=2))
 
 
 @lab.command("kill")

@@ -150,6 +150,11 @@ class EtcdClient:
         return (int(r.get("header", {}).get("revision", 0)),
                 tuple(kv_of(kv) for kv in r.get("kvs", [])))
 
+    def lease_ttl(self, lease: int) -> int:
+        """Seconds left on ``lease`` (-1: etcd no longer has it)."""
+        r = self.call("lease/timetolive", {"ID": lease})
+        return int(r.get("TTL", -1))
+
     def members(self) -> list[dict[str, Any]]:
         return list(self.call("cluster/member/list", {}).get("members", []))
 

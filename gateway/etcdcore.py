@@ -59,6 +59,10 @@ then, in one transaction that compares its ``primary`` key, deletes it and write
 disappears with the old primary's lease, or the old primary withdraws it when the
 target did not take over by the request's deadline.
 
+*A new group* (no ``state`` key yet) is started in etcd by a node whose volumes are
+primary volumes (the installed primary, on its own epoch); replicas wait for it, however
+long (an operator's promote does not).
+
 *Restarts.*  A node whose volumes are primary volumes and that was primary of
 ``state.epoch`` takes the key back on that same epoch when it is free (nobody took a
 newer epoch, so nobody served since); a held ``primary`` of its own (a previous boot's
@@ -481,9 +485,13 @@ class EtcdCore:
         self.view = v
         p = v.primary
         h = self.hard
+        replica = self.state in (State.STANDBY, State.WITNESS)
         if p is not None and p.node != self.cfg.me and (p.epoch > h.epoch or (
-                p.epoch == h.epoch and p.node != h.primary
-                and self.state in (State.STANDBY, State.WITNESS))):
+                p.epoch == h.epoch and p.node != h.primary and replica)) \
+                and (replica or v.state.served >= p.epoch):
+            # A node with primary volumes demotes them only for a holder that served
+            # (a taker whose promotion fails gives the key back; this node may then
+            # take it again with all its data).
             self._new_epoch(p.epoch, p.node)
 
     def _new_epoch(self, epoch: int, primary: str) -> None:
@@ -555,6 +563,7 @@ class EtcdCore:
         self._member()
         p = self.view.primary
         if p is not None and p.node != self.cfg.me and p.epoch >= self.hard.epoch \
+                and self.view.state.served >= p.epoch \
                 and self.state in (State.STARTING, State.PRIMARY, State.FENCED):
             # Another node holds the key on this node's epoch or a newer one (this node
             # learned it while promoting, or took its epoch back too late): it rejoins.
@@ -684,6 +693,8 @@ class EtcdCore:
                or (self.cfg.role in MAIN_SITE and settled))
         if not may or self.candidate_refusal() is not None:
             return
+        if v.state.mod_revision == 0 and self.hard.role != "primary":
+            return  # a new group starts in etcd when a node with primary volumes takes it
         reason = why or (f"switchover from {v.handover.frm}" if handover and v.handover
                          else "the group has no primary")
         self._take(reason)

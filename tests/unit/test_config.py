@@ -35,8 +35,8 @@ from nbdgw_common.errors import GatewayError
 from tests.unit.conftest import refused, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = ("activity_log, cdp, control, coordinator, failover, health, iscsi, journal, metrics, nbd, node, "
-       "peerlink, peers, service, snapshots, version, volumes")
+TOP = ("activity_log, cdp, control, coordinator, failover, health, iscsi, journal, metrics, "
+       "nbd, node, peerlink, peers, service, snapshots, version, volumes")
 NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TLS_ONE_OF = ("nbd.tls.mode is on or require: set exactly one of nbd.tls.psk_file and "
               "nbd.tls.certificates_dir")
