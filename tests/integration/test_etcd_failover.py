@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     node_dir,
     one_primary,
     states,
+    switchover,
     up,
     wait_states,
 )
@@ -122,7 +123,13 @@ def test_power_cut_of_the_primary_the_secondary_takes_the_key_and_serves(
     print(f"etcd failover: first read {result['first_read_s']} s after the power cut "
           f"({flushed} blocks checked)")
     assert result["bad"] == [], result
-    assert result["first_read_s"] <= 5.0, result
+    # etcd's share: the lease expires TTL after the last keepalive etcd processed, its
+    # lessor checks every 0.5 s, dc reads every 0.25 s.
+    taken = event_time(lab_dir, "dc", "elected")
+    assert taken is not None and taken - t0 <= LEASE_TTL + 0.5 + 0.25 + 0.5, taken - t0
+    # Target 5 s (3.4 to 4.7 s on the 2-core development host); 1 s of slack for a
+    # loaded one (the promotion and nbdkit's start are not etcd's).
+    assert result["first_read_s"] <= 6.0, result
     wait_states(lab, {"dc": "primary"}, 5)
     g = fleet(lab)["groups"][0]
     assert g["primary"]["node"] == "dc" and g["primary"]["epoch"] == 1, g
@@ -192,12 +199,15 @@ def test_etcd_quorum_lost_no_promotion_the_primary_serves_until_its_lease_then_f
     lab = up(lab_dir.parent, "--coordinator", "etcd")
     w = writer(lab)
     time.sleep(1.0)
-    t_kill = time.time()
     lab_cmd("kill", "etcd2", "--dir", str(lab_dir))
-    lab_cmd("kill", "etcd3", "--dir", str(lab_dir))
+    t_lost = float(json.loads(lab_cmd("kill", "etcd3", "--dir", str(lab_dir)))["at"])
     flushed, last_ack, err = last_flush(w, 30)
     assert err, "the writer never saw an error"
-    assert last_ack - t_kill <= LEASE_SPAN + 1.0, last_ack - t_kill
+    print(f"quorum lost: last write acknowledged {last_ack - t_lost:.2f} s after; "
+          f"client saw: {err[:80]}")
+    # The lease span after the last keepalive answered before the quorum went; a leader
+    # left alone renews until it steps down (an election timeout, 0.5 s in the lab).
+    assert last_ack - t_lost <= LEASE_SPAN + 0.5 + 0.5, last_ack - t_lost
     wait_states(lab, {"main": "fenced"}, 10)
     time.sleep(6.0)
     st = states(lab)
@@ -210,3 +220,24 @@ def test_etcd_quorum_lost_no_promotion_the_primary_serves_until_its_lease_then_f
     result = check_blocks(lab, flushed, time.time())
     assert result["bad"] == [], result
     assert (node_dir(lab, "main") / "run").is_dir()
+
+
+def test_switchover_hands_the_key_over_by_transaction_and_back(lab_dir: Path) -> None:
+    """Planned: main drains, fences, deletes its key and names dc in one transaction; dc
+    takes the key (epoch 1) and serves every acknowledged write; then back to main."""
+    lab = up(lab_dir.parent, "--coordinator", "etcd", "--mode", "sync")
+    w = writer(lab)
+    time.sleep(1.0)
+    out = switchover(lab, "main", "dc")
+    assert "dc" in out
+    flushed, _, _ = last_flush(w, 30)  # its connection died with main's nbdkit
+    wait_states(lab, {"dc": "primary", "main": "standby"}, 20)
+    g = fleet(lab, "main")["groups"][0]
+    assert g["primary"]["node"] == "dc" and g["primary"]["epoch"] == 1, g
+    assert g["handover"] is None, g
+    assert check_blocks(lab, flushed, time.time())["bad"] == []
+    switchover(lab, "dc", "main")
+    wait_states(lab, {"main": "primary", "dc": "standby"}, 20)
+    g = fleet(lab)["groups"][0]
+    assert g["primary"]["node"] == "main" and g["primary"]["epoch"] == 2, g
+    assert check_blocks(lab, flushed, time.time())["bad"] == []
