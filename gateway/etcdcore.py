@@ -42,7 +42,9 @@ about ``DRIFT / 2`` (2.5 %: crystal clocks drift by parts per million).  ``MARGI
 covers a write that passed nbdkit's check just before expiry.  So a primary cut off from
 etcd, frozen or whose daemon died stops writing before etcd can expire its lease, and
 the key can be taken by another only after that expiry.  A leader change in etcd only
-extends leases (the new leader renews them all), never shortens them.
+extends leases: a leader cut off from its quorum may renew a keepalive until it steps
+down (about an election timeout later), and the new leader, elected no earlier, extends
+every lease by an election timeout plus its TTL.
 
 *Who may take the key.*  A node takes ``primary`` only when it is absent, no
 ``handover`` names another node, and the node is a candidate: it holds data (not a
