@@ -230,3 +230,64 @@ def test_the_write_lease_is_never_handed_to_nbdkit_unless_primary() -> None:
         for node in sim.nodes.values():
             if node.core is not None and node.core.state.value != "primary":
                 assert node.lease_until_local == float("-inf")
+
+
+def test_a_switchover_whose_target_dies_is_withdrawn_and_the_group_gets_a_primary() -> None:
+    """The handover names dc, which dies before it takes the key: the old primary
+    withdraws the word after HANDOVER_WAIT and a candidate (itself, a replica now) takes
+    the key."""
+    sim = formed(seed=11, topology="dr")
+    sim.advance(sim.t + 2.0)
+    sim.request("main", "switchover", to="dc", timeout=5)
+    until(sim, lambda: sim.store.kv.get("/nbdgw/groups/g/handover") is not None, 8.0)
+    sim.crash("dc")
+    assert primary(sim) is None
+    took = until(sim, lambda: primary(sim) == "main", etcdcore.HANDOVER_WAIT + 3 * TTL)
+    assert took > etcdcore.HANDOVER_WAIT - 1.0  # nobody but dc while the word stood
+    assert sim.nodes["main"].hard.epoch == 1
+
+
+def test_a_take_whose_answer_is_lost_is_given_back() -> None:
+    """dc's take succeeds in etcd but the answer never arrives: dc does not act on it, so
+    it releases the key (delete-if-mine) instead of holding the group for ever."""
+    sim = formed(seed=12, topology="dr", trace=True)
+    sim.crash("main")
+    dc = sim.nodes["dc"]
+    lost = {"done": False}
+    real = sim._deliver
+
+    def drop_take_answer(m: object) -> None:
+        payload = getattr(m, "payload", None)
+        core = dc.core
+        if not lost["done"] and getattr(m, "dst", None) == "dc" and payload is not None \
+                and core is not None and payload[1].succeeded \
+                and core.inflight.get(payload[1].req_id, ("",))[0] == "txn:take":  # type: ignore[attr-defined]
+            lost["done"] = True
+            return
+        real(m)  # type: ignore[arg-type]
+
+    sim._deliver = drop_take_answer  # type: ignore[method-assign]
+    until(sim, lambda: primary(sim) is not None, 30.0)
+    assert lost["done"]
+    assert any("dc: etcd_release " in line for line in sim.log), sim.log[-20:]
+
+
+def test_the_coordinator_factory_builds_the_core_the_config_names() -> None:
+    from gateway.config import parse_config
+    from gateway.coordinator import make_core
+    from gateway.daemon import core_config
+    from gateway.nodecore import HardState, NodeCore
+
+    base = {"version": 1, "node": {"name": "a"},
+            "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"},
+            "peers": [{"name": "b", "role": "secondary", "address": "192.0.2.2"}]}
+    hb = parse_config(base)
+    et = parse_config({**base, "coordinator": {"kind": "etcd", "group": "g7",
+                                               "endpoints": ["http://192.0.2.9:2379"]}})
+    hard = HardState(role="primary", primary="a")
+    assert isinstance(make_core(hb, core_config(hb, hb), hard, 0.0, b"x", False), NodeCore)
+    core = make_core(et, core_config(et, et), hard, 0.0, b"x", False)
+    assert isinstance(core, etcdcore.EtcdCore)
+    assert core.cfg.keys == "/nbdgw/groups/g7/" and core.cfg.peers == {"b": "secondary"}
+    ready = core.step(etcdcore.Tick(0.0))
+    assert [o.args["op"] for o in ready.actions if o.kind == "etcd"] == ["grant", "txn"]
