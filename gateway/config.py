@@ -1417,6 +1417,7 @@ def check_files(cfg: NodeConfig) -> None:
         where = f"nbd.tls.certificates_dir {d}:"
         _public_file(d / "server-cert.pem", where)
         _secret_file(d / "server-key.pem", where)
+    _coordinator_files(cfg.coordinator)
     dns = cfg.service.dns
     if dns is not None:
         _secret_file(dns.key_file, "service.dns.key_file")
@@ -1435,6 +1436,15 @@ def check_files(cfg: NodeConfig) -> None:
                 read_secret(chap, where)
             except BridgeError as e:
                 raise ConfigError(str(e)) from None
+
+
+def _coordinator_files(co: CoordinatorConfig) -> None:
+    """etcd's CA and client certificate may be read by anyone; its key by its owner only."""
+    for key, path in (("ca_file", co.ca_file), ("cert_file", co.cert_file)):
+        if path is not None:
+            _public_file(path, f"coordinator.{key}")
+    if co.key_file is not None:
+        _secret_file(co.key_file, "coordinator.key_file")
 
 
 def _public_file(path: Path, where: str) -> os.stat_result:

@@ -1087,6 +1087,6 @@ class EtcdCore:
                 "lease_alive_s": round(max(0.0, self.lease_alive_until - self.now), 3),
                 "holder": v.primary.node if v.primary else None,
                 "holder_epoch": v.primary.epoch if v.primary else None,
-                "served": v.state.served},
+                "served": v.state.served, "members": sorted(v.members)},
         }
 

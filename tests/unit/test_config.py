@@ -534,3 +534,20 @@ def test_coordinator_etcd_refuses_a_witness() -> None:
            "peers": [{"name": "a", "role": "primary", "address": "192.0.2.11"},
                      {"name": "b", "role": "secondary", "address": "192.0.2.12"}]}
     assert "etcd decides who is primary" in refused(raw)
+
+
+def test_coordinator_files_are_checked_by_name(tmp_path: Path) -> None:
+    key = tmp_path / "etcd-key.pem"
+    key.write_text("k")
+    key.chmod(0o644)
+    raw = {"version": 1, "coordinator": {**ETCD_OK, "cert_file": str(tmp_path / "none.pem"),
+                                         "key_file": str(key)}}
+    from gateway.config import check_files
+
+    with pytest.raises(ConfigError, match="coordinator.cert_file"):
+        check_files(parse_config(raw))
+    (tmp_path / "none.pem").write_text("c")
+    with pytest.raises(ConfigError, match="coordinator.key_file"):
+        check_files(parse_config(raw))
+    key.chmod(0o600)
+    check_files(parse_config(raw))
