@@ -706,9 +706,16 @@ class EtcdCore:
         epoch = max(v.state.epoch, self.hard.epoch, self.hard.vote_epoch) + 1
         compare = [Cmp(self._key("primary"), "create", 0),
                    Cmp(self._key("state"), "mod", v.state.mod_revision)]
+        # The primary this node followed, gone without a handover, lacks nothing yet but
+        # will lack this node's writes: outdated in the take itself, so writes need not
+        # wait a sync timeout for it (it must catch up before it may take the key again).
+        prev = self.hard.primary
+        gone = (frozenset({prev}) & self.cfg.sync_peers
+                if v.handover is None and prev not in (None, self.cfg.me) else frozenset())
         success: list[Put | Delete] = [
             Put(self._key("primary"), self._primary_value(epoch), leased=True),
-            Put(self._key("state"), state_value(epoch, v.state.served, v.state.outdated))]
+            Put(self._key("state"), state_value(epoch, v.state.served,
+                                                v.state.outdated | gone))]
         if v.handover is not None:
             compare.append(Cmp(self._key("handover"), "mod", v.handover.mod_revision))
             success.append(Delete(self._key("handover")))

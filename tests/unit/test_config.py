@@ -544,10 +544,10 @@ def test_coordinator_files_are_checked_by_name(tmp_path: Path) -> None:
                                          "key_file": str(key)}}
     from gateway.config import check_files
 
-    with pytest.raises(ConfigError, match="coordinator.cert_file"):
+    with pytest.raises(ConfigError, match=r"coordinator\.cert_file"):
         check_files(parse_config(raw))
     (tmp_path / "none.pem").write_text("c")
-    with pytest.raises(ConfigError, match="coordinator.key_file"):
+    with pytest.raises(ConfigError, match=r"coordinator\.key_file"):
         check_files(parse_config(raw))
     key.chmod(0o600)
     check_files(parse_config(raw))

@@ -291,3 +291,15 @@ def test_the_coordinator_factory_builds_the_core_the_config_names() -> None:
     assert core.cfg.keys == "/nbdgw/groups/g7/" and core.cfg.peers == {"b": "secondary"}
     ready = core.step(etcdcore.Tick(0.0))
     assert [o.args["op"] for o in ready.actions if o.kind == "etcd"] == ["grant", "txn"]
+
+
+def test_after_a_power_cut_the_new_primary_need_not_wait_for_its_dead_sync_peer() -> None:
+    """The take outdates the primary it replaces (a sync peer): its first writes are
+    acknowledged at once, not after a sync timeout (nodecore_sim.SYNC_TIMEOUT, 1 s)."""
+    sim = formed(seed=13, topology="dr")
+    sim.crash("main")
+    until(sim, lambda: primary(sim) == "dc", 10.0)
+    before = set(sim.acked)
+    took = until(sim, lambda: bool(set(sim.acked) - before), 2.0)
+    assert took < 0.5, took
+    assert sim.nodes["dc"].core.view.state.outdated == {"main"}  # type: ignore[union-attr]
