@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from gateway.labetcd import LEASE_TTL, leader
-from tests.conftest import NBDGW
+from tests.conftest import NBDGW, run_nbdgw
 from tests.integration.conftest import (
     check_blocks,
     client,
     failover_state,
     in_ns,
     lab_cmd,
+    node,
     node_dir,
     one_primary,
     states,
@@ -102,7 +103,7 @@ def etcd_rules(lab: dict[str, Any], action: str) -> list[list[str]]:
 
 
 def fleet(lab: dict[str, Any], name: str = "dc") -> dict[str, Any]:
-    n = next(x for x in lab["nodes"] if x["name"] == name)
+    n = node(lab, name)
     out = subprocess.run(["ip", "netns", "exec", n["netns"], NBDGW,
                           "-c", n["config"], "fleet", "status", "--json"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
@@ -192,6 +193,12 @@ def test_one_etcd_member_lost_changes_nothing(lab_dir: Path) -> None:
     log = (lab_dir / "main" / "daemon.log").read_text()
     assert '"fenced"' not in log
     lab_cmd("start", lost, "--dir", str(lab_dir))
+    assert one_primary(lab) == "main"
+    # An operator's DR promotion goes through the take transaction: refused while the
+    # key is held, --force or not.
+    p = run_nbdgw("-c", node(lab, "dr")["config"], "promote", "--site", "dr", "--force",
+                  check=False)
+    assert p.returncode != 0 and "main holds the key" in p.stderr, p.stderr
     assert one_primary(lab) == "main"
 
 
