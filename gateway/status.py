@@ -509,8 +509,10 @@ def failover_lines(report: dict[str, Any]) -> list[str]:
     heard = ", ".join(f"{p}{' (witness)' if roles.get(p) == 'witness' else ''} "
                       f"{v['heard_s_ago']} s ago" for p, v in
                       sorted(fo["peers"].items())) or "no peer heard"
+    # With etcd no heartbeats are exchanged: etcd's line (quorum_lines) says instead.
+    heard_part = "" if fo.get("coordinator") else f"; heard: {heard}"
     out = [f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
-           f"{fo['primary']}{stale}; heard: {heard}"]
+           f"{fo['primary']}{stale}{heard_part}"]
     out += quorum_lines(fo)
     if roles.get(report["node"]) == "witness":
         out += witness_lines(fo)
