@@ -36,7 +36,7 @@ from gateway.etcdcore import (
     Txn,
     parse_group,
 )
-from gateway.nodecore import HardState, Tick
+from gateway.nodecore import HardState
 from tests.unit.nodecore_sim import SETTLE, Msg, Node, Sim, Violation
 
 STORE = "etcd"
@@ -154,27 +154,14 @@ class EtcdSim(Sim):
                               prefix="/nbdgw", lease_ttl=TTL, poll=0.25,
                               sync_peers=base.sync_peers)
 
-    def _boot(self, node: Node) -> None:
-        node.boots += 1
-        node.core = EtcdCore(self.ecfg(node.name), node.hard,  # type: ignore[assignment]
-                             node.local(self.t), bytes([node.boots]))
-        node.crashed = False
-        node.busy, node.busy_until, node.queue = None, math.inf, []
-        node.serving = False
-        node.next_facts = self.t
-        self._step(node, Tick(node.local(self.t)))
+    def make_core(self, node: Node) -> EtcdCore:  # type: ignore[override]
+        return EtcdCore(self.ecfg(node.name), node.hard, node.local(self.t),
+                        bytes([node.boots]))
 
-    def _step(self, node: Node, ev: Any) -> None:
-        assert node.core is not None
-        ready = node.core.step(ev)
-        if ready.persist is not None:
-            node.hard = ready.persist
-        node.lease_until_local = ready.lease_until
-        for out in ready.actions:
-            if out.kind == "etcd":
-                self._request(node, dict(out.args))
-            else:
-                self._perform(node, out.kind, dict(out.args))
+    def _perform_other(self, node: Node, kind: str, args: dict[str, Any]) -> None:
+        if kind != "etcd":
+            super()._perform_other(node, kind, args)
+        self._request(node, args)
 
     # -- the store and the links to it ------------------------------------------------------
 

@@ -156,13 +156,17 @@ class Sim:
 
     def _boot(self, node: Node) -> None:
         node.boots += 1
-        boot = bytes([node.boots]) + self.rng.randbytes(15)
-        node.core = NodeCore(self.cfg(node.name), node.hard, node.local(self.t), boot)
+        node.core = self.make_core(node)
         node.crashed = False
         node.busy, node.busy_until, node.queue = None, math.inf, []
         node.serving = False
         node.next_facts = self.t
         self._step(node, Tick(node.local(self.t)))
+
+    def make_core(self, node: Node) -> NodeCore:
+        """A new boot's core (a subclass puts another coordinator's core here)."""
+        boot = bytes([node.boots]) + self.rng.randbytes(15)
+        return NodeCore(self.cfg(node.name), node.hard, node.local(self.t), boot)
 
     def crash(self, n: str) -> None:
         node = self.nodes[n]
@@ -231,8 +235,12 @@ class Sim:
         elif kind in ("receive", "follow", "clear_split_brain"):
             pass
         else:
-            raise Violation(f"unknown action {kind}")
+            self._perform_other(node, kind, args)
         self._start_busy(node)
+
+    def _perform_other(self, node: Node, kind: str, args: dict[str, Any]) -> None:
+        """An action of a subclass's core (etcd requests); none for the heartbeat core."""
+        raise Violation(f"unknown action {kind}")
 
     def _start_busy(self, node: Node) -> None:
         if node.busy is None and node.queue:
