@@ -252,3 +252,16 @@ def test_switchover_hands_the_key_over_by_transaction_and_back(lab_dir: Path) ->
     g = fleet(lab)["groups"][0]
     assert g["primary"]["node"] == "main" and g["primary"]["epoch"] == 2, g
     assert check_blocks(lab, flushed, time.time())["bad"] == []
+
+
+def test_lab_refuses_what_etcd_cannot_run_with_one_clear_line(tmp_path: Path) -> None:
+    for extra, msg in (
+            (["--witness"], "--coordinator etcd: not with --witness (etcd decides, a witness "
+                            "has nothing to do) nor --dns"),
+            (["--subnet", "192.0.2.0/29"], "--subnet with --coordinator etcd: expected an "
+             "IPv4 network of at least 16 addresses (/28), got 192.0.2.0/29")):
+        p = run_nbdgw("lab", "up", "--dir", str(tmp_path / "x"), "--coordinator", "etcd",
+                      *extra, check=False)
+        assert p.returncode == 1
+        assert p.stderr.strip().splitlines() == [f"nbdgw: error: {msg}"], p.stderr
+        assert not (tmp_path / "x" / "lab.json").exists()
