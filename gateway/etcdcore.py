@@ -53,17 +53,22 @@ target), its replicas are Consistent, its data is of an epoch at least ``state.s
 (else it may lack a served epoch's history), and it is not in ``state.outdated``.
 Outdating (sync mode) mirrors the heartbeat core: before peerlink may stop waiting for a
 stalled sync peer, the primary writes the mark into ``state`` by a transaction that
-compares its own ``primary`` key; the mark goes when the peer has caught up.
+compares its own ``primary`` key, and lets peerlink degrade only peers whose mark it
+knows is there (its own write, answered, and no clearing transaction sent since); the
+mark goes when the peer has caught up.  The take itself outdates the primary it replaces
+when that one is a sync peer gone without a handover (it will lack the new writes).
 
 *Switchover.*  The primary drains (client I/O held, the target caught up), fences, and
 then, in one transaction that compares its ``primary`` key, deletes it and writes
 ``handover`` = {to: target}; only the target may take the key while that exists.  It
 disappears with the old primary's lease, or the old primary withdraws it when the
-target did not take over by the request's deadline.
+target did not take over within HANDOVER_WAIT.
 
 *A new group* (no ``state`` key yet) is started in etcd by a node whose volumes are
 primary volumes (the installed primary, on its own epoch); replicas wait for it, however
-long (an operator's promote does not).
+long (an operator's promote does not).  A standby just started leaves the key a TTL to
+its last holder; a node with primary volumes demotes them only for a holder that served
+(``state.served``: a taker whose promotion fails gives the key back).
 
 *Restarts.*  A node whose volumes are primary volumes and that was primary of
 ``state.epoch`` takes the key back on that same epoch when it is free (nobody took a
