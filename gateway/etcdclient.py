@@ -8,8 +8,9 @@ requests the core needs (lease grant and keepalive, one transaction with a range
 the group's keys at its end) and turns the answers into the core's ``KV`` and
 ``EtcdReply``.  A request that fails to connect or times out on one endpoint is tried
 on the next (a member that lost its peers answers nothing in time); the endpoint that
-answered is tried first next time.  etcd's 64-bit integers arrive as JSON strings and
-its bytes as base64.
+answered is tried first next time.  The environment is not trusted (no proxy, no
+REQUESTS_CA_BUNDLE): the CA is ``coordinator.ca_file``, else the system's.  etcd's
+64-bit integers arrive as JSON strings and its bytes as base64.
 
 The shell: keepalives on a thread of their own (a slow transaction never delays one;
 when several are queued only the newest is sent, the others answered as superseded:
@@ -21,7 +22,9 @@ not answer in time), posted to the daemon's queue as an ``EtcdReply``.
 from __future__ import annotations
 
 import base64
+import os
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +44,11 @@ log = structlog.get_logger(component="etcd")
 REQUEST_TIMEOUT: Final = 1.0  # s per endpoint (below the core's REQUEST_LOST_AFTER)
 TARGETS: Final = {"create": ("CREATE", "create_revision"), "mod": ("MOD", "mod_revision"),
                   "value": ("VALUE", "value")}
+
+
+def system_cafile() -> str | None:
+    path = ssl.get_default_verify_paths().cafile
+    return path if path and os.path.exists(path) else None
 
 
 class EtcdUnavailable(Exception):
@@ -83,6 +91,13 @@ class EtcdClient:
                 cert_cert=str(tls.cert_file) if tls.cert_file else None,
                 cert_key=str(tls.key_file) if tls.key_file else None,
                 timeout=timeout, api_path="/v3/"))  # etcd >= 3.4
+            # Not the environment's: requests lets REQUESTS_CA_BUNDLE override the
+            # session's CA (coordinator.ca_file was ignored where it is set), and etcd is
+            # reached directly, never through HTTP(S)_PROXY.
+            session = self.clients[-1].session
+            session.trust_env = False
+            if tls.ca_file is None:  # the system's CAs (OpenSSL's), not certifi's copy
+                session.verify = system_cafile() or True
         self.current = 0
         self.lock = threading.Lock()
 
