@@ -37,19 +37,24 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (n
 
 LEASE_SPAN = LEASE_TTL * 0.95 - 0.5  # the sites' write lease after a keepalive (etcdcore)
 
-# Writes 4 KiB blocks 0, 1, 2, ... each stamped with its number, flushing after every 4;
-# prints "flushed N T" (T: time.time() once the flush was acknowledged) or "error T MSG".
+# Writes 4 KiB blocks 0, 1, 2, ... each stamped with its number, flushing after every 4
+# (at most ~800 blocks a second: the 64 MiB volume lasts 20 s); prints "flushed N T" (T:
+# time.time() once the flush was acknowledged) or "error T MSG".  The end of the volume
+# is an error of its own ("end of volume"), never taken for a fence.
 WRITER = r"""
 import struct, sys, time, nbd
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
+blocks = h.get_size() // 4096
 i = 0
 try:
-    while True:
+    while i < blocks:
         h.pwrite(struct.pack("<Q", i) * 512, i * 4096)
         i += 1
         if i % 4 == 0:
             h.flush()
             print(f"flushed {i} {time.time()}", flush=True)
+            time.sleep(0.005)
+    print(f"end of volume {time.time()}", flush=True)
 except nbd.Error as e:
     print(f"error {time.time()} {e}", flush=True)
 """
@@ -73,12 +78,13 @@ def last_flush(w: subprocess.Popen[str], timeout: float) -> tuple[int, float, st
         if line.startswith("flushed "):
             _, n, t = line.split()
             flushed, at = int(n), float(t)
-        elif line.startswith("error "):
+        elif line.startswith(("error ", "end of volume")):
             err = line.strip()
             break
         assert time.monotonic() < deadline, "the writer never stopped"
     w.kill()
     w.wait(10)
+    assert not err.startswith("end of volume"), "the writer ran out of volume, not of lease"
     return flushed, at, err
 
 
