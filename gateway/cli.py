@@ -594,6 +594,27 @@ def peerlink(args: tuple[str, ...]) -> None:
 
 
 @cli.group(cls=Group)
+def fleet() -> None:
+    """Every volume group of the fleet, from etcd (coordinator.kind etcd)."""
+
+
+@fleet.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@click.pass_obj
+def fleet_status(obj: Ctx, as_json: bool) -> None:
+    """Each group's primary, its lease, epochs, outdated marks and members."""
+    from .etcdclient import EtcdUnavailable
+    from .fleet import fleet_status as report_of
+    from .fleet import render
+
+    try:
+        report = report_of(obj.config())
+    except EtcdUnavailable as e:
+        raise GatewayError(f"fleet status: {e}") from None
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+@cli.group(cls=Group)
 def lab() -> None:
     """A three-site lab in network namespaces: primary main, secondary dc, DR dr (or
     witness wit with --witness)."""
@@ -625,13 +646,17 @@ lab_dir_opt = click.option("--dir", "lab_dir", type=click.Path(path_type=Path), 
               "their own, each primary of its group bN (volume vN, name bN.nbdgw.lab), the "
               "data centre dc holding every group's replica, dr fed by dc (or with "
               "--witness a witness wit), a router and the name server.")
+@click.option("--coordinator", type=click.Choice(["heartbeat", "etcd"]), default="heartbeat",
+              show_default=True, help="etcd: a three-member etcd cluster in namespaces of "
+              "its own (etcd1..3) decides who is primary (coordinator.kind etcd).")
 def lab_up(lab_dir: Path, subnet: str, size: str, topology: str, mode: str,
-           iscsi: bool, dns: bool, witness: bool, branches: int | None) -> None:
+           iscsi: bool, dns: bool, witness: bool, branches: int | None,
+           coordinator: str) -> None:
     """Build the namespaces and bridge, start every site, print the lab as JSON."""
     from . import lab as lab_mod
 
     click.echo(json.dumps(lab_mod.up(lab_dir, subnet, size, topology, mode, iscsi, dns,
-                                     witness, branches or 0), indent=2))
+                                     witness, branches or 0, coordinator), indent=2))
 
 
 @lab.command("kill")

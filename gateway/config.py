@@ -431,6 +431,48 @@ class FailoverConfig:
     fence_margin: float = default_of(FAILOVER, "fence_margin")
 
 
+class CoordinatorKind(enum.Enum):
+    HEARTBEAT = "heartbeat"
+    ETCD = "etcd"
+
+
+COORDINATOR = Keys(
+    Setting("kind", Kind.CHOICE, CoordinatorKind.HEARTBEAT, "who decides which node is "
+            "primary: heartbeat (the sites' own majority, failover:) | etcd (a lease and a "
+            "key per group in an etcd v3 cluster)"),
+    Setting("endpoints", Kind.LIST, (), "etcd's client URLs, http(s)://IP:PORT, every "
+            "member of the cluster (tried in turn); required with kind etcd"),
+    Setting("lease_ttl", Kind.INTEGER, 5, "seconds of the node's etcd lease: a dead primary "
+            "is replaced about this long after its last keepalive", minimum=2, maximum=60),
+    Setting("poll_interval", Kind.SECONDS, 0.5, "between two reads of the group's keys by "
+            "a replica (the primary reads 4 x less often)"),
+    Setting("prefix", Kind.STRING, "/nbdgw", "where nbdgw's keys live in etcd; the same on "
+            "every node of the fleet"),
+    Setting("group", Kind.STRING, "default", "this volume group's name in etcd "
+            "(<prefix>/groups/<group>/); the same on every node of the group"),
+    Setting("ca_file", Kind.PATH, None, "the CA of etcd's certificates (https endpoints); "
+            "none: the system's CAs"),
+    Setting("cert_file", Kind.PATH, None, "a client certificate for etcd (with key_file)"),
+    Setting("key_file", Kind.PATH, None, "its private key (mode 0600)"),
+)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Who decides roles (gateway/coordinator.py): the heartbeat majority of the sites
+    (gateway/nodecore.py), or etcd (gateway/etcdcore.py, DESIGN.md §6)."""
+
+    kind: CoordinatorKind = default_of(COORDINATOR, "kind")
+    endpoints: tuple[str, ...] = default_of(COORDINATOR, "endpoints")
+    lease_ttl: int = default_of(COORDINATOR, "lease_ttl")
+    poll_interval: float = default_of(COORDINATOR, "poll_interval")
+    prefix: str = default_of(COORDINATOR, "prefix")
+    group: str = default_of(COORDINATOR, "group")
+    ca_file: Path | None = default_of(COORDINATOR, "ca_file")
+    cert_file: Path | None = default_of(COORDINATOR, "cert_file")
+    key_file: Path | None = default_of(COORDINATOR, "key_file")
+
+
 METRICS = Keys(
     Setting("listen", Kind.HOST_PORT, None, "the Prometheus endpoint of the daemon "
             "(HOST an IP address); none: no endpoint"),
@@ -560,6 +602,8 @@ TOP = Keys(
     Setting("peers", Kind.LIST, (), "the other sites, the same list on every node",
             keys=PEER),
     Setting("failover", Kind.SECTION, keys=FAILOVER, help="heartbeats and automatic failover"),
+    Setting("coordinator", Kind.SECTION, keys=COORDINATOR, help="who decides roles: the "
+            "heartbeat majority or etcd"),
     Setting("nbd", Kind.SECTION, keys=NBD, help="the NBD server (nbdkit)"),
     Setting("journal", Kind.SECTION, keys=JOURNAL, help="each volume's write journal"),
     Setting("activity_log", Kind.SECTION, keys=ACTIVITY_LOG, help="DRBD's al-extents"),
@@ -652,6 +696,7 @@ class NodeConfig:
     peerlink: PeerlinkConfig = PeerlinkConfig()
     peers: tuple[PeerConfig, ...] = default_of(TOP, "peers")
     failover: FailoverConfig = FailoverConfig()
+    coordinator: CoordinatorConfig = CoordinatorConfig()
     snapshots: SnapshotsConfig = SnapshotsConfig()
     cdp: CdpConfig = CdpConfig()
     iscsi: IscsiConfig = IscsiConfig()
@@ -1174,6 +1219,43 @@ def _failover(raw: Any) -> FailoverConfig:
     return f
 
 
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+ETCD_URL = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})/?")
+
+
+def _coordinator(raw: Any, role: Role) -> CoordinatorConfig:
+    s = _Section(raw, "coordinator", COORDINATOR)
+    c = CoordinatorConfig(**s.values())
+    eps = []
+    for i, text in enumerate(s.listing("endpoints")):
+        m = ETCD_URL.fullmatch(str(text))
+        if m is None or not 0 < int(m.group(3)) < 65536:
+            raise ConfigError(f"expected http(s)://HOST:PORT for coordinator.endpoints[{i}], "
+                              f"got {text!r}")
+        eps.append(str(text).rstrip("/"))
+    c = replace(c, endpoints=tuple(eps))
+    if not GROUP_NAME.fullmatch(c.group):
+        raise ConfigError(f"expected a name of letters, digits, '_', '.', '-' for "
+                          f"coordinator.group, got {c.group!r}")
+    if not c.prefix.startswith("/") or any(ch.isspace() for ch in c.prefix) \
+            or c.prefix.rstrip("/") == "":
+        raise ConfigError(f"expected an absolute key prefix such as /nbdgw for "
+                          f"coordinator.prefix, got {c.prefix!r}")
+    if (c.cert_file is None) != (c.key_file is None):
+        raise ConfigError("coordinator.cert_file and coordinator.key_file go together")
+    if c.kind is CoordinatorKind.ETCD:
+        if not c.endpoints:
+            raise ConfigError("coordinator.kind etcd needs coordinator.endpoints (etcd's "
+                              "client URLs, e.g. http://192.0.2.21:2379)")
+        if role is Role.WITNESS:
+            raise ConfigError("node.role witness with coordinator.kind etcd: etcd decides "
+                              "who is primary, a witness site has nothing to do")
+    elif c.endpoints:
+        raise ConfigError("coordinator.endpoints is set but coordinator.kind is heartbeat: "
+                          "set kind: etcd, or remove the endpoints")
+    return c
+
+
 def _chap(raw: Any, where: str) -> ChapConfig | None:
     if raw is None:
         return None
@@ -1348,6 +1430,7 @@ def parse_config(raw: Any, source: Path | None = None) -> NodeConfig:
         peerlink=_peerlink(top.get("peerlink")),
         peers=peers,
         failover=_failover(top.get("failover")),
+        coordinator=_coordinator(top.get("coordinator"), role),
         name=name,
         data_dir=node.value("data_dir"),
         nbd=_nbd(top.get("nbd")),
@@ -1620,7 +1703,8 @@ def check_peerlink_auth(cfg: NodeConfig) -> None:
 def check_failover_secret(cfg: NodeConfig) -> None:
     """Automatic failover acts on heartbeats: they must be authenticated, and the
     shared secret is their key (TLS protects the replication links only)."""
-    if cfg.failover.auto and cfg.peers and cfg.peerlink.secret_file is None:
+    if cfg.failover.auto and cfg.peers and cfg.peerlink.secret_file is None \
+            and cfg.coordinator.kind is CoordinatorKind.HEARTBEAT:
         raise ConfigError(
             "failover.auto needs peerlink.secret_file: heartbeats are authenticated with "
             "the shared secret (TLS protects only the replication links); set "
@@ -1711,6 +1795,7 @@ def check_files(cfg: NodeConfig) -> None:
         where = f"nbd.tls.certificates_dir {d}:"
         _public_file(d / "server-cert.pem", where)
         _secret_file(d / "server-key.pem", where)
+    _coordinator_files(cfg.coordinator)
     _check_dns_keys(cfg)
     for chap, where in ((cfg.iscsi.chap, "iscsi.chap"),
                         (cfg.iscsi.mutual_chap, "iscsi.mutual_chap")):
@@ -1737,6 +1822,15 @@ def _check_dns_keys(cfg: NodeConfig) -> None:
             load_key(dns.key_file)
         except DnsError as e:
             raise ConfigError(str(e)) from None
+
+
+def _coordinator_files(co: CoordinatorConfig) -> None:
+    """etcd's CA and client certificate may be read by anyone; its key by its owner only."""
+    for key, path in (("ca_file", co.ca_file), ("cert_file", co.cert_file)):
+        if path is not None:
+            _public_file(path, f"coordinator.{key}")
+    if co.key_file is not None:
+        _secret_file(co.key_file, "coordinator.key_file")
 
 
 def _public_file(path: Path, where: str) -> os.stat_result:

@@ -69,6 +69,11 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "tests", "/usr/sbin/named"),
     Requirement("tsig-keygen", "bind9", "TSIG keys for dynamic DNS updates", "tests",
                 "/usr/sbin/tsig-keygen"),
+    Requirement("etcd", "etcd-server", "the etcd clusters of the lab and of the etcd tests "
+                "(coordinator.kind etcd: the fleet's own etcd runs on hosts of its choosing)",
+                "tests", "/usr/bin/etcd"),
+    Requirement("etcdctl", "etcd-client", "etcd's command line (lab, tests, operators)",
+                "tests"),
     Requirement("mkfs.ext4", "e2fsprogs", "file systems on volumes", "tests"),
     Requirement("e2fsck", "e2fsprogs", "file system checks after faults", "tests"),
 )

@@ -47,7 +47,7 @@ from blockstore.volume import parse_size
 from nbdgw_common.errors import CommandError, GatewayError
 from nbdgw_common.proc import run
 
-from . import labdns
+from . import labdns, labetcd
 
 LAB_KIND: Final = "lab"
 LAB_VERSION: Final = 1
@@ -254,16 +254,23 @@ class Lab:
     def is_witness(self, name: str) -> bool:
         return bool(self.node(name)["role"] == WITNESS)
 
+    @property
+    def etcd_members(self) -> list[dict[str, Any]]:
+        """With --coordinator etcd: the etcd members (shaped like sites; gateway/labetcd.py)."""
+        etcd = self.state.get("etcd")
+        return list(etcd["members"]) if etcd else []
+
     def node(self, name: str) -> dict[str, Any]:
-        for n in self.state["nodes"]:
+        for n in (*self.state["nodes"], *self.etcd_members):
             if n["name"] == name:
                 return dict(n)
         raise LabError(f"no node {name!r} in the lab (nodes: "
-                       + ", ".join(n["name"] for n in self.state["nodes"]) + ")")
+                       + ", ".join(n["name"] for n in (*self.state["nodes"],
+                                                       *self.etcd_members)) + ")")
 
     def all_netns(self) -> list[str]:
         dns = self.state.get("dns")
-        return [n["netns"] for n in self.state["nodes"]] + [
+        return [n["netns"] for n in (*self.state["nodes"], *self.etcd_members)] + [
             self.state["client_netns"], self.state["bridge_netns"],
             *([dns["netns"]] if dns else [])]
 
@@ -292,6 +299,10 @@ class Lab:
                     if s.get("dns") else None),
             "nodes": [{k: n[k] for k in ("name", "role", "netns", "address", "config",
                                          "data_dir")} for n in s["nodes"]],
+            "etcd": ({"endpoints": s["etcd"]["endpoints"], "group": s["etcd"]["group"],
+                      "members": [{k: m[k] for k in ("name", "netns", "address")}
+                                  for m in s["etcd"]["members"]]}
+                     if s.get("etcd") else None),
         }
 
     # -- processes ----------------------------------------------------------------------
@@ -325,6 +336,16 @@ class Lab:
     def _replace_node(self, node: dict[str, Any]) -> None:
         self.state["nodes"] = [node if n["name"] == node["name"] else n
                                for n in self.state["nodes"]]
+        if self.state.get("etcd"):
+            self.state["etcd"]["members"] = [node if n["name"] == node["name"] else n
+                                             for n in self.state["etcd"]["members"]]
+
+    def start_etcd(self) -> None:
+        """With --coordinator etcd: start every member, then wait until each is healthy."""
+        for m in self.etcd_members:
+            self.start_node(m["name"])
+        for m in self.etcd_members:
+            labetcd.wait_healthy(self.node(m["name"]), alive, tail)
 
     def kill_node(self, name: str) -> list[str]:
         """SIGKILL every process of the site at once: the recorded process groups, then
@@ -540,6 +561,8 @@ class Lab:
                 time.sleep(0.05)
         for n in self.state["nodes"]:
             self.kill_node(n["name"])
+        for m in self.etcd_members:  # after the sites: they must not see etcd go first
+            self.kill_node(m["name"])
         dns = self.state.get("dns")
         if dns and alive(dns["proc"]):
             with contextlib.suppress(ProcessLookupError):
@@ -637,10 +660,15 @@ def tgtd_control_ports(lab_id: str, count: int) -> list[int]:
 
 def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
          mode: str = "async", iscsi: bool = False, dns: bool = False,
-         shape: str = "dr") -> dict[str, Any]:
+         shape: str = "dr", coordinator: str = "heartbeat") -> dict[str, Any]:
     """The lab's description before anything exists: names, addresses, paths, argv."""
     if shape not in SHAPES:
         raise LabError(f"unknown lab shape {shape!r} (known: {', '.join(SHAPES)})")
+    if coordinator not in ("heartbeat", "etcd"):
+        raise LabError(f"--coordinator: heartbeat or etcd, not {coordinator!r}")
+    if coordinator == "etcd" and (shape == WITNESS or dns):
+        raise LabError("--coordinator etcd: not with --witness (etcd decides, a witness "
+                       "has nothing to do) nor --dns")
     if shape == WITNESS and topology == "cascade":
         raise LabError("--witness with --topology cascade: a cascade ships through dc to "
                        "a DR site, and a witness holds no data")
@@ -659,8 +687,12 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
         raise LabError(f"--subnet with --dns: expected an IPv4 network of at least 16 "
                        f"addresses (/28) apart from the clients' {DNS_CLIENT_SUBNET}, "
                        f"got {subnet}")
-    # three sites, client, the service address; with --dns the server and the router
-    hosts = list(net.hosts())[:7]
+    if coordinator == "etcd" and net.num_addresses < 16:
+        raise LabError(f"--subnet with --coordinator etcd: expected an IPv4 network of at "
+                       f"least 16 addresses (/28), got {subnet}")
+    # three sites, client, the service address; with --dns the server and the router;
+    # with etcd its three members
+    hosts = list(net.hosts())[:10]
     lab_id = secrets.token_hex(3)
     prefix = f"nbdgw-{lab_id}"
     nbdgw = nbdgw_argv()
@@ -699,8 +731,11 @@ def plan(lab_dir: Path, subnet: str, size: str, topology: str = "fanout",
             "client_prefixlen": cnet.prefixlen, "client_router": str(router_b),
             "proc": {"name": "named", "log": str(lab_dir / "named.log"), "pid": None,
                      "start_time": None}}
+    etcd = (labetcd.plan(prefix, lab_dir, lab_id, [str(h) for h in hosts[7:10]])
+            if coordinator == "etcd" else None)
     return {
         "kind": LAB_KIND, "version": LAB_VERSION, "id": lab_id, "dir": str(lab_dir),
+        "etcd": etcd,
         "subnet": str(net), "prefixlen": net.prefixlen, "size": nbytes,
         "service_address": str(hosts[4]),  # held by whichever site is primary
         "client_netns": f"{prefix}-{CLIENT}", "client_address": client_address,
@@ -720,7 +755,8 @@ def build_network(s: dict[str, Any]) -> None:
     run(["ip", "-n", br, "link", "add", BRIDGE, "type", "bridge"])
     run(["ip", "-n", br, "link", "set", BRIDGE, "up"])
     dns = s.get("dns")
-    ends = [(n["netns"], n["veth"], n["address"], BRIDGE, s["prefixlen"]) for n in s["nodes"]]
+    ends = [(n["netns"], n["veth"], n["address"], BRIDGE, s["prefixlen"])
+            for n in (*s["nodes"], *(s["etcd"]["members"] if s.get("etcd") else ()))]
     if dns:
         # The clients' subnet on a second bridge; the bridge namespace routes between.
         run(["ip", "-n", br, "link", "add", CLIENT_BRIDGE, "type", "bridge"])
@@ -780,6 +816,8 @@ def write_site(s: dict[str, Any], node: dict[str, Any], secret: bytes) -> None:
         "volumes": [{"name": VOLUME, "size": s["size"]}],
         "metrics": {"listen": f"{node['address']}:{METRICS_PORT}"},
     }
+    if s.get("etcd"):
+        cfg["coordinator"] = labetcd.coordinator_config(s["etcd"])
     witness = node["role"] == WITNESS
     if witness:
         for key in ("nbd", "service", "volumes"):
@@ -822,12 +860,16 @@ def start_sites(lab: Lab) -> None:
 
 def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
        topology: str = "fanout", mode: str = "async", iscsi: bool = False,
-       dns: bool = False, witness: bool = False, branches: int = 0) -> dict[str, Any]:
+       dns: bool = False, witness: bool = False, branches: int = 0,
+       coordinator: str = "heartbeat") -> dict[str, Any]:
     """Build and start the lab; return the summary JSON.  On failure, undo it.
     ``branches``: the fan-in shape of volume groups instead (gateway/labbranches.py)."""
     from . import labbranches
 
     precheck()
+    if branches and coordinator != "heartbeat":
+        raise LabError("--branches with --coordinator etcd: not built yet (the etcd "
+                       "coordinator runs one group per node config so far)")
     if branches and (iscsi or topology != "fanout" or subnet != DEFAULT_SUBNET):
         raise LabError("--branches builds its own subnets, topology (each branch group "
                        "cascades through dc to dr) and DNS names; it takes --size, --mode "
@@ -849,7 +891,8 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
                            "the service address, which --dns replaces)")
     lab = Lab(lab_dir, labbranches.plan(lab_dir, branches, parse_size(size), mode, witness)
               if branches else plan(lab_dir, subnet, size, topology, mode, iscsi, dns,
-                                    shape=WITNESS if witness else "dr"))
+                                    shape=WITNESS if witness else "dr",
+                                    coordinator=coordinator))
     lab.save()  # first, so that `down` can clean up whatever a failed `up` left
     with locked(lab_dir):
         try:
@@ -859,6 +902,9 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
             with os.fdopen(fd, "wb") as f:
                 f.write(secret)
             lab.start_dns()
+            for m in lab.etcd_members:
+                Path(m["dir"]).mkdir(parents=True)
+            lab.start_etcd()
             for node in lab.nodes:
                 (labbranches.write_site if branches else write_site)(lab.state, node, secret)
             (labbranches.start_all if branches else start_sites)(lab)
@@ -912,6 +958,8 @@ def start(lab_dir: Path, name: str) -> dict[str, Any]:
             from . import labbranches
 
             labbranches.wait_site(lab, name, since)
+        elif name in {m["name"] for m in lab.etcd_members}:
+            labetcd.wait_healthy(lab.node(name), alive, tail)
         else:
             lab.wait_node_ready(name, offsets, since)
         node = lab.node(name)

@@ -15,6 +15,9 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
                          "vote": null | {"epoch", "for"}, "lease_s": float,
                          "outdated": [node], "degraded": [node], "campaign": int|null,
                          "quorum_exempt": bool, "beats_rejected": {reason: int},
+                         "coordinator": null | {"kind": "etcd", "group", "revision",
+                                  "lease", "lease_alive_s", "holder", "holder_epoch",
+                                  "served", "members": [node]},
                          "quorum": {"sites": int, "heard": int, "majority": bool},
                          "roles": {node: "primary"|"secondary"|"dr"|"witness"}},
      "volumes": [
@@ -302,7 +305,10 @@ def failover_report(data_dir: Path, now: float) -> dict[str, Any] | None:
             "vote": st.get("vote"), "lease_s": st.get("lease_s"),
             "outdated": st.get("outdated", []), "degraded": st.get("degraded", []),
             "campaign": st.get("campaign"), "quorum_exempt": st.get("quorum_exempt", False),
-            "beats_rejected": st.get("beats_rejected", {})}
+            "beats_rejected": st.get("beats_rejected", {}),
+            # coordinator.kind etcd (gateway/etcdcore.py): the group, this node's lease,
+            # the key's holder; None with heartbeats.
+            "coordinator": st.get("coordinator")}
 
 
 def rpo_state(window: dict[str, Any], bound: RpoConfig | None) -> dict[str, Any] | None:
@@ -344,6 +350,11 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
         sites = 1 + len(cfg.peers)
         fo["quorum"] = {"sites": sites, "heard": 0 if stale else 1 + heard,
                         "majority": not stale and 1 + heard >= majority_of(sites)}
+        co = fo["coordinator"]
+        if co is not None:  # etcd's quorum decides: this node's lease is alive in it
+            members = len(co.get("members", []))
+            fo["quorum"] = {"sites": sites, "heard": 0 if stale else members,
+                            "majority": not stale and co.get("lease_alive_s", 0) > 0}
         fo["roles"] = {cfg.name: cfg.role.value,
                        **{p.name: p.role.value for p in cfg.peers}}
     if live:
@@ -498,8 +509,10 @@ def failover_lines(report: dict[str, Any]) -> list[str]:
     heard = ", ".join(f"{p}{' (witness)' if roles.get(p) == 'witness' else ''} "
                       f"{v['heard_s_ago']} s ago" for p, v in
                       sorted(fo["peers"].items())) or "no peer heard"
+    # With etcd no heartbeats are exchanged: etcd's line (quorum_lines) says instead.
+    heard_part = "" if fo.get("coordinator") else f"; heard: {heard}"
     out = [f"failover: {fo['state']}, epoch {fo['epoch']}, primary "
-           f"{fo['primary']}{stale}; heard: {heard}"]
+           f"{fo['primary']}{stale}{heard_part}"]
     out += quorum_lines(fo)
     if roles.get(report["node"]) == "witness":
         out += witness_lines(fo)
@@ -518,6 +531,12 @@ def quorum_lines(fo: dict[str, Any]) -> list[str]:
     q = fo.get("quorum")
     if q is None or not fo["auto"]:
         return []
+    co = fo.get("coordinator")
+    if co is not None:
+        return [f"etcd: group {co['group']}, key held by {co['holder'] or 'nobody'} "
+                f"(epoch {co['holder_epoch']}); this node's lease "
+                + ("alive" if q["majority"] else "LOST") + f"; {q['heard']} of {q['sites']}"
+                " sites have a record in etcd"]
     return [f"quorum: {q['heard']} of {q['sites']} sites, "
             + ("majority" if q["majority"] else "NO MAJORITY")]
 

@@ -65,6 +65,7 @@ SCHEMA = {"version": int, "node": str, "data_dir": str, "split_brain": (type(Non
                        "vote": (type(None), {"epoch": int, "for": OPT_STR}),
                        "lease_s": (int, float), "outdated": [str], "degraded": [str],
                        "campaign": OPT_INT, "quorum_exempt": bool, "beats_rejected": dict,
+                       "coordinator": (type(None), dict),
                        "quorum": {"sites": int, "heard": int, "majority": bool},
                        "roles": dict},
           "volumes": [VOLUME]}

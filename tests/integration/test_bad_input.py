@@ -151,8 +151,8 @@ CONFIG_CASES = {
                        "not valid YAML at line 4, column 12"),
     "unknown-top-key": ("version: 1\nfoo: 1\n",
                         "unknown key 'foo' in the config file (known: activity_log, cdp, control, "
-                        "failover, groups, health, iscsi, journal, metrics, nbd, node, "
-                        "peerlink, peers, service, sites, snapshots, version, volumes)"),
+                        "coordinator, failover, groups, health, iscsi, journal, metrics, nbd, "
+                        "node, peerlink, peers, service, sites, snapshots, version, volumes)"),
     "unknown-nbd-key": ("version: 1\nnbd:\n  colour: blue\n",
                         "unknown key 'colour' in nbd (known: allow, default_export, listen, tls)"),
     "listen-scheme": ("version: 1\nnbd:\n  listen: ['udp:127.0.0.1:10809']\n",

@@ -51,6 +51,7 @@ ATTACKER = "10.0.0.66"
 DT = 0.05
 SYNC_TIMEOUT = 1.0
 SETTLE = 45.0  # after healing, the cluster must converge within this
+ISOLATED_STOP = 2.0  # an isolated primary's lease ends within this (the timeout)
 
 
 class Violation(AssertionError):
@@ -95,6 +96,8 @@ class Msg:
 
 
 class Sim:
+    isolated_stop = ISOLATED_STOP  # a subclass whose primary needs no peer sets inf
+
     def __init__(self, seed: int, *, sync: bool = True, guard: bool = True,
                  trace: bool = False, promote_failure: float = 0.0,
                  topology: str = "dr",
@@ -158,13 +161,17 @@ class Sim:
 
     def _boot(self, node: Node) -> None:
         node.boots += 1
-        boot = bytes([node.boots]) + self.rng.randbytes(15)
-        node.core = NodeCore(self.cfg(node.name), node.hard, node.local(self.t), boot)
+        node.core = self.make_core(node)
         node.crashed = False
         node.busy, node.busy_until, node.queue = None, math.inf, []
         node.serving = False
         node.next_facts = self.t
         self._step(node, Tick(node.local(self.t)))
+
+    def make_core(self, node: Node) -> NodeCore:
+        """A new boot's core (a subclass puts another coordinator's core here)."""
+        boot = bytes([node.boots]) + self.rng.randbytes(15)
+        return NodeCore(self.cfg(node.name), node.hard, node.local(self.t), boot)
 
     def crash(self, n: str) -> None:
         node = self.nodes[n]
@@ -233,8 +240,12 @@ class Sim:
         elif kind in ("receive", "follow", "clear_split_brain"):
             pass
         else:
-            raise Violation(f"unknown action {kind}")
+            self._perform_other(node, kind, args)
         self._start_busy(node)
+
+    def _perform_other(self, node: Node, kind: str, args: dict[str, Any]) -> None:
+        """An action of a subclass's core (etcd requests); none for the heartbeat core."""
+        raise Violation(f"unknown action {kind}")
 
     def _start_busy(self, node: Node) -> None:
         if node.busy is None and node.queue:
@@ -366,6 +377,7 @@ class Sim:
     def _writes(self) -> None:
         """nbdkit takes a write while its lease holds (a frozen daemon does not stop it);
         a write is acknowledged once every sync peer has it or is confirmed outdated."""
+        self._check_new_epochs(self._holders())
         for n, node in self.nodes.items():
             if node.crashed or not node.serving or (node.busy or ("",))[0] == "drain":
                 continue
@@ -423,16 +435,24 @@ class Sim:
 
     # -- invariants ---------------------------------------------------------------------------
 
-    def _check(self) -> None:
-        holders = [n for n, node in self.nodes.items()
-                   if node.lease_until_local > node.local(self.t) and not node.crashed]
-        if len(holders) > 1 and not self.forced_epochs:
-            raise Violation(f"two valid write leases at once: {holders}")
+    def _holders(self) -> list[str]:
+        return [n for n, node in self.nodes.items()
+                if node.lease_until_local > node.local(self.t) and not node.crashed]
+
+    def _check_new_epochs(self, holders: list[str]) -> None:
+        """The first lease on an epoch: checked before that epoch's first write (a
+        write acknowledged on the new epoch is not one the elected node lacked)."""
         for n in holders:
             e = self.nodes[n].hard.epoch
             if e not in self.checked_epochs and e not in self.forced_epochs:
                 self.checked_epochs.add(e)
                 self._check_elected(self.nodes[n], e)
+
+    def _check(self) -> None:
+        holders = self._holders()
+        if len(holders) > 1 and not self.forced_epochs:
+            raise Violation(f"two valid write leases at once: {holders}")
+        self._check_new_epochs(holders)
         for n in self.nodes:
             cut = all(not self.links[(n, p)] and not self.links[(p, n)]
                       for p in self.sites if p != n)
@@ -441,7 +461,7 @@ class Sim:
                     self.isolated_since[n] = self.t
                 since = self.isolated_since[n]
                 assert since is not None
-                if n in holders and self.t - since > 2.0 + 0.05:
+                if n in holders and self.t - since > self.isolated_stop + 0.05:
                     raise Violation(f"{n} isolated since t={since:.2f} still holds its "
                                     "lease after the timeout")
             else:

@@ -35,8 +35,8 @@ from nbdgw_common.errors import GatewayError
 from tests.unit.conftest import refused, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP = ("activity_log, cdp, control, failover, groups, health, iscsi, journal, metrics, nbd, "
-       "node, peerlink, peers, service, sites, snapshots, version, volumes")
+TOP = ("activity_log, cdp, control, coordinator, failover, groups, health, iscsi, journal, "
+       "metrics, nbd, node, peerlink, peers, service, sites, snapshots, version, volumes")
 NAME_RULE = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TLS_ONE_OF = ("nbd.tls.mode is on or require: set exactly one of nbd.tls.psk_file and "
               "nbd.tls.certificates_dir")
@@ -495,3 +495,59 @@ def test_parse_config_does_not_modify_its_input() -> None:
     before = copy.deepcopy(raw)
     parse_config(raw)
     assert raw == before
+
+
+# -- coordinator (etcd) ------------------------------------------------------------------------
+
+ETCD_OK = {"kind": "etcd", "endpoints": ["http://192.0.2.21:2379", "https://[2001:db8::1]:2379/"]}
+
+
+def test_coordinator_etcd_is_read_with_its_defaults() -> None:
+    c = parse_config({"version": 1, "coordinator": ETCD_OK}).coordinator
+    assert c.kind.value == "etcd" and c.group == "default" and c.prefix == "/nbdgw"
+    assert c.endpoints == ("http://192.0.2.21:2379", "https://[2001:db8::1]:2379")
+    assert c.lease_ttl == 5
+
+
+@pytest.mark.parametrize(("coordinator", "msg"), [
+    ({"kind": "etcd"}, "coordinator.kind etcd needs coordinator.endpoints"),
+    ({"kind": "etcd", "endpoints": ["192.0.2.21:2379"]},
+     "expected http(s)://HOST:PORT for coordinator.endpoints[0], got '192.0.2.21:2379'"),
+    ({"kind": "etcd", "endpoints": "http://192.0.2.21:2379"},
+     "expected a list for coordinator.endpoints"),
+    ({"endpoints": ["http://192.0.2.21:2379"]},
+     "coordinator.endpoints is set but coordinator.kind is heartbeat"),
+    ({**ETCD_OK, "group": "a/b"}, "coordinator.group, got 'a/b'"),
+    ({**ETCD_OK, "prefix": "nbdgw"}, "coordinator.prefix, got 'nbdgw'"),
+    ({**ETCD_OK, "lease_ttl": 1}, "expected integer between 2 and 60 for coordinator.lease_ttl"),
+    ({**ETCD_OK, "cert_file": "/c"}, "coordinator.cert_file and coordinator.key_file go "
+                                     "together"),
+    ({"kind": "zookeeper"}, "coordinator.kind"),
+])
+def test_coordinator_refuses_bad_values_by_name(coordinator: dict[str, Any], msg: str) -> None:
+    assert msg in refused({"version": 1, "coordinator": coordinator})
+
+
+def test_coordinator_etcd_refuses_a_witness() -> None:
+    raw = {"version": 1, "node": {"role": "witness"}, "coordinator": ETCD_OK,
+           "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"},
+           "peers": [{"name": "a", "role": "primary", "address": "192.0.2.11"},
+                     {"name": "b", "role": "secondary", "address": "192.0.2.12"}]}
+    assert "etcd decides who is primary" in refused(raw)
+
+
+def test_coordinator_files_are_checked_by_name(tmp_path: Path) -> None:
+    key = tmp_path / "etcd-key.pem"
+    key.write_text("k")
+    key.chmod(0o644)
+    raw = {"version": 1, "coordinator": {**ETCD_OK, "cert_file": str(tmp_path / "none.pem"),
+                                         "key_file": str(key)}}
+    from gateway.config import check_files
+
+    with pytest.raises(ConfigError, match=r"coordinator\.cert_file"):
+        check_files(parse_config(raw))
+    (tmp_path / "none.pem").write_text("c")
+    with pytest.raises(ConfigError, match=r"coordinator\.key_file"):
+        check_files(parse_config(raw))
+    key.chmod(0o600)
+    check_files(parse_config(raw))

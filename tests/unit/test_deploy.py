@@ -952,3 +952,35 @@ def test_upgrade_never_restarts_a_main_site_node_while_the_other_is_down(
     assert run.changed() == [], run
     assert not (tmp_path / "main").exists()
     assert not (tmp_path / "dc").exists()
+
+
+def test_the_etcd_coordinator_renders_in_the_documented_shape(tmp_path: Path) -> None:
+    """nbdgw_coordinator_*: the node config's coordinator section, as examples/nbdgw.yaml
+    documents it; `nbdgw config check` reads its certificate files."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "etcd.pem", "etcd-key.pem"):
+        (certs / name).write_text("-----BEGIN CERTIFICATE-----\n")
+        (certs / name).chmod(0o600)
+    group = site_vars() | {
+        "nbdgw_coordinator_kind": "etcd", "nbdgw_coordinator_group": "branch-17",
+        "nbdgw_coordinator_endpoints": ["https://127.0.0.21:2379", "https://127.0.0.22:2379"],
+        "nbdgw_coordinator_lease_ttl": 4,
+        "nbdgw_coordinator_ca_file": str(certs / "ca.pem"),
+        "nbdgw_coordinator_cert_file": str(certs / "etcd.pem"),
+        "nbdgw_coordinator_key_file": str(certs / "etcd-key.pem")}
+    cfg = render_config(tmp_path, group)
+    assert cfg["coordinator"] == {
+        "kind": "etcd", "endpoints": ["https://127.0.0.21:2379", "https://127.0.0.22:2379"],
+        "group": "branch-17", "prefix": "/nbdgw", "lease_ttl": 4, "poll_interval": 0.5,
+        "ca_file": str(certs / "ca.pem"), "cert_file": str(certs / "etcd.pem"),
+        "key_file": str(certs / "etcd-key.pem")}
+    config_check(cfg["__path"])
+
+
+def test_the_etcd_coordinator_without_endpoints_is_refused(tmp_path: Path) -> None:
+    inv = write_inventory(tmp_path, ("main",), site_vars() | {"nbdgw_coordinator_kind": "etcd"})
+    run = run_playbook("site.yml", inv, timeout=180)
+    assert run.rc != 0, run
+    assert any("etcd needs nbdgw_coordinator_endpoints" in f for f in run.failures()), run
+    assert run.changed() == [], run

@@ -1,0 +1,248 @@
+"""etcd v3 for the daemon: a client over etcd's JSON gateway (etcd3gw) that tries every
+endpoint of the cluster in turn, and the shell that performs the etcd requests of the
+etcd node core (gateway/etcdcore.py) off the daemon's main loop.
+
+The client: etcd3gw (OpenStack's client of the JSON gateway, maintained, pinned in
+pyproject.toml) does the HTTP, TLS and error mapping; this module builds the few
+requests the core needs (lease grant and keepalive, one transaction with a range read of
+the group's keys at its end) and turns the answers into the core's ``KV`` and
+``EtcdReply``.  A request that fails to connect or times out on one endpoint is tried
+on the next (a member that lost its peers answers nothing in time); the endpoint that
+answered is tried first next time.  The environment is not trusted (no proxy, no
+REQUESTS_CA_BUNDLE): the CA is ``coordinator.ca_file``, else the system's.  etcd's
+64-bit integers arrive as JSON strings and its bytes as base64.
+
+The shell: keepalives on a thread of their own (a slow transaction never delays one;
+when several are queued only the newest is sent, the others answered as superseded:
+each is anchored at its own send time, so the newest is worth most), transactions in
+order on another.  Every request is answered (``ok`` False with the error when etcd did
+not answer in time), posted to the daemon's queue as an ``EtcdReply``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import structlog
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+
+from .etcdcore import KV, Cmp, Delete, EtcdReply, Put, Txn
+
+log = structlog.get_logger(component="etcd")
+
+REQUEST_TIMEOUT: Final = 1.0  # s per endpoint (below the core's REQUEST_LOST_AFTER)
+TARGETS: Final = {"create": ("CREATE", "create_revision"), "mod": ("MOD", "mod_revision"),
+                  "value": ("VALUE", "value")}
+
+
+def system_cafile() -> str | None:
+    path = ssl.get_default_verify_paths().cafile
+    return path if path and os.path.exists(path) else None
+
+
+class EtcdUnavailable(Exception):
+    """No endpoint answered in time."""
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def unb64(text: str) -> str:
+    return base64.b64decode(text).decode(errors="replace")
+
+
+def prefix_end(prefix: str) -> str:
+    """The range_end that makes a range read every key starting with ``prefix``."""
+    raw = prefix.encode()
+    return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class EtcdClient:
+    def __init__(self, endpoints: Sequence[str], tls: Tls = Tls(),
+                 timeout: float = REQUEST_TIMEOUT) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoint")
+        self.endpoints = list(endpoints)
+        self.clients = []
+        for url in endpoints:
+            u = urlsplit(url)
+            self.clients.append(Etcd3Client(
+                host=u.hostname or "", port=u.port or 2379, protocol=u.scheme,
+                ca_cert=str(tls.ca_file) if tls.ca_file else None,
+                cert_cert=str(tls.cert_file) if tls.cert_file else None,
+                cert_key=str(tls.key_file) if tls.key_file else None,
+                timeout=timeout, api_path="/v3/"))  # etcd >= 3.4
+            # Not the environment's: requests lets REQUESTS_CA_BUNDLE override the
+            # session's CA (coordinator.ca_file was ignored where it is set), and etcd is
+            # reached directly, never through HTTP(S)_PROXY.
+            session = self.clients[-1].session
+            session.trust_env = False
+            if tls.ca_file is None:  # the system's CAs (OpenSSL's), not certifi's copy
+                session.verify = system_cafile() or True
+        self.current = 0
+        self.lock = threading.Lock()
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on the endpoint that answered last, else the next."""
+        errors = []
+        with self.lock:
+            start = self.current
+        for i in range(len(self.clients)):
+            n = (start + i) % len(self.clients)
+            c = self.clients[n]
+            try:
+                out = c.post(c.get_url(path), json=body)
+            except (ConnectionFailedError, ConnectionTimeoutError) as e:
+                errors.append(f"{self.endpoints[n]}: {type(e).__name__}")
+                continue
+            with self.lock:
+                if n != self.current:
+                    log.info("etcd_endpoint", endpoint=self.endpoints[n])
+                self.current = n
+            return out if isinstance(out, dict) else {}
+        raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
+
+    # -- the requests -------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        r = self.call("lease/grant", {"TTL": ttl, "ID": 0})
+        if r.get("error"):
+            raise Etcd3Exception(str(r.get("error")))
+        return int(r.get("ID", 0)), int(r.get("TTL", 0))
+
+    def keepalive(self, lease: int) -> int:
+        """Seconds left on ``lease`` after renewing it; 0 when etcd no longer has it."""
+        r = self.call("lease/keepalive", {"ID": lease})
+        res = r.get("result", r)
+        if r.get("error") or not isinstance(res, dict):
+            return 0
+        return int(res.get("TTL", 0))
+
+    def txn(self, t: Txn, lease: int) -> tuple[bool, int, tuple[KV, ...]]:
+        """(compare held, revision, the keys under ``t.prefix`` after it)."""
+        def op(o: Put | Delete) -> dict[str, Any]:
+            if isinstance(o, Put):
+                put: dict[str, Any] = {"key": b64(o.key), "value": b64(o.value)}
+                if o.leased:
+                    put["lease"] = lease
+                return {"request_put": put}
+            return {"request_delete_range": {"key": b64(o.key)}}
+
+        read = {"request_range": {"key": b64(t.prefix), "range_end": prefix_end(t.prefix)}}
+        body = {"compare": [cmp(c) for c in t.compare],
+                "success": [*map(op, t.success), read],
+                "failure": [*map(op, t.failure), read]}
+        r = self.call("kv/txn", body)
+        revision = int(r.get("header", {}).get("revision", 0))
+        kvs: tuple[KV, ...] = ()
+        for resp in r.get("responses", []):
+            rng = resp.get("response_range")
+            if rng is not None:
+                kvs = tuple(kv_of(kv) for kv in rng.get("kvs", []))
+        return bool(r.get("succeeded", False)), revision, kvs
+
+    def get_prefix(self, prefix: str) -> tuple[int, tuple[KV, ...]]:
+        r = self.call("kv/range", {"key": b64(prefix), "range_end": prefix_end(prefix)})
+        return (int(r.get("header", {}).get("revision", 0)),
+                tuple(kv_of(kv) for kv in r.get("kvs", [])))
+
+    def lease_ttl(self, lease: int) -> int:
+        """Seconds left on ``lease`` (-1: etcd no longer has it)."""
+        r = self.call("lease/timetolive", {"ID": lease})
+        return int(r.get("TTL", -1))
+
+    def members(self) -> list[dict[str, Any]]:
+        return list(self.call("cluster/member/list", {}).get("members", []))
+
+
+def cmp(c: Cmp) -> dict[str, Any]:
+    target, field = TARGETS[c.target]
+    value = b64(str(c.value)) if c.target == "value" else str(c.value)
+    return {"key": b64(c.key), "result": "EQUAL", "target": target, field: value}
+
+
+def kv_of(kv: dict[str, Any]) -> KV:
+    return KV(unb64(kv.get("key", "")), unb64(kv.get("value", "")),
+              int(kv.get("create_revision", 0)), int(kv.get("mod_revision", 0)),
+              int(kv.get("lease", 0)))
+
+
+def perform(client: EtcdClient, args: dict[str, Any]) -> EtcdReply:
+    """One request of the core (an ``etcd`` action's arguments), answered."""
+    rid = int(args["req_id"])
+    op = args["op"]
+    try:
+        if op == "grant":
+            lease, ttl = client.grant(int(args["ttl"]))
+            return EtcdReply(time.monotonic(), rid, True, lease=lease, ttl=ttl)
+        if op == "keepalive":
+            ttl = client.keepalive(int(args["lease"]))
+            return EtcdReply(time.monotonic(), rid, True, ttl=ttl)
+        ok, rev, kvs = client.txn(args["txn"], int(args.get("lease", 0)))
+        return EtcdReply(time.monotonic(), rid, True, succeeded=ok, revision=rev, kvs=kvs)
+    except (EtcdUnavailable, Etcd3Exception, ValueError, KeyError) as e:
+        return EtcdReply(time.monotonic(), rid, False, error=str(e)[:300])
+
+
+class EtcdShell:
+    """Performs the core's etcd requests on two threads; answers go to ``post``."""
+
+    def __init__(self, client: EtcdClient, post: Callable[[Any], None]) -> None:
+        self.client = client
+        self.post = post
+        self.leases: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.txns: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.count = 0  # requests sent (the daemon's metrics and the bench read it)
+        self.threads = [threading.Thread(target=self._leases, name="etcd-lease", daemon=True),
+                        threading.Thread(target=self._txns, name="etcd-txn", daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, args: dict[str, Any]) -> None:
+        (self.leases if args["op"] in ("grant", "keepalive") else self.txns).put(args)
+
+    def _leases(self) -> None:
+        while (args := self.leases.get()) is not None:
+            while args["op"] == "keepalive":  # only the newest queued one is worth sending
+                try:
+                    nxt = self.leases.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or nxt["op"] != "keepalive":
+                    self.leases.put(nxt)  # its turn comes next
+                    break
+                self.post(EtcdReply(time.monotonic(), int(args["req_id"]), False,
+                                    error="superseded by a newer keepalive"))
+                args = nxt
+            self.count += 1
+            self.post(perform(self.client, args))
+
+    def _txns(self) -> None:
+        while (args := self.txns.get()) is not None:
+            self.count += 1
+            self.post(perform(self.client, args))
+
+    def stop(self) -> None:
+        self.leases.put(None)
+        self.txns.put(None)
+        for t in self.threads:
+            t.join(REQUEST_TIMEOUT * 4)
