@@ -758,19 +758,30 @@ def clone() -> None:
 
 
 @clone.command("create")
-@click.argument("source", metavar="VOLUME@SNAPSHOT")
+@click.argument("source", metavar="VOLUME@SNAPSHOT|VOLUME@POINT|VOLUME")
 @click.argument("name")
+@click.option("--at", "at", default=None,
+              help="Of VOLUME as of an instant (ISO 8601, UTC): the last FLUSH at or "
+                   "before it.")
+@click.option("--seq", type=int, default=None, help="Of VOLUME at a point's journal seq.")
+@click.option("--before-last-flush", is_flag=True,
+              help="Of VOLUME at the consistency point before the newest one.")
 @data_dir_opt
 @click.pass_obj
 @audit.audited("clone create")
-def clone_create(obj: Ctx, source: str, name: str, data_dir: Path | None) -> None:
-    """A writable clone NAME of SOURCE: it stores only its own writes, is never
-    replicated, and is served as NBD export NAME (and an iSCSI LUN) by this node's
-    nbdgw serve. The snapshot cannot be deleted while the clone exists."""
+def clone_create(obj: Ctx, source: str, name: str, at: str | None, seq: int | None,
+                 before_last_flush: bool, data_dir: Path | None) -> None:
+    """A writable clone NAME of a snapshot or of a CDP point (VOLUME@2026-12-02T10:15:03Z,
+    VOLUME@seq-N as `nbdgw cdp export` prints them, or VOLUME with --at, --seq or
+    --before-last-flush): it stores only its own writes, is never replicated, and is
+    served as NBD export NAME (and an iSCSI LUN) by this node's nbdgw serve. The
+    snapshot, or the point's history, stays while the clone exists."""
     from . import clones
 
-    info = clones.create(obj.data_dir(data_dir), source, name)
-    click.echo(f"created clone {info.name} of {info.volume}@{info.snapshot} "
+    info = clones.create(obj.data_dir(data_dir), source, name, at, seq, before_last_flush)
+    base = info.snapshot if info.point_seq is None else (
+        f"{info.snapshot} (journal seq {info.point_seq})")
+    click.echo(f"created clone {info.name} of {info.volume}@{base} "
                f"(export {info.name}, {_human(info.size)})")
 
 
@@ -1140,19 +1151,34 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
     return lambda export: f"nbd://{host}:{a.port}/{export}"
 
 
+def _clone_exports(data_dir: Path, names: tuple[str, ...]) -> list[Any]:
+    """`iscsi serve --clone`: the clones as writable exports (each must exist)."""
+    from blockstore.clone import find_clone
+    from iscsi_bridge import Export
+
+    for name in names:
+        if find_clone(data_dir, name) is None:
+            _fail(f"--clone {name}: no clone named {name} in {data_dir}")
+    return [Export(n) for n in names]
+
+
 @iscsi.command("serve")
 @data_dir_opt
 @click.option("--nbd-socket", type=click.Path(path_type=Path), default=None,
               help="Unix socket of the running `nbdgw serve` (default: from nbd.listen).")
 @click.option("--volume", "volumes", multiple=True, help="Export only these volumes.")
 @click.option("--snapshot", "snapshots", multiple=True, metavar="VOLUME@SNAP",
-              help="Also export this snapshot, read-only (a replica's too: on a secondary "
-                   "or DR node, served by `nbdgw serve` there).")
+              help="Also export this snapshot or CDP point export (`nbdgw cdp export`), "
+                   "read-only (a replica's too: on a secondary or DR node, served by "
+                   "`nbdgw serve` there).")
+@click.option("--clone", "clone_names", multiple=True, metavar="NAME",
+              help="Also export this clone, writable.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="Seconds between reconciles (repairs a restarted tgtd or a lost target).")
 @click.pass_obj
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
-                volumes: tuple[str, ...], snapshots: tuple[str, ...], interval: float) -> None:
+                volumes: tuple[str, ...], snapshots: tuple[str, ...],
+                clone_names: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
     from iscsi_bridge import Bridge, Export
 
@@ -1168,6 +1194,7 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
         if not Export(name).is_snapshot:
             _fail(f"--snapshot {name}: expected VOLUME@SNAP")
         exports.append(Export(name, read_only=True))
+    exports += _clone_exports(cfg.data_dir, clone_names)
     if not exports:
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
     bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)
