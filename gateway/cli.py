@@ -323,6 +323,16 @@ def volume_repair(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
     click.echo(report)
 
 
+def _replica_points(data_dir: Path, name: str) -> list[str]:
+    """The CDP points of replica ``name`` exported (`nbdgw cdp export` there)."""
+    from blockstore.cdp import read_exports
+
+    try:
+        return [e.partition("@")[2] for e in read_exports(find_volume(data_dir, name).path)]
+    except (BlockstoreError, OSError):
+        return []
+
+
 @cli.command()
 @data_dir_opt
 @click.option("--listen", "listen", multiple=True,
@@ -419,9 +429,10 @@ def _echo_replica_exports(data_dir: Path, replicas: list[str],
             snaps = [index.snaps[i].name for i in index.order]
         except (BlockstoreError, OSError):
             snaps = []
-        for snap in snaps:
+        points = _replica_points(data_dir, name)
+        for snap in [*snaps, *points]:
             click.echo(f"nbdgw: export {name}@{snap}: {uri_of(f'{name}@{snap}')} (read-only)")
-        if not snaps:
+        if not snaps and not points:
             click.echo(f"nbdgw: replica {name}: its snapshots are exported read-only as "
                        f"{name}@SNAPSHOT (none yet)")
 

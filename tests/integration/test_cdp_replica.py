@@ -1,0 +1,143 @@
+"""CDP points and clones of points on a live replica, end to end: a real `nbdgw serve`
+primary with a window, real peerlink sender and receiver (the receiver keeps applying a
+libnbd writer's batches the whole time), `nbdgw serve` on the replica's data dir.  On
+the replica, `nbdgw cdp list` and `cdp export --at` of instants between known FLUSHes
+read back exactly over NBD; a clone of a point (on the replica and on the primary) reads
+the point and keeps its own writes; a connection open on the oldest point keeps its
+base past the replica's window (the receiver, another process, does not drop it) and
+the base goes once the client disconnects; the replica equals the primary at the end."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blockstore.cdp import CdpPolicy, bases_of, format_instant, lasting_pins, write_policy
+from tests.conftest import Served, run_nbdgw
+from tests.integration.peerenv import Env, Writer
+from tests.integration.test_cdp import REGION, connect, read_export, rounds
+
+MiB = 1 << 20
+WINDOW = 20.0  # the replica's window (a base every 5 s)
+
+
+@pytest.fixture
+def cdp_env(tmp_path: Path, data_dir: Path, volume: str,
+            serve: Callable[..., Served]) -> Iterator[Env]:
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    run_nbdgw("volume", "create", "v1", "--size", "64M", "--replica", "--data-dir",
+              str(replica))
+    config = tmp_path / "nbdgw.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "node": {"data_dir": str(data_dir)},
+                                      "cdp": {"window": "1h"}}))
+    # The replica's own window, as its node's config says (nbdgw serve there writes it
+    # again from that config: replica_config).
+    write_policy(replica / "volumes/v1", CdpPolicy(WINDOW, 1 << 30))
+    (tmp_path / "replica.yaml").write_text(yaml.safe_dump(
+        {"version": 1, "node": {"data_dir": str(replica)},
+         "cdp": {"window": WINDOW, "max_bytes": "1G"}}))
+    e = Env(tmp_path, data_dir, replica, serve(config=config))
+    try:
+        yield e
+    finally:
+        e.kill_all()
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.1)
+
+
+def test_points_and_clones_of_a_live_replica(  # noqa: PLR0915 - one story, told in order
+        cdp_env: Env, serve: Callable[..., Served]) -> None:
+    e = cdp_env
+    rx = e.receiver()
+    e.sender(rx.port)
+    h = connect(e.served, "v1")
+    done = rounds(h, 3, seed=24)
+    h.shutdown()
+    e.wait_caught_up()
+    rdd = ["--data-dir", str(e.replica)]
+    rvol = e.replica / "volumes/v1"
+    # The writer keeps the receiver busy from here on (past REGION: the rounds' data
+    # stays as it is on the live volume too, not that the points would care).
+    w = Writer(e.served, seed=25, pause=0.002, blocks=(64 * MiB) // 4096)
+    w.start()
+    try:
+        w.halt.wait(0.5)
+        listed = json.loads(run_nbdgw("cdp", "list", "v1", "--json", *rdd).stdout)
+        assert len([p for p in listed["points"] if p["flush"]]) >= 3
+        names = []
+        for t, _img in done:
+            at = format_instant(t + 500_000_000)
+            name = run_nbdgw("cdp", "export", "v1", "--at", at, *rdd).stdout.strip()
+            assert name == f"v1@{at}"
+            names.append(name)
+        # nbdgw serve on the replica's node names them among its exports.
+        rs = serve(data_dir_=e.replica, config=e.tmp / "replica.yaml")
+        assert f"nbdgw: export {names[0]}: " in rs.lines[-1]  # (the rest drained lazily)
+        # The oldest point held open by a client from now on.
+        h0 = connect(rs, names[0])
+        assert h0.is_read_only()
+        assert h0.pread(REGION, 0) == done[0][1]
+        pinned = bases_of(rvol)[0]
+        for name, (_t, img) in zip(names, done, strict=True):
+            assert read_export(rs, name) == img, name
+
+        # A clone of a point on the primary, by option (its own journal's point).
+        point = names[1].partition("@")[2]
+        run_nbdgw("clone", "create", "v1", "pdrill", "--at", point, "--data-dir",
+                  str(e.primary))
+        c = connect(e.served, "pdrill")
+        assert c.pread(REGION, 0) == done[1][1]
+        c.shutdown()
+
+        # Past the replica's window (and a base period) the receiver would have dropped
+        # the oldest base; h0's pin (an flock of this other process) keeps it.
+        wait_for("the replica's window passes the pinned base",
+                 lambda: time.time() - pinned.created > WINDOW + WINDOW / 4 + 2, 60)
+        assert w.is_alive() and w.ops > 0
+        assert bases_of(rvol)[0].id == pinned.id
+        assert h0.pread(REGION, 0) == done[0][1]
+        # A clone of a point on the replica: the point, plus its own writes.
+        out = run_nbdgw("clone", "create", f"v1@{point}", "drill", *rdd).stdout
+        assert "created clone drill of v1@" in out
+        assert set(lasting_pins(rvol)) == {"clone-drill"}
+        c = connect(rs, "drill")
+        assert not c.is_read_only()
+        assert c.pread(REGION, 0) == done[1][1]
+        c.pwrite(b"\x77" * 65536, 4096)
+        c.flush()
+        want = bytearray(done[1][1])
+        want[4096:4096 + 65536] = b"\x77" * 65536
+        assert c.pread(REGION, 0) == bytes(want)
+        c.shutdown()
+        h0.shutdown()
+        # The clone of the second point reads the same base: its pin (a file) keeps
+        # it with no client connected; deleted, the next housekeeping drops the base.
+        time.sleep(3)  # three housekeeping periods of the receiver
+        assert bases_of(rvol)[0].id == pinned.id
+        c = connect(rs, "drill")
+        assert c.pread(REGION, 0) == bytes(want)
+        c.shutdown()
+        run_nbdgw("clone", "delete", "drill", *rdd)
+        assert lasting_pins(rvol) == {}
+        wait_for("the unpinned base is dropped",
+                 lambda: pinned.id not in [b.id for b in bases_of(rvol)], 30)
+    finally:
+        w.stop()
+    run_nbdgw("clone", "delete", "pdrill", "--data-dir", str(e.primary))
+    rs.stop()
+    e.wait_caught_up()
+    for p in e.procs:
+        assert p.stop() == 0
+    primary, replica = e.checksums()
+    assert primary == replica
