@@ -323,6 +323,15 @@ def volume_repair(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
     click.echo(report)
 
 
+def _echo_clone_exports(data_dir: Path, uri_of: Callable[[str], str]) -> None:
+    """An export line per clone of this node (writable; more appear as they come)."""
+    from blockstore.clone import list_clones
+
+    for c in list_clones(data_dir):
+        click.echo(f"nbdgw: export {c.name}: {uri_of(c.name)} (clone of "
+                   f"{c.volume}@{c.snapshot})")
+
+
 def _replica_points(data_dir: Path, name: str) -> list[str]:
     """The CDP points of replica ``name`` exported (`nbdgw cdp export` there)."""
     from blockstore.cdp import read_exports
@@ -400,6 +409,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     for name in pre.served:
         click.echo(f"nbdgw: export {name}: {uri(server.addresses[0], name, tls_on)}")
     _echo_replica_exports(cfg.data_dir, replicas, lambda e: uri(server.addresses[0], e, tls_on))
+    _echo_clone_exports(cfg.data_dir, lambda e: uri(server.addresses[0], e, tls_on))
     sys.stdout.flush()
     while not stop.is_set() and server.poll() is None:
         stop.wait(0.2)
