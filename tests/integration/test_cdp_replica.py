@@ -10,6 +10,8 @@ the base goes once the client disconnects; the replica equals the primary at the
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,9 @@ import pytest
 import yaml
 
 from blockstore.cdp import CdpPolicy, bases_of, format_instant, lasting_pins, write_policy
-from tests.conftest import Served, run_nbdgw
+from iscsi_bridge.names import DISK_LUN
+from tests.conftest import NBDGW, Served, free_port, need, run_nbdgw
+from tests.integration.iscsienv import BASE, free_control_port, sh
 from tests.integration.peerenv import Env, Writer
 from tests.integration.test_cdp import REGION, connect, read_export, rounds
 
@@ -139,5 +143,82 @@ def test_points_and_clones_of_a_live_replica(  # noqa: PLR0915 - one story, told
     e.wait_caught_up()
     for p in e.procs:
         assert p.stop() == 0
+    primary, replica = e.checksums()
+    assert primary == replica
+
+
+def test_a_replica_point_and_a_clone_as_iscsi_luns(  # noqa: PLR0915 - one story
+        cdp_env: Env, serve: Callable[..., Served], tmp_path: Path) -> None:
+    """`nbdgw iscsi serve --snapshot v1@<instant> --clone drill` on the replica's node,
+    while the receiver applies a writer's batches: a qemu-img copy of the point's LUN
+    is the instant, byte for byte, and the LUN refuses writes; the clone's LUN takes a
+    write that its NBD export then reads; iscsi-inq answers on both."""
+    for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
+        need(tool)
+    e = cdp_env
+    rx = e.receiver()
+    e.sender(rx.port)
+    h = connect(e.served, "v1")
+    done = rounds(h, 2, seed=26)
+    h.shutdown()
+    e.wait_caught_up()
+    rdd = ["--data-dir", str(e.replica)]
+    at = format_instant(done[0][0] + 500_000_000)
+    name = run_nbdgw("cdp", "export", "v1", "--at", at, *rdd).stdout.strip()
+    run_nbdgw("clone", "create", name, "drill", *rdd)
+    port = free_port()
+    cfg = tmp_path / "replica-iscsi.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "version": 1, "node": {"data_dir": str(e.replica)},
+        "cdp": {"window": WINDOW, "max_bytes": "1G"},
+        "iscsi": {"enabled": True, "portal": f"127.0.0.1:{port}", "iqn": BASE,
+                  "control_port": free_control_port(), "run_dir": str(tmp_path / "iscsi")}}))
+    w = Writer(e.served, seed=27, pause=0.002)
+    w.start()
+    rs = serve(data_dir_=e.replica, config=cfg)
+    proc = None
+    log = (tmp_path / "iscsi-serve.log").open("w+")
+    try:
+        proc = subprocess.Popen([NBDGW, "--log-format", "json", "-c", str(cfg), "iscsi",
+                                 "serve", "--nbd-socket", str(rs.sock), "--snapshot", name,
+                                 "--clone", "drill"],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]  # the portal, two targets
+        point_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:{at.lower()}/{DISK_LUN}"
+        clone_url = f"iscsi://127.0.0.1:{port}/{BASE}:drill/{DISK_LUN}"
+        assert f"nbdgw: iscsi target {name}: {point_url}\n" in lines, lines
+        assert f"nbdgw: iscsi target drill: {clone_url}\n" in lines, lines
+        for url in (point_url, clone_url):
+            inq = sh("iscsi-inq", url, check=False)
+            assert inq.returncode == 0 and "nbdgw" in inq.stdout.lower(), inq
+        out = tmp_path / "point.img"
+        sh("qemu-img", "convert", "-f", "raw", "-O", "raw", point_url, str(out), timeout=120)
+        with open(out, "rb") as f:
+            assert f.read(REGION) == done[0][1]
+        p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(out), point_url,
+               check=False, timeout=120)
+        assert p.returncode != 0  # a point is read-only
+        sh("qemu-io", "-f", "raw", "-c", f"write -P 0x42 {MiB} {MiB}", clone_url,
+           timeout=60)
+        c = connect(rs, "drill")
+        want = bytearray(done[0][1])
+        want[MiB:2 * MiB] = b"\x42" * MiB
+        assert c.pread(REGION, 0) == bytes(want)
+        c.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        w.stop()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        run_nbdgw("-c", str(cfg), "iscsi", "down", check=False)
+        log.close()
+    rs.stop()
+    run_nbdgw("clone", "delete", "drill", *rdd)
+    e.wait_caught_up()
+    for p_ in e.procs:
+        assert p_.stop() == 0
     primary, replica = e.checksums()
     assert primary == replica
