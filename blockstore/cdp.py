@@ -403,7 +403,23 @@ def status(vol_path: Path) -> dict[str, Any] | None:
             "bytes_held": jbytes + bbytes, "bases": len(bases),
             "oldest_point": ({"seq": bases[0].mark_seq, "time": bases[0].created}
                              if bases else None),
-            "exports": read_exports(vol_path)}
+            "exports": read_exports(vol_path), **pins_report(vol_path, bases)}
+
+
+def pins_report(vol_path: Path, bases: list[Snapshot]) -> dict[str, Any]:
+    """What holds history here beyond the window: the clones of points (``pins``) and
+    the bases open readers hold now (``readers``), each with the journal bytes kept
+    from its base on (what dropping it would let go, were it the oldest)."""
+    by_id = {b.id: b for b in bases}
+
+    def held(base_id: int) -> dict[str, Any]:
+        b = by_id.get(base_id)
+        return {"base_seq": b.mark_seq if b else None,
+                "journal_bytes": held_bytes(vol_path, b.mark_seq)[0] if b else 0}
+
+    return {"pins": [{"owner": owner, "seq": seq, **held(base)}
+                     for owner, (base, seq) in lasting_pins(vol_path).items()],
+            "readers": [held(b.id) for b in bases if readers_of(vol_path, b.id)]}
 
 
 def read_exports(vol_path: Path) -> list[str]:
@@ -712,7 +728,12 @@ class Cdp:
             self.built[key] = built
         built.refs += 1
         self.pins[base.id] = self.pins.get(base.id, 0) + 1
-        return PointView(self, store, base, point, name, built)
+        view = PointView(self, store, base, point, name, built)
+        with contextlib.suppress(OSError):  # shown to `nbdgw status` (a read-only open
+            # may not create the lock file; the in-process pin above is what counts)
+            view.pin_fd = _open_lock(vol.info.path, base.id)
+            fcntl.flock(view.pin_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return view
 
     def known_points(self, vol: Volume) -> list[Point]:
         """The points from the oldest base on, scanning only the records appended since
@@ -932,6 +953,7 @@ class PointView:
         self.fds = built.fds
         self.size = built.size
         self.closed = False
+        self.pin_fd = -1
 
     def _check(self) -> None:
         if self.closed or self.cdp.bases.index.snaps.get(self.base.id) is not self.base:
@@ -969,6 +991,9 @@ class PointView:
                 if self.cdp.built.get(key) is self.built:
                     del self.cdp.built[key]
             self.cdp.unpin(self.base.id)
+            if self.pin_fd >= 0:
+                os.close(self.pin_fd)
+                self.pin_fd = -1
 
 
 def open_point(vol: Volume, text: str) -> PointView:

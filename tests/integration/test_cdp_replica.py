@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -51,6 +52,12 @@ def cdp_env(tmp_path: Path, data_dir: Path, volume: str,
         yield e
     finally:
         e.kill_all()
+
+
+def replica_cdp(e: Env) -> dict[str, Any]:
+    """The replica's v1 ``cdp`` section of `nbdgw status --json`."""
+    st = json.loads(run_nbdgw("status", "--json", "--data-dir", str(e.replica)).stdout)
+    return next(v for v in st["volumes"] if v["name"] == "v1")["cdp"]
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> None:
@@ -93,6 +100,7 @@ def test_points_and_clones_of_a_live_replica(  # noqa: PLR0915 - one story, told
         assert h0.is_read_only()
         assert h0.pread(REGION, 0) == done[0][1]
         pinned = bases_of(rvol)[0]
+        assert [r["base_seq"] for r in replica_cdp(e)["readers"]] == [pinned.mark_seq]
         for name, (_t, img) in zip(names, done, strict=True):
             assert read_export(rs, name) == img, name
 
@@ -115,6 +123,13 @@ def test_points_and_clones_of_a_live_replica(  # noqa: PLR0915 - one story, told
         out = run_nbdgw("clone", "create", f"v1@{point}", "drill", *rdd).stdout
         assert "created clone drill of v1@" in out
         assert set(lasting_pins(rvol)) == {"clone-drill"}
+        pins = replica_cdp(e)["pins"]
+        assert [(p["owner"], p["base_seq"]) for p in pins] == [("clone-drill",
+                                                                pinned.mark_seq)]
+        assert pins[0]["journal_bytes"] > 0
+        st = json.loads(run_nbdgw("status", "--json", *rdd).stdout)
+        assert [(c["name"], c["base"]) for c in st["clones"]] == [("drill", f"v1@{point}")]
+        assert st["clones"][0]["point_seq"] > pinned.mark_seq
         c = connect(rs, "drill")
         assert not c.is_read_only()
         assert c.pread(REGION, 0) == done[1][1]
