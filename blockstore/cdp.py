@@ -584,6 +584,7 @@ class Cdp:
         self.built: dict[tuple[int, int], _Built] = {}  # (base id, seq) -> open views' map
         self.scanned = 0  # the journal seq known_points scans after next time
         self.over_budget = False  # past max_bytes with the oldest base pinned
+        self.force_base = False  # a resync kept a pinned base: take a new one first
 
     def close(self) -> None:
         self.bases.close()
@@ -645,8 +646,10 @@ class Cdp:
         index = self.bases.index
         wall = time.time()
         newest = index.newest
-        if newest is None or wall - newest.created >= self.policy.window / 4:
+        if (newest is None or self.force_base
+                or wall - newest.created >= self.policy.window / 4):
             self.take_base(vol)
+            self.force_base = False
         while (len(index.order) >= 2
                and index.snaps[index.order[1]].created <= wall - self.policy.window
                and self._drop_oldest(vol, "window")):
@@ -706,6 +709,10 @@ class Cdp:
         can be rebuilt from records); the next housekeeping takes a new one."""
         for sid in list(self.bases.index.order):
             self._drop(vol, sid, reason)
+        # A base a reader pins stays (the resync's writes copy-on-write into it, so its
+        # points stay exact), but no point after the resync may be built on it: the next
+        # housekeeping takes a base whatever the age of the newest.
+        self.force_base = bool(self.bases.index.order)
         self.next_check = 0.0
         _log.warning("cdp_history_dropped", volume=vol.name, reason=reason)
 

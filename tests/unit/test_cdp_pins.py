@@ -252,3 +252,37 @@ def test_readers_and_clones_always_read_their_point(tmp_path: Path, clock: Clock
     for v, _img in views:
         v.close()
     pair.close()
+
+
+def test_a_resync_keeps_a_pinned_base_and_builds_no_later_point_on_it(
+        tmp_path: Path, clock: Clock) -> None:
+    """A resync (extents written outside the journal) under an open point view: the
+    view keeps reading its point; the points after the resync read the primary's image
+    (a new base is taken before the first batch after it, however young the old one)."""
+    pair = Pair(tmp_path, clock, window=3600.0)
+    for _ in range(3):
+        pair.round()
+    seq, t = pair.flush_points()[0]
+    view = FollowedPointView(pair.rpath, "v1", SIZE, f"seq-{seq}")
+    # The primary moves on while the link is down; the replica is resynced by extents.
+    for _ in range(4):
+        pair.model.step()
+    pair.p.flush()
+    r = pair.r
+    r.begin_resync()
+    img = bytes(pair.model.img)
+    for off in range(0, SIZE, 1 << 20):
+        r.write_extent(off, 1 << 20, img[off:off + (1 << 20)])
+    r.end_resync(pair.p.last_seq)
+    r.set_consistent(True)
+    pair.shipped = pair.p.last_seq
+    assert view.base.id in pair.base_ids()
+    assert image_of(view) == pair.images[t]
+    pair.round()
+    last_seq, last_t = pair.flush_points()[-1]
+    after = FollowedPointView(pair.rpath, "v1", SIZE, f"seq-{last_seq}")
+    assert image_of(after) == pair.images[last_t]
+    assert after.base.id != view.base.id  # taken after the resync
+    after.close()
+    view.close()
+    pair.close()
