@@ -522,7 +522,7 @@ def readers_of(vol_path: Path, base_id: int) -> bool:
     """Whether an open reader (any process) holds base ``base_id`` now."""
     try:
         fd = os.open(_lock_path(vol_path, base_id), os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:  # none (no reader ever), or not ours to see (control.group)
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
