@@ -29,6 +29,7 @@ import bisect
 import contextlib
 import datetime
 import errno
+import fcntl
 import os
 import re
 import time
@@ -55,7 +56,7 @@ from .record import (
     Op,
     decode_header,
 )
-from .snapshot import Snapshot, SnapshotStore, read_index
+from .snapshot import Snapshot, SnapshotFollower, SnapshotStore, read_index
 from .store import Store
 
 if TYPE_CHECKING:
@@ -402,7 +403,23 @@ def status(vol_path: Path) -> dict[str, Any] | None:
             "bytes_held": jbytes + bbytes, "bases": len(bases),
             "oldest_point": ({"seq": bases[0].mark_seq, "time": bases[0].created}
                              if bases else None),
-            "exports": read_exports(vol_path)}
+            "exports": read_exports(vol_path), **pins_report(vol_path, bases)}
+
+
+def pins_report(vol_path: Path, bases: list[Snapshot]) -> dict[str, Any]:
+    """What holds history here beyond the window: the clones of points (``pins``) and
+    the bases open readers hold now (``readers``), each with the journal bytes kept
+    from its base on (what dropping it would let go, were it the oldest)."""
+    by_id = {b.id: b for b in bases}
+
+    def held(base_id: int) -> dict[str, Any]:
+        b = by_id.get(base_id)
+        return {"base_seq": b.mark_seq if b else None,
+                "journal_bytes": held_bytes(vol_path, b.mark_seq)[0] if b else 0}
+
+    return {"pins": [{"owner": owner, "seq": seq, **held(base)}
+                     for owner, (base, seq) in lasting_pins(vol_path).items()],
+            "readers": [held(b.id) for b in bases if readers_of(vol_path, b.id)]}
 
 
 def read_exports(vol_path: Path) -> list[str]:
@@ -416,6 +433,130 @@ def write_exports(vol_path: Path, names: list[str]) -> None:
     make_dir(vol_path / CDP_DIR, exist_ok=True)
     write_json(vol_path / CDP_DIR / EXPORTS_FILE,
                {"kind": "cdp-exports", "version": 1, "exports": sorted(set(names))})
+
+
+# -- pins: history a reader in any process needs ------------------------------------------------
+
+PINS_DIR = "pins"
+
+
+def _pin_dir(vol_path: Path) -> Path:
+    return vol_path / CDP_DIR / PINS_DIR
+
+
+def _lock_path(vol_path: Path, base_id: int) -> Path:
+    return _pin_dir(vol_path) / f"base-{base_id}.lock"
+
+
+def _open_lock(vol_path: Path, base_id: int) -> int:
+    make_dir(_pin_dir(vol_path), parents=True, exist_ok=True)
+    return os.open(_lock_path(vol_path, base_id), os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def base_held(vol_path: Path, base_id: int) -> bool:
+    """Whether base ``base_id`` is still in the bases' index (read as it is)."""
+    return any(b.id == base_id for b in bases_of(vol_path))
+
+
+def hold_base(vol_path: Path, base_id: int) -> int:
+    """Pin base ``base_id`` for as long as the returned descriptor stays open (an open
+    point view or clone, in any process: nbdkit on a replica's node pins what the
+    receiver in the peerlink process would drop).  A shared flock on
+    ``cdp/pins/base-<id>.lock``, taken before checking the base is still there: the
+    dropper (``may_drop``) tries an exclusive one without waiting and drops only
+    when it gets it, so a base is either seen pinned or seen gone, never freed under a
+    reader.  The lock goes with the process: a reader killed pins nothing.  CdpError
+    when the base was dropped meanwhile."""
+    fd = _open_lock(vol_path, base_id)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # the dropper holds it only while it drops
+        if not base_held(vol_path, base_id):
+            raise CdpError(f"the history of base {base_id} was dropped (older than the "
+                           "window, or past max_bytes): choose a newer point")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def add_pin(vol_path: Path, owner: str, base_id: int, seq: int, while_exists: str = ""
+            ) -> None:
+    """A lasting pin (a clone of point ``seq``): base ``base_id`` and the journal after
+    it stay until ``remove_pin``, across restarts, or until the file ``while_exists``
+    (relative to the data dir: the clone's clone.json) is gone, so a crash between
+    deleting a clone and removing its pin frees the history anyway.  Written under the
+    base's shared lock, so the dropper either sees the file or has dropped the base
+    before (then CdpError)."""
+    fd = hold_base(vol_path, base_id)
+    try:
+        write_json(_pin_dir(vol_path) / f"{owner}.json",
+                   {"kind": "cdp-pin", "version": 1, "owner": owner, "base": base_id,
+                    "seq": seq, "while": while_exists})
+    finally:
+        os.close(fd)
+
+
+def remove_pin(vol_path: Path, owner: str) -> None:
+    (_pin_dir(vol_path) / f"{owner}.json").unlink(missing_ok=True)
+
+
+def lasting_pins(vol_path: Path) -> dict[str, tuple[int, int]]:
+    """owner -> (base id, seq) of the lasting pins in force (clones of points)."""
+    out: dict[str, tuple[int, int]] = {}
+    d = _pin_dir(vol_path)
+    if not d.is_dir():
+        return out
+    data_dir = vol_path.parent.parent
+    for p in sorted(d.glob("*.json")):
+        try:
+            j = read_json(p, "cdp-pin", 1)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if j.get("while") and not (data_dir / str(j["while"])).exists():
+            continue  # its clone is gone
+        out[str(j["owner"])] = (int(j["base"]), int(j["seq"]))
+    return out
+
+
+def readers_of(vol_path: Path, base_id: int) -> bool:
+    """Whether an open reader (any process) holds base ``base_id`` now."""
+    try:
+        fd = os.open(_lock_path(vol_path, base_id), os.O_RDONLY)
+    except OSError:  # none (no reader ever), or not ours to see (control.group)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def may_drop(vol_path: Path, base_id: int) -> Iterator[bool]:
+    """Whether base ``base_id`` may be dropped now (no reader holds it, no clone pins
+    it), held so until the block ends: an exclusive flock taken without waiting (the
+    dropper never waits for a reader: replication is never paused by one)."""
+    fd = _open_lock(vol_path, base_id)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        if any(b == base_id for b, _s in lasting_pins(vol_path).values()):
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def forget_lock(vol_path: Path, base_id: int) -> None:
+    """After a drop, inside ``may_drop``'s block: a reader that opened the file before
+    locks a file no one else will, and finds the base gone."""
+    _lock_path(vol_path, base_id).unlink(missing_ok=True)
 
 
 # -- the live side (owned by an open Volume) --------------------------------------------------
@@ -442,6 +583,8 @@ class Cdp:
         self.known: list[Point] = []  # the points found so far (see known_points)
         self.built: dict[tuple[int, int], _Built] = {}  # (base id, seq) -> open views' map
         self.scanned = 0  # the journal seq known_points scans after next time
+        self.over_budget = False  # past max_bytes with the oldest base pinned
+        self.force_base = False  # a resync kept a pinned base: take a new one first
 
     def close(self) -> None:
         self.bases.close()
@@ -491,6 +634,10 @@ class Cdp:
 
     # -- bases and the budget ---------------------------------------------------------------
 
+    def due(self) -> bool:
+        """Whether housekeeping is due (a replica asks between batches)."""
+        return time.monotonic() >= self.next_check
+
     def housekeep(self, vol: Volume) -> None:
         """Take a base when none is younger than window/4; drop the oldest once the
         next is older than the window; drop early past max_bytes (a warning event).
@@ -499,24 +646,34 @@ class Cdp:
         index = self.bases.index
         wall = time.time()
         newest = index.newest
-        if newest is None or wall - newest.created >= self.policy.window / 4:
+        if (newest is None or self.force_base
+                or wall - newest.created >= self.policy.window / 4):
             self.take_base(vol)
+            self.force_base = False
         while (len(index.order) >= 2
                and index.snaps[index.order[1]].created <= wall - self.policy.window
-               and not self.pins.get(index.order[0])):
-            self._drop_oldest(vol, "window")
+               and self._drop_oldest(vol, "window")):
+            pass
         jbytes, bbytes = held_bytes(vol.info.path, self.floor)
-        while (jbytes + bbytes > self.policy.max_bytes and index.order
-               and not self.pins.get(index.order[0])):
+        pinned_over = False
+        while jbytes + bbytes > self.policy.max_bytes and index.order:
+            last = len(index.order) == 1
+            oldest = index.snaps[index.order[0]]
+            if not self._drop_oldest(vol, "max_bytes"):
+                pinned_over = True  # a reader or a clone needs it: over budget for now
+                break
             _log.warning("cdp_history_dropped", volume=vol.name, reason="max_bytes",
                          held_bytes=jbytes + bbytes, max_bytes=self.policy.max_bytes,
-                         base_seq=index.snaps[index.order[0]].mark_seq)
-            last = len(index.order) == 1
-            self._drop_oldest(vol, "max_bytes")
+                         base_seq=oldest.mark_seq)
             if last:
                 self.take_base(vol)  # the history starts again now
                 break
             jbytes, bbytes = held_bytes(vol.info.path, self.floor)
+        if pinned_over and not self.over_budget:
+            _log.warning("cdp_history_pinned", volume=vol.name, held_bytes=jbytes + bbytes,
+                         max_bytes=self.policy.max_bytes,
+                         pins=sorted(lasting_pins(vol.info.path)))
+        self.over_budget = pinned_over
 
     def take_base(self, vol: Volume) -> Snapshot:
         """A base at the journal's end (the store holds every record up to it).  No
@@ -528,19 +685,34 @@ class Cdp:
         _log.info("cdp_base_taken", volume=vol.name, seq=base.mark_seq, id=sid)
         return base
 
-    def _drop_oldest(self, vol: Volume, reason: str) -> None:
+    def _drop_oldest(self, vol: Volume, reason: str) -> bool:
+        """Drop the oldest base unless a reader (this process's views, or any process's:
+        ``may_drop``) or a clone pins it; whether it was dropped."""
         index = self.bases.index
         sid = index.order[0]
-        seq = index.snaps[sid].mark_seq
-        self.bases.delete(sid)
+        return self._drop(vol, sid, reason)
+
+    def _drop(self, vol: Volume, sid: int, reason: str) -> bool:
+        if self.pins.get(sid):
+            return False
+        with may_drop(vol.info.path, sid) as ok:
+            if not ok:
+                return False
+            seq = self.bases.index.snaps[sid].mark_seq
+            self.bases.delete(sid)
+            forget_lock(vol.info.path, sid)
         _log.info("cdp_base_dropped", volume=vol.name, id=sid, seq=seq, reason=reason)
+        return True
 
     def reset(self, vol: Volume, reason: str) -> None:
         """Forget every base (a resync writes outside the journal: no point before it
         can be rebuilt from records); the next housekeeping takes a new one."""
         for sid in list(self.bases.index.order):
-            if not self.pins.get(sid):
-                self.bases.delete(sid)
+            self._drop(vol, sid, reason)
+        # A base a reader pins stays (the resync's writes copy-on-write into it, so its
+        # points stay exact), but no point after the resync may be built on it: the next
+        # housekeeping takes a base whatever the age of the newest.
+        self.force_base = bool(self.bases.index.order)
         self.next_check = 0.0
         _log.warning("cdp_history_dropped", volume=vol.name, reason=reason)
 
@@ -563,7 +735,12 @@ class Cdp:
             self.built[key] = built
         built.refs += 1
         self.pins[base.id] = self.pins.get(base.id, 0) + 1
-        return PointView(self, store, base, point, name, built)
+        view = PointView(self, store, base, point, name, built)
+        with contextlib.suppress(OSError):  # shown to `nbdgw status` (a read-only open
+            # may not create the lock file; the in-process pin above is what counts)
+            view.pin_fd = _open_lock(vol.info.path, base.id)
+            fcntl.flock(view.pin_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return view
 
     def known_points(self, vol: Volume) -> list[Point]:
         """The points from the oldest base on, scanning only the records appended since
@@ -751,6 +928,19 @@ def _build(jdir: Path, base: Snapshot, point: Point, base_size: int) -> _Built:
     return built
 
 
+def _read_overlay(built: _Built, view: memoryview, offset: int, name: str) -> None:
+    """Lay the records of a point's overlay over ``view`` (the base's bytes at
+    ``offset``)."""
+    for s, e, src in built.overlay.covering(offset, offset + len(view)):
+        if src is None:
+            view[s - offset:e - offset] = bytes(e - s)
+            continue
+        fd, pos = src
+        got = os.preadv(built.fds[fd], [view[s - offset:e - offset]], pos)
+        if got != e - s:
+            raise OSError(errno.EIO, f"point {name}: short read of the journal")
+
+
 class PointView:
     """The volume as of a point, read-only (what a ``VOLUME@<instant>`` export reads):
     the base's image, with the journal's records after the base up to the point laid
@@ -770,6 +960,7 @@ class PointView:
         self.fds = built.fds
         self.size = built.size
         self.closed = False
+        self.pin_fd = -1
 
     def _check(self) -> None:
         if self.closed or self.cdp.bases.index.snaps.get(self.base.id) is not self.base:
@@ -787,14 +978,7 @@ class PointView:
                                      self.store)
         if base_end < offset + n:
             view[max(0, base_end - offset):] = bytes(offset + n - max(base_end, offset))
-        for s, e, src in self.overlay.covering(offset, offset + n):
-            if src is None:
-                view[s - offset:e - offset] = bytes(e - s)
-                continue
-            fd, pos = src
-            got = os.preadv(self.fds[fd], [view[s - offset:e - offset]], pos)
-            if got != e - s:
-                raise OSError(errno.EIO, f"point {self.name}: short read of the journal")
+        _read_overlay(self.built, view, offset, self.name)
 
     def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
         self._check()
@@ -814,6 +998,9 @@ class PointView:
                 if self.cdp.built.get(key) is self.built:
                     del self.cdp.built[key]
             self.cdp.unpin(self.base.id)
+            if self.pin_fd >= 0:
+                os.close(self.pin_fd)
+                self.pin_fd = -1
 
 
 def open_point(vol: Volume, text: str) -> PointView:
@@ -833,6 +1020,93 @@ def open_point(vol: Volume, text: str) -> PointView:
         point = resolve(cdp.known_points(vol), kind, value, floor)
     assert vol.store is not None
     return cdp.view(vol, vol.store, point, f"{vol.name}@{text}")
+
+
+class FollowedPointView:
+    """A point of a volume another process writes (a replica's receiver), read-only:
+    the base through a SnapshotFollower of ``cdp/bases`` (the protocol of snapshot.py,
+    so the receiver is never waited for), the journal's records after it laid over.
+    The base is pinned (``hold_base``) while the view is open, so the receiver neither
+    drops it nor releases the journal after it.  One lock around each call (the
+    caller's)."""
+
+    readonly = True
+
+    def __init__(self, vol_path: Path, volume: str, size: int, text: str) -> None:
+        self.name = f"{volume}@{text}"
+        self.closed = False
+        self.pin_fd = -1
+        self.built: _Built | None = None
+        self.store = Store(str(vol_path / "store"), size, readonly=True, noatime=True)
+        self.follower: SnapshotFollower | None = None
+        try:
+            self.follower = SnapshotFollower(vol_path / CDP_DIR / BASES_DIR, self.store,
+                                             volume)
+            self._open(vol_path, self.follower, text)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, vol_path: Path, follower: SnapshotFollower, text: str) -> None:
+        kind, value = parse_point(text)
+        for _attempt in range(3):  # a base dropped between the choice and the pin: again
+            follower.refresh()
+            index = follower.index
+            if not index.order:
+                raise CdpError(f"{self.name}: the replica holds no history yet")
+            floor = index.snaps[index.order[0]].mark_seq
+            pts = points(vol_path, floor + 1, True)
+            point = resolve(pts, kind, value, floor)
+            base = None
+            for sid in index.order:
+                if index.snaps[sid].mark_seq <= point.seq:
+                    base = index.snaps[sid]
+            if base is None:
+                raise CdpError(f"point seq {point.seq} is older than the window")
+            try:
+                self.pin_fd = hold_base(vol_path, base.id)
+            except CdpError:
+                continue
+            self.base, self.point = base, point
+            self.built = _build(vol_path / "journal", base, point,
+                                _base_size(base, self.store.size))
+            self.size = self.built.size
+            return
+        raise CdpError(f"{self.name}: its history was dropped while it was opened")
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        if self.closed or self.built is None or self.follower is None:
+            raise OSError(errno.EIO, f"point {self.name} is closed")
+        n = len(buf)
+        if offset < 0 or offset + n > self.size:
+            raise OSError(errno.EINVAL, f"read [{offset}, +{n}) outside {self.size}")
+        view = memoryview(buf)
+        base_end = min(offset + n, self.follower.size)
+        if base_end > offset:
+            self.follower.read_into(self.base, view[:base_end - offset], offset)
+        if base_end < offset + n:
+            view[max(0, base_end - offset):] = bytes(offset + n - max(base_end, offset))
+        _read_overlay(self.built, view, offset, self.name)
+
+    def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
+        end = min(offset + count, self.size)
+        return [(offset, end - offset, True)] if end > offset else []
+
+    def flush(self) -> None:
+        """Nothing to make durable: a point is never written."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.built is not None:
+            self.built.close()
+        if self.follower is not None:
+            self.follower.close()
+        self.store.close()
+        if self.pin_fd >= 0:
+            os.close(self.pin_fd)  # the pin goes with it
+            self.pin_fd = -1
 
 
 # -- restore ----------------------------------------------------------------------------------

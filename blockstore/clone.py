@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .cdp import remove_pin
 from .errors import InvalidArgument
 from .meta import read_json, write_json
 from .modes import make_dir
@@ -62,6 +63,12 @@ class CloneInfo:
     size: int
     created: float
     uuid: str
+    point_seq: int | None = None  # a clone of a CDP point: its journal seq (cdp.py)
+    base_id: int | None = None  # ... and the CDP base it reads (pinned while it exists)
+
+    @property
+    def is_point(self) -> bool:
+        return self.point_seq is not None
 
     @property
     def data(self) -> Path:
@@ -70,24 +77,35 @@ class CloneInfo:
     @classmethod
     def load(cls, path: Path) -> CloneInfo:
         d = read_json(path / "clone.json", KIND, VERSION)
+        point = d.get("point")
         return cls(name=str(d["name"]), path=path, volume=str(d["volume"]),
                    snapshot=str(d["snapshot"]), size=int(d["size"]),
-                   created=float(d["created"]), uuid=str(d["uuid"]))
+                   created=float(d["created"]), uuid=str(d["uuid"]),
+                   point_seq=int(point["seq"]) if point else None,
+                   base_id=int(point["base"]) if point else None)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "volume": self.volume, "snapshot": self.snapshot,
                 "size": self.size, "created": self.created, "uuid": self.uuid,
-                "allocated_bytes": allocated_bytes(self.data)}
+                "allocated_bytes": allocated_bytes(self.data),
+                "point": ({"seq": self.point_seq, "base": self.base_id} if self.is_point
+                          else None)}
+
+
+def pin_owner(name: str) -> str:
+    """The name of the CDP pin clone ``name`` holds (cdp.add_pin)."""
+    return f"clone-{name}"
 
 
 def clones_dir(data_dir: Path) -> Path:
     return data_dir / "clones"
 
 
-def create_clone(data_dir: Path, name: str, volume: str, snapshot: str, size: int
-                 ) -> CloneInfo:
+def create_clone(data_dir: Path, name: str, volume: str, snapshot: str, size: int,
+                 point: tuple[int, int] | None = None) -> CloneInfo:
     """An empty clone of ``volume@snapshot`` (the caller checked the snapshot exists
-    and that no volume is called ``name``)."""
+    and that no volume is called ``name``); of a CDP point when ``point`` is (seq, base
+    id): the caller pinned that base for the clone (cdp.add_pin) first."""
     path = clones_dir(data_dir) / name
     make_dir(clones_dir(data_dir), parents=True, exist_ok=True)
     try:
@@ -102,11 +120,15 @@ def create_clone(data_dir: Path, name: str, volume: str, snapshot: str, size: in
         finally:
             os.close(fd)
         info = CloneInfo(name=name, path=path, volume=volume, snapshot=snapshot, size=size,
-                         created=time.time(), uuid=str(uuid.uuid4()))
+                         created=time.time(), uuid=str(uuid.uuid4()),
+                         point_seq=point[0] if point else None,
+                         base_id=point[1] if point else None)
         write_json(path / "clone.json", {"kind": KIND, "version": VERSION, "name": name,
                                          "volume": volume, "snapshot": snapshot,
                                          "size": size, "created": info.created,
-                                         "uuid": info.uuid})
+                                         "uuid": info.uuid,
+                                         **({"point": {"seq": point[0], "base": point[1]}}
+                                            if point else {})})
     except BaseException:
         for p in (path / "clone.json", path / "data"):
             p.unlink(missing_ok=True)
@@ -152,6 +174,9 @@ def delete_clone(data_dir: Path, name: str) -> None:
     (info.path / "clone.json").unlink()  # first: a half-deleted clone is no clone
     info.data.unlink(missing_ok=True)
     info.path.rmdir()
+    if info.is_point:  # its history may go now (after a crash here, the pin no
+        # longer counts: it holds only while the clone's clone.json exists)
+        remove_pin(data_dir / "volumes" / info.volume, pin_owner(name))
 
 
 def allocated_bytes(path: Path) -> int:

@@ -695,8 +695,10 @@ class Volume:
         committed_seq = self.checkpoint_seq
         # Readers of the snapshots in other processes (a replica's exports) must not take
         # the older contents redo passes through for the snapshot's (snapshot.py).
-        fence = RedoFence(self.snaps.dir) if self.snaps is not None else None
-        if fence is not None:
+        # The same for the CDP bases a replica's point views read (cdp.py).
+        fences = [RedoFence(d.dir) for d in (self.snaps, self.cdp.bases if self.cdp else None)
+                  if d is not None]
+        for fence in fences:
             fence.begin()
         for hdr, payload in self.journal.records(self.checkpoint_seq + 1):
             if self.replica:
@@ -714,7 +716,7 @@ class Volume:
             for h, p in batch:
                 self._redo(h, p)
                 replayed += 1
-        if fence is not None:
+        for fence in fences:
             fence.end()
         if self.replica:
             torn += self.journal.truncate_after(committed_seq)
@@ -887,7 +889,7 @@ class Volume:
         cdp = self.cdp
         if (cdp is not None and not self.inconsistent and not self.unapplied_commit
                 and self.applied_seq == self.journal.last_seq
-                and time.monotonic() >= cdp.next_check):
+                and cdp.due()):
             cdp.housekeep(self)  # between batches: the store holds every record
         before = self.journal.last_seq
         commits: list[tuple[int, int]] = []  # (journal seq before the batch, its commit)

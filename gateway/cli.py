@@ -366,6 +366,25 @@ def volume_repair(obj: Ctx, name: str, data_dir: Path | None, yes: bool) -> None
     click.echo(report)
 
 
+def _echo_clone_exports(data_dir: Path, uri_of: Callable[[str], str]) -> None:
+    """An export line per clone of this node (writable; more appear as they come)."""
+    from blockstore.clone import list_clones
+
+    for c in list_clones(data_dir):
+        click.echo(f"nbdgw: export {c.name}: {uri_of(c.name)} (clone of "
+                   f"{c.volume}@{c.snapshot})")
+
+
+def _replica_points(data_dir: Path, name: str) -> list[str]:
+    """The CDP points of replica ``name`` exported (`nbdgw cdp export` there)."""
+    from blockstore.cdp import read_exports
+
+    try:
+        return [e.partition("@")[2] for e in read_exports(find_volume(data_dir, name).path)]
+    except (BlockstoreError, OSError):
+        return []
+
+
 @cli.command()
 @data_dir_opt
 @click.option("--listen", "listen", multiple=True,
@@ -433,6 +452,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     for name in pre.served:
         click.echo(f"nbdgw: export {name}: {uri(server.addresses[0], name, tls_on)}")
     _echo_replica_exports(cfg.data_dir, replicas, lambda e: uri(server.addresses[0], e, tls_on))
+    _echo_clone_exports(cfg.data_dir, lambda e: uri(server.addresses[0], e, tls_on))
     sys.stdout.flush()
     while not stop.is_set() and server.poll() is None:
         stop.wait(0.2)
@@ -462,9 +482,10 @@ def _echo_replica_exports(data_dir: Path, replicas: list[str],
             snaps = [index.snaps[i].name for i in index.order]
         except (BlockstoreError, OSError):
             snaps = []
-        for snap in snaps:
+        points = _replica_points(data_dir, name)
+        for snap in [*snaps, *points]:
             click.echo(f"nbdgw: export {name}@{snap}: {uri_of(f'{name}@{snap}')} (read-only)")
-        if not snaps:
+        if not snaps and not points:
             click.echo(f"nbdgw: replica {name}: its snapshots are exported read-only as "
                        f"{name}@SNAPSHOT (none yet)")
 
@@ -875,19 +896,30 @@ def clone() -> None:
 
 
 @clone.command("create")
-@click.argument("source", metavar="VOLUME@SNAPSHOT")
+@click.argument("source", metavar="VOLUME@SNAPSHOT|VOLUME@POINT|VOLUME")
 @click.argument("name")
+@click.option("--at", "at", default=None,
+              help="Of VOLUME as of an instant (ISO 8601, UTC): the last FLUSH at or "
+                   "before it.")
+@click.option("--seq", type=int, default=None, help="Of VOLUME at a point's journal seq.")
+@click.option("--before-last-flush", is_flag=True,
+              help="Of VOLUME at the consistency point before the newest one.")
 @data_dir_opt
 @click.pass_obj
 @audit.audited("clone create")
-def clone_create(obj: Ctx, source: str, name: str, data_dir: Path | None) -> None:
-    """A writable clone NAME of SOURCE: it stores only its own writes, is never
-    replicated, and is served as NBD export NAME (and an iSCSI LUN) by this node's
-    nbdgw serve. The snapshot cannot be deleted while the clone exists."""
+def clone_create(obj: Ctx, source: str, name: str, at: str | None, seq: int | None,
+                 before_last_flush: bool, data_dir: Path | None) -> None:
+    """A writable clone NAME of a snapshot or of a CDP point (VOLUME@2026-12-02T10:15:03Z,
+    VOLUME@seq-N as `nbdgw cdp export` prints them, or VOLUME with --at, --seq or
+    --before-last-flush): it stores only its own writes, is never replicated, and is
+    served as NBD export NAME (and an iSCSI LUN) by this node's nbdgw serve. The
+    snapshot, or the point's history, stays while the clone exists."""
     from . import clones
 
-    info = clones.create(obj.data_dir(data_dir), source, name)
-    click.echo(f"created clone {info.name} of {info.volume}@{info.snapshot} "
+    info = clones.create(obj.data_dir(data_dir), source, name, at, seq, before_last_flush)
+    base = info.snapshot if info.point_seq is None else (
+        f"{info.snapshot} (journal seq {info.point_seq})")
+    click.echo(f"created clone {info.name} of {info.volume}@{base} "
                f"(export {info.name}, {_human(info.size)})")
 
 
@@ -1289,19 +1321,34 @@ def _nbd_uri_for(cfg: NodeConfig, nbd_socket: Path | None) -> Any:
     return lambda export: f"nbd://{host}:{a.port}/{export}"
 
 
+def _clone_exports(data_dir: Path, names: tuple[str, ...]) -> list[Any]:
+    """`iscsi serve --clone`: the clones as writable exports (each must exist)."""
+    from blockstore.clone import find_clone
+    from iscsi_bridge import Export
+
+    for name in names:
+        if find_clone(data_dir, name) is None:
+            _fail(f"--clone {name}: no clone named {name} in {data_dir}")
+    return [Export(n) for n in names]
+
+
 @iscsi.command("serve")
 @data_dir_opt
 @click.option("--nbd-socket", type=click.Path(path_type=Path), default=None,
               help="Unix socket of the running `nbdgw serve` (default: from nbd.listen).")
 @click.option("--volume", "volumes", multiple=True, help="Export only these volumes.")
 @click.option("--snapshot", "snapshots", multiple=True, metavar="VOLUME@SNAP",
-              help="Also export this snapshot, read-only (a replica's too: on a secondary "
-                   "or DR node, served by `nbdgw serve` there).")
+              help="Also export this snapshot or CDP point export (`nbdgw cdp export`), "
+                   "read-only (a replica's too: on a secondary or DR node, served by "
+                   "`nbdgw serve` there).")
+@click.option("--clone", "clone_names", multiple=True, metavar="NAME",
+              help="Also export this clone, writable.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="Seconds between reconciles (repairs a restarted tgtd or a lost target).")
 @click.pass_obj
 def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
-                volumes: tuple[str, ...], snapshots: tuple[str, ...], interval: float) -> None:
+                volumes: tuple[str, ...], snapshots: tuple[str, ...],
+                clone_names: tuple[str, ...], interval: float) -> None:
     """Serve the volumes over iSCSI in the foreground until SIGTERM or SIGINT."""
     from iscsi_bridge import Bridge, Export
 
@@ -1317,6 +1364,7 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
         if not Export(name).is_snapshot:
             _fail(f"--snapshot {name}: expected VOLUME@SNAP")
         exports.append(Export(name, read_only=True))
+    exports += _clone_exports(cfg.data_dir, clone_names)
     if not exports:
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
     bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)

@@ -76,6 +76,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "tests"),
     Requirement("mkfs.ext4", "e2fsprogs", "file systems on volumes", "tests"),
     Requirement("e2fsck", "e2fsprogs", "file system checks after faults", "tests"),
+    Requirement("postgresql", "postgresql-15", "PostgreSQL, pgbench and amcheck on a "
+                "clone (the DR drill test)", "tests",
+                "/usr/share/postgresql/15/extension/amcheck.control"),
 )
 
 

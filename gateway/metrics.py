@@ -32,7 +32,7 @@ from nbdgw_common.errors import GatewayError
 
 from .config import NodeConfig
 from .live import io_stats
-from .status import failover_report, rpo_state, volume_report
+from .status import clones_report, failover_report, rpo_state, volume_report
 
 log = structlog.get_logger(component="metrics")
 
@@ -174,6 +174,17 @@ class NodeCollector(Collector):
                                   labels=["volume", "snapshot", "new_primary"])
         dbytes = GaugeMetricFamily("nbdgw_diverged_bytes", "Bytes those writes covered",
                                    labels=["volume", "snapshot", "new_primary"])
+        cdp_held = GaugeMetricFamily("nbdgw_cdp_bytes_held", "Bytes the volume's CDP "
+                                     "window holds here (journal from the oldest base on, "
+                                     "bases' pre-images)", labels=["volume"])
+        cdp_pinned = GaugeMetricFamily("nbdgw_cdp_pinned_journal_bytes", "Journal bytes "
+                                       "kept from the base a clone of a point (holder "
+                                       "clone-NAME) or an open point reader (holder "
+                                       "reader) pins", labels=["volume", "holder"])
+        clone_b = GaugeMetricFamily("nbdgw_clone_allocated_bytes", "Bytes a clone's own "
+                                    "writes take on disk", labels=["clone", "base"])
+        for c in clones_report(cfg.data_dir):
+            clone_b.add_metric([c["name"], c["base"]], float(c["allocated_bytes"]))
         for v in vols:
             try:
                 rep = volume_report(v, now)
@@ -190,6 +201,11 @@ class NodeCollector(Collector):
             snaps.add_metric([name], float(rep["snapshots"]["count"]))
             if rep["snapshots"]["latest"] is not None:
                 snap_t.add_metric([name], float(rep["snapshots"]["latest"]["time"]))
+            if rep["cdp"] is not None:
+                cdp_held.add_metric([name], float(rep["cdp"]["bytes_held"]))
+                for holder, held in [*((p["owner"], p) for p in rep["cdp"]["pins"]),
+                                     *(("reader", r) for r in rep["cdp"]["readers"])]:
+                    cdp_pinned.add_metric([name, holder], float(held["journal_bytes"]))
             for d in rep["diverged"]:
                 if d["kept"] and d["records"] is not None:
                     dl = [name, d["snapshot"], d["new_primary"]]
@@ -225,7 +241,7 @@ class NodeCollector(Collector):
                                sum_value=c["ns"] / 1e9)
         yield from (size, conns, conns_total, reqs, nbytes, lat, jbytes, jfill, jseq,
                     inconsistent, snaps, snap_t, pstate, plag, plagb, plags, pack, pdirty,
-                    rpo_over, rpo_s, rpo_b, drecs, dbytes)
+                    rpo_over, rpo_s, rpo_b, drecs, dbytes, cdp_held, cdp_pinned, clone_b)
         yield from health_families(cfg)
 
 

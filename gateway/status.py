@@ -46,7 +46,15 @@ and the senders run, and after they died.  Schema of ``--json`` (version 1)::
           "data_loss_window": {"bytes": int, "seconds": float|null},
           "refused": null | {"reason", "by": "this node"|"peer", "side", "split_brain":
                              bool, "settle": null | [{"keeps", "command"}], "since",
-                             "attempts"}}]}]}
+                             "attempts"}}],
+       "cdp": null | {"window_seconds", "max_bytes", "bytes_held", "bases": int,
+                      "oldest_point": null | {"seq", "time"}, "exports": [str],
+                      "pins": [{"owner": "clone-NAME", "seq", "base_seq",
+                                "journal_bytes"}],
+                      "readers": [{"base_seq", "journal_bytes"}]}}],
+     "clones": [{"name", "base": "VOLUME@SNAPSHOT"|"VOLUME@POINT", "point_seq": int|null,
+                 "size", "allocated_bytes", "clients": {"nbd": int|null,
+                 "iscsi": int|null}}]}
 
 Fields are only ever added within a version (scripts must ignore unknown keys); a
 change of meaning or a removal bumps ``version``.  ``clients.nbd`` counts open NBD
@@ -331,7 +339,8 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
         "version": STATUS_VERSION, "node": node, "data_dir": str(data_dir), "role": None,
         "health": None,
         "failover": fo, "split_brain": split_brain(data_dir),
-        "volumes": [volume_report(v, now) for v in list_volumes(data_dir)]}
+        "volumes": [volume_report(v, now) for v in list_volumes(data_dir)],
+        "clones": clones_report(data_dir)}
     if cfg is None:
         return report
     from . import nodestate
@@ -370,7 +379,26 @@ def node_report(node: str, data_dir: Path, cfg: NodeConfig | None = None,
                 v["clients"]["nbd"] = int(io.get(v["name"], {}).get("connections", 0))
             if iscsi is not None:
                 v["clients"]["iscsi"] = iscsi.get(v["name"], 0)
+        for c in report["clones"]:
+            if io is not None:
+                c["clients"]["nbd"] = int(io.get(c["name"], {}).get("connections", 0))
+            if iscsi is not None:
+                c["clients"]["iscsi"] = iscsi.get(c["name"], 0)
     return report
+
+
+def clones_report(data_dir: Path) -> list[dict[str, Any]]:
+    """This node's clones (blockstore/clone.py): base, the point's seq for a clone of
+    a CDP point (its history is pinned: the volume's ``cdp.pins``), space written."""
+    from blockstore.clone import allocated_bytes, list_clones
+
+    try:
+        clones = list_clones(data_dir)
+    except (BlockstoreError, OSError):
+        return []
+    return [{"name": c.name, "base": f"{c.volume}@{c.snapshot}", "point_seq": c.point_seq,
+             "size": c.size, "allocated_bytes": allocated_bytes(c.data),
+             "clients": {"nbd": None, "iscsi": None}} for c in clones]
 
 
 def replica_line(v: dict[str, Any]) -> str:

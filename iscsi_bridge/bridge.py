@@ -304,7 +304,14 @@ class Bridge:
         if self.data_dir is None:
             raise BridgeError("iscsi.fuse is nbdkit but the bridge was not given the data "
                               "directory of the nbdkit serving the volumes")
-        return str(volumes_dir(self.data_dir) / export.partition("@")[0])
+        volume = export.partition("@")[0]
+        if "@" not in export:
+            from blockstore.clone import find_clone
+
+            clone = find_clone(self.data_dir, export)
+            if clone is not None:  # served by the nbdkit that serves its base volume
+                volume = clone.volume
+        return str(volumes_dir(self.data_dir) / volume)
 
     def _reconcile_target(self, want: Target, have: TargetState | None,
                           secrets: dict[str, tuple[str, bool]], report: Report) -> None:

@@ -3,11 +3,13 @@ nbdkit callbacks (plugin.py) and the FUSE workers (fusefile.py) act on."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import threading
 import time
 
-from blockstore.cdp import PointView
+from blockstore.cdp import FollowedPointView, PointView
 from blockstore.clone import Clone
 from blockstore.snapshot import SnapshotView
 from blockstore.volume import Volume
@@ -17,6 +19,18 @@ from .lease import Lease
 from .syncgate import SyncGate
 
 _clock = time.monotonic_ns
+
+# Readers of a replica's snapshots and points yield the CPU to its receiver: the thread
+# that serves them (each NBD connection and each FUSE mount has its own) runs at this
+# nice value.
+READER_NICE = 10
+
+
+def yield_to_receiver() -> None:
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, tid) < READER_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, READER_NICE)
 
 
 class Handle:
@@ -28,7 +42,8 @@ class Handle:
 
     __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol")
 
-    def __init__(self, vol: Volume | SnapshotView | PointView | Clone, readonly: bool,
+    def __init__(self, vol: Volume | SnapshotView | PointView | FollowedPointView | Clone,
+                 readonly: bool,
                  gate: SyncGate | None = None, lease: Lease | None = None,
                  lock: threading.Lock | None = None) -> None:
         self.vol = vol

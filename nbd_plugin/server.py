@@ -7,7 +7,6 @@ connection durable (which is what makes multi-conn safe to advertise).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from blockstore.cdp import is_point_name
 from blockstore.clone import Clone, CloneInfo, find_clone, list_clones
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.journal import DEFAULT_SEGMENT_BYTES, sync_delays_for_tests
@@ -38,12 +38,23 @@ from blockstore.volume import (
 from . import iostats
 from .control import ControlServer
 from .fusefile import Attachment
-from .handle import Handle
+from .handle import READER_NICE, Handle, yield_to_receiver
 from .lease import Lease
-from .points import close_point, is_point_export, open_point_export, point_exports
+from .points import (
+    close_point,
+    is_point_export,
+    open_point_export,
+    open_point_handle,
+    open_replica_point,
+    open_replica_point_export,
+    point_exports,
+    replica_point_exports,
+)
 from .syncgate import SyncGate
 
 log = structlog.get_logger(component="nbd_plugin")
+
+__all__ = ["READER_NICE", "Params", "PluginError", "Server"]
 
 
 # A test hook (tests/integration/test_isolation.py): journal syncs made slower.
@@ -125,28 +136,16 @@ _SCALARS: dict[str, Callable[[str], object]] = {
 }
 
 
-# Readers of a replica's snapshots yield the CPU to its receiver: the thread that serves
-# them (each NBD connection and each FUSE mount has its own) runs at this nice value.
-READER_NICE = 10
-
-
-def _yield_to_receiver() -> None:
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, tid) < READER_NICE:
-            os.setpriority(os.PRIO_PROCESS, tid, READER_NICE)
-
-
 class ReplicaSnapshotView(FollowedSnapshotView):
     """A replica's snapshot as nbdkit serves it: read at a lower CPU priority, so
     that a reader never slows the receiver applying the primary's writes."""
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        _yield_to_receiver()
+        yield_to_receiver()
         super().read_into(buf, offset)
 
     def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
-        _yield_to_receiver()
+        yield_to_receiver()
         return super().extents(offset, count)
 
 
@@ -324,6 +323,7 @@ class Server:
         for info in self._replicas():
             if info.name in served_names(served):
                 continue  # promoted since: served above
+            out += replica_point_exports(info)
             try:
                 _shift, index = read_index(info.path / "snapshots" / "index")
             except FileNotFoundError:
@@ -344,6 +344,8 @@ class Server:
     def open(self, name: str, readonly: bool) -> Handle:
         if "@" in name:
             vol = self.volumes.get(name.partition("@")[0])
+            if vol is None and self._replica_point(name):  # a replica's (points.py)
+                return open_replica_point_export(self._replica_info(name), name)
             if is_point_export(vol, name.partition("@")[2]):  # CDP (nbd_plugin/points.py)
                 h = open_point_export(vol, name)
                 volume = name.partition("@")[0]
@@ -372,6 +374,27 @@ class Server:
         with self.lock:
             self.in_use[name] = self.in_use.get(name, 0) + 1
         return Handle(vol, readonly or vol.readonly, self.gate, self.lease)
+
+    def _replica_info(self, export: str) -> VolumeInfo:
+        info = self._replica(export.partition("@")[0])
+        assert info is not None
+        return info
+
+    def _replica_point(self, export: str) -> bool:
+        """Whether ``export`` names a CDP point of a replica this process serves the
+        snapshots of (a snapshot of the same name wins)."""
+        volume, _, point = export.partition("@")
+        if not is_point_name(point) or not (
+                self.discover or volume in self.replica_names):
+            return False
+        info = self._replica(volume)
+        if info is None:
+            return False
+        try:
+            _shift, index = read_index(info.path / "snapshots" / "index")
+        except FileNotFoundError:
+            return True
+        return point not in index.by_name
 
     def _open_snapshot(self, export: str) -> Handle:
         volume, _, snap = export.partition("@")
@@ -407,7 +430,8 @@ class Server:
             if got is None:
                 base = f"{info.volume}@{info.snapshot}"
                 try:
-                    base_h = self._open_snapshot(base)
+                    base_h = (self._open_point_base(info) if info.is_point
+                              else self._open_snapshot(base))
                 except FileNotFoundError as e:
                     raise FileNotFoundError(f"clone {info.name}: its base {base} cannot be "
                                             f"read: {e}") from None
@@ -421,6 +445,20 @@ class Server:
             clone, base_h, n = got
             self.clones[info.name] = (clone, base_h, n + 1)
         return Handle(clone, readonly, lock=base_h.lock)
+
+    def _open_point_base(self, info: CloneInfo) -> Handle:
+        """The CDP point a clone reads (its pinned seq): a view of this process's
+        volume, or of a replica another process writes (points.py)."""
+        vol = self.volumes.get(info.volume)
+        if vol is not None:
+            h = open_point_handle(vol, f"seq-{info.point_seq}")
+            with self.lock:  # a client of its volume: withdraw waits for it
+                self.in_use[info.volume] = self.in_use.get(info.volume, 0) + 1
+            return h
+        replica = self._replica(info.volume)
+        if replica is None:
+            raise FileNotFoundError(f"volume {info.volume} is not served here")
+        return open_replica_point(replica, f"seq-{info.point_seq}")
 
     def _close_clone(self, name: str) -> None:
         with self.members:

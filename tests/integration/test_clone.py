@@ -107,7 +107,10 @@ def test_clone_refusals(data_dir: Path) -> None:
     for args, msg in ((("v1", "c1"), "expected VOLUME@SNAPSHOT"),
                       (("v1@nope", "c1"), "has no snapshot named 'nope'"),
                       (("nope@s1", "c1"), "nope"),
-                      (("v1@s1", "v1"), "a volume named v1 exists")):
+                      (("v1@s1", "v1"), "a volume named v1 exists"),
+                      (("v1@s1", "c1", "--seq", "3"), "expected VOLUME@SNAPSHOT"),
+                      (("v1", "c1", "--at", "2026-12-02T10:15:03Z"), "keeps no history"),
+                      (("v1@seq-3", "c1"), "keeps no history")):
         p = run_nbdgw("clone", "create", *args, *dd, check=False)
         assert p.returncode != 0 and msg in p.stderr, p.stderr
     run_nbdgw("clone", "create", "v1@s1", "c1", *dd)
