@@ -1685,7 +1685,9 @@ def group_config(cfg: NodeConfig, group: str, site: str | None = None) -> NodeCo
         peerlink=replace(cfg.peerlink, listen_host="0.0.0.0", listen_port=g.ports.peerlink,
                          topology=g.topology),
         failover=replace(cfg.failover, heartbeat_port=g.ports.heartbeat),
-        metrics=metrics, iscsi=IscsiConfig(), sites=(), groups=(), group=g.name)
+        metrics=metrics, iscsi=IscsiConfig(), sites=(), groups=(), group=g.name,
+        # Under etcd each group is decided on its own key: the group's name.
+        coordinator=replace(cfg.coordinator, group=g.name))
 
 
 def check_peerlink_auth(cfg: NodeConfig) -> None:

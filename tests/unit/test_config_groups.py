@@ -110,6 +110,8 @@ def test_a_groups_config_has_the_groups_ports_data_dir_and_addresses():
     assert [v.name for v in g1.volumes] == ["v1"] and [v.name for v in g2.volumes] == ["v2"]
     assert g1.peerlink.secret_file == Path("/etc/nbdgw/peer.secret")  # node-wide
     assert g1.groups == () and g1.sites == ()  # an ordinary node config
+    # under etcd, each group is decided on a key of its own: its name
+    assert (g1.coordinator.group, g2.coordinator.group) == ("g1", "g2")
 
 
 def test_link_options_apply_to_the_link_to_their_site_and_sync_only_in_the_pair():
