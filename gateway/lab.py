@@ -868,8 +868,8 @@ def up(lab_dir: Path, subnet: str = DEFAULT_SUBNET, size: str = DEFAULT_SIZE,
 
     precheck()
     if branches and coordinator != "heartbeat":
-        raise LabError("--branches with --coordinator etcd: not built yet (the etcd "
-                       "coordinator runs one group per node config so far)")
+        raise LabError("--branches with --coordinator etcd: not built yet (the branches "
+                       "lab starts no etcd cluster; its groups decide by heartbeats)")
     if branches and (iscsi or topology != "fanout" or subnet != DEFAULT_SUBNET):
         raise LabError("--branches builds its own subnets, topology (each branch group "
                        "cascades through dc to dr) and DNS names; it takes --size, --mode "
