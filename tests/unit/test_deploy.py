@@ -67,7 +67,11 @@ def host_vars(root: Path, name: str) -> dict[str, Any]:
 
 
 def write_inventory(root: Path, hosts: tuple[str, ...], group: dict[str, Any]) -> Path:
-    inv = {"nbdgw": {"hosts": {h: host_vars(root, h) for h in hosts}, "vars": group}}
+    hvs = {h: host_vars(root, h) for h in hosts}
+    if group.get("nbdgw_groups"):  # each group has its own ports: no per-host listen
+        for hv in hvs.values():
+            del hv["nbdgw_peerlink_listen"], hv["nbdgw_nbd_listen"]
+    inv = {"nbdgw": {"hosts": hvs, "vars": group}}
     path = root / "inventory.yml"
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     return path
@@ -493,6 +497,41 @@ def test_the_example_inventory_refuses_its_placeholder_secrets(tmp_path: Path) -
     assert not any(tmp_path.iterdir())
 
 
+# --- volume groups -----------------------------------------------------------------------
+
+def groups_vars() -> dict[str, Any]:
+    """Good variables with volume groups (examples/groups.yaml's shape): branch main and
+    branch br2 (127.0.0.4) each replicate their group to dc, dr witnesses both pairs, and
+    dc's own group replicates to dr with main as its witness; b2 is found by DNS."""
+    return {
+        "nbdgw_sites": [{"name": n, "address": f"127.0.0.{i}"}
+                        for i, n in enumerate(("main", "dc", "dr", "br2"), 1)],
+        "nbdgw_groups": [
+            {"name": "b1", "primary": "main", "secondary": "dc", "witness": "dr",
+             "replicas": [{"site": "dc", "mode": "sync", "sync_timeout": 5}],
+             "ports": {"peerlink": 7801, "heartbeat": 7802, "nbd": 10811, "metrics": 9811},
+             "service": {"address": "192.0.2.10/24", "interface": "lo"},
+             "clients": ["192.0.2.0/24"],
+             "volumes": [{"name": "v1", "size": "64M"}]},
+            {"name": "b2", "primary": "br2", "secondary": "dc", "witness": "dr",
+             "ports": {"peerlink": 7811, "heartbeat": 7812, "nbd": 10812},
+             "service": {"dns": {"name": "db2.example.com", "zone": "example.com",
+                                 "servers": ["192.0.2.53"], "ttl": 30}},
+             "clients": ["198.51.100.0/24"],
+             "volumes": [{"name": "v2", "size": 16777216}]},
+            {"name": "core", "primary": "dc", "secondary": "dr", "witness": "main",
+             "topology": "cascade",
+             "ports": {"peerlink": 7821, "heartbeat": 7822, "nbd": 10821},
+             "service": {"address": "192.0.2.20/24", "interface": "lo"},
+             "volumes": [{"name": "erp", "size": "64M"}],
+             "snapshots": {"schedules": [{"name": "hourly", "every": "hourly", "keep": 24}]}},
+        ],
+        "nbdgw_peer_secret": "a-real-secret-of-32-bytes-length",
+        "nbdgw_service_dns_key": TSIG_KEY,
+        "nbdgw_sysctl_apply": False,
+    }
+
+
 # --- the operations playbooks refuse without their confirmation -------------------------
 
 def witness_vars() -> dict[str, Any]:
@@ -640,6 +679,12 @@ def with_local_files(path: Path) -> Path:
                      else f"chap-{keys[1]}-0123"[:16] + "\n")
         f.chmod(0o600)
         section[keys[-1]] = str(f)
+    for g in cfg.get("groups", []):  # each group's DNS name: the one key file
+        if "dns" in g.get("service", {}):
+            f = files / "dns.key"
+            f.write_text(TSIG_KEY)
+            f.chmod(0o600)
+            g["service"]["dns"]["key_file"] = str(f)
     out = path.parent / f"{path.stem}-local.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
@@ -648,8 +693,10 @@ def with_local_files(path: Path) -> Path:
 def config_check(path: Path) -> None:
     """The product's own check of a rendered config (its files made locally)."""
     path = with_local_files(path)
+    # This tree's gateway, not the one the venv has installed (editable from elsewhere).
     p = subprocess.run([str(VENV_BIN / "nbdgw"), "-c", str(path), "config", "check"],
-                       capture_output=True, text=True, timeout=60, check=False)
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("config ok: "), p.stdout
 
