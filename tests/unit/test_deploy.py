@@ -138,8 +138,9 @@ def run_playbook(playbook: str, inventory: Path, *args: str, timeout: float = 60
 
 # --- lint and syntax ------------------------------------------------------------------------
 
-def test_there_are_the_four_playbooks() -> None:
-    assert PLAYBOOKS == ["promote-dr.yml", "site.yml", "switchover.yml", "upgrade.yml"]
+def test_there_are_the_five_playbooks() -> None:
+    assert PLAYBOOKS == ["add-branch.yml", "promote-dr.yml", "site.yml", "switchover.yml",
+                         "upgrade.yml"]
 
 
 def test_ansible_lint_production_profile_is_clean() -> None:
@@ -191,6 +192,12 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 DELETE = object()
+
+
+def _use_groups(group: dict[str, Any]) -> None:
+    """A mutation: the good variables with volume groups instead (groups_vars)."""
+    group.clear()
+    group.update(groups_vars())
 # A TSIG key as `tsig-keygen -a hmac-sha256 nbdgw-update` writes it (a made-up secret).
 TSIG_SECRET = "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n"  # noqa: S105 (made up)
 TSIG_KEY = f'key "nbdgw-update" {{\n\talgorithm hmac-sha256;\n\tsecret "{TSIG_SECRET}";\n}};\n'
@@ -416,6 +423,54 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         [_set("nbdgw_snapshot_schedules",
               [{"name": "q", "volumes": ["v1", "sql-data"], "every": "hourly", "keep": 4}])],
         "nbdgw_snapshot_schedules[0].volumes: sql-data not in nbdgw_volumes"),
+    # With volume groups (groups_vars): the node config's cross-group checks, on the
+    # controller, naming the inventory's variable.
+    "groups_name_twice": (
+        [_use_groups, _set("nbdgw_groups.1.name", "b1")],
+        "nbdgw_groups: group b1 is listed twice"),
+    "groups_unknown_site": (
+        [_use_groups, _set("nbdgw_groups.1.secondary", "dc2")],
+        'nbdgw_groups[1].secondary: no site named "dc2" in nbdgw_sites (sites: main, dc, '
+        "dr, br2)"),
+    "groups_witness_holds_data": (
+        [_use_groups, _set("nbdgw_groups.0.witness", "dc")],
+        "nbdgw_groups[0] (b1): site dc is both secondary and witness; a site has one role "
+        "in a group (a witness holds none of the data of the group it witnesses)"),
+    "groups_shared_site_port": (
+        [_use_groups, _set("nbdgw_groups.1.ports.nbd", 10811)],
+        "nbdgw_groups[1].ports.nbd 10811 is also nbdgw_groups[0].ports.nbd on site dc: "
+        "groups that share a site need ports of their own"),
+    "groups_port_twice_in_a_group": (
+        [_use_groups, _set("nbdgw_groups.2.ports.heartbeat", 7821)],
+        "nbdgw_groups[2].ports.heartbeat and .peerlink are both 7821: a group's ports "
+        "differ"),
+    "groups_dns_without_servers": (
+        [_use_groups, _set("nbdgw_groups.1.service.dns.servers", DELETE)],
+        "nbdgw_groups[1].service.dns has no servers: a DNS name needs name, zone and "
+        "servers (and nbdgw_service_dns_key, the TSIG key the zone's server grants the "
+        "name)"),
+    "groups_dns_without_key": (
+        [_use_groups, _set("nbdgw_service_dns_key", "")],
+        "nbdgw_service_dns_key is not set: nbdgw_groups[1].service.dns needs the TSIG key "
+        "the zone's server grants the name (the whole output of tsig-keygen, in Ansible "
+        "Vault)"),
+    "groups_site_with_a_role": (
+        [_use_groups, _set("nbdgw_sites.1.role", "secondary")],
+        "nbdgw_sites[1].role: with nbdgw_groups a site has only name, address and "
+        "heartbeat_addresses; roles, ports and link options are per group "
+        "(nbdgw_groups[].primary, secondary, dr, witness, ports, replicas)"),
+    "groups_and_single_group_volumes": (
+        [_use_groups, _set("nbdgw_volumes", [{"name": "v9", "size": "1G"}])],
+        "nbdgw_volumes is set, but the inventory has volume groups (nbdgw_groups): each "
+        "group has its own, nbdgw_groups[].volumes"),
+    "groups_replica_to_the_witness": (
+        [_use_groups, _set("nbdgw_groups.0.replicas.1", {"site": "dr", "mode": "async"})],
+        'nbdgw_groups[0].replicas[1].site: "dr" is not a data site of group b1 (its '
+        "primary, secondary or dr); dr is its witness, which holds none of its data and is "
+        "shipped nothing"),
+    "groups_site_in_no_group": (
+        [_use_groups, _set("nbdgw_sites.4", {"name": "spare", "address": "127.0.0.9"})],
+        "nbdgw_sites[4] (spare) is in no group of nbdgw_groups"),
     "nbd_tls_without_key": (
         [_set("nbdgw_nbd_tls_mode", "require")],
         "nbdgw_nbd_tls_mode is require: set exactly one of nbdgw_nbd_tls_psk and "
@@ -432,6 +487,8 @@ def validation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
         for m in mutations:
             m(group)
         hv = host_vars(root / case, "main")
+        if "nbdgw_groups" in group:  # each group has its own ports
+            del hv["nbdgw_peerlink_listen"], hv["nbdgw_nbd_listen"]
         hosts[f"case_{case}"] = group | hv
     inv = root / "inventory.yml"
     inv.write_text(yaml.safe_dump({"nbdgw": {"hosts": hosts}}, sort_keys=False))
@@ -532,6 +589,78 @@ def groups_vars() -> dict[str, Any]:
     }
 
 
+def test_groups_render_configs_that_pass_config_check(tmp_path: Path) -> None:
+    """With nbdgw_groups every site gets the same sites and groups (its own node.name),
+    no single-group keys, each group's DNS name signed with the one key file; the
+    firewall opens each group's ports to that group's sites only; and each config passes
+    this tree's `nbdgw config check`."""
+    group = groups_vars()
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, ("main", "dc", "dr", "br2"),
+                                                    group))
+    assert sorted(cfgs) == ["br2", "dc", "dr", "main"]
+    for host, cfg in cfgs.items():
+        assert cfg["node"] == {"name": host, "data_dir": str(tmp_path / host / "data_dir")}
+        assert not {"peers", "service", "volumes", "snapshots", "iscsi"} & set(cfg)
+        assert cfg["sites"] == group["nbdgw_sites"]
+        assert [g["name"] for g in cfg["groups"]] == ["b1", "b2", "core"]
+        assert "clients" not in cfg["groups"][0]  # the firewall's, not the config's
+        assert cfg["groups"][1]["service"]["dns"]["key_file"] == str(
+            tmp_path / host / "config_dir" / "dns.key")
+        assert cfg["groups"][2]["snapshots"] == group["nbdgw_groups"][2]["snapshots"]
+        config_check(cfg["__path"])
+    assert cfgs["dc"]["nbd"]["allow"] == ["192.0.2.0/24", "198.51.100.0/24"]
+    # dc: replica of b1 (from main) and b2 (from br2), primary of core (dr and main).
+    nft = cfgs["dc"]["__nft"]
+    assert "tcp dport 7801 ip saddr != @g_b1_peers4 drop" in nft
+    assert re.search(r"set g_b1_peers4 \{[^}]*elements = \{ 127\.0\.0\.1 \}", nft)
+    assert re.search(r"set g_b1_sites4 \{[^}]*elements = \{ 127\.0\.0\.1, 127\.0\.0\.3 \}",
+                     nft)
+    assert re.search(r"set g_b2_clients4 \{[^}]*elements = \{ 198\.51\.100\.0/24 \}", nft)
+    assert "tcp dport 10821 ip saddr != @g_core_clients4" not in nft  # core: no clients
+    # dr only witnesses b1 and b2 (heartbeats only) but holds core's data.
+    nft = cfgs["dr"]["__nft"]
+    assert "tcp dport 7801" not in nft and "tcp dport 7811" not in nft
+    assert "udp dport 7802 ip saddr != @g_b1_sites4 drop" in nft
+    assert "tcp dport 7821 ip saddr != @g_core_peers4 drop" in nft
+    # br2 is in b2 only: nothing about b1's or core's ports.
+    assert not re.search(r"dport (7801|7802|7821|7822|10811|10821) ", cfgs["br2"]["__nft"])
+
+
+def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) -> None:
+    """deploy/examples/fanin with its placeholders replaced: five sites, four groups,
+    dc in every one (replica of the three branches, primary of core), and every config
+    passes `nbdgw config check`."""
+    extra = {"vault_nbdgw_peer_secret": "0123456789abcdef0123456789abcdef",
+             "vault_nbdgw_service_dns_key": TSIG_KEY}
+    cfgs = render_configs(tmp_path, DEPLOY / "examples" / "fanin" / "inventory.yml", "-e",
+                          json.dumps(extra))
+    assert sorted(cfgs) == ["branch1", "branch2", "branch3", "dc", "dr"]
+    for cfg in cfgs.values():
+        assert [g["name"] for g in cfg["groups"]] == ["b1", "b2", "b3", "core"]
+        config_check(cfg["__path"])
+    assert "# nbdgw node config for dc with volume groups (b1: secondary, b2: secondary, " \
+           "b3: secondary, core: primary)" in cfgs["dc"]["__path"].read_text()
+
+
+def test_a_role_change_in_a_group_is_refused(tmp_path: Path) -> None:
+    """dc's config on disk makes it primary of b1; the inventory says secondary: refused
+    per group, naming it, before anything is written. A group the config does not know
+    yet (b2, core: as add-branch.yml adds one) is no change."""
+    inv = write_inventory(tmp_path, ("dc",), groups_vars())
+    config = tmp_path / "dc" / "config_dir" / "nbdgw.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("version: 1\nnode: {name: dc}\n"
+                      "groups: [{name: b1, primary: dc, secondary: main, witness: dr}]\n")
+    run = run_playbook("site.yml", inv, timeout=180)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        f"nbdgw_groups gives dc the role secondary in group b1 but its config ({config}) "
+        "says primary: roles move with switchover.yml or promote-dr.yml (-e nbdgw_group=G); "
+        "set nbdgw_allow_role_change=true to redefine the cluster on purpose"], run
+    assert run.changed() == [], run
+    assert sorted(p.name for p in (tmp_path / "dc").iterdir()) == ["config_dir"]
+
+
 # --- the operations playbooks refuse without their confirmation -------------------------
 
 def witness_vars() -> dict[str, Any]:
@@ -564,10 +693,49 @@ REFUSALS = [  # (playbook, the sites' vars, extra arguments, the one failure it 
 ]
 
 
+GROUP_OPS = "the inventory has volume groups (b1, b2, core); name the one to act on"
+REFUSALS += [  # with volume groups: the operations act on one named group
+    ("switchover.yml", groups_vars, ("-e", "nbdgw_switchover_to=dc"),
+     f"nbdgw_group is not set: {GROUP_OPS}, e.g. -e nbdgw_group=b1"),
+    ("promote-dr.yml", groups_vars, ("-e", "nbdgw_group=b9"),
+     "nbdgw_group is \"b9\": expected one of b1, b2, core"),
+    ("switchover.yml", groups_vars, ("-e", "nbdgw_group=b1", "-e", "nbdgw_switchover_to=dr"),
+     "nbdgw_switchover_to is 'dr': dr is the witness, which holds no data and is never "
+     "primary; expected one of dc (the sites that are not primary)"),
+    ("switchover.yml", groups_vars, ("-e", "nbdgw_group=core", "-e", "nbdgw_switchover_to=dc"),
+     "nbdgw_switchover_to is 'dc': expected one of dr (the sites that are not primary)"),
+    ("promote-dr.yml", groups_vars, ("-e", "nbdgw_group=b1", "-e", "nbdgw_promote_dr_confirm=dr"),
+     "nbdgw_groups[0] (b1) has no dr: there is nothing to promote; dr is the witness, which "
+     "holds no data and is never primary (with the primary lost, the secondary takes over "
+     "by automatic failover)"),
+    ("switchover.yml", site_vars, ("-e", "nbdgw_group=b1"),
+     'nbdgw_group is "b1", but the inventory has no volume groups (nbdgw_groups): the '
+     "playbook acts on the whole node; leave nbdgw_group out"),
+    ("add-branch.yml", groups_vars, (),
+     "nbdgw_add_group is not set: name the group to add (already in nbdgw_groups), e.g. "
+     "-e nbdgw_add_group=core"),
+    ("add-branch.yml", groups_vars, ("-e", "nbdgw_add_group=b4"),
+     'nbdgw_add_group is "b4": no such group in nbdgw_groups (b1, b2, core); write the '
+     "group there first"),
+    ("add-branch.yml", site_vars, ("-e", "nbdgw_add_group=b4"),
+     'nbdgw_add_group is "b4" but the inventory has no volume groups (nbdgw_groups): '
+     "add-branch.yml adds a group to an inventory of groups"),
+    ("add-branch.yml", groups_vars, ("-e", "nbdgw_add_group=b2"),
+     "nbdgw_add_group b2: its site(s) br2, dc, dr are not among the hosts of this play "
+     "(main): nothing was changed"),
+]
+
+
 @pytest.mark.parametrize(("playbook", "group", "args", "failure"), REFUSALS,
                          ids=["promote-dr-unconfirmed", "promote-dr-wrong-confirmation",
                               "switchover-no-target", "switchover-to-the-primary",
-                              "switchover-to-the-witness", "promote-dr-the-witness"])
+                              "switchover-to-the-witness", "promote-dr-the-witness",
+                              "groups-switchover-no-group", "groups-promote-unknown-group",
+                              "groups-switchover-to-the-witness",
+                              "groups-switchover-to-the-primary",
+                              "groups-promote-a-witnessed-group", "group-without-groups",
+                              "add-branch-no-group", "add-branch-unknown-group",
+                              "add-branch-without-groups", "add-branch-sites-missing"])
 def test_operations_playbook_refuses(tmp_path: Path, playbook: str,
                                      group: Callable[[], dict[str, Any]],
                                      args: tuple[str, ...], failure: str) -> None:
