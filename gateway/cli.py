@@ -982,6 +982,7 @@ def replicate(obj: Ctx) -> None:
     if os.environ.get("NBDGW_DIE_WITH_PARENT"):
         die_with_parent()
     cfg = nodestate.effective_config(obj.config(files=True))
+    _log_group(cfg)
     rep = Replication(cfg)
     if not rep.plan.senders and not rep.plan.receivers:
         _fail(f"nothing to replicate on node {cfg.name} (role {cfg.role.value}, "
@@ -1204,7 +1205,14 @@ def _run_daemon(obj: Ctx, fmt: str, witness: bool) -> None:
               + "; run 'nbdgw daemon'")
     if os.environ.get("NBDGW_DIE_WITH_PARENT"):  # a group's daemon, under GroupsDaemon
         die_with_parent()
+    _log_group(cfg)
     sys.exit(Daemon(cfg, obj.config_path, fmt).run())
+
+
+def _log_group(cfg: NodeConfig) -> None:
+    """A group's processes (its daemon, its peerlink) say which group in every line."""
+    if cfg.group is not None:
+        structlog.contextvars.bind_contextvars(group=cfg.group)
 
 
 @cli.command()

@@ -118,3 +118,27 @@ def test_config_check_on_groups_names_each_group_of_the_node(tmp_path: Path):
         "7810, heartbeat 7811, nbd 10811; sends to nobody; 0 volume(s) in the config",
         f"group g2: role primary, data_dir {tmp_path / 'data/groups/g2'}, ports peerlink "
         "7820, heartbeat 7821, nbd 10812; sends to a (async); 0 volume(s) in the config"]
+
+
+def test_the_groups_parent_runs_one_daemon_per_group_of_the_node(tmp_path: Path):
+    """`nbdgw daemon` on a config with groups: a child `nbdgw --group G daemon` per group
+    of the node (`witness` where it is the group's witness), none for other groups."""
+    from gateway.config import load_config
+    from gateway.daemon import GroupsDaemon
+
+    path = groups_config(tmp_path, node="b")
+    raw = yaml.safe_load(path.read_text())
+    raw["sites"].append({"name": "c", "address": "10.0.0.3"})
+    raw["groups"].append({"name": "g3", "primary": "c", "secondary": "a", "witness": "b",
+                          "ports": {"peerlink": 7830, "heartbeat": 7831, "nbd": 10813}})
+    raw["failover"] = {"auto": True}
+    raw["groups"][0]["witness"] = raw["groups"][1]["witness"] = "c"
+    raw["peerlink"] = {"secret_file": "/etc/nbdgw/peer.secret"}
+    path.write_text(yaml.safe_dump(raw))
+    parent = GroupsDaemon(load_config(path), path, "json")
+    assert sorted(parent.children) == ["group g1", "group g2", "group g3"]
+    assert {g: p.argv[3:] for g, p in parent.procs.items()} == {
+        g: ["-c", str(path), "--group", g, "--log-format", "json", verb]
+        for g, verb in (("g1", "daemon"), ("g2", "daemon"), ("g3", "witness"))}
+    assert all(p.env is not None and p.env["NBDGW_DIE_WITH_PARENT"] == "1"
+               and "NBDGW_GROUP" not in p.env for p in parent.procs.values())
