@@ -638,8 +638,12 @@ def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) ->
     for cfg in cfgs.values():
         assert [g["name"] for g in cfg["groups"]] == ["b1", "b2", "b3", "core"]
         config_check(cfg["__path"])
-    assert "# nbdgw node config for dc with volume groups (b1: secondary, b2: secondary, " \
-           "b3: secondary, core: primary)" in cfgs["dc"]["__path"].read_text()
+    roles = "b1: secondary, b2: secondary, b3: secondary, core: primary"
+    assert f"# nbdgw node config for dc with volume groups ({roles})" in \
+        cfgs["dc"]["__path"].read_text()
+    assert f"Description=nbdgw node dc with volume groups ({roles})\n" in cfgs["dc"]["__unit"]
+    # dr: witness of the branches' groups but holds core's data: the daemon, not a witness.
+    assert "--log-format json daemon\n" in cfgs["dr"]["__unit"]
 
 
 def test_a_role_change_in_a_group_is_refused(tmp_path: Path) -> None:
@@ -670,6 +674,7 @@ def witness_vars() -> dict[str, Any]:
     return group
 
 
+GROUP_OPS = "the inventory has volume groups (b1, b2, core); name the one to act on"
 REFUSALS = [  # (playbook, the sites' vars, extra arguments, the one failure it must print)
     ("promote-dr.yml", site_vars, (),
      "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
@@ -690,11 +695,7 @@ REFUSALS = [  # (playbook, the sites' vars, extra arguments, the one failure it 
      "nbdgw_sites has no site with role dr: there is nothing to promote; wit is the "
      "witness, which holds no data and is never primary (with the primary lost, the "
      "secondary takes over by automatic failover)"),
-]
-
-
-GROUP_OPS = "the inventory has volume groups (b1, b2, core); name the one to act on"
-REFUSALS += [  # with volume groups: the operations act on one named group
+    # With volume groups: the operations act on one named group.
     ("switchover.yml", groups_vars, ("-e", "nbdgw_switchover_to=dc"),
      f"nbdgw_group is not set: {GROUP_OPS}, e.g. -e nbdgw_group=b1"),
     ("promote-dr.yml", groups_vars, ("-e", "nbdgw_group=b9"),
