@@ -60,7 +60,6 @@ def run(root: Path, playbook: str, inventory: Path, *args: str) -> Run:
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     env["NBDGW_TEST_CALLS"] = str(root / "systemctl.calls")
     env["NBDGW_TEST_STARTED"] = str(root / "started")
-    env["PYTHONPATH"] = str(DEPLOY.parent)  # this tree's nbdgw for anything run here
     proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(inventory),
                            playbook, *args], cwd=DEPLOY, capture_output=True, text=True,
                           timeout=900, env=env, check=False)

@@ -646,6 +646,101 @@ def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) ->
     assert "--log-format json daemon\n" in cfgs["dr"]["__unit"]
 
 
+GROUP_HOSTS = ("main", "dc", "dr", "br2")
+
+
+def run_with_stand_ins(tmp_path: Path, group: dict[str, Any], playbook: str, *args: str,
+                       hosts: tuple[str, ...] = GROUP_HOSTS
+                       ) -> tuple[Run, dict[str, list[str]]]:
+    """``playbook`` on the four local hosts of groups_vars, each host's nbdgw a stand-in
+    that records its arguments and succeeds (the product's own commands are tested
+    elsewhere; here: which host runs what), `systemctl is-active` a stand-in saying
+    "active". Returns the run and each host's recorded commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\n[ \"$1\" = is-active ] && exit 0\nexit 99\n")
+    for host in hosts:
+        nbdgw = tmp_path / host / "venv_dir" / "bin" / "nbdgw"
+        nbdgw.parent.mkdir(parents=True)
+        nbdgw.write_text('#!/bin/sh\necho "$*" >> "$(dirname "$0")/calls"\n')
+        (tmp_path / host / "config_dir").mkdir()
+    for f in [bin_dir / "systemctl", *tmp_path.glob("*/venv_dir/bin/nbdgw")]:
+        f.chmod(0o755)
+    inv = write_inventory(tmp_path, hosts, group)
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(inv), playbook,
+                           *args], cwd=DEPLOY, capture_output=True, text=True, timeout=300,
+                          env=ansible_env() | {"PATH": f"{VENV_BIN}:{bin_dir}:"
+                                                       f"{os.environ['PATH']}"},
+                          check=False)
+    calls = {}
+    for host in hosts:
+        f = tmp_path / host / "venv_dir" / "bin" / "calls"
+        calls[host] = f.read_text().splitlines() if f.exists() else []
+    return Run(proc), calls
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the config root's")
+def test_switchover_of_a_group_runs_on_its_primary_and_rewrites_its_entry(
+        tmp_path: Path) -> None:
+    """switchover.yml -e nbdgw_group=b1: `nbdgw --group b1 switchover --to dc` on b1's
+    primary only; then every site's config has b1 with dc primary and main secondary
+    (the other groups as they were), and each passes `nbdgw config check`."""
+    group = groups_vars()
+    run, calls = run_with_stand_ins(tmp_path, group, "switchover.yml", "-e", "nbdgw_group=b1",
+                                    "-e", "nbdgw_switchover_to=dc")
+    assert run.rc == 0, run
+    config = tmp_path / "main" / "config_dir" / "nbdgw.yaml"
+    # Each rewritten config went through (the stand-in's) `config check` first.
+    assert all(c.pop().endswith(".yaml config check") for c in calls.values()), calls
+    assert calls == {"main": ["switchover --help",
+                              f"-c {config} --group b1 switchover --to dc"],
+                     "dc": [], "dr": [], "br2": []}
+    want = copy.deepcopy(group["nbdgw_groups"])
+    want[0].update(primary="dc", secondary="main")
+    for host in GROUP_HOSTS:
+        path = tmp_path / host / "config_dir" / "nbdgw.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        assert [{k: g[k] for k in ("name", "primary", "secondary", "witness")}
+                for g in cfg["groups"]] == [
+            {k: g[k] for k in ("name", "primary", "secondary", "witness")} for g in want]
+        config_check(path)
+    assert ('dc is primary now of group b1. Set its entry in nbdgw_groups to {"primary": '
+            '"dc", "secondary": "main", "witness": "dr"} so that site.yml keeps them.'
+            ) in run.messages(), run
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the config root's")
+def test_switchover_without_groups_runs_as_before(tmp_path: Path) -> None:
+    """The same run on a single-group inventory: `nbdgw switchover --to dc` (no --group)
+    on the primary, every config rewritten with the roles swapped, the same message."""
+    run, calls = run_with_stand_ins(tmp_path, site_vars(), "switchover.yml", "-e",
+                                    "nbdgw_switchover_to=dc", hosts=SITES)
+    assert run.rc == 0, run
+    assert all(c.pop().endswith(".yaml config check") for c in calls.values()), calls
+    config = tmp_path / "main" / "config_dir" / "nbdgw.yaml"
+    assert calls == {"main": ["switchover --help", f"-c {config} switchover --to dc"],
+                     "dc": [], "dr": []}
+    for host, role in (("main", "secondary"), ("dc", "primary"), ("dr", "dr")):
+        cfg = yaml.safe_load((tmp_path / host / "config_dir" / "nbdgw.yaml").read_text())
+        assert cfg["node"]["role"] == role
+    assert ('dc is primary now. Set the roles in nbdgw_sites to {"main": "secondary", '
+            '"dc": "primary", "dr": "dr"} so that site.yml keeps them.') in run.messages(), run
+
+
+def test_promote_dr_of_a_group_runs_on_its_dr_site(tmp_path: Path) -> None:
+    """promote-dr.yml -e nbdgw_group=core (br2 its DR site): `nbdgw --group core promote
+    --site br2` on br2 only."""
+    group = groups_vars()
+    del group["nbdgw_groups"][2]["witness"]
+    group["nbdgw_groups"][2]["dr"] = "br2"
+    run, calls = run_with_stand_ins(tmp_path, group, "promote-dr.yml", "-e",
+                                    "nbdgw_group=core", "-e", "nbdgw_promote_dr_confirm=br2")
+    assert run.rc == 0, run
+    config = tmp_path / "br2" / "config_dir" / "nbdgw.yaml"
+    assert calls == {"main": [], "dc": [], "dr": [],
+                     "br2": ["promote --help", f"-c {config} --group core promote --site br2"]}
+
+
 def test_a_role_change_in_a_group_is_refused(tmp_path: Path) -> None:
     """dc's config on disk makes it primary of b1; the inventory says secondary: refused
     per group, naming it, before anything is written. A group the config does not know
