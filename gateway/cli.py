@@ -516,18 +516,20 @@ def status(obj: Ctx, data_dir: Path | None, as_json: bool, watch_s: float | None
 
 def _status_of_groups(node: NodeConfig, as_json: bool, watch_s: float | None) -> None:
     """`nbdgw status` on a config with groups, without --group: every group of this node,
-    a section each (`--json`: a list of the reports, each naming its group)."""
+    a section each.  `--json`: a list of ``{"group": G, "status": REPORT}`` (REPORT as
+    `nbdgw --group G status --json` prints it, gateway/status.py's schema) or, for a
+    group whose data directory does not exist yet, ``{"group": G, "error": TEXT}``."""
     from .status import node_report, render_text
 
     def reports() -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for g in groups_of(node):
             cfg = group_config(node, g.name)
             if not cfg.data_dir.is_dir():  # never started, no volume created yet
-                out.append({"group": g.name, "node": cfg.name, "role": cfg.role.value,
-                            "error": f"data directory {cfg.data_dir} does not exist"})
+                out.append({"group": g.name, "error": f"data directory {cfg.data_dir} "
+                                                      "does not exist"})
                 continue
-            out.append({"group": g.name, **node_report(cfg.name, cfg.data_dir, cfg)})
+            out.append({"group": g.name, "status": node_report(cfg.name, cfg.data_dir, cfg)})
         return out
 
     while True:
@@ -537,7 +539,7 @@ def _status_of_groups(node: NodeConfig, as_json: bool, watch_s: float | None) ->
         else:
             for r in rs:
                 sys.stdout.write(f"group {r['group']}:\n")
-                lines = [r["error"]] if "error" in r else render_text(r)
+                lines = [r["error"]] if "error" in r else render_text(r["status"])
                 sys.stdout.write("".join(f"  {line}\n" for line in lines))
             if watch_s:
                 sys.stdout.write("\n")

@@ -12,8 +12,9 @@ through NBD to both groups at once.
 - main powered off: g1 fails over to dc within the lab's bounds with every flushed write
   (g1 replicates synchronously), while g2's client, writing to dc the whole time, sees
   no error and no pause past a bound (g2 is async: its writes wait for nobody); main
-  back: it rejoins g1 as a replica of dc and follows dc in g2, and each group's volume
-  is bit-identical on both sites.
+  back: it rejoins g1 as a replica of dc and follows dc in g2, each group's volume is
+  bit-identical on both sites, and `nbdgw --group g1 switchover --to main` gives g1
+  back to main while g2 stays on dc.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import yaml
 from gateway import lab as lab_mod
 from tests.conftest import run_nbdgw
 from tests.integration.conftest import CHECKER, STAMPER, client
+from tests.statusschema import SCHEMA, check
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
 
@@ -243,8 +245,11 @@ def test_each_site_runs_one_daemon_per_group_from_this_tree(glab: GroupsLab) -> 
     assert sorted(p.name for p in wit.iterdir()) == ["g1", "g2"]
     assert not any((wit / g / "volumes").exists() for g in GROUPS)
     report = json.loads(glab.nbdgw("dc", "status", "--json").stdout)
-    assert [(r["group"], [v["name"] for v in r["volumes"]]) for r in report] == [
-        ("g1", ["v1"]), ("g2", ["v2"])]
+    assert [(r["group"], r["status"]["role"]["effective"],
+             [v["name"] for v in r["status"]["volumes"]]) for r in report] == [
+        ("g1", "secondary", ["v1"]), ("g2", "primary", ["v2"])]
+    for r in report:
+        check(r["status"], SCHEMA)
 
 
 def group_pids(glab: GroupsLab, site: str) -> dict[str, int]:
@@ -353,3 +358,9 @@ def test_power_cut_of_main_fails_over_g1_only_and_main_rejoins(glab: GroupsLab) 
         while (sums := {s: glab.checksum(g, s) for s in ("main", "dc")})["main"] != sums["dc"]:
             assert time.monotonic() < deadline, (g, sums)
             time.sleep(1)
+    # main gets g1 back by a planned switchover, an admin command of one group (--group)
+    sw = glab.nbdgw("dc", "--group", "g1", "switchover", "--to", "main")
+    assert sw.stdout.startswith("switched over from dc to main"), sw.stdout
+    glab.wait_states({"g1": {"main": "primary", "dc": "standby"},
+                      "g2": {"dc": "primary", "main": "standby"}}, 30)
+    assert glab.state("g2", "dc")["epoch"] == 0  # g2 never moved

@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from gateway.cli import cli
 from nbdgw_common import logs
+from tests.statusschema import SCHEMA
 
 
 @pytest.fixture(autouse=True)
@@ -99,9 +100,10 @@ def test_status_without_a_group_shows_every_group_of_the_node(tmp_path: Path):
     assert r.exit_code == 0, r.output
     reports = json.loads(r.output)
     assert [x["group"] for x in reports] == ["g1", "g2"]
-    assert [v["name"] for v in reports[0]["volumes"]] == ["v1"]
-    assert reports[1]["error"].startswith("data directory ") and "groups/g2" in \
-        reports[1]["error"]
+    assert set(reports[0]["status"]) == set(SCHEMA)  # a report as `--group G status`'s
+    assert [v["name"] for v in reports[0]["status"]["volumes"]] == ["v1"]
+    assert reports[1] == {"group": "g2", "error": f"data directory {tmp_path}/data/groups/"
+                                                  "g2 does not exist"}
     text = nbdgw(path, "status").output
     assert text.startswith("group g1:\n") and "\ngroup g2:\n" in text, text
     one = json.loads(nbdgw(path, "--group", "g1", "status", "--json").output)
