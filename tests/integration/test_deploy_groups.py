@@ -112,12 +112,12 @@ def test_the_group_starts_beside_the_running_ones(added: tuple[Path, Run, Run]) 
     root, _, _ = added
     started = (root / "started").read_text().splitlines()
     # One start per running site (the second run found it running), daemon on dc,
-    # witness on dr, each as its own transient unit stopped with nbdgw.service.
+    # witness on dr, each as its own transient unit bound to nbdgw.service.
     assert len(started) == 2, started
     for line, host, verb in zip(sorted(started, key=lambda s: "/dr/" in s), ("dc", "dr"),
                                 ("daemon", "witness"), strict=True):
         assert line.startswith("--unit nbdgw-group-b2.service --description nbdgw group b2 "), line
-        assert "--property=StopPropagatedFrom=nbdgw.service" in line
+        assert "--property=BindsTo=nbdgw.service --property=After=nbdgw.service" in line
         assert line.endswith(f"-- {root}/{host}/venv_dir/bin/nbdgw -c "
                              f"{root}/{host}/config_dir/nbdgw.yaml --group b2 "
                              f"--log-format json {verb}"), line
