@@ -626,6 +626,26 @@ def test_groups_render_configs_that_pass_config_check(tmp_path: Path) -> None:
     assert not re.search(r"dport (7801|7802|7821|7822|10811|10821) ", cfgs["br2"]["__nft"])
 
 
+def test_a_site_that_only_witnesses_renders_as_a_witness(tmp_path: Path) -> None:
+    """A site in groups only as their witness (wit: core's) holds no data: no nbd,
+    journal or activity_log section, `nbdgw witness` in its unit, only the heartbeat port
+    of each group in its firewall; its config (naming b2's DNS key file, as every site's
+    does) passes `nbdgw config check`."""
+    group = groups_vars()
+    group["nbdgw_sites"].append({"name": "wit", "address": "127.0.0.5"})
+    group["nbdgw_groups"][2]["witness"] = "wit"
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, ("wit", "main"), group))
+    wit = cfgs["wit"]
+    assert not {"nbd", "journal", "activity_log"} & set(wit)
+    assert "\nDescription=nbdgw node wit with volume groups (core: witness)\n" in wit["__unit"]
+    assert "--log-format json witness\n" in wit["__unit"]
+    assert re.findall(r"dport \d+ ip6? saddr", wit["__nft"]) == [
+        "dport 7822 ip saddr", "dport 7822 ip6 saddr"]
+    config_check(wit["__path"])
+    # main, no longer core's witness, is in b1 only.
+    assert re.findall(r"dport (\d+) ip saddr", cfgs["main"]["__nft"]) == ["7801", "7802", "10811"]
+
+
 def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) -> None:
     """deploy/examples/fanin with its placeholders replaced: five sites, four groups,
     dc in every one (replica of the three branches, primary of core), and every config
@@ -1125,6 +1145,30 @@ def test_the_dns_key_lands_as_a_root_only_file_the_config_check_reads(tmp_path: 
         str(key)
     assert TSIG_SECRET not in (etc / "nbdgw.yaml").read_text()
     assert TSIG_SECRET not in run.proc.stdout + run.proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the key file root's")
+def test_a_witness_of_groups_gets_the_peer_secret_and_the_dns_key_only(tmp_path: Path) -> None:
+    """The role's config step on a site that only witnesses (wit, core's witness): it
+    writes peer.secret and dns.key (the config every site shares names b2's key file, and
+    `nbdgw config check` reads it: this tree's nbdgw stands in for the host's), nothing
+    else, and the config passes the check."""
+    group = groups_vars() | {"nbdgw_service_start": False,
+                             "nbdgw_nbd_tls_mode": "on", "nbdgw_nbd_tls_psk": "u:0123abcd"}
+    group["nbdgw_sites"].append({"name": "wit", "address": "127.0.0.5"})
+    group["nbdgw_groups"][2]["witness"] = "wit"
+    inv = write_inventory(tmp_path, ("wit",), group)
+    venv = tmp_path / "wit" / "venv_dir" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "nbdgw").write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {VENV_BIN / "nbdgw"} "$@"\n')
+    (venv / "nbdgw").chmod(0o755)
+    playbook = tmp_path / "config.yml"
+    playbook.write_text(CONFIG_PLAYBOOK)
+    run = run_playbook(str(playbook), inv, timeout=180)
+    assert run.rc == 0, run
+    etc = tmp_path / "wit" / "config_dir"
+    assert sorted(p.name for p in etc.iterdir()) == ["dns.key", "nbdgw.yaml", "peer.secret"]
+    assert (etc / "dns.key").read_text() == TSIG_KEY
 
 
 def test_without_snapshots_and_iscsi_the_sections_are_absent(tmp_path: Path) -> None:
