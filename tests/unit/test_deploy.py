@@ -67,7 +67,11 @@ def host_vars(root: Path, name: str) -> dict[str, Any]:
 
 
 def write_inventory(root: Path, hosts: tuple[str, ...], group: dict[str, Any]) -> Path:
-    inv = {"nbdgw": {"hosts": {h: host_vars(root, h) for h in hosts}, "vars": group}}
+    hvs = {h: host_vars(root, h) for h in hosts}
+    if group.get("nbdgw_groups"):  # each group has its own ports: no per-host listen
+        for hv in hvs.values():
+            del hv["nbdgw_peerlink_listen"], hv["nbdgw_nbd_listen"]
+    inv = {"nbdgw": {"hosts": hvs, "vars": group}}
     path = root / "inventory.yml"
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     return path
@@ -134,8 +138,9 @@ def run_playbook(playbook: str, inventory: Path, *args: str, timeout: float = 60
 
 # --- lint and syntax ------------------------------------------------------------------------
 
-def test_there_are_the_four_playbooks() -> None:
-    assert PLAYBOOKS == ["promote-dr.yml", "site.yml", "switchover.yml", "upgrade.yml"]
+def test_there_are_the_five_playbooks() -> None:
+    assert PLAYBOOKS == ["add-branch.yml", "promote-dr.yml", "site.yml", "switchover.yml",
+                         "upgrade.yml"]
 
 
 def test_ansible_lint_production_profile_is_clean() -> None:
@@ -187,6 +192,12 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 DELETE = object()
+
+
+def _use_groups(group: dict[str, Any]) -> None:
+    """A mutation: the good variables with volume groups instead (groups_vars)."""
+    group.clear()
+    group.update(groups_vars())
 # A TSIG key as `tsig-keygen -a hmac-sha256 nbdgw-update` writes it (a made-up secret).
 TSIG_SECRET = "bmJkZ3ctdGVzdC10c2lnLWtleS0zMi1ieXRlcy1sb25n"  # noqa: S105 (made up)
 TSIG_KEY = f'key "nbdgw-update" {{\n\talgorithm hmac-sha256;\n\tsecret "{TSIG_SECRET}";\n}};\n'
@@ -412,6 +423,54 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         [_set("nbdgw_snapshot_schedules",
               [{"name": "q", "volumes": ["v1", "sql-data"], "every": "hourly", "keep": 4}])],
         "nbdgw_snapshot_schedules[0].volumes: sql-data not in nbdgw_volumes"),
+    # With volume groups (groups_vars): the node config's cross-group checks, on the
+    # controller, naming the inventory's variable.
+    "groups_name_twice": (
+        [_use_groups, _set("nbdgw_groups.1.name", "b1")],
+        "nbdgw_groups: group b1 is listed twice"),
+    "groups_unknown_site": (
+        [_use_groups, _set("nbdgw_groups.1.secondary", "dc2")],
+        'nbdgw_groups[1].secondary: no site named "dc2" in nbdgw_sites (sites: main, dc, '
+        "dr, br2)"),
+    "groups_witness_holds_data": (
+        [_use_groups, _set("nbdgw_groups.0.witness", "dc")],
+        "nbdgw_groups[0] (b1): site dc is both secondary and witness; a site has one role "
+        "in a group (a witness holds none of the data of the group it witnesses)"),
+    "groups_shared_site_port": (
+        [_use_groups, _set("nbdgw_groups.1.ports.nbd", 10811)],
+        "nbdgw_groups[1].ports.nbd 10811 is also nbdgw_groups[0].ports.nbd on site dc: "
+        "groups that share a site need ports of their own"),
+    "groups_port_twice_in_a_group": (
+        [_use_groups, _set("nbdgw_groups.2.ports.heartbeat", 7821)],
+        "nbdgw_groups[2].ports.heartbeat and .peerlink are both 7821: a group's ports "
+        "differ"),
+    "groups_dns_without_servers": (
+        [_use_groups, _set("nbdgw_groups.1.service.dns.servers", DELETE)],
+        "nbdgw_groups[1].service.dns has no servers: a DNS name needs name, zone and "
+        "servers (and nbdgw_service_dns_key, the TSIG key the zone's server grants the "
+        "name)"),
+    "groups_dns_without_key": (
+        [_use_groups, _set("nbdgw_service_dns_key", "")],
+        "nbdgw_service_dns_key is not set: nbdgw_groups[1].service.dns needs the TSIG key "
+        "the zone's server grants the name (the whole output of tsig-keygen, in Ansible "
+        "Vault)"),
+    "groups_site_with_a_role": (
+        [_use_groups, _set("nbdgw_sites.1.role", "secondary")],
+        "nbdgw_sites[1].role: with nbdgw_groups a site has only name, address and "
+        "heartbeat_addresses; roles, ports and link options are per group "
+        "(nbdgw_groups[].primary, secondary, dr, witness, ports, replicas)"),
+    "groups_and_single_group_volumes": (
+        [_use_groups, _set("nbdgw_volumes", [{"name": "v9", "size": "1G"}])],
+        "nbdgw_volumes is set, but the inventory has volume groups (nbdgw_groups): each "
+        "group has its own, nbdgw_groups[].volumes"),
+    "groups_replica_to_the_witness": (
+        [_use_groups, _set("nbdgw_groups.0.replicas.1", {"site": "dr", "mode": "async"})],
+        'nbdgw_groups[0].replicas[1].site: "dr" is not a data site of group b1 (its '
+        "primary, secondary or dr); dr is its witness, which holds none of its data and is "
+        "shipped nothing"),
+    "groups_site_in_no_group": (
+        [_use_groups, _set("nbdgw_sites.4", {"name": "spare", "address": "127.0.0.9"})],
+        "nbdgw_sites[4] (spare) is in no group of nbdgw_groups"),
     "nbd_tls_without_key": (
         [_set("nbdgw_nbd_tls_mode", "require")],
         "nbdgw_nbd_tls_mode is require: set exactly one of nbdgw_nbd_tls_psk and "
@@ -428,6 +487,8 @@ def validation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
         for m in mutations:
             m(group)
         hv = host_vars(root / case, "main")
+        if "nbdgw_groups" in group:  # each group has its own ports
+            del hv["nbdgw_peerlink_listen"], hv["nbdgw_nbd_listen"]
         hosts[f"case_{case}"] = group | hv
     inv = root / "inventory.yml"
     inv.write_text(yaml.safe_dump({"nbdgw": {"hosts": hosts}}, sort_keys=False))
@@ -493,6 +554,232 @@ def test_the_example_inventory_refuses_its_placeholder_secrets(tmp_path: Path) -
     assert not any(tmp_path.iterdir())
 
 
+# --- volume groups -----------------------------------------------------------------------
+
+def groups_vars() -> dict[str, Any]:
+    """Good variables with volume groups (examples/groups.yaml's shape): branch main and
+    branch br2 (127.0.0.4) each replicate their group to dc, dr witnesses both pairs, and
+    dc's own group replicates to dr with main as its witness; b2 is found by DNS."""
+    return {
+        "nbdgw_sites": [{"name": n, "address": f"127.0.0.{i}"}
+                        for i, n in enumerate(("main", "dc", "dr", "br2"), 1)],
+        "nbdgw_groups": [
+            {"name": "b1", "primary": "main", "secondary": "dc", "witness": "dr",
+             "replicas": [{"site": "dc", "mode": "sync", "sync_timeout": 5}],
+             "ports": {"peerlink": 7801, "heartbeat": 7802, "nbd": 10811, "metrics": 9811},
+             "service": {"address": "192.0.2.10/24", "interface": "lo"},
+             "clients": ["192.0.2.0/24"],
+             "volumes": [{"name": "v1", "size": "64M"}]},
+            {"name": "b2", "primary": "br2", "secondary": "dc", "witness": "dr",
+             "ports": {"peerlink": 7811, "heartbeat": 7812, "nbd": 10812},
+             "service": {"dns": {"name": "db2.example.com", "zone": "example.com",
+                                 "servers": ["192.0.2.53"], "ttl": 30}},
+             "clients": ["198.51.100.0/24"],
+             "volumes": [{"name": "v2", "size": 16777216}]},
+            {"name": "core", "primary": "dc", "secondary": "dr", "witness": "main",
+             "topology": "cascade",
+             "ports": {"peerlink": 7821, "heartbeat": 7822, "nbd": 10821},
+             "service": {"address": "192.0.2.20/24", "interface": "lo"},
+             "volumes": [{"name": "erp", "size": "64M"}],
+             "snapshots": {"schedules": [{"name": "hourly", "every": "hourly", "keep": 24}]}},
+        ],
+        "nbdgw_peer_secret": "a-real-secret-of-32-bytes-length",
+        "nbdgw_service_dns_key": TSIG_KEY,
+        "nbdgw_sysctl_apply": False,
+    }
+
+
+def test_groups_render_configs_that_pass_config_check(tmp_path: Path) -> None:
+    """With nbdgw_groups every site gets the same sites and groups (its own node.name),
+    no single-group keys, each group's DNS name signed with the one key file; the
+    firewall opens each group's ports to that group's sites only; and each config passes
+    this tree's `nbdgw config check`."""
+    group = groups_vars()
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, ("main", "dc", "dr", "br2"),
+                                                    group))
+    assert sorted(cfgs) == ["br2", "dc", "dr", "main"]
+    for host, cfg in cfgs.items():
+        assert cfg["node"] == {"name": host, "data_dir": str(tmp_path / host / "data_dir")}
+        assert not {"peers", "service", "volumes", "snapshots", "iscsi"} & set(cfg)
+        assert cfg["sites"] == group["nbdgw_sites"]
+        assert [g["name"] for g in cfg["groups"]] == ["b1", "b2", "core"]
+        assert "clients" not in cfg["groups"][0]  # the firewall's, not the config's
+        assert cfg["groups"][1]["service"]["dns"]["key_file"] == str(
+            tmp_path / host / "config_dir" / "dns.key")
+        assert cfg["groups"][2]["snapshots"] == group["nbdgw_groups"][2]["snapshots"]
+        config_check(cfg["__path"])
+    assert cfgs["dc"]["nbd"]["allow"] == ["192.0.2.0/24", "198.51.100.0/24"]
+    # dc: replica of b1 (from main) and b2 (from br2), primary of core (dr and main).
+    nft = cfgs["dc"]["__nft"]
+    assert "tcp dport 7801 ip saddr != @g_b1_peers4 drop" in nft
+    assert re.search(r"set g_b1_peers4 \{[^}]*elements = \{ 127\.0\.0\.1 \}", nft)
+    assert re.search(r"set g_b1_sites4 \{[^}]*elements = \{ 127\.0\.0\.1, 127\.0\.0\.3 \}",
+                     nft)
+    assert re.search(r"set g_b2_clients4 \{[^}]*elements = \{ 198\.51\.100\.0/24 \}", nft)
+    assert "tcp dport 10821 ip saddr != @g_core_clients4" not in nft  # core: no clients
+    # dr only witnesses b1 and b2 (heartbeats only) but holds core's data.
+    nft = cfgs["dr"]["__nft"]
+    assert "tcp dport 7801" not in nft and "tcp dport 7811" not in nft
+    assert "udp dport 7802 ip saddr != @g_b1_sites4 drop" in nft
+    assert "tcp dport 7821 ip saddr != @g_core_peers4 drop" in nft
+    # br2 is in b2 only: nothing about b1's or core's ports.
+    assert not re.search(r"dport (7801|7802|7821|7822|10811|10821) ", cfgs["br2"]["__nft"])
+
+
+def test_a_site_that_only_witnesses_renders_as_a_witness(tmp_path: Path) -> None:
+    """A site in groups only as their witness (wit: core's) holds no data: no nbd,
+    journal or activity_log section, `nbdgw witness` in its unit, only the heartbeat port
+    of each group in its firewall; its config (naming b2's DNS key file, as every site's
+    does) passes `nbdgw config check`."""
+    group = groups_vars()
+    group["nbdgw_sites"].append({"name": "wit", "address": "127.0.0.5"})
+    group["nbdgw_groups"][2]["witness"] = "wit"
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, ("wit", "main"), group))
+    wit = cfgs["wit"]
+    assert not {"nbd", "journal", "activity_log"} & set(wit)
+    assert "\nDescription=nbdgw node wit with volume groups (core: witness)\n" in wit["__unit"]
+    assert "--log-format json witness\n" in wit["__unit"]
+    assert re.findall(r"dport \d+ ip6? saddr", wit["__nft"]) == [
+        "dport 7822 ip saddr", "dport 7822 ip6 saddr"]
+    config_check(wit["__path"])
+    # main, no longer core's witness, is in b1 only.
+    assert re.findall(r"dport (\d+) ip saddr", cfgs["main"]["__nft"]) == ["7801", "7802", "10811"]
+
+
+def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) -> None:
+    """deploy/examples/fanin with its placeholders replaced: five sites, four groups,
+    dc in every one (replica of the three branches, primary of core), and every config
+    passes `nbdgw config check`."""
+    extra = {"vault_nbdgw_peer_secret": "0123456789abcdef0123456789abcdef",
+             "vault_nbdgw_service_dns_key": TSIG_KEY}
+    cfgs = render_configs(tmp_path, DEPLOY / "examples" / "fanin" / "inventory.yml", "-e",
+                          json.dumps(extra))
+    assert sorted(cfgs) == ["branch1", "branch2", "branch3", "dc", "dr"]
+    for cfg in cfgs.values():
+        assert [g["name"] for g in cfg["groups"]] == ["b1", "b2", "b3", "core"]
+        config_check(cfg["__path"])
+    roles = "b1: secondary, b2: secondary, b3: secondary, core: primary"
+    assert f"# nbdgw node config for dc with volume groups ({roles})" in \
+        cfgs["dc"]["__path"].read_text()
+    assert f"Description=nbdgw node dc with volume groups ({roles})\n" in cfgs["dc"]["__unit"]
+    # dr: witness of the branches' groups but holds core's data: the daemon, not a witness.
+    assert "--log-format json daemon\n" in cfgs["dr"]["__unit"]
+
+
+GROUP_HOSTS = ("main", "dc", "dr", "br2")
+
+
+def run_with_stand_ins(tmp_path: Path, group: dict[str, Any], playbook: str, *args: str,
+                       hosts: tuple[str, ...] = GROUP_HOSTS
+                       ) -> tuple[Run, dict[str, list[str]]]:
+    """``playbook`` on the four local hosts of groups_vars, each host's nbdgw a stand-in
+    that records its arguments and succeeds (the product's own commands are tested
+    elsewhere; here: which host runs what), `systemctl is-active` a stand-in saying
+    "active". Returns the run and each host's recorded commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\n[ \"$1\" = is-active ] && exit 0\nexit 99\n")
+    for host in hosts:
+        nbdgw = tmp_path / host / "venv_dir" / "bin" / "nbdgw"
+        nbdgw.parent.mkdir(parents=True)
+        nbdgw.write_text('#!/bin/sh\necho "$*" >> "$(dirname "$0")/calls"\n')
+        (tmp_path / host / "config_dir").mkdir()
+    for f in [bin_dir / "systemctl", *tmp_path.glob("*/venv_dir/bin/nbdgw")]:
+        f.chmod(0o755)
+    inv = write_inventory(tmp_path, hosts, group)
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(inv), playbook,
+                           *args], cwd=DEPLOY, capture_output=True, text=True, timeout=300,
+                          env=ansible_env() | {"PATH": f"{VENV_BIN}:{bin_dir}:"
+                                                       f"{os.environ['PATH']}"},
+                          check=False)
+    calls = {}
+    for host in hosts:
+        f = tmp_path / host / "venv_dir" / "bin" / "calls"
+        calls[host] = f.read_text().splitlines() if f.exists() else []
+    return Run(proc), calls
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the config root's")
+def test_switchover_of_a_group_runs_on_its_primary_and_rewrites_its_entry(
+        tmp_path: Path) -> None:
+    """switchover.yml -e nbdgw_group=b1: `nbdgw --group b1 switchover --to dc` on b1's
+    primary only; then every site's config has b1 with dc primary and main secondary
+    (the other groups as they were), and each passes `nbdgw config check`."""
+    group = groups_vars()
+    run, calls = run_with_stand_ins(tmp_path, group, "switchover.yml", "-e", "nbdgw_group=b1",
+                                    "-e", "nbdgw_switchover_to=dc")
+    assert run.rc == 0, run
+    config = tmp_path / "main" / "config_dir" / "nbdgw.yaml"
+    # Each rewritten config went through (the stand-in's) `config check` first.
+    assert all(c.pop().endswith(".yaml config check") for c in calls.values()), calls
+    assert calls == {"main": ["switchover --help",
+                              f"-c {config} --group b1 switchover --to dc"],
+                     "dc": [], "dr": [], "br2": []}
+    want = copy.deepcopy(group["nbdgw_groups"])
+    want[0].update(primary="dc", secondary="main")
+    for host in GROUP_HOSTS:
+        path = tmp_path / host / "config_dir" / "nbdgw.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        assert [{k: g[k] for k in ("name", "primary", "secondary", "witness")}
+                for g in cfg["groups"]] == [
+            {k: g[k] for k in ("name", "primary", "secondary", "witness")} for g in want]
+        config_check(path)
+    assert ('dc is primary now of group b1. Set its entry in nbdgw_groups to {"primary": '
+            '"dc", "secondary": "main", "witness": "dr"} so that site.yml keeps them.'
+            ) in run.messages(), run
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the config root's")
+def test_switchover_without_groups_runs_as_before(tmp_path: Path) -> None:
+    """The same run on a single-group inventory: `nbdgw switchover --to dc` (no --group)
+    on the primary, every config rewritten with the roles swapped, the same message."""
+    run, calls = run_with_stand_ins(tmp_path, site_vars(), "switchover.yml", "-e",
+                                    "nbdgw_switchover_to=dc", hosts=SITES)
+    assert run.rc == 0, run
+    assert all(c.pop().endswith(".yaml config check") for c in calls.values()), calls
+    config = tmp_path / "main" / "config_dir" / "nbdgw.yaml"
+    assert calls == {"main": ["switchover --help", f"-c {config} switchover --to dc"],
+                     "dc": [], "dr": []}
+    for host, role in (("main", "secondary"), ("dc", "primary"), ("dr", "dr")):
+        cfg = yaml.safe_load((tmp_path / host / "config_dir" / "nbdgw.yaml").read_text())
+        assert cfg["node"]["role"] == role
+    assert ('dc is primary now. Set the roles in nbdgw_sites to {"main": "secondary", '
+            '"dc": "primary", "dr": "dr"} so that site.yml keeps them.') in run.messages(), run
+
+
+def test_promote_dr_of_a_group_runs_on_its_dr_site(tmp_path: Path) -> None:
+    """promote-dr.yml -e nbdgw_group=core (br2 its DR site): `nbdgw --group core promote
+    --site br2` on br2 only."""
+    group = groups_vars()
+    del group["nbdgw_groups"][2]["witness"]
+    group["nbdgw_groups"][2]["dr"] = "br2"
+    run, calls = run_with_stand_ins(tmp_path, group, "promote-dr.yml", "-e",
+                                    "nbdgw_group=core", "-e", "nbdgw_promote_dr_confirm=br2")
+    assert run.rc == 0, run
+    config = tmp_path / "br2" / "config_dir" / "nbdgw.yaml"
+    assert calls == {"main": [], "dc": [], "dr": [],
+                     "br2": ["promote --help", f"-c {config} --group core promote --site br2"]}
+
+
+def test_a_role_change_in_a_group_is_refused(tmp_path: Path) -> None:
+    """dc's config on disk makes it primary of b1; the inventory says secondary: refused
+    per group, naming it, before anything is written. A group the config does not know
+    yet (b2, core: as add-branch.yml adds one) is no change."""
+    inv = write_inventory(tmp_path, ("dc",), groups_vars())
+    config = tmp_path / "dc" / "config_dir" / "nbdgw.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("version: 1\nnode: {name: dc}\n"
+                      "groups: [{name: b1, primary: dc, secondary: main, witness: dr}]\n")
+    run = run_playbook("site.yml", inv, timeout=180)
+    assert run.rc != 0, run
+    assert run.failures() == [
+        f"nbdgw_groups gives dc the role secondary in group b1 but its config ({config}) "
+        "says primary: roles move with switchover.yml or promote-dr.yml (-e nbdgw_group=G); "
+        "set nbdgw_allow_role_change=true to redefine the cluster on purpose"], run
+    assert run.changed() == [], run
+    assert sorted(p.name for p in (tmp_path / "dc").iterdir()) == ["config_dir"]
+
+
 # --- the operations playbooks refuse without their confirmation -------------------------
 
 def witness_vars() -> dict[str, Any]:
@@ -502,6 +789,7 @@ def witness_vars() -> dict[str, Any]:
     return group
 
 
+GROUP_OPS = "the inventory has volume groups (b1, b2, core); name the one to act on"
 REFUSALS = [  # (playbook, the sites' vars, extra arguments, the one failure it must print)
     ("promote-dr.yml", site_vars, (),
      "promote-dr.yml makes dr the primary of every volume; it runs only when confirmed "
@@ -522,13 +810,48 @@ REFUSALS = [  # (playbook, the sites' vars, extra arguments, the one failure it 
      "nbdgw_sites has no site with role dr: there is nothing to promote; wit is the "
      "witness, which holds no data and is never primary (with the primary lost, the "
      "secondary takes over by automatic failover)"),
+    # With volume groups: the operations act on one named group.
+    ("switchover.yml", groups_vars, ("-e", "nbdgw_switchover_to=dc"),
+     f"nbdgw_group is not set: {GROUP_OPS}, e.g. -e nbdgw_group=b1"),
+    ("promote-dr.yml", groups_vars, ("-e", "nbdgw_group=b9"),
+     "nbdgw_group is \"b9\": expected one of b1, b2, core"),
+    ("switchover.yml", groups_vars, ("-e", "nbdgw_group=b1", "-e", "nbdgw_switchover_to=dr"),
+     "nbdgw_switchover_to is 'dr': dr is the witness, which holds no data and is never "
+     "primary; expected one of dc (the sites that are not primary)"),
+    ("switchover.yml", groups_vars, ("-e", "nbdgw_group=core", "-e", "nbdgw_switchover_to=dc"),
+     "nbdgw_switchover_to is 'dc': expected one of dr (the sites that are not primary)"),
+    ("promote-dr.yml", groups_vars, ("-e", "nbdgw_group=b1", "-e", "nbdgw_promote_dr_confirm=dr"),
+     "nbdgw_groups[0] (b1) has no dr: there is nothing to promote; dr is the witness, which "
+     "holds no data and is never primary (with the primary lost, the secondary takes over "
+     "by automatic failover)"),
+    ("switchover.yml", site_vars, ("-e", "nbdgw_group=b1"),
+     'nbdgw_group is "b1", but the inventory has no volume groups (nbdgw_groups): the '
+     "playbook acts on the whole node; leave nbdgw_group out"),
+    ("add-branch.yml", groups_vars, (),
+     "nbdgw_add_group is not set: name the group to add (already in nbdgw_groups), e.g. "
+     "-e nbdgw_add_group=core"),
+    ("add-branch.yml", groups_vars, ("-e", "nbdgw_add_group=b4"),
+     'nbdgw_add_group is "b4": no such group in nbdgw_groups (b1, b2, core); write the '
+     "group there first"),
+    ("add-branch.yml", site_vars, ("-e", "nbdgw_add_group=b4"),
+     'nbdgw_add_group is "b4" but the inventory has no volume groups (nbdgw_groups): '
+     "add-branch.yml adds a group to an inventory of groups"),
+    ("add-branch.yml", groups_vars, ("-e", "nbdgw_add_group=b2"),
+     "nbdgw_add_group b2: its site(s) br2, dc, dr are not among the hosts of this play "
+     "(main): nothing was changed"),
 ]
 
 
 @pytest.mark.parametrize(("playbook", "group", "args", "failure"), REFUSALS,
                          ids=["promote-dr-unconfirmed", "promote-dr-wrong-confirmation",
                               "switchover-no-target", "switchover-to-the-primary",
-                              "switchover-to-the-witness", "promote-dr-the-witness"])
+                              "switchover-to-the-witness", "promote-dr-the-witness",
+                              "groups-switchover-no-group", "groups-promote-unknown-group",
+                              "groups-switchover-to-the-witness",
+                              "groups-switchover-to-the-primary",
+                              "groups-promote-a-witnessed-group", "group-without-groups",
+                              "add-branch-no-group", "add-branch-unknown-group",
+                              "add-branch-without-groups", "add-branch-sites-missing"])
 def test_operations_playbook_refuses(tmp_path: Path, playbook: str,
                                      group: Callable[[], dict[str, Any]],
                                      args: tuple[str, ...], failure: str) -> None:
@@ -640,6 +963,12 @@ def with_local_files(path: Path) -> Path:
                      else f"chap-{keys[1]}-0123"[:16] + "\n")
         f.chmod(0o600)
         section[keys[-1]] = str(f)
+    for g in cfg.get("groups", []):  # each group's DNS name: the one key file
+        if "dns" in g.get("service", {}):
+            f = files / "dns.key"
+            f.write_text(TSIG_KEY)
+            f.chmod(0o600)
+            g["service"]["dns"]["key_file"] = str(f)
     out = path.parent / f"{path.stem}-local.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
@@ -648,8 +977,10 @@ def with_local_files(path: Path) -> Path:
 def config_check(path: Path) -> None:
     """The product's own check of a rendered config (its files made locally)."""
     path = with_local_files(path)
+    # This tree's gateway, not the one the venv has installed (editable from elsewhere).
     p = subprocess.run([str(VENV_BIN / "nbdgw"), "-c", str(path), "config", "check"],
-                       capture_output=True, text=True, timeout=60, check=False)
+                       capture_output=True, text=True, timeout=60, check=False,
+                       env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("config ok: "), p.stdout
 
@@ -814,6 +1145,30 @@ def test_the_dns_key_lands_as_a_root_only_file_the_config_check_reads(tmp_path: 
         str(key)
     assert TSIG_SECRET not in (etc / "nbdgw.yaml").read_text()
     assert TSIG_SECRET not in run.proc.stdout + run.proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role makes the key file root's")
+def test_a_witness_of_groups_gets_the_peer_secret_and_the_dns_key_only(tmp_path: Path) -> None:
+    """The role's config step on a site that only witnesses (wit, core's witness): it
+    writes peer.secret and dns.key (the config every site shares names b2's key file, and
+    `nbdgw config check` reads it: this tree's nbdgw stands in for the host's), nothing
+    else, and the config passes the check."""
+    group = groups_vars() | {"nbdgw_service_start": False,
+                             "nbdgw_nbd_tls_mode": "on", "nbdgw_nbd_tls_psk": "u:0123abcd"}
+    group["nbdgw_sites"].append({"name": "wit", "address": "127.0.0.5"})
+    group["nbdgw_groups"][2]["witness"] = "wit"
+    inv = write_inventory(tmp_path, ("wit",), group)
+    venv = tmp_path / "wit" / "venv_dir" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "nbdgw").write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {VENV_BIN / "nbdgw"} "$@"\n')
+    (venv / "nbdgw").chmod(0o755)
+    playbook = tmp_path / "config.yml"
+    playbook.write_text(CONFIG_PLAYBOOK)
+    run = run_playbook(str(playbook), inv, timeout=180)
+    assert run.rc == 0, run
+    etc = tmp_path / "wit" / "config_dir"
+    assert sorted(p.name for p in etc.iterdir()) == ["dns.key", "nbdgw.yaml", "peer.secret"]
+    assert (etc / "dns.key").read_text() == TSIG_KEY
 
 
 def test_without_snapshots_and_iscsi_the_sections_are_absent(tmp_path: Path) -> None:
