@@ -86,18 +86,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .failover import Action, Event, State, step
+from .failover import Action, Event, State
 from .nodecore import (
     MAIN_SITE,
-    REPLICA_ROLES,
     WITNESS_ROLE,
+    CoreBase,
     Done,
     Facts,
     HardState,
-    Out,
     Ready,
     Request,
     Tick,
@@ -283,10 +282,12 @@ def state_value(epoch: int, served: int, outdated: frozenset[str]) -> str:
                       sort_keys=True)
 
 
-class EtcdCore:
+class EtcdCore(CoreBase):
     """All failover state of one node of one group, on etcd; ``step(event)`` -> ``Ready``."""
 
-    def __init__(self, cfg: EtcdCoreConfig, hard: HardState, now: float, boot: bytes,  # noqa: PLR0915
+    cfg: EtcdCoreConfig
+
+    def __init__(self, cfg: EtcdCoreConfig, hard: HardState, now: float, boot: bytes,
                  split_brain: bool = False) -> None:
         self.cfg = cfg
         self.hard = hard
@@ -328,20 +329,7 @@ class EtcdCore:
         self.member_said: tuple[Any, ...] | None = None
         self.member_at = -math.inf
         self.operator = False  # the take under way is an operator's promote
-        if not cfg.auto:
-            self.state = (State.PRIMARY if hard.role == "primary" else
-                          State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY)
-        elif split_brain:
-            self.state = State.STALE
-        elif hard.role == "primary" and hard.primary not in (None, cfg.me):
-            self.state = State.STALE
-            self.rejoin_args = {"preserve": True, "adopt": False, "concurrent": False}
-            self.rejoin_at = now
-        elif hard.role == "primary":
-            self.state = State.STARTING
-        else:
-            self.state = State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY
-        self._ready = Ready()
+        self._start_state(cfg.role, cfg.auto, split_brain)
 
     # -- the entry point ----------------------------------------------------------------
 
@@ -363,39 +351,12 @@ class EtcdCore:
             self._lease_requests()
             self._decide()
             self._poll()
-        serving = self.state is State.PRIMARY and self._lease_valid()
-        if serving and self.hard.served_epoch < self.hard.epoch:
-            self._persist(served_epoch=self.hard.epoch,
-                          floor_epoch=max(self.hard.floor_epoch, self.hard.epoch))
-        r = self._ready
-        r.lease_until = self.lease_until if self.state is State.PRIMARY else -math.inf
-        return r
+        return self._end_step()
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _persist(self, **changes: Any) -> None:
-        new = replace(self.hard, **changes)
-        if new != self.hard:
-            self.hard = new
-            self._ready.persist = new
-
-    def _do(self, kind: str, **args: Any) -> None:
-        self._ready.actions.append(Out(kind, args))
-
-    def _log(self, level: str, event: str, **fields: Any) -> None:
-        self._do("log", level=level, event=event, group=self.cfg.group, **fields)
-
-    def _reply(self, req_id: int, payload: dict[str, Any]) -> None:
-        self._do("reply", req_id=req_id, payload=payload)
-
-    def _feed(self, event: Event, **args: Any) -> None:
-        old = self.state
-        self.state, actions = step(old, event)
-        self._log("warning" if self.state is not old else "info", "failover_transition",
-                  trigger=event.value, old=old.value, new=self.state.value,
-                  actions=[a.value for a in actions])
-        for a in actions:
-            self._action(a, **args)
+    def _log_fields(self) -> dict[str, Any]:
+        return {"group": self.cfg.group}
 
     def _action(self, a: Action, **args: Any) -> None:
         if a is Action.FENCE:
@@ -924,16 +885,6 @@ class EtcdCore:
             self.cfg.keys))
 
     # -- operator requests ----------------------------------------------------------------
-
-    def _request(self, r: Request) -> None:
-        if r.op == "promote":
-            self._operator_promote(r)
-        elif r.op == "switchover":
-            self._switchover(r)
-        elif r.op == "resolve":
-            self._resolve(r)
-        else:
-            self._reply(r.req_id, {"error": f"unknown request {r.op!r}"})
 
     def _operator_promote(self, r: Request) -> None:
         me = self.cfg.me

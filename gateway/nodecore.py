@@ -258,10 +258,112 @@ class PeerView:
     mine_seq: int = 0  # the newest beat of mine that a fresh beat of it echoed
 
 
-class NodeCore:
+class CoreBase:
+    """What every node core shares (this one on heartbeats, gateway/etcdcore.py on etcd):
+    the start state from the hard state, the ``Ready`` a step builds and its helpers, the
+    failover table's transitions, operator request dispatch and how a step ends (the
+    first lease on an epoch persisted, nbdkit's lease only while serving)."""
+
+    cfg: Any
+    hard: HardState
+    state: State
+    now: float
+    lease_until: float
+    rejoin_at: float | None
+    rejoin_args: dict[str, Any] | None
+    _ready: Ready
+
+    def _start_state(self, role: str, auto: bool, split_brain: bool) -> None:
+        """The state a core starts in, from what it persisted (``role``: its installed
+        role)."""
+        hard = self.hard
+        if not auto:
+            self.state = (State.PRIMARY if hard.role == "primary" else
+                          State.WITNESS if role in REPLICA_ROLES else State.STANDBY)
+        elif split_brain:
+            self.state = State.STALE
+        elif hard.role == "primary" and hard.primary not in (None, self.cfg.me):
+            # It stopped while rejoining a newer primary: finish that first.
+            self.state = State.STALE
+            self.rejoin_args = {"preserve": True, "adopt": False, "concurrent": False}
+            self.rejoin_at = self.now
+        elif hard.role == "primary":
+            self.state = State.STARTING
+        else:
+            self.state = State.WITNESS if role in REPLICA_ROLES else State.STANDBY
+        self._ready = Ready()
+
+    def _end_step(self) -> Ready:
+        """nbdkit is handed a lease only while serving; a fenced node's computed lease
+        is for its own hysteresis.  The first lease on an epoch is persisted first."""
+        serving = self.state is State.PRIMARY and self._lease_valid()
+        if serving and self.hard.served_epoch < self.hard.epoch:
+            self._persist(served_epoch=self.hard.epoch,
+                          floor_epoch=max(self.hard.floor_epoch, self.hard.epoch))
+        r = self._ready
+        r.lease_until = self.lease_until if self.state is State.PRIMARY else -math.inf
+        return r
+
+    def _lease_valid(self) -> bool:
+        raise NotImplementedError
+
+    def _persist(self, **changes: Any) -> None:
+        new = replace(self.hard, **changes)
+        if new != self.hard:
+            self.hard = new
+            self._ready.persist = new
+
+    def _do(self, kind: str, **args: Any) -> None:
+        self._ready.actions.append(Out(kind, args))
+
+    def _log_fields(self) -> dict[str, Any]:
+        """Fields every log action of this core carries."""
+        return {}
+
+    def _log(self, level: str, event: str, **fields: Any) -> None:
+        self._do("log", level=level, event=event, **self._log_fields(), **fields)
+
+    def _reply(self, req_id: int, payload: dict[str, Any]) -> None:
+        self._do("reply", req_id=req_id, payload=payload)
+
+    def _feed(self, event: Event, **args: Any) -> None:
+        old = self.state
+        self.state, actions = step(old, event)
+        self._log("warning" if self.state is not old else "info", "failover_transition",
+                  trigger=event.value, old=old.value, new=self.state.value,
+                  actions=[a.value for a in actions])
+        for a in actions:
+            self._action(a, **args)
+
+    def _action(self, a: Action, **args: Any) -> None:
+        raise NotImplementedError
+
+    def _request(self, r: Request) -> None:
+        if r.op == "promote":
+            self._operator_promote(r)
+        elif r.op == "switchover":
+            self._switchover(r)
+        elif r.op == "resolve":
+            self._resolve(r)
+        else:
+            self._reply(r.req_id, {"error": f"unknown request {r.op!r}"})
+
+    def _operator_promote(self, r: Request) -> None:
+        raise NotImplementedError
+
+    def _switchover(self, r: Request) -> None:
+        raise NotImplementedError
+
+    def _resolve(self, r: Request) -> None:
+        raise NotImplementedError
+
+
+class NodeCore(CoreBase):
     """All failover state of one node; ``step(event)`` -> ``Ready``."""
 
-    def __init__(self, cfg: CoreConfig, hard: HardState, now: float, boot: bytes,  # noqa: PLR0915
+    cfg: CoreConfig
+
+    def __init__(self, cfg: CoreConfig, hard: HardState, now: float, boot: bytes,
                  split_brain: bool = False) -> None:
         self.cfg = cfg
         self.hard = hard
@@ -301,21 +403,7 @@ class NodeCore:
         self.voted_at = -math.inf  # when this node last granted a vote to another
         self._last_refusal: tuple[str, int, str] | None = None
         self.split_brain_with: str | None = None
-        if not cfg.auto:
-            self.state = (State.PRIMARY if hard.role == "primary" else
-                          State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY)
-        elif split_brain:
-            self.state = State.STALE
-        elif hard.role == "primary" and hard.primary not in (None, cfg.me):
-            # It stopped while rejoining a newer primary: finish that first.
-            self.state = State.STALE
-            self.rejoin_args = {"preserve": True, "adopt": False, "concurrent": False}
-            self.rejoin_at = now
-        elif hard.role == "primary":
-            self.state = State.STARTING
-        else:
-            self.state = State.WITNESS if cfg.role in REPLICA_ROLES else State.STANDBY
-        self._ready = Ready()
+        self._start_state(cfg.role, cfg.auto, split_brain)
 
     # -- the entry point ----------------------------------------------------------------
 
@@ -340,32 +428,9 @@ class NodeCore:
         self._decide()
         if self.cfg.auto and self.now >= self.next_beat:
             self._send_beat()
-        r = self._ready
-        # nbdkit is handed a lease only while serving; a fenced node's computed lease is
-        # for its own hysteresis.  The first lease on an epoch is persisted first.
-        serving = self.state is State.PRIMARY and self._lease_valid()
-        if serving and self.hard.served_epoch < self.hard.epoch:
-            self._persist(served_epoch=self.hard.epoch,
-                          floor_epoch=max(self.hard.floor_epoch, self.hard.epoch))
-        r.lease_until = self.lease_until if self.state is State.PRIMARY else -math.inf
-        return r
+        return self._end_step()
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _persist(self, **changes: Any) -> None:
-        new = replace(self.hard, **changes)
-        if new != self.hard:
-            self.hard = new
-            self._ready.persist = new
-
-    def _do(self, kind: str, **args: Any) -> None:
-        self._ready.actions.append(Out(kind, args))
-
-    def _log(self, level: str, event: str, **fields: Any) -> None:
-        self._do("log", level=level, event=event, **fields)
-
-    def _reply(self, req_id: int, payload: dict[str, Any]) -> None:
-        self._do("reply", req_id=req_id, payload=payload)
 
     def _fresh(self, p: str) -> bool:
         return self.now - self.peers[p].fresh_at < self.cfg.timeout
@@ -386,15 +451,6 @@ class NodeCore:
             if v.body is not None:
                 top = max(top, v.body.epoch, v.body.vote_epoch, v.body.campaign)
         return top
-
-    def _feed(self, event: Event, **args: Any) -> None:
-        old = self.state
-        self.state, actions = step(old, event)
-        self._log("warning" if self.state is not old else "info", "failover_transition",
-                  trigger=event.value, old=old.value, new=self.state.value,
-                  actions=[a.value for a in actions])
-        for a in actions:
-            self._action(a, **args)
 
     def _action(self, a: Action, **args: Any) -> None:
         if a is Action.FENCE:
@@ -1086,16 +1142,6 @@ class NodeCore:
                                     "target_serving": serving, "state": self.state.value})
 
     # -- operator requests ----------------------------------------------------------------
-
-    def _request(self, r: Request) -> None:
-        if r.op == "promote":
-            self._operator_promote(r)
-        elif r.op == "switchover":
-            self._switchover(r)
-        elif r.op == "resolve":
-            self._resolve(r)
-        else:
-            self._reply(r.req_id, {"error": f"unknown request {r.op!r}"})
 
     def _operator_promote(self, r: Request) -> None:
         force = bool(r.args.get("force"))
