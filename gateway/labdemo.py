@@ -243,7 +243,8 @@ def switchover_group(config: str, group: str, to: str) -> str:
             return run([*lab.nbdgw_argv(), "-c", config, "--group", group, "switchover",
                         "--to", to], timeout=180).strip()
         except GatewayError as e:
-            if "is not streaming every volume" not in str(e) or time.monotonic() > deadline:
+            busy = "is not streaming every volume" in str(e) or " is outdated " in str(e)
+            if not busy or time.monotonic() > deadline:
                 raise
         time.sleep(0.5)
 

@@ -68,7 +68,9 @@ SCHEMA = {"version": int, "node": str, "data_dir": str, "split_brain": (type(Non
                        "coordinator": (type(None), dict),
                        "quorum": {"sites": int, "heard": int, "majority": bool},
                        "roles": dict},
-          "volumes": [VOLUME]}
+          "volumes": [VOLUME],
+          "clones": [{"name": str, "base": str, "point_seq": OPT_INT, "size": int,
+                      "allocated_bytes": int, "clients": {"nbd": OPT_INT, "iscsi": OPT_INT}}]}
 
 
 def check(value: Any, schema: Any, where: str = "$") -> None:

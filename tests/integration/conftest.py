@@ -218,7 +218,8 @@ def switchover(lab: dict[str, Any], primary: str, to: str) -> str:
                        timeout=180)
         if sw.returncode == 0:
             return sw.stdout
-        assert "is not streaming every volume" in sw.stderr, sw.stderr
+        assert ("is not streaming every volume" in sw.stderr
+                or f"{to} is outdated" in sw.stderr), sw.stderr
         assert time.monotonic() < deadline, sw.stderr
         time.sleep(0.5)
 
