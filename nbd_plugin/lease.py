@@ -17,6 +17,7 @@ import errno
 import mmap
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Final
@@ -63,25 +64,30 @@ class Lease:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.map: mmap.mmap | None = None
-        self.tried = 0.0
+        self.failed_at = -REOPEN_EVERY  # when an open last failed (no file, or a short one)
+        self.opening = threading.Lock()  # nbdkit's threads share one Lease
         self.logged = False
 
     def _open(self) -> mmap.mmap | None:
-        now = time.monotonic()
-        if now - self.tried < REOPEN_EVERY:
-            return None
-        self.tried = now
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            if os.fstat(fd).st_size < LEASE_SIZE:
+        # One thread opens; the others wait for it and use its map.  Only a failed open
+        # (no file yet, or a short one) is throttled: a thread that found the map missing
+        # because another was opening it must not read "no lease".
+        with self.opening:
+            if self.map is not None or time.monotonic() - self.failed_at < REOPEN_EVERY:
+                return self.map
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self.failed_at = time.monotonic()
                 return None
-            self.map = mmap.mmap(fd, LEASE_SIZE, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        return self.map
+            try:
+                if os.fstat(fd).st_size < LEASE_SIZE:
+                    self.failed_at = time.monotonic()
+                    return None
+                self.map = mmap.mmap(fd, LEASE_SIZE, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            return self.map
 
     def until_ns(self) -> int:
         """The expiry now in the file (0 when there is none, or it cannot be read)."""

@@ -162,7 +162,9 @@ def test_three_branches_write_at_once_and_every_replica_is_identical(
     lab = up_branches(tmp_path)
     assert [g["name"] for g in lab["groups"]] == ["b1", "b2", "b3"]
     assert len(set(lab["subnets"].values())) == 5  # core, three branches, clients
-    writers = [Steady(lab, g, 0) for g in lab["groups"]]
+    # Distinct first values: two writers that wrote as many blocks from the same start
+    # would leave identical volumes (CI saw b1 == b3 once).
+    writers = [Steady(lab, g, k << 40) for k, g in enumerate(lab["groups"], 1)]
     time.sleep(5)
     results = [w.finish() for w in writers]
     for g, r in zip(lab["groups"], results, strict=True):

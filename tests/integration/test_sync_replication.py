@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 import yaml
 
@@ -220,8 +221,14 @@ def test_every_acknowledged_write_survives_kill_9_of_the_primary(make_pair: Any)
             pending[h.aio_pwrite(data[nxt], nxt * block)] = nxt
             nxt += 1
         h.poll(100)
-        for cookie in [c for c in pending if h.aio_command_completed(c)]:
-            acked.append(pending.pop(cookie))
+        try:
+            for cookie in [c for c in pending if h.aio_command_completed(c)]:
+                acked.append(pending.pop(cookie))
+        except nbd.Error as e:  # say why the server refused (CI saw ESHUTDOWN once)
+            assert pair.served is not None
+            raise AssertionError(f"{e} after {len(acked)} acks\n"
+                                 f"{pair.served.stderr()[-3000:]}\n"
+                                 f"{pair.log('main')[-2000:]}") from e
     done = list(acked)  # acknowledged to the client before the kill
     assert pair.served is not None
     os.kill(pair.served.nbdkit_pid(), signal.SIGKILL)

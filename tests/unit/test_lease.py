@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -53,3 +54,30 @@ def test_a_torn_or_missing_lease_is_no_lease(tmp_path: Path, monkeypatch: pytest
         f.write(good)
     assert r.valid()
     assert path.stat().st_size == LEASE_SIZE
+
+
+def test_writers_racing_the_first_open_all_see_a_valid_lease(tmp_path: Path) -> None:
+    """nbdkit's PARALLEL threads share one Lease.  While the first of them opened the
+    file, the others found no map and a fresh `tried` and failed their writes with
+    ESHUTDOWN though the lease held (the first 16 writes of a sync-mode test, once in a
+    dozen runs)."""
+    path = tmp_path / "write.lease"
+    LeaseWriter(path).set(time.monotonic_ns() + 60_000_000_000)
+    failed = 0
+    for _ in range(200):
+        lease = Lease(path)
+        start = threading.Barrier(8)
+
+        def write(lease: Lease = lease, start: threading.Barrier = start) -> None:
+            nonlocal failed
+            start.wait()
+            if not lease.valid():
+                failed += 1
+
+        threads = [threading.Thread(target=write) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lease.close()
+    assert failed == 0
