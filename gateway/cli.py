@@ -589,13 +589,17 @@ def _print_status(report: dict[str, Any], as_json: bool, indent: int | None) -> 
               help="Machine-readable (schema: gateway/health.py).")
 @click.pass_obj
 def health(obj: Ctx, data_dir: Path | None, as_json: bool) -> None:
-    """Store health: the file system of data_dir and what the volumes hold of it, the MD
-    array under it (mdstat, mdadm) and its disks (smartctl).  Exit status 0 when all is
+    """Store health: the file system of data_dir and what the volumes hold of it (with
+    groups and no --group: every group's, named GROUP/VOLUME), the MD array under it
+    (mdstat, mdadm) and its disks (smartctl).  Exit status 0 when all is
     well, 1 with a warning, 2 with a critical problem (as monitoring plugins do)."""
     from . import health as health_mod
 
-    cfg = obj.config().with_overrides(data_dir=data_dir)
-    report = health_mod.check(cfg).to_json()
+    # Without --group on a config with groups: the node (its file system once, every
+    # group's volumes), as a monitoring check on the host wants it.
+    node = obj.node_config()
+    cfg = obj.config() if obj.group or not node.groups else node
+    report = health_mod.check(cfg.with_overrides(data_dir=data_dir)).to_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

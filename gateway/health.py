@@ -63,7 +63,7 @@ from blockstore.volume import list_volumes
 from nbdgw_common.errors import CommandError
 from nbdgw_common.proc import output
 
-from .config import HealthConfig, NodeConfig
+from .config import HealthConfig, NodeConfig, group_config, groups_of
 
 log = structlog.get_logger(component="health")
 
@@ -723,7 +723,7 @@ def gather(cfg: NodeConfig, smart: bool = True, sys_root: Path = Path("/sys"),
             "create it, mount its file system, or correct node.data_dir"),))
     volumes: list[VolumeSpace] = []
     try:
-        volumes = volume_spaces(cfg.data_dir, cfg.journal.max_bytes)
+        volumes = node_volumes(cfg)
     except (OSError, ValueError) as e:
         notes.append(f"volumes not measured: {e}")
     md_names, disk_names = backing_devices(cfg.data_dir, sys_root)
@@ -733,6 +733,21 @@ def gather(cfg: NodeConfig, smart: bool = True, sys_root: Path = Path("/sys"),
     arrays = _arrays(md_names, mdstat, cfg.health.interval, notes)
     disks = _disks(disk_names, cfg.health.interval, notes) if smart else []
     return assess(fs, arrays, disks, volumes, cfg.health, notes, time.time())
+
+
+def node_volumes(cfg: NodeConfig) -> list[VolumeSpace]:
+    """The volumes of ``cfg``'s data_dir; on a node config with groups, those of every
+    group of the node (named GROUP/VOLUME), whose data_dirs share the node's file system:
+    the check a monitoring system runs on the host, once, without naming a group."""
+    if not cfg.groups:
+        return volume_spaces(cfg.data_dir, cfg.journal.max_bytes)
+    out: list[VolumeSpace] = []
+    for g in groups_of(cfg):
+        gc = group_config(cfg, g.name)
+        if gc.data_dir.is_dir():  # a group with no volume created yet has none
+            out += [replace(v, name=f"{g.name}/{v.name}")
+                    for v in volume_spaces(gc.data_dir, gc.journal.max_bytes)]
+    return out
 
 
 def check(cfg: NodeConfig) -> HealthReport:

@@ -144,3 +144,23 @@ def test_the_groups_parent_runs_one_daemon_per_group_of_the_node(tmp_path: Path)
         for g, verb in (("g1", "daemon"), ("g2", "daemon"), ("g3", "witness"))}
     assert all(p.env is not None and p.env["NBDGW_DIE_WITH_PARENT"] == "1"
                and "NBDGW_GROUP" not in p.env for p in parent.procs.values())
+
+
+def test_health_without_a_group_checks_the_node_once_with_every_groups_volumes(
+        tmp_path: Path):
+    """A monitoring check runs `nbdgw health` on the host: with groups it must not need a
+    group (it failed with 'name one with --group'), and it sees the volumes of every
+    group, each named with its group; the file system is checked once."""
+    path = groups_config(tmp_path)
+    assert nbdgw(path, "--group", "g1", "volume", "create", "v1", "--size", "1M"
+                 ).exit_code == 0
+    assert nbdgw(path, "--group", "g2", "volume", "create", "w2", "--size", "2M",
+                 "--replica").exit_code == 0
+    r = nbdgw(path, "health", "--json")
+    assert r.exit_code in (0, 1), r.output  # ok, or a warning about this machine's disks
+    report = json.loads(r.output)
+    assert [(v["name"], v["size"]) for v in report["volumes"]] == [
+        ("g1/v1", 1 << 20), ("g2/w2", 2 << 20)]
+    assert report["filesystem"]["size_bytes"] > 0
+    one = json.loads(nbdgw(path, "--group", "g2", "health", "--json").output)
+    assert [v["name"] for v in one["volumes"]] == ["w2"]  # one group: as before
