@@ -561,6 +561,11 @@ REPLICA = Keys(
     *(PEER[k] for k in LINK_KEYS),
 )
 
+# What a group may set of the failover section; the rest is the node's (heartbeat_port
+# is the group's ports.heartbeat).
+GROUP_FAILOVER = Keys(*(replace(FAILOVER[k], shown_default=f"the node's failover.{k}")
+                        for k in ("auto", "interval", "timeout", "fence_margin")))
+
 GROUP_SERVICE_DNS = Keys(*(st for st in SERVICE_DNS if st.name != "address"))
 
 GROUP_SERVICE = Keys(
@@ -590,6 +595,9 @@ GROUP = Keys(
     Setting("volumes", Kind.LIST, (), "the group's volumes; empty: every volume in its "
             "data_dir; names unique on every site", keys=VOLUME),
     Setting("snapshots", Kind.SECTION, keys=SNAPSHOTS, help="the group's timed snapshots"),
+    Setting("failover", Kind.SECTION, keys=GROUP_FAILOVER, help="the group's own failover "
+            "timings (e.g. a longer timeout for a branch behind a slow link), or auto: false "
+            "for a group moved by hand only; what it does not set is the node's failover"),
 )
 
 TOP = Keys(
@@ -671,6 +679,7 @@ class GroupConfig:
     service: ServiceConfig = ServiceConfig()
     volumes: tuple[VolumeConfig, ...] = ()
     snapshots: SnapshotsConfig = SnapshotsConfig()
+    failover: FailoverConfig | None = None  # the node's failover with the group's keys
 
     def members(self) -> list[tuple[str, Role]]:
         """(site, role) of every site of the group, the primary first."""
@@ -1486,15 +1495,16 @@ def _groups_config(top: _Section, node: _Section, name: str, journal: JournalCon
             where = f"{section}.{key}" if section else key
             raise ConfigError(f"{where} is not used in a config with groups: {hint}")
     sites = _sites(top.listing("sites"))
+    failover = _failover(top.get("failover"))
     if name not in {x.name for x in sites}:
         raise ConfigError(f"node.name {name} is not one of sites[].name ("
                           + ", ".join(x.name for x in sites) + ")")
     cfg = NodeConfig(
         name=name, data_dir=node.value("data_dir"), journal=journal, al_extents=al_extents,
-        peerlink=_peerlink(top.get("peerlink")), failover=_failover(top.get("failover")),
+        peerlink=_peerlink(top.get("peerlink")), failover=failover,
         nbd=_nbd(top.get("nbd")), cdp=_cdp(top.get("cdp"), "cdp"),
         control=_control(top.get("control")), health=_health(top.get("health")),
-        source=source, sites=sites, groups=_groups(top.listing("groups"), sites))
+        source=source, sites=sites, groups=_groups(top.listing("groups"), sites, failover))
     check_groups(cfg)
     return cfg
 
@@ -1514,7 +1524,20 @@ def _sites(items: list[Any]) -> tuple[SiteConfig, ...]:
     return tuple(out)
 
 
-def _groups(items: list[Any], sites: tuple[SiteConfig, ...]) -> tuple[GroupConfig, ...]:
+def _group_failover(raw: Any, where: str, node: FailoverConfig) -> FailoverConfig | None:
+    f = _Section(raw, f"{where}.failover", GROUP_FAILOVER)
+    if not f.raw:
+        return None
+    out = replace(node, **{k: f.value(k) for k in f.raw})
+    if out.timeout < 3 * out.interval:
+        raise ConfigError(f"{where}.failover.timeout ({out.timeout} s) must be at least 3 x "
+                          f"the group's failover.interval ({out.interval} s): a single lost "
+                          "heartbeat must not look like a dead node")
+    return out
+
+
+def _groups(items: list[Any], sites: tuple[SiteConfig, ...], failover: FailoverConfig
+            ) -> tuple[GroupConfig, ...]:
     known = [x.name for x in sites]
     out: list[GroupConfig] = []
     for i, raw in enumerate(items):
@@ -1563,7 +1586,8 @@ def _groups(items: list[Any], sites: tuple[SiteConfig, ...]) -> tuple[GroupConfi
             replicas=tuple(replicas), ports=ports,
             service=_service(s.get("service"), f"{where}.service", GROUP_SERVICE),
             volumes=_volumes(s.listing("volumes"), f"{where}.volumes"),
-            snapshots=_snapshots(s.get("snapshots"), f"{where}.snapshots")))
+            snapshots=_snapshots(s.get("snapshots"), f"{where}.snapshots"),
+            failover=_group_failover(s.get("failover"), where, failover)))
     if not out:
         raise ConfigError("expected at least one group in groups")
     return tuple(out)
@@ -1590,7 +1614,11 @@ def check_group(cfg: NodeConfig, i: int, g: GroupConfig) -> None:
     if g.witness is not None and g.secondary is None:
         raise ConfigError(f"{where}: a witness ({g.witness}) without a secondary: it "
                           "votes for a pair of data sites (primary and secondary)")
-    if cfg.failover.auto and len(g.members()) > 1 and (
+    auto = (g.failover or cfg.failover).auto
+    if g.witness is not None and not auto:
+        raise ConfigError(f"{where}: a witness ({g.witness}) votes only for automatic "
+                          f"failover: remove it, or keep groups[{i}].failover.auto true")
+    if auto and len(g.members()) > 1 and (
             g.secondary is None or (g.dr is None and g.witness is None)):
         raise ConfigError(f"{where}: failover.auto needs three voters in every group "
                           "with more than one site: a primary, a secondary and a dr or "
@@ -1684,7 +1712,7 @@ def group_config(cfg: NodeConfig, group: str, site: str | None = None) -> NodeCo
         nbd=replace(cfg.nbd, listen=(Listen("tcp", host="0.0.0.0", port=g.ports.nbd),)),
         peerlink=replace(cfg.peerlink, listen_host="0.0.0.0", listen_port=g.ports.peerlink,
                          topology=g.topology),
-        failover=replace(cfg.failover, heartbeat_port=g.ports.heartbeat),
+        failover=replace(g.failover or cfg.failover, heartbeat_port=g.ports.heartbeat),
         metrics=metrics, iscsi=IscsiConfig(), sites=(), groups=(), group=g.name,
         # Under etcd each group is decided on its own key: the group's name.
         coordinator=replace(cfg.coordinator, group=g.name))

@@ -127,6 +127,25 @@ def test_link_options_apply_to_the_link_to_their_site_and_sync_only_in_the_pair(
     assert {p.mode for p in group_config(w, "g1").peers} == {PeerMode.ASYNC}
 
 
+def test_a_group_may_have_failover_timings_of_its_own_and_inherits_the_rest():
+    """A branch behind a slow WAN link gets a longer timeout than a pair in one room;
+    what a group does not set is the node's failover section."""
+    raw = three_groups()
+    raw["failover"] = {"interval": 0.4, "fence_margin": 1.5}
+    raw["groups"][0]["failover"] = {"timeout": 6}
+    raw["groups"][2].update(witness=None, failover={"auto": False})  # a manual pair
+    for site in ("a", "b"):
+        cfg = parse_config(with_node(raw, site))
+        g1 = group_config(cfg, "g1")
+        assert (g1.failover.timeout, g1.failover.interval, g1.failover.fence_margin,
+                g1.failover.auto, g1.failover.heartbeat_port) == (6.0, 0.4, 1.5, True, 7811)
+        if site == "b":  # g3's sites are b and w now
+            g3 = group_config(cfg, "g3")
+            assert g3.failover.auto is False and g3.failover.timeout == 2.0
+        assert group_config(cfg, "g2").failover == cfg.failover.__class__(
+            auto=True, heartbeat_port=7821, interval=0.4, timeout=2.0, fence_margin=1.5)
+
+
 def test_the_witness_of_a_group_gets_no_volume_and_no_service():
     w = parse_config(with_node(three_groups(), "w"))
     g1 = group_config(w, "g1")
@@ -189,9 +208,12 @@ def test_a_key_of_todays_format_that_moved_into_groups_is_refused_by_name(where,
 
 def test_an_unknown_key_in_a_group_is_refused_by_name():
     msg = refused_groups(lambda raw: raw["groups"][1].update(colour="red"))
-    assert msg.startswith("unknown key 'colour' in groups[1] (known: dr, name, ports, "
-                          "primary, replicas, secondary, service, snapshots, topology, "
-                          "volumes, witness)")
+    assert msg.startswith("unknown key 'colour' in groups[1] (known: dr, failover, name, "
+                          "ports, primary, replicas, secondary, service, snapshots, "
+                          "topology, volumes, witness)")
+    msg = refused_groups(lambda raw: raw["groups"][0].update(failover={"heartbeat_port": 1}))
+    assert msg.startswith("unknown key 'heartbeat_port' in groups[0].failover (known: auto, "
+                          "fence_margin, interval, timeout)")
     msg = refused_groups(lambda raw: raw["groups"][0]["ports"].update(iscsi=3260))
     assert msg.startswith("unknown key 'iscsi' in groups[0].ports")
     msg = refused_groups(lambda raw: raw["sites"][0].update(role="primary"))
@@ -242,6 +264,12 @@ def test_an_unknown_key_in_a_group_is_refused_by_name():
     (lambda r: r["groups"][0]["volumes"].append({"name": "v1", "size": "1M"}),
      "volume v1 is listed twice in groups[0].volumes"),
     (lambda r: r["groups"][0]["ports"].pop("nbd"), "missing key 'nbd' in groups[0].ports"),
+    (lambda r: r["groups"][1].update(failover={"timeout": 1.0}),
+     "groups[1].failover.timeout (1.0 s) must be at least 3 x the group's failover.interval "
+     "(0.5 s)"),
+    (lambda r: r["groups"][1].update(failover={"auto": False}),
+     "groups[1] (g2): a witness (w) votes only for automatic failover: remove it, or "
+     "keep groups[1].failover.auto true"),
     (lambda r: r.pop("groups"), "sites and groups go together"),
     (lambda r: r.update(groups=[]), "expected at least one group in groups"),
     (lambda r: r["peerlink"].pop("secret_file"),
