@@ -642,6 +642,9 @@ def test_a_site_that_only_witnesses_renders_as_a_witness(tmp_path: Path) -> None
     assert re.findall(r"dport \d+ ip6? saddr", wit["__nft"]) == [
         "dport 7822 ip saddr", "dport 7822 ip6 saddr"]
     config_check(wit["__path"])
+    # It runs no nbdkit, libnbd client or FUSE: only the venv (and the firewall's nft).
+    assert wit["__packages"] == ["python3-venv", "nftables"]
+    assert {"nbdkit", "nbdkit-plugin-python", "python3-libnbd"} <= set(cfgs["main"]["__packages"])
     # main, no longer core's witness, is in b1 only.
     assert re.findall(r"dport (\d+) ip saddr", cfgs["main"]["__nft"]) == ["7801", "7802", "10811"]
 
@@ -915,6 +918,12 @@ RENDER_PLAYBOOK = """
         - {{src: nbdgw.yaml.j2, ext: yaml}}
         - {{src: nbdgw.nft.j2, ext: nft}}
         - {{src: nbdgw.service.j2, ext: service}}
+    - name: The Debian packages the role would install
+      ansible.builtin.copy:
+        content: "{{{{ __nbdgw_packages | to_json }}}}"
+        dest: "{dest}/{{{{ inventory_hostname }}}}.packages"
+        mode: "0600"
+      delegate_to: localhost
 """
 
 
@@ -931,7 +940,8 @@ def render_configs(tmp_path: Path, inventory: Path, *args: str) -> dict[str, dic
     for f in sorted(dest.glob("*.yaml")):
         out[f.stem] = yaml.safe_load(f.read_text()) | {
             "__path": f, "__nft": f.with_suffix(".nft").read_text(),
-            "__unit": f.with_suffix(".service").read_text()}
+            "__unit": f.with_suffix(".service").read_text(),
+            "__packages": json.loads(f.with_suffix(".packages").read_text())}
     return out
 
 
