@@ -550,6 +550,9 @@ GROUP_PORTS = Keys(
             help="TCP port where the group's primary serves NBD (on every address)"),
     Setting("metrics", Kind.INTEGER, None, "TCP port of the group's Prometheus endpoint on "
             "each site's address; none: no endpoint", minimum=1, maximum=65535),
+    Setting("iscsi", Kind.INTEGER, None, "with iscsi.enabled: TCP port of the group's iSCSI "
+            "portal on its primary, also the number of its tgtd's control socket; none: "
+            "the group is served over NBD only", minimum=1, maximum=32767),
 )
 
 # The options of the link to one site: the same keys as a peers[] item's.
@@ -645,10 +648,12 @@ class GroupPorts:
     heartbeat: int
     nbd: int
     metrics: int | None = None
+    iscsi: int | None = None
 
     def named(self) -> list[tuple[str, int]]:
         return [(k, v) for k, v in (("peerlink", self.peerlink), ("heartbeat", self.heartbeat),
-                                    ("nbd", self.nbd), ("metrics", self.metrics))
+                                    ("nbd", self.nbd), ("metrics", self.metrics),
+                                    ("iscsi", self.iscsi))
                 if v is not None]
 
 
@@ -1470,8 +1475,10 @@ NOT_WITH_GROUPS: Final = (
     ("", "volumes", "each group lists its own: groups[].volumes"),
     ("", "snapshots", "each group has its own: groups[].snapshots"),
     ("", "metrics", "each group has its own endpoint: groups[].ports.metrics"),
-    ("", "iscsi", "the iSCSI bridge is not supported with groups yet (NBD only); serve "
-                  "iSCSI from a node config without groups"),
+    ("iscsi", "portal", "each group served over iSCSI has its own portal port: "
+                        "groups[].ports.iscsi"),
+    ("iscsi", "control_port", "each group's tgtd uses its portal port's number: "
+                              "groups[].ports.iscsi"),
     ("peerlink", "listen", "each group listens on its own port: groups[].ports.peerlink"),
     ("peerlink", "topology", "each group has its own: groups[].topology"),
     ("failover", "heartbeat_port", "each group beats on its own port: "
@@ -1504,6 +1511,7 @@ def _groups_config(top: _Section, node: _Section, name: str, journal: JournalCon
         peerlink=_peerlink(top.get("peerlink")), failover=failover,
         nbd=_nbd(top.get("nbd")), cdp=_cdp(top.get("cdp"), "cdp"),
         control=_control(top.get("control")), health=_health(top.get("health")),
+        iscsi=_iscsi(top.get("iscsi")),
         source=source, sites=sites, groups=_groups(top.listing("groups"), sites, failover))
     check_groups(cfg)
     return cfg
@@ -1579,7 +1587,8 @@ def _groups(items: list[Any], sites: tuple[SiteConfig, ...], failover: FailoverC
         p = _Section(s.get("ports"), f"{where}.ports", GROUP_PORTS)
         p.require("peerlink", "heartbeat", "nbd")
         ports = GroupPorts(p.value("peerlink"), p.value("heartbeat"), p.value("nbd"),
-                           p.value("metrics") if p.get("metrics") is not None else None)
+                           *(p.value(k) if p.get(k) is not None else None
+                             for k in ("metrics", "iscsi")))
         out.append(GroupConfig(
             name=name, primary=s.value("primary"), secondary=s.value("secondary"),
             dr=s.value("dr"), witness=s.value("witness"), topology=s.value("topology"),
@@ -1604,6 +1613,13 @@ def check_groups(cfg: NodeConfig) -> None:
         check_group(cfg, i, g)
     for site in cfg.sites:
         check_shared_site(cfg, site.name)
+    if cfg.iscsi.enabled:
+        served = [g for g in cfg.groups if g.ports.iscsi is not None]
+        if not served:
+            raise ConfigError("iscsi.enabled: no group has ports.iscsi (each group served "
+                              "over iSCSI has a portal port of its own)")
+        for g in served:
+            check_iscsi_volumes(cfg.iscsi, g.volumes)
 
 
 def check_group(cfg: NodeConfig, i: int, g: GroupConfig) -> None:
@@ -1713,9 +1729,20 @@ def group_config(cfg: NodeConfig, group: str, site: str | None = None) -> NodeCo
         peerlink=replace(cfg.peerlink, listen_host="0.0.0.0", listen_port=g.ports.peerlink,
                          topology=g.topology),
         failover=replace(g.failover or cfg.failover, heartbeat_port=g.ports.heartbeat),
-        metrics=metrics, iscsi=IscsiConfig(), sites=(), groups=(), group=g.name,
+        metrics=metrics, iscsi=_group_iscsi(cfg.iscsi, g, witness), sites=(), groups=(),
+        group=g.name,
         # Under etcd each group is decided on its own key: the group's name.
         coordinator=replace(cfg.coordinator, group=g.name))
+
+
+def _group_iscsi(node: IscsiConfig, g: GroupConfig, witness: bool) -> IscsiConfig:
+    """The node's bridge settings (IQN, CHAP, initiators) on the group's own portal port,
+    tgtd control socket and run dir, so that each group's primary runs a tgtd of its own;
+    none for a group without ports.iscsi or on its witness."""
+    if not node.enabled or g.ports.iscsi is None or witness:
+        return IscsiConfig()
+    return replace(node, portal_port=g.ports.iscsi, control_port=g.ports.iscsi,
+                   run_dir=node.run_dir / g.name)
 
 
 def check_peerlink_auth(cfg: NodeConfig) -> None:

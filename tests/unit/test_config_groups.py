@@ -146,6 +146,24 @@ def test_a_group_may_have_failover_timings_of_its_own_and_inherits_the_rest():
             auto=True, heartbeat_port=7821, interval=0.4, timeout=2.0, fence_margin=1.5)
 
 
+def test_iscsi_serves_the_groups_with_a_portal_port_each_on_their_primary():
+    """The node's iscsi section (IQN, CHAP, initiators) with each group's own portal port,
+    tgtd control socket and run dir; a group without ports.iscsi is NBD only, and a
+    witness serves nothing."""
+    raw = three_groups()
+    raw["iscsi"] = {"enabled": True, "iqn": "iqn.2026-12.lab.nbdgw", "run_dir": "/run/x"}
+    raw["groups"][0]["ports"]["iscsi"] = 3261
+    raw["groups"][2]["ports"]["iscsi"] = 3263
+    cfg = parse_config(with_node(raw, "b"))
+    g1, g2, g3 = (group_config(cfg, g).iscsi for g in ("g1", "g2", "g3"))
+    assert (g1.enabled, g1.portal, g1.control_port, g1.run_dir, g1.iqn) == (
+        True, "0.0.0.0:3261", 3261, Path("/run/x/g1"), "iqn.2026-12.lab.nbdgw")
+    assert not g2.enabled  # no ports.iscsi: NBD only
+    assert g3.enabled and g3.portal == "0.0.0.0:3263" and g3.run_dir == Path("/run/x/g3")
+    wit = parse_config(with_node(raw, "w"))
+    assert not group_config(wit, "g1").iscsi.enabled  # w only witnesses g1
+
+
 def test_the_witness_of_a_group_gets_no_volume_and_no_service():
     w = parse_config(with_node(three_groups(), "w"))
     g1 = group_config(w, "g1")
@@ -191,7 +209,8 @@ def refused_groups(change: Any) -> str:
     ("node", "role", "primary", "each site's role is per group"),
     ("", "peers", [], "a group's sites are named in groups[]"),
     ("", "volumes", [], "groups[].volumes"),
-    ("", "iscsi", {"enabled": False}, "the iSCSI bridge is not supported with groups yet"),
+    ("iscsi", "portal", "0.0.0.0:3260", "groups[].ports.iscsi"),
+    ("iscsi", "control_port", 3261, "groups[].ports.iscsi"),
     ("peerlink", "listen", "0.0.0.0:7789", "groups[].ports.peerlink"),
     ("failover", "heartbeat_port", 7790, "groups[].ports.heartbeat"),
     ("nbd", "listen", ["tcp:0.0.0.0:10809"], "groups[].ports.nbd"),
@@ -214,8 +233,8 @@ def test_an_unknown_key_in_a_group_is_refused_by_name():
     msg = refused_groups(lambda raw: raw["groups"][0].update(failover={"heartbeat_port": 1}))
     assert msg.startswith("unknown key 'heartbeat_port' in groups[0].failover (known: auto, "
                           "fence_margin, interval, timeout)")
-    msg = refused_groups(lambda raw: raw["groups"][0]["ports"].update(iscsi=3260))
-    assert msg.startswith("unknown key 'iscsi' in groups[0].ports")
+    msg = refused_groups(lambda raw: raw["groups"][0]["ports"].update(http=8080))
+    assert msg.startswith("unknown key 'http' in groups[0].ports")
     msg = refused_groups(lambda raw: raw["sites"][0].update(role="primary"))
     assert msg.startswith("unknown key 'role' in sites[0]")
 
@@ -264,6 +283,13 @@ def test_an_unknown_key_in_a_group_is_refused_by_name():
     (lambda r: r["groups"][0]["volumes"].append({"name": "v1", "size": "1M"}),
      "volume v1 is listed twice in groups[0].volumes"),
     (lambda r: r["groups"][0]["ports"].pop("nbd"), "missing key 'nbd' in groups[0].ports"),
+    (lambda r: r.update(iscsi={"enabled": True, "iqn": "iqn.2026-12.lab.nbdgw"}),
+     "iscsi.enabled: no group has ports.iscsi (each group served over iSCSI has a portal "
+     "port of its own)"),
+    (lambda r: r["groups"][1]["ports"].update(iscsi=7820),
+     "groups[1].ports.iscsi and .peerlink are both 7820"),
+    (lambda r: r["groups"][1]["ports"].update(iscsi=40000),
+     "expected integer between 1 and 32767 for groups[1].ports.iscsi"),
     (lambda r: r["groups"][1].update(failover={"timeout": 1.0}),
      "groups[1].failover.timeout (1.0 s) must be at least 3 x the group's failover.interval "
      "(0.5 s)"),

@@ -1024,6 +1024,31 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
     config_check(cfg["__path"])
 
 
+def test_iscsi_with_groups_renders_without_a_node_portal(tmp_path: Path) -> None:
+    """With groups the node's iscsi section has no portal (each group served over iSCSI
+    has its own, groups[].ports.iscsi); a witness-only site gets none; configs pass
+    `nbdgw config check` (which refused iscsi with groups before)."""
+    group = groups_vars() | {"nbdgw_iscsi_enabled": True,
+                             "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw",
+                             "nbdgw_iscsi_chap_user": "sql",
+                             "nbdgw_iscsi_chap_secret": "chap-secret-0123456789"}
+    group["nbdgw_groups"][0]["ports"]["iscsi"] = 3261
+    group["nbdgw_sites"].append({"name": "wit", "address": "127.0.0.5"})
+    group["nbdgw_groups"][2]["witness"] = "wit"
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, ("main", "wit"), group))
+    etc = tmp_path / "main" / "config_dir"
+    assert cfgs["main"]["iscsi"] == {
+        "enabled": True, "iqn": "iqn.2026-11.com.example:nbdgw",
+        "chap": {"user": "sql", "secret_file": f"{etc}/iscsi-chap.secret"},
+        "initiators": [], "route": "file", "fuse": "nbdkit"}
+    assert cfgs["main"]["groups"][0]["ports"]["iscsi"] == 3261
+    assert "iscsi" not in cfgs["wit"]
+    assert {"tgt", "fuse3"} <= set(cfgs["main"]["__packages"])
+    assert "tgt" not in cfgs["wit"]["__packages"]
+    for host in ("main", "wit"):
+        config_check(cfgs[host]["__path"])
+
+
 def test_a_dns_name_renders_in_the_documented_shape(tmp_path: Path) -> None:
     """A DNS name instead of the service address (a branch in its own subnet): service.dns
     as README "Service names by DNS" shows it, the key a file the config names, the
