@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,25 @@ def sh(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.Comple
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
     return p
+
+
+def wait_target(url: str, daemon: subprocess.Popen[bytes], log: Path, timeout: float = 90
+                ) -> None:
+    """Until the daemon's tgtd answers an INQUIRY at ``url`` (its log on failure)."""
+    deadline = time.monotonic() + timeout
+    while sh("iscsi-inq", url, check=False).returncode != 0:
+        assert daemon.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.3)
+
+
+def write_pattern(url: str, tmp: Path) -> bytes:
+    """1 MiB of a pattern written to the LUN at ``url`` by qemu-img; returns the bytes."""
+    pattern = tmp / "pattern"
+    pattern.write_bytes(bytes(range(256)) * 4096)
+    sh("qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={pattern}", f"of={url}", "bs=1M",
+       "count=1", timeout=120)
+    return pattern.read_bytes()
 
 
 class IscsiEnv:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import NBDGW, free_port, need, run_nbdgw
-from tests.integration.iscsienv import BASE, free_control_port, sh
+from tests.integration.iscsienv import BASE, free_control_port, sh, wait_target, write_pattern
 
 
 def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:
@@ -33,18 +32,11 @@ def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
-        deadline = time.monotonic() + 60
-        while sh("iscsi-inq", url, check=False).returncode != 0:
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.3)
-        pattern = tmp_path / "pattern"
-        pattern.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
-        sh("qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={pattern}", f"of={url}", "bs=1M",
-           "count=1", timeout=120)
+        wait_target(url, proc, tmp_path / "daemon.log")
+        written = write_pattern(url, tmp_path)
         h = nbd.NBD()
         h.connect_uri(f"nbd+unix:///v1?socket={sock}")
-        assert h.pread(1 << 20, 0) == pattern.read_bytes()
+        assert h.pread(1 << 20, 0) == written
         h.shutdown()
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import NBDGW, free_port, need, run_nbdgw
-from tests.integration.iscsienv import BASE, free_control_port, sh
+from tests.integration.iscsienv import BASE, free_control_port, sh, wait_target, write_pattern
 
 
 def test_each_group_serves_its_volumes_on_its_own_portal(tmp_path: Path) -> None:
@@ -42,23 +41,16 @@ def test_each_group_serves_its_volumes_on_its_own_portal(tmp_path: Path) -> None
     url1 = f"iscsi://127.0.0.1:{p1}/{BASE}:v1/1"
     url2 = f"iscsi://127.0.0.1:{p2}/{BASE}:v2/1"
     try:
-        deadline = time.monotonic() + 90
         for url in (url1, url2):
-            while sh("iscsi-inq", url, check=False).returncode != 0:
-                assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-4000:]
-                assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
-                time.sleep(0.3)
+            wait_target(url, proc, tmp_path / "daemon.log")
         # Each portal lists its own group's target only.
         assert f"{BASE}:v1" in sh("iscsi-ls", f"iscsi://127.0.0.1:{p1}").stdout
         listed = sh("iscsi-ls", f"iscsi://127.0.0.1:{p2}").stdout
         assert f"{BASE}:v2" in listed and f"{BASE}:v1" not in listed
-        pattern = tmp_path / "pattern"
-        pattern.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
-        sh("qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={pattern}", f"of={url1}",
-           "bs=1M", "count=1", timeout=120)
+        written = write_pattern(url1, tmp_path)
         h = nbd.NBD()
         h.connect_uri(f"nbd://127.0.0.1:{ports['g1']['nbd']}/v1")
-        assert h.pread(1 << 20, 0) == pattern.read_bytes()
+        assert h.pread(1 << 20, 0) == written
         h.shutdown()
     finally:
         proc.send_signal(signal.SIGTERM)
