@@ -37,6 +37,32 @@ def node_epoch(data_dir: Path) -> int:
     return int(st["epoch"]) if st else 0
 
 
+class EpochFloor:
+    """The epoch of the primary this node follows, for peerlink's receiver to fence a
+    deposed primary's batches with: node-state.json's epoch (raised by the node core
+    only once a primary of that epoch exists: heard, or holding the etcd key), read
+    again only when the file changed (one stat per batch)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / FILE
+        self.seen: tuple[int, int, int] | None = None
+        self.epoch = 0
+
+    def current(self) -> int:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return self.epoch  # no failover core (yet): nothing newer is known
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self.seen:
+            try:
+                self.epoch = max(self.epoch, node_epoch(self.path.parent))
+                self.seen = key
+            except (OSError, FormatError):
+                pass  # replaced under us: read it next time
+        return self.epoch
+
+
 OUTDATED_NAME: Final = "outdated.json"
 OUTDATED_KIND: Final = "outdated"
 OUTDATED_VERSION: Final = 1

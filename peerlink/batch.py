@@ -179,12 +179,14 @@ class BatchBuilder:
         self._open.clear()
         self._starts.clear()
 
-    def build(self) -> Batch:
-        """Return the batch of every record taken since the last build, and reset."""
+    def build(self, epoch: int | None = None) -> Batch:
+        """Return the batch of every record taken since the last build (carrying the
+        sender's ``epoch``), and reset."""
         if self.first_seq is None or self.next_seq is None:
             raise ValueError("build() of an empty batch")
         self._close_segment()
-        batch = Batch(self.volume, self.first_seq, self.next_seq - 1, tuple(self._done))
+        batch = Batch(self.volume, self.first_seq, self.next_seq - 1, tuple(self._done),
+                      epoch)
         self._reset()
         return batch
 

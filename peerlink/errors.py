@@ -21,6 +21,11 @@ class PeerAuthError(PeerProtocolError):
     """The peer could not prove knowledge of the shared secret."""
 
 
+class Fenced(PeerProtocolError):
+    """A Batch carries an epoch older than the one this node follows: its sender was
+    deposed (another node became primary since); nothing of it is applied."""
+
+
 class PeerRefused(PeerlinkError):
     """The peer sent ``Refuse``: it will not replicate with this node, and says why."""
 

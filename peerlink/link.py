@@ -38,7 +38,7 @@ import structlog
 
 from blockstore.errors import BlockstoreError, JournalGap
 
-from .errors import PeerAuthError, PeerlinkError, PeerProtocolError, PeerRefused
+from .errors import Fenced, PeerAuthError, PeerlinkError, PeerProtocolError, PeerRefused
 from .frames import (
     DEFAULT_MAX_BODY,
     FLAG_ZSTD,
@@ -134,6 +134,7 @@ _SESSION_ENDS: Final[tuple[tuple[type[BaseException], str, str], ...]] = (
     (Refused, "peer_refused_by_us", "warning"),
     (PeerRefused, "refused_by_peer", "warning"),
     (PeerAuthError, "auth_failed", "warning"),
+    (Fenced, "batch_fenced", "warning"),
     (PeerProtocolError, "protocol_error", "error"),
     (LinkTimeout, "link_timeout", "warning"),
     (JournalGap, "needs_resync", "error"),

@@ -250,24 +250,36 @@ class Refuse(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Batch(_Message):
-    """Journal records ``first_seq..last_seq`` (coalesced), applied as one unit."""
+    """Journal records ``first_seq..last_seq`` (coalesced), applied as one unit.
+    ``epoch``: the failover epoch of the sender's current generation, its fencing token
+    (a receiver that follows a newer epoch refuses the batch); None from a sender of
+    before the field, which is then checked when its session starts only."""
 
     TYPE: ClassVar[int] = 4
     volume: str
     first_seq: int
     last_seq: int
     records: tuple[Record, ...]
+    epoch: int | None = None
+
+    def encode(self) -> bytes:
+        body = [self.TYPE, self.volume, self.first_seq, self.last_seq, self.records]
+        out: bytes = msgpack.packb(body if self.epoch is None else [*body, self.epoch],
+                                   use_bin_type=True)
+        return out
 
     @classmethod
     def _decode(cls, f: list[Any]) -> Self:
-        _arity(cls, f)
+        if len(f) not in (4, 5):
+            raise PeerProtocolError(f"Batch: expected 4 or 5 fields, got {len(f)}")
         first = _uint(f[1], "Batch.first_seq", low=1)
         last = _uint(f[2], "Batch.last_seq", low=1)
         if last < first:
             raise PeerProtocolError(f"Batch.last_seq: {last} is below first_seq {first}")
         return cls(_name(f[0], "Batch.volume"), first, last,
                    tuple(_record(r, i) for i, r in enumerate(
-                       _list(f[3], "Batch.records", MAX_BATCH_RECORDS))))
+                       _list(f[3], "Batch.records", MAX_BATCH_RECORDS))),
+                   _uint(f[4], "Batch.epoch") if len(f) == 5 else None)
 
 
 def _record(r: Any, i: int) -> Record:

@@ -58,6 +58,7 @@ from blockstore.generations import (
 )
 from blockstore.journal import sync_delays_for_tests
 from blockstore.meta import read_json, write_json
+from blockstore.node_state import EpochFloor
 from blockstore.peers import (
     ADOPT_KEY,
     CHANGED_KEY,
@@ -76,7 +77,7 @@ from blockstore.volume import Volume
 
 from .auth import make_nonce
 from .batch import payload_bytes
-from .errors import PeerlinkError, PeerProtocolError
+from .errors import Fenced, PeerlinkError, PeerProtocolError
 from .link import AdmissionGate, Link, LinkClosed, Refused, format_addr, session_ended
 from .messages import (
     MAX_REASON,
@@ -205,6 +206,7 @@ class Receiver:
         self.timeout = timeout
         self.tls = tls
         self.vol = Volume.open(self.data_dir, name)  # takes the volume's lock
+        self.fence = EpochFloor(self.data_dir)  # batches of a deposed primary are refused
         if not self.vol.replica:
             self.vol.close()
             raise ReceiverError(
@@ -471,7 +473,12 @@ class Receiver:
                 msg = await s.link.recv()
                 if isinstance(msg, Pong):
                     continue
-                n = s.core.admit(msg, self.vol.size)
+                try:
+                    n = s.core.admit(msg, self.vol.size, self.fence.current())
+                except Fenced as e:  # tell the deposed sender why before closing
+                    with contextlib.suppress(LinkClosed):
+                        s.link.send(Refuse(str(e)[:MAX_REASON]))
+                    raise
                 if isinstance(msg, Batch):
                     self.received_seq = max(self.received_seq, msg.last_seq)
                 while s.queued_bytes > APPLY_QUEUE_BYTES and not applier.done():

@@ -255,8 +255,10 @@ class Producer:
     """
 
     def __init__(self, tail: JournalTail, volume: str, next_seq: int, cfg: SenderConfig,
-                 limit: Callable[[], int | None] | None = None) -> None:
+                 limit: Callable[[], int | None] | None = None, epoch: int | None = None
+                 ) -> None:
         self.tail = tail
+        self.epoch = epoch  # the fencing token every batch carries
         self.cfg = cfg
         self.next_read = next_seq
         self.limit = limit
@@ -271,7 +273,7 @@ class Producer:
         self.compression = Compression(cfg.compress)
 
     def _flush(self) -> Frame:
-        batch = self.builder.build()
+        batch = self.builder.build(self.epoch)
         self.started = 0.0
         bufs = self.compression.frame(batch.encode())
         return Frame(batch.first_seq, batch.last_seq, bufs, sum(len(b) for b in bufs),
@@ -423,6 +425,8 @@ class ExtentReader:
 
 class Sender:
     """Ship volume ``name``'s journal to peer ``peer`` at host:port, reconnecting forever."""
+
+    epoch: int | None = None  # of the volume's current generation, set at each handshake
 
     def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
                  port: int, secret: bytes | None = None, next_secret: bytes | None = None,
@@ -984,6 +988,7 @@ class Sender:
                                                self.info.path.parent.parent, self.name)
         first, last = await loop.run_in_executor(self.executor, self._bounds)
         history = await loop.run_in_executor(self.executor, self._history)
+        self.epoch = history.current.epoch  # this session's batches carry it
         mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
                      self.role, wire_generations(history), last, make_nonce(),
                      epochs=wire_epochs(history))
@@ -1155,7 +1160,7 @@ class Sender:
         if plan is not None:
             await self._resync(link, resume, plan)
         producer = Producer(self.tail, self.name, resume, self.cfg, self._limit
-                            if self.source is not None else None)
+                            if self.source is not None else None, epoch=self.epoch)
         session = self._s
         poll = self.cfg.poll_min
         while True:

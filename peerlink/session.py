@@ -35,7 +35,7 @@ from blockstore.generations import (
 )
 from peerlink.auth import Prover, Transcript, proof, verify
 from peerlink.batch import check_batch, payload_bytes
-from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
+from peerlink.errors import Fenced, PeerAuthError, PeerProtocolError, PeerRefused
 from peerlink.messages import (
     MAX_CHANGED,
     MAX_EXTENT_SHIFT,
@@ -784,12 +784,18 @@ class ReceiverSession(_Session):
 
     # -- streaming --------------------------------------------------------------------------
 
-    def admit(self, msg: Message, volume_size: int) -> int:
+    def admit(self, msg: Message, volume_size: int, epoch_floor: int = 0) -> int:
         """Check ``msg`` against the phase (the replica is ``volume_size`` bytes now);
         return its payload bytes.  Raises PeerProtocolError for anything out of place
-        (nothing of it may be applied), PeerRefused for the sender's Refuse."""
+        (nothing of it may be applied), Fenced for a Batch of an epoch below
+        ``epoch_floor`` (the epoch of the primary this node follows: its sender was
+        deposed), PeerRefused for the sender's Refuse."""
         nxt = self._enter(msg)
         try:
+            if isinstance(msg, Batch) and msg.epoch is not None and msg.epoch < epoch_floor:
+                raise Fenced(f"batch {msg.first_seq}..{msg.last_seq} of volume {msg.volume} "
+                             f"carries epoch {msg.epoch}, but this node follows epoch "
+                             f"{epoch_floor}: its sender is no longer the primary")
             n = self._check(msg, volume_size)
         except PeerProtocolError as e:
             raise self._fail(e) from None

@@ -22,6 +22,7 @@ import nbd
 import pytest
 
 from blockstore.journal import journal_bounds
+from blockstore.meta import write_json
 from tests.conftest import Served, run_nbdgw
 from tests.faultproxy import ThreadedProxy
 from tests.integration.peerenv import (
@@ -213,6 +214,31 @@ def test_wrong_secret_is_refused_and_nothing_applied(env: Env) -> None:
     assert (tx.stop(), rx.stop()) == (0, 0)
     p, r = env.checksums()
     assert p == r
+
+
+def test_a_deposed_primarys_batches_are_refused_by_their_epoch(env: Env) -> None:
+    """Every Batch carries its sender's epoch (the fencing token): once the replica's
+    node follows a newer primary (node-state.json's epoch, raised by its node core on
+    hearing one or seeing it hold the etcd key), the old primary's batches are refused,
+    the sender is told why, and nothing of them is applied."""
+    rx = env.receiver()
+    tx = env.sender(rx.port)
+    w = Writer(env.served, seed=9, max_ops=200)
+    w.start()
+    w.finish()
+    before = env.wait_caught_up()
+    write_json(env.replica / "node-state.json", {"kind": "node-state", "version": 2,
+                                                 "epoch": 1})
+    w = Writer(env.served, seed=10, max_ops=50)
+    w.start()
+    w.finish()
+    why = ("carries epoch 0, but this node follows epoch 1: its sender is no longer the "
+           "primary")
+    assert why in rx.wait_event("batch_fenced")["reason"]
+    assert why in tx.wait_event("refused_by_peer")["reason"]
+    assert (tx.stop(), rx.stop()) == (0, 0)
+    assert env.last_seq() > before
+    assert replica_state(env.replica)["upstream_seq"] == before
 
 
 def test_replica_of_another_volume_is_refused(env: Env) -> None:

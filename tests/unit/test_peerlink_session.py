@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import msgpack
 import pytest
 
 from blockstore.generations import Generation as BGen
 from blockstore.generations import History, Relation
 from blockstore.record import Op
 from peerlink.auth import NONCE_SIZE, Prover, Transcript, make_nonce, proof
-from peerlink.errors import PeerAuthError, PeerProtocolError, PeerRefused
+from peerlink.errors import Fenced, PeerAuthError, PeerProtocolError, PeerRefused
 from peerlink.frames import NEED_DATA, FrameDecoder, encode_frame
 from peerlink.messages import (
     MAX_CHANGED,
@@ -603,6 +604,30 @@ def test_batches_in_sequence_then_a_gap_is_refused() -> None:
     with pytest.raises(PeerProtocolError):
         r.admit(batch(645, 645), SIZE)
     assert r.phase is Phase.CLOSED
+
+
+def test_a_batch_of_an_epoch_older_than_the_one_followed_is_fenced() -> None:
+    """The fencing token: a batch carrying an epoch below the one this node follows
+    (its sender was deposed) is refused and closes the session; the same epoch or a
+    newer one passes, and a batch without one (an older sender) is checked at the
+    session's start only."""
+    r = streaming_receiver()
+    assert r.admit(replace(batch(641, 641), epoch=3), SIZE, epoch_floor=3) == 512
+    assert r.admit(replace(batch(642, 642), epoch=4), SIZE, epoch_floor=3) == 512
+    assert r.admit(batch(643, 643), SIZE, epoch_floor=3) == 512  # epoch None
+    with pytest.raises(Fenced, match=r"^batch 644\.\.644 of volume v1 carries epoch 2, but "
+                                     r"this node follows epoch 3"):
+        r.admit(wire(replace(batch(644, 644), epoch=2)), SIZE, epoch_floor=3)
+    assert r.phase is Phase.CLOSED
+
+
+def test_the_epoch_of_a_batch_crosses_the_wire_and_an_older_batch_has_none() -> None:
+    with_epoch = replace(batch(1, 2), epoch=7)
+    assert wire(with_epoch) == with_epoch and wire(batch(1, 2)).epoch is None
+    body = msgpack.unpackb(batch(1, 1).encode())
+    assert len(body) == 5  # type, volume, first, last, records: the older layout
+    with pytest.raises(PeerProtocolError, match="Batch: expected 4 or 5 fields, got 6"):
+        decode(msgpack.packb([*body, 7, 8]))
 
 
 def test_a_resync_is_announced_then_its_extents_then_done() -> None:
