@@ -251,9 +251,9 @@ class Refuse(_Message):
 @dataclass(frozen=True, slots=True)
 class Batch(_Message):
     """Journal records ``first_seq..last_seq`` (coalesced), applied as one unit.
-    ``epoch``: the failover epoch of the sender's current generation, its fencing token
-    (a receiver that follows a newer epoch refuses the batch); None from a sender of
-    before the field, which is then checked when its session starts only."""
+    ``epoch``: the failover epoch of the sending node (of the primary it serves or
+    follows), its fencing token (a receiver that follows a newer epoch refuses the
+    batch); None from a sender of before the field, checked when its session starts."""
 
     TYPE: ClassVar[int] = 4
     volume: str

@@ -93,6 +93,7 @@ from blockstore.journal import (
 from blockstore.marks import COMMIT_EVENT
 from blockstore.meta import read_json, write_json
 from blockstore.modes import make_dir
+from blockstore.node_state import EpochFloor
 from blockstore.peers import (
     DIRTY_RELEASED,
     DIRTY_VERIFY,
@@ -426,7 +427,7 @@ class ExtentReader:
 class Sender:
     """Ship volume ``name``'s journal to peer ``peer`` at host:port, reconnecting forever."""
 
-    epoch: int | None = None  # of the volume's current generation, set at each handshake
+    epoch: int | None = None  # this node's failover epoch, read at each handshake
 
     def __init__(self, data_dir: Path, name: str, *, node: str, peer: str, host: str,
                  port: int, secret: bytes | None = None, next_secret: bytes | None = None,
@@ -988,7 +989,11 @@ class Sender:
                                                self.info.path.parent.parent, self.name)
         first, last = await loop.run_in_executor(self.executor, self._bounds)
         history = await loop.run_in_executor(self.executor, self._history)
-        self.epoch = history.current.epoch  # this session's batches carry it
+        # The fencing token this session's batches carry: the epoch of the primary this
+        # node serves or follows (its node core's, 0 without one), not the volume's
+        # generation (a volume created after a promotion has one of epoch 0).
+        self.epoch = await loop.run_in_executor(
+            self.executor, EpochFloor(self.info.path.parent.parent).current)
         mine = Hello(PROTO_VERSION, self.node, self.name, history.logical_uuid, self.info.size,
                      self.role, wire_generations(history), last, make_nonce(),
                      epochs=wire_epochs(history))
