@@ -362,6 +362,10 @@ class LeaseKeeper:
             return None
         if not r.ok:
             return "warning", "etcd_unreachable", {"request": op, "error": r.error}
+        return self._renewed(op, sent, lease, r)
+
+    def _renewed(self, op: str, sent: float, lease: int,
+                 r: EtcdReply) -> tuple[str, str, dict[str, Any]] | None:
         if op == "grant" and r.lease and r.ttl > 0:
             self.lease_id = r.lease
             self._alive(sent, r.ttl)
