@@ -190,9 +190,11 @@ class EtcdClient:
                 tuple(kv_of(kv) for kv in r.get("kvs", [])))
 
     def lease_ttl(self, lease: int) -> int:
-        """Seconds left on ``lease`` (-1: etcd no longer has it)."""
+        """Seconds left on ``lease``, rounded down (-1: etcd no longer has it).  The JSON
+        gateway leaves out a field that is zero: no ``TTL`` is a lease with less than a
+        second left, not a lease gone (etcd says -1 for that)."""
         r = self.call("lease/timetolive", {"ID": lease})
-        return int(r.get("TTL", -1))
+        return int(r.get("TTL", 0))
 
     def members(self) -> list[dict[str, Any]]:
         return list(self.call("cluster/member/list", {}).get("members", []))
