@@ -405,3 +405,34 @@ def test_the_model_catches_a_core_that_outlives_its_keeper(
     monkeypatch.setattr(EtcdSim, "cut_stop", math.inf)  # only the safety property itself
     with pytest.raises(Violation, match=r"a deposed primary still writes|two valid"):
         runs(range(1, 120), skew=0.02, shared=True)
+
+
+def test_a_groups_child_uses_the_nodes_lease_and_a_config_without_groups_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The groups parent starts its children with NBDGW_NODE_LEASE=1: their cores read
+    the node's lease from their run dir and ask etcd for none; without it (a config
+    without groups, or `nbdgw --group G daemon` run by hand) a core keeps its own."""
+    from gateway.config import parse_config
+    from gateway.coordinator import make_core, shared_lease_file
+    from gateway.daemon import core_config
+    from gateway.etcdclient import NODE_LEASE_ENV
+    from gateway.nodecore import HardState
+
+    cfg = parse_config({
+        "version": 1, "node": {"name": "a", "data_dir": "/srv/x"},
+        "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"},
+        "peers": [{"name": "b", "role": "secondary", "address": "192.0.2.2"}],
+        "coordinator": {"kind": "etcd", "endpoints": ["http://192.0.2.9:2379"]}})
+    hard = HardState(role="primary", primary="a")
+
+    def first_requests() -> list[str]:
+        core = make_core(cfg, core_config(cfg, cfg), hard, 0.0, b"x", False)
+        ready = core.step(etcdcore.Tick(0.0))
+        return [o.args["op"] for o in ready.actions if o.kind == "etcd"]
+
+    monkeypatch.delenv(NODE_LEASE_ENV, raising=False)
+    assert shared_lease_file(cfg) is None
+    assert first_requests() == ["grant", "txn"]
+    monkeypatch.setenv(NODE_LEASE_ENV, "1")
+    assert str(shared_lease_file(cfg)) == "/srv/x/run/etcd-node-lease.json"
+    assert first_requests() == []
