@@ -436,3 +436,21 @@ def test_a_groups_child_uses_the_nodes_lease_and_a_config_without_groups_its_own
     monkeypatch.setenv(NODE_LEASE_ENV, "1")
     assert str(shared_lease_file(cfg)) == "/srv/x/run/etcd-node-lease.json"
     assert first_requests() == []
+
+
+def test_a_config_with_groups_reads_its_coordinator_section() -> None:
+    """`coordinator:` at the top of a config with groups decides each group (each on its
+    own key): it was ignored, and every group fell back to heartbeats."""
+    from gateway.config import CoordinatorKind, group_config, parse_config
+
+    cfg = parse_config({
+        "version": 1, "node": {"name": "a"},
+        "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"},
+        "sites": [{"name": n, "address": f"192.0.2.{i + 1}"} for i, n in enumerate("abc")],
+        "coordinator": {"kind": "etcd", "endpoints": ["http://192.0.2.9:2379"]},
+        "groups": [{"name": "g1", "primary": "a", "secondary": "b", "dr": "c",
+                    "ports": {"peerlink": 7801, "heartbeat": 7802, "nbd": 10811},
+                    "volumes": [{"name": "v1", "size": "16M"}]}]})
+    g1 = group_config(cfg, "g1").coordinator
+    assert g1.kind is CoordinatorKind.ETCD and g1.group == "g1"
+    assert g1.endpoints == ("http://192.0.2.9:2379",)
