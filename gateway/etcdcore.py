@@ -46,6 +46,13 @@ extends leases: a leader cut off from its quorum may renew a keepalive until it 
 down (about an election timeout later), and the new leader, elected no earlier, extends
 every lease by an election timeout plus its TTL.
 
+*One lease per node* (``shared``).  With volume groups the groups parent keeps the
+node's one lease (a ``LeaseKeeper``, the same a core of its own lease embeds) and reads
+every group's keys; each group's core learns both from ``Shared`` events and sends no
+grant, keepalive or poll.  It takes the keeper's time as its lease's life (never
+extending it itself), so when the keeper is frozen or dead it fences at the last time
+published, which etcd's expiry cannot precede (DESIGN.md §6b).
+
 *Who may take the key.*  A node takes ``primary`` only when it is absent, no
 ``handover`` names another node, and the node is a candidate: it holds data (not a
 witness), may campaign (a DR site only by an operator's promote, or as a switchover's
