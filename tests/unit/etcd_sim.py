@@ -366,10 +366,8 @@ def apply_etcd_fault(sim: EtcdSim, rng: random.Random, kind: str) -> None:
         sim._note(f"cut {a} from etcd{' (one way)' if one_way else ''}")
     elif kind == "promote":
         sim.request(a, "promote")
-    elif kind == "keeper_crash":
-        sim.keeper_crash(a)
-    elif kind == "keeper_restart":
-        sim.keeper_restart(a)
+    elif kind in ("keeper_crash", "keeper_restart"):
+        getattr(sim, kind)(a)
     elif kind == "keeper_freeze":
         sim.keeper_freeze(a, rng.uniform(0.5, 6.0))
     else:
