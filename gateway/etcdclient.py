@@ -66,6 +66,7 @@ REQUEST_TIMEOUT: Final = 1.0  # s per endpoint (below the core's REQUEST_LOST_AF
 NODE_LEASE_FILE: Final = "etcd-node-lease.json"  # in a group's run dir (NodeLease)
 NODE_LEASE_ENV: Final = "NBDGW_NODE_LEASE"  # set by the groups parent for its children
 KEEPER_TICK: Final = 0.05  # s between the node lease keeper's looks at what is due
+NODE_LEASE_VERSION: Final = 1
 TARGETS: Final = {"create": ("CREATE", "create_revision"), "mod": ("MOD", "mod_revision"),
                   "value": ("VALUE", "value")}
 
@@ -286,20 +287,25 @@ def boot_id() -> str:
 
 
 def write_node_lease(path: Path, sh: Shared, boot: str) -> None:
-    """The file a group's child reads, replaced whole (a reader sees the old or the new)."""
+    """The file a group's child reads, replaced whole (a reader sees the old or the new).
+    Not fsynced: it means something only during this boot (its boot id says which)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({
-        "boot": boot, "lease": sh.lease, "until": sh.until, "revision": sh.revision,
+        "version": NODE_LEASE_VERSION, "boot": boot, "lease": sh.lease, "until": sh.until,
+        "revision": sh.revision,
         "kvs": [[kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease]
                 for kv in sh.kvs]}))
     os.replace(tmp, path)
 
 
 def read_node_lease(path: Path, now: float, boot: str) -> Shared | None:
-    """What the node's keeper published for this group (None: nothing of this boot)."""
+    """What the node's keeper published for this group.  None when there is nothing to
+    go by: no file yet, one of another boot or format, or one that does not parse (the
+    parent replaces it whole, so that is not a reader's race); the core then keeps the
+    lease time it has, which only runs out."""
     try:
         d = json.loads(path.read_text())
-        if d.get("boot") != boot:
+        if d.get("boot") != boot or d.get("version") != NODE_LEASE_VERSION:
             return None
         return Shared(now, int(d["lease"]), float(d["until"]), int(d["revision"]),
                       tuple(KV(str(k), str(v), int(c), int(m), int(le))
