@@ -1237,7 +1237,8 @@ GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 ETCD_URL = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})/?")
 
 
-def _coordinator(raw: Any, role: Role) -> CoordinatorConfig:
+def _coordinator(raw: Any, role: Role | None) -> CoordinatorConfig:
+    """``role``: node.role (None with groups, where each group gives the site's role)."""
     s = _Section(raw, "coordinator", COORDINATOR)
     c = CoordinatorConfig(**s.values())
     eps = []
@@ -1512,7 +1513,8 @@ def _groups_config(top: _Section, node: _Section, name: str, journal: JournalCon
         nbd=_nbd(top.get("nbd")), cdp=_cdp(top.get("cdp"), "cdp"),
         control=_control(top.get("control")), health=_health(top.get("health")),
         iscsi=_iscsi(top.get("iscsi")),
-        source=source, sites=sites, groups=_groups(top.listing("groups"), sites, failover))
+        source=source, sites=sites, groups=_groups(top.listing("groups"), sites, failover),
+        coordinator=_coordinator(top.get("coordinator"), None))
     check_groups(cfg)
     return cfg
 

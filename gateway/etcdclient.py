@@ -17,17 +17,27 @@ when several are queued only the newest is sent, the others answered as supersed
 each is anchored at its own send time, so the newest is worth most), transactions in
 order on another.  Every request is answered (``ok`` False with the error when etcd did
 not answer in time), posted to the daemon's queue as an ``EtcdReply``.
+
+The node's lease (``NodeLease``, the groups parent's): one lease per node for all its
+groups, kept alive by the parent, which also reads every group's keys with one range
+read every ``poll_interval``; it publishes both to each group's child in a file of the
+group's run dir (``NODE_LEASE_FILE``, written whole and renamed over the old one), which
+the child reads at its ticks (``read_node_lease``).  The file says until when, on the
+host's monotonic clock, etcd cannot have expired the lease: a child whose parent is
+frozen or dead gets no newer time and fences at that one by its own clock.  The file
+carries the kernel's boot id: after a reboot its times mean nothing and it is ignored.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -37,11 +47,26 @@ import structlog
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 
-from .etcdcore import KV, Cmp, Delete, EtcdReply, Put, Txn
+from .etcdcore import (
+    KV,
+    Cmp,
+    Delete,
+    EtcdReply,
+    LeaseKeeper,
+    Put,
+    Shared,
+    Txn,
+    group_prefix,
+    groups_prefix,
+)
 
 log = structlog.get_logger(component="etcd")
 
 REQUEST_TIMEOUT: Final = 1.0  # s per endpoint (below the core's REQUEST_LOST_AFTER)
+NODE_LEASE_FILE: Final = "etcd-node-lease.json"  # in a group's run dir (NodeLease)
+NODE_LEASE_ENV: Final = "NBDGW_NODE_LEASE"  # set by the groups parent for its children
+KEEPER_TICK: Final = 0.05  # s between the node lease keeper's looks at what is due
+NODE_LEASE_VERSION: Final = 1
 TARGETS: Final = {"create": ("CREATE", "create_revision"), "mod": ("MOD", "mod_revision"),
                   "value": ("VALUE", "value")}
 
@@ -166,9 +191,11 @@ class EtcdClient:
                 tuple(kv_of(kv) for kv in r.get("kvs", [])))
 
     def lease_ttl(self, lease: int) -> int:
-        """Seconds left on ``lease`` (-1: etcd no longer has it)."""
+        """Seconds left on ``lease``, rounded down (-1: etcd no longer has it).  The JSON
+        gateway leaves out a field that is zero: no ``TTL`` is a lease with less than a
+        second left, not a lease gone (etcd says -1 for that)."""
         r = self.call("lease/timetolive", {"ID": lease})
-        return int(r.get("TTL", -1))
+        return int(r.get("TTL", 0))
 
     def members(self) -> list[dict[str, Any]]:
         return list(self.call("cluster/member/list", {}).get("members", []))
@@ -246,3 +273,120 @@ class EtcdShell:
         self.txns.put(None)
         for t in self.threads:
             t.join(REQUEST_TIMEOUT * 4)
+
+
+# -- the node's lease, kept by the groups parent --------------------------------------------
+
+
+def boot_id() -> str:
+    """This boot of the kernel (monotonic times of another boot mean nothing)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def write_node_lease(path: Path, sh: Shared, boot: str) -> None:
+    """The file a group's child reads, replaced whole (a reader sees the old or the new).
+    Not fsynced: it means something only during this boot (its boot id says which)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({
+        "version": NODE_LEASE_VERSION, "boot": boot, "lease": sh.lease, "until": sh.until,
+        "revision": sh.revision,
+        "kvs": [[kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease]
+                for kv in sh.kvs]}))
+    os.replace(tmp, path)
+
+
+def read_node_lease(path: Path, now: float, boot: str) -> Shared | None:
+    """What the node's keeper published for this group.  None when there is nothing to
+    go by: no file yet, one of another boot or format, or one that does not parse (the
+    parent replaces it whole, so that is not a reader's race); the core then keeps the
+    lease time it has, which only runs out."""
+    try:
+        d = json.loads(path.read_text())
+        if d.get("boot") != boot or d.get("version") != NODE_LEASE_VERSION:
+            return None
+        return Shared(now, int(d["lease"]), float(d["until"]), int(d["revision"]),
+                      tuple(KV(str(k), str(v), int(c), int(m), int(le))
+                            for k, v, c, m, le in d["kvs"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class NodeLease:
+    """The groups parent's etcd work (module docstring): the node's lease and one read of
+    every group's keys (a ``LeaseKeeper``), published to ``files`` (group -> its child's
+    file).  A parent restarted within the lease's TTL adopts the lease its files name,
+    so its groups' keys stay theirs."""
+
+    def __init__(self, client: EtcdClient, ttl: int, poll: float, prefix: str,
+                 files: Mapping[str, Path]) -> None:
+        self.prefix = prefix
+        self.files = dict(files)
+        self.boot = boot_id()
+        self.lock = threading.Lock()
+        self.written: dict[str, tuple[Any, ...]] = {}
+        self.next_id = 0
+        self.keeper = LeaseKeeper(ttl, time.monotonic(), lease=self._previous(),
+                                  poll=poll, prefix=groups_prefix(prefix))
+        self.stopping = threading.Event()
+        self.shell = EtcdShell(client, self._answer)
+        self.thread = threading.Thread(target=self._run, name="etcd-node-lease",
+                                       daemon=True)
+        self.thread.start()
+
+    def _previous(self) -> int:
+        for path in self.files.values():
+            sh = read_node_lease(path, 0.0, self.boot)
+            if sh is not None and sh.lease:
+                log.info("etcd_node_lease_adopted", lease=f"{sh.lease:x}")
+                return sh.lease
+        return 0
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def _run(self) -> None:
+        while not self.stopping.wait(KEEPER_TICK):
+            with self.lock:
+                due = self.keeper.due(time.monotonic(), self._new_id)
+            for args in due:
+                self.shell.submit(args)
+
+    def _answer(self, r: EtcdReply) -> None:
+        with self.lock:
+            said = self.keeper.answer(r)
+            if said is not None:
+                getattr(log, said[0])(said[1], **said[2])
+            self._publish()
+
+    def _publish(self) -> None:
+        """Each group's file, rewritten when the lease's time or the group's keys moved
+        (not for a write elsewhere in etcd, which only moves the revision)."""
+        sh = self.keeper.published(time.monotonic())
+        for group, path in self.files.items():
+            keys = group_prefix(self.prefix, group)
+            kvs = tuple(kv for kv in sh.kvs if kv.key.startswith(keys))
+            said = (sh.lease, sh.until, kvs)
+            if self.written.get(group) == said:
+                continue
+            try:
+                write_node_lease(path, Shared(sh.now, sh.lease, sh.until, sh.revision, kvs),
+                                 self.boot)
+            except OSError as e:
+                log.error("etcd_node_lease_unwritten", group=group, error=str(e))
+                continue
+            self.written[group] = said
+
+    def set_files(self, files: Mapping[str, Path]) -> None:
+        """The groups changed (a reload): publish to these from now on."""
+        with self.lock:
+            self.files = dict(files)
+            self._publish()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(KEEPER_TICK * 10)
+        self.shell.stop()

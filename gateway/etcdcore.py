@@ -46,6 +46,13 @@ extends leases: a leader cut off from its quorum may renew a keepalive until it 
 down (about an election timeout later), and the new leader, elected no earlier, extends
 every lease by an election timeout plus its TTL.
 
+*One lease per node* (``shared``).  With volume groups the groups parent keeps the
+node's one lease (a ``LeaseKeeper``, the same a core of its own lease embeds) and reads
+every group's keys; each group's core learns both from ``Shared`` events and sends no
+grant, keepalive or poll.  It takes the keeper's time as its lease's life (never
+extending it itself), so when the keeper is frozen or dead it fences at the last time
+published, which etcd's expiry cannot precede (DESIGN.md §6b).
+
 *Who may take the key.*  A node takes ``primary`` only when it is absent, no
 ``handover`` names another node, and the node is a candidate: it holds data (not a
 witness), may campaign (a DR site only by an operator's promote, or as a switchover's
@@ -85,7 +92,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -133,6 +140,10 @@ class EtcdCoreConfig:
     poll: float = 0.5  # s between reads of the group's keys
     sync_peers: frozenset[str] = frozenset()
     auto: bool = True
+    # The node's lease and the read of its groups' keys are the groups parent's
+    # (``NodeLease``), given to this core as ``Shared`` events: no grant, keepalive or
+    # poll of its own.
+    shared: bool = False
 
     @property
     def keys(self) -> str:
@@ -210,7 +221,21 @@ class EtcdReply:
     error: str = ""
 
 
-EtcdEvent = Tick | Facts | Done | Request | EtcdReply
+@dataclass(frozen=True)
+class Shared:
+    """What the node's lease keeper published (``shared`` cores): its lease, the local
+    monotonic time until which etcd cannot have expired it (the keeper's anchor, on the
+    host's clock that every process of the node reads), and its last read of the groups'
+    keys (``revision`` 0: none yet)."""
+
+    now: float
+    lease: int
+    until: float
+    revision: int = 0
+    kvs: tuple[KV, ...] = ()
+
+
+EtcdEvent = Tick | Facts | Done | Request | EtcdReply | Shared
 
 
 @dataclass(frozen=True)
@@ -282,6 +307,97 @@ def state_value(epoch: int, served: int, outdated: frozenset[str]) -> str:
                       sort_keys=True)
 
 
+class LeaseKeeper:
+    """One etcd lease kept alive, pure: the lease of a node core of its own, or the
+    node's one lease for all its groups (the groups parent's ``NodeLease``, which also
+    has it read every group's keys every ``poll`` s and publishes both to the groups'
+    cores).  ``due(now, new_id)`` gives the requests to send now (their ``req_id`` from
+    ``new_id``), ``answer(reply)`` takes an answer.  ``alive_until``: the local time
+    before which etcd cannot have expired ``lease_id``, anchored at each keepalive's send
+    time (module docstring).  A keeper started with the ``lease`` of a previous run (a
+    restarted parent) keeps it alive if etcd still has it, so its groups' keys stay
+    theirs; else it asks a new one."""
+
+    def __init__(self, ttl: int, now: float, lease: int = 0, poll: float = 0.0,
+                 prefix: str = "") -> None:
+        self.ttl = ttl
+        self.lease_id = lease
+        self.alive_until = -math.inf
+        self.poll = poll
+        self.prefix = prefix
+        self.inflight: dict[int, tuple[str, float, int]] = {}  # id -> (op, sent, lease)
+        self.next_keepalive = now
+        self.next_poll = now
+        self.revision = 0  # the last read of ``prefix`` (poll > 0)
+        self.kvs: tuple[KV, ...] = ()
+
+    def due(self, now: float, new_id: Callable[[], int]) -> list[dict[str, Any]]:
+        for rid, (_, sent, _) in list(self.inflight.items()):
+            if now - sent > REQUEST_LOST_AFTER:
+                del self.inflight[rid]
+        out = []
+        if self.lease_id == 0:
+            if not any(op == "grant" for op, _, _ in self.inflight.values()):
+                out.append(self._ask(now, new_id(), op="grant", ttl=self.ttl))
+        elif now >= self.next_keepalive:
+            # Not held back by one in flight: each is anchored at its own send time.
+            self.next_keepalive = now + KEEPALIVE_FRACTION * self.ttl
+            out.append(self._ask(now, new_id(), op="keepalive", lease=self.lease_id))
+        if self.poll > 0 and now >= self.next_poll \
+                and not any(op == "txn" for op, _, _ in self.inflight.values()):
+            self.next_poll = now + self.poll
+            out.append(self._ask(now, new_id(), op="txn", txn=Txn((), (), self.prefix)))
+        return out
+
+    def _ask(self, now: float, rid: int, **args: Any) -> dict[str, Any]:
+        self.inflight[rid] = (str(args["op"]), now, self.lease_id)
+        return {"req_id": rid, **args}
+
+    def owns(self, req_id: int) -> bool:
+        return req_id in self.inflight
+
+    def answer(self, r: EtcdReply) -> tuple[str, str, dict[str, Any]] | None:
+        """Take the answer to one of this keeper's requests; (level, event, fields) to
+        log, if anything."""
+        entry = self.inflight.pop(r.req_id, None)
+        if entry is None:
+            return None
+        op, sent, lease = entry
+        if op == "txn":
+            if r.ok and r.revision >= self.revision:
+                self.revision, self.kvs = r.revision, r.kvs
+            return None
+        if not r.ok:
+            return "warning", "etcd_unreachable", {"request": op, "error": r.error}
+        return self._renewed(op, sent, lease, r)
+
+    def _renewed(self, op: str, sent: float, lease: int,
+                 r: EtcdReply) -> tuple[str, str, dict[str, Any]] | None:
+        if op == "grant" and r.lease and r.ttl > 0:
+            self.lease_id = r.lease
+            self._alive(sent, r.ttl)
+            self.next_keepalive = sent
+            return "info", "etcd_lease_granted", {"lease": f"{r.lease:x}", "ttl": r.ttl}
+        if op != "keepalive" or lease != self.lease_id:
+            return None  # an answer about a lease this keeper dropped already
+        if r.ttl > 0:
+            self._alive(sent, r.ttl)
+            return None
+        self.lease_id = 0
+        self.alive_until = -math.inf
+        return "error", "etcd_lease_expired", {
+            "lease": f"{lease:x}", "note": "etcd expired this node's lease: a new one is asked"}
+
+    def _alive(self, sent: float, ttl: int) -> None:
+        """etcd processed a keepalive (or grant) of this lease sent at ``sent``: it cannot
+        expire the lease before ``sent`` + TTL by its clock (module docstring)."""
+        span = min(ttl, self.ttl) * (1 - DRIFT) - MARGIN
+        self.alive_until = max(self.alive_until, sent + span)
+
+    def published(self, now: float) -> Shared:
+        return Shared(now, self.lease_id, self.alive_until, self.revision, self.kvs)
+
+
 class EtcdCore(CoreBase):
     """All failover state of one node of one group, on etcd; ``step(event)`` -> ``Ready``."""
 
@@ -298,12 +414,13 @@ class EtcdCore(CoreBase):
         self.now = now
         self.lease_id = 0  # this node's etcd lease (0: none yet)
         self.lease_alive_until = -math.inf  # local: etcd cannot have expired it before
+        # Its own lease, or (``shared``) the node's, learned from ``Shared`` events.
+        self.keeper = None if cfg.shared else LeaseKeeper(cfg.lease_ttl, now)
         self.lease_until = -math.inf  # what nbdkit is told (while primary)
         self.lease_since: float | None = None
         self.view = GroupView()
         self.inflight: dict[int, tuple[str, float, Any]] = {}  # id -> (what, sent, extra)
         self.next_id = 0
-        self.next_keepalive = now
         self.next_poll = now
         self.txn_after = now  # no transaction before this (after a lost answer)
         self.consistent = hard.role == "primary"
@@ -344,6 +461,8 @@ class EtcdCore(CoreBase):
             self._done(ev)
         elif isinstance(ev, Request):
             self._request(ev)
+        elif isinstance(ev, Shared):
+            self._shared(ev)
         if not self._announced:
             self._set_confirmed(frozenset())
         if self.cfg.auto:
@@ -379,11 +498,15 @@ class EtcdCore(CoreBase):
     def _key(self, name: str) -> str:
         return self.cfg.keys + name
 
-    def _request_etcd(self, what: str, extra: Any = None, **args: Any) -> int:
+    def _new_id(self) -> int:
         self.next_id += 1
-        self.inflight[self.next_id] = (what, self.now, extra)
-        self._do("etcd", req_id=self.next_id, **args)
         return self.next_id
+
+    def _request_etcd(self, what: str, extra: Any = None, **args: Any) -> int:
+        rid = self._new_id()
+        self.inflight[rid] = (what, self.now, extra)
+        self._do("etcd", req_id=rid, **args)
+        return rid
 
     def _busy(self, what: str) -> bool:
         return any(w == what for w, _, _ in self.inflight.values())
@@ -409,43 +532,39 @@ class EtcdCore(CoreBase):
     # -- answers --------------------------------------------------------------------------
 
     def _reply_in(self, r: EtcdReply) -> None:
+        if self.keeper is not None and self.keeper.owns(r.req_id):
+            said = self.keeper.answer(r)
+            if said is not None:
+                self._log(said[0], said[1], **said[2])
+            self.lease_id, self.lease_alive_until = (self.keeper.lease_id,
+                                                     self.keeper.alive_until)
+            return
         entry = self.inflight.pop(r.req_id, None)
         if entry is None:
             return  # given up already (or a duplicate): nothing depends on it
-        what, sent, extra = entry
+        what, _, extra = entry
         if r.ok and what.startswith(("txn:", "poll", "member")):
             self._learn(parse_group(self.cfg.keys, r.revision, r.kvs))
-        if what == "grant":
-            if r.ok and r.lease and r.ttl > 0:
-                self.lease_id = r.lease
-                self._alive(sent, r.ttl)
-                self.next_keepalive = self.now
-                self._log("info", "etcd_lease_granted", lease=f"{r.lease:x}", ttl=r.ttl)
-            elif not r.ok:
-                self._log("warning", "etcd_unreachable", request="grant", error=r.error)
-        elif what == "keepalive":
-            if extra != self.lease_id:
-                return  # an answer about a lease this node dropped already
-            if r.ok and r.ttl > 0:
-                self._alive(sent, r.ttl)
-            elif r.ok:
-                self._log("error", "etcd_lease_expired", lease=f"{self.lease_id:x}",
-                          note="etcd expired this node's lease: a new one is asked")
-                self.lease_id = 0
-                self.lease_alive_until = -math.inf
-            else:
-                self._log("warning", "etcd_unreachable", request="keepalive", error=r.error)
-        elif what.startswith("txn:"):
+        if what.startswith("txn:"):
             if not r.ok:
                 self.txn_after = self.now + RETRY_AFTER
                 self._log("warning", "etcd_unreachable", request=what[4:], error=r.error)
             self._txn_done(what[4:], r, extra)
 
-    def _alive(self, sent: float, ttl: int) -> None:
-        """etcd processed a keepalive (or grant) of this lease sent at ``sent``: it cannot
-        expire the lease before ``sent`` + TTL by its clock (module docstring)."""
-        span = min(ttl, self.cfg.lease_ttl) * (1 - DRIFT) - MARGIN
-        self.lease_alive_until = max(self.lease_alive_until, sent + span)
+    def _shared(self, sh: Shared) -> None:
+        """The node's lease keeper published: its lease and how long etcd keeps it, which
+        this core uses as its own (fencing at ``until`` by its own clock when nothing
+        newer comes: a keeper frozen or dead extends nothing), and the group's keys."""
+        if sh.lease != self.lease_id:
+            if self.lease_id:
+                self._log("warning", "etcd_node_lease_changed", old=f"{self.lease_id:x}",
+                          new=f"{sh.lease:x}" if sh.lease else None)
+            self.lease_id = sh.lease
+            self.lease_alive_until = sh.until if sh.lease else -math.inf
+        else:
+            self.lease_alive_until = max(self.lease_alive_until, sh.until)
+        if sh.revision:
+            self._learn(parse_group(self.cfg.keys, sh.revision, sh.kvs))
 
     def _learn(self, v: GroupView) -> None:
         if v.revision < self.view.revision:
@@ -479,15 +598,10 @@ class EtcdCore(CoreBase):
     # -- the lease ------------------------------------------------------------------------
 
     def _lease_requests(self) -> None:
-        if self.lease_id == 0:
-            if not self._busy("grant"):
-                self._request_etcd("grant", op="grant", ttl=self.cfg.lease_ttl)
-            return
-        # Not held back by one in flight: each is anchored at its own send time.
-        if self.now >= self.next_keepalive:
-            self.next_keepalive = self.now + KEEPALIVE_FRACTION * self.cfg.lease_ttl
-            self._request_etcd("keepalive", self.lease_id, op="keepalive",
-                               lease=self.lease_id)
+        if self.keeper is None:
+            return  # the node's keeper's (``Shared``)
+        for args in self.keeper.due(self.now, self._new_id):
+            self._do("etcd", **args)
 
     def _expire_requests(self) -> None:
         for rid, (what, sent, _) in list(self.inflight.items()):
@@ -521,6 +635,8 @@ class EtcdCore(CoreBase):
     def _poll(self) -> None:
         """Read the group's keys every ``poll`` seconds (the primary less often: its lease
         tells it what it needs; it reads to learn of operators' changes)."""
+        if self.cfg.shared:
+            return  # the node's keeper reads every group's keys (``Shared``)
         every = self.cfg.poll * (4 if self.state is State.PRIMARY else 1)
         if self.now >= self.next_poll and not self._busy("poll"):
             self.next_poll = self.now + every
@@ -870,12 +986,15 @@ class EtcdCore(CoreBase):
 
     def _member(self) -> None:
         """What this node says of itself in etcd (`nbdgw fleet status`): rewritten when it
-        changes, and every MEMBER_EVERY s; bound to its lease, so a dead node's goes."""
+        changes, and when the keys last read lack it (at most every MEMBER_EVERY s); bound
+        to its lease, so a dead node's goes.  Not rewritten while unchanged: a steady
+        node sends no request of its own (the read of the keys shows it is there)."""
         if self.lease_id == 0 or self._busy("member"):
             return
         said = (self.state.value, self.consistent, self.data_epoch, self.hard.epoch,
                 self.lease_id)
-        if said == self.member_said and self.now - self.member_at < MEMBER_EVERY:
+        if said == self.member_said and (self.cfg.me in self.view.members
+                                         or self.now - self.member_at < MEMBER_EVERY):
             return
         self.member_said, self.member_at = said, self.now
         value = json.dumps({"state": said[0], "consistent": said[1], "data_epoch": said[2],

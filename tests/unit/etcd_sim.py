@@ -16,6 +16,14 @@ granted since (a deposed primary's writes end before its successor's epoch exist
 the fencing token only grows), and a primary cut off from the store stops writing within
 its lease span.  ``run(seed)`` draws faults, heals, and checks a primary is elected and
 followed within ``SETTLE`` s.  Replay a seed with ``etcd_run(seed, trace=True)``.
+
+``EtcdSim(shared=True)`` runs each node's lease as the groups parent does
+(``NodeLease``): a *keeper* per node, a process apart from the node's core, that grants
+and keeps alive the node's lease and reads the groups' keys, and publishes both (the
+run dir's file: it outlives the keeper, not a power cut, whose reboot starts a new
+monotonic clock) for the core to read at its ticks.  The keeper crashes, restarts
+(adopting the published lease) and freezes on its own (``keeper_*`` faults); the core
+must then fence on its own at the published deadline.
 """
 
 from __future__ import annotations
@@ -32,12 +40,15 @@ from gateway.etcdcore import (
     EtcdCore,
     EtcdCoreConfig,
     EtcdReply,
+    LeaseKeeper,
     Put,
+    Shared,
     Txn,
+    groups_prefix,
     parse_group,
 )
 from gateway.nodecore import HardState
-from tests.unit.nodecore_sim import SETTLE, Msg, Node, Sim, Violation
+from tests.unit.nodecore_sim import DT, SETTLE, Msg, Node, Sim, Violation
 
 STORE = "etcd"
 SWEEP = 0.5  # s of store time between expiry sweeps (etcd's lessor checks every 500 ms)
@@ -47,6 +58,22 @@ TTL = 3
 @dataclass
 class StoreMsg(Msg):
     payload: Any = None
+    keeper: bool = False  # to or from the node's lease keeper (not its core)
+
+
+@dataclass
+class Keeper:
+    """A node's lease keeper (shared mode): its own process, crashes and freezes."""
+
+    lk: LeaseKeeper | None = None  # None: down
+    boots: int = 0
+    frozen_until: float = -math.inf
+    next_id: int = 0
+    published: Shared | None = None  # the file in the run dir
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
 
 
 class Store:
@@ -134,12 +161,18 @@ class EtcdSim(Sim):
     isolated_stop = math.inf
     cut_stop = TTL * 0.95 - 0.5  # the lease span: cut off from etcd, it stops within this
 
-    def __init__(self, seed: int, *, skew: float = 0.01, **kw: Any) -> None:
+    def __init__(self, seed: int, *, skew: float = 0.01, shared: bool = False,
+                 **kw: Any) -> None:
         rng = random.Random(seed * 31 + 7)  # noqa: S311 - replayable by seed
         self.store = Store(1 + rng.uniform(-skew, skew))
         self.cut_since: dict[str, float | None] = {}
+        self.shared = shared
+        self.keepers: dict[str, Keeper] = {}
         super().__init__(seed, guard=False, **kw)
         for n in self.sites:
+            if shared:
+                self.keepers[n] = Keeper()
+                self.keeper_restart(n)
             self.links[(n, STORE)] = self.links[(STORE, n)] = True
             self.cut_since[n] = None
             # Bounded clock-rate skew between the nodes and the store (a few % at most:
@@ -152,7 +185,69 @@ class EtcdSim(Sim):
         base = super().cfg(n)
         return EtcdCoreConfig(me=n, role=base.role, peers=base.peers, group="g",
                               prefix="/nbdgw", lease_ttl=TTL, poll=0.25,
-                              sync_peers=base.sync_peers)
+                              sync_peers=base.sync_peers, shared=self.shared)
+
+    # -- the node's lease keeper (shared) ---------------------------------------------------
+
+    def keeper_crash(self, n: str) -> None:
+        k = self.keepers[n]
+        if k.lk is not None:
+            k.lk = None
+            self._note(f"keeper of {n} crashes (its core runs on)")
+
+    def keeper_restart(self, n: str) -> None:
+        """A new keeper adopts the lease the file names (a restarted parent)."""
+        k, node = self.keepers[n], self.nodes[n]
+        if k.lk is not None or node.crashed:
+            return
+        k.boots += 1
+        k.frozen_until = -math.inf
+        lease = k.published.lease if k.published is not None else 0
+        k.lk = LeaseKeeper(TTL, node.local(self.t), lease=lease, poll=0.25,
+                           prefix=groups_prefix("/nbdgw"))
+        if k.boots > 1:
+            self._note(f"keeper of {n} restarts (lease {lease:x})")
+
+    def keeper_freeze(self, n: str, d: float) -> None:
+        k = self.keepers[n]
+        if k.lk is not None:
+            k.frozen_until = self.t + d
+            self._note(f"keeper of {n} freezes {d:.1f}s")
+
+    def crash(self, n: str) -> None:
+        super().crash(n)
+        if self.shared:  # a power cut: the keeper too, and the file means nothing after
+            self.keeper_crash(n)
+            self.keepers[n].published = None
+
+    def restart(self, n: str) -> None:
+        super().restart(n)
+        if self.shared:
+            self.keeper_restart(n)
+
+    def heal(self) -> None:
+        super().heal()
+        for n in self.keepers:
+            self.keeper_restart(n)
+            self.keepers[n].frozen_until = -math.inf
+
+    def advance(self, until: float) -> None:
+        while self.t < until:
+            super().advance(round(self.t + DT, 6))  # one step of the nodes
+            for n, k in self.keepers.items():
+                self._keeper_step(n, k)
+
+    def _keeper_step(self, n: str, k: Keeper) -> None:
+        node = self.nodes[n]
+        if k.lk is not None and k.frozen_until <= self.t:
+            for args in k.lk.due(node.local(self.t), k.new_id):
+                self._to(n, STORE, (n, k.boots, args), keeper=True)
+        # The core reads the file at every tick, changed or not (a frozen or crashed
+        # core reads nothing).
+        if node.crashed or node.core is None or node.frozen_until > self.t \
+                or k.published is None:
+            return
+        self._step(node, replace(k.published, now=node.local(self.t)))
 
     def make_core(self, node: Node) -> EtcdCore:  # type: ignore[override]
         return EtcdCore(self.ecfg(node.name), node.hard, node.local(self.t),
@@ -168,24 +263,38 @@ class EtcdSim(Sim):
     def _request(self, node: Node, args: dict[str, Any]) -> None:
         self._to(node.name, STORE, (node.name, node.boots, args))
 
-    def _to(self, src: str, dst: str, payload: Any) -> None:
+    def _to(self, src: str, dst: str, payload: Any, keeper: bool = False) -> None:
         if not self.links.get((src, dst), True) or self.rng.random() < self.drop:
             return
         at = self.t + self.rng.uniform(0.0005, self.max_delay)
-        self.inflight.append(StoreMsg(at, src, dst, b"", "", payload))
+        self.inflight.append(StoreMsg(at, src, dst, b"", "", payload, keeper))
 
     def _deliver(self, m: Msg) -> None:
         assert isinstance(m, StoreMsg)
         if m.dst == STORE:
             name, boot, args = m.payload
             reply = self.store.apply(self.t, args, int(args["req_id"]))
-            self._to(STORE, name, (boot, reply))
+            self._to(STORE, name, (boot, reply), keeper=m.keeper)
+            return
+        if m.keeper:
+            self._keeper_answer(m.dst, m.payload)
             return
         node = self.nodes[m.dst]
         boot, reply = m.payload
         if node.crashed or node.frozen_until > self.t or boot != node.boots:
             return
         self._step(node, replace(reply, now=node.local(self.t)))
+
+    def _keeper_answer(self, n: str, payload: tuple[int, EtcdReply]) -> None:
+        k = self.keepers[n]
+        boot, reply = payload
+        if k.lk is None or k.frozen_until > self.t or boot != k.boots:
+            return
+        now = self.nodes[n].local(self.t)
+        said = k.lk.answer(replace(reply, now=now))
+        if said is not None and self.trace:
+            self._note(f"keeper of {n}: {said[1]} {said[2]}")
+        k.published = k.lk.published(now)
 
     # -- invariants --------------------------------------------------------------------------
 
@@ -244,6 +353,7 @@ class EtcdSim(Sim):
 
 ETCD_FAULTS = ("isolate", "cut_store", "cut_pair", "heal_links", "crash", "restart",
                "freeze", "lossy", "switchover", "promote")
+KEEPER_FAULTS = ("keeper_crash", "keeper_restart", "keeper_freeze")
 
 
 def apply_etcd_fault(sim: EtcdSim, rng: random.Random, kind: str) -> None:
@@ -256,6 +366,10 @@ def apply_etcd_fault(sim: EtcdSim, rng: random.Random, kind: str) -> None:
         sim._note(f"cut {a} from etcd{' (one way)' if one_way else ''}")
     elif kind == "promote":
         sim.request(a, "promote")
+    elif kind in ("keeper_crash", "keeper_restart"):
+        getattr(sim, kind)(a)
+    elif kind == "keeper_freeze":
+        sim.keeper_freeze(a, rng.uniform(0.5, 6.0))
     else:
         from tests.unit.nodecore_sim import apply_fault
 
@@ -263,17 +377,20 @@ def apply_etcd_fault(sim: EtcdSim, rng: random.Random, kind: str) -> None:
 
 
 def etcd_run(seed: int, *, duration: float = 40.0, faults: int = 8, sync: bool = True,
-             trace: bool = False, topology: str = "dr", skew: float = 0.01) -> EtcdSim:
+             trace: bool = False, topology: str = "dr", skew: float = 0.01,
+             shared: bool = False) -> EtcdSim:
     """Faults at random times, then heal: exactly one primary, the others following it,
-    within SETTLE s.  Raises Violation with the seed and the schedule."""
+    within SETTLE s.  Raises Violation with the seed and the schedule.  ``shared``: the
+    node's lease is its keeper's, which has faults of its own."""
     sim = EtcdSim(seed, sync=sync, trace=trace, promote_failure=0.05, topology=topology,
-                  skew=skew)
+                  skew=skew, shared=shared)
     rng = random.Random(seed * 7919 + 3)  # noqa: S311 - replayable by seed
+    kinds = ETCD_FAULTS + KEEPER_FAULTS * 2 if shared else ETCD_FAULTS
     try:
         sim.advance(5.0)
         for at in sorted(rng.uniform(5.0, duration) for _ in range(faults)):
             sim.advance(at)
-            apply_etcd_fault(sim, rng, rng.choice(ETCD_FAULTS))
+            apply_etcd_fault(sim, rng, rng.choice(kinds))
         sim.advance(duration)
         sim.heal()
         deadline = sim.t + SETTLE

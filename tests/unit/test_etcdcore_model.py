@@ -303,3 +303,154 @@ def test_after_a_power_cut_the_new_primary_need_not_wait_for_its_dead_sync_peer(
     took = until(sim, lambda: bool(set(sim.acked) - before), 2.0)
     assert took < 0.5, took
     assert sim.nodes["dc"].core.view.state.outdated == {"main"}  # type: ignore[union-attr]
+
+
+# -- one lease per node, kept by the groups parent (shared) ---------------------------------
+
+
+def etcd_requests(sim: EtcdSim, seconds: float) -> dict[str, int]:
+    """The etcd requests each node's core sends in ``seconds`` of steady state."""
+    counts = dict.fromkeys(sim.sites, 0)
+    real = sim._request
+
+    def count(node: object, args: dict[str, object]) -> None:
+        counts[node.name] += 1  # type: ignore[attr-defined]
+        real(node, args)  # type: ignore[arg-type]
+
+    sim._request = count  # type: ignore[method-assign]
+    sim.advance(sim.t + seconds)
+    sim._request = real  # type: ignore[method-assign]
+    return counts
+
+
+def test_at_steady_state_a_shared_core_sends_no_request_of_its_own() -> None:
+    """The node's keeper sends the keepalives and the one read for all its groups: a
+    group's core sends nothing while nothing changes, so etcd's load does not grow with
+    the groups of a node.  A core of its own lease sends keepalives and polls."""
+    own = etcd_requests(formed(seed=20), 10.0)
+    assert all(n >= 10 / (TTL / 4) for n in own.values()), own
+    shared = etcd_requests(formed(seed=20, shared=True), 10.0)
+    assert shared == dict.fromkeys(shared, 0), shared
+
+
+@topologies
+def test_shared_lease_power_cut_of_the_primary_the_secondary_takes_the_key(
+        topology: str) -> None:
+    sim = formed(seed=21, topology=topology, shared=True)
+    sim.crash("main")
+    took = until(sim, lambda: primary(sim) == "dc", 10.0)
+    assert took <= TTL + 0.5 + 0.25 + 0.1 + 1.5 + 0.3 + 0.1  # + a read of the file
+
+
+def test_a_frozen_keeper_fences_its_primary_at_the_published_deadline() -> None:
+    """The groups parent frozen (SIGSTOP), its children running: nothing extends the
+    node's lease, so the primary's core fences by its own clock at the deadline the
+    keeper published, before etcd can expire the lease; dc takes the key after."""
+    sim = formed(seed=22, shared=True)
+    main = sim.nodes["main"]
+    published = sim.keepers["main"].published
+    assert published is not None
+    sim.keeper_freeze("main", 20.0)
+    t0 = sim.t
+    stopped = until(sim, lambda: main.lease_until_local <= main.local(sim.t), TTL)
+    assert stopped <= TTL * (1 - etcdcore.DRIFT) - etcdcore.MARGIN + 0.1
+    until(sim, lambda: primary(sim) == "dc", 10.0)
+    granted_at = next(t for t, e in sim.store.granted if e == 1)
+    assert granted_at > t0 + stopped
+
+
+def test_a_restarted_keeper_adopts_the_nodes_lease_and_the_primary_serves_on() -> None:
+    """The parent dies and is back within the lease span: it keeps the published lease
+    alive (etcd still has it), so the group's key stays its primary's: no new epoch."""
+    sim = formed(seed=23, shared=True)
+    lease = sim.keepers["main"].published.lease  # type: ignore[union-attr]
+    sim.keeper_crash("main")
+    sim.advance(sim.t + 1.0)
+    sim.keeper_restart("main")
+    for _ in range(100):
+        sim.advance(sim.t + 0.05)
+        assert primary(sim) == "main", sim.states()
+    assert sim.keepers["main"].published.lease == lease  # type: ignore[union-attr]
+    assert sim.nodes["main"].hard.epoch == 0
+
+
+@pytest.mark.parametrize("seed", range(1, 13))
+@topologies
+def test_random_faults_shared_lease_bounded(seed: int, topology: str) -> None:
+    etcd_run(seed, faults=16, duration=60.0, topology=topology, skew=0.02, shared=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", range(10))
+@topologies
+def test_random_faults_shared_lease_soak(block: int, topology: str) -> None:
+    for seed in range(5000 + block * 100, 5000 + (block + 1) * 100):
+        etcd_run(seed, faults=24, duration=90.0, topology=topology, skew=0.02, shared=True)
+
+
+def test_the_model_catches_a_core_that_outlives_its_keeper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A core that takes the file's word that the lease exists as the lease being alive
+    (its own anchor at each read, not the keeper's) writes on while its keeper is frozen
+    or dead and etcd expires the lease."""
+    real = etcdcore.EtcdCore._shared
+
+    def trusting(self: etcdcore.EtcdCore, sh: etcdcore.Shared) -> None:
+        real(self, sh)
+        if self.lease_id:
+            self.lease_alive_until = max(self.lease_alive_until,
+                                         self.now + self.cfg.lease_span)
+
+    monkeypatch.setattr(etcdcore.EtcdCore, "_shared", trusting)
+    monkeypatch.setattr(EtcdSim, "cut_stop", math.inf)  # only the safety property itself
+    with pytest.raises(Violation, match=r"a deposed primary still writes|two valid"):
+        runs(range(1, 120), skew=0.02, shared=True)
+
+
+def test_a_groups_child_uses_the_nodes_lease_and_a_config_without_groups_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The groups parent starts its children with NBDGW_NODE_LEASE=1: their cores read
+    the node's lease from their run dir and ask etcd for none; without it (a config
+    without groups, or `nbdgw --group G daemon` run by hand) a core keeps its own."""
+    from gateway.config import parse_config
+    from gateway.coordinator import make_core, shared_lease_file
+    from gateway.daemon import core_config
+    from gateway.etcdclient import NODE_LEASE_ENV
+    from gateway.nodecore import HardState
+
+    cfg = parse_config({
+        "version": 1, "node": {"name": "a", "data_dir": "/srv/x"},
+        "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"},
+        "peers": [{"name": "b", "role": "secondary", "address": "192.0.2.2"}],
+        "coordinator": {"kind": "etcd", "endpoints": ["http://192.0.2.9:2379"]}})
+    hard = HardState(role="primary", primary="a")
+
+    def first_requests() -> list[str]:
+        core = make_core(cfg, core_config(cfg, cfg), hard, 0.0, b"x", False)
+        ready = core.step(etcdcore.Tick(0.0))
+        return [o.args["op"] for o in ready.actions if o.kind == "etcd"]
+
+    monkeypatch.delenv(NODE_LEASE_ENV, raising=False)
+    assert shared_lease_file(cfg) is None
+    assert first_requests() == ["grant", "txn"]
+    monkeypatch.setenv(NODE_LEASE_ENV, "1")
+    assert str(shared_lease_file(cfg)) == "/srv/x/run/etcd-node-lease.json"
+    assert first_requests() == []
+
+
+def test_a_config_with_groups_reads_its_coordinator_section() -> None:
+    """`coordinator:` at the top of a config with groups decides each group (each on its
+    own key): it was ignored, and every group fell back to heartbeats."""
+    from gateway.config import CoordinatorKind, group_config, parse_config
+
+    cfg = parse_config({
+        "version": 1, "node": {"name": "a"},
+        "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"},
+        "sites": [{"name": n, "address": f"192.0.2.{i + 1}"} for i, n in enumerate("abc")],
+        "coordinator": {"kind": "etcd", "endpoints": ["http://192.0.2.9:2379"]},
+        "groups": [{"name": "g1", "primary": "a", "secondary": "b", "dr": "c",
+                    "ports": {"peerlink": 7801, "heartbeat": 7802, "nbd": 10811},
+                    "volumes": [{"name": "v1", "size": "16M"}]}]})
+    g1 = group_config(cfg, "g1").coordinator
+    assert g1.kind is CoordinatorKind.ETCD and g1.group == "g1"
+    assert g1.endpoints == ("http://192.0.2.9:2379",)
