@@ -214,8 +214,10 @@ def lease_path(data_dir: Path) -> Path:
 
 
 def nbdkit_argv(cfg: NodeConfig, volumes: list[str] | None,
-                all_readonly: bool = False) -> list[str]:
-    """``volumes`` None: serve every primary volume of data_dir, those created later too."""
+                all_readonly: bool = False, replicas_only: bool = False) -> list[str]:
+    """``volumes`` None: serve every primary volume of data_dir, those created later too.
+    ``replicas_only``: a secondary's nbdkit for readers (nbd_plugin Params.replicas_only):
+    it writes no volume, so it takes neither the lease nor the sync gate."""
     argv = ["nbdkit", "--exit-with-parent"]
     tls = cfg.nbd.tls
     if tls.mode is not TlsMode.OFF:
@@ -231,11 +233,14 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str] | None,
     argv += ["python", str(PLUGIN_PATH), f"data_dir={cfg.data_dir}",
              f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}",
              f"segment_bytes={cfg.journal.segment_bytes}"]
-    if cfg.failover.auto and cfg.peers and not all_readonly:
+    writes_volumes = not (all_readonly or replicas_only)
+    if replicas_only:
+        argv.append("replicas_only=true")
+    if cfg.failover.auto and cfg.peers and writes_volumes:
         # Writes need the daemon's lease (nbd_plugin/lease.py; the node core sets it).
         argv += [f"lease={lease_path(cfg.data_dir)}"]
     timeout = sync_timeout(cfg)
-    if timeout is not None and not all_readonly:
+    if timeout is not None and writes_volumes:
         # Every write waits for the sync peers' acks (nbd_plugin/syncgate.py).
         argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}",
                  f"sync_auto_degrade={'false' if has_failover_core(cfg) else 'true'}",
@@ -292,13 +297,14 @@ class NbdServer:
     """One nbdkit process serving the node's volumes on every listen address."""
 
     def __init__(self, cfg: NodeConfig, volumes: list[str], all_readonly: bool = False,
-                 discover: bool = False) -> None:
+                 discover: bool = False, replicas_only: bool = False) -> None:
         """``volumes``: those served now; ``discover``: also serve volumes created (or
-        promoted) in data_dir while it runs."""
+        promoted) in data_dir while it runs; ``replicas_only``: see nbdkit_argv."""
         self.cfg = cfg
         self.volumes = volumes
         self.all_readonly = all_readonly
         self.discover = discover
+        self.replicas_only = replicas_only
         self.child: ChildProcess | None = None  # a new one each start: new sockets
         self.addresses: list[Listen] = []
 
@@ -309,7 +315,7 @@ class NbdServer:
         fds = [s.fileno() for s in socks]
         argv = [sys.executable, "-m", "gateway.sockact", ",".join(map(str, fds)),
                 *nbdkit_argv(self.cfg, None if self.discover else self.volumes,
-                             self.all_readonly)]
+                             self.all_readonly, self.replicas_only)]
         env = dict(os.environ, NBDGW_SITE=plugin_site_dirs())
         log.info("nbdkit_starting", argv=argv[4:])
         self.child = ChildProcess(argv, name="nbdkit", env=env, pass_fds=fds,
