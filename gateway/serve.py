@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import signal
@@ -308,10 +309,28 @@ class NbdServer:
         self.child: ChildProcess | None = None  # a new one each start: new sockets
         self.addresses: list[Listen] = []
 
+    def _bind(self) -> list[tuple[Listen, socket.socket]]:
+        """Every listen address, bound.  For readers (``replicas_only``) an address this
+        host does not have is skipped: the service address is on the primary only."""
+        bound = []
+        for x in self.cfg.nbd.listen:
+            try:
+                bound.append((x, bind(x, self.cfg.nbd.allow)))
+            except OSError as e:
+                if not (self.replicas_only and e.errno == errno.EADDRNOTAVAIL):
+                    for _x, s in bound:
+                        s.close()
+                    raise
+                log.warning("nbd_address_skipped", listen=str(x), error=str(e),
+                            note="not an address of this node: readers use the others")
+        if not bound:
+            raise GatewayError("no address of nbd.listen is on this node")
+        return bound
+
     def start(self) -> None:
-        socks = [bind(x, self.cfg.nbd.allow) for x in self.cfg.nbd.listen]
-        self.addresses = [bound_address(x, s) for x, s in zip(self.cfg.nbd.listen, socks,
-                                                               strict=True)]
+        bound = self._bind()
+        socks = [s for _x, s in bound]
+        self.addresses = [bound_address(x, s) for x, s in bound]
         fds = [s.fileno() for s in socks]
         argv = [sys.executable, "-m", "gateway.sockact", ",".join(map(str, fds)),
                 *nbdkit_argv(self.cfg, None if self.discover else self.volumes,
