@@ -4,12 +4,13 @@ primary's writes.  Three real daemons (tests/integration/cluster.py), libnbd cli
 a replica snapshot read from the secondary's socket equals the primary's snapshot while
 the primary writes; the replica volume itself is refused there, with the reason; a clone
 on the secondary is writable; promoted, the secondary serves the volume writable on the
-same address."""
+same address; in the lab, a switchover moves the readers with the roles."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from blockstore.snapshot import read_index
+from tests.conftest import run_nbdgw
 from tests.integration.cluster import (
     SIZE,
     Node,
@@ -28,6 +30,10 @@ from tests.integration.cluster import (
     wait_for,
     write_pattern,
 )
+from tests.integration.conftest import addr as lab_addr
+from tests.integration.conftest import cfg as lab_cfg
+from tests.integration.conftest import run_client, switchover, up, wait_states
+from tests.integration.conftest import uri as lab_uri
 
 MiB = 1 << 20
 
@@ -204,3 +210,50 @@ def test_promoted_secondary_serves_the_volume_on_the_same_address(
     w.shutdown()
     dc.stop()
     dr.stop()
+
+
+PROBE = r"""
+import json, sys
+import nbd
+out = {}
+for uri in sys.argv[1:]:
+    h = nbd.NBD()
+    try:
+        h.connect_uri(uri)
+        out[uri] = "read-only" if h.is_read_only() else "writable"
+        h.shutdown()
+    except nbd.Error as e:
+        out[uri] = str(e)
+print(json.dumps(out))
+"""
+
+
+def probe(lab: dict[str, Any], *exports: tuple[str, str]) -> list[str]:
+    """How each (site, export) opens from the client namespace, at the site's own
+    address: read-only, writable, or the error."""
+    uris = [lab_uri(lab, export, host=lab_addr(lab, site)) for site, export in exports]
+    got = run_client(lab, PROBE, *uris)
+    return [str(got[u]) for u in uris]
+
+
+def probed(lab: dict[str, Any], want: list[str], *exports: tuple[str, str]) -> None:
+    deadline = time.monotonic() + 60
+    while (got := probe(lab, *exports)) != want:
+        assert time.monotonic() < deadline, f"{exports}: {got}, not {want}"
+        time.sleep(1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
+def test_a_switchover_moves_the_readers_with_the_roles(lab_dir: Path) -> None:
+    """Lab (automatic failover, one address per site, NBD on 0.0.0.0:10809): the
+    secondary's and DR's daemons serve replica snapshots on their own addresses; after a
+    switchover to dc, dc serves v1 writable there and main, demoted, serves readers."""
+    lab = up(lab_dir.parent)
+    run_nbdgw("-c", lab_cfg(lab, "main"), "snapshot", "create", "v1", "--name", "s1")
+    probed(lab, ["read-only", "read-only"], ("dc", "v1@s1"), ("dr", "v1@s1"))
+    refused = probe(lab, ("dc", "v1"))[0]  # no CDP window in the lab
+    assert "no export named" in refused, refused
+    switchover(lab, "main", "dc")
+    wait_states(lab, {"dc": "primary", "main": "standby"}, 30)
+    probed(lab, ["writable", "read-only", "read-only"], ("dc", "v1"), ("main", "v1@s1"),
+           ("dr", "v1@s1"))
