@@ -202,9 +202,11 @@ def test_promoted_secondary_serves_the_volume_on_the_same_address(
     reader = opened(dc, "v1@s1")
     reader.shutdown()
     main.stop()
+    t0 = time.monotonic()
     dc.nbdgw("promote", "--site", "dc", "--force")
     w = opened(dc, "v1", timeout=60)  # the reader's nbdkit gave way to the primary's
     assert not w.is_read_only()
+    print(f"promote to a writable v1 on dc's socket: {time.monotonic() - t0:.2f} s")
     w.pwrite(b"\x5a" * 4096, 0)
     w.flush()
     w.shutdown()
