@@ -1,6 +1,7 @@
 """The nbdkit a secondary's daemon runs for readers (gateway/serve.py, replicas_only):
-it takes neither the write lease nor the sync gate, and skips a listen address the node
-does not have (the service address lives on the primary)."""
+it takes neither the write lease nor the sync gate, asks clients for the same TLS as a
+primary's, and skips a listen address the node does not have (the service address lives
+on the primary)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def config(tmp_path: Path, listen: list[str], me: str = "dc", role: str = "secon
            peer: str = "main", peer_role: str = "primary") -> Any:
     peers = [{"name": peer, "role": peer_role, "address": "192.0.2.11", "mode": "sync",
               "sync_timeout": 2}]
+    tls = {"mode": "require", "psk_file": "/etc/nbdgw/tls.psk"}
     return parse_config({"version": 1, "node": {"name": me, "role": role},
-                         "peers": peers, "nbd": {"listen": listen},
+                         "peers": peers, "nbd": {"listen": listen, "tls": tls},
                          "peerlink": {"secret_file": "/etc/nbdgw/peer.secret"}}
                         ).with_overrides(data_dir=tmp_path)
 
@@ -33,6 +35,9 @@ def test_readers_take_no_lease_and_no_sync_gate(tmp_path: Path) -> None:
     reader = nbdkit_argv(cfg, None, replicas_only=True)
     assert "replicas_only=true" in reader and "-r" not in reader  # clones stay writable
     assert not [a for a in reader if a.startswith(("lease=", "sync_"))]
+    tls = ["--tls=require", "--tls-psk=/etc/nbdgw/tls.psk"]  # readers authenticate alike
+    assert [a for a in writer if a.startswith("--tls")] == tls
+    assert [a for a in reader if a.startswith("--tls")] == tls
 
 
 class FakeChild:
