@@ -70,6 +70,9 @@ POLICY_FILE = "policy.json"
 EXPORTS_FILE = "exports.json"
 RESTORE_FILE = "restore.json"  # a restore in progress (finished by the next open)
 RESTORE_EVENT = "cdp-restore"
+# FollowedPointView's point "as of the last committed batch" (a replica's current image):
+# the records through the last commit MARK, not a TIME mark.
+LATEST = "latest"
 MARK_EVERY_NS = 1_000_000_000  # a TIME mark before a write at most this long after the last
 HOUSEKEEP_EVERY = 1.0  # seconds between checks of the bases and the byte budget
 _CHUNK = 64 << 10  # record headers are read in chunks this large (a large record's
@@ -910,7 +913,7 @@ def _build(jdir: Path, base: Snapshot, point: Point, base_size: int) -> _Built:
                 body = _body(raw)
                 if body.get("event") == GROW_EVENT:
                     built.size = max(built.size, int(body["size"]))
-                found = seq == point.seq and body.get("event") == TIME_EVENT
+                found = seq == point.seq and body.get("event") in (TIME_EVENT, COMMIT_EVENT)
                 continue
             first = firsts[bisect.bisect_right(firsts, seq) - 1]
             if first not in opened:
@@ -1048,15 +1051,16 @@ class FollowedPointView:
             raise
 
     def _open(self, vol_path: Path, follower: SnapshotFollower, text: str) -> None:
-        kind, value = parse_point(text)
+        kind, value = (LATEST, 0) if text == LATEST else parse_point(text)
         for _attempt in range(3):  # a base dropped between the choice and the pin: again
             follower.refresh()
             index = follower.index
             if not index.order:
                 raise CdpError(f"{self.name}: the replica holds no history yet")
             floor = index.snaps[index.order[0]].mark_seq
-            pts = points(vol_path, floor + 1, True)
-            point = resolve(pts, kind, value, floor)
+            pts, last = points_from(vol_path, floor + 1, True)
+            point = (Point(max(last, floor), pts[-1].t if pts else 0, False)
+                     if kind == LATEST else resolve(pts, kind, value, floor))
             base = None
             for sid in index.order:
                 if index.snaps[sid].mark_seq <= point.seq:

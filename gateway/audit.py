@@ -68,6 +68,7 @@ DAEMON_ACTIONS: Final = frozenset({"promote", "switchover", "resolve"})
 CLIENT_ACTIONS: Final = frozenset({
     "volume create", "volume delete", "volume grow", "volume repair",
     "snapshot create", "snapshot delete", "snapshot rollback",
+    "clone create", "clone delete", "cdp export", "cdp unexport", "cdp restore",
     "peer pause", "peer resume", "peer disconnect", "peer connect", "resync"})
 OUTCOMES: Final = ("done", "refused", "error")
 CHAIN_FIELDS: Final = ("seq", "prev", "hash")
@@ -464,7 +465,12 @@ def action(data_dir: Path, name: str, args: dict[str, Any]) -> Iterator[list[str
 
 def audited(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Decorator for a CLI command taking ``obj`` (the CLI context) and ``data_dir``:
-    the command runs inside ``action(...)`` with its options as the recorded args."""
+    the command runs inside ``action(...)`` with its options as the recorded args.
+    ``name`` must be a CLIENT_ACTIONS entry, or the daemon refuses to record it (and the
+    command fails after it was done): checked here, at import."""
+    if name not in CLIENT_ACTIONS:
+        raise ValueError(f"audited({name!r}): not in audit.CLIENT_ACTIONS")
+
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(fn)
         def run(obj: Any, *a: Any, **kw: Any) -> None:

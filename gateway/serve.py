@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import signal
@@ -214,8 +215,10 @@ def lease_path(data_dir: Path) -> Path:
 
 
 def nbdkit_argv(cfg: NodeConfig, volumes: list[str] | None,
-                all_readonly: bool = False) -> list[str]:
-    """``volumes`` None: serve every primary volume of data_dir, those created later too."""
+                all_readonly: bool = False, replicas_only: bool = False) -> list[str]:
+    """``volumes`` None: serve every primary volume of data_dir, those created later too.
+    ``replicas_only``: a secondary's nbdkit for readers (nbd_plugin Params.replicas_only):
+    it writes no volume, so it takes neither the lease nor the sync gate."""
     argv = ["nbdkit", "--exit-with-parent"]
     tls = cfg.nbd.tls
     if tls.mode is not TlsMode.OFF:
@@ -231,11 +234,14 @@ def nbdkit_argv(cfg: NodeConfig, volumes: list[str] | None,
     argv += ["python", str(PLUGIN_PATH), f"data_dir={cfg.data_dir}",
              f"al_slots={cfg.al_extents}", f"journal_max_bytes={cfg.journal.max_bytes}",
              f"segment_bytes={cfg.journal.segment_bytes}"]
-    if cfg.failover.auto and cfg.peers and not all_readonly:
+    writes_volumes = not (all_readonly or replicas_only)
+    if replicas_only:
+        argv.append("replicas_only=true")
+    if cfg.failover.auto and cfg.peers and writes_volumes:
         # Writes need the daemon's lease (nbd_plugin/lease.py; the node core sets it).
         argv += [f"lease={lease_path(cfg.data_dir)}"]
     timeout = sync_timeout(cfg)
-    if timeout is not None and not all_readonly:
+    if timeout is not None and writes_volumes:
         # Every write waits for the sync peers' acks (nbd_plugin/syncgate.py).
         argv += [f"sync_socket={gate_path(cfg.data_dir)}", f"sync_timeout={timeout:g}",
                  f"sync_auto_degrade={'false' if has_failover_core(cfg) else 'true'}",
@@ -292,24 +298,43 @@ class NbdServer:
     """One nbdkit process serving the node's volumes on every listen address."""
 
     def __init__(self, cfg: NodeConfig, volumes: list[str], all_readonly: bool = False,
-                 discover: bool = False) -> None:
+                 discover: bool = False, replicas_only: bool = False) -> None:
         """``volumes``: those served now; ``discover``: also serve volumes created (or
-        promoted) in data_dir while it runs."""
+        promoted) in data_dir while it runs; ``replicas_only``: see nbdkit_argv."""
         self.cfg = cfg
         self.volumes = volumes
         self.all_readonly = all_readonly
         self.discover = discover
+        self.replicas_only = replicas_only
         self.child: ChildProcess | None = None  # a new one each start: new sockets
         self.addresses: list[Listen] = []
 
+    def _bind(self) -> list[tuple[Listen, socket.socket]]:
+        """Every listen address, bound.  For readers (``replicas_only``) an address this
+        host does not have is skipped: the service address is on the primary only."""
+        bound = []
+        for x in self.cfg.nbd.listen:
+            try:
+                bound.append((x, bind(x, self.cfg.nbd.allow)))
+            except OSError as e:
+                if not (self.replicas_only and e.errno == errno.EADDRNOTAVAIL):
+                    for _x, s in bound:
+                        s.close()
+                    raise
+                log.warning("nbd_address_skipped", listen=str(x), error=str(e),
+                            note="not an address of this node: readers use the others")
+        if not bound:
+            raise GatewayError("no address of nbd.listen is on this node")
+        return bound
+
     def start(self) -> None:
-        socks = [bind(x, self.cfg.nbd.allow) for x in self.cfg.nbd.listen]
-        self.addresses = [bound_address(x, s) for x, s in zip(self.cfg.nbd.listen, socks,
-                                                               strict=True)]
+        bound = self._bind()
+        socks = [s for _x, s in bound]
+        self.addresses = [bound_address(x, s) for x, s in bound]
         fds = [s.fileno() for s in socks]
         argv = [sys.executable, "-m", "gateway.sockact", ",".join(map(str, fds)),
                 *nbdkit_argv(self.cfg, None if self.discover else self.volumes,
-                             self.all_readonly)]
+                             self.all_readonly, self.replicas_only)]
         env = dict(os.environ, NBDGW_SITE=plugin_site_dirs())
         log.info("nbdkit_starting", argv=argv[4:])
         self.child = ChildProcess(argv, name="nbdkit", env=env, pass_fds=fds,

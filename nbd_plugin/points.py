@@ -1,6 +1,7 @@
 """CDP point exports (``VOLUME@seq-N``, ``VOLUME@2026-12-02T10:15:03Z``): read-only views
 of a volume as of a point of its history (blockstore/cdp.py, DESIGN.md "CDP"), of a
-volume this process serves or of a replica its receiver writes in another process.
+volume this process serves or of a replica its receiver writes in another process; and
+``REPLICA`` itself, as of its last committed batch (``open_replica_current``).
 
 A point is served only once `nbdgw cdp export` named it (the volume's cdp/exports.json),
 and a snapshot of the same name wins.  Each connection opens its own view: it pins the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from blockstore.cdp import (
+    LATEST,
     CdpError,
     FollowedPointView,
     PointView,
@@ -76,6 +78,24 @@ def open_replica_point(info: VolumeInfo, point: str) -> Handle:
     return Handle(view, True, lock=threading.Lock())
 
 
+def open_replica_current(info: VolumeInfo) -> Handle:
+    """Export ``REPLICA`` itself: the replica as of its last committed batch when the
+    client connects, read-only, that state for the whole connection (a point view at the
+    batch's commit MARK).  The live store is never read as it stands: the receiver may be
+    halfway through a batch.  Without a CDP window there is no base to read that state
+    through, so the open is refused, saying what is served instead."""
+    if read_policy(info.path) is None:
+        raise FileNotFoundError(
+            f"volume {info.name} is a replica: it is served read-only as of its last "
+            "applied batch only with a CDP window on this node (cdp: in its config); "
+            f"its snapshots are: {info.name}@SNAPSHOT, read-only")
+    try:
+        view = ReplicaPointView(info.path, info.name, info.size, LATEST)
+    except (CdpError, BlockstoreError, OSError) as e:
+        raise FileNotFoundError(f"replica {info.name}: {e}") from None
+    return Handle(view, True, lock=threading.Lock())
+
+
 def open_replica_point_export(info: VolumeInfo, export: str) -> Handle:
     _exported(info, export)
     return open_replica_point(info, export.partition("@")[2])
@@ -103,5 +123,7 @@ def replica_point_exports(info: VolumeInfo) -> list[tuple[str, str]]:
     """The point exports of replica ``info`` for NBD's export list."""
     if read_policy(info.path) is None:
         return []
-    return [(e, f"nbdgw point {e.partition('@')[2]} of replica {info.name}, read-only")
-            for e in read_exports(info.path)]
+    return [(info.name, f"nbdgw replica {info.name} as of its last applied batch when "
+             "opened, read-only")] + [
+        (e, f"nbdgw point {e.partition('@')[2]} of replica {info.name}, read-only")
+        for e in read_exports(info.path)]

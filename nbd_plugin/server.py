@@ -45,6 +45,7 @@ from .points import (
     is_point_export,
     open_point_export,
     open_point_handle,
+    open_replica_current,
     open_replica_point,
     open_replica_point_export,
     point_exports,
@@ -82,10 +83,14 @@ class Params:
     sync_peers: tuple[str, ...] = ()  # the sync peers (to read their outdating)
     lease: Path | None = None
     default_export: str = ""  # the volume a client that names none gets ("": refused)
+    # A secondary's or DR node's nbdkit (the daemon's, for readers): no volume of its own
+    # is opened, even one promoted or left primary here; replicas' snapshots, points and
+    # current image read-only, and clones, are served.
+    replicas_only: bool = False
 
     KEYS = ("data_dir", "volume", "readonly", "al_slots", "journal_max_bytes", "segment_bytes",
             "all_readonly", "sync_socket", "sync_timeout", "sync_auto_degrade", "sync_peers",
-            "lease", "default_export")
+            "lease", "default_export", "replicas_only")
 
     def set(self, key: str, value: str) -> None:
         try:
@@ -133,6 +138,7 @@ _SCALARS: dict[str, Callable[[str], object]] = {
     "sync_peers": lambda v: tuple(validate_name(p) for p in v.split(",") if p),
     "lease": Path,
     "default_export": validate_name,
+    "replicas_only": _boolean,
 }
 
 
@@ -150,7 +156,10 @@ class ReplicaSnapshotView(FollowedSnapshotView):
 
 
 _REPLICA = ("volume {name} is a replica: it is written by peerlink and cannot be served "
-            "until promoted (its snapshots are: {name}@SNAPSHOT, read-only)")
+            "writable until promoted (read-only: {name}@SNAPSHOT, and {name} as of its "
+            "last applied batch with a CDP window)")
+_NOT_PRIMARY = ("volume {name} is not served by this node: it is not the primary here "
+                "(this node serves its replicas' snapshots, points and clones)")
 
 
 def served_names(served: list[tuple[str, Volume]]) -> set[str]:
@@ -179,7 +188,9 @@ class Server:
         # No volume named: serve every primary volume of data_dir, also those created
         # while this process runs (opened when first asked for or listed).
         self.discover = not params.volumes
-        self.members = threading.Lock()  # adding and withdrawing volumes (not I/O)
+        # Adding and withdrawing volumes, opening clones and replica followers (not I/O).
+        # Reentrant: a clone of a replica snapshot opens its base (a follower) under it.
+        self.members = threading.RLock()
         self.in_use: dict[str, int] = {}  # volume -> open handles (NBD and FUSE)
         self.fuse: list[Attachment] = []  # exports mounted for the bridge (fusefile.py)
         # Replicas: their receiver holds them; their snapshots are read here through a
@@ -199,7 +210,7 @@ class Server:
             [] if params.volumes else self._primaries())
         for name in names:
             self._add(name, quiet=False)
-        if not self.volumes and not self.discover and not self.replica_names:
+        if not (self.volumes or self.discover or self.replica_names or params.replicas_only):
             detail = "; ".join(f"{n}: {m}" for n, m in self.failed.items())
             raise PluginError("no volume can be served" + (f" ({detail})" if detail else ""))
         self.control.start()
@@ -208,6 +219,8 @@ class Server:
 
     def _primaries(self) -> list[str]:
         assert self.params.data_dir is not None
+        if self.params.replicas_only:
+            return []
         return [v.name for v in list_volumes(self.params.data_dir) if not is_replica(v)]
 
     def _replica(self, name: str) -> VolumeInfo | None:
@@ -218,6 +231,13 @@ class Server:
         except (BlockstoreError, OSError):
             return None
         return info if is_replica(info) else None
+
+    def _followed(self, name: str) -> VolumeInfo | None:
+        """Replica ``name``'s info when this process serves its snapshots, points and
+        current image (named, or any replica with no volume named), else None."""
+        if not (self.discover or name in self.replica_names):
+            return None
+        return self._replica(name)
 
     def _replicas(self) -> list[VolumeInfo]:
         """The replicas whose snapshots this process serves: those named, or with no
@@ -238,6 +258,8 @@ class Server:
             try:
                 if self._replica(name):  # held by its receiver: do not even try
                     raise InvalidArgument(_REPLICA.format(name=name))
+                if p.replicas_only:
+                    raise InvalidArgument(_NOT_PRIMARY.format(name=name))
                 vol = Volume.open(p.data_dir, name, readonly=ro, al_slots=p.al_slots,
                                   journal_max_bytes=p.journal_max_bytes,
                                   segment_bytes=p.segment_bytes)
@@ -359,6 +381,8 @@ class Server:
             raise FileNotFoundError(f"name the volume to connect to (nbd://HOST/VOLUME); "
                                     f"exports: {exports}")
         vol = self.volumes.get(name)
+        if vol is None and (replica := self._followed(name)) is not None:
+            return open_replica_current(replica)  # as of its last batch, read-only
         if vol is None and self.discover and self._exists(name):
             vol = self._add(name)  # created (or promoted) after this process started
         if vol is None and self.params.data_dir is not None:
@@ -384,10 +408,9 @@ class Server:
         """Whether ``export`` names a CDP point of a replica this process serves the
         snapshots of (a snapshot of the same name wins)."""
         volume, _, point = export.partition("@")
-        if not is_point_name(point) or not (
-                self.discover or volume in self.replica_names):
+        if not is_point_name(point):
             return False
-        info = self._replica(volume)
+        info = self._followed(volume)
         if info is None:
             return False
         try:
@@ -400,7 +423,7 @@ class Server:
         volume, _, snap = export.partition("@")
         vol = self.volumes.get(volume)
         if vol is None:
-            if (self.discover or volume in self.replica_names) and self._replica(volume):
+            if self._followed(volume) is not None:
                 return self._open_replica_snapshot(volume, snap, export)
             raise FileNotFoundError(f"no export named {export!r} (volume {volume} is not "
                                     "served here)")

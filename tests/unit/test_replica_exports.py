@@ -1,6 +1,7 @@
 """nbd_plugin.server on a replica's node: the replica's snapshots are listed and opened
 read-only (REPLICA@SNAP) while another open of the replica (its receiver) holds it and
-applies batches; the replica itself is not served; writes are refused."""
+applies batches; the replica itself is served read-only as of its last applied batch
+with a CDP window, not at all without one; writes are refused."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
+from blockstore.cdp import CdpPolicy, FollowedPointView, write_policy
+from blockstore.clone import create_clone
 from blockstore.marks import SNAP_EVENT
 from blockstore.record import Op
 from blockstore.snapshot import FollowedSnapshotView
@@ -158,6 +162,80 @@ def test_replica_snapshot_reads_yield_the_cpu_and_leave_atime(tmp_path: Path,
         assert done == [READER_NICE]
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < READER_NICE
         assert store.stat().st_atime_ns == old
+        s.close_handle(h)
+    finally:
+        s.close()
+
+
+def whole(h: Any) -> bytes:
+    buf = bytearray(SIZE)
+    with h.lock:
+        h.vol.read_into(buf, 0)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("replicas_only", [False, True])
+def test_the_replica_itself_is_served_as_of_its_last_applied_batch(
+        tmp_path: Path, replicas_only: bool) -> None:
+    """With a CDP window: ``r2`` reads the records of every batch committed when it was
+    opened (those after the batch's last TIME mark too: there is none here), and keeps
+    that state while the receiver applies the next; writes are refused."""
+    info = create_volume(tmp_path, "r2", SIZE, replica=True)
+    write_policy(info.path, CdpPolicy(3600, 1 << 30))
+    r = Volume.open(tmp_path, "r2")
+    r.set_consistent(True)
+    p = Params(data_dir=tmp_path, replicas_only=replicas_only)
+    s = Server(p)
+    try:
+        r.apply_batch(1, 2, [write(0, 1, SIZE), write(MiB, 2)])
+        assert "r2" in [n for n, _d in s.list_exports()]
+        h = s.open("r2", False)
+        assert h.readonly and isinstance(h.vol, FollowedPointView)
+        r.apply_batch(3, 3, [write(0, 3)])  # after the open: not in that connection's view
+        want = bytearray([1]) * SIZE
+        want[MiB:MiB + 64 * 1024] = bytes([2]) * (64 * 1024)
+        assert whole(h) == want
+        with pytest.raises(PermissionError):
+            h.writable.write(b"x", 0)
+        s.close_handle(h)
+        h = s.open("r2", True)
+        want[:64 * 1024] = bytes([3]) * (64 * 1024)
+        assert whole(h) == want
+        s.close_handle(h)
+    finally:
+        s.close()
+        r.close()
+
+
+def test_a_replicas_only_server_never_serves_a_volume_of_its_own(tmp_path: Path) -> None:
+    create_volume(tmp_path, "p1", SIZE)
+    s = Server(Params(data_dir=tmp_path, replicas_only=True))
+    try:
+        assert "p1" not in [n for n, _d in s.list_exports()]
+        with pytest.raises(FileNotFoundError, match="p1 is not served by this node"):
+            s.open("p1", False)
+    finally:
+        s.close()
+
+
+def test_a_clone_of_a_replica_snapshot_opens(tmp_path: Path, receiver: Volume) -> None:
+    """The clone opens its base (the replica's follower) under the server's members
+    lock, which it already holds: a non-reentrant lock hung that open for ever."""
+    create_clone(tmp_path, "c1", "r1", "s1", SIZE)
+    s = server(tmp_path)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(s.open("c1", False)), daemon=True)
+    t.start()
+    t.join(10)
+    try:
+        assert got, "opening a clone of a replica snapshot did not return in 10 s"
+        h = got[0]
+        assert not h.readonly
+        h.writable.write(b"\xab" * 4096, 0)
+        buf = bytearray(8192)
+        with h.lock:
+            h.vol.read_into(buf, 0)
+        assert bytes(buf) == b"\xab" * 4096 + b"\x01" * 4096  # r1@s1 holds 0x01 there
         s.close_handle(h)
     finally:
         s.close()
