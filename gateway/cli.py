@@ -658,6 +658,31 @@ def fleet_events(obj: Ctx, follow: bool, since: int | None, as_json: bool) -> No
         raise GatewayError(f"fleet events: {e}") from None
 
 
+@fleet.command("place")
+@click.argument("group")
+@click.option("--primary", required=True, help="The node that should be the primary.")
+@click.option("--replicas", default="", help="The other nodes, comma-separated.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds the primary may take to drain.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@click.pass_obj
+def fleet_place(obj: Ctx, group: str, primary: str, replicas: str, timeout: float,
+                as_json: bool) -> None:
+    """Record where GROUP should run and move its primary there (a switchover asked
+    through etcd).  Adding or removing a node is a config change on that node: this
+    says which, and exits 2 while one is needed."""
+    from .etcdclient import EtcdUnavailable
+    from .fleet import place, render_place
+
+    try:
+        report = place(obj.config(), group, primary,
+                       [r for r in replicas.split(",") if r], timeout)
+    except EtcdUnavailable as e:
+        raise GatewayError(f"fleet place: {e}") from None
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(render_place(report)))
+    sys.exit(2 if report["add_to_config"] or report["remove_from_config"] else 0)
+
+
 @cli.group(cls=Group)
 def lab() -> None:
     """A three-site lab in network namespaces: primary main, secondary dc, DR dr (or

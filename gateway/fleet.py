@@ -10,14 +10,18 @@ consistent, the epoch of its data).  Needs ``coordinator.kind: etcd`` in the con
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from nbdgw_common.errors import GatewayError
+
 from .config import NodeConfig
 from .errors import ConfigError
 from .etcdclient import EtcdClient, EtcdUnavailable, Tls, b64, prefix_end, unb64
-from .etcdcore import KV, group_prefix, groups_prefix, parse_group
+from .etcdcore import KV, Cmp, GroupView, Put, Txn, group_prefix, groups_prefix, parse_group
 
 
 def client_of(cfg: NodeConfig) -> EtcdClient:
@@ -324,3 +328,100 @@ def render_event(e: FleetEvent | Compacted) -> str:
         return (f"etcd compacted its history before revision {e.revision}: older events "
                 "are gone; from there on")
     return f"revision {e.revision} group {e.group}: {e.text}"
+
+
+# -- `nbdgw fleet place`: where a group runs ---------------------------------------------
+
+PLACE_POLL: Final = 0.5  # s between reads while the switchover is under way
+
+
+class PlaceError(GatewayError):
+    """The placement was not recorded, or the switchover was refused or did not end."""
+
+
+def place(cfg: NodeConfig, group: str, primary: str, replicas: Sequence[str],
+          timeout: float) -> dict[str, Any]:
+    """Record the desired placement (``placement``, compared on the revision read),
+    move the primary by a switchover asked through etcd, and say which node configs
+    must change: etcd cannot start or stop a group on a node (its config does)."""
+    client = client_of(cfg)
+    keys = group_prefix(cfg.coordinator.prefix, group)
+    revision, kvs = client.get_prefix(keys)
+    view = parse_group(keys, revision, kvs)
+    value = json.dumps({"primary": primary, "replicas": sorted(replicas),
+                        "by": socket.gethostname(), "at": int(time.time())}, sort_keys=True)
+    ok, rev, _ = client.txn(Txn((compare_as_read(keys + "placement", kvs),),
+                                (Put(keys + "placement", value),), keys), 0)
+    if not ok:
+        raise PlaceError(f"the placement of {group} changed since revision {revision}: "
+                         "run again")
+    report: dict[str, Any] = {"group": group, "placement_revision": rev,
+                              "primary": primary, "replicas": sorted(replicas),
+                              **config_changes(view, primary, replicas)}
+    report["switchover"] = switch_primary(client, keys, kvs, view, primary, timeout)
+    return report
+
+
+def compare_as_read(key: str, kvs: Sequence[KV]) -> Cmp:
+    """``key`` is as read: the same mod_revision, or still absent."""
+    kv = next((kv for kv in kvs if kv.key == key), None)
+    return Cmp(key, "create", 0) if kv is None else Cmp(key, "mod", kv.mod_revision)
+
+
+def config_changes(view: GroupView, primary: str, replicas: Sequence[str]) -> dict[str, Any]:
+    """Which nodes must get the group in their config, and which must drop it, from the
+    members that run it now (their live records; a witness holds no data: left out)."""
+    running = {m for m, d in view.members.items() if d.get("role") != "witness"}
+    wanted = {primary, *replicas}
+    return {"known": view.state.mod_revision != 0,
+            "add_to_config": sorted(wanted - running),
+            "remove_from_config": sorted(running - wanted)}
+
+
+def switch_primary(client: EtcdClient, keys: str, kvs: Sequence[KV], view: GroupView,
+                   to: str, timeout: float) -> str:
+    """Ask the group's primary, through etcd, to switch over to ``to``, and wait until
+    ``to`` holds ``primary`` (or the ask is refused, or ``timeout`` + 60 s pass)."""
+    p = view.primary
+    if p is None:
+        return ("none: the group has no primary now" if view.state.mod_revision else
+                "none: no node runs the group yet")
+    if p.node == to:
+        return f"none: {to} is the primary already"
+    if view.ask is not None and view.ask.answer is None:
+        raise PlaceError(f"a switchover to {view.ask.to} is asked of {view.ask.frm} and not "
+                         "answered yet")
+    ask = json.dumps({"to": to, "from": p.node, "timeout": timeout,
+                      "by": socket.gethostname()}, sort_keys=True)
+    ok, _, _ = client.txn(Txn((Cmp(keys + "primary", "mod", p.mod_revision),
+                               compare_as_read(keys + "switchover", kvs)),
+                              (Put(keys + "switchover", ask),), keys), 0)
+    if not ok:
+        raise PlaceError(f"the group changed since revision {view.revision} (its primary "
+                         "or a switchover): run again")
+    deadline = time.monotonic() + timeout + 60
+    while time.monotonic() < deadline:
+        time.sleep(PLACE_POLL)
+        now = parse_group(keys, *client.get_prefix(keys))
+        if now.primary is not None and now.primary.node == to:
+            return f"{p.node} -> {to} on epoch {now.primary.epoch}"
+        answer = now.ask.answer if now.ask is not None else None
+        if answer is not None and answer.startswith("refused"):
+            raise PlaceError(f"switchover {p.node} -> {to} {answer}")
+    raise PlaceError(f"switchover {p.node} -> {to}: {to} did not take the primary key "
+                     f"within {timeout + 60:.0f} s (see 'nbdgw fleet events')")
+
+
+def render_place(r: dict[str, Any]) -> list[str]:
+    lines = [f"placement of {r['group']} recorded at revision {r['placement_revision']}: "
+             f"primary {r['primary']}, replicas {', '.join(r['replicas']) or 'none'}",
+             f"switchover: {r['switchover']}"]
+    if not r["known"]:
+        lines.append(f"no node runs {r['group']}: etcd cannot start it")
+    for node in r["add_to_config"]:
+        lines.append(f"config needed: add group {r['group']} to {node}'s config and reload "
+                     "it")
+    for node in r["remove_from_config"]:
+        lines.append(f"config needed: remove group {r['group']} from {node}'s config and "
+                     "reload it")
+    return lines
