@@ -6,6 +6,7 @@ and followed as it happens."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import subprocess
@@ -20,7 +21,9 @@ from gateway.etcdclient import EtcdClient
 from gateway.etcdcore import Cmp, Delete, Put, Txn, parse_group
 from gateway.fleet import PlaceError, switch_primary
 from tests.conftest import NBDGW, run_nbdgw
+from tests.integration.conftest import check_blocks, node, up, wait_states
 from tests.integration.test_etcd_client import etcd_member
+from tests.integration.test_etcd_failover import last_flush, writer
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd-server is not installed (make setup)")
@@ -209,3 +212,35 @@ def test_an_ask_on_a_stale_read_is_refused_by_the_transaction(etcd: str) -> None
     with pytest.raises(PlaceError, match=f"the group changed since revision {revision}"):
         switch_primary(c, G, kvs, parse_group(G, revision, kvs), "b", 5)
     assert c.get_prefix(G + "switchover")[1] == ()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (netns)")
+def test_place_switches_the_lab_over_from_another_node(lab_dir: Path) -> None:
+    """`nbdgw fleet place` run on the DR site (not the primary): main drains and hands
+    the key to dc, which serves every acknowledged write; `fleet events` tells it."""
+    lab = up(lab_dir.parent, "--coordinator", "etcd", "--mode", "sync")
+    group = lab["etcd"]["group"]
+    w = writer(lab)
+    time.sleep(1.0)
+    dr = node(lab, "dr")
+    deadline = time.monotonic() + 30
+    while True:  # asked again while dc is not yet streaming (conftest's switchover too)
+        p = subprocess.run(["ip", "netns", "exec", dr["netns"], NBDGW, "-c", dr["config"],
+                            "fleet", "place", group, "--primary", "dc", "--replicas",
+                            "main,dr"], capture_output=True, text=True, timeout=180,
+                           check=False)
+        if p.returncode == 0 or "not streaming every volume" not in p.stderr \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "switchover: main -> dc on epoch 1" in p.stdout, p.stdout
+    flushed, _, _ = last_flush(w, 30)  # its connection died with main's nbdkit
+    wait_states(lab, {"dc": "primary", "main": "standby"}, 20)
+    assert check_blocks(lab, flushed, time.time())["bad"] == []
+    out = subprocess.run(["ip", "netns", "exec", dr["netns"], NBDGW, "-c", dr["config"],
+                          "fleet", "events", "--json"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    whats = [(e.get("what"), e.get("node")) for e in map(json.loads, out.splitlines())]
+    assert whats.index(("handed_over", "main")) < whats.index(("taken", "dc")), whats
+    assert ("switchover_answered", "dc") in whats, whats
