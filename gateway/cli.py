@@ -670,7 +670,8 @@ def fleet_place(obj: Ctx, group: str, primary: str, replicas: str, timeout: floa
                 as_json: bool) -> None:
     """Record where GROUP should run and move its primary there (a switchover asked
     through etcd).  Adding or removing a node is a config change on that node: this
-    says which, and exits 2 while one is needed."""
+    says which, and exits 2 while one is needed (or while the group has no primary to
+    move)."""
     from .etcdclient import EtcdUnavailable
     from .fleet import place, render_place
 
@@ -680,7 +681,8 @@ def fleet_place(obj: Ctx, group: str, primary: str, replicas: str, timeout: floa
     except EtcdUnavailable as e:
         raise GatewayError(f"fleet place: {e}") from None
     click.echo(json.dumps(report, indent=2) if as_json else "\n".join(render_place(report)))
-    sys.exit(2 if report["add_to_config"] or report["remove_from_config"] else 0)
+    needed = report["add_to_config"] or report["remove_from_config"]
+    sys.exit(0 if report["placed"] and not needed else 2)
 
 
 @cli.group(cls=Group)

@@ -239,11 +239,14 @@ class Handover:
 
 @dataclass(frozen=True)
 class SwitchoverAsk:
-    """``switchover`` = {to, from, timeout, answer}: `nbdgw fleet place` asks the
-    primary ``frm`` through etcd to switch over to ``to``; ``answer`` is the primary's."""
+    """``switchover`` = {to, from, epoch, timeout, answer}: `nbdgw fleet place` asks
+    the primary ``frm`` of ``epoch`` through etcd to switch over to ``to``; ``answer`` is
+    the primary's.  An ask of another epoch is void (its primary was gone before it
+    answered: the node, primary again later, must not act on it)."""
 
     to: str
     frm: str
+    epoch: int
     timeout: float
     answer: str | None
     mod_revision: int
@@ -291,7 +294,7 @@ def parse_group(keys: str, revision: int, kvs: tuple[KV, ...]) -> GroupView:
             members[name[len("members/"):]] = v
         elif name == "switchover":
             ask = SwitchoverAsk(str(v.get("to", "?")), str(v.get("from", "?")),
-                                float(v.get("timeout", 30)),
+                                int(v.get("epoch", 0)), float(v.get("timeout", 30)),
                                 None if v.get("answer") is None else str(v["answer"]),
                                 kv.mod_revision)
     return GroupView(revision, primary, state, handover, members, ask)
@@ -1082,14 +1085,15 @@ class EtcdCore(CoreBase):
         """A ``switchover`` key names this primary and is not answered yet: answer it
         (comparing the key as read, and this node's ``primary``), then, accepted, drain as
         for `nbdgw switchover` (its answer goes nowhere: the asker watches etcd)."""
-        a = self.view.ask
-        if a is None or a.answer is not None or a.frm != self.cfg.me or self._txn_busy() \
-                or self.now < self.txn_after or not self._holds_key():
+        a, p = self.view.ask, self.view.primary
+        if a is None or a.answer is not None or a.frm != self.cfg.me or p is None \
+                or a.epoch != p.epoch or self._txn_busy() or self.now < self.txn_after \
+                or not self._holds_key():
             return
         why = self._switchover_refusal(a.to)
         answer = f"refused: {why}" if why else f"accepted: {self.cfg.me} drains"
-        value = json.dumps({"to": a.to, "from": a.frm, "timeout": a.timeout,
-                            "answer": answer}, sort_keys=True)
+        value = json.dumps({"to": a.to, "from": a.frm, "epoch": a.epoch,
+                            "timeout": a.timeout, "answer": answer}, sort_keys=True)
         self._txn("ask", [Cmp(self._key("switchover"), "mod", a.mod_revision),
                           Cmp(self._key("primary"), "mod", self._primary_rev())],
                   [Put(self._key("switchover"), value)], (a, why is None))

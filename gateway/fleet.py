@@ -359,6 +359,7 @@ def place(cfg: NodeConfig, group: str, primary: str, replicas: Sequence[str],
                               "primary": primary, "replicas": sorted(replicas),
                               **config_changes(view, primary, replicas)}
     report["switchover"] = switch_primary(client, keys, kvs, view, primary, timeout)
+    report["placed"] = not report["switchover"].startswith("none: no")
     return report
 
 
@@ -381,17 +382,18 @@ def config_changes(view: GroupView, primary: str, replicas: Sequence[str]) -> di
 def switch_primary(client: EtcdClient, keys: str, kvs: Sequence[KV], view: GroupView,
                    to: str, timeout: float) -> str:
     """Ask the group's primary, through etcd, to switch over to ``to``, and wait until
-    ``to`` holds ``primary`` (or the ask is refused, or ``timeout`` + 60 s pass)."""
+    ``to`` holds ``primary`` (or the ask is refused, or ``timeout`` + 60 s pass).  What
+    it did, "none: no ..." when there was no primary to move."""
     p = view.primary
     if p is None:
         return ("none: the group has no primary now" if view.state.mod_revision else
                 "none: no node runs the group yet")
     if p.node == to:
         return f"none: {to} is the primary already"
-    if view.ask is not None and view.ask.answer is None:
-        raise PlaceError(f"a switchover to {view.ask.to} is asked of {view.ask.frm} and not "
-                         "answered yet")
-    ask = json.dumps({"to": to, "from": p.node, "timeout": timeout,
+    a = view.ask
+    if a is not None and a.answer is None and (a.frm, a.epoch) == (p.node, p.epoch):
+        raise PlaceError(f"a switchover to {a.to} is asked of {a.frm} and not answered yet")
+    ask = json.dumps({"to": to, "from": p.node, "epoch": p.epoch, "timeout": timeout,
                       "by": socket.gethostname()}, sort_keys=True)
     ok, _, _ = client.txn(Txn((Cmp(keys + "primary", "mod", p.mod_revision),
                                compare_as_read(keys + "switchover", kvs)),

@@ -16,10 +16,12 @@ from tests.unit.test_etcdcore_model import formed, primary, until
 G = "/nbdgw/groups/g/"
 
 
-def ask(sim: EtcdSim, to: str, frm: str = "main") -> bool:
+def ask(sim: EtcdSim, to: str, frm: str = "main", epoch: int | None = None) -> bool:
     """What `fleet place` writes: compare ``primary`` as read, the key absent."""
     p = sim.store.kv[G + "primary"]
-    value = json.dumps({"to": to, "from": frm, "timeout": 5, "by": "admin"})
+    held = json.loads(p.value)["epoch"]
+    value = json.dumps({"to": to, "from": frm, "epoch": held if epoch is None else epoch,
+                        "timeout": 5, "by": "admin"})
     t = Txn((Cmp(G + "primary", "mod", p.mod_revision), Cmp(G + "switchover", "create", 0)),
             (Put(G + "switchover", value),), G)
     return sim.store.apply(sim.t, {"op": "txn", "txn": t}, 0).succeeded
@@ -52,6 +54,17 @@ def test_an_ask_for_a_witness_is_answered_refused_and_nothing_moves() -> None:
 def test_an_ask_of_a_node_that_is_not_the_primary_is_not_answered() -> None:
     sim = formed(seed=7, topology="dr")
     assert ask(sim, "main", frm="dc")
+    sim.advance(sim.t + 5.0)
+    assert answer(sim) is None and primary(sim) == "main"
+
+
+def test_an_ask_of_another_epoch_is_void() -> None:
+    """Asked of main on an epoch it no longer holds (it was gone before it answered, and
+    primary again later): main must not act on it."""
+    sim = formed(seed=8, topology="dr")
+    sim.advance(sim.t + 2.0)
+    held = json.loads(sim.store.kv[G + "primary"].value)["epoch"]
+    assert ask(sim, "dc", epoch=held + 1)
     sim.advance(sim.t + 5.0)
     assert answer(sim) is None and primary(sim) == "main"
 
