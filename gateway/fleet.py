@@ -5,6 +5,12 @@ one revision) and, for each group's holder, how long its lease has left.  Per gr
 primary (node, epoch, lease, seconds left), the epoch last taken and last served, the
 outdated marks, a pending handover, and what each member says of itself (state,
 consistent, the epoch of its data).  Needs ``coordinator.kind: etcd`` in the config.
+
+`nbdgw fleet events`: what changed, derived from etcd's history (a watch of the groups
+from a revision; ``derive_events`` is pure).  `nbdgw fleet place`: the desired placement
+recorded in etcd, the primary moved by a switchover asked through etcd (the group's
+primary answers it: gateway/etcdcore.py), and the config changes etcd cannot make named.
+Every write is one transaction comparing what was read.
 """
 
 from __future__ import annotations
