@@ -639,6 +639,56 @@ def fleet_status(obj: Ctx, as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
 
 
+@fleet.command("events")
+@click.option("--follow", is_flag=True, help="Go on with the changes as they happen.")
+@click.option("--since", type=click.IntRange(min=1), default=None,
+              help="From this etcd revision (default: the oldest etcd keeps; with "
+                   "--follow, from now).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.pass_obj
+def fleet_events(obj: Ctx, follow: bool, since: int | None, as_json: bool) -> None:
+    """What changed in the fleet: primaries taken, lost, handed over; outdated marks;
+    member states (from etcd's history: see README "Growing past one trio")."""
+    from .etcdclient import EtcdUnavailable
+    from .fleet import Compacted, render_event
+    from .fleet import fleet_events as events_of
+
+    try:
+        for e in events_of(obj.config(), since, follow):
+            click.echo(json.dumps({"compacted": e.revision} if isinstance(e, Compacted)
+                                  else e.as_dict()) if as_json else render_event(e))
+            sys.stdout.flush()  # each event as it comes (--follow into a pipe)
+    except EtcdUnavailable as e:
+        raise GatewayError(f"fleet events: {e}") from None
+
+
+@fleet.command("place")
+@click.argument("group")
+@click.option("--primary", required=True, help="The node that should be the primary.")
+@click.option("--replicas", default="", help="The other nodes, comma-separated.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds the primary may take to drain.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@click.pass_obj
+def fleet_place(obj: Ctx, group: str, primary: str, replicas: str, timeout: float,
+                as_json: bool) -> None:
+    """Record where GROUP should run and move its primary there (a switchover asked
+    through etcd).  Adding or removing a node is a config change on that node: this
+    says which, and exits 2 while one is needed (or while the group has no primary to
+    move)."""
+    from .etcdclient import EtcdUnavailable
+    from .fleet import place, render_place
+
+    try:
+        report = place(obj.config(), group, primary,
+                       [r for r in replicas.split(",") if r], timeout)
+    except EtcdUnavailable as e:
+        raise GatewayError(f"fleet place: {e}") from None
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(render_place(report)))
+    needed = report["add_to_config"] or report["remove_from_config"]
+    sys.exit(0 if report["placed"] and not needed else 2)
+
+
 @cli.group(cls=Group)
 def lab() -> None:
     """A three-site lab in network namespaces: primary main, secondary dc, DR dr (or

@@ -119,6 +119,7 @@ PROMOTE_RETRY_AFTER: Final = 10.0
 REJOIN_RETRY_AFTER: Final = 2.0
 HANDOVER_WAIT: Final = 10.0  # s: a switchover's successor takes the key within this
 MEMBER_EVERY: Final = 5.0  # s: the member record is rewritten at least this often
+ASKED: Final = -1  # the request id of a switchover asked through etcd (no one to answer)
 
 
 def group_prefix(prefix: str, group: str) -> str:
@@ -262,6 +263,21 @@ class Handover:
 
 
 @dataclass(frozen=True)
+class SwitchoverAsk:
+    """``switchover`` = {to, from, epoch, timeout, answer}: `nbdgw fleet place` asks
+    the primary ``frm`` of ``epoch`` through etcd to switch over to ``to``; ``answer`` is
+    the primary's.  An ask of another epoch is void (its primary was gone before it
+    answered: the node, primary again later, must not act on it)."""
+
+    to: str
+    frm: str
+    epoch: int
+    timeout: float
+    answer: str | None
+    mod_revision: int
+
+
+@dataclass(frozen=True)
 class GroupView:
     """The group's keys as of ``revision``."""
 
@@ -270,6 +286,7 @@ class GroupView:
     state: GroupState = GroupState()
     handover: Handover | None = None
     members: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    ask: SwitchoverAsk | None = None
 
 
 def parse_group(keys: str, revision: int, kvs: tuple[KV, ...]) -> GroupView:
@@ -279,6 +296,7 @@ def parse_group(keys: str, revision: int, kvs: tuple[KV, ...]) -> GroupView:
     state = GroupState()
     handover: Handover | None = None
     members: dict[str, Mapping[str, Any]] = {}
+    ask: SwitchoverAsk | None = None
     for kv in kvs:
         name = kv.key[len(keys):] if kv.key.startswith(keys) else None
         try:
@@ -299,7 +317,12 @@ def parse_group(keys: str, revision: int, kvs: tuple[KV, ...]) -> GroupView:
                                 kv.mod_revision)
         elif name is not None and name.startswith("members/"):
             members[name[len("members/"):]] = v
-    return GroupView(revision, primary, state, handover, members)
+        elif name == "switchover":
+            ask = SwitchoverAsk(str(v.get("to", "?")), str(v.get("from", "?")),
+                                int(v.get("epoch", 0)), float(v.get("timeout", 30)),
+                                None if v.get("answer") is None else str(v["answer"]),
+                                kv.mod_revision)
+    return GroupView(revision, primary, state, handover, members, ask)
 
 
 def state_value(epoch: int, served: int, outdated: frozenset[str]) -> str:
@@ -663,6 +686,7 @@ class EtcdCore(CoreBase):
             else:
                 self._mark_served()
                 self._outdating()
+                self._asked_switchover()
         elif s is State.FENCED:
             self._mark_served()
             self._compute_lease()
@@ -849,6 +873,8 @@ class EtcdCore(CoreBase):
             self._log("warning", "etcd_resumed", epoch=extra)
         elif what == "handover":
             self._handover_done(r)
+        elif what == "ask":
+            self._ask_answered(r, extra)
         elif what == "release" and r.succeeded:
             self._log("warning", "etcd_released", epoch=self.hard.epoch)
         elif what == "outdate" and r.succeeded:
@@ -1172,3 +1198,28 @@ class EtcdCore(CoreBase):
                 "served": v.state.served, "members": sorted(v.members)},
         }
 
+    # -- a switchover asked through etcd (`nbdgw fleet place`) ------------------------------
+
+    def _asked_switchover(self) -> None:
+        """A ``switchover`` key names this primary and is not answered yet: answer it
+        (comparing the key as read, and this node's ``primary``), then, accepted, drain as
+        for `nbdgw switchover` (its answer goes nowhere: the asker watches etcd)."""
+        a, p = self.view.ask, self.view.primary
+        if a is None or a.answer is not None or a.frm != self.cfg.me or p is None \
+                or a.epoch != p.epoch or self._txn_busy() or self.now < self.txn_after \
+                or not self._holds_key():
+            return
+        why = self._switchover_refusal(a.to)
+        answer = f"refused: {why}" if why else f"accepted: {self.cfg.me} drains"
+        value = json.dumps({"to": a.to, "from": a.frm, "epoch": a.epoch,
+                            "timeout": a.timeout, "answer": answer}, sort_keys=True)
+        self._txn("ask", [Cmp(self._key("switchover"), "mod", a.mod_revision),
+                          Cmp(self._key("primary"), "mod", self._primary_rev())],
+                  [Put(self._key("switchover"), value)], (a, why is None))
+
+    def _ask_answered(self, r: EtcdReply, extra: tuple[SwitchoverAsk, bool]) -> None:
+        a, accepted = extra
+        if r.succeeded and accepted:
+            self._log("warning", "etcd_switchover_asked", to=a.to)
+            self._switchover(Request(self.now, ASKED, "switchover",
+                                     {"to": a.to, "timeout": a.timeout}))

@@ -138,9 +138,9 @@ def run_playbook(playbook: str, inventory: Path, *args: str, timeout: float = 60
 
 # --- lint and syntax ------------------------------------------------------------------------
 
-def test_there_are_the_five_playbooks() -> None:
-    assert PLAYBOOKS == ["add-branch.yml", "promote-dr.yml", "site.yml", "switchover.yml",
-                         "upgrade.yml"]
+def test_there_are_the_six_playbooks() -> None:
+    assert PLAYBOOKS == ["add-branch.yml", "etcd.yml", "promote-dr.yml", "site.yml",
+                         "switchover.yml", "upgrade.yml"]
 
 
 def test_ansible_lint_production_profile_is_clean() -> None:
