@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import queue
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,11 +121,18 @@ def test_events_follow(etcd: str, tmp_path: Path) -> None:
         c.txn(Txn((), (Put(G + "primary", j(node="a", epoch=1), True),), G), la)
         c.txn(Txn((), (Delete(G + "primary"),), G), la)
         assert p.stdout is not None
+        out = p.stdout
+        got: queue.Queue[str] = queue.Queue()
+        # A reader thread, not select() on the pipe: both lines may arrive in one read,
+        # and the second then waits in the file object's buffer where select cannot see
+        # it (the test failed so, every run, on a loaded machine).
+        threading.Thread(target=lambda: [got.put(line) for line in out], daemon=True).start()
         lines = []
-        for _ in range(2):  # each line is flushed as it comes: readline is bounded
-            ready, _, _ = select.select([p.stdout], [], [], 30)
-            assert ready, f"no event within 30 s; {lines}"
-            lines.append(json.loads(p.stdout.readline())["what"])
+        for _ in range(2):  # each line is flushed as it comes: the wait is bounded
+            try:
+                lines.append(json.loads(got.get(timeout=30))["what"])
+            except queue.Empty:
+                raise AssertionError(f"no event within 30 s; {lines}") from None
         assert lines == ["taken", "released"]
         assert p.poll() is None  # --follow does not end by itself
     finally:
