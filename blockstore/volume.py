@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -795,22 +796,15 @@ class Volume:
         A write that would eat into the room kept for state files is refused first
         (space.py); TRIM never is.  Every failure is logged as a ``write_failed`` event
         (rate-limited, see FailureLog) and marked as logged."""
-        self._check_writable()
-        self._check_range(offset, length)
-        assert self.journal is not None and self.store is not None
-        store = self.store
-
-        def alongside() -> None:
-            # The store write runs inside append, alongside the journal's copy of a
-            # large payload; the record becomes valid only after it succeeded.
-            try:
-                store.apply(op, flags, offset, length, payload)
-            except OSError as e:
-                if not is_enospc(e) or isinstance(e, NoSpace):
-                    raise
-                raise no_space(store.path, length, f"{op.name.lower()} of {length} bytes "
-                               f"at {offset} to {store.path}") from None
-
+        if self.readonly:
+            self._check_writable()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            self._check_range(offset, length)
+        assert self.journal is not None
+        # The store write runs inside append (alongside the journal's copy of a large
+        # payload); the record becomes valid only after it succeeded.  A partial, not a
+        # closure: a closure would make every local of this function a cell.
+        alongside = partial(self._store_change, op, flags, offset, length, payload)
         try:
             if op is not Op.TRIM and self.space is not None:
                 # Store and journal copies of a write; a ZERO may allocate its range.
@@ -840,6 +834,19 @@ class Volume:
                 self.cdp.flush_mark(self)  # durable with the record, by the same sync
             self.journal.sync()
         return seq
+
+    def _store_change(self, op: Op, flags: int, offset: int, length: int,
+                      payload: bytes | memoryview) -> None:
+        """The store's side of a change; a full disk is said as NoSpace."""
+        store = self.store
+        assert store is not None
+        try:
+            store.apply(op, flags, offset, length, payload)
+        except OSError as e:
+            if not is_enospc(e) or isinstance(e, NoSpace):
+                raise
+            raise no_space(store.path, length, f"{op.name.lower()} of {length} bytes "
+                           f"at {offset} to {store.path}") from None
 
     def _unjournaled(self, offset: int, length: int, err: OSError) -> None:
         """The store may hold a change the journal does not (a failed or short store
