@@ -557,6 +557,9 @@ class Checkpointer:
             try:
                 if spare:
                     journal.prepare_spare()
+                    store = self.vol.store
+                    if store is not None:
+                        store.start_writeback()
                 if seq is None:
                     continue
                 last = time.monotonic()

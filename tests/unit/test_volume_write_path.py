@@ -16,7 +16,7 @@ import pytest
 
 from blockstore.journal import PARALLEL_MIN
 from blockstore.record import Op
-from blockstore.store import FOLIO_CHUNK
+from blockstore.store import FOLIO_CHUNK, Store
 from blockstore.volume import Volume, create_volume
 
 MiB = 1 << 20
@@ -86,3 +86,19 @@ def test_odd_writes_read_back_journal_and_replay_exactly(tmp_path: Path, seed: i
     assert vol2.recovery.replayed == last - first + 1
     assert read_all(vol2) == model
     vol2.close()
+
+
+def test_each_rotation_starts_the_store_writeback(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint thread starts the store's writeback at each journal rotation, so
+    the checkpoint's fdatasync has one segment's worth of dirty pages to wait for."""
+    started: list[int] = []
+    monkeypatch.setattr(Store, "start_writeback", lambda self: started.append(self.fd))
+    create_volume(tmp_path, "v", SIZE)
+    vol = Volume.open(tmp_path, "v", segment_bytes=SEGMENT)
+    for i in range(3 * SEGMENT // MiB):
+        vol.write(bytes([i]) * MiB, i * MiB % SIZE)
+    assert vol.journal is not None and len(vol.journal.segments) >= 3
+    store_fd = vol.store.fd if vol.store is not None else -1
+    vol.close()  # joins the checkpoint thread
+    assert started and set(started) == {store_fd}
