@@ -488,8 +488,9 @@ class Checkpointer:
     Starting at half the cap leaves the other half for the writes that arrive while that
     fdatasync runs: a checkpoint started only at the cap was overtaken under sustained
     1 MiB writes, and the request path then had to checkpoint inline (an 85 ms stall at
-    every sixth segment; none at half the cap).  Only this thread writes state.json
-    while the volume is open.
+    every sixth segment; none at half the cap).  At each rotation it also starts the
+    store's writeback (Store.start_writeback), so that fdatasync waits for about one
+    segment of dirty pages.  Only this thread writes state.json while the volume is open.
     """
 
     MIN_INTERVAL = 2.0
