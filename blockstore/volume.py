@@ -818,7 +818,8 @@ class Volume:
             self._activate(offset, length)
             if self.cdp is not None:
                 self.cdp.before_write(self)  # a TIME mark at most once a second
-            self._cow(offset, length)
+            if self.snaps is not None or self.cdp is not None:
+                self._cow(offset, length)
             try:
                 seq = self.journal.append(op, flags, offset, length, payload,
                                           alongside=alongside)
@@ -845,7 +846,10 @@ class Volume:
         store = self.store
         assert store is not None
         try:
-            store.apply(op, flags, offset, length, payload)
+            if op is Op.WRITE:  # Store.apply's first case, a Python frame fewer
+                store.pwrite(payload, offset)
+            else:
+                store.apply(op, flags, offset, length, payload)
         except OSError as e:
             if not is_enospc(e) or isinstance(e, NoSpace):
                 raise
