@@ -1,12 +1,17 @@
 # The "bare" nbdkit Python plugin: the floor for any Python data path.
 #
 #   nbdkit python bench/bare_plugin.py file=PATH [thread_model=serialize_all_requests]
+#                                      [journal=PATH]
 #
 # Each request is one os.pwrite / os.preadv on a plain file and nothing else, so the
 # gap between this and nbdkit's C `file` plugin is the cost of nbdkit's Python
 # binding (GIL, buffer objects, callback dispatch), and the gap between nbdgw and this
 # is the cost of nbdgw's own work (journal record, CRCs, activity log, checks).
 # `thread_model` lets bench/datapath measure SERIALIZE_ALL_REQUESTS against PARALLEL.
+# `journal` adds the one thing a journaled design cannot leave out: each write also
+# appended, as a 44-byte header and the payload in one os.pwritev, to a second file that
+# wraps at 64 MiB (as nbdgw recycles its segments): the floor of two page-cache copies,
+# no record format, CRC or bookkeeping (bench/wcost).
 import errno
 import os
 
@@ -25,26 +30,35 @@ _path: str | None = None
 _model: int = nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 _fd = -1
 _size = 0
+_journal: str | None = None
+_jfd = -1
+_jpos = 0
+_JOURNAL_WRAP = 64 * 1024 * 1024
+_HEADER = bytes(44)
 
 
 def config(key: str, value: str) -> None:
-    global _path, _model
+    global _path, _model, _journal
     if key == "file":
         _path = value
+    elif key == "journal":
+        _journal = value
     elif key == "thread_model":
         if value not in _MODELS:
             raise ValueError(f"thread_model must be one of {', '.join(_MODELS)}, got {value!r}")
         _model = _MODELS[value]
     else:
-        raise ValueError(f"unknown parameter {key!r} (known: file, thread_model)")
+        raise ValueError(f"unknown parameter {key!r} (known: file, thread_model, journal)")
 
 
 def config_complete() -> None:
-    global _fd, _size
+    global _fd, _size, _jfd
     if _path is None:
         raise ValueError("missing required parameter file")
     _fd = os.open(_path, os.O_RDWR)
     _size = os.fstat(_fd).st_size
+    if _journal is not None:
+        _jfd = os.open(_journal, os.O_RDWR | os.O_CREAT, 0o600)
 
 
 def thread_model() -> int:
@@ -73,7 +87,21 @@ def pwrite(h: int, buf: bytes, offset: int, flags: int) -> None:
     if os.pwrite(h, buf, offset) != len(buf):
         nbdkit.set_error(errno.EIO)
         raise OSError(errno.EIO, "short write")
+    if _jfd >= 0:
+        _append(buf)
+
+
+def _append(buf: bytes) -> None:
+    global _jpos
+    if _jpos + 44 + len(buf) > _JOURNAL_WRAP:
+        _jpos = 0
+    if os.pwritev(_jfd, [_HEADER, buf], _jpos) != 44 + len(buf):
+        nbdkit.set_error(errno.EIO)
+        raise OSError(errno.EIO, "short journal write")
+    _jpos += 44 + len(buf)
 
 
 def flush(h: int, flags: int) -> None:
     os.fdatasync(h)
+    if _jfd >= 0:
+        os.fdatasync(_jfd)

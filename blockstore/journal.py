@@ -40,6 +40,7 @@ from .record import (
     check_payload,
     decode_header,
     decode_segment_header,
+    encode_header,
     encode_segment_header,
 )
 from .store import FALLOC_FL_KEEP_SIZE, FOLIO_CHUNK, fallocate, pwrite_all
@@ -47,8 +48,6 @@ from .store import FALLOC_FL_KEEP_SIZE, FOLIO_CHUNK, fallocate, pwrite_all
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.jnl$")
 _SPARE_PREFIX = "spare-"  # preallocated future segments: spare-<pid>-<n>.tmp
 SPARE_POOL = 4  # released segments kept for reuse
-_PREFIX = struct.Struct("<II")
-_TAIL = struct.Struct("<QBBHIQIII")
 _MAGIC_BYTES = struct.pack("<I", REC_MAGIC)
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 # Payloads at least this large are written into the journal by the journal's writer
@@ -494,21 +493,18 @@ class Journal:
         if alongside is not None:
             alongside()
         seq = self.next_seq
-        tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen,
-                          crc32c(payload) if plen else 0)
-        head = _PREFIX.pack(REC_MAGIC, crc32c(tail))
-        bufs: list[bytes | memoryview] = [head, tail]
-        if plen:
-            bufs.append(payload)
+        hdr = encode_header(seq, op, flags, self.volume, offset, length, plen,
+                            crc32c(payload) if plen else 0)
         want = REC_HEADER_SIZE + plen
         try:
             if want > FOLIO_CHUNK:
                 # In folio-sized pieces: the payload, then the header that makes it valid.
                 _pwrite_all(self.fd, payload, self.pos + REC_HEADER_SIZE)
-                _pwrite_all(self.fd, head + tail, self.pos)
-            elif (n := os.pwritev(self.fd, bufs, self.pos)) != want:
+                _pwrite_all(self.fd, hdr, self.pos)
+            elif (n := os.pwritev(self.fd, [hdr, payload] if plen else [hdr], self.pos)
+                  ) != want:
                 # A partial append (disk full part way): let the kernel say why.
-                rest = b"".join(bytes(b) for b in bufs)[n:]
+                rest = (hdr + bytes(payload))[n:]
                 os.pwrite(self.fd, rest, self.pos + n)
                 raise OSError(28, "No space left on device (short journal append)")
         except OSError:
@@ -532,8 +528,8 @@ class Journal:
             raise
         try:
             crc = self._writer.result()
-            tail = _TAIL.pack(seq, op, flags, 0, self.volume, offset, length, plen, crc)
-            _pwrite_all(self.fd, _PREFIX.pack(REC_MAGIC, crc32c(tail)) + tail, pos)
+            _pwrite_all(self.fd, encode_header(seq, op, flags, self.volume, offset, length,
+                                               plen, crc), pos)
         except OSError:
             self._cut(pos)
             raise

@@ -25,6 +25,7 @@ from .errors import FormatError
 REC_MAGIC = 0x3152_4A4E  # b"NJR1" little-endian
 REC_HEADER = struct.Struct("<IIQBBHIQIII")
 REC_HEADER_SIZE = REC_HEADER.size  # 44
+_REC_PREFIX = struct.Struct("<II")  # magic, hdr_crc
 _REC_TAIL = struct.Struct("<QBBHIQIII")  # the part covered by hdr_crc
 
 SEG_MAGIC = b"NBDGWJNL"
@@ -78,12 +79,10 @@ def encode_header(
     seq: int, op: int, flags: int, volume: int, offset: int, length: int,
     payload_len: int, data_crc: int,
 ) -> bytes:
-    """Return the 44-byte header of one record."""
+    """Return the 44-byte header of one record (packed once: the CRC'd tail, then the
+    prefix; the journal writes it and the payload in one pwritev)."""
     tail = _REC_TAIL.pack(seq, op, flags, 0, volume, offset, length, payload_len, data_crc)
-    return REC_HEADER.pack(
-        REC_MAGIC, crc32c(tail), seq, op, flags, 0, volume, offset, length, payload_len,
-        data_crc,
-    )
+    return _REC_PREFIX.pack(REC_MAGIC, crc32c(tail)) + tail
 
 
 def encode_record(

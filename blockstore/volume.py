@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -487,8 +488,9 @@ class Checkpointer:
     Starting at half the cap leaves the other half for the writes that arrive while that
     fdatasync runs: a checkpoint started only at the cap was overtaken under sustained
     1 MiB writes, and the request path then had to checkpoint inline (an 85 ms stall at
-    every sixth segment; none at half the cap).  Only this thread writes state.json
-    while the volume is open.
+    every sixth segment; none at half the cap).  At each rotation it also starts the
+    store's writeback (Store.start_writeback), so that fdatasync waits for about one
+    segment of dirty pages.  Only this thread writes state.json while the volume is open.
     """
 
     MIN_INTERVAL = 2.0
@@ -556,6 +558,9 @@ class Checkpointer:
             try:
                 if spare:
                     journal.prepare_spare()
+                    store = self.vol.store
+                    if store is not None:
+                        store.start_writeback()
                 if seq is None:
                     continue
                 last = time.monotonic()
@@ -795,22 +800,15 @@ class Volume:
         A write that would eat into the room kept for state files is refused first
         (space.py); TRIM never is.  Every failure is logged as a ``write_failed`` event
         (rate-limited, see FailureLog) and marked as logged."""
-        self._check_writable()
-        self._check_range(offset, length)
-        assert self.journal is not None and self.store is not None
-        store = self.store
-
-        def alongside() -> None:
-            # The store write runs inside append, alongside the journal's copy of a
-            # large payload; the record becomes valid only after it succeeded.
-            try:
-                store.apply(op, flags, offset, length, payload)
-            except OSError as e:
-                if not is_enospc(e) or isinstance(e, NoSpace):
-                    raise
-                raise no_space(store.path, length, f"{op.name.lower()} of {length} bytes "
-                               f"at {offset} to {store.path}") from None
-
+        if self.readonly:
+            self._check_writable()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            self._check_range(offset, length)
+        assert self.journal is not None
+        # The store write runs inside append (alongside the journal's copy of a large
+        # payload); the record becomes valid only after it succeeded.  A partial, not a
+        # closure: a closure would make every local of this function a cell.
+        alongside = partial(self._store_change, op, flags, offset, length, payload)
         try:
             if op is not Op.TRIM and self.space is not None:
                 # Store and journal copies of a write; a ZERO may allocate its range.
@@ -820,7 +818,8 @@ class Volume:
             self._activate(offset, length)
             if self.cdp is not None:
                 self.cdp.before_write(self)  # a TIME mark at most once a second
-            self._cow(offset, length)
+            if self.snaps is not None or self.cdp is not None:
+                self._cow(offset, length)
             try:
                 seq = self.journal.append(op, flags, offset, length, payload,
                                           alongside=alongside)
@@ -840,6 +839,22 @@ class Volume:
                 self.cdp.flush_mark(self)  # durable with the record, by the same sync
             self.journal.sync()
         return seq
+
+    def _store_change(self, op: Op, flags: int, offset: int, length: int,
+                      payload: bytes | memoryview) -> None:
+        """The store's side of a change; a full disk is said as NoSpace."""
+        store = self.store
+        assert store is not None
+        try:
+            if op is Op.WRITE:  # Store.apply's first case, a Python frame fewer
+                store.pwrite(payload, offset)
+            else:
+                store.apply(op, flags, offset, length, payload)
+        except OSError as e:
+            if not is_enospc(e) or isinstance(e, NoSpace):
+                raise
+            raise no_space(store.path, length, f"{op.name.lower()} of {length} bytes "
+                           f"at {offset} to {store.path}") from None
 
     def _unjournaled(self, offset: int, length: int, err: OSError) -> None:
         """The store may hold a change the journal does not (a failed or short store
