@@ -47,7 +47,7 @@ from crc32c import crc32c
 from .errors import BlockstoreError, FormatError, InvalidArgument
 from .journal import segment_firsts, segment_name
 from .marks import COMMIT_EVENT, GROW_EVENT, TIME_EVENT
-from .meta import read_json, write_json
+from .meta import fsync_dir, read_json, write_json
 from .modes import make_dir
 from .overlay import MapKey, Overlay, decode_map, encode_map
 from .record import (
@@ -354,7 +354,7 @@ def bases_of(vol_path: Path) -> list[Snapshot]:
 
 def held_bytes(vol_path: Path, floor: int | None) -> tuple[int, int]:
     """(journal bytes of the segments holding records after ``floor``, bytes of the
-    bases' pre-images) this site keeps for CDP."""
+    bases' pre-images and of the saved overlay maps) this site keeps for CDP."""
     jdir = vol_path / "journal"
     firsts = segment_firsts(jdir)
     jbytes = 0
@@ -368,6 +368,9 @@ def held_bytes(vol_path: Path, floor: int | None) -> tuple[int, int]:
         bbytes = (vol_path / CDP_DIR / BASES_DIR / "data").stat().st_blocks * 512
     except FileNotFoundError:
         bbytes = 0
+    for *_key, path in _saved(vol_path):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+            bbytes += path.stat().st_size
     return jbytes, bbytes
 
 
@@ -1236,15 +1239,21 @@ def restore(vol: Volume, text: str, snapshot: str) -> dict[str, Any]:
 
 
 def pending_restore(vol_path: Path) -> bool:
-    return (vol_path / CDP_DIR / RESTORE_FILE).exists()
+    """Whether a restore of this volume was cut short: its own intent, or a group
+    restore's that names it and has not seen it done."""
+    return ((vol_path / CDP_DIR / RESTORE_FILE).exists()
+            or _group_pending(vol_path) is not None)
 
 
 def finish_restore(vol: Volume) -> int:
     """Write, through the journal, every extent where the live volume differs from the
-    point restore.json names; then drop the intent.  Return the bytes written."""
+    point restore.json names; then drop the intent.  Return the bytes written.  A
+    member of a group restore not begun yet begins first (its snapshot, its intent)."""
     cdp = vol.cdp
     assert cdp is not None and vol.store is not None and vol.journal is not None
     path = cdp.path / RESTORE_FILE
+    if not path.exists():
+        _begin_member(vol)
     intent = read_json(path, "cdp-restore", 1)
     seq = int(intent["seq"])
     view = open_point(vol, f"seq-{seq}")
@@ -1280,7 +1289,107 @@ def finish_restore(vol: Volume) -> int:
         vol.journal.sync()
     finally:
         view.close()
+    group = str(intent.get("group", ""))
+    if group:
+        _member_done(vol.info.path, group)
     path.unlink()
+    if group:
+        _forget_group_if_done(vol.info.path, group)
     _log.warning("cdp_restored", volume=vol.name, seq=seq, snapshot=intent["snapshot"],
-                 bytes_written=written)
+                 bytes_written=written, group=group or None)
     return written
+
+
+# -- consistency-group restore ----------------------------------------------------------------
+
+GROUPS_DIR = "cdp-restores"  # under the data dir: <group>.json intents, <group>.<V>.done
+
+
+def _groups_dir(vol_path: Path) -> Path:
+    return vol_path.parent.parent / GROUPS_DIR
+
+
+def _group_pending(vol_path: Path) -> tuple[str, dict[str, Any]] | None:
+    """(group id, intent) of a group restore that names this volume and has not seen it
+    done, if there is one."""
+    d = _groups_dir(vol_path)
+    name = vol_path.name
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            intent = read_json(p, "cdp-group-restore", 1)
+        except FileNotFoundError:
+            continue  # finished meanwhile
+        if name in intent["volumes"] and not (d / f"{p.stem}.{name}.done").exists():
+            return p.stem, intent
+    return None
+
+
+def _begin_member(vol: Volume) -> None:
+    """Start this volume's part of the group restore that names it: the snapshot of the
+    state before (unless a run cut short took it), then its own intent."""
+    cdp = vol.cdp
+    assert cdp is not None
+    found = _group_pending(vol.info.path)
+    if found is None:
+        raise CdpError(f"volume {vol.name}: no restore to finish")
+    group, intent = found
+    snapshot = str(intent["snapshot"])
+    if vol.snaps is None or snapshot not in vol.snaps.index.by_name:
+        vol.snapshot_create(snapshot)
+    write_json(cdp.path / RESTORE_FILE, {
+        "kind": "cdp-restore", "version": 1, "seq": int(intent["volumes"][vol.name]),
+        "point": intent["point"], "snapshot": snapshot, "started": time.time(),
+        "group": group})
+
+
+def _member_done(vol_path: Path, group: str) -> None:
+    """Durable before the member's own intent goes: a crash between leaves both, and the
+    next open finishes again (nothing to write: the extents are equal)."""
+    d = _groups_dir(vol_path)
+    fd = os.open(d / f"{group}.{vol_path.name}.done", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    fsync_dir(d)
+
+
+def _forget_group_if_done(vol_path: Path, group: str) -> None:
+    d = _groups_dir(vol_path)
+    try:
+        intent = read_json(d / f"{group}.json", "cdp-group-restore", 1)
+    except FileNotFoundError:
+        return
+    if all((d / f"{group}.{v}.done").exists() for v in intent["volumes"]):
+        (d / f"{group}.json").unlink(missing_ok=True)  # first: then no member is pending
+        for v in intent["volumes"]:
+            (d / f"{group}.{v}.done").unlink(missing_ok=True)
+
+
+def restore_group(vols: list[Volume], at_ns: int, point: str, snapshot: str
+                  ) -> list[dict[str, Any]]:
+    """Roll every volume of ``vols`` (one node's, open here, under their request locks
+    or idle) back to its last FLUSH point at or before ``at_ns``, keeping each one's
+    state before as snapshot ``snapshot``; all or nothing across a crash: every volume
+    is checked first, then one intent naming them all is made durable, and from then on
+    the next open of each finishes its part (DESIGN.md §7a "Consistency groups")."""
+    seqs: dict[str, int] = {}
+    for vol in vols:
+        cdp = vol.cdp
+        if cdp is None:
+            raise CdpError(f"volume {vol.name} keeps no history (no cdp window)")
+        if vol.replica:
+            raise CdpError(f"volume {vol.name} is a replica: restore its primary")
+        if cdp.floor is None:
+            raise CdpError(f"volume {vol.name} holds no history yet")
+        seqs[vol.name] = resolve(cdp.known_points(vol), "at", at_ns, cdp.floor).seq
+        vol.check_snapshot(snapshot)
+    paths = {vol.info.path.parent for vol in vols}
+    if len(paths) != 1 or len(seqs) != len(vols):
+        raise CdpError("a consistency group is distinct volumes of one data directory")
+    d = _groups_dir(vols[0].info.path)
+    make_dir(d, exist_ok=True)
+    fsync_dir(d.parent)  # (the directory's entry, the first time: the intent's in it)
+    group = os.urandom(8).hex()
+    write_json(d / f"{group}.json", {"kind": "cdp-group-restore", "version": 1,
+                                     "volumes": seqs, "point": point, "snapshot": snapshot,
+                                     "started": time.time()})
+    return [{"volume": vol.name, "seq": seqs[vol.name], "snapshot": snapshot,
+             "bytes_written": finish_restore(vol)} for vol in vols]
