@@ -23,8 +23,9 @@ from .errors import FormatError
 MAP_MAGIC = b"NBDGWOVM"
 MAP_VERSION = 1
 # magic, version, bucket shift, base id, base seq, segment first seq, segment last seq,
-# position and header CRC of the segment's last record, view size, buckets, ranges
-_MAP_HEAD = struct.Struct("<8sIIQQQQQIQQQ")
+# position and header CRC of the segment's last record, view size, buckets, segments,
+# ranges
+_MAP_HEAD = struct.Struct("<8sIIQQQQQIQQQQ")
 _CRC = struct.Struct("<I")
 _ZERO = -1  # the segment of a range that reads as zeros
 
@@ -158,39 +159,37 @@ class MapKey:
     size: int  # the view's size as of ``last`` (a grow MARK widens it)
 
 
-def _le(values: list[int]) -> bytes:
-    arr = array("q", values)
+def _le(values: list[int], code: str = "q") -> bytes:
+    arr = array(code, values)
     if sys.byteorder != "little":
         arr.byteswap()
     return arr.tobytes()
 
 
-def _from_le(raw: bytes | memoryview) -> list[int]:
-    arr = array("q")
-    arr.frombytes(raw)
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return arr.tolist()
-
-
 def encode_map(key: MapKey, ov: Overlay) -> bytes:
-    """The map file: a header, the buckets' keys and range counts, the ranges as four
-    columns, a CRC32C of all of it."""
+    """The map file: a header, the buckets' keys and range counts, the segments the
+    ranges read, the ranges as four columns (start, end, segment index or -1 for zeros,
+    position: 24 bytes a range), a CRC32C of all of it."""
     keys = sorted(ov.buckets)
     counts, starts, ends, segs, poss = [], [], [], [], []
+    index: dict[int, int] = {}
     for k in keys:
         runs = ov.buckets[k]
         counts.append(len(runs))
         starts += runs.starts
         ends += runs.ends
         for src in runs.srcs:
-            segs.append(_ZERO if src is None else src[0])
-            poss.append(0 if src is None else src[1])
+            if src is None:
+                segs.append(_ZERO)
+                poss.append(0)
+            else:
+                segs.append(index.setdefault(src[0], len(index)))
+                poss.append(src[1])
     head = _MAP_HEAD.pack(MAP_MAGIC, MAP_VERSION, ov.shift, key.base_id, key.base_seq,
                           key.first, key.last, key.last_pos, key.last_hcrc, key.size,
-                          len(keys), len(starts))
-    body = b"".join([head, _le(keys), _le(counts), _le(starts), _le(ends), _le(segs),
-                     _le(poss)])
+                          len(keys), len(index), len(starts))
+    body = b"".join([head, _le(keys), _le(counts), _le(list(index)), _le(starts),
+                     _le(ends), _le(segs, "i"), _le(poss, "I")])
     return body + _CRC.pack(crc32c(body))
 
 
@@ -203,22 +202,25 @@ def decode_map(data: bytes) -> tuple[MapKey, Overlay]:
     if crc32c(body) != _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
         raise FormatError("overlay map: bad CRC (torn or damaged)")
     (magic, version, shift, base_id, base_seq, first, last, last_pos, last_hcrc, size,
-     nkeys, n) = _MAP_HEAD.unpack_from(data)
+     nkeys, nsegs, n) = _MAP_HEAD.unpack_from(data)
     if magic != MAP_MAGIC or version != MAP_VERSION:
         raise FormatError(f"overlay map: magic {magic!r} version {version}")
-    if len(body) != _MAP_HEAD.size + 8 * (2 * nkeys + 4 * n):
+    if len(body) != _MAP_HEAD.size + 8 * (2 * nkeys + nsegs + 2 * n) + 8 * n:
         raise FormatError("overlay map: its length does not match its counts")
     at = _MAP_HEAD.size
 
-    def column(count: int) -> list[int]:
+    def column(count: int, code: str = "q") -> list[int]:
         nonlocal at
-        out = _from_le(body[at:at + 8 * count])
-        at += 8 * count
-        return out
+        arr = array(code)
+        arr.frombytes(body[at:at + arr.itemsize * count])
+        if sys.byteorder != "little":
+            arr.byteswap()
+        at += arr.itemsize * count
+        return arr.tolist()
 
-    keys, counts = column(nkeys), column(nkeys)
-    starts, ends, segs, poss = column(n), column(n), column(n), column(n)
-    srcs = [None if s == _ZERO else (s, p) for s, p in zip(segs, poss, strict=True)]
+    keys, counts, table = column(nkeys), column(nkeys), column(nsegs)
+    starts, ends, segs, poss = column(n), column(n), column(n, "i"), column(n, "I")
+    srcs = [None if s == _ZERO else (table[s], p) for s, p in zip(segs, poss, strict=True)]
     ov = Overlay(shift)
     i = 0
     for k, c in zip(keys, counts, strict=True):
