@@ -7,6 +7,9 @@ Layout under ``volumes/<V>/cdp/``::
     bases/        a SnapshotStore of this site's own bases (copy-on-write images of the
                   volume at a journal seq; never in the journal, so never replicated)
     exports.json  the point exports `nbdgw cdp export` made (served read-only)
+    maps/         the overlay of a base through each sealed journal segment (a cache:
+                  opening a point loads one and replays at most one segment; MapWriter)
+    restore.json  a restore in progress (<data dir>/cdp-restores/: a group's intent)
 
 Model.  With a policy, the primary appends TIME marks to the journal (``{"event":
 "time", "t": <unix ns>, "flush": bool}``): before a write when a second or more passed
