@@ -794,15 +794,25 @@ def _base_size(base: Snapshot, default: int) -> int:
 
 @dataclass
 class _Built:
-    """What opening a point built: the overlay, the view's size, and the segment files
-    its reads open (on first use: the base's pin keeps them)."""
+    """What opening a point built: the overlay (in two layers: a saved map's, unpacked
+    a bucket at a time as reads touch it, and the records replayed after it, newer),
+    the view's size, and the segment files its reads open (on first use: the base's
+    pin keeps them)."""
 
+    saved: Overlay
     overlay: Overlay
     jdir: Path
     size: int
     scanned: int = 0  # records read from the journal to build it (the rest: a saved map)
     refs: int = 0
     fds: dict[int, int] = field(default_factory=dict)  # segment first seq -> file
+
+    def covering(self, start: int, end: int
+                 ) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+        """Both layers' ranges over [start, end), older first: laid in this order,
+        the newer wins."""
+        yield from self.saved.covering(start, end)
+        yield from self.overlay.covering(start, end)
 
     def fd(self, first: int) -> int:
         fd = self.fds.get(first)
@@ -843,10 +853,12 @@ def _build(vol_path: Path, base: Snapshot, point: Point, base_size: int) -> _Bui
     point's segment, then the records after it (at most one segment's, when the map
     writer has caught up)."""
     jdir = vol_path / "journal"
-    ov, size, through = saved_overlay(vol_path, base, point.seq, base_size)
-    built = _Built(ov, jdir, max(size, base_size))  # (the writer's maps start at size 0)
-    built.size, last, built.scanned, is_time = _replay(jdir, ov, built.size, through + 1,
-                                                       point.seq)
+    saved, size, through = saved_overlay(vol_path, base, point.seq, base_size)
+    # In a layer of their own: laid into the map, a segment of random writes would
+    # unpack nearly every bucket of it at once.
+    built = _Built(saved, Overlay(), jdir, max(size, base_size))  # (maps start at size 0)
+    built.size, last, built.scanned, is_time = _replay(jdir, built.overlay, built.size,
+                                                       through + 1, point.seq)
     if point.seq > base.mark_seq and not (last == point.seq and is_time):
         raise CdpError(f"no point at seq {point.seq} (not a TIME mark)")
     return built
@@ -963,12 +975,14 @@ def remove_maps(vol_path: Path, keep: set[tuple[int, int]], firsts: list[int] | 
             path.unlink(missing_ok=True)
 
 
-def update_maps(vol_path: Path, committed: int, cache: dict[str, Any] | None = None) -> int:
+def update_maps(vol_path: Path, committed: int, cache: dict[str, Any] | None = None,
+                stopping: Callable[[], bool] = lambda: False) -> int:
     """One pass of the map writer: save the overlay of every sealed segment whose
     records are all committed (``committed``: a replica's uncommitted tail may be cut
     and its seqs reused) on the newest base before the segment's end, from the previous
     segment's map (``cache``: the last one built, kept in memory); remove the maps of
-    dropped bases and released segments.  Return how many maps were written."""
+    dropped bases and released segments; ``stopping`` is asked before each map (a volume
+    closing does not wait for a writer far behind).  Return how many maps were written."""
     jdir = vol_path / "journal"
     firsts = segment_firsts(jdir)
     bases = bases_of(vol_path)
@@ -978,7 +992,7 @@ def update_maps(vol_path: Path, committed: int, cache: dict[str, Any] | None = N
     written = 0
     for first, nxt in itertools.pairwise(firsts):
         last = nxt - 1
-        if last > committed:
+        if last > committed or stopping():
             break
         base = None
         for b in bases:
@@ -1019,7 +1033,8 @@ class MapWriter:
     def _run(self) -> None:
         while not self.stopping:
             try:
-                update_maps(self.vol_path, self.committed(), self.cache)
+                update_maps(self.vol_path, self.committed(), self.cache,
+                            lambda: self.stopping)
             except (OSError, BlockstoreError, ValueError) as e:
                 # A cache: an open without it replays more records, never reads wrong.
                 self.cache.clear()
@@ -1036,7 +1051,7 @@ class MapWriter:
 def _read_overlay(built: _Built, view: memoryview, offset: int, name: str) -> None:
     """Lay the records of a point's overlay over ``view`` (the base's bytes at
     ``offset``)."""
-    for s, e, src in built.overlay.covering(offset, offset + len(view)):
+    for s, e, src in built.covering(offset, offset + len(view)):
         if src is None:
             view[s - offset:e - offset] = bytes(e - s)
             continue
@@ -1265,7 +1280,7 @@ def finish_restore(vol: Volume) -> int:
         shift = cdp.bases.shift
         ext = 1 << shift
         changed = cdp.bases.index.changed_since(view.base.id)
-        for s_, e_, _src in view.overlay.covering(0, vol.size):
+        for s_, e_, _src in view.built.covering(0, vol.size):
             changed.update(range(s_ >> shift, ((e_ - 1) >> shift) + 1))
         if view.size < vol.size:  # grown since the point: that space was not there
             changed.update(range(view.size >> shift, ((vol.size - 1) >> shift) + 1))

@@ -40,9 +40,26 @@ class Overlay:
     def __init__(self, shift: int = 20) -> None:
         self.shift = shift
         self.buckets: dict[int, _Runs] = {}
+        # Buckets of a decoded map not unpacked yet (bucket -> first range, count in
+        # ``_saved``): opening a point unpacks only those its reads and replay touch.
+        self._packed: dict[int, tuple[int, int]] = {}
+        self._saved: _Columns | None = None
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.buckets.values())
+        return (sum(len(b) for b in self.buckets.values())
+                + sum(c for _i, c in self._packed.values()))
+
+    def keys(self) -> list[int]:
+        """The buckets holding ranges, in order."""
+        return sorted({*self.buckets, *self._packed})
+
+    def bucket(self, k: int) -> _Runs | None:
+        runs = self.buckets.get(k)
+        if runs is None and k in self._packed:
+            assert self._saved is not None
+            i, c = self._packed.pop(k)
+            runs = self.buckets[k] = self._saved.runs(i, c)
+        return runs
 
     def put(self, start: int, end: int, src: tuple[int, int] | None) -> None:
         """[start, end) now reads from ``src`` (later puts win)."""
@@ -51,7 +68,7 @@ class Overlay:
         while pos < end:
             k = pos >> shift
             stop = min(end, (k + 1) << shift)
-            runs = self.buckets.get(k)
+            runs = self.bucket(k)
             if runs is None:
                 runs = self.buckets[k] = _Runs()
             runs.put(pos, stop, _advance(src, pos - start))
@@ -62,10 +79,11 @@ class Overlay:
         if end <= start:
             return
         first, last = start >> self.shift, (end - 1) >> self.shift
-        keys = (range(first, last + 1) if last - first < 4 * len(self.buckets) + 4
-                else sorted(k for k in self.buckets if first <= k <= last))
+        held = len(self.buckets) + len(self._packed)
+        keys = (range(first, last + 1) if last - first < 4 * held + 4
+                else [k for k in self.keys() if first <= k <= last])
         for k in keys:
-            runs = self.buckets.get(k)
+            runs = self.bucket(k)
             if runs is not None:
                 yield from runs.covering(start, end)
 
@@ -170,11 +188,12 @@ def encode_map(key: MapKey, ov: Overlay) -> bytes:
     """The map file: a header, the buckets' keys and range counts, the segments the
     ranges read, the ranges as four columns (start, end, segment index or -1 for zeros,
     position: 24 bytes a range), a CRC32C of all of it."""
-    keys = sorted(ov.buckets)
+    keys = ov.keys()
     counts, starts, ends, segs, poss = [], [], [], [], []
     index: dict[int, int] = {}
     for k in keys:
-        runs = ov.buckets[k]
+        runs = ov.bucket(k)
+        assert runs is not None
         counts.append(len(runs))
         starts += runs.starts
         ends += runs.ends
@@ -209,24 +228,43 @@ def decode_map(data: bytes) -> tuple[MapKey, Overlay]:
         raise FormatError("overlay map: its length does not match its counts")
     at = _MAP_HEAD.size
 
-    def column(count: int, code: str = "q") -> list[int]:
+    def column(count: int, code: str = "q") -> array[int]:
         nonlocal at
         arr = array(code)
         arr.frombytes(body[at:at + arr.itemsize * count])
         if sys.byteorder != "little":
             arr.byteswap()
         at += arr.itemsize * count
-        return arr.tolist()
+        return arr
 
-    keys, counts, table = column(nkeys), column(nkeys), column(nsegs)
-    starts, ends, segs, poss = column(n), column(n), column(n, "i"), column(n, "I")
-    srcs = [None if s == _ZERO else (table[s], p) for s, p in zip(segs, poss, strict=True)]
+    keys, counts, table = column(nkeys), column(nkeys), column(nsegs).tolist()
+    cols = _Columns(column(n), column(n), column(n, "i"), column(n, "I"), table)
     ov = Overlay(shift)
     i = 0
     for k, c in zip(keys, counts, strict=True):
-        runs = ov.buckets[k] = _Runs()
-        runs.starts, runs.ends, runs.srcs = starts[i:i + c], ends[i:i + c], srcs[i:i + c]
+        ov._packed[k] = (i, c)
         i += c
-    if i != n:
-        raise FormatError("overlay map: bucket counts do not add up")
+    if i != n or (n and max(cols.segs) >= len(table)):
+        raise FormatError("overlay map: its counts do not add up")
+    ov._saved = cols
     return MapKey(base_id, base_seq, first, last, last_pos, last_hcrc, size), ov
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The ranges of a decoded map, as stored: unpacked one bucket at a time."""
+
+    starts: array[int]
+    ends: array[int]
+    segs: array[int]  # index into ``table``, or -1: zeros
+    poss: array[int]
+    table: list[int]  # segment first seqs
+
+    def runs(self, i: int, c: int) -> _Runs:
+        table = self.table
+        runs = _Runs()
+        runs.starts = self.starts[i:i + c].tolist()
+        runs.ends = self.ends[i:i + c].tolist()
+        runs.srcs = [None if s == _ZERO else (table[s], p)
+                     for s, p in zip(self.segs[i:i + c], self.poss[i:i + c], strict=True)]
+        return runs
