@@ -5,6 +5,7 @@ inside any member's writes, between members (every one is finished by its next o
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import blockstore.cdp as cdp_mod
 from blockstore.cdp import CdpError, points, restore_group
 from blockstore.volume import Volume
 
-from .test_cdp import Clock, Crash, Model, crash, make
+from .test_cdp import Clock, Crash, Model, crash, crash_at_change, make
 from .test_cdp import clock as test_cdp_clock
 
 MiB = 1 << 20
@@ -104,27 +105,18 @@ def test_a_group_is_checked_whole_before_anything_changes(tmp_path: Path,
 # so a large n is in the second or third member); None: before the group's intent.
 @pytest.mark.parametrize("crash_after", [None, 0, 5, 30, 60])
 def test_a_group_restore_cut_by_a_crash_is_all_or_nothing(
-        tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch,
-        crash_after: int | None) -> None:
+        tmp_path: Path, clock: Clock, crash_after: int | None) -> None:
     vols, at, then, now = group(tmp_path, clock)
-    calls = [0]
-    if crash_after is None:
-        def dying_intent(*_a: object, **_k: object) -> None:
-            raise Crash
-        monkeypatch.setattr(cdp_mod, "write_json", dying_intent)
-    else:
-        real = Volume._change
-
-        def dying(self: Volume, *a: object, **kw: object) -> int:
-            if calls[0] >= crash_after:
+    with contextlib.ExitStack() as stack:
+        if crash_after is None:
+            def dying_intent(*_a: object, **_k: object) -> None:
                 raise Crash
-            calls[0] += 1
-            return real(self, *a, **kw)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(Volume, "_change", dying)
-    with pytest.raises(Crash):
-        restore_group(vols, at, "at-T", "before")
-    monkeypatch.undo()
+            stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                cdp_mod, "write_json", dying_intent)
+        else:
+            stack.enter_context(crash_at_change(crash_after))
+        with pytest.raises(Crash):
+            restore_group(vols, at, "at-T", "before")
     # Committed (the intent is durable: the last member at least is pending), or begun
     # for none.
     pending = [cdp_mod.pending_restore(v.info.path) for v in vols]

@@ -29,7 +29,7 @@ from blockstore.journal import segment_firsts
 from blockstore.overlay import MapKey, Overlay, decode_map, encode_map
 from blockstore.volume import Volume
 
-from .test_cdp import Clock, Model, make
+from .test_cdp import Clock, Model, make, replicated
 from .test_cdp import clock as test_cdp_clock
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -236,24 +236,7 @@ def test_dropping_a_base_removes_its_maps_and_segments_released_take_theirs(
 @pytest.mark.usefixtures("manual")
 def test_a_replicas_points_read_through_the_follower_use_its_maps(tmp_path: Path,
                                                                    clock: Clock) -> None:
-    make(tmp_path / "a")
-    make(tmp_path / "b", replica=True)
-    p = Volume.open(tmp_path / "a", "v1", segment_bytes=SEG)
-    r = Volume.open(tmp_path / "b", "v1", segment_bytes=SEG)
-    r.set_consistent(True)
-    model = Model(p, 21)
-    shipped = 0
-    images: dict[int, bytes] = {}
-    for _ in range(14):
-        for _ in range(6):
-            model.step()
-        p.flush()
-        images[[q for q in points(p.info.path, 0, False) if q.flush][-1].t] = bytes(model.img)
-        clock.tick(0.7)
-        recs = [(int(h.op), int(h.flags), h.offset, h.length, bytes(d))
-                for h, d in p.journal.records(shipped + 1)]  # type: ignore[union-attr]
-        r.apply_batch(shipped + 1, p.last_seq, recs)
-        shipped = p.last_seq
+    p, r, images = replicated(tmp_path, clock, 14, 6, 21, segment_bytes=SEG)
     rpath = r.info.path
     assert update_maps(rpath, r.applied_seq) > 3
     floor = r.cdp.floor  # type: ignore[union-attr]
