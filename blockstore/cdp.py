@@ -7,6 +7,9 @@ Layout under ``volumes/<V>/cdp/``::
     bases/        a SnapshotStore of this site's own bases (copy-on-write images of the
                   volume at a journal seq; never in the journal, so never replicated)
     exports.json  the point exports `nbdgw cdp export` made (served read-only)
+    maps/         the overlay of a base through each sealed journal segment (a cache:
+                  opening a point loads one and replays at most one segment; MapWriter)
+    restore.json  a restore in progress (<data dir>/cdp-restores/: a group's intent)
 
 Model.  With a policy, the primary appends TIME marks to the journal (``{"event":
 "time", "t": <unix ns>, "flush": bool}``): before a write when a second or more passed
@@ -30,11 +33,13 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import itertools
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +50,9 @@ from crc32c import crc32c
 from .errors import BlockstoreError, FormatError, InvalidArgument
 from .journal import segment_firsts, segment_name
 from .marks import COMMIT_EVENT, GROW_EVENT, TIME_EVENT
-from .meta import read_json, write_json
+from .meta import fsync_dir, read_json, write_json
 from .modes import make_dir
+from .overlay import MapKey, Overlay, decode_map, encode_map
 from .record import (
     MAX_PAYLOAD,
     REC_HEADER,
@@ -354,7 +360,7 @@ def bases_of(vol_path: Path) -> list[Snapshot]:
 
 def held_bytes(vol_path: Path, floor: int | None) -> tuple[int, int]:
     """(journal bytes of the segments holding records after ``floor``, bytes of the
-    bases' pre-images) this site keeps for CDP."""
+    bases' pre-images and of the saved overlay maps) this site keeps for CDP."""
     jdir = vol_path / "journal"
     firsts = segment_firsts(jdir)
     jbytes = 0
@@ -368,6 +374,9 @@ def held_bytes(vol_path: Path, floor: int | None) -> tuple[int, int]:
         bbytes = (vol_path / CDP_DIR / BASES_DIR / "data").stat().st_blocks * 512
     except FileNotFoundError:
         bbytes = 0
+    for *_key, path in _saved(vol_path):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+            bbytes += path.stat().st_size
     return jbytes, bbytes
 
 
@@ -588,9 +597,20 @@ class Cdp:
         self.scanned = 0  # the journal seq known_points scans after next time
         self.over_budget = False  # past max_bytes with the oldest base pinned
         self.force_base = False  # a resync kept a pinned base: take a new one first
+        self.maps: MapWriter | None = None  # started by the first housekeeping
 
     def close(self) -> None:
+        if self.maps is not None:
+            self.maps.stop()
+            self.maps = None
         self.bases.close()
+
+    def kick_maps(self, vol: Volume) -> None:
+        """Have the map writer look at the journal now (started if need be)."""
+        if self.maps is None:
+            self.maps = MapWriter(vol.info.path,
+                                  lambda: vol.applied_seq if vol.replica else vol.last_seq)
+        self.maps.wake.set()
 
     @property
     def floor(self) -> int | None:
@@ -646,6 +666,8 @@ class Cdp:
         next is older than the window; drop early past max_bytes (a warning event).
         Only where the store holds every journaled record (a replica between batches)."""
         self.next_check = time.monotonic() + HOUSEKEEP_EVERY
+        if self.maps is None:
+            self.kick_maps(vol)
         index = self.bases.index
         wall = time.time()
         newest = index.newest
@@ -704,6 +726,8 @@ class Cdp:
             seq = self.bases.index.snaps[sid].mark_seq
             self.bases.delete(sid)
             forget_lock(vol.info.path, sid)
+        remove_maps(vol.info.path, {(b.id, b.mark_seq) for b in
+                                    (self.bases.index.snaps[i] for i in self.bases.index.order)})
         _log.info("cdp_base_dropped", volume=vol.name, id=sid, seq=seq, reason=reason)
         return True
 
@@ -734,7 +758,7 @@ class Cdp:
         key = (base.id, point.seq)
         built = self.built.get(key)
         if built is None:  # else shared with the open views of the same point (multi-conn)
-            built = _build(vol.info.path / "journal", base, point, _base_size(base, vol.size))
+            built = _build(vol.info.path, base, point, _base_size(base, vol.size))
             self.built[key] = built
         built.refs += 1
         self.pins[base.id] = self.pins.get(base.id, 0) + 1
@@ -771,175 +795,272 @@ def _base_size(base: Snapshot, default: int) -> int:
     return default
 
 
-class Overlay:
-    """Non-overlapping byte ranges -> where their newest content is: (segment file
-    index, position of the byte at the range's start) or None for zeros.  Kept per
-    bucket of 2^shift bytes of the volume (a range crossing buckets is cut), so that an
-    insert shifts the entries of one bucket only: one sorted list for the whole volume
-    made opening an instant quadratic (1 GiB of 4 KiB records: 12.6 s, against 0.86 s
-    for 256 MiB; bench/cdp).  1 MiB buckets: 1.4 s for that GiB (64 MiB ones: 1.8 s)."""
-
-    def __init__(self, shift: int = 20) -> None:
-        self.shift = shift
-        self.buckets: dict[int, _Runs] = {}
-
-    def __len__(self) -> int:
-        return sum(len(b) for b in self.buckets.values())
-
-    def put(self, start: int, end: int, src: tuple[int, int] | None) -> None:
-        """[start, end) now reads from ``src`` (later puts win)."""
-        shift = self.shift
-        pos = start
-        while pos < end:
-            k = pos >> shift
-            stop = min(end, (k + 1) << shift)
-            runs = self.buckets.get(k)
-            if runs is None:
-                runs = self.buckets[k] = _Runs()
-            runs.put(pos, stop, _advance(src, pos - start))
-            pos = stop
-
-    def covering(self, start: int, end: int) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
-        """The ranges (clipped) that overlap [start, end), in order."""
-        if end <= start:
-            return
-        first, last = start >> self.shift, (end - 1) >> self.shift
-        keys = (range(first, last + 1) if last - first < 4 * len(self.buckets) + 4
-                else sorted(k for k in self.buckets if first <= k <= last))
-        for k in keys:
-            runs = self.buckets.get(k)
-            if runs is not None:
-                yield from runs.covering(start, end)
-
-
-class _Runs:
-    """One bucket of an Overlay: sorted, non-overlapping ranges."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.srcs: list[tuple[int, int] | None] = []
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def put(self, start: int, end: int, src: tuple[int, int] | None) -> None:
-        """[start, end) now reads from ``src`` (later puts win)."""
-        if end <= start:
-            return
-        starts, ends, srcs = self.starts, self.ends, self.srcs
-        i = bisect.bisect_right(starts, start) - 1
-        new_s: list[int] = []
-        new_e: list[int] = []
-        new_src: list[tuple[int, int] | None] = []
-        if i >= 0 and ends[i] > start:
-            # A range that begins at or before ``start`` and reaches into it: keep its head.
-            s0, e0, src0 = starts[i], ends[i], srcs[i]
-            if s0 < start:
-                new_s.append(s0)
-                new_e.append(start)
-                new_src.append(src0)
-            lo = i
-            if e0 > end:
-                new_s.append(start)
-                new_e.append(end)
-                new_src.append(src)
-                new_s.append(end)
-                new_e.append(e0)
-                new_src.append(_advance(src0, end - s0))
-                starts[lo:lo + 1] = new_s
-                ends[lo:lo + 1] = new_e
-                srcs[lo:lo + 1] = new_src
-                return
-        else:
-            lo = i + 1
-        hi = bisect.bisect_left(starts, end, lo)
-        # Ranges beginning inside [start, end): gone, except the tail of the last.
-        if hi > lo and ends[hi - 1] > end and starts[hi - 1] >= start:
-            s1, e1, src1 = starts[hi - 1], ends[hi - 1], srcs[hi - 1]
-            tail = (end, e1, _advance(src1, end - s1))
-        else:
-            tail = None
-        new_s.append(start)
-        new_e.append(end)
-        new_src.append(src)
-        if tail is not None:
-            new_s.append(tail[0])
-            new_e.append(tail[1])
-            new_src.append(tail[2])
-        starts[lo:hi] = new_s
-        ends[lo:hi] = new_e
-        srcs[lo:hi] = new_src
-
-    def covering(self, start: int, end: int) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
-        """The ranges (clipped) that overlap [start, end), in order."""
-        i = max(0, bisect.bisect_right(self.starts, start) - 1)
-        while i < len(self.starts) and self.starts[i] < end:
-            s, e = max(self.starts[i], start), min(self.ends[i], end)
-            if s < e:
-                yield s, e, _advance(self.srcs[i], s - self.starts[i])
-            i += 1
-
-
-def _advance(src: tuple[int, int] | None, n: int) -> tuple[int, int] | None:
-    return None if src is None else (src[0], src[1] + n)
-
-
 @dataclass
 class _Built:
-    """What opening a point built: the overlay, the segment files it reads, the size."""
+    """What opening a point built: the overlay (in two layers: a saved map's, unpacked
+    a bucket at a time as reads touch it, and the records replayed after it, newer),
+    the view's size, and the segment files its reads open (on first use: the base's
+    pin keeps them)."""
 
+    saved: Overlay
     overlay: Overlay
-    fds: list[int]
+    jdir: Path
     size: int
+    scanned: int = 0  # records read from the journal to build it (the rest: a saved map)
     refs: int = 0
+    fds: dict[int, int] = field(default_factory=dict)  # segment first seq -> file
+
+    def covering(self, start: int, end: int
+                 ) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+        """Both layers' ranges over [start, end), older first: laid in this order,
+        the newer wins."""
+        yield from self.saved.covering(start, end)
+        yield from self.overlay.covering(start, end)
+
+    def fd(self, first: int) -> int:
+        fd = self.fds.get(first)
+        if fd is None:
+            fd = self.fds[first] = os.open(self.jdir / segment_name(first), os.O_RDONLY)
+        return fd
 
     def close(self) -> None:
-        for fd in self.fds:
+        for fd in self.fds.values():
             os.close(fd)
-        self.fds = []
+        self.fds = {}
 
 
-def _build(jdir: Path, base: Snapshot, point: Point, base_size: int) -> _Built:
-    """Scan the records after ``base`` up to ``point`` into an overlay."""
-    built = _Built(Overlay(), [], base_size)
-    try:
-        firsts = segment_firsts(jdir)
-        opened: dict[int, int] = {}  # segment first seq -> index in built.fds
-        found = False
-        for seq, op, _flags, offset, length, at, raw in scan(jdir, base.mark_seq + 1,
-                                                             point.seq):
-            if op == Op.MARK:
-                body = _body(raw)
-                if body.get("event") == GROW_EVENT:
-                    built.size = max(built.size, int(body["size"]))
-                found = seq == point.seq and body.get("event") in (TIME_EVENT, COMMIT_EVENT)
-                continue
-            first = firsts[bisect.bisect_right(firsts, seq) - 1]
-            if first not in opened:
-                built.fds.append(os.open(jdir / segment_name(first), os.O_RDONLY))
-                opened[first] = len(built.fds) - 1
-            if op == Op.WRITE:
-                built.overlay.put(offset, offset + length, (opened[first], at))
-            else:  # TRIM and ZERO read as zeros
-                built.overlay.put(offset, offset + length, None)
-        if not found and point.seq > base.mark_seq:
-            raise CdpError(f"no point at seq {point.seq} (not a TIME mark)")
-    except BaseException:
-        built.close()
-        raise
+def _replay(jdir: Path, ov: Overlay, size: int, from_seq: int, through_seq: int
+            ) -> tuple[int, int, int, bool]:
+    """Lay the records ``from_seq``..``through_seq`` over ``ov``; return (the view's
+    size after them, the last seq read, how many were read, whether the last one read
+    is a TIME mark)."""
+    firsts = segment_firsts(jdir)
+    last, n, is_time = from_seq - 1, 0, False
+    for seq, op, _flags, offset, length, at, raw in scan(jdir, from_seq, through_seq):
+        last, n, is_time = seq, n + 1, False
+        if op == Op.MARK:
+            body = _body(raw)
+            if body.get("event") == GROW_EVENT:
+                size = max(size, int(body["size"]))
+            # A TIME mark, or a replica's commit mark (its current image: LATEST)
+            is_time = body.get("event") in (TIME_EVENT, COMMIT_EVENT)
+        elif op == Op.WRITE:
+            ov.put(offset, offset + length,
+                   (firsts[bisect.bisect_right(firsts, seq) - 1], at))
+        else:  # TRIM and ZERO read as zeros
+            ov.put(offset, offset + length, None)
+    return size, last, n, is_time
+
+
+def _build(vol_path: Path, base: Snapshot, point: Point, base_size: int) -> _Built:
+    """The overlay of ``point`` on ``base``: the newest usable saved map before the
+    point's segment, then the records after it (at most one segment's, when the map
+    writer has caught up)."""
+    jdir = vol_path / "journal"
+    saved, size, through = saved_overlay(vol_path, base, point.seq, base_size)
+    # In a layer of their own: laid into the map, a segment of random writes would
+    # unpack nearly every bucket of it at once.
+    built = _Built(saved, Overlay(), jdir, max(size, base_size))  # (maps start at size 0)
+    built.size, last, built.scanned, is_time = _replay(jdir, built.overlay, built.size,
+                                                       through + 1, point.seq)
+    if point.seq > base.mark_seq and not (last == point.seq and is_time):
+        raise CdpError(f"no point at seq {point.seq} (not a TIME mark)")
     return built
+
+
+# -- saved overlays: a map per sealed segment --------------------------------------------------
+
+MAPS_DIR = "maps"
+_MAP_RE = re.compile(r"^(\d+)-(\d+)-([0-9a-f]{16})\.map$")
+MAP_EVERY = 1.0  # seconds between the map writer's looks at the journal
+
+
+def _maps_dir(vol_path: Path) -> Path:
+    return vol_path / CDP_DIR / MAPS_DIR
+
+
+def _map_name(base: Snapshot, first: int) -> str:
+    return f"{base.id}-{base.mark_seq}-{first:016x}.map"
+
+
+def _saved(vol_path: Path) -> list[tuple[int, int, int, Path]]:
+    """(base id, base seq, segment first seq, path) of the map files there are."""
+    try:
+        names = os.listdir(_maps_dir(vol_path))
+    except FileNotFoundError:
+        return []
+    return [(int(m.group(1)), int(m.group(2)), int(m.group(3), 16), _maps_dir(vol_path) / n)
+            for n in names if (m := _MAP_RE.match(n))]
+
+
+def _last_header(jdir: Path, first: int, pos: int) -> tuple[int, int]:
+    """(seq, header CRC) of the record whose header is at ``pos`` of segment ``first``."""
+    fd = os.open(jdir / segment_name(first), os.O_RDONLY)
+    try:
+        raw = os.pread(fd, REC_HEADER_SIZE, pos)
+    finally:
+        os.close(fd)
+    if len(raw) != REC_HEADER_SIZE:
+        raise FormatError(f"segment {first:x}: no record header at {pos}")
+    magic, hcrc, seq = _HEADER.unpack_from(raw)[:3]
+    if magic != REC_MAGIC or crc32c(raw[8:]) != hcrc:
+        raise FormatError(f"segment {first:x}: no record header at {pos}")
+    return seq, hcrc
+
+
+def _load_map(vol_path: Path, path: Path, base: Snapshot, first: int, nxt: int
+              ) -> tuple[Overlay, int, int]:
+    """A saved map's (overlay, size, last seq) if it is the overlay of ``base`` through
+    the end of the sealed segment ``first`` (followed by ``nxt``) as the journal holds
+    it now; FormatError (or OSError) otherwise."""
+    key, ov = decode_map(path.read_bytes())
+    if ((key.base_id, key.base_seq, key.first, key.last) != (base.id, base.mark_seq, first,
+                                                              nxt - 1)
+            or _last_header(vol_path / "journal", first, key.last_pos)
+            != (key.last, key.last_hcrc)):
+        raise FormatError(f"{path.name}: not the overlay of this base and segment")
+    return ov, key.size, key.last
+
+
+def saved_overlay(vol_path: Path, base: Snapshot, seq: int, base_size: int
+                  ) -> tuple[Overlay, int, int]:
+    """(overlay, view size, last seq it covers) of ``base``'s records from the newest
+    intact saved map of a segment ending before ``seq``; an empty overlay at the base
+    when there is none.  A map that is torn, of another base or segment layout, or
+    whose last record the journal no longer holds is skipped, never used."""
+    firsts = segment_firsts(vol_path / "journal")
+    nexts = dict(itertools.pairwise(firsts))
+    mine = sorted((first, path) for bid, bseq, first, path in _saved(vol_path)
+                  if (bid, bseq) == (base.id, base.mark_seq) and first in nexts
+                  and base.mark_seq < nexts[first] - 1 < seq)
+    for first, path in reversed(mine):
+        try:
+            return _load_map(vol_path, path, base, first, nexts[first])
+        except (FormatError, OSError, ValueError) as e:
+            _log.info("cdp_map_ignored", map=path.name, error=str(e))
+            # So that the writer saves it again.  Should the writer have renamed a good
+            # one over it meanwhile, that one goes: a missing map costs a replay, no more.
+            with contextlib.suppress(OSError):  # (a reader that may not: it stays ignored)
+                path.unlink()
+    return Overlay(), base_size, base.mark_seq
+
+
+def _write_map(vol_path: Path, base: Snapshot, first: int, last: int, ov: Overlay,
+               size: int) -> None:
+    """Save the overlay of ``base`` through ``last`` (the end of segment ``first``):
+    a temp file renamed into place, so a reader in another process sees a whole map or
+    none.  No fsync: a map lost or torn by a crash is skipped and written again."""
+    jdir = vol_path / "journal"
+    pos = _last_pos(jdir, first, last)
+    _seq, hcrc = _last_header(jdir, first, pos)
+    key = MapKey(base.id, base.mark_seq, first, last, pos, hcrc, size)
+    d = _maps_dir(vol_path)
+    make_dir(d, parents=True, exist_ok=True)
+    tmp = d / f".tmp-{os.getpid()}-{threading.get_ident()}-{_map_name(base, first)}"
+    tmp.write_bytes(encode_map(key, ov))
+    os.replace(tmp, d / _map_name(base, first))
+
+
+def _last_pos(jdir: Path, first: int, last: int) -> int:
+    """Where the header of record ``last`` is in segment ``first``."""
+    for seq, _op, _f, _o, _l, at, _raw in scan(jdir, last, last):
+        if seq == last:
+            return at - REC_HEADER_SIZE
+    raise FormatError(f"segment {first:x}: record {last} not found")
+
+
+def remove_maps(vol_path: Path, keep: set[tuple[int, int]], firsts: list[int] | None = None
+                ) -> None:
+    """Remove the maps of bases not in ``keep`` ((id, seq) pairs) and, given the journal's
+    segments ``firsts``, those of segments no longer sealed there (released)."""
+    sealed = set(firsts[:-1]) if firsts is not None else None
+    for bid, bseq, first, path in _saved(vol_path):
+        if (bid, bseq) not in keep or (sealed is not None and first not in sealed):
+            path.unlink(missing_ok=True)
+
+
+def update_maps(vol_path: Path, committed: int, cache: dict[str, Any] | None = None,
+                stopping: Callable[[], bool] = lambda: False) -> int:
+    """One pass of the map writer: save the overlay of every sealed segment whose
+    records are all committed (``committed``: a replica's uncommitted tail may be cut
+    and its seqs reused) on the newest base before the segment's end, from the previous
+    segment's map (``cache``: the last one built, kept in memory); remove the maps of
+    dropped bases and released segments; ``stopping`` is asked before each map (a volume
+    closing does not wait for a writer far behind).  Return how many maps were written."""
+    jdir = vol_path / "journal"
+    firsts = segment_firsts(jdir)
+    bases = bases_of(vol_path)
+    remove_maps(vol_path, {(b.id, b.mark_seq) for b in bases}, firsts)
+    have = {p.name for *_k, p in _saved(vol_path)}
+    cache = {} if cache is None else cache
+    written = 0
+    for first, nxt in itertools.pairwise(firsts):
+        last = nxt - 1
+        if last > committed or stopping():
+            break
+        base = None
+        for b in bases:
+            if b.mark_seq < last:
+                base = b
+        if base is None or _map_name(base, first) in have:
+            continue
+        prev = cache.get("built")
+        if prev is not None and prev[0] == (base.id, base.mark_seq, first):
+            ov, size, through = prev[1:]
+        else:
+            ov, size, through = saved_overlay(vol_path, base, last, 0)
+        size, got, _n, _t = _replay(jdir, ov, size, through + 1, last)
+        if got != last:
+            break  # released meanwhile, or not all there: next time
+        _write_map(vol_path, base, first, last, ov, size)
+        cache["built"] = ((base.id, base.mark_seq, nxt), ov, size, last)
+        written += 1
+    return written
+
+
+class MapWriter:
+    """The thread that saves the maps of an open volume's sealed segments, off the
+    request path (a client write never waits for it; it reads sealed segments, which
+    nothing rewrites, and the bases' index as a reader does)."""
+
+    def __init__(self, vol_path: Path, committed: Callable[[], int]) -> None:
+        self.vol_path = vol_path
+        self.committed = committed
+        self.wake = threading.Event()
+        self.stopping = False
+        self.cache: dict[str, Any] = {}
+        for p in _maps_dir(vol_path).glob(".tmp-*"):  # a crash's half-written ones
+            p.unlink(missing_ok=True)
+        self.thread = threading.Thread(target=self._run, name="nbdgw-cdp-maps", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                update_maps(self.vol_path, self.committed(), self.cache,
+                            lambda: self.stopping)
+            except (OSError, BlockstoreError, ValueError) as e:
+                # A cache: an open without it replays more records, never reads wrong.
+                self.cache.clear()
+                _log.warning("cdp_maps_failed", path=str(self.vol_path), error=str(e))
+            self.wake.wait(MAP_EVERY)
+            self.wake.clear()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
 
 
 def _read_overlay(built: _Built, view: memoryview, offset: int, name: str) -> None:
     """Lay the records of a point's overlay over ``view`` (the base's bytes at
     ``offset``)."""
-    for s, e, src in built.overlay.covering(offset, offset + len(view)):
+    for s, e, src in built.covering(offset, offset + len(view)):
         if src is None:
             view[s - offset:e - offset] = bytes(e - s)
             continue
-        fd, pos = src
-        got = os.preadv(built.fds[fd], [view[s - offset:e - offset]], pos)
+        first, pos = src
+        got = os.preadv(built.fd(first), [view[s - offset:e - offset]], pos)
         if got != e - s:
             raise OSError(errno.EIO, f"point {name}: short read of the journal")
 
@@ -960,7 +1081,6 @@ class PointView:
         self.name = name
         self.built = built
         self.overlay = built.overlay
-        self.fds = built.fds
         self.size = built.size
         self.closed = False
         self.pin_fd = -1
@@ -1072,7 +1192,7 @@ class FollowedPointView:
             except CdpError:
                 continue
             self.base, self.point = base, point
-            self.built = _build(vol_path / "journal", base, point,
+            self.built = _build(vol_path, base, point,
                                 _base_size(base, self.store.size))
             self.size = self.built.size
             return
@@ -1142,15 +1262,21 @@ def restore(vol: Volume, text: str, snapshot: str) -> dict[str, Any]:
 
 
 def pending_restore(vol_path: Path) -> bool:
-    return (vol_path / CDP_DIR / RESTORE_FILE).exists()
+    """Whether a restore of this volume was cut short: its own intent, or a group
+    restore's that names it and has not seen it done."""
+    return ((vol_path / CDP_DIR / RESTORE_FILE).exists()
+            or _group_pending(vol_path) is not None)
 
 
 def finish_restore(vol: Volume) -> int:
     """Write, through the journal, every extent where the live volume differs from the
-    point restore.json names; then drop the intent.  Return the bytes written."""
+    point restore.json names; then drop the intent.  Return the bytes written.  A
+    member of a group restore not begun yet begins first (its snapshot, its intent)."""
     cdp = vol.cdp
     assert cdp is not None and vol.store is not None and vol.journal is not None
     path = cdp.path / RESTORE_FILE
+    if not path.exists():
+        _begin_member(vol)
     intent = read_json(path, "cdp-restore", 1)
     seq = int(intent["seq"])
     view = open_point(vol, f"seq-{seq}")
@@ -1159,7 +1285,7 @@ def finish_restore(vol: Volume) -> int:
         shift = cdp.bases.shift
         ext = 1 << shift
         changed = cdp.bases.index.changed_since(view.base.id)
-        for s_, e_, _src in view.overlay.covering(0, vol.size):
+        for s_, e_, _src in view.built.covering(0, vol.size):
             changed.update(range(s_ >> shift, ((e_ - 1) >> shift) + 1))
         if view.size < vol.size:  # grown since the point: that space was not there
             changed.update(range(view.size >> shift, ((vol.size - 1) >> shift) + 1))
@@ -1186,7 +1312,107 @@ def finish_restore(vol: Volume) -> int:
         vol.journal.sync()
     finally:
         view.close()
+    group = str(intent.get("group", ""))
+    if group:
+        _member_done(vol.info.path, group)
     path.unlink()
+    if group:
+        _forget_group_if_done(vol.info.path, group)
     _log.warning("cdp_restored", volume=vol.name, seq=seq, snapshot=intent["snapshot"],
-                 bytes_written=written)
+                 bytes_written=written, group=group or None)
     return written
+
+
+# -- consistency-group restore ----------------------------------------------------------------
+
+GROUPS_DIR = "cdp-restores"  # under the data dir: <group>.json intents, <group>.<V>.done
+
+
+def _groups_dir(vol_path: Path) -> Path:
+    return vol_path.parent.parent / GROUPS_DIR
+
+
+def _group_pending(vol_path: Path) -> tuple[str, dict[str, Any]] | None:
+    """(group id, intent) of a group restore that names this volume and has not seen it
+    done, if there is one."""
+    d = _groups_dir(vol_path)
+    name = vol_path.name
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            intent = read_json(p, "cdp-group-restore", 1)
+        except FileNotFoundError:
+            continue  # finished meanwhile
+        if name in intent["volumes"] and not (d / f"{p.stem}.{name}.done").exists():
+            return p.stem, intent
+    return None
+
+
+def _begin_member(vol: Volume) -> None:
+    """Start this volume's part of the group restore that names it: the snapshot of the
+    state before (unless a run cut short took it), then its own intent."""
+    cdp = vol.cdp
+    assert cdp is not None
+    found = _group_pending(vol.info.path)
+    if found is None:
+        raise CdpError(f"volume {vol.name}: no restore to finish")
+    group, intent = found
+    snapshot = str(intent["snapshot"])
+    if vol.snaps is None or snapshot not in vol.snaps.index.by_name:
+        vol.snapshot_create(snapshot)
+    write_json(cdp.path / RESTORE_FILE, {
+        "kind": "cdp-restore", "version": 1, "seq": int(intent["volumes"][vol.name]),
+        "point": intent["point"], "snapshot": snapshot, "started": time.time(),
+        "group": group})
+
+
+def _member_done(vol_path: Path, group: str) -> None:
+    """Durable before the member's own intent goes: a crash between leaves both, and the
+    next open finishes again (nothing to write: the extents are equal)."""
+    d = _groups_dir(vol_path)
+    fd = os.open(d / f"{group}.{vol_path.name}.done", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    fsync_dir(d)
+
+
+def _forget_group_if_done(vol_path: Path, group: str) -> None:
+    d = _groups_dir(vol_path)
+    try:
+        intent = read_json(d / f"{group}.json", "cdp-group-restore", 1)
+    except FileNotFoundError:
+        return
+    if all((d / f"{group}.{v}.done").exists() for v in intent["volumes"]):
+        (d / f"{group}.json").unlink(missing_ok=True)  # first: then no member is pending
+        for v in intent["volumes"]:
+            (d / f"{group}.{v}.done").unlink(missing_ok=True)
+
+
+def restore_group(vols: list[Volume], at_ns: int, point: str, snapshot: str
+                  ) -> list[dict[str, Any]]:
+    """Roll every volume of ``vols`` (one node's, open here, under their request locks
+    or idle) back to its last FLUSH point at or before ``at_ns``, keeping each one's
+    state before as snapshot ``snapshot``; all or nothing across a crash: every volume
+    is checked first, then one intent naming them all is made durable, and from then on
+    the next open of each finishes its part (DESIGN.md §7a "Consistency groups")."""
+    seqs: dict[str, int] = {}
+    for vol in vols:
+        cdp = vol.cdp
+        if cdp is None:
+            raise CdpError(f"volume {vol.name} keeps no history (no cdp window)")
+        if vol.replica:
+            raise CdpError(f"volume {vol.name} is a replica: restore its primary")
+        if cdp.floor is None:
+            raise CdpError(f"volume {vol.name} holds no history yet")
+        seqs[vol.name] = resolve(cdp.known_points(vol), "at", at_ns, cdp.floor).seq
+        vol.check_snapshot(snapshot)
+    paths = {vol.info.path.parent for vol in vols}
+    if len(paths) != 1 or len(seqs) != len(vols):
+        raise CdpError("a consistency group is distinct volumes of one data directory")
+    d = _groups_dir(vols[0].info.path)
+    make_dir(d, exist_ok=True)
+    fsync_dir(d.parent)  # (the directory's entry, the first time: the intent's in it)
+    group = os.urandom(8).hex()
+    write_json(d / f"{group}.json", {"kind": "cdp-group-restore", "version": 1,
+                                     "volumes": seqs, "point": point, "snapshot": snapshot,
+                                     "started": time.time()})
+    return [{"volume": vol.name, "seq": seqs[vol.name], "snapshot": snapshot,
+             "bytes_written": finish_restore(vol)} for vol in vols]

@@ -30,11 +30,13 @@ from blockstore.cdp import (
     write_policy,
 )
 from blockstore.cdp import restore as blockstore_restore
+from blockstore.cdp import restore_group as blockstore_restore_group
 from blockstore.errors import VolumeInUse
 from blockstore.volume import Volume, find_volume, is_replica, list_volumes
 from nbdgw_common.control_socket import ControlError, request
 
 from .config import NodeConfig
+from .snapshots import _open_all as open_all
 
 log = structlog.get_logger(component="gateway")
 
@@ -113,7 +115,7 @@ def restore(data_dir: Path, volume: str, at: str | None = None, seq: int | None 
     keeping the state before as a snapshot; on an idle volume here, on a served one
     through its nbdkit process (the control socket)."""
     point = export_point(data_dir, volume, at, seq, before_last_flush)
-    snapshot = snapshot or "pre-restore-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    snapshot = snapshot or _pre_restore_name()
     try:
         vol = Volume(find_volume(data_dir, volume))
     except VolumeInUse:
@@ -129,6 +131,39 @@ def restore(data_dir: Path, volume: str, at: str | None = None, seq: int | None 
         finally:
             vol.close()
     return {**point, "snapshot": reply["snapshot"], "bytes_written": reply["bytes_written"]}
+
+
+def _pre_restore_name() -> str:
+    return "pre-restore-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def restore_group(data_dir: Path, volumes: list[str], at: str, snapshot: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """Roll ``volumes`` (a consistency group of this node: all idle, or all served by
+    one nbdgw serve) back to their last FLUSH points at or before instant ``at``, all or
+    nothing across a crash (blockstore/cdp.py restore_group); each keeps its state
+    before as snapshot ``snapshot``."""
+    if len(set(volumes)) != len(volumes):
+        raise CdpError("a volume is named twice")
+    at_ns = parse_instant(at)
+    point = format_instant(at_ns)
+    snapshot = snapshot or _pre_restore_name()
+    vols = open_all(data_dir, volumes)
+    if vols is None:
+        try:
+            reply = request(find_volume(data_dir, volumes[0]).path,
+                            {"op": "cdp-restore", "volumes": volumes, "at": at_ns,
+                             "point": point, "name": snapshot})
+        except ControlError as e:
+            raise CdpError(str(e)) from None
+        rows: list[dict[str, Any]] = reply["volumes"]
+    else:
+        try:
+            rows = blockstore_restore_group(vols, at_ns, point, snapshot)
+        finally:
+            for v in vols:
+                v.close()
+    return [{**r, "time": point} for r in rows]
 
 
 def unexport(data_dir: Path, volume: str, name: str) -> bool:

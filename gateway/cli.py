@@ -881,7 +881,7 @@ def cdp_export(obj: Ctx, volume: str, at: str | None, seq: int | None,
 
 
 @cdp.command("restore")
-@click.argument("volume")
+@click.argument("volumes", nargs=-1, required=True)
 @click.option("--at", "at", default=None,
               help="An instant (ISO 8601, UTC): the last FLUSH at or before it.")
 @click.option("--seq", type=int, default=None, help="A point's journal seq.")
@@ -895,24 +895,35 @@ def cdp_export(obj: Ctx, volume: str, at: str | None, seq: int | None,
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 @audit.audited("cdp restore")
-def cdp_restore(obj: Ctx, volume: str, at: str | None, seq: int | None,
+def cdp_restore(obj: Ctx, volumes: tuple[str, ...], at: str | None, seq: int | None,
                 before_last_flush: bool, snapshot: str | None, yes: bool,
                 data_dir: Path | None, as_json: bool) -> None:
-    """Roll VOLUME back to a point of its history (through the journal: replicas
-    follow; the state before is kept as a snapshot; all or nothing across a crash)."""
+    """Roll VOLUMES back to a point of their history (through the journal: replicas
+    follow; the state before is kept as a snapshot; all or nothing across a crash).
+    Several volumes: one consistency group, each to its last FLUSH at or before --at."""
     from . import cdp as cdp_ops
 
     dd = obj.data_dir(data_dir)
-    point = cdp_ops.export_point(dd, volume, at, seq, before_last_flush)
-    _confirm(yes, f"roll volume {volume} back to seq {point['seq']} ({point['time']})? "
-                  "Clients see the data change under them (unmount first)")
-    r = cdp_ops.restore(dd, volume, None, point["seq"], False, snapshot)
+    if len(volumes) > 1:
+        if at is None or seq is not None or before_last_flush:
+            raise click.UsageError("a consistency group is restored to one instant: "
+                                   "--at only")
+        _confirm(yes, f"roll volumes {', '.join(volumes)} back to {at}? Clients see the "
+                      "data change under them (unmount first)")
+        rows = cdp_ops.restore_group(dd, list(volumes), at, snapshot)
+    else:
+        point = cdp_ops.export_point(dd, volumes[0], at, seq, before_last_flush)
+        _confirm(yes, f"roll volume {volumes[0]} back to seq {point['seq']} "
+                      f"({point['time']})? Clients see the data change under them "
+                      "(unmount first)")
+        rows = [cdp_ops.restore(dd, volumes[0], None, point["seq"], False, snapshot)]
     if as_json:
-        click.echo(json.dumps(r, indent=2))
+        click.echo(json.dumps(rows if len(volumes) > 1 else rows[0], indent=2))
         return
-    click.echo(f"restored volume {volume} to seq {r['seq']} ({r['time']}), "
-               f"{_human(r['bytes_written'])} written; the state before is snapshot "
-               f"{r['snapshot']}")
+    for r in rows:
+        click.echo(f"restored volume {r['volume']} to seq {r['seq']} ({r['time']}), "
+                   f"{_human(r['bytes_written'])} written; the state before is snapshot "
+                   f"{r['snapshot']}")
 
 
 @cdp.command("unexport")

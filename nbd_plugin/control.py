@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 
 from blockstore.cdp import restore as cdp_restore
+from blockstore.cdp import restore_group as cdp_restore_group
 from blockstore.errors import BlockstoreError
 from blockstore.snapshot import Snapshot, SnapshotError
 from blockstore.volume import Volume
@@ -256,6 +257,19 @@ class ControlServer:
                     break
             log.warning("io_released", held_s=round(time.monotonic() - t0, 3))
 
+    def group(self, req: dict[str, Any], op: str) -> tuple[list[str], list[Volume]]:
+        """The volumes a group request names, all served here."""
+        names = req.get("volumes")
+        if not isinstance(names, list) or not names:
+            raise ControlError(f"{op} needs a list of volumes")
+        missing = [n for n in names if n not in self.volumes]
+        if missing:
+            raise ControlError(
+                f"volume {missing[0]} is not served by this process "
+                f"(pid {os.getpid()}): a consistency group must be served by "
+                "one nbdgw serve")
+        return names, [self.volumes[n] for n in names]
+
     def handle(self, req: Any) -> dict[str, Any]:  # noqa: PLR0911 - one return per op
         """Run one request; never raises for a request that is merely refused."""
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
@@ -263,20 +277,17 @@ class ControlServer:
         op = req["op"]
         try:
             if op == "create":
-                names = req.get("volumes")
-                if not isinstance(names, list) or not names:
-                    raise ControlError("create needs a list of volumes")
-                missing = [n for n in names if n not in self.volumes]
-                if missing:
-                    raise ControlError(
-                        f"volume {missing[0]} is not served by this process "
-                        f"(pid {os.getpid()}): a consistency group must be served by "
-                        "one nbdgw serve")
-                vols = [self.volumes[n] for n in names]
+                names, vols = self.group(req, op)
                 with locked(vols):
                     snaps = create_group(vols, req.get("name"))
                 return {"ok": True, "snapshots": [snapshot_row(n, s) for n, s in
                                                   zip(names, snaps, strict=True)]}
+            if op == "cdp-restore" and "volumes" in req:  # a consistency group
+                _names, vols = self.group(req, op)
+                with locked(vols):
+                    rows = cdp_restore_group(vols, int(req["at"]), str(req["point"]),
+                                             str(req["name"]))
+                return {"ok": True, "volumes": rows}
             vol = self.volumes.get(str(req.get("volume")))
             if vol is None:
                 raise ControlError(f"volume {req.get('volume')} is not served here")

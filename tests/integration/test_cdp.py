@@ -163,6 +163,23 @@ def test_the_replica_holds_the_same_instants(cdp_env: Env) -> None:
         vol.close()
 
 
+def kill9_once(s: Served, intent_seen: Callable[[], bool], *args: str) -> None:
+    """Run `nbdgw cdp restore ARGS --yes --snapshot before-restore` and kill nbdkit with
+    -9 as soon as ``intent_seen()``; the restore must not report success."""
+    proc = subprocess.Popen([NBDGW, "cdp", "restore", *args, "--yes", "--snapshot",
+                             "before-restore"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not intent_seen():
+        assert proc.poll() is None, f"restore ended before its intent was seen: " \
+                                    f"{proc.communicate()[0]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    s.kill9_nbdkit()
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode != 0, out  # cut short: it did not report success
+
+
 def test_restore_cut_by_kill9_is_finished_on_restart(data_dir: Path, volume: str,
                                                      serve: Callable[..., Served],
                                                      tmp_path: Path) -> None:
@@ -184,18 +201,7 @@ def test_restore_cut_by_kill9_is_finished_on_restart(data_dir: Path, volume: str
     h.flush()
     h.shutdown()
     intent = data_dir / "volumes/v1/cdp/restore.json"
-    proc = subprocess.Popen([NBDGW, "cdp", "restore", "v1", "--before-last-flush", "--yes",
-                             "--snapshot", "before-restore", "--data-dir", dd],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while not intent.exists():
-        assert proc.poll() is None, f"restore ended before its intent was seen: " \
-                                    f"{proc.communicate()[0]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    s.kill9_nbdkit()
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode != 0, out  # cut short: it did not report success
+    kill9_once(s, intent.exists, "v1", "--before-last-flush", "--data-dir", dd)
     s = serve(config=config)
     assert not intent.exists()
     h = connect(s, "v1")
@@ -204,3 +210,46 @@ def test_restore_cut_by_kill9_is_finished_on_restart(data_dir: Path, volume: str
     h = connect(s, "v1@before-restore")
     assert h.pread(32 * MiB, 0) == b
     h.shutdown()
+
+
+def test_group_restore_cut_by_kill9_finishes_every_volume(data_dir: Path, volume: str,
+                                                          serve: Callable[..., Served],
+                                                          tmp_path: Path) -> None:
+    """`nbdgw cdp restore v1 v2 --at T` of two volumes one nbdkit serves, nbdkit killed
+    with -9 once the group's intent is on disk and before it is gone: the next `nbdgw
+    serve` finishes both; each reads exactly its point at T, each snapshot the state
+    before."""
+    run_nbdgw("volume", "create", "v2", "--size", "64M", "--data-dir", str(data_dir))
+    config = tmp_path / "nbdgw.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "node": {"data_dir": str(data_dir)},
+                                      "cdp": {"window": "1h"}}))
+    s = serve(config=config)
+    rng = random.Random(29)
+    a = {v: rng.randbytes(32 * MiB) for v in (volume, "v2")}
+    b = {v: rng.randbytes(32 * MiB) for v in (volume, "v2")}
+    for v, data in a.items():
+        h = connect(s, v)
+        h.pwrite(data, 0)
+        h.flush()
+        h.shutdown()
+    time.sleep(1.1)
+    at = format_instant(int(time.time()) * 1_000_000_000)  # after a's FLUSHes, before b
+    time.sleep(1.1)
+    for v, data in b.items():
+        h = connect(s, v)
+        h.pwrite(data, 0)
+        h.flush()
+        h.shutdown()
+    groups = data_dir / "cdp-restores"
+    kill9_once(s, lambda: groups.is_dir() and bool(list(groups.glob("*.json"))),
+               volume, "v2", "--at", at, "--data-dir", str(data_dir))
+    assert list(groups.glob("*.json")), "the kill landed after the group finished"
+    s = serve(config=config)
+    assert not list(groups.iterdir())
+    for v, data in a.items():
+        h = connect(s, v)
+        assert h.pread(32 * MiB, 0) == data, v
+        h.shutdown()
+        h = connect(s, f"{v}@before-restore")
+        assert h.pread(32 * MiB, 0) == b[v], v
+        h.shutdown()

@@ -8,7 +8,9 @@ pruning by max_bytes; the overlay against a brute-force model."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -292,18 +294,21 @@ def test_max_bytes_drops_the_oldest_history_and_never_fails_a_write(
     vol.close()
 
 
-def test_a_replica_has_the_same_points_with_the_primarys_clock(tmp_path: Path,
-                                                               clock: Clock) -> None:
+def replicated(tmp_path: Path, clock: Clock, rounds: int, steps: int, seed: int,
+               **open_kw: int) -> tuple[Volume, Volume, dict[int, bytes]]:
+    """A primary and its replica (each with a window), ``rounds`` of ``steps`` writes and
+    a FLUSH shipped as one batch each: (primary, replica, image at each FLUSH point by
+    the primary's clock)."""
     make(tmp_path / "a")
     make(tmp_path / "b", replica=True)
-    p = Volume.open(tmp_path / "a", "v1")
-    r = Volume.open(tmp_path / "b", "v1")
+    p = Volume.open(tmp_path / "a", "v1", **open_kw)  # type: ignore[arg-type]
+    r = Volume.open(tmp_path / "b", "v1", **open_kw)  # type: ignore[arg-type]
     r.set_consistent(True)
-    model = Model(p, 11)
+    model = Model(p, seed)
     shipped = 0
     images = {}
-    for _ in range(6):
-        for _ in range(5):
+    for _ in range(rounds):
+        for _ in range(steps):
             model.step()
         p.flush()
         images[[q for q in points(p.info.path, 0, False) if q.flush][-1].t] = bytes(model.img)
@@ -312,6 +317,12 @@ def test_a_replica_has_the_same_points_with_the_primarys_clock(tmp_path: Path,
                 for h, d in p.journal.records(shipped + 1)]  # type: ignore[union-attr]
         r.apply_batch(shipped + 1, p.last_seq, recs)
         shipped = p.last_seq
+    return p, r, images
+
+
+def test_a_replica_has_the_same_points_with_the_primarys_clock(tmp_path: Path,
+                                                               clock: Clock) -> None:
+    p, r, images = replicated(tmp_path, clock, 6, 5, 11)
     ppts = [(q.t, q.flush) for q in points(p.info.path, 0, False)]
     rpts = points(r.info.path, 0, True)
     assert [(q.t, q.flush) for q in rpts] == ppts
@@ -326,10 +337,26 @@ class Crash(BaseException):
     """Raised where kill -9 lands (BaseException: nothing on the way catches it)."""
 
 
+@contextlib.contextmanager
+def crash_at_change(n: int) -> Iterator[None]:
+    """Raise Crash at the ``n``-th store change of any volume, inside the block."""
+    real = Volume._change
+    calls = [0]
+
+    def dying(self: Volume, *a: object, **kw: object) -> int:
+        if calls[0] >= n:
+            raise Crash
+        calls[0] += 1
+        return real(self, *a, **kw)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Volume, "_change", dying)
+        yield
+
+
 @pytest.mark.parametrize("crash_after", [None, 0, 3])
 def test_restore_to_a_point_keeps_the_state_before_and_survives_a_crash(
-        tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch,
-        crash_after: int | None) -> None:
+        tmp_path: Path, clock: Clock, crash_after: int | None) -> None:
     make(tmp_path)
     vol = Volume.open(tmp_path, "v1", segment_bytes=1 * MiB)
     model = Model(vol, 13)
@@ -348,19 +375,8 @@ def test_restore_to_a_point_keeps_the_state_before_and_survives_a_crash(
     vol.flush()
     before = bytes(model.img)
     if crash_after is not None:
-        real = Volume._change
-        calls = [0]
-
-        def dying(self: Volume, *a: object, **kw: object) -> int:
-            if calls[0] >= crash_after:
-                raise Crash
-            calls[0] += 1
-            return real(self, *a, **kw)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(Volume, "_change", dying)
-        with pytest.raises(Crash):
+        with crash_at_change(crash_after), pytest.raises(Crash):
             cdp_mod.restore(vol, f"seq-{seq}", "pre-restore")
-        monkeypatch.setattr(Volume, "_change", real)
         crash(vol)
         vol = Volume.open(tmp_path, "v1")  # finishes the restore
         assert not cdp_mod.pending_restore(vol.info.path)
