@@ -24,6 +24,7 @@ connections still in their preamble are capped in all and per source address.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -235,8 +236,10 @@ class Front:
             return
         try:
             with _reachable(path) as name:
-                socket.send_fds(self.out, [group.encode()], [conn.fileno()],
-                                socket.MSG_DONTWAIT, name)
+                # sendmsg, not socket.send_fds: that drops its flags and address
+                self.out.sendmsg([group.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                     array.array("i", [conn.fileno()]))],
+                                 socket.MSG_DONTWAIT, name)
         except BlockingIOError:
             self._drop("group_busy", source, "the group's peerlink takes no more "
                        "connections now (stopped or stalled)", group)
