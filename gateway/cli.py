@@ -1065,8 +1065,10 @@ def config_check(obj: Ctx, path: Path | None) -> None:
         for g in groups_of(cfg):
             d = group_config(cfg, g.name)
             sends = ", ".join(f"{p.name} ({p.mode.value})" for p in d.send_to()) or "nobody"
+            shared = [("peerlink", f"{d.peerlink.listen_port} (shared)")] if d.peerlink.front \
+                else []
             click.echo(f"group {g.name}: role {d.role.value}, data_dir {d.data_dir}, ports "
-                       + ", ".join(f"{k} {v}" for k, v in g.ports.named())
+                       + ", ".join(f"{k} {v}" for k, v in [*shared, *g.ports.named()])
                        + f"; sends to {sends}; "
                        + f"{len(d.volumes)} volume(s) in the config")
         return

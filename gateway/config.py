@@ -36,6 +36,7 @@ from iscsi_bridge.errors import InvalidName
 from iscsi_bridge.names import target_iqn, validate_initiator, validate_iqn
 from iscsi_bridge.settings import CHAP, ISCSI, ChapConfig, IscsiConfig
 from nbdgw_common.settings import Keys, Kind, Setting, default_of, size_text
+from peerlink.front import handoff_path
 from peerlink.ratelimit import RateWindow, parse_rate
 from peerlink.ratelimit import window as rate_window
 
@@ -298,6 +299,9 @@ class PeerlinkConfig:
     tls: PeerlinkTlsConfig | None = None
     insecure: bool = default_of(PEERLINK, "insecure")
     next_secret_file: Path | None = default_of(PEERLINK, "next_secret_file")
+    # A group on its node's shared port (no groups[].ports.peerlink): its peerlink takes
+    # its connections from the groups parent's front, and listens on no port itself.
+    front: bool = False
 
 
 RATE_WINDOW = Keys(
@@ -360,6 +364,9 @@ class PeerConfig:
     compression: Compression = default_of(PEER, "compression")
     rate_schedule: tuple[RateWindow, ...] = default_of(PEER, "rate_schedule")
     rpo: RpoConfig = RpoConfig()
+    # The group to name in the route preamble: the peer's end is its node's shared
+    # port (peerlink/front.py); None: a port of the group's own.
+    route: str | None = None
 
 
 class Every(enum.Enum):
@@ -542,8 +549,10 @@ SITE = Keys(
 )
 
 GROUP_PORTS = Keys(
-    Setting("peerlink", Kind.INTEGER, required=True, minimum=1, maximum=65535,
-            help="TCP port of the group's replication on every site of it"),
+    Setting("peerlink", Kind.INTEGER, None, "TCP port of the group's replication on every "
+            "site of it; none: the node's shared port, peerlink.listen's (the same on every "
+            "site), where a front routes each connection to its group", minimum=1,
+            maximum=65535),
     Setting("heartbeat", Kind.INTEGER, required=True, minimum=1, maximum=65535,
             help="UDP port of the group's heartbeats on every site of it"),
     Setting("nbd", Kind.INTEGER, required=True, minimum=1, maximum=65535,
@@ -644,7 +653,7 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class GroupPorts:
-    peerlink: int
+    peerlink: int | None  # None: the node's shared port (peerlink.listen)
     heartbeat: int
     nbd: int
     metrics: int | None = None
@@ -1480,7 +1489,6 @@ NOT_WITH_GROUPS: Final = (
                         "groups[].ports.iscsi"),
     ("iscsi", "control_port", "each group's tgtd uses its portal port's number: "
                               "groups[].ports.iscsi"),
-    ("peerlink", "listen", "each group listens on its own port: groups[].ports.peerlink"),
     ("peerlink", "topology", "each group has its own: groups[].topology"),
     ("failover", "heartbeat_port", "each group beats on its own port: "
                                    "groups[].ports.heartbeat"),
@@ -1587,10 +1595,10 @@ def _groups(items: list[Any], sites: tuple[SiteConfig, ...], failover: FailoverC
                                   f"of group {name}")
             replicas.append(ReplicaConfig(site, tuple(_link_options(r).items())))
         p = _Section(s.get("ports"), f"{where}.ports", GROUP_PORTS)
-        p.require("peerlink", "heartbeat", "nbd")
-        ports = GroupPorts(p.value("peerlink"), p.value("heartbeat"), p.value("nbd"),
-                           *(p.value(k) if p.get(k) is not None else None
-                             for k in ("metrics", "iscsi")))
+        p.require("heartbeat", "nbd")
+        own = [p.value(k) if p.get(k) is not None else None
+               for k in ("peerlink", "metrics", "iscsi")]
+        ports = GroupPorts(own[0], p.value("heartbeat"), p.value("nbd"), *own[1:])
         out.append(GroupConfig(
             name=name, primary=s.value("primary"), secondary=s.value("secondary"),
             dr=s.value("dr"), witness=s.value("witness"), topology=s.value("topology"),
@@ -1647,6 +1655,11 @@ def check_group(cfg: NodeConfig, i: int, g: GroupConfig) -> None:
             raise ConfigError(f"groups[{i}].ports.{key} and .{used[port]} are both "
                               f"{port}: a group's ports differ")
         used[port] = key
+    if g.ports.peerlink is None and cfg.peerlink.secret_file is None:
+        raise ConfigError(f"{where}: on the node's shared peerlink port (no ports.peerlink "
+                          "of its own) a group needs peerlink.secret_file: the proofs bind "
+                          "each session to its group, so a connection routed to another "
+                          "group is refused")
     for member, _role in g.members():  # today's checks, on each site's own config
         try:
             derived = group_config(cfg, g.name, member)
@@ -1663,6 +1676,9 @@ def check_shared_site(cfg: NodeConfig, site: str) -> None:
     their own (clients name exports by volume)."""
     ports: dict[int, str] = {}
     volumes: dict[str, str] = {}
+    if any(g.ports.peerlink is None for g in cfg.groups):
+        ports[cfg.peerlink.listen_port] = ("peerlink.listen's port, the shared port of the "
+                                           "groups without ports.peerlink")
     for g in groups_of(cfg, site):
         i = cfg.groups.index(g)
         for key, port in g.ports.named():
@@ -1711,10 +1727,11 @@ def group_config(cfg: NodeConfig, group: str, site: str | None = None) -> NodeCo
     # between the main-site pair (check_sync), never on a DR site's or witness's side.
     links = {r.site: r.get() if role in MAIN_ROLES and g.role_of(r.site) in MAIN_ROLES
              else {**r.get(), "mode": PeerMode.ASYNC} for r in g.replicas}
+    shared = g.ports.peerlink is None  # on every site's shared port, routed by name
     peers = tuple(PeerConfig(name=name, role=r, address=by_name[name].address,
-                             port=g.ports.peerlink,
+                             port=peers_port(cfg, g),
                              heartbeat_addresses=by_name[name].heartbeat_addresses,
-                             **links.get(name, {}))
+                             route=g.name if shared else None, **links.get(name, {}))
                   for name, r in g.members() if name != site)
     witness = role is Role.WITNESS
     service = ServiceConfig()
@@ -1728,8 +1745,9 @@ def group_config(cfg: NodeConfig, group: str, site: str | None = None) -> NodeCo
         cfg, name=site, role=role, data_dir=cfg.data_dir / "groups" / g.name, peers=peers,
         service=service, volumes=() if witness else g.volumes, snapshots=g.snapshots,
         nbd=replace(cfg.nbd, listen=(Listen("tcp", host="0.0.0.0", port=g.ports.nbd),)),
-        peerlink=replace(cfg.peerlink, listen_host="0.0.0.0", listen_port=g.ports.peerlink,
-                         topology=g.topology),
+        peerlink=replace(cfg.peerlink, listen_host=cfg.peerlink.listen_host if shared
+                         else "0.0.0.0", listen_port=peers_port(cfg, g),
+                         topology=g.topology, front=shared),
         failover=replace(g.failover or cfg.failover, heartbeat_port=g.ports.heartbeat),
         metrics=metrics, iscsi=_group_iscsi(cfg.iscsi, g, witness), sites=(), groups=(),
         group=g.name,
@@ -1745,6 +1763,19 @@ def _group_iscsi(node: IscsiConfig, g: GroupConfig, witness: bool) -> IscsiConfi
         return IscsiConfig()
     return replace(node, portal_port=g.ports.iscsi, control_port=g.ports.iscsi,
                    run_dir=node.run_dir / g.name)
+
+
+def peers_port(cfg: NodeConfig, g: GroupConfig) -> int:
+    """The port group ``g``'s replication arrives at: its own, or the node's shared one."""
+    return cfg.peerlink.listen_port if g.ports.peerlink is None else g.ports.peerlink
+
+
+def front_routes(cfg: NodeConfig) -> dict[str, Path]:
+    """What the groups parent's front routes (peerlink/front.py): each group this node
+    holds data of that has no peerlink port of its own, to its handoff socket."""
+    return {g.name: handoff_path(cfg.data_dir / "groups" / g.name)
+            for g in groups_of(cfg) if g.ports.peerlink is None
+            and g.role_of(cfg.name) is not Role.WITNESS}
 
 
 def check_peerlink_auth(cfg: NodeConfig) -> None:

@@ -2,8 +2,9 @@
 
 Sites: ``branch1`` .. ``branchN``, each in a subnet of its own (``198.18.K.0/24``) and
 primary of its own group ``bK`` (volume ``vK``); ``dc``, the data centre, in the core
-subnet, secondary of every branch group (it receives from every branch: fan-in); ``dr``,
-the DR site, also in the core subnet, fed by dc (cascade) and each group's third voter;
+subnet, secondary of every branch group (it receives from every branch on its one
+peerlink port: fan-in); ``dr``, the DR site, also in the core subnet, fed by dc
+(cascade) and each group's third voter;
 with ``--witness`` a witness ``wit`` votes instead and no DR site is built.  A router
 namespace (the lab's bridge namespace) joins the subnets, the clients' subnet
 (``198.51.100.0/24``) and the BIND server of zone ``nbdgw.lab``; no address can move
@@ -65,9 +66,10 @@ def group_name(k: int) -> str:
 
 
 def group_ports(k: int) -> dict[str, int]:
-    """Group bK's ports on every site: distinct per group (groups share dc and dr)."""
-    return {"peerlink": 7800 + 10 * k + 1, "heartbeat": 7800 + 10 * k + 2,
-            "nbd": NBD_PORT + k}
+    """Group bK's ports on every site: distinct per group (groups share dc and dr).  No
+    peerlink port: every group's replication arrives at each site's shared port
+    (peerlink.listen), whose front routes it to the group (DESIGN §6a)."""
+    return {"heartbeat": 7800 + 10 * k + 2, "nbd": NBD_PORT + k}
 
 
 def plan(lab_dir: Path, branches: int, size: int, mode: str, witness: bool) -> dict[str, Any]:

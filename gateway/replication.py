@@ -44,6 +44,7 @@ from nbd_plugin.control import bind_private
 from nbdgw_common.errors import GatewayError
 from peerlink import admin
 from peerlink.__main__ import read_secret
+from peerlink.front import HandoffReceiver, handoff_path
 from peerlink.ratelimit import RateSchedule
 from peerlink.receiver import Receiver, ReceiverServer
 from peerlink.sender import Sender, SenderConfig, VerifyError
@@ -155,6 +156,7 @@ class Replication:
         self.gate: asyncio.AbstractServer | None = None
         self.gate_conns: set[_GateConn] = set()
         self.bound: tuple[str, int] | None = None
+        self.handoff: HandoffReceiver | None = None
 
     async def start(self) -> None:
         if self.next_secret is not None:
@@ -174,8 +176,10 @@ class Replication:
             self.server = ReceiverServer(receivers, node=self.cfg.name,
                                          tls=_tls(self.cfg, True), secret=self.secret,
                                          next_secret=self.next_secret)
-            self.bound = await self.server.start(self.cfg.peerlink.listen_host,
-                                                 self.cfg.peerlink.listen_port)
+            self._listen(self.server)
+            if self.handoff is None:
+                self.bound = await self.server.start(self.cfg.peerlink.listen_host,
+                                                     self.cfg.peerlink.listen_port)
         self._make_senders()
         if self.senders:
             path = gate_path(self.cfg.data_dir)
@@ -189,6 +193,17 @@ class Replication:
                               if has_failover_core(self.cfg) else
                               "on its own after sync_timeout (no failover core: "
                               "failover.auto off or no peers)") if sync_peers else None)
+
+    def _listen(self, server: ReceiverServer) -> None:
+        """A group on its node's shared port (peerlink.front) listens on no port of its
+        own: the groups parent's front hands it the connections routed to it."""
+        group = self.cfg.group
+        if not self.cfg.peerlink.front or group is None:
+            return
+        self.handoff = HandoffReceiver(handoff_path(self.cfg.data_dir),
+                                       lambda sock: server.adopt_socket(sock, group))
+        self.handoff.start()
+        server.begin()
 
     def _make_senders(self) -> None:
         cfg = self.cfg
@@ -210,7 +225,7 @@ class Replication:
                         port=peer.port, secret=self.secret, next_secret=self.next_secret,
                         config=sc, tls=_tls(cfg, False),
                         source=rx.vol if rx is not None else None,
-                        outdated=outdated)
+                        outdated=outdated, route=peer.route)
             tx.on_change = self._kick
             self.senders.setdefault(vol, []).append(tx)
 
@@ -369,6 +384,8 @@ class Replication:
                 gate_path(self.cfg.data_dir).unlink(missing_ok=True)
             stop.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            if self.handoff is not None:
+                self.handoff.close()
             if self.server is not None:
                 await self.server.close()
             for r in results:

@@ -6,7 +6,9 @@ secret with an HMAC over the whole handshake transcript: protocol version, both 
 names, both nonces, and a label saying which side is proving (the data sender or the
 receiver).  So a proof is good for one connection only (the other side's nonce is fresh),
 cannot be replayed on another, and cannot be reflected back to the side that made it (the
-label differs).  Comparison is constant-time.
+label differs).  A session routed through a node's shared port (front.py) also covers
+the group it is for (``realm``): a proof made for one group fails in another's receiver.
+Comparison is constant-time.
 
 What it does not do: protect the stream after the handshake from an active
 man-in-the-middle (frames carry a CRC, not a MAC).  Use TLS where that matters.
@@ -44,6 +46,10 @@ class Transcript(NamedTuple):
     receiver: str
     sender_nonce: bytes
     receiver_nonce: bytes
+    # The volume group the session is for, when it came through a node's shared port
+    # (front.py): the receiver's own group, so a connection routed to another group's
+    # receiver fails its proof.  Empty: the transcript is the one before groups.
+    realm: str = ""
 
 
 def make_nonce() -> bytes:
@@ -66,6 +72,7 @@ def proof(secret: bytes, prover: Prover, t: Transcript) -> bytes:
         _DOMAIN, _field(prover.value), struct.pack("<I", t.proto_version),
         _field(t.sender.encode()), _field(t.receiver.encode()),
         _field(t.sender_nonce), _field(t.receiver_nonce),
+        b"realm\0" + _field(t.realm.encode()) if t.realm else b"",
     ))
     return hmac.new(secret, msg, hashlib.sha256).digest()
 

@@ -171,6 +171,9 @@ class Link(asyncio.Protocol):
         self.gate = gate
         self._gated = False
         self.handshake_timeout = handshake_timeout
+        # The group a connection handed over by a node's front is for (front.py): the
+        # receiving group's own name, never the peer's word; both proofs cover it.
+        self.realm = ""
         self._deadline: asyncio.TimerHandle | None = None
         self._queue: collections.deque[tuple[Message | asyncio.Future[Message], int]] = \
             collections.deque()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -370,7 +371,7 @@ class Receiver:
         t = self.timeout
         first = hello if hello is not None else await link.recv_within(t, "Intro")
         core = ReceiverSession(self.node, self.name, secret=self.secret, nonce=make_nonce(),
-                               next_secret=self.next_secret)
+                               next_secret=self.next_secret, realm=link.realm)
         outs = core.receive(first)
         clog = clog.bind(peer=getattr(first, "node", None))
         await perform(link, outs, clog)  # a Challenge, or a refusal by code
@@ -777,10 +778,38 @@ class ReceiverServer:
         sock = self.server.sockets[0].getsockname()
         self.log.info("listening", address=format_addr(sock[0], sock[1]),
                       volumes=sorted(self.receivers))
+        self.begin()
+        return str(sock[0]), int(sock[1])
+
+    def begin(self) -> None:
+        """What ``start`` does besides listening: watch the receivers, write their live
+        state.  Alone for a group on its node's shared port, whose connections all come
+        from the front (``adopt_socket``)."""
+        loop = asyncio.get_running_loop()
         for name, rx in self.receivers.items():
             self._spawn(self._watch(name, rx))
             rx.live_task = loop.create_task(rx._live_writer())
-        return str(sock[0]), int(sock[1])
+
+    def adopt_socket(self, sock: socket.socket, realm: str) -> None:
+        """Serve a connection the node's front accepted and handed over (front.py) for
+        group ``realm`` as if it was accepted here: TLS, the handshake and the rest are
+        this process's; both proofs cover ``realm`` (this group's own name), so a sender
+        proving a session for another group fails."""
+        self._spawn(self._adopt_socket(sock, realm))
+
+    async def _adopt_socket(self, sock: socket.socket, realm: str) -> None:
+        def made() -> Link:
+            link = self._accept()
+            link.realm = realm
+            return link
+
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                made, sock, ssl=self.tls,
+                ssl_handshake_timeout=self.timeout if self.tls is not None else None)
+        except OSError as e:  # the TLS handshake failed or timed out, the peer left
+            self.log.warning("peer_dropped", reason=f"handed-over connection: {e}")
+            sock.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -827,7 +856,8 @@ class ReceiverServer:
                   else f"node {self.node!r} holds no replica of volume {hello.volume}")
         clog = self.log.bind(peer_addr=link.peername, peer=hello.node, volume=hello.volume)
         core = ReceiverSession(self.node, hello.volume, secret=self.secret,
-                               nonce=make_nonce(), next_secret=self.next_secret)
+                               nonce=make_nonce(), next_secret=self.next_secret,
+                               realm=link.realm)
         t = self.timeout
         try:
             await perform(link, core.receive(hello), clog)

@@ -126,6 +126,7 @@ from .auth import make_nonce
 from .batch import BatchBuilder, payload_bytes
 from .errors import PeerlinkError, PeerRefused
 from .frames import encode_frame
+from .front import connect_routed, preamble
 from .handshake import replica_history
 from .link import Link, LinkClosed, LinkTimeout, Refused, format_addr, is_compressed, session_ended
 from .messages import (
@@ -433,7 +434,8 @@ class Sender:
                  port: int, secret: bytes | None = None, next_secret: bytes | None = None,
                  config: SenderConfig | None = None, tls: ssl.SSLContext | None = None,
                  source: Volume | None = None,
-                 outdated: Callable[[], set[str]] | None = None) -> None:
+                 outdated: Callable[[], set[str]] | None = None,
+                 route: str | None = None) -> None:
         self.cfg = config or SenderConfig()
         # Sync mode: ``outdated`` reads the peers the daemon has had outdated (permission
         # to degrade a stalled peer); None: no failover core, degrade after sync_timeout.
@@ -445,7 +447,10 @@ class Sender:
         # commit groups at a time, and nothing while it is Inconsistent (mid-resync).
         self.source = source
         self.role = "secondary" if source is not None else "primary"
-        self.tls = tls
+        # ``route``: the peer's end is its node's shared port (front.py): open with the
+        # route preamble naming this group, and prove the session for it.  None: a port
+        # of the group's own.
+        self.tls, self.route = tls, route
         self.info = find_volume(Path(data_dir), name)
         if source is None and is_replica(self.info):
             raise PeerlinkError(
@@ -887,12 +892,26 @@ class Sender:
                 self._persisted = self.acked if self.peer_path.exists() else -1
             self.log.info("stopped", acked_seq=self.acked, **self.stats)
 
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> tuple[Any, Link]:
+        """The connection, TLS and all; on a shared port, after the route preamble (in
+        plaintext: the group's name is not secret, SECURITY.md)."""
+        if self.route is None:
+            return await loop.create_connection(Link, self.host, self.port, ssl=self.tls)
+        sock = await loop.run_in_executor(None, connect_routed, self.host, self.port,
+                                          self.cfg.timeout, preamble(self.route))
+        try:
+            return await loop.create_connection(
+                Link, sock=sock, ssl=self.tls,
+                server_hostname=self.host if self.tls is not None else None)
+        except BaseException:
+            sock.close()
+            raise
+
     async def _session(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         t = self.cfg.timeout
         try:
-            _, link = await asyncio.wait_for(
-                loop.create_connection(Link, self.host, self.port, ssl=self.tls), t)
+            _, link = await asyncio.wait_for(self._connect(loop), t)
         except TimeoutError:
             raise LinkTimeout(f"connect to {format_addr(self.host, self.port)} timed out "
                               f"after {t:g} s") from None
@@ -998,7 +1017,7 @@ class Sender:
                      self.role, wire_generations(history), last, make_nonce(),
                      epochs=wire_epochs(history))
         session = SenderSession(mine, history, peer=self.peer, secret=self.secret,
-                                next_secret=self.next_secret,
+                                next_secret=self.next_secret, realm=self.route or "",
                                 window_bytes=self.cfg.window_bytes,
                                 window_batches=self.cfg.window_batches)
         self._perform(link, session.start())

@@ -259,11 +259,12 @@ class _Session:
     PREAUTH: dict[str, str]  # what this side tells a peer that has not proved itself
 
     def __init__(self, node: str, volume: str, secret: bytes | None,
-                 next_secret: bytes | None = None) -> None:
+                 next_secret: bytes | None = None, realm: str = "") -> None:
         if next_secret is not None and secret is None:
             raise ValueError("a next secret without a current one")
         self.node = node
         self.volume = volume
+        self.realm = realm  # the group, on a node's shared port: both proofs cover it
         self.secret = secret  # this side proves itself with it
         self.next_secret = next_secret  # during a rotation: the peer's proof may use it
         self.phase = Phase.INTRO
@@ -325,8 +326,8 @@ class SenderSession(_Session):
 
     def __init__(self, mine: Hello, history: History, *, peer: str, secret: bytes | None,
                  next_secret: bytes | None = None, window_bytes: int = 1 << 62,
-                 window_batches: int = 1 << 62) -> None:
-        super().__init__(mine.node, mine.volume, secret, next_secret)
+                 window_batches: int = 1 << 62, realm: str = "") -> None:
+        super().__init__(mine.node, mine.volume, secret, next_secret, realm)
         self.mine = mine
         self.history = history
         self.peer = peer
@@ -462,7 +463,7 @@ class SenderSession(_Session):
         receiver does not name itself before the sender proved itself."""
         assert self.their_nonce is not None
         return Transcript(PROTO_VERSION, self.node, self.peer, self.mine.auth_nonce,
-                          self.their_nonce)
+                          self.their_nonce, self.realm)
 
     def _hello_ok(self, ok: HelloOk, nxt: Phase) -> list[Output]:
         theirs = self.theirs
@@ -577,8 +578,8 @@ class ReceiverSession(_Session):
     PREAUTH = PREAUTH_REFUSALS
 
     def __init__(self, node: str, volume: str, *, secret: bytes | None, nonce: bytes,
-                 next_secret: bytes | None = None) -> None:
-        super().__init__(node, volume, secret, next_secret)
+                 next_secret: bytes | None = None, realm: str = "") -> None:
+        super().__init__(node, volume, secret, next_secret, realm)
         self.nonce = nonce
         self.facts: ReplicaFacts | None = None
         self.intro: Intro | None = None
@@ -629,7 +630,7 @@ class ReceiverSession(_Session):
     def _transcript(self) -> Transcript:
         assert self.intro is not None
         return Transcript(PROTO_VERSION, self.intro.node, self.node, self.intro.auth_nonce,
-                          self.nonce)
+                          self.nonce, self.realm)
 
     def _proof(self, msg: Proof, nxt: Phase) -> list[Output]:
         """The sender's Proof; once it checks, this side proves itself in turn."""

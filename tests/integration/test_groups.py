@@ -82,13 +82,17 @@ class GroupsLab:
             with os.fdopen(fd, "wb") as f:
                 f.write(secret)
             Path(node["config"]).write_text(yaml.safe_dump(self.config(node)))
-        for g, (primary, secondary, volume, _ports, _vip) in GROUPS.items():
+        for g, primary, secondary, volume in self.volumes():
             self.nbdgw(primary, "--group", g, "volume", "create", volume)
             self.nbdgw(secondary, "--group", g, "volume", "create", volume, "--replica")
         for name in ("dc", "wit", "main"):
             self.lab.start_node(name)
         self.lab.state["state"] = "up"
         self.lab.save()
+
+    def volumes(self) -> list[tuple[str, str, str, str]]:
+        """(group, primary, secondary, volume) of each group's one volume."""
+        return [(g, p, s, v) for g, (p, s, v, _ports, _vip) in GROUPS.items()]
 
     def config(self, node: dict[str, Any]) -> dict[str, Any]:
         prefix = self.lab.state["prefixlen"]

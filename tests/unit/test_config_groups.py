@@ -16,6 +16,7 @@ from gateway.config import (
     PeerMode,
     Role,
     find_group,
+    front_routes,
     group_config,
     groups_of,
     load_config,
@@ -211,7 +212,6 @@ def refused_groups(change: Any) -> str:
     ("", "volumes", [], "groups[].volumes"),
     ("iscsi", "portal", "0.0.0.0:3260", "groups[].ports.iscsi"),
     ("iscsi", "control_port", 3261, "groups[].ports.iscsi"),
-    ("peerlink", "listen", "0.0.0.0:7789", "groups[].ports.peerlink"),
     ("failover", "heartbeat_port", 7790, "groups[].ports.heartbeat"),
     ("nbd", "listen", ["tcp:0.0.0.0:10809"], "groups[].ports.nbd"),
 ])
@@ -303,6 +303,56 @@ def test_an_unknown_key_in_a_group_is_refused_by_name():
 ])
 def test_a_bad_groups_config_is_refused_with_what_is_wrong(change, message):
     assert refused_groups(change).startswith(message)
+
+
+def shared_port(raw: dict[str, Any], *groups: int) -> dict[str, Any]:
+    """``raw`` with groups ``groups`` on the node's shared peerlink port (no
+    ports.peerlink of their own), peerlink.listen on port 7700."""
+    raw["peerlink"]["listen"] = "0.0.0.0:7700"
+    for i in groups:
+        del raw["groups"][i]["ports"]["peerlink"]
+    return raw
+
+
+def test_a_group_without_a_peerlink_port_uses_the_nodes_shared_port_with_its_route():
+    cfg = parse_config(shared_port(three_groups(), 0, 2))
+    g1, g2 = group_config(cfg, "g1"), group_config(cfg, "g2")
+    # g1: its peers are reached at their shared port, opening with g1's route preamble;
+    # its own peerlink takes its connections from the front (no listener of its own)
+    assert [(p.name, p.port, p.route) for p in g1.peers] == [("b", 7700, "g1"),
+                                                             ("w", 7700, "g1")]
+    assert (g1.peerlink.front, g1.peerlink.listen_port) == (True, 7700)
+    # g2 keeps its own port, as before: no route, no front
+    assert [(p.name, p.port, p.route) for p in g2.peers] == [("b", 7820, None),
+                                                             ("w", 7820, None)]
+    assert (g2.peerlink.front, g2.peerlink.listen_port) == (False, 7820)
+    # the front of site a routes g1 (a holds its data); g3 is shared too, but a is only
+    # its witness; b routes g3
+    assert front_routes(cfg) == {"g1": Path("/srv/nbdgw/groups/g1/run/peerlink-front.sock")}
+    b = parse_config(with_node(shared_port(three_groups(), 0, 2), "b"))
+    assert sorted(front_routes(b)) == ["g1", "g3"]
+
+
+def test_without_a_shared_group_there_is_nothing_to_route():
+    cfg = parse_config(three_groups())
+    assert front_routes(cfg) == {}
+    assert all(p.route is None for p in group_config(cfg, "g1").peers)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda r: r["peerlink"].update(secret_file=None, tls={
+        "cert_file": "/c", "key_file": "/k", "ca_file": "/ca"}),
+     "groups[0] (g1): on the node's shared peerlink port (no ports.peerlink of its own) a "
+     "group needs peerlink.secret_file: the proofs bind each session to its group, so a "
+     "connection routed to another group is refused"),
+    (lambda r: r["groups"][1]["ports"].update(nbd=7700),
+     "groups[1].ports.nbd 7700 is also peerlink.listen's port, the shared port of the "
+     "groups without ports.peerlink on site a"),
+])
+def test_a_bad_shared_port_config_is_refused(change, message):
+    raw = shared_port(three_groups(), 0)
+    change(raw)
+    assert refused(raw).startswith(message)
 
 
 def test_sync_to_a_dr_site_is_refused():

@@ -122,6 +122,24 @@ def test_config_check_on_groups_names_each_group_of_the_node(tmp_path: Path):
         "7820, heartbeat 7821, nbd 10812; sends to a (async); 0 volume(s) in the config"]
 
 
+def test_config_check_names_the_shared_port_of_a_group_without_its_own(tmp_path: Path):
+    path = groups_config(tmp_path, node="b")
+    raw = yaml.safe_load(path.read_text())
+    del raw["groups"][0]["ports"]["peerlink"]
+    secret = tmp_path / "peer.secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o600)
+    raw["peerlink"] = {"secret_file": str(secret), "listen": "0.0.0.0:7700"}
+    path.write_text(yaml.safe_dump(raw))
+    r = nbdgw(path, "config", "check")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1:] == [
+        f"group g1: role secondary, data_dir {tmp_path / 'data/groups/g1'}, ports peerlink "
+        "7700 (shared), heartbeat 7811, nbd 10811; sends to nobody; 0 volume(s) in the config",
+        f"group g2: role primary, data_dir {tmp_path / 'data/groups/g2'}, ports peerlink "
+        "7820, heartbeat 7821, nbd 10812; sends to a (async); 0 volume(s) in the config"]
+
+
 def test_the_groups_parent_runs_one_daemon_per_group_of_the_node(tmp_path: Path):
     """`nbdgw daemon` on a config with groups: a child `nbdgw --group G daemon` per group
     of the node (`witness` where it is the group's witness), none for other groups."""

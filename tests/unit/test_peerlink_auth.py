@@ -63,17 +63,30 @@ def test_reflected_proof_fails() -> None:
 
 
 @pytest.mark.parametrize("field", ["proto_version", "sender", "receiver", "sender_nonce",
-                                   "receiver_nonce"])
+                                   "receiver_nonce", "realm"])
 def test_tampered_transcript_fails(field: str) -> None:
     """A proof is bound to every transcript field: another nonce (a replay on a new
     connection), node name or version makes it fail."""
     other: dict[str, Any] = {"proto_version": T.proto_version + 1, "sender": "dc9",
                              "receiver": "dr1", "sender_nonce": b"S" * NONCE_SIZE,
-                             "receiver_nonce": b"R" * NONCE_SIZE}
+                             "receiver_nonce": b"R" * NONCE_SIZE, "realm": "g2"}
     tampered = T._replace(**{field: other[field]})
     p = proof(SECRET, Prover.SENDER, tampered)
     assert p != proof(SECRET, Prover.SENDER, T)
     assert refusal(SECRET, Prover.SENDER, T, p) == SENDER_FAILED
+
+
+def test_a_proof_for_one_group_fails_in_another() -> None:
+    """A session routed through a node's shared port (front.py) is proved for a group:
+    routed to another group's receiver (a lying preamble), the proof fails; and a
+    group-less transcript (a port of the group's own) is the one from before groups."""
+    g1, g2 = T._replace(realm="g1"), T._replace(realm="g2")
+    assert refusal(SECRET, Prover.SENDER, g2, proof(SECRET, Prover.SENDER, g1)) == (
+        SENDER_FAILED)
+    assert refusal(SECRET, Prover.SENDER, T, proof(SECRET, Prover.SENDER, g1)) == (
+        SENDER_FAILED)
+    assert proof(SECRET, Prover.SENDER, T._replace(realm="")) == proof(
+        SECRET, Prover.SENDER, Transcript(*T[:5]))
 
 
 def test_fields_are_delimited() -> None:
