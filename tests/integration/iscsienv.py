@@ -10,7 +10,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from iscsi_bridge import Bridge, Export
 from iscsi_bridge.fuse import mounted
 from iscsi_bridge.names import DISK_LUN
 from iscsi_bridge.settings import IscsiConfig
-from tests.conftest import Served, free_port, need
+from tests.conftest import NBDGW, Served, free_port, need
 
 BASE = "iqn.2026-11.com.example:nbdgw"
 
@@ -48,6 +48,31 @@ def wait_target(url: str, daemon: subprocess.Popen[bytes], log: Path, timeout: f
         assert daemon.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, log.read_text()[-4000:]
         time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def daemon(cfg: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`nbdgw daemon` on ``cfg`` (its output in ``log``); stopped with SIGTERM, which it
+    must obey with status 0."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()[-4000:]
+
+
+def written_over_iscsi_reads_back_over_nbd(url: str, nbd_uri: str, tmp: Path) -> None:
+    """1 MiB written to the LUN at ``url`` is what NBD reads at ``nbd_uri``."""
+    import nbd
+
+    written = write_pattern(url, tmp)
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri)
+    assert h.pread(1 << 20, 0) == written
+    h.shutdown()
 
 
 def write_pattern(url: str, tmp: Path) -> bytes:

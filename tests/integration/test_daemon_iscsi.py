@@ -3,19 +3,22 @@ read back over NBD, and stopping the daemon withdraws every target."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import NBDGW, free_port, need, run_nbdgw
-from tests.integration.iscsienv import BASE, free_control_port, sh, wait_target, write_pattern
+from tests.conftest import free_port, need, run_nbdgw
+from tests.integration.iscsienv import (
+    BASE,
+    daemon,
+    free_control_port,
+    sh,
+    wait_target,
+    written_over_iscsi_reads_back_over_nbd,
+)
 
 
 def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:
-    import nbd
-
     for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver"):
         need(tool)
     port, data, sock = free_port(), tmp_path / "data", tmp_path / "nbd.sock"
@@ -27,20 +30,9 @@ def test_daemon_serves_iscsi_and_withdraws_on_stop(tmp_path: Path) -> None:
                   "control_port": free_control_port(), "run_dir": str(tmp_path / "iscsi")},
     }))
     run_nbdgw("-c", str(cfg), "volume", "create", "v1", "--size", "32M")
-    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
+    url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
+    with daemon(cfg, tmp_path / "daemon.log") as proc:
         wait_target(url, proc, tmp_path / "daemon.log")
-        written = write_pattern(url, tmp_path)
-        h = nbd.NBD()
-        h.connect_uri(f"nbd+unix:///v1?socket={sock}")
-        assert h.pread(1 << 20, 0) == written
-        h.shutdown()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        log.close()
+        written_over_iscsi_reads_back_over_nbd(url, f"nbd+unix:///v1?socket={sock}", tmp_path)
     assert sh("iscsi-inq", url, check=False).returncode != 0  # withdrawn with the daemon
     assert "iscsi_serving" in (tmp_path / "daemon.log").read_text()

@@ -6,18 +6,22 @@ parent withdraws every target."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import NBDGW, free_port, need, run_nbdgw
-from tests.integration.iscsienv import BASE, free_control_port, sh, wait_target, write_pattern
+from tests.conftest import free_port, need, run_nbdgw
+from tests.integration.iscsienv import (
+    BASE,
+    daemon,
+    free_control_port,
+    sh,
+    wait_target,
+    written_over_iscsi_reads_back_over_nbd,
+)
 
 
 def test_each_group_serves_its_volumes_on_its_own_portal(tmp_path: Path) -> None:
-    import nbd
 
     for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver"):  # iscsi-ls: libiscsi-bin too
         need(tool)
@@ -35,26 +39,16 @@ def test_each_group_serves_its_volumes_on_its_own_portal(tmp_path: Path) -> None
     }))
     run_nbdgw("-c", str(cfg), "--group", "g1", "volume", "create", "v1", "--size", "32M")
     run_nbdgw("-c", str(cfg), "--group", "g2", "volume", "create", "v2", "--size", "32M")
-    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
-                            stdout=log, stderr=subprocess.STDOUT)
     url1 = f"iscsi://127.0.0.1:{p1}/{BASE}:v1/1"
     url2 = f"iscsi://127.0.0.1:{p2}/{BASE}:v2/1"
-    try:
+    with daemon(cfg, tmp_path / "daemon.log") as proc:
         for url in (url1, url2):
             wait_target(url, proc, tmp_path / "daemon.log")
         # Each portal lists its own group's target only.
         assert f"{BASE}:v1" in sh("iscsi-ls", f"iscsi://127.0.0.1:{p1}").stdout
         listed = sh("iscsi-ls", f"iscsi://127.0.0.1:{p2}").stdout
         assert f"{BASE}:v2" in listed and f"{BASE}:v1" not in listed
-        written = write_pattern(url1, tmp_path)
-        h = nbd.NBD()
-        h.connect_uri(f"nbd://127.0.0.1:{ports['g1']['nbd']}/v1")
-        assert h.pread(1 << 20, 0) == written
-        h.shutdown()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-        log.close()
+        written_over_iscsi_reads_back_over_nbd(
+            url1, f"nbd://127.0.0.1:{ports['g1']['nbd']}/v1", tmp_path)
     for url in (url1, url2):
         assert sh("iscsi-inq", url, check=False).returncode != 0  # withdrawn with the daemon
