@@ -9,6 +9,14 @@ the expiry with its own monotonic clock before every write: a daemon that hangs,
 is frozen stops renewing it, so writes stop when the lease runs out, before any other
 node can be elected.  Monotonic time on one host is shared by the daemon and nbdkit and
 is not moved by settimeofday or NTP steps, so no wall-clock jump can extend a lease.
+
+A write that finds the lease run out (not ended: the file does not say 0) waits up to
+``RENEWAL_WAIT`` for the daemon to renew it before it fails.  A renewal means the lease
+never lapsed where it counts (etcd answers a keepalive only for a lease it still holds;
+the node core renews only while a majority still backs it), so a keepalive answered a
+few milliseconds late, as after an etcd leader election, is a pause for the client and
+not an error.  The wait is paid once per lapsed lease: later writes fail at once until it
+is renewed.  Nothing is written while the lease is not valid.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ LEASE_SIZE: Final = 16
 _MASK: Final = (1 << 64) - 1
 _FMT: Final = "<QQ"
 REOPEN_EVERY: Final = 0.05  # seconds between attempts to open a lease file not there yet
+RENEWAL_WAIT: Final = 1.0  # s: how long a write waits for a lease that ran out
+RENEWAL_POLL: Final = 0.005  # s
 
 
 def encode(until_ns: int) -> bytes:
@@ -67,6 +77,7 @@ class Lease:
         self.failed_at = -REOPEN_EVERY  # when an open last failed (no file, or a short one)
         self.opening = threading.Lock()  # nbdkit's threads share one Lease
         self.logged = False
+        self.lapsed = -1  # the expiry a write already waited out in vain
 
     def _open(self) -> mmap.mmap | None:
         # One thread opens; the others wait for it and use its map.  Only a failed open
@@ -104,9 +115,18 @@ class Lease:
         return time.monotonic_ns() < self.until_ns()
 
     def check(self) -> None:
-        if not self.valid():
-            raise OSError(errno.ESHUTDOWN, "write lease expired: this node may no longer be "
-                                           "the primary")
+        until = self.until_ns()
+        if time.monotonic_ns() < until:
+            return
+        if until not in (0, self.lapsed):
+            deadline = time.monotonic() + RENEWAL_WAIT
+            while time.monotonic() < deadline:
+                time.sleep(RENEWAL_POLL)
+                if self.valid():
+                    return
+            self.lapsed = until
+        raise OSError(errno.ESHUTDOWN, "write lease expired: this node may no longer be "
+                                       "the primary")
 
     def close(self) -> None:
         if self.map is not None:

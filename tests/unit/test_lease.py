@@ -81,3 +81,47 @@ def test_writers_racing_the_first_open_all_see_a_valid_lease(tmp_path: Path) -> 
             t.join()
         lease.close()
     assert failed == 0
+
+
+def test_a_renewal_that_comes_late_holds_the_write_instead_of_failing_it(
+        tmp_path: Path) -> None:
+    """The lab's etcd leader was killed and the cluster split its first vote: the
+    keepalive that renewed the lease was answered 6 ms after the lease had run out, and
+    the write that came in between failed with ESHUTDOWN (CI of af9a0bc).  A renewal is
+    continuous in etcd (and in the node core), so the write waits a bounded time for it
+    instead of failing."""
+    w = LeaseWriter(tmp_path / "write.lease")
+    r = Lease(tmp_path / "write.lease")
+    w.set(time.monotonic_ns() + 50_000_000)
+    renew = threading.Timer(0.2, lambda: w.set(time.monotonic_ns() + 10**10))
+    renew.start()
+    time.sleep(0.1)  # expired now, renewed 0.1 s later
+    t = time.monotonic()
+    r.check()
+    assert 0.05 < time.monotonic() - t < lease_mod.RENEWAL_WAIT
+    renew.join()
+    w.close()
+
+
+def test_a_lease_never_renewed_fails_after_one_wait_and_at_once_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lease_mod, "RENEWAL_WAIT", 0.3)
+    w = LeaseWriter(tmp_path / "write.lease")
+    r = Lease(tmp_path / "write.lease")
+    w.set(time.monotonic_ns() - 1)
+    t = time.monotonic()
+    with pytest.raises(OSError, match="write lease expired"):
+        r.check()
+    assert 0.3 <= time.monotonic() - t < 1.0  # waited once for a renewal
+    t = time.monotonic()
+    with pytest.raises(OSError, match="write lease expired"):
+        r.check()
+    assert time.monotonic() - t < 0.1  # the same lapsed lease: no second wait
+    w.set(time.monotonic_ns() + 10**10)
+    r.check()  # renewed: writes again
+    w.set(0)  # the daemon ends it on purpose (fenced, demoted): no wait at all
+    t = time.monotonic()
+    with pytest.raises(OSError, match="write lease"):
+        r.check()
+    assert time.monotonic() - t < 0.1
+    w.close()
