@@ -111,27 +111,52 @@ class ActivityLog:
         os.pwrite(self.fd, buf, (self.txn % 2) * self.slot_bytes)
         os.fdatasync(self.fd)
 
-    def activate(self, extents: Iterable[int]) -> None:
-        """Make ``extents`` hot, durably, before the caller writes to them."""
-        new = [e for e in extents if e not in self.hot]
+    def activate(self, extents: Iterable[int], ahead: Iterable[int] = ()) -> None:
+        """Make ``extents`` hot, durably, before the caller writes to them.
+
+        ``ahead``: extents the caller expects to write next (a sequential stream), made
+        hot by the same slot write and ``fdatasync`` if they fit in the room left, so
+        that their first writes find them hot.  They never cause an eviction, nor a
+        larger one: only free slots (or those an eviction ``extents`` needs anyway frees
+        beyond its own need) take them.  Hot too early is safe; see DESIGN.md §1."""
+        hot = self.hot
+        new = [e for e in extents if e not in hot]
         if not new:
             return
-        overflow = len(self.hot) + len(new) - self.slots
+        overflow = len(hot) + len(new) - self.slots
         if overflow > 0:
             # Evict an eighth of the log at once: one durability barrier (before_evict)
             # then serves many later activations instead of one each.
             self.before_evict()
-            for _ in range(min(max(overflow, self.slots // 8), len(self.hot))):
-                self.hot.popitem(last=False)
+            for _ in range(min(max(overflow, self.slots // 8), len(hot))):
+                hot.popitem(last=False)
         for e in new:
-            self.hot[e] = None
-        need = _HDR.size + 8 * len(self.hot)
-        if need > self.slot_bytes:
-            # One request spanning more extents than the log holds: grow the slots.
-            self.slot_bytes = need
-            self._regeometry()
-        else:
-            self._persist()
+            hot[e] = None
+        room = self.slots - len(hot)
+        if room > 0:
+            for e in ahead:
+                if e not in hot:
+                    hot[e] = None
+                    new.append(e)
+                    room -= 1
+                    if not room:
+                        break
+        need = _HDR.size + 8 * len(hot)
+        slot_bytes = self.slot_bytes
+        try:
+            if need > self.slot_bytes:
+                # One request spanning more extents than the log holds: grow the slots.
+                self.slot_bytes = need
+                self._regeometry()
+            else:
+                self._persist()
+        except BaseException:
+            # Not durably hot: a later write must not take them for hot and skip this.
+            # (The evicted ones stay gone: before_evict made them durable.)
+            for e in new:
+                del hot[e]
+            self.slot_bytes = slot_bytes
+            raise
 
     def clear(self) -> None:
         """Forget every hot extent (after a clean stop, or once peers are in sync)."""

@@ -115,6 +115,62 @@ def test_before_evict_failure_evicts_nothing(tmp_path: Path) -> None:
     al2.close()
 
 
+def test_ahead_extents_share_the_sync_and_take_only_free_slots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """activate(extents, ahead): the ahead extents are persisted by the same slot write
+    (one fdatasync), only into room the log has (never an eviction of their own), and
+    already-hot ones are skipped."""
+    path = str(tmp_path / "al")
+    evictions: list[list[int]] = []
+    al: ActivityLog
+
+    def before_evict() -> None:
+        evictions.append(al.extents())
+
+    al = ActivityLog(path, 16, before_evict)
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    al.activate([0], ahead=[1, 2, 3])
+    assert (list(al.hot), len(syncs)) == ([0, 1, 2, 3], 1)
+    al.activate([3], ahead=[4])  # hot already: nothing, not even the ahead extents
+    assert (list(al.hot), len(syncs)) == ([0, 1, 2, 3], 1)
+    al.activate([4], ahead=[2, 5, 6])
+    assert list(al.hot) == [0, 1, 2, 3, 4, 5, 6]
+    al.activate(range(10, 18), ahead=[18, 19, 20])  # 15 hot: room for one
+    assert list(al.hot)[-2:] == [17, 18] and len(al.hot) == 16
+    assert (len(syncs), evictions) == (3, [])
+    al.activate([30], ahead=range(31, 40))  # full: evicts 16 // 8 = 2 for its one
+    assert len(evictions) == 1
+    assert list(al.hot) == [2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15, 16, 17, 18, 30, 31]
+    monkeypatch.undo()
+    al.close()
+    al2 = ActivityLog(path, 16, noop)
+    assert al2.extents() == [2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15, 16, 17, 18, 30, 31]
+    al2.close()
+
+
+def test_failed_persist_leaves_nothing_hot_in_memory(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An activation whose slot write fails must not leave its extents (nor the ahead
+    ones) hot in memory: a later write would take them for durable and skip the log."""
+    path = str(tmp_path / "al")
+    al = ActivityLog(path, 8, noop)
+    al.activate([1])
+
+    def fail(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    with pytest.raises(OSError, match=r"Input/output error"):
+        al.activate([2], ahead=[3, 4])
+    monkeypatch.undo()
+    assert list(al.hot) == [1]
+    al.activate([2])
+    assert list(al.hot) == [1, 2]
+    al.close()
+
+
 def test_bounded_size(tmp_path: Path) -> None:
     """Never more than ``slots`` hot; the survivors are always the most recent ones."""
     path = str(tmp_path / "al")

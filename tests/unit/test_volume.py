@@ -222,7 +222,9 @@ def test_write_read_trim_zero(dd: Path) -> None:
     assert vol.write(b, EXT - 4096) == 2
     assert read(vol, EXT - 4096, 8192) == b
     assert vol.al is not None
-    assert vol.al.extents() == [0, 1]
+    # Extent 1 is reached from extent 0, the last one written: a sequential stream, so
+    # the extents after it up to the volume's end are activated ahead (AL_AHEAD).
+    assert vol.al.extents() == [0, 1, 2, 3]
     # TRIM punches a hole: zeros, and no longer allocated.
     assert vol.trim(64 * 1024, 128 * 1024) == 3
     assert read(vol, 64 * 1024, 128 * 1024) == bytes(128 * 1024)
@@ -455,6 +457,115 @@ def test_checksum_is_sha256_of_the_content(dd: Path, v1: Path) -> None:
     assert vol.checksum() == hashlib.sha256(whole).hexdigest()
     vol.close()
     assert checksum_path(v1 / "store", SIZE) == hashlib.sha256(whole).hexdigest()
+
+
+# -- activation ahead of a sequential stream (issue 18) -------------------------------
+
+def count_al_syncs(vol: Volume, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each fdatasync of vol's activity log."""
+    assert vol.al is not None
+    al, calls, real = vol.al, [], os.fdatasync
+
+    def spy(fd: int) -> None:
+        if fd == al.fd:
+            calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    return calls
+
+
+@pytest.mark.parametrize("start", [0, 512 * 1024], ids=["aligned", "straddling"])
+def test_sequential_stream_syncs_the_activity_log_once_per_four_extents(
+        dd: Path, monkeypatch: pytest.MonkeyPatch, start: int) -> None:
+    """A stream over n cold extents pays about n / (1 + AL_AHEAD) activity-log syncs,
+    not n: each activation takes the next AL_AHEAD extents along.  1 MiB writes, either
+    inside extents or each fourth one straddling two."""
+    n = 24
+    create_volume(dd, "big", n * EXT)
+    vol = Volume.open(dd, "big")
+    syncs = count_al_syncs(vol, monkeypatch)
+    for off in range(start, n * EXT - MiB + 1, MiB):
+        vol.write(b"s" * MiB, off)
+    assert vol.al is not None
+    assert vol.al.extents() == list(range(n))
+    # The first write finds no stream (extent 0 alone), then one sync per 1 + AL_AHEAD.
+    assert len(syncs) == 1 + -(-(n - 1) // 4) == 7, f"{len(syncs)} syncs for {n} extents"
+    assert volume_mod.AL_AHEAD == 3
+    monkeypatch.undo()
+    vol.close()
+
+
+def test_random_cold_extents_are_not_activated_ahead(dd: Path) -> None:
+    create_volume(dd, "big", 32 * EXT)
+    vol = Volume.open(dd, "big")
+    for e in (7, 3, 20, 12, 30):
+        vol.write(b"r" * 4096, e * EXT + 8192)
+    assert vol.al is not None
+    assert vol.al.extents() == [3, 7, 12, 20, 30]
+    vol.close()
+
+
+def test_activation_ahead_stops_at_the_volume_end(dd: Path) -> None:
+    """The end inside the window: extents up to the last (partial) one, none past it."""
+    create_volume(dd, "v", 4 * EXT + 8192)  # extents 0-3 and 8 KiB of extent 4
+    vol = Volume.open(dd, "v")
+    vol.write(b"a" * 4096, EXT)
+    vol.write(b"b" * 4096, 2 * EXT)  # extent 1, then 2: ahead 3 and 4, not 5
+    assert vol.al is not None
+    assert vol.al.extents() == [1, 2, 3, 4]
+    vol.write(b"c" * 8192, 4 * EXT)  # the last extent, hot already: no activation
+    assert vol.al.extents() == [1, 2, 3, 4]
+    vol.close()
+
+
+def test_activation_ahead_never_evicts(dd: Path) -> None:
+    """A full activity log takes ahead extents only into the slots an eviction the
+    request needs anyway frees: each eviction still runs before_evict first."""
+    create_volume(dd, "big", 64 * EXT)
+    vol = Volume.open(dd, "big", al_slots=16)
+    assert vol.al is not None
+    durable: list[list[int]] = []
+    al, real = vol.al, vol.al.before_evict
+
+    def before_evict() -> None:
+        durable.append(al.extents())
+        real()
+
+    al.before_evict = before_evict
+    for e in range(40):
+        vol.write(b"e" * 4096, e * EXT)
+        assert e in al.hot and len(al.hot) <= 16
+    # Evictions free 16 // 8 = 2 slots; the stream fills the log at extent 15 and
+    # then evicts once per two extents, never more at once.
+    assert len(durable) == 12
+    assert al.extents() == list(range(24, 40))
+    vol.close()
+
+
+def test_crash_after_activation_ahead_recovers(dd: Path) -> None:
+    """Crash after a stream activated extents ahead (and evicted, al_slots=8): redo
+    gives back every write, and every extent still hot, written or only activated
+    ahead, is resynced."""
+    create_volume(dd, "big", 32 * EXT)
+    vol = Volume.open(dd, "big", al_slots=16)
+    want = bytearray(32 * EXT)
+    for i, off in enumerate(range(0, 19 * EXT, 3 * MiB)):  # extents 0-18
+        data = pattern(900 + i, 512 * 1024)
+        vol.write(data, off)
+        want[off:off + len(data)] = data
+    assert vol.al is not None
+    hot = vol.al.extents()
+    # 16 slots: 0-3 evicted (made durable first), 19 hot but never written (ahead).
+    assert hot == list(range(4, 20)), hot
+    crash(vol)
+    vol2 = Volume.open(dd, "big", al_slots=16)
+    assert vol2.recovery.unclean is True
+    assert vol2.recovery.hot_extents == len(hot)
+    assert read(vol2, 0, len(want)) == want
+    resync = json.loads((vol2.info.path / "resync.json").read_text())
+    assert resync["extents"] == hot
+    vol2.close()
 
 
 # -- crash recovery ------------------------------------------------------------------
