@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,9 @@ DEFAULT_AL_SLOTS = 1024  # x 4 MiB extents = 4 GiB hot window
 # Extents activated ahead of a sequential stream, with the one it reaches: one activity
 # log fdatasync per 1 + AL_AHEAD extents instead of one each (DESIGN.md §1, issue 18).
 AL_AHEAD = 3
+# How many of the log's most recent entries a stream is looked for in: each stream adds
+# 1 + AL_AHEAD at a time, so this finds up to four interleaved (multi-conn) streams.
+_STREAM_WINDOW = 4 * (1 + AL_AHEAD)
 DEFAULT_JOURNAL_MAX_BYTES = 1 << 30
 _log = structlog.get_logger(component="blockstore")
 _FUA = int(Flag.FUA)
@@ -780,14 +784,15 @@ class Volume:
             hot.move_to_end(e0)
             return
         ahead: range = range(0)
-        if hot and AL_AHEAD:
-            # A sequential stream (DESIGN.md §1): the write just before, or the last
-            # activation, was in the extent before this request's, or (a request over
-            # several extents) in one of them that it runs on from into the next.
-            last = next(reversed(hot))
-            if e0 - 1 <= last < e1:
-                end = min(e1 + AL_AHEAD, (self.size - 1) >> self.shift)
-                ahead = range(e1 + 1, end + 1)
+        if AL_AHEAD:
+            # A sequential stream (DESIGN.md §1): one of the log's most recent entries
+            # (extents just written or activated) is the extent before this request's,
+            # or (a request over several extents) one of them but its last.
+            for last in islice(reversed(hot), _STREAM_WINDOW):
+                if e0 - 1 <= last < e1:
+                    end = min(e1 + AL_AHEAD, (self.size - 1) >> self.shift)
+                    ahead = range(e1 + 1, end + 1)
+                    break
         self.al.activate(range(e0, e1 + 1), ahead)
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> None:

@@ -496,6 +496,26 @@ def test_sequential_stream_syncs_the_activity_log_once_per_four_extents(
     vol.close()
 
 
+def test_interleaved_streams_are_each_activated_ahead(
+        dd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sequential streams in different places, their writes alternating (two
+    connections, or nbdcopy's workers): each is recognised among the log's recent
+    entries, so each pays one sync per 1 + AL_AHEAD extents."""
+    n = 12
+    create_volume(dd, "big", 64 * EXT)
+    vol = Volume.open(dd, "big")
+    syncs = count_al_syncs(vol, monkeypatch)
+    for off in range(0, n * EXT, MiB):
+        vol.write(b"a" * MiB, off)
+        vol.write(b"b" * MiB, 32 * EXT + off)
+    assert len(syncs) == 2 * (1 + -(-(n - 1) // 4)) == 8, f"{len(syncs)} syncs"
+    monkeypatch.undo()
+    assert vol.al is not None
+    # Extents 0-11 and 32-43 written; 12 and 44 activated ahead with 9-11 and 41-43.
+    assert vol.al.extents() == list(range(n + 1)) + list(range(32, 32 + n + 1))
+    vol.close()
+
+
 def test_random_cold_extents_are_not_activated_ahead(dd: Path) -> None:
     create_volume(dd, "big", 32 * EXT)
     vol = Volume.open(dd, "big")
