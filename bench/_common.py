@@ -126,6 +126,13 @@ def proc_status_kib(pid: int, key: str = "VmRSS") -> int:
     raise BenchError(f"no {key} in /proc/{pid}/status")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far (/proc/PID/stat fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_nbd_ready(sock: Path, proc: subprocess.Popen[bytes] | PidProc,
                    timeout: float = 20) -> None:
     """Return once an NBD server answers on ``sock``; raise if it died or never did."""
@@ -486,12 +493,12 @@ class FioBackground:
 
     def __init__(self, bench: Bench, server: FioTarget, name: str, rw: str, bs: str, *,
                  iodepth: int = 16, size: str | int | None = None, runtime: float,
-                 extra: tuple[str, ...] = ()) -> None:
+                 ramp: float = 0, extra: tuple[str, ...] = ()) -> None:
         self.bench = bench
         self.label = server.label
         self.name = name
         self.argv, self.out = fio_argv(bench, server, name, rw, bs, iodepth=iodepth,
-                                       size=size, runtime=runtime, extra=extra)
+                                       size=size, runtime=runtime, ramp=ramp, extra=extra)
         self.log = bench.path(f"fio-{name}-{time.monotonic_ns()}.log")
         with self.log.open("w") as f:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=f,
