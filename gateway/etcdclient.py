@@ -66,6 +66,7 @@ log = structlog.get_logger(component="etcd")
 
 REQUEST_TIMEOUT: Final = 1.0  # s per endpoint (below the core's REQUEST_LOST_AFTER)
 HEDGE_AFTER: Final = 0.2  # s: a keepalive unanswered this long also goes to the others
+SLOTS: Final = 2  # keepalives in flight to one endpoint at most (EtcdShell's workers)
 NODE_LEASE_FILE: Final = "etcd-node-lease.json"  # in a group's run dir (NodeLease)
 NODE_LEASE_ENV: Final = "NBDGW_NODE_LEASE"  # set by the groups parent for its children
 KEEPER_TICK: Final = 0.05  # s between the node lease keeper's looks at what is due
@@ -289,14 +290,17 @@ class EtcdShell:
         self.cv = threading.Condition()
         self.pending: deque[dict[str, Any]] = deque()  # grants and keepalives, in order
         self.active: list[Hedged] = []
-        self.jobs: list[Hedged | None] = [None] * len(client.clients)  # each worker's
+        n = len(client.clients)
+        self.jobs: list[Hedged | None] = [None] * (n * SLOTS)  # each worker's
+        self.started = [0.0] * (n * SLOTS)  # when its job went out
+        self.failed = [False] * n  # each endpoint: failed since it last answered
         self.stopping = False
         self.count = 0  # requests sent (the daemon's metrics and the bench read it)
         self.threads = [threading.Thread(target=self._leases, name="etcd-lease", daemon=True),
                         threading.Thread(target=self._txns, name="etcd-txn", daemon=True)]
-        self.threads += [threading.Thread(target=self._worker, args=(n,),
-                                          name=f"etcd-lease-{n}", daemon=True)
-                         for n in range(len(client.clients))]
+        self.threads += [threading.Thread(target=self._worker, args=(k,),
+                                          name=f"etcd-lease-{k // SLOTS}", daemon=True)
+                         for k in range(n * SLOTS)]
         for t in self.threads:
             t.start()
 
@@ -348,27 +352,46 @@ class EtcdShell:
             if stopped:
                 return
 
+    def _order(self, now: float) -> list[int]:
+        """The endpoints to try: the one that answered last first, as the client's
+        order, but any that failed since it last answered, or holds a keepalive longer
+        than the hedge delay, after those that do not."""
+        def suspect(n: int) -> bool:
+            return self.failed[n] or any(
+                self.jobs[k] is not None and now - self.started[k] > self.hedge
+                for k in range(n * SLOTS, (n + 1) * SLOTS))
+        return sorted(self.client.order(), key=suspect)
+
+    def _slot(self, n: int) -> int | None:
+        return next((k for k in range(n * SLOTS, (n + 1) * SLOTS) if self.jobs[k] is None),
+                    None)
+
     def _send(self, now: float) -> float:
         """Gives each keepalive under way to the workers it should go to now; the next
-        time a hedge is due."""
-        order = self.client.order()
+        time a hedge is due.  A keepalive goes to one endpoint, hedged after the hedge
+        delay, or at once while an older one is still unanswered (etcd is in trouble)."""
+        order = self._order(now)
+        trouble = any(h.stale and h.ttl is None and h.running for h in self.active)
         wake = math.inf
         for h in self.active:
             if h.ttl is not None or h.stale:
                 continue
-            free = [n for n in order if n not in h.tried and self.jobs[n] is None]
-            if h.tried and now >= h.hedge_at:
-                pass  # hedged: every endpoint free that it has not been to
+            if not h.tried:
+                h.hedge_at = now if trouble else now + self.hedge
+            free = [n for n in order if n not in h.tried and self._slot(n) is not None]
+            if now >= h.hedge_at:
+                pass  # hedged: every endpoint it has not been to, with a worker free
             elif not h.tried or h.running == 0:
                 free = free[:1]  # the first, or the next at once after one failed
             else:
                 free = []
             for n in free:
-                if not h.tried:
-                    h.hedge_at = now + self.hedge
+                k = self._slot(n)
+                assert k is not None
                 h.tried.add(n)
                 h.running += 1
-                self.jobs[n] = h
+                self.jobs[k] = h
+                self.started[k] = now
                 self.count += 1
             if free:
                 self.cv.notify_all()
@@ -384,7 +407,7 @@ class EtcdShell:
             if h.ttl is not None:
                 self.client.answered(h.by)
                 out.append(EtcdReply(now, rid, True, ttl=h.ttl))
-            elif h.running == 0 and (h.stale or len(h.tried) == len(self.jobs)):
+            elif h.running == 0 and (h.stale or len(h.tried) == len(self.failed)):
                 out.append(EtcdReply(now, rid, False, error=(
                     "no etcd endpoint answered: " + "; ".join(h.errors))[:300]))
             else:
@@ -392,11 +415,12 @@ class EtcdShell:
             self.active.remove(h)
         return out
 
-    def _worker(self, n: int) -> None:
-        """Endpoint ``n``'s keepalives, one at a time."""
+    def _worker(self, k: int) -> None:
+        """Keepalives to endpoint ``k // SLOTS``, one at a time."""
+        n = k // SLOTS
         with self.cv:
             while True:
-                h = self.jobs[n]
+                h = self.jobs[k]
                 if h is None:
                     if self.stopping:
                         return
@@ -412,8 +436,9 @@ class EtcdShell:
                     error = f"{self.client.endpoints[n]}: {type(e).__name__} {e}".strip()[:150]
                 finally:
                     self.cv.acquire()
-                self.jobs[n] = None
+                self.jobs[k] = None
                 h.running -= 1
+                self.failed[n] = ttl is None
                 if ttl is None:
                     h.errors.append(error)
                 elif h.ttl is None:
