@@ -12,11 +12,12 @@ answered is tried first next time.  The environment is not trusted (no proxy, no
 REQUESTS_CA_BUNDLE): the CA is ``coordinator.ca_file``, else the system's.  etcd's
 64-bit integers arrive as JSON strings and its bytes as base64.
 
-The shell: keepalives on a thread of their own (a slow transaction never delays one;
+The shell: keepalives on threads of their own (a slow transaction never delays one;
 when several are queued only the newest is sent, the others answered as superseded:
-each is anchored at its own send time, so the newest is worth most), transactions in
-order on another.  Every request is answered (``ok`` False with the error when etcd did
-not answer in time), posted to the daemon's queue as an ``EtcdReply``.
+each is anchored at its own send time, so the newest is worth most), hedged across the
+endpoints (``EtcdShell``), transactions in order on another.  Every request is answered
+(``ok`` False with the error when etcd did not answer in time), posted to the daemon's
+queue as an ``EtcdReply``.
 
 The node's lease (``NodeLease``, the groups parent's): one lease per node for all its
 groups, kept alive by the parent, which also reads every group's keys with one range
@@ -272,14 +273,19 @@ class EtcdShell:
     """Performs the core's etcd requests on threads of its own; answers go to ``post``.
 
     Transactions in order on one thread.  Keepalives are hedged: one goes to the endpoint
-    that answered last; unanswered after ``hedge`` s it also goes to every other endpoint
-    in parallel, and the first answer is the answer (a keepalive is idempotent, and etcd
-    renews a lease only through its leader, so any member's answer is as good and is
-    anchored, as always, at the core's send time).  An endpoint that refuses or fails
-    at once is passed over at once.  One worker thread per endpoint, one request each at
-    a time: a member that holds a keepalive until the timeout holds its worker only,
-    and the next keepalive goes to the others without waiting for it.  Grants are never
-    hedged (two members would grant two leases)."""
+    that answered last; unanswered after ``hedge`` s (at once while an older keepalive is
+    still unanswered: etcd is in trouble) it also goes to every other endpoint in
+    parallel, and the first answer is the answer.  A keepalive is idempotent, etcd renews
+    a lease only on its leader (a follower forwards the renewal), and an answer with a
+    TTL means the leader renewed the lease after the keepalive was sent, whichever
+    member passed it on: it is anchored, as always, at the core's send time
+    (docs/DESIGN.md §6b).  An endpoint that refuses or fails at once is passed over at
+    once; one that failed since it last answered, or holds a keepalive past the hedge
+    delay, is tried last.  ``SLOTS`` worker threads per endpoint, one request each: a
+    member that holds keepalives until the timeout holds its workers only, and later
+    keepalives go to the others without waiting.  When the endpoint asked first answers
+    within the hedge delay nothing more is sent: one request per keepalive, as before.
+    Grants are never hedged (two members would grant two leases)."""
 
     def __init__(self, client: EtcdClient, post: Callable[[Any], None],
                  hedge: float = HEDGE_AFTER) -> None:
