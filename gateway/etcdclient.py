@@ -348,7 +348,7 @@ class EtcdShell:
                 now = time.monotonic()
                 wake = self._send(now)
                 out += self._ended(now)
-                if not out and grant is None and not stopped:
+                if not out and grant is None and not stopped and not self.pending:
                     self.cv.wait(None if wake == math.inf else max(0.0, wake - now))
             for r in out:
                 self.post(r)

@@ -201,3 +201,26 @@ def test_no_member_answers_every_keepalive_is_answered_and_stop_joins(silent: st
     assert time.monotonic() - t0 < 2.0
     assert not any(t.is_alive() for t in shell.threads)
     assert not answer(answers, 2).ok
+
+
+def test_a_grant_queued_behind_a_keepalive_is_sent_at_once_and_never_hedged(
+        members: list[Member]) -> None:
+    """A grant goes to one member at a time (two would grant two leases)."""
+    answers: queue.Queue[EtcdReply] = queue.Queue()
+    shell = EtcdShell(EtcdClient([member(members), member(members)]), answers.put,
+                      hedge=0.0)
+    try:
+        t0 = time.monotonic()
+        shell.submit(keepalive(1))
+        shell.submit({"req_id": 2, "op": "grant", "ttl": 3})
+        assert answer(answers, 2).ok
+        assert answer(answers, 1).ok
+        assert time.monotonic() - t0 < 0.5
+        deadline = time.monotonic() + 2
+        while members[0].hits + members[1].hits < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        # The keepalive (hedged at once) to both, the grant to one.
+        assert members[0].hits + members[1].hits == shell.count == 3
+    finally:
+        shell.stop()
