@@ -2,7 +2,9 @@
 groups parent's) against a real etcd (one member on loopback, as test_etcd_client.py):
 published to every group's file with the group's keys only, kept alive, adopted by a
 restarted keeper, and, once its keeper stops, a published deadline that etcd's own
-expiry never precedes."""
+expiry never precedes.  And against three members on loopback with the lab's timings:
+the leader lost (killed, or frozen) never lets a keeper's write lease lapse (the shell's
+keepalives are hedged across the members)."""
 
 from __future__ import annotations
 
