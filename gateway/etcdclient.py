@@ -12,11 +12,12 @@ answered is tried first next time.  The environment is not trusted (no proxy, no
 REQUESTS_CA_BUNDLE): the CA is ``coordinator.ca_file``, else the system's.  etcd's
 64-bit integers arrive as JSON strings and its bytes as base64.
 
-The shell: keepalives on a thread of their own (a slow transaction never delays one;
+The shell: keepalives on threads of their own (a slow transaction never delays one;
 when several are queued only the newest is sent, the others answered as superseded:
-each is anchored at its own send time, so the newest is worth most), transactions in
-order on another.  Every request is answered (``ok`` False with the error when etcd did
-not answer in time), posted to the daemon's queue as an ``EtcdReply``.
+each is anchored at its own send time, so the newest is worth most), hedged across the
+endpoints (``EtcdShell``), transactions in order on another.  Every request is answered
+(``ok`` False with the error when etcd did not answer in time), posted to the daemon's
+queue as an ``EtcdReply``.
 
 The node's lease (``NodeLease``, the groups parent's): one lease per node for all its
 groups, kept alive by the parent, which also reads every group's keys with one range
@@ -32,11 +33,13 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import queue
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +66,8 @@ from .etcdcore import (
 log = structlog.get_logger(component="etcd")
 
 REQUEST_TIMEOUT: Final = 1.0  # s per endpoint (below the core's REQUEST_LOST_AFTER)
+HEDGE_AFTER: Final = 0.2  # s: a keepalive unanswered this long also goes to the others
+SLOTS: Final = 2  # keepalives in flight to one endpoint at most (EtcdShell's workers)
 NODE_LEASE_FILE: Final = "etcd-node-lease.json"  # in a group's run dir (NodeLease)
 NODE_LEASE_ENV: Final = "NBDGW_NODE_LEASE"  # set by the groups parent for its children
 KEEPER_TICK: Final = 0.05  # s between the node lease keeper's looks at what is due
@@ -126,24 +131,36 @@ class EtcdClient:
         self.current = 0
         self.lock = threading.Lock()
 
+    def post_to(self, n: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on endpoint ``n`` only (raises as etcd3gw does)."""
+        c = self.clients[n]
+        out = c.post(c.get_url(path), json=body)
+        return out if isinstance(out, dict) else {}
+
+    def answered(self, n: int) -> None:
+        """Endpoint ``n`` answered: it is tried first next time."""
+        with self.lock:
+            if n != self.current:
+                log.info("etcd_endpoint", endpoint=self.endpoints[n])
+            self.current = n
+
+    def order(self) -> list[int]:
+        """The endpoints in the order to try them: the one that answered last first."""
+        with self.lock:
+            start = self.current
+        return [(start + i) % len(self.clients) for i in range(len(self.clients))]
+
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``path`` on the endpoint that answered last, else the next."""
         errors = []
-        with self.lock:
-            start = self.current
-        for i in range(len(self.clients)):
-            n = (start + i) % len(self.clients)
-            c = self.clients[n]
+        for n in self.order():
             try:
-                out = c.post(c.get_url(path), json=body)
+                out = self.post_to(n, path, body)
             except (ConnectionFailedError, ConnectionTimeoutError) as e:
                 errors.append(f"{self.endpoints[n]}: {type(e).__name__}")
                 continue
-            with self.lock:
-                if n != self.current:
-                    log.info("etcd_endpoint", endpoint=self.endpoints[n])
-                self.current = n
-            return out if isinstance(out, dict) else {}
+            self.answered(n)
+            return out
         raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
 
     # -- the requests -------------------------------------------------------------------
@@ -156,11 +173,7 @@ class EtcdClient:
 
     def keepalive(self, lease: int) -> int:
         """Seconds left on ``lease`` after renewing it; 0 when etcd no longer has it."""
-        r = self.call("lease/keepalive", {"ID": lease})
-        res = r.get("result", r)
-        if r.get("error") or not isinstance(res, dict):
-            return 0
-        return int(res.get("TTL", 0))
+        return keepalive_ttl(self.call("lease/keepalive", {"ID": lease}))
 
     def txn(self, t: Txn, lease: int) -> tuple[bool, int, tuple[KV, ...]]:
         """(compare held, revision, the keys under ``t.prefix`` after it)."""
@@ -201,6 +214,17 @@ class EtcdClient:
         return list(self.call("cluster/member/list", {}).get("members", []))
 
 
+def keepalive_ttl(r: dict[str, Any]) -> int:
+    """The TTL a keepalive's answer says (0: etcd no longer has the lease).  The JSON
+    gateway streams the answer: ``{"result": {...}}``, or ``{"error": {...}}`` when the
+    member could not renew (no leader, a timeout), which says nothing of the lease and is
+    raised, not read as an expiry."""
+    res = r.get("result", r)
+    if r.get("error") or not isinstance(res, dict):
+        raise Etcd3Exception(str(r.get("error") or r)[:200])
+    return int(res.get("TTL", 0))
+
+
 def cmp(c: Cmp) -> dict[str, Any]:
     target, field = TARGETS[c.target]
     value = b64(str(c.value)) if c.target == "value" else str(c.value)
@@ -230,38 +254,202 @@ def perform(client: EtcdClient, args: dict[str, Any]) -> EtcdReply:
         return EtcdReply(time.monotonic(), rid, False, error=str(e)[:300])
 
 
-class EtcdShell:
-    """Performs the core's etcd requests on two threads; answers go to ``post``."""
+@dataclass(eq=False)
+class Hedged:
+    """One keepalive under way (``EtcdShell``): the endpoints it went to, how many of
+    those have not answered yet, what failed, its answer once one came."""
 
-    def __init__(self, client: EtcdClient, post: Callable[[Any], None]) -> None:
+    args: dict[str, Any]
+    tried: set[int]
+    errors: list[str]
+    hedge_at: float = math.inf  # then it also goes to every other endpoint free
+    running: int = 0
+    ttl: int | None = None  # the first answer's (None: none yet)
+    by: int = -1  # the endpoint that gave it
+    stale: bool = False  # a newer keepalive is under way: this one goes nowhere new
+
+
+class EtcdShell:
+    """Performs the core's etcd requests on threads of its own; answers go to ``post``.
+
+    Transactions in order on one thread.  Keepalives are hedged: one goes to the endpoint
+    that answered last; unanswered after ``hedge`` s (at once while an older keepalive is
+    still unanswered: etcd is in trouble) it also goes to every other endpoint in
+    parallel, and the first answer is the answer.  A keepalive is idempotent, etcd renews
+    a lease only on its leader (a follower forwards the renewal), and an answer with a
+    TTL means the leader renewed the lease after the keepalive was sent, whichever
+    member passed it on: it is anchored, as always, at the core's send time
+    (docs/DESIGN.md §6b).  An endpoint that refuses or fails at once is passed over at
+    once; one that failed since it last answered, or holds a keepalive past the hedge
+    delay, is tried last.  ``SLOTS`` worker threads per endpoint, one request each: a
+    member that holds keepalives until the timeout holds its workers only, and later
+    keepalives go to the others without waiting.  When the endpoint asked first answers
+    within the hedge delay nothing more is sent: one request per keepalive, as before.
+    Grants are never hedged (two members would grant two leases)."""
+
+    def __init__(self, client: EtcdClient, post: Callable[[Any], None],
+                 hedge: float = HEDGE_AFTER) -> None:
         self.client = client
         self.post = post
-        self.leases: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.hedge = hedge
         self.txns: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cv = threading.Condition()
+        self.pending: deque[dict[str, Any]] = deque()  # grants and keepalives, in order
+        self.active: list[Hedged] = []
+        n = len(client.clients)
+        self.jobs: list[Hedged | None] = [None] * (n * SLOTS)  # each worker's
+        self.started = [0.0] * (n * SLOTS)  # when its job went out
+        self.failed = [False] * n  # each endpoint: failed since it last answered
+        self.stopping = False
         self.count = 0  # requests sent (the daemon's metrics and the bench read it)
         self.threads = [threading.Thread(target=self._leases, name="etcd-lease", daemon=True),
                         threading.Thread(target=self._txns, name="etcd-txn", daemon=True)]
+        self.threads += [threading.Thread(target=self._worker, args=(k,),
+                                          name=f"etcd-lease-{k // SLOTS}", daemon=True)
+                         for k in range(n * SLOTS)]
         for t in self.threads:
             t.start()
 
     def submit(self, args: dict[str, Any]) -> None:
-        (self.leases if args["op"] in ("grant", "keepalive") else self.txns).put(args)
+        if args["op"] in ("grant", "keepalive"):
+            with self.cv:
+                self.pending.append(args)
+                self.cv.notify_all()
+        else:
+            self.txns.put(args)
 
     def _leases(self) -> None:
-        while (args := self.leases.get()) is not None:
-            while args["op"] == "keepalive":  # only the newest queued one is worth sending
+        """Takes grants and keepalives in order, sends keepalives to the endpoints'
+        workers (``_send``) and answers them (``_ended``)."""
+        while True:
+            out: list[EtcdReply] = []
+            grant = None
+            with self.cv:
+                stopped = self.stopping
+                if stopped:
+                    out = [EtcdReply(time.monotonic(), int(a["req_id"]), False,
+                                     error="etcd shell stopped")
+                           for a in [*self.pending, *(h.args for h in self.active)]]
+                    self.pending.clear()
+                    self.active.clear()
+                elif self.pending and self.pending[0]["op"] == "grant":
+                    grant = self.pending.popleft()
+                elif self.pending:
+                    args = self.pending.popleft()
+                    # Only the newest queued one is worth sending: each is anchored at
+                    # its own send time.
+                    while self.pending and self.pending[0]["op"] == "keepalive":
+                        out.append(EtcdReply(time.monotonic(), int(args["req_id"]), False,
+                                             error="superseded by a newer keepalive"))
+                        args = self.pending.popleft()
+                    for h in self.active:
+                        h.stale = True
+                    self.active.append(Hedged(args, set(), []))
+                now = time.monotonic()
+                wake = self._send(now)
+                out += self._ended(now)
+                if not out and grant is None and not stopped and not self.pending:
+                    self.cv.wait(None if wake == math.inf else max(0.0, wake - now))
+            for r in out:
+                self.post(r)
+            if grant is not None:
+                self.count += 1
+                self.post(perform(self.client, grant))
+            if stopped:
+                return
+
+    def _order(self, now: float) -> list[int]:
+        """The endpoints to try: the one that answered last first, as the client's
+        order, but any that failed since it last answered, or holds a keepalive longer
+        than the hedge delay, after those that do not."""
+        def suspect(n: int) -> bool:
+            return self.failed[n] or any(
+                self.jobs[k] is not None and now - self.started[k] > self.hedge
+                for k in range(n * SLOTS, (n + 1) * SLOTS))
+        return sorted(self.client.order(), key=suspect)
+
+    def _slot(self, n: int) -> int | None:
+        return next((k for k in range(n * SLOTS, (n + 1) * SLOTS) if self.jobs[k] is None),
+                    None)
+
+    def _send(self, now: float) -> float:
+        """Gives each keepalive under way to the workers it should go to now; the next
+        time a hedge is due.  A keepalive goes to one endpoint, hedged after the hedge
+        delay, or at once while an older one is still unanswered (etcd is in trouble)."""
+        order = self._order(now)
+        trouble = any(h.stale and h.ttl is None and h.running for h in self.active)
+        wake = math.inf
+        for h in self.active:
+            if h.ttl is not None or h.stale:
+                continue
+            if not h.tried:
+                h.hedge_at = now if trouble else now + self.hedge
+            free = [n for n in order if n not in h.tried and self._slot(n) is not None]
+            if now >= h.hedge_at:
+                pass  # hedged: every endpoint it has not been to, with a worker free
+            elif not h.tried or h.running == 0:
+                free = free[:1]  # the first, or the next at once after one failed
+            else:
+                free = []
+            for n in free:
+                k = self._slot(n)
+                assert k is not None
+                h.tried.add(n)
+                h.running += 1
+                self.jobs[k] = h
+                self.started[k] = now
+                self.count += 1
+            if free:
+                self.cv.notify_all()
+            if h.running and h.hedge_at > now:
+                wake = min(wake, h.hedge_at)
+        return wake
+
+    def _ended(self, now: float) -> list[EtcdReply]:
+        """The answers of keepalives that have one, or that no endpoint will answer."""
+        out = []
+        for h in list(self.active):
+            rid = int(h.args["req_id"])
+            if h.ttl is not None:
+                self.client.answered(h.by)
+                out.append(EtcdReply(now, rid, True, ttl=h.ttl))
+            elif h.running == 0 and (h.stale or len(h.tried) == len(self.failed)):
+                out.append(EtcdReply(now, rid, False, error=(
+                    "no etcd endpoint answered: " + "; ".join(h.errors))[:300]))
+            else:
+                continue
+            self.active.remove(h)
+        return out
+
+    def _worker(self, k: int) -> None:
+        """Keepalives to endpoint ``k // SLOTS``, one at a time."""
+        n = k // SLOTS
+        with self.cv:
+            while True:
+                h = self.jobs[k]
+                if h is None:
+                    if self.stopping:
+                        return
+                    self.cv.wait()
+                    continue
+                self.cv.release()
+                ttl: int | None = None
+                error = ""
                 try:
-                    nxt = self.leases.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None or nxt["op"] != "keepalive":
-                    self.leases.put(nxt)  # its turn comes next
-                    break
-                self.post(EtcdReply(time.monotonic(), int(args["req_id"]), False,
-                                    error="superseded by a newer keepalive"))
-                args = nxt
-            self.count += 1
-            self.post(perform(self.client, args))
+                    ttl = keepalive_ttl(self.client.post_to(
+                        n, "lease/keepalive", {"ID": int(h.args["lease"])}))
+                except Exception as e:  # noqa: BLE001 - any failure is this endpoint's
+                    error = f"{self.client.endpoints[n]}: {type(e).__name__} {e}".strip()[:150]
+                finally:
+                    self.cv.acquire()
+                self.jobs[k] = None
+                h.running -= 1
+                self.failed[n] = ttl is None
+                if ttl is None:
+                    h.errors.append(error)
+                elif h.ttl is None:
+                    h.ttl, h.by = ttl, n
+                self.cv.notify_all()
 
     def _txns(self) -> None:
         while (args := self.txns.get()) is not None:
@@ -269,7 +457,9 @@ class EtcdShell:
             self.post(perform(self.client, args))
 
     def stop(self) -> None:
-        self.leases.put(None)
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
         self.txns.put(None)
         for t in self.threads:
             t.join(REQUEST_TIMEOUT * 4)

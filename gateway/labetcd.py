@@ -24,9 +24,12 @@ CLIENT_PORT: Final = 2379
 PEER_PORT: Final = 2380
 # s: the sites' coordinator.lease_ttl in the lab.  Writes stop 0.95 x 3 - 0.5 = 2.35 s
 # after the last keepalive etcd answered, keepalives go every 0.75 s: the 1.6 s between
-# outlast a leader election (ELECTION_MS) unless its first vote splits; then the late
-# renewal holds writes for a moment (nbd_plugin/lease.py RENEWAL_WAIT) instead of failing
-# them, so losing any one member changes nothing a client sees.
+# outlast a leader election (ELECTION_MS), a split first vote included, as keepalives are
+# hedged across the members (gateway/etcdclient.py EtcdShell; the leader lost 20 times in
+# tests/integration/test_node_lease.py: 0.31 s to spare at the least).  Should the lease
+# run out all the same, the late renewal holds writes for a moment
+# (nbd_plugin/lease.py RENEWAL_WAIT) instead of failing them, so losing any one member
+# changes nothing a client sees.
 LEASE_TTL: Final = 3
 HEARTBEAT_MS: Final = 50
 ELECTION_MS: Final = 500

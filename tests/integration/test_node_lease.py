@@ -2,26 +2,49 @@
 groups parent's) against a real etcd (one member on loopback, as test_etcd_client.py):
 published to every group's file with the group's keys only, kept alive, adopted by a
 restarted keeper, and, once its keeper stops, a published deadline that etcd's own
-expiry never precedes."""
+expiry never precedes.  And against three members on loopback with the lab's timings:
+the leader lost (killed, or frozen) never lets a keeper's write lease lapse (the shell's
+keepalives are hedged across the members)."""
 
 from __future__ import annotations
 
+import itertools
+import math
+import os
 import shutil
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from etcd3gw.exceptions import Etcd3Exception
 
 from gateway.etcdclient import (
+    KEEPER_TICK,
     EtcdClient,
+    EtcdShell,
+    EtcdUnavailable,
     NodeLease,
     boot_id,
     read_node_lease,
     write_node_lease,
 )
-from gateway.etcdcore import DRIFT, MARGIN, Put, Shared, Txn
-from tests.integration.test_etcd_client import etcd_member
+from gateway.etcdcore import (
+    DRIFT,
+    KEEPALIVE_FRACTION,
+    MARGIN,
+    EtcdReply,
+    LeaseKeeper,
+    Put,
+    Shared,
+    Txn,
+)
+from gateway.labetcd import LEASE_TTL
+from tests.integration.test_etcd_client import etcd_member, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd-server is not installed (make setup)")
@@ -116,3 +139,181 @@ def test_a_file_of_another_boot_is_not_read(tmp_path: Path) -> None:
     assert read_node_lease(path, 0.0, boot_id()) is None
     write_node_lease(path, Shared(0.0, 7, 1e12), boot_id())
     assert read_node_lease(path, 0.0, boot_id()) == Shared(0.0, 7, 1e12)
+
+
+# -- one member of three lost: the lease never lapses -------------------------------------
+
+ELECTION_MS = 500  # the lab's raft timings (gateway/labetcd.py)
+HEARTBEAT_MS = 50
+KILLS = int(os.environ.get("NBDGW_ETCD_KILLS", "4"))  # more for a measurement
+
+
+class Cluster:
+    """Three etcd members on loopback, each a process the test can kill and restart."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        ports = [(free_port(), free_port()) for _ in range(3)]
+        self.urls = [f"http://127.0.0.1:{c}" for c, _ in ports]
+        initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, (_, p) in enumerate(ports))
+        self.argv = [["etcd", "--name", f"m{i}", "--data-dir", str(tmp_path / f"m{i}"),
+                      "--listen-client-urls", self.urls[i],
+                      "--advertise-client-urls", self.urls[i],
+                      "--listen-peer-urls", f"http://127.0.0.1:{p}",
+                      "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
+                      "--initial-cluster", initial, "--initial-cluster-state", "new",
+                      "--heartbeat-interval", str(HEARTBEAT_MS),
+                      "--election-timeout", str(ELECTION_MS)]
+                     for i, (_, p) in enumerate(ports)]
+        self.logs = [(tmp_path / f"m{i}.log").open("ab") for i in range(3)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * 3
+        for i in range(3):
+            self.start(i)
+        wait(lambda: self.leader() is not None, 30)
+
+    def start(self, i: int) -> None:
+        self.procs[i] = subprocess.Popen(self.argv[i], stdout=self.logs[i],
+                                         stderr=subprocess.STDOUT)
+
+    def kill(self, i: int) -> None:
+        p = self.procs[i]
+        assert p is not None
+        p.kill()
+        p.wait(10)
+        self.procs[i] = None
+
+    def freeze(self, i: int) -> None:
+        """A member that takes connections and answers nothing (its host hung, or cut
+        off behind a kernel that still completes handshakes)."""
+        p = self.procs[i]
+        assert p is not None
+        p.send_signal(signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        p = self.procs[i]
+        assert p is not None
+        p.send_signal(signal.SIGCONT)
+
+    def status(self, i: int) -> dict[str, Any] | None:
+        try:
+            return EtcdClient([self.urls[i]], timeout=0.5).call("maintenance/status", {})
+        except (EtcdUnavailable, Etcd3Exception):
+            return None
+
+    def leader(self) -> int | None:
+        for i in range(3):
+            st = self.status(i)
+            if st and st.get("leader") and st.get("leader") == \
+                    st.get("header", {}).get("member_id"):
+                return i
+        return None
+
+    def all_up(self) -> bool:
+        return all(p is not None for p in self.procs) and self.leader() is not None and \
+            all(self.status(i) is not None for i in range(3))
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p is not None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+                p.wait(30)
+        for f in self.logs:
+            f.close()
+
+
+class Keeper:
+    """A ``LeaseKeeper`` driven as the daemon drives it (a tick every KEEPER_TICK),
+    with a sampler of its write lease's margin (alive_until - now) every 10 ms."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.keeper = LeaseKeeper(LEASE_TTL, time.monotonic())
+        self.lock = threading.Lock()
+        self.answers: list[float] = []  # when a keepalive was answered (TTL > 0)
+        self.low: list[tuple[float, float]] = []  # (when, margin) each 10 ms
+        self.shell = EtcdShell(EtcdClient(urls), self._answer)
+        self.stopping = threading.Event()
+        self.next_id = 0
+        self.threads = [threading.Thread(target=self._tick, daemon=True),
+                        threading.Thread(target=self._sample, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def _tick(self) -> None:
+        while not self.stopping.wait(KEEPER_TICK):
+            with self.lock:
+                due = self.keeper.due(time.monotonic(), self._new_id)
+            for args in due:
+                self.shell.submit(args)
+
+    def _answer(self, r: EtcdReply) -> None:
+        with self.lock:
+            renewed = r.ok and r.ttl > 0 and self.keeper.owns(r.req_id)
+            self.keeper.answer(r)
+            if renewed:
+                self.answers.append(time.monotonic())
+
+    def _sample(self) -> None:
+        while not self.stopping.wait(0.01):
+            with self.lock:
+                until = self.keeper.alive_until
+            if until > -math.inf:
+                now = time.monotonic()
+                self.low.append((now, until - now))
+
+    def window(self, start: float, end: float) -> tuple[float, float]:
+        """(the lowest margin, the longest gap between keepalive answers) in it."""
+        with self.lock:
+            low = min(m for t, m in self.low if start <= t <= end)
+            times = [start] + [t for t in self.answers if start <= t <= end] + [end]
+        return low, max(b - a for a, b in itertools.pairwise(times))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(1)
+        self.shell.stop()
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_losing_the_etcd_leader_never_lets_the_write_lease_lapse(
+        tmp_path: Path, how: str) -> None:
+    """The lab's timings (TTL 3 s, keepalives every 0.75 s, elections after 0.5 s): the
+    leader the keeper talks to is lost (``kill``: its port refuses; ``freeze``: it
+    answers nothing) at a different moment of the keepalive cycle each time, then comes
+    back.  The write lease (alive_until, what nbdkit is told) must stay ahead of the
+    clock throughout; the figures are printed (pytest -s)."""
+    cluster = Cluster(tmp_path)
+    keeper = Keeper(cluster.urls)
+    figures = []
+    try:
+        wait(lambda: len(keeper.answers) >= 3, 15)
+        for k in range(KILLS):
+            leader = cluster.leader()
+            assert leader is not None
+            with keeper.shell.client.lock:  # as in the lab's failure: it talks to the leader
+                keeper.shell.client.current = leader
+            t = keeper.answers[-1] + KEEPALIVE_FRACTION * LEASE_TTL * k / KILLS
+            time.sleep(max(0.0, t - time.monotonic()))
+            start = time.monotonic()
+            (cluster.kill if how == "kill" else cluster.freeze)(leader)
+            wait(lambda: cluster.leader() is not None, 15)
+            elected = time.monotonic() - start
+            time.sleep(LEASE_TTL)  # the lease lives on past the election
+            low, gap = keeper.window(start, time.monotonic())
+            figures.append((elected, gap, low))
+            print(f"{how} {k + 1}: new leader after {elected:.2f} s, longest gap between "
+                  f"keepalive answers {gap:.2f} s, lowest write lease margin {low:.2f} s")
+            (cluster.start if how == "kill" else cluster.thaw)(leader)
+            wait(cluster.all_up, 30)
+            time.sleep(1.0)
+        lows = [low for _, _, low in figures]
+        print(f"{how}: lowest margin over {KILLS} losses: {min(lows):.2f} s; "
+              f"longest gap {max(g for _, g, _ in figures):.2f} s")
+        assert min(lows) > 0, figures
+    finally:
+        keeper.stop()
+        cluster.close()
