@@ -1,0 +1,121 @@
+"""iSCSI LUNs of a readable replica, served by the daemon itself (issue 21): on a
+secondary with an ``iscsi`` section, `nbdgw daemon` runs the bridge (tgtd + FUSE inside
+the readers' nbdkit) and exports the replica's snapshots read-only and its clones
+writable, while its receiver goes on applying the primary's writes.  Real daemons
+(tests/integration/cluster.py), real tgtd, libiscsi and qemu-img as the initiator."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import free_port, need
+from tests.integration.cluster import SIZE, Node, connect, peer_state, wait_for, write_pattern
+from tests.integration.iscsienv import (
+    BASE,
+    free_control_port,
+    sh,
+    wait_target,
+    written_over_iscsi_reads_back_over_nbd,
+)
+from tests.integration.test_replica_serve import hashes, opened, snapshots
+
+MiB = 1 << 20
+
+
+class Writer(threading.Thread):
+    """Writes to the primary until stopped: the replica keeps receiving meanwhile."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(daemon=True)
+        self.h = connect(node)
+        self.stop_flag = threading.Event()
+        self.rounds = 0
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set() and self.rounds < 10_000:
+            write_pattern(self.h, 8, 70 + self.rounds)
+            self.rounds += 1
+            self.stop_flag.wait(0.05)  # a steady trickle, not the whole (2-core) machine
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(60)
+        self.h.shutdown()
+
+
+def with_iscsi(node: Node, port: int) -> None:
+    cfg = yaml.safe_load(node.config.read_text())
+    cfg["iscsi"] = {"enabled": True, "portal": f"127.0.0.1:{port}", "iqn": BASE,
+                    "control_port": free_control_port(), "run_dir": str(node.dir / "iscsi")}
+    node.config.write_text(yaml.safe_dump(cfg))
+
+
+def acked(main: Node, peer: str) -> int:
+    return int(peer_state(main, peer).get("acked_seq", -1))
+
+
+def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
+        make_cluster: Any, tmp_path: Path) -> None:
+    for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
+        need(tool)
+    main, dc, _dr = make_cluster("fanout")  # dr is not started: main and dc are enough
+    port = free_port()
+    with_iscsi(dc, port)
+    dc.start()
+    main.start()
+    h = connect(main)
+    write_pattern(h, 100, 3)
+    h.shutdown()
+    main.nbdgw("snapshot", "create", "v1", "--name", "s1")
+    s = opened(main, "v1@s1")
+    want = hashes(s)
+    s.shutdown()
+    wait_for(lambda: "s1" in snapshots(dc), 60, "s1 on dc")
+
+    url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/1"
+    log = dc.dir / "daemon-0.log"
+    assert dc.proc is not None
+    writer = Writer(main)
+    writer.start()
+    try:
+        wait_target(url, dc.proc, log)
+        before = acked(main, "dc")
+        lun = tmp_path / "lun.img"
+        sh("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(lun), timeout=120)
+        with open(lun, "rb") as f:
+            got = [hashlib.blake2b(f.read(MiB)).digest() for _ in range(SIZE // MiB)]
+        over_nbd = opened(dc, "v1@s1")  # the same snapshot, over NBD from dc's socket
+        assert hashes(over_nbd) == want
+        over_nbd.shutdown()
+        assert got == want, [i for i, (a, b) in enumerate(zip(got, want, strict=True))
+                             if a != b][:5]
+        p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(lun), url,
+               check=False, timeout=120)
+        assert p.returncode != 0  # a snapshot's LUN is read-only
+        wait_for(lambda: acked(main, "dc") > before, 30, "dc acks newer writes")
+        after = acked(main, "dc")
+        print(f"dc's acked seq went {before} -> {after} while its LUN v1@s1 was read "
+              f"({writer.rounds} rounds written to main)")
+
+        # A clone made on the replica: a writable LUN (reconciled in, no restart).
+        dc.nbdgw("clone", "create", "v1@s1", "drill")
+        clone_url = f"iscsi://127.0.0.1:{port}/{BASE}:drill/1"
+        wait_target(clone_url, dc.proc, log, timeout=60)
+        written_over_iscsi_reads_back_over_nbd(
+            clone_url, f"nbd+unix:///drill?socket={dc.sock}", tmp_path)
+        c = opened(dc, "drill")
+        assert hashlib.blake2b(c.pread(MiB, MiB)).digest() == want[1]  # the base beyond
+        c.shutdown()
+        assert writer.rounds > 0
+    finally:
+        writer.stop()
+    dc.stop()
+    assert sh("iscsi-inq", url, check=False).returncode != 0  # withdrawn with the daemon
+    text = dc.log_text()
+    assert '"readers": true' in text or '"readers":true' in text, text[-3000:]
+    main.stop()
