@@ -7,6 +7,7 @@ writable, while its receiver goes on applying the primary's writes.  Real daemon
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -59,23 +60,30 @@ def acked(main: Node, peer: str) -> int:
     return int(peer_state(main, peer).get("acked_seq", -1))
 
 
-def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
-        make_cluster: Any, tmp_path: Path) -> None:
+def pair_with_s1(make_cluster: Any, blocks: int) -> tuple[Node, Node, int]:
+    """main (primary) and dc (secondary, iscsi on its own portal port) running, main's
+    snapshot s1 taken after ``blocks`` writes and on dc; dr is not started."""
     for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
         need(tool)
-    main, dc, _dr = make_cluster("fanout")  # dr is not started: main and dc are enough
+    main, dc, _dr = make_cluster("fanout")
     port = free_port()
     with_iscsi(dc, port)
     dc.start()
     main.start()
     h = connect(main)
-    write_pattern(h, 100, 3)
+    write_pattern(h, blocks, 3)
     h.shutdown()
     main.nbdgw("snapshot", "create", "v1", "--name", "s1")
+    wait_for(lambda: "s1" in snapshots(dc), 60, "s1 on dc")
+    return main, dc, port
+
+
+def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
+        make_cluster: Any, tmp_path: Path) -> None:
+    main, dc, port = pair_with_s1(make_cluster, 100)
     s = opened(main, "v1@s1")
     want = hashes(s)
     s.shutdown()
-    wait_for(lambda: "s1" in snapshots(dc), 60, "s1 on dc")
 
     url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/1"
     log = dc.dir / "daemon-0.log"
@@ -119,3 +127,30 @@ def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
     text = dc.log_text()
     assert '"readers": true' in text or '"readers":true' in text, text[-3000:]
     main.stop()
+
+
+def test_promotion_swaps_the_readers_luns_for_the_volume(make_cluster: Any,
+                                                         tmp_path: Path) -> None:
+    """Promoted, dc withdraws the replica's LUNs before it kills the readers' nbdkit,
+    then serves v1 itself as a writable LUN in front of the primary's nbdkit."""
+    main, dc, port = pair_with_s1(make_cluster, 20)
+    snap_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/1"
+    vol_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
+    log = dc.dir / "daemon-0.log"
+    assert dc.proc is not None
+    wait_target(snap_url, dc.proc, log)
+    assert sh("iscsi-inq", vol_url, check=False).returncode != 0  # never the replica
+    main.stop()
+    dc.nbdgw("promote", "--site", "dc", "--force")
+    wait_target(vol_url, dc.proc, log, timeout=60)
+    written_over_iscsi_reads_back_over_nbd(vol_url, f"nbd+unix:///v1?socket={dc.sock}",
+                                           tmp_path)
+    assert sh("iscsi-inq", snap_url, check=False).returncode != 0  # the primary's: volumes
+    events = [json.loads(line) for line in log.read_text().splitlines()
+              if line.startswith("{")]
+    order = [(e["event"], e.get("child")) for e in events
+             if e["event"] in ("iscsi_withdrawn", "child_stopped", "iscsi_serving")]
+    withdrawn = order.index(("iscsi_withdrawn", None))
+    assert order.index(("child_stopped", "nbdkit")) > withdrawn, order
+    assert order[0] == ("iscsi_serving", None) and order[-1] == ("iscsi_serving", None)
+    dc.stop()
