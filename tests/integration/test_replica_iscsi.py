@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import free_port, need
@@ -60,9 +63,26 @@ def acked(main: Node, peer: str) -> int:
     return int(peer_state(main, peer).get("acked_seq", -1))
 
 
-def pair_with_s1(make_cluster: Any, blocks: int) -> tuple[Node, Node, int]:
-    """main (primary) and dc (secondary, iscsi on its own portal port) running, main's
-    snapshot s1 taken after ``blocks`` writes and on dc; dr is not started."""
+@pytest.fixture
+def pair_with_s1(make_cluster: Any) -> Iterator[Callable[[int], tuple[Node, Node, int]]]:
+    """Factory: main (primary) and dc (secondary, iscsi on its own portal port) running,
+    main's snapshot s1 taken after ``blocks`` writes and on dc; dr is not started.  On
+    teardown dc's tgtd and FUSE mounts go too, even after a failure (`iscsi down`)."""
+    made: list[Node] = []
+
+    def make(blocks: int) -> tuple[Node, Node, int]:
+        main, dc, port = _pair(make_cluster, blocks)
+        made.append(dc)
+        return main, dc, port
+
+    yield make
+    for dc in made:
+        if dc.proc is not None:
+            dc.stop(signal.SIGKILL)
+        dc.nbdgw("iscsi", "down", check=False)
+
+
+def _pair(make_cluster: Any, blocks: int) -> tuple[Node, Node, int]:
     for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
         need(tool)
     main, dc, _dr = make_cluster("fanout")
@@ -79,8 +99,8 @@ def pair_with_s1(make_cluster: Any, blocks: int) -> tuple[Node, Node, int]:
 
 
 def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
-        make_cluster: Any, tmp_path: Path) -> None:
-    main, dc, port = pair_with_s1(make_cluster, 100)
+        pair_with_s1: Callable[[int], tuple[Node, Node, int]], tmp_path: Path) -> None:
+    main, dc, port = pair_with_s1(100)
     s = opened(main, "v1@s1")
     want = hashes(s)
     s.shutdown()
@@ -129,11 +149,11 @@ def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
     main.stop()
 
 
-def test_promotion_swaps_the_readers_luns_for_the_volume(make_cluster: Any,
-                                                         tmp_path: Path) -> None:
+def test_promotion_swaps_the_readers_luns_for_the_volume(
+        pair_with_s1: Callable[[int], tuple[Node, Node, int]], tmp_path: Path) -> None:
     """Promoted, dc withdraws the replica's LUNs before it kills the readers' nbdkit,
     then serves v1 itself as a writable LUN in front of the primary's nbdkit."""
-    main, dc, port = pair_with_s1(make_cluster, 20)
+    main, dc, port = pair_with_s1(20)
     snap_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/1"
     vol_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
     log = dc.dir / "daemon-0.log"
