@@ -1315,6 +1315,7 @@ def _iscsi(raw: Any) -> IscsiConfig:
         enabled=s.value("enabled"),
         portal_host=host,
         portal_port=port,
+        readers_portal=s.value("readers_portal"),
         iqn=iqn,
         chap=_chap(s.get("chap"), "iscsi.chap"),
         mutual_chap=_chap(s.get("mutual_chap"), "iscsi.mutual_chap"),
@@ -1489,6 +1490,8 @@ NOT_WITH_GROUPS: Final = (
                         "groups[].ports.iscsi"),
     ("iscsi", "control_port", "each group's tgtd uses its portal port's number: "
                               "groups[].ports.iscsi"),
+    ("iscsi", "readers_portal", "not per group yet (each group's tgtd listens on a port "
+                                "of its own: groups[].ports.iscsi)"),
     ("peerlink", "topology", "each group has its own: groups[].topology"),
     ("failover", "heartbeat_port", "each group beats on its own port: "
                                    "groups[].ports.heartbeat"),

@@ -5,7 +5,7 @@ reads and checks them, examples/nbdgw.yaml documents each key."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nbdgw_common.settings import Keys, Kind, Setting, default_of
@@ -31,6 +31,9 @@ CHAP = Keys(
 ISCSI = Keys(
     Setting("enabled", Kind.BOOLEAN, False, "serve every volume as an iSCSI target"),
     Setting("portal", Kind.HOST_PORT, ("0.0.0.0", 3260), "where tgtd listens"),
+    Setting("readers_portal", Kind.HOST_PORT, None, "where tgtd listens on a secondary "
+            "or DR node for the replicas' snapshots, points and clones (the daemon); "
+            "none: portal, if this node has its address"),
     Setting("iqn", Kind.TEXT, help="base IQN, identical on every node; required when "
             "enabled (targets are <iqn>:VOLUME)"),
     Setting("chap", Kind.SECTION, keys=CHAP, help="initiators authenticate to the target"),
@@ -63,6 +66,7 @@ class IscsiConfig:
     enabled: bool = default_of(ISCSI, "enabled")
     portal_host: str = default_of(ISCSI, "portal")[0]
     portal_port: int = default_of(ISCSI, "portal")[1]
+    readers_portal: tuple[str, int] | None = default_of(ISCSI, "readers_portal")
     iqn: str | None = default_of(ISCSI, "iqn")
     chap: ChapConfig | None = None  # initiators authenticate to the target
     mutual_chap: ChapConfig | None = None  # the target authenticates to initiators
@@ -77,3 +81,10 @@ class IscsiConfig:
     def portal(self) -> str:
         host = f"[{self.portal_host}]" if ":" in self.portal_host else self.portal_host
         return f"{host}:{self.portal_port}"
+
+    def for_readers(self) -> IscsiConfig:
+        """The bridge in front of a secondary's readers' nbdkit: on readers_portal."""
+        if self.readers_portal is None:
+            return self
+        return replace(self, portal_host=self.readers_portal[0],
+                       portal_port=self.readers_portal[1])

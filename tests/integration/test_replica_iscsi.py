@@ -52,9 +52,13 @@ class Writer(threading.Thread):
         self.h.shutdown()
 
 
-def with_iscsi(node: Node, port: int) -> None:
+def with_iscsi(node: Node, port: int, readers_portal: bool) -> None:
+    """iscsi on 127.0.0.1:``port``; with ``readers_portal`` as iscsi.readers_portal, the
+    portal being an address no node here has (as the service address is a secondary's)."""
     cfg = yaml.safe_load(node.config.read_text())
-    cfg["iscsi"] = {"enabled": True, "portal": f"127.0.0.1:{port}", "iqn": BASE,
+    portal = {"portal": "192.0.2.10:3260", "readers_portal": f"127.0.0.1:{port}"} \
+        if readers_portal else {"portal": f"127.0.0.1:{port}"}
+    cfg["iscsi"] = {"enabled": True, **portal, "iqn": BASE,
                     "control_port": free_control_port(), "run_dir": str(node.dir / "iscsi")}
     node.config.write_text(yaml.safe_dump(cfg))
 
@@ -64,14 +68,15 @@ def acked(main: Node, peer: str) -> int:
 
 
 @pytest.fixture
-def pair_with_s1(make_cluster: Any) -> Iterator[Callable[[int], tuple[Node, Node, int]]]:
+def pair_with_s1(make_cluster: Any
+                 ) -> Iterator[Callable[[int, bool], tuple[Node, Node, int]]]:
     """Factory: main (primary) and dc (secondary, iscsi on its own portal port) running,
     main's snapshot s1 taken after ``blocks`` writes and on dc; dr is not started.  On
     teardown dc's tgtd and FUSE mounts go too, even after a failure (`iscsi down`)."""
     made: list[Node] = []
 
-    def make(blocks: int) -> tuple[Node, Node, int]:
-        main, dc, port = _pair(make_cluster, blocks)
+    def make(blocks: int, readers_portal: bool) -> tuple[Node, Node, int]:
+        main, dc, port = _pair(make_cluster, blocks, readers_portal)
         made.append(dc)
         return main, dc, port
 
@@ -82,12 +87,12 @@ def pair_with_s1(make_cluster: Any) -> Iterator[Callable[[int], tuple[Node, Node
         dc.nbdgw("iscsi", "down", check=False)
 
 
-def _pair(make_cluster: Any, blocks: int) -> tuple[Node, Node, int]:
+def _pair(make_cluster: Any, blocks: int, readers_portal: bool) -> tuple[Node, Node, int]:
     for tool in ("tgtd", "iscsi-inq", "qemu iscsi driver", "fusermount3"):
         need(tool)
     main, dc, _dr = make_cluster("fanout")
     port = free_port()
-    with_iscsi(dc, port)
+    with_iscsi(dc, port, readers_portal)
     dc.start()
     main.start()
     h = connect(main)
@@ -99,8 +104,8 @@ def _pair(make_cluster: Any, blocks: int) -> tuple[Node, Node, int]:
 
 
 def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
-        pair_with_s1: Callable[[int], tuple[Node, Node, int]], tmp_path: Path) -> None:
-    main, dc, port = pair_with_s1(100)
+        pair_with_s1: Callable[[int, bool], tuple[Node, Node, int]], tmp_path: Path) -> None:
+    main, dc, port = pair_with_s1(100, True)  # on iscsi.readers_portal
     s = opened(main, "v1@s1")
     want = hashes(s)
     s.shutdown()
@@ -150,10 +155,10 @@ def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
 
 
 def test_promotion_swaps_the_readers_luns_for_the_volume(
-        pair_with_s1: Callable[[int], tuple[Node, Node, int]], tmp_path: Path) -> None:
+        pair_with_s1: Callable[[int, bool], tuple[Node, Node, int]], tmp_path: Path) -> None:
     """Promoted, dc withdraws the replica's LUNs before it kills the readers' nbdkit,
     then serves v1 itself as a writable LUN in front of the primary's nbdkit."""
-    main, dc, port = pair_with_s1(20)
+    main, dc, port = pair_with_s1(20, False)  # on iscsi.portal, before and after
     snap_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/1"
     vol_url = f"iscsi://127.0.0.1:{port}/{BASE}:v1/1"
     log = dc.dir / "daemon-0.log"
@@ -168,9 +173,11 @@ def test_promotion_swaps_the_readers_luns_for_the_volume(
     assert sh("iscsi-inq", snap_url, check=False).returncode != 0  # the primary's: volumes
     events = [json.loads(line) for line in log.read_text().splitlines()
               if line.startswith("{")]
-    order = [(e["event"], e.get("child")) for e in events
+    order = [(e["event"], e.get("child", e.get("readers"))) for e in events
              if e["event"] in ("iscsi_withdrawn", "child_stopped", "iscsi_serving")]
     withdrawn = order.index(("iscsi_withdrawn", None))
+    # readers' LUNs, withdrawn, then the readers' nbdkit killed, then the volume's LUN
+    assert order.index(("iscsi_serving", True)) < withdrawn, order
     assert order.index(("child_stopped", "nbdkit")) > withdrawn, order
-    assert order[0] == ("iscsi_serving", None) and order[-1] == ("iscsi_serving", None)
+    assert order.index(("iscsi_serving", False)) > withdrawn, order
     dc.stop()
