@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from blockstore.cdp import CdpPolicy, write_exports, write_policy
 from blockstore.clone import create_clone
@@ -15,6 +16,8 @@ from blockstore.marks import SNAP_EVENT
 from blockstore.record import Op
 from blockstore.volume import Volume, create_volume
 from gateway.config import parse_config
+from gateway.daemon import portal_bindable
+from gateway.errors import ConfigError
 from gateway.exports import replica_exports
 from iscsi_bridge import Export
 from nbd_plugin.server import Params, Server
@@ -59,3 +62,20 @@ def test_the_readers_luns_are_the_readers_nbdkit_exports_but_the_replicas(
                           "volumes": [{"name": "r2", "size": SIZE}]})
     named = named.with_overrides(data_dir=tmp_path)
     assert [e.name for e in replica_exports(named)] == ["r2@daily", "r2@seq-2"]
+
+
+def test_readers_portal_and_where_tgtd_can_listen() -> None:
+    """iscsi.readers_portal moves only the readers' tgtd; without it the portal is used
+    where the node has its address (a wildcard, or its own), and 192.0.2.10 (TEST-NET-1,
+    on no interface here, as the service address is not on a secondary) is not."""
+    base = {"enabled": True, "iqn": "iqn.2026-11.com.example:nbdgw",
+            "portal": "192.0.2.10:3260"}
+    cfg = parse_config({"version": 1, "iscsi": {**base, "readers_portal": "127.0.0.1:3261"}})
+    assert cfg.iscsi.portal == "192.0.2.10:3260"
+    assert cfg.iscsi.for_readers().portal == "127.0.0.1:3261"
+    plain = parse_config({"version": 1, "iscsi": base}).iscsi
+    assert plain.for_readers() == plain
+    assert portal_bindable("0.0.0.0") and portal_bindable("127.0.0.1")
+    assert not portal_bindable("192.0.2.10")
+    with pytest.raises(ConfigError, match="readers_portal"):
+        parse_config({"version": 1, "iscsi": {**base, "readers_portal": "nowhere"}})
