@@ -256,11 +256,11 @@ class Bridge:
             self.adm.new_account(user, secret)
             self._secrets_set[user] = secret
 
-    def _drop_mount(self, m: FuseMount) -> None:
+    def _drop_mount(self, m: FuseMount, timeout: float = 15) -> None:
         """Detach the mount's loop devices (tgtd no longer uses them), then unmount."""
         if self.route == "loop":
             loop.detach_all(m.file)
-        m.stop()
+        m.stop(timeout)
 
     def _backing(self, want: Target, mount: FuseMount) -> str:
         """The path tgtd's LUN opens: the FUSE file, or a current loop device over it."""
@@ -419,17 +419,19 @@ class Bridge:
         self._drop_mount(m)
         return removed
 
-    def stop(self) -> None:
-        """Delete every target, stop tgtd (delete system), then unmount every export."""
+    def stop(self, timeout: float = 15) -> None:
+        """Delete every target, stop tgtd (delete system), then unmount every export,
+        waiting at most ``timeout`` s per mount for its server to let go of it (the caller
+        may be about to kill that server anyway: then a short wait will do)."""
         self.tgtd.stop()
         self._secrets_set.clear()
         self._tgtd_pid = None
         for m in self.mounts.values():
-            self._drop_mount(m)
+            self._drop_mount(m, timeout)
         self.mounts.clear()
         for name in self._stray_mounts({}):
             self._drop_mount(FuseMount(name, self.mount_root / name, self._known_source(name),
-                                       True, self.cfg.fuse.value))
+                                       True, self.cfg.fuse.value), timeout)
         log.info("iscsi_stopped")
 
     # -- status --------------------------------------------------------------------

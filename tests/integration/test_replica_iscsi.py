@@ -11,6 +11,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -180,4 +181,12 @@ def test_promotion_swaps_the_readers_luns_for_the_volume(
     assert order.index(("iscsi_serving", True)) < withdrawn, order
     assert order.index(("child_stopped", "nbdkit")) > withdrawn, order
     assert order.index(("iscsi_serving", False)) > withdrawn, order
+    def at(event: str, child: str | None = None) -> datetime:
+        return next(datetime.fromisoformat(e["timestamp"]) for e in events
+                    if (e["event"], e.get("child")) == (event, child))
+
+    began, out = at("operator_promote"), at("iscsi_withdrawn")
+    print(f"promotion: readers' targets withdrawn {(out - began).total_seconds():.3f} s "
+          f"after the request, their nbdkit killed "
+          f"{(at('child_stopped', 'nbdkit') - out).total_seconds():.3f} s after that")
     dc.stop()
