@@ -787,6 +787,14 @@ def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) ->
     assert f"Description=nbdgw node dc with volume groups ({roles})\n" in cfgs["dc"]["__unit"]
     # dr: witness of the branches' groups but holds core's data: the daemon, not a witness.
     assert "--log-format json daemon\n" in cfgs["dr"]["__unit"]
+    # The branches share each site's one peerlink port; core keeps its own (7831).
+    assert {cfg["peerlink"]["listen"] for cfg in cfgs.values()} == {"0.0.0.0:7789"}
+    assert "tcp dport 7789 ip saddr != @shared_peers4 drop" in cfgs["dc"]["__nft"]
+    assert nft_set(cfgs["dc"]["__nft"], "shared_peers4") == ["10.1.0.10", "10.2.0.10",
+                                                             "10.3.0.10"]
+    assert "tcp dport 7831 ip saddr != @g_core_peers4 drop" in cfgs["dc"]["__nft"]
+    assert "shared_peers" not in cfgs["dr"]["__nft"]  # it only witnesses the branches
+    assert nft_set(cfgs["branch2"]["__nft"], "shared_peers4") == ["10.9.0.10"]
 
 
 GROUP_HOSTS = ("main", "dc", "dr", "br2")
