@@ -4,7 +4,9 @@ this machine.
 Local inventory hosts, every path of the role under a temporary root (as
 test_deploy_site.py): site.yml deploys main, dc and dr with groups b1 (main -> dc, dr
 witness) and core (dc -> dr, main witness); then branch br2 and its group b2 (br2 -> dc,
-dr witness) are written into the inventory and add-branch.yml adds them. systemd does not
+dr witness) are written into the inventory and add-branch.yml adds them; b2 has no
+peerlink port of its own, it replicates through each site's shared port
+(nbdgw_peerlink_listen, set from the first run on). systemd does not
 run here, so the data centre and the DR site are told "systemd runs" and get stand-ins
 first on PATH: `systemctl` records every call and answers only `reload nbdgw.service`
 (the parent then starts the new group and keeps the others: nothing may be restarted).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -46,8 +49,20 @@ FAKES = {
 }
 
 
-def without_b2() -> dict[str, object]:
-    group = groups_vars()
+SHARED = {"nbdgw_peerlink_listen": "0.0.0.0:7789"}
+
+
+def with_b2() -> dict[str, Any]:
+    """groups_vars with b2 on the shared peerlink port."""
+    group = groups_vars() | SHARED
+    for g in group["nbdgw_groups"]:
+        if g["name"] == "b2":
+            del g["ports"]["peerlink"]
+    return group
+
+
+def without_b2() -> dict[str, Any]:
+    group = groups_vars() | SHARED
     group["nbdgw_sites"] = [s for s in group["nbdgw_sites"] if s["name"] != "br2"]
     group["nbdgw_groups"] = [g for g in group["nbdgw_groups"] if g["name"] != "b2"]
     return group
@@ -76,7 +91,7 @@ def added(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run, Run]:
     first = run(root, "site.yml", write_inventory(root, ("main", "dc", "dr"), base))
     assert first.rc == 0, first
     inv = write_inventory(root, ("main", "dc", "dr", "br2"),
-                          groups_vars() | {"nbdgw_firewall": "none"})
+                          with_b2() | {"nbdgw_firewall": "none"})
     data = yaml.safe_load(inv.read_text())
     for host in ("main", "br2"):  # only the running sites dc and dr start anything
         data["nbdgw"]["hosts"][host]["nbdgw_service_start"] = False
@@ -101,6 +116,8 @@ def test_the_running_sites_get_the_group_without_a_restart(
     for host in ("dc", "dr"):
         cfg = yaml.safe_load((root / host / "config_dir" / "nbdgw.yaml").read_text())
         assert [g["name"] for g in cfg["groups"]] == ["b1", "b2", "core"]
+        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"  # b2's: the shared port
+        assert "peerlink" not in cfg["groups"][1]["ports"]
     # dc holds b2's replica; dr only witnesses b2 (no data of it).
     data = root / "dc" / "data_dir" / "groups"
     assert (data / "b2" / "volumes" / "v2").is_dir()

@@ -468,6 +468,33 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         'nbdgw_groups[0].replicas[1].site: "dr" is not a data site of group b1 (its '
         "primary, secondary or dr); dr is its witness, which holds none of its data and is "
         "shipped nothing"),
+    # A group on the node's shared peerlink port (no ports.peerlink of its own).
+    "groups_shared_port_without_listen": (
+        [_use_groups, _set("nbdgw_groups.0.ports.peerlink", DELETE)],
+        "nbdgw_groups[0] (b1) has no ports.peerlink and nbdgw_peerlink_listen is not set on "
+        "main: a group without a peerlink port of its own replicates through the shared port "
+        "of its sites; set nbdgw_peerlink_listen (e.g. 0.0.0.0:7789, the same port on every "
+        "site: in group_vars) or give the group ports.peerlink"),
+    "groups_shared_listen_without_port": (
+        [_use_groups, _set("nbdgw_groups.2.ports.peerlink", DELETE),
+         _set("nbdgw_peerlink_listen", "0.0.0.0")],
+        'nbdgw_peerlink_listen is "0.0.0.0": expected HOST:PORT (e.g. 0.0.0.0:7789), the '
+        "shared peerlink port of core"),
+    "groups_shared_port_without_secret": (
+        [_use_groups, _set("nbdgw_groups.0.ports.peerlink", DELETE),
+         _set("nbdgw_peerlink_listen", "0.0.0.0:7789"), _set("nbdgw_peer_secret", ""),
+         _set("nbdgw_failover_auto", False), _set("nbdgw_peerlink_tls_cert", "c"),
+         _set("nbdgw_peerlink_tls_key", "k"), _set("nbdgw_peerlink_tls_ca", "a")],
+        "nbdgw_groups[0] (b1) is on the shared peerlink port but nbdgw_peer_secret is not "
+        "set: the proofs bind each session to its group (so a connection routed to another "
+        "group is refused), and only the shared secret carries them; mutual TLS alone is "
+        "not enough"),
+    "groups_shared_port_is_a_group_port": (
+        [_use_groups, _set("nbdgw_groups.1.ports.peerlink", DELETE),
+         _set("nbdgw_peerlink_listen", "0.0.0.0:7802")],
+        "nbdgw_groups[0].ports.heartbeat 7802 is also nbdgw_peerlink_listen's port, the "
+        "shared port of the groups without ports.peerlink on site main: groups that share a "
+        "site need ports of their own"),
     "groups_site_in_no_group": (
         [_use_groups, _set("nbdgw_sites.4", {"name": "spare", "address": "127.0.0.9"})],
         "nbdgw_sites[4] (spare) is in no group of nbdgw_groups"),
@@ -626,6 +653,99 @@ def test_groups_render_configs_that_pass_config_check(tmp_path: Path) -> None:
     assert not re.search(r"dport (7801|7802|7821|7822|10811|10821) ", cfgs["br2"]["__nft"])
 
 
+def shared_port_vars(*shared: str) -> dict[str, Any]:
+    """groups_vars with the groups ``shared`` on the node's shared peerlink port (no
+    ports.peerlink of their own), nbdgw_peerlink_listen 0.0.0.0:7789 on every site."""
+    group = groups_vars()
+    for g in group["nbdgw_groups"]:
+        if g["name"] in shared:
+            del g["ports"]["peerlink"]
+    group["nbdgw_peerlink_listen"] = "0.0.0.0:7789"
+    return group
+
+
+def nft_set(nft: str, name: str) -> list[str]:
+    """The elements of set ``name`` in a rendered nft file ([] when it has none)."""
+    m = re.search(r"\n    set " + name + r" \{\n(.*?)\n    \}", nft, re.DOTALL)
+    assert m, f"no set {name} in:\n{nft}"
+    e = re.search(r"elements = \{ ([^}]*) \}", m.group(1))
+    return e.group(1).split(", ") if e else []
+
+
+def test_groups_on_the_shared_peerlink_port(tmp_path: Path) -> None:
+    """Every group without ports.peerlink: each site's config has peerlink.listen (the
+    groups none of their own), and its firewall one rule for the shared port admitting
+    the other data sites of every group it holds data of, never a group's witness; no
+    per-group peerlink rule. Each config passes `nbdgw config check`."""
+    group = shared_port_vars("b1", "b2", "core")
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
+    for cfg in cfgs.values():
+        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
+        assert all("peerlink" not in g["ports"] for g in cfg["groups"])
+        config_check(cfg["__path"])
+    for host in GROUP_HOSTS:
+        assert "_peers4 drop" not in cfgs[host]["__nft"].replace("@shared_peers4 drop", "")
+    # dc: replica of b1 (from main) and b2 (from br2), primary of core (to dr).
+    nft = cfgs["dc"]["__nft"]
+    assert "tcp dport 7789 ip saddr != @shared_peers4 drop" in nft
+    assert "tcp dport 7789 ip6 saddr != @shared_peers6 drop" in nft
+    assert nft_set(nft, "shared_peers4") == ["127.0.0.1", "127.0.0.3", "127.0.0.4"]
+    assert nft_set(nft, "shared_peers6") == []
+    # dr: core's secondary (dc its only other data site); it witnesses b1 and b2, and
+    # main witnesses core: neither main nor br2 reaches dr's shared port.
+    assert nft_set(cfgs["dr"]["__nft"], "shared_peers4") == ["127.0.0.2"]
+    # main: b1's primary (dc); core's witness only (dr is not admitted).
+    assert nft_set(cfgs["main"]["__nft"], "shared_peers4") == ["127.0.0.2"]
+    assert nft_set(cfgs["br2"]["__nft"], "shared_peers4") == ["127.0.0.2"]
+
+
+def test_groups_mixed_own_and_shared_peerlink_ports(tmp_path: Path) -> None:
+    """b1 keeps its own port 7801, b2 and core are on the shared one: dc admits main to
+    7801 (b1's rule, as before) and br2 and dr to 7789; main, which only witnesses core
+    of the shared groups, has no rule and no set for the shared port."""
+    group = shared_port_vars("b2", "core")
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
+    for cfg in cfgs.values():
+        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
+        assert [g["ports"].get("peerlink") for g in cfg["groups"]] == [7801, None, None]
+        config_check(cfg["__path"])
+    nft = cfgs["dc"]["__nft"]
+    assert "tcp dport 7801 ip saddr != @g_b1_peers4 drop" in nft
+    assert nft_set(nft, "g_b1_peers4") == ["127.0.0.1"]
+    assert "tcp dport 7789 ip saddr != @shared_peers4 drop" in nft
+    assert nft_set(nft, "shared_peers4") == ["127.0.0.3", "127.0.0.4"]
+    assert "g_b2_peers" not in nft and "g_core_peers" not in nft
+    main = cfgs["main"]["__nft"]
+    assert "tcp dport 7801 ip saddr != @g_b1_peers4 drop" in main
+    assert "7789" not in main and "shared_peers" not in main
+    assert re.findall(r"dport (\d+) ip saddr", cfgs["br2"]["__nft"]) == ["7812", "10812", "7789"]
+
+
+def test_the_shared_peerlink_port_differs_between_sites(tmp_path: Path) -> None:
+    """nbdgw_peerlink_listen with another port on one site: each site connects to its
+    peers on its own port, so the run stops before anything is rendered."""
+    group = shared_port_vars("b2")
+    inv = write_inventory(tmp_path, ("dc", "br2"), group)
+    data = yaml.safe_load(inv.read_text())
+    data["nbdgw"]["hosts"]["br2"]["nbdgw_peerlink_listen"] = "127.0.0.4:7790"
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    dest = tmp_path / "rendered"
+    dest.mkdir()
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(RENDER_PLAYBOOK.format(role=DEPLOY / "roles" / "nbdgw", dest=dest))
+    run = run_playbook(str(playbook), inv, timeout=120)
+    assert run.rc != 0, run
+    assert run.failures("dc") == [
+        'nbdgw_peerlink_listen is "0.0.0.0:7789" on dc but "127.0.0.4:7790" on br2: the '
+        "shared peerlink port is the same on every site (each connects to its peers on its "
+        "own port)"], run
+    assert run.failures("br2") == [
+        'nbdgw_peerlink_listen is "127.0.0.4:7790" on br2 but "0.0.0.0:7789" on dc: the '
+        "shared peerlink port is the same on every site (each connects to its peers on its "
+        "own port)"], run
+    assert not any(dest.iterdir())
+
+
 def test_a_site_that_only_witnesses_renders_as_a_witness(tmp_path: Path) -> None:
     """A site in groups only as their witness (wit: core's) holds no data: no nbd,
     journal or activity_log section, `nbdgw witness` in its unit, only the heartbeat port
@@ -667,6 +787,14 @@ def test_the_fanin_example_renders_every_site_with_its_groups(tmp_path: Path) ->
     assert f"Description=nbdgw node dc with volume groups ({roles})\n" in cfgs["dc"]["__unit"]
     # dr: witness of the branches' groups but holds core's data: the daemon, not a witness.
     assert "--log-format json daemon\n" in cfgs["dr"]["__unit"]
+    # The branches share each site's one peerlink port; core keeps its own (7831).
+    assert {cfg["peerlink"]["listen"] for cfg in cfgs.values()} == {"0.0.0.0:7789"}
+    assert "tcp dport 7789 ip saddr != @shared_peers4 drop" in cfgs["dc"]["__nft"]
+    assert nft_set(cfgs["dc"]["__nft"], "shared_peers4") == ["10.1.0.10", "10.2.0.10",
+                                                             "10.3.0.10"]
+    assert "tcp dport 7831 ip saddr != @g_core_peers4 drop" in cfgs["dc"]["__nft"]
+    assert "shared_peers" not in cfgs["dr"]["__nft"]  # it only witnesses the branches
+    assert nft_set(cfgs["branch2"]["__nft"], "shared_peers4") == ["10.9.0.10"]
 
 
 GROUP_HOSTS = ("main", "dc", "dr", "br2")
