@@ -259,18 +259,18 @@ def run_schedule(seed: int, lab_dir: Path) -> None:
         finally:
             runner.heal()
         t_healed = time.time()
-        switched = runner.switch_results()
         # Once healed: one primary, the others following it (bounded).
         wait_for("one primary, the others following",
                  lambda: sorted(live_states(lab).values()) == ["primary", "standby",
                                                                "witness"],
                  90, seen=lambda: live_states(lab))
+        settled = time.time() - t_healed
+        switched = runner.switch_results()  # a refused one waits out its drain (30 s)
         mark = writer.flushed_before(time.time())
         writer.wait_flushed(mark + 16, 60)  # the client writes again
         result = writer.stop()
         runner.stop_watch.set()
         watcher.join(5)
-        settled = time.time() - t_healed
         digest = converge(lab, 90)
         final = live_states(lab)
         primary = next(n for n, s in final.items() if s == "primary")
