@@ -23,7 +23,8 @@ primaries.
 Every run prints its schedule; a failure prints the seed, the schedule with what was
 done when, and the tail of each daemon's log.  Replay one seed:
 ``NBDGW_SCHEDULE_SEEDS=17 pytest -m slow -s tests/integration/test_lab_schedules.py``
-(``1-50`` or ``3,9,12`` for more).
+(``1-50`` or ``3,9,12`` for more).  A seed replays the schedule (faults, sites, times), not
+the daemons' interleaving: what a fault meets can differ from run to run.
 """
 
 from __future__ import annotations
