@@ -16,7 +16,7 @@ IQN_RULE = ("expected an IQN such as iqn.2026-11.com.example:nbdgw (iqn.YYYY-MM.
             "reversed domain name, then optionally ':' and a unique part; lowercase "
             "letters, digits, '.', '-' and ':' only)")
 KNOWN = ("allow, chap, control_port, enabled, fuse, initiators, iqn, mutual_chap, portal, "
-         "route, run_dir")
+         "readers_portal, route, run_dir")
 
 
 def cfg(iscsi: Any, **top: Any) -> IscsiConfig:
