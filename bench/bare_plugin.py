@@ -1,7 +1,7 @@
 # The "bare" nbdkit Python plugin: the floor for any Python data path.
 #
 #   nbdkit python bench/bare_plugin.py file=PATH [thread_model=serialize_all_requests]
-#                                      [journal=PATH]
+#                                      [journal=PATH] [pin=1]
 #
 # Each request is one os.pwrite / os.preadv on a plain file and nothing else, so the
 # gap between this and nbdkit's C `file` plugin is the cost of nbdkit's Python
@@ -12,8 +12,13 @@
 # appended, as a 44-byte header and the payload in one os.pwritev, to a second file that
 # wraps at 64 MiB (as nbdgw recycles its segments): the floor of two page-cache copies,
 # no record format, CRC or bookkeeping (bench/wcost).
+# `pin=1` keeps the connection's Python thread state from open to close, as nbdgw's
+# plugin does (nbd_plugin/threadstate.py, the same calls): without it nbdkit's
+# Python binding builds and destroys one for every request.
+import ctypes
 import errno
 import os
+import threading
 
 import nbdkit
 
@@ -35,12 +40,20 @@ _jfd = -1
 _jpos = 0
 _JOURNAL_WRAP = 64 * 1024 * 1024
 _HEADER = bytes(44)
+_pin = False
+_pinned: dict[int, int] = {}
+_ensure = ctypes.pythonapi.PyGILState_Ensure
+_ensure.restype = ctypes.c_int
+_release = ctypes.pythonapi.PyGILState_Release
+_release.argtypes = [ctypes.c_int]
 
 
 def config(key: str, value: str) -> None:
-    global _path, _model, _journal
+    global _path, _model, _journal, _pin
     if key == "file":
         _path = value
+    elif key == "pin":
+        _pin = value == "1"
     elif key == "journal":
         _journal = value
     elif key == "thread_model":
@@ -48,7 +61,7 @@ def config(key: str, value: str) -> None:
             raise ValueError(f"thread_model must be one of {', '.join(_MODELS)}, got {value!r}")
         _model = _MODELS[value]
     else:
-        raise ValueError(f"unknown parameter {key!r} (known: file, thread_model, journal)")
+        raise ValueError(f"unknown parameter {key!r} (known: file, thread_model, journal, pin)")
 
 
 def config_complete() -> None:
@@ -66,7 +79,15 @@ def thread_model() -> int:
 
 
 def open(readonly: bool) -> int:  # the callback's literal name
+    if _pin:
+        _pinned[threading.get_ident()] = _ensure()
     return _fd
+
+
+def close(h: int) -> None:
+    state = _pinned.pop(threading.get_ident(), None)
+    if state is not None:
+        _release(state)
 
 
 def get_size(h: int) -> int:

@@ -8,7 +8,8 @@ line in, one JSON line out::
     {"op": "create", "volumes": ["db-data", "db-log"], "name": "before-upgrade"}
     {"op": "delete" | "rollback", "volume": "v1", "name": "before-upgrade"}
     {"op": "stats"}  -> {"ok": true, "pid": ..., "exports": nbd_plugin.iostats.snapshot(),
-                         "fuse_mounts": [exports whose FUSE mount this process serves]}
+                         "fuse_mounts": [exports whose FUSE mount this process serves],
+                         "thread_states": {"pinned": N, "lost": N} (threadstate.py)}
     {"op": "fuse", "export": "v1", "read_only": false}  + a /dev/fuse fd (SCM_RIGHTS)
     {"op": "withdraw"}  (on the volume's own socket: stop serving it, refused while in use)
     {"op": "grow", "volume": "v1", "size": 2147483648}  (new connections see the new size)
@@ -50,7 +51,7 @@ from blockstore.volume import Volume
 from nbdgw_common import jsonline
 from nbdgw_common.control_socket import MAX_REQUEST, SOCKET_NAME, ControlError, recv_line
 
-from . import iostats
+from . import iostats, threadstate
 
 log = structlog.get_logger(component="snapshot_control")
 
@@ -196,7 +197,8 @@ class ControlServer:
                     else:  # stats: counters only; no lock, never waits for an NBD request
                         reply = ({"ok": True, "pid": os.getpid(),
                                   "exports": iostats.snapshot(),
-                                  "fuse_mounts": self.fuse_mounts()}
+                                  "fuse_mounts": self.fuse_mounts(),
+                                  "thread_states": threadstate.stats()}
                                  if req == {"op": "stats"} else self.handle(req))
                 except (OSError, ValueError, ControlError) as e:
                     reply = {"ok": False, "error": f"bad control request: {e}"}

@@ -13,7 +13,7 @@ for _d in filter(None, os.environ.get("NBDGW_SITE", "").split(os.pathsep)):
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from blockstore.clone import Clone  # noqa: E402
-from nbd_plugin import iostats  # noqa: E402
+from nbd_plugin import iostats, threadstate  # noqa: E402
 from nbd_plugin.handle import Handle  # noqa: E402
 from nbd_plugin.server import Params, PluginError, Server  # noqa: E402
 from nbdgw_common import logs  # noqa: E402
@@ -105,12 +105,18 @@ def open(readonly: bool) -> Handle:
         _fail(e)
         raise
     h.io = iostats.opened(h.vol.name)
+    # This thread's Python thread state lives until close: not rebuilt for each
+    # request (nbd_plugin/threadstate.py).
+    threadstate.pin()
     return h
 
 
 def close(h: Handle) -> None:
-    iostats.closed(h.vol.name, h.io)
-    _served().close_handle(h)
+    try:
+        iostats.closed(h.vol.name, h.io)
+        _served().close_handle(h)
+    finally:
+        threadstate.unpin()
 
 
 def export_description(h: Handle) -> str:
