@@ -664,6 +664,21 @@ def shared_port_vars(*shared: str) -> dict[str, Any]:
     return group
 
 
+def shared_port_configs(tmp_path: Path, *shared: str) -> dict[str, dict[str, Any]]:
+    """The configs of GROUP_HOSTS with shared_port_vars(``shared``): each has
+    peerlink.listen 0.0.0.0:7789, the groups ``shared`` no ports.peerlink, the others
+    their own, and each passes `nbdgw config check`."""
+    own = (("b1", 7801), ("b2", 7811), ("core", 7821))  # groups_vars' ports.peerlink
+    group = shared_port_vars(*shared)
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
+    for cfg in cfgs.values():
+        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
+        assert [(g["name"], g["ports"].get("peerlink", "none")) for g in cfg["groups"]] == [
+            (name, "none" if name in shared else port) for name, port in own]
+        config_check(cfg["__path"])
+    return cfgs
+
+
 def nft_set(nft: str, name: str) -> list[str]:
     """The elements of set ``name`` in a rendered nft file ([] when it has none)."""
     m = re.search(r"\n    set " + name + r" \{\n(.*?)\n    \}", nft, re.DOTALL)
@@ -677,12 +692,7 @@ def test_groups_on_the_shared_peerlink_port(tmp_path: Path) -> None:
     groups none of their own), and its firewall one rule for the shared port admitting
     the other data sites of every group it holds data of, never a group's witness; no
     per-group peerlink rule. Each config passes `nbdgw config check`."""
-    group = shared_port_vars("b1", "b2", "core")
-    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
-    for cfg in cfgs.values():
-        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
-        assert all("peerlink" not in g["ports"] for g in cfg["groups"])
-        config_check(cfg["__path"])
+    cfgs = shared_port_configs(tmp_path, "b1", "b2", "core")
     for host in GROUP_HOSTS:
         assert "_peers4 drop" not in cfgs[host]["__nft"].replace("@shared_peers4 drop", "")
     # dc: replica of b1 (from main) and b2 (from br2), primary of core (to dr).
@@ -703,12 +713,7 @@ def test_groups_mixed_own_and_shared_peerlink_ports(tmp_path: Path) -> None:
     """b1 keeps its own port 7801, b2 and core are on the shared one: dc admits main to
     7801 (b1's rule, as before) and br2 and dr to 7789; main, which only witnesses core
     of the shared groups, has no rule and no set for the shared port."""
-    group = shared_port_vars("b2", "core")
-    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
-    for cfg in cfgs.values():
-        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
-        assert [g["ports"].get("peerlink") for g in cfg["groups"]] == [7801, None, None]
-        config_check(cfg["__path"])
+    cfgs = shared_port_configs(tmp_path, "b2", "core")
     nft = cfgs["dc"]["__nft"]
     assert "tcp dport 7801 ip saddr != @g_b1_peers4 drop" in nft
     assert nft_set(nft, "g_b1_peers4") == ["127.0.0.1"]
