@@ -374,6 +374,16 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
     "chap_secret_short": (
         [_set(k, v) for k, v in CHAP.items()] + [_set("nbdgw_iscsi_chap_secret", "short")],
         "nbdgw_iscsi_chap_secret is 5 characters long: expected 12 to 255"),
+    "iscsi_readers_portal_a_name": (
+        [_set("nbdgw_iscsi_enabled", True), _set("nbdgw_iscsi_iqn", CHAP["nbdgw_iscsi_iqn"]),
+         _set("nbdgw_iscsi_readers_portal", "dc:3260")],
+        'nbdgw_iscsi_readers_portal is "dc:3260": expected IP:PORT ([IPv6]:PORT), an address '
+        "of this host and a port 1-65535, e.g. 192.0.2.12:3260"),
+    "iscsi_readers_portal_port_out_of_range": (
+        [_set("nbdgw_iscsi_enabled", True), _set("nbdgw_iscsi_iqn", CHAP["nbdgw_iscsi_iqn"]),
+         _set("nbdgw_iscsi_readers_portal", "[2001:db8::12]:65536")],
+        'nbdgw_iscsi_readers_portal is "[2001:db8::12]:65536": expected IP:PORT '
+        "([IPv6]:PORT), an address of this host and a port 1-65535, e.g. 192.0.2.12:3260"),
     "peer_secret_missing": (
         [_set("nbdgw_peer_secret", "")],
         "nbdgw_peer_secret is not set: replication between sites needs a shared secret of at "
@@ -425,6 +435,11 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         "nbdgw_snapshot_schedules[0].volumes: sql-data not in nbdgw_volumes"),
     # With volume groups (groups_vars): the node config's cross-group checks, on the
     # controller, naming the inventory's variable.
+    "groups_iscsi_readers_portal": (
+        [_use_groups, _set("nbdgw_iscsi_readers_portal", "127.0.0.2:3261")],
+        "nbdgw_iscsi_readers_portal is set, but the inventory has volume groups (nbdgw_groups): "
+        "a replica's LUNs are not served per group yet (each group's tgtd listens on its own "
+        "port, nbdgw_groups[].ports.iscsi); leave it out"),
     "groups_name_twice": (
         [_use_groups, _set("nbdgw_groups.1.name", "b1")],
         "nbdgw_groups: group b1 is listed twice"),
@@ -1157,6 +1172,27 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
     config_check(cfg["__path"])
 
 
+def test_the_readers_iscsi_portal_renders_where_it_is_set(tmp_path: Path) -> None:
+    """nbdgw_iscsi_readers_portal, per host: iscsi.readers_portal in the config of each
+    site that sets it, the primary's too (read only while not primary: a demoted node
+    serves its replicas there), none elsewhere; the configs pass `nbdgw config check`."""
+    group = site_vars() | {"nbdgw_iscsi_enabled": True,
+                           "nbdgw_iscsi_portal": "192.0.2.10:3260",  # the service address
+                           "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw"}
+    inv = write_inventory(tmp_path, SITES, group)
+    data = yaml.safe_load(inv.read_text())
+    portals = {"main": "127.0.0.1:3261", "dc": "[::1]:3262"}  # dr: none
+    for host, portal in portals.items():
+        data["nbdgw"]["hosts"][host]["nbdgw_iscsi_readers_portal"] = portal
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    cfgs = render_configs(tmp_path, inv)
+    assert sorted(cfgs) == ["dc", "dr", "main"]
+    for host, cfg in cfgs.items():
+        assert cfg["iscsi"]["portal"] == "192.0.2.10:3260"
+        assert cfg["iscsi"].get("readers_portal") == portals.get(host), host
+        config_check(cfg["__path"])
+
+
 def test_iscsi_with_groups_renders_without_a_node_portal(tmp_path: Path) -> None:
     """With groups the node's iscsi section has no portal (each group served over iSCSI
     has its own, groups[].ports.iscsi); a witness-only site gets none; configs pass
@@ -1370,6 +1406,9 @@ def test_the_example_inventory_renders_three_coherent_configs(tmp_path: Path) ->
     assert {p["name"]: p.get("mode") for p in cfgs["dc"]["peers"]} == {
         "main": "sync", "dr": "async"}
     assert [p.get("mode") for p in cfgs["dr"]["peers"]] == [None, None]
+    # The replicas' LUNs on each replica site's own address (set per host).
+    assert {h: cfg["iscsi"].get("readers_portal") for h, cfg in cfgs.items()} == {
+        "main": None, "dc": "192.0.2.12:3260", "dr": "198.51.100.20:3260"}
     for cfg in cfgs.values():
         config_check(cfg["__path"])
 
