@@ -1175,7 +1175,8 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
 def test_the_readers_iscsi_portal_renders_where_it_is_set(tmp_path: Path) -> None:
     """nbdgw_iscsi_readers_portal, per host: iscsi.readers_portal in the config of each
     site that sets it, the primary's too (read only while not primary: a demoted node
-    serves its replicas there), none elsewhere; the configs pass `nbdgw config check`."""
+    has it without a new site.yml run), none elsewhere; the configs pass `nbdgw config
+    check`."""
     group = site_vars() | {"nbdgw_iscsi_enabled": True,
                            "nbdgw_iscsi_portal": "192.0.2.10:3260",  # the service address
                            "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw"}
