@@ -18,11 +18,13 @@ Times are printed (``-s``) so that a run doubles as a measurement.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -516,6 +518,55 @@ def settled(lab: dict[str, Any], steady: float, timeout: float) -> dict[str, str
         if now != last:
             last, since = now, time.monotonic()
     return last
+
+
+def test_a_switchover_whose_primary_is_isolated_in_its_drain_fails_at_once(
+        lab_dir: Path) -> None:
+    """Found by the lab schedules: main, cut off from both peers while a switchover's
+    drain waited for dc, fenced itself and dc took over, but the drain waited out its
+    timeout and then said "nothing changed, client I/O resumed".  Now the switchover
+    fails as soon as main fences, saying so; the cluster goes on without it."""
+    from tests.integration.test_rejoin import peerlink_pid
+
+    lab = up(lab_dir.parent)
+    writer = Stamped(lab, 240)
+    frozen = peerlink_pid(lab, "dc")
+    cut = [[chain, flag, addr(lab, peer), "-j", "DROP"]
+           for peer in ("dc", "dr") for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d"))]
+    try:
+        writer.wait_flushed(32, 30)
+        os.kill(frozen, signal.SIGSTOP)  # dc cannot catch up: the drain waits
+        writer.wait_flushed(writer.flushed_before(time.time()) + 16, 30)
+        switch = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "-c", str(node(lab, "main")["config"]),
+             "switchover", "--to", "dc", "--timeout", "30"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert switch.poll() is None, switch.communicate()
+        t0 = time.monotonic()
+        for rule in cut:
+            in_ns(lab, "main", "iptables", "-I", *rule)
+        out, err = switch.communicate(timeout=60)
+        took = time.monotonic() - t0
+        os.kill(frozen, signal.SIGCONT)
+        print(f"switchover cut off in its drain: answered {took:.2f} s after the isolation "
+              f"(rc {switch.returncode}): {err.strip()}")
+        assert switch.returncode == 1, (out, err)
+        assert "switchover: switchover to dc failed: node main lost its primary role " \
+               "during the drain (this primary lost the majority of the sites" in err, err
+        assert "client I/O is not resumed here" in err and "nothing changed" not in err, err
+        assert took <= TIMEOUT + 2.0, took  # fenced within the timeout; was 30 s
+        wait_for("dc primary", lambda: live_states(lab)["dc"] == "primary", 30,
+                 seen=lambda: live_states(lab))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+        for rule in cut:
+            in_ns(lab, "main", "iptables", "-D", *rule)
+    wait_states(lab, {"main": "standby", "dc": "primary"}, 60)
+    mark = writer.flushed_before(time.time())
+    writer.wait_flushed(mark + 16, 60)  # the client writes on dc
+    print(f"client: {writer.stop()}")
 
 
 def test_fork_schedule_switchover_then_both_main_site_nodes_power_cut(lab_dir: Path) -> None:
