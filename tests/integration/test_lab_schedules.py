@@ -12,13 +12,14 @@ together, often overlapping), the whole fault phase at most 40 s.  The faults:
   the moment (skipped when there is none).
 
 A client in the client namespace writes stamped 4 KiB blocks through the service address
-all along, flushing every 4, reconnecting after errors (``Stamped`` of
-test_failover_faults).  Then everything is healed and booted, and the test checks what
-the README promises: one primary and the others following it, no node left in split
-brain and no history refused but a demoted primary's (a stale copy), every block whose
-FLUSH was acknowledged reads back (sync mode: no acknowledged write is lost), and the
-three sites' copies converge.  While the faults run, no epoch ever has two different
-primaries.
+all along, flushing every 4, reconnecting after errors and after any call not answered
+within CALL_S (10 s: a connection gone silent without a reset), as qemu-nbd's reconnect
+would (``Stamped`` of test_failover_faults; its "stuck" lines are in the report).  Then
+everything is healed and booted, and the test checks what the README promises: one
+primary and the others following it, no node left in split brain and no history refused
+but a demoted primary's (a stale copy), every block whose FLUSH was acknowledged reads
+back (sync mode: no acknowledged write is lost), and the three sites' copies converge.
+While the faults run, no epoch ever has two different primaries.
 
 Every run prints its schedule; a failure prints the seed, the schedule with what was
 done when, and the tail of each daemon's log.  Replay one seed:
@@ -58,7 +59,7 @@ from tests.integration.conftest import (
     node_dir,
     up,
 )
-from tests.integration.test_failover_faults import Stamped, live_states, wait_for
+from tests.integration.test_failover_faults import CALL_S, Stamped, live_states, wait_for
 
 SITES = ("main", "dc", "dr")
 KINDS = ("cut", "isolate", "freeze", "switchover")
@@ -116,6 +117,7 @@ class Runner:
     lab: dict[str, Any]
     lab_dir: Path
     t0: float = 0.0
+    wall0: float = 0.0  # time.time() at t0
     done: list[str] = field(default_factory=list)
     rules: list[tuple[str, list[str]]] = field(default_factory=list)  # (site, rule)
     frozen: dict[int, str] = field(default_factory=dict)  # pid -> site
@@ -205,7 +207,7 @@ class Runner:
         steps = sorted([(f.at, 0, i) for i, f in enumerate(faults)]
                        + [(f.at + f.duration, 1, i) for i, f in enumerate(faults)
                           if f.kind != "switchover"])
-        self.t0 = time.monotonic()
+        self.t0, self.wall0 = time.monotonic(), time.time()
         for at, ending, i in steps:
             delay = self.t0 + at - time.monotonic()
             if delay > 0:
@@ -237,10 +239,15 @@ class Runner:
         return out
 
 
-def report(seed: int, faults: list[Fault], runner: Runner, lab_dir: Path) -> str:
+def report(seed: int, faults: list[Fault], runner: Runner, lab_dir: Path,
+           writer: Stamped) -> str:
+    last = writer.flushed[-1:]
     lines = [f"seed {seed}; replay: NBDGW_SCHEDULE_SEEDS={seed} pytest -m slow -s "
              f"tests/integration/test_lab_schedules.py", "schedule:",
-             *(f"  {f}" for f in faults), "done:", *(f"  {d}" for d in runner.done)]
+             *(f"  {f}" for f in faults), "done:", *(f"  {d}" for d in runner.done),
+             f"writer: last flushed {last[0][0] if last else 0} at "
+             f"t={last[0][1] - runner.wall0 if last else 0:.2f}s; calls not answered in "
+             f"{CALL_S:g} s: {writer.stuck[:5] or 'none'}"]
     for n in SITES:
         with contextlib.suppress(OSError):
             tail = (lab_dir / n / "daemon.log").read_text(errors="replace").splitlines()[-25:]
@@ -306,7 +313,7 @@ def run_schedule(seed: int, lab_dir: Path) -> None:
             runner.heal()
         with contextlib.suppress(BaseException):
             writer.stop()
-        print(report(seed, faults, runner, lab_dir))
+        print(report(seed, faults, runner, lab_dir, writer))
         raise
 
 
