@@ -8,6 +8,10 @@
   good, and every write flushed before the schedule began intact.
 - An isolated primary's clients see their connection reset within failover.timeout +
   1 s, and a client reconnecting writes at once on the new primary.
+- A switchover whose primary is isolated during its drain fails as soon as that primary
+  fences, saying it lost its primary role (not, 30 s later, "nothing changed").
+- The stamped writer the lab tests use gives each NBD call CALL_S and reconnects after
+  one not answered (a connection gone silent without a reset), checked without a lab.
 - iSCSI at the service address: the same target, serial number, device identifiers and
   data after a power cut of the primary and after a switchover back.
 - ext4 through a reconnecting client (qemu-nbd's NBD driver with reconnect-delay):
