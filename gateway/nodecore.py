@@ -231,7 +231,7 @@ CoreEvent = Tick | BeatIn | Facts | Done | Request
 class Out:
     """One action for the daemon: ``kind`` names it, ``args`` its parameters."""
 
-    kind: str  # an Action value, or: drain, degrade, reply, log, clear_split_brain
+    kind: str  # an Action value, or: drain, abort_drain, degrade, reply, log, clear_split_brain
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
