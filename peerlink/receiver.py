@@ -68,6 +68,7 @@ from blockstore.peers import (
     UPSTREAM_KIND,
     UPSTREAM_VERSION,
     clear_refused,
+    clear_stale_refusals,
     known_peers,
     upstream_record,
     write_dirty,
@@ -402,6 +403,10 @@ class Receiver:
             await perform(link, outs, clog)
             await asyncio.get_running_loop().run_in_executor(
                 None, clear_refused, self.vol.info, theirs.node)
+            stale = await asyncio.get_running_loop().run_in_executor(
+                None, clear_stale_refusals, self.vol.info)
+            if stale:
+                clog.info("stale_refusals_cleared", peers=stale, taken_from=theirs.node)
             session = _Session(link, theirs.node, adm.resume_from, core)
             session.history = History(vuuid, theirs_gens)
             if adm.fork_lost:
