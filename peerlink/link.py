@@ -200,7 +200,8 @@ class Link(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         # send_from_thread (module docstring): the write lock, this link's own duplicate
-        # of the socket's descriptor (plaintext only; closed with the link), what a
+        # of the socket's descriptor (plaintext, once authenticated; closed with the
+        # link: a stranger's connection never holds a second descriptor), what a
         # thread could not write itself and the loop must write first, and the loop.
         self._wlock = threading.RLock()  # reentrant: a write error may fail the link
         self._fd: int | None = None
@@ -218,10 +219,6 @@ class Link(asyncio.Protocol):
             self.peername = format_addr(str(peer[0]), int(peer[1]))
             self.peer_host = str(peer[0])
         self.last_frame = time.monotonic()
-        sock = transport.get_extra_info("socket")
-        if sock is not None and transport.get_extra_info("ssl_object") is None:
-            with contextlib.suppress(OSError, ValueError):
-                self._fd = os.dup(sock.fileno())
         if self.gate is not None and not self.is_authenticated:
             why = self.gate.enter(self, self.peer_host)
             if why is not None:
@@ -246,6 +243,12 @@ class Link(asyncio.Protocol):
             return
         self.is_authenticated = True
         self.decoder.allow(DEFAULT_MAX_BODY, compressed=True)
+        transport = self.transport
+        if (transport is not None and self._error is None and not transport.is_closing()
+                and transport.get_extra_info("ssl_object") is None):
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(OSError, ValueError, AttributeError), self._wlock:
+                self._fd = os.dup(sock.fileno())  # for send_from_thread (plaintext only)
         self._leave_gate()
         if self._deadline is not None:
             self._deadline.cancel()
