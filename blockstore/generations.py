@@ -169,6 +169,28 @@ def is_split_brain(reason: str) -> bool:
     return _SPLIT_RE.match(reason) is not None
 
 
+def stale_refusal(volume: str, sender: str, sent: Generation, received: Generation) -> str:
+    """Why a replica refuses a sender whose newest generation is older than its own (the
+    sender was demoted by a failover)."""
+    return (f"volume {volume!r}: node {sender!r} is on generation {sent.gen_id:016x}, "
+            f"older than this replica's {received.gen_id:016x} (it was demoted by a "
+            "failover); refusing its data")
+
+
+_STALE_RE = re.compile(
+    r"^volume '.*': (node '.*' is on generation [0-9a-f]{16}, older than this replica's "
+    r"[0-9a-f]{16} \(it was demoted by a failover\); refusing its data|the histories of "
+    r"'.*' and '.*' forked after generation [0-9a-f]{16}: .*; '.*' is on the older epoch: "
+    r"its copy is stale and is not sent)$", re.DOTALL)
+
+
+def is_stale_copy(reason: str) -> bool:
+    """Is ``reason`` a refusal of a sender as a stale copy (``stale_refusal``, or the
+    sender on the older epoch of a fork, ``describe_fork``)?  Such a refusal is moot once
+    the replica has taken a sender on its own generation or a newer one."""
+    return _STALE_RE.match(reason) is not None
+
+
 def settle_commands(a: str, b: str) -> list[dict[str, str]]:
     """The commands that settle a split brain between nodes ``a`` and ``b``, either way:
     the discarded side keeps its writes since the split as a ``diverged-*`` snapshot."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
+from .generations import is_stale_copy
 from .meta import read_json, write_json
 from .modes import make_dir
 
@@ -168,7 +169,8 @@ def set_adopt(info: VolumeInfo, node: str) -> None:
 # -- refusals a link end could not get past (DESIGN.md §5), for status -------------------------
 # peers/<peer>.refused.json, written by the end (sender or receiver) that refused or was
 # refused at the handshake for a reason a retry cannot cure (a stale copy, a split
-# brain), deleted by the next handshake with that peer that succeeds.
+# brain), deleted by the next handshake with that peer that succeeds; a stale copy's
+# also once moot (``clear_stale_refusals``).
 REFUSED_KIND = "peer-refused"
 REFUSED_VERSION = 1
 MAX_REFUSED = 16  # files per volume: a receiver records what unauthenticated peers say
@@ -230,3 +232,27 @@ def clear_refused(info: VolumeInfo, peer: str) -> None:
     path = _refused_path(info, peer)
     if path is not None:
         path.unlink(missing_ok=True)
+
+
+def clear_stale_refusals(info: VolumeInfo, *, primary: str | None = None,
+                         quiet_s: float = 0.0, now: float | None = None) -> list[str]:
+    """Drop the refusals of stale copies kept for this volume (either end's) that are
+    moot; returns the peers whose records went.  A stale copy is a sender on an older
+    generation than this replica's, so no primary any more; a refusal this node got as
+    a sender came from a generation it has left.  Nobody clears them otherwise: a
+    demoted primary does not ship to that peer again.  Kept: split brains, refusals for
+    other reasons, the record of ``primary`` (the primary this node follows: a stale
+    refusal of it is a real problem), and one whose node tried less than ``quiet_s`` ago
+    (while it tries, status says it is refused; one that tries later is recorded again).
+    Called by a receiver that took a sender on its generation or a newer one (no
+    ``primary``, no quiet time) and by the daemon of a node that follows a primary."""
+    t = time.time() if now is None else now
+    gone = []
+    for peer, rec in read_refused(info).items():
+        if rec.get("split_brain") or peer == primary \
+                or not is_stale_copy(str(rec.get("reason", ""))) \
+                or t - float(rec.get("last", 0.0)) < quiet_s:
+            continue
+        clear_refused(info, peer)
+        gone.append(peer)
+    return sorted(gone)

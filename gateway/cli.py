@@ -1234,7 +1234,9 @@ def switchover(obj: Ctx, target: str, timeout: float) -> None:
     Run on the current primary.  Client I/O is held (a pause, not an error) while the
     target acknowledges every journal record durably; then this node stops serving and
     rejoins as a replica, and the target promotes and takes the service address.  If the
-    target does not catch up within --timeout, nothing changes and I/O resumes.
+    target does not catch up within --timeout, nothing changes and I/O resumes.  If this
+    node loses its primary role meanwhile (cut off from its peers, it fences itself), the
+    switchover fails at once, saying so: I/O does not resume here.
     """
     cfg = obj.config()
     reply = _ask_daemon(cfg, "switchover", {"to": target, "timeout": timeout},

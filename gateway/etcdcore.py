@@ -506,6 +506,7 @@ class EtcdCore(CoreBase):
             self.lease_since = None
             self._do(a.value, reason=args.get("reason", "lease lost"),
                      handover=self.handover_to is not None)
+            self._drain_lost(str(args.get("reason", "lease lost")))
         elif a is Action.REJOIN:
             self.rejoin_args = {"preserve": args.get("preserve", True), "adopt": False,
                                 "concurrent": args.get("concurrent", False)}

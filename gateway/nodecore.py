@@ -231,7 +231,7 @@ CoreEvent = Tick | BeatIn | Facts | Done | Request
 class Out:
     """One action for the daemon: ``kind`` names it, ``args`` its parameters."""
 
-    kind: str  # an Action value, or: drain, degrade, reply, log, clear_split_brain
+    kind: str  # an Action value, or: drain, abort_drain, degrade, reply, log, clear_split_brain
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -271,6 +271,7 @@ class CoreBase:
     lease_until: float
     rejoin_at: float | None
     rejoin_args: dict[str, Any] | None
+    draining: tuple[str, int, float] | None  # a switchover's drain: target, req_id, deadline
     _ready: Ready
 
     def _start_state(self, role: str, auto: bool, split_brain: bool) -> None:
@@ -325,6 +326,28 @@ class CoreBase:
 
     def _reply(self, req_id: int, payload: dict[str, Any]) -> None:
         self._do("reply", req_id=req_id, payload=payload)
+
+    def _drain_lost(self, why: str) -> None:
+        """Fenced (or deposed) while a switchover drained: the switchover failed here,
+        now.  Nothing resumes on this node (nbdkit is killed with the held requests, never
+        acknowledged); the daemon stops the drain, which would hold the worker, and the
+        rejoin queued behind it, until its timeout (lab schedules: 30 s)."""
+        if self.draining is None:
+            return
+        target, req_id, _ = self.draining
+        self.draining = None
+        me, p = self.cfg.me, self.hard.primary
+        where = (f"; node {p} is primary on epoch {self.hard.epoch}" if p not in (None, me)
+                 else "; the cluster elects a primary without it")
+        self._log("error", "switchover_failed", to=target, reason=why,
+                  state=self.state.value, note="lost the primary role during the drain")
+        self._do("abort_drain", reason=why)
+        self._reply(req_id, {
+            "error": f"switchover to {target} failed: node {me} lost its primary role during "
+                     f"the drain ({why}); it is {self.state.value} now: client I/O is not "
+                     "resumed here (the requests held were never acknowledged; clients "
+                     f"retry on the primary){where}",
+            "lost_primary": True, "state": self.state.value})
 
     def _feed(self, event: Event, **args: Any) -> None:
         old = self.state
@@ -458,6 +481,7 @@ class NodeCore(CoreBase):
             self.lease_since = None
             self._do(a.value, reason=args.get("reason", "lease lost"),
                      handover=self.handover_to is not None)
+            self._drain_lost(str(args.get("reason", "lease lost")))
         elif a is Action.REJOIN:
             self.rejoin_args = {"preserve": args.get("preserve", True),
                                 "adopt": self._discarded_by_primary(),

@@ -23,6 +23,14 @@ an ``AdmissionGate`` bounds how many unauthenticated connections one source addr
 all together, may hold.  Afterwards a frame larger than ``OFFLOAD_BYTES`` is decompressed
 and decoded on a worker thread, in order, so that one large Batch does not hold the
 event loop.
+
+A worker thread may send too (``send_from_thread``: the receiver's apply thread sends
+its Ack the moment the replica's ``fdatasync`` returned, without waking the event loop
+first).  On a plaintext link with nothing queued in the transport it writes the frame
+itself, on its own duplicate of the socket's descriptor; otherwise (TLS, a backlog, a
+partial write) the loop writes what is left, before anything else it sends.  A lock
+orders the two: every write of the link, the loop's too, is made holding it, so frames
+never interleave and none overtakes one sent before it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, cast
@@ -189,6 +199,14 @@ class Link(asyncio.Protocol):
         self.last_frame = time.monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
+        # send_from_thread (module docstring): the write lock, this link's own duplicate
+        # of the socket's descriptor (plaintext, once authenticated; closed with the
+        # link: a stranger's connection never holds a second descriptor), what a
+        # thread could not write itself and the loop must write first, and the loop.
+        self._wlock = threading.RLock()  # reentrant: a write error may fail the link
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -225,6 +243,12 @@ class Link(asyncio.Protocol):
             return
         self.is_authenticated = True
         self.decoder.allow(DEFAULT_MAX_BODY, compressed=True)
+        transport = self.transport
+        if (transport is not None and self._error is None and not transport.is_closing()
+                and transport.get_extra_info("ssl_object") is None):
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(OSError, ValueError, AttributeError), self._wlock:
+                self._fd = os.dup(sock.fileno())  # for send_from_thread (plaintext only)
         self._leave_gate()
         if self._deadline is not None:
             self._deadline.cancel()
@@ -282,6 +306,7 @@ class Link(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._close_fd()
         self._leave_gate()
         if self._deadline is not None:
             self._deadline.cancel()
@@ -313,6 +338,7 @@ class Link(asyncio.Protocol):
         this connection is handed out."""
         if self._error is None:
             self._error = err
+        self._close_fd()
         self._queue.clear()
         self._queued_bytes = 0
         self._wakeup.set()
@@ -340,8 +366,9 @@ class Link(asyncio.Protocol):
     def close(self, linger: float = 5.0) -> None:
         """Close after flushing what is buffered (a Refuse must reach the peer), but
         abort after ``linger`` seconds if the peer does not read it."""
-        if self._error is None:
-            self._error = LinkClosed("connection closed by this node")
+        with self._wlock:  # no thread writes after this
+            if self._error is None:
+                self._error = LinkClosed("connection closed by this node")
         self._wakeup.set()
         if self.transport is not None and not self._lingering:
             self._lingering = True
@@ -363,8 +390,53 @@ class Link(asyncio.Protocol):
         """Queue the buffers of one frame, as ``encode_frame`` returned them."""
         self._check_open()
         assert self.transport is not None
-        self.transport.writelines(bufs)
-        self.bytes_out += sum(len(b) for b in bufs)
+        with self._wlock:
+            if self._pending:
+                self._write_pending()
+            self.transport.writelines(bufs)
+            self.bytes_out += sum(len(b) for b in bufs)
+
+    def send_from_thread(self, msg: Message) -> None:
+        """Send one small message from a thread other than the loop's (module
+        docstring): written at once when the link is plaintext and the transport holds
+        nothing, else handed to the loop.  Dropped silently once the link failed or is
+        closing, as a ``send`` caught for ``LinkClosed`` would be."""
+        data = b"".join(encode_frame(msg.encode(), False))
+        with self._wlock:
+            transport = self.transport
+            if self._error is not None or transport is None:
+                return
+            if self._fd is not None and not self._pending and (
+                    transport.get_write_buffer_size() == 0):
+                try:
+                    n = os.write(self._fd, data)
+                except OSError:  # EAGAIN, or a broken socket the loop will notice
+                    n = 0
+                self.bytes_out += n
+                data = data[n:]
+                if not data:
+                    return
+            self._pending.append(data)
+        self._loop.call_soon_threadsafe(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        with self._wlock:
+            if self._pending:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Hand what threads could not write to the transport (loop, lock held)."""
+        data, self._pending = self._pending, []
+        if self._error is not None or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.writelines(data)
+        self.bytes_out += sum(len(b) for b in data)
+
+    def _close_fd(self) -> None:
+        with self._wlock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its low-water mark."""

@@ -7,11 +7,12 @@ secret is configured, this side's only after the sender's checked, then Hello bo
 ``Batch`` is checked (``check_batch``: the next seq exactly, inside the volume) and handed
 to one applier task, which runs ``Volume.apply_batches`` on a single worker thread (it ends
 in an fdatasync) strictly in order and acknowledges the durable seq as soon as that
-fdatasync returned (from the apply thread, before the store is written: the batch is
-committed).  Batches that queued up while the previous fdatasync ran are applied
-together, each with its own commit MARK but with one fdatasync and one Ack for all (group
-commit: a sync sender ships each write at once, and its waiters are released by that one
-Ack).
+fdatasync returned (the apply thread writes the Ack on the link itself,
+``Link.send_from_thread``, before the store is written: the batch is committed; the
+event loop is not woken first).  Batches that queued up while the previous fdatasync ran
+are applied together, each with its own commit MARK but with one fdatasync and one Ack
+for all (group commit: a sync sender ships each write at once, and its waiters are
+released by that one Ack).
 
 Invariants:
 - One volume, one applier thread: batches are applied in stream order, never two at once.
@@ -68,6 +69,7 @@ from blockstore.peers import (
     UPSTREAM_KIND,
     UPSTREAM_VERSION,
     clear_refused,
+    clear_stale_refusals,
     known_peers,
     upstream_record,
     write_dirty,
@@ -187,7 +189,6 @@ class _Session:
     applied_bytes: int = 0
     history: History | None = None  # the sender's: adopted at bind and when a resync ends
     fork: History | None = None  # this copy's own history, when it lost a fork to the sender
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
 
 class Receiver:
@@ -402,6 +403,10 @@ class Receiver:
             await perform(link, outs, clog)
             await asyncio.get_running_loop().run_in_executor(
                 None, clear_refused, self.vol.info, theirs.node)
+            stale = await asyncio.get_running_loop().run_in_executor(
+                None, clear_stale_refusals, self.vol.info)
+            if stale:
+                clog.info("stale_refusals_cleared", peers=stale, taken_from=theirs.node)
             session = _Session(link, theirs.node, adm.resume_from, core)
             session.history = History(vuuid, theirs_gens)
             if adm.fork_lost:
@@ -638,17 +643,14 @@ class Receiver:
         gen = self._gen_cache if self._gen_cache is not None else self._history().current
         self._gen_cache = gen
         meta = {"source": s.node, "gen": gen.gen_id}
-        loop = s.loop
 
         def committed(seq: int) -> None:
-            loop.call_soon_threadsafe(self._ack, s, seq)
+            # Sent from here, the moment the fdatasync returned (Link.send_from_thread):
+            # the sender's waiting writes need not wait for this process's loop to wake.
+            s.link.send_from_thread(Ack(self.name, seq))
 
         return self.vol.apply_batches([(b.first_seq, b.last_seq, list(b.records), meta)
                                        for b in batches], committed)
-
-    def _ack(self, s: _Session, seq: int) -> None:
-        with contextlib.suppress(LinkClosed):
-            s.link.send(Ack(self.name, seq))
 
     @staticmethod
     def _group(s: _Session, first: Batch) -> tuple[list[Batch], _Work | None, bool]:

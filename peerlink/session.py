@@ -31,6 +31,7 @@ from blockstore.generations import (
     Relation,
     decide,
     describe_fork,
+    stale_refusal,
     unrelated_refusal,
 )
 from peerlink.auth import Prover, Transcript, proof, verify
@@ -722,10 +723,7 @@ class ReceiverSession(_Session):
         if self.fork and self.rel in (Relation.AHEAD, Relation.FORKED):
             return describe_fork(self.volume, node, theirs, self.node, f.history.generations)
         if self.rel is Relation.AHEAD:
-            return (f"volume {self.volume!r}: node {node!r} is on generation "
-                    f"{theirs[-1].gen_id:016x}, older than this replica's "
-                    f"{f.history.current.gen_id:016x} (it was demoted by a failover); "
-                    "refusing its data")
+            return stale_refusal(self.volume, node, theirs[-1], f.history.current)
         if self.rel is Relation.UNRELATED:
             return unrelated_refusal(self.volume, node, self.node)
         if self.fork and f.diverged_blocked is not None:

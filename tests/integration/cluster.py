@@ -1,23 +1,29 @@
 """Three real `nbdgw daemon` nodes from their configs on loopback (one port each): what the
 daemon replication, grow and peer administration tests run on (the fixture
-``make_cluster`` is in conftest.py)."""
+``make_cluster`` is in conftest.py), and what the readable replica tests share: a
+primary written to and snapshotted (``with_s1``), a steady ``Writer``, libnbd handles on
+a node's exports and their hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from blockstore.snapshot import read_index
 from tests.conftest import NBDGW, run_nbdgw
 
 SITES = (("main", "primary"), ("dc", "secondary"), ("dr", "dr"))
 SIZE = 64 << 20
+MiB = 1 << 20
 
 
 class Node:
@@ -128,3 +134,81 @@ def write_pattern(h: Any, n: int, seed: int) -> None:
     for i in range(n):
         h.pwrite(bytes([(seed + i) % 251]) * 65536, (i * 65536 * 7) % SIZE)
     h.flush()
+
+
+# -- readable replicas (tests/integration/test_replica_serve.py, test_replica_iscsi.py) --
+
+
+def uri(node: Node, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={node.sock}"
+
+
+def opened(node: Node, export: str, timeout: float = 30) -> Any:
+    """A libnbd handle on ``export`` of ``node``'s NBD socket, once it answers."""
+    import nbd
+
+    deadline = time.monotonic() + timeout
+    while True:
+        h = nbd.NBD()
+        try:
+            h.connect_uri(uri(node, export))
+            return h
+        except nbd.Error as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{export} on {node.name}: {e}") from None
+            time.sleep(0.1)
+
+
+def hashes(h: Any) -> list[bytes]:
+    return [hashlib.blake2b(h.pread(MiB, o)).digest() for o in range(0, SIZE, MiB)]
+
+
+def hashes_of(node: Node, export: str) -> list[bytes]:
+    h = opened(node, export)
+    try:
+        return hashes(h)
+    finally:
+        h.shutdown()
+
+
+def snapshots(node: Node) -> list[str]:
+    path = node.data / "volumes/v1/snapshots/index"
+    if not path.exists():
+        return []
+    _shift, index = read_index(path)
+    return [index.snaps[i].name for i in index.order]
+
+
+def with_s1(main: Node, replicas: tuple[Node, ...], blocks: int, seed: int) -> None:
+    """The started primary ``main``: ``blocks`` of pattern ``seed`` written to v1, then
+    its snapshot s1 taken and waited for on each of the started ``replicas``."""
+    h = connect(main)
+    write_pattern(h, blocks, seed)
+    h.shutdown()
+    main.nbdgw("snapshot", "create", "v1", "--name", "s1")
+    wait_for(lambda: all("s1" in snapshots(n) for n in replicas), 60,
+             "s1 on " + ", ".join(n.name for n in replicas))
+
+
+class Writer(threading.Thread):
+    """Writes ``blocks`` to the primary each round until stopped (a pause between rounds
+    of ``pause`` s): the replicas keep receiving meanwhile."""
+
+    def __init__(self, node: Node, blocks: int, seed: int, pause: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.h = connect(node)
+        self.blocks, self.seed, self.pause = blocks, seed, pause
+        self.stop_flag = threading.Event()
+        self.rounds = 0
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set() and self.rounds < 10_000:
+            write_pattern(self.h, self.blocks, self.seed + self.rounds)
+            self.rounds += 1
+            if self.pause:
+                self.stop_flag.wait(self.pause)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(60)
+        self.h.shutdown()

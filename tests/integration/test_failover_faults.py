@@ -8,6 +8,10 @@
   good, and every write flushed before the schedule began intact.
 - An isolated primary's clients see their connection reset within failover.timeout +
   1 s, and a client reconnecting writes at once on the new primary.
+- A switchover whose primary is isolated during its drain fails as soon as that primary
+  fences, saying it lost its primary role (not, 30 s later, "nothing changed").
+- The stamped writer the lab tests use gives each NBD call CALL_S and reconnects after
+  one not answered (a connection gone silent without a reset), checked without a lab.
 - iSCSI at the service address: the same target, serial number, device identifiers and
   data after a power cut of the primary and after a switchover back.
 - ext4 through a reconnecting client (qemu-nbd's NBD driver with reconnect-delay):
@@ -18,11 +22,15 @@ Times are printed (``-s``) so that a run doubles as a measurement.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import random
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -32,6 +40,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 
 from tests.conftest import need
@@ -411,15 +420,22 @@ def test_isolated_primary_resets_its_clients_and_the_new_primary_takes_writes_at
     assert the_primary(lab) == "dc"
 
 
-# argv: URI, seconds.  Writes 4 KiB blocks 0, 1, 2, ... (each stamped with its number,
-# 10 ms apart), a flush after every 4, printing "flushed N T" (blocks < N durable, T its
-# time.time()).  When the connection dies it reconnects (a connect given up after 3 s,
-# the address may be nobody's) and writes again from the last flushed block: what was
-# not flushed on the old server is not counted.  Stops at a line on stdin or at the
-# deadline; prints one JSON line.
+# argv: URI, seconds, call_s.  Writes 4 KiB blocks 0, 1, 2, ... (each stamped with its
+# number, 10 ms apart), a flush after every 4, printing "flushed N T" (blocks < N durable,
+# T its time.time()).  When the connection dies it reconnects (a connect given up after
+# 3 s, the address may be nobody's) and writes again from the last flushed block: what was
+# not flushed on the old server is not counted.  Every call (write, flush) is given call_s
+# seconds: one not answered by then (a connection gone silent without a reset) is
+# abandoned with its connection, said in a "stuck ..." line, and the writer reconnects as
+# when the connection dies (qemu-nbd's reconnect would): a flush not answered is not
+# counted.  Stops at a line on stdin or at the deadline; prints one JSON line.
+CALL_S = 10.0  # FORK_WRITER's bound on one NBD call: above any stall the product promises
 FORK_WRITER = r"""
 import json, select, struct, sys, time, nbd
 uri, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+call_s = float(sys.argv[3])
+class Stuck(Exception):
+    pass
 def connect():
     while time.monotonic() < deadline:
         h = nbd.NBD()
@@ -435,14 +451,28 @@ def connect():
         del h  # closes the handle
         time.sleep(0.05)
     return None
-h = connect(); i = flushed = reconnects = 0; refused = []
+def call(h, what, cookie):
+    # nbd.Error if the command failed or the connection died; Stuck after call_s.
+    give_up = time.monotonic() + call_s
+    while not h.aio_command_completed(cookie):
+        if time.monotonic() >= give_up:
+            raise Stuck(f"{what} not answered within {call_s:g} s")
+        h.poll(100)
+h = connect(); i = flushed = reconnects = timeouts = 0; refused = []; stuck = []
 while h is not None and i < 12000 and not select.select([sys.stdin], [], [], 0)[0]:
     try:
-        h.pwrite(struct.pack("<Q", i) * 512, i * 4096); i += 1
+        call(h, f"write of block {i}", h.aio_pwrite(struct.pack("<Q", i) * 512, i * 4096))
+        i += 1
         if i % 4 == 0:
-            h.flush(); flushed = i
+            call(h, f"flush after block {i - 1}", h.aio_flush()); flushed = i
             print(f"flushed {i} {time.time():.3f}", flush=True)
         time.sleep(0.01)
+    except Stuck as e:
+        i = flushed; timeouts += 1; reconnects += 1
+        stuck.append(f"{time.time():.3f} {e}")
+        print(f"stuck {stuck[-1]}: reconnecting (last flushed {flushed})", flush=True)
+        del h  # the connection goes with it, unanswered calls and all
+        h = connect()
     except nbd.Error as e:
         i = flushed
         if h.aio_is_dead() or h.aio_is_closed():
@@ -450,16 +480,26 @@ while h is not None and i < 12000 and not select.select([sys.stdin], [], [], 0)[
         else:
             refused.append(str(e)[:120]); time.sleep(0.1)
 print(json.dumps({"flushed": flushed, "reconnects": reconnects, "refused": refused[:5],
-                  "nrefused": len(refused), "connected": h is not None}))
+                  "nrefused": len(refused), "timeouts": timeouts, "stuck": stuck[:5],
+                  "connected": h is not None}))
 """
 
 
 class Stamped:
-    """FORK_WRITER in the client namespace; its "flushed" lines, read on a thread."""
+    """FORK_WRITER in the client namespace (or, without a lab, here, writing to
+    ``target``); its "flushed" lines, read on a thread, and its "stuck" lines (a call
+    not answered within ``call_s``, after which it reconnected)."""
 
-    def __init__(self, lab: dict[str, Any], seconds: float) -> None:
-        self.proc = client(lab, FORK_WRITER, uri(lab), str(seconds), stdin=subprocess.PIPE)
+    def __init__(self, lab: dict[str, Any] | None, seconds: float, target: str = "",
+                 call_s: float = CALL_S) -> None:
+        args = (target or uri(lab or {}), str(seconds), str(call_s))
+        self.proc = (client(lab, FORK_WRITER, *args, stdin=subprocess.PIPE)
+                     if lab is not None else
+                     subprocess.Popen([sys.executable, "-c", FORK_WRITER, *args],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
         self.flushed: list[tuple[int, float]] = []
+        self.stuck: list[str] = []
         self.last = ""
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -470,6 +510,8 @@ class Stamped:
             if line.startswith("flushed "):
                 _, n, t = line.split()
                 self.flushed.append((int(n), float(t)))
+            elif line.startswith("stuck "):
+                self.stuck.append(line.strip())
             else:
                 self.last = line
 
@@ -489,6 +531,83 @@ class Stamped:
         self.thread.join(10)
         assert self.proc.returncode == 0, self.proc.stderr.read() if self.proc.stderr else ""
         return json.loads(self.last)  # type: ignore[no-any-return]
+
+
+class BlackHole:
+    """A TCP proxy in front of the unix socket ``target`` whose ``swallow()`` makes every
+    connection open at that moment go silent for good: bytes either way are dropped,
+    nothing is closed or reset (a route dropped mid-stream, a server gone without a
+    trace).  Connections made afterwards are forwarded."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.generation = 0  # connections of an older generation are swallowed
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                down, _ = self.listener.accept()
+                up = socket.socket(socket.AF_UNIX)
+                up.connect(str(self.target))
+                self.socks += [down, up]
+                gen = self.generation
+                for a, b in ((down, up), (up, down)):
+                    threading.Thread(target=self._pipe, args=(a, b, gen), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, gen: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if gen == self.generation:
+                    dst.sendall(data)
+
+    def swallow(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+
+
+def test_the_stamped_writer_reconnects_after_a_call_that_is_never_answered(
+        tmp_path: Path) -> None:
+    """The writer of the lab tests gives each NBD call CALL_S (here 2 s): a connection
+    that goes silent without a reset (lab schedule seed 77 once left it with no flush for
+    60 s after the heal) is dropped and made again, as qemu-nbd's reconnect would, and
+    said so; a flush not answered is not counted, and every flush answered reads back."""
+    sock = tmp_path / "nbd.sock"
+    srv = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "memory",
+                            "64M"])
+    hole = writer = None
+    try:
+        wait_for("nbdkit listening", sock.exists, 10)
+        hole = BlackHole(sock)
+        writer = Stamped(None, 120, f"nbd://127.0.0.1:{hole.port}", call_s=2.0)
+        writer.wait_flushed(32, 20)
+        hole.swallow()
+        t0 = time.time()
+        mark = writer.flushed_before(t0)
+        writer.wait_flushed(mark + 32, 2.0 + 8)  # before: no flush ever again
+        result = writer.stop()
+        print(f"writer: {result}; {writer.stuck}")
+        assert result["timeouts"] >= 1 and result["reconnects"] >= 1, result
+        assert writer.stuck and "not answered within 2 s: reconnecting" in writer.stuck[0]
+        flushed = max(n for n, _ in writer.flushed)
+        h = nbd.NBD()
+        h.connect_unix(str(sock))
+        bad = [i for i in range(flushed) if h.pread(8, i * 4096) != struct.pack("<Q", i)]
+        assert bad == [], bad[:10]
+    finally:
+        if writer is not None and writer.proc.poll() is None:
+            writer.proc.kill()
+        if hole is not None:
+            hole.close()
+        srv.kill()
+        srv.wait(10)
 
 
 def log_sizes(lab_dir: Path) -> dict[str, int]:
@@ -516,6 +635,55 @@ def settled(lab: dict[str, Any], steady: float, timeout: float) -> dict[str, str
         if now != last:
             last, since = now, time.monotonic()
     return last
+
+
+def test_a_switchover_whose_primary_is_isolated_in_its_drain_fails_at_once(
+        lab_dir: Path) -> None:
+    """Found by the lab schedules: main, cut off from both peers while a switchover's
+    drain waited for dc, fenced itself and dc took over, but the drain waited out its
+    timeout and then said "nothing changed, client I/O resumed".  Now the switchover
+    fails as soon as main fences, saying so; the cluster goes on without it."""
+    from tests.integration.test_rejoin import peerlink_pid
+
+    lab = up(lab_dir.parent)
+    writer = Stamped(lab, 240)
+    frozen = peerlink_pid(lab, "dc")
+    cut = [[chain, flag, addr(lab, peer), "-j", "DROP"]
+           for peer in ("dc", "dr") for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d"))]
+    try:
+        writer.wait_flushed(32, 30)
+        os.kill(frozen, signal.SIGSTOP)  # dc cannot catch up: the drain waits
+        writer.wait_flushed(writer.flushed_before(time.time()) + 16, 30)
+        switch = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "-c", str(node(lab, "main")["config"]),
+             "switchover", "--to", "dc", "--timeout", "30"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert switch.poll() is None, switch.communicate()
+        t0 = time.monotonic()
+        for rule in cut:
+            in_ns(lab, "main", "iptables", "-I", *rule)
+        out, err = switch.communicate(timeout=60)
+        took = time.monotonic() - t0
+        os.kill(frozen, signal.SIGCONT)
+        print(f"switchover cut off in its drain: answered {took:.2f} s after the isolation "
+              f"(rc {switch.returncode}): {err.strip()}")
+        assert switch.returncode == 1, (out, err)
+        assert "switchover: switchover to dc failed: node main lost its primary role " \
+               "during the drain (this primary lost the majority of the sites" in err, err
+        assert "client I/O is not resumed here" in err and "nothing changed" not in err, err
+        assert took <= TIMEOUT + 2.0, took  # fenced within the timeout; was 30 s
+        wait_for("dc primary", lambda: live_states(lab)["dc"] == "primary", 30,
+                 seen=lambda: live_states(lab))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+        for rule in cut:
+            in_ns(lab, "main", "iptables", "-D", *rule)
+    wait_states(lab, {"main": "standby", "dc": "primary"}, 60)
+    mark = writer.flushed_before(time.time())
+    writer.wait_flushed(mark + 16, 60)  # the client writes on dc
+    print(f"client: {writer.stop()}")
 
 
 def test_fork_schedule_switchover_then_both_main_site_nodes_power_cut(lab_dir: Path) -> None:

@@ -24,9 +24,7 @@ import pytest
 from etcd3gw.exceptions import Etcd3Exception
 
 from gateway.etcdclient import (
-    KEEPER_TICK,
     EtcdClient,
-    EtcdShell,
     EtcdUnavailable,
     NodeLease,
     boot_id,
@@ -38,7 +36,6 @@ from gateway.etcdcore import (
     KEEPALIVE_FRACTION,
     MARGIN,
     EtcdReply,
-    LeaseKeeper,
     Put,
     Shared,
     Txn,
@@ -221,39 +218,29 @@ class Cluster:
             f.close()
 
 
-class Keeper:
-    """A ``LeaseKeeper`` driven as the daemon drives it (a tick every KEEPER_TICK),
-    with a sampler of its write lease's margin (alive_until - now) every 10 ms."""
+class Keeper(NodeLease):
+    """The daemon's ``NodeLease`` itself (its tick every KEEPER_TICK, its answers), with
+    only a record added: when a keepalive was answered, and a sampler of its write
+    lease's margin (alive_until - now) every 10 ms.  The lease alone: no group files, no
+    reads of the groups' keys (``poll`` 0)."""
 
     def __init__(self, urls: list[str]) -> None:
-        self.keeper = LeaseKeeper(LEASE_TTL, time.monotonic())
-        self.lock = threading.Lock()
+        # Before the loop starts: its first answer may come at once.
         self.answers: list[float] = []  # when a keepalive was answered (TTL > 0)
         self.low: list[tuple[float, float]] = []  # (when, margin) each 10 ms
-        self.shell = EtcdShell(EtcdClient(urls), self._answer)
-        self.stopping = threading.Event()
-        self.next_id = 0
-        self.threads = [threading.Thread(target=self._tick, daemon=True),
-                        threading.Thread(target=self._sample, daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id
-
-    def _tick(self) -> None:
-        while not self.stopping.wait(KEEPER_TICK):
-            with self.lock:
-                due = self.keeper.due(time.monotonic(), self._new_id)
-            for args in due:
-                self.shell.submit(args)
+        super().__init__(EtcdClient(urls), LEASE_TTL, 0.0, "/t", {})
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
 
     def _answer(self, r: EtcdReply) -> None:
+        # Grants and keepalives are answered on the shell's one lease thread: between
+        # this look and NodeLease's own answer only the tick's drop of a request lost
+        # for REQUEST_LOST_AFTER could take it (then one answer too many is recorded).
         with self.lock:
             renewed = r.ok and r.ttl > 0 and self.keeper.owns(r.req_id)
-            self.keeper.answer(r)
-            if renewed:
+        super()._answer(r)
+        if renewed:
+            with self.lock:
                 self.answers.append(time.monotonic())
 
     def _sample(self) -> None:
@@ -272,10 +259,8 @@ class Keeper:
         return low, max(b - a for a, b in itertools.pairwise(times))
 
     def stop(self) -> None:
-        self.stopping.set()
-        for t in self.threads:
-            t.join(1)
-        self.shell.stop()
+        super().stop()
+        self.sampler.join(1)
 
 
 @pytest.mark.parametrize("how", ["kill", "freeze"])

@@ -21,8 +21,11 @@ from pathlib import Path
 import nbd
 import pytest
 
+from blockstore.generations import is_split_brain, settle_commands, unrelated_refusal
 from blockstore.journal import journal_bounds
 from blockstore.meta import write_json
+from blockstore.peers import read_refused, write_refused
+from blockstore.volume import find_volume
 from tests.conftest import Served, run_nbdgw
 from tests.faultproxy import ThreadedProxy
 from tests.integration.peerenv import (
@@ -249,6 +252,45 @@ def test_a_deposed_primarys_batches_are_refused_by_their_epoch(env: Env) -> None
     assert (tx.stop(), rx.stop()) == (0, 0)
     p, r = env.checksums()
     assert p == r
+
+
+def test_stale_copy_refusals_go_once_the_replica_takes_a_newer_sender(env: Env) -> None:
+    """Lab schedules: dr refused a demoted primary's sender as a stale copy, and the
+    refusal (peers/main.refused.json, on dr and on main) stayed for good, since main
+    never shipped to dr again: `nbdgw status` kept showing main `refused` after the heal.
+    A replica that takes a sender (on its generation or a newer one: the current
+    primary) drops every stale-copy refusal of its volume, whichever end made it: the
+    node refused was on an older generation, it is no primary any more (one that tries
+    again is refused and recorded again).  Split brains and other refusals stay."""
+    info = find_volume(env.replica, "v1")
+    stale = ("volume 'v1': node 'main' is on generation 00000000000000aa, older than this "
+             "replica's 00000000000000bb (it was demoted by a failover); refusing its data")
+    fork = ("volume 'v1': the histories of 'old' and 'r1' forked after generation "
+            "00000000000000aa: 'old' went on with generation 00000000000000cc (epoch 2), "
+            "'r1' with 00000000000000bb (epoch 3); 'old' is on the older epoch: its copy is "
+            "stale and is not sent")
+    split = unrelated_refusal("v1", "other", "r1")
+    blocked = ("volume 'v1': 'r1' must keep what only it had as snapshot diverged-x before "
+               "it takes 'new''s data, but it has 64 snapshots (the maximum): delete one "
+               "there")
+    for peer, side, by, reason in (("main", "receiver", "this node", stale),
+                                   ("old", "receiver", "this node", fork),
+                                   ("dr", "sender", "peer", stale),
+                                   ("other", "receiver", "this node", split),
+                                   ("new", "receiver", "this node", blocked)):
+        sb = is_split_brain(reason)
+        assert write_refused(info, peer, side=side, by=by, reason=reason, split_brain=sb,
+                             settle=settle_commands(peer, "r1") if sb else None)
+    rx = env.receiver()
+    tx = env.sender(rx.port)
+    w = Writer(env.served, seed=11, max_ops=50)
+    w.start()
+    w.finish()
+    env.wait_caught_up()
+    assert sorted(read_refused(info)) == ["new", "other"]
+    cleared = rx.wait_event("stale_refusals_cleared")
+    assert sorted(cleared["peers"]) == ["dr", "main", "old"], cleared
+    assert (tx.stop(), rx.stop()) == (0, 0)
 
 
 def test_replica_of_another_volume_is_refused(env: Env) -> None:

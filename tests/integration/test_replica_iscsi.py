@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +18,17 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, need
-from tests.integration.cluster import SIZE, Node, connect, peer_state, wait_for, write_pattern
+from tests.integration.cluster import (
+    SIZE,
+    MiB,
+    Node,
+    Writer,
+    hashes_of,
+    opened,
+    peer_state,
+    wait_for,
+    with_s1,
+)
 from tests.integration.iscsienv import (
     BASE,
     free_control_port,
@@ -27,30 +36,6 @@ from tests.integration.iscsienv import (
     wait_target,
     written_over_iscsi_reads_back_over_nbd,
 )
-from tests.integration.test_replica_serve import hashes, opened, snapshots
-
-MiB = 1 << 20
-
-
-class Writer(threading.Thread):
-    """Writes to the primary until stopped: the replica keeps receiving meanwhile."""
-
-    def __init__(self, node: Node) -> None:
-        super().__init__(daemon=True)
-        self.h = connect(node)
-        self.stop_flag = threading.Event()
-        self.rounds = 0
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set() and self.rounds < 10_000:
-            write_pattern(self.h, 8, 70 + self.rounds)
-            self.rounds += 1
-            self.stop_flag.wait(0.05)  # a steady trickle, not the whole (2-core) machine
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        self.join(60)
-        self.h.shutdown()
 
 
 def with_iscsi(node: Node, port: int, readers_portal: bool) -> None:
@@ -96,25 +81,19 @@ def _pair(make_cluster: Any, blocks: int, readers_portal: bool) -> tuple[Node, N
     with_iscsi(dc, port, readers_portal)
     dc.start()
     main.start()
-    h = connect(main)
-    write_pattern(h, blocks, 3)
-    h.shutdown()
-    main.nbdgw("snapshot", "create", "v1", "--name", "s1")
-    wait_for(lambda: "s1" in snapshots(dc), 60, "s1 on dc")
+    with_s1(main, (dc,), blocks, 3)
     return main, dc, port
 
 
 def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
         pair_with_s1: Callable[[int, bool], tuple[Node, Node, int]], tmp_path: Path) -> None:
     main, dc, port = pair_with_s1(100, True)  # on iscsi.readers_portal
-    s = opened(main, "v1@s1")
-    want = hashes(s)
-    s.shutdown()
+    want = hashes_of(main, "v1@s1")
 
     url = f"iscsi://127.0.0.1:{port}/{BASE}:v1:s1/1"
     log = dc.dir / "daemon-0.log"
     assert dc.proc is not None
-    writer = Writer(main)
+    writer = Writer(main, 8, 70, pause=0.05)  # a trickle, not the 2-core machine
     writer.start()
     try:
         wait_target(url, dc.proc, log)
@@ -123,9 +102,7 @@ def test_secondary_daemon_serves_replica_snapshot_and_clone_luns(
         sh("qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(lun), timeout=120)
         with open(lun, "rb") as f:
             got = [hashlib.blake2b(f.read(MiB)).digest() for _ in range(SIZE // MiB)]
-        over_nbd = opened(dc, "v1@s1")  # the same snapshot, over NBD from dc's socket
-        assert hashes(over_nbd) == want
-        over_nbd.shutdown()
+        assert hashes_of(dc, "v1@s1") == want  # the same snapshot, over NBD from dc's socket
         assert got == want, [i for i, (a, b) in enumerate(zip(got, want, strict=True))
                              if a != b][:5]
         p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(lun), url,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,72 +19,23 @@ import nbd
 import pytest
 import yaml
 
-from blockstore.snapshot import read_index
 from tests.conftest import run_nbdgw
 from tests.integration.cluster import (
-    SIZE,
+    MiB,
     Node,
-    connect,
+    Writer,
+    hashes,
+    hashes_of,
     in_sync,
+    opened,
+    uri,
     wait_for,
-    write_pattern,
+    with_s1,
 )
 from tests.integration.conftest import addr as lab_addr
 from tests.integration.conftest import cfg as lab_cfg
 from tests.integration.conftest import run_client, switchover, up, wait_states
 from tests.integration.conftest import uri as lab_uri
-
-MiB = 1 << 20
-
-
-def uri(node: Node, export: str) -> str:
-    return f"nbd+unix:///{export}?socket={node.sock}"
-
-
-def opened(node: Node, export: str, timeout: float = 30) -> Any:
-    """A libnbd handle on ``export`` of ``node``'s NBD socket, once it answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        h = nbd.NBD()
-        try:
-            h.connect_uri(uri(node, export))
-            return h
-        except nbd.Error as e:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{export} on {node.name}: {e}") from None
-            time.sleep(0.1)
-
-
-def hashes(h: Any) -> list[bytes]:
-    return [hashlib.blake2b(h.pread(MiB, o)).digest() for o in range(0, SIZE, MiB)]
-
-
-def snapshots(node: Node) -> list[str]:
-    path = node.data / "volumes/v1/snapshots/index"
-    if not path.exists():
-        return []
-    _shift, index = read_index(path)
-    return [index.snaps[i].name for i in index.order]
-
-
-class Writer(threading.Thread):
-    """Writes to the primary until stopped: the replica keeps receiving meanwhile."""
-
-    def __init__(self, node: Node) -> None:
-        super().__init__(daemon=True)
-        self.h = connect(node)
-        self.stop_flag = threading.Event()
-        self.rounds = 0
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set() and self.rounds < 10_000:
-            write_pattern(self.h, 16, 50 + self.rounds)
-            self.rounds += 1
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        self.join(60)
-        self.h.shutdown()
 
 
 def names_on(node: Node) -> list[str]:
@@ -152,16 +102,10 @@ def test_secondary_daemon_serves_replica_snapshots_and_clones(make_cluster: Any)
     with_cdp_window(dc)
     for n in (dc, dr, main):
         n.start()
-    h = connect(main)
-    write_pattern(h, 100, 3)
-    h.shutdown()
-    main.nbdgw("snapshot", "create", "v1", "--name", "s1")
-    with_snapshot = opened(main, "v1@s1")
-    want = hashes(with_snapshot)
-    with_snapshot.shutdown()
-    wait_for(lambda: "s1" in snapshots(dc) and "s1" in snapshots(dr), 60, "s1 on dc, dr")
+    with_s1(main, (dc, dr), 100, 3)
+    want = hashes_of(main, "v1@s1")
 
-    writer = Writer(main)
+    writer = Writer(main, 16, 50)
     writer.start()
     try:
         for node in (dc, dr):  # the daemons' own nbdkit: nobody ran `nbdgw serve`
@@ -181,24 +125,13 @@ def test_secondary_daemon_serves_replica_snapshots_and_clones(make_cluster: Any)
     assert main.checksum() == dc.checksum()
 
 
-def hashes_of(node: Node, export: str) -> list[bytes]:
-    h = opened(node, export)
-    try:
-        return hashes(h)
-    finally:
-        h.shutdown()
-
-
 def test_promoted_secondary_serves_the_volume_on_the_same_address(
         make_cluster: Any, tmp_path: Path) -> None:
     main, dc, dr = make_cluster("fanout")
     for n in (dc, dr, main):
         n.start()
-    h = connect(main)
-    write_pattern(h, 50, 9)
-    h.shutdown()
-    main.nbdgw("snapshot", "create", "v1", "--name", "s1")
-    wait_for(lambda: in_sync(main, "dc") and "s1" in snapshots(dc), 60, "dc in sync")
+    with_s1(main, (dc,), 50, 9)
+    wait_for(lambda: in_sync(main, "dc"), 60, "dc in sync")
     reader = opened(dc, "v1@s1")
     reader.shutdown()
     main.stop()

@@ -237,6 +237,8 @@ class Sim:
             if kind == "drain":
                 node.drain_deadline = self.t + float(args.get("timeout", 5))
             node.queue.append((kind, args))
+        elif kind == "abort_drain":  # fenced mid-drain: the daemon stops waiting
+            node.drain_deadline = self.t
         elif kind in ("receive", "follow", "clear_split_brain"):
             pass
         else:

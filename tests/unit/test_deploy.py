@@ -374,6 +374,16 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
     "chap_secret_short": (
         [_set(k, v) for k, v in CHAP.items()] + [_set("nbdgw_iscsi_chap_secret", "short")],
         "nbdgw_iscsi_chap_secret is 5 characters long: expected 12 to 255"),
+    "iscsi_readers_portal_a_name": (
+        [_set("nbdgw_iscsi_enabled", True), _set("nbdgw_iscsi_iqn", CHAP["nbdgw_iscsi_iqn"]),
+         _set("nbdgw_iscsi_readers_portal", "dc:3260")],
+        'nbdgw_iscsi_readers_portal is "dc:3260": expected IP:PORT ([IPv6]:PORT), an address '
+        "of this host and a port 1-65535, e.g. 192.0.2.12:3260"),
+    "iscsi_readers_portal_port_out_of_range": (
+        [_set("nbdgw_iscsi_enabled", True), _set("nbdgw_iscsi_iqn", CHAP["nbdgw_iscsi_iqn"]),
+         _set("nbdgw_iscsi_readers_portal", "[2001:db8::12]:65536")],
+        'nbdgw_iscsi_readers_portal is "[2001:db8::12]:65536": expected IP:PORT '
+        "([IPv6]:PORT), an address of this host and a port 1-65535, e.g. 192.0.2.12:3260"),
     "peer_secret_missing": (
         [_set("nbdgw_peer_secret", "")],
         "nbdgw_peer_secret is not set: replication between sites needs a shared secret of at "
@@ -425,6 +435,11 @@ CASES: dict[str, tuple[list[Callable[[dict[str, Any]], None]], str]] = {
         "nbdgw_snapshot_schedules[0].volumes: sql-data not in nbdgw_volumes"),
     # With volume groups (groups_vars): the node config's cross-group checks, on the
     # controller, naming the inventory's variable.
+    "groups_iscsi_readers_portal": (
+        [_use_groups, _set("nbdgw_iscsi_readers_portal", "127.0.0.2:3261")],
+        "nbdgw_iscsi_readers_portal is set, but the inventory has volume groups (nbdgw_groups): "
+        "a replica's LUNs are not served per group yet (each group's tgtd listens on its own "
+        "port, nbdgw_groups[].ports.iscsi); leave it out"),
     "groups_name_twice": (
         [_use_groups, _set("nbdgw_groups.1.name", "b1")],
         "nbdgw_groups: group b1 is listed twice"),
@@ -664,6 +679,21 @@ def shared_port_vars(*shared: str) -> dict[str, Any]:
     return group
 
 
+def shared_port_configs(tmp_path: Path, *shared: str) -> dict[str, dict[str, Any]]:
+    """The configs of GROUP_HOSTS with shared_port_vars(``shared``): each has
+    peerlink.listen 0.0.0.0:7789, the groups ``shared`` no ports.peerlink, the others
+    their own, and each passes `nbdgw config check`."""
+    own = (("b1", 7801), ("b2", 7811), ("core", 7821))  # groups_vars' ports.peerlink
+    group = shared_port_vars(*shared)
+    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
+    for cfg in cfgs.values():
+        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
+        assert [(g["name"], g["ports"].get("peerlink", "none")) for g in cfg["groups"]] == [
+            (name, "none" if name in shared else port) for name, port in own]
+        config_check(cfg["__path"])
+    return cfgs
+
+
 def nft_set(nft: str, name: str) -> list[str]:
     """The elements of set ``name`` in a rendered nft file ([] when it has none)."""
     m = re.search(r"\n    set " + name + r" \{\n(.*?)\n    \}", nft, re.DOTALL)
@@ -677,12 +707,7 @@ def test_groups_on_the_shared_peerlink_port(tmp_path: Path) -> None:
     groups none of their own), and its firewall one rule for the shared port admitting
     the other data sites of every group it holds data of, never a group's witness; no
     per-group peerlink rule. Each config passes `nbdgw config check`."""
-    group = shared_port_vars("b1", "b2", "core")
-    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
-    for cfg in cfgs.values():
-        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
-        assert all("peerlink" not in g["ports"] for g in cfg["groups"])
-        config_check(cfg["__path"])
+    cfgs = shared_port_configs(tmp_path, "b1", "b2", "core")
     for host in GROUP_HOSTS:
         assert "_peers4 drop" not in cfgs[host]["__nft"].replace("@shared_peers4 drop", "")
     # dc: replica of b1 (from main) and b2 (from br2), primary of core (to dr).
@@ -703,12 +728,7 @@ def test_groups_mixed_own_and_shared_peerlink_ports(tmp_path: Path) -> None:
     """b1 keeps its own port 7801, b2 and core are on the shared one: dc admits main to
     7801 (b1's rule, as before) and br2 and dr to 7789; main, which only witnesses core
     of the shared groups, has no rule and no set for the shared port."""
-    group = shared_port_vars("b2", "core")
-    cfgs = render_configs(tmp_path, write_inventory(tmp_path, GROUP_HOSTS, group))
-    for cfg in cfgs.values():
-        assert cfg["peerlink"]["listen"] == "0.0.0.0:7789"
-        assert [g["ports"].get("peerlink") for g in cfg["groups"]] == [7801, None, None]
-        config_check(cfg["__path"])
+    cfgs = shared_port_configs(tmp_path, "b2", "core")
     nft = cfgs["dc"]["__nft"]
     assert "tcp dport 7801 ip saddr != @g_b1_peers4 drop" in nft
     assert nft_set(nft, "g_b1_peers4") == ["127.0.0.1"]
@@ -1152,6 +1172,28 @@ def test_snapshot_schedules_and_iscsi_render_in_the_documented_shape(tmp_path: P
     config_check(cfg["__path"])
 
 
+def test_the_readers_iscsi_portal_renders_where_it_is_set(tmp_path: Path) -> None:
+    """nbdgw_iscsi_readers_portal, per host: iscsi.readers_portal in the config of each
+    site that sets it, the primary's too (read only while not primary: a demoted node
+    has it without a new site.yml run), none elsewhere; the configs pass `nbdgw config
+    check`."""
+    group = site_vars() | {"nbdgw_iscsi_enabled": True,
+                           "nbdgw_iscsi_portal": "192.0.2.10:3260",  # the service address
+                           "nbdgw_iscsi_iqn": "iqn.2026-11.com.example:nbdgw"}
+    inv = write_inventory(tmp_path, SITES, group)
+    data = yaml.safe_load(inv.read_text())
+    portals = {"main": "127.0.0.1:3261", "dc": "[::1]:3262"}  # dr: none
+    for host, portal in portals.items():
+        data["nbdgw"]["hosts"][host]["nbdgw_iscsi_readers_portal"] = portal
+    inv.write_text(yaml.safe_dump(data, sort_keys=False))
+    cfgs = render_configs(tmp_path, inv)
+    assert sorted(cfgs) == ["dc", "dr", "main"]
+    for host, cfg in cfgs.items():
+        assert cfg["iscsi"]["portal"] == "192.0.2.10:3260"
+        assert cfg["iscsi"].get("readers_portal") == portals.get(host), host
+        config_check(cfg["__path"])
+
+
 def test_iscsi_with_groups_renders_without_a_node_portal(tmp_path: Path) -> None:
     """With groups the node's iscsi section has no portal (each group served over iSCSI
     has its own, groups[].ports.iscsi); a witness-only site gets none; configs pass
@@ -1365,6 +1407,9 @@ def test_the_example_inventory_renders_three_coherent_configs(tmp_path: Path) ->
     assert {p["name"]: p.get("mode") for p in cfgs["dc"]["peers"]} == {
         "main": "sync", "dr": "async"}
     assert [p.get("mode") for p in cfgs["dr"]["peers"]] == [None, None]
+    # The replicas' LUNs on each replica site's own address (set per host).
+    assert {h: cfg["iscsi"].get("readers_portal") for h, cfg in cfgs.items()} == {
+        "main": None, "dc": "192.0.2.12:3260", "dr": "198.51.100.20:3260"}
     for cfg in cfgs.values():
         config_check(cfg["__path"])
 

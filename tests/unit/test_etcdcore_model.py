@@ -125,6 +125,25 @@ def test_switchover_hands_the_key_to_the_target_by_transaction(topology: str) ->
     assert replies and replies[-1].get("ok") and replies[-1]["target_serving"], replies
 
 
+def test_a_switchover_whose_primary_is_cut_off_in_its_drain_fails_at_once() -> None:
+    """As on heartbeats (test_nodecore_model): a primary cut from the store during a
+    switchover's drain fences when its key's lease runs out and answers then, truly,
+    instead of waiting out the drain's timeout."""
+    sim = formed(seed=5)
+    sim.advance(sim.t + 2.0)
+    main = sim.nodes["main"]
+    sim.request("main", "switchover", to="dc", timeout=60)
+    sim.isolate("main")
+    until(sim, lambda: bool(main.replies), 2 * TTL)
+    err = main.replies[-1]["error"]
+    assert err.startswith("switchover to dc failed: node main lost its primary role during "
+                          "the drain"), err
+    assert "client I/O is not resumed here" in err and "nothing changed" not in err, err
+    sim.heal()
+    until(sim, lambda: sim.converged() is None, 30.0)
+    assert len(main.replies) == 1
+
+
 def test_a_switchover_to_a_witness_is_refused() -> None:
     sim = formed(seed=6, topology="witness")
     sim.request("main", "switchover", to="wit", timeout=5)

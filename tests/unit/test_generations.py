@@ -309,6 +309,39 @@ def test_promotion_reserves_snapshot_ids_for_the_old_primary(tmp_path: Path) -> 
         vol.close()
 
 
+def test_stale_copy_refusals_go_once_moot_and_quiet(tmp_path: Path) -> None:
+    """A stale copy's refusal (peers/<peer>.refused.json) is moot once its node is not the
+    primary this node follows (lab schedules: dr kept the demoted main's for good): the
+    daemon clears it once that node has not tried for ``quiet_s`` (while it tries, status
+    says it is refused).  Split brains, other refusals and the primary's own stay."""
+    from blockstore.generations import is_stale_copy, settle_commands, stale_refusal
+    from blockstore.peers import clear_stale_refusals, read_refused, write_refused
+
+    primary_with_writes(tmp_path, 1)
+    info = find_volume(tmp_path, "v1")
+    dc, main = history("A"), history("B")
+    stale = stale_refusal("v1", "main", Generation(0xAA, 1, 1), Generation(0xBB, 9, 2))
+    assert stale == ("volume 'v1': node 'main' is on generation 00000000000000aa, older "
+                     "than this replica's 00000000000000bb (it was demoted by a failover); "
+                     "refusing its data")
+    fork = describe_fork("v1", "dc", dc, "main", main)
+    split = unrelated_refusal("v1", "x", "y")
+    assert is_stale_copy(stale) and is_stale_copy(fork)
+    assert not is_stale_copy(split) and not is_split_brain(stale)
+    assert not is_stale_copy(describe_fork("v1", "main", main, "dc", dc))  # the taker's
+    for peer, reason in (("main", stale), ("old", fork), ("x", split), ("dc", stale),
+                         ("n", "uuid mismatch")):
+        sb = is_split_brain(reason)
+        assert write_refused(info, peer, side="receiver", by="this node", reason=reason,
+                             split_brain=sb, settle=settle_commands(peer, "y") if sb else None)
+    now = time.time()
+    assert clear_stale_refusals(info, primary="dc", quiet_s=30, now=now) == []  # trying
+    assert clear_stale_refusals(info, primary="dc", quiet_s=30, now=now + 31) == [
+        "main", "old"]
+    assert sorted(read_refused(info)) == ["dc", "n", "x"]
+    assert clear_stale_refusals(info) == ["dc"]  # a handshake with a newer sender
+
+
 def test_a_refused_split_brain_is_gathered_for_the_daemon(tmp_path: Path) -> None:
     from blockstore.generations import settle_commands
     from blockstore.peers import clear_refused, read_refused, write_refused

@@ -173,6 +173,33 @@ def test_switchover_whose_target_dies_returns_to_the_old_primary(topology: str) 
     until(sim, lambda: primary(sim) == "main", 15.0)
 
 
+@topologies
+def test_a_switchover_whose_primary_is_cut_off_in_its_drain_fails_at_once(
+        topology: str) -> None:
+    """Lab schedules (tests/integration/test_lab_schedules.py): the primary, isolated
+    during a switchover's drain, fenced itself and another site took over, but the drain
+    waited out its whole timeout and then answered "nothing changed, client I/O resumed".
+    The core that loses the primary role mid-drain answers at once, and truly, and tells
+    the daemon to stop the drain (which would hold the worker, and the rejoin, 30 s)."""
+    sim = formed(seed=8, topology=topology)
+    main = sim.nodes["main"]
+    sim.request("main", "switchover", to="dc", timeout=30)
+    sim.isolate("main")
+    took = until(sim, lambda: bool(main.replies), 5.0)
+    assert took <= 2.0 + 0.5, took  # when its lease ran out: it fenced
+    err = main.replies[-1]["error"]
+    assert err.startswith("switchover to dc failed: node main lost its primary role during "
+                          "the drain (this primary lost the majority of the sites"), err
+    assert "it is fenced now: client I/O is not resumed here" in err, err
+    assert "nothing changed" not in err, err
+    assert main.replies[-1]["lost_primary"] is True
+    sim.advance(sim.t + 0.1)
+    assert main.busy is None or main.busy[0] != "drain", main.busy  # the drain stopped
+    sim.heal()
+    until(sim, lambda: sim.converged() is None, 30.0)
+    assert len(main.replies) == 1  # one answer to one request
+
+
 def test_operator_promotion_of_dr_is_refused_while_the_main_site_is_heard() -> None:
     sim = formed(seed=7)
     sim.request("dr", "promote")
