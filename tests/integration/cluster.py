@@ -171,12 +171,17 @@ def hashes_of(node: Node, export: str) -> list[bytes]:
         h.shutdown()
 
 
-def snapshots(node: Node) -> list[str]:
-    path = node.data / "volumes/v1/snapshots/index"
+def snapshot_names(data: Path) -> list[str]:
+    """The snapshots of volume v1 in data dir ``data``, oldest first."""
+    path = data / "volumes/v1/snapshots/index"
     if not path.exists():
         return []
     _shift, index = read_index(path)
     return [index.snaps[i].name for i in index.order]
+
+
+def snapshots(node: Node) -> list[str]:
+    return snapshot_names(node.data)
 
 
 def with_s1(main: Node, replicas: tuple[Node, ...], blocks: int, seed: int) -> None:

@@ -23,9 +23,9 @@ from typing import IO
 import nbd
 import pytest
 
-from blockstore.snapshot import read_index
 from iscsi_bridge.names import DISK_LUN
 from tests.conftest import NBDGW, Served, free_port, need, run_nbdgw
+from tests.integration.cluster import snapshot_names
 from tests.integration.conftest import connected
 from tests.integration.iscsienv import BASE, free_control_port, sh
 from tests.integration.peerenv import VOL_SIZE, Env, Writer
@@ -33,14 +33,6 @@ from tests.integration.peerenv import VOL_SIZE, Env, Writer
 MiB = 1 << 20
 PHASE_S = 3.0  # each phase; three rounds of (no reader, reader), interleaved
 ROUNDS = 3
-
-
-def replica_snapshots(env: Env) -> list[str]:
-    path = env.replica / "volumes/v1/snapshots/index"
-    if not path.exists():
-        return []
-    _shift, index = read_index(path)
-    return [index.snaps[i].name for i in index.order]
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30) -> None:
@@ -115,7 +107,7 @@ def test_replica_snapshot_is_read_while_the_replica_keeps_receiving(
         w.halt.wait(1.0)
         run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(env.primary))
         want = image_hashes(env.served, "v1@s1")
-        wait_for("the replica takes s1", lambda: "s1" in replica_snapshots(env))
+        wait_for("the replica takes s1", lambda: "s1" in snapshot_names(env.replica))
         rs = serve(data_dir_=env.replica)  # nbdgw serve of the replica's data dir
         assert any("export v1@s1:" in line for line in rs.lines)
         assert export_names(rs) == ["v1@s1"]  # the replica itself is not served
@@ -151,7 +143,7 @@ def test_replica_snapshot_is_read_while_the_replica_keeps_receiving(
         # The primary deletes s1 (no client of its own reads it): the replica follows,
         # and its reader gets ESHUTDOWN, never other bytes.
         run_nbdgw("snapshot", "delete", "v1", "s1", "--data-dir", str(env.primary))
-        wait_for("the replica deletes s1", lambda: "s1" not in replica_snapshots(env))
+        wait_for("the replica deletes s1", lambda: "s1" not in snapshot_names(env.replica))
         with pytest.raises(nbd.Error) as e:
             h.pread(MiB, 0)
         assert e.value.errnum == errno.ESHUTDOWN, e.value
@@ -195,7 +187,7 @@ iscsi:
         w.halt.wait(0.5)
         run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(env.primary))
         want = image_hashes(env.served, "v1@s1")
-        wait_for("the replica takes s1", lambda: "s1" in replica_snapshots(env))
+        wait_for("the replica takes s1", lambda: "s1" in snapshot_names(env.replica))
         rs = serve(data_dir_=env.replica)
         proc = subprocess.Popen([NBDGW, "--log-format", "json", "-c", str(cfg), "iscsi",
                                  "serve", "--nbd-socket", str(rs.sock), "--snapshot", "v1@s1"],
@@ -248,7 +240,7 @@ def test_replica_snapshot_read_across_receiver_crashes(
         w.halt.wait(0.5)
         run_nbdgw("snapshot", "create", "v1", "--name", "s1", "--data-dir", str(env.primary))
         want = image_hashes(env.served, "v1@s1")
-        wait_for("the replica takes s1", lambda: "s1" in replica_snapshots(env))
+        wait_for("the replica takes s1", lambda: "s1" in snapshot_names(env.replica))
         rs = serve(data_dir_=env.replica)
         hashes = tmp_path / "want.txt"
         hashes.write_text("\n".join(x.hex() for x in want))
