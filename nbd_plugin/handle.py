@@ -17,6 +17,7 @@ from blockstore.volume import Volume
 from . import iostats
 from .lease import Lease
 from .syncgate import SyncGate
+from .threadstate import Workers
 
 _clock = time.monotonic_ns
 
@@ -40,7 +41,7 @@ class Handle:
     sync gate (None without synchronous peers: then nothing ever waits), and its own I/O
     counters (set by the plugin's open)."""
 
-    __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol")
+    __slots__ = ("count_lock", "gate", "io", "lease", "lock", "readonly", "vol", "workers")
 
     def __init__(self, vol: Volume | SnapshotView | PointView | FollowedPointView | Clone,
                  readonly: bool,
@@ -57,6 +58,9 @@ class Handle:
         # With a sync gate a connection's requests run in parallel and count under this.
         self.count_lock = threading.Lock() if gate is not None else None
         self.io: list[list[int]] = []
+        # The thread states of nbdkit's workers serving this connection (sync peers:
+        # PARALLEL), kept from their first request to close (threadstate.py).
+        self.workers: Workers | None = None
 
     @property
     def writable(self) -> Volume | Clone:

@@ -106,8 +106,10 @@ def open(readonly: bool) -> Handle:
         raise
     h.io = iostats.opened(h.vol.name)
     # This thread's Python thread state lives until close: not rebuilt for each
-    # request (nbd_plugin/threadstate.py).
+    # request (nbd_plugin/threadstate.py); with sync peers, those of nbdkit's workers too.
     threadstate.pin()
+    if h.gate is not None:
+        h.workers = threadstate.Workers()
     return h
 
 
@@ -116,6 +118,8 @@ def close(h: Handle) -> None:
         iostats.closed(h.vol.name, h.io)
         _served().close_handle(h)
     finally:
+        if h.workers is not None:
+            h.workers.release()
         threadstate.unpin()
 
 
@@ -177,6 +181,8 @@ def can_cache(h: Handle) -> int:
 
 def pread(h: Handle, buf: bytearray, offset: int, flags: int) -> None:
     t = _clock()
+    if h.workers is not None:
+        h.workers.pin()
     try:
         with h.lock:
             h.vol.read_into(buf, offset)
@@ -193,6 +199,8 @@ def pwrite(h: Handle, buf: bytes | memoryview, offset: int, flags: int) -> None:
     # The hot path of every write: the lease check and written() only when they have
     # something to do (each call is a cold Python frame per request: bench/wcost).
     t = _clock()
+    if h.workers is not None:
+        h.workers.pin()
     try:
         if h.lease is not None:
             h.check_lease()
@@ -208,6 +216,8 @@ def pwrite(h: Handle, buf: bytes | memoryview, offset: int, flags: int) -> None:
 
 def flush(h: Handle, flags: int) -> None:
     t = _clock()
+    if h.workers is not None:
+        h.workers.pin()
     try:
         h.flushed()
     except OSError as e:

@@ -14,15 +14,24 @@ Ensure and keeps it, so the count never returns to zero between callbacks and th
 thread state lives as long as the connection; ``unpin()`` in ``close`` gives it back,
 and nbdkit's own Release after ``close`` then destroys it as before.  Without sync peers
 (thread model ``SERIALIZE_REQUESTS``) nbdkit runs a connection's handshake, requests and
-``close`` on that one thread, so every request finds the state ready.  With sync peers
-(``PARALLEL``) requests run on nbdkit's worker threads, which this does not pin: a
-worker ends with its connection and never calls ``close``, so a state kept for it
-would outlive it.
+``close`` on that one thread, so every request finds the state ready.
+
+With sync peers (``PARALLEL``) a connection's requests run on nbdkit's worker threads,
+which end with the connection without a callback of their own.  A ``Workers`` per
+connection keeps each worker's state from its first request (``Workers.pin``, one
+attribute test per request after that) and remembers it; ``close`` runs on the
+connection's thread after nbdkit has joined every worker (server/connections.c:
+the workers' ``pthread_join``, then ``backend_close``), so ``Workers.release`` clears
+and deletes states whose threads are gone (``PyThreadState_Clear`` with the GIL held,
+``PyThreadState_Delete``: what the interpreter does with any thread state at exit).
+If nbdkit is quitting it does not call ``close``, and the interpreter's finalisation
+deletes them.
 
 Nothing else changes: the GIL is still released after each callback, as before.  A
 connection whose thread state did not survive from ``open`` to ``close`` (nbdkit calling
 them on different threads) is counted in ``stats()["lost"]``; the tests check that it
-stays zero and that ``pinned`` returns to zero once the connections are gone.
+stays zero and that ``pinned`` and ``workers`` return to zero once the connections are
+gone.
 """
 
 from __future__ import annotations
@@ -37,10 +46,20 @@ _ensure.restype = ctypes.c_int
 _release = ctypes.pythonapi.PyGILState_Release
 _release.argtypes = [ctypes.c_int]
 _release.restype = None
+_current = ctypes.pythonapi.PyThreadState_Get
+_current.argtypes = []
+_current.restype = ctypes.c_void_p
+_clear = ctypes.pythonapi.PyThreadState_Clear
+_clear.argtypes = [ctypes.c_void_p]
+_clear.restype = None
+_delete = ctypes.pythonapi.PyThreadState_Delete
+_delete.argtypes = [ctypes.c_void_p]
+_delete.restype = None
 
 _lock = threading.Lock()
 _pinned: dict[int, int] = {}  # thread ident -> the state our Ensure returned
 _lost = 0
+_workers = 0  # worker thread states kept, over every connection
 _mine = threading.local()  # lives in the thread state: gone if the state was rebuilt
 
 
@@ -67,7 +86,44 @@ def unpin() -> None:
         _release(state)
 
 
+class Workers:
+    """The thread states kept for one connection's nbdkit worker threads (PARALLEL)."""
+
+    __slots__ = ("lock", "states")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.states: list[int] = []
+
+    def pin(self) -> None:
+        """On a worker, in a callback: keep this thread's state (once per thread)."""
+        global _workers
+        if getattr(_mine, "pinned", False):
+            return
+        _ensure()  # we hold the GIL: only counts
+        _mine.pinned = True
+        state = _current()
+        assert state is not None
+        with self.lock:
+            self.states.append(state)
+        with _lock:
+            _workers += 1
+
+    def release(self) -> None:
+        """In ``close``, on the connection's thread: every worker has been joined, so
+        its state belongs to no thread any more; clear and delete it."""
+        global _workers
+        with self.lock:
+            states, self.states = self.states, []
+        for state in states:
+            _clear(state)
+            _delete(state)
+        with _lock:
+            _workers -= len(states)
+
+
 def stats() -> dict[str, int]:
-    """Thread states kept now, and connections whose state was rebuilt all the same."""
+    """Thread states kept now (connections' and workers'), and connections whose state
+    was rebuilt all the same."""
     with _lock:
-        return {"pinned": len(_pinned), "lost": _lost}
+        return {"pinned": len(_pinned), "workers": _workers, "lost": _lost}

@@ -25,6 +25,7 @@ import yaml
 
 from blockstore.node_state import write_outdated
 from blockstore.volume import Volume, volumes_dir
+from nbdgw_common import control_socket as control
 from tests.conftest import NBDGW, Served, free_port, run_nbdgw
 from tests.faultproxy import ThreadedProxy
 
@@ -333,3 +334,33 @@ def test_a_write_through_the_fuse_file_waits_too(make_pair: Any, tmp_path: Path)
     finally:
         pair.proxy.set_stalled(False)
         m.stop()
+
+
+def test_nbdkits_workers_keep_their_thread_states_until_close(make_pair: Any) -> None:
+    """With a sync peer nbdkit serves a connection's requests on worker threads
+    (PARALLEL): each keeps its Python thread state from its first request, and close
+    deletes them all, however the client leaves (nbd_plugin/threadstate.py)."""
+    pair = make_pair(sync_timeout=30.0)
+    assert pair.served is not None
+    vdir = volumes_dir(pair.served.data_dir) / "v1"
+
+    def states() -> dict[str, int]:
+        return control.request(vdir, {"op": "stats"})["thread_states"]  # type: ignore[no-any-return]
+
+    for n in range(6):
+        h = pair.connect()
+        blocks = {i: os.urandom(4096) for i in range(32)}
+        cookies = [h.aio_pwrite(data, i * 4096) for i, data in blocks.items()]
+        for c in cookies:
+            assert completes(h, c, 30.0)
+        assert all(h.pread(4096, i * 4096) == data for i, data in blocks.items())
+        during = states()
+        assert during["pinned"] == 1 and during["lost"] == 0, during
+        assert 1 <= during["workers"] <= 16, during  # nbdkit's default: 16 per connection
+        if n % 2:
+            h.shutdown()
+        del h  # even rounds: the client just goes
+        deadline = time.monotonic() + 10
+        while (got := states()) != {"pinned": 0, "workers": 0, "lost": 0}:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)

@@ -1,5 +1,6 @@
 """Each NBD connection keeps one Python thread state from open to close
-(nbd_plugin/threadstate.py), and gives it back however the connection ends.
+(nbd_plugin/threadstate.py), and gives it back however the connection ends.  (With sync
+peers nbdkit's workers keep theirs too: test_sync_replication.py.)
 
 Real `nbdgw serve` with nbdkit and libnbd clients; the plugin's own counters are read
 through the control socket's ``stats`` op: ``pinned`` (thread states kept now) and
@@ -48,9 +49,9 @@ def served(data_dir: Path) -> Served:
 def test_a_connection_keeps_its_thread_state_for_all_its_requests(served: Served) -> None:
     a, b = nbd.NBD(), nbd.NBD()
     a.connect_uri(served.uri("v1"))
-    assert settled(served, 1) == {"pinned": 1, "lost": 0}
+    assert settled(served, 1) == {"pinned": 1, "workers": 0, "lost": 0}
     b.connect_uri(served.uri("v2"))
-    assert settled(served, 2) == {"pinned": 2, "lost": 0}
+    assert settled(served, 2) == {"pinned": 2, "workers": 0, "lost": 0}
     blocks = {i: os.urandom(4096) for i in range(0, 4096, 7)}
     for i, data in blocks.items():
         a.pwrite(data, i * 4096)
@@ -59,11 +60,11 @@ def test_a_connection_keeps_its_thread_state_for_all_its_requests(served: Served
     for i, data in blocks.items():
         assert a.pread(4096, i * 4096) == data
         assert b.pread(4096, i * 4096) == data[::-1]
-    assert thread_states(served) == {"pinned": 2, "lost": 0}
+    assert thread_states(served) == {"pinned": 2, "workers": 0, "lost": 0}
     a.shutdown()
-    assert settled(served, 1) == {"pinned": 1, "lost": 0}
+    assert settled(served, 1) == {"pinned": 1, "workers": 0, "lost": 0}
     b.shutdown()
-    assert settled(served, 0) == {"pinned": 0, "lost": 0}
+    assert settled(served, 0) == {"pinned": 0, "workers": 0, "lost": 0}
 
 
 def test_thread_states_are_given_back_however_connections_end(served: Served) -> None:
@@ -79,9 +80,9 @@ def test_thread_states_are_given_back_however_connections_end(served: Served) ->
     with pytest.raises(nbd.Error):
         bad.connect_uri(served.uri("nosuch"))
     del bad
-    assert settled(served, 0) == {"pinned": 0, "lost": 0}
+    assert settled(served, 0) == {"pinned": 0, "workers": 0, "lost": 0}
     h = nbd.NBD()
     h.connect_uri(served.uri("v1"))
     assert all(h.pread(4096, 4096 * i) == bytes([i]) * 4096 for i in range(1, 40, 2))
     h.shutdown()
-    assert settled(served, 0) == {"pinned": 0, "lost": 0}
+    assert settled(served, 0) == {"pinned": 0, "workers": 0, "lost": 0}
