@@ -39,22 +39,20 @@ from __future__ import annotations
 import ctypes
 import threading
 
+
+def _capi(name: str, restype: type | None, *argtypes: type) -> ctypes._NamedFuncPointer:
+    """A function of the C API, with its signature."""
+    f = getattr(ctypes.pythonapi, name)
+    f.argtypes, f.restype = list(argtypes), restype
+    return f  # type: ignore[no-any-return]
+
+
 # PyGILState_STATE: PyGILState_LOCKED = 0, PyGILState_UNLOCKED = 1.
-_ensure = ctypes.pythonapi.PyGILState_Ensure
-_ensure.argtypes = []
-_ensure.restype = ctypes.c_int
-_release = ctypes.pythonapi.PyGILState_Release
-_release.argtypes = [ctypes.c_int]
-_release.restype = None
-_current = ctypes.pythonapi.PyThreadState_Get
-_current.argtypes = []
-_current.restype = ctypes.c_void_p
-_clear = ctypes.pythonapi.PyThreadState_Clear
-_clear.argtypes = [ctypes.c_void_p]
-_clear.restype = None
-_delete = ctypes.pythonapi.PyThreadState_Delete
-_delete.argtypes = [ctypes.c_void_p]
-_delete.restype = None
+_ensure = _capi("PyGILState_Ensure", ctypes.c_int)
+_release = _capi("PyGILState_Release", None, ctypes.c_int)
+_current = _capi("PyThreadState_Get", ctypes.c_void_p)
+_clear = _capi("PyThreadState_Clear", None, ctypes.c_void_p)
+_delete = _capi("PyThreadState_Delete", None, ctypes.c_void_p)
 
 _lock = threading.Lock()
 _pinned: dict[int, int] = {}  # thread ident -> the state our Ensure returned
