@@ -265,9 +265,11 @@ def _wait(lab: Lab, what: str, cond: Any, sites: list[str]) -> None:
         time.sleep(0.1)
 
 
-def wait_group(lab: Lab, g: dict[str, Any], since: float = 0.0) -> None:
-    """Every running member of ``g`` has settled its state; the one serving it answers
-    by its name from the clients' subnet; its links stream."""
+def wait_group(lab: Lab, g: dict[str, Any], since: float = 0.0,
+               elected: bool = False) -> None:
+    """Every running member of ``g`` has settled its state; with ``elected`` (every site
+    up) one of them serves it; the one serving it answers by its name from the clients'
+    subnet; its links stream."""
     up = [site for site in members(g) if alive(lab.proc(site, "daemon"))]
 
     def settled() -> bool:
@@ -276,6 +278,11 @@ def wait_group(lab: Lab, g: dict[str, Any], since: float = 0.0) -> None:
                    for site in up)
 
     _wait(lab, f"group {g['name']}: not every member settled", settled, up)
+    if elected:
+        # Members settle as standbys before one is elected; the name is published only
+        # then (returning earlier let a client find no name: test_branches in CI).
+        _wait(lab, f"group {g['name']}: no member serves it", lambda: serving(lab, g) is not None,
+              up)
     primary = serving(lab, g)
     if primary is None:
         return
@@ -330,7 +337,7 @@ def start_all(lab: Lab) -> None:
         if n["role"] == "branch":
             lab.start_node(n["name"])
     for g in lab.state["groups"]:
-        wait_group(lab, g, since=t0)
+        wait_group(lab, g, since=t0, elected=True)
 
 
 def wait_site(lab: Lab, name: str, since: float) -> None:
