@@ -569,3 +569,16 @@ def dir_bytes(path: Path) -> tuple[int, int]:
             apparent += st.st_size
             allocated += st.st_blocks * 512
     return apparent, allocated
+
+
+def disk_written_bytes(path: Path) -> int | None:
+    """Bytes the block device under ``path`` has written so far (its sectors written,
+    /sys/dev/block/MAJ:MIN/stat), or None where there is no such device (tmpfs, overlay).
+    Every writer of that device counts, not only the bench's."""
+    st = os.stat(path)
+    try:
+        fields = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+                      ).read_text().split()
+    except OSError:
+        return None
+    return int(fields[6]) * 512
