@@ -13,8 +13,10 @@ by one of (iscsi.fuse):
 - ``nbdfuse`` (libnbd's): FUSE then serialises the writes (see fused.py).
 
 All three let the pid file name the serving process.  A mount whose server died is
-unmounted (``fusermount3 -u -z``) before a fresh one starts at the same path; nbdfuse's
-``-o auto_unmount`` does that by itself.
+unmounted before a fresh one starts at the same path; nbdfuse's ``-o auto_unmount`` does
+that by itself.  Unmounting detaches the mount and ends its FUSE connection
+(umount2 MNT_FORCE | MNT_DETACH): a lazy unmount alone leaves the connection, and so
+the server, alive while any mount namespace made since the mount holds a copy of it.
 tgtd opens the file with O_DIRECT (bsoflags=direct): no page cache sits between the
 iSCSI initiator and the NBD export, so reads always see what NBD clients wrote, and a
 SCSI SYNCHRONIZE CACHE or FUA write becomes fdatasync -> FUSE fsync -> NBD FLUSH.
@@ -23,6 +25,7 @@ SCSI SYNCHRONIZE CACHE or FUA write becomes fdatasync -> FUSE fsync -> NBD FLUSH
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -186,15 +189,28 @@ class FuseMount:
                 return
             time.sleep(0.02)
 
+    def _unmount(self, timeout: float) -> None:
+        """Detach the mount and end its FUSE connection (fused.unmount with force: the
+        connection would otherwise outlive the detach in any mount namespace made while
+        it was mounted, and the server with it).  Called once nothing here uses the file
+        (its target deleted, or its server dead).  Not root: ``fusermount3 -u -z``."""
+        err = fused.unmount(self.dir, force=True)
+        if err == 0:
+            return
+        if err != errno.EPERM:
+            log.warning("fuse_force_unmount_failed", export=self.export,
+                        error=os.strerror(err))
+        try:
+            run(["fusermount3", "-u", "-z", str(self.dir)], timeout=timeout)
+        except CommandError as e:
+            log.warning("fusermount_failed", export=self.export, error=str(e))
+
     def stop(self, timeout: float = 15) -> None:
         """Unmount (the server then exits by itself); kill it if it does not.  nbdkit
         serving the mount is never killed: unmounting ends its attachment."""
         pid = self.pid()
         if mounted(self.dir):
-            try:
-                run(["fusermount3", "-u", "-z", str(self.dir)], timeout=timeout)
-            except CommandError as e:
-                log.warning("fusermount_failed", export=self.export, error=str(e))
+            self._unmount(timeout)
         if self.child is None:
             if pid is not None:
                 self._wait_released(timeout)

@@ -46,7 +46,7 @@ from nbdgw_common.fuse_protocol import MAX_WRITE, Backend, Server
 
 from .errors import FuseError
 
-MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+MS_NOSUID, MS_NODEV, MNT_FORCE, MNT_DETACH = 2, 4, 1, 2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -106,8 +106,19 @@ def write_pid_file(path: Path, pid: int) -> None:
     tmp.replace(path)
 
 
-def unmount(target: Path) -> None:
-    _libc.umount2(os.fsencode(target), MNT_DETACH)
+def unmount(target: Path, force: bool = False) -> int:
+    """Detach the mount at ``target`` (umount2 MNT_DETACH): 0, else the errno.
+
+    ``force`` (MNT_FORCE, root only) also ends the FUSE connection at once: the server's
+    reads of /dev/fuse fail with ENODEV, whoever still holds the file system.  Without
+    it the connection lasts until its last reference goes: an open file, or the copy of
+    the mount that any mount namespace made while it existed holds (`ip netns exec`,
+    `unshare -m`, a container), which the detach does not reach where / is not a shared
+    mount.  Requests still in flight fail (ENOTCONN), as when the server dies."""
+    flags = MNT_DETACH | (MNT_FORCE if force else 0)
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        return ctypes.get_errno()
+    return 0
 
 
 def set_process_name(name: str) -> None:
