@@ -315,6 +315,14 @@ class Bridge:
 
     def _reconcile_target(self, want: Target, have: TargetState | None,
                           secrets: dict[str, tuple[str, bool]], report: Report) -> None:
+        old = self.mounts.get(want.export.name)
+        if (have is not None and DISK_LUN in have.luns and old is not None
+                and old.read_only != want.read_only):
+            # The mount is made again for the new flag, and unmounting ends its FUSE
+            # connection: the LUN goes first, so tgtd never serves from a dead mount.
+            self.adm.remove_lun(want.tid, DISK_LUN)
+            del have.luns[DISK_LUN]
+            report.repaired.append(f"{want.iqn}: LUN {DISK_LUN} re-created on a fresh mount")
         mount, restarted = self._mount(want)
         path = self._backing(want, mount)
         if have is None:

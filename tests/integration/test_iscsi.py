@@ -22,7 +22,7 @@ import pytest
 
 from blockstore.journal import journal_bounds
 from iscsi_bridge import Bridge, Export, loop
-from iscsi_bridge.fuse import mounted
+from iscsi_bridge.fuse import FuseMount, mounted
 from iscsi_bridge.names import DISK_LUN, scsi_id, scsi_sn
 from iscsi_bridge.settings import ChapConfig, IscsiFuse
 from iscsi_bridge.tgt import Tgtadm
@@ -256,6 +256,42 @@ def test_read_only_lun_refuses_writes(tmp_path: Path, iscsi: Callable[..., Iscsi
            check=False)
     assert p.returncode != 0
     assert nbd_read(e.served, 0, MiB) == bytes(MiB)
+    assert e.bridge.status()["targets"][0]["read_only"] is True  # type: ignore[index]
+
+
+def test_a_read_only_flip_removes_the_lun_before_its_mount_goes(
+        tmp_path: Path, iscsi: Callable[..., IscsiEnv], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export turned read-only gets a fresh read-only mount, and unmounting ends the
+    old mount's FUSE connection (FuseMount.stop): tgtd's LUN is removed first, so it
+    never serves from a dead mount, then made again on the new one."""
+    e = iscsi()
+    data = os.urandom(MiB)
+    src = tmp_path / "src.img"
+    src.write_bytes(data)
+    sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), e.url())
+    order: list[str] = []
+    remove_lun = e.bridge.adm.remove_lun
+    stop = FuseMount.stop
+
+    def removing(*a: Any) -> None:
+        order.append("remove LUN")
+        remove_lun(*a)
+
+    def unmounting(m: FuseMount, *a: Any, **kw: Any) -> None:
+        order.append("unmount")
+        stop(m, *a, **kw)
+
+    monkeypatch.setattr(e.bridge.adm, "remove_lun", removing)
+    monkeypatch.setattr(FuseMount, "stop", unmounting)
+    report = e.reconcile([Export("v1", read_only=True)])
+    assert order[:2] == ["remove LUN", "unmount"]  # then the new mount's start (a no-op)
+    assert any("re-created" in r for r in report.repaired)
+    out = tmp_path / "out.img"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "raw", e.url(), str(out))
+    assert out.read_bytes()[:MiB] == data
+    p = sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), e.url(),
+           check=False)
+    assert p.returncode != 0
     assert e.bridge.status()["targets"][0]["read_only"] is True  # type: ignore[index]
 
 
