@@ -10,7 +10,7 @@ said, ``{"op": "durable", "volume": V, "through": T, "degraded": [peer...]}``.
 
 Requests wait *together*, never one behind another: nbdkit runs them in parallel when a
 gate is configured (plugin.py ``thread_model``), each sends its seq (only if above what
-was sent already) and waits on a condition of its own; whichever waiter finds nobody
+was sent already) and waits on a lock of its own; whichever waiter finds nobody
 reading the socket reads it (leader/follower: no extra thread, no extra wake-up at queue
 depth 1) and wakes the waiters a reply covers.  One ``through`` line releases every
 waiter it covers, and only those.
@@ -36,6 +36,7 @@ import json
 import socket
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,18 +53,39 @@ OUTDATED_POLL = 0.1
 
 
 class _Waiter:
-    """One request waiting: its seq, and a condition on the gate's lock to wake it."""
+    """One request waiting: its seq, and a lock of its own that the gate releases to wake
+    it (a Condition would build a Python object per request and a lock per wait).
+    ``woken`` (changed only under the gate's lock) says the lock is released: a wake-up
+    not yet consumed, which the next wait returns at once for (the caller re-checks)."""
 
-    __slots__ = ("cond", "seq")
+    __slots__ = ("lock", "seq", "woken")
 
-    def __init__(self, seq: int, lock: threading.Lock) -> None:
+    def __init__(self, seq: int) -> None:
         self.seq = seq
-        self.cond = threading.Condition(lock)
+        self.lock = _allocate_lock()
+        self.lock.acquire()
+        self.woken = False
+
+    def notify(self) -> None:
+        """Wake it (the gate's lock held)."""
+        if not self.woken:
+            self.woken = True
+            self.lock.release()
+
+    def wait(self, gate_lock: threading.Lock, timeout: float) -> None:
+        """Release the gate's lock until woken or ``timeout``; hold it again."""
+        gate_lock.release()
+        try:
+            got = self.lock.acquire(True, timeout)
+        finally:
+            gate_lock.acquire()
+        if got:
+            self.woken = False
 
 
 class SyncGate:
     """Waits for the sync peers' durable acks (module docstring); thread-safe.  Each
-    waiter has its own condition on one lock: a reply wakes only the waiters it covers
+    waiter has a lock of its own to be woken by: a reply wakes only the waiters it covers
     (and, when the reader leaves, one other to read next), never all of them."""
 
     def __init__(self, path: Path, timeout: float, *, auto_degrade: bool = True,
@@ -116,13 +138,13 @@ class SyncGate:
             durable = self.durable.get(volume, 0)
             for w in ws:
                 if everyone or w.seq <= durable:
-                    w.cond.notify()
+                    w.notify()
 
     def _hand_over(self) -> None:
         """The reader is leaving: wake one waiter to read next."""
         for ws in self.waiters.values():
             if ws:
-                ws[0].cond.notify()
+                ws[0].notify()
                 return
 
     def _tell(self, volume: str, seq: int) -> None:
@@ -221,7 +243,7 @@ class SyncGate:
         with self.lock:
             if self.durable.get(volume, 0) >= seq:
                 return True
-            w = _Waiter(seq, self.lock)
+            w = _Waiter(seq)
             ws = self.waiters.setdefault(volume, [])
             ws.append(w)
             try:
@@ -242,7 +264,7 @@ class SyncGate:
                     first_failure = time.monotonic()
                 if self._unreachable(first_failure):
                     return False
-                w.cond.wait(RECONNECT_POLL)
+                w.wait(self.lock, RECONNECT_POLL)
                 continue
             self._tell(volume, w.seq)
             if self.sock is None:
@@ -257,7 +279,7 @@ class SyncGate:
                 alone = None
                 continue
             if self.reading:
-                w.cond.wait(READ_POLL)
+                w.wait(self.lock, READ_POLL)
             else:
                 self._read()
         return True
