@@ -104,6 +104,7 @@ class SyncGate:
         self.durable: dict[str, int] = {}  # volume -> seq durable on every holding peer
         self.waiters: dict[str, list[_Waiter]] = {}  # volume -> requests waiting now
         self.sent: dict[str, int] = {}  # volume -> highest seq sent on this connection
+        self.heads: dict[str, bytes] = {}  # volume -> its `written` line up to the seq
         self.down_since: float | None = None
         self.outdated_checked = 0.0
         self.degraded: frozenset[str] = frozenset()
@@ -157,9 +158,12 @@ class SyncGate:
         sock = self.sock
         if sock is None or self.sent.get(volume, 0) >= seq:
             return
+        head = self.heads.get(volume)
+        if head is None:  # the line as json.dumps writes it, up to the seq
+            head = self.heads[volume] = json.dumps(
+                {"op": "written", "volume": volume, "seq": 0}).encode()[:-2]
         try:
-            sock.sendall(json.dumps({"op": "written", "volume": volume, "seq": seq}).encode()
-                         + b"\n")
+            sock.sendall(b"%s%d}\n" % (head, seq))
         except OSError:
             self._drop(sock)
             return
