@@ -10,7 +10,7 @@ said, ``{"op": "durable", "volume": V, "through": T, "degraded": [peer...]}``.
 
 Requests wait *together*, never one behind another: nbdkit runs them in parallel when a
 gate is configured (plugin.py ``thread_model``), each sends its seq (only if above what
-was sent already) and waits on a condition of its own; whichever waiter finds nobody
+was sent already) and waits on a lock of its own; whichever waiter finds nobody
 reading the socket reads it (leader/follower: no extra thread, no extra wake-up at queue
 depth 1) and wakes the waiters a reply covers.  One ``through`` line releases every
 waiter it covers, and only those.
@@ -34,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import struct
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,21 +51,43 @@ log = structlog.get_logger(component="nbd_plugin")
 RECONNECT_POLL = 0.05
 READ_POLL = 0.5  # a waiting reader wakes this often (nothing is wrong; it reads again)
 OUTDATED_POLL = 0.1
+_TIMEVAL = struct.pack("ll", int(READ_POLL), int(READ_POLL % 1 * 1e6))
 
 
 class _Waiter:
-    """One request waiting: its seq, and a condition on the gate's lock to wake it."""
+    """One request waiting: its seq, and a lock of its own that the gate releases to wake
+    it (a Condition would build a Python object per request and a lock per wait).
+    ``woken`` (changed only under the gate's lock) says the lock is released: a wake-up
+    not yet consumed, which the next wait returns at once for (the caller re-checks)."""
 
-    __slots__ = ("cond", "seq")
+    __slots__ = ("lock", "seq", "woken")
 
-    def __init__(self, seq: int, lock: threading.Lock) -> None:
+    def __init__(self, seq: int) -> None:
         self.seq = seq
-        self.cond = threading.Condition(lock)
+        self.lock = _allocate_lock()
+        self.lock.acquire()
+        self.woken = False
+
+    def notify(self) -> None:
+        """Wake it (the gate's lock held)."""
+        if not self.woken:
+            self.woken = True
+            self.lock.release()
+
+    def wait(self, gate_lock: threading.Lock, timeout: float) -> None:
+        """Release the gate's lock until woken or ``timeout``; hold it again."""
+        gate_lock.release()
+        try:
+            got = self.lock.acquire(True, timeout)
+        finally:
+            gate_lock.acquire()
+        if got:
+            self.woken = False
 
 
 class SyncGate:
     """Waits for the sync peers' durable acks (module docstring); thread-safe.  Each
-    waiter has its own condition on one lock: a reply wakes only the waiters it covers
+    waiter has a lock of its own to be woken by: a reply wakes only the waiters it covers
     (and, when the reader leaves, one other to read next), never all of them."""
 
     def __init__(self, path: Path, timeout: float, *, auto_degrade: bool = True,
@@ -80,6 +104,7 @@ class SyncGate:
         self.durable: dict[str, int] = {}  # volume -> seq durable on every holding peer
         self.waiters: dict[str, list[_Waiter]] = {}  # volume -> requests waiting now
         self.sent: dict[str, int] = {}  # volume -> highest seq sent on this connection
+        self.heads: dict[str, bytes] = {}  # volume -> its `written` line up to the seq
         self.down_since: float | None = None
         self.outdated_checked = 0.0
         self.degraded: frozenset[str] = frozenset()
@@ -93,7 +118,11 @@ class SyncGate:
         except OSError:
             s.close()
             return False
-        s.settimeout(READ_POLL)
+        # A blocking socket whose kernel timeouts bound a recv or a send (EAGAIN after
+        # READ_POLL): Python's own timeout would poll before every recv and send, one
+        # more system call and one more release of the GIL per request.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL)
         self.sock, self.buf, self.sent = s, b"", {}
         if self.down_since is not None:
             log.warning("sync_gate_back", down_s=round(time.time() - self.down_since, 1))
@@ -116,22 +145,25 @@ class SyncGate:
             durable = self.durable.get(volume, 0)
             for w in ws:
                 if everyone or w.seq <= durable:
-                    w.cond.notify()
+                    w.notify()
 
     def _hand_over(self) -> None:
         """The reader is leaving: wake one waiter to read next."""
         for ws in self.waiters.values():
             if ws:
-                ws[0].cond.notify()
+                ws[0].notify()
                 return
 
     def _tell(self, volume: str, seq: int) -> None:
         sock = self.sock
         if sock is None or self.sent.get(volume, 0) >= seq:
             return
+        head = self.heads.get(volume)
+        if head is None:  # the line as json.dumps writes it, up to the seq
+            head = self.heads[volume] = json.dumps(
+                {"op": "written", "volume": volume, "seq": 0}).encode()[:-2]
         try:
-            sock.sendall(json.dumps({"op": "written", "volume": volume, "seq": seq}).encode()
-                         + b"\n")
+            sock.sendall(b"%s%d}\n" % (head, seq))
         except OSError:
             self._drop(sock)
             return
@@ -145,7 +177,7 @@ class SyncGate:
         self.lock.release()
         try:
             data: bytes | None = sock.recv(65536)
-        except TimeoutError:
+        except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO: nothing said meanwhile
             data = None
         except OSError:
             data = b""
@@ -221,7 +253,7 @@ class SyncGate:
         with self.lock:
             if self.durable.get(volume, 0) >= seq:
                 return True
-            w = _Waiter(seq, self.lock)
+            w = _Waiter(seq)
             ws = self.waiters.setdefault(volume, [])
             ws.append(w)
             try:
@@ -242,7 +274,7 @@ class SyncGate:
                     first_failure = time.monotonic()
                 if self._unreachable(first_failure):
                     return False
-                w.cond.wait(RECONNECT_POLL)
+                w.wait(self.lock, RECONNECT_POLL)
                 continue
             self._tell(volume, w.seq)
             if self.sock is None:
@@ -257,7 +289,7 @@ class SyncGate:
                 alone = None
                 continue
             if self.reading:
-                w.cond.wait(READ_POLL)
+                w.wait(self.lock, READ_POLL)
             else:
                 self._read()
         return True
