@@ -313,6 +313,12 @@ class Bridge:
                 volume = clone.volume
         return str(volumes_dir(self.data_dir) / volume)
 
+    def _remove_lun(self, want: Target, have: TargetState, report: Report) -> None:
+        """Remove the target's LUN, to be made again on a fresh mount or path."""
+        self.adm.remove_lun(want.tid, DISK_LUN)
+        del have.luns[DISK_LUN]
+        report.repaired.append(f"{want.iqn}: LUN {DISK_LUN} re-created on a fresh mount")
+
     def _reconcile_target(self, want: Target, have: TargetState | None,
                           secrets: dict[str, tuple[str, bool]], report: Report) -> None:
         old = self.mounts.get(want.export.name)
@@ -320,9 +326,7 @@ class Bridge:
                 and old.read_only != want.read_only):
             # The mount is made again for the new flag, and unmounting ends its FUSE
             # connection: the LUN goes first, so tgtd never serves from a dead mount.
-            self.adm.remove_lun(want.tid, DISK_LUN)
-            del have.luns[DISK_LUN]
-            report.repaired.append(f"{want.iqn}: LUN {DISK_LUN} re-created on a fresh mount")
+            self._remove_lun(want, have, report)
         mount, restarted = self._mount(want)
         path = self._backing(want, mount)
         if have is None:
@@ -335,8 +339,7 @@ class Bridge:
         if lun is not None and (restarted or lun.path != path or
                                 BSOFLAGS not in lun.bsoflags or
                                 not self._lun_file_current(lun.path, mount)):
-            self.adm.remove_lun(want.tid, DISK_LUN)
-            report.repaired.append(f"{want.iqn}: LUN {DISK_LUN} re-created on a fresh mount")
+            self._remove_lun(want, have, report)
             lun = None
         params = {"vendor_id": VENDOR_ID,
                   "product_id": "SNAPSHOT" if want.export.is_snapshot else "VOLUME",
