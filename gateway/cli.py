@@ -31,6 +31,7 @@ from blockstore.volume import (
 from nbdgw_common import logs
 from nbdgw_common.errors import GatewayError
 from nbdgw_common.settings import describe
+from nbdgw_common.signals import relay_signals
 
 from . import audit
 from .config import (
@@ -438,12 +439,7 @@ def serve(obj: Ctx, data_dir: Path | None, listen: tuple[str, ...], volumes: tup
     server = NbdServer(cfg, pre.served + replicas, all_readonly=read_only,
                        discover=not volumes and not cfg.volumes)
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
     server.start()
     server.wait_ready()
     tls_on = cfg.nbd.tls.mode is not TlsMode.OFF
@@ -1438,12 +1434,7 @@ def iscsi_serve(obj: Ctx, data_dir: Path | None, nbd_socket: Path | None,
         _fail(f"no volume to export over iSCSI in {cfg.data_dir}")
     bridge = Bridge(cfg.iscsi, _nbd_uri_for(cfg, nbd_socket), data_dir=cfg.data_dir)
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
     try:
         report = bridge.reconcile(exports)
         for name, err in report.failed.items():

@@ -43,6 +43,7 @@ import threading
 from pathlib import Path
 
 from nbdgw_common.fuse_protocol import MAX_WRITE, Backend, Server
+from nbdgw_common.signals import relay_signals
 
 from .errors import FuseError
 
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbdgw-fuse: {e}", file=sys.stderr, flush=True)
         return 1
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
     threads = srv.serve(fd)
     if a.pidfile is not None:
         write_pid_file(a.pidfile, os.getpid())
