@@ -66,3 +66,36 @@ def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(tmp_path: Path)
     finally:
         daemon.terminate()
         assert daemon.wait(30) == 0
+
+
+def test_the_daemon_takes_sighups_back_to_back_and_still_stops(tmp_path: Path) -> None:
+    """Reloads asked for in a burst (a configuration tool notifying once per file it
+    wrote) neither stall nor kill the daemon: each is taken or merged with the next,
+    and SIGTERM after them stops it cleanly."""
+    import nbd
+
+    data, sock = tmp_path / "data", tmp_path / "nbd.sock"
+    cfg = tmp_path / "nbdgw.yaml"
+    cfg.write_text(yaml.safe_dump({"version": 1, "node": {"name": "solo", "data_dir": str(data)},
+                                   "nbd": {"listen": [f"unix:{sock}"]}}))
+    run_nbdgw("-c", str(cfg), "volume", "create", "v1", "--size", "16M")
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        daemon = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_event(log, "serving")
+        for _ in range(300):
+            daemon.send_signal(signal.SIGHUP)
+            time.sleep(0.001)
+        wait_event(log, "reloaded")
+        time.sleep(1)  # the burst's last reloads
+        assert daemon.poll() is None, log.read_text()[-2000:]
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///v1?socket={sock}")
+        h.pwrite(b"c" * 4096, 0)
+        h.flush()
+        h.shutdown()
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0, log.read_text()[-2000:]
