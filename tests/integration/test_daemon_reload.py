@@ -32,23 +32,40 @@ def wait_event(log: Path, name: str, timeout: float = 15) -> dict[str, object]:
     raise AssertionError(f"no {name} in {log.read_text()[-2000:]}")
 
 
-def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(tmp_path: Path) -> None:
-    import nbd
+class Solo:
+    """A one-node daemon serving volume v1 on a unix socket, its config a file the test
+    may rewrite; its log is JSON lines."""
 
-    data, sock = tmp_path / "data", tmp_path / "nbd.sock"
-    cfg = tmp_path / "nbdgw.yaml"
-    good = {"version": 1, "node": {"name": "solo", "data_dir": str(data)},
-            "nbd": {"listen": [f"unix:{sock}"]}}
-    cfg.write_text(yaml.safe_dump(good))
-    run_nbdgw("-c", str(cfg), "volume", "create", "v1", "--size", "16M")
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as out:
-        daemon = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
-                                  stdout=out, stderr=subprocess.STDOUT)
+    def __init__(self, tmp_path: Path) -> None:
+        self.sock, self.cfg = tmp_path / "nbd.sock", tmp_path / "nbdgw.yaml"
+        self.good = {"version": 1, "node": {"name": "solo", "data_dir": str(tmp_path / "data")},
+                     "nbd": {"listen": [f"unix:{self.sock}"]}}
+        self.cfg.write_text(yaml.safe_dump(self.good))
+        run_nbdgw("-c", str(self.cfg), "volume", "create", "v1", "--size", "16M")
+        self.log = tmp_path / "daemon.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [NBDGW, "-c", str(self.cfg), "--log-format", "json", "daemon"],
+                stdout=out, stderr=subprocess.STDOUT)
+
+    def connect(self) -> object:
+        import nbd
+
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///v1?socket={self.sock}")
+        return h
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        assert self.proc.wait(30) == 0, self.log.read_text()[-2000:]
+
+
+def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(tmp_path: Path) -> None:
+    d = Solo(tmp_path)
+    cfg, log, daemon = d.cfg, d.log, d.proc
     try:
         wait_event(log, "serving")
-        h = nbd.NBD()
-        h.connect_uri(f"nbd+unix:///v1?socket={sock}")
+        h = d.connect()
         h.pwrite(b"a" * 4096, 0)
         cfg.write_text("version: 1\nnode: {name: solo, colour: red}\n")  # unknown key
         daemon.send_signal(signal.SIGHUP)
@@ -57,45 +74,32 @@ def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(tmp_path: Path)
         assert daemon.poll() is None
         h.pwrite(b"b" * 4096, 4096)  # the client goes on, on the same connection
         h.flush()
-        cfg.write_text(yaml.safe_dump({**good, "failover": {"timeout": 4}}))
+        cfg.write_text(yaml.safe_dump({**d.good, "failover": {"timeout": 4}}))
         daemon.send_signal(signal.SIGHUP)
         wait_event(log, "reloaded")
         assert daemon.poll() is None
         assert h.pread(4096, 4096) == b"b" * 4096
         h.shutdown()
     finally:
-        daemon.terminate()
-        assert daemon.wait(30) == 0
+        d.stop()
 
 
 def test_the_daemon_takes_sighups_back_to_back_and_still_stops(tmp_path: Path) -> None:
     """Reloads asked for in a burst (a configuration tool notifying once per file it
     wrote) neither stall nor kill the daemon: each is taken or merged with the next,
     and SIGTERM after them stops it cleanly."""
-    import nbd
-
-    data, sock = tmp_path / "data", tmp_path / "nbd.sock"
-    cfg = tmp_path / "nbdgw.yaml"
-    cfg.write_text(yaml.safe_dump({"version": 1, "node": {"name": "solo", "data_dir": str(data)},
-                                   "nbd": {"listen": [f"unix:{sock}"]}}))
-    run_nbdgw("-c", str(cfg), "volume", "create", "v1", "--size", "16M")
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as out:
-        daemon = subprocess.Popen([NBDGW, "-c", str(cfg), "--log-format", "json", "daemon"],
-                                  stdout=out, stderr=subprocess.STDOUT)
+    d = Solo(tmp_path)
     try:
-        wait_event(log, "serving")
+        wait_event(d.log, "serving")
         for _ in range(300):
-            daemon.send_signal(signal.SIGHUP)
+            d.proc.send_signal(signal.SIGHUP)
             time.sleep(0.001)
-        wait_event(log, "reloaded")
+        wait_event(d.log, "reloaded")
         time.sleep(1)  # the burst's last reloads
-        assert daemon.poll() is None, log.read_text()[-2000:]
-        h = nbd.NBD()
-        h.connect_uri(f"nbd+unix:///v1?socket={sock}")
+        assert d.proc.poll() is None, d.log.read_text()[-2000:]
+        h = d.connect()
         h.pwrite(b"c" * 4096, 0)
         h.flush()
         h.shutdown()
     finally:
-        daemon.terminate()
-        assert daemon.wait(30) == 0, log.read_text()[-2000:]
+        d.stop()
