@@ -31,7 +31,7 @@ from blockstore.volume import (
 from nbdgw_common import logs
 from nbdgw_common.errors import GatewayError
 from nbdgw_common.settings import describe
-from nbdgw_common.signals import relay_signals
+from nbdgw_common.signals import dump_stacks_on, relay_signals
 
 from . import audit
 from .config import (
@@ -1609,6 +1609,7 @@ def doctor(product_only: bool) -> None:
 
 
 def main() -> None:
+    dump_stacks_on()  # kill -USR2: every thread's stack in the log (a stuck process)
     cli(prog_name="nbdgw")
 
 

@@ -43,7 +43,7 @@ import threading
 from pathlib import Path
 
 from nbdgw_common.fuse_protocol import MAX_WRITE, Backend, Server
-from nbdgw_common.signals import relay_signals
+from nbdgw_common.signals import dump_stacks_on, relay_signals
 
 from .errors import FuseError
 
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= a.connections <= 64:
         p.error("--connections must be between 1 and 64")
     set_process_name("nbdgw-fuse")
+    dump_stacks_on()
     try:
         srv = Server(connect(a.uri, a.connections, a.readonly), a.file, a.readonly)
         fd = open_and_mount(a.mountdir, a.readonly)

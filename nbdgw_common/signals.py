@@ -12,11 +12,16 @@ nothing else; a thread reads the pipe and calls ``on_signal(signum)``, where tak
 lock is safe.  Every long-running entry point (serve, iscsi, the daemons, the FUSE
 server) handles its signals through it; asyncio programs use ``add_signal_handler``,
 which works the same way.
+
+``dump_stacks_on(SIGUSR2)``: that signal prints every thread's Python stack to stderr
+(faulthandler: written by C code in the handler, with no lock), and the process goes on.
+For a process that seems stuck: ``kill -USR2 PID``, then read its log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import threading
@@ -43,3 +48,12 @@ def relay_signals(signums: Iterable[int], on_signal: Callable[[int], None]) -> N
     threading.Thread(target=relay, name="signals", daemon=True).start()
     for signum in signums:
         signal.signal(signum, handler)
+
+
+#: The signal that makes an nbdgw process print its threads' stacks (and go on).
+STACKS_SIGNAL = signal.SIGUSR2
+
+
+def dump_stacks_on(signum: int = STACKS_SIGNAL) -> None:
+    """Print every thread's Python stack to stderr when ``signum`` arrives."""
+    faulthandler.register(signum, all_threads=True, chain=False)

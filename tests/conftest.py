@@ -110,7 +110,14 @@ class Served:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                # Where it is stuck: every thread's stack (nbdgw dumps them on SIGUSR2).
+                self.proc.send_signal(signal.SIGUSR2)
+                time.sleep(1)
+                raise AssertionError("nbdgw serve did not exit 60 s after SIGTERM; its "
+                                     f"stderr ends:\n{self.stderr()[-4000:]}") from None
         self.log.close()
         return self.proc.returncode
 

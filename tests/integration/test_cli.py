@@ -135,3 +135,25 @@ def test_served_volume_in_use_through_a_relative_data_dir(data_dir: Path, volume
     assert s.stop() == 0
     p = run_nbdgw("volume", "list", "--json", "--data-dir", rel)
     assert [r["in_use"] for r in json.loads(p.stdout)] == [False]
+
+
+def test_sigusr2_prints_every_threads_stack_and_serving_goes_on(data_dir: Path, volume: str,
+                                                                 serve: object) -> None:
+    """kill -USR2 on a process that seems stuck: each thread's Python stack in its log,
+    and it goes on serving; SIGTERM still stops it cleanly."""
+    import signal
+
+    s: Served = serve()  # type: ignore[operator]
+    s.proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while "Current thread" not in s.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    err = s.stderr()
+    assert "Current thread" in err, err[-2000:]
+    assert 'gateway/cli.py", line' in err and "in serve" in err, err[-2000:]
+    assert "in _read_stderr" in err, err[-2000:]  # the other threads too
+    h = s.connect(volume)
+    h.pwrite(b"u" * 4096, 0)  # type: ignore[attr-defined]
+    h.flush()  # type: ignore[attr-defined]
+    h.shutdown()  # type: ignore[attr-defined]
+    assert s.stop() == 0
