@@ -57,7 +57,16 @@ class Solo:
 
     def stop(self) -> None:
         self.proc.terminate()
-        assert self.proc.wait(30) == 0, self.log.read_text()[-2000:]
+        try:
+            rc = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR2)  # its threads' stacks, into the log
+            time.sleep(1)
+            self.proc.kill()  # nbdkit follows (--exit-with-parent)
+            self.proc.wait()
+            raise AssertionError("the daemon did not stop 30 s after SIGTERM; its log ends:\n"
+                                 + self.log.read_text()[-4000:]) from None
+        assert rc == 0, self.log.read_text()[-2000:]
 
 
 def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(tmp_path: Path) -> None:
