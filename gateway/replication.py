@@ -154,6 +154,7 @@ class Replication:
         self.senders: dict[str, list[Sender]] = {}
         self.server: ReceiverServer | None = None
         self.gate: asyncio.AbstractServer | None = None
+        self.gate_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
         self.gate_conns: set[_GateConn] = set()
         self.bound: tuple[str, int] | None = None
         self.handoff: HandoffReceiver | None = None
@@ -186,6 +187,8 @@ class Replication:
             make_dir(path.parent, exist_ok=True)
             self.gate = await asyncio.start_unix_server(  # 0600 from bind on: root's only
                 self._gate_client, sock=bind_private(path, GATE_BACKLOG), limit=GATE_LINE_MAX)
+            st = path.stat()
+            self.gate_file = (st.st_dev, st.st_ino)
             sync_peers = sorted({tx.peer for txs in self.senders.values()
                                  for tx in txs if tx.cfg.sync})
             log.info("sync_gate_listening", path=str(path), sync_peers=sync_peers,
@@ -381,7 +384,7 @@ class Replication:
         finally:
             if self.gate is not None:
                 self.gate.close()
-                gate_path(self.cfg.data_dir).unlink(missing_ok=True)
+                self._unlink_gate()
             stop.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             if self.handoff is not None:
@@ -391,6 +394,14 @@ class Replication:
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                     rc = 1
-            with contextlib.suppress(OSError):
-                gate_path(self.cfg.data_dir).unlink(missing_ok=True)
+            self._unlink_gate()
         return rc
+
+    def _unlink_gate(self) -> None:
+        """Remove the sync gate's socket file if it is still the one this process bound:
+        another peerlink's must never go with our exit."""
+        path = gate_path(self.cfg.data_dir)
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if (st.st_dev, st.st_ino) == self.gate_file:
+                path.unlink()

@@ -300,3 +300,27 @@ def test_async_peers_hold_nobody(make_node: Any) -> None:
     assert time.monotonic() - t < 2.0
     assert n.tx().want_seq == 199  # the senders were still woken to ship at once
     assert n.live()["sync"] is None and n.live()["stalled_since"] is None
+
+
+def test_a_peerlink_leaving_removes_its_own_gate_socket_only(tmp_path: Path) -> None:
+    """A peerlink that exits while a newer one has bound the gate's path (its socket
+    replaced ours) leaves the newer one's socket alone: nbdkit reaches the gate there."""
+    r = object.__new__(Replication)
+    r.cfg = type("Cfg", (), {"data_dir": tmp_path})()
+    path = gate_path(tmp_path)
+    path.parent.mkdir()
+    ours = socket.socket(socket.AF_UNIX)
+    ours.bind(str(path))
+    st = path.stat()
+    r.gate_file = (st.st_dev, st.st_ino)
+    path.unlink()  # the newer peerlink's bind replaces the path...
+    theirs = socket.socket(socket.AF_UNIX)
+    theirs.bind(str(path))  # ...while ours is still open (no inode reuse)
+    r._unlink_gate()
+    assert path.exists()
+    ours.close()
+    theirs.close()
+    st = path.stat()
+    r.gate_file = (st.st_dev, st.st_ino)  # now it is ours: it goes
+    r._unlink_gate()
+    assert not path.exists()
